@@ -1,0 +1,53 @@
+//! Environment variables through which the operator configures a worker pod.
+//!
+//! The worker accepts each as a command-line flag too (`moe-worker --help`); these names are
+//! the ones its flags fall back to, and the ones the operator writes into the pod template.
+
+/// EP rank of this process. In Kubernetes: the StatefulSet pod ordinal, taken from the
+/// `apps.kubernetes.io/pod-index` label through the downward API.
+pub const RANK: &str = "MOE_RANK";
+/// Number of EP ranks in the group.
+pub const WORLD_SIZE: &str = "MOE_WORLD_SIZE";
+/// Ranks per node (GPUs per node), for transfer-source preference and hierarchical planning.
+pub const RANKS_PER_NODE: &str = "MOE_RANKS_PER_NODE";
+/// `host:port` of rank 0's rendezvous listener (the rank-0 pod's stable DNS name).
+pub const LEADER_ADDR: &str = "MOE_LEADER_ADDR";
+/// Port this rank listens on for rendezvous and (CPU backend) token exchange.
+pub const COMM_PORT: &str = "MOE_COMM_PORT";
+/// Port of the HTTP API and metrics.
+pub const HTTP_PORT: &str = "MOE_HTTP_PORT";
+/// Address this rank advertises to its peers (defaults to the pod IP).
+pub const ADVERTISE_ADDR: &str = "MOE_ADVERTISE_ADDR";
+/// File holding the bearer token that mutating API calls must present.
+pub const CONTROL_TOKEN_FILE: &str = "MOE_CONTROL_TOKEN_FILE";
+/// File holding the committed placement document (mounted from the owned ConfigMap).
+pub const PLACEMENT_FILE: &str = "MOE_PLACEMENT_FILE";
+/// `cuda` or `cpu`.
+pub const BACKEND: &str = "MOE_BACKEND";
+
+/// Model shape.
+pub const NUM_LAYERS: &str = "MOE_NUM_LAYERS";
+pub const NUM_EXPERTS: &str = "MOE_NUM_EXPERTS";
+pub const HIDDEN: &str = "MOE_HIDDEN";
+pub const INTERMEDIATE: &str = "MOE_INTERMEDIATE";
+pub const TOP_K: &str = "MOE_TOP_K";
+pub const EXPERT_GROUPS: &str = "MOE_EXPERT_GROUPS";
+pub const TOPK_GROUPS: &str = "MOE_TOPK_GROUPS";
+/// `softmax` (Mixtral/Qwen style) or `sigmoid` (DeepSeek-V3 style, with grouped top-k).
+pub const SCORING: &str = "MOE_SCORING";
+pub const REDUNDANT_EXPERTS: &str = "MOE_REDUNDANT_EXPERTS";
+/// `linear`, `round-robin`, or `file` (then [`PLACEMENT_FILE`] is read).
+pub const INITIAL_PLACEMENT: &str = "MOE_INITIAL_PLACEMENT";
+
+/// `synthetic:<seed>` or a directory of safetensors files.
+pub const WEIGHTS: &str = "MOE_WEIGHTS";
+/// Steps kept in the load-statistics window.
+pub const STATS_WINDOW: &str = "MOE_STATS_WINDOW";
+
+/// Built-in traffic generator.
+pub const TRAFFIC_TOKENS_PER_STEP: &str = "MOE_TRAFFIC_TOKENS_PER_STEP";
+pub const TRAFFIC_SKEW: &str = "MOE_TRAFFIC_SKEW";
+pub const TRAFFIC_DRIFT: &str = "MOE_TRAFFIC_DRIFT";
+pub const TRAFFIC_SEED: &str = "MOE_TRAFFIC_SEED";
+/// Steps per second the generator aims at (0: as fast as possible).
+pub const TRAFFIC_STEPS_PER_SECOND: &str = "MOE_TRAFFIC_STEPS_PER_SECOND";

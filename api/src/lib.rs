@@ -1,0 +1,292 @@
+//! The contract between the operator and the worker ranks.
+//!
+//! Everything that crosses a process boundary lives here, so that both sides compile against
+//! one definition: the JSON bodies of the worker's HTTP API, the placement document the
+//! operator commits to a ConfigMap (and a restarted worker loads), and the environment
+//! variables through which the operator configures a worker pod.
+//!
+//! Placements travel as plain `phy2log` tables (`[layer][physical slot] = logical expert`).
+//! Every other map (`log2phy`, `logcnt`, per-rank expert maps) is derived from that table by
+//! the `eplb` crate, so there is exactly one thing to keep consistent.
+
+use serde::{Deserialize, Serialize};
+
+pub mod env;
+
+/// Path prefix of the worker's versioned API.
+pub const API_PREFIX: &str = "/v1";
+/// The ConfigMap key holding the committed [`PlacementDocument`] as compact JSON.
+pub const PLACEMENT_CONFIGMAP_KEY: &str = "placement.json";
+/// Mutating worker endpoints require `Authorization: Bearer <token>`.
+pub const AUTH_SCHEME: &str = "Bearer";
+
+/// A placement of every layer, with the generation that names it.
+///
+/// Generation 0 is the initial placement computed from the deployment's strategy; each
+/// committed remap increments it. Workers serve, per layer, the generation they last switched
+/// that layer to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementDocument {
+    pub generation: u64,
+    pub num_layers: usize,
+    pub num_logical_experts: usize,
+    pub num_ranks: usize,
+    pub num_nodes: usize,
+    /// `phy2log[layer][slot]`: the logical expert held by physical slot `slot`.
+    /// Rank `r` holds slots `r*S .. (r+1)*S` with `S = slots / num_ranks`.
+    pub phy2log: Vec<Vec<u32>>,
+}
+
+impl PlacementDocument {
+    /// Physical slots per layer (experts + redundant).
+    pub fn num_slots(&self) -> usize {
+        self.phy2log.first().map_or(0, Vec::len)
+    }
+
+    /// Checks the shape and the one invariant every consumer relies on: each layer has the
+    /// same number of slots on every rank, and every logical expert is served at least once.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.num_ranks == 0 {
+            return Err("numRanks must be at least 1".into());
+        }
+        if self.phy2log.len() != self.num_layers {
+            return Err(format!(
+                "phy2log has {} layers but numLayers is {}",
+                self.phy2log.len(),
+                self.num_layers
+            ));
+        }
+        let slots = self.num_slots();
+        if slots % self.num_ranks != 0 {
+            return Err(format!(
+                "{slots} slots per layer cannot be split evenly over {} ranks",
+                self.num_ranks
+            ));
+        }
+        for (layer, row) in self.phy2log.iter().enumerate() {
+            if row.len() != slots {
+                return Err(format!(
+                    "layer {layer} has {} slots, layer 0 has {slots}",
+                    row.len()
+                ));
+            }
+            let mut served = vec![false; self.num_logical_experts];
+            for (slot, &expert) in row.iter().enumerate() {
+                let Some(flag) = served.get_mut(expert as usize) else {
+                    return Err(format!(
+                        "layer {layer} slot {slot} holds expert {expert}, but the model has {} experts",
+                        self.num_logical_experts
+                    ));
+                };
+                *flag = true;
+            }
+            if let Some(missing) = served.iter().position(|s| !s) {
+                return Err(format!("layer {layer} does not serve expert {missing}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a remap moves weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RemapMode {
+    /// Layer by layer while serving continues: stage on a side stream, switch at a step
+    /// boundary that all ranks agree on.
+    #[default]
+    Async,
+    /// Pause serving, move every requested layer, resume. Kept for comparison and as a fallback.
+    StopTheWorld,
+}
+
+/// `POST /v1/remap`: move the group to `placement.generation` for the given layers.
+///
+/// The worker refuses (409) a generation older than the one it serves or is moving to; the
+/// same generation twice is idempotent (202 with the current progress).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemapRequest {
+    /// The full target placement. Layers not listed in `layers` must equal the current ones.
+    pub placement: PlacementDocument,
+    /// Layers to switch, in the order they are to be moved. Empty means every layer that differs.
+    #[serde(default)]
+    pub layers: Vec<usize>,
+    #[serde(default)]
+    pub mode: RemapMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RemapState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// Progress of the newest remap a worker has accepted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemapProgress {
+    pub generation: u64,
+    pub state: RemapState,
+    pub mode: RemapMode,
+    pub layers_total: usize,
+    pub layers_done: usize,
+    /// Experts (slots) whose weights this rank received.
+    pub experts_moved: u64,
+    /// Bytes of expert weights this rank received.
+    pub bytes_moved: u64,
+    /// Time forward passes were held back by the remap on this rank.
+    pub stall_seconds: f64,
+    /// Unix milliseconds.
+    pub started_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerStatus {
+    pub rank: usize,
+    pub world_size: usize,
+    /// True once the group formed and this rank's weights are loaded.
+    pub ready: bool,
+    /// The backend actually in use (`cuda` or `cpu`).
+    pub backend: String,
+    /// Generation of the placement every layer has switched to (the minimum over layers).
+    pub placement_generation: u64,
+    /// Per layer, the generation it serves.
+    pub layer_generations: Vec<u64>,
+    pub step: u64,
+    pub tokens_per_second: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remap: Option<RemapProgress>,
+}
+
+/// `GET /v1/load`: this rank's routing statistics over its sliding window.
+///
+/// Counts are the tokens that this rank routed to each physical slot (whichever rank holds
+/// it), so summing the reports of all ranks gives the group's load. The operator does that
+/// sum; [`LoadReport::logical_load`] folds slots into logical experts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadReport {
+    pub rank: usize,
+    /// Placement generation per layer that the counts were recorded under.
+    pub layer_generations: Vec<u64>,
+    /// Steps currently in the window (at most the configured window size).
+    pub window_steps: u64,
+    pub step: u64,
+    /// `slot_counts[layer][physical slot]`.
+    pub slot_counts: Vec<Vec<f64>>,
+    /// Per layer peak/average rank load of this rank's traffic alone, under the current placement.
+    pub par: Vec<f64>,
+}
+
+impl LoadReport {
+    /// Sums the slot counts of several ranks' reports (the group's load).
+    pub fn sum_slot_counts<'a>(reports: impl IntoIterator<Item = &'a LoadReport>) -> Vec<Vec<f64>> {
+        let mut total: Vec<Vec<f64>> = Vec::new();
+        for report in reports {
+            if total.is_empty() {
+                total = report.slot_counts.clone();
+                continue;
+            }
+            for (acc, row) in total.iter_mut().zip(&report.slot_counts) {
+                for (a, c) in acc.iter_mut().zip(row) {
+                    *a += c;
+                }
+            }
+        }
+        total
+    }
+
+    /// Folds physical slot counts into logical expert counts (`[layer][expert]`).
+    pub fn logical_load(slot_counts: &[Vec<f64>], placement: &PlacementDocument) -> Vec<Vec<f64>> {
+        slot_counts
+            .iter()
+            .zip(&placement.phy2log)
+            .map(|(counts, phy2log)| {
+                let mut load = vec![0.0; placement.num_logical_experts];
+                for (&count, &expert) in counts.iter().zip(phy2log) {
+                    if let Some(l) = load.get_mut(expert as usize) {
+                        *l += count;
+                    }
+                }
+                load
+            })
+            .collect()
+    }
+}
+
+/// Body of every 4xx/5xx answer from the worker API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(phy2log: Vec<Vec<u32>>, experts: usize, ranks: usize) -> PlacementDocument {
+        PlacementDocument {
+            generation: 1,
+            num_layers: phy2log.len(),
+            num_logical_experts: experts,
+            num_ranks: ranks,
+            num_nodes: 1,
+            phy2log,
+        }
+    }
+
+    #[test]
+    fn validate_accepts_a_consistent_placement() {
+        assert_eq!(doc(vec![vec![0, 1, 2, 0]], 3, 2).validate(), Ok(()));
+    }
+
+    #[test]
+    fn validate_names_the_unserved_expert() {
+        let err = doc(vec![vec![0, 1, 1, 0]], 3, 2).validate().unwrap_err();
+        assert!(err.contains("expert 2"), "{err}");
+    }
+
+    #[test]
+    fn validate_rejects_uneven_slots_and_ragged_layers() {
+        assert!(doc(vec![vec![0, 1, 2]], 3, 2).validate().is_err());
+        assert!(doc(vec![vec![0, 1], vec![0, 1, 1, 0]], 2, 2).validate().is_err());
+        assert!(doc(vec![vec![0, 7]], 2, 1).validate().is_err());
+    }
+
+    #[test]
+    fn logical_load_folds_replicas_and_sums_ranks() {
+        let placement = doc(vec![vec![0, 1, 2, 0]], 3, 2);
+        let a = LoadReport {
+            rank: 0,
+            layer_generations: vec![1],
+            window_steps: 1,
+            step: 1,
+            slot_counts: vec![vec![1.0, 2.0, 3.0, 4.0]],
+            par: vec![1.0],
+        };
+        let b = LoadReport { rank: 1, ..a.clone() };
+        let total = LoadReport::sum_slot_counts([&a, &b]);
+        assert_eq!(total, vec![vec![2.0, 4.0, 6.0, 8.0]]);
+        assert_eq!(LoadReport::logical_load(&total, &placement), vec![vec![10.0, 4.0, 6.0]]);
+    }
+
+    #[test]
+    fn remap_request_round_trips_with_defaults() {
+        let json = r#"{"placement":{"generation":2,"numLayers":1,"numLogicalExperts":2,
+            "numRanks":1,"numNodes":1,"phy2log":[[1,0]]}}"#;
+        let req: RemapRequest = serde_json::from_str(json).unwrap();
+        assert_eq!(req.mode, RemapMode::Async);
+        assert!(req.layers.is_empty());
+        let back: RemapRequest = serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();
+        assert_eq!(back, req);
+    }
+}

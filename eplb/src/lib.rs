@@ -1,0 +1,1 @@
+//! Expert-parallel load balancing (EPLB): where every expert replica lives.

@@ -1,0 +1,1 @@
+//! Device computations of one expert-parallel MoE layer, with CPU references.

@@ -1,0 +1,1 @@
+//! The MoEDeployment resource and its controller.
