@@ -1,1 +1,21 @@
 //! Device computations of one expert-parallel MoE layer, with CPU references.
+//!
+//! * [`cpu`]: reference implementations (also the worker's CPU backend).
+//! * [`cuda`]: NVRTC-compiled CUDA kernels, cuBLAS expert FFN, NCCL all-to-all and weight
+//!   movement, behind run-time detection ([`cuda::available`]).
+//! * Shared types: [`Matrix`]/[`Bf16Matrix`], [`ExpertWeights`], [`GatingConfig`], [`TopK`],
+//!   [`ReplicaMap`] with [`replica_hash`], [`EpTopology`], [`DispatchLayout`], [`RecvLayout`].
+
+pub mod cpu;
+pub mod cuda;
+mod error;
+pub mod rng;
+mod routing;
+mod tensor;
+
+pub use error::{KernelError, Result};
+pub use half::bf16;
+pub use routing::{
+    DispatchLayout, EpTopology, GatingConfig, RecvLayout, ReplicaMap, Scoring, TopK, replica_hash,
+};
+pub use tensor::{Bf16Matrix, ExpertWeights, F32Matrix, Matrix};
