@@ -1,0 +1,399 @@
+// CUDA kernels of the expert-parallel MoE layer. Compiled at run time with NVRTC
+// (see src/cuda/mod.rs). bf16 values travel as raw 16-bit words and are converted by hand
+// (round to nearest even), so no CUDA header is needed and the rounding matches the CPU
+// reference (`half::bf16::from_f32`) bit for bit.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+__device__ __forceinline__ float bf2f(u16 v) { return __uint_as_float(((u32)v) << 16); }
+
+__device__ __forceinline__ u16 f2bf(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u); // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+
+// The replica hash; identical to `moe_kernels::replica_hash` (src/routing.rs).
+__device__ __forceinline__ u32 moe_replica_hash(u32 token, u32 expert) {
+    u32 h = (token * 0x9E3779B1u) ^ (expert * 0x85EBCA77u);
+    h ^= h >> 16;
+    h *= 0x7FEB352Du;
+    h ^= h >> 15;
+    h *= 0x846CA68Bu;
+    h ^= h >> 16;
+    return h;
+}
+
+// a ranks before b: larger value first, ties to the lower index, NaN as -inf.
+__device__ __forceinline__ bool better(float va, int ia, float vb, int ib) {
+    if (va != va) va = -__int_as_float(0x7f800000);
+    if (vb != vb) vb = -__int_as_float(0x7f800000);
+    return va > vb || (va == vb && ia < ib);
+}
+
+// ---------------------------------------------------------------------------------------
+// Gating: one warp per token. Dynamic shared memory per warp: choice[E], score[E],
+// gscore[G] floats and masked[E] bytes.
+extern "C" __global__ void moe_gating(const float* __restrict__ logits, const float* __restrict__ bias,
+                                      int T, int E, int K, int sigmoid, int renorm, int G, int topk_groups,
+                                      float scale, u32* __restrict__ ids, float* __restrict__ weights) {
+    extern __shared__ float smem[];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int wpb = blockDim.x >> 5;
+    const int stride_f = 2 * E + G + (E + 3) / 4;
+    float* choice = smem + warp * stride_f;
+    float* score = choice + E;
+    float* gscore = score + E;
+    unsigned char* masked = (unsigned char*)(gscore + G);
+    const float NEG_INF = -__int_as_float(0x7f800000);
+
+    for (int t = blockIdx.x * wpb + warp; t < T; t += gridDim.x * wpb) {
+        const float* l = logits + (size_t)t * E;
+        if (sigmoid) {
+            for (int i = lane; i < E; i += 32) {
+                float v = l[i];
+                float s = 1.0f / (1.0f + expf(-v));
+                score[i] = s;
+                choice[i] = bias ? s + bias[i] : s;
+                masked[i] = 0;
+            }
+        } else {
+            float m = NEG_INF;
+            for (int i = lane; i < E; i += 32) m = fmaxf(m, l[i]);
+            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            float s = 0.f;
+            for (int i = lane; i < E; i += 32) {
+                float e = expf(l[i] - m);
+                score[i] = e;
+                s += e;
+            }
+            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            for (int i = lane; i < E; i += 32) {
+                float p = score[i] / s;
+                score[i] = p;
+                choice[i] = bias ? p + bias[i] : l[i];
+                masked[i] = 0;
+            }
+        }
+        __syncwarp();
+        if (G > 1) {
+            const int per = E / G;
+            for (int g = lane; g < G; g += 32) {
+                const float* grp = choice + g * per;
+                int b1 = 0;
+                for (int i = 1; i < per; ++i)
+                    if (better(grp[i], i, grp[b1], b1)) b1 = i;
+                float v;
+                if (per == 1) {
+                    v = grp[0];
+                } else {
+                    int b2 = -1;
+                    for (int i = 0; i < per; ++i)
+                        if (i != b1 && (b2 < 0 || better(grp[i], i, grp[b2], b2))) b2 = i;
+                    v = grp[b1] + grp[b2];
+                }
+                gscore[g] = v;
+            }
+            __syncwarp();
+            if (lane == 0) {
+                // selected groups are marked by setting gscore to NaN after picking
+                unsigned char* keep = masked; // reuse: masked[g] as group keep flags first
+                for (int g = 0; g < G; ++g) keep[g] = 0;
+                for (int r = 0; r < topk_groups; ++r) {
+                    int best = -1;
+                    for (int g = 0; g < G; ++g)
+                        if (!keep[g] && (best < 0 || better(gscore[g], g, gscore[best], best))) best = g;
+                    keep[best] = 1;
+                }
+                // store keep flags in gscore as 1/0 before masked[] is rewritten
+                for (int g = 0; g < G; ++g) gscore[g] = keep[g] ? 1.f : 0.f;
+            }
+            __syncwarp();
+            for (int i = lane; i < E; i += 32) masked[i] = gscore[i / per] == 0.f;
+            __syncwarp();
+        }
+        float wsum = 0.f;
+        float myw = 0.f;
+        int myid = 0;
+        for (int j = 0; j < K; ++j) {
+            float bv = NEG_INF;
+            int bi = -1;
+            for (int i = lane; i < E; i += 32) {
+                if (!masked[i] && (bi < 0 || better(choice[i], i, bv, bi))) {
+                    bv = choice[i];
+                    bi = i;
+                }
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+                int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                if (oi >= 0 && (bi < 0 || better(ov, oi, bv, bi))) {
+                    bv = ov;
+                    bi = oi;
+                }
+            }
+            __syncwarp();
+            if (lane == 0) masked[bi] = 1;
+            float s = score[bi];
+            wsum += s;
+            if (lane == j) {
+                myw = s;
+                myid = bi;
+            }
+            __syncwarp();
+        }
+        if (lane < K) {
+            float w = myw;
+            if (renorm) w = w / (wsum + 1e-20f);
+            if (scale != 1.0f) w = w * scale;
+            ids[(size_t)t * K + lane] = (u32)myid;
+            weights[(size_t)t * K + lane] = w;
+        }
+        __syncwarp();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Logical -> physical replica choice fused with load counting. One thread per (t, j).
+extern "C" __global__ void moe_map_physical(const u32* __restrict__ ids, int n, int K, u32 token_base,
+                                            const int* __restrict__ log2phy, const u32* __restrict__ logcnt,
+                                            int num_logical, int max_rep, u32* __restrict__ phys,
+                                            u32* __restrict__ load) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    u32 e = ids[i];
+    if (e >= (u32)num_logical) {
+        phys[i] = 0xffffffffu;
+        return;
+    }
+    u32 t = token_base + (u32)(i / K);
+    u32 r = moe_replica_hash(t, e) % logcnt[e];
+    u32 p = (u32)log2phy[e * max_rep + r];
+    phys[i] = p;
+    atomicAdd(load + p, 1u);
+}
+
+// ---------------------------------------------------------------------------------------
+// Dispatch layout (stable counting sort by physical slot).
+// Pass 1: per chunk of LAYOUT_CHUNK rows, each row's rank among equal slots in its chunk,
+// and the chunk's per-slot histogram (row `chunk` of `hist`, fully written).
+#define LAYOUT_CHUNK 256
+extern "C" __global__ void moe_layout_count(const u32* __restrict__ phys, int n, int ns,
+                                            u32* __restrict__ local_rank, u32* __restrict__ hist) {
+    __shared__ u32 s[LAYOUT_CHUNK];
+    const int tid = threadIdx.x;
+    const int i = blockIdx.x * LAYOUT_CHUNK + tid;
+    u32* h = hist + (size_t)blockIdx.x * ns;
+    for (int c = tid; c < ns; c += LAYOUT_CHUNK) h[c] = 0;
+    u32 p = i < n ? phys[i] : 0xffffffffu;
+    s[tid] = p;
+    __syncthreads();
+    if (i < n) {
+        u32 before = 0, total = 0;
+        for (int j = 0; j < LAYOUT_CHUNK; ++j) {
+            u32 eq = s[j] == p;
+            total += eq;
+            before += (j < tid) ? eq : 0u;
+        }
+        local_rank[i] = before;
+        if (before + 1 == total && p < (u32)ns) h[p] = total;
+    }
+}
+
+// Pass 2: one block per slot: exclusive scan of the slot's column over chunks; the total
+// goes to rows_per_slot.
+extern "C" __global__ void moe_layout_colscan(u32* __restrict__ hist, int nchunks, int ns,
+                                              u32* __restrict__ rows_per_slot) {
+    __shared__ u32 part[256];
+    const int s = blockIdx.x;
+    const int tid = threadIdx.x;
+    const int per = (nchunks + 255) / 256;
+    const int c0 = tid * per;
+    u32 sum = 0;
+    for (int c = c0; c < c0 + per && c < nchunks; ++c) sum += hist[(size_t)c * ns + s];
+    part[tid] = sum;
+    __syncthreads();
+    for (int o = 1; o < 256; o <<= 1) {
+        u32 v = tid >= o ? part[tid - o] : 0u;
+        __syncthreads();
+        part[tid] += v;
+        __syncthreads();
+    }
+    u32 run = part[tid] - sum; // exclusive prefix of this thread's range
+    for (int c = c0; c < c0 + per && c < nchunks; ++c) {
+        u32 v = hist[(size_t)c * ns + s];
+        hist[(size_t)c * ns + s] = run;
+        run += v;
+    }
+    if (tid == 255) rows_per_slot[s] = part[255];
+}
+
+// Pass 3: one block: slot offsets (exclusive scan, ns + 1 entries) and rows per rank.
+extern "C" __global__ void moe_layout_slotscan(const u32* __restrict__ rows_per_slot, int ns, int spr,
+                                               u32* __restrict__ slot_offsets, u32* __restrict__ rows_per_rank) {
+    __shared__ u32 part[1024];
+    const int tid = threadIdx.x;
+    const int per = (ns + 1023) / 1024;
+    const int c0 = tid * per;
+    u32 sum = 0;
+    for (int c = c0; c < c0 + per && c < ns; ++c) sum += rows_per_slot[c];
+    part[tid] = sum;
+    __syncthreads();
+    for (int o = 1; o < 1024; o <<= 1) {
+        u32 v = tid >= o ? part[tid - o] : 0u;
+        __syncthreads();
+        part[tid] += v;
+        __syncthreads();
+    }
+    u32 run = part[tid] - sum;
+    for (int c = c0; c < c0 + per && c < ns; ++c) {
+        slot_offsets[c] = run;
+        run += rows_per_slot[c];
+    }
+    if (tid == 1023) slot_offsets[ns] = part[1023];
+    __syncthreads();
+    const int nr = ns / spr;
+    for (int r = tid; r < nr; r += 1024) rows_per_rank[r] = slot_offsets[(r + 1) * spr] - slot_offsets[r * spr];
+}
+
+// Pass 4: scatter: perm[row] = flat, inv[flat] = row.
+extern "C" __global__ void moe_layout_scatter(const u32* __restrict__ phys, int n, int ns,
+                                              const u32* __restrict__ local_rank, const u32* __restrict__ hist,
+                                              const u32* __restrict__ slot_offsets, u32* __restrict__ perm,
+                                              u32* __restrict__ inv) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    u32 p = phys[i];
+    if (p >= (u32)ns) return;
+    u32 chunk = (u32)i / LAYOUT_CHUNK;
+    u32 row = slot_offsets[p] + hist[(size_t)chunk * ns + p] + local_rank[i];
+    perm[row] = (u32)i;
+    inv[i] = row;
+}
+
+// Distinct tokens per destination rank: one thread per token.
+extern "C" __global__ void moe_tokens_per_rank(const u32* __restrict__ phys, int T, int K, int spr, int nr,
+                                               u32* __restrict__ tokens_per_rank) {
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    const u32* p = phys + (size_t)t * K;
+    for (int j = 0; j < K; ++j) {
+        u32 r = p[j] / (u32)spr;
+        if (r >= (u32)nr) continue;
+        bool seen = false;
+        for (int q = 0; q < j; ++q) seen |= (p[q] / (u32)spr) == r;
+        if (!seen) atomicAdd(tokens_per_rank + r, 1u);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Row gather: out[r] = x[idx[r] / div]. `hv` = row length in 16-byte vectors (8 bf16).
+extern "C" __global__ void moe_gather_rows_v8(const uint4* __restrict__ x, const u32* __restrict__ idx, int div,
+                                              int rows, int hv, uint4* __restrict__ out) {
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const uint4* src = x + (size_t)(idx[r] / (u32)div) * hv;
+        uint4* dst = out + (size_t)r * hv;
+        for (int c = threadIdx.x; c < hv; c += blockDim.x) dst[c] = src[c];
+    }
+}
+
+// Scalar fallback for rows whose length is not a multiple of 8 elements.
+extern "C" __global__ void moe_gather_rows_s(const u16* __restrict__ x, const u32* __restrict__ idx, int div,
+                                             int rows, int h, u16* __restrict__ out) {
+    for (int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const u16* src = x + (size_t)(idx[r] / (u32)div) * h;
+        u16* dst = out + (size_t)r * h;
+        for (int c = threadIdx.x; c < h; c += blockDim.x) dst[c] = src[c];
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Unpermute + weighted combine: out[t] = bf16(sum_j w[t,j] * y[inv[t*K+j]]) (fma chain in j order).
+extern "C" __global__ void moe_combine_v8(const uint4* __restrict__ y, const u32* __restrict__ inv,
+                                          const float* __restrict__ w, int T, int K, int hv,
+                                          uint4* __restrict__ out) {
+    for (int t = blockIdx.x; t < T; t += gridDim.x) {
+        for (int c = threadIdx.x; c < hv; c += blockDim.x) {
+            float acc[8];
+#pragma unroll
+            for (int q = 0; q < 8; ++q) acc[q] = 0.f;
+            for (int j = 0; j < K; ++j) {
+                const float wj = w[(size_t)t * K + j];
+                const uint4 v = y[(size_t)inv[(size_t)t * K + j] * hv + c];
+                const u32 vv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    acc[2 * q] = fmaf(wj, __uint_as_float(vv[q] << 16), acc[2 * q]);
+                    acc[2 * q + 1] = fmaf(wj, __uint_as_float(vv[q] & 0xffff0000u), acc[2 * q + 1]);
+                }
+            }
+            uint4 o;
+            o.x = (u32)f2bf(acc[0]) | ((u32)f2bf(acc[1]) << 16);
+            o.y = (u32)f2bf(acc[2]) | ((u32)f2bf(acc[3]) << 16);
+            o.z = (u32)f2bf(acc[4]) | ((u32)f2bf(acc[5]) << 16);
+            o.w = (u32)f2bf(acc[6]) | ((u32)f2bf(acc[7]) << 16);
+            out[(size_t)t * hv + c] = o;
+        }
+    }
+}
+
+extern "C" __global__ void moe_combine_s(const u16* __restrict__ y, const u32* __restrict__ inv,
+                                         const float* __restrict__ w, int T, int K, int h, u16* __restrict__ out) {
+    for (int t = blockIdx.x; t < T; t += gridDim.x) {
+        for (int c = threadIdx.x; c < h; c += blockDim.x) {
+            float acc = 0.f;
+            for (int j = 0; j < K; ++j)
+                acc = fmaf(w[(size_t)t * K + j], bf2f(y[(size_t)inv[(size_t)t * K + j] * h + c]), acc);
+            out[(size_t)t * h + c] = f2bf(acc);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Fused SiLU-and-multiply: gate_up [n, 2I] -> h [n, I], h = bf16(silu(g) * u).
+__device__ __forceinline__ float silu_mul(float g, float u) { return (g / (1.0f + expf(-g))) * u; }
+
+extern "C" __global__ void moe_silu_mul_v8(const uint4* __restrict__ gu, int n, int iv, uint4* __restrict__ h) {
+    const size_t total = (size_t)n * iv;
+    for (size_t v = (size_t)blockIdx.x * blockDim.x + threadIdx.x; v < total; v += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = v / iv, c = v % iv;
+        const uint4 g = gu[r * 2 * iv + c];
+        const uint4 u = gu[r * 2 * iv + iv + c];
+        const u32 gg[4] = {g.x, g.y, g.z, g.w};
+        const u32 uu[4] = {u.x, u.y, u.z, u.w};
+        u32 o[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            float lo = silu_mul(__uint_as_float(gg[q] << 16), __uint_as_float(uu[q] << 16));
+            float hi = silu_mul(__uint_as_float(gg[q] & 0xffff0000u), __uint_as_float(uu[q] & 0xffff0000u));
+            o[q] = (u32)f2bf(lo) | ((u32)f2bf(hi) << 16);
+        }
+        h[v] = make_uint4(o[0], o[1], o[2], o[3]);
+    }
+}
+
+extern "C" __global__ void moe_silu_mul_s(const u16* __restrict__ gu, int n, int I, u16* __restrict__ h) {
+    const size_t total = (size_t)n * I;
+    for (size_t v = (size_t)blockIdx.x * blockDim.x + threadIdx.x; v < total; v += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = v / I, c = v % I;
+        h[v] = f2bf(silu_mul(bf2f(gu[r * 2 * I + c]), bf2f(gu[r * 2 * I + I + c])));
+    }
+}
+
+// Plain device copy (16-byte vectors), used to measure the copy bandwidth ceiling.
+extern "C" __global__ void moe_copy_v8(const uint4* __restrict__ src, size_t n, uint4* __restrict__ dst) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = src[i];
+}
+
+// Seeded uniform bf16 fill in [-scale, scale) (benchmark weights generated on the device).
+extern "C" __global__ void moe_fill_uniform(u16* __restrict__ out, size_t n, u32 seed, float scale) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        u32 h = moe_replica_hash((u32)i ^ (u32)(i >> 32) * 0x27d4eb2du, seed);
+        float u = (float)(h >> 8) * (1.0f / 16777216.0f);
+        out[i] = f2bf((2.0f * u - 1.0f) * scale);
+    }
+}
