@@ -1,0 +1,203 @@
+//! The benchmark protocol behind `moectl bench`.
+//!
+//! For each shape a synthetic trace of `2H + 1` windows is generated. The placement in use
+//! ("previous") is the `joint` plan of the first H windows. Every algorithm then plans on the
+//! next H windows (the history) with that previous placement, and is scored on the history
+//! (PAR of every window: mean over layers and windows, worst over both) and on the window that
+//! follows (mean and worst over layers). `static round-robin` and `keep previous` are shown for
+//! reference. Planning time is the median of several runs; `greedy` runs on one thread.
+
+use std::time::Instant;
+
+use crate::error::Result;
+use crate::initial::{InitialStrategy, initial_placement};
+use crate::load::LoadHistory;
+use crate::metrics::{migration_cost, score, score_history};
+use crate::placement::Placement;
+use crate::planner::{PlanRequest, planner_by_name};
+use crate::shape::Shape;
+use crate::synth::{TraceSpec, generate};
+
+/// A benchmark shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchShape {
+    pub name: &'static str,
+    pub num_layers: usize,
+    pub shape: Shape,
+}
+
+/// The four shapes of the issue.
+pub fn standard_shapes() -> Vec<BenchShape> {
+    let mk = |name, num_layers, e, r, g, n, k| BenchShape {
+        name,
+        num_layers,
+        shape: Shape {
+            num_experts: e,
+            num_redundant: r,
+            num_ranks: g,
+            num_nodes: n,
+            num_groups: k,
+        },
+    };
+    vec![
+        mk("DeepSeek-V3 prefill", 58, 256, 32, 32, 4, 8),
+        mk("DeepSeek-V3 decode", 58, 256, 64, 64, 8, 8),
+        mk("Qwen3-235B", 48, 128, 16, 16, 2, 1),
+        mk("Mixtral-like", 32, 64, 8, 8, 1, 1),
+    ]
+}
+
+/// Options of a benchmark run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Windows of history (H).
+    pub history: usize,
+    pub seed: u64,
+    /// Timed repetitions (median reported).
+    pub repeats: usize,
+    /// `max_moves` given to `incremental` per layer, as a fraction of the slots.
+    pub incremental_fraction: f64,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            history: 8,
+            seed: 2026,
+            repeats: 5,
+            incremental_fraction: 0.0625,
+        }
+    }
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BenchRow {
+    pub algorithm: String,
+    pub shape: String,
+    pub history_mean_par: f64,
+    pub history_worst_par: f64,
+    pub next_mean_par: f64,
+    pub next_worst_par: f64,
+    pub slots_moved: usize,
+    pub slots_total: usize,
+    pub plan_ms: f64,
+    /// Largest relative gap of the plan's objective to its lower bound (joint only).
+    pub max_gap: Option<f64>,
+    pub threads: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs the protocol on one shape.
+pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
+    let h = opts.history.max(1);
+    let mut spec = TraceSpec::new(
+        bs.num_layers,
+        bs.shape.num_experts,
+        bs.shape.num_groups,
+        2 * h + 1,
+        opts.seed ^ (bs.shape.num_ranks as u64 * 1_000_003 + bs.num_layers as u64),
+    );
+    spec.drift = 0.12;
+    let all = LoadHistory::new(generate(&spec))?;
+    let older = all.slice(0..h)?;
+    let history = all.slice(h..2 * h)?;
+    let next = &all.windows()[2 * h];
+    let shape = bs.shape;
+    let slots_total = shape.slots() * bs.num_layers;
+    let previous = planner_by_name("joint")?
+        .plan(&PlanRequest::new(shape, &older))?
+        .placement;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    let mut rows = Vec::new();
+    let row_for =
+        |name: &str, p: &Placement, ms: f64, gap: Option<f64>, thr: usize| -> Result<BenchRow> {
+            let hs = score_history(p, &history)?;
+            let ns = score(p, next)?;
+            Ok(BenchRow {
+                algorithm: name.to_string(),
+                shape: bs.name.to_string(),
+                history_mean_par: hs.mean,
+                history_worst_par: hs.worst,
+                next_mean_par: ns.mean,
+                next_worst_par: ns.worst,
+                slots_moved: migration_cost(&previous, p, 0)?.slots,
+                slots_total,
+                plan_ms: ms,
+                max_gap: gap,
+                threads: thr,
+            })
+        };
+    let rr = initial_placement(InitialStrategy::RoundRobin, bs.num_layers, &shape)?;
+    rows.push(row_for("static round-robin", &rr, 0.0, None, 0)?);
+    rows.push(row_for("keep previous", &previous, 0.0, None, 0)?);
+    let budget = ((shape.slots() as f64 * opts.incremental_fraction).ceil() as usize).max(1);
+    for (name, thr) in [
+        ("greedy", 1usize),
+        ("joint", threads),
+        ("incremental", threads),
+    ] {
+        let planner = planner_by_name(name)?;
+        let mut req = PlanRequest::new(shape, &history)
+            .previous(&previous)
+            .threads(thr);
+        if name == "incremental" {
+            req = req.max_moves(budget);
+        }
+        let mut times = Vec::new();
+        let mut plan = None;
+        for _ in 0..opts.repeats.max(1) {
+            let t0 = Instant::now();
+            let p = planner.plan(&req)?;
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            plan = Some(p);
+        }
+        let Some(plan) = plan else { continue };
+        let gap = (name == "joint").then(|| plan.max_gap());
+        let label = if name == "incremental" {
+            format!("incremental (max {budget}/layer)")
+        } else {
+            name.to_string()
+        };
+        rows.push(row_for(&label, &plan.placement, median(times), gap, thr)?);
+    }
+    Ok(rows)
+}
+
+/// Markdown table of benchmark rows.
+pub fn markdown_table(rows: &[BenchRow]) -> String {
+    let mut s = String::from(
+        "| shape | algorithm | history mean PAR | history worst PAR | next mean PAR | next worst PAR | slots moved | plan time (ms) | threads | gap to bound |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {} ({:.1}%) | {} | {} | {} |\n",
+            r.shape,
+            r.algorithm,
+            r.history_mean_par,
+            r.history_worst_par,
+            r.next_mean_par,
+            r.next_worst_par,
+            r.slots_moved,
+            100.0 * r.slots_moved as f64 / r.slots_total.max(1) as f64,
+            if r.threads == 0 {
+                "-".to_string()
+            } else {
+                format!("{:.2}", r.plan_ms)
+            },
+            if r.threads == 0 {
+                "-".to_string()
+            } else {
+                r.threads.to_string()
+            },
+            r.max_gap
+                .map_or("-".to_string(), |g| format!("{:.2}%", 100.0 * g)),
+        ));
+    }
+    s
+}

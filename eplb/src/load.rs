@@ -1,0 +1,242 @@
+//! Per-window logical expert loads.
+
+use serde_json::Value;
+
+use crate::error::{EplbError, Result};
+
+/// Load history: `windows[w][layer][expert]` token counts, oldest window first.
+///
+/// Every window has the same number of layers and every layer the same number of experts;
+/// every count is finite and non-negative. Counts may be fractional.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadHistory {
+    windows: Vec<Vec<Vec<f64>>>,
+}
+
+fn lerr<T>(m: String) -> Result<T> {
+    Err(EplbError::Load(m))
+}
+
+impl LoadHistory {
+    /// Builds a history, validating shape and values.
+    pub fn new(windows: Vec<Vec<Vec<f64>>>) -> Result<LoadHistory> {
+        let Some(first) = windows.first() else {
+            return lerr("the load has no windows".into());
+        };
+        let layers = first.len();
+        if layers == 0 {
+            return lerr("window 0 has no layers".into());
+        }
+        let experts = first[0].len();
+        if experts == 0 {
+            return lerr("window 0 layer 0 has no experts".into());
+        }
+        for (w, win) in windows.iter().enumerate() {
+            if win.len() != layers {
+                return lerr(format!(
+                    "window {w} has {} layers, window 0 has {layers}",
+                    win.len()
+                ));
+            }
+            for (l, row) in win.iter().enumerate() {
+                if row.len() != experts {
+                    return lerr(format!(
+                        "window {w} layer {l} has {} experts, expected {experts} (ragged array)",
+                        row.len()
+                    ));
+                }
+                for (e, &x) in row.iter().enumerate() {
+                    if !x.is_finite() {
+                        return lerr(format!(
+                            "window {w} layer {l} expert {e}: count {x} is not a finite number"
+                        ));
+                    }
+                    if x < 0.0 {
+                        return lerr(format!(
+                            "window {w} layer {l} expert {e}: count {x} is negative"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(LoadHistory { windows })
+    }
+
+    /// A history of one window `[layer][expert]`.
+    pub fn single(window: Vec<Vec<f64>>) -> Result<LoadHistory> {
+        LoadHistory::new(vec![window])
+    }
+
+    /// Parses any of the three load formats:
+    /// a plain array `[L][E]` (one window), `{"windows": [W][L][E]}` (oldest first), or
+    /// vLLM's recorded `{"load_history": [{"logical_expert_load": [L][E]}, ...]}`.
+    pub fn from_json_str(text: &str) -> Result<LoadHistory> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| EplbError::Load(format!("not valid JSON: {e}")))?;
+        LoadHistory::from_json_value(&v)
+    }
+
+    /// See [`LoadHistory::from_json_str`].
+    pub fn from_json_value(v: &Value) -> Result<LoadHistory> {
+        match v {
+            Value::Array(_) => LoadHistory::new(vec![matrix(v, "load")?]),
+            Value::Object(o) => {
+                if let Some(ws) = o.get("windows") {
+                    let arr = ws
+                        .as_array()
+                        .ok_or_else(|| EplbError::Load("\"windows\" must be an array".into()))?;
+                    let windows = arr
+                        .iter()
+                        .enumerate()
+                        .map(|(w, m)| matrix(m, &format!("window {w}")))
+                        .collect::<Result<Vec<_>>>()?;
+                    LoadHistory::new(windows)
+                } else if let Some(h) = o.get("load_history") {
+                    let arr = h.as_array().ok_or_else(|| {
+                        EplbError::Load("\"load_history\" must be an array".into())
+                    })?;
+                    let windows = arr
+                        .iter()
+                        .enumerate()
+                        .map(|(w, rec)| {
+                            let m = rec.get("logical_expert_load").ok_or_else(|| {
+                                EplbError::Load(format!(
+                                    "load_history[{w}] has no \"logical_expert_load\""
+                                ))
+                            })?;
+                            matrix(m, &format!("window {w}"))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    LoadHistory::new(windows)
+                } else {
+                    lerr(
+                        "expected an [L][E] array, {\"windows\": ...} or {\"load_history\": ...}"
+                            .into(),
+                    )
+                }
+            }
+            _ => lerr(
+                "expected an [L][E] array, {\"windows\": ...} or {\"load_history\": ...}".into(),
+            ),
+        }
+    }
+
+    pub fn num_windows(&self) -> usize {
+        self.windows.len()
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.windows[0].len()
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.windows[0][0].len()
+    }
+
+    /// All windows, oldest first.
+    pub fn windows(&self) -> &[Vec<Vec<f64>>] {
+        &self.windows
+    }
+
+    /// The newest window `[layer][expert]`.
+    pub fn last(&self) -> &[Vec<f64>] {
+        &self.windows[self.windows.len() - 1]
+    }
+
+    /// The sum over windows `[layer][expert]`.
+    pub fn total(&self) -> Vec<Vec<f64>> {
+        let mut t = self.windows[0].clone();
+        for w in &self.windows[1..] {
+            for (a, b) in t.iter_mut().zip(w) {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x += y;
+                }
+            }
+        }
+        t
+    }
+
+    /// One layer's rows, one per window, oldest first.
+    pub fn layer(&self, layer: usize) -> Vec<&[f64]> {
+        self.windows.iter().map(|w| w[layer].as_slice()).collect()
+    }
+
+    /// The windows `range` as a new history (for back-testing).
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Result<LoadHistory> {
+        let w = self
+            .windows
+            .get(range.clone())
+            .ok_or_else(|| EplbError::Load(format!("window range {range:?} out of bounds")))?;
+        LoadHistory::new(w.to_vec())
+    }
+}
+
+fn matrix(v: &Value, what: &str) -> Result<Vec<Vec<f64>>> {
+    let rows = v
+        .as_array()
+        .ok_or_else(|| EplbError::Load(format!("{what} must be an array of layers")))?;
+    rows.iter()
+        .enumerate()
+        .map(|(l, row)| {
+            let row = row.as_array().ok_or_else(|| {
+                EplbError::Load(format!(
+                    "{what} layer {l} must be an array of expert counts"
+                ))
+            })?;
+            row.iter()
+                .enumerate()
+                .map(|(e, x)| {
+                    x.as_f64().ok_or_else(|| {
+                        EplbError::Load(format!("{what} layer {l} expert {e}: {x} is not a number"))
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_three_formats() {
+        let a = LoadHistory::from_json_str("[[1, 2.5], [3, 4]]").unwrap();
+        assert_eq!(a.num_windows(), 1);
+        assert_eq!(a.num_layers(), 2);
+        let b = LoadHistory::from_json_str(r#"{"windows": [[[1, 2]], [[3, 4]]]}"#).unwrap();
+        assert_eq!(b.num_windows(), 2);
+        assert_eq!(b.total(), vec![vec![4.0, 6.0]]);
+        assert_eq!(b.last(), &[vec![3.0, 4.0]]);
+        let c = LoadHistory::from_json_str(
+            r#"{"load_history": [{"logical_expert_load": [[1, 2]]}, {"logical_expert_load": [[5, 0]]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.windows()[1], vec![vec![5.0, 0.0]]);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let e = LoadHistory::from_json_str("[[1, 2], [3]]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("layer 1") && e.contains("ragged"), "{e}");
+        let e = LoadHistory::from_json_str("[[1, -2]]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("negative"), "{e}");
+        let e = LoadHistory::from_json_str("[[1, \"NaN\"]]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a number"), "{e}");
+        assert!(LoadHistory::from_json_str("[[1, NaN]]").is_err());
+        assert!(LoadHistory::from_json_str("[]").is_err());
+        assert!(LoadHistory::from_json_str("{\"windows\": []}").is_err());
+        assert!(LoadHistory::from_json_str("{\"x\": 1}").is_err());
+        assert!(LoadHistory::new(vec![vec![vec![f64::NAN]]]).is_err());
+        let e = LoadHistory::from_json_str(r#"{"windows": [[[1, 2]], [[1, 2], [3, 4]]]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("window 1 has 2 layers"), "{e}");
+    }
+}

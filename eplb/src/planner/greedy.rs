@@ -1,0 +1,117 @@
+//! `greedy`: the DeepSeek-style baseline, with deterministic tie-breaking and no same-rank
+//! duplicates.
+//!
+//! Global: min-max replication on the summed load (one more replica to the expert with the
+//! largest load per replica), then replicas heaviest first onto the lightest rank that has a
+//! free slot and does not already hold that expert (ties: lower rank).
+//! Hierarchical (groups divide evenly over nodes): expert groups heaviest first onto the
+//! lightest node with room for a group, then the global procedure inside each node with the
+//! node's share of slots.
+
+use crate::placement::repair_duplicates;
+use crate::shape::Shape;
+
+use super::problem::water_fill;
+
+/// Replicate and pack `experts` (ids) with loads `load[id]` into `ranks` ranks of `s` slots.
+/// Returns, per rank, its `s` experts.
+fn replicate_and_pack(
+    load: &[f64],
+    experts: &[usize],
+    ranks: usize,
+    s: usize,
+    dup_ok: bool,
+) -> Vec<Vec<usize>> {
+    let n = experts.len();
+    let local: Vec<f64> = experts.iter().map(|&e| load[e]).collect();
+    let slots = ranks * s;
+    let max_rep = if dup_ok { slots } else { ranks };
+    let cnt = water_fill(&local, slots, max_rep);
+    // Items: (per-replica load, local expert index).
+    let mut items: Vec<(f64, usize)> = Vec::with_capacity(slots);
+    for i in 0..n {
+        for _ in 0..cnt[i] {
+            items.push((local[i] / cnt[i] as f64, i));
+        }
+    }
+    items.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut packs: Vec<Vec<usize>> = vec![Vec::with_capacity(s); ranks];
+    let mut weight = vec![0.0f64; ranks];
+    for (w, i) in items {
+        let mut pick: Option<usize> = None;
+        let mut fallback: Option<usize> = None;
+        for r in 0..ranks {
+            if packs[r].len() >= s {
+                continue;
+            }
+            if fallback.is_none_or(|f| weight[r] < weight[f]) {
+                fallback = Some(r);
+            }
+            if (dup_ok || !packs[r].contains(&experts[i]))
+                && pick.is_none_or(|p| weight[r] < weight[p])
+            {
+                pick = Some(r);
+            }
+        }
+        if let Some(r) = pick.or(fallback) {
+            packs[r].push(experts[i]);
+            weight[r] += w;
+        }
+    }
+    packs
+}
+
+/// One layer's greedy row from the summed load.
+pub(crate) fn greedy_row(load: &[f64], shape: &Shape) -> Vec<usize> {
+    let g = shape.num_ranks;
+    let s = shape.slots_per_rank();
+    let e_n = shape.num_experts;
+    let dup_ok = shape.duplicates_forced();
+    let hier = shape.hierarchical() && (dup_ok || s <= e_n / shape.num_nodes);
+    let mut row = Vec::with_capacity(shape.slots());
+    if hier {
+        let n = shape.num_nodes;
+        let k = shape.num_groups;
+        let per_group = shape.experts_per_group();
+        let groups_per_node = k / n;
+        let gl: Vec<f64> = (0..k)
+            .map(|q| load[q * per_group..(q + 1) * per_group].iter().sum())
+            .collect();
+        let mut order: Vec<usize> = (0..k).collect();
+        order.sort_by(|&a, &b| gl[b].total_cmp(&gl[a]).then(a.cmp(&b)));
+        let mut node_groups: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let mut node_load = vec![0.0f64; n];
+        for q in order {
+            let mut pick: Option<usize> = None;
+            for (m, groups) in node_groups.iter().enumerate() {
+                if groups.len() < groups_per_node
+                    && pick.is_none_or(|p| node_load[m] < node_load[p])
+                {
+                    pick = Some(m);
+                }
+            }
+            if let Some(m) = pick {
+                node_groups[m].push(q);
+                node_load[m] += gl[q];
+            }
+        }
+        let rpn = shape.ranks_per_node();
+        for groups in &mut node_groups {
+            groups.sort_unstable();
+            let experts: Vec<usize> = groups
+                .iter()
+                .flat_map(|&q| q * per_group..(q + 1) * per_group)
+                .collect();
+            for pack in replicate_and_pack(load, &experts, rpn, s, dup_ok) {
+                row.extend(pack);
+            }
+        }
+    } else {
+        let experts: Vec<usize> = (0..e_n).collect();
+        for pack in replicate_and_pack(load, &experts, g, s, dup_ok) {
+            row.extend(pack);
+        }
+    }
+    repair_duplicates(&mut row, e_n, g);
+    row
+}

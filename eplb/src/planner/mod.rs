@@ -1,0 +1,521 @@
+//! Planning algorithms behind one trait, and the layer-selection policy.
+//!
+//! Every algorithm plans each selected layer independently (layers run in parallel threads;
+//! results do not depend on the thread count). The common driver then:
+//! * with a previous placement, re-labels the new ranks so that unchanged experts keep their
+//!   slots (`joint`, `incremental`; `greedy` stays the faithful baseline and does not);
+//! * enforces `max_moves` (slots changed per layer): `joint` falls back to the best
+//!   placement within the budget found by local search from the previous one, `greedy` keeps
+//!   the previous layer;
+//! * keeps the previous layer unless the new one lowers the episode objective by at least
+//!   `min_improvement` (relative), so a plan never moves weights for nothing.
+
+mod greedy;
+mod joint;
+mod matching;
+mod problem;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EplbError, Result};
+use crate::initial::{InitialStrategy, initial_row};
+use crate::load::LoadHistory;
+use crate::metrics::score_history;
+use crate::placement::Placement;
+use crate::shape::Shape;
+
+use problem::{Problem, State};
+
+/// The algorithm `moectl plan` and the operator use when none is named.
+pub const DEFAULT_ALGORITHM: &str = "joint";
+/// Names accepted by [`planner_by_name`].
+pub const ALGORITHMS: [&str; 3] = ["greedy", "joint", "incremental"];
+
+/// What to plan.
+#[derive(Debug, Clone)]
+pub struct PlanRequest<'a> {
+    pub shape: Shape,
+    /// Logical loads, oldest window first; each window is one episode of the objective.
+    pub history: &'a LoadHistory,
+    /// The placement in use now, if any.
+    pub previous: Option<&'a Placement>,
+    /// At most this many slots may change per layer (`incremental` defaults to 1/8 of the
+    /// slots when unset).
+    pub max_moves: Option<usize>,
+    /// With a previous placement: only layers whose current PAR (mean over the history's
+    /// windows) is above this are re-planned (see [`select_layers`]).
+    pub threshold: Option<f64>,
+    /// Hysteresis for [`select_layers`], used with `previously_imbalanced`.
+    pub hysteresis: f64,
+    /// Layers flagged imbalanced by the previous selection round (hysteresis state).
+    pub previously_imbalanced: Option<&'a [bool]>,
+    /// Restrict planning to these layers (the others keep the previous placement).
+    pub layers: Option<Vec<usize>>,
+    /// A re-planned layer replaces the previous one only if its objective is lower by at
+    /// least this fraction (default 0.005).
+    pub min_improvement: f64,
+    /// Weight ratio between consecutive episodes, newer over older counts `1/recency` more
+    /// (default 0.85; 1 = all windows equal).
+    pub recency: f64,
+    /// Worker threads (0 = available parallelism).
+    pub threads: usize,
+}
+
+impl<'a> PlanRequest<'a> {
+    pub fn new(shape: Shape, history: &'a LoadHistory) -> PlanRequest<'a> {
+        PlanRequest {
+            shape,
+            history,
+            previous: None,
+            max_moves: None,
+            threshold: None,
+            hysteresis: 0.0,
+            previously_imbalanced: None,
+            layers: None,
+            min_improvement: 0.005,
+            recency: 0.85,
+            threads: 0,
+        }
+    }
+    pub fn previous(mut self, p: &'a Placement) -> Self {
+        self.previous = Some(p);
+        self
+    }
+    pub fn max_moves(mut self, m: usize) -> Self {
+        self.max_moves = Some(m);
+        self
+    }
+    pub fn threshold(mut self, t: f64) -> Self {
+        self.threshold = Some(t);
+        self
+    }
+    pub fn hysteresis(mut self, h: f64) -> Self {
+        self.hysteresis = h;
+        self
+    }
+    pub fn layers(mut self, l: Vec<usize>) -> Self {
+        self.layers = Some(l);
+        self
+    }
+    pub fn threads(mut self, t: usize) -> Self {
+        self.threads = t;
+        self
+    }
+}
+
+/// Per-layer outcome of a plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerPlan {
+    pub layer: usize,
+    /// Selected for re-planning (by `layers`, the threshold, or because there was no previous).
+    pub considered: bool,
+    /// The layer's placement differs from the previous one.
+    pub changed: bool,
+    /// PAR on the planning load (mean over the history's windows) under the new placement.
+    pub par: f64,
+    /// The same for the previous placement, when there is one.
+    pub previous_par: Option<f64>,
+    /// The episode-weighted objective (weighted mean PAR over windows) of the new placement.
+    pub objective: f64,
+    /// A lower bound on that objective over all placements of the shape (computed by
+    /// `joint` for the layers it planned).
+    pub lower_bound: Option<f64>,
+    /// The objective is proven optimal (exact search finished).
+    pub optimal: bool,
+    /// Slots whose expert changed versus the previous placement.
+    pub slots_moved: usize,
+}
+
+/// The result of planning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub algorithm: String,
+    pub placement: Placement,
+    pub layers: Vec<LayerPlan>,
+    pub changed_layers: Vec<usize>,
+    pub slots_moved: usize,
+}
+
+impl Plan {
+    /// Predicted PAR per layer (mean over the history's windows).
+    pub fn predicted_par(&self) -> Vec<f64> {
+        self.layers.iter().map(|l| l.par).collect()
+    }
+    pub fn mean_par(&self) -> f64 {
+        self.layers.iter().map(|l| l.par).sum::<f64>() / self.layers.len().max(1) as f64
+    }
+    pub fn worst_par(&self) -> f64 {
+        self.layers.iter().map(|l| l.par).fold(1.0, f64::max)
+    }
+    /// Largest relative gap `objective / lower_bound - 1` over the planned layers.
+    pub fn max_gap(&self) -> f64 {
+        self.layers
+            .iter()
+            .filter_map(|l| l.lower_bound.map(|b| l.objective / b.max(1e-12) - 1.0))
+            .fold(0.0, f64::max)
+    }
+}
+
+/// A planning algorithm.
+pub trait Planner: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn plan(&self, req: &PlanRequest<'_>) -> Result<Plan>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Algo {
+    Greedy,
+    Joint,
+    Incremental,
+}
+
+struct AlgoPlanner(Algo);
+
+impl Planner for AlgoPlanner {
+    fn name(&self) -> &'static str {
+        match self.0 {
+            Algo::Greedy => "greedy",
+            Algo::Joint => "joint",
+            Algo::Incremental => "incremental",
+        }
+    }
+    fn plan(&self, req: &PlanRequest<'_>) -> Result<Plan> {
+        run(req, self.0, self.name())
+    }
+}
+
+/// `greedy`, `joint` (the default) or `incremental`.
+pub fn planner_by_name(name: &str) -> Result<Box<dyn Planner>> {
+    let algo = match name {
+        "greedy" => Algo::Greedy,
+        "joint" => Algo::Joint,
+        "incremental" => Algo::Incremental,
+        other => return Err(EplbError::UnknownAlgorithm(other.to_string())),
+    };
+    Ok(Box::new(AlgoPlanner(algo)))
+}
+
+/// Result of [`select_layers`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerSelection {
+    /// Layers to re-plan, ascending.
+    pub layers: Vec<usize>,
+    /// Per layer, the imbalance flag to pass to the next call.
+    pub imbalanced: Vec<bool>,
+}
+
+/// Threshold with hysteresis (a Schmitt trigger per layer): a layer becomes imbalanced when
+/// its PAR exceeds `threshold`, and stays imbalanced (is selected again) until its PAR falls
+/// to `threshold - hysteresis` or below. Without previous flags this is a plain threshold.
+pub fn select_layers(
+    pars: &[f64],
+    threshold: f64,
+    hysteresis: f64,
+    previously_imbalanced: Option<&[bool]>,
+) -> LayerSelection {
+    let imbalanced: Vec<bool> = pars
+        .iter()
+        .enumerate()
+        .map(|(l, &p)| {
+            let was = previously_imbalanced
+                .and_then(|v| v.get(l).copied())
+                .unwrap_or(false);
+            p > threshold || (was && p > threshold - hysteresis)
+        })
+        .collect();
+    LayerSelection {
+        layers: (0..pars.len()).filter(|&l| imbalanced[l]).collect(),
+        imbalanced,
+    }
+}
+
+fn validate(req: &PlanRequest<'_>, algo: Algo) -> Result<()> {
+    let shape = &req.shape;
+    shape.validate()?;
+    let h = req.history;
+    if h.num_experts() != shape.num_experts {
+        return Err(EplbError::Mismatch(format!(
+            "the load has {} experts per layer, the shape has {}",
+            h.num_experts(),
+            shape.num_experts
+        )));
+    }
+    if let Some(prev) = req.previous {
+        prev.check_shape(shape)?;
+        if prev.num_layers != h.num_layers() {
+            return Err(EplbError::Mismatch(format!(
+                "the previous placement has {} layers, the load has {}",
+                prev.num_layers,
+                h.num_layers()
+            )));
+        }
+    } else if algo == Algo::Incremental {
+        return Err(EplbError::Request(
+            "incremental needs the previous placement".into(),
+        ));
+    }
+    if let Some(t) = req.threshold
+        && !(t.is_finite() && t >= 1.0)
+    {
+        return Err(EplbError::Request(format!(
+            "threshold {t} must be a PAR of at least 1"
+        )));
+    }
+    if !(req.hysteresis.is_finite() && req.hysteresis >= 0.0) {
+        return Err(EplbError::Request(format!(
+            "hysteresis {} must be non-negative",
+            req.hysteresis
+        )));
+    }
+    if !(req.recency.is_finite() && req.recency > 0.0 && req.recency <= 1.0) {
+        return Err(EplbError::Request(format!(
+            "recency {} must be in (0, 1]",
+            req.recency
+        )));
+    }
+    if !(req.min_improvement.is_finite() && req.min_improvement >= 0.0) {
+        return Err(EplbError::Request(
+            "min_improvement must be non-negative".into(),
+        ));
+    }
+    if let Some(ls) = &req.layers
+        && let Some(&bad) = ls.iter().find(|&&l| l >= h.num_layers())
+    {
+        return Err(EplbError::Request(format!(
+            "layer {bad} out of range (the load has {} layers)",
+            h.num_layers()
+        )));
+    }
+    Ok(())
+}
+
+struct LayerOut {
+    row: Vec<usize>,
+    optimal: bool,
+    objective: f64,
+    lower_bound: Option<f64>,
+}
+
+fn plan_one(
+    req: &PlanRequest<'_>,
+    algo: Algo,
+    layer: usize,
+    prev_row: Option<&[usize]>,
+) -> LayerOut {
+    let shape = &req.shape;
+    let rows = req.history.layer(layer);
+    let p = Problem::new(
+        &rows,
+        shape.num_ranks,
+        shape.slots(),
+        req.recency,
+        shape.max_replicas(),
+    );
+    let default_budget = shape.slots().div_ceil(8).max(1);
+    let (mut row, mut optimal) = match algo {
+        Algo::Greedy => (greedy::greedy_row(&p.raw_sum, shape), false),
+        Algo::Joint => {
+            let r = joint::plan_layer(&p, shape);
+            (r.row, r.optimal)
+        }
+        Algo::Incremental => {
+            let prev = prev_row.unwrap_or(&[]);
+            let budget = req.max_moves.unwrap_or(default_budget);
+            let mut st = State::new(&p, prev.to_vec());
+            st.improve(Some((prev, budget)), 4 * budget + 8);
+            (st.row, false)
+        }
+    };
+    if let Some(prev) = prev_row {
+        if algo == Algo::Joint {
+            row = matching::align(&row, prev, shape.num_ranks, None);
+        }
+        let moved = row.iter().zip(prev).filter(|(a, b)| a != b).count();
+        if let Some(m) = req.max_moves
+            && moved > m
+        {
+            match algo {
+                Algo::Joint => {
+                    let mut st = State::new(&p, prev.to_vec());
+                    st.improve(Some((prev, m)), 4 * m + 8);
+                    row = st.row;
+                    optimal = false;
+                }
+                _ => {
+                    row = prev.to_vec();
+                    optimal = false;
+                }
+            }
+        }
+        // greedy stays the faithful baseline: it replaces whatever it changed.
+        if algo != Algo::Greedy {
+            let f_new = p.episode_par(&row);
+            let f_old = p.episode_par(prev);
+            if f_new > f_old * (1.0 - req.min_improvement) {
+                row = prev.to_vec();
+                optimal = optimal && f_old <= f_new;
+            }
+        }
+    }
+    LayerOut {
+        objective: p.episode_par(&row),
+        lower_bound: (algo == Algo::Joint).then(|| p.lower_bound()),
+        row,
+        optimal,
+    }
+}
+
+fn run(req: &PlanRequest<'_>, algo: Algo, name: &str) -> Result<Plan> {
+    validate(req, algo)?;
+    let shape = &req.shape;
+    let h = req.history;
+    let nl = h.num_layers();
+    let prev_score = match req.previous {
+        Some(p) => Some(score_history(p, h)?),
+        None => None,
+    };
+    let mut considered = vec![true; nl];
+    if let Some(ls) = &req.layers {
+        considered = vec![false; nl];
+        for &l in ls {
+            considered[l] = true;
+        }
+    }
+    if let (Some(t), Some(ps)) = (req.threshold, &prev_score) {
+        let sel = select_layers(&ps.per_layer, t, req.hysteresis, req.previously_imbalanced);
+        for (c, s) in considered.iter_mut().zip(&sel.imbalanced) {
+            *c = *c && *s;
+        }
+    }
+    if req.previous.is_none() {
+        // Without a placement in use, every layer needs one.
+        considered = vec![true; nl];
+    }
+    let todo: Vec<usize> = (0..nl).filter(|&l| considered[l]).collect();
+    let threads = if req.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        req.threads
+    }
+    .clamp(1, todo.len().max(1));
+    let prev_row = |l: usize| req.previous.map(|p| p.phy2log[l].as_slice());
+    let mut outs: Vec<Option<LayerOut>> = (0..nl).map(|_| None).collect();
+    if threads <= 1 {
+        for &l in &todo {
+            outs[l] = Some(plan_one(req, algo, l, prev_row(l)));
+        }
+    } else {
+        let results: Vec<Vec<(usize, LayerOut)>> = std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let todo = &todo;
+                    sc.spawn(move || {
+                        todo.iter()
+                            .skip(t)
+                            .step_by(threads)
+                            .map(|&l| (l, plan_one(req, algo, l, prev_row(l))))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        for (l, o) in results.into_iter().flatten() {
+            outs[l] = Some(o);
+        }
+    }
+    let mut phy2log = Vec::with_capacity(nl);
+    for (l, out) in outs.iter().enumerate() {
+        match (out, req.previous) {
+            (Some(o), _) => phy2log.push(o.row.clone()),
+            (None, Some(p)) => phy2log.push(p.phy2log[l].clone()),
+            (None, None) => phy2log.push(initial_row(InitialStrategy::Linear, shape)),
+        }
+    }
+    if todo.len() != outs.iter().filter(|o| o.is_some()).count() {
+        return Err(EplbError::Request("a planning thread failed".into()));
+    }
+    let placement =
+        Placement::from_phy2log(shape.num_experts, shape.num_ranks, shape.num_nodes, phy2log)?;
+    let score = score_history(&placement, h)?;
+    let mut layers = Vec::with_capacity(nl);
+    let mut changed_layers = Vec::new();
+    let mut slots_moved = 0;
+    for l in 0..nl {
+        let moved = req.previous.map_or(shape.slots(), |p| {
+            p.phy2log[l]
+                .iter()
+                .zip(&placement.phy2log[l])
+                .filter(|(a, b)| a != b)
+                .count()
+        });
+        let changed = req.previous.is_none() || moved > 0;
+        if changed {
+            changed_layers.push(l);
+        }
+        if req.previous.is_some() {
+            slots_moved += moved;
+        }
+        let (objective, lower_bound, optimal) = match &outs[l] {
+            Some(o) => (o.objective, o.lower_bound, o.optimal),
+            None => {
+                let rows = h.layer(l);
+                let p = Problem::new(
+                    &rows,
+                    shape.num_ranks,
+                    shape.slots(),
+                    req.recency,
+                    shape.max_replicas(),
+                );
+                (p.episode_par(&placement.phy2log[l]), None, false)
+            }
+        };
+        layers.push(LayerPlan {
+            layer: l,
+            considered: considered[l],
+            changed,
+            par: score.per_layer[l],
+            previous_par: prev_score.as_ref().map(|s| s.per_layer[l]),
+            objective,
+            lower_bound,
+            optimal,
+            slots_moved: if req.previous.is_some() { moved } else { 0 },
+        });
+    }
+    Ok(Plan {
+        algorithm: name.to_string(),
+        placement,
+        layers,
+        changed_layers,
+        slots_moved,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_with_hysteresis() {
+        let s = select_layers(&[1.05, 1.3, 1.15], 1.2, 0.1, None);
+        assert_eq!(s.layers, vec![1]);
+        let s2 = select_layers(&[1.05, 1.15, 1.15], 1.2, 0.1, Some(&s.imbalanced));
+        assert_eq!(s2.layers, vec![1]);
+        let s3 = select_layers(&[1.05, 1.09, 1.15], 1.2, 0.1, Some(&s2.imbalanced));
+        assert!(s3.layers.is_empty());
+    }
+
+    #[test]
+    fn unknown_algorithm_is_an_error() {
+        assert!(matches!(
+            planner_by_name("magic"),
+            Err(EplbError::UnknownAlgorithm(_))
+        ));
+        for n in ALGORITHMS {
+            assert_eq!(planner_by_name(n).unwrap().name(), n);
+        }
+    }
+}

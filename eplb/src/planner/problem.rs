@@ -1,0 +1,630 @@
+//! One layer's planning problem: normalised episode loads, the multi-episode objective, and
+//! the local-search engine shared by `joint` and `incremental`.
+//!
+//! Each window (episode) of the history is normalised so that its mean rank load is 1; the
+//! objective of a layer's placement is `F = sum_w weight_w * max_r load_{w,r}`, i.e. the
+//! weighted mean over episodes of the per-episode PAR. Ties in `F` are broken by the
+//! weighted sum of squared rank loads `Q`, which rewards spreading load off the hottest ranks
+//! and lets the search cross plateaus of `F` without cycling (moves must decrease `(F, Q)`
+//! lexicographically).
+
+/// Improvements smaller than this are treated as none.
+pub(crate) const EPS: f64 = 1e-9;
+/// Partner ranks tried per critical rank in one local-search iteration (unbudgeted mode).
+const PARTNERS: usize = 12;
+
+pub(crate) struct Problem {
+    pub e: usize,
+    pub g: usize,
+    pub s: usize,
+    /// Number of episodes.
+    pub w: usize,
+    /// `x[e * w + k]`: normalised load of expert `e` in episode `k`.
+    pub x: Vec<f64>,
+    /// Episode weights, summing to 1 (0 for an empty episode).
+    pub omega: Vec<f64>,
+    /// Weighted aggregate load per expert.
+    pub agg: Vec<f64>,
+    /// Raw sum of loads over episodes (what `greedy` plans on).
+    pub raw_sum: Vec<f64>,
+    /// Duplicates on one rank are forced (`S > E`) and therefore allowed.
+    pub dup_ok: bool,
+    pub max_rep: usize,
+    /// True when every episode is empty: any valid placement is optimal.
+    pub empty: bool,
+}
+
+impl Problem {
+    /// `windows`: one row per episode, oldest first. `recency`: weight ratio between an
+    /// episode and the next newer one (1 = uniform).
+    pub fn new(
+        windows: &[&[f64]],
+        g: usize,
+        slots: usize,
+        recency: f64,
+        max_rep: usize,
+    ) -> Problem {
+        let e = windows.first().map_or(0, |r| r.len());
+        let w = windows.len();
+        let s = slots / g;
+        let mut x = vec![0.0; e * w];
+        let mut omega = vec![0.0; w];
+        let mut raw_sum = vec![0.0; e];
+        for (k, row) in windows.iter().enumerate() {
+            let total: f64 = row.iter().sum();
+            for (i, &v) in row.iter().enumerate() {
+                raw_sum[i] += v;
+            }
+            if total > 0.0 {
+                let scale = g as f64 / total;
+                for (i, &v) in row.iter().enumerate() {
+                    x[i * w + k] = v * scale;
+                }
+                omega[k] = recency.powi((w - 1 - k) as i32);
+            }
+        }
+        let sum: f64 = omega.iter().sum();
+        let empty = sum <= 0.0;
+        if !empty {
+            for o in &mut omega {
+                *o /= sum;
+            }
+        }
+        let agg = (0..e)
+            .map(|i| (0..w).map(|k| omega[k] * x[i * w + k]).sum())
+            .collect();
+        Problem {
+            e,
+            g,
+            s,
+            w,
+            x,
+            omega,
+            agg,
+            raw_sum,
+            dup_ok: s > e,
+            max_rep,
+            empty,
+        }
+    }
+
+    pub fn slots(&self) -> usize {
+        self.g * self.s
+    }
+
+    /// `(F, Q)` of a row, computed from scratch.
+    pub fn objective(&self, row: &[usize]) -> (f64, f64) {
+        let st = State::new(self, row.to_vec());
+        st.objective()
+    }
+
+    /// Weighted-mean-over-episodes PAR of a row (= F).
+    pub fn episode_par(&self, row: &[usize]) -> f64 {
+        if self.empty {
+            return 1.0;
+        }
+        self.objective(row).0
+    }
+
+    /// Lower bound on F: per episode, the larger of the mean (1) and the best possible largest
+    /// replica load under any replica counts (water-filling, computed independently per
+    /// episode, so it is a relaxation of shared counts).
+    pub fn lower_bound(&self) -> f64 {
+        if self.empty {
+            return 1.0;
+        }
+        let mut lb = 0.0;
+        for k in 0..self.w {
+            if self.omega[k] <= 0.0 {
+                continue;
+            }
+            let loads: Vec<f64> = (0..self.e).map(|i| self.x[i * self.w + k]).collect();
+            let cnt = water_fill(&loads, self.slots(), self.max_rep);
+            let m = (0..self.e)
+                .map(|i| loads[i] / cnt[i] as f64)
+                .fold(1.0f64, f64::max);
+            lb += self.omega[k] * m;
+        }
+        lb
+    }
+}
+
+/// Min-max replication: starting from one replica each, repeatedly give one more replica to
+/// the expert with the largest load per replica (ties: lower expert id), never above
+/// `max_rep`, until `slots` replicas exist.
+pub(crate) fn water_fill(loads: &[f64], slots: usize, max_rep: usize) -> Vec<usize> {
+    use std::cmp::Ordering;
+    use std::collections::BinaryHeap;
+    #[derive(PartialEq)]
+    struct Item(f64, usize);
+    impl Eq for Item {}
+    impl PartialOrd for Item {
+        fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+            Some(self.cmp(o))
+        }
+    }
+    impl Ord for Item {
+        fn cmp(&self, o: &Self) -> Ordering {
+            self.0.total_cmp(&o.0).then(o.1.cmp(&self.1))
+        }
+    }
+    let n = loads.len();
+    let mut cnt = vec![1usize; n];
+    let mut heap: BinaryHeap<Item> = (0..n).map(|i| Item(loads[i], i)).collect();
+    let mut extra = slots.saturating_sub(n);
+    while extra > 0 {
+        let Some(Item(_, i)) = heap.pop() else { break };
+        if cnt[i] >= max_rep {
+            continue;
+        }
+        cnt[i] += 1;
+        extra -= 1;
+        heap.push(Item(loads[i] / cnt[i] as f64, i));
+    }
+    if extra > 0 {
+        // Every expert is at max_rep (only possible when max_rep is not binding in the
+        // shape's own terms); spread the rest round-robin.
+        let mut i = 0;
+        while extra > 0 {
+            cnt[i % n] += 1;
+            extra -= 1;
+            i += 1;
+        }
+    }
+    cnt
+}
+
+/// Mutable search state of one layer.
+pub(crate) struct State<'p> {
+    pub p: &'p Problem,
+    pub row: Vec<usize>,
+    pub cnt: Vec<usize>,
+    /// `rc[r * e + i]`: replicas of expert `i` on rank `r`.
+    pub rc: Vec<u16>,
+    /// `loads[k * g + r]`.
+    pub loads: Vec<f64>,
+    /// Per episode, the three largest `(load, rank)`.
+    pub top: Vec<[(f64, usize); 3]>,
+    /// Slots of each expert.
+    pub pos: Vec<Vec<usize>>,
+}
+
+fn better(d: (f64, f64), best: (f64, f64)) -> bool {
+    if d.0 < best.0 - 1e-12 {
+        return true;
+    }
+    d.0 <= best.0 + 1e-12 && d.1 < best.1 - 1e-12
+}
+
+fn improving(d: (f64, f64)) -> bool {
+    d.0 < -EPS || (d.0 <= 1e-12 && d.1 < -EPS)
+}
+
+impl<'p> State<'p> {
+    pub fn new(p: &'p Problem, row: Vec<usize>) -> State<'p> {
+        let mut st = State {
+            p,
+            row,
+            cnt: vec![0; p.e],
+            rc: vec![0; p.g * p.e],
+            loads: vec![0.0; p.w * p.g],
+            top: vec![[(0.0, usize::MAX); 3]; p.w],
+            pos: vec![Vec::new(); p.e],
+        };
+        st.rebuild();
+        st
+    }
+
+    fn rebuild(&mut self) {
+        let p = self.p;
+        self.cnt.iter_mut().for_each(|c| *c = 0);
+        self.rc.iter_mut().for_each(|c| *c = 0);
+        self.pos.iter_mut().for_each(Vec::clear);
+        for (slot, &e) in self.row.iter().enumerate() {
+            self.cnt[e] += 1;
+            self.rc[(slot / p.s) * p.e + e] += 1;
+            self.pos[e].push(slot);
+        }
+        self.recompute_loads();
+    }
+
+    pub fn recompute_loads(&mut self) {
+        let p = self.p;
+        self.loads.iter_mut().for_each(|l| *l = 0.0);
+        for (slot, &e) in self.row.iter().enumerate() {
+            let r = slot / p.s;
+            let c = self.cnt[e] as f64;
+            for k in 0..p.w {
+                self.loads[k * p.g + r] += p.x[e * p.w + k] / c;
+            }
+        }
+        for k in 0..p.w {
+            self.refresh_top(k);
+        }
+    }
+
+    fn refresh_top(&mut self, k: usize) {
+        let g = self.p.g;
+        let mut t = [(f64::NEG_INFINITY, usize::MAX); 3];
+        for r in 0..g {
+            let v = self.loads[k * g + r];
+            if v > t[0].0 {
+                t[2] = t[1];
+                t[1] = t[0];
+                t[0] = (v, r);
+            } else if v > t[1].0 {
+                t[2] = t[1];
+                t[1] = (v, r);
+            } else if v > t[2].0 {
+                t[2] = (v, r);
+            }
+        }
+        self.top[k] = t;
+    }
+
+    pub fn objective(&self) -> (f64, f64) {
+        let p = self.p;
+        let mut f = 0.0;
+        let mut q = 0.0;
+        for k in 0..p.w {
+            let o = p.omega[k];
+            if o == 0.0 {
+                continue;
+            }
+            f += o * self.top[k][0].0;
+            q += o * self.loads[k * p.g..(k + 1) * p.g]
+                .iter()
+                .map(|l| l * l)
+                .sum::<f64>();
+        }
+        (f, q)
+    }
+
+    #[inline]
+    fn holds(&self, r: usize, e: usize) -> bool {
+        self.rc[r * self.p.e + e] > 0
+    }
+
+    #[inline]
+    fn max_excluding(&self, k: usize, a: usize, b: usize) -> f64 {
+        for &(v, r) in &self.top[k] {
+            if r != a && r != b {
+                return v;
+            }
+        }
+        f64::NEG_INFINITY
+    }
+
+    /// `(dF, dQ)` of swapping the contents of slots `i` and `j` (different ranks).
+    pub fn eval_swap(&self, i: usize, j: usize) -> (f64, f64) {
+        let p = self.p;
+        let (a, b) = (i / p.s, j / p.s);
+        let (e, f) = (self.row[i], self.row[j]);
+        let (ce, cf) = (self.cnt[e] as f64, self.cnt[f] as f64);
+        let mut df = 0.0;
+        let mut dq = 0.0;
+        for k in 0..p.w {
+            let o = p.omega[k];
+            if o == 0.0 {
+                continue;
+            }
+            let d = p.x[f * p.w + k] / cf - p.x[e * p.w + k] / ce;
+            let la = self.loads[k * p.g + a];
+            let lb = self.loads[k * p.g + b];
+            let na = la + d;
+            let nb = lb - d;
+            let m = na.max(nb).max(self.max_excluding(k, a, b));
+            df += o * (m - self.top[k][0].0);
+            dq += o * (na * na + nb * nb - la * la - lb * lb);
+        }
+        (df, dq)
+    }
+
+    pub fn swap_valid(&self, i: usize, j: usize) -> bool {
+        let p = self.p;
+        let (e, f) = (self.row[i], self.row[j]);
+        if e == f || i / p.s == j / p.s {
+            return false;
+        }
+        p.dup_ok || (!self.holds(j / p.s, e) && !self.holds(i / p.s, f))
+    }
+
+    pub fn apply_swap(&mut self, i: usize, j: usize) {
+        let p = self.p;
+        let (a, b) = (i / p.s, j / p.s);
+        let (e, f) = (self.row[i], self.row[j]);
+        let (ce, cf) = (self.cnt[e] as f64, self.cnt[f] as f64);
+        for k in 0..p.w {
+            let d = p.x[f * p.w + k] / cf - p.x[e * p.w + k] / ce;
+            self.loads[k * p.g + a] += d;
+            self.loads[k * p.g + b] -= d;
+            self.refresh_top(k);
+        }
+        self.row.swap(i, j);
+        self.rc[a * p.e + e] -= 1;
+        self.rc[a * p.e + f] += 1;
+        self.rc[b * p.e + f] -= 1;
+        self.rc[b * p.e + e] += 1;
+        for x in self.pos[e].iter_mut() {
+            if *x == i {
+                *x = j;
+            }
+        }
+        for x in self.pos[f].iter_mut() {
+            if *x == j {
+                *x = i;
+            }
+        }
+    }
+
+    pub fn rerep_valid(&self, i: usize, f: usize) -> bool {
+        let p = self.p;
+        let e = self.row[i];
+        e != f
+            && self.cnt[e] >= 2
+            && self.cnt[f] < p.max_rep
+            && (p.dup_ok || !self.holds(i / p.s, f))
+    }
+
+    /// Rank deltas (per episode, for affected ranks) of giving slot `i` (expert e) to `f`.
+    fn rerep_deltas(&self, i: usize, f: usize, k: usize, out: &mut Vec<(usize, f64)>) {
+        let p = self.p;
+        out.clear();
+        let e = self.row[i];
+        let ce = self.cnt[e] as f64;
+        let cf = self.cnt[f] as f64;
+        let xe = p.x[e * p.w + k];
+        let xf = p.x[f * p.w + k];
+        let mut add = |r: usize, d: f64| {
+            if let Some(x) = out.iter_mut().find(|x| x.0 == r) {
+                x.1 += d;
+            } else {
+                out.push((r, d));
+            }
+        };
+        for &slot in &self.pos[e] {
+            if slot == i {
+                add(slot / p.s, -xe / ce + xf / (cf + 1.0));
+            } else {
+                add(slot / p.s, xe / (ce - 1.0) - xe / ce);
+            }
+        }
+        for &slot in &self.pos[f] {
+            add(slot / p.s, xf / (cf + 1.0) - xf / cf);
+        }
+    }
+
+    /// `(dF, dQ)` of giving slot `i` to expert `f` instead of its current expert.
+    pub fn eval_rerep(&self, i: usize, f: usize, scratch: &mut Vec<(usize, f64)>) -> (f64, f64) {
+        let p = self.p;
+        let mut df = 0.0;
+        let mut dq = 0.0;
+        for k in 0..p.w {
+            let o = p.omega[k];
+            if o == 0.0 {
+                continue;
+            }
+            self.rerep_deltas(i, f, k, scratch);
+            let mut m = f64::NEG_INFINITY;
+            let mut q = 0.0;
+            for &(r, d) in scratch.iter() {
+                let l = self.loads[k * p.g + r];
+                m = m.max(l + d);
+                q += (l + d) * (l + d) - l * l;
+            }
+            let mut other = f64::NEG_INFINITY;
+            let mut found = false;
+            for &(v, r) in &self.top[k] {
+                if r != usize::MAX && !scratch.iter().any(|x| x.0 == r) {
+                    other = v;
+                    found = true;
+                    break;
+                }
+            }
+            if !found && scratch.len() < p.g {
+                for r in 0..p.g {
+                    if !scratch.iter().any(|x| x.0 == r) {
+                        other = other.max(self.loads[k * p.g + r]);
+                    }
+                }
+            }
+            df += o * (m.max(other) - self.top[k][0].0);
+            dq += o * q;
+        }
+        (df, dq)
+    }
+
+    pub fn apply_rerep(&mut self, i: usize, f: usize) {
+        let p = self.p;
+        let e = self.row[i];
+        let r = i / p.s;
+        self.row[i] = f;
+        self.cnt[e] -= 1;
+        self.cnt[f] += 1;
+        self.rc[r * p.e + e] -= 1;
+        self.rc[r * p.e + f] += 1;
+        self.pos[e].retain(|&x| x != i);
+        self.pos[f].push(i);
+        self.recompute_loads();
+    }
+
+    /// Ranks that are the heaviest in some weighted episode, heaviest contribution first.
+    fn critical_ranks(&self) -> Vec<usize> {
+        let mut c: Vec<(f64, usize)> = Vec::new();
+        for k in 0..self.p.w {
+            if self.p.omega[k] == 0.0 {
+                continue;
+            }
+            let r = self.top[k][0].1;
+            if let Some(x) = c.iter_mut().find(|x| x.1 == r) {
+                x.0 += self.p.omega[k];
+            } else {
+                c.push((self.p.omega[k], r));
+            }
+        }
+        c.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        c.into_iter().map(|x| x.1).collect()
+    }
+
+    /// Local search. Without a budget: best-improvement swaps between a critical rank and
+    /// any other rank, then replica re-assignments (one slot of an expert with spare replicas
+    /// given to a hot expert), until neither improves `(F, Q)`. With a budget `(orig, max)`:
+    /// moves are ranked by the drop in F per slot changed relative to `orig`, only moves that
+    /// lower F are taken, and the number of slots differing from `orig` never exceeds `max`.
+    pub fn improve(&mut self, budget: Option<(&[usize], usize)>, max_iters: usize) {
+        let p = self.p;
+        if p.empty {
+            return;
+        }
+        let mut scratch = Vec::new();
+        let changed = |row: &[usize], orig: &[usize]| -> usize {
+            row.iter().zip(orig).filter(|(a, b)| a != b).count()
+        };
+        let mut iters = 0;
+        let t0 = std::time::Instant::now();
+        for _ in 0..max_iters {
+            iters += 1;
+            let crit = self.critical_ranks();
+            let cur_changed = budget.map(|(o, _)| changed(&self.row, o));
+            // (score, dF, dQ, kind, i, j)
+            let mut best: Option<((f64, f64), usize, usize, usize)> = None;
+            let consider =
+                |d: (f64, f64),
+                 slots_delta: isize,
+                 kind: usize,
+                 i: usize,
+                 j: usize,
+                 best: &mut Option<((f64, f64), usize, usize, usize)>| {
+                    match budget {
+                        None => {
+                            if improving(d) && best.is_none_or(|b| better(d, b.0)) {
+                                *best = Some((d, kind, i, j));
+                            }
+                        }
+                        Some((_, max)) => {
+                            if d.0 >= -EPS {
+                                return;
+                            }
+                            let now = cur_changed.unwrap_or(0) as isize + slots_delta;
+                            if now > max as isize {
+                                return;
+                            }
+                            let cost = (slots_delta.max(0) as f64).max(0.25);
+                            let score = (d.0 / cost, d.1);
+                            if best.is_none_or(|b| better(score, b.0)) {
+                                *best = Some((score, kind, i, j));
+                            }
+                        }
+                    }
+                };
+            let delta_of = |row: &[usize], slots: &[(usize, usize)]| -> isize {
+                match budget {
+                    None => 0,
+                    Some((orig, _)) => slots
+                        .iter()
+                        .map(|&(slot, newv)| {
+                            (newv != orig[slot]) as isize - (row[slot] != orig[slot]) as isize
+                        })
+                        .sum(),
+                }
+            };
+            let mut ya = vec![0.0f64; p.e];
+            for (ci, &a) in crit.iter().enumerate() {
+                if ci > 0 && best.is_some() && budget.is_none() {
+                    break;
+                }
+                // Weighted load per replica over the episodes where `a` is the heaviest rank:
+                // a swap can only lower F if it moves such load off `a`.
+                for (e, y) in ya.iter_mut().enumerate() {
+                    let c = self.cnt[e].max(1) as f64;
+                    *y = (0..p.w)
+                        .filter(|&k| self.top[k][0].1 == a)
+                        .map(|k| p.omega[k] * p.x[e * p.w + k])
+                        .sum::<f64>()
+                        / c;
+                }
+                // Partner ranks: the lightest ones in the episodes where `a` is heaviest.
+                let mut partners: Vec<(f64, usize)> = (0..p.g)
+                    .filter(|&b| b != a)
+                    .map(|b| {
+                        let l: f64 = (0..p.w)
+                            .filter(|&k| self.top[k][0].1 == a)
+                            .map(|k| p.omega[k] * self.loads[k * p.g + b])
+                            .sum();
+                        (l, b)
+                    })
+                    .collect();
+                if budget.is_none() && partners.len() > PARTNERS {
+                    partners.select_nth_unstable_by(PARTNERS, |x, y| {
+                        x.0.total_cmp(&y.0).then(x.1.cmp(&y.1))
+                    });
+                    partners.truncate(PARTNERS);
+                    partners.sort_by_key(|x| x.1);
+                }
+                let cands: Vec<usize> = partners
+                    .iter()
+                    .flat_map(|&(_, b)| b * p.s..b * p.s + p.s)
+                    .collect();
+                for i in a * p.s..a * p.s + p.s {
+                    let ye = ya[self.row[i]];
+                    for &j in &cands {
+                        if ya[self.row[j]] >= ye || !self.swap_valid(i, j) {
+                            continue;
+                        }
+                        let d = self.eval_swap(i, j);
+                        if d.0 > EPS && budget.is_some() {
+                            continue;
+                        }
+                        let sd = delta_of(&self.row, &[(i, self.row[j]), (j, self.row[i])]);
+                        consider(d, sd, 0, i, j, &mut best);
+                    }
+                }
+            }
+            if best.is_none() || budget.is_some() {
+                // Replica re-assignment: donors with spare replicas and low per-replica load,
+                // receivers with high per-replica load.
+                let mut donors: Vec<usize> = (0..p.e).filter(|&e| self.cnt[e] >= 2).collect();
+                donors.sort_by(|&a, &b| {
+                    (p.agg[a] / self.cnt[a] as f64)
+                        .total_cmp(&(p.agg[b] / self.cnt[b] as f64))
+                        .then(a.cmp(&b))
+                });
+                donors.truncate(6);
+                let mut recv: Vec<usize> = (0..p.e).filter(|&e| self.cnt[e] < p.max_rep).collect();
+                recv.sort_by(|&a, &b| {
+                    (p.agg[b] / self.cnt[b] as f64)
+                        .total_cmp(&(p.agg[a] / self.cnt[a] as f64))
+                        .then(a.cmp(&b))
+                });
+                recv.truncate(6);
+                // Also let any expert on a critical rank be a receiver candidate's donor site.
+                for &d in &donors {
+                    for &f in &recv {
+                        for &i in &self.pos[d].clone() {
+                            if !self.rerep_valid(i, f) {
+                                continue;
+                            }
+                            let dd = self.eval_rerep(i, f, &mut scratch);
+                            let sd = delta_of(&self.row, &[(i, f)]);
+                            consider(dd, sd, 1, i, f, &mut best);
+                        }
+                    }
+                }
+            }
+            match best {
+                Some((_, 0, i, j)) => self.apply_swap(i, j),
+                Some((_, _, i, f)) => self.apply_rerep(i, f),
+                None => break,
+            }
+        }
+        // Guard against drift of incremental load updates.
+        self.recompute_loads();
+        if std::env::var("EPLB_DEBUG").is_ok() {
+            eprintln!(
+                "improve: {iters} iterations, {:?}, F {:?}",
+                t0.elapsed(),
+                self.objective().0
+            );
+        }
+    }
+}
