@@ -1,0 +1,758 @@
+//! Group formation (rendezvous) and the CPU communication backend over TCP.
+//!
+//! Rank 0 listens on its comm port; every other rank binds its own listener, registers with
+//! rank 0 (retrying until the rendezvous deadline, so DNS names of pods that are not up yet are
+//! fine), and receives the peer table, a fresh epoch and the NCCL unique id bytes. The ranks
+//! then connect pairwise (rank i dials every rank 0 < j < i) into a full mesh.
+//!
+//! Each link has a reader thread that drains frames into per-(peer, channel) queues, so
+//! blocking writes never deadlock and a collective on one channel (the forward pass) runs
+//! alongside a transfer on another (a remap's weights). A lost peer fails every waiting and
+//! later receive with a reason.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use moe_api::PlacementDocument;
+use serde::{Deserialize, Serialize};
+
+/// Channels multiplexed over each link.
+pub const CHAN_STEP: u8 = 0;
+pub const CHAN_CTRL: u8 = 1;
+pub const CHAN_REMAP: u8 = 2;
+const CHAN_RENDEZVOUS: u8 = 3;
+
+const MAX_FRAME: u64 = 1 << 34;
+/// Large payloads (expert weights) travel in frames of this size, so step traffic interleaves.
+pub const CHUNK: usize = 4 << 20;
+
+fn write_frame(s: &mut TcpStream, chan: u8, data: &[u8]) -> io::Result<()> {
+    let mut header = [0u8; 9];
+    header[0] = chan;
+    header[1..].copy_from_slice(&(data.len() as u64).to_le_bytes());
+    s.write_all(&header)?;
+    s.write_all(data)
+}
+
+fn read_frame(s: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
+    let mut header = [0u8; 9];
+    s.read_exact(&mut header)?;
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&header[1..]);
+    let len = u64::from_le_bytes(len);
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes"),
+        ));
+    }
+    let mut data = vec![0u8; len as usize];
+    s.read_exact(&mut data)?;
+    Ok((header[0], data))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Rendezvous {
+    Register {
+        rank: usize,
+        world: usize,
+        advertise: String,
+        fingerprint: String,
+        placement: Option<PlacementDocument>,
+    },
+    Table {
+        epoch: u64,
+        unique_id: Vec<u8>,
+        peers: Vec<String>,
+        placement: Option<PlacementDocument>,
+    },
+    Refused {
+        reason: String,
+    },
+    Hello {
+        epoch: u64,
+        rank: usize,
+    },
+}
+
+fn send_msg(s: &mut TcpStream, m: &Rendezvous) -> Result<()> {
+    write_frame(s, CHAN_RENDEZVOUS, &serde_json::to_vec(m)?)?;
+    Ok(())
+}
+
+fn recv_msg(s: &mut TcpStream, deadline: Instant) -> Result<Rendezvous> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    s.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+    let (chan, data) = read_frame(s)?;
+    if chan != CHAN_RENDEZVOUS {
+        bail!("unexpected frame on channel {chan} during rendezvous");
+    }
+    Ok(serde_json::from_slice(&data)?)
+}
+
+/// What a rank needs to join its group.
+#[derive(Debug, Clone)]
+pub struct RendezvousConfig {
+    pub rank: usize,
+    pub world: usize,
+    /// `host:port` of rank 0 (unused by rank 0).
+    pub leader: Option<String>,
+    /// IP to bind listeners to and to advertise (None: all interfaces; advertise the address
+    /// used to reach the leader).
+    pub advertise: Option<IpAddr>,
+    pub comm_port: u16,
+    pub timeout: Duration,
+    pub comm_timeout: Duration,
+    /// Configuration summary that must be equal on all ranks.
+    pub fingerprint: String,
+}
+
+/// What the group agreed on at formation.
+#[derive(Debug, Clone)]
+pub struct GroupInfo {
+    pub epoch: u64,
+    pub unique_id: Vec<u8>,
+    pub peers: Vec<String>,
+    /// The newest placement any rank brought (rank 0 chooses; every rank uses it).
+    pub placement: Option<PlacementDocument>,
+}
+
+/// Binds this rank's comm listener (on the advertise address when given).
+pub fn bind_listener(cfg: &RendezvousConfig) -> Result<TcpListener> {
+    let ip = cfg.advertise.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let addr = SocketAddr::new(ip, cfg.comm_port);
+    TcpListener::bind(addr).with_context(|| format!("binding the comm listener on {addr}"))
+}
+
+fn accept_until(listener: &TcpListener, deadline: Instant) -> Result<Option<TcpStream>> {
+    listener.set_nonblocking(true)?;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                s.set_nodelay(true)?;
+                return Ok(Some(s));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Ok(None);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// 128 fresh random bytes (the CPU backend's stand-in for an NCCL unique id).
+pub fn random_unique_id() -> Vec<u8> {
+    (0..16).flat_map(|_| random_u64().to_le_bytes()).collect()
+}
+
+/// Forms the group: returns the connected [`Comm`] and what the group agreed on.
+pub fn form_group(
+    cfg: &RendezvousConfig,
+    listener: TcpListener,
+    placement: Option<PlacementDocument>,
+    make_unique_id: impl FnOnce() -> Vec<u8>,
+) -> Result<(Comm, GroupInfo)> {
+    let deadline = Instant::now() + cfg.timeout;
+    let mut links: Vec<Option<TcpStream>> = (0..cfg.world).map(|_| None).collect();
+    let info = if cfg.world == 1 {
+        GroupInfo {
+            epoch: random_u64(),
+            unique_id: make_unique_id(),
+            peers: vec![listener.local_addr()?.to_string()],
+            placement,
+        }
+    } else if cfg.rank == 0 {
+        lead(
+            cfg,
+            &listener,
+            placement,
+            make_unique_id,
+            deadline,
+            &mut links,
+        )?
+    } else {
+        join(cfg, &listener, placement, deadline, &mut links)?
+    };
+    drop(listener);
+    let comm = Comm::new(cfg.rank, cfg.world, links, cfg.comm_timeout)?;
+    Ok((comm, info))
+}
+
+fn lead(
+    cfg: &RendezvousConfig,
+    listener: &TcpListener,
+    placement: Option<PlacementDocument>,
+    make_unique_id: impl FnOnce() -> Vec<u8>,
+    deadline: Instant,
+    links: &mut [Option<TcpStream>],
+) -> Result<GroupInfo> {
+    let mut peers = vec![String::new(); cfg.world];
+    peers[0] = listener.local_addr()?.to_string();
+    let mut best = placement;
+    let mut registered = 1;
+    while registered < cfg.world {
+        let Some(mut s) = accept_until(listener, deadline)? else {
+            let missing: Vec<usize> = (1..cfg.world).filter(|&r| links[r].is_none()).collect();
+            bail!(
+                "rendezvous timed out after {:?}: ranks {missing:?} did not register with rank 0",
+                cfg.timeout
+            );
+        };
+        let msg = match recv_msg(
+            &mut s,
+            deadline.min(Instant::now() + Duration::from_secs(10)),
+        ) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("ignoring a rendezvous connection: {e:#}");
+                continue;
+            }
+        };
+        let Rendezvous::Register {
+            rank,
+            world,
+            advertise,
+            fingerprint,
+            placement,
+        } = msg
+        else {
+            continue;
+        };
+        let refuse = if world != cfg.world {
+            Some(format!(
+                "rank {rank} says the world size is {world}, rank 0 says {}",
+                cfg.world
+            ))
+        } else if rank == 0 || rank >= cfg.world {
+            Some(format!("rank {rank} is out of range 1..{}", cfg.world))
+        } else if links[rank].is_some() {
+            Some(format!("rank {rank} registered twice"))
+        } else if fingerprint != cfg.fingerprint {
+            Some(format!(
+                "rank {rank} has a different configuration: `{fingerprint}` vs rank 0's `{}`",
+                cfg.fingerprint
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = refuse {
+            tracing::warn!("refusing a registration: {reason}");
+            let _ = send_msg(&mut s, &Rendezvous::Refused { reason });
+            continue;
+        }
+        if let Some(p) = placement
+            && best.as_ref().is_none_or(|b| p.generation > b.generation)
+        {
+            best = Some(p);
+        }
+        tracing::info!(rank, %advertise, "rank registered");
+        peers[rank] = advertise;
+        links[rank] = Some(s);
+        registered += 1;
+    }
+    let info = GroupInfo {
+        epoch: random_u64(),
+        unique_id: make_unique_id(),
+        peers: peers.clone(),
+        placement: best,
+    };
+    let table = Rendezvous::Table {
+        epoch: info.epoch,
+        unique_id: info.unique_id.clone(),
+        peers,
+        placement: info.placement.clone(),
+    };
+    for s in links.iter_mut().flatten() {
+        send_msg(s, &table)?;
+    }
+    Ok(info)
+}
+
+fn connect_leader(cfg: &RendezvousConfig, deadline: Instant) -> Result<TcpStream> {
+    let leader = cfg
+        .leader
+        .as_deref()
+        .ok_or_else(|| anyhow!("no leader address"))?;
+    let mut last = String::from("never tried");
+    loop {
+        match leader.to_socket_addrs() {
+            Ok(addrs) => {
+                for a in addrs {
+                    match TcpStream::connect_timeout(&a, Duration::from_secs(2)) {
+                        Ok(s) => {
+                            s.set_nodelay(true)?;
+                            return Ok(s);
+                        }
+                        Err(e) => last = format!("connecting to {a}: {e}"),
+                    }
+                }
+            }
+            Err(e) => last = format!("resolving {leader}: {e}"),
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "rendezvous timed out after {:?}: could not reach rank 0 at {leader} ({last})",
+                cfg.timeout
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn join(
+    cfg: &RendezvousConfig,
+    listener: &TcpListener,
+    placement: Option<PlacementDocument>,
+    deadline: Instant,
+    links: &mut [Option<TcpStream>],
+) -> Result<GroupInfo> {
+    let mut leader = connect_leader(cfg, deadline)?;
+    let ip = match cfg.advertise {
+        Some(ip) => ip,
+        None => leader.local_addr()?.ip(),
+    };
+    let advertise = SocketAddr::new(ip, listener.local_addr()?.port()).to_string();
+    send_msg(
+        &mut leader,
+        &Rendezvous::Register {
+            rank: cfg.rank,
+            world: cfg.world,
+            advertise,
+            fingerprint: cfg.fingerprint.clone(),
+            placement,
+        },
+    )?;
+    let (epoch, unique_id, peers, placement) = match recv_msg(&mut leader, deadline) {
+        Ok(Rendezvous::Table {
+            epoch,
+            unique_id,
+            peers,
+            placement,
+        }) => (epoch, unique_id, peers, placement),
+        Ok(Rendezvous::Refused { reason }) => bail!("rank 0 refused this rank: {reason}"),
+        Ok(other) => bail!("unexpected rendezvous message {other:?}"),
+        Err(e) => bail!(
+            "rendezvous timed out after {:?} waiting for rank 0's peer table: {e:#}",
+            cfg.timeout
+        ),
+    };
+    if peers.len() != cfg.world {
+        bail!(
+            "peer table has {} entries for {} ranks",
+            peers.len(),
+            cfg.world
+        );
+    }
+    links[0] = Some(leader);
+    for (j, peer) in peers.iter().enumerate().take(cfg.rank).skip(1) {
+        let addr: SocketAddr = peer
+            .parse()
+            .with_context(|| format!("peer address of rank {j}: {peer}"))?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .with_context(|| format!("connecting to rank {j} at {addr}"))?;
+        s.set_nodelay(true)?;
+        send_msg(
+            &mut s,
+            &Rendezvous::Hello {
+                epoch,
+                rank: cfg.rank,
+            },
+        )?;
+        links[j] = Some(s);
+    }
+    let mut expected = cfg.world - 1 - cfg.rank;
+    while expected > 0 {
+        let Some(mut s) = accept_until(listener, deadline)? else {
+            let missing: Vec<usize> = (cfg.rank + 1..cfg.world)
+                .filter(|&r| links[r].is_none())
+                .collect();
+            bail!(
+                "rendezvous timed out after {:?}: ranks {missing:?} did not connect",
+                cfg.timeout
+            );
+        };
+        match recv_msg(&mut s, deadline) {
+            Ok(Rendezvous::Hello { epoch: e, rank })
+                if e == epoch && rank > cfg.rank && rank < cfg.world && links[rank].is_none() =>
+            {
+                links[rank] = Some(s);
+                expected -= 1;
+            }
+            Ok(other) => tracing::warn!("ignoring a peer connection: {other:?}"),
+            Err(e) => tracing::warn!("ignoring a peer connection: {e:#}"),
+        }
+    }
+    Ok(GroupInfo {
+        epoch,
+        unique_id,
+        peers,
+        placement,
+    })
+}
+
+#[derive(Default)]
+struct InboxState {
+    queues: HashMap<(usize, u8), VecDeque<Vec<u8>>>,
+    failed: Option<String>,
+}
+
+#[derive(Default)]
+struct Inbox {
+    state: Mutex<InboxState>,
+    cv: Condvar,
+}
+
+impl Inbox {
+    fn push(&self, peer: usize, chan: u8, data: Vec<u8>) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.queues.entry((peer, chan)).or_default().push_back(data);
+        self.cv.notify_all();
+    }
+    fn fail(&self, reason: String) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.failed.is_none() {
+            st.failed = Some(reason);
+        }
+        self.cv.notify_all();
+    }
+}
+
+/// A connected group: framed, multiplexed links to every peer.
+pub struct Comm {
+    rank: usize,
+    world: usize,
+    writers: Vec<Option<Mutex<TcpStream>>>,
+    inbox: Arc<Inbox>,
+    timeout: Duration,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Comm {
+    fn new(
+        rank: usize,
+        world: usize,
+        links: Vec<Option<TcpStream>>,
+        timeout: Duration,
+    ) -> Result<Comm> {
+        let inbox = Arc::new(Inbox::default());
+        let mut writers = Vec::with_capacity(world);
+        let mut readers = Vec::new();
+        for (peer, link) in links.into_iter().enumerate() {
+            let Some(s) = link else {
+                writers.push(None);
+                continue;
+            };
+            s.set_read_timeout(None)?;
+            s.set_write_timeout(Some(timeout))?;
+            let mut r = s.try_clone()?;
+            let inbox2 = inbox.clone();
+            readers.push(
+                std::thread::Builder::new()
+                    .name(format!("comm-rx-{peer}"))
+                    .spawn(move || {
+                        loop {
+                            match read_frame(&mut r) {
+                                Ok((chan, data)) => inbox2.push(peer, chan, data),
+                                Err(e) => {
+                                    let reason = if e.kind() == io::ErrorKind::UnexpectedEof {
+                                        format!(
+                                            "rank {peer} closed its connection (it exited or was killed)"
+                                        )
+                                    } else {
+                                        format!("connection to rank {peer} failed: {e}")
+                                    };
+                                    inbox2.fail(reason);
+                                    return;
+                                }
+                            }
+                        }
+                    })?,
+            );
+            writers.push(Some(Mutex::new(s)));
+        }
+        Ok(Comm {
+            rank,
+            world,
+            writers,
+            inbox,
+            timeout,
+            readers,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// The first failure seen on any link, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.inbox
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failed
+            .clone()
+    }
+
+    pub fn send(&self, peer: usize, chan: u8, data: Vec<u8>) -> Result<()> {
+        if peer == self.rank {
+            self.inbox.push(peer, chan, data);
+            return Ok(());
+        }
+        let w = self
+            .writers
+            .get(peer)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| anyhow!("no link to rank {peer}"))?;
+        let mut s = w.lock().unwrap_or_else(|e| e.into_inner());
+        write_frame(&mut s, chan, &data).map_err(|e| {
+            let reason = format!("sending to rank {peer} failed: {e}");
+            self.inbox.fail(reason.clone());
+            anyhow!(reason)
+        })
+    }
+
+    /// Sends a large payload in [`CHUNK`]-sized frames (receive with [`Comm::recv_len`]).
+    pub fn send_chunked(&self, peer: usize, chan: u8, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return self.send(peer, chan, Vec::new());
+        }
+        for c in data.chunks(CHUNK) {
+            self.send(peer, chan, c.to_vec())?;
+        }
+        Ok(())
+    }
+
+    pub fn recv(&self, peer: usize, chan: u8) -> Result<Vec<u8>> {
+        let deadline = Instant::now() + self.timeout;
+        let mut st = self.inbox.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(m) = st
+                .queues
+                .get_mut(&(peer, chan))
+                .and_then(VecDeque::pop_front)
+            {
+                return Ok(m);
+            }
+            if let Some(f) = &st.failed {
+                bail!("group broken: {f}");
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let reason = format!(
+                    "rank {peer} sent nothing for {:?} (timeout waiting on channel {chan})",
+                    self.timeout
+                );
+                st.failed = Some(reason.clone());
+                self.inbox.cv.notify_all();
+                bail!("group broken: {reason}");
+            }
+            st = self
+                .inbox
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Receives `len` bytes sent with [`Comm::send_chunked`].
+    pub fn recv_len(&self, peer: usize, chan: u8, len: usize) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(len);
+        loop {
+            let part = self.recv(peer, chan)?;
+            out.extend_from_slice(&part);
+            if out.len() >= len {
+                break;
+            }
+        }
+        if out.len() != len {
+            bail!(
+                "rank {peer} sent {} bytes, expected {len} on channel {chan}",
+                out.len()
+            );
+        }
+        Ok(out)
+    }
+
+    /// Uneven all-to-all: `bufs[peer]` goes to `peer`; returns what each peer sent us.
+    pub fn all_to_all(&self, chan: u8, mut bufs: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        if bufs.len() != self.world {
+            bail!(
+                "all_to_all needs {} buffers, got {}",
+                self.world,
+                bufs.len()
+            );
+        }
+        let mut out: Vec<Vec<u8>> = vec![Vec::new(); self.world];
+        out[self.rank] = std::mem::take(&mut bufs[self.rank]);
+        for off in 1..self.world {
+            let peer = (self.rank + off) % self.world;
+            self.send(peer, chan, std::mem::take(&mut bufs[peer]))?;
+        }
+        for off in 1..self.world {
+            let peer = (self.rank + self.world - off) % self.world;
+            out[peer] = self.recv(peer, chan)?;
+        }
+        Ok(out)
+    }
+
+    /// Every rank's `data`, by rank.
+    pub fn all_gather(&self, chan: u8, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.all_to_all(chan, vec![data.to_vec(); self.world])
+    }
+
+    pub fn barrier(&self, chan: u8) -> Result<()> {
+        self.all_gather(chan, &[]).map(|_| ())
+    }
+}
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        for s in self.writers.iter().flatten() {
+            let s = s.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn rdv(rank: usize, world: usize, port: u16) -> RendezvousConfig {
+        RendezvousConfig {
+            rank,
+            world,
+            leader: Some(format!("127.0.0.1:{port}")),
+            advertise: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            comm_port: if rank == 0 { port } else { 0 },
+            timeout: Duration::from_secs(10),
+            comm_timeout: Duration::from_secs(10),
+            fingerprint: "f".into(),
+        }
+    }
+
+    /// Forms a group of `world` ranks on loopback in threads.
+    pub(crate) fn group(world: usize) -> Vec<(Comm, GroupInfo)> {
+        let leader = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = leader.local_addr().unwrap().port();
+        let mut leader = Some(leader);
+        let handles: Vec<_> = (0..world)
+            .map(|r| {
+                let cfg = rdv(r, world, port);
+                let l = if r == 0 {
+                    leader.take().unwrap()
+                } else {
+                    bind_listener(&cfg).unwrap()
+                };
+                std::thread::spawn(move || form_group(&cfg, l, None, random_unique_id).unwrap())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn group_forms_and_exchanges() {
+        let g = group(3);
+        let epoch = g[0].1.epoch;
+        assert!(
+            g.iter()
+                .all(|(_, i)| i.epoch == epoch && i.unique_id == g[0].1.unique_id)
+        );
+        let handles: Vec<_> = g
+            .into_iter()
+            .map(|(c, _)| {
+                std::thread::spawn(move || {
+                    let r = c.rank();
+                    let bufs = (0..3).map(|p| vec![r as u8; p + r]).collect();
+                    let got = c.all_to_all(CHAN_STEP, bufs).unwrap();
+                    for (p, b) in got.iter().enumerate() {
+                        assert_eq!(b, &vec![p as u8; p + r]);
+                    }
+                    let big = vec![r as u8; CHUNK * 2 + 5];
+                    c.send_chunked((r + 1) % 3, CHAN_REMAP, &big).unwrap();
+                    let got = c.recv_len((r + 2) % 3, CHAN_REMAP, CHUNK * 2 + 5).unwrap();
+                    assert!(got.iter().all(|&b| b as usize == (r + 2) % 3));
+                    c.barrier(CHAN_CTRL).unwrap();
+                    c
+                })
+            })
+            .collect();
+        let comms: Vec<Comm> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        // Dropping rank 2 breaks the others' next receive with a reason.
+        let mut comms = comms.into_iter();
+        let c0 = comms.next().unwrap();
+        let _c1 = comms.next().unwrap();
+        drop(comms.next());
+        let err = c0.recv(2, CHAN_STEP).unwrap_err().to_string();
+        assert!(err.contains("rank 2"), "{err}");
+    }
+
+    #[test]
+    fn rendezvous_times_out_with_the_missing_ranks() {
+        let leader = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = leader.local_addr().unwrap().port();
+        let mut cfg = rdv(0, 3, port);
+        cfg.timeout = Duration::from_millis(300);
+        let err = form_group(&cfg, leader, None, random_unique_id)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("[1, 2]"), "{err}");
+        let mut cfg = rdv(1, 2, port);
+        cfg.timeout = Duration::from_millis(300);
+        let l = bind_listener(&cfg).unwrap();
+        let err = form_group(&cfg, l, None, random_unique_id)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("could not reach rank 0"), "{err}");
+    }
+
+    #[test]
+    fn mismatched_configuration_is_refused() {
+        let leader = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = leader.local_addr().unwrap().port();
+        let mut c0 = rdv(0, 2, port);
+        c0.timeout = Duration::from_secs(2);
+        let t = std::thread::spawn(move || form_group(&c0, leader, None, random_unique_id).err());
+        let mut c1 = rdv(1, 2, port);
+        c1.fingerprint = "other".into();
+        let l = bind_listener(&c1).unwrap();
+        let err = form_group(&c1, l, None, random_unique_id)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("different configuration"), "{err}");
+        assert!(t.join().unwrap().is_some());
+    }
+}

@@ -1,0 +1,564 @@
+//! Command line and environment configuration of one worker rank.
+//!
+//! Every flag has an environment-variable equivalent. The names shared with the operator come
+//! from [`moe_api::env`]; the few worker-only knobs are in [`env`] below.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use moe_api::env as api_env;
+
+/// Worker-only environment variables (not part of the operator contract).
+pub mod env {
+    /// Routing trace to replay instead of the generator (JSON lines, see docs/worker.md).
+    pub const TRAFFIC_TRACE: &str = "MOE_TRAFFIC_TRACE";
+    /// Where to write the recorded expert-load history in the `moectl` load format.
+    pub const LOAD_HISTORY_FILE: &str = "MOE_LOAD_HISTORY_FILE";
+    /// Steps folded into one window entry of the load history.
+    pub const LOAD_HISTORY_STEPS: &str = "MOE_LOAD_HISTORY_STEPS";
+    /// Stop after this many steps (0: run until terminated).
+    pub const MAX_STEPS: &str = "MOE_MAX_STEPS";
+    /// Seconds the group may take to form before the process gives up.
+    pub const RENDEZVOUS_TIMEOUT: &str = "MOE_RENDEZVOUS_TIMEOUT_SECONDS";
+    /// Seconds a peer may stay silent inside a collective before the rank gives up.
+    pub const COMM_TIMEOUT: &str = "MOE_COMM_TIMEOUT_SECONDS";
+    /// `text` or `json`.
+    pub const LOG_FORMAT: &str = "MOE_LOG_FORMAT";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// CUDA when a GPU and the CUDA libraries are present, CPU otherwise.
+    Auto,
+    Cuda,
+    Cpu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scoring {
+    /// Softmax over all experts, top-k, renormalised (Mixtral / Qwen style).
+    Softmax,
+    /// Sigmoid scores with grouped top-k (DeepSeek-V3 style).
+    Sigmoid,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InitialPlacement {
+    Linear,
+    RoundRobin,
+    /// Read the placement document (or a vllm-ascend expert map) from `--placement-file`.
+    File,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `moe-worker`: one expert-parallel rank.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "moe-worker", version, about, long_about = None)]
+pub struct Args {
+    /// EP rank of this process (in Kubernetes: the StatefulSet pod ordinal).
+    #[arg(long, env = api_env::RANK, default_value_t = 0)]
+    pub rank: usize,
+    /// Number of EP ranks in the group.
+    #[arg(long, env = api_env::WORLD_SIZE, default_value_t = 1)]
+    pub world_size: usize,
+    /// Ranks (GPUs) per node; transfers prefer sources on the same node. Default: world size.
+    #[arg(long, env = api_env::RANKS_PER_NODE)]
+    pub ranks_per_node: Option<usize>,
+    /// `host:port` (or `host`, then --comm-port is used) of rank 0's rendezvous listener.
+    /// Required when --world-size is more than 1. DNS names are resolved (and retried) at start.
+    #[arg(long, env = api_env::LEADER_ADDR)]
+    pub leader_addr: Option<String>,
+    /// Port this rank listens on for rendezvous and peer traffic (0: any free port; not for rank 0).
+    #[arg(long, env = api_env::COMM_PORT, default_value_t = 29500)]
+    pub comm_port: u16,
+    /// Port of the HTTP API and /metrics (0: any free port).
+    #[arg(long, env = api_env::HTTP_PORT, default_value_t = 8080)]
+    pub http_port: u16,
+    /// Address this rank advertises to its peers and binds its listeners to (the pod IP).
+    /// Default: bind all interfaces and advertise the address this rank reaches rank 0 from.
+    #[arg(long, env = api_env::ADVERTISE_ADDR)]
+    pub advertise_addr: Option<String>,
+    /// File holding the bearer token mutating API calls must present. Without it
+    /// POST /v1/remap is refused (401).
+    #[arg(long, env = api_env::CONTROL_TOKEN_FILE)]
+    pub control_token_file: Option<PathBuf>,
+    /// Committed placement document (JSON, or a vllm-ascend expert map). When the file exists
+    /// it wins over --initial-placement, so a restarted group loads the last committed placement.
+    #[arg(long, env = api_env::PLACEMENT_FILE)]
+    pub placement_file: Option<PathBuf>,
+    /// Compute backend.
+    #[arg(long, env = api_env::BACKEND, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+
+    /// MoE layers.
+    #[arg(long, env = api_env::NUM_LAYERS, default_value_t = 4)]
+    pub num_layers: usize,
+    /// Routed (logical) experts per layer.
+    #[arg(long, env = api_env::NUM_EXPERTS, default_value_t = 16)]
+    pub num_experts: usize,
+    /// Hidden size.
+    #[arg(long, env = api_env::HIDDEN, default_value_t = 128)]
+    pub hidden: usize,
+    /// Expert intermediate size.
+    #[arg(long, env = api_env::INTERMEDIATE, default_value_t = 256)]
+    pub intermediate: usize,
+    /// Experts per token.
+    #[arg(long, env = api_env::TOP_K, default_value_t = 2)]
+    pub top_k: usize,
+    /// Expert groups for grouped top-k (1: no grouping).
+    #[arg(long, env = api_env::EXPERT_GROUPS, default_value_t = 1)]
+    pub expert_groups: usize,
+    /// Groups each token may choose experts from (grouped top-k).
+    #[arg(long, env = api_env::TOPK_GROUPS, default_value_t = 1)]
+    pub topk_groups: usize,
+    /// Router scoring function.
+    #[arg(long, env = api_env::SCORING, value_enum, default_value_t = Scoring::Softmax)]
+    pub scoring: Scoring,
+    /// Redundant physical slots per layer (replicas of hot experts).
+    #[arg(long, env = api_env::REDUNDANT_EXPERTS, default_value_t = 0)]
+    pub redundant_experts: usize,
+    /// Initial placement when no committed placement file exists.
+    #[arg(long, env = api_env::INITIAL_PLACEMENT, value_enum, default_value_t = InitialPlacement::Linear)]
+    pub initial_placement: InitialPlacement,
+
+    /// `synthetic:<seed>` or a directory of safetensors files in the Hugging Face MoE layout.
+    #[arg(long, env = api_env::WEIGHTS, default_value = "synthetic:0")]
+    pub weights: String,
+    /// Steps kept in the load-statistics window.
+    #[arg(long, env = api_env::STATS_WINDOW, default_value_t = 1000)]
+    pub stats_window: usize,
+
+    /// Tokens per step on this rank (built-in generator).
+    #[arg(long, env = api_env::TRAFFIC_TOKENS_PER_STEP, default_value_t = 64)]
+    pub traffic_tokens_per_step: usize,
+    /// Routing skew: Zipf exponent of expert popularity (0: uniform).
+    #[arg(long, env = api_env::TRAFFIC_SKEW, default_value_t = 1.0)]
+    pub traffic_skew: f64,
+    /// Drift: positions per step the popularity ranking rotates by (0: none).
+    #[arg(long, env = api_env::TRAFFIC_DRIFT, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub traffic_drift: f64,
+    /// Seed of the generator; tokens are a function of (seed, step, rank).
+    #[arg(long, env = api_env::TRAFFIC_SEED, default_value_t = 0)]
+    pub traffic_seed: u64,
+    /// Steps per second the generator aims at (0: as fast as possible).
+    #[arg(long, env = api_env::TRAFFIC_STEPS_PER_SECOND, default_value_t = 0.0)]
+    pub traffic_steps_per_second: f64,
+    /// Replay this routing trace (JSON lines) instead of routing with the router.
+    #[arg(long, env = env::TRAFFIC_TRACE)]
+    pub traffic_trace: Option<PathBuf>,
+
+    /// Write the recorded expert-load history here (moectl load format `{"windows": [W][L][E]}`).
+    #[arg(long, env = env::LOAD_HISTORY_FILE)]
+    pub load_history_file: Option<PathBuf>,
+    /// Steps folded into one entry of the load history.
+    #[arg(long, env = env::LOAD_HISTORY_STEPS, default_value_t = 100)]
+    pub load_history_steps: u64,
+    /// Stop after this many steps (0: until terminated).
+    #[arg(long, env = env::MAX_STEPS, default_value_t = 0)]
+    pub max_steps: u64,
+    /// Seconds the group may take to form.
+    #[arg(long, env = env::RENDEZVOUS_TIMEOUT, default_value_t = 300.0)]
+    pub rendezvous_timeout_seconds: f64,
+    /// Seconds a peer may stay silent inside a collective.
+    #[arg(long, env = env::COMM_TIMEOUT, default_value_t = 60.0)]
+    pub comm_timeout_seconds: f64,
+    /// Log format.
+    #[arg(long, env = env::LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Where expert weights come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightsSource {
+    Synthetic { seed: u64 },
+    Safetensors { dir: PathBuf },
+}
+
+/// The model shape every rank of a group must agree on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShape {
+    pub num_layers: usize,
+    pub num_experts: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub top_k: usize,
+    pub expert_groups: usize,
+    pub topk_groups: usize,
+    pub scoring: Scoring,
+    pub redundant: usize,
+    pub world_size: usize,
+}
+
+impl ModelShape {
+    pub fn num_slots(&self) -> usize {
+        self.num_experts + self.redundant
+    }
+    pub fn slots_per_rank(&self) -> usize {
+        self.num_slots() / self.world_size
+    }
+    /// bf16 elements of one expert (gate, up, down projections).
+    pub fn expert_elems(&self) -> usize {
+        3 * self.hidden * self.intermediate
+    }
+    pub fn expert_bytes(&self) -> usize {
+        2 * self.expert_elems()
+    }
+    /// A compact description every rank sends at rendezvous, so a mis-configured rank is caught.
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "layers={} experts={} hidden={} intermediate={} top_k={} groups={}/{} scoring={:?} redundant={} world={}",
+            self.num_layers,
+            self.num_experts,
+            self.hidden,
+            self.intermediate,
+            self.top_k,
+            self.expert_groups,
+            self.topk_groups,
+            self.scoring,
+            self.redundant,
+            self.world_size
+        )
+    }
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub args: Args,
+    pub shape: ModelShape,
+    pub ranks_per_node: usize,
+    pub weights: WeightsSource,
+    pub rendezvous_timeout: Duration,
+    pub comm_timeout: Duration,
+}
+
+/// A configuration error names the flag (and its environment variable) at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --{flag} (env {env}): {reason}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub env: &'static str,
+    pub reason: String,
+}
+
+fn bad(flag: &'static str, env: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        env,
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    pub fn from_args(args: Args) -> Result<Config, ConfigError> {
+        use api_env as e;
+        if args.world_size == 0 {
+            return Err(bad("world-size", e::WORLD_SIZE, "must be at least 1"));
+        }
+        if args.rank >= args.world_size {
+            return Err(bad(
+                "rank",
+                e::RANK,
+                format!(
+                    "{} is not below --world-size {}",
+                    args.rank, args.world_size
+                ),
+            ));
+        }
+        let ranks_per_node = args.ranks_per_node.unwrap_or(args.world_size);
+        if ranks_per_node == 0 || args.world_size % ranks_per_node != 0 {
+            return Err(bad(
+                "ranks-per-node",
+                e::RANKS_PER_NODE,
+                format!(
+                    "{ranks_per_node} does not divide --world-size {}",
+                    args.world_size
+                ),
+            ));
+        }
+        if args.world_size > 1 && args.leader_addr.as_deref().is_none_or(str::is_empty) {
+            return Err(bad(
+                "leader-addr",
+                e::LEADER_ADDR,
+                "required when --world-size is more than 1",
+            ));
+        }
+        if args.rank == 0 && args.world_size > 1 && args.comm_port == 0 {
+            return Err(bad(
+                "comm-port",
+                e::COMM_PORT,
+                "rank 0 needs a fixed port that the other ranks can reach",
+            ));
+        }
+        for (flag, env, v) in [
+            ("num-layers", e::NUM_LAYERS, args.num_layers),
+            ("num-experts", e::NUM_EXPERTS, args.num_experts),
+            ("hidden", e::HIDDEN, args.hidden),
+            ("intermediate", e::INTERMEDIATE, args.intermediate),
+            ("top-k", e::TOP_K, args.top_k),
+            ("expert-groups", e::EXPERT_GROUPS, args.expert_groups),
+            ("topk-groups", e::TOPK_GROUPS, args.topk_groups),
+            ("stats-window", e::STATS_WINDOW, args.stats_window),
+            (
+                "traffic-tokens-per-step",
+                e::TRAFFIC_TOKENS_PER_STEP,
+                args.traffic_tokens_per_step,
+            ),
+        ] {
+            if v == 0 {
+                return Err(bad(flag, env, "must be at least 1"));
+            }
+        }
+        if args.top_k > args.num_experts {
+            return Err(bad(
+                "top-k",
+                e::TOP_K,
+                format!(
+                    "{} is more than --num-experts {}",
+                    args.top_k, args.num_experts
+                ),
+            ));
+        }
+        if args.num_experts % args.expert_groups != 0 {
+            return Err(bad(
+                "expert-groups",
+                e::EXPERT_GROUPS,
+                format!(
+                    "{} does not divide --num-experts {}",
+                    args.expert_groups, args.num_experts
+                ),
+            ));
+        }
+        if args.topk_groups > args.expert_groups {
+            return Err(bad(
+                "topk-groups",
+                e::TOPK_GROUPS,
+                format!(
+                    "{} is more than --expert-groups {}",
+                    args.topk_groups, args.expert_groups
+                ),
+            ));
+        }
+        if args.expert_groups > 1 {
+            let per_group = args.num_experts / args.expert_groups;
+            if args.topk_groups * per_group < args.top_k {
+                return Err(bad(
+                    "topk-groups",
+                    e::TOPK_GROUPS,
+                    format!(
+                        "{} groups of {per_group} experts hold fewer than --top-k {} experts",
+                        args.topk_groups, args.top_k
+                    ),
+                ));
+            }
+        }
+        let slots = args.num_experts + args.redundant_experts;
+        if slots % args.world_size != 0 {
+            return Err(bad(
+                "redundant-experts",
+                e::REDUNDANT_EXPERTS,
+                format!(
+                    "--num-experts {} + --redundant-experts {} = {slots} slots cannot be split evenly over --world-size {}",
+                    args.num_experts, args.redundant_experts, args.world_size
+                ),
+            ));
+        }
+        if args.initial_placement == InitialPlacement::File && args.placement_file.is_none() {
+            return Err(bad(
+                "initial-placement",
+                e::INITIAL_PLACEMENT,
+                "`file` needs --placement-file",
+            ));
+        }
+        let weights = parse_weights(&args.weights)?;
+        if !(args.traffic_skew.is_finite() && args.traffic_skew >= 0.0) {
+            return Err(bad(
+                "traffic-skew",
+                e::TRAFFIC_SKEW,
+                "must be a finite number >= 0",
+            ));
+        }
+        if !args.traffic_drift.is_finite() {
+            return Err(bad("traffic-drift", e::TRAFFIC_DRIFT, "must be finite"));
+        }
+        if !(args.traffic_steps_per_second.is_finite() && args.traffic_steps_per_second >= 0.0) {
+            return Err(bad(
+                "traffic-steps-per-second",
+                e::TRAFFIC_STEPS_PER_SECOND,
+                "must be a finite number >= 0",
+            ));
+        }
+        if args.load_history_steps == 0 {
+            return Err(bad(
+                "load-history-steps",
+                env::LOAD_HISTORY_STEPS,
+                "must be at least 1",
+            ));
+        }
+        let rendezvous_timeout = seconds(
+            args.rendezvous_timeout_seconds,
+            "rendezvous-timeout-seconds",
+            env::RENDEZVOUS_TIMEOUT,
+        )?;
+        let comm_timeout = seconds(
+            args.comm_timeout_seconds,
+            "comm-timeout-seconds",
+            env::COMM_TIMEOUT,
+        )?;
+        if let Some(addr) = &args.advertise_addr
+            && addr.parse::<std::net::IpAddr>().is_err()
+        {
+            return Err(bad(
+                "advertise-addr",
+                e::ADVERTISE_ADDR,
+                format!("`{addr}` is not an IP address"),
+            ));
+        }
+        let shape = ModelShape {
+            num_layers: args.num_layers,
+            num_experts: args.num_experts,
+            hidden: args.hidden,
+            intermediate: args.intermediate,
+            top_k: args.top_k,
+            expert_groups: args.expert_groups,
+            topk_groups: args.topk_groups,
+            scoring: args.scoring,
+            redundant: args.redundant_experts,
+            world_size: args.world_size,
+        };
+        Ok(Config {
+            args,
+            shape,
+            ranks_per_node,
+            weights,
+            rendezvous_timeout,
+            comm_timeout,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.args.rank
+    }
+    pub fn world_size(&self) -> usize {
+        self.args.world_size
+    }
+
+    /// The leader's `host:port`, with the comm port filled in when only a host was given.
+    pub fn leader_target(&self) -> Option<String> {
+        let addr = self.args.leader_addr.as_deref()?.trim();
+        if addr.parse::<SocketAddr>().is_ok() {
+            return Some(addr.to_string());
+        }
+        // `host:port` with a DNS name, or a bare host / IP.
+        match addr.rsplit_once(':') {
+            Some((host, port)) if !host.contains(':') && port.parse::<u16>().is_ok() => {
+                Some(addr.to_string())
+            }
+            _ if addr.contains(':') => Some(format!("[{addr}]:{}", self.args.comm_port)),
+            _ => Some(format!("{addr}:{}", self.args.comm_port)),
+        }
+    }
+}
+
+fn seconds(v: f64, flag: &'static str, env: &'static str) -> Result<Duration, ConfigError> {
+    if !(v.is_finite() && v > 0.0) {
+        return Err(bad(flag, env, "must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn parse_weights(s: &str) -> Result<WeightsSource, ConfigError> {
+    if let Some(seed) = s.strip_prefix("synthetic:") {
+        let seed = seed.parse().map_err(|_| {
+            bad(
+                "weights",
+                api_env::WEIGHTS,
+                format!("`{s}`: the seed after `synthetic:` must be an unsigned integer"),
+            )
+        })?;
+        return Ok(WeightsSource::Synthetic { seed });
+    }
+    if s == "synthetic" {
+        return Ok(WeightsSource::Synthetic { seed: 0 });
+    }
+    if s.is_empty() {
+        return Err(bad(
+            "weights",
+            api_env::WEIGHTS,
+            "empty: use synthetic:<seed> or a directory",
+        ));
+    }
+    Ok(WeightsSource::Safetensors {
+        dir: PathBuf::from(s),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["moe-worker"];
+        argv.extend_from_slice(extra);
+        let args = Args::try_parse_from(argv).expect("clap parse");
+        Config::from_args(args)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.shape.num_slots(), 16);
+        assert_eq!(c.weights, WeightsSource::Synthetic { seed: 0 });
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--rank", "2", "--world-size", "2"], "--rank"),
+            (&["--world-size", "2"], "--leader-addr"),
+            (
+                &["--world-size", "3", "--leader-addr", "x:1"],
+                "--redundant-experts",
+            ),
+            (&["--top-k", "17"], "--top-k"),
+            (&["--expert-groups", "3"], "--expert-groups"),
+            (&["--initial-placement", "file"], "--initial-placement"),
+            (&["--weights", "synthetic:abc"], "--weights"),
+            (&["--traffic-skew=-1"], "--traffic-skew"),
+            (
+                &[
+                    "--world-size",
+                    "4",
+                    "--ranks-per-node",
+                    "3",
+                    "--leader-addr",
+                    "a",
+                ],
+                "--ranks-per-node",
+            ),
+            (&["--advertise-addr", "pod-0.svc"], "--advertise-addr"),
+        ];
+        for (argv, flag) in cases {
+            let err = parse(argv).unwrap_err().to_string();
+            assert!(err.contains(flag), "{argv:?}: {err}");
+            assert!(err.contains("MOE_"), "{err}");
+        }
+    }
+
+    #[test]
+    fn leader_target_fills_in_the_port() {
+        let c = parse(&["--world-size", "2", "--leader-addr", "w-0.w.ns.svc"]).unwrap();
+        assert_eq!(c.leader_target().unwrap(), "w-0.w.ns.svc:29500");
+        let c = parse(&["--world-size", "2", "--leader-addr", "127.0.0.3:7000"]).unwrap();
+        assert_eq!(c.leader_target().unwrap(), "127.0.0.3:7000");
+        let c = parse(&["--world-size", "2", "--leader-addr", "w-0:7001"]).unwrap();
+        assert_eq!(c.leader_target().unwrap(), "w-0:7001");
+    }
+}

@@ -1,0 +1,807 @@
+//! The engine: forward passes over the MoE layer stack on the CPU backend, load recording,
+//! and the remap executor (asynchronous layer-by-layer, or stop-the-world).
+//!
+//! Every step starts with a small all-gather of control records on the control channel. It
+//! carries each rank's stop flag, the newest remap generation it holds, and whether its staging
+//! of the current remap layer has finished. All ranks decide from the same gathered vector, so
+//! they activate a remap, switch a layer (weights and maps together), or stop at the same step
+//! boundary, whatever order they reached it in. Staging runs on a side thread over its own
+//! channel while forward passes continue with the old placement.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc;
+use std::sync::{Arc, atomic::Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use half::bf16;
+use moe_api::{PlacementDocument, RemapMode, RemapRequest, RemapState};
+use serde::{Deserialize, Serialize};
+
+use crate::comm::{CHAN_CTRL, CHAN_REMAP, CHAN_STEP, Comm};
+use crate::config::{ModelShape, Scoring};
+use crate::placement::{LayerMap, LayerPlan, SlotSource, plan_layer};
+use crate::state::{Shared, layers_to_move, now_ms, running_progress};
+use crate::stats::{LoadHistory, par};
+use crate::traffic::{Batch, Traffic};
+use crate::weights::{ExpertWeights, WeightStore, expert_from_bytes, expert_to_bytes};
+use moe_kernels::cpu;
+use moe_kernels::{Bf16Matrix, EpTopology, GatingConfig, Matrix, RecvLayout, ReplicaMap, TopK};
+
+/// What a test (or a benchmark) can observe of each step.
+#[derive(Debug, Clone)]
+pub struct StepRecord {
+    pub step: u64,
+    pub batch: Batch,
+    pub output: Vec<bf16>,
+    pub layer_generations: Vec<u64>,
+    pub duration: Duration,
+}
+
+/// One MoE layer as served now.
+pub struct Layer {
+    pub map: LayerMap,
+    /// Weights of this rank's slots (`slots_per_rank` entries).
+    pub experts: Vec<Arc<ExpertWeights>>,
+    pub router: Bf16Matrix,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Ctrl {
+    stop: bool,
+    generation: u64,
+    active: bool,
+    staged: Option<usize>,
+}
+
+/// Weights staged for one layer of a remap.
+pub struct Staged {
+    pub experts: Vec<Arc<ExpertWeights>>,
+    pub bytes: u64,
+    pub moved: u64,
+}
+
+struct Staging {
+    rx: mpsc::Receiver<Result<Staged>>,
+    result: Option<Staged>,
+}
+
+struct Job {
+    req: Arc<RemapRequest>,
+    layers: Vec<usize>,
+    idx: usize,
+    staging: Option<Staging>,
+    started: Instant,
+}
+
+pub struct EngineParts {
+    pub shape: ModelShape,
+    pub ranks_per_node: usize,
+    pub comm: Arc<Comm>,
+    pub shared: Arc<Shared>,
+    pub placement: PlacementDocument,
+    pub store: WeightStore,
+    pub traffic: Traffic,
+    pub history: Option<LoadHistory>,
+    pub sink: Option<mpsc::Sender<StepRecord>>,
+    pub max_steps: u64,
+    pub steps_per_second: f64,
+}
+
+pub struct Engine {
+    shape: ModelShape,
+    rank: usize,
+    world: usize,
+    spr: usize,
+    ranks_per_node: usize,
+    comm: Arc<Comm>,
+    shared: Arc<Shared>,
+    current: PlacementDocument,
+    layer_generations: Vec<u64>,
+    layers: Vec<Layer>,
+    traffic: Traffic,
+    history: Option<LoadHistory>,
+    sink: Option<mpsc::Sender<StepRecord>>,
+    job: Option<Job>,
+    max_steps: u64,
+    steps_per_second: f64,
+    rate: VecDeque<(Instant, usize)>,
+}
+
+/// The kernels' gating configuration of this model.
+pub fn gating(shape: &ModelShape) -> GatingConfig {
+    match shape.scoring {
+        Scoring::Softmax => GatingConfig {
+            num_groups: shape.expert_groups,
+            topk_groups: shape.topk_groups,
+            ..GatingConfig::softmax(shape.num_experts, shape.top_k, true)
+        },
+        Scoring::Sigmoid => GatingConfig::grouped_sigmoid(
+            shape.num_experts,
+            shape.top_k,
+            shape.expert_groups,
+            shape.topk_groups,
+            1.0,
+        ),
+    }
+}
+
+fn topk_of(
+    x: &Bf16Matrix,
+    router: &Bf16Matrix,
+    routing: Option<&Vec<Vec<u32>>>,
+    layer: usize,
+    gating: &GatingConfig,
+) -> Result<TopK> {
+    let t = x.rows();
+    let k = gating.top_k;
+    Ok(match routing {
+        Some(r) => TopK {
+            tokens: t,
+            k,
+            ids: r[layer].clone(),
+            weights: vec![1.0 / k as f32; t * k],
+        },
+        None => cpu::gating_topk(&cpu::router_logits(x, router)?, gating, None)?,
+    })
+}
+
+/// `x = bf16(x + moe_out)`: the residual connection around each MoE layer.
+fn add_residual(x: &mut [bf16], out: &Bf16Matrix) {
+    for (a, b) in x.iter_mut().zip(out.as_slice()) {
+        *a = bf16::from_f32(a.to_f32() + b.to_f32());
+    }
+}
+
+fn encode_rows(out: &mut Vec<u8>, rows: &[bf16]) {
+    for v in rows {
+        out.extend_from_slice(&v.to_bits().to_le_bytes());
+    }
+}
+
+fn decode_rows(bytes: &[u8]) -> Vec<bf16> {
+    bytes
+        .chunks_exact(2)
+        .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+        .collect()
+}
+
+/// Loads the routers and this rank's slots of every layer.
+pub fn load_layers(
+    store: &WeightStore,
+    placement: &PlacementDocument,
+    shape: &ModelShape,
+    rank: usize,
+) -> Result<Vec<Layer>> {
+    let spr = shape.slots_per_rank();
+    (0..shape.num_layers)
+        .map(|l| {
+            let row = &placement.phy2log[l];
+            let mine = &row[rank * spr..(rank + 1) * spr];
+            Ok(Layer {
+                map: LayerMap::new(row.clone(), shape.num_experts).map_err(|e| anyhow!(e))?,
+                experts: store
+                    .load_slots(l, mine)
+                    .with_context(|| format!("loading the experts of layer {l}"))?,
+                router: store
+                    .router(l)
+                    .with_context(|| format!("loading the router of layer {l}"))?,
+            })
+        })
+        .collect()
+}
+
+/// Stages one layer's incoming weights on `rank`: sends the experts other ranks fetch from it,
+/// receives the ones it fetches, and assembles its new slot list. `old` is its current slots.
+pub fn stage_layer(
+    comm: &Comm,
+    plan: &LayerPlan,
+    old: &[Arc<ExpertWeights>],
+    rank: usize,
+    shape: &ModelShape,
+) -> Result<Staged> {
+    let spr = shape.slots_per_rank();
+    let base = rank * spr;
+    for f in plan.sends_of(rank) {
+        let w = old
+            .get(f.src_slot as usize - base)
+            .ok_or_else(|| anyhow!("plan sends slot {} not held by rank {rank}", f.src_slot))?;
+        comm.send_chunked(f.dst_rank, CHAN_REMAP, &expert_to_bytes(w))?;
+    }
+    let mut received: HashMap<u32, Arc<ExpertWeights>> = HashMap::new();
+    let mut bytes = 0u64;
+    for f in plan.recvs_of(rank) {
+        let data = comm.recv_len(f.src_rank, CHAN_REMAP, shape.expert_bytes())?;
+        bytes += data.len() as u64;
+        received.insert(f.expert, Arc::new(expert_from_bytes(&data, shape)?));
+    }
+    let mut experts = Vec::with_capacity(spr);
+    let mut moved = 0;
+    for s in base..base + spr {
+        let w = match plan.sources[s] {
+            SlotSource::Keep => old[s - base].clone(),
+            SlotSource::Local { src_slot } => {
+                moved += 1;
+                old[src_slot as usize - base].clone()
+            }
+            SlotSource::Remote { .. } => {
+                moved += 1;
+                let expert = plan.experts[s];
+                received
+                    .get(&expert)
+                    .cloned()
+                    .ok_or_else(|| anyhow!("expert {expert} was not received"))?
+            }
+        };
+        experts.push(w);
+    }
+    Ok(Staged {
+        experts,
+        bytes,
+        moved,
+    })
+}
+
+impl Engine {
+    pub fn new(p: EngineParts) -> Result<Engine> {
+        let rank = p.comm.rank();
+        let world = p.comm.world();
+        let layers = load_layers(&p.store, &p.placement, &p.shape, rank)?;
+        let layer_generations = vec![p.placement.generation; p.shape.num_layers];
+        Ok(Engine {
+            spr: p.shape.slots_per_rank(),
+            shape: p.shape,
+            rank,
+            world,
+            ranks_per_node: p.ranks_per_node,
+            comm: p.comm,
+            shared: p.shared,
+            current: p.placement,
+            layer_generations,
+            layers,
+            traffic: p.traffic,
+            history: p.history,
+            sink: p.sink,
+            job: None,
+            max_steps: p.max_steps,
+            steps_per_second: p.steps_per_second,
+            rate: VecDeque::new(),
+        })
+    }
+
+    fn publish_placement(&self) {
+        let mut st = self.shared.lock();
+        let mut doc = self.current.clone();
+        doc.generation = self.layer_generations.iter().copied().min().unwrap_or(0);
+        self.shared
+            .metrics
+            .placement_generation
+            .set(doc.generation as i64);
+        st.placement = Some(doc);
+        st.layer_generations = self.layer_generations.clone();
+    }
+
+    /// Runs steps until a stop is agreed or `max_steps` is reached.
+    pub fn run(&mut self) -> Result<()> {
+        self.publish_placement();
+        let mut step = 0u64;
+        let period = (self.steps_per_second > 0.0)
+            .then(|| Duration::from_secs_f64(1.0 / self.steps_per_second));
+        let start = Instant::now();
+        loop {
+            if self.max_steps > 0 && step >= self.max_steps {
+                break;
+            }
+            if !self.boundary()? {
+                break;
+            }
+            if let Some(p) = period {
+                let due = start + p.mul_f64(step as f64);
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+            }
+            let t0 = Instant::now();
+            let batch = self.traffic.batch(step);
+            let tokens = batch.x.len() / self.shape.hidden;
+            let (output, counts) = self.forward(&batch, step)?;
+            let dt = t0.elapsed();
+            self.after_step(step, tokens, &counts, dt)?;
+            if let Some(sink) = &self.sink {
+                let _ = sink.send(StepRecord {
+                    step,
+                    batch,
+                    output,
+                    layer_generations: self.layer_generations.clone(),
+                    duration: dt,
+                });
+            }
+            step += 1;
+        }
+        // Leave the remap's staging thread nothing to wait for.
+        if let Some(h) = &self.history {
+            h.write()?;
+        }
+        Ok(())
+    }
+
+    fn after_step(
+        &mut self,
+        step: u64,
+        tokens: usize,
+        counts: &[Vec<u32>],
+        dt: Duration,
+    ) -> Result<()> {
+        let m = &self.shared.metrics;
+        m.step_duration.observe(dt.as_secs_f64());
+        m.tokens.inc_by(tokens as u64);
+        m.steps.inc();
+        let now = Instant::now();
+        self.rate.push_back((now, tokens));
+        while self.rate.len() > 2
+            && self
+                .rate
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(5))
+        {
+            self.rate.pop_front();
+        }
+        let tps = match (self.rate.front(), self.rate.len()) {
+            (Some((t0, _)), n) if n >= 2 => {
+                let secs = now.duration_since(*t0).as_secs_f64();
+                let toks: usize = self.rate.iter().skip(1).map(|(_, n)| n).sum();
+                if secs > 0.0 { toks as f64 / secs } else { 0.0 }
+            }
+            _ => 0.0,
+        };
+        m.tokens_per_second.set(tps);
+        {
+            let mut w = self.shared.lock_window();
+            w.record(counts);
+            for l in 0..self.shape.num_layers {
+                let sums: Vec<f64> = w.layer_sums(l).iter().map(|&v| v as f64).collect();
+                m.layer_imbalance
+                    .with_label_values(&[l.to_string().as_str()])
+                    .set(par(&sums, self.world));
+            }
+        }
+        {
+            let mut st = self.shared.lock();
+            st.step = step + 1;
+            st.tokens_per_second = tps;
+        }
+        if let Some(h) = &mut self.history {
+            let logical: Vec<Vec<f64>> = counts
+                .iter()
+                .zip(&self.layers)
+                .map(|(c, layer)| {
+                    let mut v = vec![0.0; self.shape.num_experts];
+                    for (slot, &n) in c.iter().enumerate() {
+                        v[layer.map.phy2log[slot] as usize] += f64::from(n);
+                    }
+                    v
+                })
+                .collect();
+            h.add(&logical)?;
+        }
+        Ok(())
+    }
+
+    /// One forward pass of this rank's batch through every layer. Returns the output hidden
+    /// states and the per-layer slot counts of this rank's tokens.
+    ///
+    /// Per layer: router, top-k, replica choice with load counting, dispatch layout and
+    /// permute (kernels), all-to-all of rows plus per-slot counts, regroup by local expert,
+    /// expert FFN, back to receive order, all-to-all back, unpermute + combine, residual.
+    pub fn forward(&self, batch: &Batch, step: u64) -> Result<(Vec<bf16>, Vec<Vec<u32>>)> {
+        let h = self.shape.hidden;
+        let k = self.shape.top_k;
+        let s = self.spr;
+        let g = self.world;
+        let gating = gating(&self.shape);
+        let topo = EpTopology::new(g, s)?;
+        let mut x = batch.x.clone();
+        let t = x.len() / h;
+        let mut counts = vec![vec![0u32; self.shape.num_slots()]; self.shape.num_layers];
+        let row_bytes = 2 * h;
+        let token_base = ((step * g as u64 + self.rank as u64) * t as u64) as u32;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let xm = Matrix::from_vec(t, h, x.clone())?;
+            let topk = topk_of(&xm, &layer.router, batch.routing.as_ref(), l, &gating)?;
+            let phys =
+                cpu::map_to_physical(&topk, &layer.map.replicas, token_base, &mut counts[l])?;
+            let layout = cpu::dispatch_layout(&phys, k, topo)?;
+            let send_rows = cpu::permute(&xm, &layout)?;
+            let offs = layout.rank_offsets();
+            let send: Vec<Vec<u8>> = (0..g)
+                .map(|r| {
+                    let (a, b) = (offs[r] as usize, offs[r + 1] as usize);
+                    let mut buf = Vec::with_capacity(4 * s + (b - a) * row_bytes);
+                    for c in &layout.rows_per_slot[r * s..(r + 1) * s] {
+                        buf.extend_from_slice(&c.to_le_bytes());
+                    }
+                    encode_rows(&mut buf, send_rows.rows_slice(a, b));
+                    buf
+                })
+                .collect();
+            let recv = self.comm.all_to_all(CHAN_STEP, send)?;
+            let mut slot_counts = Vec::with_capacity(g * s);
+            let mut rows = Vec::new();
+            for (src, buf) in recv.iter().enumerate() {
+                if buf.len() < 4 * s || (buf.len() - 4 * s) % row_bytes != 0 {
+                    bail!("malformed dispatch from rank {src}");
+                }
+                let n0 = slot_counts.len();
+                for c in buf[..4 * s].chunks_exact(4) {
+                    slot_counts.push(u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                }
+                let n: u32 = slot_counts[n0..].iter().sum();
+                if n as usize * row_bytes != buf.len() - 4 * s {
+                    bail!("rank {src} sent counts that do not match its rows");
+                }
+                rows.extend(decode_rows(&buf[4 * s..]));
+            }
+            let recv_rows = Matrix::from_vec(rows.len() / h, h, rows)?;
+            let rl = RecvLayout::new(g, s, &slot_counts)?;
+            let xin = cpu::regroup_received(&recv_rows, &rl)?;
+            let refs: Vec<&ExpertWeights> = layer.experts.iter().map(Arc::as_ref).collect();
+            let y = cpu::expert_ffn(&xin, &rl.expert_offsets, &refs)?;
+            let y = cpu::ungroup_outputs(&y, &rl)?;
+            let back: Vec<Vec<u8>> = (0..g)
+                .map(|src| {
+                    let (a, b) = (
+                        rl.src_offsets[src] as usize,
+                        rl.src_offsets[src + 1] as usize,
+                    );
+                    let mut buf = Vec::with_capacity((b - a) * row_bytes);
+                    encode_rows(&mut buf, y.rows_slice(a, b));
+                    buf
+                })
+                .collect();
+            let got = self.comm.all_to_all(CHAN_STEP, back)?;
+            let mut ys = Vec::with_capacity(t * k * h);
+            for (r, buf) in got.iter().enumerate() {
+                if buf.len() != (offs[r + 1] - offs[r]) as usize * row_bytes {
+                    bail!(
+                        "rank {r} returned {} bytes of expert outputs, expected {}",
+                        buf.len(),
+                        (offs[r + 1] - offs[r]) as usize * row_bytes
+                    );
+                }
+                ys.extend(decode_rows(buf));
+            }
+            let ym = Matrix::from_vec(t * k, h, ys)?;
+            let out = cpu::unpermute_combine(&ym, &layout, &topk.weights)?;
+            add_residual(&mut x, &out);
+        }
+        Ok((x, counts))
+    }
+
+    /// The step boundary: gather control records and act on them. Returns false to stop.
+    fn boundary(&mut self) -> Result<bool> {
+        if let Some(job) = &mut self.job
+            && let Some(st) = &mut job.staging
+            && st.result.is_none()
+        {
+            match st.rx.try_recv() {
+                Ok(Ok(s)) => st.result = Some(s),
+                Ok(Err(e)) => return Err(e.context("staging a remap layer")),
+                Err(mpsc::TryRecvError::Empty) => {}
+                Err(mpsc::TryRecvError::Disconnected) => bail!("the staging thread died"),
+            }
+        }
+        let pending = if self.job.is_none() {
+            self.shared.lock().pending.clone()
+        } else {
+            None
+        };
+        let mine = Ctrl {
+            stop: self.shared.stop.load(Ordering::SeqCst),
+            generation: match (&self.job, &pending) {
+                (Some(j), _) => j.req.placement.generation,
+                (None, Some(p)) => p.placement.generation,
+                (None, None) => 0,
+            },
+            active: self.job.is_some(),
+            staged: self.job.as_ref().and_then(|j| {
+                j.staging
+                    .as_ref()
+                    .and_then(|s| s.result.as_ref())
+                    .map(|_| j.idx)
+            }),
+        };
+        let all: Vec<Ctrl> = self
+            .comm
+            .all_gather(CHAN_CTRL, &serde_json::to_vec(&mine)?)?
+            .iter()
+            .map(|b| serde_json::from_slice(b))
+            .collect::<Result<_, _>>()?;
+        if all.iter().any(|c| c.stop) {
+            tracing::info!("stopping: a rank asked the group to stop");
+            return Ok(false);
+        }
+        if all.iter().any(|c| c.active != mine.active) {
+            bail!("ranks disagree on whether a remap runs: {all:?}");
+        }
+        if let Some(job) = &self.job {
+            let idx = job.idx;
+            if all.iter().all(|c| c.staged == Some(idx)) {
+                self.switch_current()?;
+            }
+            return Ok(true);
+        }
+        let max = all.iter().map(|c| c.generation).max().unwrap_or(0);
+        if max == 0 {
+            return Ok(true);
+        }
+        if all.iter().all(|c| c.generation == max) {
+            let req = pending.ok_or_else(|| anyhow!("no pending remap to activate"))?;
+            self.activate(req)?;
+            return Ok(true);
+        }
+        // Hand the newest request to the ranks that lack it (POSTing to any rank is enough).
+        let src = all.iter().position(|c| c.generation == max).unwrap_or(0);
+        if self.rank == src {
+            let req = pending.ok_or_else(|| anyhow!("no pending remap to hand out"))?;
+            let bytes = serde_json::to_vec(&*req)?;
+            for (r, c) in all.iter().enumerate() {
+                if c.generation < max {
+                    self.comm.send(r, CHAN_CTRL, bytes.clone())?;
+                }
+            }
+        } else if mine.generation < max {
+            let bytes = self.comm.recv(src, CHAN_CTRL)?;
+            let req: RemapRequest = serde_json::from_slice(&bytes)?;
+            let layers = layers_to_move(&req, &self.current).map_err(|e| {
+                anyhow!("rank {src} handed out a remap this rank cannot apply: {e}")
+            })?;
+            let mut st = self.shared.lock();
+            st.remap = Some(running_progress(&req, layers.len()));
+            st.pending = Some(Arc::new(req));
+        }
+        Ok(true)
+    }
+
+    fn activate(&mut self, req: Arc<RemapRequest>) -> Result<()> {
+        let generation = req.placement.generation;
+        let layers = match layers_to_move(&req, &self.current) {
+            Ok(l) => l,
+            Err(e) => {
+                // Same decision on every rank: the current placement is the same everywhere.
+                let mut st = self.shared.lock();
+                if st.pending.as_ref().is_some_and(|p| Arc::ptr_eq(p, &req)) {
+                    st.pending = None;
+                }
+                if let Some(p) = &mut st.remap
+                    && p.generation == generation
+                {
+                    p.state = RemapState::Failed;
+                    p.error = Some(e.clone());
+                    p.finished_at_ms = Some(now_ms());
+                }
+                self.shared
+                    .metrics
+                    .remaps
+                    .with_label_values(&["failed"])
+                    .inc();
+                tracing::warn!(generation, "remap refused at activation: {e}");
+                return Ok(());
+            }
+        };
+        tracing::info!(generation, ?layers, mode = ?req.mode, "remap starts");
+        for l in 0..self.shape.num_layers {
+            if !layers.contains(&l) {
+                self.layer_generations[l] = generation;
+            }
+        }
+        {
+            let mut st = self.shared.lock();
+            if st.pending.as_ref().is_some_and(|p| Arc::ptr_eq(p, &req)) {
+                st.pending = None;
+            }
+            let keep_start = st
+                .remap
+                .as_ref()
+                .filter(|p| p.generation == generation)
+                .map(|p| p.started_at_ms);
+            let mut p = running_progress(&req, layers.len());
+            if let Some(s) = keep_start {
+                p.started_at_ms = s;
+            }
+            st.remap = Some(p);
+            st.active = true;
+        }
+        let m = &self.shared.metrics;
+        m.remap_layers_total.set(layers.len() as i64);
+        m.remap_layers_done.set(0);
+        self.job = Some(Job {
+            req: req.clone(),
+            layers,
+            idx: 0,
+            staging: None,
+            started: Instant::now(),
+        });
+        match req.mode {
+            RemapMode::Async => self.start_staging(),
+            RemapMode::StopTheWorld => self.stop_the_world(),
+        }
+    }
+
+    fn plan_for(&self, layer: usize, req: &RemapRequest) -> LayerPlan {
+        plan_layer(
+            &self.current.phy2log[layer],
+            &req.placement.phy2log[layer],
+            self.world,
+            self.ranks_per_node,
+        )
+    }
+
+    fn start_staging(&mut self) -> Result<()> {
+        let Some(job) = &self.job else {
+            return Ok(());
+        };
+        let Some(&layer) = job.layers.get(job.idx) else {
+            return self.finish();
+        };
+        let plan = self.plan_for(layer, &job.req);
+        let old = self.layers[layer].experts.clone();
+        let comm = self.comm.clone();
+        let (rank, shape) = (self.rank, self.shape);
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("stage-layer-{layer}"))
+            .spawn(move || {
+                let _ = tx.send(stage_layer(&comm, &plan, &old, rank, &shape));
+            })?;
+        if let Some(job) = &mut self.job {
+            job.staging = Some(Staging { rx, result: None });
+        }
+        Ok(())
+    }
+
+    /// Switches the current remap layer (weights and maps together) and starts the next.
+    fn switch_current(&mut self) -> Result<()> {
+        let t0 = Instant::now();
+        let Some(job) = &mut self.job else {
+            return Ok(());
+        };
+        let layer = job.layers[job.idx];
+        let staged = job
+            .staging
+            .take()
+            .and_then(|s| s.result)
+            .ok_or_else(|| anyhow!("switching layer {layer} before it was staged"))?;
+        let row = job.req.placement.phy2log[layer].clone();
+        let generation = job.req.placement.generation;
+        job.idx += 1;
+        self.apply(layer, row, generation, staged, t0.elapsed().as_secs_f64())?;
+        self.start_staging()
+    }
+
+    fn apply(
+        &mut self,
+        layer: usize,
+        row: Vec<u32>,
+        generation: u64,
+        staged: Staged,
+        stall: f64,
+    ) -> Result<()> {
+        // Maps first (fallible), then weights: both change before the next forward pass.
+
+        match LayerMap::new(row.clone(), self.shape.num_experts) {
+            Ok(m) => self.layers[layer].map = m,
+            Err(e) => return Err(anyhow!("layer {layer}: {e}")),
+        }
+        self.current.phy2log[layer] = row;
+        self.layer_generations[layer] = generation;
+        self.shared.lock_window().reset_layer(layer);
+        let m = &self.shared.metrics;
+        m.remap_bytes.inc_by(staged.bytes);
+        m.remap_experts_moved.inc_by(staged.moved);
+        m.remap_stall.inc_by(stall);
+        m.remap_layers_done.inc();
+        {
+            let mut st = self.shared.lock();
+            if let Some(p) = &mut st.remap
+                && p.generation == generation
+            {
+                p.layers_done += 1;
+                p.bytes_moved += staged.bytes;
+                p.experts_moved += staged.moved;
+                p.stall_seconds += stall;
+            }
+        }
+        tracing::info!(layer, generation, bytes = staged.bytes, "layer switched");
+        self.layers[layer].experts = staged.experts;
+        self.publish_placement();
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let Some(job) = self.job.take() else {
+            return Ok(());
+        };
+        let generation = job.req.placement.generation;
+        self.current.generation = generation;
+        for g in &mut self.layer_generations {
+            *g = generation;
+        }
+        self.publish_placement();
+        let secs = job.started.elapsed().as_secs_f64();
+        let m = &self.shared.metrics;
+        m.remap_duration.observe(secs);
+        m.remaps.with_label_values(&["succeeded"]).inc();
+        let mut st = self.shared.lock();
+        st.active = false;
+        if let Some(p) = &mut st.remap
+            && p.generation == generation
+        {
+            p.state = RemapState::Succeeded;
+            p.finished_at_ms = Some(now_ms());
+        }
+        tracing::info!(generation, seconds = secs, "remap finished");
+        Ok(())
+    }
+
+    /// All requested layers at once while serving is paused.
+    fn stop_the_world(&mut self) -> Result<()> {
+        let t0 = Instant::now();
+        let Some(job) = &self.job else {
+            return Ok(());
+        };
+        let req = job.req.clone();
+        let layers = job.layers.clone();
+        let mut staged = Vec::with_capacity(layers.len());
+        for &l in &layers {
+            let plan = self.plan_for(l, &req);
+            staged.push(stage_layer(
+                &self.comm,
+                &plan,
+                &self.layers[l].experts,
+                self.rank,
+                &self.shape,
+            )?);
+        }
+        self.comm.barrier(CHAN_CTRL)?;
+        let stall = t0.elapsed().as_secs_f64() / layers.len().max(1) as f64;
+        for (&l, s) in layers.iter().zip(staged) {
+            let row = req.placement.phy2log[l].clone();
+            self.apply(l, row, req.placement.generation, s, stall)?;
+        }
+        self.finish()
+    }
+}
+
+/// Single-process reference of the layer stack over all experts (no communication, one
+/// replica per expert): what every multi-rank run must reproduce, whatever the placement.
+pub fn reference_forward(
+    store: &WeightStore,
+    shape: &ModelShape,
+    batch: &Batch,
+) -> Result<Vec<bf16>> {
+    let h = shape.hidden;
+    let k = shape.top_k;
+    let e = shape.num_experts;
+    let gating = gating(shape);
+    let topo = EpTopology::new(1, e)?;
+    let identity = ReplicaMap::identity(e)?;
+    let mut x = batch.x.clone();
+    let t = x.len() / h;
+    for l in 0..shape.num_layers {
+        let router = store.router(l)?;
+        let experts: Vec<ExpertWeights> = (0..e as u32)
+            .map(|x| store.expert(l, x))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&ExpertWeights> = experts.iter().collect();
+        let xm = Matrix::from_vec(t, h, x.clone())?;
+        let topk = topk_of(&xm, &router, batch.routing.as_ref(), l, &gating)?;
+        let mut load = vec![0u32; e];
+        let phys = cpu::map_to_physical(&topk, &identity, 0, &mut load)?;
+        let layout = cpu::dispatch_layout(&phys, k, topo)?;
+        let y = cpu::expert_ffn(&cpu::permute(&xm, &layout)?, &layout.slot_offsets, &refs)?;
+        let out = cpu::unpermute_combine(&y, &layout, &topk.weights)?;
+        add_residual(&mut x, &out);
+    }
+    Ok(x)
+}

@@ -1,0 +1,255 @@
+//! `moe-worker`: one expert-parallel rank. See `docs/worker.md`.
+//!
+//! The binary is a thin wrapper over [`start`], so tests can run whole groups in-process.
+
+pub mod backend;
+pub mod comm;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod placement;
+pub mod state;
+pub mod stats;
+pub mod traffic;
+pub mod weights;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, mpsc};
+
+use anyhow::{Context, Result, anyhow};
+
+use crate::comm::{RendezvousConfig, bind_listener, form_group};
+use crate::config::{Config, InitialPlacement};
+use crate::engine::{Engine, EngineParts, StepRecord};
+use crate::state::Shared;
+use crate::stats::LoadHistory;
+use crate::traffic::{Generator, GeneratorParams, Trace, Traffic};
+use crate::weights::WeightStore;
+
+/// Optional injections for tests and embedding.
+#[derive(Default)]
+pub struct Hooks {
+    /// A pre-bound comm listener (instead of binding `--comm-port`).
+    pub comm_listener: Option<std::net::TcpListener>,
+    /// A pre-bound HTTP listener (instead of binding `--http-port`).
+    pub http_listener: Option<std::net::TcpListener>,
+    /// Receives a record of every step.
+    pub step_sink: Option<mpsc::Sender<StepRecord>>,
+}
+
+/// A running worker.
+pub struct Worker {
+    pub http_addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    engine: std::thread::JoinHandle<Result<()>>,
+    server: tokio::task::JoinHandle<()>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Worker {
+    /// Asks the group to stop at the next step boundary (every rank stops there, exit 0).
+    pub fn request_stop(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.engine.is_finished()
+    }
+
+    /// Waits for the engine to end, then stops the HTTP server. The engine's error is the
+    /// reason the process exits non-zero.
+    pub async fn wait(mut self) -> Result<()> {
+        let engine = self.engine;
+        let result = tokio::task::spawn_blocking(move || engine.join())
+            .await
+            .map_err(|e| anyhow!("joining the engine: {e}"))?
+            .map_err(|_| anyhow!("the engine thread panicked"))
+            .and_then(|r| r);
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = self.server.await;
+        result
+    }
+}
+
+fn bind_ip(config: &Config) -> IpAddr {
+    config
+        .args
+        .advertise_addr
+        .as_deref()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+/// Starts the HTTP API and the engine thread (rendezvous, weights, steps).
+pub async fn start(config: Config, mut hooks: Hooks) -> Result<Worker> {
+    let shared = Arc::new(Shared::new(
+        config.rank(),
+        config.world_size(),
+        config.shape,
+        config.args.control_token_file.clone(),
+        config.args.stats_window,
+    ));
+    let std_listener = match hooks.http_listener.take() {
+        Some(l) => l,
+        None => {
+            let addr = SocketAddr::new(bind_ip(&config), config.args.http_port);
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding the HTTP listener on {addr}"))?
+        }
+    };
+    std_listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(std_listener)?;
+    let http_addr = listener.local_addr()?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let app = http::router(shared.clone());
+    let server = tokio::spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!("HTTP server failed: {e}");
+        }
+    });
+    tracing::info!(%http_addr, "HTTP API listening");
+    let shared2 = shared.clone();
+    let engine = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || run_engine(config, shared2, hooks.comm_listener, hooks.step_sink))?;
+    Ok(Worker {
+        http_addr,
+        shared,
+        engine,
+        server,
+        shutdown: Some(tx),
+    })
+}
+
+fn run_engine(
+    config: Config,
+    shared: Arc<Shared>,
+    comm_listener: Option<std::net::TcpListener>,
+    sink: Option<mpsc::Sender<StepRecord>>,
+) -> Result<()> {
+    let shape = config.shape;
+    let rank = config.rank();
+    let world = config.world_size();
+    let num_nodes = world / config.ranks_per_node;
+    let backend = backend::resolve(config.args.backend)?;
+    shared.lock().backend = backend.name().to_string();
+
+    // The committed placement (the desired one of the last remap the operator started).
+    let committed = match &config.args.placement_file {
+        Some(path) if path.exists() => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --placement-file {path:?}"))?;
+            Some(
+                placement::parse_placement_file(&text, &shape, num_nodes)
+                    .map_err(|e| anyhow!("--placement-file {path:?}: {e}"))?,
+            )
+        }
+        Some(path) if config.args.initial_placement == InitialPlacement::File => {
+            return Err(anyhow!(
+                "--placement-file {path:?} does not exist (--initial-placement file)"
+            ));
+        }
+        _ => None,
+    };
+
+    let rdv = RendezvousConfig {
+        rank,
+        world,
+        leader: config.leader_target(),
+        advertise: config
+            .args
+            .advertise_addr
+            .as_deref()
+            .and_then(|a| a.parse().ok()),
+        comm_port: config.args.comm_port,
+        timeout: config.rendezvous_timeout,
+        comm_timeout: config.comm_timeout,
+        fingerprint: format!(
+            "{} placement={:?} weights={}",
+            shape.fingerprint(),
+            config.args.initial_placement,
+            config.args.weights
+        ),
+    };
+    let listener = match comm_listener {
+        Some(l) => l,
+        None => bind_listener(&rdv)?,
+    };
+    tracing::info!(rank, world, leader = ?rdv.leader, "forming the group");
+    let (comm, info) = form_group(&rdv, listener, committed, || backend.unique_id())?;
+    tracing::info!(epoch = info.epoch, peers = ?info.peers, "group formed");
+
+    let placement = match info.placement {
+        Some(p) => p,
+        None => placement::initial_placement(config.args.initial_placement, &shape, num_nodes)
+            .map_err(|e| anyhow!("--initial-placement: {e}"))?,
+    };
+    let store = WeightStore::open(&config.weights, &shape)?;
+    let routers = (0..shape.num_layers)
+        .map(|l| store.router(l))
+        .collect::<Result<Vec<_>>>()?;
+    let generator = Generator::new(
+        GeneratorParams {
+            tokens_per_step: config.args.traffic_tokens_per_step,
+            skew: config.args.traffic_skew,
+            drift: config.args.traffic_drift,
+            seed: config.args.traffic_seed,
+        },
+        &shape,
+        &routers,
+    );
+    let trace = match &config.args.traffic_trace {
+        Some(p) => Some(Trace::load(p, &shape).context("--traffic-trace")?),
+        None => None,
+    };
+    let history = config.args.load_history_file.as_deref().map(|p| {
+        LoadHistory::new(
+            p,
+            config.args.load_history_steps,
+            shape.num_layers,
+            shape.num_experts,
+        )
+    });
+    let mut engine = Engine::new(EngineParts {
+        shape,
+        ranks_per_node: config.ranks_per_node,
+        comm: Arc::new(comm),
+        shared: shared.clone(),
+        placement,
+        store,
+        traffic: Traffic {
+            generator,
+            trace,
+            rank,
+            world,
+        },
+        history,
+        sink,
+        max_steps: config.args.max_steps,
+        steps_per_second: config.args.traffic_steps_per_second,
+    })?;
+    let mem = shape.slots_per_rank() * shape.num_layers * shape.expert_bytes();
+    shared.metrics.expert_memory_bytes.set(mem as i64);
+    tracing::info!(
+        slots_per_layer = shape.slots_per_rank(),
+        layers = shape.num_layers,
+        expert_bytes = shape.expert_bytes(),
+        total_bytes = mem,
+        "expert weights loaded (slots x layers x expert size)"
+    );
+    shared.ready.store(true, Ordering::SeqCst);
+    shared.metrics.ready.set(1);
+    let r = engine.run();
+    shared.ready.store(false, Ordering::SeqCst);
+    shared.metrics.ready.set(0);
+    r
+}

@@ -1,0 +1,201 @@
+//! Load statistics: per layer and physical slot token counts over a sliding window of steps,
+//! the per-layer peak-to-average ratio, and the load history in the `moectl` format.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// Sliding window of per-step slot counts. A layer's window restarts when the layer switches
+/// placement (slot numbers then mean other experts).
+#[derive(Debug, Clone)]
+pub struct Window {
+    size: usize,
+    layers: Vec<LayerWindow>,
+}
+
+#[derive(Debug, Clone)]
+struct LayerWindow {
+    steps: VecDeque<Vec<u32>>,
+    sums: Vec<u64>,
+}
+
+impl Window {
+    pub fn new(size: usize, num_layers: usize, num_slots: usize) -> Window {
+        Window {
+            size: size.max(1),
+            layers: vec![
+                LayerWindow {
+                    steps: VecDeque::new(),
+                    sums: vec![0; num_slots],
+                };
+                num_layers
+            ],
+        }
+    }
+
+    /// Records one step's counts `[layer][slot]`.
+    pub fn record(&mut self, counts: &[Vec<u32>]) {
+        let size = self.size;
+        for (w, c) in self.layers.iter_mut().zip(counts) {
+            for (s, v) in w.sums.iter_mut().zip(c) {
+                *s += u64::from(*v);
+            }
+            w.steps.push_back(c.clone());
+            if w.steps.len() > size
+                && let Some(old) = w.steps.pop_front()
+            {
+                for (s, v) in w.sums.iter_mut().zip(&old) {
+                    *s -= u64::from(*v);
+                }
+            }
+        }
+    }
+
+    /// Forgets a layer's counts (after its placement changed).
+    pub fn reset_layer(&mut self, layer: usize) {
+        if let Some(w) = self.layers.get_mut(layer) {
+            w.steps.clear();
+            w.sums.iter_mut().for_each(|s| *s = 0);
+        }
+    }
+
+    /// Steps in the window (the minimum over layers).
+    pub fn steps(&self) -> usize {
+        self.layers.iter().map(|w| w.steps.len()).min().unwrap_or(0)
+    }
+
+    /// Window sums `[layer][slot]`.
+    pub fn sums(&self) -> Vec<Vec<f64>> {
+        self.layers
+            .iter()
+            .map(|w| w.sums.iter().map(|&v| v as f64).collect())
+            .collect()
+    }
+
+    pub fn layer_sums(&self, layer: usize) -> &[u64] {
+        &self.layers[layer].sums
+    }
+}
+
+/// Peak-to-average ratio of rank loads given slot counts of one layer (1.0 when idle).
+pub fn par(slot_counts: &[f64], num_ranks: usize) -> f64 {
+    if num_ranks == 0 || slot_counts.is_empty() {
+        return 1.0;
+    }
+    let spr = slot_counts.len() / num_ranks;
+    let loads: Vec<f64> = slot_counts
+        .chunks(spr.max(1))
+        .map(|c| c.iter().sum())
+        .collect();
+    let total: f64 = loads.iter().sum();
+    if total <= 0.0 {
+        return 1.0;
+    }
+    let max = loads.iter().copied().fold(0.0, f64::max);
+    max / (total / num_ranks as f64)
+}
+
+/// The `moectl` load file: `{"windows": [W][L][E]}` logical expert token counts.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct LoadHistoryFile {
+    pub windows: Vec<Vec<Vec<f64>>>,
+}
+
+/// Accumulates logical counts and writes one window entry every `steps_per_entry` steps.
+pub struct LoadHistory {
+    path: PathBuf,
+    steps_per_entry: u64,
+    max_entries: usize,
+    current: Vec<Vec<f64>>,
+    steps_in_current: u64,
+    file: LoadHistoryFile,
+}
+
+impl LoadHistory {
+    pub fn new(path: &Path, steps_per_entry: u64, num_layers: usize, num_experts: usize) -> Self {
+        LoadHistory {
+            path: path.to_path_buf(),
+            steps_per_entry: steps_per_entry.max(1),
+            max_entries: 10_000,
+            current: vec![vec![0.0; num_experts]; num_layers],
+            steps_in_current: 0,
+            file: LoadHistoryFile {
+                windows: Vec::new(),
+            },
+        }
+    }
+
+    /// Adds one step's logical counts `[layer][expert]`; writes the file when an entry completes.
+    pub fn add(&mut self, logical: &[Vec<f64>]) -> Result<()> {
+        for (acc, row) in self.current.iter_mut().zip(logical) {
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a += v;
+            }
+        }
+        self.steps_in_current += 1;
+        if self.steps_in_current >= self.steps_per_entry {
+            let fresh =
+                vec![vec![0.0; self.current.first().map_or(0, Vec::len)]; self.current.len()];
+            let entry = std::mem::replace(&mut self.current, fresh);
+            self.steps_in_current = 0;
+            self.file.windows.push(entry);
+            if self.file.windows.len() > self.max_entries {
+                self.file.windows.remove(0);
+            }
+            self.write()?;
+        }
+        Ok(())
+    }
+
+    pub fn write(&self) -> Result<()> {
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&self.file)?)
+            .with_context(|| format!("writing {tmp:?}"))?;
+        std::fs::rename(&tmp, &self.path).with_context(|| format!("renaming to {:?}", self.path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_slides_and_resets() {
+        let mut w = Window::new(2, 2, 2);
+        w.record(&[vec![1, 2], vec![3, 4]]);
+        w.record(&[vec![1, 0], vec![0, 0]]);
+        w.record(&[vec![5, 0], vec![0, 1]]);
+        assert_eq!(w.sums(), vec![vec![6.0, 0.0], vec![0.0, 1.0]]);
+        assert_eq!(w.steps(), 2);
+        w.reset_layer(1);
+        assert_eq!(w.steps(), 0);
+        assert_eq!(w.layer_sums(1), &[0, 0]);
+        assert_eq!(w.layer_sums(0), &[6, 0]);
+    }
+
+    #[test]
+    fn par_of_rank_loads() {
+        assert_eq!(par(&[1.0, 1.0, 1.0, 1.0], 2), 1.0);
+        assert_eq!(par(&[3.0, 1.0, 0.0, 0.0], 2), 2.0);
+        assert_eq!(par(&[0.0, 0.0], 2), 1.0);
+    }
+
+    #[test]
+    fn history_writes_windows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("load.json");
+        let mut h = LoadHistory::new(&path, 2, 1, 3);
+        h.add(&[vec![1.0, 0.0, 0.0]]).unwrap();
+        assert!(!path.exists());
+        h.add(&[vec![1.0, 2.0, 0.0]]).unwrap();
+        h.add(&[vec![0.0, 0.0, 1.0]]).unwrap();
+        h.add(&[vec![0.0, 0.0, 1.0]]).unwrap();
+        let f: LoadHistoryFile = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(
+            f.windows,
+            vec![vec![vec![2.0, 2.0, 0.0]], vec![vec![0.0, 0.0, 2.0]]]
+        );
+    }
+}
