@@ -137,11 +137,12 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
     rows.push(row_for("static round-robin", &rr, 0.0, None, 0)?);
     rows.push(row_for("keep previous", &previous, 0.0, None, 0)?);
     let budget = ((shape.slots() as f64 * opts.incremental_fraction).ceil() as usize).max(1);
-    for (name, thr) in [
-        ("greedy", 1usize),
-        ("joint", threads),
-        ("incremental", threads),
-    ] {
+    let mut algos = vec![("greedy", 1usize)];
+    if shape.hierarchical() {
+        algos.push(("greedy-global", 1));
+    }
+    algos.extend([("joint", threads), ("incremental", threads)]);
+    for (name, thr) in algos {
         let planner = planner_by_name(name)?;
         let mut req = PlanRequest::new(shape, &history)
             .previous(&previous)

@@ -125,7 +125,7 @@ impl Placement {
         if self.num_ranks == 0 {
             return perr("the number of ranks must be at least 1".into());
         }
-        if self.num_nodes == 0 || self.num_ranks % self.num_nodes != 0 {
+        if self.num_nodes == 0 || !self.num_ranks.is_multiple_of(self.num_nodes) {
             return perr(format!(
                 "{} ranks cannot be split evenly over {} nodes",
                 self.num_ranks, self.num_nodes
@@ -145,7 +145,7 @@ impl Placement {
             return perr("a placement needs at least one layer".into());
         }
         let slots = self.phy2log[0].len();
-        if slots == 0 || slots % self.num_ranks != 0 {
+        if slots == 0 || !slots.is_multiple_of(self.num_ranks) {
             return perr(format!(
                 "{slots} slots per layer cannot be split evenly over {} ranks",
                 self.num_ranks

@@ -75,13 +75,13 @@ impl Shape {
         if self.num_groups == 0 {
             return err("the number of expert groups must be at least 1 (1 = no groups)".into());
         }
-        if self.num_ranks % self.num_nodes != 0 {
+        if !self.num_ranks.is_multiple_of(self.num_nodes) {
             return err(format!(
                 "{} ranks cannot be split evenly over {} nodes",
                 self.num_ranks, self.num_nodes
             ));
         }
-        if self.num_experts % self.num_groups != 0 {
+        if !self.num_experts.is_multiple_of(self.num_groups) {
             return err(format!(
                 "{} experts cannot be split evenly into {} groups",
                 self.num_experts, self.num_groups
@@ -155,7 +155,7 @@ impl Shape {
     /// Whether the hierarchical (node, then rank) variant of greedy applies: more than one
     /// node, more than one group, and groups divide evenly over nodes.
     pub fn hierarchical(&self) -> bool {
-        self.num_nodes > 1 && self.num_groups > 1 && self.num_groups % self.num_nodes == 0
+        self.num_nodes > 1 && self.num_groups > 1 && self.num_groups.is_multiple_of(self.num_nodes)
     }
 }
 

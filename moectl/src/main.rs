@@ -253,13 +253,13 @@ fn eval(
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!("layer  PAR     balancedness  worst-window  last-window");
-        for l in 0..p.num_layers {
+        for (l, w) in worst.iter().enumerate() {
             println!(
                 "{:<6} {:<7.4} {:<13.4} {:<13.4} {:.4}",
                 l,
                 hs.per_layer[l],
                 1.0 / hs.per_layer[l],
-                worst[l],
+                w,
                 last.per_layer[l]
             );
         }

@@ -8,10 +8,28 @@
 //! lightest node with room for a group, then the global procedure inside each node with the
 //! node's share of slots.
 
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+
 use crate::placement::repair_duplicates;
 use crate::shape::Shape;
 
 use super::problem::water_fill;
+
+/// A rank ordered by (load, index).
+#[derive(Clone, Copy, PartialEq)]
+struct RankKey(f64, usize);
+impl Eq for RankKey {}
+impl PartialOrd for RankKey {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for RankKey {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
+    }
+}
 
 /// Replicate and pack `experts` (ids) with loads `load[id]` into `ranks` ranks of `s` slots.
 /// Returns, per rank, its `s` experts.
@@ -36,38 +54,48 @@ fn replicate_and_pack(
     }
     items.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut packs: Vec<Vec<usize>> = vec![Vec::with_capacity(s); ranks];
-    let mut weight = vec![0.0f64; ranks];
+    // held[r * n + i]: rank r already holds local expert i.
+    let mut held = vec![false; ranks * n];
+    // Ranks with a free slot, lightest first (ties: lower rank).
+    let mut heap: BinaryHeap<Reverse<RankKey>> =
+        (0..ranks).map(|r| Reverse(RankKey(0.0, r))).collect();
+    let mut skipped: Vec<RankKey> = Vec::new();
     for (w, i) in items {
-        let mut pick: Option<usize> = None;
-        let mut fallback: Option<usize> = None;
-        for r in 0..ranks {
-            if packs[r].len() >= s {
-                continue;
+        skipped.clear();
+        let mut chosen = None;
+        while let Some(Reverse(k)) = heap.pop() {
+            if dup_ok || !held[k.1 * n + i] {
+                chosen = Some(k);
+                break;
             }
-            if fallback.is_none_or(|f| weight[r] < weight[f]) {
-                fallback = Some(r);
-            }
-            if (dup_ok || !packs[r].contains(&experts[i]))
-                && pick.is_none_or(|p| weight[r] < weight[p])
-            {
-                pick = Some(r);
-            }
+            skipped.push(k);
         }
-        if let Some(r) = pick.or(fallback) {
-            packs[r].push(experts[i]);
-            weight[r] += w;
+        // No eligible rank: take the lightest one with room (repaired afterwards).
+        let k = match chosen {
+            Some(k) => k,
+            None if !skipped.is_empty() => skipped.remove(0),
+            None => break,
+        };
+        for sk in skipped.drain(..) {
+            heap.push(Reverse(sk));
+        }
+        let r = k.1;
+        packs[r].push(experts[i]);
+        held[r * n + i] = true;
+        if packs[r].len() < s {
+            heap.push(Reverse(RankKey(k.0 + w, r)));
         }
     }
     packs
 }
 
 /// One layer's greedy row from the summed load.
-pub(crate) fn greedy_row(load: &[f64], shape: &Shape) -> Vec<usize> {
+pub(crate) fn greedy_row(load: &[f64], shape: &Shape, allow_hierarchical: bool) -> Vec<usize> {
     let g = shape.num_ranks;
     let s = shape.slots_per_rank();
     let e_n = shape.num_experts;
     let dup_ok = shape.duplicates_forced();
-    let hier = shape.hierarchical() && (dup_ok || s <= e_n / shape.num_nodes);
+    let hier = allow_hierarchical && shape.hierarchical() && (dup_ok || s <= e_n / shape.num_nodes);
     let mut row = Vec::with_capacity(shape.slots());
     if hier {
         let n = shape.num_nodes;

@@ -89,12 +89,10 @@ pub(crate) fn heuristic(p: &Problem, shape: &Shape) -> Vec<usize> {
     let cnt = water_fill(&p.agg, p.slots(), p.max_rep);
     let mut a = State::new(p, construct(p, &cnt));
     a.improve(None, MAX_ITERS);
-    let mut b = State::new(p, greedy_row(&p.raw_sum, shape));
+    let mut b = State::new(p, greedy_row(&p.raw_sum, shape, false));
     b.improve(None, MAX_ITERS);
     let (fa, fb) = (a.objective(), b.objective());
-    if std::env::var("EPLB_DEBUG").is_ok() {
-        eprintln!("starts: construct {:.5} greedy {:.5}", fa.0, fb.0);
-    }
+
     if fb.0 < fa.0 - 1e-12 || (fb.0 <= fa.0 + 1e-12 && fb.1 < fa.1 - 1e-12) {
         b.row
     } else {
@@ -338,7 +336,11 @@ mod tests {
                         (0..e)
                             .map(|_| {
                                 (rng.next() % 1000) as f64
-                                    * if rng.next() % 4 == 0 { 5.0 } else { 1.0 }
+                                    * if rng.next().is_multiple_of(4) {
+                                        5.0
+                                    } else {
+                                        1.0
+                                    }
                             })
                             .collect()
                     })

@@ -165,6 +165,8 @@ pub trait Planner: Send + Sync {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Algo {
     Greedy,
+    /// Greedy without the hierarchical variant (DeepSeek's choice for decode).
+    GreedyGlobal,
     Joint,
     Incremental,
 }
@@ -175,6 +177,7 @@ impl Planner for AlgoPlanner {
     fn name(&self) -> &'static str {
         match self.0 {
             Algo::Greedy => "greedy",
+            Algo::GreedyGlobal => "greedy-global",
             Algo::Joint => "joint",
             Algo::Incremental => "incremental",
         }
@@ -184,10 +187,12 @@ impl Planner for AlgoPlanner {
     }
 }
 
-/// `greedy`, `joint` (the default) or `incremental`.
+/// `greedy`, `joint` (the default) or `incremental`; also `greedy-global` (greedy without
+/// its hierarchical node/group variant, a stronger baseline on shapes with one group per node).
 pub fn planner_by_name(name: &str) -> Result<Box<dyn Planner>> {
     let algo = match name {
         "greedy" => Algo::Greedy,
+        "greedy-global" => Algo::GreedyGlobal,
         "joint" => Algo::Joint,
         "incremental" => Algo::Incremental,
         other => return Err(EplbError::UnknownAlgorithm(other.to_string())),
@@ -313,7 +318,8 @@ fn plan_one(
     );
     let default_budget = shape.slots().div_ceil(8).max(1);
     let (mut row, mut optimal) = match algo {
-        Algo::Greedy => (greedy::greedy_row(&p.raw_sum, shape), false),
+        Algo::Greedy => (greedy::greedy_row(&p.raw_sum, shape, true), false),
+        Algo::GreedyGlobal => (greedy::greedy_row(&p.raw_sum, shape, false), false),
         Algo::Joint => {
             let r = joint::plan_layer(&p, shape);
             (r.row, r.optimal)
@@ -348,7 +354,7 @@ fn plan_one(
             }
         }
         // greedy stays the faithful baseline: it replaces whatever it changed.
-        if algo != Algo::Greedy {
+        if !matches!(algo, Algo::Greedy | Algo::GreedyGlobal) {
             let f_new = p.episode_par(&row);
             let f_old = p.episode_par(prev);
             if f_new > f_old * (1.0 - req.min_improvement) {

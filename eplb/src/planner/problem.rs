@@ -480,10 +480,7 @@ impl<'p> State<'p> {
         let changed = |row: &[usize], orig: &[usize]| -> usize {
             row.iter().zip(orig).filter(|(a, b)| a != b).count()
         };
-        let mut iters = 0;
-        let t0 = std::time::Instant::now();
         for _ in 0..max_iters {
-            iters += 1;
             let crit = self.critical_ranks();
             let cur_changed = budget.map(|(o, _)| changed(&self.row, o));
             // (score, dF, dQ, kind, i, j)
@@ -530,7 +527,7 @@ impl<'p> State<'p> {
             };
             let mut ya = vec![0.0f64; p.e];
             for (ci, &a) in crit.iter().enumerate() {
-                if ci > 0 && best.is_some() && budget.is_none() {
+                if (ci > 0 && best.is_some() && budget.is_none()) || ci >= 3 {
                     break;
                 }
                 // Weighted load per replica over the episodes where `a` is the heaviest rank:
@@ -554,11 +551,16 @@ impl<'p> State<'p> {
                         (l, b)
                     })
                     .collect();
-                if budget.is_none() && partners.len() > PARTNERS {
-                    partners.select_nth_unstable_by(PARTNERS, |x, y| {
+                let limit = if budget.is_none() {
+                    PARTNERS
+                } else {
+                    2 * PARTNERS
+                };
+                if partners.len() > limit {
+                    partners.select_nth_unstable_by(limit, |x, y| {
                         x.0.total_cmp(&y.0).then(x.1.cmp(&y.1))
                     });
-                    partners.truncate(PARTNERS);
+                    partners.truncate(limit);
                     partners.sort_by_key(|x| x.1);
                 }
                 let cands: Vec<usize> = partners
@@ -619,12 +621,5 @@ impl<'p> State<'p> {
         }
         // Guard against drift of incremental load updates.
         self.recompute_loads();
-        if std::env::var("EPLB_DEBUG").is_ok() {
-            eprintln!(
-                "improve: {iters} iterations, {:?}, F {:?}",
-                t0.elapsed(),
-                self.objective().0
-            );
-        }
     }
 }

@@ -1,0 +1,343 @@
+//! Runs the `moectl` binary end to end with temporary files.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("moectl-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        Dir(p)
+    }
+    fn file(&self, name: &str, text: &str) -> String {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).expect("write");
+        p.display().to_string()
+    }
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn moectl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moectl"))
+        .args(args)
+        .output()
+        .expect("run moectl")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Two layers, eight experts, skewed.
+const LOAD: &str = "[[100, 50, 20, 10, 5, 5, 5, 5], [10, 10, 10, 10, 80, 90, 1, 1]]";
+
+/// Asserts a one-line error with exit code 2 that mentions `needle`.
+fn assert_bad(o: &Output, needle: &str) {
+    assert_eq!(o.status.code(), Some(2), "stderr: {}", stderr(o));
+    let err = stderr(o);
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "expected '{needle}' in: {err}"
+    );
+    assert!(
+        stdout(o).is_empty(),
+        "stdout should be empty: {}",
+        stdout(o)
+    );
+}
+
+#[test]
+fn plan_writes_placement_json_and_eval_reads_it() {
+    let d = Dir::new("plan");
+    let load = d.file("load.json", LOAD);
+    let out = d.path("placement.json");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--output",
+        &out,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for key in [
+        "num_layers",
+        "num_logical_experts",
+        "num_ranks",
+        "num_nodes",
+        "phy2log",
+        "log2phy",
+        "logcnt",
+        "algorithm",
+        "par",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(v["algorithm"], "joint");
+    assert_eq!(v["num_layers"], 2);
+    assert_eq!(v["phy2log"][0].as_array().unwrap().len(), 12);
+    assert_eq!(v["par"].as_array().unwrap().len(), 2);
+
+    let o = moectl(&["eval", "--placement", &out, "--load", &load]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("mean PAR"));
+
+    let o = moectl(&["eval", "--placement", &out, "--load", &load, "--json"]);
+    let v2: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let planned = v["par"][0].as_f64().unwrap();
+    let evaluated = v2["layers"][0]["par"].as_f64().unwrap();
+    assert!((planned - evaluated).abs() < 1e-9);
+}
+
+#[test]
+fn plan_to_stdout_in_every_load_format_and_algorithm() {
+    let d = Dir::new("formats");
+    let loads = [
+        d.file("a.json", LOAD),
+        d.file("b.json", &format!("{{\"windows\": [{LOAD}, {LOAD}]}}")),
+        d.file(
+            "c.json",
+            &format!("{{\"load_history\": [{{\"logical_expert_load\": {LOAD}}}]}}"),
+        ),
+    ];
+    for load in &loads {
+        for algo in ["greedy", "joint"] {
+            let o = moectl(&[
+                "plan",
+                "--load",
+                load,
+                "--ranks",
+                "2",
+                "--redundant",
+                "2",
+                "--algorithm",
+                algo,
+                "--nodes",
+                "2",
+                "--groups",
+                "2",
+            ]);
+            assert!(o.status.success(), "{algo}: {}", stderr(&o));
+            let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+            assert_eq!(v["algorithm"], algo);
+        }
+    }
+}
+
+#[test]
+fn ascend_format_and_incremental_with_previous() {
+    let d = Dir::new("ascend");
+    let load = d.file("load.json", LOAD);
+    let map = d.path("map.json");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "0",
+        "--algorithm",
+        "greedy",
+        "--format",
+        "ascend-expert-map",
+        "--output",
+        &map,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&map).unwrap()).unwrap();
+    assert_eq!(v["moe_layer_count"], 2);
+    assert_eq!(v["layer_list"][0]["device_count"], 4);
+
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "0",
+        "--algorithm",
+        "incremental",
+        "--previous",
+        &map,
+        "--max-moves",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(v["slots_moved"].as_u64().unwrap() <= 4);
+
+    let o = moectl(&[
+        "eval",
+        "--placement",
+        &map,
+        "--load",
+        &load,
+        "--previous",
+        &map,
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["migration"]["slots"], 0);
+
+    // A threshold no layer exceeds changes nothing.
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "0",
+        "--previous",
+        &map,
+        "--threshold",
+        "50",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["slots_moved"], 0);
+    assert_eq!(v["changed_layers"], serde_json::json!([]));
+}
+
+#[test]
+fn bad_input_is_one_line_exit_2_and_writes_nothing() {
+    let d = Dir::new("bad");
+    let good = d.file("good.json", LOAD);
+    let out = d.path("out.json");
+    let cases: Vec<(String, Vec<String>, &str)> = vec![
+        (
+            d.file("ragged.json", "[[1, 2, 3], [1, 2]]"),
+            vec![],
+            "ragged",
+        ),
+        (d.file("neg.json", "[[1, -2, 3, 4]]"), vec![], "negative"),
+        (
+            d.file("nan.json", "[[1, \"NaN\", 3, 4]]"),
+            vec![],
+            "not a number",
+        ),
+        (d.file("nanlit.json", "[[1, NaN, 3, 4]]"), vec![], "json"),
+        (good.clone(), vec!["--ranks".into(), "0".into()], "ranks"),
+        (
+            good.clone(),
+            vec!["--redundant".into(), "1".into()],
+            "smallest valid number of redundant experts is 0",
+        ),
+        (
+            good.clone(),
+            vec!["--algorithm".into(), "magic".into()],
+            "unknown algorithm",
+        ),
+        (good.clone(), vec!["--nodes".into(), "3".into()], "nodes"),
+        (
+            good.clone(),
+            vec!["--threshold".into(), "1.2".into()],
+            "previous",
+        ),
+        (
+            good.clone(),
+            vec!["--ranks".into(), "x".into()],
+            "invalid value",
+        ),
+    ];
+    for (load, extra, needle) in cases {
+        let mut args: Vec<String> = vec![
+            "plan".into(),
+            "--load".into(),
+            load,
+            "--output".into(),
+            out.clone(),
+        ];
+        let mut ranks = vec![
+            "--ranks".to_string(),
+            "4".to_string(),
+            "--redundant".to_string(),
+            "0".to_string(),
+        ];
+        // Later flags replace the defaults.
+        for pair in extra.chunks(2) {
+            if let Some(i) = ranks.iter().position(|a| *a == pair[0]) {
+                ranks[i + 1] = pair[1].clone();
+            } else {
+                ranks.extend(pair.iter().cloned());
+            }
+        }
+        args.extend(ranks);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = moectl(&refs);
+        assert_bad(&o, needle);
+        assert!(
+            !std::path::Path::new(&out).exists(),
+            "output written for {needle}"
+        );
+    }
+    // Placement that does not match the load's shape.
+    let other = d.file("other.json", "[[1, 2, 3, 4, 5, 6]]");
+    let p = d.path("p.json");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &other,
+        "--ranks",
+        "2",
+        "--redundant",
+        "0",
+        "--output",
+        &p,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = moectl(&["eval", "--placement", &p, "--load", &good]);
+    assert_bad(&o, "mismatch");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &good,
+        "--ranks",
+        "2",
+        "--redundant",
+        "0",
+        "--previous",
+        &p,
+    ]);
+    assert_bad(&o, "mismatch");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &good,
+        "--ranks",
+        "2",
+        "--redundant",
+        "0",
+        "--algorithm",
+        "incremental",
+    ]);
+    assert_bad(&o, "previous");
+    let missing = d.path("missing.json");
+    let o = moectl(&["eval", "--placement", &missing, "--load", &good]);
+    assert_bad(&o, "cannot read");
+}
