@@ -1,0 +1,93 @@
+{{/* Chart name (max 63 chars). */}}
+{{- define "moe-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name prefix of every object. */}}
+{{- define "moe-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "moe-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels selecting the operator pods (stable across upgrades). */}}
+{{- define "moe-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "moe-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/* Labels of every object. */}}
+{{- define "moe-operator.labels" -}}
+helm.sh/chart: {{ include "moe-operator.chart" . }}
+{{ include "moe-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: moe-operator
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "moe-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "moe-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "moe-operator.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+{{- end }}
+
+{{- define "moe-operator.workerImage" -}}
+{{- default (printf "ghcr.io/moe-operator/moe-worker:%s" .Chart.AppVersion) .Values.workerDefaults.image -}}
+{{- end }}
+
+{{- define "moe-operator.leaseName" -}}
+{{- default (printf "%s-leader" (include "moe-operator.fullname" .)) .Values.leaderElection.leaseName | trunc 63 | trimSuffix "-" -}}
+{{- end }}
+
+{{/* The namespace watched with scope namespace. */}}
+{{- define "moe-operator.watchNamespace" -}}
+{{- default .Release.Namespace .Values.rbac.watchNamespace -}}
+{{- end }}
+
+{{/* Namespaces that get the worker NetworkPolicy, as a JSON list. */}}
+{{- define "moe-operator.networkPolicyNamespaces" -}}
+{{- if .Values.networkPolicy.namespaces -}}
+{{- toJson (uniq .Values.networkPolicy.namespaces) -}}
+{{- else if eq .Values.rbac.scope "namespace" -}}
+{{- toJson (list (include "moe-operator.watchNamespace" .)) -}}
+{{- else -}}
+{{- toJson (list .Release.Namespace) -}}
+{{- end -}}
+{{- end }}
+
+{{/* Labels the operator puts on every worker pod (operator/src/resources.rs). */}}
+{{- define "moe-operator.workerPodSelector" -}}
+app.kubernetes.io/name: moe-worker
+app.kubernetes.io/managed-by: moe-operator
+{{- end }}
+
+{{/* Runbook URL of an alert. */}}
+{{- define "moe-operator.runbook" -}}
+{{- printf "%s#%s" .root.Values.prometheusRule.runbookBaseUrl (lower .alert) -}}
+{{- end }}
