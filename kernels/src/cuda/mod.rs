@@ -274,15 +274,19 @@ impl Gpu {
 
     /// Uploads a host matrix.
     pub fn upload<T: DeviceRepr + Copy + Default>(&self, m: &Matrix<T>) -> Result<DeviceMatrix<T>> {
-        let buf = self.stream.clone_htod(m.as_slice()).map_err(drv)?;
         Ok(DeviceMatrix {
             rows: m.rows(),
             cols: m.cols(),
-            buf,
+            buf: self.upload_slice(m.as_slice())?,
         })
     }
-    /// Uploads a slice.
+    /// Uploads a slice (an empty slice gives a one-element allocation: CUDA refuses empty
+    /// ones).
     pub fn upload_slice<T: DeviceRepr>(&self, v: &[T]) -> Result<CudaSlice<T>> {
+        if v.is_empty() {
+            // SAFETY: never read (length-0 data).
+            return unsafe { self.stream.alloc(1) }.map_err(drv);
+        }
         self.stream.clone_htod(v).map_err(drv)
     }
     /// Downloads a slice (synchronises).
@@ -290,6 +294,10 @@ impl Gpu {
         &self,
         s: &S,
     ) -> Result<Vec<T>> {
+        if s.is_empty() {
+            self.synchronize()?;
+            return Ok(Vec::new());
+        }
         self.stream.clone_dtoh(s).map_err(drv)
     }
     /// Allocates `n` zeroed elements on the main stream (at least one element is allocated,
