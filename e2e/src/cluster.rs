@@ -60,7 +60,9 @@ impl Cluster {
     /// naming `test` and what is missing, and returns `None`.
     pub async fn start_or_skip(test: &str) -> Result<Option<Cluster>> {
         match Bins::locate() {
-            Ok(bins) => Ok(Some(Self::start_with_bins(bins, ClusterOptions::default()).await?)),
+            Ok(bins) => Ok(Some(
+                Self::start_with_bins(bins, ClusterOptions::default()).await?,
+            )),
             Err(why) => {
                 println!("SKIPPED {test}: no local control plane: {why}");
                 eprintln!("SKIPPED {test}: no local control plane: {why}");
@@ -155,15 +157,24 @@ impl Cluster {
             .arg(format!("--tls-private-key-file={}", d(&certs.server_key)))
             .arg(format!("--client-ca-file={}", d(&certs.ca_cert)))
             .arg("--authorization-mode=RBAC")
-            .arg(format!("--service-account-issuer=https://127.0.0.1:{api_port}"))
+            .arg(format!(
+                "--service-account-issuer=https://127.0.0.1:{api_port}"
+            ))
             .arg(format!("--service-account-key-file={}", d(&certs.sa_pub)))
-            .arg(format!("--service-account-signing-key-file={}", d(&certs.sa_key)))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                d(&certs.sa_key)
+            ))
             .arg("--service-cluster-ip-range=10.0.0.0/24")
             .arg("--allow-privileged=true")
             .arg("--endpoint-reconciler-type=none")
             .arg("--profiling=false")
             .args(&opts.apiserver_args);
-        procs.push(ManagedProcess::spawn("kube-apiserver", cmd, &logs.join("kube-apiserver.log"))?);
+        procs.push(ManagedProcess::spawn(
+            "kube-apiserver",
+            cmd,
+            &logs.join("kube-apiserver.log"),
+        )?);
 
         let client = client_from_kubeconfig(&kubeconfig).await?;
         {
@@ -175,7 +186,10 @@ impl Cluster {
                 let ns_api = ns_api.clone();
                 async move {
                     // Connect first, so the client does not log errors while the port is closed.
-                    if tokio::net::TcpStream::connect(("127.0.0.1", api_port)).await.is_err() {
+                    if tokio::net::TcpStream::connect(("127.0.0.1", api_port))
+                        .await
+                        .is_err()
+                    {
                         return false;
                     }
                     matches!(ns_api.get_opt("default").await, Ok(Some(_)))
@@ -206,7 +220,10 @@ impl Cluster {
                 .arg("--secure-port=0")
                 .arg("--controllers=*")
                 .arg(format!("--root-ca-file={}", d(&certs.ca_cert)))
-                .arg(format!("--service-account-private-key-file={}", d(&certs.sa_key)))
+                .arg(format!(
+                    "--service-account-private-key-file={}",
+                    d(&certs.sa_key)
+                ))
                 .arg("--use-service-account-credentials=false")
                 .arg("--concurrent-gc-syncs=5")
                 .args(&opts.controller_manager_args);
@@ -364,8 +381,8 @@ impl Cluster {
 
     /// [`Self::apply_yaml`] on a file.
     pub async fn apply_file(&self, path: &Path, default_ns: &str) -> Result<Vec<DynamicObject>> {
-        let yaml = std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let yaml =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         self.apply_yaml(&yaml, default_ns).await
     }
 
@@ -393,11 +410,11 @@ impl Drop for Cluster {
         while let Some(mut p) = self.procs.pop() {
             p.kill();
         }
-        if std::env::var_os("MOE_E2E_KEEP").is_some() {
-            if let Some(t) = self.tempdir.take() {
-                let p = t.keep();
-                eprintln!("moe-e2e: kept {}", p.display());
-            }
+        if std::env::var_os("MOE_E2E_KEEP").is_some()
+            && let Some(t) = self.tempdir.take()
+        {
+            let p = t.keep();
+            eprintln!("moe-e2e: kept {}", p.display());
         }
     }
 }
@@ -465,14 +482,21 @@ where
                 .iter()
                 .map(|p| format!("---- {} ----\n{}", p.name(), log_tail(p.log_path(), 20)))
                 .collect();
-            bail!("timed out after {timeout:?} waiting for {what}\n{}", tails.join("\n"));
+            bail!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                tails.join("\n")
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 /// Server-side applies every document of `yaml` (field manager `moe-e2e`, forced).
-pub async fn apply_yaml(client: &Client, yaml: &str, default_ns: &str) -> Result<Vec<DynamicObject>> {
+pub async fn apply_yaml(
+    client: &Client,
+    yaml: &str,
+    default_ns: &str,
+) -> Result<Vec<DynamicObject>> {
     use serde::Deserialize as _;
     let mut out = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(yaml) {
@@ -480,7 +504,8 @@ pub async fn apply_yaml(client: &Client, yaml: &str, default_ns: &str) -> Result
         if value.is_null() {
             continue;
         }
-        let obj: DynamicObject = serde_yaml::from_value(value).context("parsing a YAML document")?;
+        let obj: DynamicObject =
+            serde_yaml::from_value(value).context("parsing a YAML document")?;
         let types = obj
             .types
             .as_ref()
@@ -502,7 +527,11 @@ pub async fn apply_yaml(client: &Client, yaml: &str, default_ns: &str) -> Result
             }
         };
         let applied = api
-            .patch(&name, &PatchParams::apply("moe-e2e").force(), &Patch::Apply(&obj))
+            .patch(
+                &name,
+                &PatchParams::apply("moe-e2e").force(),
+                &Patch::Apply(&obj),
+            )
             .await
             .with_context(|| format!("applying {} {name}", types.kind))?;
         out.push(applied);

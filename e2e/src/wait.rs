@@ -28,7 +28,9 @@ where
         }
         if Instant::now() > deadline {
             match last_err {
-                Some(e) => bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}"),
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}")
+                }
                 None => bail!("timed out after {timeout:?} waiting for {what}"),
             }
         }
@@ -65,7 +67,10 @@ where
     K::DynamicType: Default,
 {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
-    let what = format!("deletion of {} {ns}/{name}", K::kind(&K::DynamicType::default()));
+    let what = format!(
+        "deletion of {} {ns}/{name}",
+        K::kind(&K::DynamicType::default())
+    );
     until(timeout, &what, || {
         let api = api.clone();
         async move { Ok(api.get_opt(name).await?.is_none().then_some(())) }
@@ -92,15 +97,19 @@ pub async fn pods_ready(
 ) -> Result<Vec<Pod>> {
     let api: Api<Pod> = Api::namespaced(client.clone(), ns);
     let lp = ListParams::default().labels(selector);
-    until(timeout, &format!("{n} ready pods matching {selector:?} in {ns}"), || {
-        let api = api.clone();
-        let lp = lp.clone();
-        async move {
-            let mut pods = api.list(&lp).await?.items;
-            pods.retain(|p| p.metadata.deletion_timestamp.is_none());
-            pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-            Ok((pods.len() >= n && pods.iter().all(pod_ready)).then_some(pods))
-        }
-    })
+    until(
+        timeout,
+        &format!("{n} ready pods matching {selector:?} in {ns}"),
+        || {
+            let api = api.clone();
+            let lp = lp.clone();
+            async move {
+                let mut pods = api.list(&lp).await?.items;
+                pods.retain(|p| p.metadata.deletion_timestamp.is_none());
+                pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+                Ok((pods.len() >= n && pods.iter().all(pod_ready)).then_some(pods))
+            }
+        },
+    )
     .await
 }

@@ -78,7 +78,11 @@ async fn control_plane_smoke() -> Result<()> {
 
     let v = client.apiserver_version().await?;
     println!("API server {} at {}", v.git_version, cluster.api_url());
-    ensure!(v.minor.starts_with("35"), "expected Kubernetes 1.35, got {}", v.git_version);
+    ensure!(
+        v.minor.starts_with("35"),
+        "expected Kubernetes 1.35, got {}",
+        v.git_version
+    );
 
     // The project's CRD, when it exists, is accepted by the real API server.
     let crd_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/moedeployment.yaml");
@@ -93,7 +97,8 @@ async fn control_plane_smoke() -> Result<()> {
                 async move {
                     let c = api.get(&name).await?;
                     let est = c.status.and_then(|s| s.conditions).is_some_and(|cs| {
-                        cs.iter().any(|c| c.type_ == "Established" && c.status == "True")
+                        cs.iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
                     });
                     Ok(est.then_some(()))
                 }
@@ -143,15 +148,33 @@ async fn control_plane_smoke() -> Result<()> {
     let pods = wait::pods_ready(&client, ns, "app=web", 2, T).await?;
     for p in &pods {
         let name = p.metadata.name.clone().unwrap_or_default();
-        let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
-        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone()).unwrap_or_default();
+        let node = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        let ip = p
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .unwrap_or_default();
         ensure!(node.starts_with("gpu-node-"), "{name} bound to {node:?}");
-        ensure!(ip.starts_with("127.") && ip != "127.0.0.1", "{name} has pod IP {ip}");
+        ensure!(
+            ip.starts_with("127.") && ip != "127.0.0.1",
+            "{name} has pod IP {ip}"
+        );
         let index = name.rsplit('-').next().unwrap_or_default();
         let logs = agent.logs(ns, &name, "main")?;
-        let want = format!("pod={name} ns={ns} index={index} ip={ip} greeting=hello from a configmap");
-        ensure!(logs.contains(&want), "logs of {name}:\n{logs}\nwanted: {want}");
-        ensure!(logs.contains("\nhello from a configmap"), "configMapKeyRef env missing:\n{logs}");
+        let want =
+            format!("pod={name} ns={ns} index={index} ip={ip} greeting=hello from a configmap");
+        ensure!(
+            logs.contains(&want),
+            "logs of {name}:\n{logs}\nwanted: {want}"
+        );
+        ensure!(
+            logs.contains("\nhello from a configmap"),
+            "configMapKeyRef env missing:\n{logs}"
+        );
         let (code, _) = moe_e2e::http::get(&ip, 8080, "/", Duration::from_secs(2)).await?;
         ensure!(code == 200, "GET {ip}:8080 returned {code}");
         println!("{name}: node {node}, ip {ip}, ready");
@@ -202,7 +225,9 @@ async fn control_plane_smoke() -> Result<()> {
     wait::until(T, "pods of web to be gone", || {
         let pod_api = pod_api.clone();
         async move {
-            let left = pod_api.list(&ListParams::default().labels("app=web")).await?;
+            let left = pod_api
+                .list(&ListParams::default().labels("app=web"))
+                .await?;
             Ok(left.items.is_empty().then_some(()))
         }
     })

@@ -120,9 +120,7 @@ pub fn parse_quantity(q: &str) -> Result<f64> {
     ];
     for (s, mult) in SUFFIXES {
         if let Some(num) = q.strip_suffix(s) {
-            let n: f64 = num
-                .parse()
-                .map_err(|_| anyhow!("bad quantity {q:?}"))?;
+            let n: f64 = num.parse().map_err(|_| anyhow!("bad quantity {q:?}"))?;
             return Ok(n * mult);
         }
     }
@@ -142,14 +140,14 @@ pub fn expand(s: &str, vars: &dyn Fn(&str) -> Option<String>) -> String {
                 i += 2;
                 continue;
             }
-            if b[i + 1] == b'(' {
-                if let Some(end) = s[i + 2..].find(')') {
-                    let name = &s[i + 2..i + 2 + end];
-                    if let Some(v) = vars(name) {
-                        out.push_str(&v);
-                        i += end + 3;
-                        continue;
-                    }
+            if b[i + 1] == b'('
+                && let Some(end) = s[i + 2..].find(')')
+            {
+                let name = &s[i + 2..i + 2 + end];
+                if let Some(v) = vars(name) {
+                    out.push_str(&v);
+                    i += end + 3;
+                    continue;
                 }
             }
         }
@@ -216,9 +214,17 @@ pub fn container_env(
     for src in c.env_from.iter().flatten() {
         let prefix = src.prefix.clone().unwrap_or_default();
         let (data, optional, what) = if let Some(r) = &src.config_map_ref {
-            (ctx.config_maps.get(&r.name), r.optional.unwrap_or(false), format!("configmap {}", r.name))
+            (
+                ctx.config_maps.get(&r.name),
+                r.optional.unwrap_or(false),
+                format!("configmap {}", r.name),
+            )
         } else if let Some(r) = &src.secret_ref {
-            (ctx.secrets.get(&r.name), r.optional.unwrap_or(false), format!("secret {}", r.name))
+            (
+                ctx.secrets.get(&r.name),
+                r.optional.unwrap_or(false),
+                format!("secret {}", r.name),
+            )
         } else {
             continue;
         };
@@ -245,7 +251,12 @@ pub fn container_env(
                 match ctx.config_maps.get(&r.name).and_then(|d| d.get(&r.key)) {
                     Some(v) => v.clone(),
                     None if r.optional.unwrap_or(false) => continue,
-                    None => bail!("env {}: configmap key {}/{} not found", e.name, r.name, r.key),
+                    None => bail!(
+                        "env {}: configmap key {}/{} not found",
+                        e.name,
+                        r.name,
+                        r.key
+                    ),
                 }
             } else if let Some(r) = &from.secret_key_ref {
                 match ctx.secrets.get(&r.name).and_then(|d| d.get(&r.key)) {
@@ -281,8 +292,14 @@ mod tests {
             ("/etc/moe".to_string(), PathBuf::from("/tmp/p/v/cfg")),
             ("/etc/moe/secret".to_string(), PathBuf::from("/tmp/p/v/sec")),
         ];
-        assert_eq!(rewrite_mounts("--config=/etc/moe/map.json", &m), "--config=/tmp/p/v/cfg/map.json");
-        assert_eq!(rewrite_mounts("/etc/moe/secret/token", &m), "/tmp/p/v/sec/token");
+        assert_eq!(
+            rewrite_mounts("--config=/etc/moe/map.json", &m),
+            "--config=/tmp/p/v/cfg/map.json"
+        );
+        assert_eq!(
+            rewrite_mounts("/etc/moe/secret/token", &m),
+            "/tmp/p/v/sec/token"
+        );
         assert_eq!(rewrite_mounts("/etc/moe", &m), "/tmp/p/v/cfg");
         assert_eq!(rewrite_mounts("/etc/moex/a", &m), "/etc/moex/a");
         assert_eq!(rewrite_mounts("/x/etc/moe/a", &m), "/x/etc/moe/a");

@@ -68,6 +68,13 @@ impl ImageMap {
         self
     }
 
+    /// Appends `other`'s rules and binaries after this map's (so this map's win).
+    pub fn merge(mut self, other: ImageMap) -> Self {
+        self.rules.extend(other.rules);
+        self.binaries.extend(other.binaries);
+        self
+    }
+
     /// Adds a full rule.
     pub fn rule(mut self, rule: ImageRule) -> Self {
         self.rules.push(rule);
@@ -135,7 +142,10 @@ impl ImageMap {
                 );
             };
             let Some(ep) = &rule.entrypoint else {
-                bail!("image rule {:?} has no entrypoint and the container has no command", rule.pattern);
+                bail!(
+                    "image rule {:?} has no entrypoint and the container has no command",
+                    rule.pattern
+                );
             };
             let mut v = vec![ep.display().to_string()];
             v.extend(if args.is_empty() {
@@ -146,12 +156,20 @@ impl ImageMap {
             return Ok(v);
         }
         let c0 = &command[0];
-        let name = Path::new(c0).file_name().and_then(|n| n.to_str()).unwrap_or(c0);
+        let name = Path::new(c0)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or(c0);
         let mapped = rule
             .and_then(|r| r.entrypoint.as_ref())
             .filter(|ep| ep.file_name().and_then(|n| n.to_str()) == Some(name))
             .cloned()
-            .or_else(|| self.binaries.iter().find(|(n, _)| n == name).map(|(_, p)| p.clone()));
+            .or_else(|| {
+                self.binaries
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, p)| p.clone())
+            });
         let mut v = vec![match mapped {
             Some(p) => p.display().to_string(),
             None => c0.clone(),
@@ -169,7 +187,9 @@ pub fn find_workspace_binary(name: &str) -> Option<PathBuf> {
         targets.push(PathBuf::from(t));
     }
     // e2e/ is one level below the workspace root.
-    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?.to_path_buf();
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()?
+        .to_path_buf();
     targets.push(ws.join("target"));
     for t in targets {
         for profile in ["debug", "release"] {
@@ -203,11 +223,21 @@ mod tests {
     fn argv_rules() {
         let m = ImageMap::new().image("ghcr.io/moe-operator/moe-worker", "/bin/w/moe-worker");
         assert_eq!(
-            m.argv("ghcr.io/moe-operator/moe-worker:dev", &[], &s(&["--rank", "0"])).ok(),
+            m.argv(
+                "ghcr.io/moe-operator/moe-worker:dev",
+                &[],
+                &s(&["--rank", "0"])
+            )
+            .ok(),
             Some(s(&["/bin/w/moe-worker", "--rank", "0"]))
         );
         assert_eq!(
-            m.argv("ghcr.io/moe-operator/moe-worker:dev", &s(&["/usr/local/bin/moe-worker", "serve"]), &s(&["-v"])).ok(),
+            m.argv(
+                "ghcr.io/moe-operator/moe-worker:dev",
+                &s(&["/usr/local/bin/moe-worker", "serve"]),
+                &s(&["-v"])
+            )
+            .ok(),
             Some(s(&["/bin/w/moe-worker", "serve", "-v"]))
         );
         assert_eq!(
@@ -217,7 +247,8 @@ mod tests {
         assert!(m.argv("busybox:1", &[], &[]).is_err());
         let m2 = ImageMap::new().image("moe-worker", "/x/moe-worker");
         assert_eq!(
-            m2.argv("example.com:443/team/moe-worker@sha256:00", &[], &[]).ok(),
+            m2.argv("example.com:443/team/moe-worker@sha256:00", &[], &[])
+                .ok(),
             Some(s(&["/x/moe-worker"]))
         );
     }

@@ -151,7 +151,12 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn alloc_ip(&self) -> String {
         let n = self.ip_next.fetch_add(1, Ordering::Relaxed);
-        format!("127.{}.{}.{}", self.ip_octet, 1 + (n / 250) % 250, 1 + n % 250)
+        format!(
+            "127.{}.{}.{}",
+            self.ip_octet,
+            1 + (n / 250) % 250,
+            1 + n % 250
+        )
     }
 
     pub fn track_task(&self, h: AbortHandle) {
@@ -255,7 +260,9 @@ impl AgentHandle {
     /// Log file of the container's current (or last) run.
     pub fn log_path(&self, ns: &str, pod: &str, container: &str) -> Option<PathBuf> {
         self.shared
-            .with_pod(&key(ns, pod), |p| p.containers.get(container).map(|c| c.1.clone()))
+            .with_pod(&key(ns, pod), |p| {
+                p.containers.get(container).map(|c| c.1.clone())
+            })
             .flatten()
     }
 
@@ -270,7 +277,9 @@ impl AgentHandle {
     /// Pid (= process group) of the container's running process.
     pub fn container_pid(&self, ns: &str, pod: &str, container: &str) -> Option<u32> {
         self.shared
-            .with_pod(&key(ns, pod), |p| p.containers.get(container).and_then(|c| c.0))
+            .with_pod(&key(ns, pod), |p| {
+                p.containers.get(container).and_then(|c| c.0)
+            })
             .flatten()
     }
 
@@ -339,7 +348,9 @@ async fn watch_loop(sh: Arc<Shared>) {
             }
         };
         let apply = |pod: Pod, runners: &mut HashMap<String, watch::Sender<Option<Pod>>>| {
-            let Some(uid) = pod.metadata.uid.clone() else { return };
+            let Some(uid) = pod.metadata.uid.clone() else {
+                return;
+            };
             if !ours(&pod) {
                 return;
             }
@@ -380,10 +391,10 @@ async fn watch_loop(sh: Arc<Shared>) {
             }
             watcher::Event::Apply(pod) => apply(pod, &mut runners),
             watcher::Event::Delete(pod) => {
-                if let Some(uid) = &pod.metadata.uid {
-                    if let Some(tx) = runners.remove(uid) {
-                        let _ = tx.send(None);
-                    }
+                if let Some(uid) = &pod.metadata.uid
+                    && let Some(tx) = runners.remove(uid)
+                {
+                    let _ = tx.send(None);
                 }
             }
         }

@@ -129,6 +129,14 @@ struct RunState {
     transitions: HashMap<String, (bool, String)>,
 }
 
+/// argv, env, working directory and (mount path, host path) pairs of a container run.
+type Prepared = (
+    Vec<String>,
+    Vec<(String, String)>,
+    PathBuf,
+    Vec<(String, PathBuf)>,
+);
+
 struct PodCtx {
     sh: Arc<Shared>,
     pod: Pod,
@@ -152,12 +160,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub(crate) async fn run_pod(sh: Arc<Shared>, mut rx: watch::Receiver<Option<Pod>>) {
-    let Some(pod) = rx.borrow().clone() else { return };
-    let ns = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let Some(pod) = rx.borrow().clone() else {
+        return;
+    };
+    let ns = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let name = pod.metadata.name.clone().unwrap_or_default();
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let key = format!("{ns}/{name}");
-    let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+    let phase = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default();
     if phase == "Succeeded" || phase == "Failed" {
         // Finished before this agent saw it: only honour deletion.
         wait_deleted_then_remove(&sh, &mut rx, &ns, &name, &uid).await;
@@ -195,7 +213,12 @@ pub(crate) async fn run_pod(sh: Arc<Shared>, mut rx: watch::Receiver<Option<Pod>
 
     let (stop_tx, stop_rx) = watch::channel(None::<Duration>);
     let run = RunState {
-        init: spec.init_containers.iter().flatten().map(CStatus::new).collect(),
+        init: spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(CStatus::new)
+            .collect(),
         app: spec.containers.iter().map(CStatus::new).collect(),
         sandbox_ready: false,
         initialized: spec.init_containers.as_ref().is_none_or(|v| v.is_empty()),
@@ -205,7 +228,10 @@ pub(crate) async fn run_pod(sh: Arc<Shared>, mut rx: watch::Receiver<Option<Pod>
     };
     let ctx = Arc::new(PodCtx {
         sh: sh.clone(),
-        restart_policy: spec.restart_policy.clone().unwrap_or_else(|| "Always".into()),
+        restart_policy: spec
+            .restart_policy
+            .clone()
+            .unwrap_or_else(|| "Always".into()),
         pod,
         ns: ns.clone(),
         name: name.clone(),
@@ -267,10 +293,10 @@ pub(crate) async fn run_pod(sh: Arc<Shared>, mut rx: watch::Receiver<Option<Pod>
         ctx.report().await;
         delete_now(&sh, &ns, &name, &uid).await;
     }
-    if let Ok(mut pods) = sh.pods.lock() {
-        if pods.get(&key).is_some_and(|p| p.uid == uid) {
-            pods.remove(&key);
-        }
+    if let Ok(mut pods) = sh.pods.lock()
+        && pods.get(&key).is_some_and(|p| p.uid == uid)
+    {
+        pods.remove(&key);
     }
 }
 
@@ -394,7 +420,7 @@ async fn supervise(ctx: Arc<PodCtx>, c: Container, idx: usize, init: bool) -> Op
         }
         // Environment, argv, working directory.
         let prepared = ctx.prepare(&c).await;
-        let (argv, env, cwd) = match prepared {
+        let (argv, env, cwd, mounts) = match prepared {
             Ok(x) => x,
             Err(e) => {
                 ctx.update(init, idx, |s| {
@@ -411,7 +437,10 @@ async fn supervise(ctx: Arc<PodCtx>, c: Container, idx: usize, init: bool) -> Op
             }
         };
         let restarts = ctx.status(init, idx).map(|s| s.restart_count).unwrap_or(0);
-        let log = ctx.dir.join("logs").join(format!("{}-{restarts}.log", c.name));
+        let log = ctx
+            .dir
+            .join("logs")
+            .join(format!("{}-{restarts}.log", c.name));
         let started_at = now_rfc3339();
         let t0 = Instant::now();
         let spawned = spawn_process(&argv, &env, &cwd, &log);
@@ -423,7 +452,8 @@ async fn supervise(ctx: Arc<PodCtx>, c: Container, idx: usize, init: bool) -> Op
                     p.insert(pid);
                 }
                 ctx.sh.with_pod(&ctx.key, |p| {
-                    p.containers.insert(c.name.clone(), (Some(pid), log.clone()));
+                    p.containers
+                        .insert(c.name.clone(), (Some(pid), log.clone()));
                 });
                 let has_readiness = c.readiness_probe.is_some() && !init;
                 ctx.update(init, idx, |s| {
@@ -440,7 +470,14 @@ async fn supervise(ctx: Arc<PodCtx>, c: Container, idx: usize, init: bool) -> Op
                 let probes = if init {
                     None
                 } else {
-                    let h = tokio::spawn(probe_loop(ctx.clone(), c.clone(), idx, env.clone(), cwd.clone(), live_tx));
+                    let h = tokio::spawn(probe_loop(
+                        ctx.clone(),
+                        with_rewritten_probes(&c, &env, &mounts),
+                        idx,
+                        env.clone(),
+                        cwd.clone(),
+                        live_tx,
+                    ));
                     ctx.sh.track_task(h.abort_handle());
                     Some(h)
                 };
@@ -531,6 +568,32 @@ fn pod_grace(ctx: &PodCtx) -> Duration {
     g.unwrap_or_default()
 }
 
+/// A copy of the container whose exec-probe commands have `$(VAR)` expanded and mount paths
+/// rewritten, like its command.
+fn with_rewritten_probes(
+    c: &Container,
+    env: &[(String, String)],
+    mounts: &[(String, PathBuf)],
+) -> Container {
+    let lookup = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let mut c = c.clone();
+    for p in [
+        &mut c.readiness_probe,
+        &mut c.liveness_probe,
+        &mut c.startup_probe,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Some(cmd) = p.exec.as_mut().and_then(|e| e.command.as_mut()) {
+            for a in cmd.iter_mut() {
+                *a = rewrite_mounts(&expand(a, &lookup), mounts);
+            }
+        }
+    }
+    c
+}
+
 /// SIGTERM to the process group, SIGKILL after `grace`.
 async fn terminate(
     child: &mut tokio::process::Child,
@@ -559,15 +622,13 @@ fn spawn_process(
     let err = out.try_clone()?;
     let mut cmd = tokio::process::Command::new(prog);
     // Look the program up on the container's PATH (as a runtime would), not the agent's.
-    if !prog.contains('/') {
-        if let Some((_, path)) = env.iter().find(|(k, _)| k == "PATH") {
-            if let Some(found) = std::env::split_paths(path)
-                .map(|d| d.join(prog))
-                .find(|p| p.is_file())
-            {
-                cmd = tokio::process::Command::new(found);
-            }
-        }
+    if !prog.contains('/')
+        && let Some((_, path)) = env.iter().find(|(k, _)| k == "PATH")
+        && let Some(found) = std::env::split_paths(path)
+            .map(|d| d.join(prog))
+            .find(|p| p.is_file())
+    {
+        cmd = tokio::process::Command::new(found);
     }
     cmd.args(args)
         .env_clear()
@@ -623,7 +684,11 @@ async fn probe_loop(
             }
             // Probe quickly until first ready, as the kubelet's start-up is not the thing
             // under test; then at the probe's period.
-            let period = if now { t.period } else { t.period.min(Duration::from_millis(500)) };
+            let period = if now {
+                t.period
+            } else {
+                t.period.min(Duration::from_millis(500))
+            };
             tokio::time::sleep(period).await;
         }
     };
@@ -703,11 +768,14 @@ impl PodCtx {
                     })
                 })
             });
-            if let (true, Some(port), Some(ca)) =
-                (wants_token, self.sh.cfg.api_port, self.sh.cfg.ca_pem.as_deref())
-            {
-                let kc = volumes::service_account_kubeconfig(&self.sh.client, &self.pod, port, ca, 3600)
-                    .await?;
+            if let (true, Some(port), Some(ca)) = (
+                wants_token,
+                self.sh.cfg.api_port,
+                self.sh.cfg.ca_pem.as_deref(),
+            ) {
+                let kc =
+                    volumes::service_account_kubeconfig(&self.sh.client, &self.pod, port, ca, 3600)
+                        .await?;
                 let p = self.dir.join("kubeconfig");
                 std::fs::write(&p, kc)?;
                 *lock(&self.kubeconfig) = Some(p);
@@ -717,7 +785,7 @@ impl PodCtx {
     }
 
     /// argv, env and working directory of a container run.
-    async fn prepare(&self, c: &Container) -> Result<(Vec<String>, Vec<(String, String)>, PathBuf)> {
+    async fn prepare(&self, c: &Container) -> Result<Prepared> {
         let vols = lock(&self.mounts).clone();
         let mounts: Vec<(String, PathBuf)> = c
             .volume_mounts
@@ -772,11 +840,11 @@ impl PodCtx {
         };
         let command = sub(&c.command.clone().unwrap_or_default());
         let args = sub(&c.args.clone().unwrap_or_default());
-        let argv = self
-            .sh
-            .cfg
-            .images
-            .argv(c.image.as_deref().unwrap_or_default(), &command, &args)?;
+        let argv =
+            self.sh
+                .cfg
+                .images
+                .argv(c.image.as_deref().unwrap_or_default(), &command, &args)?;
         let cwd = match c.working_dir.as_deref() {
             Some(w) if !w.is_empty() => {
                 let p = PathBuf::from(rewrite_mounts(w, &mounts));
@@ -784,7 +852,7 @@ impl PodCtx {
             }
             _ => self.dir.clone(),
         };
-        Ok((argv, env, cwd))
+        Ok((argv, env, cwd, mounts))
     }
 
     #[allow(clippy::type_complexity)]
@@ -885,7 +953,10 @@ impl PodCtx {
                     .map(|s| s.name.as_str())
                     .collect();
                 c["reason"] = json!("ContainersNotReady");
-                c["message"] = json!(format!("containers with unready status: [{}]", not_ready.join(" ")));
+                c["message"] = json!(format!(
+                    "containers with unready status: [{}]",
+                    not_ready.join(" ")
+                ));
             }
             conditions.push(c);
         }
@@ -900,8 +971,12 @@ impl PodCtx {
             "containerStatuses": run.app.iter().map(|s| s.to_json(&self.uid)).collect::<Vec<_>>(),
         });
         if !run.init.is_empty() {
-            status["initContainerStatuses"] =
-                json!(run.init.iter().map(|s| s.to_json(&self.uid)).collect::<Vec<_>>());
+            status["initContainerStatuses"] = json!(
+                run.init
+                    .iter()
+                    .map(|s| s.to_json(&self.uid))
+                    .collect::<Vec<_>>()
+            );
         }
         status
     }
@@ -916,7 +991,11 @@ impl PodCtx {
         let api: Api<Pod> = Api::namespaced(self.sh.client.clone(), &self.ns);
         let patch = json!({"status": status});
         match api
-            .patch_status(&self.name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .patch_status(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            )
             .await
         {
             Ok(_) => *last = Some(status),

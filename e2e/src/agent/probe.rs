@@ -52,7 +52,10 @@ pub async fn run_once(
 ) -> Result<()> {
     let timeout = ProbeTiming::of(p).timeout;
     if let Some(h) = &p.http_get {
-        if h.scheme.as_deref().is_some_and(|s| !s.eq_ignore_ascii_case("http")) {
+        if h.scheme
+            .as_deref()
+            .is_some_and(|s| !s.eq_ignore_ascii_case("http"))
+        {
             bail!("only HTTP probes are supported");
         }
         let port = port_of(c, &h.port)?;
@@ -79,9 +82,12 @@ pub async fn run_once(
     if let Some(t) = &p.tcp_socket {
         let port = port_of(c, &t.port)?;
         let host = t.host.clone().unwrap_or_else(|| pod_ip.to_string());
-        tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host.as_str(), port)))
-            .await
-            .map_err(|_| anyhow!("TCP probe timed out"))??;
+        tokio::time::timeout(
+            timeout,
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        )
+        .await
+        .map_err(|_| anyhow!("TCP probe timed out"))??;
         return Ok(());
     }
     if let Some(e) = &p.exec {

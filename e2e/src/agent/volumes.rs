@@ -98,7 +98,11 @@ pub(crate) async fn service_account_kubeconfig(
     expiration: i64,
 ) -> Result<String> {
     use base64::Engine as _;
-    let ns = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let ns = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let sa = pod
         .spec
         .as_ref()
@@ -129,7 +133,13 @@ current-context: local
     ))
 }
 
-async fn request_token(client: &Client, pod: &Pod, ns: &str, sa: &str, expiration: i64) -> Result<String> {
+async fn request_token(
+    client: &Client,
+    pod: &Pod,
+    ns: &str,
+    sa: &str,
+    expiration: i64,
+) -> Result<String> {
     let tr: TokenRequest = serde_json::from_value(serde_json::json!({
         "apiVersion": "authentication.k8s.io/v1",
         "kind": "TokenRequest",
@@ -209,14 +219,18 @@ pub(crate) async fn materialize(ctx: &VolumeCtx<'_>) -> Result<HashMap<String, P
             for s in proj.sources.iter().flatten() {
                 if let Some(src) = &s.config_map {
                     match cms.get_opt(&src.name).await? {
-                        Some(cm) => write_keys(&dir, &config_map_data(&cm), src.items.as_ref(), false)?,
+                        Some(cm) => {
+                            write_keys(&dir, &config_map_data(&cm), src.items.as_ref(), false)?
+                        }
                         None if src.optional.unwrap_or(false) || ctx.refresh => {}
                         None => bail!("configmap {ns}/{} not found", src.name),
                     }
                 }
                 if let Some(src) = &s.secret {
                     match secrets.get_opt(&src.name).await? {
-                        Some(sec) => write_keys(&dir, &secret_data(&sec), src.items.as_ref(), false)?,
+                        Some(sec) => {
+                            write_keys(&dir, &secret_data(&sec), src.items.as_ref(), false)?
+                        }
                         None if src.optional.unwrap_or(false) || ctx.refresh => {}
                         None => bail!("secret {ns}/{} not found", src.name),
                     }
