@@ -110,8 +110,9 @@ def single():
     del a, b
     for name, h, inter, e, k, ep, scoring in SHAPES:
         s_local = e // ep
-        wg = torch.randn(e, h, device=dev, dtype=torch.bfloat16) * 0.05
-        bias = torch.randn(e, device=dev) * 0.01
+        # same distributions as kernel-bench: x U(-1,1), router U(-0.05,0.05), bias U(-0.01,0.01)
+        wg = (torch.rand(e, h, device=dev) * 0.1 - 0.05).bfloat16()
+        bias = torch.rand(e, device=dev) * 0.02 - 0.01
         spr = s_local + max(s_local // 8, 1)
         ns = ep * spr
         phy2log = torch.arange(ns, device=dev) % e
@@ -127,7 +128,7 @@ def single():
         w1t = w1.transpose(-2, -1)
         w2t = w2.transpose(-2, -1)
         for T in TOKENS:
-            x = torch.randn(T, h, device=dev, dtype=torch.bfloat16)
+            x = (torch.rand(T, h, device=dev) * 2 - 1).bfloat16()
             result("kernel", name, T, "router_us", time_us(lambda: F.linear(x, wg).float(), 10))
             logits = F.linear(x, wg).float()
             result("kernel", name, T, "gating_us", time_us(lambda: gating(logits, scoring, k, bias), 10))
@@ -137,7 +138,7 @@ def single():
             src = perm // k
             tp = time_us(lambda: x.index_select(0, src), 10)
             result("kernel", name, T, "permute_us", tp)
-            result("kernel", name, T, "permute_GBps", 2 * T * k * h * 2 / tp / 1e3)
+            result("kernel", name, T, "permute_GBps", (T + T * k) * h * 2 / tp / 1e3)
             y = x.index_select(0, src)
             wf = w.flatten()
 
@@ -178,8 +179,9 @@ def single():
         torch.cuda.empty_cache()
     # whole layer, EP1 (all experts on this GPU)
     for name, h, inter, e, k, ep, scoring in SHAPES:
-        wg = torch.randn(e, h, device=dev, dtype=torch.bfloat16) * 0.05
-        bias = torch.randn(e, device=dev) * 0.01
+        # same distributions as kernel-bench: x U(-1,1), router U(-0.05,0.05), bias U(-0.01,0.01)
+        wg = (torch.rand(e, h, device=dev) * 0.1 - 0.05).bfloat16()
+        bias = torch.rand(e, device=dev) * 0.02 - 0.01
         w1 = torch.rand(e, 2 * inter, h, device=dev, dtype=torch.bfloat16) * 0.04 - 0.02
         w2 = torch.rand(e, h, inter, device=dev, dtype=torch.bfloat16) * 0.04 - 0.02
         w1t = w1.transpose(-2, -1)
@@ -187,7 +189,7 @@ def single():
         log2phy = torch.arange(e, device=dev).unsqueeze(1)
         logcnt = torch.ones(e, dtype=torch.long, device=dev)
         for T in TOKENS:
-            x = torch.randn(T, h, device=dev, dtype=torch.bfloat16)
+            x = (torch.rand(T, h, device=dev) * 2 - 1).bfloat16()
 
             def layer():
                 logits = F.linear(x, wg).float()

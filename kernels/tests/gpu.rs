@@ -332,6 +332,7 @@ fn expert_ffn_matches_cpu() {
         let dx = gpu.upload(&x).unwrap();
         for strat in [
             FfnStrategy::Loop,
+            FfnStrategy::SerialLoop,
             FfnStrategy::Grouped,
             FfnStrategy::default(),
         ] {

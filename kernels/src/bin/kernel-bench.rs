@@ -192,6 +192,7 @@ fn single() -> Result<()> {
             let flops = 6.0 * (rows * h * i) as f64;
             for (name, st) in [
                 ("loop", FfnStrategy::Loop),
+                ("serial_loop", FfnStrategy::SerialLoop),
                 ("grouped", FfnStrategy::Grouped),
                 ("auto", FfnStrategy::default()),
             ] {
@@ -209,6 +210,30 @@ fn single() -> Result<()> {
             }
         }
         gpu.synchronize()?;
+    }
+
+    // Loop / grouped crossover: uniform rows per expert.
+    for sh in shapes() {
+        let (h, i) = (sh.hidden, sh.inter);
+        let s_local = sh.experts / sh.ep;
+        let experts = DeviceExperts::random(&gpu, s_local, h, i, 6, 0.02)?;
+        for per in [8usize, 16, 32, 64, 96, 128, 192, 256] {
+            let rows = per * s_local;
+            let mut x = DeviceMatrix {
+                rows,
+                cols: h,
+                buf: gpu.zeros::<bf16>(rows * h)?,
+            };
+            gpu.fill_uniform(&mut x.buf, 8, 1.0)?;
+            let offsets: Vec<u32> = (0..=s_local).map(|e| (e * per) as u32).collect();
+            for (name, st) in [
+                ("loop", FfnStrategy::Loop),
+                ("grouped", FfnStrategy::Grouped),
+            ] {
+                let tf = time_us(&gpu, 3, || experts.ffn(&gpu, &x, &offsets, st).map(|_| ()))?;
+                result("crossover", sh.name, per, &format!("{name}_us"), tf);
+            }
+        }
     }
 
     // Whole layer on one GPU (EP1: all experts local).

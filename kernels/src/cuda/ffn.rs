@@ -13,8 +13,11 @@ use half::bf16;
 /// How [`DeviceExperts::ffn`] runs its GEMMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FfnStrategy {
-    /// One cuBLAS GEMM per expert and projection.
+    /// One cuBLAS GEMM per expert and projection, spread over several streams so that
+    /// small GEMMs overlap.
     Loop,
+    /// The same GEMMs one after the other on the main stream (reference point).
+    SerialLoop,
     /// One grouped GEMM call per projection (all experts at once).
     Grouped,
     /// Grouped when the largest expert has at most `max_rows_grouped` rows, else the loop.
@@ -38,6 +41,7 @@ impl Default for FfnStrategy {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_nt(
     gpu: &Gpu,
+    handle: cudarc::cublas::sys::cublasHandle_t,
     n: usize,
     m: usize,
     k: usize,
@@ -52,7 +56,7 @@ pub(crate) fn gemm_nt(
     // Column-major view: C^T [m, n] = W^T' ... i.e. op(A)=W (transposed), op(B)=X^T.
     unsafe {
         cudarc::cublas::sys::cublasGemmEx(
-            *gpu.blas.handle(),
+            handle,
             cublasOperation_t::CUBLAS_OP_T,
             cublasOperation_t::CUBLAS_OP_N,
             m as i32,
@@ -75,6 +79,39 @@ pub(crate) fn gemm_nt(
         .result()
         .map_err(blas_err)
     }
+}
+
+/// Makes every lane wait for the work enqueued so far on the main stream.
+fn fork(
+    gpu: &Gpu,
+    lanes: &[(
+        std::sync::Arc<cudarc::driver::CudaStream>,
+        cudarc::cublas::CudaBlas,
+    )],
+) -> Result<()> {
+    if lanes.is_empty() {
+        return Ok(());
+    }
+    let ev = gpu.stream().record_event(None).map_err(drv)?;
+    for (st, _) in lanes {
+        st.wait(&ev).map_err(drv)?;
+    }
+    Ok(())
+}
+
+/// Makes the main stream wait for everything enqueued on the lanes.
+fn join(
+    gpu: &Gpu,
+    lanes: &[(
+        std::sync::Arc<cudarc::driver::CudaStream>,
+        cudarc::cublas::CudaBlas,
+    )],
+) -> Result<()> {
+    for (st, _) in lanes {
+        let ev = st.record_event(None).map_err(drv)?;
+        gpu.stream().wait(&ev).map_err(drv)?;
+    }
+    Ok(())
 }
 
 /// One grouped GEMM: for each group g, `C_g[n_g, m] = X_g[n_g, k] @ W_g[m, k]^T`.
@@ -296,7 +333,7 @@ impl DeviceExperts {
             .max()
             .unwrap_or(0);
         let grouped = match strategy {
-            FfnStrategy::Loop => false,
+            FfnStrategy::Loop | FfnStrategy::SerialLoop => false,
             FfnStrategy::Grouped => true,
             FfnStrategy::Auto { max_rows_grouped } => max_rows <= max_rows_grouped,
         };
@@ -323,9 +360,23 @@ impl DeviceExperts {
             let ys: Vec<u64> = groups.iter().map(|g| py + (g.1 * h * 2) as u64).collect();
             grouped_gemm_nt(gpu, h, i, &ns, &hs, &w2s, &ys, &mut ptrs2)?;
         } else {
-            for &(e, a, n) in &groups {
+            // Per-expert GEMMs spread round-robin over the lanes (each its own stream and
+            // cuBLAS handle) so that small GEMMs run concurrently; joined before the
+            // SiLU and at the end.
+            let lanes = if groups.len() > 1 {
+                &gpu.lanes[..]
+            } else {
+                &gpu.lanes[..0]
+            };
+            let handle_of = |j: usize| match lanes.get(j % lanes.len().max(1)) {
+                Some((_, b)) => *b.handle(),
+                None => *gpu.blas.handle(),
+            };
+            fork(gpu, lanes)?;
+            for (j, &(e, a, n)) in groups.iter().enumerate() {
                 gemm_nt(
                     gpu,
+                    handle_of(j),
                     n,
                     2 * i,
                     h,
@@ -335,10 +386,13 @@ impl DeviceExperts {
                     cudaDataType_t::CUDA_R_16BF,
                 )?;
             }
+            join(gpu, lanes)?;
             gpu.silu_and_mul_raw(pgu, r, i, ph)?;
-            for &(e, a, n) in &groups {
+            fork(gpu, lanes)?;
+            for (j, &(e, a, n)) in groups.iter().enumerate() {
                 gemm_nt(
                     gpu,
+                    handle_of(j),
                     n,
                     h,
                     i,
@@ -348,6 +402,7 @@ impl DeviceExperts {
                     cudaDataType_t::CUDA_R_16BF,
                 )?;
             }
+            join(gpu, lanes)?;
         }
         out.rows = r;
         Ok(out)

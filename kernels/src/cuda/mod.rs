@@ -144,6 +144,7 @@ pub(crate) struct Kernels {
     pub tokens_per_rank: CudaFunction,
     pub gather_v8: CudaFunction,
     pub gather_s: CudaFunction,
+    pub scatter_v8: CudaFunction,
     pub combine_v8: CudaFunction,
     pub combine_s: CudaFunction,
     pub silu_v8: CudaFunction,
@@ -158,6 +159,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     side: Arc<CudaStream>,
     pub(crate) blas: cudarc::cublas::CudaBlas,
+    /// Extra streams, each with its own cuBLAS handle, for concurrent per-expert GEMMs.
+    pub(crate) lanes: Vec<(Arc<CudaStream>, cudarc::cublas::CudaBlas)>,
     pub(crate) k: Kernels,
     sm_count: u32,
     arch: &'static str,
@@ -170,6 +173,8 @@ impl std::fmt::Debug for Gpu {
 }
 
 const LAYOUT_CHUNK: usize = 256;
+/// Streams the GEMM loop of the expert FFN spreads its per-expert GEMMs over.
+const FFN_LANES: usize = 4;
 
 impl Gpu {
     /// Opens device `ordinal` (checks [`available`] first), compiles/loads the kernels.
@@ -218,6 +223,7 @@ impl Gpu {
             tokens_per_rank: f("moe_tokens_per_rank")?,
             gather_v8: f("moe_gather_rows_v8")?,
             gather_s: f("moe_gather_rows_s")?,
+            scatter_v8: f("moe_scatter_rows_v8")?,
             combine_v8: f("moe_combine_v8")?,
             combine_s: f("moe_combine_s")?,
             silu_v8: f("moe_silu_mul_v8")?,
@@ -227,6 +233,12 @@ impl Gpu {
             _module: module,
         };
         let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(blas_err)?;
+        let mut lanes = Vec::with_capacity(FFN_LANES);
+        for _ in 0..FFN_LANES {
+            let st = ctx.new_stream().map_err(drv)?;
+            let b = cudarc::cublas::CudaBlas::new(st.clone()).map_err(blas_err)?;
+            lanes.push((st, b));
+        }
         let sm_count = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
@@ -237,6 +249,7 @@ impl Gpu {
             stream,
             side,
             blas,
+            lanes,
             k,
             sm_count,
             arch,
@@ -306,6 +319,12 @@ impl Gpu {
         self.stream.alloc_zeros(n.max(1)).map_err(drv)
     }
 
+    /// Allocates `n` (at least one) elements that the caller's kernels fully overwrite.
+    pub(crate) fn uninit<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: callers only use this for buffers a kernel writes completely before reading.
+        unsafe { self.stream.alloc(n.max(1)) }.map_err(drv)
+    }
+
     /// Fills `buf` with seeded uniform bf16 values in `[-scale, scale)` (device-side
     /// generator, for benchmarks and synthetic weights).
     pub fn fill_uniform(&self, buf: &mut CudaSlice<bf16>, seed: u32, scale: f32) -> Result<()> {
@@ -347,6 +366,7 @@ impl Gpu {
         if x.rows > 0 {
             ffn::gemm_nt(
                 self,
+                *self.blas.handle(),
                 x.rows,
                 w_gate.rows,
                 x.cols,
@@ -385,8 +405,8 @@ impl Gpu {
         }
         let t = logits.rows;
         let k = cfg.top_k;
-        let mut ids = self.zeros::<u32>(t * k)?;
-        let mut weights = self.zeros::<f32>(t * k)?;
+        let mut ids = self.uninit::<u32>(t * k)?;
+        let mut weights = self.uninit::<f32>(t * k)?;
         if t > 0 {
             let g = cfg.num_groups;
             let per_warp = (2 * e + g + e.div_ceil(4)) * 4;
@@ -444,7 +464,7 @@ impl Gpu {
             return invalid("map: load counters must have one entry per physical slot");
         }
         let n = topk.tokens * topk.k;
-        let mut phys = self.zeros::<u32>(n)?;
+        let mut phys = self.uninit::<u32>(n)?;
         if n > 0 {
             let (ni, ki, nl, mr) = (
                 n as i32,
@@ -484,11 +504,11 @@ impl Gpu {
         let t = tokens;
         let ns = topo.num_slots();
         let nchunks = n.div_ceil(LAYOUT_CHUNK).max(1);
-        let mut local = self.zeros::<u32>(n.max(1))?;
-        let mut hist = self.zeros::<u32>(nchunks * ns)?;
-        let mut rows_per_slot = self.zeros::<u32>(ns)?;
-        let mut slot_offsets = self.zeros::<u32>(ns + 1)?;
-        let mut rows_per_rank = self.zeros::<u32>(topo.num_ranks)?;
+        let mut local = self.uninit::<u32>(n)?;
+        let mut hist = self.uninit::<u32>(nchunks * ns)?;
+        let mut rows_per_slot = self.uninit::<u32>(ns)?;
+        let mut slot_offsets = self.uninit::<u32>(ns + 1)?;
+        let mut rows_per_rank = self.uninit::<u32>(topo.num_ranks)?;
         let mut tokens_per_rank = self.zeros::<u32>(topo.num_ranks)?;
         let mut perm = self.zeros::<u32>(n.max(1))?;
         let mut inv = self.zeros::<u32>(n.max(1))?;
@@ -626,17 +646,53 @@ impl Gpu {
         Ok(())
     }
 
-    /// Permute: the send buffer `out[row] = x[perm[row] / k]`.
+    /// Permute: the send buffer `out[row] = x[perm[row] / k]` (`[T*k, H]`).
     pub fn permute(
         &self,
         x: &DeviceMatrix<bf16>,
         layout: &DeviceLayout,
     ) -> Result<DeviceMatrix<bf16>> {
-        if x.rows != layout.tokens {
-            return invalid("permute: x rows differ from the layout's tokens");
+        let mut out = self.alloc_matrix::<bf16>(layout.tokens * layout.k, x.cols)?;
+        self.permute_into(x, layout, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Gpu::permute`] into an existing `[T*k, H]` matrix. With `H % 8 == 0` each token row
+    /// is read once and written to its k send rows (through `layout.inv`); otherwise a row
+    /// gather through `layout.perm`.
+    pub fn permute_into(
+        &self,
+        x: &DeviceMatrix<bf16>,
+        layout: &DeviceLayout,
+        out: &mut DeviceMatrix<bf16>,
+    ) -> Result<()> {
+        let (t, k, h) = (layout.tokens, layout.k, x.cols);
+        if x.rows != t || out.rows != t * k || out.cols != h {
+            return invalid("permute: x must have the layout's tokens, out tokens * k rows");
         }
-        let n = layout.tokens * layout.k;
-        self.gather_rows(x, &layout.perm.slice(..n), layout.k as u32)
+        if t == 0 || h == 0 {
+            return Ok(());
+        }
+        if !h.is_multiple_of(8) {
+            return self.gather_rows_into(x, &layout.perm.slice(..t * k), k as u32, out);
+        }
+        let hv = h / 8;
+        let cfg = LaunchConfig {
+            grid_dim: (self.grid(t), hv.div_ceil(128) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ti, ki, hvi) = (t as i32, k as i32, hv as i32);
+        let mut b = self.stream.launch_builder(&self.k.scatter_v8);
+        b.arg(&x.buf)
+            .arg(&layout.inv)
+            .arg(&ti)
+            .arg(&ki)
+            .arg(&hvi)
+            .arg(&mut out.buf);
+        // SAFETY: matches the kernel signature; inv is a permutation of 0..T*k.
+        unsafe { b.launch(cfg) }.map_err(drv)?;
+        Ok(())
     }
 
     /// Unpermute + combine: `out[t] = bf16(sum_j w[t*k+j] * y[inv[t*k+j]])`.
@@ -673,8 +729,14 @@ impl Gpu {
             return Ok(());
         }
         let h = y.cols;
+        // column chunks of 128 vectors (1024 values); enough blocks for small token counts
+        let chunks = if h.is_multiple_of(8) {
+            (h / 8).div_ceil(128)
+        } else {
+            1
+        };
         let cfg = LaunchConfig {
-            grid_dim: (self.grid(tokens), 1, 1),
+            grid_dim: (self.grid(tokens), chunks as u32, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -300,6 +300,19 @@ extern "C" __global__ void moe_gather_rows_v8(const uint4* __restrict__ x, const
     }
 }
 
+// Permute by scatter: each token row is read once and written to its K send rows
+// (out[inv[t*K+j]] = x[t]); reads T*H, writes T*K*H values (a gather reads x K times).
+extern "C" __global__ void moe_scatter_rows_v8(const uint4* __restrict__ x, const u32* __restrict__ inv, int T,
+                                               int K, int hv, uint4* __restrict__ out) {
+    for (int t = blockIdx.x; t < T; t += gridDim.x) {
+        const u32* it = inv + (size_t)t * K;
+        for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < hv; c += gridDim.y * blockDim.x) {
+            const uint4 v = x[(size_t)t * hv + c];
+            for (int j = 0; j < K; ++j) out[(size_t)it[j] * hv + c] = v;
+        }
+    }
+}
+
 // Scalar fallback for rows whose length is not a multiple of 8 elements.
 extern "C" __global__ void moe_gather_rows_s(const u16* __restrict__ x, const u32* __restrict__ idx, int div,
                                              int rows, int h, u16* __restrict__ out) {
@@ -312,24 +325,40 @@ extern "C" __global__ void moe_gather_rows_s(const u16* __restrict__ x, const u3
 
 // ---------------------------------------------------------------------------------------
 // Unpermute + weighted combine: out[t] = bf16(sum_j w[t,j] * y[inv[t*K+j]]) (fma chain in j order).
+// Grid: x over tokens, y over column chunks (so that few tokens still fill the GPU).
+// Rows are loaded four at a time before their fmas (more loads in flight); the fma order
+// stays j = 0, 1, ..., K-1.
+__device__ __forceinline__ void fma8(float* acc, float w, uint4 v) {
+    const u32 vv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        acc[2 * q] = fmaf(w, __uint_as_float(vv[q] << 16), acc[2 * q]);
+        acc[2 * q + 1] = fmaf(w, __uint_as_float(vv[q] & 0xffff0000u), acc[2 * q + 1]);
+    }
+}
+
 extern "C" __global__ void moe_combine_v8(const uint4* __restrict__ y, const u32* __restrict__ inv,
                                           const float* __restrict__ w, int T, int K, int hv,
                                           uint4* __restrict__ out) {
     for (int t = blockIdx.x; t < T; t += gridDim.x) {
-        for (int c = threadIdx.x; c < hv; c += blockDim.x) {
+        const u32* it = inv + (size_t)t * K;
+        const float* wt = w + (size_t)t * K;
+        for (int c = blockIdx.y * blockDim.x + threadIdx.x; c < hv; c += gridDim.y * blockDim.x) {
             float acc[8];
 #pragma unroll
             for (int q = 0; q < 8; ++q) acc[q] = 0.f;
-            for (int j = 0; j < K; ++j) {
-                const float wj = w[(size_t)t * K + j];
-                const uint4 v = y[(size_t)inv[(size_t)t * K + j] * hv + c];
-                const u32 vv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    acc[2 * q] = fmaf(wj, __uint_as_float(vv[q] << 16), acc[2 * q]);
-                    acc[2 * q + 1] = fmaf(wj, __uint_as_float(vv[q] & 0xffff0000u), acc[2 * q + 1]);
-                }
+            int j = 0;
+            for (; j + 4 <= K; j += 4) {
+                const uint4 v0 = y[(size_t)it[j] * hv + c];
+                const uint4 v1 = y[(size_t)it[j + 1] * hv + c];
+                const uint4 v2 = y[(size_t)it[j + 2] * hv + c];
+                const uint4 v3 = y[(size_t)it[j + 3] * hv + c];
+                fma8(acc, wt[j], v0);
+                fma8(acc, wt[j + 1], v1);
+                fma8(acc, wt[j + 2], v2);
+                fma8(acc, wt[j + 3], v3);
             }
+            for (; j < K; ++j) fma8(acc, wt[j], y[(size_t)it[j] * hv + c]);
             uint4 o;
             o.x = (u32)f2bf(acc[0]) | ((u32)f2bf(acc[1]) << 16);
             o.y = (u32)f2bf(acc[2]) | ((u32)f2bf(acc[3]) << 16);
