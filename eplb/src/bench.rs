@@ -55,8 +55,8 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Timed repetitions (median reported).
     pub repeats: usize,
-    /// `max_moves` given to `incremental` per layer, as a fraction of the slots.
-    pub incremental_fraction: f64,
+    /// `max_moves` given to `incremental` per layer, as fractions of the slots (one row each).
+    pub incremental_fractions: Vec<f64>,
 }
 
 impl Default for BenchOptions {
@@ -65,7 +65,7 @@ impl Default for BenchOptions {
             history: 8,
             seed: 2026,
             repeats: 5,
-            incremental_fraction: 0.0625,
+            incremental_fractions: vec![0.0625, 0.125],
         }
     }
 }
@@ -81,9 +81,12 @@ pub struct BenchRow {
     pub next_worst_par: f64,
     pub slots_moved: usize,
     pub slots_total: usize,
+    /// Median planning time.
     pub plan_ms: f64,
-    /// Largest relative gap of the plan's objective to its lower bound (joint only).
-    pub max_gap: Option<f64>,
+    /// Fastest planning time.
+    pub plan_ms_min: f64,
+    /// Mean and largest relative gap of the plan's objective to its lower bound (joint only).
+    pub gap: Option<(f64, f64)>,
     pub threads: usize,
 }
 
@@ -115,40 +118,48 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     let mut rows = Vec::new();
-    let row_for =
-        |name: &str, p: &Placement, ms: f64, gap: Option<f64>, thr: usize| -> Result<BenchRow> {
-            let hs = score_history(p, &history)?;
-            let ns = score(p, next)?;
-            Ok(BenchRow {
-                algorithm: name.to_string(),
-                shape: bs.name.to_string(),
-                history_mean_par: hs.mean,
-                history_worst_par: hs.worst,
-                next_mean_par: ns.mean,
-                next_worst_par: ns.worst,
-                slots_moved: migration_cost(&previous, p, 0)?.slots,
-                slots_total,
-                plan_ms: ms,
-                max_gap: gap,
-                threads: thr,
-            })
-        };
+    let row_for = |name: &str,
+                   p: &Placement,
+                   ms: f64,
+                   gap: Option<(f64, f64)>,
+                   thr: usize|
+     -> Result<BenchRow> {
+        let hs = score_history(p, &history)?;
+        let ns = score(p, next)?;
+        Ok(BenchRow {
+            algorithm: name.to_string(),
+            shape: bs.name.to_string(),
+            history_mean_par: hs.mean,
+            history_worst_par: hs.worst,
+            next_mean_par: ns.mean,
+            next_worst_par: ns.worst,
+            slots_moved: migration_cost(&previous, p, 0)?.slots,
+            slots_total,
+            plan_ms: ms,
+            plan_ms_min: ms,
+            gap,
+            threads: thr,
+        })
+    };
     let rr = initial_placement(InitialStrategy::RoundRobin, bs.num_layers, &shape)?;
     rows.push(row_for("static round-robin", &rr, 0.0, None, 0)?);
     rows.push(row_for("keep previous", &previous, 0.0, None, 0)?);
-    let budget = ((shape.slots() as f64 * opts.incremental_fraction).ceil() as usize).max(1);
-    let mut algos = vec![("greedy", 1usize)];
+    let mut algos: Vec<(&str, usize, Option<usize>)> = vec![("greedy", 1, None)];
     if shape.hierarchical() {
-        algos.push(("greedy-global", 1));
+        algos.push(("greedy-global", 1, None));
     }
-    algos.extend([("joint", threads), ("incremental", threads)]);
-    for (name, thr) in algos {
+    algos.push(("joint", threads, None));
+    for f in &opts.incremental_fractions {
+        let budget = ((shape.slots() as f64 * f).ceil() as usize).max(1);
+        algos.push(("incremental", threads, Some(budget)));
+    }
+    for (name, thr, budget) in algos {
         let planner = planner_by_name(name)?;
         let mut req = PlanRequest::new(shape, &history)
             .previous(&previous)
             .threads(thr);
-        if name == "incremental" {
-            req = req.max_moves(budget);
+        if let Some(b) = budget {
+            req = req.max_moves(b);
         }
         let mut times = Vec::new();
         let mut plan = None;
@@ -159,13 +170,15 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
             plan = Some(p);
         }
         let Some(plan) = plan else { continue };
-        let gap = (name == "joint").then(|| plan.max_gap());
-        let label = if name == "incremental" {
-            format!("incremental (max {budget}/layer)")
-        } else {
-            name.to_string()
+        let gap = (name == "joint").then(|| (plan.mean_gap(), plan.max_gap()));
+        let label = match budget {
+            Some(b) => format!("incremental (max {b}/layer)"),
+            None => name.to_string(),
         };
-        rows.push(row_for(&label, &plan.placement, median(times), gap, thr)?);
+        let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+        let mut row = row_for(&label, &plan.placement, median(times), gap, thr)?;
+        row.plan_ms_min = min;
+        rows.push(row);
     }
     Ok(rows)
 }
@@ -173,9 +186,17 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
 /// Markdown table of benchmark rows.
 pub fn markdown_table(rows: &[BenchRow]) -> String {
     let mut s = String::from(
-        "| shape | algorithm | history mean PAR | history worst PAR | next mean PAR | next worst PAR | slots moved | plan time (ms) | threads | gap to bound |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| shape | algorithm | history mean PAR | history worst PAR | next mean PAR | next worst PAR | slots moved | plan ms (min / median) | threads | gap to bound (mean / max) |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
+        let (time, threads) = if r.threads == 0 {
+            ("-".to_string(), "-".to_string())
+        } else {
+            (
+                format!("{:.2} / {:.2}", r.plan_ms_min, r.plan_ms),
+                r.threads.to_string(),
+            )
+        };
         s.push_str(&format!(
             "| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} | {} ({:.1}%) | {} | {} | {} |\n",
             r.shape,
@@ -186,18 +207,13 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
             r.next_worst_par,
             r.slots_moved,
             100.0 * r.slots_moved as f64 / r.slots_total.max(1) as f64,
-            if r.threads == 0 {
-                "-".to_string()
-            } else {
-                format!("{:.2}", r.plan_ms)
-            },
-            if r.threads == 0 {
-                "-".to_string()
-            } else {
-                r.threads.to_string()
-            },
-            r.max_gap
-                .map_or("-".to_string(), |g| format!("{:.2}%", 100.0 * g)),
+            time,
+            threads,
+            r.gap.map_or("-".to_string(), |(m, x)| format!(
+                "{:.2}% / {:.2}%",
+                100.0 * m,
+                100.0 * x
+            )),
         ));
     }
     s

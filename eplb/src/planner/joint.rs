@@ -17,7 +17,7 @@ use super::greedy::greedy_row;
 use super::problem::{Problem, State, water_fill};
 
 /// Iteration cap of the local search (each iteration applies one improving move).
-const MAX_ITERS: usize = 400;
+pub(crate) const MAX_ITERS: usize = 400;
 /// Node budget of the exact search per layer.
 const EXACT_NODES: usize = 400_000;
 

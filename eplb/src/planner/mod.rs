@@ -55,7 +55,7 @@ pub struct PlanRequest<'a> {
     /// least this fraction (default 0.005).
     pub min_improvement: f64,
     /// Weight ratio between consecutive episodes, newer over older counts `1/recency` more
-    /// (default 0.85; 1 = all windows equal).
+    /// (default 0.6; 1 = all windows equal).
     pub recency: f64,
     /// Worker threads (0 = available parallelism).
     pub threads: usize,
@@ -73,7 +73,7 @@ impl<'a> PlanRequest<'a> {
             previously_imbalanced: None,
             layers: None,
             min_improvement: 0.005,
-            recency: 0.85,
+            recency: 0.6,
             threads: 0,
         }
     }
@@ -147,7 +147,17 @@ impl Plan {
     pub fn worst_par(&self) -> f64 {
         self.layers.iter().map(|l| l.par).fold(1.0, f64::max)
     }
-    /// Largest relative gap `objective / lower_bound - 1` over the planned layers.
+    /// Mean relative gap `objective / lower_bound - 1` over the layers with a bound.
+    pub fn mean_gap(&self) -> f64 {
+        let gaps: Vec<f64> = self
+            .layers
+            .iter()
+            .filter_map(|l| l.lower_bound.map(|b| l.objective / b.max(1e-12) - 1.0))
+            .collect();
+        gaps.iter().sum::<f64>() / gaps.len().max(1) as f64
+    }
+
+    /// Largest relative gap `objective / lower_bound - 1` over the layers with a bound.
     pub fn max_gap(&self) -> f64 {
         self.layers
             .iter()
@@ -335,6 +345,20 @@ fn plan_one(
     if let Some(prev) = prev_row {
         if algo == Algo::Joint {
             row = matching::align(&row, prev, shape.num_ranks, None);
+            // Warm start: the previous layer improved in place. Taken when it is within
+            // `min_improvement` of the fresh plan, because it moves far fewer slots.
+            let mut warm = State::new(&p, prev.to_vec());
+            warm.improve(None, joint::MAX_ITERS);
+            let f_warm = warm.objective().0;
+            let f_fresh = p.episode_par(&row);
+            if f_warm <= f_fresh * (1.0 + req.min_improvement) {
+                let moved_warm = warm.row.iter().zip(prev).filter(|(a, b)| a != b).count();
+                let moved_fresh = row.iter().zip(prev).filter(|(a, b)| a != b).count();
+                if moved_warm < moved_fresh || f_warm < f_fresh {
+                    row = warm.row;
+                    optimal = optimal && f_warm <= f_fresh;
+                }
+            }
         }
         let moved = row.iter().zip(prev).filter(|(a, b)| a != b).count();
         if let Some(m) = req.max_moves

@@ -551,11 +551,7 @@ impl<'p> State<'p> {
                         (l, b)
                     })
                     .collect();
-                let limit = if budget.is_none() {
-                    PARTNERS
-                } else {
-                    2 * PARTNERS
-                };
+                let limit = PARTNERS;
                 if partners.len() > limit {
                     partners.select_nth_unstable_by(limit, |x, y| {
                         x.0.total_cmp(&y.0).then(x.1.cmp(&y.1))
