@@ -532,3 +532,79 @@ pub fn ungroup_outputs(y: &Bf16Matrix, layout: &RecvLayout) -> Result<Bf16Matrix
     }
     gather_rows(y, &layout.recv_to_expert_major)
 }
+
+/// The expert-parallel layer as G ranks would run it, in one process, with the all-to-all
+/// done by copying rows: each rank routes its own tokens (`xs[r]`, hash indices from
+/// `token_bases[r]`, load counted into `loads[r]`), sends rows to the ranks holding the
+/// chosen slots, runs its `S` local experts (`layer.experts[r*S..(r+1)*S]`) on the rows it
+/// received, sends the outputs back, and combines. This is the reference for a worker's
+/// multi-rank CPU backend (the exchange is the only part a worker replaces) and gives the
+/// same result as [`moe_layer`] on the concatenated tokens.
+pub fn moe_layer_multi_rank(
+    xs: &[Bf16Matrix],
+    layer: &MoeLayerRef<'_>,
+    token_bases: &[u32],
+    loads: &mut [Vec<u32>],
+) -> Result<Vec<Bf16Matrix>> {
+    let (g, s) = (layer.topo.num_ranks, layer.topo.slots_per_rank);
+    if xs.len() != g || token_bases.len() != g || loads.len() != g || layer.experts.len() != g * s {
+        return invalid(
+            "multi-rank: need one x, token base and load vector per rank and G*S experts",
+        );
+    }
+    let h = layer.w_gate.cols();
+    // 1. per rank: routing and send buffers
+    let mut routed = Vec::with_capacity(g);
+    for r in 0..g {
+        let logits = router_logits(&xs[r], layer.w_gate)?;
+        let topk = gating_topk(&logits, layer.gating, layer.bias)?;
+        let phys = map_to_physical(&topk, layer.map, token_bases[r], &mut loads[r])?;
+        let layout = dispatch_layout(&phys, topk.k, layer.topo)?;
+        let send = permute(&xs[r], &layout)?;
+        routed.push((topk, layout, send));
+    }
+    // 2. "all-to-all": rank d receives from each source s its rows for d, in source order;
+    //    counts[s][e] = rows from s for d's local expert e.
+    let mut outputs_back: Vec<Vec<Bf16Matrix>> = vec![Vec::new(); g]; // [src][dst] -> rows
+    for d in 0..g {
+        let mut counts = Vec::with_capacity(g * s);
+        let mut recv_data = Vec::new();
+        for (_, layout, send) in &routed {
+            counts.extend_from_slice(&layout.rows_per_slot[d * s..(d + 1) * s]);
+            let (a, b) = (
+                layout.slot_offsets[d * s] as usize,
+                layout.slot_offsets[(d + 1) * s] as usize,
+            );
+            recv_data.extend_from_slice(send.rows_slice(a, b));
+        }
+        let rl = RecvLayout::new(g, s, &counts)?;
+        let recv = Matrix::from_vec(rl.rows(), h, recv_data)?;
+        let grouped = regroup_received(&recv, &rl)?;
+        let local: Vec<&ExpertWeights> = layer.experts[d * s..(d + 1) * s].iter().collect();
+        let y = expert_ffn(&grouped, &rl.expert_offsets, &local)?;
+        let y_recv = ungroup_outputs(&y, &rl)?;
+        // 3. "all-to-all" back: the rows from source `src` go back to it
+        for src in 0..g {
+            let (a, b) = (
+                rl.src_offsets[src] as usize,
+                rl.src_offsets[src + 1] as usize,
+            );
+            outputs_back[src].push(Matrix::from_vec(
+                b - a,
+                h,
+                y_recv.rows_slice(a, b).to_vec(),
+            )?);
+        }
+    }
+    // 4. per rank: the returned rows are in send order (destination-major); combine
+    let mut outs = Vec::with_capacity(g);
+    for (r, (topk, layout, _)) in routed.iter().enumerate() {
+        let mut data = Vec::with_capacity(topk.tokens * topk.k * h);
+        for part in &outputs_back[r] {
+            data.extend_from_slice(part.as_slice());
+        }
+        let y_send = Matrix::from_vec(topk.tokens * topk.k, h, data)?;
+        outs.push(unpermute_combine(&y_send, layout, &topk.weights)?);
+    }
+    Ok(outs)
+}
