@@ -649,6 +649,10 @@ def check_examples():
         check(th > 1.0 and th - hy >= 1.0, f"{rel}: threshold/hysteresis")
         w = spec.get("weights", {"synthetic": {}})
         check(("synthetic" in w) != ("persistentVolumeClaim" in w), f"{rel}: exactly one weights source")
+        algo = spec.get("eplb", {}).get("algorithm")
+        if algo is not None:
+            known = re.findall(r'"([\w-]+)" => Algo::', read("eplb/src/planner/mod.rs"))
+            check(algo in known, f"{rel}: eplb.algorithm {algo!r} is not a planner of eplb ({known})")
         pl = spec.get("placement", {})
         if pl.get("strategy") == "Static":
             ref = pl["staticMap"]
