@@ -584,12 +584,12 @@ pub fn moe_layer_multi_rank(
         let y = expert_ffn(&grouped, &rl.expert_offsets, &local)?;
         let y_recv = ungroup_outputs(&y, &rl)?;
         // 3. "all-to-all" back: the rows from source `src` go back to it
-        for src in 0..g {
+        for (src, back) in outputs_back.iter_mut().enumerate() {
             let (a, b) = (
                 rl.src_offsets[src] as usize,
                 rl.src_offsets[src + 1] as usize,
             );
-            outputs_back[src].push(Matrix::from_vec(
+            back.push(Matrix::from_vec(
                 b - a,
                 h,
                 y_recv.rows_slice(a, b).to_vec(),
