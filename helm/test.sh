@@ -86,6 +86,7 @@ log "helm lint --strict (all options)"
 log "chart CRDs match crds/"
 [ -f crds/moedeployment.yaml ] || die "crds/moedeployment.yaml is missing (cargo run -p moe-operator --bin crdgen > crds/moedeployment.yaml)"
 for f in crds/*.yaml; do
+  grep -q '^kind: CustomResourceDefinition' "$f" || die "$f is not a CRD (empty?)"
   cmp -s "$f" "$CHART/$f" || die "$CHART/$f differs from $f: run helm/sync-crds.sh"
 done
 for f in "$CHART"/crds/*.yaml; do
