@@ -272,7 +272,8 @@ def check_default(docs):
     check(env.get("MOE_OPERATOR_WORKER_IMAGE", {}).get("value") == "ghcr.io/moe-operator/moe-worker:0.1.0",
           "worker image default follows appVersion")
     wres = json.loads(env.get("MOE_OPERATOR_WORKER_RESOURCES", {}).get("value", "{}"))
-    check(wres.get("limits", {}).get("nvidia.com/gpu") == 1, "worker default resources carry one GPU")
+    check(wres.get("limits", {}).get("nvidia.com/gpu") == "1" and wres["requests"]["memory"] == "32Gi",
+          "worker default resources: one GPU, quantities as strings")
     # Flags and env names the operator really has (operator/src/main.rs).
     main_rs = read("operator/src/main.rs")
     for name in ("WATCH_NAMESPACE", "MOE_OPERATOR_HTTP_ADDR", "MOE_OPERATOR_LEADER_ELECT", "MOE_OPERATOR_LEASE_NAME",

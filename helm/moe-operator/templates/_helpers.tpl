@@ -91,3 +91,20 @@ app.kubernetes.io/managed-by: moe-operator
 {{- define "moe-operator.runbook" -}}
 {{- printf "%s#%s" .root.Values.prometheusRule.runbookBaseUrl (lower .alert) -}}
 {{- end }}
+
+{{/* workerDefaults.resources as JSON with every quantity a string (k8s Quantity). */}}
+{{- define "moe-operator.workerResourcesJson" -}}
+{{- $out := dict }}
+{{- range $section, $items := .Values.workerDefaults.resources }}
+{{- if kindIs "map" $items }}
+{{- $m := dict }}
+{{- range $k, $v := $items }}
+{{- $_ := set $m $k (toString $v) }}
+{{- end }}
+{{- $_ := set $out $section $m }}
+{{- else }}
+{{- $_ := set $out $section $items }}
+{{- end }}
+{{- end }}
+{{- toJson $out -}}
+{{- end }}
