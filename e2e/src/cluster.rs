@@ -64,8 +64,7 @@ impl Cluster {
                 Self::start_with_bins(bins, ClusterOptions::default()).await?,
             )),
             Err(why) => {
-                println!("SKIPPED {test}: no local control plane: {why}");
-                eprintln!("SKIPPED {test}: no local control plane: {why}");
+                print_skip(test, &why);
                 Ok(None)
             }
         }
@@ -445,6 +444,16 @@ current-context: moe-e2e
         cert = b64(&c.admin_cert_pem),
         key = b64(&c.admin_key_pem),
     )
+}
+
+/// Prints `SKIPPED <test>: ...` straight to the process's stderr, so that it shows in a
+/// plain `cargo test` run (libtest captures `println!`/`eprintln!` of passing tests).
+pub fn print_skip(test: &str, why: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: no local control plane: {why}"
+    );
 }
 
 /// A client for a kubeconfig file.

@@ -29,7 +29,7 @@ fn alive(pid: u32) -> bool {
 #[test]
 fn teardown_on_panic() -> Result<()> {
     if let Err(why) = Bins::locate() {
-        println!("SKIPPED teardown_on_panic: no local control plane: {why}");
+        moe_e2e::cluster::print_skip("teardown_on_panic", &why);
         return Ok(());
     }
     let (tx, rx) = std::sync::mpsc::channel::<Vec<u32>>();
