@@ -58,7 +58,7 @@ impl PlacementDocument {
             ));
         }
         let slots = self.num_slots();
-        if slots % self.num_ranks != 0 {
+        if !slots.is_multiple_of(self.num_ranks) {
             return Err(format!(
                 "{slots} slots per layer cannot be split evenly over {} ranks",
                 self.num_ranks

@@ -26,6 +26,11 @@ pub const CHAN_STEP: u8 = 0;
 pub const CHAN_CTRL: u8 = 1;
 pub const CHAN_REMAP: u8 = 2;
 const CHAN_RENDEZVOUS: u8 = 3;
+/// A rank that gives up tells its peers why (best effort) before it closes its links.
+const CHAN_ABORT: u8 = 4;
+/// A rank that stops cleanly says so, so its closing link is not taken for a failure while
+/// slower peers finish the same step boundary.
+const CHAN_BYE: u8 = 5;
 
 const MAX_FRAME: u64 = 1 << 34;
 /// Large payloads (expert weights) travel in frames of this size, so step traffic interleaves.
@@ -416,6 +421,8 @@ fn join(
 struct InboxState {
     queues: HashMap<(usize, u8), VecDeque<Vec<u8>>>,
     failed: Option<String>,
+    /// Peers that stopped cleanly.
+    stopped: Vec<usize>,
 }
 
 #[derive(Default)]
@@ -428,6 +435,11 @@ impl Inbox {
     fn push(&self, peer: usize, chan: u8, data: Vec<u8>) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.queues.entry((peer, chan)).or_default().push_back(data);
+        self.cv.notify_all();
+    }
+    fn closed(&self, peer: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.stopped.push(peer);
         self.cv.notify_all();
     }
     fn fail(&self, reason: String) {
@@ -474,6 +486,17 @@ impl Comm {
                     .spawn(move || {
                         loop {
                             match read_frame(&mut r) {
+                                Ok((CHAN_ABORT, data)) => {
+                                    inbox2.fail(format!(
+                                        "rank {peer} gave up: {}",
+                                        String::from_utf8_lossy(&data)
+                                    ));
+                                    return;
+                                }
+                                Ok((CHAN_BYE, _)) => {
+                                    inbox2.closed(peer);
+                                    return;
+                                }
                                 Ok((chan, data)) => inbox2.push(peer, chan, data),
                                 Err(e) => {
                                     let reason = if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -537,6 +560,32 @@ impl Comm {
         })
     }
 
+    /// Tells every peer this rank stops cleanly (after the group agreed to stop).
+    pub fn goodbye(&self) {
+        for (peer, w) in self.writers.iter().enumerate() {
+            if let Some(w) = w
+                && peer != self.rank
+            {
+                let mut s = w.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+                let _ = write_frame(&mut s, CHAN_BYE, &[]);
+            }
+        }
+    }
+
+    /// Tells every peer why this rank gives up (best effort, before its links close).
+    pub fn abort(&self, reason: &str) {
+        for (peer, w) in self.writers.iter().enumerate() {
+            if let Some(w) = w
+                && peer != self.rank
+            {
+                let mut s = w.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+                let _ = write_frame(&mut s, CHAN_ABORT, reason.as_bytes());
+            }
+        }
+    }
+
     /// Sends a large payload in [`CHUNK`]-sized frames (receive with [`Comm::recv_len`]).
     pub fn send_chunked(&self, peer: usize, chan: u8, data: &[u8]) -> Result<()> {
         if data.is_empty() {
@@ -561,6 +610,9 @@ impl Comm {
             }
             if let Some(f) = &st.failed {
                 bail!("group broken: {f}");
+            }
+            if st.stopped.contains(&peer) {
+                bail!("rank {peer} has stopped");
             }
             let now = Instant::now();
             if now >= deadline {

@@ -273,7 +273,7 @@ impl Config {
             ));
         }
         let ranks_per_node = args.ranks_per_node.unwrap_or(args.world_size);
-        if ranks_per_node == 0 || args.world_size % ranks_per_node != 0 {
+        if ranks_per_node == 0 || !args.world_size.is_multiple_of(ranks_per_node) {
             return Err(bad(
                 "ranks-per-node",
                 e::RANKS_PER_NODE,
@@ -326,7 +326,7 @@ impl Config {
                 ),
             ));
         }
-        if args.num_experts % args.expert_groups != 0 {
+        if !args.num_experts.is_multiple_of(args.expert_groups) {
             return Err(bad(
                 "expert-groups",
                 e::EXPERT_GROUPS,
@@ -360,7 +360,7 @@ impl Config {
             }
         }
         let slots = args.num_experts + args.redundant_experts;
-        if slots % args.world_size != 0 {
+        if !slots.is_multiple_of(args.world_size) {
             return Err(bad(
                 "redundant-experts",
                 e::REDUNDANT_EXPERTS,

@@ -281,8 +281,18 @@ impl Engine {
         st.layer_generations = self.layer_generations.clone();
     }
 
-    /// Runs steps until a stop is agreed or `max_steps` is reached.
+    /// Runs steps until a stop is agreed or `max_steps` is reached. On failure the peers are
+    /// told the reason before this rank's links close.
     pub fn run(&mut self) -> Result<()> {
+        let r = self.run_steps();
+        match &r {
+            Ok(()) => self.comm.goodbye(),
+            Err(e) => self.comm.abort(&format!("{e:#}")),
+        }
+        r
+    }
+
+    fn run_steps(&mut self) -> Result<()> {
         self.publish_placement();
         let mut step = 0u64;
         let period = (self.steps_per_second > 0.0)
@@ -425,11 +435,14 @@ impl Engine {
                     buf
                 })
                 .collect();
-            let recv = self.comm.all_to_all(CHAN_STEP, send)?;
+            let recv = self
+                .comm
+                .all_to_all(CHAN_STEP, send)
+                .with_context(|| format!("step {step} layer {l}: dispatch all-to-all"))?;
             let mut slot_counts = Vec::with_capacity(g * s);
             let mut rows = Vec::new();
             for (src, buf) in recv.iter().enumerate() {
-                if buf.len() < 4 * s || (buf.len() - 4 * s) % row_bytes != 0 {
+                if buf.len() < 4 * s || !(buf.len() - 4 * s).is_multiple_of(row_bytes) {
                     bail!("malformed dispatch from rank {src}");
                 }
                 let n0 = slot_counts.len();
@@ -459,7 +472,10 @@ impl Engine {
                     buf
                 })
                 .collect();
-            let got = self.comm.all_to_all(CHAN_STEP, back)?;
+            let got = self
+                .comm
+                .all_to_all(CHAN_STEP, back)
+                .with_context(|| format!("step {step} layer {l}: combine all-to-all"))?;
             let mut ys = Vec::with_capacity(t * k * h);
             for (r, buf) in got.iter().enumerate() {
                 if buf.len() != (offs[r + 1] - offs[r]) as usize * row_bytes {
@@ -513,7 +529,8 @@ impl Engine {
         };
         let all: Vec<Ctrl> = self
             .comm
-            .all_gather(CHAN_CTRL, &serde_json::to_vec(&mine)?)?
+            .all_gather(CHAN_CTRL, &serde_json::to_vec(&mine)?)
+            .context("step-boundary agreement")?
             .iter()
             .map(|b| serde_json::from_slice(b))
             .collect::<Result<_, _>>()?;

@@ -78,26 +78,26 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorize(s: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(s: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let Some(path) = &s.token_file else {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             "mutating calls are disabled: no control token configured (--control-token-file)",
-        ));
+        )));
     };
     // Read on every call so a rotated Secret takes effect without a restart.
     let expected = std::fs::read_to_string(path).map_err(|e| {
-        error(
+        Box::new(error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot read the control token file: {e}"),
-        )
+        ))
     })?;
     let expected = expected.trim();
     if expected.is_empty() {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             "the control token file is empty",
-        ));
+        )));
     }
     let presented = headers
         .get(header::AUTHORIZATION)
@@ -107,15 +107,20 @@ fn authorize(s: &Shared, headers: &HeaderMap) -> Result<(), Response> {
         .map(str::trim);
     match presented {
         Some(t) if same(t.as_bytes(), expected.as_bytes()) => Ok(()),
-        Some(_) => Err(error(StatusCode::UNAUTHORIZED, "invalid bearer token")),
-        None => Err((
+        Some(_) => Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, AUTH_SCHEME)],
-            Json(ApiError {
-                error: "missing `Authorization: Bearer <token>`".into(),
-            }),
-        )
-            .into_response()),
+            "invalid bearer token",
+        ))),
+        None => Err(Box::new(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, AUTH_SCHEME)],
+                Json(ApiError {
+                    error: "missing `Authorization: Bearer <token>`".into(),
+                }),
+            )
+                .into_response(),
+        )),
     }
 }
 
@@ -125,7 +130,7 @@ async fn remap(
     body: Result<Json<RemapRequest>, JsonRejection>,
 ) -> Response {
     if let Err(r) = authorize(&s, &headers) {
-        return r;
+        return *r;
     }
     let Json(req) = match body {
         Ok(b) => b,

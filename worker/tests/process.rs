@@ -1,0 +1,149 @@
+//! The `moe-worker` binary as separate processes on loopback: a killed rank takes the group
+//! down with a reason, a group that cannot form exits non-zero, bad flags are named.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_moe-worker");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn worker(rank: usize, world: usize, leader_port: u16, http_port: u16, extra: &[&str]) -> Child {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("MOE_RANK", rank.to_string())
+        .env("MOE_WORLD_SIZE", world.to_string())
+        .env("MOE_LEADER_ADDR", format!("localhost:{leader_port}"))
+        .env(
+            "MOE_COMM_PORT",
+            if rank == 0 { leader_port } else { 0 }.to_string(),
+        )
+        .env("MOE_HTTP_PORT", http_port.to_string())
+        .env("MOE_ADVERTISE_ADDR", "127.0.0.1")
+        .env("MOE_BACKEND", "cpu")
+        .env("MOE_NUM_LAYERS", "2")
+        .env("MOE_NUM_EXPERTS", "6")
+        .env("MOE_HIDDEN", "16")
+        .env("MOE_INTERMEDIATE", "16")
+        .env("MOE_TRAFFIC_TOKENS_PER_STEP", "8")
+        .env("MOE_TRAFFIC_STEPS_PER_SECOND", "100")
+        .env("MOE_COMM_TIMEOUT_SECONDS", "10")
+        .env("MOE_RENDEZVOUS_TIMEOUT_SECONDS", "20")
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd.spawn().expect("spawn moe-worker")
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> (i32, String) {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut s) = child.stderr.take() {
+                let _ = s.read_to_string(&mut err);
+            }
+            return (status.code().unwrap_or(-1), err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process {} did not exit within {within:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn http_ready(port: u16) -> bool {
+    use std::io::Write;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.starts_with("HTTP/1.1 200")
+}
+
+#[test]
+fn killing_a_rank_makes_the_others_exit_with_a_reason() {
+    let leader = free_port();
+    let http: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut children: Vec<Child> = (0..3).map(|r| worker(r, 3, leader, http[r], &[])).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http.iter().all(|&p| http_ready(p)) {
+        assert!(Instant::now() < deadline, "group never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    children[2].kill().unwrap();
+    let _ = children[2].wait();
+    for (r, child) in children.iter_mut().enumerate().take(2) {
+        let (code, err) = wait_exit(child, Duration::from_secs(30));
+        assert_ne!(code, 0, "rank {r} exited 0:\n{err}");
+        assert!(
+            err.contains("rank 2"),
+            "rank {r} should name the lost rank:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn a_group_that_cannot_form_exits_non_zero() {
+    let leader = free_port();
+    let mut child = worker(
+        1,
+        2,
+        leader,
+        free_port(),
+        &["--rendezvous-timeout-seconds", "1"],
+    );
+    let (code, err) = wait_exit(&mut child, Duration::from_secs(30));
+    assert_ne!(code, 0);
+    assert!(err.contains("rendezvous timed out"), "{err}");
+    assert!(err.contains("could not reach rank 0"), "{err}");
+}
+
+#[test]
+fn invalid_flags_are_named() {
+    let mut child = worker(3, 2, free_port(), free_port(), &[]);
+    let (code, err) = wait_exit(&mut child, Duration::from_secs(30));
+    assert_eq!(code, 2);
+    assert!(err.contains("--rank") && err.contains("MOE_RANK"), "{err}");
+    let mut child = worker(
+        0,
+        4,
+        free_port(),
+        free_port(),
+        &["--redundant-experts", "1"],
+    );
+    let (code, err) = wait_exit(&mut child, Duration::from_secs(30));
+    assert_eq!(code, 2);
+    assert!(err.contains("--redundant-experts"), "{err}");
+}
+
+#[test]
+fn sigterm_stops_the_whole_group_cleanly() {
+    let leader = free_port();
+    let http: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let mut children: Vec<Child> = (0..2).map(|r| worker(r, 2, leader, http[r], &[])).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http.iter().all(|&p| http_ready(p)) {
+        assert!(Instant::now() < deadline, "group never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = children[1].id().to_string();
+    let ok = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(ok.success());
+    for (r, child) in children.iter_mut().enumerate() {
+        let (code, err) = wait_exit(child, Duration::from_secs(30));
+        assert_eq!(code, 0, "rank {r}:\n{err}");
+    }
+}
