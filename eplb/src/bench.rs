@@ -218,3 +218,67 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
     }
     s
 }
+
+/// Computed findings per shape: joint vs the greedy baselines on the next window, the share of
+/// joint's gain that incremental reaches and at what migration, and the timing targets.
+pub fn summary(rows: &[BenchRow]) -> String {
+    let mut out = String::new();
+    let mut shapes: Vec<&str> = Vec::new();
+    for r in rows {
+        if !shapes.contains(&r.shape.as_str()) {
+            shapes.push(&r.shape);
+        }
+    }
+    for shape in shapes {
+        let of = |name: &str| {
+            rows.iter()
+                .find(|r| r.shape == shape && r.algorithm == name)
+        };
+        let (Some(keep), Some(greedy), Some(joint)) =
+            (of("keep previous"), of("greedy"), of("joint"))
+        else {
+            continue;
+        };
+        let global = of("greedy-global");
+        let best_greedy = global.map_or(greedy.next_mean_par, |g| {
+            g.next_mean_par.min(greedy.next_mean_par)
+        });
+        out.push_str(&format!(
+            "- **{shape}**: joint next-window mean PAR {:.4} vs greedy {:.4}{} -> {}; ",
+            joint.next_mean_par,
+            greedy.next_mean_par,
+            global.map_or(String::new(), |g| format!(
+                " / greedy-global {:.4}",
+                g.next_mean_par
+            )),
+            if joint.next_mean_par <= best_greedy {
+                "joint at or below greedy"
+            } else {
+                "joint ABOVE greedy"
+            },
+        ));
+        let gain = keep.next_mean_par - joint.next_mean_par;
+        for inc in rows
+            .iter()
+            .filter(|r| r.shape == shape && r.algorithm.starts_with("incremental"))
+        {
+            let share = if gain > 0.0 {
+                100.0 * (keep.next_mean_par - inc.next_mean_par) / gain
+            } else {
+                100.0
+            };
+            out.push_str(&format!(
+                "{} reaches {:.0}% of joint's next-window gain over keeping the previous placement, moving {:.1}% of the slots (joint: {:.1}%); ",
+                inc.algorithm,
+                share,
+                100.0 * inc.slots_moved as f64 / inc.slots_total.max(1) as f64,
+                100.0 * joint.slots_moved as f64 / joint.slots_total.max(1) as f64,
+            ));
+        }
+        out.push_str(&format!(
+            "greedy {:.2} ms (fastest, 1 thread; target < 5 ms), joint {:.0} ms (fastest, {} threads; target < 1000 ms).\n",
+            greedy.plan_ms_min, joint.plan_ms_min, joint.threads
+        ));
+    }
+    out
+}

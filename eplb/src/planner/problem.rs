@@ -98,17 +98,38 @@ impl Problem {
         st.objective()
     }
 
-    /// Weighted-mean-over-episodes PAR of a row (= F).
+    /// Weighted-mean-over-episodes PAR of a row (= F), without building a search state.
     pub fn episode_par(&self, row: &[usize]) -> f64 {
         if self.empty {
             return 1.0;
         }
-        self.objective(row).0
+        let mut cnt = vec![0u32; self.e];
+        for &e in row {
+            cnt[e] += 1;
+        }
+        let mut loads = vec![0.0f64; self.w * self.g];
+        for (slot, &e) in row.iter().enumerate() {
+            let r = slot / self.s;
+            let c = f64::from(cnt[e]);
+            for k in 0..self.w {
+                loads[k * self.g + r] += self.x[e * self.w + k] / c;
+            }
+        }
+        (0..self.w)
+            .map(|k| {
+                self.omega[k]
+                    * loads[k * self.g..(k + 1) * self.g]
+                        .iter()
+                        .copied()
+                        .fold(f64::NEG_INFINITY, f64::max)
+            })
+            .sum()
     }
 
-    /// Lower bound on F: per episode, the larger of the mean (1) and the best possible largest
-    /// replica load under any replica counts (water-filling, computed independently per
-    /// episode, so it is a relaxation of shared counts).
+    /// Lower bound on F: the larger of (a) per episode, the larger of the mean (1) and the
+    /// best possible largest replica load under any replica counts (water-filling, per episode:
+    /// a relaxation of shared counts), weighted; and (b) the best possible largest
+    /// episode-weighted replica load under shared counts.
     pub fn lower_bound(&self) -> f64 {
         if self.empty {
             return 1.0;
@@ -125,7 +146,12 @@ impl Problem {
                 .fold(1.0f64, f64::max);
             lb += self.omega[k] * m;
         }
-        lb
+        // Shared counts: F >= max_e sum_k w_k x_ke / c_e = max_e agg_e / c_e.
+        let cnt = water_fill(&self.agg, self.slots(), self.max_rep);
+        let shared = (0..self.e)
+            .map(|i| self.agg[i] / cnt[i] as f64)
+            .fold(1.0f64, f64::max);
+        lb.max(shared)
     }
 }
 
