@@ -91,6 +91,8 @@ def multi(out):
                         ("nccl_sendrecv_slot", "NCCL send/recv on side-stream communicators")]:
         v = g("weights", name, 1, "GBps")
         out.append(f"| {label} | {f(v)} | {f(100 * v / sr)}% |")
+    v88 = g("nccl", "sendrecv_88MB", 2, "GBps")
+    out.append(f"| plain NCCL send/recv of an 88 MB buffer (reference at this size) | {f(v88)} | {f(100 * v88 / sr) if v88 else '-'}% |")
     out.append(f"| staging -> slot commit on the destination (us) | {f(g('weights', 'commit_staging', 1, 'us'))} us | |")
     out.append("\n#### Whole layer on several GPUs (dsv3 shape, 256 experts over G ranks, identity placement), us per layer (slowest rank)\n")
     out.append("| ranks | tokens/rank | us |")

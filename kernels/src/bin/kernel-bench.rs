@@ -157,10 +157,13 @@ fn single() -> Result<()> {
             let layout = gpu.dispatch_layout(&phys, t, k, topo)?;
             let mut send = gpu.alloc_matrix::<bf16>(t * k, h)?;
             let perm = layout.perm.slice(..t * k);
-            let tp = time_us(&gpu, 10, || {
+            let tgat = time_us(&gpu, 10, || {
                 gpu.gather_rows_into(&x, &perm, k as u32, &mut send)
             })?;
-            let bytes_p = 2.0 * (t * k * h * 2) as f64;
+            result("kernel", sh.name, t, "permute_gather_us", tgat);
+            let tp = time_us(&gpu, 10, || gpu.permute_into(&x, &layout, &mut send))?;
+            // fewest bytes: each token row read once, each send row written once
+            let bytes_p = ((t + t * k) * h * 2) as f64;
             result("kernel", sh.name, t, "permute_us", tp);
             result("kernel", sh.name, t, "permute_GBps", bytes_p / tp / 1e3);
             let mut out = gpu.alloc_matrix::<bf16>(t, h)?;
@@ -319,6 +322,13 @@ fn multi() -> Result<()> {
     })?;
     let sendrecv = (elems * 2) as f64 / r[0] / 1e3;
     result("nccl", "sendrecv", 2, "GBps", sendrecv);
+    // the same at the size of one DeepSeek-V3 expert (3 * 7168 * 2048 bf16 = 88 MB)
+    let e88 = 3 * 7168 * 2048;
+    let r = on_ranks(pair, &comms, |rank, gpu, comm| {
+        let mut buf = gpu.zeros::<bf16>(e88)?;
+        time_us(gpu, 5, || if rank == 0 { comm.send(&buf, 1) } else { comm.recv(&mut buf, 0) })
+    })?;
+    result("nccl", "sendrecv_88MB", 2, "GBps", (e88 * 2) as f64 / r[0] / 1e3);
 
     // Uneven all-to-all, G = 2 and (if present) 4 ranks; hidden 7168 rows.
     for g in [2usize, 4] {
