@@ -29,6 +29,7 @@ impl ManagedProcess {
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .process_group(0);
+        die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
@@ -93,6 +94,25 @@ impl ManagedProcess {
 impl Drop for ManagedProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Makes the child get SIGKILL when the thread that spawned it exits (Linux
+/// `PR_SET_PDEATHSIG`): a backstop for when the test process itself is killed (CI timeout,
+/// SIGKILL) and `Drop` never runs. Tokio worker threads and the test thread live as long as
+/// the cluster, so this does not fire early in the ways the harness spawns processes.
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and only calls async-signal-safe
+    // prctl(2)/getppid(2).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // The parent may already have died between fork and prctl.
+            if libc::getppid() == 1 {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
-use moe_e2e::{AgentConfig, Bins, Cluster, wait};
+use moe_e2e::{AgentConfig, Bins, Cluster, ImageMap, wait};
 
 const T: Duration = Duration::from_secs(90);
 
@@ -111,7 +111,11 @@ async fn agent_features() -> Result<()> {
     moe_e2e::init_tracing();
     let mut cluster = moe_e2e::cluster_or_skip!("agent_features");
     let client = cluster.client();
-    let agent = cluster.start_agent(AgentConfig::gpu_nodes(1, 8)).await?;
+    let agent = cluster
+        .start_agent(
+            AgentConfig::gpu_nodes(1, 8).images(ImageMap::workspace_default().fake("fake-worker")),
+        )
+        .await?;
     let kubectl = cluster
         .bins()
         .kubectl
@@ -185,18 +189,32 @@ async fn agent_features() -> Result<()> {
         .map(|t| t.exit_code);
     ensure!(init_done == Some(0), "init container state {init_done:?}");
 
-    let logs = agent.logs("default", "features", "main")?;
-    ensure!(logs.contains("from-init"), "init output missing:\n{logs}");
+    // The container is ready as soon as it starts (no readiness probe): wait for its output.
+    let want_sa = kubectl.is_some();
+    let logs = wait::until(T, "output of features/main", || {
+        let agent = agent.clone();
+        async move {
+            let logs = agent.logs("default", "features", "main")?;
+            let done = logs.contains("from-init")
+                && logs.contains("tier=\"gold\"")
+                && (!want_sa || logs.contains("system:serviceaccount:"));
+            Ok(done.then_some(logs))
+        }
+    })
+    .await;
+    let logs = match logs {
+        Ok(l) => l,
+        Err(e) => {
+            let l = agent
+                .logs("default", "features", "main")
+                .unwrap_or_default();
+            anyhow::bail!("{e:#}\nlogs:\n{l}");
+        }
+    };
     ensure!(
-        logs.contains("tier=\"gold\""),
-        "downward API labels missing:\n{logs}"
+        !want_sa || logs.contains("system:serviceaccount:default:default"),
+        "the pod did not authenticate as its service account:\n{logs}"
     );
-    if kubectl.is_some() {
-        ensure!(
-            logs.contains("system:serviceaccount:default:default"),
-            "the pod did not authenticate as its service account:\n{logs}"
-        );
-    }
     println!("init container, emptyDir, downward API, SA token, OnFailure restart: ok");
 
     // Liveness: removing the file makes the probe fail -> the container is restarted.
@@ -213,6 +231,19 @@ async fn agent_features() -> Result<()> {
     })
     .await?;
     println!("liveness probe failure restarted the container");
+
+    // A fake image runs nothing and is Ready at once (for scale tests).
+    let fake: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "fake", "namespace": "default"},
+        "spec": {"containers": [{"name": "w", "image": "example.com/x/fake-worker:1"}]},
+    }))?;
+    pods.create(&PostParams::default(), &fake).await?;
+    wait::object::<Pod>(&client, "default", "fake", T, wait::pod_ready).await?;
+    ensure!(
+        agent.container_pid("default", "fake", "w").is_none(),
+        "a fake container has a process"
+    );
+    println!("fake image: ready without a process");
     cluster.ensure_running()?;
     Ok(())
 }

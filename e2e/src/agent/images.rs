@@ -28,6 +28,9 @@ pub struct ImageRule {
     pub entrypoint: Option<PathBuf>,
     /// The image's CMD (used when the container has neither command nor args).
     pub default_args: Vec<String>,
+    /// Run nothing: the container is reported Running and Ready until the pod stops (what
+    /// kwok does; for scale tests where only the API objects matter).
+    pub fake: bool,
 }
 
 /// The image table. See the module docs for the matching rules.
@@ -64,8 +67,26 @@ impl ImageMap {
             pattern,
             entrypoint: Some(entrypoint),
             default_args: Vec::new(),
+            fake: false,
         });
         self
+    }
+
+    /// Containers of images matching `pattern` run nothing and are reported Running and
+    /// Ready (see [`ImageRule::fake`]). Put it before other rules for the same image.
+    pub fn fake(mut self, pattern: impl Into<String>) -> Self {
+        self.rules.push(ImageRule {
+            pattern: pattern.into(),
+            entrypoint: None,
+            default_args: Vec::new(),
+            fake: true,
+        });
+        self
+    }
+
+    /// Whether the image's first matching rule is a fake one.
+    pub fn is_fake(&self, image: &str) -> bool {
+        self.find_rule(image).is_some_and(|r| r.fake)
     }
 
     /// Appends `other`'s rules and binaries after this map's (so this map's win).

@@ -418,6 +418,9 @@ async fn supervise(ctx: Arc<PodCtx>, c: Container, idx: usize, init: bool) -> Op
         if stop.borrow().is_some() {
             return None;
         }
+        if cfg.images.is_fake(c.image.as_deref().unwrap_or_default()) {
+            return fake_container(&ctx, init, idx).await;
+        }
         // Environment, argv, working directory.
         let prepared = ctx.prepare(&c).await;
         let (argv, env, cwd, mounts) = match prepared {
@@ -563,6 +566,50 @@ async fn supervise(ctx: Arc<PodCtx>, c: Container, idx: usize, init: bool) -> Op
     }
 }
 
+/// A container of a fake image: Running and Ready (init containers: exit 0 at once) until the
+/// pod stops.
+async fn fake_container(ctx: &Arc<PodCtx>, init: bool, idx: usize) -> Option<i32> {
+    let started_at = now_rfc3339();
+    if init {
+        ctx.update(true, idx, |s| {
+            s.state = CState::Terminated {
+                exit_code: 0,
+                signal: None,
+                reason: "Completed".into(),
+                message: None,
+                started_at: started_at.clone(),
+                finished_at: now_rfc3339(),
+            };
+            s.done = true;
+        });
+        ctx.report().await;
+        return Some(0);
+    }
+    ctx.update(false, idx, |s| {
+        s.state = CState::Running {
+            started_at: started_at.clone(),
+        };
+        s.started = true;
+        s.ready = true;
+    });
+    ctx.report().await;
+    let mut stop = ctx.stop.clone();
+    let _ = stop.wait_for(|g| g.is_some()).await;
+    ctx.update(false, idx, |s| {
+        s.state = CState::Terminated {
+            exit_code: 0,
+            signal: None,
+            reason: "Completed".into(),
+            message: None,
+            started_at,
+            finished_at: now_rfc3339(),
+        };
+        s.ready = false;
+        s.done = true;
+    });
+    None
+}
+
 fn pod_grace(ctx: &PodCtx) -> Duration {
     let g = *ctx.stop.borrow();
     g.unwrap_or_default()
@@ -639,6 +686,7 @@ fn spawn_process(
         .stderr(std::process::Stdio::from(err))
         .process_group(0)
         .kill_on_drop(true);
+    crate::process::die_with_parent(cmd.as_std_mut());
     cmd.spawn().with_context(|| format!("starting {prog}"))
 }
 
