@@ -326,9 +326,21 @@ fn multi() -> Result<()> {
     let e88 = 3 * 7168 * 2048;
     let r = on_ranks(pair, &comms, |rank, gpu, comm| {
         let mut buf = gpu.zeros::<bf16>(e88)?;
-        time_us(gpu, 5, || if rank == 0 { comm.send(&buf, 1) } else { comm.recv(&mut buf, 0) })
+        time_us(gpu, 5, || {
+            if rank == 0 {
+                comm.send(&buf, 1)
+            } else {
+                comm.recv(&mut buf, 0)
+            }
+        })
     })?;
-    result("nccl", "sendrecv_88MB", 2, "GBps", (e88 * 2) as f64 / r[0] / 1e3);
+    result(
+        "nccl",
+        "sendrecv_88MB",
+        2,
+        "GBps",
+        (e88 * 2) as f64 / r[0] / 1e3,
+    );
 
     // Uneven all-to-all, G = 2 and (if present) 4 ranks; hidden 7168 rows.
     for g in [2usize, 4] {
