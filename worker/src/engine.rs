@@ -18,15 +18,16 @@ use half::bf16;
 use moe_api::{PlacementDocument, RemapMode, RemapRequest, RemapState};
 use serde::{Deserialize, Serialize};
 
-use crate::comm::{CHAN_CTRL, CHAN_REMAP, CHAN_STEP, Comm};
-use crate::config::{ModelShape, Scoring};
+use crate::comm::{CHAN_CTRL, CHAN_REMAP, Comm};
+use crate::config::ModelShape;
+use crate::exec::{Exec, StagedSlot, add_residual, gating, topk_of};
 use crate::placement::{LayerMap, LayerPlan, SlotSource, plan_layer};
 use crate::state::{Shared, layers_to_move, now_ms, running_progress};
 use crate::stats::{LoadHistory, par};
 use crate::traffic::{Batch, Traffic};
 use crate::weights::{ExpertWeights, WeightStore, expert_from_bytes, expert_to_bytes};
 use moe_kernels::cpu;
-use moe_kernels::{Bf16Matrix, EpTopology, GatingConfig, Matrix, RecvLayout, ReplicaMap, TopK};
+use moe_kernels::{EpTopology, Matrix, ReplicaMap};
 
 /// What a test (or a benchmark) can observe of each step.
 #[derive(Debug, Clone)]
@@ -36,14 +37,6 @@ pub struct StepRecord {
     pub output: Vec<bf16>,
     pub layer_generations: Vec<u64>,
     pub duration: Duration,
-}
-
-/// One MoE layer as served now.
-pub struct Layer {
-    pub map: LayerMap,
-    /// Weights of this rank's slots (`slots_per_rank` entries).
-    pub experts: Vec<Arc<ExpertWeights>>,
-    pub router: Bf16Matrix,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,7 +49,7 @@ struct Ctrl {
 
 /// Weights staged for one layer of a remap.
 pub struct Staged {
-    pub experts: Vec<Arc<ExpertWeights>>,
+    pub slots: Vec<StagedSlot>,
     pub bytes: u64,
     pub moved: u64,
 }
@@ -80,7 +73,7 @@ pub struct EngineParts {
     pub comm: Arc<Comm>,
     pub shared: Arc<Shared>,
     pub placement: PlacementDocument,
-    pub store: WeightStore,
+    pub exec: Box<dyn Exec>,
     pub traffic: Traffic,
     pub history: Option<LoadHistory>,
     pub sink: Option<mpsc::Sender<StepRecord>>,
@@ -98,7 +91,8 @@ pub struct Engine {
     shared: Arc<Shared>,
     current: PlacementDocument,
     layer_generations: Vec<u64>,
-    layers: Vec<Layer>,
+    maps: Vec<LayerMap>,
+    exec: Box<dyn Exec>,
     traffic: Traffic,
     history: Option<LoadHistory>,
     sink: Option<mpsc::Sender<StepRecord>>,
@@ -108,104 +102,21 @@ pub struct Engine {
     rate: VecDeque<(Instant, usize)>,
 }
 
-/// The kernels' gating configuration of this model.
-pub fn gating(shape: &ModelShape) -> GatingConfig {
-    match shape.scoring {
-        Scoring::Softmax => GatingConfig {
-            num_groups: shape.expert_groups,
-            topk_groups: shape.topk_groups,
-            ..GatingConfig::softmax(shape.num_experts, shape.top_k, true)
-        },
-        Scoring::Sigmoid => GatingConfig::grouped_sigmoid(
-            shape.num_experts,
-            shape.top_k,
-            shape.expert_groups,
-            shape.topk_groups,
-            1.0,
-        ),
-    }
-}
-
-fn topk_of(
-    x: &Bf16Matrix,
-    router: &Bf16Matrix,
-    routing: Option<&Vec<Vec<u32>>>,
-    layer: usize,
-    gating: &GatingConfig,
-) -> Result<TopK> {
-    let t = x.rows();
-    let k = gating.top_k;
-    Ok(match routing {
-        Some(r) => TopK {
-            tokens: t,
-            k,
-            ids: r[layer].clone(),
-            weights: vec![1.0 / k as f32; t * k],
-        },
-        None => cpu::gating_topk(&cpu::router_logits(x, router)?, gating, None)?,
-    })
-}
-
-/// `x = bf16(x + moe_out)`: the residual connection around each MoE layer.
-fn add_residual(x: &mut [bf16], out: &Bf16Matrix) {
-    for (a, b) in x.iter_mut().zip(out.as_slice()) {
-        *a = bf16::from_f32(a.to_f32() + b.to_f32());
-    }
-}
-
-fn encode_rows(out: &mut Vec<u8>, rows: &[bf16]) {
-    for v in rows {
-        out.extend_from_slice(&v.to_bits().to_le_bytes());
-    }
-}
-
-fn decode_rows(bytes: &[u8]) -> Vec<bf16> {
-    bytes
-        .chunks_exact(2)
-        .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
-        .collect()
-}
-
-/// Loads the routers and this rank's slots of every layer.
-pub fn load_layers(
-    store: &WeightStore,
-    placement: &PlacementDocument,
-    shape: &ModelShape,
-    rank: usize,
-) -> Result<Vec<Layer>> {
-    let spr = shape.slots_per_rank();
-    (0..shape.num_layers)
-        .map(|l| {
-            let row = &placement.phy2log[l];
-            let mine = &row[rank * spr..(rank + 1) * spr];
-            Ok(Layer {
-                map: LayerMap::new(row.clone(), shape.num_experts).map_err(|e| anyhow!(e))?,
-                experts: store
-                    .load_slots(l, mine)
-                    .with_context(|| format!("loading the experts of layer {l}"))?,
-                router: store
-                    .router(l)
-                    .with_context(|| format!("loading the router of layer {l}"))?,
-            })
-        })
-        .collect()
-}
-
-/// Stages one layer's incoming weights on `rank`: sends the experts other ranks fetch from it,
-/// receives the ones it fetches, and assembles its new slot list. `old` is its current slots.
+/// Stages one layer's incoming weights on `rank`: sends the experts other ranks fetch from it
+/// (`sends`, by local slot), receives the ones it fetches, and describes its new slots.
 pub fn stage_layer(
     comm: &Comm,
     plan: &LayerPlan,
-    old: &[Arc<ExpertWeights>],
+    sends: &HashMap<usize, Arc<ExpertWeights>>,
     rank: usize,
     shape: &ModelShape,
 ) -> Result<Staged> {
     let spr = shape.slots_per_rank();
     let base = rank * spr;
     for f in plan.sends_of(rank) {
-        let w = old
-            .get(f.src_slot as usize - base)
-            .ok_or_else(|| anyhow!("plan sends slot {} not held by rank {rank}", f.src_slot))?;
+        let w = sends
+            .get(&(f.src_slot as usize - base))
+            .ok_or_else(|| anyhow!("plan sends slot {} not staged by rank {rank}", f.src_slot))?;
         comm.send_chunked(f.dst_rank, CHAN_REMAP, &expert_to_bytes(w))?;
     }
     let mut received: HashMap<u32, Arc<ExpertWeights>> = HashMap::new();
@@ -215,38 +126,55 @@ pub fn stage_layer(
         bytes += data.len() as u64;
         received.insert(f.expert, Arc::new(expert_from_bytes(&data, shape)?));
     }
-    let mut experts = Vec::with_capacity(spr);
+    let mut slots = Vec::with_capacity(spr);
     let mut moved = 0;
     for s in base..base + spr {
-        let w = match plan.sources[s] {
-            SlotSource::Keep => old[s - base].clone(),
+        slots.push(match plan.sources[s] {
+            SlotSource::Keep => StagedSlot::Keep,
             SlotSource::Local { src_slot } => {
                 moved += 1;
-                old[src_slot as usize - base].clone()
+                StagedSlot::Local(src_slot as usize - base)
             }
             SlotSource::Remote { .. } => {
                 moved += 1;
                 let expert = plan.experts[s];
-                received
-                    .get(&expert)
-                    .cloned()
-                    .ok_or_else(|| anyhow!("expert {expert} was not received"))?
+                StagedSlot::Received(
+                    received
+                        .get(&expert)
+                        .cloned()
+                        .ok_or_else(|| anyhow!("expert {expert} was not received"))?,
+                )
             }
-        };
-        experts.push(w);
+        });
     }
     Ok(Staged {
-        experts,
+        slots,
         bytes,
         moved,
     })
+}
+
+/// The local slots `rank` sends in `plan`.
+fn send_slots(plan: &LayerPlan, rank: usize, spr: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = plan
+        .sends_of(rank)
+        .map(|f| f.src_slot as usize - rank * spr)
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 impl Engine {
     pub fn new(p: EngineParts) -> Result<Engine> {
         let rank = p.comm.rank();
         let world = p.comm.world();
-        let layers = load_layers(&p.store, &p.placement, &p.shape, rank)?;
+        let maps = p
+            .placement
+            .phy2log
+            .iter()
+            .map(|row| LayerMap::new(row.clone(), p.shape.num_experts).map_err(|e| anyhow!(e)))
+            .collect::<Result<Vec<_>>>()?;
         let layer_generations = vec![p.placement.generation; p.shape.num_layers];
         Ok(Engine {
             spr: p.shape.slots_per_rank(),
@@ -258,7 +186,8 @@ impl Engine {
             shared: p.shared,
             current: p.placement,
             layer_generations,
-            layers,
+            maps,
+            exec: p.exec,
             traffic: p.traffic,
             history: p.history,
             sink: p.sink,
@@ -315,7 +244,7 @@ impl Engine {
             let t0 = Instant::now();
             let batch = self.traffic.batch(step);
             let tokens = batch.x.len() / self.shape.hidden;
-            let (output, counts) = self.forward(&batch, step)?;
+            let (output, counts) = self.exec.forward(&self.comm, &batch, step)?;
             let dt = t0.elapsed();
             self.after_step(step, tokens, &counts, dt)?;
             if let Some(sink) = &self.sink {
@@ -384,11 +313,11 @@ impl Engine {
         if let Some(h) = &mut self.history {
             let logical: Vec<Vec<f64>> = counts
                 .iter()
-                .zip(&self.layers)
-                .map(|(c, layer)| {
+                .zip(&self.maps)
+                .map(|(c, map)| {
                     let mut v = vec![0.0; self.shape.num_experts];
                     for (slot, &n) in c.iter().enumerate() {
-                        v[layer.map.phy2log[slot] as usize] += f64::from(n);
+                        v[map.phy2log[slot] as usize] += f64::from(n);
                     }
                     v
                 })
@@ -396,102 +325,6 @@ impl Engine {
             h.add(&logical)?;
         }
         Ok(())
-    }
-
-    /// One forward pass of this rank's batch through every layer. Returns the output hidden
-    /// states and the per-layer slot counts of this rank's tokens.
-    ///
-    /// Per layer: router, top-k, replica choice with load counting, dispatch layout and
-    /// permute (kernels), all-to-all of rows plus per-slot counts, regroup by local expert,
-    /// expert FFN, back to receive order, all-to-all back, unpermute + combine, residual.
-    pub fn forward(&self, batch: &Batch, step: u64) -> Result<(Vec<bf16>, Vec<Vec<u32>>)> {
-        let h = self.shape.hidden;
-        let k = self.shape.top_k;
-        let s = self.spr;
-        let g = self.world;
-        let gating = gating(&self.shape);
-        let topo = EpTopology::new(g, s)?;
-        let mut x = batch.x.clone();
-        let t = x.len() / h;
-        let mut counts = vec![vec![0u32; self.shape.num_slots()]; self.shape.num_layers];
-        let row_bytes = 2 * h;
-        let token_base = ((step * g as u64 + self.rank as u64) * t as u64) as u32;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let xm = Matrix::from_vec(t, h, x.clone())?;
-            let topk = topk_of(&xm, &layer.router, batch.routing.as_ref(), l, &gating)?;
-            let phys =
-                cpu::map_to_physical(&topk, &layer.map.replicas, token_base, &mut counts[l])?;
-            let layout = cpu::dispatch_layout(&phys, k, topo)?;
-            let send_rows = cpu::permute(&xm, &layout)?;
-            let offs = layout.rank_offsets();
-            let send: Vec<Vec<u8>> = (0..g)
-                .map(|r| {
-                    let (a, b) = (offs[r] as usize, offs[r + 1] as usize);
-                    let mut buf = Vec::with_capacity(4 * s + (b - a) * row_bytes);
-                    for c in &layout.rows_per_slot[r * s..(r + 1) * s] {
-                        buf.extend_from_slice(&c.to_le_bytes());
-                    }
-                    encode_rows(&mut buf, send_rows.rows_slice(a, b));
-                    buf
-                })
-                .collect();
-            let recv = self
-                .comm
-                .all_to_all(CHAN_STEP, send)
-                .with_context(|| format!("step {step} layer {l}: dispatch all-to-all"))?;
-            let mut slot_counts = Vec::with_capacity(g * s);
-            let mut rows = Vec::new();
-            for (src, buf) in recv.iter().enumerate() {
-                if buf.len() < 4 * s || !(buf.len() - 4 * s).is_multiple_of(row_bytes) {
-                    bail!("malformed dispatch from rank {src}");
-                }
-                let n0 = slot_counts.len();
-                for c in buf[..4 * s].chunks_exact(4) {
-                    slot_counts.push(u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-                }
-                let n: u32 = slot_counts[n0..].iter().sum();
-                if n as usize * row_bytes != buf.len() - 4 * s {
-                    bail!("rank {src} sent counts that do not match its rows");
-                }
-                rows.extend(decode_rows(&buf[4 * s..]));
-            }
-            let recv_rows = Matrix::from_vec(rows.len() / h, h, rows)?;
-            let rl = RecvLayout::new(g, s, &slot_counts)?;
-            let xin = cpu::regroup_received(&recv_rows, &rl)?;
-            let refs: Vec<&ExpertWeights> = layer.experts.iter().map(Arc::as_ref).collect();
-            let y = cpu::expert_ffn(&xin, &rl.expert_offsets, &refs)?;
-            let y = cpu::ungroup_outputs(&y, &rl)?;
-            let back: Vec<Vec<u8>> = (0..g)
-                .map(|src| {
-                    let (a, b) = (
-                        rl.src_offsets[src] as usize,
-                        rl.src_offsets[src + 1] as usize,
-                    );
-                    let mut buf = Vec::with_capacity((b - a) * row_bytes);
-                    encode_rows(&mut buf, y.rows_slice(a, b));
-                    buf
-                })
-                .collect();
-            let got = self
-                .comm
-                .all_to_all(CHAN_STEP, back)
-                .with_context(|| format!("step {step} layer {l}: combine all-to-all"))?;
-            let mut ys = Vec::with_capacity(t * k * h);
-            for (r, buf) in got.iter().enumerate() {
-                if buf.len() != (offs[r + 1] - offs[r]) as usize * row_bytes {
-                    bail!(
-                        "rank {r} returned {} bytes of expert outputs, expected {}",
-                        buf.len(),
-                        (offs[r + 1] - offs[r]) as usize * row_bytes
-                    );
-                }
-                ys.extend(decode_rows(buf));
-            }
-            let ym = Matrix::from_vec(t * k, h, ys)?;
-            let out = cpu::unpermute_combine(&ym, &layout, &topk.weights)?;
-            add_residual(&mut x, &out);
-        }
-        Ok((x, counts))
     }
 
     /// The step boundary: gather control records and act on them. Returns false to stop.
@@ -662,14 +495,20 @@ impl Engine {
             return self.finish();
         };
         let plan = self.plan_for(layer, &job.req);
-        let old = self.layers[layer].experts.clone();
+        // Host copies of what this rank sends (free on the CPU backend; a device-to-host copy on
+        // CUDA, counted as stall).
+        let t0 = Instant::now();
+        let sends = self
+            .exec
+            .host_slots(layer, &send_slots(&plan, self.rank, self.spr))?;
+        self.add_stall(t0.elapsed().as_secs_f64());
         let comm = self.comm.clone();
         let (rank, shape) = (self.rank, self.shape);
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name(format!("stage-layer-{layer}"))
             .spawn(move || {
-                let _ = tx.send(stage_layer(&comm, &plan, &old, rank, &shape));
+                let _ = tx.send(stage_layer(&comm, &plan, &sends, rank, &shape));
             })?;
         if let Some(job) = &mut self.job {
             job.staging = Some(Staging { rx, result: None });
@@ -704,12 +543,13 @@ impl Engine {
         staged: Staged,
         stall: f64,
     ) -> Result<()> {
-        // Maps first (fallible), then weights: both change before the next forward pass.
-
-        match LayerMap::new(row.clone(), self.shape.num_experts) {
-            Ok(m) => self.layers[layer].map = m,
-            Err(e) => return Err(anyhow!("layer {layer}: {e}")),
-        }
+        // Weights and maps switch together, before the next forward pass.
+        let map = LayerMap::new(row.clone(), self.shape.num_experts)
+            .map_err(|e| anyhow!("layer {layer}: {e}"))?;
+        let t0 = Instant::now();
+        self.exec.install(layer, &map, staged.slots)?;
+        let stall = stall + t0.elapsed().as_secs_f64();
+        self.maps[layer] = map;
         self.current.phy2log[layer] = row;
         self.layer_generations[layer] = generation;
         self.shared.lock_window().reset_layer(layer);
@@ -730,9 +570,20 @@ impl Engine {
             }
         }
         tracing::info!(layer, generation, bytes = staged.bytes, "layer switched");
-        self.layers[layer].experts = staged.experts;
         self.publish_placement();
         Ok(())
+    }
+
+    /// Time the engine thread spent on remap work between forward passes.
+    fn add_stall(&self, secs: f64) {
+        self.shared.metrics.remap_stall.inc_by(secs);
+        let generation = self.job.as_ref().map(|j| j.req.placement.generation);
+        let mut st = self.shared.lock();
+        if let Some(p) = &mut st.remap
+            && Some(p.generation) == generation
+        {
+            p.stall_seconds += secs;
+        }
     }
 
     fn finish(&mut self) -> Result<()> {
@@ -772,10 +623,13 @@ impl Engine {
         let mut staged = Vec::with_capacity(layers.len());
         for &l in &layers {
             let plan = self.plan_for(l, &req);
+            let sends = self
+                .exec
+                .host_slots(l, &send_slots(&plan, self.rank, self.spr))?;
             staged.push(stage_layer(
                 &self.comm,
                 &plan,
-                &self.layers[l].experts,
+                &sends,
                 self.rank,
                 &self.shape,
             )?);

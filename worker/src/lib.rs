@@ -6,6 +6,7 @@ pub mod backend;
 pub mod comm;
 pub mod config;
 pub mod engine;
+pub mod exec;
 pub mod http;
 pub mod metrics;
 pub mod placement;
@@ -219,13 +220,15 @@ fn run_engine(
             shape.num_experts,
         )
     });
+    let exec: Box<dyn exec::Exec> =
+        Box::new(exec::CpuExec::load(&store, &placement, &shape, rank)?);
     let mut engine = Engine::new(EngineParts {
         shape,
         ranks_per_node: config.ranks_per_node,
         comm: Arc::new(comm),
         shared: shared.clone(),
         placement,
-        store,
+        exec,
         traffic: Traffic {
             generator,
             trace,

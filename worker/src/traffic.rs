@@ -250,7 +250,7 @@ mod tests {
     use super::*;
     use crate::config::Scoring;
     use crate::config::WeightsSource;
-    use crate::engine::gating;
+    use crate::exec::gating;
     use crate::weights::WeightStore;
     use moe_kernels::{Matrix, cpu};
 

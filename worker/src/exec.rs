@@ -1,0 +1,303 @@
+//! Executors of the MoE layer stack: the CPU backend (the kernels' CPU references, rows
+//! exchanged over the TCP comm) and the switch of a layer's weights and maps.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use half::bf16;
+use moe_api::PlacementDocument;
+use moe_kernels::cpu;
+use moe_kernels::{Bf16Matrix, EpTopology, GatingConfig, Matrix, RecvLayout, TopK};
+
+use crate::comm::{CHAN_STEP, Comm};
+use crate::config::{ModelShape, Scoring};
+use crate::placement::LayerMap;
+use crate::traffic::Batch;
+use crate::weights::{ExpertWeights, WeightStore};
+
+/// A layer slot's weights after staging, relative to the layer as served now.
+#[derive(Clone)]
+pub enum StagedSlot {
+    /// Unchanged.
+    Keep,
+    /// Copy of the current weights of another local slot (same GPU).
+    Local(usize),
+    /// Received from another rank.
+    Received(Arc<ExpertWeights>),
+}
+
+/// What the engine needs from a backend.
+pub trait Exec: Send {
+    fn backend(&self) -> &'static str;
+    /// One forward pass of this rank's batch through every layer; returns the outputs and the
+    /// per-layer slot counts of this rank's tokens.
+    fn forward(
+        &mut self,
+        comm: &Comm,
+        batch: &Batch,
+        step: u64,
+    ) -> Result<(Vec<bf16>, Vec<Vec<u32>>)>;
+    /// Host copies of some local slots of `layer` (what this rank sends in a remap).
+    fn host_slots(
+        &mut self,
+        layer: usize,
+        local: &[usize],
+    ) -> Result<HashMap<usize, Arc<ExpertWeights>>>;
+    /// Switches `layer` to `map` and the staged slot weights, together.
+    fn install(&mut self, layer: usize, map: &LayerMap, slots: Vec<StagedSlot>) -> Result<()>;
+}
+
+/// The kernels' gating configuration of this model.
+pub fn gating(shape: &ModelShape) -> GatingConfig {
+    match shape.scoring {
+        Scoring::Softmax => GatingConfig {
+            num_groups: shape.expert_groups,
+            topk_groups: shape.topk_groups,
+            ..GatingConfig::softmax(shape.num_experts, shape.top_k, true)
+        },
+        Scoring::Sigmoid => GatingConfig::grouped_sigmoid(
+            shape.num_experts,
+            shape.top_k,
+            shape.expert_groups,
+            shape.topk_groups,
+            1.0,
+        ),
+    }
+}
+
+pub fn topk_of(
+    x: &Bf16Matrix,
+    router: &Bf16Matrix,
+    routing: Option<&Vec<Vec<u32>>>,
+    layer: usize,
+    gating: &GatingConfig,
+) -> Result<TopK> {
+    let t = x.rows();
+    let k = gating.top_k;
+    Ok(match routing {
+        Some(r) => TopK {
+            tokens: t,
+            k,
+            ids: r[layer].clone(),
+            weights: vec![1.0 / k as f32; t * k],
+        },
+        None => cpu::gating_topk(&cpu::router_logits(x, router)?, gating, None)?,
+    })
+}
+
+/// `x = bf16(x + moe_out)`: the residual connection around each MoE layer.
+pub fn add_residual(x: &mut [bf16], out: &Bf16Matrix) {
+    for (a, b) in x.iter_mut().zip(out.as_slice()) {
+        *a = bf16::from_f32(a.to_f32() + b.to_f32());
+    }
+}
+
+pub fn encode_rows(out: &mut Vec<u8>, rows: &[bf16]) {
+    for v in rows {
+        out.extend_from_slice(&v.to_bits().to_le_bytes());
+    }
+}
+
+pub fn decode_rows(bytes: &[u8]) -> Vec<bf16> {
+    bytes
+        .chunks_exact(2)
+        .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+        .collect()
+}
+
+/// One MoE layer as the CPU backend serves it.
+pub struct CpuLayer {
+    pub map: LayerMap,
+    /// Weights of this rank's slots (`slots_per_rank` entries).
+    pub experts: Vec<Arc<ExpertWeights>>,
+    pub router: Bf16Matrix,
+}
+
+/// The CPU backend.
+pub struct CpuExec {
+    pub shape: ModelShape,
+    pub rank: usize,
+    pub world: usize,
+    pub layers: Vec<CpuLayer>,
+}
+
+impl CpuExec {
+    /// Loads the routers and this rank's slots of every layer.
+    pub fn load(
+        store: &WeightStore,
+        placement: &PlacementDocument,
+        shape: &ModelShape,
+        rank: usize,
+    ) -> Result<CpuExec> {
+        let spr = shape.slots_per_rank();
+        let layers = (0..shape.num_layers)
+            .map(|l| {
+                let row = &placement.phy2log[l];
+                let mine = &row[rank * spr..(rank + 1) * spr];
+                Ok(CpuLayer {
+                    map: LayerMap::new(row.clone(), shape.num_experts).map_err(|e| anyhow!(e))?,
+                    experts: store
+                        .load_slots(l, mine)
+                        .with_context(|| format!("loading the experts of layer {l}"))?,
+                    router: store
+                        .router(l)
+                        .with_context(|| format!("loading the router of layer {l}"))?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(CpuExec {
+            shape: *shape,
+            rank,
+            world: shape.world_size,
+            layers,
+        })
+    }
+}
+
+impl Exec for CpuExec {
+    fn backend(&self) -> &'static str {
+        "cpu"
+    }
+
+    /// One forward pass of this rank's batch through every layer. Returns the output hidden
+    /// states and the per-layer slot counts of this rank's tokens.
+    ///
+    /// Per layer: router, top-k, replica choice with load counting, dispatch layout and
+    /// permute (kernels), all-to-all of rows plus per-slot counts, regroup by local expert,
+    /// expert FFN, back to receive order, all-to-all back, unpermute + combine, residual.
+    fn forward(
+        &mut self,
+        comm: &Comm,
+        batch: &Batch,
+        step: u64,
+    ) -> Result<(Vec<bf16>, Vec<Vec<u32>>)> {
+        let h = self.shape.hidden;
+        let k = self.shape.top_k;
+        let s = self.shape.slots_per_rank();
+        let g = self.world;
+        let gating = gating(&self.shape);
+        let topo = EpTopology::new(g, s)?;
+        let mut x = batch.x.clone();
+        let t = x.len() / h;
+        let mut counts = vec![vec![0u32; self.shape.num_slots()]; self.shape.num_layers];
+        let row_bytes = 2 * h;
+        let token_base = ((step * g as u64 + self.rank as u64) * t as u64) as u32;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let xm = Matrix::from_vec(t, h, x.clone())?;
+            let topk = topk_of(&xm, &layer.router, batch.routing.as_ref(), l, &gating)?;
+            let phys =
+                cpu::map_to_physical(&topk, &layer.map.replicas, token_base, &mut counts[l])?;
+            let layout = cpu::dispatch_layout(&phys, k, topo)?;
+            let send_rows = cpu::permute(&xm, &layout)?;
+            let offs = layout.rank_offsets();
+            let send: Vec<Vec<u8>> = (0..g)
+                .map(|r| {
+                    let (a, b) = (offs[r] as usize, offs[r + 1] as usize);
+                    let mut buf = Vec::with_capacity(4 * s + (b - a) * row_bytes);
+                    for c in &layout.rows_per_slot[r * s..(r + 1) * s] {
+                        buf.extend_from_slice(&c.to_le_bytes());
+                    }
+                    encode_rows(&mut buf, send_rows.rows_slice(a, b));
+                    buf
+                })
+                .collect();
+            let recv = comm
+                .all_to_all(CHAN_STEP, send)
+                .with_context(|| format!("step {step} layer {l}: dispatch all-to-all"))?;
+            let mut slot_counts = Vec::with_capacity(g * s);
+            let mut rows = Vec::new();
+            for (src, buf) in recv.iter().enumerate() {
+                if buf.len() < 4 * s || !(buf.len() - 4 * s).is_multiple_of(row_bytes) {
+                    bail!("malformed dispatch from rank {src}");
+                }
+                let n0 = slot_counts.len();
+                for c in buf[..4 * s].chunks_exact(4) {
+                    slot_counts.push(u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                }
+                let n: u32 = slot_counts[n0..].iter().sum();
+                if n as usize * row_bytes != buf.len() - 4 * s {
+                    bail!("rank {src} sent counts that do not match its rows");
+                }
+                rows.extend(decode_rows(&buf[4 * s..]));
+            }
+            let recv_rows = Matrix::from_vec(rows.len() / h, h, rows)?;
+            let rl = RecvLayout::new(g, s, &slot_counts)?;
+            let xin = cpu::regroup_received(&recv_rows, &rl)?;
+            let refs: Vec<&ExpertWeights> = layer.experts.iter().map(Arc::as_ref).collect();
+            let y = cpu::expert_ffn(&xin, &rl.expert_offsets, &refs)?;
+            let y = cpu::ungroup_outputs(&y, &rl)?;
+            let back: Vec<Vec<u8>> = (0..g)
+                .map(|src| {
+                    let (a, b) = (
+                        rl.src_offsets[src] as usize,
+                        rl.src_offsets[src + 1] as usize,
+                    );
+                    let mut buf = Vec::with_capacity((b - a) * row_bytes);
+                    encode_rows(&mut buf, y.rows_slice(a, b));
+                    buf
+                })
+                .collect();
+            let got = comm
+                .all_to_all(CHAN_STEP, back)
+                .with_context(|| format!("step {step} layer {l}: combine all-to-all"))?;
+            let mut ys = Vec::with_capacity(t * k * h);
+            for (r, buf) in got.iter().enumerate() {
+                if buf.len() != (offs[r + 1] - offs[r]) as usize * row_bytes {
+                    bail!(
+                        "rank {r} returned {} bytes of expert outputs, expected {}",
+                        buf.len(),
+                        (offs[r + 1] - offs[r]) as usize * row_bytes
+                    );
+                }
+                ys.extend(decode_rows(buf));
+            }
+            let ym = Matrix::from_vec(t * k, h, ys)?;
+            let out = cpu::unpermute_combine(&ym, &layout, &topk.weights)?;
+            add_residual(&mut x, &out);
+        }
+        Ok((x, counts))
+    }
+
+    fn host_slots(
+        &mut self,
+        layer: usize,
+        local: &[usize],
+    ) -> Result<HashMap<usize, Arc<ExpertWeights>>> {
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| anyhow!("no layer {layer}"))?;
+        local
+            .iter()
+            .map(|&s| {
+                l.experts
+                    .get(s)
+                    .map(|w| (s, w.clone()))
+                    .ok_or_else(|| anyhow!("no local slot {s}"))
+            })
+            .collect()
+    }
+
+    fn install(&mut self, layer: usize, map: &LayerMap, slots: Vec<StagedSlot>) -> Result<()> {
+        let l = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| anyhow!("no layer {layer}"))?;
+        let old = l.experts.clone();
+        let mut experts = Vec::with_capacity(old.len());
+        for (i, s) in slots.into_iter().enumerate() {
+            experts.push(match s {
+                StagedSlot::Keep => old[i].clone(),
+                StagedSlot::Local(j) => old
+                    .get(j)
+                    .cloned()
+                    .ok_or_else(|| anyhow!("no local slot {j}"))?,
+                StagedSlot::Received(w) => w,
+            });
+        }
+        l.experts = experts;
+        l.map = map.clone();
+        Ok(())
+    }
+}
