@@ -49,6 +49,7 @@ spec:
         - |
           echo "pod=$(POD_NAME) ns=$POD_NS index=$POD_INDEX ip=$POD_IP greeting=$(cat /etc/cfg/greeting)"
           echo "$GREETING_ENV"
+          echo "peer=$PEER"
           exec python3 -m http.server 8080 --bind "$POD_IP"
         env:
         - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
@@ -56,6 +57,7 @@ spec:
         - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
         - {name: POD_INDEX, valueFrom: {fieldRef: {fieldPath: "metadata.labels['apps.kubernetes.io/pod-index']"}}}
         - {name: GREETING_ENV, valueFrom: {configMapKeyRef: {name: web-config, key: greeting}}}
+        - {name: PEER, value: "web-0.web.smoke.svc:8080"}
         ports:
         - {name: http, containerPort: 8080}
         readinessProbe:
@@ -146,6 +148,7 @@ async fn control_plane_smoke() -> Result<()> {
     cms.create(&PostParams::default(), &cm).await?;
 
     let pods = wait::pods_ready(&client, ns, "app=web", 2, T).await?;
+    let ip0 = agent.pod_ip(ns, "web-0").context("web-0 has no IP")?;
     for p in &pods {
         let name = p.metadata.name.clone().unwrap_or_default();
         let node = p
@@ -174,6 +177,11 @@ async fn control_plane_smoke() -> Result<()> {
         ensure!(
             logs.contains("\nhello from a configmap"),
             "configMapKeyRef env missing:\n{logs}"
+        );
+        // StatefulSet pod DNS names resolve to pod IPs (substituted by the agent).
+        ensure!(
+            logs.contains(&format!("peer={ip0}:8080")),
+            "pod DNS name not resolved:\n{logs}"
         );
         let (code, _) = moe_e2e::http::get(&ip, 8080, "/", Duration::from_secs(2)).await?;
         ensure!(code == 200, "GET {ip}:8080 returned {code}");

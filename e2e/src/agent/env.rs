@@ -195,6 +195,55 @@ pub fn rewrite_mounts(s: &str, mounts: &[(String, PathBuf)]) -> String {
     out
 }
 
+/// Stands in for cluster DNS of StatefulSet pods: every `<hostname>.<subdomain>.<namespace>.svc`
+/// (optionally followed by `.cluster.local`) in `s` is replaced by `resolve(namespace,
+/// hostname)` — the agent's loopback IP for that pod, allocated on first use so that names of
+/// pods not started yet resolve too. Other names are left alone.
+pub fn rewrite_pod_dns(s: &str, resolve: &dyn Fn(&str, &str) -> Option<String>) -> String {
+    let is_label = |c: char| c.is_ascii_alphanumeric() || c == '-';
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find(".svc") {
+        let after = &rest[pos + 4..];
+        let (suffix_len, tail) = match after.strip_prefix(".cluster.local") {
+            Some(t) => (14, t),
+            None => (0, after),
+        };
+        let end_ok = tail
+            .chars()
+            .next()
+            .is_none_or(|c| !(is_label(c) || c == '.'));
+        // Walk back over `a.b.c` (labels and dots) before ".svc".
+        let head = &rest[..pos];
+        let start = head
+            .char_indices()
+            .rev()
+            .find(|(_, c)| !(is_label(*c) || *c == '.'))
+            .map(|(i, c)| i + c.len_utf8())
+            .unwrap_or(0);
+        let name = &head[start..];
+        let labels: Vec<&str> = name.split('.').collect();
+        let replaced = if end_ok && labels.len() == 3 && labels.iter().all(|l| !l.is_empty()) {
+            resolve(labels[2], labels[0])
+        } else {
+            None
+        };
+        match replaced {
+            Some(ip) => {
+                out.push_str(&head[..start]);
+                out.push_str(&ip);
+                rest = &rest[pos + 4 + suffix_len..];
+            }
+            None => {
+                out.push_str(&rest[..pos + 4]);
+                rest = &rest[pos + 4..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The container's env in definition order (envFrom first, then env, `$(VAR)` expanded against
 /// what is defined before, mount paths rewritten), prepended by `base` (service variables etc.).
 pub fn container_env(
@@ -303,6 +352,22 @@ mod tests {
         assert_eq!(rewrite_mounts("/etc/moe", &m), "/tmp/p/v/cfg");
         assert_eq!(rewrite_mounts("/etc/moex/a", &m), "/etc/moex/a");
         assert_eq!(rewrite_mounts("/x/etc/moe/a", &m), "/x/etc/moe/a");
+    }
+
+    #[test]
+    fn pod_dns() {
+        let r = |ns: &str, host: &str| (ns == "ml").then(|| format!("127.9.0.{}", host.len()));
+        assert_eq!(
+            rewrite_pod_dns("demo-0.demo-workers.ml.svc:29500", &r),
+            "127.9.0.6:29500"
+        );
+        assert_eq!(
+            rewrite_pod_dns("http://a.b.ml.svc.cluster.local/x and a.b.other.svc", &r),
+            "http://127.9.0.1/x and a.b.other.svc"
+        );
+        assert_eq!(rewrite_pod_dns("svc.ml.svc", &r), "svc.ml.svc");
+        assert_eq!(rewrite_pod_dns("a.b.ml.svcx", &r), "a.b.ml.svcx");
+        assert_eq!(rewrite_pod_dns("no dns here", &r), "no dns here");
     }
 
     #[test]

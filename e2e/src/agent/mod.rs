@@ -14,8 +14,11 @@
 //! * volumes: configMap, secret, downwardAPI, projected (incl. serviceAccountToken), emptyDir,
 //!   hostPath, materialised in a per-pod directory and kept in sync with the API (every 2 s).
 //!   Mount paths are rewritten (see [`env::rewrite_mounts`]) in command, args and env values;
-//! * a loopback pod IP `127.A.B.C` per pod (unique within the process), exported through the
-//!   downward API; `hostNetwork` pods get 127.0.0.1;
+//! * a loopback pod IP `127.A.B.C` per pod name (unique within the process, stable across
+//!   re-creation of a pod with the same name), exported through the downward API;
+//!   `hostNetwork` pods get 127.0.0.1; StatefulSet pod DNS names
+//!   (`<pod>.<service>.<namespace>.svc`) in env values and args are replaced by pod IPs
+//!   ([`env::rewrite_pod_dns`]);
 //! * `KUBERNETES_SERVICE_HOST/PORT` pointing at the API server and, when the pod mounts a
 //!   service-account token, `KUBECONFIG` pointing at a kubeconfig holding a real token for the
 //!   pod's service account (so in-cluster RBAC is exercised by `kube::Config::infer()`);
@@ -146,10 +149,14 @@ pub(crate) struct Shared {
     tasks: Mutex<Vec<AbortHandle>>,
     ip_octet: u8,
     ip_next: AtomicU32,
+    /// `namespace/pod name` -> loopback IP. Kept after a pod is gone, so a replacement pod of
+    /// the same name (StatefulSet) gets the same IP, and names can be resolved before their
+    /// pod starts (see [`env::rewrite_pod_dns`]).
+    ips: Mutex<HashMap<String, String>>,
 }
 
 impl Shared {
-    pub fn alloc_ip(&self) -> String {
+    fn new_ip(&self) -> String {
         let n = self.ip_next.fetch_add(1, Ordering::Relaxed);
         format!(
             "127.{}.{}.{}",
@@ -157,6 +164,20 @@ impl Shared {
             1 + (n / 250) % 250,
             1 + n % 250
         )
+    }
+
+    /// The IP of pod `ns/name`, allocated on first use.
+    pub fn ip_for(&self, ns: &str, name: &str) -> String {
+        let mut ips = self.ips.lock().unwrap_or_else(|e| e.into_inner());
+        ips.entry(key(ns, name))
+            .or_insert_with(|| self.new_ip())
+            .clone()
+    }
+
+    /// Records an IP a pod already has (agent restarted on a running cluster).
+    pub fn remember_ip(&self, ns: &str, name: &str, ip: &str) {
+        let mut ips = self.ips.lock().unwrap_or_else(|e| e.into_inner());
+        ips.insert(key(ns, name), ip.to_string());
     }
 
     pub fn track_task(&self, h: AbortHandle) {
@@ -210,6 +231,7 @@ impl Agent {
             tasks: Mutex::new(Vec::new()),
             ip_octet,
             ip_next: AtomicU32::new(0),
+            ips: Mutex::new(HashMap::new()),
         });
 
         let hb = tokio::spawn(heartbeat_loop(shared.clone()));

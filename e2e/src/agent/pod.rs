@@ -12,7 +12,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
 
-use super::env::{EnvContext, container_env, expand, rewrite_mounts};
+use super::env::{EnvContext, container_env, expand, rewrite_mounts, rewrite_pod_dns};
 use super::probe::{ProbeTiming, run_once};
 use super::volumes::{self, VolumeCtx};
 use super::{PodInfo, Shared};
@@ -189,8 +189,11 @@ pub(crate) async fn run_pod(sh: Arc<Shared>, mut rx: watch::Receiver<Option<Pod>
         .filter(|ip| ip.starts_with("127."));
     let ip = if spec.host_network.unwrap_or(false) {
         "127.0.0.1".to_string()
+    } else if let Some(ip) = existing_ip {
+        sh.remember_ip(&ns, &name, &ip);
+        ip
     } else {
-        existing_ip.unwrap_or_else(|| sh.alloc_ip())
+        sh.ip_for(&ns, &name)
     };
     let short_uid: String = uid.chars().take(8).collect();
     let dir = sh.work_dir.join(format!("{ns}_{name}_{short_uid}"));
@@ -341,11 +344,27 @@ async fn delete_now(sh: &Arc<Shared>, ns: &str, name: &str, uid: &str) {
 }
 
 async fn lifecycle(ctx: Arc<PodCtx>) {
+    // Pods whose containers all use fake images get no volumes (nothing would read them, and
+    // scale tests run hundreds of such pods).
+    let all_fake = ctx.pod.spec.as_ref().is_some_and(|s| {
+        s.containers
+            .iter()
+            .chain(s.init_containers.iter().flatten())
+            .all(|c| {
+                ctx.sh
+                    .cfg
+                    .images
+                    .is_fake(c.image.as_deref().unwrap_or_default())
+            })
+    });
     // Volumes (retried until the referenced objects exist).
     let mut stop = ctx.stop.clone();
     loop {
         if stop.borrow().is_some() {
             return;
+        }
+        if all_fake {
+            break;
         }
         match ctx.fill_volumes(false).await {
             Ok(()) => break,
@@ -362,6 +381,9 @@ async fn lifecycle(ctx: Arc<PodCtx>) {
     let refresher = {
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            if all_fake {
+                return;
+            }
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 if let Err(e) = ctx.fill_volumes(true).await {
@@ -879,11 +901,15 @@ impl PodCtx {
             config_maps: &cms,
             secrets: &secrets,
         };
-        let env = container_env(&ectx, c, &base, &mounts)?;
+        let resolve = |ns: &str, host: &str| Some(self.sh.ip_for(ns, host));
+        let env: Vec<(String, String)> = container_env(&ectx, c, &base, &mounts)?
+            .into_iter()
+            .map(|(k, v)| (k, rewrite_pod_dns(&v, &resolve)))
+            .collect();
         let lookup = |n: &str| env.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
         let sub = |v: &Vec<String>| -> Vec<String> {
             v.iter()
-                .map(|s| rewrite_mounts(&expand(s, &lookup), &mounts))
+                .map(|s| rewrite_pod_dns(&rewrite_mounts(&expand(s, &lookup), &mounts), &resolve))
                 .collect()
         };
         let command = sub(&c.command.clone().unwrap_or_default());
