@@ -13,6 +13,9 @@ pub mod rng;
 mod routing;
 mod tensor;
 
+/// The CUDA bindings this crate is built on (same version and features), for callers that
+/// need raw access to device buffers (`DeviceMatrix::buf`) or streams.
+pub use cudarc;
 pub use error::{KernelError, Result};
 pub use half::bf16;
 pub use routing::{

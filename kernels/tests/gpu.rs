@@ -195,6 +195,11 @@ fn map_and_layout_match_cpu() {
         (33, 5, 8, 4, 777, 2),
         (8, 2, 4, 2, 0, 0),
         (16, 1, 20, 4, 1, 0),
+        // one-block path (tokens * k <= 1024)
+        (256, 8, 36, 8, 128, 0),
+        (64, 4, 16, 8, 100, 1),
+        (33, 5, 8, 4, 150, 2),
+        (10, 4, 3, 3, 341, 0),
     ] {
         let (map, topo) = redundant_map(e, g, s, &mut rng);
         let ids: Vec<u32> = (0..t * k)

@@ -142,6 +142,7 @@ pub(crate) struct Kernels {
     pub layout_slotscan: CudaFunction,
     pub layout_scatter: CudaFunction,
     pub tokens_per_rank: CudaFunction,
+    pub layout_small: CudaFunction,
     pub gather_v8: CudaFunction,
     pub gather_s: CudaFunction,
     pub scatter_v8: CudaFunction,
@@ -221,6 +222,7 @@ impl Gpu {
             layout_slotscan: f("moe_layout_slotscan")?,
             layout_scatter: f("moe_layout_scatter")?,
             tokens_per_rank: f("moe_tokens_per_rank")?,
+            layout_small: f("moe_layout_small")?,
             gather_v8: f("moe_gather_rows_v8")?,
             gather_s: f("moe_gather_rows_s")?,
             scatter_v8: f("moe_scatter_rows_v8")?,
@@ -503,6 +505,53 @@ impl Gpu {
         }
         let t = tokens;
         let ns = topo.num_slots();
+        let (ni, nsi) = (n as i32, ns as i32);
+        let spr = topo.slots_per_rank as i32;
+        let nr = topo.num_ranks as i32;
+        if n <= 1024 && (ns + topo.num_ranks) * 4 <= 40 * 1024 {
+            // one block does everything (decode-sized batches: one launch instead of five)
+            let mut rows_per_slot = self.uninit::<u32>(ns)?;
+            let mut slot_offsets = self.uninit::<u32>(ns + 1)?;
+            let mut rows_per_rank = self.uninit::<u32>(topo.num_ranks)?;
+            let mut tokens_per_rank = self.uninit::<u32>(topo.num_ranks)?;
+            let mut perm = self.uninit::<u32>(n)?;
+            let mut inv = self.uninit::<u32>(n)?;
+            let (tt, kk) = (t as i32, k as i32);
+            let mut b = self.stream.launch_builder(&self.k.layout_small);
+            b.arg(phys)
+                .arg(&ni)
+                .arg(&tt)
+                .arg(&kk)
+                .arg(&nsi)
+                .arg(&spr)
+                .arg(&nr)
+                .arg(&mut rows_per_slot)
+                .arg(&mut slot_offsets)
+                .arg(&mut rows_per_rank)
+                .arg(&mut tokens_per_rank)
+                .arg(&mut perm)
+                .arg(&mut inv);
+            // SAFETY: matches the kernel signature; n <= 1024 = block size, shared memory sized.
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (1024, 1, 1),
+                    shared_mem_bytes: ((ns + topo.num_ranks) * 4) as u32,
+                })
+            }
+            .map_err(drv)?;
+            return Ok(DeviceLayout {
+                topo,
+                tokens: t,
+                k,
+                tokens_per_rank,
+                rows_per_rank,
+                rows_per_slot,
+                slot_offsets,
+                perm,
+                inv,
+            });
+        }
         let nchunks = n.div_ceil(LAYOUT_CHUNK).max(1);
         let mut local = self.uninit::<u32>(n)?;
         let mut hist = self.uninit::<u32>(nchunks * ns)?;
@@ -512,9 +561,7 @@ impl Gpu {
         let mut tokens_per_rank = self.zeros::<u32>(topo.num_ranks)?;
         let mut perm = self.zeros::<u32>(n.max(1))?;
         let mut inv = self.zeros::<u32>(n.max(1))?;
-        let (ni, nsi, nci) = (n as i32, ns as i32, nchunks as i32);
-        let spr = topo.slots_per_rank as i32;
-        let nr = topo.num_ranks as i32;
+        let nci = nchunks as i32;
         unsafe {
             let mut b = self.stream.launch_builder(&self.k.layout_count);
             b.arg(phys)

@@ -274,6 +274,73 @@ extern "C" __global__ void moe_layout_scatter(const u32* __restrict__ phys, int 
     inv[i] = row;
 }
 
+// Whole layout in one block for small batches (n <= 1024 rows): counts, scans, stable ranks,
+// scatter and tokens per rank in shared memory. Dynamic shared memory: (ns + nr) u32.
+extern "C" __global__ void moe_layout_small(const u32* __restrict__ phys, int n, int T, int K, int ns, int spr,
+                                            int nr, u32* __restrict__ rows_per_slot, u32* __restrict__ slot_offsets,
+                                            u32* __restrict__ rows_per_rank, u32* __restrict__ tokens_per_rank,
+                                            u32* __restrict__ perm, u32* __restrict__ inv) {
+    extern __shared__ u32 dyn[];
+    u32* cnt = dyn;       // [ns]: counts, then exclusive offsets
+    u32* tpr = dyn + ns;  // [nr]
+    __shared__ u32 sp[1024];
+    __shared__ u32 part[1024];
+    const int tid = threadIdx.x;
+    for (int c = tid; c < ns; c += 1024) cnt[c] = 0;
+    for (int r = tid; r < nr; r += 1024) tpr[r] = 0;
+    const u32 p = tid < n ? phys[tid] : 0xffffffffu;
+    sp[tid] = p;
+    __syncthreads();
+    if (p < (u32)ns) atomicAdd(cnt + p, 1u);
+    if (tid < T) {
+        for (int j = 0; j < K; ++j) {
+            const u32 r = sp[tid * K + j] / (u32)spr;
+            if (r >= (u32)nr) continue;
+            bool seen = false;
+            for (int q = 0; q < j; ++q) seen |= (sp[tid * K + q] / (u32)spr) == r;
+            if (!seen) atomicAdd(tpr + r, 1u);
+        }
+    }
+    __syncthreads();
+    // exclusive scan of cnt (each thread a contiguous range, then a scan of the partials)
+    const int per = (ns + 1023) / 1024;
+    const int c0 = tid * per;
+    u32 sum = 0;
+    for (int c = c0; c < c0 + per && c < ns; ++c) {
+        rows_per_slot[c] = cnt[c];
+        sum += cnt[c];
+    }
+    part[tid] = sum;
+    __syncthreads();
+    for (int o = 1; o < 1024; o <<= 1) {
+        u32 v = tid >= o ? part[tid - o] : 0u;
+        __syncthreads();
+        part[tid] += v;
+        __syncthreads();
+    }
+    u32 run = part[tid] - sum;
+    for (int c = c0; c < c0 + per && c < ns; ++c) {
+        const u32 v = cnt[c];
+        cnt[c] = run;
+        slot_offsets[c] = run;
+        run += v;
+    }
+    if (tid == 1023) slot_offsets[ns] = part[1023];
+    for (int r = tid; r < nr; r += 1024) tokens_per_rank[r] = tpr[r];
+    __syncthreads();
+    for (int r = tid; r < nr; r += 1024) {
+        const u32 hi = (r + 1) * spr < ns ? cnt[(r + 1) * spr] : part[1023];
+        rows_per_rank[r] = hi - cnt[r * spr];
+    }
+    if (p < (u32)ns) {
+        u32 before = 0;
+        for (int j = 0; j < tid; ++j) before += sp[j] == p;
+        const u32 row = cnt[p] + before;
+        perm[row] = (u32)tid;
+        inv[tid] = row;
+    }
+}
+
 // Distinct tokens per destination rank: one thread per token.
 extern "C" __global__ void moe_tokens_per_rank(const u32* __restrict__ phys, int T, int K, int spr, int nr,
                                                u32* __restrict__ tokens_per_rank) {
