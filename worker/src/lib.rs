@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod comm;
 pub mod config;
+pub mod cuda_exec;
 pub mod engine;
 pub mod exec;
 pub mod http;
@@ -142,6 +143,11 @@ fn run_engine(
     let world = config.world_size();
     let num_nodes = world / config.ranks_per_node;
     let backend = backend::resolve(config.args.backend)?;
+    if backend == backend::Backend::Cuda && config.args.traffic_trace.is_some() {
+        return Err(anyhow!(
+            "--traffic-trace (trace replay) is only supported with --backend cpu"
+        ));
+    }
     shared.lock().backend = backend.name().to_string();
 
     // The committed placement (the desired one of the last remap the operator started).
@@ -186,7 +192,13 @@ fn run_engine(
         None => bind_listener(&rdv)?,
     };
     tracing::info!(rank, world, leader = ?rdv.leader, "forming the group");
-    let (comm, info) = form_group(&rdv, listener, committed, || backend.unique_id())?;
+    // Rank 0's NCCL unique id (CUDA) or random bytes (CPU), handed out at rendezvous.
+    let unique_id = if rank == 0 {
+        backend.unique_id()?
+    } else {
+        Vec::new()
+    };
+    let (comm, info) = form_group(&rdv, listener, committed, move || unique_id)?;
     tracing::info!(epoch = info.epoch, peers = ?info.peers, "group formed");
 
     let placement = match info.placement {
