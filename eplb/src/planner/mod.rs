@@ -256,6 +256,7 @@ fn validate(req: &PlanRequest<'_>, algo: Algo) -> Result<()> {
         )));
     }
     if let Some(prev) = req.previous {
+        prev.validate()?;
         prev.check_shape(shape)?;
         if prev.num_layers != h.num_layers() {
             return Err(EplbError::Mismatch(format!(

@@ -207,8 +207,10 @@ pub(crate) struct State<'p> {
     pub cnt: Vec<usize>,
     /// `rc[r * e + i]`: replicas of expert `i` on rank `r`.
     pub rc: Vec<u16>,
-    /// `loads[k * g + r]`.
+    /// `loads[r * w + k]` (rank-major: one rank's episodes are contiguous).
     pub loads: Vec<f64>,
+    /// `y[e * w + k]`: load of one replica of expert `e` in episode `k` (`x / cnt`).
+    pub y: Vec<f64>,
     /// Per episode, the three largest `(load, rank)`.
     pub top: Vec<[(f64, usize); 3]>,
     /// Slots of each expert.
@@ -234,6 +236,7 @@ impl<'p> State<'p> {
             cnt: vec![0; p.e],
             rc: vec![0; p.g * p.e],
             loads: vec![0.0; p.w * p.g],
+            y: vec![0.0; p.w * p.e],
             top: vec![[(0.0, usize::MAX); 3]; p.w],
             pos: vec![Vec::new(); p.e],
         };
@@ -251,7 +254,18 @@ impl<'p> State<'p> {
             self.rc[(slot / p.s) * p.e + e] += 1;
             self.pos[e].push(slot);
         }
+        for e in 0..p.e {
+            self.refresh_y(e);
+        }
         self.recompute_loads();
+    }
+
+    fn refresh_y(&mut self, e: usize) {
+        let p = self.p;
+        let c = self.cnt[e].max(1) as f64;
+        for k in 0..p.w {
+            self.y[e * p.w + k] = p.x[e * p.w + k] / c;
+        }
     }
 
     pub fn recompute_loads(&mut self) {
@@ -259,9 +273,8 @@ impl<'p> State<'p> {
         self.loads.iter_mut().for_each(|l| *l = 0.0);
         for (slot, &e) in self.row.iter().enumerate() {
             let r = slot / p.s;
-            let c = self.cnt[e] as f64;
             for k in 0..p.w {
-                self.loads[k * p.g + r] += p.x[e * p.w + k] / c;
+                self.loads[r * p.w + k] += self.y[e * p.w + k];
             }
         }
         for k in 0..p.w {
@@ -273,7 +286,7 @@ impl<'p> State<'p> {
         let g = self.p.g;
         let mut t = [(f64::NEG_INFINITY, usize::MAX); 3];
         for r in 0..g {
-            let v = self.loads[k * g + r];
+            let v = self.loads[r * self.p.w + k];
             if v > t[0].0 {
                 t[2] = t[1];
                 t[1] = t[0];
@@ -298,10 +311,10 @@ impl<'p> State<'p> {
                 continue;
             }
             f += o * self.top[k][0].0;
-            q += o * self.loads[k * p.g..(k + 1) * p.g]
-                .iter()
-                .map(|l| l * l)
-                .sum::<f64>();
+            q += o
+                * (0..p.g)
+                    .map(|r| self.loads[r * p.w + k] * self.loads[r * p.w + k])
+                    .sum::<f64>();
         }
         (f, q)
     }
@@ -326,17 +339,18 @@ impl<'p> State<'p> {
         let p = self.p;
         let (a, b) = (i / p.s, j / p.s);
         let (e, f) = (self.row[i], self.row[j]);
-        let (ce, cf) = (self.cnt[e] as f64, self.cnt[f] as f64);
+        let w = p.w;
+        let ye = &self.y[e * w..e * w + w];
+        let yf = &self.y[f * w..f * w + w];
+        let las = &self.loads[a * w..a * w + w];
+        let lbs = &self.loads[b * w..b * w + w];
         let mut df = 0.0;
         let mut dq = 0.0;
-        for k in 0..p.w {
+        for k in 0..w {
             let o = p.omega[k];
-            if o == 0.0 {
-                continue;
-            }
-            let d = p.x[f * p.w + k] / cf - p.x[e * p.w + k] / ce;
-            let la = self.loads[k * p.g + a];
-            let lb = self.loads[k * p.g + b];
+            let d = yf[k] - ye[k];
+            let la = las[k];
+            let lb = lbs[k];
             let na = la + d;
             let nb = lb - d;
             let m = na.max(nb).max(self.max_excluding(k, a, b));
@@ -359,11 +373,10 @@ impl<'p> State<'p> {
         let p = self.p;
         let (a, b) = (i / p.s, j / p.s);
         let (e, f) = (self.row[i], self.row[j]);
-        let (ce, cf) = (self.cnt[e] as f64, self.cnt[f] as f64);
         for k in 0..p.w {
-            let d = p.x[f * p.w + k] / cf - p.x[e * p.w + k] / ce;
-            self.loads[k * p.g + a] += d;
-            self.loads[k * p.g + b] -= d;
+            let d = self.y[f * p.w + k] - self.y[e * p.w + k];
+            self.loads[a * p.w + k] += d;
+            self.loads[b * p.w + k] -= d;
             self.refresh_top(k);
         }
         self.row.swap(i, j);
@@ -434,7 +447,7 @@ impl<'p> State<'p> {
             let mut m = f64::NEG_INFINITY;
             let mut q = 0.0;
             for &(r, d) in scratch.iter() {
-                let l = self.loads[k * p.g + r];
+                let l = self.loads[r * p.w + k];
                 m = m.max(l + d);
                 q += (l + d) * (l + d) - l * l;
             }
@@ -450,7 +463,7 @@ impl<'p> State<'p> {
             if !found && scratch.len() < p.g {
                 for r in 0..p.g {
                     if !scratch.iter().any(|x| x.0 == r) {
-                        other = other.max(self.loads[k * p.g + r]);
+                        other = other.max(self.loads[r * p.w + k]);
                     }
                 }
             }
@@ -471,6 +484,8 @@ impl<'p> State<'p> {
         self.rc[r * p.e + f] += 1;
         self.pos[e].retain(|&x| x != i);
         self.pos[f].push(i);
+        self.refresh_y(e);
+        self.refresh_y(f);
         self.recompute_loads();
     }
 
@@ -506,6 +521,7 @@ impl<'p> State<'p> {
         let changed = |row: &[usize], orig: &[usize]| -> usize {
             row.iter().zip(orig).filter(|(a, b)| a != b).count()
         };
+        let (mut fmoves, mut qmoves) = (0, 0);
         for _ in 0..max_iters {
             let crit = self.critical_ranks();
             let cur_changed = budget.map(|(o, _)| changed(&self.row, o));
@@ -572,7 +588,7 @@ impl<'p> State<'p> {
                     .map(|b| {
                         let l: f64 = (0..p.w)
                             .filter(|&k| self.top[k][0].1 == a)
-                            .map(|k| p.omega[k] * self.loads[k * p.g + b])
+                            .map(|k| p.omega[k] * self.loads[b * p.w + k])
                             .sum();
                         (l, b)
                     })
@@ -636,10 +652,26 @@ impl<'p> State<'p> {
                 }
             }
             match best {
-                Some((_, 0, i, j)) => self.apply_swap(i, j),
-                Some((_, _, i, f)) => self.apply_rerep(i, f),
+                Some((d, kind, i, j)) => {
+                    if d.0 < -EPS {
+                        fmoves += 1;
+                    } else {
+                        qmoves += 1;
+                    }
+                    if kind == 0 {
+                        self.apply_swap(i, j)
+                    } else {
+                        self.apply_rerep(i, j)
+                    }
+                }
                 None => break,
             }
+        }
+        if std::env::var("EPLB_DEBUG").is_ok() {
+            eprintln!(
+                "F-moves {fmoves} Q-moves {qmoves} budget {}",
+                budget.is_some()
+            );
         }
         // Guard against drift of incremental load updates.
         self.recompute_loads();
