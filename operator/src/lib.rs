@@ -1,1 +1,29 @@
-//! The MoEDeployment resource and its controller.
+//! The `MoEDeployment` resource and its controller.
+//!
+//! * [`crd`]: the resource types (group `moe-operator.github.io`, version `v1alpha1`), CEL rules.
+//! * [`resources`]: desired owned objects (StatefulSet, Service, ConfigMap, Secret, RBAC).
+//! * [`conditions`], [`remap`]: status conditions and remap decisions, as pure functions.
+//! * [`planning`]: the only module that calls the `eplb` planner library.
+//! * [`workers`]: HTTP client of the worker ranks.
+//! * [`controller`]: the reconciler.
+//! * [`leader`], [`metrics`], [`server`]: the operator process around it.
+
+pub mod conditions;
+pub mod controller;
+pub mod crd;
+pub mod leader;
+pub mod metrics;
+pub mod planning;
+pub mod quantity;
+pub mod remap;
+pub mod resources;
+pub mod server;
+pub mod workers;
+
+pub use crd::{MoEDeployment, MoEDeploymentSpec, MoEDeploymentStatus};
+
+/// The CRD as YAML (what `crdgen` prints and `crds/moedeployment.yaml` holds).
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&MoEDeployment::crd())
+}

@@ -1,0 +1,295 @@
+//! Status conditions as a pure function of what the reconciler observed.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+pub const AVAILABLE: &str = "Available";
+pub const PROGRESSING: &str = "Progressing";
+pub const REBALANCING: &str = "Rebalancing";
+pub const DEGRADED: &str = "Degraded";
+
+/// A condition without its transition time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cond {
+    pub type_: &'static str,
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+impl Cond {
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            type_,
+            status,
+            reason: reason.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A problem that makes the deployment `Degraded`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// CamelCase reason: `InvalidSpec`, `StaticMapMissing`, `StaticMapInvalid`,
+    /// `Unschedulable`, `WorkersUnreachable`, `RemapFailed`, `PlannerError`...
+    pub reason: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The remap side of the picture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemapView {
+    /// A remap to this generation is being executed: `layers_done/layers_total`.
+    Running {
+        generation: u64,
+        layers_done: u32,
+        layers_total: u32,
+    },
+    /// No remap runs; reason and message say why (`Balanced`, `Paused`, `Disabled`,
+    /// `Cooldown`, `WaitingForStatistics`, `GroupNotReady`, `RemapFailed`...).
+    Idle { reason: String, message: String },
+}
+
+/// Everything the conditions depend on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    pub ranks: u32,
+    pub ready_ranks: u32,
+    /// Pods of an older group hash exist (the group is being replaced as a whole).
+    pub restarting: bool,
+    /// The worker objects could not be created at all (invalid spec, missing static map).
+    pub blocked: bool,
+    pub problems: Vec<Problem>,
+    pub remap: RemapView,
+}
+
+/// The four conditions, in a fixed order.
+pub fn desired(o: &Observed) -> Vec<Cond> {
+    let all_ready = o.ranks > 0 && o.ready_ranks == o.ranks && !o.restarting && !o.blocked;
+    let available = if o.blocked {
+        Cond::new(
+            AVAILABLE,
+            false,
+            "NotCreated",
+            "the worker group could not be created; see Degraded",
+        )
+    } else if all_ready {
+        Cond::new(
+            AVAILABLE,
+            true,
+            "AllRanksReady",
+            format!("{}/{} ranks ready", o.ready_ranks, o.ranks),
+        )
+    } else {
+        Cond::new(
+            AVAILABLE,
+            false,
+            "RanksNotReady",
+            format!("{}/{} ranks ready", o.ready_ranks, o.ranks),
+        )
+    };
+    let progressing = if o.blocked {
+        Cond::new(
+            PROGRESSING,
+            false,
+            "Blocked",
+            "waiting for the problem in Degraded to be fixed",
+        )
+    } else if o.restarting {
+        Cond::new(
+            PROGRESSING,
+            true,
+            "GroupRestarting",
+            "the EP group is being replaced as a whole",
+        )
+    } else if !all_ready {
+        Cond::new(
+            PROGRESSING,
+            true,
+            "WaitingForRanks",
+            format!("{}/{} ranks ready", o.ready_ranks, o.ranks),
+        )
+    } else {
+        Cond::new(
+            PROGRESSING,
+            false,
+            "RolloutComplete",
+            "every rank runs the current spec",
+        )
+    };
+    let rebalancing = match &o.remap {
+        RemapView::Running {
+            generation,
+            layers_done,
+            layers_total,
+        } => Cond::new(
+            REBALANCING,
+            true,
+            "RemapInProgress",
+            format!(
+                "moving to placement generation {generation}: {layers_done}/{layers_total} layers switched"
+            ),
+        ),
+        RemapView::Idle { reason, message } => {
+            Cond::new(REBALANCING, false, reason, message.clone())
+        }
+    };
+    let degraded = match o.problems.first() {
+        Some(p) => {
+            let mut message = p.message.clone();
+            for more in o.problems.iter().skip(1) {
+                message.push_str("; ");
+                message.push_str(&more.reason);
+                message.push_str(": ");
+                message.push_str(&more.message);
+            }
+            Cond::new(DEGRADED, true, &p.reason, message)
+        }
+        None => Cond::new(DEGRADED, false, "AsExpected", "no problem detected"),
+    };
+    vec![available, progressing, rebalancing, degraded]
+}
+
+/// One word for `kubectl get`.
+pub fn phase(o: &Observed) -> &'static str {
+    if !o.problems.is_empty() {
+        "Degraded"
+    } else if o.restarting {
+        "Restarting"
+    } else if matches!(o.remap, RemapView::Running { .. }) {
+        "Rebalancing"
+    } else if o.ranks > 0 && o.ready_ranks == o.ranks {
+        "Running"
+    } else {
+        "Pending"
+    }
+}
+
+/// Merges new conditions into old ones: `lastTransitionTime` moves only when the status flips.
+pub fn merge(
+    old: &[Condition],
+    new: &[Cond],
+    now: &Time,
+    generation: Option<i64>,
+) -> Vec<Condition> {
+    new.iter()
+        .map(|c| {
+            let status = if c.status { "True" } else { "False" };
+            let previous = old.iter().find(|o| o.type_ == c.type_);
+            let last_transition_time = match previous {
+                Some(p) if p.status == status => p.last_transition_time.clone(),
+                _ => now.clone(),
+            };
+            Condition {
+                type_: c.type_.to_string(),
+                status: status.to_string(),
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+                observed_generation: generation,
+                last_transition_time,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idle() -> RemapView {
+        RemapView::Idle {
+            reason: "Balanced".into(),
+            message: "ok".into(),
+        }
+    }
+
+    fn obs() -> Observed {
+        Observed {
+            ranks: 4,
+            ready_ranks: 4,
+            restarting: false,
+            blocked: false,
+            problems: vec![],
+            remap: idle(),
+        }
+    }
+
+    fn get<'a>(c: &'a [Cond], t: &str) -> &'a Cond {
+        c.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn healthy_group_is_available_and_not_progressing() {
+        let c = desired(&obs());
+        assert!(get(&c, AVAILABLE).status);
+        assert!(!get(&c, PROGRESSING).status);
+        assert!(!get(&c, REBALANCING).status);
+        assert!(!get(&c, DEGRADED).status);
+        assert_eq!(phase(&obs()), "Running");
+    }
+
+    #[test]
+    fn missing_static_map_is_degraded_with_reason() {
+        let mut o = obs();
+        o.blocked = true;
+        o.ready_ranks = 0;
+        o.problems.push(Problem::new(
+            "StaticMapMissing",
+            "ConfigMap ml/map not found",
+        ));
+        let c = desired(&o);
+        assert!(!get(&c, AVAILABLE).status);
+        let d = get(&c, DEGRADED);
+        assert!(d.status);
+        assert_eq!(d.reason, "StaticMapMissing");
+        assert_eq!(phase(&o), "Degraded");
+    }
+
+    #[test]
+    fn restart_and_remap_show_up() {
+        let mut o = obs();
+        o.restarting = true;
+        assert_eq!(get(&desired(&o), PROGRESSING).reason, "GroupRestarting");
+        assert_eq!(phase(&o), "Restarting");
+        let mut o = obs();
+        o.remap = RemapView::Running {
+            generation: 3,
+            layers_done: 1,
+            layers_total: 4,
+        };
+        let c = desired(&o);
+        assert!(get(&c, REBALANCING).status);
+        assert!(get(&c, REBALANCING).message.contains("1/4"));
+        assert_eq!(phase(&o), "Rebalancing");
+    }
+
+    #[test]
+    fn merge_keeps_transition_time_unless_status_flips() {
+        let t0 = Time(jiff::Timestamp::from_second(1_000).unwrap());
+        let t1 = Time(jiff::Timestamp::from_second(2_000).unwrap());
+        let first = merge(&[], &desired(&obs()), &t0, Some(1));
+        let same = merge(&first, &desired(&obs()), &t1, Some(1));
+        assert_eq!(first, same);
+        let mut o = obs();
+        o.ready_ranks = 3;
+        let flipped = merge(&first, &desired(&o), &t1, Some(1));
+        let avail = flipped.iter().find(|c| c.type_ == AVAILABLE).unwrap();
+        assert_eq!(avail.last_transition_time, t1);
+        let degraded = flipped.iter().find(|c| c.type_ == DEGRADED).unwrap();
+        assert_eq!(degraded.last_transition_time, t0);
+    }
+}

@@ -1,0 +1,1168 @@
+//! The reconciler: owned objects by server-side apply, group restarts, status, and the remap
+//! loop (measure, decide, plan, persist, drive, record).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::future::join_all;
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use moe_api::{PlacementDocument, RemapRequest};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::conditions::{self, Observed, Problem, RemapView};
+use crate::crd::{
+    MoEDeployment, MoEDeploymentStatus, PlacementStatus, PlacementStrategy, RemapProgressStatus,
+    RemapRecord,
+};
+use crate::metrics::{CONTROLLER, Metrics};
+use crate::planning;
+use crate::remap::{self, Decision, Trigger};
+use crate::resources::{self, Names, Resolved};
+use crate::workers::{Endpoint, WorkerApi};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("serialization: {0}")]
+    Serde(#[from] serde_json::Error),
+    #[error("object has no {0}")]
+    MissingObjectKey(&'static str),
+}
+
+/// Operator-wide settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Requeue while a remap runs (progress tracking).
+    pub remap_poll: Duration,
+    /// Requeue when the deployment cannot be acted on (invalid spec, missing static map).
+    pub blocked_requeue: Duration,
+    /// Base and cap of the error backoff.
+    pub error_backoff: (Duration, Duration),
+    /// Defaults for worker fields the spec leaves unset.
+    pub worker_defaults: resources::WorkerDefaults,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            remap_poll: Duration::from_secs(2),
+            blocked_requeue: Duration::from_secs(30),
+            error_backoff: (Duration::from_secs(2), Duration::from_secs(300)),
+            worker_defaults: resources::WorkerDefaults::default(),
+        }
+    }
+}
+
+/// Shared state of the reconciler.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub workers: Arc<dyn WorkerApi>,
+    pub metrics: Metrics,
+    pub settings: Settings,
+    /// Consecutive failures per object, for the error backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        workers: Arc<dyn WorkerApi>,
+        metrics: Metrics,
+        settings: Settings,
+        instance: Option<String>,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "moe-operator".into(),
+                instance,
+            },
+        );
+        Self {
+            client,
+            recorder,
+            workers,
+            metrics,
+            settings,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn key(moed: &MoEDeployment) -> String {
+        format!(
+            "{}/{}",
+            moed.namespace().unwrap_or_default(),
+            moed.name_any()
+        )
+    }
+
+    fn record_failure(&self, moed: &MoEDeployment) -> u32 {
+        let Ok(mut map) = self.failures.lock() else {
+            return 1;
+        };
+        let n = map.entry(Self::key(moed)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn reset_failures(&self, moed: &MoEDeployment) {
+        if let Ok(mut map) = self.failures.lock() {
+            map.remove(&Self::key(moed));
+        }
+    }
+}
+
+/// Runs the controller until the stream ends (shutdown signal).
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+    let client = ctx.client.clone();
+    let (moeds, stss): (Api<MoEDeployment>, Api<StatefulSet>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=moe-operator");
+    Controller::new(moeds, watcher::Config::default())
+        .owns(stss, owned)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+/// Requeue with exponential backoff per object.
+pub fn error_policy(moed: Arc<MoEDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
+    let n = ctx.record_failure(&moed);
+    let (base, cap) = ctx.settings.error_backoff;
+    let delay = base
+        .checked_mul(1u32 << n.min(16).saturating_sub(1))
+        .unwrap_or(cap)
+        .min(cap);
+    warn!(name = %moed.name_any(), namespace = ?moed.namespace(), error = %error, retry_in = ?delay, "reconcile error");
+    Action::requeue(delay)
+}
+
+/// Controller entry point: timing and metrics around [`reconcile_inner`].
+pub async fn reconcile(moed: Arc<MoEDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = Instant::now();
+    let result = reconcile_inner(&moed, &ctx).await;
+    ctx.metrics
+        .reconcile_time
+        .with_label_values(&[CONTROLLER])
+        .observe(start.elapsed().as_secs_f64());
+    match &result {
+        Ok(_) => {
+            ctx.reset_failures(&moed);
+            ctx.metrics
+                .reconcile_total
+                .with_label_values(&[CONTROLLER, "success"])
+                .inc();
+        }
+        Err(_) => {
+            ctx.metrics
+                .reconcile_total
+                .with_label_values(&[CONTROLLER, "error"])
+                .inc();
+            ctx.metrics
+                .reconcile_errors
+                .with_label_values(&[CONTROLLER])
+                .inc();
+        }
+    }
+    result
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(resources::FIELD_MANAGER).force()
+}
+
+async fn apply<K>(api: &Api<K>, name: &str, obj: &K) -> Result<K, Error>
+where
+    K: Resource + Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    Ok(api.patch(name, &apply_params(), &Patch::Apply(obj)).await?)
+}
+
+/// What the committed placement should be initialised from, as recorded on the ConfigMap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlacementSource {
+    Linear,
+    RoundRobin,
+    /// A static map's text and a hash of it.
+    Static {
+        text: String,
+        hash: String,
+    },
+}
+
+impl PlacementSource {
+    pub fn label(&self) -> String {
+        match self {
+            PlacementSource::Linear => "Linear".into(),
+            PlacementSource::RoundRobin => "RoundRobin".into(),
+            PlacementSource::Static { hash, .. } => format!("Static:{hash}"),
+        }
+    }
+}
+
+fn fnv(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The committed document to keep or write.
+///
+/// * Same shape and same source as committed: keep it (`Ok(None)`): remaps live in it.
+/// * Otherwise a new document from the source, with the next generation (0 when none).
+pub fn next_document(
+    current: Option<(&PlacementDocument, Option<&str>)>,
+    spec: &crate::crd::MoEDeploymentSpec,
+    redundant: u32,
+    source: &PlacementSource,
+) -> Result<Option<PlacementDocument>, Problem> {
+    if let Some((doc, label)) = current
+        && planning::document_matches(doc, spec, redundant)
+        && label == Some(source.label().as_str())
+    {
+        return Ok(None);
+    }
+    let generation = current.map_or(0, |(d, _)| d.generation + 1);
+    let doc = match source {
+        PlacementSource::Static { text, .. } => {
+            planning::import_static(spec, redundant, text, generation).map_err(|e| {
+                Problem::new("StaticMapInvalid", format!("spec.placement.staticMap: {e}"))
+            })?
+        }
+        _ => planning::initial_document(spec, redundant, generation)
+            .map_err(|e| Problem::new("InvalidShape", e))?,
+    };
+    Ok(Some(doc))
+}
+
+fn parse_document(cm: &ConfigMap) -> Option<PlacementDocument> {
+    let text = cm.data.as_ref()?.get(moe_api::PLACEMENT_CONFIGMAP_KEY)?;
+    serde_json::from_str(text).ok()
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn pod_rank(pod: &Pod) -> Option<usize> {
+    if let Some(i) = pod.labels().get(resources::POD_INDEX_LABEL) {
+        return i.parse().ok();
+    }
+    pod.name_any().rsplit('-').next()?.parse().ok()
+}
+
+fn pod_hash(pod: &Pod) -> Option<&str> {
+    pod.annotations()
+        .get(resources::GROUP_HASH_ANNOTATION)
+        .map(String::as_str)
+}
+
+/// Problems visible on pods: unschedulable, crash looping.
+fn pod_problems(pods: &[Pod]) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for pod in pods {
+        let Some(status) = &pod.status else { continue };
+        if let Some(c) = status.conditions.as_ref().and_then(|cs| {
+            cs.iter()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+        }) && c.reason.as_deref() == Some("Unschedulable")
+        {
+            out.push(Problem::new(
+                "Unschedulable",
+                format!(
+                    "pod {} cannot be scheduled: {}",
+                    pod.name_any(),
+                    c.message.clone().unwrap_or_default()
+                ),
+            ));
+            break;
+        }
+        let crash = status.container_statuses.iter().flatten().find(|cs| {
+            cs.state
+                .as_ref()
+                .and_then(|s| s.waiting.as_ref())
+                .and_then(|w| w.reason.as_deref())
+                == Some("CrashLoopBackOff")
+        });
+        if let Some(cs) = crash {
+            out.push(Problem::new(
+                "WorkerCrashLoop",
+                format!(
+                    "pod {} is crash looping ({} restarts)",
+                    pod.name_any(),
+                    cs.restart_count
+                ),
+            ));
+            break;
+        }
+    }
+    out
+}
+
+struct Pending {
+    events: Vec<Event>,
+}
+
+impl Pending {
+    fn event(&mut self, type_: EventType, reason: &str, action: &str, note: String) {
+        self.events.push(Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        });
+    }
+}
+
+fn now_time() -> Time {
+    Time(Timestamp::now())
+}
+
+async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, Error> {
+    let ns = moed
+        .namespace()
+        .ok_or(Error::MissingObjectKey("namespace"))?;
+    let name = moed.name_any();
+    if moed.metadata.deletion_timestamp.is_some() {
+        // Owner references garbage-collect everything; nothing to finalise.
+        ctx.metrics.forget(&ns, &name);
+        return Ok(Action::await_change());
+    }
+    let owner = resources::owner_reference(moed).ok_or(Error::MissingObjectKey("uid"))?;
+    let spec = &moed.spec;
+    let old = moed.status.clone().unwrap_or_default();
+    let mut st = old.clone();
+    st.observed_generation = moed.metadata.generation;
+    st.ranks = spec.expert_parallel.ranks;
+    let mut pending = Pending { events: Vec::new() };
+    let mut problems: Vec<Problem> = Vec::new();
+    let names = Names::new(&name);
+    let client = ctx.client.clone();
+
+    // 1. The spec.
+    if let Err(e) = spec.validate() {
+        problems.push(Problem::new("InvalidSpec", e.to_string()));
+        if old.conditions.iter().all(|c| {
+            !(c.type_ == conditions::DEGRADED && c.reason == "InvalidSpec" && c.status == "True")
+        }) {
+            pending.event(EventType::Warning, "InvalidSpec", "Validate", e.to_string());
+        }
+        let observed = Observed {
+            ranks: st.ranks,
+            ready_ranks: 0,
+            restarting: false,
+            blocked: true,
+            problems,
+            remap: RemapView::Idle {
+                reason: "Blocked".into(),
+                message: "the spec is invalid".into(),
+            },
+        };
+        finish(moed, ctx, &old, st, &observed, pending).await?;
+        return Ok(Action::requeue(ctx.settings.blocked_requeue));
+    }
+    let redundant = planning::effective_redundant(spec);
+    st.redundant_experts = Some(redundant);
+    let resolved = Resolved {
+        name: name.clone(),
+        namespace: ns.clone(),
+        owner,
+        redundant_experts: redundant,
+        defaults: ctx.settings.worker_defaults.clone(),
+    };
+
+    // 2. The committed placement.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let current_cm = cms.get_opt(&names.configmap).await?;
+    let current_doc = current_cm.as_ref().and_then(parse_document);
+    let current_label = current_cm.as_ref().and_then(|cm| {
+        cm.annotations()
+            .get(resources::PLACEMENT_SOURCE_ANNOTATION)
+            .cloned()
+    });
+    let source = match (spec.placement.strategy, &spec.placement.static_map) {
+        (PlacementStrategy::Linear, _) => Ok(PlacementSource::Linear),
+        (PlacementStrategy::RoundRobin, _) => Ok(PlacementSource::RoundRobin),
+        (PlacementStrategy::Static, Some(r)) => match cms.get_opt(&r.name).await? {
+            None => Err(Problem::new(
+                "StaticMapMissing",
+                format!(
+                    "spec.placement.staticMap: ConfigMap {ns}/{} not found; create it or change the strategy",
+                    r.name
+                ),
+            )),
+            Some(cm) => match cm.data.as_ref().and_then(|d| d.get(&r.key)) {
+                None => Err(Problem::new(
+                    "StaticMapInvalid",
+                    format!(
+                        "spec.placement.staticMap: ConfigMap {ns}/{} has no key {:?}",
+                        r.name, r.key
+                    ),
+                )),
+                Some(text) => Ok(PlacementSource::Static {
+                    hash: fnv(text),
+                    text: text.clone(),
+                }),
+            },
+        },
+        (PlacementStrategy::Static, None) => Err(Problem::new(
+            "InvalidSpec",
+            "spec.placement.staticMap is required with strategy Static",
+        )),
+    };
+    let mut doc = current_doc.clone();
+    let mut source_label = current_label.clone();
+    match source.and_then(|s| {
+        let next = next_document(
+            current_doc.as_ref().map(|d| (d, current_label.as_deref())),
+            spec,
+            redundant,
+            &s,
+        )?;
+        Ok((s, next))
+    }) {
+        Ok((_, None)) => {}
+        Ok((s, Some(next))) => {
+            let cm = resources::placement_configmap(&resolved, &next, &s.label())?;
+            apply(&cms, &names.configmap, &cm).await?;
+            info!(%ns, %name, generation = next.generation, source = %s.label(), "committed initial placement");
+            // Any remap towards the replaced document is moot now.
+            st.remap = None;
+            doc = Some(next);
+            source_label = Some(s.label());
+        }
+        Err(p) => {
+            let usable = current_doc
+                .as_ref()
+                .is_some_and(|d| planning::document_matches(d, spec, redundant));
+            if !usable {
+                doc = None;
+            }
+            if old.conditions.iter().all(|c| c.reason != p.reason) {
+                pending.event(
+                    EventType::Warning,
+                    &p.reason,
+                    "CommitPlacement",
+                    p.message.clone(),
+                );
+            }
+            problems.push(p);
+        }
+    }
+    let _ = source_label;
+    let Some(doc) = doc else {
+        // Nothing the workers could load: do not create them.
+        let observed = Observed {
+            ranks: st.ranks,
+            ready_ranks: 0,
+            restarting: false,
+            blocked: true,
+            problems,
+            remap: RemapView::Idle {
+                reason: "Blocked".into(),
+                message: "no committed placement".into(),
+            },
+        };
+        finish(moed, ctx, &old, st, &observed, pending).await?;
+        return Ok(Action::requeue(ctx.settings.blocked_requeue));
+    };
+    st.placement = Some(PlacementStatus {
+        config_map: names.configmap.clone(),
+        desired_generation: doc.generation,
+        applied_generation: old.placement.as_ref().and_then(|p| p.applied_generation),
+    });
+
+    // 3. Owned objects.
+    let token = ensure_token(&client, &ns, &resolved).await?;
+    apply(
+        &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
+        &names.service_account,
+        &resources::service_account(&resolved),
+    )
+    .await?;
+    apply(
+        &Api::<Role>::namespaced(client.clone(), &ns),
+        &names.role,
+        &resources::role(&resolved),
+    )
+    .await?;
+    apply(
+        &Api::<RoleBinding>::namespaced(client.clone(), &ns),
+        &names.role,
+        &resources::role_binding(&resolved),
+    )
+    .await?;
+    apply(
+        &Api::<Service>::namespaced(client.clone(), &ns),
+        &names.service,
+        &resources::service(&resolved, spec),
+    )
+    .await?;
+    let sts = resources::statefulset(&resolved, spec);
+    let desired_hash = resources::desired_group_hash(&sts).unwrap_or_default();
+    apply(
+        &Api::<StatefulSet>::namespaced(client.clone(), &ns),
+        &names.statefulset,
+        &sts,
+    )
+    .await?;
+
+    // 4. The group: replace it as a whole when its hash changed.
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pods = pods_api
+        .list(&ListParams::default().labels(&resources::selector_string(&name)))
+        .await?
+        .items;
+    let live: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    let stale: Vec<&Pod> = live
+        .iter()
+        .copied()
+        .filter(|p| pod_hash(p) != Some(desired_hash.as_str()))
+        .collect();
+    let terminating = pods.len() > live.len();
+    if !stale.is_empty() {
+        if old.group_hash.as_deref() != Some(desired_hash.as_str()) {
+            st.group_restarts += 1;
+            ctx.metrics
+                .group_restarts
+                .with_label_values(&[&ns, &name, "SpecChanged"])
+                .inc();
+            pending.event(
+                EventType::Normal,
+                "GroupRestarted",
+                "RestartGroup",
+                format!(
+                    "the worker spec changed: replacing all {} ranks together",
+                    spec.expert_parallel.ranks
+                ),
+            );
+        }
+        for p in &stale {
+            delete_pod(&pods_api, p).await?;
+        }
+    }
+    st.group_hash = Some(desired_hash.clone());
+    let current: Vec<&Pod> = live
+        .iter()
+        .copied()
+        .filter(|p| pod_hash(p) == Some(desired_hash.as_str()))
+        .collect();
+    let ready_pods: Vec<&Pod> = current.iter().copied().filter(|p| pod_ready(p)).collect();
+    st.ready_ranks = ready_pods.len().min(st.ranks as usize) as u32;
+    problems.extend(pod_problems(&pods));
+    let restarting = !stale.is_empty() || terminating;
+    ctx.metrics
+        .ready_ranks
+        .with_label_values(&[&ns, &name])
+        .set(i64::from(st.ready_ranks));
+
+    // 5. The remap loop.
+    let group_up = !restarting && st.ready_ranks == st.ranks && st.ranks > 0;
+    let mut endpoints: Vec<Endpoint> = ready_pods
+        .iter()
+        .filter_map(|p| {
+            let ip = p.status.as_ref()?.pod_ip.as_deref()?;
+            Some(Endpoint::new(pod_rank(p)?, ip, spec.worker.http_port))
+        })
+        .collect();
+    endpoints.sort_by_key(|e| e.rank);
+    let mut remap_view = RemapView::Idle {
+        reason: "GroupNotReady".into(),
+        message: "waiting for every rank to be ready".into(),
+    };
+    let mut requeue = Duration::from_secs(u64::from(spec.eplb.poll_interval_seconds.max(1)));
+    if group_up && endpoints.len() == st.ranks as usize {
+        let step = remap_step(
+            moed,
+            ctx,
+            &mut st,
+            &doc,
+            &endpoints,
+            &token,
+            &resolved,
+            &mut pending,
+        )
+        .await?;
+        remap_view = step.view;
+        problems.extend(step.problems);
+        if step.fast_requeue {
+            requeue = ctx.settings.remap_poll;
+        }
+        if step.restart_group {
+            for p in &current {
+                delete_pod(&pods_api, p).await?;
+            }
+            st.group_restarts += 1;
+            ctx.metrics
+                .group_restarts
+                .with_label_values(&[&ns, &name, "RemapFailed"])
+                .inc();
+        }
+    } else if let Some(r) = &st.remap {
+        remap_view = RemapView::Running {
+            generation: r.generation,
+            layers_done: r.layers_done,
+            layers_total: r.layers_total,
+        };
+    }
+    if let Some(p) = &st.placement {
+        let g = &ctx.metrics.placement_generation;
+        g.with_label_values(&[&ns, &name, "desired"])
+            .set(p.desired_generation as i64);
+        if let Some(a) = p.applied_generation {
+            g.with_label_values(&[&ns, &name, "applied"]).set(a as i64);
+        }
+    }
+
+    let observed = Observed {
+        ranks: st.ranks,
+        ready_ranks: st.ready_ranks,
+        restarting,
+        blocked: false,
+        problems,
+        remap: remap_view,
+    };
+    finish(moed, ctx, &old, st, &observed, pending).await?;
+    Ok(Action::requeue(requeue))
+}
+
+async fn delete_pod(api: &Api<Pod>, pod: &Pod) -> Result<(), Error> {
+    match api.delete(&pod.name_any(), &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Creates the control-token Secret once and returns the token.
+async fn ensure_token(client: &Client, ns: &str, r: &Resolved) -> Result<String, Error> {
+    let names = Names::new(&r.name);
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let read = |s: &Secret| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(resources::TOKEN_KEY))
+            .map(|b| String::from_utf8_lossy(&b.0).trim().to_string())
+            .filter(|t| !t.is_empty())
+    };
+    if let Some(token) = api.get_opt(&names.secret).await?.as_ref().and_then(read) {
+        return Ok(token);
+    }
+    let token = random_token();
+    let secret = resources::control_secret(r, &token);
+    let pp = PostParams {
+        field_manager: Some(resources::FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match api.create(&pp, &secret).await {
+        Ok(_) => Ok(token),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            // Someone created it in between (or it exists without a token): use what is there,
+            // or put a token into it.
+            if let Some(t) = api.get_opt(&names.secret).await?.as_ref().and_then(read) {
+                return Ok(t);
+            }
+            apply(&api, &names.secret, &secret).await?;
+            Ok(token)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn random_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+struct StepOutcome {
+    view: RemapView,
+    problems: Vec<Problem>,
+    fast_requeue: bool,
+    restart_group: bool,
+}
+
+/// One pass of the remap loop with every rank ready.
+#[allow(clippy::too_many_arguments)]
+async fn remap_step(
+    moed: &MoEDeployment,
+    ctx: &Context,
+    st: &mut MoEDeploymentStatus,
+    doc: &PlacementDocument,
+    endpoints: &[Endpoint],
+    token: &str,
+    r: &Resolved,
+    pending: &mut Pending,
+) -> Result<StepOutcome, Error> {
+    let spec = &moed.spec;
+    let (ns, name) = (&r.namespace, &r.name);
+    let mut out = StepOutcome {
+        view: RemapView::Idle {
+            reason: "Balanced".into(),
+            message: String::new(),
+        },
+        problems: Vec::new(),
+        fast_requeue: false,
+        restart_group: false,
+    };
+    let statuses = join_all(endpoints.iter().map(|e| ctx.workers.status(e))).await;
+    let mut worker_status = Vec::new();
+    for (ep, s) in endpoints.iter().zip(statuses) {
+        match s {
+            Ok(s) => worker_status.push(s),
+            Err(e) => {
+                out.problems.push(Problem::new(
+                    "WorkersUnreachable",
+                    format!("rank {}: {e}", ep.rank),
+                ));
+                out.view = RemapView::Idle {
+                    reason: "WorkersUnreachable".into(),
+                    message: e.to_string(),
+                };
+                return Ok(out);
+            }
+        }
+    }
+    let target = doc.generation;
+    let layers_total = st
+        .remap
+        .as_ref()
+        .filter(|x| x.generation == target)
+        .map_or(doc.num_layers as u32, |x| x.layers_total);
+    let progress = remap::group_progress(&worker_status, target, layers_total);
+    if let Some(p) = st.placement.as_mut() {
+        p.applied_generation = progress.applied;
+    }
+    let applied = progress.applied.unwrap_or(0);
+
+    // A remap is in flight: drive it and track it.
+    if applied < target {
+        let running = st.remap.get_or_insert_with(|| RemapProgressStatus {
+            generation: target,
+            trigger: "Resumed".into(),
+            layers: Vec::new(),
+            layers_total,
+            layers_done: 0,
+            ranks_done: 0,
+            par_before: st.imbalance.as_ref().map_or(1.0, |i| i.worst_par),
+            par_predicted: st.imbalance.as_ref().map_or(1.0, |i| i.worst_par),
+            started_at: now_time(),
+        });
+        if running.generation != target {
+            running.generation = target;
+            running.trigger = "Resumed".into();
+            running.layers.clear();
+        }
+        running.layers_done = progress.layers_done;
+        running.ranks_done = progress.ranks_done;
+        if let Some((rank, message)) = progress.failed {
+            let rec = RemapRecord {
+                generation: target,
+                trigger: running.trigger.clone(),
+                layers: running.layers.clone(),
+                experts_moved: progress.experts_moved,
+                bytes_moved: progress.bytes_moved,
+                par_before: running.par_before,
+                par_predicted: running.par_predicted,
+                par_after: None,
+                started_at: running.started_at.clone(),
+                finished_at: Some(now_time()),
+                result: "Failed".into(),
+                message: Some(format!(
+                    "rank {rank}: {message}; restarting the group into generation {target}"
+                )),
+            };
+            ctx.metrics
+                .remaps
+                .with_label_values(&[ns, name, &rec.trigger, "Failed"])
+                .inc();
+            pending.event(
+                EventType::Warning,
+                "RemapFailed",
+                "Remap",
+                format!(
+                    "remap to generation {target} failed on rank {rank}: {message}; the group restarts and loads the committed placement"
+                ),
+            );
+            st.last_remap = Some(rec);
+            st.remap = None;
+            out.restart_group = true;
+            out.view = RemapView::Idle {
+                reason: "RemapFailed".into(),
+                message: format!("rank {rank}: {message}"),
+            };
+            out.fast_requeue = true;
+            return Ok(out);
+        }
+        let request = RemapRequest {
+            placement: doc.clone(),
+            layers: running.layers.iter().map(|&l| l as usize).collect(),
+            mode: spec.eplb.mode.into(),
+        };
+        for &i in &progress.needs_request {
+            let Some(ep) = endpoints.get(i) else { continue };
+            if let Err(e) = ctx.workers.remap(ep, token, &request).await
+                && !e.is_conflict()
+            {
+                out.problems.push(Problem::new(
+                    "WorkersUnreachable",
+                    format!("rank {}: {e}", ep.rank),
+                ));
+            }
+        }
+        out.view = RemapView::Running {
+            generation: target,
+            layers_done: running.layers_done,
+            layers_total: running.layers_total,
+        };
+        out.fast_requeue = true;
+        return Ok(out);
+    }
+
+    // The group serves the target: close a remap that was running.
+    if let Some(running) = st.remap.take() {
+        let finished = progress
+            .finished_at_ms
+            .and_then(|ms| Timestamp::from_millisecond(ms as i64).ok())
+            .map_or_else(now_time, Time);
+        let restarted = progress.experts_moved == 0 && progress.finished_at_ms.is_none();
+        let rec = RemapRecord {
+            generation: running.generation,
+            trigger: running.trigger.clone(),
+            layers: running.layers.clone(),
+            experts_moved: progress.experts_moved,
+            bytes_moved: progress.bytes_moved,
+            par_before: running.par_before,
+            par_predicted: running.par_predicted,
+            par_after: None,
+            started_at: running.started_at,
+            finished_at: Some(finished),
+            result: if restarted { "Superseded" } else { "Succeeded" }.into(),
+            message: restarted.then(|| "the group (re)started into the new placement".to_string()),
+        };
+        ctx.metrics
+            .remaps
+            .with_label_values(&[ns, name, &rec.trigger, &rec.result])
+            .inc();
+        ctx.metrics
+            .remap_bytes
+            .with_label_values(&[ns, name])
+            .inc_by(rec.bytes_moved);
+        pending.event(
+            EventType::Normal,
+            "RemapFinished",
+            "Remap",
+            format!(
+                "placement generation {} serves on every rank: layers {:?}, {} experts ({} bytes) moved, predicted PAR {:.3} (was {:.3})",
+                rec.generation, rec.layers, rec.experts_moved, rec.bytes_moved, rec.par_predicted, rec.par_before
+            ),
+        );
+        st.last_remap = Some(rec);
+    }
+
+    // Measure.
+    let loads = join_all(endpoints.iter().map(|e| ctx.workers.load(e))).await;
+    let mut reports = Vec::new();
+    for (ep, l) in endpoints.iter().zip(loads) {
+        match l {
+            Ok(l) => reports.push(l),
+            Err(e) => {
+                out.problems.push(Problem::new(
+                    "WorkersUnreachable",
+                    format!("rank {}: {e}", ep.rank),
+                ));
+                out.view = RemapView::Idle {
+                    reason: "WorkersUnreachable".into(),
+                    message: e.to_string(),
+                };
+                return Ok(out);
+            }
+        }
+    }
+    let window = reports.iter().map(|r| r.window_steps).min().unwrap_or(0);
+    // Counts recorded under an older placement say little about this one.
+    let current_counts = reports.iter().all(|r| {
+        r.slot_counts.len() == doc.num_layers
+            && r.slot_counts.iter().all(|row| row.len() == doc.num_slots())
+            && r.layer_generations.iter().all(|&g| g >= target)
+    });
+    if !current_counts {
+        out.view = RemapView::Idle {
+            reason: "WaitingForStatistics".into(),
+            message: "no statistics recorded under the committed placement yet".into(),
+        };
+        return Ok(out);
+    }
+    let summed = moe_api::LoadReport::sum_slot_counts(&reports);
+    let layer_par = planning::measured_layer_par(doc, &summed);
+    ctx.metrics.set_imbalance(ns, name, &layer_par);
+    let summary = remap::summarize(
+        &layer_par,
+        spec.eplb.imbalance_threshold,
+        window,
+        Timestamp::now(),
+    );
+    if remap::imbalance_changed(st.imbalance.as_ref(), &summary) {
+        st.imbalance = Some(summary);
+    }
+    if let Some(last) = st.last_remap.as_mut()
+        && last.par_after.is_none()
+        && last.result != "Failed"
+        && last.generation == target
+        && window >= u64::from(spec.eplb.min_window_steps).max(1)
+    {
+        let after = last
+            .layers
+            .iter()
+            .filter_map(|&l| layer_par.get(l as usize).copied())
+            .fold(1.0f64, f64::max);
+        last.par_after = Some(remap::round3(after));
+    }
+
+    // Decide.
+    let decision = remap::decide(&remap::DecisionInput {
+        eplb: &spec.eplb,
+        remap_request: spec.remap_request.as_deref(),
+        last_handled_request: st.last_handled_remap_request.as_deref(),
+        last_remap_started: st.last_remap.as_ref().map(|l| l.started_at.0),
+        now: Timestamp::now(),
+        layer_par: &layer_par,
+        window_steps: window,
+        remap_in_flight: false,
+        group_ready: true,
+    });
+    let (trigger, layers) = match decision {
+        Decision::Hold { reason, message } => {
+            out.view = RemapView::Idle {
+                reason: reason.into(),
+                message,
+            };
+            return Ok(out);
+        }
+        Decision::Remap { trigger, layers } => (trigger, layers),
+    };
+    if trigger == Trigger::Manual {
+        st.last_handled_remap_request = spec.remap_request.clone();
+    }
+
+    // Plan.
+    let load = planning::logical_load(&reports, doc);
+    // Planning is CPU work (the joint planner searches): keep it off the async workers.
+    let planned = {
+        let (algorithm, spec_c, doc_c, layers_c) = (
+            spec.eplb.algorithm.clone(),
+            spec.clone(),
+            doc.clone(),
+            layers.clone(),
+        );
+        let redundant = r.redundant_experts;
+        tokio::task::spawn_blocking(move || {
+            planning::plan(&algorithm, &spec_c, redundant, &doc_c, &load, &layers_c)
+        })
+        .await
+        .map_err(|e| format!("planner task failed: {e}"))
+        .and_then(|p| p)
+    };
+    let plan = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            out.problems.push(Problem::new(
+                "PlannerError",
+                format!("spec.eplb.algorithm {:?}: {e}", spec.eplb.algorithm),
+            ));
+            out.view = RemapView::Idle {
+                reason: "PlannerError".into(),
+                message: e,
+            };
+            return Ok(out);
+        }
+    };
+    let before: Vec<(usize, f64)> = plan
+        .layers
+        .iter()
+        .map(|l| (l.layer, l.par_before))
+        .collect();
+    let predicted: Vec<(usize, f64)> = plan
+        .layers
+        .iter()
+        .map(|l| (l.layer, l.par_predicted))
+        .collect();
+    let accepted = remap::accept_plan(trigger, &before, &predicted, spec.eplb.hysteresis);
+    let expert_bytes = remap::expert_bytes(spec.model.hidden, spec.model.intermediate);
+    let with_bytes: Vec<(usize, u64)> = accepted
+        .iter()
+        .filter_map(|&l| {
+            let o = plan.layers.iter().find(|o| o.layer == l)?;
+            Some((l, o.moved_slots as u64 * expert_bytes))
+        })
+        .collect();
+    let budget = spec
+        .eplb
+        .max_bytes_per_remap
+        .as_ref()
+        .and_then(|q| crate::quantity::parse_bytes(&q.0));
+    let chosen = remap::apply_byte_budget(&with_bytes, budget);
+    if chosen.is_empty() {
+        let reason = if accepted.is_empty() {
+            "NoImprovement"
+        } else {
+            "OverBudget"
+        };
+        out.view = RemapView::Idle {
+            reason: reason.into(),
+            message: format!(
+                "the planner found no remap of layers {layers:?} worth its moves within the budget"
+            ),
+        };
+        return Ok(out);
+    }
+    let generation = target + 1;
+    let next = planning::restrict(doc, &plan.document, &chosen, generation);
+    let par_before = chosen
+        .iter()
+        .filter_map(|&l| layer_par.get(l).copied())
+        .fold(1.0f64, f64::max);
+    let par_predicted = chosen
+        .iter()
+        .filter_map(|&l| predicted.iter().find(|(x, _)| *x == l).map(|p| p.1))
+        .fold(1.0f64, f64::max);
+
+    // Persist first: a restarted group or operator resumes from the ConfigMap.
+    let cm = resources::placement_configmap(r, &next, &current_source_label(moed, ctx, r).await?)?;
+    apply(
+        &Api::<ConfigMap>::namespaced(ctx.client.clone(), ns),
+        &Names::new(name).configmap,
+        &cm,
+    )
+    .await?;
+    if let Some(p) = st.placement.as_mut() {
+        p.desired_generation = generation;
+    }
+    st.remap = Some(RemapProgressStatus {
+        generation,
+        trigger: trigger.as_str().into(),
+        layers: chosen.iter().map(|&l| l as u32).collect(),
+        layers_total: chosen.len() as u32,
+        layers_done: 0,
+        ranks_done: 0,
+        par_before: remap::round3(par_before),
+        par_predicted: remap::round3(par_predicted),
+        started_at: now_time(),
+    });
+    pending.event(
+        EventType::Normal,
+        "RemapStarted",
+        "Remap",
+        format!(
+            "{} remap to placement generation {generation}: layers {chosen:?}, predicted worst PAR {:.3} (now {:.3})",
+            trigger.as_str(),
+            par_predicted,
+            par_before
+        ),
+    );
+    info!(%ns, %name, generation, layers = ?chosen, par_before, par_predicted, "remap committed");
+    // The status (with the prediction) is written before any worker is asked to move; the next
+    // pass drives the workers.
+    out.view = RemapView::Running {
+        generation,
+        layers_done: 0,
+        layers_total: chosen.len() as u32,
+    };
+    out.fast_requeue = true;
+    Ok(out)
+}
+
+/// The source label already on the ConfigMap (a remap keeps it).
+async fn current_source_label(
+    moed: &MoEDeployment,
+    ctx: &Context,
+    r: &Resolved,
+) -> Result<String, Error> {
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &r.namespace);
+    let label = cms
+        .get_opt(&Names::new(&r.name).configmap)
+        .await?
+        .and_then(|cm| {
+            cm.annotations()
+                .get(resources::PLACEMENT_SOURCE_ANNOTATION)
+                .cloned()
+        });
+    Ok(label.unwrap_or_else(|| match moed.spec.placement.strategy {
+        PlacementStrategy::Linear => "Linear".into(),
+        PlacementStrategy::RoundRobin => "RoundRobin".into(),
+        PlacementStrategy::Static => "Static".into(),
+    }))
+}
+
+/// Conditions, phase, status write (only when something changed), events.
+async fn finish(
+    moed: &MoEDeployment,
+    ctx: &Context,
+    old: &MoEDeploymentStatus,
+    mut st: MoEDeploymentStatus,
+    observed: &Observed,
+    pending: Pending,
+) -> Result<(), Error> {
+    let now = now_time();
+    let conds = conditions::desired(observed);
+    st.conditions = conditions::merge(&old.conditions, &conds, &now, moed.metadata.generation);
+    st.phase = Some(conditions::phase(observed).to_string());
+    st.ready = Some(format!("{}/{}", st.ready_ranks, st.ranks));
+    if &st != old {
+        let api: Api<MoEDeployment> = Api::namespaced(
+            ctx.client.clone(),
+            &moed
+                .namespace()
+                .ok_or(Error::MissingObjectKey("namespace"))?,
+        );
+        let patch = serde_json::json!({
+            "apiVersion": format!("{}/{}", crate::crd::GROUP, crate::crd::VERSION),
+            "kind": crate::crd::KIND,
+            "status": st,
+        });
+        api.patch_status(&moed.name_any(), &apply_params(), &Patch::Apply(&patch))
+            .await?;
+    }
+    let reference = moed.object_ref(&());
+    for ev in pending.events {
+        if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+            warn!(error = %e, reason = %ev.reason, "could not publish event");
+        }
+    }
+    Ok(())
+}

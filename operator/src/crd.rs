@@ -1,0 +1,903 @@
+//! The `MoEDeployment` custom resource (`moe-operator.github.io/v1alpha1`).
+//!
+//! Validation that the API server can do by itself lives in the schema: bounds, enums and CEL
+//! rules (`x-kubernetes-validations`) whose messages name the field and the fix. What CEL cannot
+//! see (the contents of a referenced static-map ConfigMap, the planner's name) is checked by the
+//! operator and reported as a `Degraded` condition. [`MoEDeploymentSpec::validate`] mirrors the
+//! CEL rules so that a resource that slipped past them (an old CRD, a test) never crashes the
+//! controller.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of the resource. The project's GitHub organisation owns `moe-operator.github.io`.
+pub const GROUP: &str = "moe-operator.github.io";
+pub const VERSION: &str = "v1alpha1";
+pub const KIND: &str = "MoEDeployment";
+
+/// A group of expert-parallel worker ranks serving one Mixture-of-Experts model, with the
+/// expert placement kept in balance by the operator.
+#[allow(clippy::duplicated_attributes)] // several `printcolumn(type_ = ...)` entries
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "moe-operator.github.io",
+    version = "v1alpha1",
+    kind = "MoEDeployment",
+    namespaced,
+    shortname = "moed",
+    status = "MoEDeploymentStatus",
+    derive = "PartialEq",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.ready",
+        description = "Ready ranks / ranks"
+    ),
+    printcolumn(
+        name = "PAR",
+        type_ = "number",
+        json_path = ".status.imbalance.worstPar",
+        description = "Worst per-layer peak-to-average rank load"
+    ),
+    printcolumn(
+        name = "Placement",
+        type_ = "integer",
+        json_path = ".status.placement.appliedGeneration",
+        description = "Placement generation served by every rank"
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.placement.desiredGeneration",
+        priority = 1,
+        description = "Committed placement generation"
+    ),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.expertParallel.redundantExperts) || self.expertParallel.ranks < 1 || (self.model.numExperts + self.expertParallel.redundantExperts) % self.expertParallel.ranks == 0",
+        "message": "spec.model.numExperts + spec.expertParallel.redundantExperts must be divisible by spec.expertParallel.ranks (every rank holds the same number of expert slots): change redundantExperts, or leave it unset to get the smallest valid value",
+        "fieldPath": ".expertParallel.redundantExperts",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!has(self.expertParallel.redundantExperts) || self.expertParallel.redundantExperts <= self.model.numExperts * (self.expertParallel.ranks - 1)",
+        "message": "spec.expertParallel.redundantExperts is larger than the replicas the ranks can hold (at most numExperts * (ranks - 1), one replica of an expert per rank): lower it",
+        "fieldPath": ".expertParallel.redundantExperts",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct MoEDeploymentSpec {
+    /// Shape of the Mixture-of-Experts model.
+    pub model: ModelSpec,
+    /// Where the expert weights come from.
+    #[serde(default)]
+    pub weights: WeightsSpec,
+    /// Expert-parallel group: one worker pod (one GPU) per rank.
+    pub expert_parallel: ExpertParallelSpec,
+    /// Initial placement of experts onto slots (generation 0 of the committed placement).
+    #[serde(default)]
+    pub placement: PlacementSpec,
+    /// Expert-parallel load balancing: when and how the operator moves experts.
+    #[serde(default)]
+    pub eplb: EplbSpec,
+    /// Manual remap request: change this value (any string, e.g. a date) to ask for one remap
+    /// now, even below the threshold. The operator records the value it handled in
+    /// `status.lastHandledRemapRequest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub remap_request: Option<String>,
+    /// Worker pod settings.
+    #[serde(default)]
+    pub worker: WorkerSpec,
+    /// Built-in synthetic traffic generator of the workers (unset fields keep the worker's defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<TrafficSpec>,
+}
+
+/// Router scoring function.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum Scoring {
+    /// Softmax over all experts (Mixtral, Qwen).
+    #[default]
+    Softmax,
+    /// Sigmoid with grouped top-k (DeepSeek-V3).
+    Sigmoid,
+}
+
+impl Scoring {
+    pub fn env_value(self) -> &'static str {
+        match self {
+            Scoring::Softmax => "softmax",
+            Scoring::Sigmoid => "sigmoid",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.topK <= self.numExperts",
+        "message": "spec.model.topK must be at most spec.model.numExperts: lower topK",
+        "fieldPath": ".topK",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "self.expertGroups < 1 || self.numExperts % self.expertGroups == 0",
+        "message": "spec.model.numExperts must be divisible by spec.model.expertGroups: set expertGroups to a divisor of numExperts (1 disables grouping)",
+        "fieldPath": ".expertGroups",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "self.topkGroups <= self.expertGroups",
+        "message": "spec.model.topkGroups must be at most spec.model.expertGroups: lower topkGroups",
+        "fieldPath": ".topkGroups",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct ModelSpec {
+    /// MoE layers.
+    #[schemars(range(min = 1, max = 1024))]
+    pub num_layers: u32,
+    /// Routed (logical) experts per layer.
+    #[schemars(range(min = 1, max = 65536))]
+    pub num_experts: u32,
+    /// Hidden size.
+    #[schemars(range(min = 1, max = 1048576))]
+    pub hidden: u32,
+    /// Expert intermediate (FFN) size.
+    #[schemars(range(min = 1, max = 1048576))]
+    pub intermediate: u32,
+    /// Experts each token is routed to.
+    #[schemars(range(min = 1, max = 1024))]
+    pub top_k: u32,
+    /// Expert groups for grouped top-k routing and hierarchical placement (1: no grouping).
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub expert_groups: u32,
+    /// Groups each token may use (grouped top-k).
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub topk_groups: u32,
+    #[serde(default)]
+    pub scoring: Scoring,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Weights of the experts. Exactly one source.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.synthetic) != has(self.persistentVolumeClaim)",
+        "message": "set exactly one of spec.weights.synthetic or spec.weights.persistentVolumeClaim"
+    }
+]))]
+pub struct WeightsSpec {
+    /// Deterministic weights generated from a seed (benchmarks, tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synthetic: Option<SyntheticWeights>,
+    /// A directory of safetensors files on a PersistentVolumeClaim, mounted read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<PvcWeights>,
+}
+
+impl Default for WeightsSpec {
+    fn default() -> Self {
+        Self {
+            synthetic: Some(SyntheticWeights { seed: 0 }),
+            persistent_volume_claim: None,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SyntheticWeights {
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcWeights {
+    /// Name of the PersistentVolumeClaim in the deployment's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+    /// Directory inside the volume that holds the safetensors files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.ranksPerNode) || self.ranksPerNode < 1 || self.ranks % self.ranksPerNode == 0",
+        "message": "spec.expertParallel.ranks must be a multiple of spec.expertParallel.ranksPerNode: change ranksPerNode to a divisor of ranks",
+        "fieldPath": ".ranksPerNode",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct ExpertParallelSpec {
+    /// Expert-parallel size: worker ranks (pods, one GPU each). At least 1.
+    #[schemars(range(min = 1, max = 4096))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self >= 1", "message": "spec.expertParallel.ranks must be at least 1: set the number of GPUs (worker pods) of the group"}
+    ]))]
+    pub ranks: u32,
+    /// Ranks (GPUs) per node, for hierarchical placement and transfer-source preference.
+    /// Default: all ranks on one level (`ranks`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub ranks_per_node: Option<u32>,
+    /// Redundant expert slots per layer (replicas of hot experts). Unset: the smallest number
+    /// that makes `numExperts + redundantExperts` divisible by `ranks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 65536))]
+    pub redundant_experts: Option<u32>,
+}
+
+/// Initial expert placement strategy.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum PlacementStrategy {
+    /// Expert `e` on rank `e / (E / G)` (contiguous blocks).
+    Linear,
+    /// Expert `e` on rank `e % G`: spreads the often-hot low-numbered experts.
+    #[default]
+    RoundRobin,
+    /// A placement computed offline, read from a ConfigMap (vllm-ascend expert-map JSON).
+    Static,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.strategy != 'Static' || has(self.staticMap)",
+        "message": "spec.placement.staticMap is required when spec.placement.strategy is Static: reference the ConfigMap that holds the expert map",
+        "fieldPath": ".staticMap",
+        "reason": "FieldValueRequired"
+    },
+    {
+        "rule": "self.strategy == 'Static' || !has(self.staticMap)",
+        "message": "spec.placement.staticMap is only read with strategy Static: set strategy to Static or remove staticMap",
+        "fieldPath": ".staticMap",
+        "reason": "FieldValueForbidden"
+    }
+]))]
+pub struct PlacementSpec {
+    #[serde(default)]
+    pub strategy: PlacementStrategy,
+    /// ConfigMap (same namespace) holding an expert map in vllm-ascend's JSON format
+    /// (`{"moe_layer_count": L, "layer_list": [...]}`). Its shape must match the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub static_map: Option<ConfigMapKeyRef>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in the ConfigMap's data.
+    #[serde(default = "default_static_map_key")]
+    pub key: String,
+}
+
+pub fn default_static_map_key() -> String {
+    "expert_map.json".into()
+}
+
+/// How a remap moves weights.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum RemapMode {
+    /// Layer by layer while serving continues.
+    #[default]
+    Async,
+    /// Pause serving, move, resume.
+    StopTheWorld,
+}
+
+impl From<RemapMode> for moe_api::RemapMode {
+    fn from(m: RemapMode) -> Self {
+        match m {
+            RemapMode::Async => moe_api::RemapMode::Async,
+            RemapMode::StopTheWorld => moe_api::RemapMode::StopTheWorld,
+        }
+    }
+}
+
+/// Expert-parallel load balancing. Changes here apply without restarting workers (except
+/// `windowSteps`, which workers read at start; see docs/operator.md).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.imbalanceThreshold > 1.0",
+        "message": "spec.eplb.imbalanceThreshold must be above 1.0 (a PAR of 1.0 is perfect balance): use e.g. 1.2",
+        "fieldPath": ".imbalanceThreshold",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "self.hysteresis >= 0.0 && self.imbalanceThreshold - self.hysteresis >= 1.0",
+        "message": "spec.eplb.hysteresis must be at least 0 and imbalanceThreshold - hysteresis at least 1.0: lower hysteresis",
+        "fieldPath": ".hysteresis",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct EplbSpec {
+    /// Automatic remaps when layers drift above the threshold. Manual requests
+    /// (`spec.remapRequest`) are honoured even when this is false.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Stop all remaps (automatic and manual); statistics are still published.
+    #[serde(default)]
+    pub paused: bool,
+    /// Planner algorithm of the eplb crate: `joint` (default), `greedy`, `greedy-global` or
+    /// `incremental`.
+    #[serde(default = "default_algorithm")]
+    #[schemars(length(min = 1, max = 63))]
+    pub algorithm: String,
+    /// Steps kept in each worker's load-statistics window (vLLM `window_size`).
+    #[serde(default = "default_window")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub window_steps: u32,
+    /// Minimum time between two remaps, in seconds.
+    #[serde(default = "default_replan_interval")]
+    #[schemars(range(min = 0, max = 604800))]
+    pub replan_interval_seconds: u32,
+    /// How often the operator reads the workers' statistics, in seconds.
+    #[serde(default = "default_poll_interval")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub poll_interval_seconds: u32,
+    /// A layer whose peak-to-average rank load (PAR) exceeds this triggers a remap.
+    #[serde(default = "default_threshold")]
+    #[schemars(range(max = 1000.0))]
+    pub imbalance_threshold: f64,
+    /// Once triggered, layers above `imbalanceThreshold - hysteresis` are rebalanced too, and
+    /// a plan must improve the worst PAR by at least `hysteresis` to be executed (no flapping).
+    #[serde(default = "default_hysteresis")]
+    #[schemars(range(max = 100.0))]
+    pub hysteresis: f64,
+    /// Layers moved by one remap at most (worst first).
+    #[serde(default = "default_max_layers")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_layers_per_remap: u32,
+    /// Expert weight bytes moved by one remap at most (a quantity, e.g. `8Gi`). Unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes_per_remap: Option<Quantity>,
+    /// Slots changed per layer at most (unset: planner's choice).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub max_moves_per_layer: Option<u32>,
+    /// Window steps a statistics window must hold before it is trusted for planning.
+    #[serde(default = "default_min_window")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub min_window_steps: u32,
+    #[serde(default)]
+    pub mode: RemapMode,
+}
+
+fn yes() -> bool {
+    true
+}
+pub fn default_algorithm() -> String {
+    eplb::DEFAULT_ALGORITHM.into()
+}
+fn default_window() -> u32 {
+    1000
+}
+fn default_replan_interval() -> u32 {
+    300
+}
+fn default_poll_interval() -> u32 {
+    15
+}
+fn default_threshold() -> f64 {
+    1.2
+}
+fn default_hysteresis() -> f64 {
+    0.05
+}
+fn default_max_layers() -> u32 {
+    8
+}
+fn default_min_window() -> u32 {
+    100
+}
+
+impl Default for EplbSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            paused: false,
+            algorithm: default_algorithm(),
+            window_steps: default_window(),
+            replan_interval_seconds: default_replan_interval(),
+            poll_interval_seconds: default_poll_interval(),
+            imbalance_threshold: default_threshold(),
+            hysteresis: default_hysteresis(),
+            max_layers_per_remap: default_max_layers(),
+            max_bytes_per_remap: None,
+            max_moves_per_layer: None,
+            min_window_steps: default_min_window(),
+            mode: RemapMode::Async,
+        }
+    }
+}
+
+/// Compute backend of the workers.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum Backend {
+    /// One NVIDIA GPU per rank (`nvidia.com/gpu: 1` unless resources say otherwise).
+    #[default]
+    Cuda,
+    /// CPU reference backend (tests, laptops): no GPU is requested.
+    Cpu,
+}
+
+impl Backend {
+    pub fn env_value(self) -> &'static str {
+        match self {
+            Backend::Cuda => "cuda",
+            Backend::Cpu => "cpu",
+        }
+    }
+}
+
+/// Worker pod settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSpec {
+    /// Worker image. Unset: the operator's default (`MOE_OPERATOR_WORKER_IMAGE`, else
+    /// `ghcr.io/moe-operator/moe-worker:<operator version>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<String>,
+    /// Overrides the image's entrypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    #[serde(default)]
+    pub backend: Backend,
+    /// Container resources. Unset: the operator's default (`MOE_OPERATOR_WORKER_RESOURCES`).
+    /// With the Cuda backend, `nvidia.com/gpu: 1` is added to the limits unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Extra environment; an entry named like one the operator sets replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<Vec<EnvVar>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Port of the worker HTTP API (health, metrics, statistics, remap).
+    #[serde(default = "default_http_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub http_port: u16,
+    /// Port of the rendezvous / token-exchange listener.
+    #[serde(default = "default_comm_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub comm_port: u16,
+}
+
+pub fn default_image() -> String {
+    concat!(
+        "ghcr.io/moe-operator/moe-worker:",
+        env!("CARGO_PKG_VERSION")
+    )
+    .into()
+}
+fn default_http_port() -> u16 {
+    8080
+}
+fn default_comm_port() -> u16 {
+    29500
+}
+
+impl Default for WorkerSpec {
+    fn default() -> Self {
+        Self {
+            image: None,
+            image_pull_policy: None,
+            command: None,
+            args: None,
+            backend: Backend::Cuda,
+            resources: None,
+            node_selector: None,
+            tolerations: None,
+            env: None,
+            priority_class_name: None,
+            http_port: default_http_port(),
+            comm_port: default_comm_port(),
+        }
+    }
+}
+
+/// The workers' built-in traffic generator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 16777216))]
+    pub tokens_per_step: Option<u32>,
+    /// Zipf-like skew of expert popularity (0: uniform).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub skew: Option<f64>,
+    /// How fast the hot experts drift, per step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub drift: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Steps per second to aim at (0: as fast as possible).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100000.0))]
+    pub steps_per_second: Option<f64>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Status
+
+/// Observed state, written by the operator only.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MoEDeploymentStatus {
+    /// `metadata.generation` of the spec this status reflects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Available`, `Progressing`, `Rebalancing`, `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// One word summary: `Pending`, `Running`, `Rebalancing`, `Restarting`, `Degraded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// `ready/ranks`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    #[serde(default)]
+    pub ranks: u32,
+    #[serde(default)]
+    pub ready_ranks: u32,
+    /// The redundant experts in use (the spec's or the computed default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redundant_experts: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imbalance: Option<ImbalanceStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_remap: Option<RemapRecord>,
+    /// The remap being executed, while one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remap: Option<RemapProgressStatus>,
+    /// The `spec.remapRequest` value the operator last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_remap_request: Option<String>,
+    /// Hash of the fields whose change restarts the whole group (shape, EP size, image...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_hash: Option<String>,
+    /// Times the operator restarted the whole group.
+    #[serde(default)]
+    pub group_restarts: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementStatus {
+    /// Owned ConfigMap holding the committed placement.
+    pub config_map: String,
+    /// Generation committed in the ConfigMap.
+    pub desired_generation: u64,
+    /// Generation every layer of every ready rank serves (absent until workers report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_generation: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LayerImbalance {
+    pub layer: u32,
+    pub par: f64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImbalanceStatus {
+    /// Worst per-layer peak-to-average rank load over the group.
+    pub worst_par: f64,
+    /// Mean per-layer PAR.
+    pub mean_par: f64,
+    /// Layers above the threshold (worst first, at most 8); the worst layer when none is.
+    #[serde(default)]
+    pub worst_layers: Vec<LayerImbalance>,
+    /// Layers whose PAR exceeds `spec.eplb.imbalanceThreshold`.
+    #[serde(default)]
+    pub layers_over_threshold: u32,
+    /// Window steps the statistics cover (minimum over ranks).
+    #[serde(default)]
+    pub window_steps: u64,
+    pub measured_at: Time,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RemapRecord {
+    pub generation: u64,
+    /// `Threshold` or `Manual`.
+    pub trigger: String,
+    pub layers: Vec<u32>,
+    #[serde(default)]
+    pub experts_moved: u64,
+    #[serde(default)]
+    pub bytes_moved: u64,
+    /// Worst PAR of the remapped layers when planned (measured).
+    pub par_before: f64,
+    /// Worst PAR of the remapped layers predicted by the planner on the same statistics.
+    pub par_predicted: f64,
+    /// Worst PAR of the remapped layers measured on statistics recorded under the new placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub par_after: Option<f64>,
+    pub started_at: Time,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// `Succeeded`, `Failed` or `Superseded` (the group restarted into the new placement).
+    pub result: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RemapProgressStatus {
+    pub generation: u64,
+    pub trigger: String,
+    pub layers: Vec<u32>,
+    pub layers_total: u32,
+    /// Layers every rank has switched.
+    pub layers_done: u32,
+    /// Ranks that finished.
+    pub ranks_done: u32,
+    pub par_before: f64,
+    pub par_predicted: f64,
+    pub started_at: Time,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Semantic validation (mirrors the CEL rules; the operator's last line of defence)
+
+/// Why a spec cannot be acted on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for SpecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl MoEDeploymentSpec {
+    /// Ranks per node in effect.
+    pub fn ranks_per_node(&self) -> u32 {
+        self.expert_parallel
+            .ranks_per_node
+            .unwrap_or(self.expert_parallel.ranks)
+    }
+
+    /// Nodes of the group (`ranks / ranksPerNode`).
+    pub fn num_nodes(&self) -> u32 {
+        let per_node = self.ranks_per_node().max(1);
+        (self.expert_parallel.ranks / per_node).max(1)
+    }
+
+    /// The same checks as the CRD's CEL rules, for specs that did not go through them.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let m = &self.model;
+        let ep = &self.expert_parallel;
+        let err = |field, message: String| Err(SpecError { field, message });
+        if m.num_layers == 0 {
+            return err("spec.model.numLayers", "must be at least 1".into());
+        }
+        if m.num_experts == 0 {
+            return err("spec.model.numExperts", "must be at least 1".into());
+        }
+        if m.hidden == 0 || m.intermediate == 0 {
+            return err(
+                "spec.model.hidden",
+                "hidden and intermediate must be at least 1".into(),
+            );
+        }
+        if m.top_k == 0 || m.top_k > m.num_experts {
+            return err(
+                "spec.model.topK",
+                format!("must be between 1 and numExperts ({})", m.num_experts),
+            );
+        }
+        if m.expert_groups == 0 || !m.num_experts.is_multiple_of(m.expert_groups) {
+            return err(
+                "spec.model.expertGroups",
+                format!("must divide numExperts ({})", m.num_experts),
+            );
+        }
+        if m.topk_groups == 0 || m.topk_groups > m.expert_groups {
+            return err(
+                "spec.model.topkGroups",
+                "must be between 1 and expertGroups".into(),
+            );
+        }
+        if ep.ranks == 0 {
+            return err("spec.expertParallel.ranks", "must be at least 1".into());
+        }
+        if let Some(per_node) = ep.ranks_per_node
+            && (per_node == 0 || !ep.ranks.is_multiple_of(per_node))
+        {
+            return err(
+                "spec.expertParallel.ranksPerNode",
+                format!("must divide ranks ({})", ep.ranks),
+            );
+        }
+        if let Some(r) = ep.redundant_experts {
+            if !(u64::from(m.num_experts) + u64::from(r)).is_multiple_of(u64::from(ep.ranks)) {
+                return err(
+                    "spec.expertParallel.redundantExperts",
+                    format!(
+                        "numExperts + redundantExperts ({}) must be divisible by ranks ({})",
+                        u64::from(m.num_experts) + u64::from(r),
+                        ep.ranks
+                    ),
+                );
+            }
+            if u64::from(r) > u64::from(m.num_experts) * u64::from(ep.ranks - 1) {
+                return err(
+                    "spec.expertParallel.redundantExperts",
+                    "more replicas than the ranks can hold".into(),
+                );
+            }
+        }
+        let e = &self.eplb;
+        if e.imbalance_threshold.is_nan() || e.imbalance_threshold <= 1.0 {
+            return err("spec.eplb.imbalanceThreshold", "must be above 1.0".into());
+        }
+        if e.hysteresis.is_nan() || e.hysteresis < 0.0 || e.imbalance_threshold - e.hysteresis < 1.0
+        {
+            return err(
+                "spec.eplb.hysteresis",
+                "must be >= 0 with imbalanceThreshold - hysteresis >= 1.0".into(),
+            );
+        }
+        if let Some(q) = &e.max_bytes_per_remap
+            && crate::quantity::parse_bytes(&q.0).is_none()
+        {
+            return err(
+                "spec.eplb.maxBytesPerRemap",
+                format!("{:?} is not a byte quantity (e.g. 8Gi)", q.0),
+            );
+        }
+        match (self.placement.strategy, &self.placement.static_map) {
+            (PlacementStrategy::Static, None) => {
+                return err(
+                    "spec.placement.staticMap",
+                    "required with strategy Static".into(),
+                );
+            }
+            (PlacementStrategy::Linear | PlacementStrategy::RoundRobin, Some(_)) => {
+                return err(
+                    "spec.placement.staticMap",
+                    "only allowed with strategy Static".into(),
+                );
+            }
+            _ => {}
+        }
+        if self.weights.synthetic.is_some() == self.weights.persistent_volume_claim.is_some() {
+            return err(
+                "spec.weights",
+                "set exactly one of synthetic or persistentVolumeClaim".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn sample_spec() -> MoEDeploymentSpec {
+        MoEDeploymentSpec {
+            model: ModelSpec {
+                num_layers: 4,
+                num_experts: 16,
+                hidden: 64,
+                intermediate: 32,
+                top_k: 2,
+                expert_groups: 1,
+                topk_groups: 1,
+                scoring: Scoring::Softmax,
+            },
+            weights: WeightsSpec::default(),
+            expert_parallel: ExpertParallelSpec {
+                ranks: 4,
+                ranks_per_node: None,
+                redundant_experts: Some(4),
+            },
+            placement: PlacementSpec::default(),
+            eplb: EplbSpec::default(),
+            remap_request: None,
+            worker: WorkerSpec::default(),
+            traffic: None,
+        }
+    }
+
+    #[test]
+    fn sample_is_valid_and_defaults_fill_in() {
+        sample_spec().validate().unwrap();
+        let json = serde_json::json!({
+            "model": {"numLayers": 2, "numExperts": 8, "hidden": 16, "intermediate": 8, "topK": 2},
+            "expertParallel": {"ranks": 2}
+        });
+        let spec: MoEDeploymentSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(spec.eplb, EplbSpec::default());
+        assert_eq!(spec.placement.strategy, PlacementStrategy::RoundRobin);
+        assert_eq!(spec.worker.http_port, 8080);
+        assert_eq!(spec.model.expert_groups, 1);
+        spec.validate().unwrap();
+    }
+
+    #[test]
+    fn validate_names_the_field() {
+        let mut s = sample_spec();
+        s.expert_parallel.redundant_experts = Some(3);
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "spec.expertParallel.redundantExperts"
+        );
+        let mut s = sample_spec();
+        s.model.top_k = 17;
+        assert_eq!(s.validate().unwrap_err().field, "spec.model.topK");
+        let mut s = sample_spec();
+        s.eplb.imbalance_threshold = 1.0;
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "spec.eplb.imbalanceThreshold"
+        );
+        let mut s = sample_spec();
+        s.placement.strategy = PlacementStrategy::Static;
+        assert_eq!(s.validate().unwrap_err().field, "spec.placement.staticMap");
+        let mut s = sample_spec();
+        s.expert_parallel.ranks = 0;
+        assert_eq!(s.validate().unwrap_err().field, "spec.expertParallel.ranks");
+        let mut s = sample_spec();
+        s.eplb.max_bytes_per_remap = Some(Quantity("lots".into()));
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "spec.eplb.maxBytesPerRemap"
+        );
+    }
+}

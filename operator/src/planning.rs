@@ -1,0 +1,282 @@
+//! Everything the operator asks of the `eplb` crate, in one place.
+
+use moe_api::{LoadReport, PlacementDocument};
+
+use crate::crd::{MoEDeploymentSpec, PlacementStrategy};
+
+/// Redundant experts in effect: the spec's, or the smallest valid number.
+pub fn effective_redundant(spec: &MoEDeploymentSpec) -> u32 {
+    match spec.expert_parallel.redundant_experts {
+        Some(r) => r,
+        None => eplb::smallest_valid_redundant(
+            spec.model.num_experts as usize,
+            spec.expert_parallel.ranks.max(1) as usize,
+        ) as u32,
+    }
+}
+
+/// The eplb shape of one layer of the deployment.
+pub fn shape(spec: &MoEDeploymentSpec, redundant: u32) -> Result<eplb::Shape, String> {
+    eplb::Shape::new(
+        spec.model.num_experts as usize,
+        redundant as usize,
+        spec.expert_parallel.ranks as usize,
+        spec.num_nodes() as usize,
+        spec.model.expert_groups as usize,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// Whether a committed document fits the spec's shape (same layers, experts, ranks, nodes and
+/// slots). When it does not, the shape changed: the placement is re-initialised and the group
+/// replaced.
+pub fn document_matches(doc: &PlacementDocument, spec: &MoEDeploymentSpec, redundant: u32) -> bool {
+    doc.num_layers == spec.model.num_layers as usize
+        && doc.num_logical_experts == spec.model.num_experts as usize
+        && doc.num_ranks == spec.expert_parallel.ranks as usize
+        && doc.num_nodes == spec.num_nodes() as usize
+        && doc.num_slots() == (spec.model.num_experts + redundant) as usize
+        && doc.validate().is_ok()
+}
+
+/// Generation-`generation` placement from the Linear or RoundRobin strategy.
+pub fn initial_document(
+    spec: &MoEDeploymentSpec,
+    redundant: u32,
+    generation: u64,
+) -> Result<PlacementDocument, String> {
+    let strategy = match spec.placement.strategy {
+        PlacementStrategy::Linear => eplb::InitialStrategy::Linear,
+        PlacementStrategy::RoundRobin => eplb::InitialStrategy::RoundRobin,
+        PlacementStrategy::Static => {
+            return Err("the Static strategy is imported, not computed".into());
+        }
+    };
+    let shape = shape(spec, redundant)?;
+    let placement = eplb::initial_placement(strategy, spec.model.num_layers as usize, &shape)
+        .map_err(|e| e.to_string())?;
+    Ok(placement.to_document(generation))
+}
+
+/// Imports a vllm-ascend expert map and checks it against the model.
+pub fn import_static(
+    spec: &MoEDeploymentSpec,
+    redundant: u32,
+    text: &str,
+    generation: u64,
+) -> Result<PlacementDocument, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let placement = eplb::Placement::from_ascend_expert_map(
+        &value,
+        Some(spec.model.num_experts as usize),
+        spec.num_nodes() as usize,
+    )
+    .map_err(|e| e.to_string())?;
+    let shape = shape(spec, redundant)?;
+    placement.check_shape(&shape).map_err(|e| e.to_string())?;
+    if placement.num_layers != spec.model.num_layers as usize {
+        return Err(format!(
+            "the map has {} layers, spec.model.numLayers is {}",
+            placement.num_layers, spec.model.num_layers
+        ));
+    }
+    Ok(placement.to_document(generation))
+}
+
+/// Measured PAR per layer: rank loads are the slot counts summed over each rank's slots.
+pub fn measured_layer_par(doc: &PlacementDocument, slot_counts: &[Vec<f64>]) -> Vec<f64> {
+    let ranks = doc.num_ranks.max(1);
+    slot_counts
+        .iter()
+        .take(doc.num_layers)
+        .map(|row| {
+            let s = row.len() / ranks;
+            if s == 0 {
+                return 1.0;
+            }
+            let loads: Vec<f64> = (0..ranks)
+                .map(|r| row[r * s..r * s + s].iter().sum())
+                .collect();
+            eplb::metrics::par(&loads)
+        })
+        .collect()
+}
+
+/// Group load per layer and logical expert, from every rank's report.
+pub fn logical_load(reports: &[LoadReport], doc: &PlacementDocument) -> Vec<Vec<f64>> {
+    let summed = LoadReport::sum_slot_counts(reports);
+    LoadReport::logical_load(&summed, doc)
+}
+
+/// Whether `eplb` knows a planner of this name.
+pub fn planner_known(name: &str) -> bool {
+    planner_check(name).is_ok()
+}
+
+/// One layer of a plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerOutcome {
+    pub layer: usize,
+    /// Modelled PAR of the current placement under the window's load.
+    pub par_before: f64,
+    /// Modelled PAR of the planned placement under the same load.
+    pub par_predicted: f64,
+    /// Slots whose expert changes (each receives one expert's weights).
+    pub moved_slots: usize,
+}
+
+/// A plan: the full next document (layers not planned are unchanged) and what each planned
+/// layer gains.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanOutcome {
+    pub document: PlacementDocument,
+    pub layers: Vec<LayerOutcome>,
+}
+
+/// Plans the given layers with the named algorithm on the group's logical load.
+pub fn plan(
+    algorithm: &str,
+    spec: &MoEDeploymentSpec,
+    redundant: u32,
+    current: &PlacementDocument,
+    load: &[Vec<f64>],
+    layers: &[usize],
+) -> Result<PlanOutcome, String> {
+    let shape = shape(spec, redundant)?;
+    let previous = eplb::Placement::from_document(current).map_err(|e| e.to_string())?;
+    let next = run_planner(algorithm, spec, &shape, &previous, load, layers)?;
+    let mut document = current.clone();
+    let mut outcomes = Vec::new();
+    for &layer in layers {
+        let (Some(old_row), Some(new_row), Some(l)) = (
+            previous.phy2log.get(layer),
+            next.phy2log.get(layer),
+            load.get(layer),
+        ) else {
+            continue;
+        };
+        let par_before = eplb::metrics::par(&eplb::rank_loads(old_row, l, shape.num_ranks));
+        let par_predicted = eplb::metrics::par(&eplb::rank_loads(new_row, l, shape.num_ranks));
+        let moved_slots = old_row.iter().zip(new_row).filter(|(a, b)| a != b).count();
+        outcomes.push(LayerOutcome {
+            layer,
+            par_before,
+            par_predicted,
+            moved_slots,
+        });
+        if let Some(row) = document.phy2log.get_mut(layer) {
+            *row = new_row.iter().map(|&e| e as u32).collect();
+        }
+    }
+    Ok(PlanOutcome {
+        document,
+        layers: outcomes,
+    })
+}
+
+/// Keeps only the given layers of `planned`, the rest from `current` (after budget and
+/// acceptance trimmed the layer list), with the next generation number.
+pub fn restrict(
+    current: &PlacementDocument,
+    planned: &PlacementDocument,
+    layers: &[usize],
+    generation: u64,
+) -> PlacementDocument {
+    let mut doc = current.clone();
+    doc.generation = generation;
+    for &l in layers {
+        if let (Some(dst), Some(src)) = (doc.phy2log.get_mut(l), planned.phy2log.get(l)) {
+            dst.clone_from(src);
+        }
+    }
+    doc
+}
+
+// --- the planner call -------------------------------------------------------------------------
+
+fn planner_check(name: &str) -> Result<(), String> {
+    eplb::planner_by_name(name)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn run_planner(
+    algorithm: &str,
+    spec: &MoEDeploymentSpec,
+    shape: &eplb::Shape,
+    previous: &eplb::Placement,
+    load: &[Vec<f64>],
+    layers: &[usize],
+) -> Result<eplb::Placement, String> {
+    let planner = eplb::planner_by_name(algorithm).map_err(|e| e.to_string())?;
+    let history = eplb::LoadHistory::single(load.to_vec()).map_err(|e| e.to_string())?;
+    let mut request = eplb::PlanRequest::new(*shape, &history)
+        .previous(previous)
+        .layers(layers.to_vec());
+    if let Some(m) = spec.eplb.max_moves_per_layer {
+        request = request.max_moves(m as usize);
+    }
+    let plan = planner.plan(&request).map_err(|e| e.to_string())?;
+    Ok(plan.placement)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::tests::sample_spec;
+
+    #[test]
+    fn redundant_defaults_to_smallest_valid() {
+        let mut spec = sample_spec();
+        spec.expert_parallel.redundant_experts = None;
+        spec.model.num_experts = 10;
+        spec.expert_parallel.ranks = 4;
+        assert_eq!(effective_redundant(&spec), 2);
+        spec.model.num_experts = 16;
+        assert_eq!(effective_redundant(&spec), 0);
+    }
+
+    #[test]
+    fn initial_documents_fit_the_spec() {
+        let spec = sample_spec();
+        let doc = initial_document(&spec, 4, 0).unwrap();
+        assert_eq!(doc.generation, 0);
+        assert_eq!(doc.num_slots(), 20);
+        assert!(document_matches(&doc, &spec, 4));
+        let mut bigger = spec.clone();
+        bigger.expert_parallel.ranks = 2;
+        assert!(!document_matches(&doc, &bigger, 4));
+    }
+
+    #[test]
+    fn static_map_round_trips_and_rejects_wrong_shapes() {
+        let spec = sample_spec();
+        let doc = initial_document(&spec, 4, 0).unwrap();
+        let map = eplb::Placement::from_document(&doc)
+            .unwrap()
+            .to_ascend_expert_map();
+        let text = map.to_string();
+        let imported = import_static(&spec, 4, &text, 3).unwrap();
+        assert_eq!(imported.phy2log, doc.phy2log);
+        assert_eq!(imported.generation, 3);
+        let mut other = spec.clone();
+        other.model.num_layers = 5;
+        assert!(import_static(&other, 4, &text, 0).is_err());
+        assert!(import_static(&spec, 4, "{", 0).is_err());
+    }
+
+    #[test]
+    fn measured_par_sums_each_ranks_slots() {
+        let doc = PlacementDocument {
+            generation: 0,
+            num_layers: 1,
+            num_logical_experts: 3,
+            num_ranks: 2,
+            num_nodes: 1,
+            phy2log: vec![vec![0, 1, 2, 0]],
+        };
+        let par = measured_layer_par(&doc, &[vec![3.0, 1.0, 1.0, 1.0]]);
+        assert!((par[0] - 4.0 / 3.0).abs() < 1e-9);
+    }
+}

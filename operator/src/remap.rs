@@ -1,0 +1,596 @@
+//! The remap loop's decisions, as pure functions: when to remap, which layers, whether a plan
+//! is worth executing, how far the group has got.
+
+use jiff::Timestamp;
+use moe_api::{RemapState, WorkerStatus};
+
+use crate::crd::{EplbSpec, ImbalanceStatus, LayerImbalance};
+
+/// What started a remap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Threshold,
+    Manual,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Threshold => "Threshold",
+            Trigger::Manual => "Manual",
+        }
+    }
+}
+
+/// Inputs of [`decide`].
+#[derive(Debug, Clone)]
+pub struct DecisionInput<'a> {
+    pub eplb: &'a EplbSpec,
+    /// `spec.remapRequest`.
+    pub remap_request: Option<&'a str>,
+    /// `status.lastHandledRemapRequest`.
+    pub last_handled_request: Option<&'a str>,
+    /// Start of the last remap (for the re-plan interval).
+    pub last_remap_started: Option<Timestamp>,
+    pub now: Timestamp,
+    /// Measured PAR per layer under the committed placement.
+    pub layer_par: &'a [f64],
+    /// Steps in the statistics window (minimum over ranks).
+    pub window_steps: u64,
+    /// A remap is being executed (desired generation > applied).
+    pub remap_in_flight: bool,
+    /// Every rank is ready and serves the committed generation.
+    pub group_ready: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// No remap now; reason (CamelCase) and message for the `Rebalancing` condition.
+    Hold {
+        reason: &'static str,
+        message: String,
+    },
+    /// Plan these layers (worst first).
+    Remap {
+        trigger: Trigger,
+        layers: Vec<usize>,
+    },
+}
+
+fn hold(reason: &'static str, message: impl Into<String>) -> Decision {
+    Decision::Hold {
+        reason,
+        message: message.into(),
+    }
+}
+
+/// Layers sorted worst first, keeping those with `par >= floor`.
+fn worst_first(layer_par: &[f64], floor: f64) -> Vec<usize> {
+    let mut layers: Vec<usize> = (0..layer_par.len())
+        .filter(|&l| layer_par[l].is_finite() && layer_par[l] >= floor)
+        .collect();
+    layers.sort_by(|&a, &b| layer_par[b].total_cmp(&layer_par[a]).then(a.cmp(&b)));
+    layers
+}
+
+/// A pending manual request: `spec.remapRequest` set and not yet handled.
+pub fn manual_pending(request: Option<&str>, handled: Option<&str>) -> bool {
+    matches!(request, Some(r) if !r.is_empty() && Some(r) != handled)
+}
+
+/// When to remap and which layers.
+///
+/// * `paused` holds everything; a pending manual request stays pending.
+/// * A manual request remaps the worst layers (up to the layer budget) regardless of threshold
+///   and interval, even with `enabled: false`.
+/// * Automatically (enabled): after `minWindowSteps` of statistics, once `replanIntervalSeconds`
+///   have passed since the last remap, when some layer's PAR exceeds `imbalanceThreshold`; then
+///   every layer above `imbalanceThreshold - hysteresis` is a candidate (worst first, at most
+///   `maxLayersPerRemap`).
+pub fn decide(i: &DecisionInput<'_>) -> Decision {
+    let e = i.eplb;
+    if i.remap_in_flight {
+        return hold("RemapInProgress", "a remap is being executed");
+    }
+    if e.paused {
+        return hold("Paused", "spec.eplb.paused is true");
+    }
+    if !i.group_ready {
+        return hold("GroupNotReady", "waiting for every rank to be ready");
+    }
+    let max_layers = e.max_layers_per_remap.max(1) as usize;
+    if manual_pending(i.remap_request, i.last_handled_request) {
+        if i.window_steps == 0 || i.layer_par.is_empty() {
+            return hold(
+                "WaitingForStatistics",
+                "manual request pending: no statistics yet",
+            );
+        }
+        let mut layers = worst_first(i.layer_par, f64::NEG_INFINITY);
+        layers.truncate(max_layers);
+        return Decision::Remap {
+            trigger: Trigger::Manual,
+            layers,
+        };
+    }
+    if !e.enabled {
+        return hold("Disabled", "spec.eplb.enabled is false");
+    }
+    if i.window_steps < u64::from(e.min_window_steps) || i.layer_par.is_empty() {
+        return hold(
+            "WaitingForStatistics",
+            format!(
+                "statistics window holds {} steps, {} needed",
+                i.window_steps, e.min_window_steps
+            ),
+        );
+    }
+    let worst = i
+        .layer_par
+        .iter()
+        .copied()
+        .filter(|p| p.is_finite())
+        .fold(1.0f64, f64::max);
+    if worst <= e.imbalance_threshold {
+        return hold(
+            "Balanced",
+            format!(
+                "worst layer PAR {worst:.3} is within the threshold {:.3}",
+                e.imbalance_threshold
+            ),
+        );
+    }
+    if let Some(last) = i.last_remap_started {
+        let next = last
+            .checked_add(jiff::SignedDuration::from_secs(i64::from(
+                e.replan_interval_seconds,
+            )))
+            .unwrap_or(last);
+        if i.now < next {
+            return hold(
+                "Cooldown",
+                format!(
+                    "worst layer PAR {worst:.3} is above the threshold; next remap allowed at {next}"
+                ),
+            );
+        }
+    }
+    let mut layers = worst_first(i.layer_par, e.imbalance_threshold - e.hysteresis);
+    layers.truncate(max_layers);
+    Decision::Remap {
+        trigger: Trigger::Threshold,
+        layers,
+    }
+}
+
+/// Keeps the planned layers worth moving: those the plan improves. For a threshold-triggered
+/// remap the worst PAR of the kept layers must also drop by at least `hysteresis` (otherwise
+/// the planner cannot do better and remapping would only churn).
+pub fn accept_plan(
+    trigger: Trigger,
+    before: &[(usize, f64)],
+    predicted: &[(usize, f64)],
+    hysteresis: f64,
+) -> Vec<usize> {
+    let kept: Vec<usize> = before
+        .iter()
+        .filter_map(|&(layer, b)| {
+            let p = predicted.iter().find(|(l, _)| *l == layer)?.1;
+            (p < b - 1e-9).then_some(layer)
+        })
+        .collect();
+    if kept.is_empty() {
+        return kept;
+    }
+    if trigger == Trigger::Threshold {
+        let worst = |v: &[(usize, f64)]| {
+            v.iter()
+                .filter(|(l, _)| kept.contains(l))
+                .map(|&(_, p)| p)
+                .fold(0.0f64, f64::max)
+        };
+        if worst(before) - worst(predicted) < hysteresis {
+            return Vec::new();
+        }
+    }
+    kept
+}
+
+/// The longest prefix of `layers` whose moved bytes fit the budget (at least one layer is
+/// never forced: a layer larger than the whole budget is skipped).
+pub fn apply_byte_budget(layers: &[(usize, u64)], budget: Option<u64>) -> Vec<usize> {
+    let Some(budget) = budget else {
+        return layers.iter().map(|&(l, _)| l).collect();
+    };
+    let mut used = 0u64;
+    let mut out = Vec::new();
+    for &(layer, bytes) in layers {
+        let Some(total) = used.checked_add(bytes) else {
+            break;
+        };
+        if total > budget {
+            break;
+        }
+        used = total;
+        out.push(layer);
+    }
+    out
+}
+
+/// Bytes of one expert's weights (gate, up and down projections in bf16).
+pub fn expert_bytes(hidden: u32, intermediate: u32) -> u64 {
+    3 * u64::from(hidden) * u64::from(intermediate) * 2
+}
+
+/// Imbalance summary for status: worst and mean PAR and the worst layers.
+pub fn summarize(
+    layer_par: &[f64],
+    threshold: f64,
+    window_steps: u64,
+    now: Timestamp,
+) -> ImbalanceStatus {
+    let finite: Vec<f64> = layer_par
+        .iter()
+        .copied()
+        .filter(|p| p.is_finite())
+        .collect();
+    let worst = finite.iter().copied().fold(1.0f64, f64::max);
+    let mean = if finite.is_empty() {
+        1.0
+    } else {
+        finite.iter().sum::<f64>() / finite.len() as f64
+    };
+    let over = worst_first(layer_par, f64::NEG_INFINITY)
+        .into_iter()
+        .filter(|&l| layer_par[l] > threshold)
+        .count();
+    let mut worst_layers: Vec<LayerImbalance> = worst_first(layer_par, f64::NEG_INFINITY)
+        .into_iter()
+        .take(over.clamp(1, 8))
+        .map(|l| LayerImbalance {
+            layer: l as u32,
+            par: round3(layer_par[l]),
+        })
+        .collect();
+    if layer_par.is_empty() {
+        worst_layers.clear();
+    }
+    ImbalanceStatus {
+        worst_par: round3(worst),
+        mean_par: round3(mean),
+        worst_layers,
+        layers_over_threshold: over as u32,
+        window_steps,
+        measured_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now),
+    }
+}
+
+/// Rounds to 3 decimals (status values; avoids status writes for noise).
+pub fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// True when two summaries differ in anything but the measurement time and window length.
+pub fn imbalance_changed(old: Option<&ImbalanceStatus>, new: &ImbalanceStatus) -> bool {
+    match old {
+        None => true,
+        Some(o) => {
+            o.worst_par != new.worst_par
+                || o.mean_par != new.mean_par
+                || o.worst_layers != new.worst_layers
+                || o.layers_over_threshold != new.layers_over_threshold
+        }
+    }
+}
+
+/// How far the group has got towards a target generation.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GroupProgress {
+    /// Minimum generation served over ranks (None without reports).
+    pub applied: Option<u64>,
+    /// Ranks serving the target.
+    pub ranks_done: u32,
+    /// Layers switched by every rank (minimum over ranks; a rank at the target counts all).
+    pub layers_done: u32,
+    /// A rank reported the remap to the target failed: (rank, message).
+    pub failed: Option<(usize, String)>,
+    /// Indices (into the status slice) of ranks that have not accepted the target yet.
+    pub needs_request: Vec<usize>,
+    pub experts_moved: u64,
+    pub bytes_moved: u64,
+    /// Latest finish time reported (unix ms).
+    pub finished_at_ms: Option<u64>,
+}
+
+pub fn group_progress(statuses: &[WorkerStatus], target: u64, layers_total: u32) -> GroupProgress {
+    let mut g = GroupProgress {
+        applied: statuses.iter().map(|s| s.placement_generation).min(),
+        layers_done: layers_total,
+        ..Default::default()
+    };
+    for (i, s) in statuses.iter().enumerate() {
+        let remap = s.remap.as_ref().filter(|r| r.generation == target);
+        if let Some(r) = remap {
+            g.experts_moved += r.experts_moved;
+            g.bytes_moved += r.bytes_moved;
+            if let Some(f) = r.finished_at_ms {
+                g.finished_at_ms = Some(g.finished_at_ms.map_or(f, |x| x.max(f)));
+            }
+        }
+        if s.placement_generation >= target {
+            g.ranks_done += 1;
+            continue;
+        }
+        match remap {
+            Some(r) if r.state == RemapState::Failed => {
+                if g.failed.is_none() {
+                    g.failed = Some((
+                        s.rank,
+                        r.error.clone().unwrap_or_else(|| "remap failed".into()),
+                    ));
+                }
+                g.layers_done = g.layers_done.min(r.layers_done as u32);
+            }
+            Some(r) => g.layers_done = g.layers_done.min(r.layers_done as u32),
+            None => {
+                g.layers_done = 0;
+                g.needs_request.push(i);
+            }
+        }
+    }
+    g
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_api::{RemapMode, RemapProgress};
+
+    fn input<'a>(eplb: &'a EplbSpec, par: &'a [f64]) -> DecisionInput<'a> {
+        DecisionInput {
+            eplb,
+            remap_request: None,
+            last_handled_request: None,
+            last_remap_started: None,
+            now: Timestamp::from_second(10_000).unwrap(),
+            layer_par: par,
+            window_steps: 1000,
+            remap_in_flight: false,
+            group_ready: true,
+        }
+    }
+
+    #[test]
+    fn balanced_layers_hold() {
+        let e = EplbSpec::default();
+        let par = [1.1, 1.05];
+        assert!(matches!(
+            decide(&input(&e, &par)),
+            Decision::Hold {
+                reason: "Balanced",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn threshold_selects_layers_with_hysteresis_worst_first() {
+        let e = EplbSpec {
+            imbalance_threshold: 1.3,
+            hysteresis: 0.1,
+            ..EplbSpec::default()
+        };
+        let par = [1.25, 1.5, 1.1, 1.21, 1.35];
+        let d = decide(&input(&e, &par));
+        assert_eq!(
+            d,
+            Decision::Remap {
+                trigger: Trigger::Threshold,
+                layers: vec![1, 4, 0, 3]
+            }
+        );
+        let e2 = EplbSpec {
+            max_layers_per_remap: 2,
+            ..e
+        };
+        let Decision::Remap { layers, .. } = decide(&input(&e2, &par)) else {
+            panic!()
+        };
+        assert_eq!(layers, vec![1, 4]);
+    }
+
+    #[test]
+    fn interval_pause_disable_window_and_flight_hold() {
+        let e = EplbSpec::default();
+        let par = [2.0];
+        let mut i = input(&e, &par);
+        i.last_remap_started = Some(Timestamp::from_second(10_000 - 10).unwrap());
+        assert!(matches!(
+            decide(&i),
+            Decision::Hold {
+                reason: "Cooldown",
+                ..
+            }
+        ));
+        i.last_remap_started = Some(Timestamp::from_second(10_000 - 301).unwrap());
+        assert!(matches!(decide(&i), Decision::Remap { .. }));
+        i.window_steps = 5;
+        assert!(matches!(
+            decide(&i),
+            Decision::Hold {
+                reason: "WaitingForStatistics",
+                ..
+            }
+        ));
+        let mut i = input(&e, &par);
+        i.remap_in_flight = true;
+        assert!(matches!(
+            decide(&i),
+            Decision::Hold {
+                reason: "RemapInProgress",
+                ..
+            }
+        ));
+        let paused = EplbSpec {
+            paused: true,
+            ..EplbSpec::default()
+        };
+        assert!(matches!(
+            decide(&input(&paused, &par)),
+            Decision::Hold {
+                reason: "Paused",
+                ..
+            }
+        ));
+        let disabled = EplbSpec {
+            enabled: false,
+            ..EplbSpec::default()
+        };
+        assert!(matches!(
+            decide(&input(&disabled, &par)),
+            Decision::Hold {
+                reason: "Disabled",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn manual_request_overrides_threshold_interval_and_disable_but_not_pause() {
+        let disabled = EplbSpec {
+            enabled: false,
+            ..EplbSpec::default()
+        };
+        let par = [1.01, 1.02];
+        let mut i = input(&disabled, &par);
+        i.remap_request = Some("2026-11-22T09:00");
+        i.last_handled_request = Some("old");
+        i.last_remap_started = Some(i.now);
+        assert_eq!(
+            decide(&i),
+            Decision::Remap {
+                trigger: Trigger::Manual,
+                layers: vec![1, 0]
+            }
+        );
+        i.last_handled_request = Some("2026-11-22T09:00");
+        assert!(matches!(
+            decide(&i),
+            Decision::Hold {
+                reason: "Disabled",
+                ..
+            }
+        ));
+        let paused = EplbSpec {
+            paused: true,
+            ..EplbSpec::default()
+        };
+        let mut i = input(&paused, &par);
+        i.remap_request = Some("x");
+        assert!(matches!(
+            decide(&i),
+            Decision::Hold {
+                reason: "Paused",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn plans_must_improve_by_hysteresis() {
+        let before = [(1, 1.5), (4, 1.35)];
+        let good = [(1, 1.1), (4, 1.36)];
+        assert_eq!(
+            accept_plan(Trigger::Threshold, &before, &good, 0.05),
+            vec![1]
+        );
+        let tiny = [(1, 1.48), (4, 1.34)];
+        assert!(accept_plan(Trigger::Threshold, &before, &tiny, 0.05).is_empty());
+        assert_eq!(
+            accept_plan(Trigger::Manual, &before, &tiny, 0.05),
+            vec![1, 4]
+        );
+    }
+
+    #[test]
+    fn byte_budget_keeps_a_prefix() {
+        let layers = [(3, 100), (1, 200), (2, 50)];
+        assert_eq!(apply_byte_budget(&layers, None), vec![3, 1, 2]);
+        assert_eq!(apply_byte_budget(&layers, Some(320)), vec![3, 1]);
+        assert!(apply_byte_budget(&layers, Some(99)).is_empty());
+    }
+
+    #[test]
+    fn summary_rounds_and_lists_worst_layers() {
+        let s = summarize(&[1.0, 1.4444, 1.3], 1.2, 100, Timestamp::UNIX_EPOCH);
+        assert_eq!(s.worst_par, 1.444);
+        assert_eq!(s.layers_over_threshold, 2);
+        assert_eq!(s.worst_layers.len(), 2);
+        assert_eq!(s.worst_layers[0].layer, 1);
+        let calm = summarize(&[1.0, 1.1], 1.2, 100, Timestamp::UNIX_EPOCH);
+        assert_eq!(calm.worst_layers.len(), 1);
+        assert!(!imbalance_changed(
+            Some(&s),
+            &summarize(&[1.0, 1.44441, 1.3], 1.2, 7, Timestamp::now())
+        ));
+        assert!(imbalance_changed(Some(&s), &calm));
+    }
+
+    fn status(
+        rank: usize,
+        generation: u64,
+        remap: Option<(u64, RemapState, usize)>,
+    ) -> WorkerStatus {
+        WorkerStatus {
+            rank,
+            world_size: 2,
+            ready: true,
+            backend: "cpu".into(),
+            placement_generation: generation,
+            layer_generations: vec![generation; 4],
+            step: 1,
+            tokens_per_second: 1.0,
+            remap: remap.map(|(generation, state, done)| RemapProgress {
+                generation,
+                state,
+                mode: RemapMode::Async,
+                layers_total: 4,
+                layers_done: done,
+                experts_moved: 3,
+                bytes_moved: 30,
+                stall_seconds: 0.0,
+                started_at_ms: 1,
+                finished_at_ms: (state != RemapState::Running).then_some(9),
+                error: (state == RemapState::Failed).then(|| "nccl timeout".to_string()),
+            }),
+        }
+    }
+
+    #[test]
+    fn progress_tracks_ranks_layers_and_failures() {
+        let s = [
+            status(0, 1, Some((2, RemapState::Running, 2))),
+            status(1, 1, None),
+        ];
+        let g = group_progress(&s, 2, 4);
+        assert_eq!(g.applied, Some(1));
+        assert_eq!(g.needs_request, vec![1]);
+        assert_eq!(g.layers_done, 0);
+        let s = [
+            status(0, 2, Some((2, RemapState::Succeeded, 4))),
+            status(1, 1, Some((2, RemapState::Running, 3))),
+        ];
+        let g = group_progress(&s, 2, 4);
+        assert_eq!((g.ranks_done, g.layers_done), (1, 3));
+        assert_eq!(g.bytes_moved, 60);
+        let s = [
+            status(0, 1, Some((2, RemapState::Failed, 1))),
+            status(1, 2, None),
+        ];
+        let g = group_progress(&s, 2, 4);
+        assert_eq!(g.failed, Some((0, "nccl timeout".to_string())));
+        let s = [status(0, 2, None), status(1, 2, None)];
+        let g = group_progress(&s, 2, 4);
+        assert_eq!((g.applied, g.ranks_done, g.layers_done), (Some(2), 2, 4));
+    }
+}

@@ -1,0 +1,776 @@
+//! Desired owned objects of a `MoEDeployment`, as pure functions of the resource.
+//!
+//! Everything here is applied with server-side apply (field manager `moe-operator`) and carries a
+//! controller owner reference, so deleting the `MoEDeployment` garbage-collects it all.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SecretVolumeSource, Service, ServiceAccount,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use moe_api::env;
+
+use crate::crd::{Backend, MoEDeployment, MoEDeploymentSpec};
+
+/// Field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "moe-operator";
+/// Label naming the `MoEDeployment` an object belongs to.
+pub const DEPLOYMENT_LABEL: &str = "moe-operator.github.io/deployment";
+/// Pod-template annotation: hash of everything whose change restarts the whole group.
+pub const GROUP_HASH_ANNOTATION: &str = "moe-operator.github.io/group-hash";
+/// ConfigMap annotation: what the committed placement was initialised from.
+pub const PLACEMENT_SOURCE_ANNOTATION: &str = "moe-operator.github.io/placement-source";
+/// ConfigMap annotation: the committed generation (mirrors the document, for `kubectl`).
+pub const PLACEMENT_GENERATION_ANNOTATION: &str = "moe-operator.github.io/placement-generation";
+/// Label the StatefulSet controller puts on each pod with its ordinal (= EP rank).
+pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
+/// Key of the control token in the owned Secret.
+pub const TOKEN_KEY: &str = "token";
+pub const WORKER_CONTAINER: &str = "worker";
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+pub const PLACEMENT_DIR: &str = "/etc/moe/placement";
+pub const CONTROL_DIR: &str = "/etc/moe/control";
+pub const WEIGHTS_DIR: &str = "/var/lib/moe/weights";
+
+/// Names of the owned objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    pub statefulset: String,
+    pub service: String,
+    pub configmap: String,
+    pub secret: String,
+    pub service_account: String,
+    pub role: String,
+}
+
+impl Names {
+    pub fn new(name: &str) -> Self {
+        Self {
+            statefulset: name.to_string(),
+            service: format!("{name}-workers"),
+            configmap: format!("{name}-placement"),
+            secret: format!("{name}-control"),
+            service_account: format!("{name}-worker"),
+            role: format!("{name}-worker"),
+        }
+    }
+}
+
+/// Operator-wide defaults of worker pods (flags / environment of the operator), used where
+/// the spec leaves a field unset.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct WorkerDefaults {
+    pub image: Option<String>,
+    pub image_pull_policy: Option<String>,
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Inputs of the desired objects that are not in the spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub name: String,
+    pub namespace: String,
+    pub owner: OwnerReference,
+    /// Redundant experts in effect (the spec's, or the smallest valid number).
+    pub redundant_experts: u32,
+    pub defaults: WorkerDefaults,
+}
+
+/// Labels selecting the worker pods of one deployment (stable: the StatefulSet selector).
+pub fn selector_labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "moe-worker".to_string(),
+        ),
+        ("app.kubernetes.io/instance".to_string(), name.to_string()),
+    ])
+}
+
+/// `key=value,...` form of [`selector_labels`] for list calls.
+pub fn selector_string(name: &str) -> String {
+    selector_labels(name)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn common_labels(name: &str) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(name);
+    labels.insert("app.kubernetes.io/managed-by".into(), "moe-operator".into());
+    labels.insert(DEPLOYMENT_LABEL.into(), name.into());
+    labels
+}
+
+fn meta(r: &Resolved, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_string()),
+        namespace: Some(r.namespace.clone()),
+        labels: Some(common_labels(&r.name)),
+        owner_references: Some(vec![r.owner.clone()]),
+        ..Default::default()
+    }
+}
+
+pub fn service_account(r: &Resolved) -> ServiceAccount {
+    let names = Names::new(&r.name);
+    ServiceAccount {
+        metadata: meta(r, &names.service_account),
+        ..Default::default()
+    }
+}
+
+/// The least a worker may need from the API: read its own placement ConfigMap.
+pub fn role(r: &Resolved) -> Role {
+    let names = Names::new(&r.name);
+    Role {
+        metadata: meta(r, &names.role),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["configmaps".into()]),
+            resource_names: Some(vec![names.configmap.clone()]),
+            verbs: vec!["get".into(), "watch".into()],
+            ..Default::default()
+        }]),
+    }
+}
+
+pub fn role_binding(r: &Resolved) -> RoleBinding {
+    let names = Names::new(&r.name);
+    RoleBinding {
+        metadata: meta(r, &names.role),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: names.role.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: names.service_account.clone(),
+            namespace: Some(r.namespace.clone()),
+            ..Default::default()
+        }]),
+    }
+}
+
+/// Headless Service: stable DNS names `<pod>.<service>` for every rank, published before the
+/// pods are ready (rendezvous happens before readiness).
+pub fn service(r: &Resolved, spec: &MoEDeploymentSpec) -> Service {
+    let names = Names::new(&r.name);
+    Service {
+        metadata: meta(r, &names.service),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(&r.name)),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("http".into()),
+                    port: i32::from(spec.worker.http_port),
+                    target_port: Some(IntOrString::String("http".into())),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                },
+                ServicePort {
+                    name: Some("comm".into()),
+                    port: i32::from(spec.worker.comm_port),
+                    target_port: Some(IntOrString::String("comm".into())),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The ConfigMap holding the committed placement document.
+pub fn placement_configmap(
+    r: &Resolved,
+    doc: &moe_api::PlacementDocument,
+    source: &str,
+) -> Result<ConfigMap, serde_json::Error> {
+    let names = Names::new(&r.name);
+    let mut metadata = meta(r, &names.configmap);
+    metadata.annotations = Some(BTreeMap::from([
+        (PLACEMENT_SOURCE_ANNOTATION.to_string(), source.to_string()),
+        (
+            PLACEMENT_GENERATION_ANNOTATION.to_string(),
+            doc.generation.to_string(),
+        ),
+    ]));
+    Ok(ConfigMap {
+        metadata,
+        data: Some(BTreeMap::from([(
+            moe_api::PLACEMENT_CONFIGMAP_KEY.to_string(),
+            serde_json::to_string(doc)?,
+        )])),
+        ..Default::default()
+    })
+}
+
+/// The control-token Secret (created once; the token is never rotated by apply).
+pub fn control_secret(r: &Resolved, token: &str) -> k8s_openapi::api::core::v1::Secret {
+    let names = Names::new(&r.name);
+    k8s_openapi::api::core::v1::Secret {
+        metadata: meta(r, &names.secret),
+        string_data: Some(BTreeMap::from([(TOKEN_KEY.to_string(), token.to_string())])),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    }
+}
+
+fn env_value(name: &str, value: impl ToString) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: Some(value.to_string()),
+        value_from: None,
+    }
+}
+
+fn env_field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_string(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                api_version: None,
+                field_path: path.to_string(),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Environment the operator sets on every worker (names from [`moe_api::env`]); user entries
+/// with the same name replace the operator's.
+pub fn worker_env(r: &Resolved, spec: &MoEDeploymentSpec) -> Vec<EnvVar> {
+    let names = Names::new(&r.name);
+    let m = &spec.model;
+    let leader = format!(
+        "{}-0.{}.{}.svc:{}",
+        names.statefulset, names.service, r.namespace, spec.worker.comm_port
+    );
+    let weights = match (
+        &spec.weights.synthetic,
+        &spec.weights.persistent_volume_claim,
+    ) {
+        (_, Some(pvc)) => match &pvc.path {
+            Some(p) if !p.is_empty() => format!("{WEIGHTS_DIR}/{}", p.trim_start_matches('/')),
+            _ => WEIGHTS_DIR.to_string(),
+        },
+        (Some(s), None) => format!("synthetic:{}", s.seed),
+        (None, None) => "synthetic:0".to_string(),
+    };
+    let mut out = vec![
+        env_field(env::RANK, &format!("metadata.labels['{POD_INDEX_LABEL}']")),
+        env_value(env::WORLD_SIZE, spec.expert_parallel.ranks),
+        env_value(env::RANKS_PER_NODE, spec.ranks_per_node()),
+        env_value(env::LEADER_ADDR, leader),
+        env_value(env::COMM_PORT, spec.worker.comm_port),
+        env_value(env::HTTP_PORT, spec.worker.http_port),
+        env_field(env::ADVERTISE_ADDR, "status.podIP"),
+        env_value(
+            env::CONTROL_TOKEN_FILE,
+            format!("{CONTROL_DIR}/{TOKEN_KEY}"),
+        ),
+        env_value(
+            env::PLACEMENT_FILE,
+            format!("{PLACEMENT_DIR}/{}", moe_api::PLACEMENT_CONFIGMAP_KEY),
+        ),
+        env_value(env::BACKEND, spec.worker.backend.env_value()),
+        env_value(env::NUM_LAYERS, m.num_layers),
+        env_value(env::NUM_EXPERTS, m.num_experts),
+        env_value(env::HIDDEN, m.hidden),
+        env_value(env::INTERMEDIATE, m.intermediate),
+        env_value(env::TOP_K, m.top_k),
+        env_value(env::EXPERT_GROUPS, m.expert_groups),
+        env_value(env::TOPK_GROUPS, m.topk_groups),
+        env_value(env::SCORING, m.scoring.env_value()),
+        env_value(env::REDUNDANT_EXPERTS, r.redundant_experts),
+        // The operator always commits the placement (generation 0 = the strategy's), so the
+        // worker always loads it from the file.
+        env_value(env::INITIAL_PLACEMENT, "file"),
+        env_value(env::WEIGHTS, weights),
+        env_value(env::STATS_WINDOW, spec.eplb.window_steps),
+    ];
+    if let Some(t) = &spec.traffic {
+        if let Some(v) = t.tokens_per_step {
+            out.push(env_value(env::TRAFFIC_TOKENS_PER_STEP, v));
+        }
+        if let Some(v) = t.skew {
+            out.push(env_value(env::TRAFFIC_SKEW, v));
+        }
+        if let Some(v) = t.drift {
+            out.push(env_value(env::TRAFFIC_DRIFT, v));
+        }
+        if let Some(v) = t.seed {
+            out.push(env_value(env::TRAFFIC_SEED, v));
+        }
+        if let Some(v) = t.steps_per_second {
+            out.push(env_value(env::TRAFFIC_STEPS_PER_SECOND, v));
+        }
+    }
+    if let Some(user) = &spec.worker.env {
+        out.retain(|e| !user.iter().any(|u| u.name == e.name));
+        out.extend(user.iter().cloned());
+    }
+    out
+}
+
+fn resources(r: &Resolved, spec: &MoEDeploymentSpec) -> ResourceRequirements {
+    let mut res = spec
+        .worker
+        .resources
+        .clone()
+        .or_else(|| r.defaults.resources.clone())
+        .unwrap_or_default();
+    if spec.worker.backend == Backend::Cuda {
+        let limits = res.limits.get_or_insert_with(BTreeMap::new);
+        limits
+            .entry(GPU_RESOURCE.to_string())
+            .or_insert_with(|| Quantity("1".into()));
+    }
+    res
+}
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    }
+}
+
+/// Pod template of a worker rank, without the group-hash annotation.
+fn pod_template(r: &Resolved, spec: &MoEDeploymentSpec) -> PodTemplateSpec {
+    let names = Names::new(&r.name);
+    let mut mounts = vec![
+        VolumeMount {
+            name: "placement".into(),
+            mount_path: PLACEMENT_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount {
+            name: "control".into(),
+            mount_path: CONTROL_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "placement".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names.configmap.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "control".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(names.secret.clone()),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ];
+    if let Some(pvc) = &spec.weights.persistent_volume_claim {
+        mounts.push(VolumeMount {
+            name: "weights".into(),
+            mount_path: WEIGHTS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "weights".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: pvc.claim_name.clone(),
+                read_only: Some(true),
+            }),
+            ..Default::default()
+        });
+    }
+    let container = Container {
+        name: WORKER_CONTAINER.into(),
+        image: Some(
+            spec.worker
+                .image
+                .clone()
+                .or_else(|| r.defaults.image.clone())
+                .unwrap_or_else(crate::crd::default_image),
+        ),
+        image_pull_policy: spec
+            .worker
+            .image_pull_policy
+            .clone()
+            .or_else(|| r.defaults.image_pull_policy.clone()),
+        command: spec.worker.command.clone(),
+        args: spec.worker.args.clone(),
+        env: Some(worker_env(r, spec)),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: i32::from(spec.worker.http_port),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("comm".into()),
+                container_port: i32::from(spec.worker.comm_port),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+        ]),
+        readiness_probe: Some(probe("/readyz", 5, 3)),
+        liveness_probe: Some(probe("/healthz", 10, 6)),
+        // Loading weights and forming the group may take minutes: allow 10 before liveness counts.
+        startup_probe: Some(probe("/healthz", 5, 120)),
+        resources: Some(resources(r, spec)),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    };
+    let mut labels = common_labels(&r.name);
+    labels.insert("app.kubernetes.io/component".into(), "ep-rank".into());
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels),
+            ..Default::default()
+        }),
+        spec: Some(PodSpec {
+            service_account_name: Some(names.service_account.clone()),
+            containers: vec![container],
+            volumes: Some(volumes),
+            node_selector: spec.worker.node_selector.clone(),
+            tolerations: spec.worker.tolerations.clone(),
+            priority_class_name: spec.worker.priority_class_name.clone(),
+            termination_grace_period_seconds: Some(30),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Hash of the pod template with the fields that apply without a restart blanked out
+/// (the statistics window: workers read it at their next start). Stable across releases
+/// (FNV-1a over the JSON).
+pub fn group_hash(template: &PodTemplateSpec) -> String {
+    let mut t = template.clone();
+    if let Some(c) = t
+        .spec
+        .as_mut()
+        .and_then(|s| s.containers.first_mut())
+        .and_then(|c| c.env.as_mut())
+    {
+        c.retain(|e| e.name != env::STATS_WINDOW);
+    }
+    let json = serde_json::to_vec(&t).unwrap_or_default();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in json {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The worker StatefulSet: one pod per rank, created and deleted in parallel, updated only when
+/// the operator deletes pods (`OnDelete`), so that the whole EP group restarts together.
+pub fn statefulset(r: &Resolved, spec: &MoEDeploymentSpec) -> StatefulSet {
+    let names = Names::new(&r.name);
+    let mut template = pod_template(r, spec);
+    let hash = group_hash(&template);
+    if let Some(m) = template.metadata.as_mut() {
+        m.annotations = Some(BTreeMap::from([(GROUP_HASH_ANNOTATION.to_string(), hash)]));
+    }
+    StatefulSet {
+        metadata: meta(r, &names.statefulset),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(spec.expert_parallel.ranks as i32),
+            service_name: Some(names.service.clone()),
+            pod_management_policy: Some("Parallel".into()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("OnDelete".into()),
+                rolling_update: None,
+            }),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&r.name)),
+                match_expressions: None,
+            },
+            template,
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The group hash the desired StatefulSet's pods carry.
+pub fn desired_group_hash(sts: &StatefulSet) -> Option<String> {
+    sts.spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(GROUP_HASH_ANNOTATION)
+        .cloned()
+}
+
+/// Convenience: the owner reference for a `MoEDeployment`.
+pub fn owner_reference(moed: &MoEDeployment) -> Option<OwnerReference> {
+    use kube::Resource;
+    moed.controller_owner_ref(&())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::tests::sample_spec;
+
+    fn resolved() -> Resolved {
+        Resolved {
+            name: "demo".into(),
+            namespace: "ml".into(),
+            owner: OwnerReference {
+                api_version: "moe-operator.github.io/v1alpha1".into(),
+                kind: "MoEDeployment".into(),
+                name: "demo".into(),
+                uid: "uid-1".into(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            },
+            redundant_experts: 4,
+            defaults: WorkerDefaults::default(),
+        }
+    }
+
+    fn env_of(sts: &StatefulSet) -> Vec<EnvVar> {
+        sts.spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .env
+            .clone()
+            .unwrap()
+    }
+
+    fn value(envs: &[EnvVar], name: &str) -> Option<String> {
+        envs.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    }
+
+    #[test]
+    fn statefulset_is_parallel_ondelete_with_one_gpu_per_rank() {
+        let spec = sample_spec();
+        let sts = statefulset(&resolved(), &spec);
+        let s = sts.spec.as_ref().unwrap();
+        assert_eq!(s.replicas, Some(4));
+        assert_eq!(s.pod_management_policy.as_deref(), Some("Parallel"));
+        assert_eq!(
+            s.update_strategy.as_ref().unwrap().type_.as_deref(),
+            Some("OnDelete")
+        );
+        assert_eq!(s.service_name.as_deref(), Some("demo-workers"));
+        let pod = s.template.spec.as_ref().unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(
+            c.resources.as_ref().unwrap().limits.as_ref().unwrap()[GPU_RESOURCE],
+            Quantity("1".into())
+        );
+        assert_eq!(
+            c.readiness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/readyz")
+        );
+        assert_eq!(pod.service_account_name.as_deref(), Some("demo-worker"));
+        assert_eq!(
+            sts.metadata.owner_references.as_ref().unwrap()[0].uid,
+            "uid-1"
+        );
+        assert!(desired_group_hash(&sts).is_some());
+    }
+
+    #[test]
+    fn env_follows_the_contract() {
+        let spec = sample_spec();
+        let envs = env_of(&statefulset(&resolved(), &spec));
+        let rank = envs.iter().find(|e| e.name == env::RANK).unwrap();
+        assert_eq!(
+            rank.value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
+            "metadata.labels['apps.kubernetes.io/pod-index']"
+        );
+        assert_eq!(value(&envs, env::WORLD_SIZE).as_deref(), Some("4"));
+        assert_eq!(value(&envs, env::REDUNDANT_EXPERTS).as_deref(), Some("4"));
+        assert_eq!(
+            value(&envs, env::LEADER_ADDR).as_deref(),
+            Some("demo-0.demo-workers.ml.svc:29500")
+        );
+        assert_eq!(
+            value(&envs, env::PLACEMENT_FILE).as_deref(),
+            Some("/etc/moe/placement/placement.json")
+        );
+        assert_eq!(
+            value(&envs, env::CONTROL_TOKEN_FILE).as_deref(),
+            Some("/etc/moe/control/token")
+        );
+        assert_eq!(value(&envs, env::WEIGHTS).as_deref(), Some("synthetic:0"));
+        assert_eq!(
+            value(&envs, env::INITIAL_PLACEMENT).as_deref(),
+            Some("file")
+        );
+    }
+
+    #[test]
+    fn user_env_replaces_operator_env_and_cpu_requests_no_gpu() {
+        let mut spec = sample_spec();
+        spec.worker.backend = Backend::Cpu;
+        spec.worker.env = Some(vec![env_value(env::LEADER_ADDR, "127.0.0.1:1234")]);
+        let sts = statefulset(&resolved(), &spec);
+        let envs = env_of(&sts);
+        assert_eq!(
+            envs.iter().filter(|e| e.name == env::LEADER_ADDR).count(),
+            1
+        );
+        assert_eq!(
+            value(&envs, env::LEADER_ADDR).as_deref(),
+            Some("127.0.0.1:1234")
+        );
+        let c = &sts.spec.unwrap().template.spec.unwrap().containers[0];
+        assert!(c.resources.as_ref().unwrap().limits.is_none());
+    }
+
+    #[test]
+    fn group_hash_ignores_window_but_not_shape() {
+        let spec = sample_spec();
+        let base = desired_group_hash(&statefulset(&resolved(), &spec));
+        let mut window = spec.clone();
+        window.eplb.window_steps = 77;
+        window.eplb.imbalance_threshold = 1.5;
+        assert_eq!(base, desired_group_hash(&statefulset(&resolved(), &window)));
+        let mut shape = spec.clone();
+        shape.expert_parallel.ranks = 8;
+        assert_ne!(base, desired_group_hash(&statefulset(&resolved(), &shape)));
+        let mut image = spec;
+        image.worker.image = Some("other:1".into());
+        assert_ne!(base, desired_group_hash(&statefulset(&resolved(), &image)));
+    }
+
+    #[test]
+    fn operator_defaults_fill_unset_worker_fields() {
+        let mut r = resolved();
+        r.defaults = WorkerDefaults {
+            image: Some("registry.local/moe-worker:dev".into()),
+            image_pull_policy: Some("Never".into()),
+            resources: Some(ResourceRequirements {
+                requests: Some(BTreeMap::from([("cpu".to_string(), Quantity("2".into()))])),
+                ..Default::default()
+            }),
+        };
+        let sts = statefulset(&r, &sample_spec());
+        let c = &sts.spec.unwrap().template.spec.unwrap().containers[0];
+        assert_eq!(c.image.as_deref(), Some("registry.local/moe-worker:dev"));
+        assert_eq!(c.image_pull_policy.as_deref(), Some("Never"));
+        let res = c.resources.as_ref().unwrap();
+        assert_eq!(res.requests.as_ref().unwrap()["cpu"], Quantity("2".into()));
+        assert_eq!(
+            res.limits.as_ref().unwrap()[GPU_RESOURCE],
+            Quantity("1".into())
+        );
+        let mut spec = sample_spec();
+        spec.worker.image = Some("mine:1".into());
+        let sts = statefulset(&r, &spec);
+        let c = &sts.spec.unwrap().template.spec.unwrap().containers[0];
+        assert_eq!(c.image.as_deref(), Some("mine:1"));
+        let plain = statefulset(&resolved(), &sample_spec());
+        let c = &plain.spec.unwrap().template.spec.unwrap().containers[0];
+        assert!(
+            c.image
+                .as_deref()
+                .unwrap()
+                .starts_with("ghcr.io/moe-operator/moe-worker:")
+        );
+    }
+
+    #[test]
+    fn rbac_is_limited_to_the_placement_configmap() {
+        let role = role(&resolved());
+        let rules = role.rules.unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(
+            rules[0].resource_names.as_ref().unwrap(),
+            &vec!["demo-placement".to_string()]
+        );
+        assert_eq!(rules[0].verbs, vec!["get", "watch"]);
+        let rb = role_binding(&resolved());
+        assert_eq!(rb.subjects.unwrap()[0].name, "demo-worker");
+    }
+
+    #[test]
+    fn service_is_headless_and_publishes_not_ready() {
+        let svc = service(&resolved(), &sample_spec());
+        let s = svc.spec.unwrap();
+        assert_eq!(s.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(s.publish_not_ready_addresses, Some(true));
+        assert_eq!(s.ports.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn pvc_weights_are_mounted_read_only() {
+        let mut spec = sample_spec();
+        spec.weights = crate::crd::WeightsSpec {
+            synthetic: None,
+            persistent_volume_claim: Some(crate::crd::PvcWeights {
+                claim_name: "weights".into(),
+                path: Some("dsv3".into()),
+            }),
+        };
+        let sts = statefulset(&resolved(), &spec);
+        assert_eq!(
+            value(&env_of(&sts), env::WEIGHTS).as_deref(),
+            Some("/var/lib/moe/weights/dsv3")
+        );
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        assert!(
+            pod.volumes
+                .unwrap()
+                .iter()
+                .any(|v| v.persistent_volume_claim.is_some())
+        );
+    }
+}

@@ -1,0 +1,226 @@
+//! The CRD's CEL rules (x-kubernetes-validations), evaluated client-side with kube's CEL
+//! validator on the generated schema, defaults applied first as the API server does.
+
+use kube::CustomResourceExt;
+use kube::core::cel;
+use moe_operator::MoEDeployment;
+use serde_json::{Value, json};
+
+fn schema() -> Value {
+    let crd = MoEDeployment::crd();
+    serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn object(spec: Value) -> Value {
+    json!({
+        "apiVersion": "moe-operator.github.io/v1alpha1",
+        "kind": "MoEDeployment",
+        "metadata": {"name": "demo", "namespace": "ml"},
+        "spec": spec
+    })
+}
+
+fn valid_spec() -> Value {
+    json!({
+        "model": {"numLayers": 58, "numExperts": 256, "hidden": 7168, "intermediate": 2048,
+                  "topK": 8, "expertGroups": 8, "topkGroups": 4, "scoring": "Sigmoid"},
+        "expertParallel": {"ranks": 32, "ranksPerNode": 8, "redundantExperts": 32},
+        "eplb": {"imbalanceThreshold": 1.15, "hysteresis": 0.05}
+    })
+}
+
+/// Error messages of the rules that fail on `spec` (empty when valid).
+fn failures(spec: Value) -> Vec<String> {
+    match cel::Validator::new().validate(&schema(), &object(spec), None) {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors
+            .as_slice()
+            .iter()
+            .map(|e| e.message.clone())
+            .collect(),
+    }
+}
+
+fn assert_rejected(spec: Value, field: &str) {
+    let f = failures(spec);
+    assert!(!f.is_empty(), "expected a rule naming {field} to fail");
+    assert!(
+        f.iter().any(|m| m.contains(field)),
+        "no message names {field}: {f:?}"
+    );
+}
+
+#[test]
+fn every_rule_compiles() {
+    let compiled = cel::compile_schema(&schema());
+    fn walk(s: &cel::CompiledSchema, errors: &mut Vec<String>) {
+        errors.extend(s.compilation_errors().iter().map(|e| e.to_string()));
+        for child in s.properties.values() {
+            walk(child, errors);
+        }
+        if let Some(items) = &s.items {
+            walk(items, errors);
+        }
+    }
+    let mut errors = Vec::new();
+    walk(&compiled, &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+#[test]
+fn a_deepseek_like_spec_is_valid_and_so_is_a_minimal_one() {
+    assert_eq!(failures(valid_spec()), Vec::<String>::new());
+    let minimal = json!({
+        "model": {"numLayers": 2, "numExperts": 10, "hidden": 16, "intermediate": 8, "topK": 2},
+        "expertParallel": {"ranks": 4}
+    });
+    assert_eq!(failures(minimal), Vec::<String>::new());
+}
+
+#[test]
+fn slots_must_split_evenly_over_ranks() {
+    let mut s = valid_spec();
+    s["expertParallel"]["redundantExperts"] = json!(30);
+    assert_rejected(s, "spec.expertParallel.redundantExperts");
+}
+
+#[test]
+fn redundancy_is_bounded_by_what_ranks_can_hold() {
+    let s = json!({
+        "model": {"numLayers": 1, "numExperts": 2, "hidden": 1, "intermediate": 1, "topK": 1},
+        "expertParallel": {"ranks": 2, "redundantExperts": 4}
+    });
+    assert_rejected(s, "larger than the replicas");
+}
+
+#[test]
+fn top_k_at_most_experts() {
+    let mut s = valid_spec();
+    s["model"]["topK"] = json!(300);
+    assert_rejected(s, "spec.model.topK");
+}
+
+#[test]
+fn expert_groups_divide_experts_and_bound_topk_groups() {
+    let mut s = valid_spec();
+    s["model"]["expertGroups"] = json!(7);
+    assert_rejected(s, "spec.model.expertGroups");
+    let mut s = valid_spec();
+    s["model"]["topkGroups"] = json!(9);
+    assert_rejected(s, "spec.model.topkGroups");
+}
+
+#[test]
+fn threshold_above_one_and_hysteresis_below_it() {
+    let mut s = valid_spec();
+    s["eplb"]["imbalanceThreshold"] = json!(1.0);
+    assert_rejected(s, "spec.eplb.imbalanceThreshold");
+    let mut s = valid_spec();
+    s["eplb"]["hysteresis"] = json!(0.5);
+    assert_rejected(s, "spec.eplb.hysteresis");
+}
+
+#[test]
+fn ranks_at_least_one_and_multiple_of_ranks_per_node() {
+    let mut s = valid_spec();
+    s["expertParallel"]["ranks"] = json!(0);
+    s["expertParallel"]
+        .as_object_mut()
+        .unwrap()
+        .remove("redundantExperts");
+    s["expertParallel"]
+        .as_object_mut()
+        .unwrap()
+        .remove("ranksPerNode");
+    assert_rejected(s, "spec.expertParallel.ranks must be at least 1");
+    let mut s = valid_spec();
+    s["expertParallel"]["ranksPerNode"] = json!(5);
+    assert_rejected(s, "spec.expertParallel.ranksPerNode");
+}
+
+#[test]
+fn static_strategy_needs_a_map_and_only_it_may_have_one() {
+    let mut s = valid_spec();
+    s["placement"] = json!({"strategy": "Static"});
+    assert_rejected(s, "spec.placement.staticMap is required");
+    let mut s = valid_spec();
+    s["placement"] = json!({"strategy": "Linear", "staticMap": {"name": "m"}});
+    assert_rejected(s, "spec.placement.staticMap is only read");
+    let mut s = valid_spec();
+    s["placement"] = json!({"strategy": "Static", "staticMap": {"name": "m"}});
+    assert_eq!(failures(s), Vec::<String>::new());
+}
+
+#[test]
+fn exactly_one_weight_source() {
+    let mut s = valid_spec();
+    s["weights"] = json!({"synthetic": {"seed": 1}, "persistentVolumeClaim": {"claimName": "w"}});
+    assert_rejected(s, "spec.weights");
+    let mut s = valid_spec();
+    s["weights"] = json!({"persistentVolumeClaim": {"claimName": "w", "path": "dsv3"}});
+    assert_eq!(failures(s), Vec::<String>::new());
+}
+
+#[test]
+fn the_checked_in_crd_matches_the_types() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/moedeployment.yaml");
+    let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+    assert_eq!(
+        on_disk,
+        moe_operator::crd_yaml().unwrap(),
+        "crds/moedeployment.yaml is out of date: run `cargo run -p moe-operator --bin crdgen > crds/moedeployment.yaml`"
+    );
+}
+
+/// Every MoEDeployment under examples/ passes the CRD's CEL rules and the operator's checks.
+#[test]
+fn examples_are_valid() {
+    use serde::Deserialize;
+    fn yaml_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                yaml_files(&p, out);
+            } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    yaml_files(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"),
+        &mut files,
+    );
+    let mut checked = 0;
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value: Value = match Value::deserialize(doc) {
+                Ok(v) => v,
+                Err(e) => panic!("{}: {e}", file.display()),
+            };
+            if value["kind"] != "MoEDeployment" {
+                continue;
+            }
+            let mut obj = value.clone();
+            obj["metadata"]["namespace"] = json!("ml");
+            if let Err(e) = cel::Validator::new().validate(&schema(), &obj, None) {
+                panic!("{}: {e}", file.display());
+            }
+            let moed: MoEDeployment =
+                serde_json::from_value(obj).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            if let Err(e) = moed.spec.validate() {
+                panic!("{}: {e}", file.display());
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1, "no MoEDeployment found under examples/");
+}

@@ -1,0 +1,472 @@
+//! The reconciler against an in-memory API server (tower-test) and a scripted worker group.
+
+mod support;
+
+use std::sync::Arc;
+
+use http::Method;
+use moe_operator::controller::{self, Context, Settings};
+use moe_operator::metrics::Metrics;
+use moe_operator::resources::GROUP_HASH_ANNOTATION;
+use moe_operator::{MoEDeployment, MoEDeploymentSpec};
+use serde_json::{Value, json};
+use support::{FakeApi, FakeWorkers};
+
+const NS: &str = "ml";
+const MOED: &str = "/apis/moe-operator.github.io/v1alpha1/namespaces/ml/moedeployments/demo";
+const CM: &str = "/api/v1/namespaces/ml/configmaps/demo-placement";
+const STS: &str = "/apis/apps/v1/namespaces/ml/statefulsets/demo";
+const PODS: &str = "/api/v1/namespaces/ml/pods";
+
+fn spec_json() -> Value {
+    json!({
+        "model": {"numLayers": 2, "numExperts": 8, "hidden": 16, "intermediate": 8, "topK": 2},
+        "expertParallel": {"ranks": 2},
+        "worker": {"backend": "Cpu"},
+        "eplb": {"minWindowSteps": 10, "imbalanceThreshold": 1.2, "hysteresis": 0.05}
+    })
+}
+
+fn moed_json(spec: Value, generation: i64) -> Value {
+    json!({
+        "apiVersion": "moe-operator.github.io/v1alpha1",
+        "kind": "MoEDeployment",
+        "metadata": {"name": "demo", "namespace": NS, "uid": "moed-uid", "generation": generation},
+        "spec": spec
+    })
+}
+
+struct Harness {
+    api: FakeApi,
+    workers: FakeWorkers,
+    ctx: Arc<Context>,
+}
+
+impl Harness {
+    fn new(spec: Value) -> Self {
+        let api = FakeApi::default();
+        api.put(MOED, moed_json(spec, 1));
+        let workers = FakeWorkers::new(2, 2, 0);
+        let ctx = Arc::new(Context::new(
+            api.client(),
+            Arc::new(workers.clone()),
+            Metrics::new().unwrap(),
+            Settings::default(),
+            Some("test".into()),
+        ));
+        Self { api, workers, ctx }
+    }
+
+    fn moed(&self) -> MoEDeployment {
+        serde_json::from_value(self.api.get(MOED).unwrap()).unwrap()
+    }
+
+    async fn reconcile(&self) -> kube::runtime::controller::Action {
+        controller::reconcile(Arc::new(self.moed()), self.ctx.clone())
+            .await
+            .unwrap()
+    }
+
+    fn status(&self) -> Value {
+        self.api.get(MOED).unwrap()["status"].clone()
+    }
+
+    fn condition(&self, type_: &str) -> Value {
+        self.status()["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == type_)
+            .cloned()
+            .unwrap()
+    }
+
+    fn placement(&self) -> moe_api::PlacementDocument {
+        let cm = self.api.get(CM).expect("placement ConfigMap");
+        serde_json::from_str(cm["data"]["placement.json"].as_str().unwrap()).unwrap()
+    }
+
+    fn set_spec(&self, spec: Value, generation: i64) {
+        let mut obj = self.api.get(MOED).unwrap();
+        obj["spec"] = spec;
+        obj["metadata"]["generation"] = json!(generation);
+        self.api.put(MOED, obj);
+    }
+
+    /// Ready pods for every rank with the StatefulSet's current group hash.
+    fn add_ready_pods(&self, ranks: usize) {
+        let sts = self.api.get(STS).unwrap();
+        let hash =
+            sts["spec"]["template"]["metadata"]["annotations"][GROUP_HASH_ANNOTATION].clone();
+        self.add_pods(ranks, hash);
+    }
+
+    fn add_pods(&self, ranks: usize, hash: Value) {
+        for rank in 0..ranks {
+            self.api.put(
+                &format!("{PODS}/demo-{rank}"),
+                json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {
+                        "name": format!("demo-{rank}"), "namespace": NS,
+                        "labels": {
+                            "app.kubernetes.io/name": "moe-worker",
+                            "app.kubernetes.io/instance": "demo",
+                            "apps.kubernetes.io/pod-index": rank.to_string()
+                        },
+                        "annotations": {GROUP_HASH_ANNOTATION: hash}
+                    },
+                    "spec": {"containers": [{"name": "worker"}]},
+                    "status": {
+                        "podIP": format!("127.0.0.{}", rank + 10),
+                        "conditions": [{"type": "Ready", "status": "True"}]
+                    }
+                }),
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn first_reconcile_applies_owned_objects_with_owner_references() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    for path in [
+        CM,
+        STS,
+        "/api/v1/namespaces/ml/services/demo-workers",
+        "/api/v1/namespaces/ml/serviceaccounts/demo-worker",
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/roles/demo-worker",
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/rolebindings/demo-worker",
+        "/api/v1/namespaces/ml/secrets/demo-control",
+    ] {
+        let obj = h
+            .api
+            .get(path)
+            .unwrap_or_else(|| panic!("{path} was not created"));
+        assert_eq!(
+            obj["metadata"]["ownerReferences"][0]["uid"], "moed-uid",
+            "{path}"
+        );
+        assert_eq!(
+            obj["metadata"]["ownerReferences"][0]["controller"], true,
+            "{path}"
+        );
+    }
+    // Owned objects go through server-side apply with our field manager.
+    let applies: Vec<_> = h
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == Method::PATCH)
+        .collect();
+    assert!(
+        applies
+            .iter()
+            .all(|r| r.query.contains("fieldManager=moe-operator"))
+    );
+    // Generation 0: the RoundRobin placement for 8 experts on 2 ranks (no redundancy needed).
+    let doc = h.placement();
+    assert_eq!(doc.generation, 0);
+    assert_eq!((doc.num_layers, doc.num_ranks, doc.num_slots()), (2, 2, 8));
+    let secret = h
+        .api
+        .get("/api/v1/namespaces/ml/secrets/demo-control")
+        .unwrap();
+    assert!(secret["data"]["token"].as_str().unwrap().len() > 40);
+    let sts = h.api.get(STS).unwrap();
+    assert_eq!(sts["spec"]["replicas"], 2);
+    assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
+    // Status: waiting for ranks.
+    let st = h.status();
+    assert_eq!(st["observedGeneration"], 1);
+    assert_eq!(st["ready"], "0/2");
+    assert_eq!(st["redundantExperts"], 0);
+    assert_eq!(st["placement"]["desiredGeneration"], 0);
+    assert_eq!(h.condition("Available")["status"], "False");
+    assert_eq!(h.condition("Progressing")["reason"], "WaitingForRanks");
+    assert_eq!(h.condition("Degraded")["status"], "False");
+}
+
+#[tokio::test]
+async fn nothing_changed_means_no_status_write() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    assert_eq!(h.api.count(Method::PATCH, "/moedeployments/demo/status"), 1);
+    h.reconcile().await;
+    h.reconcile().await;
+    assert_eq!(h.api.count(Method::PATCH, "/moedeployments/demo/status"), 1);
+    // The committed placement is not rewritten either, and the token is created once.
+    assert_eq!(h.api.count(Method::PATCH, "/configmaps/demo-placement"), 1);
+    assert_eq!(h.api.count(Method::POST, "/secrets"), 1);
+}
+
+#[tokio::test]
+async fn missing_static_map_is_a_degraded_condition_not_an_error() {
+    let mut spec = spec_json();
+    spec["placement"] = json!({"strategy": "Static", "staticMap": {"name": "offline-map"}});
+    let h = Harness::new(spec);
+    h.reconcile().await;
+    let d = h.condition("Degraded");
+    assert_eq!(d["status"], "True");
+    assert_eq!(d["reason"], "StaticMapMissing");
+    assert!(d["message"].as_str().unwrap().contains("offline-map"));
+    assert_eq!(h.status()["phase"], "Degraded");
+    assert!(h.api.get(STS).is_none(), "no workers without a placement");
+    assert!(
+        h.api.count(Method::POST, "/events") >= 1,
+        "a warning event is published"
+    );
+
+    // The map appears (a layout computed offline, vllm-ascend format): workers get created.
+    let map = json!({"moe_layer_count": 2, "layer_list": [
+        {"layer_id": 0, "device_count": 2, "device_list": [
+            {"device_id": 0, "device_expert": [7, 6, 5, 4]}, {"device_id": 1, "device_expert": [3, 2, 1, 0]}]},
+        {"layer_id": 1, "device_count": 2, "device_list": [
+            {"device_id": 0, "device_expert": [0, 2, 4, 6]}, {"device_id": 1, "device_expert": [1, 3, 5, 7]}]}
+    ]});
+    h.api.put(
+        "/api/v1/namespaces/ml/configmaps/offline-map",
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "offline-map", "namespace": NS},
+               "data": {"expert_map.json": map.to_string()}}),
+    );
+    h.reconcile().await;
+    assert_eq!(h.condition("Degraded")["status"], "False");
+    assert!(h.api.get(STS).is_some());
+    let doc = h.placement();
+    assert_eq!(doc.phy2log[0], vec![7, 6, 5, 4, 3, 2, 1, 0]);
+}
+
+#[tokio::test]
+async fn static_map_of_the_wrong_shape_is_reported() {
+    let mut spec = spec_json();
+    spec["placement"] = json!({"strategy": "Static", "staticMap": {"name": "m", "key": "map"}});
+    let h = Harness::new(spec);
+    h.api.put(
+        "/api/v1/namespaces/ml/configmaps/m",
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "m", "namespace": NS},
+               "data": {"map": "{\"moe_layer_count\": 1, \"layer_list\": [{\"layer_id\": 0, \"device_count\": 2, \"device_list\": [{\"device_id\": 0, \"device_expert\": [0,1,2,3]}, {\"device_id\": 1, \"device_expert\": [4,5,6,7]}]}]}"}}),
+    );
+    h.reconcile().await;
+    let d = h.condition("Degraded");
+    assert_eq!(d["reason"], "StaticMapInvalid");
+    assert!(h.api.get(STS).is_none());
+}
+
+#[tokio::test]
+async fn invalid_spec_is_reported_without_touching_objects() {
+    let mut spec = spec_json();
+    spec["expertParallel"]["redundantExperts"] = json!(3);
+    let h = Harness::new(spec);
+    h.reconcile().await;
+    let d = h.condition("Degraded");
+    assert_eq!(d["reason"], "InvalidSpec");
+    assert!(
+        d["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.expertParallel.redundantExperts")
+    );
+    assert!(h.api.get(CM).is_none() && h.api.get(STS).is_none());
+}
+
+#[tokio::test]
+async fn shape_change_replaces_the_group_and_the_placement() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    h.workers.set_load(vec![vec![1.0; 8]; 2], 0, 100);
+    h.reconcile().await;
+    assert_eq!(h.status()["ready"], "2/2");
+    assert_eq!(h.condition("Available")["status"], "True");
+    assert_eq!(h.status()["groupRestarts"], 0);
+
+    // EPLB tuning: no restart.
+    let mut spec = spec_json();
+    spec["eplb"]["imbalanceThreshold"] = json!(1.5);
+    spec["eplb"]["windowSteps"] = json!(50);
+    h.set_spec(spec, 2);
+    h.reconcile().await;
+    assert_eq!(h.api.count(Method::DELETE, "/pods/"), 0);
+
+    // EP size 2 -> 4: the whole group is replaced, the placement re-initialised.
+    let mut spec = spec_json();
+    spec["expertParallel"]["ranks"] = json!(4);
+    h.set_spec(spec, 3);
+    h.reconcile().await;
+    assert_eq!(h.api.count(Method::DELETE, "/pods/"), 2);
+    let doc = h.placement();
+    assert_eq!((doc.generation, doc.num_ranks), (1, 4));
+    let st = h.status();
+    assert_eq!(st["groupRestarts"], 1);
+    assert_eq!(st["ranks"], 4);
+    assert_eq!(h.condition("Progressing")["status"], "True");
+    let events: Vec<_> = h
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == Method::POST && r.path.ends_with("/events"))
+        .map(|r| r.body["reason"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(events.contains(&"GroupRestarted".to_string()), "{events:?}");
+}
+
+#[tokio::test]
+async fn unreachable_workers_degrade_but_do_not_fail_the_reconcile() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    h.workers.state.lock().unwrap().unreachable = true;
+    h.reconcile().await;
+    assert_eq!(h.condition("Degraded")["reason"], "WorkersUnreachable");
+}
+
+#[tokio::test]
+async fn interrupted_remap_resumes_from_the_committed_generation() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    // An earlier operator committed generation 1 and died before telling the workers.
+    let mut cm = h.api.get(CM).unwrap();
+    let mut doc = h.placement();
+    doc.generation = 1;
+    doc.phy2log[1] = vec![1, 0, 3, 2, 5, 4, 7, 6];
+    cm["data"]["placement.json"] = json!(serde_json::to_string(&doc).unwrap());
+    h.api.put(CM, cm);
+    h.workers.state.lock().unwrap().auto_complete = false;
+    h.reconcile().await;
+    {
+        let st = h.workers.state.lock().unwrap();
+        assert_eq!(st.remaps.len(), 2, "every rank is asked to move");
+        assert!(
+            st.remaps
+                .iter()
+                .all(|(_, _, r)| r.placement.generation == 1)
+        );
+        let token = &st.remaps[0].1;
+        assert!(token.len() > 40, "the control token is presented");
+    }
+    let st = h.status();
+    assert_eq!(st["remap"]["trigger"], "Resumed");
+    assert_eq!(h.condition("Rebalancing")["status"], "True");
+    assert_eq!(st["phase"], "Rebalancing");
+    // Workers finish: the remap is recorded.
+    {
+        let mut w = h.workers.state.lock().unwrap();
+        for s in w.statuses.values_mut() {
+            s.placement_generation = 1;
+            s.layer_generations = vec![1, 1];
+            if let Some(r) = s.remap.as_mut() {
+                r.state = moe_api::RemapState::Succeeded;
+                r.layers_done = r.layers_total;
+                r.finished_at_ms = Some(1_700_000_002_000);
+            }
+        }
+    }
+    h.workers.set_load(vec![vec![1.0; 8]; 2], 1, 100);
+    h.reconcile().await;
+    let st = h.status();
+    assert!(st.get("remap").is_none() || st["remap"].is_null());
+    assert_eq!(st["lastRemap"]["generation"], 1);
+    assert_eq!(st["lastRemap"]["result"], "Succeeded");
+    assert_eq!(st["placement"]["appliedGeneration"], 1);
+    assert_eq!(h.condition("Rebalancing")["status"], "False");
+}
+
+#[tokio::test]
+async fn failed_remap_restarts_the_group_into_the_committed_placement() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    let mut cm = h.api.get(CM).unwrap();
+    let mut doc = h.placement();
+    doc.generation = 1;
+    cm["data"]["placement.json"] = json!(serde_json::to_string(&doc).unwrap());
+    h.api.put(CM, cm);
+    h.workers.state.lock().unwrap().fail_remap = true;
+    h.reconcile().await; // asks the ranks to move; they fail
+    h.reconcile().await; // sees the failure
+    let st = h.status();
+    assert_eq!(st["lastRemap"]["result"], "Failed");
+    assert!(
+        st["lastRemap"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out")
+    );
+    assert_eq!(h.api.count(Method::DELETE, "/pods/"), 2);
+    assert_eq!(h.condition("Rebalancing")["reason"], "RemapFailed");
+}
+
+/// Skewed load on 2 ranks: layer 0 puts all traffic on rank 0's experts.
+fn skewed() -> Vec<Vec<f64>> {
+    // RoundRobin with 8 experts on 2 ranks: rank 0 holds 0,2,4,6 and rank 1 holds 1,3,5,7.
+    vec![
+        vec![40.0, 30.0, 20.0, 10.0, 1.0, 1.0, 1.0, 1.0],
+        vec![10.0; 8],
+    ]
+}
+
+#[tokio::test]
+async fn imbalance_is_published_and_a_remap_is_planned_persisted_driven_and_recorded() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    h.workers.set_load(skewed(), 0, 100);
+    h.reconcile().await;
+    let st = h.status();
+    let worst = st["imbalance"]["worstPar"].as_f64().unwrap();
+    assert!(worst > 1.5, "{st}");
+    assert_eq!(st["imbalance"]["worstLayers"][0]["layer"], 0);
+    // Planned and persisted first: ConfigMap at generation 1, status with the prediction, no
+    // worker asked yet.
+    let doc = h.placement();
+    assert_eq!(doc.generation, 1);
+    assert_eq!(st["placement"]["desiredGeneration"], 1);
+    assert_eq!(st["remap"]["trigger"], "Threshold");
+    assert_eq!(st["remap"]["layers"], json!([0]));
+    let predicted = st["remap"]["parPredicted"].as_f64().unwrap();
+    assert!(predicted < worst, "predicted {predicted} vs {worst}");
+    assert!(h.workers.state.lock().unwrap().remaps.is_empty());
+    // Next pass drives every rank (they complete at once here).
+    h.reconcile().await;
+    assert_eq!(h.workers.state.lock().unwrap().remaps.len(), 2);
+    // Next pass records the result; the load under the new placement gives the measured PAR.
+    h.workers.set_load(vec![vec![10.0; 8]; 2], 1, 100);
+    h.reconcile().await;
+    let st = h.status();
+    assert_eq!(st["lastRemap"]["result"], "Succeeded");
+    assert_eq!(st["lastRemap"]["generation"], 1);
+    assert!(st["lastRemap"]["parAfter"].as_f64().unwrap() < worst);
+    assert_eq!(st["placement"]["appliedGeneration"], 1);
+    // Balanced now; within the interval nothing else happens.
+    h.reconcile().await;
+    assert_eq!(h.placement().generation, 1);
+}
+
+#[tokio::test]
+async fn manual_request_is_handled_once() {
+    let mut spec = spec_json();
+    spec["eplb"]["enabled"] = json!(false);
+    spec["remapRequest"] = json!("please");
+    let h = Harness::new(spec);
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    h.workers.set_load(skewed(), 0, 100);
+    h.reconcile().await;
+    let st = h.status();
+    assert_eq!(st["lastHandledRemapRequest"], "please");
+    assert_eq!(st["remap"]["trigger"], "Manual");
+    // Handled once: after the remap completes, the same value does not trigger another.
+    h.reconcile().await;
+    h.workers.set_load(skewed(), 1, 100);
+    h.reconcile().await;
+    assert_eq!(h.placement().generation, 1);
+    assert!(h.status()["remap"].is_null());
+}
+
+#[test]
+fn spec_json_parses() {
+    let _: MoEDeploymentSpec = serde_json::from_value(spec_json()).unwrap();
+}

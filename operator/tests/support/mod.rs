@@ -1,0 +1,392 @@
+//! Test doubles: an in-memory Kubernetes API server behind tower-test's mock service, and a
+//! scripted worker group.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use futures::future::BoxFuture;
+use http::{Method, Request, Response, StatusCode};
+use kube::Client;
+use kube::client::Body;
+use moe_api::{LoadReport, RemapMode, RemapProgress, RemapRequest, RemapState, WorkerStatus};
+use moe_operator::workers::{Endpoint, WorkerApi, WorkerError};
+use serde_json::{Value, json};
+
+/// One request as the fake saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub body: Value,
+}
+
+/// A tiny API server: objects by path, lists by collection with label selectors, server-side
+/// apply as replace-with-metadata-kept, create (409 on conflict), delete, status subresource.
+#[derive(Clone, Default)]
+pub struct FakeApi {
+    pub objects: Arc<Mutex<BTreeMap<String, Value>>>,
+    pub log: Arc<Mutex<Vec<Seen>>>,
+    rv: Arc<Mutex<u64>>,
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code});
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(&body).unwrap()))
+        .unwrap()
+}
+
+fn ok(code: StatusCode, v: &Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(v).unwrap()))
+        .unwrap()
+}
+
+fn labels_match(obj: &Value, selector: &str) -> bool {
+    selector.split(',').filter(|s| !s.is_empty()).all(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        obj["metadata"]["labels"][k].as_str() == Some(v)
+    })
+}
+
+fn query_param(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| {
+            v.replace("%3D", "=")
+                .replace("%2C", ",")
+                .replace("%2F", "/")
+                .replace('+', " ")
+        })
+    })
+}
+
+/// Collections whose paths end in a plural resource name (no object name after them).
+fn is_collection(path: &str) -> bool {
+    let last = path.rsplit('/').next().unwrap_or("");
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // /api/v1/namespaces/{ns}/{plural} or /apis/{g}/{v}/namespaces/{ns}/{plural}
+    let n = parts.len();
+    n >= 2
+        && parts[n - 2] != "namespaces"
+        && parts.get(n.wrapping_sub(3)) == Some(&"namespaces")
+        && !last.is_empty()
+}
+
+impl FakeApi {
+    pub fn client(&self) -> Client {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let resp = me.handle(req).await;
+                send.send_response(resp);
+            }
+        });
+        Client::new(svc, "default")
+    }
+
+    pub fn put(&self, path: &str, obj: Value) {
+        self.objects.lock().unwrap().insert(path.to_string(), obj);
+    }
+
+    pub fn get(&self, path: &str) -> Option<Value> {
+        self.objects.lock().unwrap().get(path).cloned()
+    }
+
+    pub fn remove(&self, path: &str) {
+        self.objects.lock().unwrap().remove(path);
+    }
+
+    pub fn count(&self, method: Method, path_contains: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.method == method && s.path.contains(path_contains))
+            .count()
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn next_rv(&self) -> String {
+        let mut rv = self.rv.lock().unwrap();
+        *rv += 1;
+        rv.to_string()
+    }
+
+    fn normalize_secret(path: &str, obj: &mut Value) {
+        if !path.contains("/secrets") {
+            return;
+        }
+        if let Some(sd) = obj
+            .get("stringData")
+            .cloned()
+            .and_then(|v| v.as_object().cloned())
+        {
+            let data = obj
+                .as_object_mut()
+                .unwrap()
+                .entry("data")
+                .or_insert_with(|| json!({}));
+            for (k, v) in sd {
+                let enc =
+                    base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or(""));
+                data[k] = Value::String(enc);
+            }
+            obj.as_object_mut().unwrap().remove("stringData");
+        }
+    }
+
+    async fn handle(&self, req: Request<Body>) -> Response<Body> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or("").to_string();
+        let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        self.log.lock().unwrap().push(Seen {
+            method: method.clone(),
+            path: path.clone(),
+            query: query.clone(),
+            body: body.clone(),
+        });
+        let (path, subresource) = match path.strip_suffix("/status") {
+            Some(p) if p.contains("/moedeployments/") => (p.to_string(), true),
+            _ => (path, false),
+        };
+        let mut objects = self.objects.lock().unwrap();
+        match method {
+            Method::GET if is_collection(&path) => {
+                let selector = query_param(&query, "labelSelector").unwrap_or_default();
+                let prefix = format!("{path}/");
+                let items: Vec<Value> = objects
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(&prefix) && !k[prefix.len()..].contains('/'))
+                    .map(|(_, v)| v.clone())
+                    .filter(|v| labels_match(v, &selector))
+                    .collect();
+                ok(
+                    StatusCode::OK,
+                    &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+                )
+            }
+            Method::GET => match objects.get(&path) {
+                Some(v) => ok(StatusCode::OK, v),
+                None => status(404, "NotFound", &format!("{path} not found")),
+            },
+            Method::PATCH => {
+                let rv = self.next_rv();
+                if subresource {
+                    let Some(obj) = objects.get_mut(&path) else {
+                        return status(404, "NotFound", "no such object");
+                    };
+                    obj["status"] = body["status"].clone();
+                    obj["metadata"]["resourceVersion"] = Value::String(rv);
+                    return ok(StatusCode::OK, obj);
+                }
+                let mut new = body.clone();
+                Self::normalize_secret(&path, &mut new);
+                if let Some(old) = objects.get(&path) {
+                    for key in ["uid", "creationTimestamp"] {
+                        if let Some(v) = old["metadata"].get(key) {
+                            new["metadata"][key] = v.clone();
+                        }
+                    }
+                    if old.get("status").is_some() && new.get("status").is_none() {
+                        new["status"] = old["status"].clone();
+                    }
+                } else {
+                    new["metadata"]["uid"] = Value::String(format!("uid-{rv}"));
+                }
+                new["metadata"]["resourceVersion"] = Value::String(rv);
+                objects.insert(path, new.clone());
+                ok(StatusCode::OK, &new)
+            }
+            Method::POST => {
+                let Some(name) = body["metadata"]["name"].as_str() else {
+                    return status(422, "Invalid", "no name");
+                };
+                let key = format!("{path}/{name}");
+                if objects.contains_key(&key) {
+                    return status(409, "AlreadyExists", "exists");
+                }
+                let mut new = body.clone();
+                Self::normalize_secret(&key, &mut new);
+                let rv = self.next_rv();
+                new["metadata"]["resourceVersion"] = Value::String(rv.clone());
+                new["metadata"]["uid"] = Value::String(format!("uid-{rv}"));
+                objects.insert(key, new.clone());
+                ok(StatusCode::CREATED, &new)
+            }
+            Method::PUT => {
+                let mut new = body.clone();
+                new["metadata"]["resourceVersion"] = Value::String(self.next_rv());
+                objects.insert(path, new.clone());
+                ok(StatusCode::OK, &new)
+            }
+            Method::DELETE => match objects.remove(&path) {
+                Some(v) => ok(StatusCode::OK, &v),
+                None => status(404, "NotFound", "gone"),
+            },
+            _ => status(405, "MethodNotAllowed", "unsupported"),
+        }
+    }
+}
+
+/// A scripted worker group: per rank status and load; remap requests are recorded and (when
+/// `auto_complete`) switch the rank to the requested generation at once.
+#[derive(Clone, Default)]
+pub struct FakeWorkers {
+    pub state: Arc<Mutex<WorkersState>>,
+}
+
+#[derive(Default)]
+pub struct WorkersState {
+    pub statuses: BTreeMap<usize, WorkerStatus>,
+    pub loads: BTreeMap<usize, LoadReport>,
+    pub remaps: Vec<(usize, String, RemapRequest)>,
+    pub auto_complete: bool,
+    pub fail_remap: bool,
+    pub unreachable: bool,
+}
+
+impl FakeWorkers {
+    pub fn new(ranks: usize, layers: usize, generation: u64) -> Self {
+        let mut st = WorkersState {
+            auto_complete: true,
+            ..Default::default()
+        };
+        for rank in 0..ranks {
+            st.statuses.insert(
+                rank,
+                WorkerStatus {
+                    rank,
+                    world_size: ranks,
+                    ready: true,
+                    backend: "cpu".into(),
+                    placement_generation: generation,
+                    layer_generations: vec![generation; layers],
+                    step: 100,
+                    tokens_per_second: 1000.0,
+                    remap: None,
+                },
+            );
+        }
+        Self {
+            state: Arc::new(Mutex::new(st)),
+        }
+    }
+
+    /// Every rank reports the same slot counts (the group total is `ranks` times them).
+    pub fn set_load(&self, slot_counts: Vec<Vec<f64>>, generation: u64, window: u64) {
+        let mut st = self.state.lock().unwrap();
+        let ranks: Vec<usize> = st.statuses.keys().copied().collect();
+        for rank in ranks {
+            st.loads.insert(
+                rank,
+                LoadReport {
+                    rank,
+                    layer_generations: vec![generation; slot_counts.len()],
+                    window_steps: window,
+                    step: 1000,
+                    slot_counts: slot_counts.clone(),
+                    par: vec![1.0; slot_counts.len()],
+                },
+            );
+        }
+    }
+}
+
+fn unreachable(ep: &Endpoint) -> WorkerError {
+    WorkerError::Transport {
+        url: ep.base_url.clone(),
+        message: "connection refused".into(),
+    }
+}
+
+impl WorkerApi for FakeWorkers {
+    fn status<'a>(&'a self, ep: &'a Endpoint) -> BoxFuture<'a, Result<WorkerStatus, WorkerError>> {
+        Box::pin(async move {
+            let st = self.state.lock().unwrap();
+            if st.unreachable {
+                return Err(unreachable(ep));
+            }
+            st.statuses
+                .get(&ep.rank)
+                .cloned()
+                .ok_or_else(|| unreachable(ep))
+        })
+    }
+
+    fn load<'a>(&'a self, ep: &'a Endpoint) -> BoxFuture<'a, Result<LoadReport, WorkerError>> {
+        Box::pin(async move {
+            let st = self.state.lock().unwrap();
+            if st.unreachable {
+                return Err(unreachable(ep));
+            }
+            st.loads
+                .get(&ep.rank)
+                .cloned()
+                .ok_or_else(|| unreachable(ep))
+        })
+    }
+
+    fn remap<'a>(
+        &'a self,
+        ep: &'a Endpoint,
+        token: &'a str,
+        request: &'a RemapRequest,
+    ) -> BoxFuture<'a, Result<(), WorkerError>> {
+        Box::pin(async move {
+            let mut st = self.state.lock().unwrap();
+            st.remaps
+                .push((ep.rank, token.to_string(), request.clone()));
+            let (auto, fail) = (st.auto_complete, st.fail_remap);
+            let Some(s) = st.statuses.get_mut(&ep.rank) else {
+                return Err(unreachable(ep));
+            };
+            let target = request.placement.generation;
+            let layers = request.layers.len().max(1);
+            let state = if fail {
+                RemapState::Failed
+            } else if auto {
+                RemapState::Succeeded
+            } else {
+                RemapState::Running
+            };
+            if state == RemapState::Succeeded {
+                s.placement_generation = target;
+                s.layer_generations = vec![target; s.layer_generations.len()];
+            }
+            s.remap = Some(RemapProgress {
+                generation: target,
+                state,
+                mode: RemapMode::Async,
+                layers_total: layers,
+                layers_done: if state == RemapState::Succeeded {
+                    layers
+                } else {
+                    0
+                },
+                experts_moved: 2,
+                bytes_moved: 2048,
+                stall_seconds: 0.0,
+                started_at_ms: 1_700_000_000_000,
+                finished_at_ms: (state != RemapState::Running).then_some(1_700_000_001_000),
+                error: fail.then(|| "peer rank 1 timed out".to_string()),
+            });
+            Ok(())
+        })
+    }
+}
