@@ -85,10 +85,14 @@ fn construct(p: &Problem, cnt: &[usize]) -> Vec<usize> {
 }
 
 /// Heuristic joint plan of one layer (starts + local search), and its objective.
-pub(crate) fn heuristic(p: &Problem, shape: &Shape) -> Vec<usize> {
+pub(crate) fn heuristic(p: &Problem, shape: &Shape, with_previous: bool) -> Vec<usize> {
     let cnt = water_fill(&p.agg, p.slots(), p.max_rep);
     let mut a = State::new(p, construct(p, &cnt));
     a.improve(None, MAX_ITERS);
+    if with_previous {
+        // The caller's warm start (previous placement improved in place) is the second start.
+        return a.row;
+    }
     let mut b = State::new(p, greedy_row(&p.raw_sum, shape, false));
     b.improve(None, MAX_ITERS);
     let (fa, fb) = (a.objective(), b.objective());
@@ -248,8 +252,8 @@ impl Exact<'_> {
 }
 
 /// Plans one layer with the joint algorithm.
-pub(crate) fn plan_layer(p: &Problem, shape: &Shape) -> JointResult {
-    let row = heuristic(p, shape);
+pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> JointResult {
+    let row = heuristic(p, shape, with_previous);
     if p.empty || !small(p) {
         return JointResult {
             row,
@@ -348,7 +352,7 @@ mod tests {
                 let refs: Vec<&[f64]> = windows.iter().map(Vec::as_slice).collect();
                 let shape = Shape::new(e, r, g, 1, 1).unwrap();
                 let p = Problem::new(&refs, g, e + r, 0.8, shape.max_replicas());
-                let res = plan_layer(&p, &shape);
+                let res = plan_layer(&p, &shape, false);
                 assert!(res.optimal, "case {case} should be solved exactly");
                 let got = p.objective(&res.row).0;
                 let want = oracle(&p);

@@ -332,7 +332,7 @@ fn plan_one(
         Algo::Greedy => (greedy::greedy_row(&p.raw_sum, shape, true), false),
         Algo::GreedyGlobal => (greedy::greedy_row(&p.raw_sum, shape, false), false),
         Algo::Joint => {
-            let r = joint::plan_layer(&p, shape);
+            let r = joint::plan_layer(&p, shape, prev_row.is_some());
             (r.row, r.optimal)
         }
         Algo::Incremental => {
