@@ -128,6 +128,18 @@ pub fn kill_group(pid: u32, sig: i32) {
     }
 }
 
+/// Sends `sig` to one process.
+pub fn kill_pid(pid: u32, sig: i32) {
+    let Ok(pid) = i32::try_from(pid) else { return };
+    if pid <= 1 {
+        return;
+    }
+    // SAFETY: kill(2) on one pid; no memory is touched.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
 /// The last `n` lines of a log file (best effort).
 pub fn log_tail(path: &Path, n: usize) -> String {
     match std::fs::read(path) {

@@ -5,6 +5,7 @@
 //!   starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the kubelet
 //!   stand-in with N fake GPU nodes, writes `D/kubeconfig`, and runs in the foreground until
 //!   SIGINT/SIGTERM, then stops everything.
+//! * `moe-e2e-cluster down [--dir D]` stops the cluster `up` runs in D.
 //! * `moe-e2e-cluster agent --kubeconfig K [--nodes N] ...` runs only the kubelet stand-in
 //!   against an existing cluster.
 
@@ -38,6 +39,12 @@ enum Cmd {
         no_agent: bool,
         #[command(flatten)]
         agent: AgentArgs,
+    },
+    /// Stop the cluster `up` started in DIR (SIGTERM to its pid, then wait).
+    Down {
+        /// [default: ${MOE_E2E_CACHE:-~/.cache/moe-operator/e2e}/cluster]
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Run only the kubelet stand-in against an existing cluster.
     Agent {
@@ -95,6 +102,22 @@ fn default_dir(name: &str) -> PathBuf {
 
 const MARKER: &str = ".moe-e2e-cluster";
 
+/// The pid recorded in `dir`'s marker, if that process is alive and is a moe-e2e-cluster.
+fn running_cluster(dir: &std::path::Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(dir.join(MARKER))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    if pid == std::process::id() {
+        return None;
+    }
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmd)
+        .contains("moe-e2e-cluster")
+        .then_some(pid)
+}
+
 async fn wait_for_signal() -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
@@ -116,6 +139,12 @@ async fn main() -> Result<()> {
             agent,
         } => {
             let dir = dir.unwrap_or_else(|| default_dir("cluster"));
+            if let Some(pid) = running_cluster(&dir) {
+                bail!(
+                    "a moe-e2e-cluster (pid {pid}) is still running in {}; stop it first (kill {pid}) or use --dir",
+                    dir.display()
+                );
+            }
             if dir.exists() {
                 let non_empty = std::fs::read_dir(&dir)?.next().is_some();
                 if non_empty && !dir.join(MARKER).exists() {
@@ -148,6 +177,22 @@ async fn main() -> Result<()> {
             wait_for_signal().await?;
             println!("stopping");
             drop(cluster);
+        }
+        Cmd::Down { dir } => {
+            let dir = dir.unwrap_or_else(|| default_dir("cluster"));
+            let Some(pid) = running_cluster(&dir) else {
+                println!("no moe-e2e-cluster running in {}", dir.display());
+                return Ok(());
+            };
+            moe_e2e::process::kill_pid(pid, libc::SIGTERM);
+            for _ in 0..300 {
+                if running_cluster(&dir).is_none() {
+                    println!("stopped moe-e2e-cluster (pid {pid})");
+                    return Ok(());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            bail!("moe-e2e-cluster (pid {pid}) did not stop within 30 s");
         }
         Cmd::Agent {
             kubeconfig,
