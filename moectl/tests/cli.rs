@@ -341,3 +341,28 @@ fn bad_input_is_one_line_exit_2_and_writes_nothing() {
     let o = moectl(&["eval", "--placement", &missing, "--load", &good]);
     assert_bad(&o, "cannot read");
 }
+
+#[test]
+fn bench_prints_and_writes_markdown() {
+    let d = Dir::new("bench");
+    let md = d.path("bench.md");
+    let o = moectl(&[
+        "bench",
+        "--shape",
+        "mixtral",
+        "--history",
+        "2",
+        "--repeats",
+        "1",
+        "--markdown",
+        &md,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("| Mixtral-like | joint |"), "{out}");
+    let text = std::fs::read_to_string(&md).unwrap();
+    assert!(text.contains("# EPLB benchmark results"));
+    assert!(text.contains("## Findings"));
+    let o = moectl(&["bench", "--shape", "nothing-matches"]);
+    assert_bad(&o, "no benchmark shape");
+}

@@ -143,3 +143,37 @@ pub(crate) fn greedy_row(load: &[f64], shape: &Shape, allow_hierarchical: bool) 
     repair_duplicates(&mut row, e_n, g);
     row
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hierarchical_keeps_groups_on_nodes() {
+        // 16 experts in 4 groups, 2 nodes of 2 ranks, 4 redundant: S = 5.
+        let shape = Shape::new(16, 4, 4, 2, 4).unwrap();
+        let load: Vec<f64> = (0..16).map(|e| ((e * 7) % 16 + 1) as f64).collect();
+        let row = greedy_row(&load, &shape, true);
+        let per_node = shape.slots() / shape.num_nodes;
+        for node in 0..2 {
+            let groups: std::collections::BTreeSet<usize> = row
+                [node * per_node..(node + 1) * per_node]
+                .iter()
+                .map(|e| e / 4)
+                .collect();
+            assert_eq!(groups.len(), 2, "node {node} holds groups {groups:?}");
+        }
+        let mut served = vec![false; 16];
+        row.iter().for_each(|&e| served[e] = true);
+        assert!(served.iter().all(|&s| s));
+        assert!(crate::placement::find_duplicate(&row, shape.slots_per_rank()).is_none());
+    }
+
+    #[test]
+    fn global_gives_hot_expert_most_replicas() {
+        let shape = Shape::new(4, 4, 4, 1, 1).unwrap();
+        let row = greedy_row(&[100.0, 1.0, 1.0, 1.0], &shape, true);
+        assert_eq!(row.iter().filter(|&&e| e == 0).count(), 4);
+        assert!(crate::placement::find_duplicate(&row, 2).is_none());
+    }
+}
