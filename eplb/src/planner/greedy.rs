@@ -163,7 +163,7 @@ mod tests {
                 .collect();
             assert_eq!(groups.len(), 2, "node {node} holds groups {groups:?}");
         }
-        let mut served = vec![false; 16];
+        let mut served = [false; 16];
         row.iter().for_each(|&e| served[e] = true);
         assert!(served.iter().all(|&s| s));
         assert!(crate::placement::find_duplicate(&row, shape.slots_per_rank()).is_none());
