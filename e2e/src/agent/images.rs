@@ -201,26 +201,30 @@ impl ImageMap {
     }
 }
 
-/// `<target>/{debug,release}/<name>` for the workspace's cargo target directory.
+/// `<target>/{debug,release}/<name>` for the workspace's cargo target directory: the one the
+/// running executable lives in (a test binary is `<target>/<profile>/deps/<test>-<hash>`),
+/// then `$CARGO_TARGET_DIR`, then `<workspace>/target`.
 pub fn find_workspace_binary(name: &str) -> Option<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(3) {
+            candidates.push(dir.join(name));
+        }
+    }
     let mut targets = Vec::new();
     if let Some(t) = std::env::var_os("CARGO_TARGET_DIR").filter(|t| !t.is_empty()) {
         targets.push(PathBuf::from(t));
     }
     // e2e/ is one level below the workspace root.
-    let ws = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()?
-        .to_path_buf();
-    targets.push(ws.join("target"));
+    if let Some(ws) = Path::new(env!("CARGO_MANIFEST_DIR")).parent() {
+        targets.push(ws.join("target"));
+    }
     for t in targets {
         for profile in ["debug", "release"] {
-            let p = t.join(profile).join(name);
-            if p.is_file() {
-                return Some(p);
-            }
+            candidates.push(t.join(profile).join(name));
         }
     }
-    None
+    candidates.into_iter().find(|p| p.is_file())
 }
 
 #[cfg(test)]
