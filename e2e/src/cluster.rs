@@ -348,6 +348,20 @@ impl Cluster {
         Some(c)
     }
 
+    /// Runs kubectl against this cluster; returns stdout, or fails with stderr.
+    pub fn run_kubectl(&self, args: &[&str]) -> Result<String> {
+        run_output(self.kubectl().args(args), "kubectl")
+    }
+
+    /// Runs helm against this cluster (e.g. `["install", "moe", "helm/moe-operator",
+    /// "-n", "moe-system", "--create-namespace"]`); returns stdout, or fails with stderr.
+    pub fn run_helm(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = self
+            .helm()
+            .ok_or_else(|| anyhow!("helm is not installed (run e2e/bootstrap.sh)"))?;
+        run_output(cmd.args(args), "helm")
+    }
+
     /// Registers the agent's fake nodes and starts the kubelet stand-in (see [`crate::agent`]).
     /// The cluster owns it: it is stopped (all pod processes killed) when the cluster drops.
     pub async fn start_agent(&mut self, mut cfg: AgentConfig) -> Result<AgentHandle> {
@@ -444,6 +458,21 @@ current-context: moe-e2e
         cert = b64(&c.admin_cert_pem),
         key = b64(&c.admin_key_pem),
     )
+}
+
+fn run_output(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "{what} {:?} failed ({}):\n{}{}",
+            cmd.get_args().collect::<Vec<_>>(),
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
 }
 
 /// Prints `SKIPPED <test>: ...` straight to the process's stderr, so that it shows in a

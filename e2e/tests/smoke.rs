@@ -125,6 +125,15 @@ async fn control_plane_smoke() -> Result<()> {
         ensure!(gpus.0 == "4", "node {n} has {} GPUs", gpus.0);
     }
 
+    // The cached kubectl and helm work against the cluster.
+    if cluster.bins().kubectl.is_some() {
+        let out = cluster.run_kubectl(&["get", "nodes", "-o", "name"])?;
+        ensure!(out.contains("node/gpu-node-0"), "kubectl get nodes: {out}");
+    }
+    if cluster.bins().helm.is_some() {
+        cluster.run_helm(&["list", "-A"])?;
+    }
+
     // A StatefulSet whose pods need a GPU: scheduled, run, probed, ready.
     let ns = "smoke";
     cluster.apply_yaml(WORKLOAD, ns).await?;
