@@ -12,6 +12,27 @@
 //! * [`synth`] and [`bench`]: deterministic synthetic traces and the benchmark protocol.
 //!
 //! No I/O and no GPU: everything here is pure computation on in-memory data.
+//!
+//! ```
+//! use eplb::{InitialStrategy, LoadHistory, PlanRequest, Shape, initial_placement, planner_by_name};
+//!
+//! // 8 experts, 4 redundant slots, 4 ranks on 1 node, no expert groups.
+//! let shape = Shape::new(8, 4, 4, 1, 1)?;
+//! let current = initial_placement(InitialStrategy::RoundRobin, 2, &shape)?;
+//! // Two windows of [layer][expert] token counts, oldest first.
+//! let history = LoadHistory::from_json_str(
+//!     r#"{"windows": [[[90, 50, 20, 10, 5, 5, 5, 3], [10, 10, 10, 10, 10, 10, 10, 10]],
+//!                     [[60, 70, 10, 30, 5, 2, 9, 3], [12, 9, 10, 11, 10, 10, 9, 10]]]}"#,
+//! )?;
+//! let plan = planner_by_name("joint")?.plan(
+//!     &PlanRequest::new(shape, &history).previous(&current).max_moves(6).threshold(1.2),
+//! )?;
+//! assert!(plan.layers[0].par < plan.layers[0].previous_par.unwrap());
+//! assert!(!plan.changed_layers.contains(&1)); // balanced layer left alone
+//! let doc = plan.placement.to_document(1); // what the operator commits
+//! assert_eq!(doc.validate(), Ok(()));
+//! # Ok::<(), eplb::EplbError>(())
+//! ```
 
 pub mod bench;
 pub mod error;
