@@ -50,6 +50,30 @@ pub struct Cluster {
     kubeconfig: PathBuf,
     root: PathBuf,
     tempdir: Option<tempfile::TempDir>,
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// At most `$MOE_E2E_MAX_CLUSTERS` (default: the number of CPUs, at most 4) clusters run at
+/// once in a test process; further `start` calls wait. Keeps parallel tests from starving a
+/// 2-core machine.
+fn cluster_slots() -> std::sync::Arc<tokio::sync::Semaphore> {
+    static SLOTS: std::sync::OnceLock<std::sync::Arc<tokio::sync::Semaphore>> =
+        std::sync::OnceLock::new();
+    SLOTS
+        .get_or_init(|| {
+            let n = std::env::var("MOE_E2E_MAX_CLUSTERS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|n| *n > 0)
+                .unwrap_or_else(|| {
+                    std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(2)
+                        .clamp(1, 4)
+                });
+            std::sync::Arc::new(tokio::sync::Semaphore::new(n))
+        })
+        .clone()
 }
 
 /// How long start-up may take before it is reported as failed.
@@ -81,12 +105,20 @@ impl Cluster {
     }
 
     pub async fn start_with_bins(bins: Bins, opts: ClusterOptions) -> Result<Cluster> {
+        let permit = cluster_slots()
+            .acquire_owned()
+            .await
+            .map_err(|_| anyhow!("cluster slots closed"))?;
+
         // Ports are picked by binding :0 and releasing; a rare collision with another process
         // shows up as a component exiting at start-up, so retry a couple of times.
         let mut last = None;
         for attempt in 1..=3 {
             match Self::try_start(bins.clone(), opts.clone()).await {
-                Ok(c) => return Ok(c),
+                Ok(mut c) => {
+                    c._permit = Some(permit);
+                    return Ok(c);
+                }
                 Err(e) => {
                     let port_clash = format!("{e:#}").contains("address already in use");
                     if !port_clash {
@@ -272,6 +304,7 @@ impl Cluster {
             kubeconfig,
             root,
             tempdir,
+            _permit: None,
         })
     }
 
