@@ -523,7 +523,6 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
     let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
     let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
     config.connect_timeout = Some(Duration::from_secs(5));
-    config.read_timeout = Some(Duration::from_secs(60));
     Ok(Client::try_from(config)?)
 }
 

@@ -74,6 +74,7 @@ impl ManagedProcess {
     /// Sends SIGTERM to the process group, waits up to `grace`, then SIGKILLs it.
     pub fn stop(&mut self, grace: Duration) {
         if self.exited().is_none() {
+            // Not reaped yet (try_wait just said so), so the pid is still ours.
             kill_group(self.child.id(), libc::SIGTERM);
             let deadline = std::time::Instant::now() + grace;
             while std::time::Instant::now() < deadline && self.exited().is_none() {
@@ -85,7 +86,10 @@ impl ManagedProcess {
 
     /// SIGKILLs the process group and reaps the process.
     pub fn kill(&mut self) {
-        kill_group(self.child.id(), libc::SIGKILL);
+        // Once reaped, the pid may belong to someone else: signal the group only before.
+        if self.child.try_wait().ok().flatten().is_none() {
+            kill_group(self.child.id(), libc::SIGKILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -523,6 +523,9 @@ async fn supervise(ctx: Arc<PodCtx>, c: Container, idx: usize, init: bool) -> Op
                 if let Some(h) = probes {
                     h.abort();
                 }
+                // The container is over when its main process is: stop whatever it left
+                // running in its process group (as a runtime tears down the container).
+                crate::process::kill_group(pid, libc::SIGKILL);
                 if let Ok(mut p) = ctx.sh.pids.lock() {
                     p.remove(&pid);
                 }
