@@ -148,6 +148,7 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
     if shape.hierarchical() {
         algos.push(("greedy-global", 1, None));
     }
+    algos.push(("flashlb-like", threads, None));
     algos.push(("joint", threads, None));
     for f in &opts.incremental_fractions {
         let budget = ((shape.slots() as f64 * f).ceil() as usize).max(1);
@@ -240,21 +241,27 @@ pub fn summary(rows: &[BenchRow]) -> String {
             continue;
         };
         let global = of("greedy-global");
-        let best_greedy = global.map_or(greedy.next_mean_par, |g| {
-            g.next_mean_par.min(greedy.next_mean_par)
-        });
+        let flash = of("flashlb-like");
+        let others: Vec<&BenchRow> = [Some(greedy), global, flash]
+            .into_iter()
+            .flatten()
+            .collect();
+        let best_other = others
+            .iter()
+            .map(|r| r.next_mean_par)
+            .fold(f64::INFINITY, f64::min);
+        let names: Vec<String> = others
+            .iter()
+            .map(|r| format!("{} {:.4}", r.algorithm, r.next_mean_par))
+            .collect();
         out.push_str(&format!(
-            "- **{shape}**: joint next-window mean PAR {:.4} vs greedy {:.4}{} -> {}; ",
+            "- **{shape}**: joint next-window mean PAR {:.4} vs {} -> {}; ",
             joint.next_mean_par,
-            greedy.next_mean_par,
-            global.map_or(String::new(), |g| format!(
-                " / greedy-global {:.4}",
-                g.next_mean_par
-            )),
-            if joint.next_mean_par <= best_greedy {
-                "joint at or below greedy"
+            names.join(" / "),
+            if joint.next_mean_par <= best_other {
+                "joint lowest"
             } else {
-                "joint ABOVE greedy"
+                "joint NOT lowest"
             },
         ));
         let gain = keep.next_mean_par - joint.next_mean_par;

@@ -327,8 +327,10 @@ Poisson-like noise; see `eplb::synth`). The placement in use (`keep previous`) i
 plan of the first H windows. Each algorithm plans on the next H windows with that previous \
 placement and is scored on those H windows (history: mean over layers and windows, worst over \
 both) and on the following window (next: mean and worst over layers). `slots moved` counts \
-slots whose expert differs from the previous placement. `greedy` and `greedy-global` run on one \
-thread; `joint` and `incremental` use every CPU (layers in parallel). The gap is the joint \
+slots whose expert differs from the previous placement. `flashlb-like` is joint's construction \
+step alone (episode-weighted replication and packing, matched and cherry-picked like joint, no \
+local or exact search): our reading of FlashLB's design, not its code. `greedy` and \
+`greedy-global` run on one thread; the others use every CPU (layers in parallel). The gap is the joint \
 objective's distance to its lower bound (per layer; mean and max over layers).";
 
 /// The model name from /proc/cpuinfo, or "unknown CPU".

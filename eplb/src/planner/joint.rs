@@ -84,6 +84,12 @@ fn construct(p: &Problem, cnt: &[usize]) -> Vec<usize> {
     row
 }
 
+/// The construction step alone (the `flashlb-like` baseline).
+pub(crate) fn construct_only(p: &Problem) -> Vec<usize> {
+    let cnt = water_fill(&p.agg, p.slots(), p.max_rep);
+    construct(p, &cnt)
+}
+
 /// Heuristic joint plan of one layer (starts + local search), and its objective.
 pub(crate) fn heuristic(p: &Problem, shape: &Shape, with_previous: bool) -> Vec<usize> {
     let cnt = water_fill(&p.agg, p.slots(), p.max_rep);

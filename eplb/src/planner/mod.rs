@@ -177,6 +177,8 @@ enum Algo {
     Greedy,
     /// Greedy without the hierarchical variant (DeepSeek's choice for decode).
     GreedyGlobal,
+    /// Joint's construction step alone (no local search, no exact search).
+    JointConstruct,
     Joint,
     Incremental,
 }
@@ -188,6 +190,7 @@ impl Planner for AlgoPlanner {
         match self.0 {
             Algo::Greedy => "greedy",
             Algo::GreedyGlobal => "greedy-global",
+            Algo::JointConstruct => "flashlb-like",
             Algo::Joint => "joint",
             Algo::Incremental => "incremental",
         }
@@ -197,12 +200,17 @@ impl Planner for AlgoPlanner {
     }
 }
 
-/// `greedy`, `joint` (the default) or `incremental`; also `greedy-global` (greedy without
-/// its hierarchical node/group variant, a stronger baseline on shapes with one group per node).
+/// `greedy`, `joint` (the default) or `incremental`. Two baselines for comparisons:
+/// `greedy-global` (greedy without its hierarchical node/group variant, stronger on shapes with
+/// one group per node) and `flashlb-like` (joint's construction alone: episode-weighted min-max
+/// replication and episode-aware packing, matched to the previous ranks and cherry-picked like
+/// joint, but without local search or exact search; our reading of FlashLB's published design,
+/// not its code).
 pub fn planner_by_name(name: &str) -> Result<Box<dyn Planner>> {
     let algo = match name {
         "greedy" => Algo::Greedy,
         "greedy-global" => Algo::GreedyGlobal,
+        "flashlb-like" => Algo::JointConstruct,
         "joint" => Algo::Joint,
         "incremental" => Algo::Incremental,
         other => return Err(EplbError::UnknownAlgorithm(other.to_string())),
@@ -331,6 +339,7 @@ fn plan_one(
     let (mut row, mut optimal) = match algo {
         Algo::Greedy => (greedy::greedy_row(&p.raw_sum, shape, true), false),
         Algo::GreedyGlobal => (greedy::greedy_row(&p.raw_sum, shape, false), false),
+        Algo::JointConstruct => (joint::construct_only(&p), false),
         Algo::Joint => {
             let r = joint::plan_layer(&p, shape, prev_row.is_some());
             (r.row, r.optimal)
@@ -344,6 +353,9 @@ fn plan_one(
         }
     };
     if let Some(prev) = prev_row {
+        if algo == Algo::JointConstruct {
+            row = matching::align(&row, prev, shape.num_ranks, None);
+        }
         if algo == Algo::Joint {
             row = matching::align(&row, prev, shape.num_ranks, None);
             // Warm start: the previous layer improved in place. Taken when it is within
