@@ -176,8 +176,8 @@ pub(crate) async fn run_pod(sh: Arc<Shared>, mut rx: watch::Receiver<Option<Pod>
         .as_ref()
         .and_then(|s| s.phase.clone())
         .unwrap_or_default();
-    if phase == "Succeeded" || phase == "Failed" {
-        // Finished before this agent saw it: only honour deletion.
+    if phase == "Succeeded" || phase == "Failed" || pod.metadata.deletion_timestamp.is_some() {
+        // Finished, or being deleted, before this runner started: only honour deletion.
         wait_deleted_then_remove(&sh, &mut rx, &ns, &name, &uid).await;
         return;
     }
@@ -265,12 +265,15 @@ pub(crate) async fn run_pod(sh: Arc<Shared>, mut rx: watch::Receiver<Option<Pod>
 
     // Wait for deletion.
     let mut gone = false;
+    let mut first = true;
     let grace = loop {
-        if rx.changed().await.is_err() {
+        // Look at the current value first (it may have changed while the pod started).
+        if !first && rx.changed().await.is_err() {
             gone = true;
             break Duration::ZERO;
         }
-        let cur = rx.borrow().clone();
+        first = false;
+        let cur = rx.borrow_and_update().clone();
         match cur {
             None => {
                 gone = true;
