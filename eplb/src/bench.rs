@@ -164,7 +164,13 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
         }
         let mut times = Vec::new();
         let mut plan = None;
-        for _ in 0..opts.repeats.max(1) {
+        // Single-threaded baselines are cheap: time them more often for a stable minimum.
+        let reps = if thr == 1 {
+            opts.repeats.max(1) * 5
+        } else {
+            opts.repeats.max(1)
+        };
+        for _ in 0..reps {
             let t0 = Instant::now();
             let p = planner.plan(&req)?;
             times.push(t0.elapsed().as_secs_f64() * 1e3);

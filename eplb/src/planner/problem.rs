@@ -567,28 +567,25 @@ impl<'p> State<'p> {
                         .sum(),
                 }
             };
-            let mut ya = vec![0.0f64; p.e];
             for (ci, &a) in crit.iter().enumerate() {
                 if (ci > 0 && best.is_some() && budget.is_none()) || ci >= 3 {
                     break;
                 }
-                // Weighted load per replica over the episodes where `a` is the heaviest rank:
-                // a swap can only lower F if it moves such load off `a`.
-                for (e, y) in ya.iter_mut().enumerate() {
-                    let c = self.cnt[e].max(1) as f64;
-                    *y = (0..p.w)
-                        .filter(|&k| self.top[k][0].1 == a)
-                        .map(|k| p.omega[k] * p.x[e * p.w + k])
-                        .sum::<f64>()
-                        / c;
-                }
-                // Partner ranks: the lightest ones in the episodes where `a` is heaviest.
+                // Episodes where `a` is the heaviest rank: a swap can only lower F if it moves
+                // load that counts in them off `a`.
+                let ks: Vec<usize> = (0..p.w)
+                    .filter(|&k| p.omega[k] > 0.0 && self.top[k][0].1 == a)
+                    .collect();
+                let ya = |e: usize| -> f64 {
+                    ks.iter().map(|&k| p.omega[k] * self.y[e * p.w + k]).sum()
+                };
+                // Partner ranks: the lightest ones in those episodes.
                 let mut partners: Vec<(f64, usize)> = (0..p.g)
                     .filter(|&b| b != a)
                     .map(|b| {
-                        let l: f64 = (0..p.w)
-                            .filter(|&k| self.top[k][0].1 == a)
-                            .map(|k| p.omega[k] * self.loads[b * p.w + k])
+                        let l: f64 = ks
+                            .iter()
+                            .map(|&k| p.omega[k] * self.loads[b * p.w + k])
                             .sum();
                         (l, b)
                     })
@@ -601,14 +598,15 @@ impl<'p> State<'p> {
                     partners.truncate(limit);
                     partners.sort_by_key(|x| x.1);
                 }
-                let cands: Vec<usize> = partners
+                let cands: Vec<(usize, f64)> = partners
                     .iter()
                     .flat_map(|&(_, b)| b * p.s..b * p.s + p.s)
+                    .map(|j| (j, ya(self.row[j])))
                     .collect();
                 for i in a * p.s..a * p.s + p.s {
-                    let ye = ya[self.row[i]];
-                    for &j in &cands {
-                        if ya[self.row[j]] >= ye || !self.swap_valid(i, j) {
+                    let ye = ya(self.row[i]);
+                    for &(j, yj) in &cands {
+                        if yj >= ye || !self.swap_valid(i, j) {
                             continue;
                         }
                         let d = self.eval_swap(i, j);
