@@ -36,7 +36,13 @@ pub struct StepRecord {
     pub batch: Batch,
     pub output: Vec<bf16>,
     pub layer_generations: Vec<u64>,
+    /// Wall time of the forward pass.
     pub duration: Duration,
+    /// When the step finished (intervals between steps include the step boundary: the
+    /// agreement collective and any remap work or stall).
+    pub finished: Instant,
+    /// A remap was running during this step.
+    pub remap_running: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,6 +83,8 @@ pub struct EngineParts {
     pub traffic: Traffic,
     pub history: Option<LoadHistory>,
     pub sink: Option<mpsc::Sender<StepRecord>>,
+    /// Send inputs and outputs with each record (tests); false sends timings only.
+    pub sink_tensors: bool,
     pub max_steps: u64,
     pub steps_per_second: f64,
 }
@@ -96,6 +104,7 @@ pub struct Engine {
     traffic: Traffic,
     history: Option<LoadHistory>,
     sink: Option<mpsc::Sender<StepRecord>>,
+    sink_tensors: bool,
     job: Option<Job>,
     max_steps: u64,
     steps_per_second: f64,
@@ -191,6 +200,7 @@ impl Engine {
             traffic: p.traffic,
             history: p.history,
             sink: p.sink,
+            sink_tensors: p.sink_tensors,
             job: None,
             max_steps: p.max_steps,
             steps_per_second: p.steps_per_second,
@@ -248,12 +258,26 @@ impl Engine {
             let dt = t0.elapsed();
             self.after_step(step, tokens, &counts, dt)?;
             if let Some(sink) = &self.sink {
+                let (batch, output) = if self.sink_tensors {
+                    (batch, output)
+                } else {
+                    (
+                        Batch {
+                            step,
+                            x: Vec::new(),
+                            routing: None,
+                        },
+                        Vec::new(),
+                    )
+                };
                 let _ = sink.send(StepRecord {
                     step,
                     batch,
                     output,
                     layer_generations: self.layer_generations.clone(),
                     duration: dt,
+                    finished: Instant::now(),
+                    remap_running: self.job.is_some(),
                 });
             }
             step += 1;

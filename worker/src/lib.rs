@@ -39,6 +39,8 @@ pub struct Hooks {
     pub http_listener: Option<std::net::TcpListener>,
     /// Receives a record of every step.
     pub step_sink: Option<mpsc::Sender<StepRecord>>,
+    /// Leave the inputs and outputs out of the step records (timings only).
+    pub step_sink_timings_only: bool,
 }
 
 /// A running worker.
@@ -122,7 +124,15 @@ pub async fn start(config: Config, mut hooks: Hooks) -> Result<Worker> {
     let shared2 = shared.clone();
     let engine = std::thread::Builder::new()
         .name("engine".into())
-        .spawn(move || run_engine(config, shared2, hooks.comm_listener, hooks.step_sink))?;
+        .spawn(move || {
+            run_engine(
+                config,
+                shared2,
+                hooks.comm_listener,
+                hooks.step_sink,
+                !hooks.step_sink_timings_only,
+            )
+        })?;
     Ok(Worker {
         http_addr,
         shared,
@@ -137,6 +147,7 @@ fn run_engine(
     shared: Arc<Shared>,
     comm_listener: Option<std::net::TcpListener>,
     sink: Option<mpsc::Sender<StepRecord>>,
+    sink_tensors: bool,
 ) -> Result<()> {
     let shape = config.shape;
     let rank = config.rank();
@@ -249,6 +260,7 @@ fn run_engine(
         },
         history,
         sink,
+        sink_tensors,
         max_steps: config.args.max_steps,
         steps_per_second: config.args.traffic_steps_per_second,
     })?;

@@ -95,6 +95,7 @@ pub async fn start_group(world: usize, extra: impl Fn(usize) -> Vec<String>) -> 
             comm_listener: if r == 0 { leader.take() } else { None },
             http_listener: None,
             step_sink: Some(tx),
+            step_sink_timings_only: false,
         };
         let w = moe_worker::start(config(r, world, port, &extra(r)), hooks)
             .await
