@@ -598,7 +598,12 @@ impl Comm {
     }
 
     pub fn recv(&self, peer: usize, chan: u8) -> Result<Vec<u8>> {
-        let deadline = Instant::now() + self.timeout;
+        self.recv_within(peer, chan, self.timeout)
+    }
+
+    /// [`Comm::recv`] with its own timeout.
+    pub fn recv_within(&self, peer: usize, chan: u8, timeout: Duration) -> Result<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
         let mut st = self.inbox.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(m) = st
@@ -617,8 +622,7 @@ impl Comm {
             let now = Instant::now();
             if now >= deadline {
                 let reason = format!(
-                    "rank {peer} sent nothing for {:?} (timeout waiting on channel {chan})",
-                    self.timeout
+                    "rank {peer} sent nothing for {timeout:?} (timeout waiting on channel {chan})"
                 );
                 st.failed = Some(reason.clone());
                 self.inbox.cv.notify_all();
@@ -681,6 +685,17 @@ impl Comm {
 
     pub fn barrier(&self, chan: u8) -> Result<()> {
         self.all_gather(chan, &[]).map(|_| ())
+    }
+
+    /// A barrier that may wait up to `timeout` (e.g. for every rank to load its weights).
+    pub fn barrier_within(&self, chan: u8, timeout: Duration) -> Result<()> {
+        for off in 1..self.world {
+            self.send((self.rank + off) % self.world, chan, Vec::new())?;
+        }
+        for off in 1..self.world {
+            self.recv_within((self.rank + self.world - off) % self.world, chan, timeout)?;
+        }
+        Ok(())
     }
 }
 

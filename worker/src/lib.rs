@@ -211,6 +211,7 @@ fn run_engine(
     };
     let (comm, info) = form_group(&rdv, listener, committed, move || unique_id)?;
     tracing::info!(epoch = info.epoch, peers = ?info.peers, "group formed");
+    let comm = Arc::new(comm);
 
     let placement = match info.placement {
         Some(p) => p,
@@ -248,7 +249,7 @@ fn run_engine(
     let mut engine = Engine::new(EngineParts {
         shape,
         ranks_per_node: config.ranks_per_node,
-        comm: Arc::new(comm),
+        comm: comm.clone(),
         shared: shared.clone(),
         placement,
         exec,
@@ -273,6 +274,9 @@ fn run_engine(
         total_bytes = mem,
         "expert weights loaded (slots x layers x expert size)"
     );
+    // Every rank has its weights before anyone serves (loading may take long on some ranks).
+    comm.barrier_within(comm::CHAN_CTRL, config.rendezvous_timeout)
+        .context("waiting for every rank to load its weights")?;
     shared.ready.store(true, Ordering::SeqCst);
     shared.metrics.ready.set(1);
     let r = engine.run();
