@@ -99,8 +99,15 @@ pub(crate) fn heuristic(p: &Problem, shape: &Shape, with_previous: bool) -> Vec<
         // The caller's warm start (previous placement improved in place) is the second start.
         return a.row;
     }
-    let mut b = State::new(p, greedy_row(&p.raw_sum, shape, false));
+    let greedy = greedy_row(&p.raw_sum, shape, false);
+    let mut b = State::new(p, greedy.clone());
     b.improve(None, MAX_ITERS);
+    // The search ranks moves with a variance term, so it may trade a little F for balance
+    // elsewhere; never return worse F than the greedy plan it started from.
+    let fg = p.episode_par(&greedy);
+    if p.episode_par(&a.row) > fg + 1e-12 && p.episode_par(&b.row) > fg + 1e-12 {
+        return greedy;
+    }
     let (fa, fb) = (a.objective(), b.objective());
 
     if fb.0 < fa.0 - 1e-12 || (fb.0 <= fa.0 + 1e-12 && fb.1 < fa.1 - 1e-12) {
