@@ -59,7 +59,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             remap_poll: Duration::from_secs(2),
-            blocked_requeue: Duration::from_secs(30),
+            blocked_requeue: Duration::from_secs(10),
             error_backoff: (Duration::from_secs(2), Duration::from_secs(300)),
             worker_defaults: resources::WorkerDefaults::default(),
         }
@@ -137,13 +137,22 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=moe-operator");
+    let metrics = ctx.metrics.clone();
     Controller::new(moeds, watcher::Config::default())
         .owns(stss, owned)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "reconcile failed");
+        .for_each(|res| {
+            let metrics = metrics.clone();
+            async move {
+                match res {
+                    Ok(_) => {}
+                    // A deleted deployment: owner references clean up; drop its series.
+                    Err(kube::runtime::controller::Error::ObjectNotFound(r)) => {
+                        metrics.forget(r.namespace.as_deref().unwrap_or(""), &r.name);
+                    }
+                    Err(e) => warn!(error = %e, "reconcile failed"),
+                }
             }
         })
         .await;
@@ -480,7 +489,6 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
             problems.push(p);
         }
     }
-    let _ = source_label;
     let Some(doc) = doc else {
         // Nothing the workers could load: do not create them.
         let observed = Observed {
@@ -606,17 +614,12 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     };
     let mut requeue = Duration::from_secs(u64::from(spec.eplb.poll_interval_seconds.max(1)));
     if group_up && endpoints.len() == st.ranks as usize {
-        let step = remap_step(
-            moed,
-            ctx,
-            &mut st,
-            &doc,
-            &endpoints,
-            &token,
-            &resolved,
-            &mut pending,
-        )
-        .await?;
+        let worker = WorkerCtx {
+            endpoints: &endpoints,
+            token: &token,
+            source_label: source_label.as_deref().unwrap_or(""),
+        };
+        let step = remap_step(moed, ctx, &mut st, &doc, &worker, &resolved, &mut pending).await?;
         remap_view = step.view;
         problems.extend(step.problems);
         if step.fast_requeue {
@@ -717,18 +720,24 @@ struct StepOutcome {
     restart_group: bool,
 }
 
+/// How to reach the ranks, and what the committed placement came from.
+struct WorkerCtx<'a> {
+    endpoints: &'a [Endpoint],
+    token: &'a str,
+    source_label: &'a str,
+}
+
 /// One pass of the remap loop with every rank ready.
-#[allow(clippy::too_many_arguments)]
 async fn remap_step(
     moed: &MoEDeployment,
     ctx: &Context,
     st: &mut MoEDeploymentStatus,
     doc: &PlacementDocument,
-    endpoints: &[Endpoint],
-    token: &str,
+    w: &WorkerCtx<'_>,
     r: &Resolved,
     pending: &mut Pending,
 ) -> Result<StepOutcome, Error> {
+    let (endpoints, token) = (w.endpoints, w.token);
     let spec = &moed.spec;
     let (ns, name) = (&r.namespace, &r.name);
     let mut out = StepOutcome {
@@ -921,7 +930,7 @@ async fn remap_step(
             && r.slot_counts.iter().all(|row| row.len() == doc.num_slots())
             && r.layer_generations.iter().all(|&g| g >= target)
     });
-    if !current_counts {
+    if !current_counts || window == 0 {
         out.view = RemapView::Idle {
             reason: "WaitingForStatistics".into(),
             message: "no statistics recorded under the committed placement yet".into(),
@@ -1063,7 +1072,7 @@ async fn remap_step(
         .fold(1.0f64, f64::max);
 
     // Persist first: a restarted group or operator resumes from the ConfigMap.
-    let cm = resources::placement_configmap(r, &next, &current_source_label(moed, ctx, r).await?)?;
+    let cm = resources::placement_configmap(r, &next, w.source_label)?;
     apply(
         &Api::<ConfigMap>::namespaced(ctx.client.clone(), ns),
         &Names::new(name).configmap,
@@ -1105,28 +1114,6 @@ async fn remap_step(
     };
     out.fast_requeue = true;
     Ok(out)
-}
-
-/// The source label already on the ConfigMap (a remap keeps it).
-async fn current_source_label(
-    moed: &MoEDeployment,
-    ctx: &Context,
-    r: &Resolved,
-) -> Result<String, Error> {
-    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &r.namespace);
-    let label = cms
-        .get_opt(&Names::new(&r.name).configmap)
-        .await?
-        .and_then(|cm| {
-            cm.annotations()
-                .get(resources::PLACEMENT_SOURCE_ANNOTATION)
-                .cloned()
-        });
-    Ok(label.unwrap_or_else(|| match moed.spec.placement.strategy {
-        PlacementStrategy::Linear => "Linear".into(),
-        PlacementStrategy::RoundRobin => "RoundRobin".into(),
-        PlacementStrategy::Static => "Static".into(),
-    }))
 }
 
 /// Conditions, phase, status write (only when something changed), events.

@@ -142,6 +142,34 @@ impl LeaderElector {
         }
     }
 
+    /// Gives the lease up (clean shutdown), so a follower takes over without waiting for it to
+    /// expire.
+    pub async fn release(&self) {
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.lease_name).await else {
+            return;
+        };
+        let holds = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.as_deref())
+            == Some(self.identity.as_str());
+        if !holds {
+            return;
+        }
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.holder_identity = None;
+            spec.renew_time = None;
+        }
+        match self
+            .api
+            .replace(&self.lease_name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => info!(lease = %self.lease_name, "released the lease"),
+            Err(e) => warn!(error = %e, "could not release the lease"),
+        }
+    }
+
     /// Renews until a renewal has failed for a whole lease duration; returns then (leadership
     /// lost).
     pub async fn keep(&self) {

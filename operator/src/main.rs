@@ -146,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         _ = controller::run(ctx, args.namespace) => {
             info!("controller stopped");
+            elector.release().await;
             Ok(())
         }
         _ = elector.keep() => {

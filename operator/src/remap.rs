@@ -120,8 +120,8 @@ pub fn decide(i: &DecisionInput<'_>) -> Decision {
         return hold(
             "WaitingForStatistics",
             format!(
-                "statistics window holds {} steps, {} needed",
-                i.window_steps, e.min_window_steps
+                "waiting for {} steps of statistics (spec.eplb.minWindowSteps)",
+                e.min_window_steps
             ),
         );
     }
