@@ -1,4 +1,4 @@
-//! Times one planner on a DeepSeek-V3 shape: `cargo run --release --example greedy_time --
+//! Times one planner on a DeepSeek-V3 shape: `cargo run --release --example plan_time --
 //! [algorithm] [prefill|decode] [repeats] [threads]`. Prints the fastest and median run.
 use eplb::synth::{TraceSpec, generate};
 use eplb::{LoadHistory, PlanRequest, Shape, planner_by_name};
