@@ -57,6 +57,11 @@ impl LoadHistory {
                         ));
                     }
                 }
+                if !row.iter().sum::<f64>().is_finite() {
+                    return lerr(format!(
+                        "window {w} layer {l}: counts too large (their sum overflows)"
+                    ));
+                }
             }
         }
         Ok(LoadHistory { windows })
@@ -234,6 +239,7 @@ mod tests {
         assert!(LoadHistory::from_json_str("{\"windows\": []}").is_err());
         assert!(LoadHistory::from_json_str("{\"x\": 1}").is_err());
         assert!(LoadHistory::new(vec![vec![vec![f64::NAN]]]).is_err());
+        assert!(LoadHistory::new(vec![vec![vec![f64::MAX, f64::MAX]]]).is_err());
         let e = LoadHistory::from_json_str(r#"{"windows": [[[1, 2]], [[1, 2], [3, 4]]]}"#)
             .unwrap_err()
             .to_string();
