@@ -8,7 +8,8 @@
 //!   placement within the budget found by local search from the previous one, `greedy` keeps
 //!   the previous layer;
 //! * keeps the previous layer unless the new one lowers the episode objective by at least
-//!   `min_improvement` (relative), so a plan never moves weights for nothing.
+//!   `min_improvement` (relative), so a plan never moves weights for nothing; `joint` also
+//!   undoes individual changes as long as its objective stays within `min_improvement / 2`.
 
 mod greedy;
 mod joint;
@@ -385,6 +386,12 @@ fn plan_one(
                     optimal = optimal && f_warm <= f_fresh;
                 }
             }
+        }
+        if algo == Algo::Joint {
+            // Undo changes worth less than half of `min_improvement` in total.
+            let before = p.episode_par(&row);
+            row = problem::revert_towards(&p, row, prev, req.min_improvement / 2.0);
+            optimal = optimal && p.episode_par(&row) <= before + 1e-12;
         }
         let moved = row.iter().zip(prev).filter(|(a, b)| a != b).count();
         if let Some(m) = req.max_moves

@@ -686,3 +686,64 @@ impl<'p> State<'p> {
         self.recompute_loads();
     }
 }
+
+/// Migration polish: starting from `row`, undo changes relative to `prev` (a swap that puts an
+/// expert back into its old slot, or a single slot given back its old expert) as long as F
+/// stays within `slack` (relative) of `row`'s F. Slots are visited in order; repeated until no
+/// revert is accepted.
+pub(crate) fn revert_towards(
+    p: &Problem,
+    row: Vec<usize>,
+    prev: &[usize],
+    slack: f64,
+) -> Vec<usize> {
+    if p.empty {
+        return row;
+    }
+    let mut st = State::new(p, row);
+    let limit = st.objective().0 * (1.0 + slack) + 1e-12;
+    let mut cur = st.objective().0;
+    let mut scratch = Vec::new();
+    loop {
+        let mut any = false;
+        for i in 0..p.slots() {
+            if st.row[i] == prev[i] {
+                continue;
+            }
+            let f = prev[i];
+            // A changed slot elsewhere that holds `f`: swapping puts `f` back at `i`.
+            let mut done = false;
+            let cands: Vec<usize> = st.pos[f]
+                .iter()
+                .copied()
+                .filter(|&j| j / p.s != i / p.s && st.row[j] != prev[j])
+                .collect();
+            for j in cands {
+                if !st.swap_valid(i, j) {
+                    continue;
+                }
+                let d = st.eval_swap(i, j);
+                if cur + d.0 <= limit {
+                    st.apply_swap(i, j);
+                    cur += d.0;
+                    done = true;
+                    break;
+                }
+            }
+            if !done && st.rerep_valid(i, f) {
+                let d = st.eval_rerep(i, f, &mut scratch);
+                if cur + d.0 <= limit {
+                    st.apply_rerep(i, f);
+                    cur = st.objective().0;
+                    done = true;
+                }
+            }
+            any |= done;
+        }
+        if !any {
+            break;
+        }
+    }
+    st.recompute_loads();
+    st.row
+}
