@@ -690,7 +690,7 @@ impl<'p> State<'p> {
 /// Migration polish: starting from `row`, undo changes relative to `prev` (a swap that puts an
 /// expert back into its old slot, or a single slot given back its old expert) as long as F
 /// stays within `slack` (relative) of `row`'s F. Slots are visited in order; repeated until no
-/// revert is accepted.
+/// revert is accepted (at most two passes).
 pub(crate) fn revert_towards(
     p: &Problem,
     row: Vec<usize>,
@@ -704,7 +704,8 @@ pub(crate) fn revert_towards(
     let limit = st.objective().0 * (1.0 + slack) + 1e-12;
     let mut cur = st.objective().0;
     let mut scratch = Vec::new();
-    loop {
+    // Two passes catch almost every revert; more cost time for little.
+    for _pass in 0..2 {
         let mut any = false;
         for i in 0..p.slots() {
             if st.row[i] == prev[i] {
