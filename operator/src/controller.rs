@@ -75,6 +75,10 @@ pub struct Context {
     pub settings: Settings,
     /// Consecutive failures per object, for the error backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Per object: the resourceVersion our last status write produced and when the next poll
+    /// is due. A watch event carrying exactly that version is our own write echoing back; it
+    /// must not cause another poll of the workers (which would write again: a feedback loop).
+    own_writes: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 impl Context {
@@ -99,6 +103,7 @@ impl Context {
             metrics,
             settings,
             failures: Mutex::new(HashMap::new()),
+            own_writes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -117,6 +122,28 @@ impl Context {
         let n = map.entry(Self::key(moed)).or_insert(0);
         *n = n.saturating_add(1);
         *n
+    }
+
+    /// When the event is the echo of our own status write: the time left until the next poll.
+    fn echo_of_own_write(&self, moed: &MoEDeployment) -> Option<Duration> {
+        let rv = moed.metadata.resource_version.as_deref()?;
+        let map = self.own_writes.lock().ok()?;
+        let (own, due) = map.get(&Self::key(moed))?;
+        let now = Instant::now();
+        (own == rv && now < *due).then(|| due.saturating_duration_since(now))
+    }
+
+    /// Treats every next event as due (tests: a timer that fired).
+    pub fn forget_own_writes(&self) {
+        if let Ok(mut map) = self.own_writes.lock() {
+            map.clear();
+        }
+    }
+
+    fn remember_own_write(&self, moed: &MoEDeployment, rv: Option<String>, due: Instant) {
+        if let (Ok(mut map), Some(rv)) = (self.own_writes.lock(), rv) {
+            map.insert(Self::key(moed), (rv, due));
+        }
     }
 
     fn reset_failures(&self, moed: &MoEDeployment) {
@@ -172,6 +199,9 @@ pub fn error_policy(moed: Arc<MoEDeployment>, error: &Error, ctx: Arc<Context>) 
 
 /// Controller entry point: timing and metrics around [`reconcile_inner`].
 pub async fn reconcile(moed: Arc<MoEDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if let Some(left) = ctx.echo_of_own_write(&moed) {
+        return Ok(Action::requeue(left.max(Duration::from_millis(100))));
+    }
     let start = Instant::now();
     let result = reconcile_inner(&moed, &ctx).await;
     ctx.metrics
@@ -398,8 +428,16 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
                 message: "the spec is invalid".into(),
             },
         };
-        finish(moed, ctx, &old, st, &observed, pending).await?;
-        return Ok(Action::requeue(ctx.settings.blocked_requeue));
+        return finish(
+            moed,
+            ctx,
+            &old,
+            st,
+            &observed,
+            pending,
+            ctx.settings.blocked_requeue,
+        )
+        .await;
     }
     let redundant = planning::effective_redundant(spec);
     st.redundant_experts = Some(redundant);
@@ -502,8 +540,16 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
                 message: "no committed placement".into(),
             },
         };
-        finish(moed, ctx, &old, st, &observed, pending).await?;
-        return Ok(Action::requeue(ctx.settings.blocked_requeue));
+        return finish(
+            moed,
+            ctx,
+            &old,
+            st,
+            &observed,
+            pending,
+            ctx.settings.blocked_requeue,
+        )
+        .await;
     };
     st.placement = Some(PlacementStatus {
         config_map: names.configmap.clone(),
@@ -659,8 +705,7 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
         problems,
         remap: remap_view,
     };
-    finish(moed, ctx, &old, st, &observed, pending).await?;
-    Ok(Action::requeue(requeue))
+    finish(moed, ctx, &old, st, &observed, pending, requeue).await
 }
 
 async fn delete_pod(api: &Api<Pod>, pod: &Pod) -> Result<(), Error> {
@@ -1116,7 +1161,8 @@ async fn remap_step(
     Ok(out)
 }
 
-/// Conditions, phase, status write (only when something changed), events.
+/// Conditions, phase, status write (only when something changed), events; requeue after
+/// `requeue`.
 async fn finish(
     moed: &MoEDeployment,
     ctx: &Context,
@@ -1124,7 +1170,8 @@ async fn finish(
     mut st: MoEDeploymentStatus,
     observed: &Observed,
     pending: Pending,
-) -> Result<(), Error> {
+    requeue: Duration,
+) -> Result<Action, Error> {
     let now = now_time();
     let conds = conditions::desired(observed);
     st.conditions = conditions::merge(&old.conditions, &conds, &now, moed.metadata.generation);
@@ -1142,8 +1189,14 @@ async fn finish(
             "kind": crate::crd::KIND,
             "status": st,
         });
-        api.patch_status(&moed.name_any(), &apply_params(), &Patch::Apply(&patch))
+        let written = api
+            .patch_status(&moed.name_any(), &apply_params(), &Patch::Apply(&patch))
             .await?;
+        ctx.remember_own_write(
+            moed,
+            written.metadata.resource_version,
+            Instant::now() + requeue,
+        );
     }
     let reference = moed.object_ref(&());
     for ev in pending.events {
@@ -1151,5 +1204,5 @@ async fn finish(
             warn!(error = %e, reason = %ev.reason, "could not publish event");
         }
     }
-    Ok(())
+    Ok(Action::requeue(requeue))
 }

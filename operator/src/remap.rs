@@ -270,14 +270,21 @@ pub fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// True when two summaries differ in anything but the measurement time and window length.
+/// Smallest PAR change worth a status write.
+pub const PAR_TOLERANCE: f64 = 0.01;
+
+/// True when a new summary is worth publishing: worst or mean PAR moved by at least
+/// [`PAR_TOLERANCE`], or the set of worst layers or the count over the threshold changed.
+/// (Live traffic changes the third decimal on every poll; writing that would churn the status.)
 pub fn imbalance_changed(old: Option<&ImbalanceStatus>, new: &ImbalanceStatus) -> bool {
     match old {
         None => true,
         Some(o) => {
-            o.worst_par != new.worst_par
-                || o.mean_par != new.mean_par
-                || o.worst_layers != new.worst_layers
+            let layers =
+                |s: &ImbalanceStatus| s.worst_layers.iter().map(|l| l.layer).collect::<Vec<_>>();
+            (o.worst_par - new.worst_par).abs() >= PAR_TOLERANCE
+                || (o.mean_par - new.mean_par).abs() >= PAR_TOLERANCE
+                || layers(o) != layers(new)
                 || o.layers_over_threshold != new.layers_over_threshold
         }
     }
@@ -534,6 +541,14 @@ mod tests {
             &summarize(&[1.0, 1.44441, 1.3], 1.2, 7, Timestamp::now())
         ));
         assert!(imbalance_changed(Some(&s), &calm));
+        assert!(!imbalance_changed(
+            Some(&s),
+            &summarize(&[1.0, 1.449, 1.302], 1.2, 7, Timestamp::now())
+        ));
+        assert!(imbalance_changed(
+            Some(&s),
+            &summarize(&[1.0, 1.46, 1.3], 1.2, 7, Timestamp::now())
+        ));
     }
 
     fn status(

@@ -61,7 +61,14 @@ impl Harness {
         serde_json::from_value(self.api.get(MOED).unwrap()).unwrap()
     }
 
+    /// A reconcile as when the poll timer fires.
     async fn reconcile(&self) -> kube::runtime::controller::Action {
+        self.ctx.forget_own_writes();
+        self.reconcile_event().await
+    }
+
+    /// A reconcile as when a watch event arrives.
+    async fn reconcile_event(&self) -> kube::runtime::controller::Action {
         controller::reconcile(Arc::new(self.moed()), self.ctx.clone())
             .await
             .unwrap()
@@ -199,6 +206,42 @@ async fn nothing_changed_means_no_status_write() {
     // The committed placement is not rewritten either, and the token is created once.
     assert_eq!(h.api.count(Method::PATCH, "/configmaps/demo-placement"), 1);
     assert_eq!(h.api.count(Method::POST, "/secrets"), 1);
+}
+
+#[tokio::test]
+async fn the_echo_of_our_own_status_write_does_not_poll_again() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    h.workers.set_load(skewed(), 0, 100);
+    h.reconcile().await;
+    let writes = h.api.count(Method::PATCH, "/moedeployments/demo/status");
+    let requests = h.api.requests().len();
+    // The watch delivers the object as written: nothing to do until the poll is due.
+    let action = h.reconcile_event().await;
+    assert_eq!(
+        h.api.requests().len(),
+        requests,
+        "no API calls for our own echo"
+    );
+    assert_eq!(
+        h.api.count(Method::PATCH, "/moedeployments/demo/status"),
+        writes
+    );
+    assert!(
+        format!("{action:?}").contains("requeue_after: Some"),
+        "{action:?}"
+    );
+    // A spec change (new resourceVersion) is acted on at once.
+    let mut spec = spec_json();
+    spec["eplb"]["paused"] = json!(true);
+    h.set_spec(spec, 2);
+    let mut obj = h.api.get(MOED).unwrap();
+    obj["metadata"]["resourceVersion"] = json!("999");
+    h.api.put(MOED, obj);
+    h.reconcile_event().await;
+    assert!(h.api.requests().len() > requests);
+    assert_eq!(h.status()["observedGeneration"], 2);
 }
 
 #[tokio::test]
