@@ -232,6 +232,32 @@ async fn agent_features() -> Result<()> {
     .await?;
     println!("liveness probe failure restarted the container");
 
+    // Deletion: SIGTERM is ignored, so the agent SIGKILLs after the grace period (2 s), then
+    // removes the pod.
+    let stubborn: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "stubborn", "namespace": "default"},
+        "spec": {
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{"name": "c", "image": "busybox",
+                            "command": ["sh", "-c", "trap '' TERM; echo up; sleep 600"]}],
+        },
+    }))?;
+    pods.create(&PostParams::default(), &stubborn).await?;
+    wait::object::<Pod>(&client, "default", "stubborn", T, wait::pod_ready).await?;
+    let pid = agent
+        .container_pid("default", "stubborn", "c")
+        .ok_or_else(|| anyhow::anyhow!("stubborn has no process"))?;
+    let t0 = std::time::Instant::now();
+    pods.delete("stubborn", &Default::default()).await?;
+    wait::deleted::<Pod>(&client, "default", "stubborn", T).await?;
+    let took = t0.elapsed();
+    ensure!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(15),
+        "deletion took {took:?}"
+    );
+    ensure!(!alive(pid), "process {pid} survived the deletion");
+    println!("deletion honoured the grace period ({took:?}) and killed the process");
+
     // A fake image runs nothing and is Ready at once (for scale tests).
     let fake: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "fake", "namespace": "default"},
