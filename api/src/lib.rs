@@ -258,7 +258,11 @@ mod tests {
     #[test]
     fn validate_rejects_uneven_slots_and_ragged_layers() {
         assert!(doc(vec![vec![0, 1, 2]], 3, 2).validate().is_err());
-        assert!(doc(vec![vec![0, 1], vec![0, 1, 1, 0]], 2, 2).validate().is_err());
+        assert!(
+            doc(vec![vec![0, 1], vec![0, 1, 1, 0]], 2, 2)
+                .validate()
+                .is_err()
+        );
         assert!(doc(vec![vec![0, 7]], 2, 1).validate().is_err());
     }
 
@@ -273,10 +277,16 @@ mod tests {
             slot_counts: vec![vec![1.0, 2.0, 3.0, 4.0]],
             par: vec![1.0],
         };
-        let b = LoadReport { rank: 1, ..a.clone() };
+        let b = LoadReport {
+            rank: 1,
+            ..a.clone()
+        };
         let total = LoadReport::sum_slot_counts([&a, &b]);
         assert_eq!(total, vec![vec![2.0, 4.0, 6.0, 8.0]]);
-        assert_eq!(LoadReport::logical_load(&total, &placement), vec![vec![10.0, 4.0, 6.0]]);
+        assert_eq!(
+            LoadReport::logical_load(&total, &placement),
+            vec![vec![10.0, 4.0, 6.0]]
+        );
     }
 
     #[test]
@@ -286,7 +296,8 @@ mod tests {
         let req: RemapRequest = serde_json::from_str(json).unwrap();
         assert_eq!(req.mode, RemapMode::Async);
         assert!(req.layers.is_empty());
-        let back: RemapRequest = serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();
+        let back: RemapRequest =
+            serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();
         assert_eq!(back, req);
     }
 }
