@@ -366,6 +366,24 @@ async fn unreachable_workers_degrade_but_do_not_fail_the_reconcile() {
 }
 
 #[tokio::test]
+async fn unschedulable_pods_show_as_degraded() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    let path = format!("{PODS}/demo-1");
+    let mut pod = h.api.get(&path).unwrap();
+    pod["status"] = json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+        "reason": "Unschedulable", "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]});
+    h.api.put(&path, pod);
+    h.reconcile().await;
+    let d = h.condition("Degraded");
+    assert_eq!(d["reason"], "Unschedulable");
+    assert!(d["message"].as_str().unwrap().contains("nvidia.com/gpu"));
+    assert_eq!(h.status()["ready"], "1/2");
+    assert_eq!(h.condition("Available")["status"], "False");
+}
+
+#[tokio::test]
 async fn interrupted_remap_resumes_from_the_committed_generation() {
     let h = Harness::new(spec_json());
     h.reconcile().await;
