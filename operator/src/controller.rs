@@ -275,9 +275,12 @@ fn fnv(text: &str) -> String {
 /// The committed document to keep or write.
 ///
 /// * Same shape and same source as committed: keep it (`Ok(None)`): remaps live in it.
-/// * Otherwise a new document from the source, with the next generation (0 when none).
+/// * Otherwise a new document from the source, with the next generation: after the committed
+///   one, or after `last_known` (the status' desired generation) when the ConfigMap was lost, so
+///   that generations never go backwards under running workers; 0 for a new deployment.
 pub fn next_document(
     current: Option<(&PlacementDocument, Option<&str>)>,
+    last_known: Option<u64>,
     spec: &crate::crd::MoEDeploymentSpec,
     redundant: u32,
     source: &PlacementSource,
@@ -288,7 +291,11 @@ pub fn next_document(
     {
         return Ok(None);
     }
-    let generation = current.map_or(0, |(d, _)| d.generation + 1);
+    let generation = match (current, last_known) {
+        (Some((d, _)), _) => d.generation + 1,
+        (None, Some(g)) => g + 1,
+        (None, None) => 0,
+    };
     let doc = match source {
         PlacementSource::Static { text, .. } => {
             planning::import_static(spec, redundant, text, generation).map_err(|e| {
@@ -493,6 +500,7 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     match source.and_then(|s| {
         let next = next_document(
             current_doc.as_ref().map(|d| (d, current_label.as_deref())),
+            old.placement.as_ref().map(|p| p.desired_generation),
             spec,
             redundant,
             &s,

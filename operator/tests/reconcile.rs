@@ -366,6 +366,25 @@ async fn unreachable_workers_degrade_but_do_not_fail_the_reconcile() {
 }
 
 #[tokio::test]
+async fn a_lost_placement_configmap_never_moves_generations_backwards() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    let mut spec = spec_json();
+    spec["placement"] = json!({"strategy": "RoundRobin"});
+    spec["model"]["numLayers"] = json!(3);
+    h.set_spec(spec, 2);
+    h.reconcile().await;
+    assert_eq!(h.placement().generation, 1);
+    h.api.remove(CM);
+    h.reconcile().await;
+    assert_eq!(
+        h.placement().generation,
+        2,
+        "re-created after the last known generation"
+    );
+}
+
+#[tokio::test]
 async fn unschedulable_pods_show_as_degraded() {
     let h = Harness::new(spec_json());
     h.reconcile().await;
