@@ -446,6 +446,21 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
         )
         .await;
     }
+    // An unknown planner does not stop the workers; it holds remaps and says why.
+    if !planning::planner_known(&spec.eplb.algorithm) {
+        let p = Problem::new(
+            "UnknownAlgorithm",
+            format!(
+                "spec.eplb.algorithm {:?} is not a planner of this operator: use {}",
+                spec.eplb.algorithm,
+                planning::ALGORITHMS.join(", ")
+            ),
+        );
+        if old.conditions.iter().all(|c| c.reason != p.reason) {
+            pending.event(EventType::Warning, &p.reason, "Validate", p.message.clone());
+        }
+        problems.push(p);
+    }
     let redundant = planning::effective_redundant(spec);
     st.redundant_experts = Some(redundant);
     let resolved = Resolved {
@@ -1043,6 +1058,13 @@ async fn remap_step(
     }
 
     // Plan.
+    if !planning::planner_known(&spec.eplb.algorithm) {
+        out.view = RemapView::Idle {
+            reason: "UnknownAlgorithm".into(),
+            message: format!("spec.eplb.algorithm {:?} is unknown", spec.eplb.algorithm),
+        };
+        return Ok(out);
+    }
     let load = planning::logical_load(&reports, doc);
     // Planning is CPU work (the joint planner searches): keep it off the async workers.
     let planned = {

@@ -109,6 +109,9 @@ pub fn logical_load(reports: &[LoadReport], doc: &PlacementDocument) -> Vec<Vec<
     LoadReport::logical_load(&summed, doc)
 }
 
+/// Planner names to suggest (eplb's, plus its `greedy-global` baseline).
+pub const ALGORITHMS: [&str; 4] = ["joint", "greedy", "greedy-global", "incremental"];
+
 /// Whether `eplb` knows a planner of this name.
 pub fn planner_known(name: &str) -> bool {
     planner_check(name).is_ok()
@@ -225,6 +228,20 @@ fn run_planner(
 mod tests {
     use super::*;
     use crate::crd::tests::sample_spec;
+
+    #[test]
+    fn every_suggested_algorithm_exists() {
+        for name in ALGORITHMS {
+            assert!(planner_known(name), "{name}");
+        }
+        for name in eplb::planner::ALGORITHMS {
+            assert!(
+                ALGORITHMS.contains(&name),
+                "{name} missing from the suggestions"
+            );
+        }
+        assert!(!planner_known("magic"));
+    }
 
     #[test]
     fn redundant_defaults_to_smallest_valid() {

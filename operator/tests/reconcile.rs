@@ -385,6 +385,21 @@ async fn a_lost_placement_configmap_never_moves_generations_backwards() {
 }
 
 #[tokio::test]
+async fn an_unknown_planner_holds_remaps_but_keeps_the_workers() {
+    let mut spec = spec_json();
+    spec["eplb"]["algorithm"] = json!("magic");
+    let h = Harness::new(spec);
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    h.workers.set_load(skewed(), 0, 100);
+    h.reconcile().await;
+    assert!(h.api.get(STS).is_some());
+    assert_eq!(h.condition("Degraded")["reason"], "UnknownAlgorithm");
+    assert_eq!(h.condition("Rebalancing")["reason"], "UnknownAlgorithm");
+    assert_eq!(h.placement().generation, 0);
+}
+
+#[tokio::test]
 async fn unschedulable_pods_show_as_degraded() {
     let h = Harness::new(spec_json());
     h.reconcile().await;
