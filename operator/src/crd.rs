@@ -33,6 +33,7 @@ pub const KIND: &str = "MoEDeployment";
     shortname = "moed",
     status = "MoEDeploymentStatus",
     derive = "PartialEq",
+    doc = "A group of expert-parallel Mixture-of-Experts worker ranks whose expert placement moe-operator keeps in balance.",
     printcolumn(
         name = "Ready",
         type_ = "string",
