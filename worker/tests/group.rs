@@ -251,6 +251,16 @@ async fn multi_rank_group_matches_reference_and_async_remap_lowers_par() {
     assert!(checked > 20);
     assert!(generations.contains(&vec![0, 0]) && generations.contains(&vec![1, 1]));
     assert!(generations.contains(&vec![2, 2]), "{generations:?}");
+    // Asynchronous: layers switch at different boundaries while serving continues.
+    assert!(
+        generations.contains(&vec![1, 0]) || generations.contains(&vec![0, 1]),
+        "{generations:?}"
+    );
+    // Stop-the-world: every layer at once.
+    assert!(
+        !generations.contains(&vec![2, 1]) && !generations.contains(&vec![1, 2]),
+        "{generations:?}"
+    );
 
     // The load history is in moectl's format.
     let text = std::fs::read_to_string(dir.path().join("load-0.json")).unwrap();
