@@ -700,3 +700,74 @@ pub fn reference_forward(
     }
     Ok(x)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::tests::group;
+    use crate::config::Scoring;
+    use crate::weights::synthetic_expert;
+
+    #[test]
+    fn staging_moves_each_needed_expert_once_from_one_holder() {
+        let shape = ModelShape {
+            num_layers: 1,
+            num_experts: 4,
+            hidden: 8,
+            intermediate: 4,
+            top_k: 2,
+            expert_groups: 1,
+            topk_groups: 1,
+            scoring: Scoring::Softmax,
+            redundant: 2,
+            world_size: 3,
+        };
+        let old: Vec<u32> = vec![0, 1, 2, 3, 0, 1];
+        let new: Vec<u32> = vec![3, 1, 2, 2, 0, 0];
+        let plan = plan_layer(&old, &new, 3, 3);
+        let handles: Vec<_> = group(3)
+            .into_iter()
+            .map(|(comm, _)| {
+                let plan = plan.clone();
+                let old = old.clone();
+                std::thread::spawn(move || {
+                    let rank = comm.rank();
+                    let spr = shape.slots_per_rank();
+                    let sends = send_slots(&plan, rank, spr)
+                        .into_iter()
+                        .map(|s| {
+                            (
+                                s,
+                                Arc::new(synthetic_expert(1, 0, old[rank * spr + s], &shape)),
+                            )
+                        })
+                        .collect();
+                    (
+                        rank,
+                        stage_layer(&comm, &plan, &sends, rank, &shape).unwrap(),
+                    )
+                })
+            })
+            .collect();
+        for h in handles {
+            let (rank, staged) = h.join().unwrap();
+            for (i, slot) in staged.slots.iter().enumerate() {
+                let s = rank * 2 + i;
+                match slot {
+                    StagedSlot::Keep => assert_eq!(old[s], new[s]),
+                    StagedSlot::Local(j) => assert_eq!(old[rank * 2 + j], new[s]),
+                    StagedSlot::Received(w) => {
+                        assert_eq!(**w, synthetic_expert(1, 0, new[s], &shape));
+                    }
+                }
+            }
+            // Only rank 0 receives (expert 3, from rank 1); ranks 1 and 2 copy locally.
+            let want_bytes = if rank == 0 {
+                shape.expert_bytes() as u64
+            } else {
+                0
+            };
+            assert_eq!(staged.bytes, want_bytes, "rank {rank}");
+        }
+    }
+}

@@ -321,3 +321,62 @@ async fn newest_committed_placement_wins_at_start() {
     newer.generation = 0;
     assert!(sinks[1].try_iter().count() > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_trace_matches_the_reference() {
+    use moe_worker::traffic::TraceStep;
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.jsonl");
+    let mut text = String::new();
+    for step in 0..3u32 {
+        let layer = |l: u32| -> Vec<Vec<u32>> {
+            (0..6u32)
+                .map(|t| vec![(t + step + l) % 4, (t + 2 * step + l + 1) % 4])
+                .collect()
+        };
+        let s = TraceStep {
+            topk_ids: vec![layer(0), layer(1)],
+        };
+        text.push_str(&serde_json::to_string(&s).unwrap());
+        text.push('\n');
+    }
+    std::fs::write(&trace, text).unwrap();
+    let flags = |_: usize| {
+        let mut v = strings(&[
+            "--num-layers",
+            "2",
+            "--num-experts",
+            "4",
+            "--hidden",
+            "16",
+            "--intermediate",
+            "16",
+            "--max-steps",
+            "6",
+        ]);
+        v.push("--traffic-trace".into());
+        v.push(trace.to_string_lossy().into_owned());
+        v
+    };
+    let shape = config(0, 2, 1, &flags(0)).shape;
+    let g = start_group(2, flags).await;
+    let mut sinks = Vec::new();
+    for (r, w) in g.workers.into_iter().enumerate() {
+        w.wait().await.unwrap_or_else(|e| panic!("rank {r}: {e:#}"));
+    }
+    sinks.extend(g.sinks);
+    let store = WeightStore::open(&WeightsSource::Synthetic { seed: 0 }, &shape).unwrap();
+    for (rank, rx) in sinks.into_iter().enumerate() {
+        let recs: Vec<_> = rx.try_iter().collect();
+        assert_eq!(recs.len(), 6, "rank {rank}");
+        for rec in recs {
+            assert_eq!(
+                rec.batch.x.len(),
+                3 * 16,
+                "three of the six tokens per rank"
+            );
+            let want = reference_forward(&store, &shape, &rec.batch).unwrap();
+            assert_eq!(rec.output, want, "rank {rank} step {}", rec.step);
+        }
+    }
+}
