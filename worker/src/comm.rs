@@ -217,7 +217,20 @@ fn lead(
     peers[0] = listener.local_addr()?.to_string();
     let mut best = placement;
     let mut registered = 1;
-    while registered < cfg.world {
+    loop {
+        if registered == cfg.world {
+            // Drop registrations whose process died meanwhile (a restarted pod registers again).
+            for (rank, link) in links.iter_mut().enumerate() {
+                if link.as_ref().is_some_and(|s| !alive(s)) {
+                    tracing::warn!(rank, "registered rank went away; waiting for it again");
+                    *link = None;
+                    registered -= 1;
+                }
+            }
+            if registered == cfg.world {
+                break;
+            }
+        }
         let Some(mut s) = accept_until(listener, deadline)? else {
             let missing: Vec<usize> = (1..cfg.world).filter(|&r| links[r].is_none()).collect();
             bail!(
@@ -252,8 +265,6 @@ fn lead(
             ))
         } else if rank == 0 || rank >= cfg.world {
             Some(format!("rank {rank} is out of range 1..{}", cfg.world))
-        } else if links[rank].is_some() {
-            Some(format!("rank {rank} registered twice"))
         } else if fingerprint != cfg.fingerprint {
             Some(format!(
                 "rank {rank} has a different configuration: `{fingerprint}` vs rank 0's `{}`",
@@ -274,8 +285,13 @@ fn lead(
         }
         tracing::info!(rank, %advertise, "rank registered");
         peers[rank] = advertise;
-        links[rank] = Some(s);
-        registered += 1;
+        // A rank that registers again (its pod restarted during the rendezvous) replaces its
+        // earlier, now dead, registration.
+        if links[rank].replace(s).is_none() {
+            registered += 1;
+        } else {
+            tracing::warn!(rank, "rank registered again; keeping the newer connection");
+        }
     }
     let info = GroupInfo {
         epoch: random_u64(),
@@ -293,6 +309,20 @@ fn lead(
         send_msg(s, &table)?;
     }
     Ok(info)
+}
+
+/// False when the peer closed or reset the connection (a non-blocking peek).
+fn alive(s: &TcpStream) -> bool {
+    if s.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let mut b = [0u8; 1];
+    let ok = match s.peek(&mut b) {
+        Ok(0) => false,
+        Ok(_) => true,
+        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+    };
+    ok && s.set_nonblocking(false).is_ok()
 }
 
 fn connect_leader(cfg: &RendezvousConfig, deadline: Instant) -> Result<TcpStream> {
@@ -803,6 +833,42 @@ pub(crate) mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("could not reach rank 0"), "{err}");
+    }
+
+    #[test]
+    fn a_rank_that_registers_again_replaces_its_dead_registration() {
+        let leader = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = leader.local_addr().unwrap().port();
+        let c0 = rdv(0, 3, port);
+        let t = std::thread::spawn(move || form_group(&c0, leader, None, random_unique_id));
+        // A first incarnation of rank 1 registers and dies while rank 2 is not there yet.
+        let mut dead = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        send_msg(
+            &mut dead,
+            &Rendezvous::Register {
+                rank: 1,
+                world: 3,
+                advertise: "127.0.0.1:9".into(),
+                fingerprint: "f".into(),
+                placement: None,
+            },
+        )
+        .unwrap();
+        drop(dead);
+        std::thread::sleep(Duration::from_millis(100));
+        let joins: Vec<_> = [1, 2]
+            .into_iter()
+            .map(|r| {
+                let c = rdv(r, 3, port);
+                let l = bind_listener(&c).unwrap();
+                std::thread::spawn(move || form_group(&c, l, None, random_unique_id).unwrap())
+            })
+            .collect();
+        let (comm0, info0) = t.join().unwrap().unwrap();
+        let others: Vec<_> = joins.into_iter().map(|h| h.join().unwrap()).collect();
+        assert!(others.iter().all(|(_, i)| i.epoch == info0.epoch));
+        comm0.send(1, CHAN_STEP, vec![7]).unwrap();
+        assert_eq!(others[0].0.recv(0, CHAN_STEP).unwrap(), vec![7]);
     }
 
     #[test]
