@@ -56,6 +56,8 @@ struct Ctrl {
 /// Weights staged for one layer of a remap.
 pub struct Staged {
     pub slots: Vec<StagedSlot>,
+    /// Seconds spent sending and receiving.
+    pub transfer_seconds: f64,
     pub bytes: u64,
     pub moved: u64,
 }
@@ -122,6 +124,7 @@ pub fn stage_layer(
 ) -> Result<Staged> {
     let spr = shape.slots_per_rank();
     let base = rank * spr;
+    let t0 = Instant::now();
     for f in plan.sends_of(rank) {
         let w = sends
             .get(&(f.src_slot as usize - base))
@@ -135,6 +138,7 @@ pub fn stage_layer(
         bytes += data.len() as u64;
         received.insert(f.expert, Arc::new(expert_from_bytes(&data, shape)?));
     }
+    let transfer_seconds = t0.elapsed().as_secs_f64();
     let mut slots = Vec::with_capacity(spr);
     let mut moved = 0;
     for s in base..base + spr {
@@ -158,6 +162,7 @@ pub fn stage_layer(
     }
     Ok(Staged {
         slots,
+        transfer_seconds,
         bytes,
         moved,
     })
@@ -579,6 +584,7 @@ impl Engine {
         self.shared.lock_window().reset_layer(layer);
         let m = &self.shared.metrics;
         m.remap_bytes.inc_by(staged.bytes);
+        m.remap_transfer.inc_by(staged.transfer_seconds);
         m.remap_experts_moved.inc_by(staged.moved);
         m.remap_stall.inc_by(stall);
         m.remap_layers_done.inc();
@@ -742,15 +748,15 @@ mod tests {
                             )
                         })
                         .collect();
-                    (
-                        rank,
-                        stage_layer(&comm, &plan, &sends, rank, &shape).unwrap(),
-                    )
+                    let staged = stage_layer(&comm, &plan, &sends, rank, &shape);
+                    // Keep the links open until every rank is done.
+                    (rank, staged, comm)
                 })
             })
             .collect();
-        for h in handles {
-            let (rank, staged) = h.join().unwrap();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        for (rank, staged, _) in &results {
+            let (rank, staged) = (*rank, staged.as_ref().unwrap());
             for (i, slot) in staged.slots.iter().enumerate() {
                 let s = rank * 2 + i;
                 match slot {

@@ -15,6 +15,7 @@ pub struct Metrics {
     pub remap_bytes: IntCounter,
     pub remap_experts_moved: IntCounter,
     pub remap_stall: prometheus::Counter,
+    pub remap_transfer: prometheus::Counter,
     pub remap_layers_done: IntGauge,
     pub remap_layers_total: IntGauge,
     pub remaps: IntCounterVec,
@@ -75,6 +76,11 @@ impl Metrics {
                 "Time forward passes were held back by remaps",
             )
             .expect("valid"),
+            remap_transfer: prometheus::Counter::new(
+                "moe_worker_remap_transfer_seconds_total",
+                "Time remap staging spent sending and receiving expert weights (side thread)",
+            )
+            .expect("valid"),
             remap_layers_done: IntGauge::new(
                 "moe_worker_remap_layers_done",
                 "Layers switched by the current or last remap",
@@ -121,6 +127,7 @@ impl Metrics {
         let _ = r.register(Box::new(m.remap_bytes.clone()));
         let _ = r.register(Box::new(m.remap_experts_moved.clone()));
         let _ = r.register(Box::new(m.remap_stall.clone()));
+        let _ = r.register(Box::new(m.remap_transfer.clone()));
         let _ = r.register(Box::new(m.remap_layers_done.clone()));
         let _ = r.register(Box::new(m.remap_layers_total.clone()));
         let _ = r.register(Box::new(m.remaps.clone()));

@@ -95,7 +95,12 @@ fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(0.0, f64::max)
 }
 
-async fn remap(workers: &[Worker], req: RemapRequest) -> Result<(f64, u64, f64)> {
+/// (wall seconds, bytes received by all ranks, max stall seconds, max transfer seconds).
+async fn remap(workers: &[Worker], req: RemapRequest) -> Result<(f64, u64, f64, f64)> {
+    let transfer0: Vec<f64> = workers
+        .iter()
+        .map(|w| w.shared.metrics.remap_transfer.get())
+        .collect();
     let generation = req.placement.generation;
     workers[0]
         .shared
@@ -122,7 +127,12 @@ async fn remap(workers: &[Worker], req: RemapRequest) -> Result<(f64, u64, f64)>
         bytes += p.bytes_moved;
         stall = stall.max(p.stall_seconds);
     }
-    Ok((secs, bytes, stall))
+    let transfer = workers
+        .iter()
+        .zip(&transfer0)
+        .map(|(w, t0)| w.shared.metrics.remap_transfer.get() - t0)
+        .fold(0.0, f64::max);
+    Ok((secs, bytes, stall, transfer))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -210,7 +220,7 @@ async fn main() -> Result<()> {
 
     // B: asynchronous remap while serving.
     let b0 = step(&workers[0]);
-    let (async_secs, async_bytes, async_stall) = remap(
+    let (async_secs, async_bytes, async_stall, async_transfer) = remap(
         &workers,
         RemapRequest {
             placement: target,
@@ -235,7 +245,7 @@ async fn main() -> Result<()> {
     let mut back = current.clone();
     back.generation += 2;
     let d0 = step(&workers[0]);
-    let (stw_secs, stw_bytes, stw_stall) = remap(
+    let (stw_secs, stw_bytes, stw_stall, stw_transfer) = remap(
         &workers,
         RemapRequest {
             placement: back,
@@ -293,9 +303,14 @@ async fn main() -> Result<()> {
         stw_bytes as f64 / (1 << 20) as f64,
         max(&stw),
     );
+    let gbps = |bytes: u64, secs: f64| bytes as f64 / secs.max(1e-9) / 1e9;
     println!(
-        "expert size {expert_mib:.2} MiB; predicted PAR by the planner {:.3}; async remap wall {async_secs:.3} s, stop-the-world wall {stw_secs:.3} s",
-        plan.mean_par()
+        "expert size {expert_mib:.2} MiB; predicted PAR by the planner {:.3}; async remap wall {async_secs:.3} s, transfer {:.3} s max/rank ({:.2} GB/s group), stop-the-world wall {stw_secs:.3} s, transfer {:.3} s ({:.2} GB/s group)",
+        plan.mean_par(),
+        async_transfer,
+        gbps(async_bytes, async_transfer),
+        stw_transfer,
+        gbps(stw_bytes, stw_transfer),
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
