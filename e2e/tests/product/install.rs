@@ -1,0 +1,259 @@
+//! Scenarios 1 and 2: install with Helm, apply a MoEDeployment, see the group form and the
+//! status become Available with a measured PAR; skewed traffic drives a rolling remap that
+//! brings the measured PAR below the threshold.
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::ResourceExt;
+use moe_e2e::wait;
+use serde_json::json;
+
+use crate::common::*;
+
+/// 1. `helm install` (CRDs, RBAC, operator as a pod with its service account), then a small
+///    CPU-backend MoEDeployment: owned objects appear, pods land on the GPU nodes, the
+///    worker processes form the group, status is Available with ready ranks and a PAR.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_and_apply() -> Result<()> {
+    moe_e2e::init_tracing();
+    let Some((cluster, agent)) = cluster_with_operator("install_and_apply", 2).await? else {
+        return Ok(());
+    };
+    let client = cluster.client();
+    let (ns, name) = ("ml", "tiny");
+    create_namespace(&cluster, ns).await?;
+    // RoundRobin with no real skew: stays balanced, no remap expected here.
+    let obj = small_moed(name, "RoundRobin", json!({}), json!({"skew": 1.0}));
+    apply_moed(&client, ns, &obj).await?;
+
+    // The operator's objects, with controller owner references to the MoEDeployment.
+    let uid = get_moed(&client, ns, name).await?.uid().context("uid")?;
+    let owned = |refs: Option<&Vec<_>>| {
+        refs.is_some_and(
+            |r: &Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>| {
+                r.iter().any(|o| o.uid == uid && o.controller == Some(true))
+            },
+        )
+    };
+    let sts = wait::object::<StatefulSet>(&client, ns, name, T, |_| true).await?;
+    ensure!(
+        owned(sts.metadata.owner_references.as_ref()),
+        "StatefulSet not owned"
+    );
+    ensure!(
+        sts.spec.as_ref().and_then(|s| s.replicas) == Some(2),
+        "StatefulSet replicas: {:?}",
+        sts.spec.as_ref().and_then(|s| s.replicas)
+    );
+    let svc = wait::object::<Service>(&client, ns, &format!("{name}-workers"), T, |_| true).await?;
+    ensure!(
+        owned(svc.metadata.owner_references.as_ref()),
+        "Service not owned"
+    );
+    ensure!(
+        svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()) == Some("None"),
+        "worker Service is not headless"
+    );
+    let cm =
+        wait::object::<ConfigMap>(&client, ns, &format!("{name}-placement"), T, |_| true).await?;
+    ensure!(
+        owned(cm.metadata.owner_references.as_ref()),
+        "ConfigMap not owned"
+    );
+    wait::object::<Secret>(&client, ns, &format!("{name}-control"), T, |_| true).await?;
+
+    // Pods scheduled onto the fake GPU nodes (each takes one nvidia.com/gpu), Ready.
+    let pods = wait::pods_ready(&client, ns, &worker_selector(name), 2, T)
+        .await
+        .context("worker pods never became Ready")?;
+    for p in &pods {
+        let node = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        ensure!(
+            node.starts_with("gpu-node-"),
+            "{} bound to {node:?}",
+            p.name_any()
+        );
+        // The real moe-worker process runs and reports the CPU backend in a formed group.
+        let ip = pod_ip(p).context("pod IP")?;
+        let ws = worker_get(&ip, "/v1/status").await?;
+        ensure!(
+            ws["ready"] == true && ws["worldSize"] == 2 && ws["backend"] == "cpu",
+            "{}: {ws}",
+            p.name_any()
+        );
+    }
+
+    let o = wait_status(&client, ns, name, T, "Available, 2/2, measured PAR", |st| {
+        available_with_par(st, 2) && st["ready"] == "2/2"
+    })
+    .await?;
+    let st = status(&o);
+    println!(
+        "tiny: phase {} ready {} worst PAR {} (window {} steps)",
+        st["phase"], st["ready"], st["imbalance"]["worstPar"], st["imbalance"]["windowSteps"]
+    );
+    ensure!(st["phase"] == "Running", "phase {}", st["phase"]);
+    ensure!(cond_is(st, "Degraded", "False"), "Degraded: {st}");
+    // ConfigMap, workers (GET /v1/placement) and status agree.
+    converged(&client, ns, name, 2, 4, 8, T).await?;
+
+    // What a user sees.
+    let table = cluster.run_kubectl(&["get", "moed", "-n", ns])?;
+    println!("{table}");
+    ensure!(table.contains("2/2"), "kubectl get moed:\n{table}");
+    let _ = agent;
+    Ok(())
+}
+
+/// 2. Skewed traffic on a Linear placement pushes PAR above the threshold; the operator plans
+///    and drives a rolling (async) remap; status shows Rebalancing, then `lastRemap` with PAR
+///    before/predicted/after; the measured PAR falls below the threshold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skew_triggers_remap() -> Result<()> {
+    moe_e2e::init_tracing();
+    let Some((cluster, agent)) = cluster_with_operator("skew_triggers_remap", 2).await? else {
+        return Ok(());
+    };
+    let client = cluster.client();
+    let (ns, name) = ("ml", "skewed");
+    let threshold = 1.1;
+    create_namespace(&cluster, ns).await?;
+    let obj = small_moed(
+        name,
+        "Linear",
+        json!({"imbalanceThreshold": threshold, "replanIntervalSeconds": 3600}),
+        json!({"skew": 1.5}),
+    );
+    apply_moed(&client, ns, &obj).await?;
+
+    // Rebalancing is observed while the remap runs.
+    let o = wait_status(
+        &client,
+        ns,
+        name,
+        T,
+        "Rebalancing (a remap in progress)",
+        |st| !st["remap"].is_null(),
+    )
+    .await
+    .context("no remap started");
+    let o = with_log(o, &agent)?;
+    let st = status(&o);
+    println!(
+        "during the remap: phase {} remap {}",
+        st["phase"], st["remap"]
+    );
+    ensure!(
+        cond_is(st, "Rebalancing", "True") && st["phase"] == "Rebalancing",
+        "a running remap should show phase/condition Rebalancing: {st}"
+    );
+    let before = st["remap"]["parBefore"].as_f64().context("parBefore")?;
+    ensure!(
+        before > threshold,
+        "remap started at PAR {before} <= {threshold}"
+    );
+    ensure!(
+        st["remap"]["trigger"] == "Threshold",
+        "trigger {}",
+        st["remap"]["trigger"]
+    );
+
+    // The record, then the measured PAR of the new placement.
+    let o = wait_status(&client, ns, name, T, "lastRemap with parAfter", |st| {
+        st["lastRemap"]["parAfter"].is_number()
+    })
+    .await;
+    let o = with_log(o, &agent)?;
+    let lr = status(&o)["lastRemap"].clone();
+    println!("lastRemap: {lr}");
+    ensure!(lr["result"] == "Succeeded", "result {}", lr["result"]);
+    ensure!(lr["generation"] == 1, "generation {}", lr["generation"]);
+    let predicted = lr["parPredicted"].as_f64().context("parPredicted")?;
+    let after = lr["parAfter"].as_f64().context("parAfter")?;
+    ensure!(
+        lr["parBefore"].as_f64() == Some(before),
+        "parBefore changed: {lr}"
+    );
+    ensure!(
+        predicted < threshold,
+        "predicted PAR {predicted} >= {threshold}"
+    );
+    ensure!(
+        after < threshold,
+        "measured PAR after the remap {after} >= {threshold}"
+    );
+    ensure!(
+        lr["expertsMoved"].as_u64().unwrap_or(0) > 0,
+        "no expert moved: {lr}"
+    );
+
+    // The live measurement agrees, the status is settled, and the remap happened once.
+    wait_status(
+        &client,
+        ns,
+        name,
+        T,
+        "worst PAR below the threshold, Balanced",
+        |st| {
+            st["imbalance"]["worstPar"]
+                .as_f64()
+                .is_some_and(|p| p < threshold)
+                && cond_is(st, "Rebalancing", "False")
+                && st["phase"] == "Running"
+        },
+    )
+    .await?;
+    let generation = converged(&client, ns, name, 2, 4, 8, T).await?;
+    ensure!(generation == 1, "generation {generation}");
+    check_remap_record(&client, ns, name, 1, 1).await?;
+    println!(
+        "{}",
+        cluster.run_kubectl(&["get", "moed", "-n", ns, "-o", "wide"])?
+    );
+    Ok(())
+}
+
+/// Each remap is reported by its own `RemapStarted` and `RemapFinished` events naming its
+/// generation (`kubectl get events` is the history users read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reason: operator bug: the RemapStarted/RemapFinished events of a later remap are folded into the first one's event series (kube-runtime's Recorder keys on type/reason/action/regarding, not the note), so generation 2's events are never shown (see report)"]
+async fn remap_events_name_each_generation() -> Result<()> {
+    moe_e2e::init_tracing();
+    let Some((cluster, agent)) =
+        cluster_with_operator("remap_events_name_each_generation", 2).await?
+    else {
+        return Ok(());
+    };
+    let client = cluster.client();
+    let (ns, name) = ("ml", "history");
+    create_namespace(&cluster, ns).await?;
+    let obj = small_moed(
+        name,
+        "Linear",
+        json!({"enabled": false}),
+        json!({"skew": 1.5, "drift": 0.02}),
+    );
+    apply_moed(&client, ns, &obj).await?;
+    for (g, request) in [(1u64, "first"), (2, "second")] {
+        crate::failures::start_manual_remap(&client, &agent, ns, name, request, g).await?;
+        let o = wait_status(&client, ns, name, T, "remap recorded", |st| {
+            st["lastRemap"]["generation"].as_u64() == Some(g) && st["remap"].is_null()
+        })
+        .await;
+        with_log(o, &agent)?;
+    }
+    for g in [1, 2] {
+        let (started, finished) = remap_events(&client, ns, name, g).await?;
+        ensure!(
+            (started, finished) == (1, 1),
+            "generation {g}: {started} RemapStarted and {finished} RemapFinished events name it (want 1 and 1)\n{}",
+            cluster.run_kubectl(&["get", "events", "-n", ns])?
+        );
+    }
+    Ok(())
+}
