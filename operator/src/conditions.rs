@@ -73,13 +73,19 @@ pub struct Observed {
     pub restarting: bool,
     /// The worker objects could not be created at all (invalid spec, missing static map).
     pub blocked: bool,
+    /// A rank failed and the group restart waits for its backoff: the message says when.
+    pub restart_pending: Option<String>,
+    /// A rank failed and the restart budget is used up: the group is left as it is.
+    pub restart_held: Option<String>,
     pub problems: Vec<Problem>,
     pub remap: RemapView,
 }
 
 /// The four conditions, in a fixed order.
 pub fn desired(o: &Observed) -> Vec<Cond> {
-    let all_ready = o.ranks > 0 && o.ready_ranks == o.ranks && !o.restarting && !o.blocked;
+    let broken = o.restart_pending.as_ref().or(o.restart_held.as_ref());
+    let all_ready =
+        o.ranks > 0 && o.ready_ranks == o.ranks && !o.restarting && !o.blocked && broken.is_none();
     let available = if o.blocked {
         Cond::new(
             AVAILABLE,
@@ -87,6 +93,8 @@ pub fn desired(o: &Observed) -> Vec<Cond> {
             "NotCreated",
             "the worker group could not be created; see Degraded",
         )
+    } else if let Some(m) = broken {
+        Cond::new(AVAILABLE, false, "RankFailed", m.clone())
     } else if all_ready {
         Cond::new(
             AVAILABLE,
@@ -115,6 +123,15 @@ pub fn desired(o: &Observed) -> Vec<Cond> {
             true,
             "GroupRestarting",
             "the EP group is being replaced as a whole",
+        )
+    } else if let Some(m) = &o.restart_pending {
+        Cond::new(PROGRESSING, true, "RestartBackoff", m.clone())
+    } else if o.restart_held.is_some() {
+        Cond::new(
+            PROGRESSING,
+            false,
+            "RestartBudgetExhausted",
+            "the group restart is held; see Degraded",
         )
     } else if !all_ready {
         Cond::new(
@@ -168,7 +185,7 @@ pub fn desired(o: &Observed) -> Vec<Cond> {
 pub fn phase(o: &Observed) -> &'static str {
     if !o.problems.is_empty() {
         "Degraded"
-    } else if o.restarting {
+    } else if o.restarting || o.restart_pending.is_some() {
         "Restarting"
     } else if matches!(o.remap, RemapView::Running { .. }) {
         "Rebalancing"
@@ -223,6 +240,8 @@ mod tests {
             ready_ranks: 4,
             restarting: false,
             blocked: false,
+            restart_pending: None,
+            restart_held: None,
             problems: vec![],
             remap: idle(),
         }
@@ -264,6 +283,12 @@ mod tests {
         let mut o = obs();
         o.restarting = true;
         assert_eq!(get(&desired(&o), PROGRESSING).reason, "GroupRestarting");
+        assert_eq!(phase(&o), "Restarting");
+        let mut o = obs();
+        o.restart_pending = Some("rank 1 restarted; the group restarts in 10s".into());
+        let c = desired(&o);
+        assert_eq!(get(&c, PROGRESSING).reason, "RestartBackoff");
+        assert_eq!(get(&c, AVAILABLE).reason, "RankFailed");
         assert_eq!(phase(&o), "Restarting");
         let mut o = obs();
         o.remap = RemapView::Running {

@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use moe_api::{PlacementDocument, RemapRequest};
@@ -23,9 +24,10 @@ use tracing::{info, warn};
 
 use crate::conditions::{self, Observed, Problem, RemapView};
 use crate::crd::{
-    MoEDeployment, MoEDeploymentStatus, PlacementStatus, PlacementStrategy, RemapProgressStatus,
-    RemapRecord,
+    GroupRestartRecord, MoEDeployment, MoEDeploymentStatus, PlacementStatus, PlacementStrategy,
+    RankPod, RemapProgressStatus, RemapRecord,
 };
+use crate::group::{self, Gate, RankFailure, RestartReason};
 use crate::metrics::{CONTROLLER, Metrics};
 use crate::planning;
 use crate::remap::{self, Decision, Trigger};
@@ -156,17 +158,30 @@ impl Context {
 /// Runs the controller until the stream ends (shutdown signal).
 pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     let client = ctx.client.clone();
-    let (moeds, stss): (Api<MoEDeployment>, Api<StatefulSet>) = match &namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
+    let (moeds, stss, cms): (Api<MoEDeployment>, Api<StatefulSet>, Api<ConfigMap>) =
+        match &namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+        };
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=moe-operator");
     let metrics = ctx.metrics.clone();
-    Controller::new(moeds, watcher::Config::default())
+    let controller = Controller::new(moeds, watcher::Config::default());
+    let store = controller.store();
+    controller
         .owns(stss, owned)
+        // Static maps are the user's ConfigMaps (no label to select them by): a created, fixed
+        // or deleted map, or a change to an owned placement ConfigMap, reconciles at once.
+        .watches(cms, watcher::Config::default(), move |cm| {
+            deployments_for_configmap(&cm, &store.state())
+        })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| {
@@ -195,6 +210,43 @@ pub fn error_policy(moed: Arc<MoEDeployment>, error: &Error, ctx: Arc<Context>) 
         .min(cap);
     warn!(name = %moed.name_any(), namespace = ?moed.namespace(), error = %error, retry_in = ?delay, "reconcile error");
     Action::requeue(delay)
+}
+
+/// The deployments a ConfigMap event concerns: its controller owner (the placement ConfigMap)
+/// and every deployment of its namespace whose `spec.placement.staticMap` names it.
+pub fn deployments_for_configmap(
+    cm: &ConfigMap,
+    moeds: &[Arc<MoEDeployment>],
+) -> Vec<ObjectRef<MoEDeployment>> {
+    let Some(ns) = cm.namespace() else {
+        return Vec::new();
+    };
+    let name = cm.name_any();
+    let mut out: Vec<ObjectRef<MoEDeployment>> = cm
+        .owner_references()
+        .iter()
+        .filter(|o| {
+            o.controller == Some(true)
+                && o.kind == crate::crd::KIND
+                && o.api_version.starts_with(crate::crd::GROUP)
+        })
+        .map(|o| ObjectRef::new(&o.name).within(&ns))
+        .collect();
+    for m in moeds {
+        if m.namespace().as_deref() == Some(ns.as_str())
+            && m.spec
+                .placement
+                .static_map
+                .as_ref()
+                .is_some_and(|r| r.name == name)
+        {
+            let r = ObjectRef::from_obj(m.as_ref());
+            if !out.contains(&r) {
+                out.push(r);
+            }
+        }
+    }
+    out
 }
 
 /// Controller entry point: timing and metrics around [`reconcile_inner`].
@@ -333,6 +385,36 @@ fn pod_hash(pod: &Pod) -> Option<&str> {
         .map(String::as_str)
 }
 
+/// Container restarts of a pod (all containers).
+fn pod_restarts(pod: &Pod) -> u32 {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map_or(0, |cs| {
+            cs.iter()
+                .map(|c| u32::try_from(c.restart_count).unwrap_or(0))
+                .fold(0u32, u32::saturating_add)
+        })
+}
+
+/// The group's live pods per rank (uid, restarts), by rank.
+fn rank_pods(pods: &[&Pod]) -> Vec<RankPod> {
+    let mut out: Vec<RankPod> = pods
+        .iter()
+        .filter_map(|p| {
+            let rank = u32::try_from(pod_rank(p)?).ok()?;
+            Some(RankPod {
+                rank,
+                uid: p.uid().unwrap_or_else(|| p.name_any()),
+                restarts: pod_restarts(p),
+            })
+        })
+        .collect();
+    out.sort_by_key(|p| p.rank);
+    out.dedup_by_key(|p| p.rank);
+    out
+}
+
 /// Problems visible on pods: unschedulable, crash looping.
 fn pod_problems(pods: &[Pod]) -> Vec<Problem> {
     let mut out = Vec::new();
@@ -429,6 +511,8 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
             ready_ranks: 0,
             restarting: false,
             blocked: true,
+            restart_pending: None,
+            restart_held: None,
             problems,
             remap: RemapView::Idle {
                 reason: "Blocked".into(),
@@ -557,6 +641,8 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
             ready_ranks: 0,
             restarting: false,
             blocked: true,
+            restart_pending: None,
+            restart_held: None,
             problems,
             remap: RemapView::Idle {
                 reason: "Blocked".into(),
@@ -615,7 +701,8 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     )
     .await?;
 
-    // 4. The group: replace it as a whole when its hash changed.
+    // 4. The group: replace it as a whole when its hash changed, or when a rank failed (within
+    //    the restart budget, after the backoff).
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let pods = pods_api
         .list(&ListParams::default().labels(&resources::selector_string(&name)))
@@ -631,44 +718,85 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
         .filter(|p| pod_hash(p) != Some(desired_hash.as_str()))
         .collect();
     let terminating = pods.len() > live.len();
-    if !stale.is_empty() {
-        if old.group_hash.as_deref() != Some(desired_hash.as_str()) {
-            st.group_restarts += 1;
-            ctx.metrics
-                .group_restarts
-                .with_label_values(&[&ns, &name, "SpecChanged"])
-                .inc();
-            pending.event(
-                EventType::Normal,
-                "GroupRestarted",
-                "RestartGroup",
-                format!(
-                    "the worker spec changed: replacing all {} ranks together",
-                    spec.expert_parallel.ranks
-                ),
-            );
-        }
-        for p in &stale {
-            delete_pod(&pods_api, p).await?;
-        }
-    }
-    st.group_hash = Some(desired_hash.clone());
-    let current: Vec<&Pod> = live
+    let now = Timestamp::now();
+    let policy = &spec.group_restart_policy;
+    let recorded_times: Vec<Timestamp> = old.recent_group_restarts.iter().map(|t| t.0).collect();
+    st.recent_group_restarts = group::recent_restarts(policy, &recorded_times, now)
+        .into_iter()
+        .map(Time)
+        .collect();
+    let mut current: Vec<&Pod> = live
         .iter()
         .copied()
         .filter(|p| pod_hash(p) == Some(desired_hash.as_str()))
         .collect();
+    let mut group = GroupCtx {
+        api: &pods_api,
+        ns: &ns,
+        name: &name,
+        ranks: spec.expert_parallel.ranks,
+        policy,
+        restarted: false,
+        pending_restart: None,
+        held_restart: None,
+        wake_in: None,
+    };
+    if !stale.is_empty() {
+        if old.group_hash.as_deref() != Some(desired_hash.as_str()) {
+            let failure = RankFailure {
+                reason: RestartReason::SpecChanged,
+                message: "the worker spec changed".into(),
+            };
+            group
+                .restart(&failure, &[], ctx, &mut st, &mut pending)
+                .await?;
+        }
+        for p in &stale {
+            delete_pod(&pods_api, p).await?;
+        }
+        st.rank_pods.clear();
+    } else {
+        // The record belongs to this group hash only.
+        let recorded: &[RankPod] = if old.group_hash.as_deref() == Some(desired_hash.as_str()) {
+            &old.rank_pods
+        } else {
+            &[]
+        };
+        let seen = rank_pods(&current);
+        match group::detect_failure(recorded, &seen, spec.expert_parallel.ranks) {
+            None => st.rank_pods = seen,
+            // The record stays as it was: the failure stays pending until acted on.
+            Some(f) => {
+                group
+                    .failed(
+                        &f,
+                        &current,
+                        ctx,
+                        &mut st,
+                        &old,
+                        &mut pending,
+                        &mut problems,
+                    )
+                    .await?;
+            }
+        }
+    }
+    if group.restarted {
+        current.clear();
+    }
+    st.group_hash = Some(desired_hash.clone());
     let ready_pods: Vec<&Pod> = current.iter().copied().filter(|p| pod_ready(p)).collect();
     st.ready_ranks = ready_pods.len().min(st.ranks as usize) as u32;
     problems.extend(pod_problems(&pods));
-    let restarting = !stale.is_empty() || terminating;
+    let restarting = !stale.is_empty() || terminating || group.restarted;
     ctx.metrics
         .ready_ranks
         .with_label_values(&[&ns, &name])
         .set(i64::from(st.ready_ranks));
 
     // 5. The remap loop.
-    let group_up = !restarting && st.ready_ranks == st.ranks && st.ranks > 0;
+    let broken = group.pending_restart.is_some() || group.held_restart.is_some();
+    let group_up = !restarting && !broken && st.ready_ranks == st.ranks && st.ranks > 0;
     let mut endpoints: Vec<Endpoint> = ready_pods
         .iter()
         .filter_map(|p| {
@@ -679,7 +807,11 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     endpoints.sort_by_key(|e| e.rank);
     let mut remap_view = RemapView::Idle {
         reason: "GroupNotReady".into(),
-        message: "waiting for every rank to be ready".into(),
+        message: if broken {
+            "a rank failed: the group must restart before remaps continue".into()
+        } else {
+            "waiting for every rank to be ready".into()
+        },
     };
     let mut requeue = Duration::from_secs(u64::from(spec.eplb.poll_interval_seconds.max(1)));
     if group_up && endpoints.len() == st.ranks as usize {
@@ -694,15 +826,22 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
         if step.fast_requeue {
             requeue = ctx.settings.remap_poll;
         }
-        if step.restart_group {
-            for p in &current {
-                delete_pod(&pods_api, p).await?;
-            }
-            st.group_restarts += 1;
-            ctx.metrics
-                .group_restarts
-                .with_label_values(&[&ns, &name, "RemapFailed"])
-                .inc();
+        if let Some(message) = step.restart_group {
+            let f = RankFailure {
+                reason: RestartReason::RemapFailed,
+                message,
+            };
+            group
+                .failed(
+                    &f,
+                    &current,
+                    ctx,
+                    &mut st,
+                    &old,
+                    &mut pending,
+                    &mut problems,
+                )
+                .await?;
         }
     } else if let Some(r) = &st.remap {
         remap_view = RemapView::Running {
@@ -710,6 +849,9 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
             layers_done: r.layers_done,
             layers_total: r.layers_total,
         };
+    }
+    if let Some(wake) = group.wake_in {
+        requeue = requeue.min(wake.max(Duration::from_secs(1)));
     }
     if let Some(p) = &st.placement {
         let g = &ctx.metrics.placement_generation;
@@ -723,12 +865,148 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     let observed = Observed {
         ranks: st.ranks,
         ready_ranks: st.ready_ranks,
-        restarting,
+        restarting: restarting || group.restarted,
         blocked: false,
+        restart_pending: group.pending_restart,
+        restart_held: group.held_restart,
         problems,
         remap: remap_view,
     };
     finish(moed, ctx, &old, st, &observed, pending, requeue).await
+}
+
+/// Whole-group restarts of one reconcile.
+struct GroupCtx<'a> {
+    api: &'a Api<Pod>,
+    ns: &'a str,
+    name: &'a str,
+    ranks: u32,
+    policy: &'a crate::crd::GroupRestartPolicy,
+    /// The operator deleted the group's pods in this pass.
+    restarted: bool,
+    /// A failure waits for the backoff (message for `Progressing/RestartBackoff`).
+    pending_restart: Option<String>,
+    /// A failure is held: the restart budget is used up.
+    held_restart: Option<String>,
+    /// Reconcile again after this long (backoff over, budget freed).
+    wake_in: Option<Duration>,
+}
+
+impl GroupCtx<'_> {
+    /// A rank failure: restart the group now, or say why not (backoff, budget).
+    #[allow(clippy::too_many_arguments)]
+    async fn failed(
+        &mut self,
+        failure: &RankFailure,
+        pods: &[&Pod],
+        ctx: &Context,
+        st: &mut MoEDeploymentStatus,
+        old: &MoEDeploymentStatus,
+        pending: &mut Pending,
+        problems: &mut Vec<Problem>,
+    ) -> Result<(), Error> {
+        let now = Timestamp::now();
+        let recent: Vec<Timestamp> = st.recent_group_restarts.iter().map(|t| t.0).collect();
+        match group::gate(self.policy, &recent, now) {
+            Gate::Restart => self.restart(failure, pods, ctx, st, pending).await?,
+            Gate::Backoff { wait, recent } => {
+                info!(ns = %self.ns, name = %self.name, reason = failure.reason.as_str(), wait = ?wait, "group restart backing off");
+                self.pending_restart = Some(format!(
+                    "{}: the group restarts in {}s (backoff after {recent} restart{} within {}s)",
+                    failure.message,
+                    wait.as_millis().div_ceil(1000).max(1),
+                    if recent == 1 { "" } else { "s" },
+                    self.policy.window_seconds
+                ));
+                self.wake_in = Some(wait);
+            }
+            Gate::Exhausted { until, recent } => {
+                let message =
+                    group::exhausted_message(self.policy, failure, recent, until, self.name);
+                let was_held = old.conditions.iter().any(|c| {
+                    c.type_ == conditions::DEGRADED
+                        && c.status == "True"
+                        && c.reason == "RestartBudgetExhausted"
+                });
+                if !was_held {
+                    warn!(ns = %self.ns, name = %self.name, reason = failure.reason.as_str(), "group restart budget exhausted");
+                    pending.event(
+                        EventType::Warning,
+                        "RestartBudgetExhausted",
+                        "RestartGroup",
+                        message.clone(),
+                    );
+                }
+                problems.insert(0, Problem::new("RestartBudgetExhausted", message));
+                self.held_restart = Some(format!(
+                    "{}; the group restart is held (restart budget exhausted)",
+                    failure.message
+                ));
+                if until != Timestamp::MAX {
+                    let left = Duration::try_from(until.duration_since(now)).unwrap_or_default();
+                    self.wake_in = Some(left);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every pod of the group (the StatefulSet, `OnDelete` + `Parallel`, creates them
+    /// again together) and records the restart.
+    async fn restart(
+        &mut self,
+        failure: &RankFailure,
+        pods: &[&Pod],
+        ctx: &Context,
+        st: &mut MoEDeploymentStatus,
+        pending: &mut Pending,
+    ) -> Result<(), Error> {
+        for p in pods {
+            delete_pod(self.api, p).await?;
+        }
+        let reason = failure.reason.as_str();
+        let now = now_time();
+        st.group_restarts = st.group_restarts.saturating_add(1);
+        if failure.reason.budgeted() {
+            st.recent_group_restarts.push(now.clone());
+        }
+        st.rank_pods.clear();
+        st.last_group_restart = Some(GroupRestartRecord {
+            at: now,
+            reason: reason.into(),
+            message: failure.message.clone(),
+        });
+        ctx.metrics
+            .group_restarts
+            .with_label_values(&[self.ns, self.name, reason])
+            .inc();
+        let budget = if failure.reason.budgeted() {
+            format!(
+                " (restart {} of at most {} within {}s)",
+                st.recent_group_restarts.len(),
+                self.policy.max_restarts,
+                self.policy.window_seconds
+            )
+        } else {
+            String::new()
+        };
+        pending.event(
+            if failure.reason.budgeted() {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            "GroupRestarted",
+            "RestartGroup",
+            format!(
+                "{reason}: {}; replacing all {} ranks together{budget}",
+                failure.message, self.ranks
+            ),
+        );
+        info!(ns = %self.ns, name = %self.name, reason, "group restarted");
+        self.restarted = !pods.is_empty();
+        Ok(())
+    }
 }
 
 async fn delete_pod(api: &Api<Pod>, pod: &Pod) -> Result<(), Error> {
@@ -785,7 +1063,8 @@ struct StepOutcome {
     view: RemapView,
     problems: Vec<Problem>,
     fast_requeue: bool,
-    restart_group: bool,
+    /// Restart the group (a rank failed a remap): why.
+    restart_group: Option<String>,
 }
 
 /// How to reach the ranks, and what the committed placement came from.
@@ -815,7 +1094,7 @@ async fn remap_step(
         },
         problems: Vec::new(),
         fast_requeue: false,
-        restart_group: false,
+        restart_group: None,
     };
     let statuses = join_all(endpoints.iter().map(|e| ctx.workers.status(e))).await;
     let mut worker_status = Vec::new();
@@ -848,6 +1127,12 @@ async fn remap_step(
     let applied = progress.applied.unwrap_or(0);
 
     // A remap is in flight: drive it and track it.
+    // A failure already recorded (its group restart is waiting for the backoff or the budget)
+    // is not recorded again.
+    let failure_recorded = st
+        .last_remap
+        .as_ref()
+        .is_some_and(|l| l.generation == target && l.result == "Failed");
     if applied < target {
         let running = st.remap.get_or_insert_with(|| RemapProgressStatus {
             generation: target,
@@ -868,6 +1153,19 @@ async fn remap_step(
         running.layers_done = progress.layers_done;
         running.ranks_done = progress.ranks_done;
         if let Some((rank, message)) = progress.failed {
+            let running = running.clone();
+            st.remap = None;
+            out.restart_group = Some(format!(
+                "rank {rank} failed the remap to placement generation {target}: {message}"
+            ));
+            out.view = RemapView::Idle {
+                reason: "RemapFailed".into(),
+                message: format!("rank {rank}: {message}"),
+            };
+            out.fast_requeue = true;
+            if failure_recorded {
+                return Ok(out);
+            }
             let rec = RemapRecord {
                 generation: target,
                 trigger: running.trigger.clone(),
@@ -897,13 +1195,6 @@ async fn remap_step(
                 ),
             );
             st.last_remap = Some(rec);
-            st.remap = None;
-            out.restart_group = true;
-            out.view = RemapView::Idle {
-                reason: "RemapFailed".into(),
-                message: format!("rank {rank}: {message}"),
-            };
-            out.fast_requeue = true;
             return Ok(out);
         }
         let request = RemapRequest {

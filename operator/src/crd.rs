@@ -107,6 +107,69 @@ pub struct MoEDeploymentSpec {
     /// Built-in synthetic traffic generator of the workers (unset fields keep the worker's defaults).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic: Option<TrafficSpec>,
+    /// How the operator restarts the whole EP group after a rank fails (a rank's container
+    /// restarted or its pod was replaced): NCCL communicators do not survive a lost rank.
+    #[serde(default)]
+    pub group_restart_policy: GroupRestartPolicy,
+}
+
+/// Whole-group restarts after rank failures: a budget within a sliding window, and an
+/// exponential backoff between successive restarts. Restarts caused by a spec change are
+/// neither delayed nor counted.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.initialBackoffSeconds <= self.maxBackoffSeconds",
+        "message": "spec.groupRestartPolicy.initialBackoffSeconds must be at most maxBackoffSeconds: lower initialBackoffSeconds or raise maxBackoffSeconds",
+        "fieldPath": ".initialBackoffSeconds",
+        "reason": "FieldValueInvalid"
+    }
+]))]
+pub struct GroupRestartPolicy {
+    /// Group restarts after rank failures allowed within `windowSeconds`; once used up the
+    /// deployment is `Degraded/RestartBudgetExhausted` and the group is left alone until the
+    /// oldest restart leaves the window. 0: never restart the group after a rank failure.
+    #[serde(default = "default_max_restarts")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub max_restarts: u32,
+    /// The sliding window of the restart budget, in seconds.
+    #[serde(default = "default_restart_window")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub window_seconds: u32,
+    /// Delay before the second restart within the window, doubled for each further one.
+    /// The first restart after a quiet window is immediate.
+    #[serde(default = "default_initial_backoff")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub initial_backoff_seconds: u32,
+    /// Upper bound of the backoff delay.
+    #[serde(default = "default_max_backoff")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub max_backoff_seconds: u32,
+}
+
+fn default_max_restarts() -> u32 {
+    5
+}
+fn default_restart_window() -> u32 {
+    3600
+}
+fn default_initial_backoff() -> u32 {
+    10
+}
+fn default_max_backoff() -> u32 {
+    300
+}
+
+impl Default for GroupRestartPolicy {
+    fn default() -> Self {
+        Self {
+            max_restarts: default_max_restarts(),
+            window_seconds: default_restart_window(),
+            initial_backoff_seconds: default_initial_backoff(),
+            max_backoff_seconds: default_max_backoff(),
+        }
+    }
 }
 
 /// Router scoring function.
@@ -605,6 +668,37 @@ pub struct MoEDeploymentStatus {
     /// Times the operator restarted the whole group.
     #[serde(default)]
     pub group_restarts: u32,
+    /// When the operator restarted the group after rank failures, within
+    /// `spec.groupRestartPolicy.windowSeconds` (oldest first): the restart budget and backoff.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent_group_restarts: Vec<Time>,
+    /// The last whole-group restart and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_group_restart: Option<GroupRestartRecord>,
+    /// The current group's pod per rank as last seen: a rank whose pod is replaced or whose
+    /// container restarts breaks the group's communicator and restarts the group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_pods: Vec<RankPod>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupRestartRecord {
+    pub at: Time,
+    /// `RankRestarted`, `RankLost`, `SpecChanged` or `RemapFailed`.
+    pub reason: String,
+    pub message: String,
+}
+
+/// A rank's pod as the operator last saw it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RankPod {
+    pub rank: u32,
+    pub uid: String,
+    /// Sum of the pod's container restart counts.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
@@ -816,6 +910,19 @@ impl MoEDeploymentSpec {
             }
             _ => {}
         }
+        let rp = &self.group_restart_policy;
+        if rp.initial_backoff_seconds > rp.max_backoff_seconds {
+            return err(
+                "spec.groupRestartPolicy.initialBackoffSeconds",
+                "must be at most maxBackoffSeconds".into(),
+            );
+        }
+        if rp.window_seconds == 0 {
+            return err(
+                "spec.groupRestartPolicy.windowSeconds",
+                "must be at least 1".into(),
+            );
+        }
         if self.weights.synthetic.is_some() == self.weights.persistent_volume_claim.is_some() {
             return err(
                 "spec.weights",
@@ -853,6 +960,7 @@ pub(crate) mod tests {
             remap_request: None,
             worker: WorkerSpec::default(),
             traffic: None,
+            group_restart_policy: GroupRestartPolicy::default(),
         }
     }
 

@@ -169,6 +169,20 @@ fn exactly_one_weight_source() {
 }
 
 #[test]
+fn group_restart_backoff_starts_below_its_cap() {
+    let mut spec = valid_spec();
+    spec["groupRestartPolicy"] = json!({"initialBackoffSeconds": 600, "maxBackoffSeconds": 60});
+    assert_rejected(spec, "spec.groupRestartPolicy.initialBackoffSeconds");
+    // Against the default cap (300 s).
+    let mut spec = valid_spec();
+    spec["groupRestartPolicy"] = json!({"initialBackoffSeconds": 600});
+    assert_rejected(spec, "spec.groupRestartPolicy.initialBackoffSeconds");
+    let mut spec = valid_spec();
+    spec["groupRestartPolicy"] = json!({"maxRestarts": 0, "initialBackoffSeconds": 30});
+    assert_eq!(failures(spec), Vec::<String>::new());
+}
+
+#[test]
 fn the_checked_in_crd_matches_the_types() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/moedeployment.yaml");
     let on_disk = std::fs::read_to_string(path).unwrap_or_default();

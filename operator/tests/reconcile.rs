@@ -565,3 +565,335 @@ async fn manual_request_is_handled_once() {
 fn spec_json_parses() {
     let _: MoEDeploymentSpec = serde_json::from_value(spec_json()).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// EP group restarts after rank failures: budget and backoff.
+
+/// Ready pods of the current group hash, with uids of one incarnation of the group.
+fn add_group(h: &Harness, ranks: usize, incarnation: u32) {
+    h.add_ready_pods(ranks);
+    for rank in 0..ranks {
+        let path = format!("{PODS}/demo-{rank}");
+        let mut pod = h.api.get(&path).unwrap();
+        pod["metadata"]["uid"] = json!(format!("pod-{incarnation}-{rank}"));
+        pod["status"]["containerStatuses"] = json!([{"name": "worker", "restartCount": 0,
+            "ready": true, "image": "w", "imageID": "w"}]);
+        h.api.put(&path, pod);
+    }
+}
+
+fn set_restarts(h: &Harness, rank: usize, n: u32) {
+    let path = format!("{PODS}/demo-{rank}");
+    let mut pod = h.api.get(&path).unwrap();
+    pod["status"]["containerStatuses"][0]["restartCount"] = json!(n);
+    h.api.put(&path, pod);
+}
+
+/// Event (reason, note) pairs published so far.
+fn events(h: &Harness) -> Vec<(String, String)> {
+    h.api
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == Method::POST && r.path.ends_with("/events"))
+        .map(|r| {
+            (
+                r.body["reason"].as_str().unwrap_or("").to_string(),
+                r.body["note"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Moves the recorded restart times `secs` into the past (time passing).
+fn age_restarts(h: &Harness, secs: i64) {
+    let mut obj = h.api.get(MOED).unwrap();
+    let times = obj["status"]["recentGroupRestarts"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let aged: Vec<Value> = times
+        .iter()
+        .map(|t| {
+            let ts: jiff::Timestamp = t.as_str().unwrap().parse().unwrap();
+            json!((ts - jiff::SignedDuration::from_secs(secs)).to_string())
+        })
+        .collect();
+    obj["status"]["recentGroupRestarts"] = json!(aged);
+    h.api.put(MOED, obj);
+}
+
+/// Seconds of `requeue_after` (the Action has no getter).
+fn requeue_secs(action: &kube::runtime::controller::Action) -> f64 {
+    let text = format!("{action:?}");
+    let inner = text
+        .split("Some(")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("no requeue in {text}"));
+    if let Some(ms) = inner.strip_suffix("ms") {
+        ms.parse::<f64>().unwrap() / 1000.0
+    } else {
+        inner.strip_suffix('s').unwrap().parse().unwrap()
+    }
+}
+
+fn restart_metric(h: &Harness, reason: &str) -> u64 {
+    h.ctx
+        .metrics
+        .group_restarts
+        .with_label_values(&[NS, "demo", reason])
+        .get()
+}
+
+fn with_policy(policy: Value) -> Value {
+    let mut spec = spec_json();
+    spec["groupRestartPolicy"] = policy;
+    spec
+}
+
+#[tokio::test]
+async fn a_restarted_rank_restarts_the_whole_group() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    add_group(&h, 2, 1);
+    h.workers.set_load(vec![vec![1.0; 8]; 2], 0, 100);
+    h.reconcile().await;
+    let st = h.status();
+    assert_eq!(st["rankPods"].as_array().unwrap().len(), 2, "{st}");
+    assert_eq!(h.condition("Available")["status"], "True");
+
+    // Rank 1's worker exited (its communicator broke) and the kubelet restarted it.
+    set_restarts(&h, 1, 1);
+    h.reconcile().await;
+    assert_eq!(h.api.count(Method::DELETE, "/pods/demo-"), 2, "every rank");
+    let st = h.status();
+    assert_eq!(st["groupRestarts"], 1);
+    assert_eq!(st["lastGroupRestart"]["reason"], "RankRestarted");
+    assert_eq!(st["lastGroupRestart"]["message"], "rank 1 restarted");
+    assert_eq!(st["recentGroupRestarts"].as_array().unwrap().len(), 1);
+    assert!(st["rankPods"].is_null(), "the record starts over: {st}");
+    assert_eq!(h.condition("Progressing")["reason"], "GroupRestarting");
+    assert_eq!(st["phase"], "Restarting");
+    let ev = events(&h);
+    let restarted = ev
+        .iter()
+        .find(|(r, _)| r == "GroupRestarted")
+        .unwrap_or_else(|| panic!("{ev:?}"));
+    assert!(
+        restarted.1.starts_with("RankRestarted: rank 1 restarted"),
+        "{ev:?}"
+    );
+    assert_eq!(restart_metric(&h, "RankRestarted"), 1);
+
+    // The StatefulSet brings the group back: a new incarnation is adopted, not a failure.
+    add_group(&h, 2, 2);
+    h.reconcile().await;
+    assert_eq!(h.api.count(Method::DELETE, "/pods/demo-"), 2);
+    assert_eq!(h.condition("Available")["status"], "True");
+    assert_eq!(h.status()["rankPods"][1]["uid"], "pod-2-1");
+}
+
+#[tokio::test]
+async fn a_replaced_rank_pod_restarts_the_group_as_rank_lost() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    add_group(&h, 2, 1);
+    h.reconcile().await;
+    // Rank 0's pod was evicted and the StatefulSet created a new one; rank 1 still runs.
+    let path = format!("{PODS}/demo-0");
+    let mut pod = h.api.get(&path).unwrap();
+    pod["metadata"]["uid"] = json!("pod-evicted-replacement");
+    h.api.put(&path, pod);
+    h.reconcile().await;
+    assert_eq!(h.api.count(Method::DELETE, "/pods/demo-"), 2);
+    assert_eq!(h.status()["lastGroupRestart"]["reason"], "RankLost");
+    assert_eq!(restart_metric(&h, "RankLost"), 1);
+}
+
+#[tokio::test]
+async fn an_exhausted_restart_budget_is_degraded_and_deletes_nothing() {
+    let h = Harness::new(with_policy(
+        json!({"maxRestarts": 1, "windowSeconds": 600, "initialBackoffSeconds": 0}),
+    ));
+    h.reconcile().await;
+    add_group(&h, 2, 1);
+    h.reconcile().await;
+    set_restarts(&h, 0, 1);
+    h.reconcile().await;
+    assert_eq!(
+        h.api.count(Method::DELETE, "/pods/demo-"),
+        2,
+        "first restart"
+    );
+    add_group(&h, 2, 2);
+    h.reconcile().await;
+
+    // A second failure within the window: over budget.
+    set_restarts(&h, 1, 3);
+    let action = h.reconcile().await;
+    assert_eq!(h.api.count(Method::DELETE, "/pods/demo-"), 2, "no deletes");
+    let d = h.condition("Degraded");
+    assert_eq!(d["status"], "True");
+    assert_eq!(d["reason"], "RestartBudgetExhausted");
+    let m = d["message"].as_str().unwrap();
+    assert!(m.contains("rank 1 restarted"), "{m}");
+    assert!(
+        m.contains("maxRestarts: 1") && m.contains("raise maxRestarts"),
+        "{m}"
+    );
+    assert!(m.contains("next restart is allowed at"), "{m}");
+    assert_eq!(h.condition("Available")["reason"], "RankFailed");
+    assert_eq!(
+        h.condition("Progressing")["reason"],
+        "RestartBudgetExhausted"
+    );
+    assert_eq!(h.status()["groupRestarts"], 1);
+    // The poll continues at its interval (15 s), well before the window frees up.
+    assert!(requeue_secs(&action) <= 15.0, "{action:?}");
+    let warnings = |h: &Harness| {
+        events(h)
+            .iter()
+            .filter(|(r, _)| r == "RestartBudgetExhausted")
+            .count()
+    };
+    assert_eq!(warnings(&h), 1);
+    // Held on the next passes too, and the warning is published once.
+    h.reconcile().await;
+    assert_eq!(h.api.count(Method::DELETE, "/pods/demo-"), 2);
+    assert_eq!(warnings(&h), 1);
+
+    // The window frees up: the held failure restarts the group.
+    age_restarts(&h, 601);
+    h.reconcile().await;
+    assert_eq!(h.api.count(Method::DELETE, "/pods/demo-"), 4);
+    assert_eq!(h.status()["groupRestarts"], 2);
+    assert_eq!(
+        h.status()["recentGroupRestarts"].as_array().unwrap().len(),
+        1
+    );
+    assert_ne!(h.condition("Degraded")["reason"], "RestartBudgetExhausted");
+}
+
+#[tokio::test]
+async fn successive_restarts_wait_for_the_backoff() {
+    let h = Harness::new(with_policy(
+        json!({"maxRestarts": 5, "initialBackoffSeconds": 60, "maxBackoffSeconds": 600}),
+    ));
+    h.reconcile().await;
+    add_group(&h, 2, 1);
+    h.reconcile().await;
+    set_restarts(&h, 1, 1);
+    h.reconcile().await;
+    assert_eq!(
+        h.api.count(Method::DELETE, "/pods/demo-"),
+        2,
+        "the first is immediate"
+    );
+    add_group(&h, 2, 2);
+    h.reconcile().await;
+
+    // The next failure, seconds later: wait 60 s.
+    set_restarts(&h, 0, 1);
+    let action = h.reconcile().await;
+    assert_eq!(h.api.count(Method::DELETE, "/pods/demo-"), 2, "backing off");
+    let p = h.condition("Progressing");
+    assert_eq!(p["reason"], "RestartBackoff");
+    assert!(
+        p["message"].as_str().unwrap().contains("rank 0 restarted"),
+        "{p}"
+    );
+    assert_eq!(h.condition("Degraded")["status"], "False");
+    assert_eq!(h.condition("Available")["reason"], "RankFailed");
+    // The poll (15 s) comes first; later passes keep backing off.
+    assert!(requeue_secs(&action) <= 15.0, "{action:?}");
+    age_restarts(&h, 50);
+    let action = h.reconcile().await;
+    assert_eq!(h.api.count(Method::DELETE, "/pods/demo-"), 2);
+    let left = requeue_secs(&action);
+    assert!(
+        left > 5.0 && left <= 10.0,
+        "woken when the backoff ends: {action:?}"
+    );
+
+    // Backoff over: the group restarts.
+    age_restarts(&h, 11);
+    h.reconcile().await;
+    assert_eq!(h.api.count(Method::DELETE, "/pods/demo-"), 4);
+    assert_eq!(h.status()["groupRestarts"], 2);
+    // The third restart would wait twice as long (120 s).
+    add_group(&h, 2, 3);
+    h.reconcile().await;
+    set_restarts(&h, 1, 2);
+    h.reconcile().await;
+    let p = h.condition("Progressing");
+    assert!(
+        p["message"].as_str().unwrap().contains("restarts in 120s"),
+        "{p}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_remap_restart_counts_against_the_budget_and_is_recorded_once() {
+    let h = Harness::new(with_policy(json!({"maxRestarts": 1})));
+    h.reconcile().await;
+    // One earlier failure restart within the window: the budget is used up.
+    let mut obj = h.api.get(MOED).unwrap();
+    obj["status"]["recentGroupRestarts"] = json!([jiff::Timestamp::now().to_string()]);
+    h.api.put(MOED, obj);
+    add_group(&h, 2, 1);
+    let mut cm = h.api.get(CM).unwrap();
+    let mut doc = h.placement();
+    doc.generation = 1;
+    cm["data"]["placement.json"] = json!(serde_json::to_string(&doc).unwrap());
+    h.api.put(CM, cm);
+    h.workers.state.lock().unwrap().fail_remap = true;
+    h.reconcile().await; // asks the ranks to move; they fail
+    h.reconcile().await; // sees the failure: restart held
+    h.reconcile().await; // still failed: not recorded again
+    assert_eq!(h.api.count(Method::DELETE, "/pods/demo-"), 0);
+    assert_eq!(h.status()["lastRemap"]["result"], "Failed");
+    assert_eq!(h.condition("Degraded")["reason"], "RestartBudgetExhausted");
+    let remap_failed = events(&h)
+        .iter()
+        .filter(|(r, _)| r == "RemapFailed")
+        .count();
+    assert_eq!(remap_failed, 1);
+}
+
+#[test]
+fn configmap_events_map_to_the_deployments_that_use_them() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::reflector::ObjectRef;
+    let mut spec = spec_json();
+    spec["placement"] = json!({"strategy": "Static", "staticMap": {"name": "offline-map"}});
+    let user: MoEDeployment = serde_json::from_value(moed_json(spec, 1)).unwrap();
+    let mut other_ns = serde_json::to_value(&user).unwrap();
+    other_ns["metadata"]["namespace"] = json!("elsewhere");
+    other_ns["metadata"]["name"] = json!("other");
+    let other_ns: MoEDeployment = serde_json::from_value(other_ns).unwrap();
+    let plain: MoEDeployment = serde_json::from_value(moed_json(spec_json(), 1)).unwrap();
+    let moeds = vec![Arc::new(user), Arc::new(other_ns), Arc::new(plain)];
+
+    let map: ConfigMap = serde_json::from_value(
+        json!({"metadata": {"name": "offline-map", "namespace": NS}, "data": {}}),
+    )
+    .unwrap();
+    assert_eq!(
+        controller::deployments_for_configmap(&map, &moeds),
+        vec![ObjectRef::<MoEDeployment>::new("demo").within(NS)]
+    );
+    let unrelated: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "kube-root-ca.crt", "namespace": NS}}))
+            .unwrap();
+    assert!(controller::deployments_for_configmap(&unrelated, &moeds).is_empty());
+    // The owned placement ConfigMap maps to its owner.
+    let placement: ConfigMap = serde_json::from_value(json!({"metadata": {
+        "name": "x-placement", "namespace": NS,
+        "ownerReferences": [{"apiVersion": "moe-operator.github.io/v1alpha1", "kind": "MoEDeployment",
+            "name": "x", "uid": "u", "controller": true}]}}))
+    .unwrap();
+    assert_eq!(
+        controller::deployments_for_configmap(&placement, &moeds),
+        vec![ObjectRef::<MoEDeployment>::new("x").within(NS)]
+    );
+}
