@@ -49,8 +49,21 @@ pub struct StepRecord {
 struct Ctrl {
     stop: bool,
     generation: u64,
+    /// Digest of the request held (so two requests with one generation cannot both run).
+    digest: u64,
     active: bool,
     staged: Option<usize>,
+}
+
+/// A digest of a remap request, equal on every rank for equal requests (same binary).
+fn digest(req: &RemapRequest) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    req.placement.generation.hash(&mut h);
+    req.placement.phy2log.hash(&mut h);
+    req.layers.hash(&mut h);
+    matches!(req.mode, RemapMode::StopTheWorld).hash(&mut h);
+    h.finish()
 }
 
 /// Weights staged for one layer of a remap.
@@ -381,6 +394,11 @@ impl Engine {
                 (None, Some(p)) => p.placement.generation,
                 (None, None) => 0,
             },
+            digest: match (&self.job, &pending) {
+                (Some(j), _) => digest(&j.req),
+                (None, Some(p)) => digest(p),
+                (None, None) => 0,
+            },
             active: self.job.is_some(),
             staged: self.job.as_ref().and_then(|j| {
                 j.staging
@@ -414,30 +432,35 @@ impl Engine {
         if max == 0 {
             return Ok(true);
         }
-        if all.iter().all(|c| c.generation == max) {
+        // The newest request of the lowest rank holding that generation is the group's.
+        let src = all.iter().position(|c| c.generation == max).unwrap_or(0);
+        let target = (max, all[src].digest);
+        let lacks = |c: &Ctrl| (c.generation, c.digest) != target;
+        if !all.iter().any(lacks) {
             let req = pending.ok_or_else(|| anyhow!("no pending remap to activate"))?;
             self.activate(req)?;
             return Ok(true);
         }
-        // Hand the newest request to the ranks that lack it (POSTing to any rank is enough).
-        let src = all.iter().position(|c| c.generation == max).unwrap_or(0);
+        // Hand it to the ranks that lack it (POSTing to any rank is enough).
         if self.rank == src {
             let req = pending.ok_or_else(|| anyhow!("no pending remap to hand out"))?;
             let bytes = serde_json::to_vec(&*req)?;
             for (r, c) in all.iter().enumerate() {
-                if c.generation < max {
+                if lacks(c) {
                     self.comm.send(r, CHAN_CTRL, bytes.clone())?;
                 }
             }
-        } else if mine.generation < max {
+        } else if lacks(&mine) {
             let bytes = self.comm.recv(src, CHAN_CTRL)?;
             let req: RemapRequest = serde_json::from_slice(&bytes)?;
             let layers = layers_to_move(&req, &self.current).map_err(|e| {
                 anyhow!("rank {src} handed out a remap this rank cannot apply: {e}")
             })?;
+            let req = Arc::new(req);
             let mut st = self.shared.lock();
             st.remap = Some(running_progress(&req, layers.len()));
-            st.pending = Some(Arc::new(req));
+            st.pending = Some(req.clone());
+            st.accepted = Some(req);
         }
         Ok(true)
     }

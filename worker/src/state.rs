@@ -35,6 +35,8 @@ pub struct State {
     pub remap: Option<RemapProgress>,
     /// Accepted by this rank, not yet started by the group.
     pub pending: Option<Arc<RemapRequest>>,
+    /// The newest request accepted (pending, running or done), for idempotence checks.
+    pub accepted: Option<Arc<RemapRequest>>,
     /// True while the group executes a remap (`remap` is then `Running`).
     pub active: bool,
 }
@@ -156,6 +158,14 @@ impl Shared {
         if let Some(p) = &st.remap
             && p.generation == generation
         {
+            if let Some(a) = &st.accepted
+                && a.placement.generation == generation
+                && (a.placement.phy2log != req.placement.phy2log || a.mode != req.mode)
+            {
+                return Err(Refusal::Conflict(format!(
+                    "generation {generation} was already accepted with a different placement or mode"
+                )));
+            }
             // Idempotent: the same generation again reports the progress of the one accepted.
             return Ok(p.clone());
         }
@@ -219,8 +229,10 @@ impl Shared {
             finished_at_ms: None,
             error: None,
         };
+        let req = Arc::new(req);
         st.remap = Some(progress.clone());
-        st.pending = Some(Arc::new(req));
+        st.pending = Some(req.clone());
+        st.accepted = Some(req);
         Ok(progress)
     }
 }

@@ -140,6 +140,11 @@ async fn endpoints_and_remap_admission() {
     assert_eq!(v["generation"], 1);
     let (code, v) = post_remap(&url, Some(TOKEN), request(&next, RemapMode::Async)).await;
     assert_eq!(code, 202, "{v}");
+    // The same generation with another placement: 409.
+    let mut other = next.clone();
+    other.phy2log[1] = vec![1, 0, 3, 2];
+    let (code, v) = post_remap(&url, Some(TOKEN), request(&other, RemapMode::Async)).await;
+    assert_eq!(code, 409, "{v}");
     let s = wait_generation(&g, 1).await;
     assert_eq!(s.layer_generations, vec![1, 1]);
     let p = s.remap.unwrap();
