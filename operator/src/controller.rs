@@ -909,12 +909,17 @@ impl GroupCtx<'_> {
         let recent: Vec<Timestamp> = st.recent_group_restarts.iter().map(|t| t.0).collect();
         match group::gate(self.policy, &recent, now) {
             Gate::Restart => self.restart(failure, pods, ctx, st, pending).await?,
-            Gate::Backoff { wait, recent } => {
+            Gate::Backoff {
+                wait,
+                at,
+                delay,
+                recent,
+            } => {
                 info!(ns = %self.ns, name = %self.name, reason = failure.reason.as_str(), wait = ?wait, "group restart backing off");
                 self.pending_restart = Some(format!(
-                    "{}: the group restarts in {}s (backoff after {recent} restart{} within {}s)",
+                    "{}: the group restarts at {at} (backoff {}s after {recent} restart{} within {}s)",
                     failure.message,
-                    wait.as_millis().div_ceil(1000).max(1),
+                    delay.as_secs(),
                     if recent == 1 { "" } else { "s" },
                     self.policy.window_seconds
                 ));

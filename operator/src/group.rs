@@ -150,7 +150,14 @@ pub enum Gate {
     /// Restart now.
     Restart,
     /// The backoff since the last restart has not passed: try again after `wait`.
-    Backoff { wait: Duration, recent: usize },
+    Backoff {
+        wait: Duration,
+        /// When the backoff ends (stable across reconciles, for messages).
+        at: Timestamp,
+        /// The backoff delay.
+        delay: Duration,
+        recent: usize,
+    },
     /// `maxRestarts` restarts within the window: hold until `until` (the oldest one leaves the
     /// window).
     Exhausted { until: Timestamp, recent: usize },
@@ -187,8 +194,14 @@ pub fn gate(policy: &GroupRestartPolicy, recent: &[Timestamp], now: Timestamp) -
     if elapsed >= delay {
         Gate::Restart
     } else {
+        let at = jiff::SignedDuration::try_from(delay)
+            .ok()
+            .and_then(|d| last.checked_add(d).ok())
+            .unwrap_or(now);
         Gate::Backoff {
             wait: delay - elapsed,
+            at,
+            delay,
             recent: n,
         }
     }
@@ -309,6 +322,8 @@ mod tests {
             gate(&p, &[t(0)], t(4)),
             Gate::Backoff {
                 wait: Duration::from_secs(6),
+                at: t(10),
+                delay: Duration::from_secs(10),
                 recent: 1
             }
         );
@@ -318,6 +333,8 @@ mod tests {
             gate(&p, &[t(0), t(10)], t(15)),
             Gate::Backoff {
                 wait: Duration::from_secs(15),
+                at: t(30),
+                delay: Duration::from_secs(20),
                 recent: 2
             }
         );

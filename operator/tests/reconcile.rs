@@ -757,8 +757,13 @@ async fn an_exhausted_restart_budget_is_degraded_and_deletes_nothing() {
             .count()
     };
     assert_eq!(warnings(&h), 1);
-    // Held on the next passes too, and the warning is published once.
+    // Held on the next passes too, without status writes, and the warning is published once.
+    let writes = h.api.count(Method::PATCH, "/moedeployments/demo/status");
     h.reconcile().await;
+    assert_eq!(
+        h.api.count(Method::PATCH, "/moedeployments/demo/status"),
+        writes
+    );
     assert_eq!(h.api.count(Method::DELETE, "/pods/demo-"), 2);
     assert_eq!(warnings(&h), 1);
 
@@ -806,6 +811,13 @@ async fn successive_restarts_wait_for_the_backoff() {
     assert_eq!(h.condition("Available")["reason"], "RankFailed");
     // The poll (15 s) comes first; later passes keep backing off.
     assert!(requeue_secs(&action) <= 15.0, "{action:?}");
+    let writes = h.api.count(Method::PATCH, "/moedeployments/demo/status");
+    h.reconcile().await;
+    assert_eq!(
+        h.api.count(Method::PATCH, "/moedeployments/demo/status"),
+        writes,
+        "a stable message: no status write per pass"
+    );
     age_restarts(&h, 50);
     let action = h.reconcile().await;
     assert_eq!(h.api.count(Method::DELETE, "/pods/demo-"), 2);
@@ -827,7 +839,10 @@ async fn successive_restarts_wait_for_the_backoff() {
     h.reconcile().await;
     let p = h.condition("Progressing");
     assert!(
-        p["message"].as_str().unwrap().contains("restarts in 120s"),
+        p["message"]
+            .as_str()
+            .unwrap()
+            .contains("backoff 120s after 2 restarts"),
         "{p}"
     );
 }
