@@ -142,6 +142,14 @@ impl Context {
         }
     }
 
+    /// Something the deployment depends on changed (a ConfigMap): its next reconcile is not the
+    /// echo of our own status write even if its resourceVersion is.
+    pub fn forget_own_write(&self, namespace: &str, name: &str) {
+        if let Ok(mut map) = self.own_writes.lock() {
+            map.remove(&format!("{namespace}/{name}"));
+        }
+    }
+
     fn remember_own_write(&self, moed: &MoEDeployment, rv: Option<String>, due: Instant) {
         if let (Ok(mut map), Some(rv)) = (self.own_writes.lock(), rv) {
             map.insert(Self::key(moed), (rv, due));
@@ -175,12 +183,17 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     let metrics = ctx.metrics.clone();
     let controller = Controller::new(moeds, watcher::Config::default());
     let store = controller.store();
+    let mapper_ctx = ctx.clone();
     controller
         .owns(stss, owned)
         // Static maps are the user's ConfigMaps (no label to select them by): a created, fixed
         // or deleted map, or a change to an owned placement ConfigMap, reconciles at once.
         .watches(cms, watcher::Config::default(), move |cm| {
-            deployments_for_configmap(&cm, &store.state())
+            let refs = deployments_for_configmap(&cm, &store.state());
+            for r in &refs {
+                mapper_ctx.forget_own_write(r.namespace.as_deref().unwrap_or(""), &r.name);
+            }
+            refs
         })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)

@@ -912,3 +912,33 @@ fn configmap_events_map_to_the_deployments_that_use_them() {
         vec![ObjectRef::<MoEDeployment>::new("x").within(NS)]
     );
 }
+
+#[tokio::test]
+async fn a_configmap_event_is_not_mistaken_for_the_echo_of_our_own_write() {
+    let mut spec = spec_json();
+    spec["placement"] = json!({"strategy": "Static", "staticMap": {"name": "offline-map"}});
+    let h = Harness::new(spec);
+    h.reconcile().await;
+    assert_eq!(h.condition("Degraded")["reason"], "StaticMapMissing");
+    let requests = h.api.requests().len();
+    // The object as we wrote it: an echo, nothing is read.
+    h.reconcile_event().await;
+    assert_eq!(h.api.requests().len(), requests);
+    // The map's watch event (the controller's mapper forgets the echo marker): reconciled.
+    let map = json!({"moe_layer_count": 2, "layer_list": [
+        {"layer_id": 0, "device_count": 2, "device_list": [
+            {"device_id": 0, "device_expert": [0, 1, 2, 3]}, {"device_id": 1, "device_expert": [4, 5, 6, 7]}]},
+        {"layer_id": 1, "device_count": 2, "device_list": [
+            {"device_id": 0, "device_expert": [0, 1, 2, 3]}, {"device_id": 1, "device_expert": [4, 5, 6, 7]}]}
+    ]});
+    h.api.put(
+        "/api/v1/namespaces/ml/configmaps/offline-map",
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "offline-map", "namespace": NS},
+               "data": {"expert_map.json": map.to_string()}}),
+    );
+    h.ctx.forget_own_write(NS, "demo");
+    h.reconcile_event().await;
+    assert_eq!(h.condition("Degraded")["status"], "False");
+    assert!(h.api.get(STS).is_some());
+}
