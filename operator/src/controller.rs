@@ -184,8 +184,17 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     let controller = Controller::new(moeds, watcher::Config::default());
     let store = controller.store();
     let mapper_ctx = ctx.clone();
+    let sts_ctx = ctx.clone();
     controller
-        .owns(stss, owned)
+        // Owned StatefulSets (their status moves when a rank's pod fails or becomes ready):
+        // like `owns`, but the event is not mistaken for the echo of our status write.
+        .watches(stss, owned, move |sts| {
+            let refs = controller_owner(&sts);
+            for r in &refs {
+                sts_ctx.forget_own_write(r.namespace.as_deref().unwrap_or(""), &r.name);
+            }
+            refs
+        })
         // Static maps are the user's ConfigMaps (no label to select them by): a created, fixed
         // or deleted map, or a change to an owned placement ConfigMap, reconciles at once.
         .watches(cms, watcher::Config::default(), move |cm| {
@@ -225,6 +234,22 @@ pub fn error_policy(moed: Arc<MoEDeployment>, error: &Error, ctx: Arc<Context>) 
     Action::requeue(delay)
 }
 
+/// The MoEDeployment that controls an object (owner reference with `controller: true`).
+pub fn controller_owner<K: Resource>(obj: &K) -> Vec<ObjectRef<MoEDeployment>> {
+    let Some(ns) = obj.meta().namespace.as_deref() else {
+        return Vec::new();
+    };
+    obj.owner_references()
+        .iter()
+        .filter(|o| {
+            o.controller == Some(true)
+                && o.kind == crate::crd::KIND
+                && o.api_version.starts_with(crate::crd::GROUP)
+        })
+        .map(|o| ObjectRef::new(&o.name).within(ns))
+        .collect()
+}
+
 /// The deployments a ConfigMap event concerns: its controller owner (the placement ConfigMap)
 /// and every deployment of its namespace whose `spec.placement.staticMap` names it.
 pub fn deployments_for_configmap(
@@ -235,16 +260,7 @@ pub fn deployments_for_configmap(
         return Vec::new();
     };
     let name = cm.name_any();
-    let mut out: Vec<ObjectRef<MoEDeployment>> = cm
-        .owner_references()
-        .iter()
-        .filter(|o| {
-            o.controller == Some(true)
-                && o.kind == crate::crd::KIND
-                && o.api_version.starts_with(crate::crd::GROUP)
-        })
-        .map(|o| ObjectRef::new(&o.name).within(&ns))
-        .collect();
+    let mut out = controller_owner(cm);
     for m in moeds {
         if m.namespace().as_deref() == Some(ns.as_str())
             && m.spec

@@ -911,6 +911,23 @@ fn configmap_events_map_to_the_deployments_that_use_them() {
         controller::deployments_for_configmap(&placement, &moeds),
         vec![ObjectRef::<MoEDeployment>::new("x").within(NS)]
     );
+    // An owned StatefulSet maps to its controller; someone else's to nothing.
+    let sts: k8s_openapi::api::apps::v1::StatefulSet = serde_json::from_value(json!({"metadata": {
+        "name": "x", "namespace": NS,
+        "ownerReferences": [{"apiVersion": "moe-operator.github.io/v1alpha1", "kind": "MoEDeployment",
+            "name": "x", "uid": "u", "controller": true}]}}))
+    .unwrap();
+    assert_eq!(
+        controller::controller_owner(&sts),
+        vec![ObjectRef::<MoEDeployment>::new("x").within(NS)]
+    );
+    let foreign: k8s_openapi::api::apps::v1::StatefulSet =
+        serde_json::from_value(json!({"metadata": {
+        "name": "y", "namespace": NS,
+        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
+            "name": "y", "uid": "u", "controller": true}]}}))
+        .unwrap();
+    assert!(controller::controller_owner(&foreign).is_empty());
 }
 
 #[tokio::test]
