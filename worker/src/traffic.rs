@@ -121,10 +121,10 @@ impl Generator {
         for _ in 0..t {
             let e = self.preferred(rng.random::<f64>(), step);
             let dir = &self.directions[e as usize];
-            for d in dir {
-                // Uniform noise of variance 1 plus the lean.
-                let noise = (rng.random::<f32>() * 2.0 - 1.0) * 1.732_050_8;
-                x.push(bf16::from_f32(noise + self.strength * d));
+            // Uniform noise of variance 1 plus the lean.
+            let noise = crate::weights::fast_uniform(rng.random::<u64>(), dir.len(), 1.732_050_8);
+            for (d, n) in dir.iter().zip(noise) {
+                x.push(bf16::from_f32(n.to_f32() + self.strength * d));
             }
         }
         Batch {

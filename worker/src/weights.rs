@@ -81,9 +81,27 @@ fn seeded(seed: u64, a: u64, b: u64) -> ChaCha8Rng {
 }
 
 fn uniform(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<bf16> {
-    (0..n)
-        .map(|_| bf16::from_f32((rng.random::<f32>() * 2.0 - 1.0) * scale))
-        .collect()
+    fast_uniform(rng.random::<u64>(), n, scale)
+}
+
+/// `n` values uniform in `[-scale, scale)` (16-bit resolution), a pure function of `key`:
+/// counter-based, four values per SplitMix64 output (fast enough for large synthetic models
+/// and per-step traffic).
+pub fn fast_uniform(key: u64, n: usize, scale: f32) -> Vec<bf16> {
+    let mut out = Vec::with_capacity(n);
+    let mut i = 0u64;
+    while out.len() < n {
+        let r = splitmix64(key.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        for j in 0..4 {
+            if out.len() == n {
+                break;
+            }
+            let u = ((r >> (16 * j)) & 0xffff) as f32 * (1.0 / 65536.0);
+            out.push(bf16::from_f32((u * 2.0 - 1.0) * scale));
+        }
+        i += 1;
+    }
+    out
 }
 
 /// Synthetic expert `expert` of `layer`: a pure function of (seed, layer, expert).
