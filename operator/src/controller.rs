@@ -14,7 +14,9 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
+
+use crate::events::EventRecorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -71,7 +73,7 @@ impl Default for Settings {
 /// Shared state of the reconciler.
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    pub recorder: EventRecorder,
     pub workers: Arc<dyn WorkerApi>,
     pub metrics: Metrics,
     pub settings: Settings,
@@ -91,7 +93,7 @@ impl Context {
         settings: Settings,
         instance: Option<String>,
     ) -> Self {
-        let recorder = Recorder::new(
+        let recorder = EventRecorder::new(
             client.clone(),
             Reporter {
                 controller: "moe-operator".into(),

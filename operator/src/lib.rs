@@ -11,6 +11,7 @@
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod events;
 pub mod group;
 pub mod leader;
 pub mod metrics;
