@@ -41,6 +41,10 @@ pub struct Hooks {
     pub step_sink: Option<mpsc::Sender<StepRecord>>,
     /// Leave the inputs and outputs out of the step records (timings only).
     pub step_sink_timings_only: bool,
+    /// Exit the process (code 1) when a peer is lost and the engine is still stuck inside a
+    /// device collective `--comm-timeout-seconds` later (NCCL calls do not return when a rank
+    /// dies). The binary sets this; in-process tests do not.
+    pub exit_on_hung_collective: bool,
 }
 
 /// A running worker.
@@ -131,6 +135,7 @@ pub async fn start(config: Config, mut hooks: Hooks) -> Result<Worker> {
                 hooks.comm_listener,
                 hooks.step_sink,
                 !hooks.step_sink_timings_only,
+                hooks.exit_on_hung_collective,
             )
         })?;
     Ok(Worker {
@@ -148,6 +153,7 @@ fn run_engine(
     comm_listener: Option<std::net::TcpListener>,
     sink: Option<mpsc::Sender<StepRecord>>,
     sink_tensors: bool,
+    watchdog: bool,
 ) -> Result<()> {
     let shape = config.shape;
     let rank = config.rank();
@@ -212,6 +218,30 @@ fn run_engine(
     let (comm, info) = form_group(&rdv, listener, committed, move || unique_id)?;
     tracing::info!(epoch = info.epoch, peers = ?info.peers, "group formed");
     let comm = Arc::new(comm);
+    if watchdog {
+        let (comm, shared, grace) = (comm.clone(), shared.clone(), config.comm_timeout);
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    if shared.finished.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if let Some(reason) = comm.failure() {
+                        std::thread::sleep(grace);
+                        if !shared.finished.load(Ordering::SeqCst) {
+                            tracing::error!(
+                                "exiting: group broken ({reason}) and the engine is stuck in a collective"
+                            );
+                            eprintln!("moe-worker: error: group broken: {reason}");
+                            std::process::exit(1);
+                        }
+                        return;
+                    }
+                }
+            })?;
+    }
 
     let placement = match info.placement {
         Some(p) => p,
@@ -280,6 +310,7 @@ fn run_engine(
     shared.ready.store(true, Ordering::SeqCst);
     shared.metrics.ready.set(1);
     let r = engine.run();
+    shared.finished.store(true, Ordering::SeqCst);
     shared.ready.store(false, Ordering::SeqCst);
     shared.metrics.ready.set(0);
     r

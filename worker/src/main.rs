@@ -35,7 +35,11 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async move {
-        let worker = moe_worker::start(config, moe_worker::Hooks::default()).await?;
+        let hooks = moe_worker::Hooks {
+            exit_on_hung_collective: true,
+            ..moe_worker::Hooks::default()
+        };
+        let worker = moe_worker::start(config, hooks).await?;
         let shared = worker.shared.clone();
         let wait = worker.wait();
         tokio::pin!(wait);

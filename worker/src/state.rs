@@ -49,6 +49,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub ready: AtomicBool,
     pub stop: AtomicBool,
+    /// The engine returned (normally or with an error).
+    pub finished: AtomicBool,
     pub state: Mutex<State>,
     pub window: Mutex<Window>,
 }
@@ -80,6 +82,7 @@ impl Shared {
             metrics: Metrics::new(rank),
             ready: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
             state: Mutex::new(State::default()),
             window: Mutex::new(Window::new(window, shape.num_layers, shape.num_slots())),
         }

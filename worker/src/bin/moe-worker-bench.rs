@@ -179,6 +179,7 @@ async fn main() -> Result<()> {
             http_listener: None,
             step_sink: Some(tx),
             step_sink_timings_only: true,
+            exit_on_hung_collective: false,
         };
         workers.push(moe_worker::start(config, hooks).await?);
         sinks.push(rx);

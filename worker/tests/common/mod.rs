@@ -96,6 +96,7 @@ pub async fn start_group(world: usize, extra: impl Fn(usize) -> Vec<String>) -> 
             http_listener: None,
             step_sink: Some(tx),
             step_sink_timings_only: false,
+            exit_on_hung_collective: false,
         };
         let w = moe_worker::start(config(r, world, port, &extra(r)), hooks)
             .await
