@@ -67,10 +67,16 @@ async fn settled_on(
     executed: u64,
 ) -> Result<()> {
     let g = with_log(converged(client, ns, name, 2, 4, 8, T).await, agent)?;
-    ensure!(
-        g == generation,
-        "converged on generation {g}, expected {generation} (a remap lost or repeated)"
-    );
+    if g != generation {
+        let o = get_moed(client, ns, name).await?;
+        let evs = events(client, ns, name, "RemapStarted").await?;
+        let restarts = events(client, ns, name, "GroupRestarted").await?;
+        anyhow::bail!(
+            "converged on generation {g}, expected {generation} (a remap lost or repeated)\nRemapStarted: {evs:?}\nGroupRestarted: {restarts:?}\nstatus: {}\n{}",
+            status(&o),
+            operator_log(agent)
+        );
+    }
     let o = wait_status(client, ns, name, T, "lastRemap recorded", |st| {
         st["lastRemap"]["generation"].as_u64() == Some(generation)
             && st["lastRemap"]["finishedAt"].is_string()
@@ -158,9 +164,10 @@ async fn kill_worker_and_operator_mid_remap() -> Result<()> {
     let seen = worker_remap_running(&before, 1).await;
     agent.kill_container(ns, &format!("{name}-1"), "worker", libc::SIGKILL)?;
     println!("killed {name}-1's worker process during the remap to generation 1 ({seen})");
-    // The container restarts (and the group re-forms as a whole).
+    // The process is replaced: its container restarts, or the operator replaces the whole
+    // group (new pods); either way the group re-forms as a whole.
     wait::object::<Pod>(&client, ns, &format!("{name}-1"), T, |p| {
-        restart_count(p) > restart_count(&before[1])
+        restart_count(p) > restart_count(&before[1]) || p.metadata.uid != before[1].metadata.uid
     })
     .await?;
     // The group restarted (every rank exits when a peer dies): its processes started on

@@ -221,7 +221,6 @@ async fn skew_triggers_remap() -> Result<()> {
 /// Each remap is reported by its own `RemapStarted` and `RemapFinished` events naming its
 /// generation (`kubectl get events` is the history users read).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "reason: operator bug: the RemapStarted/RemapFinished events of a later remap are folded into the first one's event series (kube-runtime's Recorder keys on type/reason/action/regarding, not the note), so generation 2's events are never shown (see report)"]
 async fn remap_events_name_each_generation() -> Result<()> {
     moe_e2e::init_tracing();
     let Some((cluster, agent)) =
