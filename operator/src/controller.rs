@@ -595,6 +595,17 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
             .get(resources::PLACEMENT_SOURCE_ANNOTATION)
             .cloned()
     });
+    // The ConfigMap is written before status: when it says the current manual request was
+    // acted on, it was, whatever a stale status says (see HANDLED_REMAP_REQUEST_ANNOTATION).
+    if let Some(request) = spec.remap_request.as_deref()
+        && current_cm.as_ref().is_some_and(|cm| {
+            cm.annotations()
+                .get(resources::HANDLED_REMAP_REQUEST_ANNOTATION)
+                .is_some_and(|handled| handled == request)
+        })
+    {
+        st.last_handled_remap_request = Some(request.to_string());
+    }
     let source = match (spec.placement.strategy, &spec.placement.static_map) {
         (PlacementStrategy::Linear, _) => Ok(PlacementSource::Linear),
         (PlacementStrategy::RoundRobin, _) => Ok(PlacementSource::RoundRobin),
@@ -639,7 +650,12 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     }) {
         Ok((_, None)) => {}
         Ok((s, Some(next))) => {
-            let cm = resources::placement_configmap(&resolved, &next, &s.label())?;
+            let cm = resources::placement_configmap(
+                &resolved,
+                &next,
+                &s.label(),
+                st.last_handled_remap_request.as_deref(),
+            )?;
             apply(&cms, &names.configmap, &cm).await?;
             info!(%ns, %name, generation = next.generation, source = %s.label(), "committed initial placement");
             // Any remap towards the replaced document is moot now.
@@ -1454,11 +1470,24 @@ async fn remap_step(
         } else {
             "OverBudget"
         };
+        let message = format!(
+            "the planner found no remap of layers {layers:?} worth its moves within the budget"
+        );
+        if trigger == Trigger::Manual {
+            // The request is marked handled: tell the person who made it why nothing moved.
+            pending.event(
+                EventType::Normal,
+                "RemapSkipped",
+                "Remap",
+                format!(
+                    "remap request {:?}: {reason}: {message}",
+                    spec.remap_request.as_deref().unwrap_or_default()
+                ),
+            );
+        }
         out.view = RemapView::Idle {
             reason: reason.into(),
-            message: format!(
-                "the planner found no remap of layers {layers:?} worth its moves within the budget"
-            ),
+            message,
         };
         return Ok(out);
     }
@@ -1474,7 +1503,12 @@ async fn remap_step(
         .fold(1.0f64, f64::max);
 
     // Persist first: a restarted group or operator resumes from the ConfigMap.
-    let cm = resources::placement_configmap(r, &next, w.source_label)?;
+    let cm = resources::placement_configmap(
+        r,
+        &next,
+        w.source_label,
+        st.last_handled_remap_request.as_deref(),
+    )?;
     apply(
         &Api::<ConfigMap>::namespaced(ctx.client.clone(), ns),
         &Names::new(name).configmap,

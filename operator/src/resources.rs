@@ -30,6 +30,12 @@ pub const GROUP_HASH_ANNOTATION: &str = "moe-operator.github.io/group-hash";
 pub const PLACEMENT_SOURCE_ANNOTATION: &str = "moe-operator.github.io/placement-source";
 /// ConfigMap annotation: the committed generation (mirrors the document, for `kubectl`).
 pub const PLACEMENT_GENERATION_ANNOTATION: &str = "moe-operator.github.io/placement-generation";
+/// The last manual `spec.remapRequest` the operator acted on, written in the same apply as the
+/// placement generation it produced. Status records it too, but status is written after the
+/// ConfigMap: an operator that dies between the two writes, or a reconcile that starts from a
+/// cached object older than its own status write, would otherwise see the request as pending
+/// and run it a second time.
+pub const HANDLED_REMAP_REQUEST_ANNOTATION: &str = "moe-operator.github.io/handled-remap-request";
 /// Label the StatefulSet controller puts on each pod with its ordinal (= EP rank).
 pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 /// Key of the control token in the owned Secret.
@@ -200,16 +206,24 @@ pub fn placement_configmap(
     r: &Resolved,
     doc: &moe_api::PlacementDocument,
     source: &str,
+    handled_remap_request: Option<&str>,
 ) -> Result<ConfigMap, serde_json::Error> {
     let names = Names::new(&r.name);
     let mut metadata = meta(r, &names.configmap);
-    metadata.annotations = Some(BTreeMap::from([
+    let mut annotations = BTreeMap::from([
         (PLACEMENT_SOURCE_ANNOTATION.to_string(), source.to_string()),
         (
             PLACEMENT_GENERATION_ANNOTATION.to_string(),
             doc.generation.to_string(),
         ),
-    ]));
+    ]);
+    if let Some(request) = handled_remap_request {
+        annotations.insert(
+            HANDLED_REMAP_REQUEST_ANNOTATION.to_string(),
+            request.to_string(),
+        );
+    }
+    metadata.annotations = Some(annotations);
     Ok(ConfigMap {
         metadata,
         data: Some(BTreeMap::from([(

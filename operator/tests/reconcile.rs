@@ -561,6 +561,36 @@ async fn manual_request_is_handled_once() {
     assert!(h.status()["remap"].is_null());
 }
 
+#[tokio::test]
+async fn a_manual_request_committed_to_the_configmap_is_not_run_again_when_status_lost_it() {
+    let mut spec = spec_json();
+    spec["eplb"]["enabled"] = json!(false);
+    spec["remapRequest"] = json!("please");
+    let h = Harness::new(spec);
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    h.workers.set_load(skewed(), 0, 100);
+    h.reconcile().await;
+    assert_eq!(h.placement().generation, 1);
+    // The operator dies after persisting generation 1 but before its status write lands (or a
+    // reconcile starts from a cached object older than that write): the stored status knows
+    // neither the running remap nor that the request was handled.
+    let mut obj = h.api.get(MOED).unwrap();
+    let status = obj["status"].as_object_mut().unwrap();
+    status.remove("lastHandledRemapRequest");
+    status.remove("remap");
+    h.api.put(MOED, obj);
+    // The remap resumes from the ConfigMap and completes; the still-skewed load must not make
+    // the same request run a second time.
+    h.reconcile().await;
+    h.reconcile().await;
+    h.workers.set_load(skewed(), 1, 100);
+    h.reconcile().await;
+    h.reconcile().await;
+    assert_eq!(h.placement().generation, 1, "the manual request ran twice");
+    assert_eq!(h.status()["lastHandledRemapRequest"], "please");
+}
+
 #[test]
 fn spec_json_parses() {
     let _: MoEDeploymentSpec = serde_json::from_value(spec_json()).unwrap();
