@@ -274,8 +274,16 @@ fn run_engine(
             shape.num_experts,
         )
     });
-    let exec: Box<dyn exec::Exec> =
-        Box::new(exec::CpuExec::load(&store, &placement, &shape, rank)?);
+    let exec: Box<dyn exec::Exec> = match backend {
+        backend::Backend::Cpu => Box::new(exec::CpuExec::load(&store, &placement, &shape, rank)?),
+        backend::Backend::Cuda => Box::new(cuda_exec::CudaExec::load(
+            &store,
+            &placement,
+            &shape,
+            rank,
+            &info.unique_id,
+        )?),
+    };
     let mut engine = Engine::new(EngineParts {
         shape,
         ranks_per_node: config.ranks_per_node,

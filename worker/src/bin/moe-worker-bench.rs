@@ -138,6 +138,14 @@ async fn remap(workers: &[Worker], req: RemapRequest) -> Result<(f64, u64, f64, 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let b = Bench::parse();
+    // Worker logs (phases, CUDA device, weight sizes) on stderr; `RUST_LOG` picks the level.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let dir = std::env::temp_dir().join(format!("moe-worker-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let token = dir.join("token");
