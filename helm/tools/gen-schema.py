@@ -121,6 +121,8 @@ SCHEMA = {
             "logLevel": s("RUST_LOG filter (tracing-subscriber EnvFilter).", minLength=1),
             "workerTimeoutSeconds": i("Timeout of each request to a worker rank, seconds.", 1, 600),
             "httpPort": i("Port of /healthz, /readyz and /metrics.", 1, 65535),
+            "bindAddress": s("Address /healthz, /readyz and /metrics bind to: 0.0.0.0, or "
+                             "$(POD_IP) where pods share a network namespace.", minLength=1),
             "extraArgs": arr("Extra moe-operator arguments.", {"type": "string"}),
             "extraEnv": arr("Extra environment variables (core/v1 EnvVar).",
                             {"type": "object", "required": ["name"]}),
