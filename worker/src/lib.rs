@@ -284,6 +284,9 @@ fn run_engine(
             &info.unique_id,
         )?),
     };
+    // Report the executor that actually runs, not the flag: a status that says `cuda` while the
+    // CPU reference runs is how a backend mix-up once went unnoticed.
+    shared.lock().backend = exec.backend().to_string();
     let mut engine = Engine::new(EngineParts {
         shape,
         ranks_per_node: config.ranks_per_node,
