@@ -1126,6 +1126,33 @@ struct WorkerCtx<'a> {
     source_label: &'a str,
 }
 
+impl StepOutcome {
+    /// The pass stops: a rank did not answer.
+    fn workers_unreachable(mut self, rank: usize, e: impl std::fmt::Display) -> Self {
+        self.problems.push(Problem::new(
+            "WorkersUnreachable",
+            format!("rank {rank}: {e}"),
+        ));
+        self.view = RemapView::Idle {
+            reason: "WorkersUnreachable".into(),
+            message: e.to_string(),
+        };
+        self
+    }
+}
+
+/// Every rank's answer in rank order, or the first rank that failed with its error.
+fn every_rank<T, E>(
+    endpoints: &[Endpoint],
+    answers: Vec<Result<T, E>>,
+) -> Result<Vec<T>, (usize, E)> {
+    endpoints
+        .iter()
+        .zip(answers)
+        .map(|(ep, answer)| answer.map_err(|e| (ep.rank, e)))
+        .collect()
+}
+
 /// One pass of the remap loop with every rank ready.
 async fn remap_step(
     moed: &MoEDeployment,
@@ -1148,24 +1175,11 @@ async fn remap_step(
         fast_requeue: false,
         restart_group: None,
     };
-    let statuses = join_all(endpoints.iter().map(|e| ctx.workers.status(e))).await;
-    let mut worker_status = Vec::new();
-    for (ep, s) in endpoints.iter().zip(statuses) {
-        match s {
-            Ok(s) => worker_status.push(s),
-            Err(e) => {
-                out.problems.push(Problem::new(
-                    "WorkersUnreachable",
-                    format!("rank {}: {e}", ep.rank),
-                ));
-                out.view = RemapView::Idle {
-                    reason: "WorkersUnreachable".into(),
-                    message: e.to_string(),
-                };
-                return Ok(out);
-            }
-        }
-    }
+    let answers = join_all(endpoints.iter().map(|e| ctx.workers.status(e))).await;
+    let worker_status = match every_rank(endpoints, answers) {
+        Ok(v) => v,
+        Err((rank, e)) => return Ok(out.workers_unreachable(rank, e)),
+    };
     let target = doc.generation;
     let layers_total = st
         .remap
@@ -1316,24 +1330,11 @@ async fn remap_step(
     }
 
     // Measure.
-    let loads = join_all(endpoints.iter().map(|e| ctx.workers.load(e))).await;
-    let mut reports = Vec::new();
-    for (ep, l) in endpoints.iter().zip(loads) {
-        match l {
-            Ok(l) => reports.push(l),
-            Err(e) => {
-                out.problems.push(Problem::new(
-                    "WorkersUnreachable",
-                    format!("rank {}: {e}", ep.rank),
-                ));
-                out.view = RemapView::Idle {
-                    reason: "WorkersUnreachable".into(),
-                    message: e.to_string(),
-                };
-                return Ok(out);
-            }
-        }
-    }
+    let answers = join_all(endpoints.iter().map(|e| ctx.workers.load(e))).await;
+    let reports = match every_rank(endpoints, answers) {
+        Ok(v) => v,
+        Err((rank, e)) => return Ok(out.workers_unreachable(rank, e)),
+    };
     let window = reports.iter().map(|r| r.window_steps).min().unwrap_or(0);
     // Counts recorded under an older placement say little about this one.
     let current_counts = reports.iter().all(|r| {
