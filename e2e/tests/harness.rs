@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use moe_e2e::{AgentConfig, Bins, Cluster, ImageMap, wait};
 
 const T: Duration = Duration::from_secs(90);
@@ -270,6 +270,30 @@ async fn agent_features() -> Result<()> {
         "a fake container has a process"
     );
     println!("fake image: ready without a process");
+
+    // The node lifecycle controller sets a pod's Ready condition to False when its node's
+    // heartbeat comes late; the agent must report its own view again, as a kubelet would.
+    let flip: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "flip", "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "busybox", "command": ["sleep", "600"]}]},
+    }))?;
+    pods.create(&PostParams::default(), &flip).await?;
+    wait::object::<Pod>(&client, "default", "flip", T, wait::pod_ready).await?;
+    let not_ready = serde_json::json!({"status": {"conditions": [
+        {"type": "Ready", "status": "False", "reason": "NodeNotReady"}]}});
+    let patched = pods
+        .patch_status(
+            "flip",
+            &PatchParams::default(),
+            &Patch::Strategic(&not_ready),
+        )
+        .await?;
+    ensure!(
+        !wait::pod_ready(&patched),
+        "the patch did not mark flip not ready"
+    );
+    wait::object::<Pod>(&client, "default", "flip", T, wait::pod_ready).await?;
+    println!("a Ready condition set to False by someone else was reported again");
     cluster.ensure_running()?;
     Ok(())
 }

@@ -288,7 +288,7 @@ pub(crate) async fn run_pod(sh: Arc<Shared>, mut rx: watch::Receiver<Option<Pod>
                     .max(0) as u64;
                 break Duration::from_secs(secs).min(sh.cfg.max_grace);
             }
-            Some(_) => {}
+            Some(p) => ctx.reassert_readiness(&p).await,
         }
     };
     tracing::info!(pod = %key, ?grace, gone, "agent: stopping pod");
@@ -1059,6 +1059,37 @@ impl PodCtx {
             );
         }
         status
+    }
+
+    /// Sends this agent's view of the pod again when the server's Ready condition disagrees with
+    /// the last one sent. A kubelet owns that condition, but the node lifecycle controller also
+    /// sets it to False when a node's heartbeat is late; without this, a pod stays not ready
+    /// after its node is Ready again.
+    async fn reassert_readiness(&self, server: &Pod) {
+        let on_server = server
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.status.clone());
+        let diverged = {
+            let mut last = self.last_sent.lock().await;
+            let sent = last
+                .as_ref()
+                .and_then(|v| v["conditions"].as_array())
+                .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+                .and_then(|c| c["status"].as_str())
+                .map(str::to_string);
+            let diverged = sent.is_some() && on_server.is_some() && sent != on_server;
+            if diverged {
+                *last = None;
+            }
+            diverged
+        };
+        if diverged {
+            tracing::info!(pod = %self.key, "agent: Ready condition changed by someone else; reporting again");
+            self.report().await;
+        }
     }
 
     /// Patches the pod status if it changed since the last successful write.
