@@ -113,9 +113,11 @@ async fn cuda_backend_matches_the_cpu_reference() {
         None => moe_kernels::cuda::available().unwrap_or(0),
     };
     run(1).await;
-    if gpus >= 2 {
-        run(2).await;
-    } else {
-        eprintln!("SKIPPED the 2-rank CUDA group: {gpus} GPU visible");
+    for world in [2, 4] {
+        if gpus >= world {
+            run(world).await;
+        } else {
+            eprintln!("SKIPPED the {world}-rank CUDA group: {gpus} GPU visible");
+        }
     }
 }
