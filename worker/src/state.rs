@@ -219,19 +219,7 @@ impl Shared {
             )));
         }
         let layers = layers_to_move(&req, &current).map_err(Refusal::Malformed)?;
-        let progress = RemapProgress {
-            generation,
-            state: RemapState::Running,
-            mode: req.mode,
-            layers_total: layers.len(),
-            layers_done: 0,
-            experts_moved: 0,
-            bytes_moved: 0,
-            stall_seconds: 0.0,
-            started_at_ms: now_ms(),
-            finished_at_ms: None,
-            error: None,
-        };
+        let progress = running_progress(&req, layers.len());
         let req = Arc::new(req);
         st.remap = Some(progress.clone());
         st.pending = Some(req.clone());
@@ -260,7 +248,7 @@ pub fn layers_to_move(
     Ok(req.layers.clone())
 }
 
-/// The progress record of a request that reached this rank through the group.
+/// The progress record of a remap this rank starts (posted to it, or passed on by the group).
 pub fn running_progress(req: &RemapRequest, layers_total: usize) -> RemapProgress {
     RemapProgress {
         generation: req.placement.generation,
