@@ -13,6 +13,16 @@ fn nccl(e: cudarc::nccl::result::NcclError) -> KernelError {
     KernelError::Nccl(format!("{:?}", e.0))
 }
 
+/// Runs `f` inside one NCCL group: the sends and receives it enqueues (on any communicator)
+/// are launched together when it returns, so pairs of ranks exchanging several buffers in
+/// both directions cannot block each other.
+pub fn grouped<R>(f: impl FnOnce() -> Result<R>) -> Result<R> {
+    group_start().map_err(nccl)?;
+    let r = f();
+    group_end().map_err(nccl)?;
+    r
+}
+
 /// An NCCL unique id (128 bytes), created by rank 0 and handed to the others out of band.
 #[derive(Debug, Clone, Copy)]
 pub struct NcclId(pub [std::ffi::c_char; 128]);

@@ -286,6 +286,20 @@ impl DeviceExperts {
         Ok(s)
     }
 
+    /// Allocates a staging buffer for one slot on the main stream, without zeroing it or
+    /// waiting: for a buffer that a copy or a receive fills before anything reads it.
+    pub fn alloc_staging(&self, gpu: &Gpu) -> Result<ExpertStaging> {
+        let (a, b) = self.slot_elems();
+        // SAFETY: the memory is left unset; callers fill it (copy / NCCL receive) before a
+        // commit reads it. Device memory holds plain bf16 bits: no Rust value is invalid.
+        unsafe {
+            Ok(ExpertStaging {
+                w1: gpu.stream().alloc::<bf16>(a).map_err(drv)?,
+                w2: gpu.stream().alloc::<bf16>(b).map_err(drv)?,
+            })
+        }
+    }
+
     /// SwiGLU FFN of the local experts over rows grouped by expert: rows
     /// `offsets[e]..offsets[e+1]` of `x` (`[R, H]`) go through slot `e`; `offsets` (host,
     /// `slots + 1` entries) is known on the host anyway (the all-to-all needs the counts).

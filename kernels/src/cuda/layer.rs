@@ -63,6 +63,18 @@ impl EpLayer {
         })
     }
 
+    /// Replaces the replica map (a remap switches it together with the slots' weights), on
+    /// the main stream: forward passes enqueued after this use the new map.
+    pub fn set_map(&mut self, gpu: &Gpu, map: &ReplicaMap) -> Result<()> {
+        if map.num_physical() != self.topo.num_slots()
+            || map.num_logical() != self.gating.num_experts
+        {
+            return invalid("layer: the new map does not match the topology or the experts");
+        }
+        self.map = DeviceReplicaMap::upload(gpu, map)?;
+        Ok(())
+    }
+
     /// The per-physical-slot load counters accumulated so far (synchronises).
     pub fn load(&self, gpu: &Gpu) -> Result<Vec<u32>> {
         gpu.download_slice(&self.load)

@@ -20,7 +20,7 @@ mod comm;
 mod ffn;
 mod layer;
 
-pub use comm::{EpComm, NcclId, enable_peer_access};
+pub use comm::{EpComm, NcclId, enable_peer_access, grouped};
 pub use ffn::{DeviceExperts, ExpertStaging, FfnStrategy};
 pub use layer::EpLayer;
 
