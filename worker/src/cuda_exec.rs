@@ -3,28 +3,42 @@
 //! FFN) on this rank's GPU; the residual add is a cuBLAS `AxpyEx` (bf16 in/out, fp32 compute,
 //! the same rounding as the CPU backend).
 //!
-//! Remap weights are staged through the host: a sending rank copies the slots it sends to the
-//! host (device-to-host, counted as stall), the bytes travel over the comm backend's TCP links
-//! on the remap channel while forward passes continue, and the receiving rank uploads them into
-//! a staging buffer and commits it into the layer's slot on the main stream at the agreed step
-//! boundary (counted as stall). The kernels crate's NCCL `send_slot`/`recv_slot` (side stream,
-//! device to device) is not used yet.
+//! Remap weights move device to device. Each rank has a second NCCL communicator, bound to the
+//! GPU's side stream and used for nothing but remap transfers, so weight traffic never queues
+//! behind (or interleaves with) the forward pass's all-to-all on the main communicator. At the
+//! boundary where the group starts a layer, every rank enqueues on the side stream: copies of
+//! its local sources into staging buffers, then one NCCL group with its sends (straight from
+//! the live slots, which are only read) and its receives (into staging buffers). Forward passes
+//! keep running on the main stream meanwhile. An event after the group tells the engine, at
+//! later boundaries, that this rank's part has finished; once every rank has said so, the
+//! commit copies the staging buffers into their slots and uploads the new replica map, both
+//! on the main stream, so the next forward pass sees the new weights and map together.
+//!
+//! Every rank launches the transfer group at the same point of its sequence of NCCL launches
+//! (between the same two forward passes), so kernels of the two communicators are queued in
+//! the same order everywhere: no rank can wait on a transfer its peer has not launched yet
+//! while holding back a forward pass that peer needs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail};
 use cudarc::cublas::CudaBlas;
+use cudarc::driver::CudaEvent;
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use half::bf16;
 use moe_api::PlacementDocument;
-use moe_kernels::cuda::{DeviceExperts, DeviceMatrix, EpComm, EpLayer, ExpertStaging, Gpu, NcclId};
-use moe_kernels::{Bf16Matrix, EpTopology, Matrix};
+use moe_kernels::EpTopology;
+use moe_kernels::cuda::{
+    DeviceExperts, DeviceMatrix, EpComm, EpLayer, ExpertStaging, Gpu, NcclId, grouped,
+};
 
 use crate::comm::Comm;
 use crate::config::ModelShape;
-use crate::exec::{Exec, StagedSlot, gating};
-use crate::placement::LayerMap;
+use crate::exec::{Exec, gating};
+use crate::placement::{LayerMap, LayerPlan, SlotSource};
+use crate::staging::StageStats;
 use crate::traffic::Batch;
 use crate::weights::{ExpertWeights, WeightStore};
 
@@ -39,10 +53,37 @@ pub fn unavailable() -> Option<String> {
     }
 }
 
-/// A fresh NCCL unique id as bytes (rank 0 hands it out at rendezvous).
+/// The bytes rank 0 hands out at rendezvous: two fresh NCCL unique ids, one for the forward
+/// pass's communicator and one for the remap transfers' (128 bytes each).
 pub fn nccl_unique_id() -> Result<Vec<u8>> {
-    let id = NcclId::new().map_err(|e| anyhow!("creating the NCCL unique id: {e}"))?;
-    Ok(id.0.iter().map(|&c| c as u8).collect())
+    let mut bytes = Vec::with_capacity(2 * 128);
+    for _ in 0..2 {
+        let id = NcclId::new().map_err(|e| anyhow!("creating an NCCL unique id: {e}"))?;
+        bytes.extend(id.0.iter().map(|&c| c as u8));
+    }
+    Ok(bytes)
+}
+
+fn nccl_id(bytes: &[u8]) -> NcclId {
+    let mut id = [0 as std::ffi::c_char; 128];
+    for (d, s) in id.iter_mut().zip(bytes) {
+        *d = *s as std::ffi::c_char;
+    }
+    NcclId(id)
+}
+
+/// One layer's incoming weights, on their way on the side stream.
+struct DeviceStaging {
+    layer: usize,
+    /// One buffer per expert received and per local copy.
+    buffers: Vec<ExpertStaging>,
+    /// `(local slot, buffer)`: what the commit copies where.
+    installs: Vec<(usize, usize)>,
+    /// Recorded on the side stream around the transfers (timing enabled).
+    start: CudaEvent,
+    done: CudaEvent,
+    finished: bool,
+    bytes: u64,
 }
 
 pub struct CudaExec {
@@ -50,9 +91,11 @@ pub struct CudaExec {
     rank: usize,
     gpu: Gpu,
     comm: Option<EpComm>,
+    /// Remap transfers only, on the side stream.
+    transfer_comm: Option<EpComm>,
     blas: CudaBlas,
-    routers: Vec<Bf16Matrix>,
     layers: Vec<Option<EpLayer>>,
+    staging: Option<DeviceStaging>,
 }
 
 // SAFETY: the executor is owned by the engine thread; it is moved into it once and never
@@ -72,29 +115,33 @@ impl CudaExec {
         let n = moe_kernels::cuda::available()?;
         let gpu = Gpu::new(rank % n)?;
         tracing::info!(gpu = %gpu.name(), ordinal = rank % n, arch = gpu.arch(), "CUDA backend");
-        let comm = if shape.world_size > 1 {
-            if unique_id.len() != 128 {
+        let (comm, transfer_comm) = if shape.world_size > 1 {
+            if unique_id.len() != 2 * 128 {
                 bail!(
-                    "the NCCL unique id from rank 0 has {} bytes, expected 128",
+                    "the NCCL unique ids from rank 0 have {} bytes, expected 256 \
+                     (is every rank running the same moe-worker version?)",
                     unique_id.len()
                 );
             }
-            let mut id = [0 as std::ffi::c_char; 128];
-            for (d, s) in id.iter_mut().zip(unique_id) {
-                *d = *s as std::ffi::c_char;
-            }
-            Some(EpComm::from_rank(
-                gpu.stream().clone(),
-                rank,
-                shape.world_size,
-                &NcclId(id),
-            )?)
+            let w = shape.world_size;
+            let main = EpComm::from_rank(gpu.stream().clone(), rank, w, &nccl_id(unique_id))?;
+            let side = gpu.side_stream().clone();
+            let transfer = EpComm::from_rank(side, rank, w, &nccl_id(&unique_id[128..]))?;
+            // NCCL connects peers on their first exchange; do it now, so the first remap does
+            // not pay for it on the engine thread.
+            let ones = gpu.upload_slice(&vec![1u32; w])?;
+            let mut got = gpu.zeros::<u32>(w)?;
+            gpu.synchronize()?;
+            transfer.all_to_all_u32(&ones, &mut got, 1)?;
+            gpu.side_stream()
+                .synchronize()
+                .map_err(|e| anyhow!("connecting the remap communicator: {e:?}"))?;
+            (Some(main), Some(transfer))
         } else {
-            None
+            (None, None)
         };
         let blas = CudaBlas::new(gpu.stream().clone()).map_err(|e| anyhow!("cuBLAS: {e:?}"))?;
         let spr = shape.slots_per_rank();
-        let mut routers = Vec::with_capacity(shape.num_layers);
         let mut layers = Vec::with_capacity(shape.num_layers);
         for l in 0..shape.num_layers {
             let row = &placement.phy2log[l];
@@ -117,7 +164,6 @@ impl CudaExec {
                 rank,
                 experts,
             )?));
-            routers.push(router);
         }
         gpu.synchronize()?;
         Ok(CudaExec {
@@ -125,9 +171,10 @@ impl CudaExec {
             rank,
             gpu,
             comm,
+            transfer_comm,
             blas,
-            routers,
             layers,
+            staging: None,
         })
     }
 
@@ -170,6 +217,7 @@ impl Exec for CudaExec {
         _comm: &Comm,
         batch: &Batch,
         step: u64,
+        want_output: bool,
     ) -> Result<(Vec<bf16>, Vec<Vec<u32>>)> {
         if batch.routing.is_some() {
             bail!("trace replay (--traffic-trace) is only supported by the cpu backend");
@@ -178,7 +226,15 @@ impl Exec for CudaExec {
         let t = batch.x.len() / h;
         let g = self.shape.world_size as u64;
         let token_base = ((step * g + self.rank as u64) * t as u64) as u32;
-        let mut x = self.gpu.upload(&Matrix::from_vec(t, h, batch.x.clone())?)?;
+        if t * h != batch.x.len() {
+            bail!("step {step}: the batch is not a whole number of {h}-wide rows");
+        }
+        // Straight from the batch (no host copy first).
+        let mut x = DeviceMatrix {
+            rows: t,
+            cols: h,
+            buf: self.gpu.upload_slice(&batch.x)?,
+        };
         let mut counts = Vec::with_capacity(self.shape.num_layers);
         for l in 0..self.shape.num_layers {
             let y = {
@@ -203,73 +259,161 @@ impl Exec for CudaExec {
             counts.push(layer.load(gpu)?);
             layer.reset_load(gpu)?;
         }
-        let out = x.download(&self.gpu)?;
-        Ok((out.into_vec(), counts))
+        // Reading the counters synchronised the main stream: the step is done on the GPU.
+        let out = if want_output {
+            x.download(&self.gpu)?.into_vec()
+        } else {
+            Vec::new()
+        };
+        Ok((out, counts))
     }
 
-    fn host_slots(
-        &mut self,
-        layer: usize,
-        local: &[usize],
-    ) -> Result<HashMap<usize, Arc<ExpertWeights>>> {
+    fn begin_staging(&mut self, _comm: &Arc<Comm>, layer: usize, plan: &LayerPlan) -> Result<()> {
+        if self.staging.is_some() {
+            bail!("layer {layer}: another layer is still being staged");
+        }
+        let spr = self.shape.slots_per_rank();
+        let base = self.rank * spr;
         let gpu = &self.gpu;
-        let l = self
+        let experts = &self
             .layers
             .get(layer)
             .and_then(Option::as_ref)
-            .ok_or_else(|| anyhow!("no layer {layer}"))?;
-        local
-            .iter()
-            .map(|&s| Ok((s, Arc::new(l.experts.download_slot(gpu, s)?))))
-            .collect()
-    }
-
-    fn install(&mut self, layer: usize, map: &LayerMap, slots: Vec<StagedSlot>) -> Result<()> {
-        // Copies of local sources first (a slot may be both a source and a destination).
-        let mut uploads: Vec<(usize, Arc<ExpertWeights>)> = Vec::new();
-        {
-            let gpu = &self.gpu;
-            let l = self
-                .layers
-                .get(layer)
-                .and_then(Option::as_ref)
-                .ok_or_else(|| anyhow!("no layer {layer}"))?;
-            for (i, s) in slots.iter().enumerate() {
-                match s {
-                    StagedSlot::Keep => {}
-                    StagedSlot::Local(j) => {
-                        uploads.push((i, Arc::new(l.experts.download_slot(gpu, *j)?)))
-                    }
-                    StagedSlot::Received(w) => uploads.push((i, w.clone())),
+            .ok_or_else(|| anyhow!("no layer {layer}"))?
+            .experts;
+        // Buffers: one per local copy, one per expert received (slots of this rank that need
+        // the same remote expert share it).
+        let mut buffers = Vec::new();
+        let mut installs = Vec::new();
+        let mut local_copies = Vec::new();
+        let mut received: HashMap<u32, usize> = HashMap::new();
+        for s in base..base + spr {
+            match plan.sources[s] {
+                SlotSource::Keep => {}
+                SlotSource::Local { src_slot } => {
+                    buffers.push(experts.alloc_staging(gpu)?);
+                    local_copies.push((src_slot as usize - base, buffers.len() - 1));
+                    installs.push((s - base, buffers.len() - 1));
+                }
+                SlotSource::Remote { .. } => {
+                    let idx = match received.get(&plan.experts[s]) {
+                        Some(&i) => i,
+                        None => {
+                            buffers.push(experts.alloc_staging(gpu)?);
+                            received.insert(plan.experts[s], buffers.len() - 1);
+                            buffers.len() - 1
+                        }
+                    };
+                    installs.push((s - base, idx));
                 }
             }
         }
-        let old = self
+        // Receives in plan order (the senders send in plan order too, so each pair matches).
+        let recvs = plan
+            .recvs_of(self.rank)
+            .map(|f| match received.get(&f.expert) {
+                Some(&idx) => Ok((idx, f.src_rank)),
+                None => Err(anyhow!(
+                    "layer {layer}: expert {} is received but no slot needs it",
+                    f.expert
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let sends: Vec<(usize, usize)> = plan
+            .sends_of(self.rank)
+            .map(|f| (f.src_slot as usize - base, f.dst_rank))
+            .collect();
+        let side = gpu.side_stream();
+        let cu = |e| anyhow!("layer {layer} staging: {e:?}");
+        // After the buffers' allocation and any earlier commit on the main stream.
+        side.wait(&gpu.stream().record_event(None).map_err(cu)?)
+            .map_err(cu)?;
+        let start = side
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(cu)?;
+        let (a, b) = experts.slot_elems();
+        for &(src, idx) in &local_copies {
+            let st = &mut buffers[idx];
+            side.memcpy_dtod(&experts.w1.slice(src * a..(src + 1) * a), &mut st.w1)
+                .map_err(cu)?;
+            side.memcpy_dtod(&experts.w2.slice(src * b..(src + 1) * b), &mut st.w2)
+                .map_err(cu)?;
+        }
+        if !sends.is_empty() || !recvs.is_empty() {
+            let xfer = self.transfer_comm.as_ref().ok_or_else(|| {
+                anyhow!("layer {layer}: a remote transfer needs more than one rank")
+            })?;
+            grouped(|| {
+                for &(slot, peer) in &sends {
+                    xfer.send_slot(experts, slot, peer)?;
+                }
+                for &(idx, peer) in &recvs {
+                    xfer.recv_slot(&mut buffers[idx], peer)?;
+                }
+                Ok(())
+            })?;
+        }
+        let bytes = (recvs.len() * experts.slot_bytes()) as u64;
+        let done = side
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(cu)?;
+        self.staging = Some(DeviceStaging {
+            layer,
+            buffers,
+            installs,
+            start,
+            done,
+            finished: false,
+            bytes,
+        });
+        Ok(())
+    }
+
+    fn staging_finished(&mut self, wait: bool) -> Result<bool> {
+        let Some(st) = &mut self.staging else {
+            bail!("no layer is being staged");
+        };
+        if !st.finished {
+            let cu = |e| anyhow!("layer {} staging: {e:?}", st.layer);
+            if wait {
+                st.done.synchronize().map_err(cu)?;
+                st.finished = true;
+            } else {
+                st.finished = st.done.try_is_complete().map_err(cu)?;
+            }
+        }
+        Ok(st.finished)
+    }
+
+    fn commit(&mut self, layer: usize, map: &LayerMap) -> Result<StageStats> {
+        let st = match self.staging.take() {
+            Some(st) if st.layer == layer && st.finished => st,
+            Some(st) if st.layer == layer => bail!("layer {layer} committed before it was staged"),
+            Some(st) => bail!("layer {layer} committed while layer {} is staged", st.layer),
+            None => bail!("layer {layer} committed before it was staged"),
+        };
+        let gpu = &self.gpu;
+        let l = self
             .layers
             .get_mut(layer)
-            .and_then(Option::take)
+            .and_then(Option::as_mut)
             .ok_or_else(|| anyhow!("no layer {layer}"))?;
-        let mut experts = old.experts;
-        for (i, w) in &uploads {
-            let staging = ExpertStaging {
-                w1: self.gpu.upload_slice(w.w1.as_slice())?,
-                w2: self.gpu.upload_slice(w.w2.as_slice())?,
-            };
-            experts.commit_staging(&self.gpu, &staging, *i, None)?;
-            self.gpu.synchronize()?;
+        // The main stream takes over: copies in, then the new map; the next forward pass is
+        // enqueued after both. The buffers were allocated on the main stream, so dropping them
+        // below frees them after these copies.
+        for &(slot, idx) in &st.installs {
+            l.experts
+                .commit_staging(gpu, &st.buffers[idx], slot, Some(&st.done))?;
         }
-        let rebuilt = EpLayer::new(
-            &self.gpu,
-            &self.routers[layer],
-            gating(&self.shape),
-            None,
-            &map.replicas,
-            EpTopology::new(self.shape.world_size, self.shape.slots_per_rank())?,
-            self.rank,
-            experts,
-        )?;
-        self.gpu.synchronize()?;
-        self.layers[layer] = Some(rebuilt);
-        Ok(())
+        l.set_map(gpu, &map.replicas)?;
+        let ms = st
+            .start
+            .elapsed_ms(&st.done)
+            .map_err(|e| anyhow!("layer {layer}: timing the transfers: {e:?}"))?;
+        Ok(StageStats {
+            transfer_seconds: f64::from(ms) / 1e3,
+            bytes: st.bytes,
+            moved: st.installs.len() as u64,
+        })
     }
 }

@@ -1,14 +1,15 @@
-//! The engine: forward passes over the MoE layer stack on the CPU backend, load recording,
+//! The engine: forward passes over the MoE layer stack (through an executor), load recording,
 //! and the remap executor (asynchronous layer-by-layer, or stop-the-world).
 //!
 //! Every step starts with a small all-gather of control records on the control channel. It
 //! carries each rank's stop flag, the newest remap generation it holds, and whether its staging
 //! of the current remap layer has finished. All ranks decide from the same gathered vector, so
 //! they activate a remap, switch a layer (weights and maps together), or stop at the same step
-//! boundary, whatever order they reached it in. Staging runs on a side thread over its own
-//! channel while forward passes continue with the old placement.
+//! boundary, whatever order they reached it in. Staging runs inside the executor (a side thread
+//! over the TCP remap channel on the CPU backend, NCCL on the GPU's side stream on CUDA) while
+//! forward passes continue with the old placement.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::mpsc;
 use std::sync::{Arc, atomic::Ordering};
 use std::time::{Duration, Instant};
@@ -18,14 +19,14 @@ use half::bf16;
 use moe_api::{PlacementDocument, RemapMode, RemapRequest, RemapState};
 use serde::{Deserialize, Serialize};
 
-use crate::comm::{CHAN_CTRL, CHAN_REMAP, Comm};
+use crate::comm::{CHAN_CTRL, Comm};
 use crate::config::ModelShape;
-use crate::exec::{Exec, StagedSlot, add_residual, gating, topk_of};
-use crate::placement::{LayerMap, LayerPlan, SlotSource, plan_layer};
+use crate::exec::{Exec, add_residual, gating, topk_of};
+use crate::placement::{LayerMap, LayerPlan, plan_layer};
 use crate::state::{Shared, layers_to_move, now_ms, running_progress};
 use crate::stats::{LoadHistory, par};
-use crate::traffic::{Batch, Traffic};
-use crate::weights::{ExpertWeights, WeightStore, expert_from_bytes, expert_to_bytes};
+use crate::traffic::{Batch, Prefetch, Traffic};
+use crate::weights::{ExpertWeights, WeightStore};
 use moe_kernels::cpu;
 use moe_kernels::{EpTopology, Matrix, ReplicaMap};
 
@@ -38,6 +39,8 @@ pub struct StepRecord {
     pub layer_generations: Vec<u64>,
     /// Wall time of the forward pass.
     pub duration: Duration,
+    /// Time spent waiting for the batch (traffic generation that did not keep ahead).
+    pub input_wait: Duration,
     /// When the step finished (intervals between steps include the step boundary: the
     /// agreement collective and any remap work or stall).
     pub finished: Instant,
@@ -66,25 +69,14 @@ fn digest(req: &RemapRequest) -> u64 {
     h.finish()
 }
 
-/// Weights staged for one layer of a remap.
-pub struct Staged {
-    pub slots: Vec<StagedSlot>,
-    /// Seconds spent sending and receiving.
-    pub transfer_seconds: f64,
-    pub bytes: u64,
-    pub moved: u64,
-}
-
-struct Staging {
-    rx: mpsc::Receiver<Result<Staged>>,
-    result: Option<Staged>,
-}
-
 struct Job {
     req: Arc<RemapRequest>,
     layers: Vec<usize>,
     idx: usize,
-    staging: Option<Staging>,
+    /// The executor is staging `layers[idx]`.
+    staging: bool,
+    /// ... and said (at a boundary) that this rank's part has finished.
+    staged: bool,
     started: Instant,
 }
 
@@ -108,7 +100,6 @@ pub struct Engine {
     shape: ModelShape,
     rank: usize,
     world: usize,
-    spr: usize,
     ranks_per_node: usize,
     comm: Arc<Comm>,
     shared: Arc<Shared>,
@@ -116,7 +107,7 @@ pub struct Engine {
     layer_generations: Vec<u64>,
     maps: Vec<LayerMap>,
     exec: Box<dyn Exec>,
-    traffic: Traffic,
+    traffic: Arc<Traffic>,
     history: Option<LoadHistory>,
     sink: Option<mpsc::Sender<StepRecord>>,
     sink_tensors: bool,
@@ -124,72 +115,6 @@ pub struct Engine {
     max_steps: u64,
     steps_per_second: f64,
     rate: VecDeque<(Instant, usize)>,
-}
-
-/// Stages one layer's incoming weights on `rank`: sends the experts other ranks fetch from it
-/// (`sends`, by local slot), receives the ones it fetches, and describes its new slots.
-pub fn stage_layer(
-    comm: &Comm,
-    plan: &LayerPlan,
-    sends: &HashMap<usize, Arc<ExpertWeights>>,
-    rank: usize,
-    shape: &ModelShape,
-) -> Result<Staged> {
-    let spr = shape.slots_per_rank();
-    let base = rank * spr;
-    let t0 = Instant::now();
-    for f in plan.sends_of(rank) {
-        let w = sends
-            .get(&(f.src_slot as usize - base))
-            .ok_or_else(|| anyhow!("plan sends slot {} not staged by rank {rank}", f.src_slot))?;
-        comm.send_chunked(f.dst_rank, CHAN_REMAP, &expert_to_bytes(w))?;
-    }
-    let mut received: HashMap<u32, Arc<ExpertWeights>> = HashMap::new();
-    let mut bytes = 0u64;
-    for f in plan.recvs_of(rank) {
-        let data = comm.recv_len(f.src_rank, CHAN_REMAP, shape.expert_bytes())?;
-        bytes += data.len() as u64;
-        received.insert(f.expert, Arc::new(expert_from_bytes(&data, shape)?));
-    }
-    let transfer_seconds = t0.elapsed().as_secs_f64();
-    let mut slots = Vec::with_capacity(spr);
-    let mut moved = 0;
-    for s in base..base + spr {
-        slots.push(match plan.sources[s] {
-            SlotSource::Keep => StagedSlot::Keep,
-            SlotSource::Local { src_slot } => {
-                moved += 1;
-                StagedSlot::Local(src_slot as usize - base)
-            }
-            SlotSource::Remote { .. } => {
-                moved += 1;
-                let expert = plan.experts[s];
-                StagedSlot::Received(
-                    received
-                        .get(&expert)
-                        .cloned()
-                        .ok_or_else(|| anyhow!("expert {expert} was not received"))?,
-                )
-            }
-        });
-    }
-    Ok(Staged {
-        slots,
-        transfer_seconds,
-        bytes,
-        moved,
-    })
-}
-
-/// The local slots `rank` sends in `plan`.
-fn send_slots(plan: &LayerPlan, rank: usize, spr: usize) -> Vec<usize> {
-    let mut v: Vec<usize> = plan
-        .sends_of(rank)
-        .map(|f| f.src_slot as usize - rank * spr)
-        .collect();
-    v.sort_unstable();
-    v.dedup();
-    v
 }
 
 impl Engine {
@@ -204,7 +129,6 @@ impl Engine {
             .collect::<Result<Vec<_>>>()?;
         let layer_generations = vec![p.placement.generation; p.shape.num_layers];
         Ok(Engine {
-            spr: p.shape.slots_per_rank(),
             shape: p.shape,
             rank,
             world,
@@ -215,7 +139,7 @@ impl Engine {
             layer_generations,
             maps,
             exec: p.exec,
-            traffic: p.traffic,
+            traffic: Arc::new(p.traffic),
             history: p.history,
             sink: p.sink,
             sink_tensors: p.sink_tensors,
@@ -255,6 +179,8 @@ impl Engine {
         let period = (self.steps_per_second > 0.0)
             .then(|| Duration::from_secs_f64(1.0 / self.steps_per_second));
         let start = Instant::now();
+        let feed = Prefetch::start(self.traffic.clone(), 0, 2)?;
+        let want_output = self.sink.is_some() && self.sink_tensors;
         loop {
             if self.max_steps > 0 && step >= self.max_steps {
                 break;
@@ -269,10 +195,12 @@ impl Engine {
                     std::thread::sleep(due - now);
                 }
             }
+            let t_in = Instant::now();
+            let batch = feed.batch(step);
+            let input_wait = t_in.elapsed();
             let t0 = Instant::now();
-            let batch = self.traffic.batch(step);
             let tokens = batch.x.len() / self.shape.hidden;
-            let (output, counts) = self.exec.forward(&self.comm, &batch, step)?;
+            let (output, counts) = self.exec.forward(&self.comm, &batch, step, want_output)?;
             let dt = t0.elapsed();
             self.after_step(step, tokens, &counts, dt)?;
             if let Some(sink) = &self.sink {
@@ -294,6 +222,7 @@ impl Engine {
                     output,
                     layer_generations: self.layer_generations.clone(),
                     duration: dt,
+                    input_wait,
                     finished: Instant::now(),
                     remap_running: self.job.is_some(),
                 });
@@ -372,15 +301,13 @@ impl Engine {
     /// The step boundary: gather control records and act on them. Returns false to stop.
     fn boundary(&mut self) -> Result<bool> {
         if let Some(job) = &mut self.job
-            && let Some(st) = &mut job.staging
-            && st.result.is_none()
+            && job.staging
+            && !job.staged
         {
-            match st.rx.try_recv() {
-                Ok(Ok(s)) => st.result = Some(s),
-                Ok(Err(e)) => return Err(e.context("staging a remap layer")),
-                Err(mpsc::TryRecvError::Empty) => {}
-                Err(mpsc::TryRecvError::Disconnected) => bail!("the staging thread died"),
-            }
+            job.staged = self
+                .exec
+                .staging_finished(false)
+                .context("staging a remap layer")?;
         }
         let pending = if self.job.is_none() {
             self.shared.lock().pending.clone()
@@ -400,12 +327,7 @@ impl Engine {
                 (None, None) => 0,
             },
             active: self.job.is_some(),
-            staged: self.job.as_ref().and_then(|j| {
-                j.staging
-                    .as_ref()
-                    .and_then(|s| s.result.as_ref())
-                    .map(|_| j.idx)
-            }),
+            staged: self.job.as_ref().filter(|j| j.staged).map(|j| j.idx),
         };
         let all: Vec<Ctrl> = self
             .comm
@@ -521,7 +443,8 @@ impl Engine {
             req: req.clone(),
             layers,
             idx: 0,
-            staging: None,
+            staging: false,
+            staged: false,
             started: Instant::now(),
         });
         match req.mode {
@@ -547,59 +470,42 @@ impl Engine {
             return self.finish();
         };
         let plan = self.plan_for(layer, &job.req);
-        // Host copies of what this rank sends (free on the CPU backend; a device-to-host copy on
-        // CUDA, counted as stall).
+        // Setting the transfers up runs on the engine thread between forward passes: stall.
         let t0 = Instant::now();
-        let sends = self
-            .exec
-            .host_slots(layer, &send_slots(&plan, self.rank, self.spr))?;
+        self.exec.begin_staging(&self.comm, layer, &plan)?;
         self.add_stall(t0.elapsed().as_secs_f64());
-        let comm = self.comm.clone();
-        let (rank, shape) = (self.rank, self.shape);
-        let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name(format!("stage-layer-{layer}"))
-            .spawn(move || {
-                let _ = tx.send(stage_layer(&comm, &plan, &sends, rank, &shape));
-            })?;
         if let Some(job) = &mut self.job {
-            job.staging = Some(Staging { rx, result: None });
+            job.staging = true;
+            job.staged = false;
         }
         Ok(())
     }
 
     /// Switches the current remap layer (weights and maps together) and starts the next.
     fn switch_current(&mut self) -> Result<()> {
-        let t0 = Instant::now();
         let Some(job) = &mut self.job else {
             return Ok(());
         };
         let layer = job.layers[job.idx];
-        let staged = job
-            .staging
-            .take()
-            .and_then(|s| s.result)
-            .ok_or_else(|| anyhow!("switching layer {layer} before it was staged"))?;
+        if !job.staged {
+            bail!("switching layer {layer} before it was staged");
+        }
+        job.staging = false;
+        job.staged = false;
         let row = job.req.placement.phy2log[layer].clone();
         let generation = job.req.placement.generation;
         job.idx += 1;
-        self.apply(layer, row, generation, staged, t0.elapsed().as_secs_f64())?;
+        self.apply(layer, row, generation, 0.0)?;
         self.start_staging()
     }
 
-    fn apply(
-        &mut self,
-        layer: usize,
-        row: Vec<u32>,
-        generation: u64,
-        staged: Staged,
-        stall: f64,
-    ) -> Result<()> {
-        // Weights and maps switch together, before the next forward pass.
+    /// Commits the staged `layer`: weights and maps switch together, before the next forward
+    /// pass. `stall` is engine time already spent on it.
+    fn apply(&mut self, layer: usize, row: Vec<u32>, generation: u64, stall: f64) -> Result<()> {
         let map = LayerMap::new(row.clone(), self.shape.num_experts)
             .map_err(|e| anyhow!("layer {layer}: {e}"))?;
         let t0 = Instant::now();
-        self.exec.install(layer, &map, staged.slots)?;
+        let staged = self.exec.commit(layer, &map)?;
         let stall = stall + t0.elapsed().as_secs_f64();
         self.maps[layer] = map;
         self.current.phy2log[layer] = row;
@@ -665,34 +571,26 @@ impl Engine {
         Ok(())
     }
 
-    /// All requested layers at once while serving is paused.
+    /// All requested layers at once while serving is paused: each layer is staged and
+    /// committed in turn with no forward pass in between; the group resumes together.
     fn stop_the_world(&mut self) -> Result<()> {
-        let t0 = Instant::now();
         let Some(job) = &self.job else {
             return Ok(());
         };
         let req = job.req.clone();
         let layers = job.layers.clone();
-        let mut staged = Vec::with_capacity(layers.len());
         for &l in &layers {
             let plan = self.plan_for(l, &req);
-            let sends = self
-                .exec
-                .host_slots(l, &send_slots(&plan, self.rank, self.spr))?;
-            staged.push(stage_layer(
-                &self.comm,
-                &plan,
-                &sends,
-                self.rank,
-                &self.shape,
-            )?);
-        }
-        self.comm.barrier(CHAN_CTRL)?;
-        let stall = t0.elapsed().as_secs_f64() / layers.len().max(1) as f64;
-        for (&l, s) in layers.iter().zip(staged) {
+            let tl = Instant::now();
+            self.exec.begin_staging(&self.comm, l, &plan)?;
+            self.exec.staging_finished(true)?;
             let row = req.placement.phy2log[l].clone();
-            self.apply(l, row, req.placement.generation, s, stall)?;
+            self.apply(l, row, req.placement.generation, tl.elapsed().as_secs_f64())?;
         }
+        let tb = Instant::now();
+        self.comm.barrier(CHAN_CTRL)?;
+        // The wait for the slowest rank is part of the pause too.
+        self.add_stall(tb.elapsed().as_secs_f64());
         self.finish()
     }
 }
@@ -728,75 +626,4 @@ pub fn reference_forward(
         add_residual(&mut x, &out);
     }
     Ok(x)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::comm::tests::group;
-    use crate::config::Scoring;
-    use crate::weights::synthetic_expert;
-
-    #[test]
-    fn staging_moves_each_needed_expert_once_from_one_holder() {
-        let shape = ModelShape {
-            num_layers: 1,
-            num_experts: 4,
-            hidden: 8,
-            intermediate: 4,
-            top_k: 2,
-            expert_groups: 1,
-            topk_groups: 1,
-            scoring: Scoring::Softmax,
-            redundant: 2,
-            world_size: 3,
-        };
-        let old: Vec<u32> = vec![0, 1, 2, 3, 0, 1];
-        let new: Vec<u32> = vec![3, 1, 2, 2, 0, 0];
-        let plan = plan_layer(&old, &new, 3, 3);
-        let handles: Vec<_> = group(3)
-            .into_iter()
-            .map(|(comm, _)| {
-                let plan = plan.clone();
-                let old = old.clone();
-                std::thread::spawn(move || {
-                    let rank = comm.rank();
-                    let spr = shape.slots_per_rank();
-                    let sends = send_slots(&plan, rank, spr)
-                        .into_iter()
-                        .map(|s| {
-                            (
-                                s,
-                                Arc::new(synthetic_expert(1, 0, old[rank * spr + s], &shape)),
-                            )
-                        })
-                        .collect();
-                    let staged = stage_layer(&comm, &plan, &sends, rank, &shape);
-                    // Keep the links open until every rank is done.
-                    (rank, staged, comm)
-                })
-            })
-            .collect();
-        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        for (rank, staged, _) in &results {
-            let (rank, staged) = (*rank, staged.as_ref().unwrap());
-            for (i, slot) in staged.slots.iter().enumerate() {
-                let s = rank * 2 + i;
-                match slot {
-                    StagedSlot::Keep => assert_eq!(old[s], new[s]),
-                    StagedSlot::Local(j) => assert_eq!(old[rank * 2 + j], new[s]),
-                    StagedSlot::Received(w) => {
-                        assert_eq!(**w, synthetic_expert(1, 0, new[s], &shape));
-                    }
-                }
-            }
-            // Only rank 0 receives (expert 3, from rank 1); ranks 1 and 2 copy locally.
-            let want_bytes = if rank == 0 {
-                shape.expert_bytes() as u64
-            } else {
-                0
-            };
-            assert_eq!(staged.bytes, want_bytes, "rank {rank}");
-        }
-    }
 }

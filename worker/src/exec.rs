@@ -1,7 +1,6 @@
 //! Executors of the MoE layer stack: the CPU backend (the kernels' CPU references, rows
 //! exchanged over the TCP comm) and the switch of a layer's weights and maps.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -12,40 +11,35 @@ use moe_kernels::{Bf16Matrix, EpTopology, GatingConfig, Matrix, RecvLayout, TopK
 
 use crate::comm::{CHAN_STEP, Comm};
 use crate::config::{ModelShape, Scoring};
-use crate::placement::LayerMap;
+use crate::placement::{LayerMap, LayerPlan};
+use crate::staging::{HostStaging, StageStats, StagedSlot, send_slots};
 use crate::traffic::Batch;
 use crate::weights::{ExpertWeights, WeightStore};
 
-/// A layer slot's weights after staging, relative to the layer as served now.
-#[derive(Clone)]
-pub enum StagedSlot {
-    /// Unchanged.
-    Keep,
-    /// Copy of the current weights of another local slot (same GPU).
-    Local(usize),
-    /// Received from another rank.
-    Received(Arc<ExpertWeights>),
-}
-
 /// What the engine needs from a backend.
+///
+/// A remap layer goes through `begin_staging` (at an agreed step boundary, the same one on
+/// every rank), `staging_finished` (polled at each boundary; the group switches once every
+/// rank says yes) and `commit` (at the agreed boundary: weights and maps switch together).
+/// One layer is staged at a time.
 pub trait Exec: Send {
     fn backend(&self) -> &'static str;
-    /// One forward pass of this rank's batch through every layer; returns the outputs and the
-    /// per-layer slot counts of this rank's tokens.
+    /// One forward pass of this rank's batch through every layer; returns the outputs (empty
+    /// unless `want_output`) and the per-layer slot counts of this rank's tokens.
     fn forward(
         &mut self,
         comm: &Comm,
         batch: &Batch,
         step: u64,
+        want_output: bool,
     ) -> Result<(Vec<bf16>, Vec<Vec<u32>>)>;
-    /// Host copies of some local slots of `layer` (what this rank sends in a remap).
-    fn host_slots(
-        &mut self,
-        layer: usize,
-        local: &[usize],
-    ) -> Result<HashMap<usize, Arc<ExpertWeights>>>;
-    /// Switches `layer` to `map` and the staged slot weights, together.
-    fn install(&mut self, layer: usize, map: &LayerMap, slots: Vec<StagedSlot>) -> Result<()>;
+    /// Starts moving the weights this rank's slots of `layer` need under `plan`, while forward
+    /// passes continue with the current weights. Every rank calls it at the same boundary.
+    fn begin_staging(&mut self, comm: &Arc<Comm>, layer: usize, plan: &LayerPlan) -> Result<()>;
+    /// Whether this rank's staging has finished (without blocking, unless `wait`).
+    fn staging_finished(&mut self, wait: bool) -> Result<bool>;
+    /// Switches `layer` to `map` and the staged weights, together; what was moved.
+    fn commit(&mut self, layer: usize, map: &LayerMap) -> Result<StageStats>;
 }
 
 /// The kernels' gating configuration of this model.
@@ -120,6 +114,7 @@ pub struct CpuExec {
     pub rank: usize,
     pub world: usize,
     pub layers: Vec<CpuLayer>,
+    staging: Option<HostStaging>,
 }
 
 impl CpuExec {
@@ -151,6 +146,7 @@ impl CpuExec {
             rank,
             world: shape.world_size,
             layers,
+            staging: None,
         })
     }
 }
@@ -171,6 +167,7 @@ impl Exec for CpuExec {
         comm: &Comm,
         batch: &Batch,
         step: u64,
+        _want_output: bool,
     ) -> Result<(Vec<bf16>, Vec<Vec<u32>>)> {
         let h = self.shape.hidden;
         let k = self.shape.top_k;
@@ -259,34 +256,54 @@ impl Exec for CpuExec {
         Ok((x, counts))
     }
 
-    fn host_slots(
-        &mut self,
-        layer: usize,
-        local: &[usize],
-    ) -> Result<HashMap<usize, Arc<ExpertWeights>>> {
+    fn begin_staging(&mut self, comm: &Arc<Comm>, layer: usize, plan: &LayerPlan) -> Result<()> {
+        if self.staging.is_some() {
+            bail!("layer {layer}: another layer is still being staged");
+        }
         let l = self
             .layers
             .get(layer)
             .ok_or_else(|| anyhow!("no layer {layer}"))?;
-        local
-            .iter()
-            .map(|&s| {
+        // The side thread gets its own references to the weights it sends.
+        let sends = send_slots(plan, self.rank, self.shape.slots_per_rank())
+            .into_iter()
+            .map(|s| {
                 l.experts
                     .get(s)
                     .map(|w| (s, w.clone()))
                     .ok_or_else(|| anyhow!("no local slot {s}"))
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        self.staging = Some(HostStaging::start(
+            comm.clone(),
+            layer,
+            plan.clone(),
+            sends,
+            self.shape,
+        )?);
+        Ok(())
     }
 
-    fn install(&mut self, layer: usize, map: &LayerMap, slots: Vec<StagedSlot>) -> Result<()> {
+    fn staging_finished(&mut self, wait: bool) -> Result<bool> {
+        match &mut self.staging {
+            Some(st) => st.finished(wait),
+            None => bail!("no layer is being staged"),
+        }
+    }
+
+    fn commit(&mut self, layer: usize, map: &LayerMap) -> Result<StageStats> {
+        let staged = match self.staging.take() {
+            Some(st) if st.layer == layer => st.take()?,
+            Some(st) => bail!("layer {layer} committed while layer {} is staged", st.layer),
+            None => bail!("layer {layer} committed before it was staged"),
+        };
         let l = self
             .layers
             .get_mut(layer)
             .ok_or_else(|| anyhow!("no layer {layer}"))?;
         let old = l.experts.clone();
         let mut experts = Vec::with_capacity(old.len());
-        for (i, s) in slots.into_iter().enumerate() {
+        for (i, s) in staged.slots.into_iter().enumerate() {
             experts.push(match s {
                 StagedSlot::Keep => old[i].clone(),
                 StagedSlot::Local(j) => old
@@ -298,6 +315,6 @@ impl Exec for CpuExec {
         }
         l.experts = experts;
         l.map = map.clone();
-        Ok(())
+        Ok(staged.stats)
     }
 }

@@ -11,6 +11,7 @@ pub mod exec;
 pub mod http;
 pub mod metrics;
 pub mod placement;
+pub mod staging;
 pub mod state;
 pub mod stats;
 pub mod traffic;

@@ -6,6 +6,7 @@
 //! Tokens are a pure function of (seed, step, rank).
 
 use std::path::Path;
+use std::sync::{Arc, mpsc};
 
 use anyhow::{Context, Result, bail};
 use half::bf16;
@@ -116,21 +117,55 @@ impl Generator {
         let mut rng = ChaCha8Rng::seed_from_u64(splitmix64(
             self.params.seed ^ splitmix64(step ^ splitmix64(rank as u64 + 1)),
         ));
-        let t = self.params.tokens_per_step;
-        let mut x = Vec::with_capacity(t * self.hidden);
-        for _ in 0..t {
-            let e = self.preferred(rng.random::<f64>(), step);
-            let dir = &self.directions[e as usize];
-            // Uniform noise of variance 1 plus the lean.
-            let noise = crate::weights::fast_uniform(rng.random::<u64>(), dir.len(), 1.732_050_8);
-            for (d, n) in dir.iter().zip(noise) {
-                x.push(bf16::from_f32(n.to_f32() + self.strength * d));
+        let (t, h) = (self.params.tokens_per_step, self.hidden);
+        // Per token, in order: its preferred expert and the key of its noise. Rows are then
+        // filled from these alone, so the batch is the same however many threads fill it.
+        let rows: Vec<(u32, u64)> = (0..t)
+            .map(|_| {
+                let e = self.preferred(rng.random::<f64>(), step);
+                (e, rng.random::<u64>())
+            })
+            .collect();
+        let mut x = vec![bf16::ZERO; t * h];
+        let fill = |out: &mut [bf16], rows: &[(u32, u64)]| {
+            for (row, &(e, key)) in out.chunks_mut(h.max(1)).zip(rows) {
+                self.fill_row(row, e, key);
             }
+        };
+        // Large batches (a DeepSeek-V3-sized step is 15M values) on several threads.
+        let threads = if t * h >= 1 << 21 {
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+        } else {
+            1
+        };
+        if threads > 1 {
+            let per = t.div_ceil(threads);
+            std::thread::scope(|sc| {
+                for (out, rows) in x.chunks_mut(per * h).zip(rows.chunks(per)) {
+                    sc.spawn(move || fill(out, rows));
+                }
+            });
+        } else {
+            fill(&mut x, &rows);
         }
         Batch {
             step,
             x,
             routing: None,
+        }
+    }
+
+    /// One token: uniform noise of variance 1 (16-bit lanes of `splitmix64(key + i * golden)`,
+    /// as in [`crate::weights::fast_uniform`]) plus the lean along `expert`'s direction.
+    fn fill_row(&self, out: &mut [bf16], expert: u32, key: u64) {
+        const SQRT3: f32 = 1.732_050_8;
+        let dir = &self.directions[expert as usize];
+        for (i, (o4, d4)) in out.chunks_mut(4).zip(dir.chunks(4)).enumerate() {
+            let r = splitmix64(key.wrapping_add((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+            for (j, (o, d)) in o4.iter_mut().zip(d4).enumerate() {
+                let u = ((r >> (16 * j)) & 0xffff) as f32 * (1.0 / 65536.0);
+                *o = bf16::from_f32((u * 2.0 - 1.0) * SQRT3 + self.strength * d);
+            }
         }
     }
 }
@@ -241,6 +276,41 @@ impl Traffic {
                 b.routing = Some(routing);
                 b
             }
+        }
+    }
+}
+
+/// Batches drawn ahead of the engine on a thread of their own, in step order with at most
+/// `depth` waiting, so that drawing step s+1's tokens overlaps step s's forward pass. A batch
+/// is a pure function of (seed, step, rank): prefetching changes timing, never data.
+pub struct Prefetch {
+    rx: mpsc::Receiver<Batch>,
+    traffic: Arc<Traffic>,
+}
+
+impl Prefetch {
+    /// Starts drawing batches from step `first` on.
+    pub fn start(traffic: Arc<Traffic>, first: u64, depth: usize) -> Result<Prefetch> {
+        let (tx, rx) = mpsc::sync_channel(depth.max(1));
+        let t = traffic.clone();
+        std::thread::Builder::new()
+            .name(format!("traffic-rank-{}", traffic.rank))
+            .spawn(move || {
+                // Ends when the engine drops its end of the channel.
+                for step in first.. {
+                    if tx.send(t.batch(step)).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Prefetch { rx, traffic })
+    }
+
+    /// The batch of `step` (steps are asked for in order; any other step is drawn here).
+    pub fn batch(&self, step: u64) -> Batch {
+        match self.rx.recv() {
+            Ok(b) if b.step == step => b,
+            _ => self.traffic.batch(step),
         }
     }
 }

@@ -58,49 +58,73 @@ async fn run(world: usize) {
     let g = start_group(world, flags).await;
     g.wait_ready().await;
     let current: PlacementDocument = get_json(&g.url(0, "/v1/placement")).await;
+    // Generation 1 (asynchronous): layer 0 swaps rank 0's first two slots (local copies, each
+    // slot both a source and a destination), layer 1 reverses every slot (remote transfers
+    // between ranks, over the remap communicator). Generation 2 (stop-the-world): back.
     let mut next = current.clone();
     next.generation = 1;
+    next.phy2log[0].swap(0, 1);
     next.phy2log[1].reverse();
-    let body = serde_json::to_string(&RemapRequest {
-        placement: next,
-        layers: vec![],
-        mode: RemapMode::Async,
-    })
-    .unwrap();
-    let (code, v) = post_remap(&g.url(0, "/v1/remap"), Some(TOKEN), body).await;
-    assert_eq!(code, 202, "{v}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let s: WorkerStatus = get_json(&g.url(0, "/v1/status")).await;
-        assert_eq!(s.backend, "cuda");
-        if s.placement_generation == 1
-            && s.remap
-                .as_ref()
-                .is_some_and(|p| p.state == RemapState::Succeeded)
-        {
-            break;
+    let mut back = current.clone();
+    back.generation = 2;
+    for (generation, placement, mode) in [
+        (1, next, RemapMode::Async),
+        (2, back, RemapMode::StopTheWorld),
+    ] {
+        let body = serde_json::to_string(&RemapRequest {
+            placement,
+            layers: vec![],
+            mode,
+        })
+        .unwrap();
+        let (code, v) = post_remap(&g.url(0, "/v1/remap"), Some(TOKEN), body).await;
+        assert_eq!(code, 202, "{v}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut received = 0;
+        for rank in 0..world {
+            loop {
+                let s: WorkerStatus = get_json(&g.url(rank, "/v1/status")).await;
+                assert_eq!(s.backend, "cuda");
+                if s.placement_generation == generation
+                    && let Some(p) = s
+                        .remap
+                        .as_ref()
+                        .filter(|p| p.state == RemapState::Succeeded)
+                {
+                    received += p.bytes_moved;
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{s:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
-        assert!(Instant::now() < deadline, "{s:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if world > 1 {
+            // Layer 1's reversal sends every expert to another rank: 8 experts' bytes.
+            assert_eq!(
+                received,
+                8 * shape.expert_bytes() as u64,
+                "generation {generation}"
+            );
+        }
+        // Some steps on this placement before the next remap.
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let sinks = g.stop().await;
     let store = WeightStore::open(&WeightsSource::Synthetic { seed: 4 }, &shape).unwrap();
     let mut gens = std::collections::BTreeSet::new();
     for (rank, rx) in sinks.into_iter().enumerate() {
         for (i, rec) in rx.try_iter().enumerate() {
             gens.insert(rec.layer_generations.clone());
-            if i % 5 == 0 {
-                let want = reference_forward(&store, &shape, &rec.batch).unwrap();
-                close(&rec.output, &want)
-                    .unwrap_or_else(|e| panic!("rank {rank} step {}: {e}", rec.step));
-            }
+            // Every step: a forward pass that mixed old and new weights or maps of a layer
+            // would not match the reference.
+            let want = reference_forward(&store, &shape, &rec.batch).unwrap();
+            close(&rec.output, &want)
+                .unwrap_or_else(|e| panic!("rank {rank} step {} (record {i}): {e}", rec.step));
         }
     }
-    assert!(
-        gens.contains(&vec![0, 0]) && gens.contains(&vec![1, 1]),
-        "{gens:?}"
-    );
+    for g in [[0, 0], [1, 1], [2, 2]] {
+        assert!(gens.contains(g.as_slice()), "{gens:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
