@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use moe_api::{LoadReport, RemapMode, RemapRequest, RemapState};
+use moe_kernels::cuda::{self, DeviceExperts, EpComm, ExpertStaging, Gpu, grouped};
+use moe_kernels::cudarc::driver::sys::CUevent_flags;
 use moe_worker::config::{Args, Config};
 use moe_worker::engine::StepRecord;
 use moe_worker::stats::par;
@@ -51,6 +53,37 @@ struct Bench {
     steps: u64,
     #[arg(long, default_value = "joint")]
     planner: String,
+    /// Asynchronous remaps to run (alternating between the planned placement and the initial
+    /// one), for more samples of the step time while a remap runs.
+    #[arg(long, default_value_t = 1)]
+    async_rounds: usize,
+}
+
+/// What one remap moved, per rank.
+struct RemapRun {
+    /// Wall seconds from acceptance to the last rank's success.
+    secs: f64,
+    /// Bytes received, per rank.
+    bytes: Vec<u64>,
+    /// Transfer seconds (sends, receives and local copies; device time on CUDA), per rank.
+    transfer: Vec<f64>,
+    /// Engine-thread stall, max over ranks.
+    stall: f64,
+}
+
+impl RemapRun {
+    fn total_bytes(&self) -> u64 {
+        self.bytes.iter().sum()
+    }
+    /// Receive rate of each rank that received anything, GB/s.
+    fn recv_gbps(&self) -> Vec<f64> {
+        self.bytes
+            .iter()
+            .zip(&self.transfer)
+            .filter(|(b, _)| **b > 0)
+            .map(|(b, t)| *b as f64 / t.max(1e-9) / 1e9)
+            .collect()
+    }
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -95,12 +128,8 @@ fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(0.0, f64::max)
 }
 
-/// (wall seconds, bytes received by all ranks, max stall seconds, max transfer seconds).
-async fn remap(workers: &[Worker], req: RemapRequest) -> Result<(f64, u64, f64, f64)> {
-    let transfer0: Vec<f64> = workers
-        .iter()
-        .map(|w| w.shared.metrics.remap_transfer.get())
-        .collect();
+async fn remap(workers: &[Worker], req: RemapRequest) -> Result<RemapRun> {
+    let before: Vec<(u64, f64, f64)> = workers.iter().map(remap_counters).collect();
     let generation = req.placement.generation;
     workers[0]
         .shared
@@ -117,22 +146,126 @@ async fn remap(workers: &[Worker], req: RemapRequest) -> Result<(f64, u64, f64, 
     })
     .await?;
     let mut secs = 0.0f64;
-    let mut bytes = 0;
-    let mut stall = 0.0f64;
     for w in workers {
         let st = w.shared.lock();
         let p = st.remap.as_ref().context("remap progress")?;
         secs =
             secs.max((p.finished_at_ms.unwrap_or(p.started_at_ms) - p.started_at_ms) as f64 / 1e3);
-        bytes += p.bytes_moved;
-        stall = stall.max(p.stall_seconds);
     }
-    let transfer = workers
-        .iter()
-        .zip(&transfer0)
-        .map(|(w, t0)| w.shared.metrics.remap_transfer.get() - t0)
-        .fold(0.0, f64::max);
-    Ok((secs, bytes, stall, transfer))
+    let after: Vec<(u64, f64, f64)> = workers.iter().map(remap_counters).collect();
+    let d = |f: fn(&(u64, f64, f64)) -> f64| -> Vec<f64> {
+        before
+            .iter()
+            .zip(&after)
+            .map(|(a, b)| f(b) - f(a))
+            .collect()
+    };
+    Ok(RemapRun {
+        secs,
+        bytes: d(|c| c.0 as f64).into_iter().map(|b| b as u64).collect(),
+        transfer: d(|c| c.1),
+        stall: max(&d(|c| c.2)),
+    })
+}
+
+/// (bytes received, transfer seconds, stall seconds) so far, from a rank's metrics.
+fn remap_counters(w: &Worker) -> (u64, f64, f64) {
+    let m = &w.shared.metrics;
+    (
+        m.remap_bytes.get(),
+        m.remap_transfer.get(),
+        m.remap_stall.get(),
+    )
+}
+
+/// NCCL send/recv between the bench's GPUs at the size of one expert, measured in the same run
+/// before the workers start (the reference for the remap transfer rate).
+struct NcclReference {
+    /// GPU 0 -> GPU 1, one expert (w1 and w2 in one group, as a remap sends a slot), GB/s.
+    one_way: f64,
+    /// Every rank sends one expert to the next and receives one from the previous at once:
+    /// receive rate per rank (median rank), GB/s.
+    ring: f64,
+}
+
+/// One rank's part of a reference transfer: its rank, a one-slot expert buffer to send from,
+/// a staging buffer to receive into, its communicator.
+type RefStep =
+    dyn Fn(usize, &DeviceExperts, &mut ExpertStaging, &EpComm) -> moe_kernels::Result<()> + Sync;
+
+fn nccl_reference(ranks: usize, hidden: usize, inter: usize) -> Result<Option<NcclReference>> {
+    if ranks < 2 || cuda::available().unwrap_or(0) < ranks || !cuda::nccl_available() {
+        return Ok(None);
+    }
+    let gpus: Vec<Gpu> = (0..ranks).map(Gpu::new).collect::<Result<_, _>>()?;
+    let comms = EpComm::for_streams(gpus.iter().map(|g| g.side_stream().clone()).collect())?;
+    let bytes = (3 * hidden * inter * 2) as f64;
+    let one_way = time_on_ranks(&gpus, &comms, hidden, inter, &|r, ex, st, c| match r {
+        0 => c.send_slot(ex, 0, 1),
+        1 => c.recv_slot(st, 0),
+        _ => Ok(()),
+    })?;
+    let n = ranks;
+    let ring = time_on_ranks(&gpus, &comms, hidden, inter, &move |r, ex, st, c| {
+        grouped(|| {
+            c.send_slot(ex, 0, (r + 1) % n)?;
+            c.recv_slot(st, (r + n - 1) % n)
+        })
+    })?;
+    let mut ring: Vec<f64> = ring.iter().map(|t| bytes / t / 1e9).collect();
+    Ok(Some(NcclReference {
+        one_way: bytes / one_way[1] / 1e9,
+        ring: pct(&mut ring, 0.5),
+    }))
+}
+
+/// Seconds per repetition of `f` on each rank's side stream (3 warm-up rounds, 10 timed).
+fn time_on_ranks(
+    gpus: &[Gpu],
+    comms: &[EpComm],
+    hidden: usize,
+    inter: usize,
+    f: &RefStep,
+) -> Result<Vec<f64>> {
+    struct Rank<'a>(usize, &'a Gpu, &'a EpComm);
+    // SAFETY: each communicator (and its GPU) is used by exactly one thread.
+    unsafe impl Send for Rank<'_> {}
+    let cu = |e: moe_kernels::cudarc::driver::DriverError| anyhow!("timing NCCL: {e:?}");
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = gpus
+            .iter()
+            .zip(comms)
+            .enumerate()
+            .map(|(r, (g, c))| {
+                let rank = Rank(r, g, c);
+                sc.spawn(move || -> Result<f64> {
+                    // The whole struct moves in (not its fields one by one): it is the Send one.
+                    let rank = rank;
+                    let Rank(r, gpu, comm) = rank;
+                    let experts = DeviceExperts::random(gpu, 1, hidden, inter, r as u32, 0.1)?;
+                    let mut staging = experts.alloc_staging(gpu)?;
+                    gpu.synchronize()?;
+                    let side = gpu.side_stream();
+                    for _ in 0..3 {
+                        f(r, &experts, &mut staging, comm)?;
+                    }
+                    let ev = || side.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+                    let start = ev().map_err(cu)?;
+                    for _ in 0..10 {
+                        f(r, &experts, &mut staging, comm)?;
+                    }
+                    let end = ev().map_err(cu)?;
+                    Ok(f64::from(start.elapsed_ms(&end).map_err(cu)?) / 1e3 / 10.0)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow!("a reference thread panicked"))?
+            })
+            .collect()
+    })
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -146,6 +279,12 @@ async fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // The reference first, on idle GPUs; its contexts are gone before the workers start.
+    let reference = if b.backend == "cuda" {
+        nccl_reference(b.ranks, b.hidden, b.intermediate)?
+    } else {
+        None
+    };
     let dir = std::env::temp_dir().join(format!("moe-worker-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let token = dir.join("token");
@@ -229,16 +368,18 @@ async fn main() -> Result<()> {
 
     // B: asynchronous remap while serving.
     let b0 = step(&workers[0]);
-    let (async_secs, async_bytes, async_stall, async_transfer) = remap(
+    let first = remap(
         &workers,
         RemapRequest {
-            placement: target,
+            placement: target.clone(),
             layers: vec![],
             mode: RemapMode::Async,
         },
     )
     .await?;
     let b1 = step(&workers[0]);
+    let mut async_ranges = vec![(b0, b1)];
+    let mut async_runs = vec![first];
 
     // C: steady state on the new placement (windows restart at each layer's switch).
     wait_until("windows after the remap", 600, || {
@@ -250,14 +391,46 @@ async fn main() -> Result<()> {
     let (_, par_after) = group_load(&workers);
     let c1 = step(&workers[0]);
 
-    // D: stop-the-world back to the initial placement.
-    let mut back = current.clone();
-    back.generation += 2;
+    // B': more asynchronous remaps, back and forth, for more samples during a remap.
+    let mut generation = target.generation;
+    for round in 1..b.async_rounds {
+        generation += 1;
+        let mut placement = if round % 2 == 1 {
+            current.clone()
+        } else {
+            target.clone()
+        };
+        placement.generation = generation;
+        let r0 = step(&workers[0]);
+        async_runs.push(
+            remap(
+                &workers,
+                RemapRequest {
+                    placement,
+                    layers: vec![],
+                    mode: RemapMode::Async,
+                },
+            )
+            .await?,
+        );
+        async_ranges.push((r0, step(&workers[0])));
+        // A few steady steps between rounds.
+        let settle = step(&workers[0]) + 5;
+        wait_until("steps between remaps", 600, || step(&workers[0]) >= settle).await?;
+    }
+
+    // D: stop-the-world to the other placement of the two.
+    let mut other = if b.async_rounds % 2 == 1 {
+        current.clone()
+    } else {
+        target.clone()
+    };
+    other.generation = generation + 1;
     let d0 = step(&workers[0]);
-    let (stw_secs, stw_bytes, stw_stall, stw_transfer) = remap(
+    let stw = remap(
         &workers,
         RemapRequest {
-            placement: back,
+            placement: other,
             layers: vec![],
             mode: RemapMode::StopTheWorld,
         },
@@ -276,16 +449,25 @@ async fn main() -> Result<()> {
     let recs: Vec<StepRecord> = sinks.remove(0).try_iter().collect();
     let in_range = |lo: u64, hi: u64| move |r: &StepRecord| r.step >= lo && r.step < hi;
     let mut steady = intervals(&recs, in_range(a0, a1));
-    let mut during = intervals(&recs, |r| r.step >= b0 && r.step <= b1 && r.remap_running);
+    // Every step from the remap's acceptance to one step after the last switch (whose copies
+    // land in the next step) counts as "during".
+    let mut during: Vec<f64> = async_ranges
+        .iter()
+        .flat_map(|&(lo, hi)| intervals(&recs, in_range(lo, hi + 2)))
+        .collect();
     let mut after = intervals(&recs, in_range(b1 + 2, c1));
-    let stw = intervals(&recs, in_range(d0, d_target));
+    let stw_steps = intervals(&recs, in_range(d0, d_target));
     let tokens_per_step = (b.ranks * b.tokens) as f64;
     let steady_mean = mean(&steady);
     let steady_p50 = pct(&mut steady, 0.5);
     let steady_p99 = pct(&mut steady, 0.99);
-    let expert_mib = (3 * b.hidden * b.intermediate * 2) as f64 / (1 << 20) as f64;
+    let during_mean = mean(&during);
+    let during_p50 = pct(&mut during, 0.5);
+    let during_p99 = pct(&mut during, 0.99);
+    let first = &async_runs[0];
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
-        "| {backend} | {} ranks | L{} E{}+{} H{} I{} top{} | {} tok/rank | {:.1} s | {:.2} / {:.2} ms | {:.0} tok/s | PAR mean {:.3} max {:.3} | PAR mean {:.3} max {:.3} | {:.2} ms (n={}) | {:.2} ms | async {:.3} s, {:.1} MiB, stall {:.2} ms | STW stall {:.1} ms, {:.1} MiB, max step {:.2} ms |",
+        "| {backend} | {} ranks | L{} E{}+{} H{} I{} top{} | {} tok/rank | {:.1} s | {:.2} / {:.2} ms | {:.0} tok/s | PAR mean {:.3} max {:.3} | PAR mean {:.3} max {:.3} | {:.2} ms (n={}, {:+.1}% vs steady p99) | {:.2} ms | async {:.3} s, {:.1} MiB, stall {:.2} ms | STW stall {:.1} ms, {:.1} MiB, max step {:.2} ms |",
         b.ranks,
         b.layers,
         b.experts,
@@ -302,25 +484,69 @@ async fn main() -> Result<()> {
         max(&par_before),
         mean(&par_after),
         max(&par_after),
-        pct(&mut during, 0.99),
+        during_p99,
         during.len(),
+        (during_p99 / steady_p99 - 1.0) * 100.0,
         pct(&mut after, 0.99),
-        async_secs,
-        async_bytes as f64 / (1 << 20) as f64,
-        async_stall * 1e3,
-        stw_stall * 1e3,
-        stw_bytes as f64 / (1 << 20) as f64,
-        max(&stw),
+        first.secs,
+        mib(first.total_bytes()),
+        first.stall * 1e3,
+        stw.stall * 1e3,
+        mib(stw.total_bytes()),
+        max(&stw_steps),
     );
-    let gbps = |bytes: u64, secs: f64| bytes as f64 / secs.max(1e-9) / 1e9;
+    let rel = |a: f64, b: f64| (a / b - 1.0) * 100.0;
     println!(
-        "expert size {expert_mib:.2} MiB; predicted PAR by the planner {:.3}; async remap wall {async_secs:.3} s, transfer {:.3} s max/rank ({:.2} GB/s group), stop-the-world wall {stw_secs:.3} s, transfer {:.3} s ({:.2} GB/s group)",
-        plan.mean_par(),
-        async_transfer,
-        gbps(async_bytes, async_transfer),
-        stw_transfer,
-        gbps(stw_bytes, stw_transfer),
+        "step interval while an async remap runs vs steady state: p50 {during_p50:.2} vs {steady_p50:.2} ms ({:+.1}%), mean {during_mean:.2} vs {steady_mean:.2} ms ({:+.1}%), p99 {during_p99:.2} vs {steady_p99:.2} ms ({:+.1}%)",
+        rel(during_p50, steady_p50),
+        rel(during_mean, steady_mean),
+        rel(during_p99, steady_p99),
     );
+    let steady_recs: Vec<&StepRecord> = recs
+        .iter()
+        .filter(|r| r.step >= a0 && r.step < a1)
+        .collect();
+    let ms = |f: fn(&StepRecord) -> Duration| -> Vec<f64> {
+        steady_recs
+            .iter()
+            .map(|r| f(r).as_secs_f64() * 1e3)
+            .collect()
+    };
+    let (mut fwd, mut wait) = (ms(|r| r.duration), ms(|r| r.input_wait));
+    println!(
+        "steady state on rank 0: forward pass p50 {:.2} ms p99 {:.2} ms; waiting for the input batch p50 {:.2} ms p99 {:.2} ms; the rest of the interval is the step boundary",
+        pct(&mut fwd, 0.5),
+        pct(&mut fwd, 0.99),
+        pct(&mut wait, 0.5),
+        pct(&mut wait, 0.99)
+    );
+    let expert_mib = (3 * b.hidden * b.intermediate * 2) as f64 / (1 << 20) as f64;
+    println!(
+        "expert size {expert_mib:.2} MiB; predicted PAR by the planner {:.3}; {} async remap(s)",
+        plan.mean_par(),
+        async_runs.len()
+    );
+    let rates = |runs: &[&RemapRun]| {
+        let mut v: Vec<f64> = runs.iter().flat_map(|r| r.recv_gbps()).collect();
+        (pct(&mut v, 0.0), pct(&mut v, 0.5), v.len())
+    };
+    let (amin, amed, an) = rates(&async_runs.iter().collect::<Vec<_>>());
+    let (smin, smed, _) = rates(&[&stw]);
+    let stall_max = async_runs.iter().map(|r| r.stall).fold(0.0, f64::max);
+    println!(
+        "remap receive rate per rank (bytes received / that rank's transfer time): async min {amin:.1} median {amed:.1} GB/s over {an} rank-remaps (max stall per remap {:.2} ms); stop-the-world min {smin:.1} median {smed:.1} GB/s",
+        stall_max * 1e3
+    );
+    match reference {
+        Some(r) => println!(
+            "NCCL send/recv of one expert, same GPUs, this run: one way GPU0->GPU1 {:.1} GB/s, ring (all ranks send and receive at once) {:.1} GB/s per rank; async median = {:.0}% of one-way, {:.0}% of ring",
+            r.one_way,
+            r.ring,
+            amed / r.one_way * 100.0,
+            amed / r.ring * 100.0
+        ),
+        None => println!("NCCL reference: not measured (needs the cuda backend on 2+ GPUs)"),
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
