@@ -57,6 +57,9 @@ struct Bench {
     /// one), for more samples of the step time while a remap runs.
     #[arg(long, default_value_t = 1)]
     async_rounds: usize,
+    /// Measure the NCCL reference only (CUDA; for tuning NCCL settings) and exit.
+    #[arg(long)]
+    reference_only: bool,
 }
 
 /// What one remap moved, per rank.
@@ -285,6 +288,16 @@ async fn main() -> Result<()> {
     } else {
         None
     };
+    if b.reference_only {
+        match &reference {
+            Some(r) => println!(
+                "NCCL send/recv of one expert ({} ranks): one way GPU0->GPU1 {:.1} GB/s, ring {:.1} GB/s per rank",
+                b.ranks, r.one_way, r.ring
+            ),
+            None => bail!("--reference-only needs --backend cuda and 2 or more GPUs"),
+        }
+        return Ok(());
+    }
     let dir = std::env::temp_dir().join(format!("moe-worker-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let token = dir.join("token");
