@@ -94,7 +94,7 @@ pub struct CudaExec {
     /// Remap transfers only, on the side stream.
     transfer_comm: Option<EpComm>,
     blas: CudaBlas,
-    layers: Vec<Option<EpLayer>>,
+    layers: Vec<EpLayer>,
     staging: Option<DeviceStaging>,
 }
 
@@ -154,7 +154,7 @@ impl CudaExec {
             let experts = DeviceExperts::upload(&gpu, &host)?;
             let router = store.router(l)?;
             let map = LayerMap::new(row.clone(), shape.num_experts).map_err(|e| anyhow!(e))?;
-            layers.push(Some(EpLayer::new(
+            layers.push(EpLayer::new(
                 &gpu,
                 &router,
                 gating(shape),
@@ -163,7 +163,7 @@ impl CudaExec {
                 EpTopology::new(shape.world_size, spr)?,
                 rank,
                 experts,
-            )?));
+            )?);
         }
         gpu.synchronize()?;
         Ok(CudaExec {
@@ -177,34 +177,40 @@ impl CudaExec {
             staging: None,
         })
     }
+}
 
-    /// `x += y` in place (bf16 storage, fp32 compute), on the main stream.
-    fn add_residual(&self, x: &mut DeviceMatrix<bf16>, y: &DeviceMatrix<bf16>) -> Result<()> {
-        use cudarc::cublas::sys;
-        let n = (x.rows * x.cols) as i32;
-        let stream = self.gpu.stream();
-        let alpha = 1.0f32;
-        let (yp, _ry) = y.buf.device_ptr(stream);
-        let (xp, _rx) = x.buf.device_ptr_mut(stream);
-        // SAFETY: both buffers hold at least n bf16 elements on this GPU; the handle is bound to
-        // the same stream; alpha is a host pointer (the default pointer mode).
-        let st = unsafe {
-            sys::cublasAxpyEx(
-                *self.blas.handle(),
-                n,
-                &alpha as *const f32 as *const std::ffi::c_void,
-                sys::cudaDataType::CUDA_R_32F,
-                yp as *const std::ffi::c_void,
-                sys::cudaDataType::CUDA_R_16BF,
-                1,
-                xp as *mut std::ffi::c_void,
-                sys::cudaDataType::CUDA_R_16BF,
-                1,
-                sys::cudaDataType::CUDA_R_32F,
-            )
-        };
-        st.result().map_err(|e| anyhow!("cublasAxpyEx: {e:?}"))
-    }
+/// `x += y` in place (bf16 storage, fp32 compute), on `gpu`'s main stream (`blas` is bound to
+/// it).
+fn add_residual(
+    gpu: &Gpu,
+    blas: &CudaBlas,
+    x: &mut DeviceMatrix<bf16>,
+    y: &DeviceMatrix<bf16>,
+) -> Result<()> {
+    use cudarc::cublas::sys;
+    let n = (x.rows * x.cols) as i32;
+    let stream = gpu.stream();
+    let alpha = 1.0f32;
+    let (yp, _ry) = y.buf.device_ptr(stream);
+    let (xp, _rx) = x.buf.device_ptr_mut(stream);
+    // SAFETY: both buffers hold at least n bf16 elements on this GPU; the handle is bound to
+    // the same stream; alpha is a host pointer (the default pointer mode).
+    let st = unsafe {
+        sys::cublasAxpyEx(
+            *blas.handle(),
+            n,
+            &alpha as *const f32 as *const std::ffi::c_void,
+            sys::cudaDataType::CUDA_R_32F,
+            yp as *const std::ffi::c_void,
+            sys::cudaDataType::CUDA_R_16BF,
+            1,
+            xp as *mut std::ffi::c_void,
+            sys::cudaDataType::CUDA_R_16BF,
+            1,
+            sys::cudaDataType::CUDA_R_32F,
+        )
+    };
+    st.result().map_err(|e| anyhow!("cublasAxpyEx: {e:?}"))
 }
 
 impl Exec for CudaExec {
@@ -235,29 +241,14 @@ impl Exec for CudaExec {
             cols: h,
             buf: self.gpu.upload_slice(&batch.x)?,
         };
-        let mut counts = Vec::with_capacity(self.shape.num_layers);
-        for l in 0..self.shape.num_layers {
-            let y = {
-                let gpu = &self.gpu;
-                let comm = self.comm.as_ref();
-                let layer = self
-                    .layers
-                    .get_mut(l)
-                    .and_then(Option::as_mut)
-                    .ok_or_else(|| anyhow!("no layer {l}"))?;
-                layer.forward(gpu, comm, &x, token_base)?
-            };
-            self.add_residual(&mut x, &y)?;
+        for layer in &mut self.layers {
+            let y = layer.forward(&self.gpu, self.comm.as_ref(), &x, token_base)?;
+            add_residual(&self.gpu, &self.blas, &mut x, &y)?;
         }
-        for l in 0..self.shape.num_layers {
-            let gpu = &self.gpu;
-            let layer = self
-                .layers
-                .get_mut(l)
-                .and_then(Option::as_mut)
-                .ok_or_else(|| anyhow!("no layer {l}"))?;
-            counts.push(layer.load(gpu)?);
-            layer.reset_load(gpu)?;
+        let mut counts = Vec::with_capacity(self.layers.len());
+        for layer in &mut self.layers {
+            counts.push(layer.load(&self.gpu)?);
+            layer.reset_load(&self.gpu)?;
         }
         // Reading the counters synchronised the main stream: the step is done on the GPU.
         let out = if want_output {
@@ -278,7 +269,6 @@ impl Exec for CudaExec {
         let experts = &self
             .layers
             .get(layer)
-            .and_then(Option::as_ref)
             .ok_or_else(|| anyhow!("no layer {layer}"))?
             .experts;
         // Buffers: one per local copy, one per expert received (slots of this rank that need
@@ -396,7 +386,6 @@ impl Exec for CudaExec {
         let l = self
             .layers
             .get_mut(layer)
-            .and_then(Option::as_mut)
             .ok_or_else(|| anyhow!("no layer {layer}"))?;
         // The main stream takes over: copies in, then the new map; the next forward pass is
         // enqueued after both. The buffers were allocated on the main stream, so dropping them

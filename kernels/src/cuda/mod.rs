@@ -174,6 +174,16 @@ impl std::fmt::Debug for Gpu {
 }
 
 const LAYOUT_CHUNK: usize = 256;
+
+/// A row-wise kernel in its two widths: the vectorised one (8 bf16 per access) with the row
+/// width in 8-value vectors when `h % 8 == 0`, else the scalar one with the width in values.
+fn by_width<'a>(h: usize, v8: &'a CudaFunction, s: &'a CudaFunction) -> (&'a CudaFunction, i32) {
+    if h.is_multiple_of(8) {
+        (v8, (h / 8) as i32)
+    } else {
+        (s, h as i32)
+    }
+}
 /// Streams the GEMM loop of the expert FFN spreads its per-expert GEMMs over.
 const FFN_LANES: usize = 4;
 
@@ -667,29 +677,17 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let ri = rows as i32;
-        unsafe {
-            if h.is_multiple_of(8) {
-                let hv = (h / 8) as i32;
-                let mut b = self.stream.launch_builder(&self.k.gather_v8);
-                b.arg(&x.buf)
-                    .arg(idx)
-                    .arg(&div)
-                    .arg(&ri)
-                    .arg(&hv)
-                    .arg(&mut out.buf);
-                b.launch(cfg).map_err(drv)?;
-            } else {
-                let hi = h as i32;
-                let mut b = self.stream.launch_builder(&self.k.gather_s);
-                b.arg(&x.buf)
-                    .arg(idx)
-                    .arg(&div)
-                    .arg(&ri)
-                    .arg(&hi)
-                    .arg(&mut out.buf);
-                b.launch(cfg).map_err(drv)?;
-            }
-        }
+        let (f, w) = by_width(h, &self.k.gather_v8, &self.k.gather_s);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&x.buf)
+            .arg(idx)
+            .arg(&div)
+            .arg(&ri)
+            .arg(&w)
+            .arg(&mut out.buf);
+        // SAFETY: matches both kernels' signature (w counts 8-value vectors or values); idx
+        // holds `rows` entries, each < x.rows * div.
+        unsafe { b.launch(cfg) }.map_err(drv)?;
         Ok(())
     }
 
@@ -788,31 +786,18 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let (ti, ki) = (tokens as i32, k as i32);
-        unsafe {
-            if h.is_multiple_of(8) {
-                let hv = (h / 8) as i32;
-                let mut b = self.stream.launch_builder(&self.k.combine_v8);
-                b.arg(&y.buf)
-                    .arg(inv)
-                    .arg(weights)
-                    .arg(&ti)
-                    .arg(&ki)
-                    .arg(&hv)
-                    .arg(&mut out.buf);
-                b.launch(cfg).map_err(drv)?;
-            } else {
-                let hi = h as i32;
-                let mut b = self.stream.launch_builder(&self.k.combine_s);
-                b.arg(&y.buf)
-                    .arg(inv)
-                    .arg(weights)
-                    .arg(&ti)
-                    .arg(&ki)
-                    .arg(&hi)
-                    .arg(&mut out.buf);
-                b.launch(cfg).map_err(drv)?;
-            }
-        }
+        let (f, w) = by_width(h, &self.k.combine_v8, &self.k.combine_s);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&y.buf)
+            .arg(inv)
+            .arg(weights)
+            .arg(&ti)
+            .arg(&ki)
+            .arg(&w)
+            .arg(&mut out.buf);
+        // SAFETY: matches both kernels' signature (w counts 8-value vectors or values); inv
+        // and weights hold tokens * k entries, inv indexes y's rows.
+        unsafe { b.launch(cfg) }.map_err(drv)?;
         Ok(())
     }
 
@@ -837,30 +822,17 @@ impl Gpu {
             return Ok(());
         }
         let ni = n as i32;
-        unsafe {
-            if i.is_multiple_of(8) {
-                let iv = (i / 8) as i32;
-                let total = n * i / 8;
-                let cfg = LaunchConfig {
-                    grid_dim: (self.grid(total.div_ceil(256)), 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let mut b = self.stream.launch_builder(&self.k.silu_v8);
-                b.arg(&gu).arg(&ni).arg(&iv).arg(&h);
-                b.launch(cfg).map_err(drv)?;
-            } else {
-                let ii = i as i32;
-                let cfg = LaunchConfig {
-                    grid_dim: (self.grid((n * i).div_ceil(256)), 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let mut b = self.stream.launch_builder(&self.k.silu_s);
-                b.arg(&gu).arg(&ni).arg(&ii).arg(&h);
-                b.launch(cfg).map_err(drv)?;
-            }
-        }
+        let (f, w) = by_width(i, &self.k.silu_v8, &self.k.silu_s);
+        let cfg = LaunchConfig {
+            grid_dim: (self.grid((n * w as usize).div_ceil(256)), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(f);
+        b.arg(&gu).arg(&ni).arg(&w).arg(&h);
+        // SAFETY: matches both kernels' signature (w counts 8-value vectors or values); gu
+        // points at n * 2i values and h at n * i on this GPU.
+        unsafe { b.launch(cfg) }.map_err(drv)?;
         Ok(())
     }
 
