@@ -4,7 +4,7 @@
 #   cargo test --release -p moe-worker --test cuda --no-run   -> .carry/w/cuda-test
 #   cargo build --release -p moe-worker --bins                -> .carry/w/moe-worker-bench
 # Usage: worker/bench/run_gpu.sh [ranks...]   (default: 2 4; 2 ranks use GPUs 0 and 1)
-set -u
+set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 B=.carry/w
 OUT=${OUT:-/tmp/out}
@@ -22,6 +22,6 @@ for n in "${@:-2 4}"; do
     devs=$(seq -s, 0 $((r - 1)))
     CUDA_VISIBLE_DEVICES=$devs RUST_LOG=info timeout 280 $B/moe-worker-bench --ranks "$r" \
       --backend cuda $SHAPE 2>"$OUT/bench_${r}_log.txt" | tee "$OUT/bench_${r}.txt"
-    echo "exit $? (ranks $r)"; tail -3 "$OUT/bench_${r}_log.txt"
+    echo "exit ${PIPESTATUS[0]} (ranks $r)"; tail -3 "$OUT/bench_${r}_log.txt"
   done
 done

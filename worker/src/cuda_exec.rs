@@ -14,18 +14,21 @@
 //! commit copies the staging buffers into their slots and uploads the new replica map, both
 //! on the main stream, so the next forward pass sees the new weights and map together.
 //!
-//! Every rank launches the transfer group at the same point of its sequence of NCCL launches
-//! (between the same two forward passes), so kernels of the two communicators are queued in
-//! the same order everywhere: no rank can wait on a transfer its peer has not launched yet
-//! while holding back a forward pass that peer needs.
+//! Two communicators in flight at once need care (NCCL kernels wait for their peers). Every
+//! rank launches the transfer group at the same point of its sequence of NCCL launches
+//! (between the same two forward passes), so no rank holds back a transfer that a peer's
+//! already-running transfer waits for. The streams do not order the transfer against the next
+//! forward pass's all-to-all, so both NCCL kernels must also be able to run side by side: each
+//! takes a few dozen SMs (of 132 on an H200). A GPU shared under MPS with a small SM share
+//! would need the transfer moved to a step boundary instead (stop-the-world does that).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::CudaEvent;
 use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaStream};
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use half::bf16;
 use moe_api::PlacementDocument;
@@ -72,11 +75,37 @@ fn nccl_id(bytes: &[u8]) -> NcclId {
     NcclId(id)
 }
 
+/// Staging buffers (allocated on the main stream, filled on the side stream). However they are
+/// dropped (after a commit, on an error part-way through enqueueing, when the engine stops
+/// mid-remap), the main stream first waits for the side stream's work, so the memory is freed
+/// (stream-ordered, on the main stream) only after every copy and receive into it.
+struct StagingBuffers {
+    main: Arc<CudaStream>,
+    side: Arc<CudaStream>,
+    bufs: Vec<ExpertStaging>,
+}
+
+impl Drop for StagingBuffers {
+    fn drop(&mut self) {
+        if self.bufs.is_empty() {
+            return;
+        }
+        match self.side.record_event(None) {
+            Ok(ev) => {
+                if let Err(e) = self.main.wait(&ev) {
+                    tracing::error!("ordering the staging buffers' release: {e:?}");
+                }
+            }
+            Err(e) => tracing::error!("ordering the staging buffers' release: {e:?}"),
+        }
+    }
+}
+
 /// One layer's incoming weights, on their way on the side stream.
 struct DeviceStaging {
     layer: usize,
     /// One buffer per expert received and per local copy.
-    buffers: Vec<ExpertStaging>,
+    buffers: StagingBuffers,
     /// `(local slot, buffer)`: what the commit copies where.
     installs: Vec<(usize, usize)>,
     /// Recorded on the side stream around the transfers (timing enabled).
@@ -87,15 +116,17 @@ struct DeviceStaging {
 }
 
 pub struct CudaExec {
+    // Fields drop in this order: a staging in flight first (its buffers' release is ordered
+    // after the side stream's work), then the communicators, then the GPU.
+    staging: Option<DeviceStaging>,
     shape: ModelShape,
     rank: usize,
-    gpu: Gpu,
+    layers: Vec<EpLayer>,
     comm: Option<EpComm>,
     /// Remap transfers only, on the side stream.
     transfer_comm: Option<EpComm>,
     blas: CudaBlas,
-    layers: Vec<EpLayer>,
-    staging: Option<DeviceStaging>,
+    gpu: Gpu,
 }
 
 // SAFETY: the executor is owned by the engine thread; it is moved into it once and never
@@ -273,7 +304,11 @@ impl Exec for CudaExec {
             .experts;
         // Buffers: one per local copy, one per expert received (slots of this rank that need
         // the same remote expert share it).
-        let mut buffers = Vec::new();
+        let mut buffers = StagingBuffers {
+            main: gpu.stream().clone(),
+            side: gpu.side_stream().clone(),
+            bufs: Vec::new(),
+        };
         let mut installs = Vec::new();
         let mut local_copies = Vec::new();
         let mut received: HashMap<u32, usize> = HashMap::new();
@@ -281,17 +316,17 @@ impl Exec for CudaExec {
             match plan.sources[s] {
                 SlotSource::Keep => {}
                 SlotSource::Local { src_slot } => {
-                    buffers.push(experts.alloc_staging(gpu)?);
-                    local_copies.push((src_slot as usize - base, buffers.len() - 1));
-                    installs.push((s - base, buffers.len() - 1));
+                    buffers.bufs.push(experts.alloc_staging(gpu)?);
+                    local_copies.push((src_slot as usize - base, buffers.bufs.len() - 1));
+                    installs.push((s - base, buffers.bufs.len() - 1));
                 }
                 SlotSource::Remote { .. } => {
                     let idx = match received.get(&plan.experts[s]) {
                         Some(&i) => i,
                         None => {
-                            buffers.push(experts.alloc_staging(gpu)?);
-                            received.insert(plan.experts[s], buffers.len() - 1);
-                            buffers.len() - 1
+                            buffers.bufs.push(experts.alloc_staging(gpu)?);
+                            received.insert(plan.experts[s], buffers.bufs.len() - 1);
+                            buffers.bufs.len() - 1
                         }
                     };
                     installs.push((s - base, idx));
@@ -309,6 +344,16 @@ impl Exec for CudaExec {
                 )),
             })
             .collect::<Result<Vec<_>>>()?;
+        // Every buffer a slot will be committed from must be filled by a receive.
+        let filled: std::collections::HashSet<usize> = recvs.iter().map(|r| r.0).collect();
+        if filled.len() != received.len() {
+            bail!(
+                "layer {layer}: the transfer plan sends this rank {} of the {} experts its slots \
+                 need from other ranks",
+                filled.len(),
+                received.len()
+            );
+        }
         let sends: Vec<(usize, usize)> = plan
             .sends_of(self.rank)
             .map(|f| (f.src_slot as usize - base, f.dst_rank))
@@ -323,7 +368,7 @@ impl Exec for CudaExec {
             .map_err(cu)?;
         let (a, b) = experts.slot_elems();
         for &(src, idx) in &local_copies {
-            let st = &mut buffers[idx];
+            let st = &mut buffers.bufs[idx];
             side.memcpy_dtod(&experts.w1.slice(src * a..(src + 1) * a), &mut st.w1)
                 .map_err(cu)?;
             side.memcpy_dtod(&experts.w2.slice(src * b..(src + 1) * b), &mut st.w2)
@@ -338,7 +383,7 @@ impl Exec for CudaExec {
                     xfer.send_slot(experts, slot, peer)?;
                 }
                 for &(idx, peer) in &recvs {
-                    xfer.recv_slot(&mut buffers[idx], peer)?;
+                    xfer.recv_slot(&mut buffers.bufs[idx], peer)?;
                 }
                 Ok(())
             })?;
@@ -378,7 +423,9 @@ impl Exec for CudaExec {
     fn commit(&mut self, layer: usize, map: &LayerMap) -> Result<StageStats> {
         let st = match self.staging.take() {
             Some(st) if st.layer == layer && st.finished => st,
-            Some(st) if st.layer == layer => bail!("layer {layer} committed before it was staged"),
+            Some(st) if st.layer == layer => {
+                bail!("layer {layer} committed before its transfers finished")
+            }
             Some(st) => bail!("layer {layer} committed while layer {} is staged", st.layer),
             None => bail!("layer {layer} committed before it was staged"),
         };
@@ -388,11 +435,11 @@ impl Exec for CudaExec {
             .get_mut(layer)
             .ok_or_else(|| anyhow!("no layer {layer}"))?;
         // The main stream takes over: copies in, then the new map; the next forward pass is
-        // enqueued after both. The buffers were allocated on the main stream, so dropping them
-        // below frees them after these copies.
+        // enqueued after both. Dropping the buffers below frees them on the main stream, after
+        // these copies.
         for &(slot, idx) in &st.installs {
             l.experts
-                .commit_staging(gpu, &st.buffers[idx], slot, Some(&st.done))?;
+                .commit_staging(gpu, &st.buffers.bufs[idx], slot, Some(&st.done))?;
         }
         l.set_map(gpu, &map.replicas)?;
         let ms = st

@@ -156,7 +156,8 @@ impl Generator {
     }
 
     /// One token: uniform noise of variance 1 (16-bit lanes of `splitmix64(key + i * golden)`,
-    /// as in [`crate::weights::fast_uniform`]) plus the lean along `expert`'s direction.
+    /// the stream [`crate::weights::fast_uniform`] draws) plus the lean along `expert`'s
+    /// direction, rounded to bf16 once.
     fn fill_row(&self, out: &mut [bf16], expert: u32, key: u64) {
         const SQRT3: f32 = 1.732_050_8;
         let dir = &self.directions[expert as usize];

@@ -462,11 +462,18 @@ async fn main() -> Result<()> {
     let recs: Vec<StepRecord> = sinks.remove(0).try_iter().collect();
     let in_range = |lo: u64, hi: u64| move |r: &StepRecord| r.step >= lo && r.step < hi;
     let mut steady = intervals(&recs, in_range(a0, a1));
-    // Every step from the remap's acceptance to one step after the last switch (whose copies
-    // land in the next step) counts as "during".
-    let mut during: Vec<f64> = async_ranges
-        .iter()
-        .flat_map(|&(lo, hi)| intervals(&recs, in_range(lo, hi + 2)))
+    // "During": the intervals ending in a step whose forward pass ran while a remap was active
+    // on this rank (its interval holds the boundary that began or switched a layer), and the
+    // step after the last switch (that switch's copies run on the GPU in it).
+    let in_async = |step: u64| {
+        async_ranges
+            .iter()
+            .any(|&(lo, hi)| step >= lo && step <= hi + 1)
+    };
+    let mut during: Vec<f64> = recs
+        .windows(3)
+        .filter(|w| in_async(w[2].step) && (w[2].remap_running || w[1].remap_running))
+        .map(|w| w[2].finished.duration_since(w[1].finished).as_secs_f64() * 1e3)
         .collect();
     let mut after = intervals(&recs, in_range(b1 + 2, c1));
     let stw_steps = intervals(&recs, in_range(d0, d_target));
