@@ -2,7 +2,7 @@
 # Runs the worker's CUDA test and benchmarks on a device machine from binaries built on the
 # development machine and carried in .carry/w (see docs/benchmarks/worker.md):
 #   cargo test --release -p moe-worker --test cuda --no-run   -> .carry/w/cuda-test
-#   cargo build --release -p moe-worker --bins                -> .carry/w/moe-worker-bench
+#   cargo build --release -p moe-worker --bins   -> .carry/w/moe-worker-bench, .carry/w/moe-worker
 # Usage: worker/bench/run_gpu.sh [ranks...]   (default: 2 4; 2 ranks use GPUs 0 and 1)
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 { nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvidia-smi topo -m; nproc; } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
-timeout 180 $B/cuda-test --nocapture 2>&1 | tee "$OUT/cuda_test.txt" | tail -5
+MOE_WORKER_BIN=$PWD/$B/moe-worker timeout 240 $B/cuda-test --nocapture 2>&1 | tee "$OUT/cuda_test.txt" | tail -5
 # DeepSeek-V3-like layer (H7168, I2048: 84 MiB per expert; 64 routed experts + 8 redundant,
 # top-8 of 8 groups, 4 groups kept, sigmoid scoring), 2048 tokens per rank per step.
 SHAPE="--layers 4 --experts 64 --redundant 8 --hidden 7168 --intermediate 2048 --top-k 8

@@ -145,3 +145,138 @@ async fn cuda_backend_matches_the_cpu_reference() {
         }
     }
 }
+
+/// The `moe-worker` binary as one process per GPU (how pods run it): the group forms over the
+/// TCP rendezvous, NCCL joins with the ids rank 0 hands out, an asynchronous remap moves
+/// weights between the processes' GPUs, and SIGTERM stops the group with exit code 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cuda_workers_as_processes_remap_and_stop() {
+    use std::process::{Command, Stdio};
+    let gpus = match moe_worker::cuda_exec::unavailable() {
+        Some(why) => {
+            eprintln!("SKIPPED cuda_workers_as_processes_remap_and_stop: {why}");
+            return;
+        }
+        None => moe_kernels::cuda::available().unwrap_or(0),
+    };
+    if gpus < 2 {
+        eprintln!("SKIPPED cuda_workers_as_processes_remap_and_stop: {gpus} GPU visible");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path());
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let leader = port();
+    let http = [port(), port()];
+    let mut children: Vec<_> = (0..2)
+        .map(|rank: usize| {
+            // MOE_WORKER_BIN: the binary where the test runs elsewhere than it was built (GPU
+            // machines get the test and the binary carried over).
+            let bin = std::env::var("MOE_WORKER_BIN")
+                .unwrap_or_else(|_| env!("CARGO_BIN_EXE_moe-worker").to_string());
+            let mut cmd = Command::new(bin);
+            cmd.env("MOE_RANK", rank.to_string())
+                .env("MOE_WORLD_SIZE", "2")
+                .env("MOE_LEADER_ADDR", format!("127.0.0.1:{leader}"))
+                .env(
+                    "MOE_COMM_PORT",
+                    if rank == 0 { leader } else { 0 }.to_string(),
+                )
+                .env("MOE_HTTP_PORT", http[rank].to_string())
+                .env("MOE_ADVERTISE_ADDR", "127.0.0.1")
+                .env("MOE_BACKEND", "cuda")
+                .env("MOE_NUM_LAYERS", "2")
+                .env("MOE_NUM_EXPERTS", "8")
+                .env("MOE_HIDDEN", "256")
+                .env("MOE_INTERMEDIATE", "128")
+                .env("MOE_TOP_K", "2")
+                .env("MOE_TRAFFIC_TOKENS_PER_STEP", "64")
+                .env("MOE_TRAFFIC_STEPS_PER_SECOND", "100")
+                .env("MOE_CONTROL_TOKEN_FILE", &token)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            cmd.spawn().expect("spawn moe-worker")
+        })
+        .collect();
+    let url = |rank: usize, path: &str| format!("http://127.0.0.1:{}{path}", http[rank]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut ready = 0;
+        for rank in 0..2 {
+            if let Ok(r) = reqwest::get(url(rank, "/readyz")).await
+                && r.status().is_success()
+            {
+                ready += 1;
+            }
+        }
+        if ready == 2 {
+            break;
+        }
+        for c in &mut children {
+            assert!(c.try_wait().unwrap().is_none(), "a worker exited early");
+        }
+        assert!(Instant::now() < deadline, "the group never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut next: PlacementDocument = get_json(&url(0, "/v1/placement")).await;
+    next.generation = 1;
+    next.phy2log[1].reverse();
+    let body = serde_json::to_string(&RemapRequest {
+        placement: next,
+        layers: vec![],
+        mode: RemapMode::Async,
+    })
+    .unwrap();
+    let (code, v) = post_remap(&url(0, "/v1/remap"), Some(TOKEN), body).await;
+    assert_eq!(code, 202, "{v}");
+    let mut received = 0;
+    for rank in 0..2 {
+        loop {
+            let s: WorkerStatus = get_json(&url(rank, "/v1/status")).await;
+            assert_eq!(s.backend, "cuda");
+            if s.placement_generation == 1
+                && let Some(p) = s
+                    .remap
+                    .as_ref()
+                    .filter(|p| p.state == RemapState::Succeeded)
+            {
+                received += p.bytes_moved;
+                break;
+            }
+            assert!(Instant::now() < deadline, "{s:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Layer 1 reversed: each rank's 4 experts go to the other rank.
+    assert_eq!(received, 8 * 3 * 256 * 128 * 2);
+    let pid = children[1].id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    for (rank, c) in children.iter_mut().enumerate() {
+        let stop = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < stop, "rank {rank} did not stop");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut err = String::new();
+        if let Some(mut e) = c.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        assert_eq!(status.code(), Some(0), "rank {rank}:\n{err}");
+    }
+}
