@@ -10,6 +10,12 @@ pub const RANK: &str = "MOE_RANK";
 pub const WORLD_SIZE: &str = "MOE_WORLD_SIZE";
 /// Ranks per node (GPUs per node), for transfer-source preference and hierarchical planning.
 pub const RANKS_PER_NODE: &str = "MOE_RANKS_PER_NODE";
+/// EP ranks one worker process runs as threads, one GPU each: consecutive ranks from its
+/// first rank (`MOE_RANK`, or `MOE_PROCESS_INDEX` x `MOE_LOCAL_RANKS`).
+pub const LOCAL_RANKS: &str = "MOE_LOCAL_RANKS";
+/// Index of this worker process among the group's processes (in Kubernetes: the pod ordinal);
+/// its first rank is this times `MOE_LOCAL_RANKS`. An alternative to `MOE_RANK`.
+pub const PROCESS_INDEX: &str = "MOE_PROCESS_INDEX";
 /// `host:port` of rank 0's rendezvous listener (the rank-0 pod's stable DNS name).
 pub const LEADER_ADDR: &str = "MOE_LEADER_ADDR";
 /// Port this rank listens on for rendezvous and (CPU backend) token exchange.

@@ -68,6 +68,16 @@ pub struct Args {
     /// Number of EP ranks in the group.
     #[arg(long, env = api_env::WORLD_SIZE, default_value_t = 1)]
     pub world_size: usize,
+    /// EP ranks this process runs, as threads with one GPU each: ranks R .. R+N-1 where R is
+    /// --rank (or --process-index x N); rank R+i listens on --comm-port + i and --http-port + i
+    /// (ports 0 stay 0). Several ranks in one process keep NCCL inside one process, where it
+    /// reaches the other GPUs over NVLink even when pods would not.
+    #[arg(long, env = api_env::LOCAL_RANKS, default_value_t = 1)]
+    pub local_ranks: usize,
+    /// Index of this process among the group's processes (in Kubernetes: the pod ordinal):
+    /// its first rank is this times --local-ranks. Give this or --rank, not both.
+    #[arg(long, env = api_env::PROCESS_INDEX)]
+    pub process_index: Option<usize>,
     /// Ranks (GPUs) per node; transfers prefer sources on the same node. Default: world size.
     #[arg(long, env = api_env::RANKS_PER_NODE)]
     pub ranks_per_node: Option<usize>,
@@ -257,6 +267,72 @@ fn bad(flag: &'static str, env: &'static str, reason: impl Into<String>) -> Conf
 }
 
 impl Config {
+    /// The configuration of every rank this process runs (`--local-ranks`, default one).
+    pub fn for_process(args: Args) -> Result<Vec<Config>, ConfigError> {
+        use api_env as e;
+        let n = args.local_ranks;
+        if n == 0 {
+            return Err(bad("local-ranks", e::LOCAL_RANKS, "must be at least 1"));
+        }
+        let first = match args.process_index {
+            None => args.rank,
+            Some(_) if args.rank != 0 => {
+                return Err(bad(
+                    "process-index",
+                    e::PROCESS_INDEX,
+                    "give --rank (MOE_RANK) or --process-index, not both",
+                ));
+            }
+            Some(p) => p.checked_mul(n).ok_or_else(|| {
+                bad(
+                    "process-index",
+                    e::PROCESS_INDEX,
+                    "too large for --local-ranks",
+                )
+            })?,
+        };
+        // (One rank given by --rank: `from_args` names --rank when it does not fit.)
+        let plain = n == 1 && args.process_index.is_none();
+        if !plain && first.saturating_add(n) > args.world_size {
+            return Err(bad(
+                "local-ranks",
+                e::LOCAL_RANKS,
+                format!(
+                    "ranks {first}..{} do not fit in --world-size {}",
+                    first.saturating_add(n),
+                    args.world_size
+                ),
+            ));
+        }
+        let port = |base: u16,
+                    i: usize,
+                    flag: &'static str,
+                    env: &'static str|
+         -> Result<u16, ConfigError> {
+            if base == 0 {
+                return Ok(0);
+            }
+            u16::try_from(usize::from(base) + i).map_err(|_| {
+                bad(
+                    flag,
+                    env,
+                    format!("{base} + {i} (local rank {i}) is not a port"),
+                )
+            })
+        };
+        (0..n)
+            .map(|i| {
+                let mut a = args.clone();
+                a.rank = first + i;
+                a.process_index = None;
+                a.local_ranks = 1;
+                a.comm_port = port(args.comm_port, i, "comm-port", e::COMM_PORT)?;
+                a.http_port = port(args.http_port, i, "http-port", e::HTTP_PORT)?;
+                Config::from_args(a)
+            })
+            .collect()
+    }
+
     pub fn from_args(args: Args) -> Result<Config, ConfigError> {
         use api_env as e;
         if args.world_size == 0 {
@@ -509,6 +585,97 @@ mod tests {
         argv.extend_from_slice(extra);
         let args = Args::try_parse_from(argv).expect("clap parse");
         Config::from_args(args)
+    }
+
+    fn process(extra: &[&str]) -> Result<Vec<Config>, ConfigError> {
+        let mut argv = vec!["moe-worker"];
+        argv.extend_from_slice(extra);
+        Config::for_process(Args::try_parse_from(argv).expect("clap parse"))
+    }
+
+    #[test]
+    fn local_ranks_get_consecutive_ranks_and_ports() {
+        let group = [
+            "--world-size",
+            "4",
+            "--leader-addr",
+            "l:1",
+            "--redundant-experts",
+            "0",
+        ];
+        let from_index = [
+            &group[..],
+            &[
+                "--local-ranks",
+                "2",
+                "--process-index",
+                "1",
+                "--comm-port",
+                "100",
+            ],
+        ]
+        .concat();
+        let cs = process(&from_index).unwrap();
+        let got: Vec<(usize, u16, u16)> = cs
+            .iter()
+            .map(|c| (c.rank(), c.args.comm_port, c.args.http_port))
+            .collect();
+        assert_eq!(got, vec![(2, 100, 8080), (3, 101, 8081)]);
+        // --rank gives the first rank; ports 0 stay 0 (any free port for each rank).
+        let from_rank = [
+            &group[..],
+            &[
+                "--local-ranks",
+                "2",
+                "--rank",
+                "0",
+                "--comm-port",
+                "7",
+                "--http-port",
+                "0",
+            ],
+        ]
+        .concat();
+        let got: Vec<(usize, u16, u16)> = process(&from_rank)
+            .unwrap()
+            .iter()
+            .map(|c| (c.rank(), c.args.comm_port, c.args.http_port))
+            .collect();
+        assert_eq!(got, vec![(0, 7, 0), (1, 8, 0)]);
+        // One rank per process is the plain configuration.
+        assert_eq!(process(&group).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn local_ranks_errors_name_the_flag() {
+        let group = [
+            "--world-size",
+            "4",
+            "--leader-addr",
+            "l:1",
+            "--redundant-experts",
+            "0",
+        ];
+        let cases: &[(&[&str], &str)] = &[
+            (&["--local-ranks", "0"], "--local-ranks"),
+            (
+                &["--local-ranks", "2", "--process-index", "2"],
+                "--local-ranks",
+            ),
+            (&["--local-ranks", "3", "--rank", "2"], "--local-ranks"),
+            (&["--process-index", "1", "--rank", "1"], "--process-index"),
+            (
+                &["--local-ranks", "2", "--http-port", "65535"],
+                "--http-port",
+            ),
+        ];
+        for (extra, flag) in cases {
+            let argv = [&group[..], extra].concat();
+            let e = process(&argv)
+                .err()
+                .unwrap_or_else(|| panic!("{extra:?} accepted"));
+            assert!(e.to_string().contains(flag), "{extra:?}: {e}");
+        }
     }
 
     #[test]

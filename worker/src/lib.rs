@@ -127,9 +127,12 @@ pub async fn start(config: Config, mut hooks: Hooks) -> Result<Worker> {
     });
     tracing::info!(%http_addr, "HTTP API listening");
     let shared2 = shared.clone();
+    // Every line the engine logs names its rank (a process may run several).
+    let span = tracing::info_span!("rank", rank = config.rank());
     let engine = std::thread::Builder::new()
-        .name("engine".into())
+        .name(format!("engine-{}", config.rank()))
         .spawn(move || {
+            let _rank = span.enter();
             run_engine(
                 config,
                 shared2,

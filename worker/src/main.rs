@@ -15,14 +15,19 @@ fn main() -> ExitCode {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    let config = match Config::from_args(args) {
+    let configs = match Config::for_process(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("moe-worker: {e}");
             return ExitCode::from(2);
         }
     };
-    let grace = config.comm_timeout + Duration::from_secs(5);
+    let grace = configs
+        .iter()
+        .map(|c| c.comm_timeout)
+        .max()
+        .unwrap_or_default()
+        + Duration::from_secs(5);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -34,27 +39,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = rt.block_on(async move {
-        let hooks = moe_worker::Hooks {
-            exit_on_hung_collective: true,
-            ..moe_worker::Hooks::default()
-        };
-        let worker = moe_worker::start(config, hooks).await?;
-        let shared = worker.shared.clone();
-        let wait = worker.wait();
-        tokio::pin!(wait);
-        tokio::select! {
-            r = &mut wait => r,
-            _ = shutdown_signal() => {
-                tracing::info!("termination signal: stopping the group at the next step boundary");
-                shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-                match tokio::time::timeout(grace, &mut wait).await {
-                    Ok(r) => r,
-                    Err(_) => Err(anyhow::anyhow!("did not stop within {grace:?} after the termination signal")),
-                }
-            }
-        }
-    });
+    let result = rt.block_on(run(configs, grace));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -62,6 +47,64 @@ fn main() -> ExitCode {
             eprintln!("moe-worker: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Runs this process's ranks until the group stops. A termination signal asks the group to
+/// stop at its next step boundary; a rank that fails makes the others stop too (the group
+/// cannot go on without it), and the process reports the first failure.
+async fn run(configs: Vec<Config>, grace: Duration) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    let mut stops = Vec::new();
+    let mut ranks = tokio::task::JoinSet::new();
+    for config in configs {
+        let rank = config.rank();
+        let hooks = moe_worker::Hooks {
+            exit_on_hung_collective: true,
+            ..moe_worker::Hooks::default()
+        };
+        let worker = moe_worker::start(config, hooks)
+            .await
+            .map_err(|e| e.context(format!("rank {rank}")))?;
+        stops.push(worker.shared.clone());
+        ranks.spawn(async move { (rank, worker.wait().await) });
+    }
+    let stop_all = || {
+        for s in &stops {
+            s.stop.store(true, Ordering::SeqCst);
+        }
+    };
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut first_error: Option<anyhow::Error> = None;
+    loop {
+        tokio::select! {
+            joined = ranks.join_next() => match joined {
+                None => break,
+                Some(Ok((_, Ok(())))) => {}
+                Some(Ok((rank, Err(e)))) => {
+                    stop_all();
+                    first_error.get_or_insert(e.context(format!("rank {rank}")));
+                }
+                Some(Err(e)) => {
+                    stop_all();
+                    first_error.get_or_insert(anyhow::anyhow!("a rank's task failed: {e}"));
+                }
+            },
+            _ = &mut signal, if deadline.is_none() => {
+                tracing::info!("termination signal: stopping the group at the next step boundary");
+                stop_all();
+                deadline = Some(tokio::time::Instant::now() + grace);
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                return Err(anyhow::anyhow!("did not stop within {grace:?} after the termination signal"));
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 

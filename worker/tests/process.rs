@@ -147,3 +147,100 @@ fn sigterm_stops_the_whole_group_cleanly() {
         assert_eq!(code, 0, "rank {r}:\n{err}");
     }
 }
+
+/// `n` pairs of consecutive ports, all free and distinct (a process with two local ranks
+/// listens on port and port + 1). Every candidate is held open until all are chosen, so no two
+/// pairs overlap.
+fn free_port_pairs(n: usize) -> Vec<u16> {
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        let a = TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = a.local_addr().unwrap().port();
+        if p < u16::MAX
+            && let Ok(b) = TcpListener::bind(("127.0.0.1", p + 1))
+        {
+            ports.push(p);
+            held.push(b);
+        }
+        held.push(a);
+    }
+    ports
+}
+
+fn status_rank(port: u16) -> Option<u64> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let body = buf.split("\r\n\r\n").nth(1)?;
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    v.get("rank")?.as_u64()
+}
+
+#[test]
+fn several_ranks_per_process_form_one_group() {
+    // World 4 as 2 processes x 2 ranks, the second one placed by its process index (how a pod
+    // ordinal would place it). Fixed ports for every rank (a rank on port 0 could be handed one of the others).
+    let [leader, comm_b, http_a, http_b] = free_port_pairs(4)[..] else {
+        unreachable!()
+    };
+    let comm_b = comm_b.to_string();
+    let http = [http_a, http_b];
+    let mut a = worker(
+        0,
+        4,
+        leader,
+        http[0],
+        &["--local-ranks", "2", "--num-experts", "8"],
+    );
+    let mut b = worker(
+        0,
+        4,
+        leader,
+        http[1],
+        &[
+            "--local-ranks",
+            "2",
+            "--process-index",
+            "1",
+            "--num-experts",
+            "8",
+            "--comm-port",
+            comm_b.as_str(),
+        ],
+    );
+    let ports = [http[0], http[0] + 1, http[1], http[1] + 1];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ports.iter().all(|&p| http_ready(p)) {
+        for c in [&mut a, &mut b] {
+            if let Some(s) = c.try_wait().unwrap() {
+                let mut err = String::new();
+                if let Some(mut e) = c.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("a worker process exited early ({s}):\n{err}");
+            }
+        }
+        assert!(Instant::now() < deadline, "group never became ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (rank, &p) in ports.iter().enumerate() {
+        assert_eq!(status_rank(p), Some(rank as u64), "port {p}");
+    }
+    // SIGTERM to one process stops the whole group, both processes with exit code 0.
+    let pid = b.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    for (name, child) in [("a", &mut a), ("b", &mut b)] {
+        let (code, err) = wait_exit(child, Duration::from_secs(30));
+        assert_eq!(code, 0, "process {name}:\n{err}");
+    }
+}
