@@ -403,7 +403,8 @@ fn pod_ready(pod: &Pod) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-fn pod_rank(pod: &Pod) -> Option<usize> {
+/// The pod's ordinal in the StatefulSet (its first rank is this times `ranksPerPod`).
+fn pod_index(pod: &Pod) -> Option<usize> {
     if let Some(i) = pod.labels().get(resources::POD_INDEX_LABEL) {
         return i.parse().ok();
     }
@@ -428,12 +429,14 @@ fn pod_restarts(pod: &Pod) -> u32 {
         })
 }
 
-/// The group's live pods per rank (uid, restarts), by rank.
-fn rank_pods(pods: &[&Pod]) -> Vec<RankPod> {
+/// The group's live pods (uid, restarts), each under its first rank.
+fn rank_pods(pods: &[&Pod], ranks_per_pod: u32) -> Vec<RankPod> {
     let mut out: Vec<RankPod> = pods
         .iter()
         .filter_map(|p| {
-            let rank = u32::try_from(pod_rank(p)?).ok()?;
+            let rank = u32::try_from(pod_index(p)?)
+                .ok()?
+                .checked_mul(ranks_per_pod)?;
             Some(RankPod {
                 rank,
                 uid: p.uid().unwrap_or_else(|| p.name_any()),
@@ -809,8 +812,12 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
         } else {
             &[]
         };
-        let seen = rank_pods(&current);
-        match group::detect_failure(recorded, &seen, spec.expert_parallel.ranks) {
+        let seen = rank_pods(&current, spec.ranks_per_pod());
+        // One pod is the whole group: its restart needs no group restart.
+        let failure = (spec.num_pods() > 1)
+            .then(|| group::detect_failure(recorded, &seen, spec.expert_parallel.ranks))
+            .flatten();
+        match failure {
             None => st.rank_pods = seen,
             // The record stays as it was: the failure stays pending until acted on.
             Some(f) => {
@@ -833,7 +840,8 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     }
     st.group_hash = Some(desired_hash.clone());
     let ready_pods: Vec<&Pod> = current.iter().copied().filter(|p| pod_ready(p)).collect();
-    st.ready_ranks = ready_pods.len().min(st.ranks as usize) as u32;
+    let per_pod = spec.ranks_per_pod() as usize;
+    st.ready_ranks = (ready_pods.len() * per_pod).min(st.ranks as usize) as u32;
     problems.extend(pod_problems(&pods));
     let restarting = !stale.is_empty() || terminating || group.restarted;
     ctx.metrics
@@ -844,11 +852,15 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     // 5. The remap loop.
     let broken = group.pending_restart.is_some() || group.held_restart.is_some();
     let group_up = !restarting && !broken && st.ready_ranks == st.ranks && st.ranks > 0;
+    // Each ready pod serves ranks index*k .. index*k+k-1 on httpPort + local rank.
     let mut endpoints: Vec<Endpoint> = ready_pods
         .iter()
-        .filter_map(|p| {
-            let ip = p.status.as_ref()?.pod_ip.as_deref()?;
-            Some(Endpoint::new(pod_rank(p)?, ip, spec.worker.http_port))
+        .filter_map(|p| Some((pod_index(p)?, p.status.as_ref()?.pod_ip.as_deref()?)))
+        .flat_map(|(index, ip)| {
+            (0..per_pod).filter_map(move |local| {
+                let port = u16::try_from(usize::from(spec.worker.http_port) + local).ok()?;
+                Some(Endpoint::new(index * per_pod + local, ip, port))
+            })
         })
         .collect();
     endpoints.sort_by_key(|e| e.rank);

@@ -298,10 +298,23 @@ pub struct PvcWeights {
         "message": "spec.expertParallel.ranks must be a multiple of spec.expertParallel.ranksPerNode: change ranksPerNode to a divisor of ranks",
         "fieldPath": ".ranksPerNode",
         "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!has(self.ranksPerPod) || self.ranksPerPod < 1 || self.ranks % self.ranksPerPod == 0",
+        "message": "spec.expertParallel.ranks must be a multiple of spec.expertParallel.ranksPerPod: change ranksPerPod to a divisor of ranks",
+        "fieldPath": ".ranksPerPod",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!has(self.ranksPerPod) || !has(self.ranksPerNode) || self.ranksPerPod < 1 || self.ranksPerNode % self.ranksPerPod == 0",
+        "message": "spec.expertParallel.ranksPerNode must be a multiple of spec.expertParallel.ranksPerPod: a pod cannot span nodes",
+        "fieldPath": ".ranksPerPod",
+        "reason": "FieldValueInvalid"
     }
 ]))]
 pub struct ExpertParallelSpec {
-    /// Expert-parallel size: worker ranks (pods, one GPU each). At least 1.
+    /// Expert-parallel size: worker ranks (one GPU each; `ranksPerPod` of them per pod). At
+    /// least 1.
     #[schemars(range(min = 1, max = 4096))]
     #[schemars(extend("x-kubernetes-validations" = [
         {"rule": "self >= 1", "message": "spec.expertParallel.ranks must be at least 1: set the number of GPUs (worker pods) of the group"}
@@ -312,6 +325,12 @@ pub struct ExpertParallelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 4096))]
     pub ranks_per_node: Option<u32>,
+    /// Ranks (GPUs) per worker pod. One worker process runs them as threads, so NCCL reaches
+    /// the pod's GPUs over NVLink; ranks in different pods on one host use NCCL's network
+    /// transport. Must divide `ranks` (and `ranksPerNode`). Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub ranks_per_pod: Option<u32>,
     /// Redundant expert slots per layer (replicas of hot experts). Unset: the smallest number
     /// that makes `numExperts + redundantExperts` divisible by `ranks`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -806,6 +825,16 @@ impl MoEDeploymentSpec {
             .unwrap_or(self.expert_parallel.ranks)
     }
 
+    /// Ranks per worker pod in effect (`ranksPerPod`, default 1).
+    pub fn ranks_per_pod(&self) -> u32 {
+        self.expert_parallel.ranks_per_pod.unwrap_or(1).max(1)
+    }
+
+    /// Worker pods of the group (`ranks / ranksPerPod`).
+    pub fn num_pods(&self) -> u32 {
+        self.expert_parallel.ranks / self.ranks_per_pod()
+    }
+
     /// Nodes of the group (`ranks / ranksPerNode`).
     pub fn num_nodes(&self) -> u32 {
         let per_node = self.ranks_per_node().max(1);
@@ -857,6 +886,31 @@ impl MoEDeploymentSpec {
                 "spec.expertParallel.ranksPerNode",
                 format!("must divide ranks ({})", ep.ranks),
             );
+        }
+        if let Some(per_pod) = ep.ranks_per_pod {
+            if per_pod == 0 || !ep.ranks.is_multiple_of(per_pod) {
+                return err(
+                    "spec.expertParallel.ranksPerPod",
+                    format!("must divide ranks ({})", ep.ranks),
+                );
+            }
+            let last = |p: u16| u32::from(p) + per_pod - 1;
+            if last(self.worker.http_port) > 65535 || last(self.worker.comm_port) > 65535 {
+                return err(
+                    "spec.expertParallel.ranksPerPod",
+                    "the pod's ranks listen on httpPort..httpPort+ranksPerPod-1 and \
+                     commPort..commPort+ranksPerPod-1: lower the ports"
+                        .into(),
+                );
+            }
+            if let Some(per_node) = ep.ranks_per_node
+                && !per_node.is_multiple_of(per_pod)
+            {
+                return err(
+                    "spec.expertParallel.ranksPerPod",
+                    format!("must divide ranksPerNode ({per_node}): a pod cannot span nodes"),
+                );
+            }
         }
         if let Some(r) = ep.redundant_experts {
             if !(u64::from(m.num_experts) + u64::from(r)).is_multiple_of(u64::from(ep.ranks)) {
@@ -953,6 +1007,7 @@ pub(crate) mod tests {
             expert_parallel: ExpertParallelSpec {
                 ranks: 4,
                 ranks_per_node: None,
+                ranks_per_pod: None,
                 redundant_experts: Some(4),
             },
             placement: PlacementSpec::default(),
@@ -1007,6 +1062,27 @@ pub(crate) mod tests {
         assert_eq!(
             s.validate().unwrap_err().field,
             "spec.eplb.maxBytesPerRemap"
+        );
+    }
+
+    #[test]
+    fn ranks_per_pod_must_fit_ranks_nodes_and_ports() {
+        let field = "spec.expertParallel.ranksPerPod";
+        let mut s = sample_spec();
+        s.expert_parallel.ranks_per_pod = Some(2);
+        s.validate().unwrap();
+        assert_eq!((s.ranks_per_pod(), s.num_pods()), (2, 2));
+        s.expert_parallel.ranks_per_pod = Some(3);
+        assert_eq!(s.validate().unwrap_err().field, field);
+        s.expert_parallel.ranks_per_pod = Some(2);
+        s.expert_parallel.ranks_per_node = Some(1);
+        assert_eq!(s.validate().unwrap_err().field, field);
+        s.expert_parallel.ranks_per_node = None;
+        s.worker.http_port = 65535;
+        assert_eq!(s.validate().unwrap_err().field, field);
+        assert_eq!(
+            (sample_spec().ranks_per_pod(), sample_spec().num_pods()),
+            (1, 4)
         );
     }
 }

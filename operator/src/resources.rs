@@ -287,8 +287,19 @@ pub fn worker_env(r: &Resolved, spec: &MoEDeploymentSpec) -> Vec<EnvVar> {
         (Some(s), None) => format!("synthetic:{}", s.seed),
         (None, None) => "synthetic:0".to_string(),
     };
-    let mut out = vec![
-        env_field(env::RANK, &format!("metadata.labels['{POD_INDEX_LABEL}']")),
+    // The pod ordinal places the pod: its rank, or with several ranks per pod its process
+    // index (first rank = index x ranksPerPod).
+    let ordinal = format!("metadata.labels['{POD_INDEX_LABEL}']");
+    let placement_env = if spec.ranks_per_pod() > 1 {
+        vec![
+            env_field(env::PROCESS_INDEX, &ordinal),
+            env_value(env::LOCAL_RANKS, spec.ranks_per_pod()),
+        ]
+    } else {
+        vec![env_field(env::RANK, &ordinal)]
+    };
+    let mut out = placement_env;
+    out.extend([
         env_value(env::WORLD_SIZE, spec.expert_parallel.ranks),
         env_value(env::RANKS_PER_NODE, spec.ranks_per_node()),
         env_value(env::LEADER_ADDR, leader),
@@ -318,7 +329,7 @@ pub fn worker_env(r: &Resolved, spec: &MoEDeploymentSpec) -> Vec<EnvVar> {
         env_value(env::INITIAL_PLACEMENT, "file"),
         env_value(env::WEIGHTS, weights),
         env_value(env::STATS_WINDOW, spec.eplb.window_steps),
-    ];
+    ]);
     if let Some(t) = &spec.traffic {
         if let Some(v) = t.tokens_per_step {
             out.push(env_value(env::TRAFFIC_TOKENS_PER_STEP, v));
@@ -343,6 +354,28 @@ pub fn worker_env(r: &Resolved, spec: &MoEDeploymentSpec) -> Vec<EnvVar> {
     out
 }
 
+/// The worker container's ports: `http` and `comm` for the pod's first rank, `http-i` and
+/// `comm-i` (base + i) for its other ranks. The readiness probe uses `http`: a worker is ready
+/// only once the whole group formed and loaded, so the first rank speaks for the pod.
+fn container_ports(spec: &MoEDeploymentSpec) -> Vec<ContainerPort> {
+    let port = |name: String, p: u32| ContainerPort {
+        name: Some(name),
+        container_port: p as i32,
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+    let (http, comm) = (
+        u32::from(spec.worker.http_port),
+        u32::from(spec.worker.comm_port),
+    );
+    let mut out = vec![port("http".into(), http), port("comm".into(), comm)];
+    for i in 1..spec.ranks_per_pod() {
+        out.push(port(format!("http-{i}"), http + i));
+        out.push(port(format!("comm-{i}"), comm + i));
+    }
+    out
+}
+
 fn resources(r: &Resolved, spec: &MoEDeploymentSpec) -> ResourceRequirements {
     let mut res = spec
         .worker
@@ -354,7 +387,7 @@ fn resources(r: &Resolved, spec: &MoEDeploymentSpec) -> ResourceRequirements {
         let limits = res.limits.get_or_insert_with(BTreeMap::new);
         limits
             .entry(GPU_RESOURCE.to_string())
-            .or_insert_with(|| Quantity("1".into()));
+            .or_insert_with(|| Quantity(spec.ranks_per_pod().to_string()));
     }
     res
 }
@@ -442,20 +475,7 @@ fn pod_template(r: &Resolved, spec: &MoEDeploymentSpec) -> PodTemplateSpec {
         command: spec.worker.command.clone(),
         args: spec.worker.args.clone(),
         env: Some(worker_env(r, spec)),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("http".into()),
-                container_port: i32::from(spec.worker.http_port),
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            },
-            ContainerPort {
-                name: Some("comm".into()),
-                container_port: i32::from(spec.worker.comm_port),
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            },
-        ]),
+        ports: Some(container_ports(spec)),
         readiness_probe: Some(probe("/readyz", 5, 3)),
         liveness_probe: Some(probe("/healthz", 10, 6)),
         // Loading weights and forming the group may take minutes: allow 10 before liveness counts.
@@ -518,7 +538,7 @@ pub fn statefulset(r: &Resolved, spec: &MoEDeploymentSpec) -> StatefulSet {
     StatefulSet {
         metadata: meta(r, &names.statefulset),
         spec: Some(StatefulSetSpec {
-            replicas: Some(spec.expert_parallel.ranks as i32),
+            replicas: Some(spec.num_pods() as i32),
             service_name: Some(names.service.clone()),
             pod_management_policy: Some("Parallel".into()),
             update_strategy: Some(StatefulSetUpdateStrategy {
@@ -667,6 +687,53 @@ mod tests {
         assert_eq!(
             value(&envs, env::INITIAL_PLACEMENT).as_deref(),
             Some("file")
+        );
+    }
+
+    #[test]
+    fn several_ranks_per_pod_share_one_pod() {
+        let mut spec = sample_spec();
+        spec.expert_parallel.ranks_per_pod = Some(2);
+        let sts = statefulset(&resolved(), &spec);
+        let envs = env_of(&sts);
+        // The pod ordinal becomes the process index; no MOE_RANK.
+        assert!(envs.iter().all(|e| e.name != env::RANK));
+        let index = envs.iter().find(|e| e.name == env::PROCESS_INDEX).unwrap();
+        assert_eq!(
+            index
+                .value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
+            "metadata.labels['apps.kubernetes.io/pod-index']"
+        );
+        assert_eq!(value(&envs, env::LOCAL_RANKS).as_deref(), Some("2"));
+        assert_eq!(value(&envs, env::WORLD_SIZE).as_deref(), Some("4"));
+        let s = sts.spec.unwrap();
+        assert_eq!(s.replicas, Some(2));
+        let c = &s.template.spec.unwrap().containers[0];
+        assert_eq!(
+            c.resources.as_ref().unwrap().limits.as_ref().unwrap()[GPU_RESOURCE],
+            Quantity("2".into())
+        );
+        let ports: Vec<(String, i32)> = c
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| (p.name.clone().unwrap(), p.container_port))
+            .collect();
+        assert_eq!(
+            ports,
+            vec![
+                ("http".into(), 8080),
+                ("comm".into(), 29500),
+                ("http-1".into(), 8081),
+                ("comm-1".into(), 29501)
+            ]
         );
     }
 

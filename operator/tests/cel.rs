@@ -146,6 +146,19 @@ fn ranks_at_least_one_and_multiple_of_ranks_per_node() {
 }
 
 #[test]
+fn ranks_per_pod_divides_ranks_and_ranks_per_node() {
+    let mut s = valid_spec();
+    s["expertParallel"]["ranksPerPod"] = json!(8);
+    assert_eq!(failures(s), Vec::<String>::new());
+    let mut s = valid_spec();
+    s["expertParallel"]["ranksPerPod"] = json!(3);
+    assert_rejected(s, "multiple of spec.expertParallel.ranksPerPod");
+    let mut s = valid_spec();
+    s["expertParallel"]["ranksPerPod"] = json!(16);
+    assert_rejected(s, "a pod cannot span nodes");
+}
+
+#[test]
 fn static_strategy_needs_a_map_and_only_it_may_have_one() {
     let mut s = valid_spec();
     s["placement"] = json!({"strategy": "Static"});

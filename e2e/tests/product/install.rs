@@ -7,7 +7,8 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::ResourceExt;
 use moe_e2e::wait;
-use serde_json::json;
+use serde_json::{Value, json};
+use std::time::Duration;
 
 use crate::common::*;
 
@@ -220,6 +221,68 @@ async fn skew_triggers_remap() -> Result<()> {
 
 /// Each remap is reported by its own `RemapStarted` and `RemapFinished` events naming its
 /// generation (`kubectl get events` is the history users read).
+/// `ranksPerPod: 2`: 4 ranks in 2 pods (one worker process with two ranks each), skewed
+/// traffic, a threshold remap through all 4 ranks' endpoints, every rank serving the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ranks_per_pod_remap() -> Result<()> {
+    moe_e2e::init_tracing();
+    let Some((cluster, agent)) = cluster_with_operator("two_ranks_per_pod_remap", 1).await? else {
+        return Ok(());
+    };
+    let client = cluster.client();
+    let (ns, name) = ("ml", "paired");
+    let threshold = 1.1;
+    create_namespace(&cluster, ns).await?;
+    let mut obj = small_moed(
+        name,
+        "Linear",
+        json!({"imbalanceThreshold": threshold, "replanIntervalSeconds": 3600}),
+        json!({"skew": 1.5}),
+    );
+    merge(
+        &mut obj,
+        json!({"spec": {"expertParallel": {"ranks": 4, "ranksPerNode": 4, "ranksPerPod": 2}}}),
+    );
+    apply_moed(&client, ns, &obj).await?;
+    let o = wait_status(&client, ns, name, T, "a succeeded remap", |st| {
+        st["lastRemap"]["result"] == "Succeeded" && st["readyRanks"] == 4
+    })
+    .await;
+    let o = with_log(o, &agent)?;
+    let lr = status(&o)["lastRemap"].clone();
+    println!("lastRemap: {lr}");
+    ensure!(
+        lr["expertsMoved"].as_u64().unwrap_or(0) > 0,
+        "no expert moved: {lr}"
+    );
+    // Two pods, each serving two ranks on 8080 and 8081, all on the committed placement.
+    let (generation, doc) = committed_placement(&client, ns, name).await?;
+    ensure!(generation >= 1, "generation {generation}");
+    check_every_expert_served(&doc, 4, 8)?;
+    let pods = worker_pods(&client, ns, name).await?;
+    ensure!(pods.len() == 2, "{} worker pods for 4 ranks", pods.len());
+    let mut ranks = Vec::new();
+    for p in &pods {
+        let ip = pod_ip(p).context("pod without IP")?;
+        for port in [WORKER_HTTP_PORT, WORKER_HTTP_PORT + 1] {
+            let (code, body) =
+                moe_e2e::http::get(&ip, port, "/v1/status", Duration::from_secs(3)).await?;
+            ensure!(code == 200, "GET {ip}:{port}/v1/status: {code} {body}");
+            let st: Value = serde_json::from_str(&body)?;
+            ensure!(
+                st["placementGeneration"] == doc["generation"],
+                "{ip}:{port} serves generation {} of {}",
+                st["placementGeneration"],
+                doc["generation"]
+            );
+            ranks.push(st["rank"].as_u64().context("rank")?);
+        }
+    }
+    ranks.sort_unstable();
+    ensure!(ranks == vec![0, 1, 2, 3], "ranks served: {ranks:?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remap_events_name_each_generation() -> Result<()> {
     moe_e2e::init_tracing();
