@@ -709,7 +709,8 @@ pub struct GroupRestartRecord {
     pub message: String,
 }
 
-/// A rank's pod as the operator last saw it.
+/// A worker pod as the operator last saw it, under its first rank (with `ranksPerPod` > 1 the
+/// pod also runs the next `ranksPerPod - 1` ranks).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RankPod {
