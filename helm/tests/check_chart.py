@@ -22,6 +22,13 @@ RELEASE_NS = "moe-system"  # helm/test.sh renders with -n moe-system
 failures = []
 
 
+
+# The worker API ports by name: a pod's first rank (`http`) and its further ranks with
+# spec.expertParallel.ranksPerPod (`http-1` .. `http-63`, operator/src/resources.rs).
+API_PORTS = [{"port": "http", "protocol": "TCP"}] + [
+    {"port": f"http-{i}", "protocol": "TCP"} for i in range(1, 64)
+]
+
 def check(cond, msg):
     if not cond:
         failures.append(msg)
@@ -322,14 +329,16 @@ def check_default(docs):
     check(np["spec"]["policyTypes"] == ["Ingress"], "NetworkPolicy restricts ingress")
     ing = np["spec"]["ingress"]
     first = ing[0]
-    check(first["ports"] == [{"port": "http", "protocol": "TCP"}], "operator rule limited to the http port")
+    check(first["ports"] == API_PORTS, "operator rule limited to the API ports (http, http-1 .. http-63)")
     peer = first["from"][0]
     check(peer["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
           and set(peer["podSelector"]["matchLabels"].items()) <= set(dep["spec"]["template"]["metadata"]["labels"].items()),
           "operator peer selects the operator pods")
     check(peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": RELEASE_NS},
           "operator peer in the release namespace")
-    check('name: Some("http".into())' in read("operator/src/resources.rs"), "worker container port is named http")
+    code = read("operator/src/resources.rs")
+    check('port("http".into(), http)' in code and 'format!("http-{i}")' in code,
+          "worker container ports are named http and http-i")
     check(ing[1] == {"from": [{"podSelector": {"matchLabels": code_labels}}]}, "ranks reach each other")
     check(len(ing) == 2, "no other ingress by default")
     done("default values")
@@ -364,7 +373,7 @@ def check_all(docs, dashboard_src, registered):
     check(sorted(n["metadata"]["namespace"] for n in nps) == ["ml", "ml-staging"], "NetworkPolicy per listed namespace")
     for n in nps:
         extra = n["spec"]["ingress"][2]
-        check(extra["ports"] == [{"port": "http", "protocol": "TCP"}], "metrics peers limited to http")
+        check(extra["ports"] == API_PORTS, "metrics peers limited to the API ports")
         check(len(extra["from"]) == 2, "metricsFrom + prometheusPodSelector peers")
     pdb = one(docs, "PodDisruptionBudget")
     check(pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"], "PDB selects the operator")

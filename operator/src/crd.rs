@@ -87,7 +87,7 @@ pub struct MoEDeploymentSpec {
     /// Where the expert weights come from.
     #[serde(default)]
     pub weights: WeightsSpec,
-    /// Expert-parallel group: one worker pod (one GPU) per rank.
+    /// Expert-parallel group: one GPU per rank, `ranksPerPod` ranks per worker pod.
     pub expert_parallel: ExpertParallelSpec,
     /// Initial placement of experts onto slots (generation 0 of the committed placement).
     #[serde(default)]
@@ -317,7 +317,7 @@ pub struct ExpertParallelSpec {
     /// least 1.
     #[schemars(range(min = 1, max = 4096))]
     #[schemars(extend("x-kubernetes-validations" = [
-        {"rule": "self >= 1", "message": "spec.expertParallel.ranks must be at least 1: set the number of GPUs (worker pods) of the group"}
+        {"rule": "self >= 1", "message": "spec.expertParallel.ranks must be at least 1: set the number of GPUs (ranks) of the group"}
     ]))]
     pub ranks: u32,
     /// Ranks (GPUs) per node, for hierarchical placement and transfer-source preference.
@@ -896,6 +896,40 @@ impl MoEDeploymentSpec {
                 );
             }
             let last = |p: u16| u32::from(p) + per_pod - 1;
+            let (http, comm) = (
+                u32::from(self.worker.http_port),
+                u32::from(self.worker.comm_port),
+            );
+            if http <= last(self.worker.comm_port) && comm <= last(self.worker.http_port) {
+                return err(
+                    "spec.expertParallel.ranksPerPod",
+                    format!(
+                        "the pod's ranks listen on httpPort {http}..{} and commPort {comm}..{}, \
+                         which overlap: move one of the ports",
+                        last(self.worker.http_port),
+                        last(self.worker.comm_port)
+                    ),
+                );
+            }
+            if self.worker.backend == Backend::Cuda
+                && let Some(gpus) = self
+                    .worker
+                    .resources
+                    .as_ref()
+                    .and_then(|r| r.limits.as_ref())
+                    .and_then(|l| l.get(crate::resources::GPU_RESOURCE))
+                && gpus.0.trim().parse::<u32>().is_ok_and(|g| g != per_pod)
+            {
+                return err(
+                    "spec.worker.resources",
+                    format!(
+                        "limits.nvidia.com/gpu is {} but each of the pod's {per_pod} ranks \
+                         (spec.expertParallel.ranksPerPod) uses one GPU: set it to {per_pod} or \
+                         leave it out",
+                        gpus.0
+                    ),
+                );
+            }
             if last(self.worker.http_port) > 65535 || last(self.worker.comm_port) > 65535 {
                 return err(
                     "spec.expertParallel.ranksPerPod",
@@ -912,6 +946,32 @@ impl MoEDeploymentSpec {
                     format!("must divide ranksPerNode ({per_node}): a pod cannot span nodes"),
                 );
             }
+        }
+        // The operator places ranks by these; a worker.env entry would desynchronise its view
+        // (endpoints, ready ranks) from what the pods run.
+        const PLACED_BY_OPERATOR: [&str; 6] = [
+            moe_api::env::RANK,
+            moe_api::env::PROCESS_INDEX,
+            moe_api::env::LOCAL_RANKS,
+            moe_api::env::WORLD_SIZE,
+            moe_api::env::HTTP_PORT,
+            moe_api::env::COMM_PORT,
+        ];
+        if let Some(e) = self
+            .worker
+            .env
+            .iter()
+            .flatten()
+            .find(|e| PLACED_BY_OPERATOR.contains(&e.name.as_str()))
+        {
+            return err(
+                "spec.worker.env",
+                format!(
+                    "{} is set by the operator from spec.expertParallel and spec.worker \
+                     (ranks, ranksPerPod, httpPort, commPort): remove it from worker.env",
+                    e.name
+                ),
+            );
         }
         if let Some(r) = ep.redundant_experts {
             if !(u64::from(m.num_experts) + u64::from(r)).is_multiple_of(u64::from(ep.ranks)) {
@@ -1081,9 +1141,35 @@ pub(crate) mod tests {
         s.expert_parallel.ranks_per_node = None;
         s.worker.http_port = 65535;
         assert_eq!(s.validate().unwrap_err().field, field);
+        // httpPort 29499..29500 would overlap commPort 29500..29501.
+        s.worker.http_port = 29499;
+        assert_eq!(s.validate().unwrap_err().field, field);
+        s.worker.http_port = 8080;
+        s.validate().unwrap();
+        // A GPU limit other than one per rank.
+        let mut limits = std::collections::BTreeMap::new();
+        limits.insert("nvidia.com/gpu".to_string(), Quantity("1".into()));
+        s.worker.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+            limits: Some(limits),
+            ..Default::default()
+        });
+        assert_eq!(s.validate().unwrap_err().field, "spec.worker.resources");
         assert_eq!(
             (sample_spec().ranks_per_pod(), sample_spec().num_pods()),
             (1, 4)
         );
+    }
+
+    #[test]
+    fn worker_env_cannot_place_ranks() {
+        let mut s = sample_spec();
+        s.worker.env = Some(vec![k8s_openapi::api::core::v1::EnvVar {
+            name: moe_api::env::LOCAL_RANKS.into(),
+            value: Some("2".into()),
+            ..Default::default()
+        }]);
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "spec.worker.env");
+        assert!(e.message.contains("MOE_LOCAL_RANKS"), "{}", e.message);
     }
 }

@@ -377,6 +377,7 @@ fn container_ports(spec: &MoEDeploymentSpec) -> Vec<ContainerPort> {
 }
 
 fn resources(r: &Resolved, spec: &MoEDeploymentSpec) -> ResourceRequirements {
+    let from_spec = spec.worker.resources.is_some();
     let mut res = spec
         .worker
         .resources
@@ -384,10 +385,15 @@ fn resources(r: &Resolved, spec: &MoEDeploymentSpec) -> ResourceRequirements {
         .or_else(|| r.defaults.resources.clone())
         .unwrap_or_default();
     if spec.worker.backend == Backend::Cuda {
+        // One GPU per rank: a spec that sets the count is checked by `validate`; the operator's
+        // defaults are per rank, so their count is replaced by the pod's rank count.
+        let gpus = Quantity(spec.ranks_per_pod().to_string());
         let limits = res.limits.get_or_insert_with(BTreeMap::new);
-        limits
-            .entry(GPU_RESOURCE.to_string())
-            .or_insert_with(|| Quantity(spec.ranks_per_pod().to_string()));
+        if from_spec {
+            limits.entry(GPU_RESOURCE.to_string()).or_insert(gpus);
+        } else {
+            limits.insert(GPU_RESOURCE.to_string(), gpus);
+        }
     }
     res
 }
@@ -526,7 +532,7 @@ pub fn group_hash(template: &PodTemplateSpec) -> String {
     format!("{h:016x}")
 }
 
-/// The worker StatefulSet: one pod per rank, created and deleted in parallel, updated only when
+/// The worker StatefulSet: one pod per `ranksPerPod` ranks, created and deleted in parallel, updated only when
 /// the operator deletes pods (`OnDelete`), so that the whole EP group restarts together.
 pub fn statefulset(r: &Resolved, spec: &MoEDeploymentSpec) -> StatefulSet {
     let names = Names::new(&r.name);
@@ -792,6 +798,22 @@ mod tests {
         assert_eq!(
             res.limits.as_ref().unwrap()[GPU_RESOURCE],
             Quantity("1".into())
+        );
+        // The defaults' GPU count is per rank: a pod of two ranks gets two.
+        r.defaults.resources = Some(ResourceRequirements {
+            limits: Some(BTreeMap::from([(
+                GPU_RESOURCE.to_string(),
+                Quantity("1".into()),
+            )])),
+            ..Default::default()
+        });
+        let mut paired = sample_spec();
+        paired.expert_parallel.ranks_per_pod = Some(2);
+        let sts = statefulset(&r, &paired);
+        let c = &sts.spec.unwrap().template.spec.unwrap().containers[0];
+        assert_eq!(
+            c.resources.as_ref().unwrap().limits.as_ref().unwrap()[GPU_RESOURCE],
+            Quantity("2".into())
         );
         let mut spec = sample_spec();
         spec.worker.image = Some("mine:1".into());

@@ -320,17 +320,22 @@ impl Config {
                 )
             })
         };
-        (0..n)
-            .map(|i| {
-                let mut a = args.clone();
-                a.rank = first + i;
-                a.process_index = None;
-                a.local_ranks = 1;
-                a.comm_port = port(args.comm_port, i, "comm-port", e::COMM_PORT)?;
-                a.http_port = port(args.http_port, i, "http-port", e::HTTP_PORT)?;
-                Config::from_args(a)
-            })
-            .collect()
+        let mut configs: Vec<Config> = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut a = args.clone();
+            a.rank = first + i;
+            a.process_index = None;
+            a.local_ranks = 1;
+            a.comm_port = port(args.comm_port, i, "comm-port", e::COMM_PORT)?;
+            a.http_port = port(args.http_port, i, "http-port", e::HTTP_PORT)?;
+            // A bare-host --leader-addr takes its port from --comm-port: the base one, not
+            // this rank's offset copy.
+            if let Some(first) = configs.first() {
+                a.leader_addr = first.leader_target();
+            }
+            configs.push(Config::from_args(a)?);
+        }
+        Ok(configs)
     }
 
     pub fn from_args(args: Args) -> Result<Config, ConfigError> {
@@ -644,6 +649,31 @@ mod tests {
         assert_eq!(got, vec![(0, 7, 0), (1, 8, 0)]);
         // One rank per process is the plain configuration.
         assert_eq!(process(&group).unwrap().len(), 1);
+        // A bare-host leader address means the base --comm-port for every local rank.
+        let bare = [
+            "--world-size",
+            "4",
+            "--leader-addr",
+            "w-0.w.ns.svc",
+            "--redundant-experts",
+            "0",
+            "--local-ranks",
+            "2",
+            "--process-index",
+            "1",
+        ];
+        let targets: Vec<Option<String>> = process(&bare)
+            .unwrap()
+            .iter()
+            .map(Config::leader_target)
+            .collect();
+        assert_eq!(
+            targets,
+            vec![
+                Some("w-0.w.ns.svc:29500".into()),
+                Some("w-0.w.ns.svc:29500".into())
+            ]
+        );
     }
 
     #[test]

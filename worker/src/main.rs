@@ -40,6 +40,9 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(run(configs, grace));
+    // Engine threads of ranks that never stopped (a failed start, a missed grace period) must
+    // not keep the process alive: give the runtime a moment, then exit.
+    rt.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -84,11 +87,16 @@ async fn run(configs: Vec<Config>, grace: Duration) -> anyhow::Result<()> {
                 None => break,
                 Some(Ok((_, Ok(())))) => {}
                 Some(Ok((rank, Err(e)))) => {
+                    // The group cannot go on: the other ranks get `grace` to stop.
+                    tracing::error!("rank {rank} failed: {e:#}");
                     stop_all();
+                    deadline.get_or_insert(tokio::time::Instant::now() + grace);
                     first_error.get_or_insert(e.context(format!("rank {rank}")));
                 }
                 Some(Err(e)) => {
+                    tracing::error!("a rank's task failed: {e}");
                     stop_all();
+                    deadline.get_or_insert(tokio::time::Instant::now() + grace);
                     first_error.get_or_insert(anyhow::anyhow!("a rank's task failed: {e}"));
                 }
             },
@@ -98,7 +106,9 @@ async fn run(configs: Vec<Config>, grace: Duration) -> anyhow::Result<()> {
                 deadline = Some(tokio::time::Instant::now() + grace);
             }
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
-                return Err(anyhow::anyhow!("did not stop within {grace:?} after the termination signal"));
+                return Err(first_error.take().unwrap_or_else(|| {
+                    anyhow::anyhow!("did not stop within {grace:?} after the termination signal")
+                }));
             }
         }
     }

@@ -219,8 +219,6 @@ async fn skew_triggers_remap() -> Result<()> {
     Ok(())
 }
 
-/// Each remap is reported by its own `RemapStarted` and `RemapFinished` events naming its
-/// generation (`kubectl get events` is the history users read).
 /// `ranksPerPod: 2`: 4 ranks in 2 pods (one worker process with two ranks each), skewed
 /// traffic, a threshold remap through all 4 ranks' endpoints, every rank serving the result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,6 +281,8 @@ async fn two_ranks_per_pod_remap() -> Result<()> {
     Ok(())
 }
 
+/// Each remap is reported by its own `RemapStarted` and `RemapFinished` events naming its
+/// generation (`kubectl get events` is the history users read).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remap_events_name_each_generation() -> Result<()> {
     moe_e2e::init_tracing();

@@ -87,6 +87,20 @@ app.kubernetes.io/name: moe-worker
 app.kubernetes.io/managed-by: moe-operator
 {{- end }}
 
+{{/*
+The worker API ports, by name: `http` (a pod's first rank) and `http-1` .. `http-63` (its
+further ranks with spec.expertParallel.ranksPerPod, at most 64). Names a pod does not have
+match nothing.
+*/}}
+{{- define "moe-operator.workerApiPorts" -}}
+- port: http
+  protocol: TCP
+{{- range $i := untilStep 1 64 1 }}
+- port: http-{{ $i }}
+  protocol: TCP
+{{- end }}
+{{- end }}
+
 {{/* Runbook URL of an alert. */}}
 {{- define "moe-operator.runbook" -}}
 {{- printf "%s#%s" .root.Values.prometheusRule.runbookBaseUrl (lower .alert) -}}
