@@ -244,3 +244,29 @@ fn several_ranks_per_process_form_one_group() {
         assert_eq!(code, 0, "process {name}:\n{err}");
     }
 }
+
+#[test]
+fn a_local_rank_that_cannot_start_ends_the_process_promptly() {
+    // Rank 1's HTTP port (http + 1) is taken: the process must exit non-zero naming it, without
+    // waiting for rank 0's rendezvous to time out (20 s here).
+    let [leader, http] = free_port_pairs(2)[..] else {
+        unreachable!()
+    };
+    let _taken = TcpListener::bind(("0.0.0.0", http + 1)).unwrap();
+    let mut p = worker(
+        0,
+        4,
+        leader,
+        http,
+        &["--local-ranks", "2", "--num-experts", "8"],
+    );
+    let t0 = Instant::now();
+    let (code, err) = wait_exit(&mut p, Duration::from_secs(15));
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("rank 1"), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+}
