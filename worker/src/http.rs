@@ -45,11 +45,15 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(),
-    )
-        .into_response()
+    let text = match s.local_peers.get() {
+        Some(peers) => {
+            let mut all = vec![s.metrics.registry.clone()];
+            all.extend(peers.iter().cloned());
+            crate::metrics::render_merged(&all)
+        }
+        None => s.metrics.render(),
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn status(State(s): State<Arc<Shared>>) -> Response {

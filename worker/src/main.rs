@@ -72,6 +72,14 @@ async fn run(configs: Vec<Config>, grace: Duration) -> anyhow::Result<()> {
         stops.push(worker.shared.clone());
         ranks.spawn(async move { (rank, worker.wait().await) });
     }
+    // The first rank's /metrics serves every rank of the process (one scrape target per pod).
+    if let Some((first, rest)) = stops.split_first()
+        && !rest.is_empty()
+    {
+        let _ = first
+            .local_peers
+            .set(rest.iter().map(|s| s.metrics.registry.clone()).collect());
+    }
     let stop_all = || {
         for s in &stops {
             s.stop.store(true, Ordering::SeqCst);

@@ -139,15 +139,51 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        render_merged(std::slice::from_ref(&self.registry))
     }
+}
+
+/// The text exposition of several ranks' registries (the ranks of one process), one family per
+/// metric name holding every rank's series (each registry labels its series with its rank), as
+/// the format requires: a name's HELP and TYPE appear once.
+pub fn render_merged(registries: &[Registry]) -> String {
+    let mut families: Vec<prometheus::proto::MetricFamily> = Vec::new();
+    for family in registries.iter().flat_map(Registry::gather) {
+        match families.iter_mut().find(|f| f.name() == family.name()) {
+            Some(f) => f.mut_metric().extend(family.get_metric().iter().cloned()),
+            None => families.push(family),
+        }
+    }
+    let mut buf = Vec::new();
+    let _ = TextEncoder::new().encode(&families, &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merged_ranks_share_one_family_per_name() {
+        let (a, b) = (Metrics::new(0), Metrics::new(1));
+        a.tokens.inc_by(2);
+        b.tokens.inc_by(3);
+        let text = render_merged(&[a.registry.clone(), b.registry.clone()]);
+        assert!(
+            text.contains("moe_worker_tokens_total{rank=\"0\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("moe_worker_tokens_total{rank=\"1\"} 3"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("# TYPE moe_worker_tokens_total counter")
+                .count(),
+            1,
+            "{text}"
+        );
+    }
 
     #[test]
     fn renders_conventional_names() {

@@ -53,6 +53,9 @@ pub struct Shared {
     pub finished: AtomicBool,
     pub state: Mutex<State>,
     pub window: Mutex<Window>,
+    /// The other ranks of this process (`--local-ranks`), whose metrics this rank's /metrics
+    /// also serves when it is the process's first rank (one scrape target per pod).
+    pub local_peers: std::sync::OnceLock<Vec<prometheus::Registry>>,
 }
 
 /// Why a remap request was not accepted.
@@ -85,6 +88,7 @@ impl Shared {
             finished: AtomicBool::new(false),
             state: Mutex::new(State::default()),
             window: Mutex::new(Window::new(window, shape.num_layers, shape.num_slots())),
+            local_peers: std::sync::OnceLock::new(),
         }
     }
 

@@ -168,15 +168,18 @@ fn free_port_pairs(n: usize) -> Vec<u16> {
     ports
 }
 
-fn status_rank(port: u16) -> Option<u64> {
+fn http_body(port: u16, path: &str) -> Option<String> {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
-    let body = buf.split("\r\n\r\n").nth(1)?;
-    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    Some(buf.split_once("\r\n\r\n")?.1.to_string())
+}
+
+fn status_rank(port: u16) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(&http_body(port, "/v1/status")?).ok()?;
     v.get("rank")?.as_u64()
 }
 
@@ -230,6 +233,15 @@ fn several_ranks_per_process_form_one_group() {
     for (rank, &p) in ports.iter().enumerate() {
         assert_eq!(status_rank(p), Some(rank as u64), "port {p}");
     }
+    // One scrape of a process's first rank covers both of its ranks.
+    let text = http_body(http[1], "/metrics").unwrap();
+    for series in [
+        "moe_worker_ready{rank=\"2\"} 1",
+        "moe_worker_ready{rank=\"3\"} 1",
+    ] {
+        assert!(text.contains(series), "{series} missing:\n{text}");
+    }
+    assert_eq!(text.matches("# TYPE moe_worker_ready gauge").count(), 1);
     // SIGTERM to one process stops the whole group, both processes with exit code 0.
     let pid = b.id().to_string();
     assert!(
