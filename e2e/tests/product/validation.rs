@@ -25,12 +25,22 @@ fn cases() -> Vec<(&'static str, Value, &'static str)> {
         (
             "ranks = 0",
             json!({"expertParallel": {"ranks": 0, "ranksPerNode": null}}),
-            "spec.expertParallel.ranks must be at least 1: set the number of GPUs (worker pods) of the group",
+            "spec.expertParallel.ranks must be at least 1: set the number of GPUs (ranks) of the group",
         ),
         (
             "ranks not a multiple of ranksPerNode",
             json!({"expertParallel": {"ranks": 4, "ranksPerNode": 3}}),
             "spec.expertParallel.ranks must be a multiple of spec.expertParallel.ranksPerNode: change ranksPerNode to a divisor of ranks",
+        ),
+        (
+            "ranks not a multiple of ranksPerPod",
+            json!({"expertParallel": {"ranks": 2, "ranksPerNode": null, "ranksPerPod": 4}}),
+            "spec.expertParallel.ranks must be a multiple of spec.expertParallel.ranksPerPod: change ranksPerPod to a divisor of ranks",
+        ),
+        (
+            "a pod spanning nodes",
+            json!({"expertParallel": {"ranks": 4, "ranksPerNode": 2, "ranksPerPod": 4}}),
+            "spec.expertParallel.ranksPerNode must be a multiple of spec.expertParallel.ranksPerPod: a pod cannot span nodes",
         ),
         (
             "topK > numExperts",
