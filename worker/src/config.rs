@@ -592,6 +592,16 @@ mod tests {
         Config::from_args(args)
     }
 
+    /// A 4-rank group that local-rank tests extend.
+    const GROUP: [&str; 6] = [
+        "--world-size",
+        "4",
+        "--leader-addr",
+        "l:1",
+        "--redundant-experts",
+        "0",
+    ];
+
     fn process(extra: &[&str]) -> Result<Vec<Config>, ConfigError> {
         let mut argv = vec!["moe-worker"];
         argv.extend_from_slice(extra);
@@ -600,16 +610,8 @@ mod tests {
 
     #[test]
     fn local_ranks_get_consecutive_ranks_and_ports() {
-        let group = [
-            "--world-size",
-            "4",
-            "--leader-addr",
-            "l:1",
-            "--redundant-experts",
-            "0",
-        ];
         let from_index = [
-            &group[..],
+            &GROUP[..],
             &[
                 "--local-ranks",
                 "2",
@@ -628,7 +630,7 @@ mod tests {
         assert_eq!(got, vec![(2, 100, 8080), (3, 101, 8081)]);
         // --rank gives the first rank; ports 0 stay 0 (any free port for each rank).
         let from_rank = [
-            &group[..],
+            &GROUP[..],
             &[
                 "--local-ranks",
                 "2",
@@ -648,7 +650,7 @@ mod tests {
             .collect();
         assert_eq!(got, vec![(0, 7, 0), (1, 8, 0)]);
         // One rank per process is the plain configuration.
-        assert_eq!(process(&group).unwrap().len(), 1);
+        assert_eq!(process(&GROUP).unwrap().len(), 1);
         // A bare-host leader address means the base --comm-port for every local rank.
         let bare = [
             "--world-size",
@@ -678,14 +680,6 @@ mod tests {
 
     #[test]
     fn local_ranks_errors_name_the_flag() {
-        let group = [
-            "--world-size",
-            "4",
-            "--leader-addr",
-            "l:1",
-            "--redundant-experts",
-            "0",
-        ];
         let cases: &[(&[&str], &str)] = &[
             (&["--local-ranks", "0"], "--local-ranks"),
             (
@@ -700,7 +694,7 @@ mod tests {
             ),
         ];
         for (extra, flag) in cases {
-            let argv = [&group[..], extra].concat();
+            let argv = [&GROUP[..], extra].concat();
             let e = process(&argv)
                 .err()
                 .unwrap_or_else(|| panic!("{extra:?} accepted"));

@@ -25,6 +25,35 @@ fn close(got: &[bf16], want: &[bf16]) -> Result<(), String> {
     Ok(())
 }
 
+/// Waits until every rank's status reports `generation` served and its remap succeeded, on the
+/// CUDA backend; returns the bytes the ranks received in that remap.
+async fn bytes_once_succeeded(
+    status_url: impl Fn(usize) -> String,
+    world: usize,
+    generation: u64,
+    deadline: Instant,
+) -> u64 {
+    let mut received = 0;
+    for rank in 0..world {
+        loop {
+            let s: WorkerStatus = get_json(&status_url(rank)).await;
+            assert_eq!(s.backend, "cuda");
+            if s.placement_generation == generation
+                && let Some(p) = s
+                    .remap
+                    .as_ref()
+                    .filter(|p| p.state == RemapState::Succeeded)
+            {
+                received += p.bytes_moved;
+                break;
+            }
+            assert!(Instant::now() < deadline, "{s:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    received
+}
+
 async fn run(world: usize) {
     let dir = tempfile::tempdir().unwrap();
     let flags = |_: usize| {
@@ -80,24 +109,13 @@ async fn run(world: usize) {
         let (code, v) = post_remap(&g.url(0, "/v1/remap"), Some(TOKEN), body).await;
         assert_eq!(code, 202, "{v}");
         let deadline = Instant::now() + Duration::from_secs(60);
-        let mut received = 0;
-        for rank in 0..world {
-            loop {
-                let s: WorkerStatus = get_json(&g.url(rank, "/v1/status")).await;
-                assert_eq!(s.backend, "cuda");
-                if s.placement_generation == generation
-                    && let Some(p) = s
-                        .remap
-                        .as_ref()
-                        .filter(|p| p.state == RemapState::Succeeded)
-                {
-                    received += p.bytes_moved;
-                    break;
-                }
-                assert!(Instant::now() < deadline, "{s:?}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+        let received = bytes_once_succeeded(
+            |rank| g.url(rank, "/v1/status"),
+            world,
+            generation,
+            deadline,
+        )
+        .await;
         if world > 1 {
             // Layer 1's reversal sends every expert to another rank: 8 experts' bytes.
             assert_eq!(
@@ -235,24 +253,7 @@ async fn cuda_workers_as_processes_remap_and_stop() {
     .unwrap();
     let (code, v) = post_remap(&url(0, "/v1/remap"), Some(TOKEN), body).await;
     assert_eq!(code, 202, "{v}");
-    let mut received = 0;
-    for rank in 0..2 {
-        loop {
-            let s: WorkerStatus = get_json(&url(rank, "/v1/status")).await;
-            assert_eq!(s.backend, "cuda");
-            if s.placement_generation == 1
-                && let Some(p) = s
-                    .remap
-                    .as_ref()
-                    .filter(|p| p.state == RemapState::Succeeded)
-            {
-                received += p.bytes_moved;
-                break;
-            }
-            assert!(Instant::now() < deadline, "{s:?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    let received = bytes_once_succeeded(|rank| url(rank, "/v1/status"), 2, 1, deadline).await;
     // Layer 1 reversed: each rank's 4 experts go to the other rank.
     assert_eq!(received, 8 * 3 * 256 * 128 * 2);
     let pid = children[1].id().to_string();
