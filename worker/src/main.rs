@@ -91,23 +91,19 @@ async fn run(configs: Vec<Config>, grace: Duration) -> anyhow::Result<()> {
     let mut first_error: Option<anyhow::Error> = None;
     loop {
         tokio::select! {
-            joined = ranks.join_next() => match joined {
-                None => break,
-                Some(Ok((_, Ok(())))) => {}
-                Some(Ok((rank, Err(e)))) => {
-                    // The group cannot go on: the other ranks get `grace` to stop.
-                    tracing::error!("rank {rank} failed: {e:#}");
-                    stop_all();
-                    deadline.get_or_insert(tokio::time::Instant::now() + grace);
-                    first_error.get_or_insert(e.context(format!("rank {rank}")));
-                }
-                Some(Err(e)) => {
-                    tracing::error!("a rank's task failed: {e}");
-                    stop_all();
-                    deadline.get_or_insert(tokio::time::Instant::now() + grace);
-                    first_error.get_or_insert(anyhow::anyhow!("a rank's task failed: {e}"));
-                }
-            },
+            joined = ranks.join_next() => {
+                let failure = match joined {
+                    None => break,
+                    Some(Ok((_, Ok(())))) => continue,
+                    Some(Ok((rank, Err(e)))) => e.context(format!("rank {rank}")),
+                    Some(Err(e)) => anyhow::anyhow!("a rank's task failed: {e}"),
+                };
+                // The group cannot go on: the other ranks get `grace` to stop.
+                tracing::error!("{failure:#}");
+                stop_all();
+                deadline.get_or_insert(tokio::time::Instant::now() + grace);
+                first_error.get_or_insert(failure);
+            }
             _ = &mut signal, if deadline.is_none() => {
                 tracing::info!("termination signal: stopping the group at the next step boundary");
                 stop_all();

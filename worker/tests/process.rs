@@ -61,15 +61,19 @@ fn wait_exit(child: &mut Child, within: Duration) -> (i32, String) {
     }
 }
 
-fn http_ready(port: u16) -> bool {
+/// The whole HTTP/1.1 response to `GET path` on a local port (`None` when nothing answers).
+fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::Write;
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .ok()?;
     let mut buf = String::new();
     let _ = s.read_to_string(&mut buf);
-    buf.starts_with("HTTP/1.1 200")
+    Some(buf)
+}
+
+fn http_ready(port: u16) -> bool {
+    http_get(port, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
 }
 
 #[test]
@@ -169,13 +173,7 @@ fn free_port_pairs(n: usize) -> Vec<u16> {
 }
 
 fn http_body(port: u16, path: &str) -> Option<String> {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    Some(buf.split_once("\r\n\r\n")?.1.to_string())
+    Some(http_get(port, path)?.split_once("\r\n\r\n")?.1.to_string())
 }
 
 fn status_rank(port: u16) -> Option<u64> {
