@@ -21,6 +21,44 @@ pub const GROUP: &str = "moe-operator.github.io";
 pub const VERSION: &str = "v1alpha1";
 pub const KIND: &str = "MoEDeployment";
 
+/// Longest `metadata.name` a MoEDeployment may have. The StatefulSet is named like the
+/// resource and its pods carry the label `controller-revision-hash: <name>-<hash>` (hash up to
+/// 10 characters, label values at most 63), so 52; `<name>-workers` (the headless Service, a
+/// DNS-1035 label of at most 63) fits too.
+pub const MAX_NAME_LENGTH: usize = 52;
+
+/// The CustomResourceDefinition: the derived schema plus the rules on the whole object, which
+/// the derive cannot attach to a `JsonSchema` spec (only `self.metadata.name` is visible there).
+pub fn definition()
+-> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::ValidationRule;
+    use kube::CustomResourceExt;
+    let mut crd = MoEDeployment::crd();
+    let name_rule = ValidationRule {
+        rule: format!(
+            "self.metadata.name.size() <= {MAX_NAME_LENGTH} && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"
+        ),
+        message: Some(format!(
+            "metadata.name must be at most {MAX_NAME_LENGTH} characters of lowercase letters, digits and '-', starting with a letter and ending with a letter or digit (the operator names the StatefulSet, its pods and the <name>-workers Service after it): choose a shorter name"
+        )),
+        reason: Some("FieldValueInvalid".into()),
+        ..Default::default()
+    };
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            schema
+                .x_kubernetes_validations
+                .get_or_insert_with(Vec::new)
+                .push(name_rule.clone());
+        }
+    }
+    crd
+}
+
 /// A group of expert-parallel worker ranks serving one Mixture-of-Experts model, with the
 /// expert placement kept in balance by the operator.
 #[allow(clippy::duplicated_attributes)] // several `printcolumn(type_ = ...)` entries
@@ -245,13 +283,17 @@ fn one() -> u32 {
     1
 }
 
-/// Weights of the experts. Exactly one source.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// Weights of the experts: at most one source; neither means synthetic weights with seed 0.
+///
+/// The default is the empty object rather than `{synthetic: {seed: 0}}`: a stored default
+/// would be merged into a later apply that sets `persistentVolumeClaim` and make it carry two
+/// sources.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "has(self.synthetic) != has(self.persistentVolumeClaim)",
-        "message": "set exactly one of spec.weights.synthetic or spec.weights.persistentVolumeClaim"
+        "rule": "!(has(self.synthetic) && has(self.persistentVolumeClaim))",
+        "message": "set at most one of spec.weights.synthetic or spec.weights.persistentVolumeClaim (neither: synthetic weights with seed 0)"
     }
 ]))]
 pub struct WeightsSpec {
@@ -261,15 +303,6 @@ pub struct WeightsSpec {
     /// A directory of safetensors files on a PersistentVolumeClaim, mounted read-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistent_volume_claim: Option<PvcWeights>,
-}
-
-impl Default for WeightsSpec {
-    fn default() -> Self {
-        Self {
-            synthetic: Some(SyntheticWeights { seed: 0 }),
-            persistent_volume_claim: None,
-        }
-    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -437,7 +470,7 @@ pub struct EplbSpec {
     /// Planner algorithm of the eplb crate: `joint` (default), `greedy`, `greedy-global` or
     /// `incremental`.
     #[serde(default = "default_algorithm")]
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(schema_with = "algorithm_schema")]
     pub algorithm: String,
     /// Steps kept in each worker's load-statistics window (vLLM `window_size`).
     #[serde(default = "default_window")]
@@ -466,6 +499,13 @@ pub struct EplbSpec {
     pub max_layers_per_remap: u32,
     /// Expert weight bytes moved by one remap at most (a quantity, e.g. `8Gi`). Unset: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "isQuantity(string(self)) && quantity(string(self)).isInteger() && quantity(string(self)).sign() == 1",
+            "message": "spec.eplb.maxBytesPerRemap must be a positive whole number of bytes as a Kubernetes quantity (e.g. 8Gi, 512Mi, 1000000000): fix the value or remove it for no limit",
+            "reason": "FieldValueInvalid"
+        }
+    ]))]
     pub max_bytes_per_remap: Option<Quantity>,
     /// Slots changed per layer at most (unset: planner's choice).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -482,6 +522,17 @@ pub struct EplbSpec {
 fn yes() -> bool {
     true
 }
+
+/// `eplb.algorithm` as an enum of the planners the operator can run, so a typo is rejected at
+/// admission with the list of valid names (generated from [`crate::planning::ALGORITHMS`], the
+/// one list the controller also checks against).
+fn algorithm_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "enum": crate::planning::ALGORITHMS,
+    })
+}
+
 pub fn default_algorithm() -> String {
     eplb::DEFAULT_ALGORITHM.into()
 }
@@ -546,9 +597,52 @@ impl Backend {
     }
 }
 
+/// Environment variables the operator sets from `spec.expertParallel` and `spec.worker` to
+/// place ranks; a `worker.env` entry would desynchronise the operator's view (endpoints, ready
+/// ranks) from what the pods run, so admission refuses them.
+pub const PLACED_BY_OPERATOR: [&str; 6] = [
+    moe_api::env::RANK,
+    moe_api::env::PROCESS_INDEX,
+    moe_api::env::LOCAL_RANKS,
+    moe_api::env::WORLD_SIZE,
+    moe_api::env::HTTP_PORT,
+    moe_api::env::COMM_PORT,
+];
+
+/// CEL rules of `spec.worker` built from Rust constants (the env names above), which a
+/// `schemars(extend(...))` literal could not reference.
+fn worker_rules(schema: &mut schemars::Schema) {
+    let names = PLACED_BY_OPERATOR
+        .iter()
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    schema.insert(
+        "x-kubernetes-validations".into(),
+        serde_json::json!([
+            {
+                "rule": "self.httpPort != self.commPort",
+                "message": "spec.worker.httpPort and spec.worker.commPort must differ (the HTTP API and the rendezvous listen on separate ports): change one of them",
+                "fieldPath": ".commPort",
+                "reason": "FieldValueInvalid"
+            },
+            {
+                "rule": format!("!has(self.env) || self.env.all(e, !(e.name in [{names}]))"),
+                "message": format!(
+                    "spec.worker.env must not set {}: the operator sets them from spec.expertParallel and spec.worker (ranks, ranksPerPod, httpPort, commPort); remove them from worker.env",
+                    PLACED_BY_OPERATOR.join(", ")
+                ),
+                "fieldPath": ".env",
+                "reason": "FieldValueForbidden"
+            }
+        ]),
+    );
+}
+
 /// Worker pod settings.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = worker_rules)]
 pub struct WorkerSpec {
     /// Worker image. Unset: the operator's default (`MOE_OPERATOR_WORKER_IMAGE`, else
     /// `ghcr.io/moe-operator/moe-worker:<operator version>`).
@@ -572,8 +666,11 @@ pub struct WorkerSpec {
     pub node_selector: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
-    /// Extra environment; an entry named like one the operator sets replaces it.
+    /// Extra environment; an entry named like one the operator sets replaces it (except the
+    /// variables that place ranks, which are refused). At most 256 entries, which bounds the
+    /// cost of the CEL rule over them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub env: Option<Vec<EnvVar>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
@@ -947,16 +1044,15 @@ impl MoEDeploymentSpec {
                 );
             }
         }
-        // The operator places ranks by these; a worker.env entry would desynchronise its view
-        // (endpoints, ready ranks) from what the pods run.
-        const PLACED_BY_OPERATOR: [&str; 6] = [
-            moe_api::env::RANK,
-            moe_api::env::PROCESS_INDEX,
-            moe_api::env::LOCAL_RANKS,
-            moe_api::env::WORLD_SIZE,
-            moe_api::env::HTTP_PORT,
-            moe_api::env::COMM_PORT,
-        ];
+        if self.worker.http_port == self.worker.comm_port {
+            return err(
+                "spec.worker.commPort",
+                format!(
+                    "equals httpPort ({}): the HTTP API and the rendezvous need separate ports",
+                    self.worker.http_port
+                ),
+            );
+        }
         if let Some(e) = self
             .worker
             .env
@@ -1038,10 +1134,10 @@ impl MoEDeploymentSpec {
                 "must be at least 1".into(),
             );
         }
-        if self.weights.synthetic.is_some() == self.weights.persistent_volume_claim.is_some() {
+        if self.weights.synthetic.is_some() && self.weights.persistent_volume_claim.is_some() {
             return err(
                 "spec.weights",
-                "set exactly one of synthetic or persistentVolumeClaim".into(),
+                "set at most one of synthetic or persistentVolumeClaim".into(),
             );
         }
         Ok(())

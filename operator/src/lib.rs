@@ -26,6 +26,5 @@ pub use crd::{MoEDeployment, MoEDeploymentSpec, MoEDeploymentStatus};
 
 /// The CRD as YAML (what `crdgen` prints and `crds/moedeployment.yaml` holds).
 pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
-    use kube::CustomResourceExt;
-    serde_yaml::to_string(&MoEDeployment::crd())
+    serde_yaml::to_string(&crd::definition())
 }

@@ -1,13 +1,12 @@
 //! The CRD's CEL rules (x-kubernetes-validations), evaluated client-side with kube's CEL
 //! validator on the generated schema, defaults applied first as the API server does.
 
-use kube::CustomResourceExt;
 use kube::core::cel;
 use moe_operator::MoEDeployment;
 use serde_json::{Value, json};
 
 fn schema() -> Value {
-    let crd = MoEDeployment::crd();
+    let crd = moe_operator::crd::definition();
     serde_json::to_value(
         crd.spec.versions[0]
             .schema
@@ -172,13 +171,106 @@ fn static_strategy_needs_a_map_and_only_it_may_have_one() {
 }
 
 #[test]
-fn exactly_one_weight_source() {
+fn at_most_one_weight_source() {
     let mut s = valid_spec();
     s["weights"] = json!({"synthetic": {"seed": 1}, "persistentVolumeClaim": {"claimName": "w"}});
     assert_rejected(s, "spec.weights");
     let mut s = valid_spec();
     s["weights"] = json!({"persistentVolumeClaim": {"claimName": "w", "path": "dsv3"}});
     assert_eq!(failures(s), Vec::<String>::new());
+    let mut s = valid_spec();
+    s["weights"] = json!({});
+    assert_eq!(failures(s), Vec::<String>::new());
+}
+
+/// The schema's default for `spec.weights` must not hold a source: the API server stores it,
+/// and a later apply that adds `persistentVolumeClaim` would then carry two sources.
+#[test]
+fn the_weights_default_stores_no_source() {
+    let schema = schema();
+    let default = &schema["properties"]["spec"]["properties"]["weights"]["default"];
+    assert!(
+        default.is_null() || default == &json!({}),
+        "spec.weights defaults to {default}"
+    );
+}
+
+#[test]
+fn max_bytes_per_remap_is_a_positive_whole_byte_quantity() {
+    for bad in [
+        json!("lots"),
+        json!("-1Gi"),
+        json!("0"),
+        json!(0),
+        json!("0.5"),
+    ] {
+        let mut s = valid_spec();
+        s["eplb"]["maxBytesPerRemap"] = bad.clone();
+        assert_rejected(s, "spec.eplb.maxBytesPerRemap");
+    }
+    for good in [json!("8Gi"), json!("512Mi"), json!(1000000), json!("1G")] {
+        let mut s = valid_spec();
+        s["eplb"]["maxBytesPerRemap"] = good.clone();
+        assert_eq!(failures(s), Vec::<String>::new(), "{good}");
+    }
+}
+
+#[test]
+fn algorithm_is_an_enum_of_the_operators_planners() {
+    let schema = schema();
+    let algo = &schema["properties"]["spec"]["properties"]["eplb"]["properties"]["algorithm"];
+    let listed: Vec<&str> = algo["enum"]
+        .as_array()
+        .expect("eplb.algorithm has an enum")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(listed, moe_operator::planning::ALGORITHMS);
+    assert_eq!(algo["default"], json!("joint"));
+}
+
+#[test]
+fn http_and_comm_ports_differ() {
+    let mut s = valid_spec();
+    s["worker"] = json!({"httpPort": 9000, "commPort": 9000});
+    assert_rejected(
+        s,
+        "spec.worker.httpPort and spec.worker.commPort must differ",
+    );
+}
+
+#[test]
+fn worker_env_may_not_place_ranks() {
+    let mut s = valid_spec();
+    s["worker"] = json!({"env": [{"name": "RUST_LOG", "value": "debug"}, {"name": "MOE_RANK", "value": "3"}]});
+    assert_rejected(s, "spec.worker.env must not set MOE_RANK");
+    let mut s = valid_spec();
+    s["worker"] = json!({"env": [{"name": "RUST_LOG", "value": "debug"}]});
+    assert_eq!(failures(s), Vec::<String>::new());
+}
+
+#[test]
+fn names_fit_the_derived_objects() {
+    let validate = |name: &str| {
+        let mut obj = object(valid_spec());
+        obj["metadata"]["name"] = json!(name);
+        cel::Validator::new().validate(&schema(), &obj, None)
+    };
+    assert!(validate(&"a".repeat(moe_operator::crd::MAX_NAME_LENGTH)).is_ok());
+    for bad in [
+        "a".repeat(moe_operator::crd::MAX_NAME_LENGTH + 1),
+        "my.model".to_string(),
+        "7b-model".to_string(),
+    ] {
+        let errors = validate(&bad).expect_err(&bad);
+        assert!(
+            errors
+                .as_slice()
+                .iter()
+                .any(|e| e.message.contains("metadata.name must be at most")),
+            "{bad}"
+        );
+    }
 }
 
 #[test]

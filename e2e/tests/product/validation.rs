@@ -4,7 +4,7 @@
 use anyhow::{Result, ensure};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use kube::api::{Api, DynamicObject, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 use crate::common::*;
@@ -78,6 +78,31 @@ fn cases() -> Vec<(&'static str, Value, &'static str)> {
             "spec.model.numExperts + spec.expertParallel.redundantExperts must be divisible by spec.expertParallel.ranks (every rank holds the same number of expert slots): change redundantExperts, or leave it unset to get the smallest valid value",
         ),
         (
+            "unknown planner",
+            json!({"eplb": {"algorithm": "magic"}}),
+            "spec.eplb.algorithm: Unsupported value: \"magic\": supported values: \"joint\", \"greedy\", \"greedy-global\", \"incremental\"",
+        ),
+        (
+            "maxBytesPerRemap not a quantity",
+            json!({"eplb": {"maxBytesPerRemap": "lots"}}),
+            "spec.eplb.maxBytesPerRemap must be a positive whole number of bytes",
+        ),
+        (
+            "negative maxBytesPerRemap",
+            json!({"eplb": {"maxBytesPerRemap": "-1Gi"}}),
+            "spec.eplb.maxBytesPerRemap must be a positive whole number of bytes",
+        ),
+        (
+            "httpPort == commPort",
+            json!({"worker": {"httpPort": 9000, "commPort": 9000}}),
+            "spec.worker.httpPort and spec.worker.commPort must differ",
+        ),
+        (
+            "worker.env places a rank",
+            json!({"worker": {"env": [{"name": "MOE_RANK", "value": "3"}]}}),
+            "spec.worker.env must not set MOE_RANK",
+        ),
+        (
             "more redundant experts than the ranks can hold",
             json!({"expertParallel": {"redundantExperts": 10}}),
             "spec.expertParallel.redundantExperts is larger than the replicas the ranks can hold (at most numExperts * (ranks - 1), one replica of an expert per rank): lower it",
@@ -126,6 +151,55 @@ async fn cel_rules_reject_invalid_manifests() -> Result<()> {
             }
         }
     }
+
+    // A name too long for the objects the operator derives from it.
+    let mut m = base.clone();
+    m["metadata"]["name"] = json!("a".repeat(53));
+    let obj: DynamicObject = serde_json::from_value(m)?;
+    match api.create(&PostParams::default(), &obj).await {
+        Ok(_) => failures.push("a 53-character name: accepted".into()),
+        Err(e)
+            if e.to_string()
+                .contains("metadata.name must be at most 52 characters") =>
+        {
+            println!("rejected (long name)");
+        }
+        Err(e) => failures.push(format!("a 53-character name: rejected with {e}")),
+    }
+
+    // The weights default stores no source, so an apply that later adds a PVC is valid under
+    // merge semantics (it used to carry the stored `synthetic: {seed: 0}` as well). In a
+    // namespace of its own: the running operator acts on the created resource.
+    let weights_ns = "cel-weights";
+    create_namespace(&cluster, weights_ns).await?;
+    let weights_api = moed_api(&client, weights_ns);
+    let mut m = base.clone();
+    m["metadata"]["name"] = json!("weights-later");
+    if let Some(spec) = m["spec"].as_object_mut() {
+        spec.remove("weights");
+    }
+    let obj: DynamicObject = serde_json::from_value(m)?;
+    let created = weights_api.create(&PostParams::default(), &obj).await?;
+    ensure!(
+        created.data["spec"]["weights"] == json!({}),
+        "spec.weights stored as {}",
+        created.data["spec"]["weights"]
+    );
+    let patch = json!({"spec": {"weights": {"persistentVolumeClaim": {"claimName": "w"}}}});
+    let patch_dry = PatchParams {
+        dry_run: true,
+        ..PatchParams::default()
+    };
+    match weights_api
+        .patch("weights-later", &patch_dry, &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => println!("accepted (a PVC added to a resource created without weights)"),
+        Err(e) => failures.push(format!("adding a PVC after a defaulted create: {e}")),
+    }
+    weights_api
+        .delete("weights-later", &DeleteParams::default())
+        .await?;
 
     // Nothing exists: no MoEDeployment, and the (running) operator created nothing.
     let left = api.list(&ListParams::default()).await?.items;
