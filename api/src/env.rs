@@ -42,6 +42,14 @@ pub const TOPK_GROUPS: &str = "MOE_TOPK_GROUPS";
 /// `softmax` (Mixtral/Qwen style) or `sigmoid` (DeepSeek-V3 style, with grouped top-k).
 pub const SCORING: &str = "MOE_SCORING";
 pub const REDUNDANT_EXPERTS: &str = "MOE_REDUNDANT_EXPERTS";
+/// What `spec.model` says of the checkpoint beyond its shape; set only when the spec sets it.
+/// A worker loading a checkpoint refuses one that disagrees (exit code 2, the reason
+/// `ModelMismatch` in its termination message); with synthetic weights it imitates the
+/// architecture's gating.
+pub const ARCHITECTURE: &str = "MOE_ARCHITECTURE";
+pub const NORM_TOPK_PROB: &str = "MOE_NORM_TOPK_PROB";
+pub const ROUTED_SCALING_FACTOR: &str = "MOE_ROUTED_SCALING_FACTOR";
+pub const SHARED_EXPERTS: &str = "MOE_SHARED_EXPERTS";
 /// `linear`, `round-robin`, or `file` (then [`PLACEMENT_FILE`] is read).
 pub const INITIAL_PLACEMENT: &str = "MOE_INITIAL_PLACEMENT";
 

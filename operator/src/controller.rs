@@ -449,48 +449,6 @@ fn rank_pods(pods: &[&Pod], ranks_per_pod: u32) -> Vec<RankPod> {
     out
 }
 
-/// Problems visible on pods: unschedulable, crash looping.
-fn pod_problems(pods: &[Pod]) -> Vec<Problem> {
-    let mut out = Vec::new();
-    for pod in pods {
-        let Some(status) = &pod.status else { continue };
-        if let Some(c) = status.conditions.as_ref().and_then(|cs| {
-            cs.iter()
-                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
-        }) && c.reason.as_deref() == Some("Unschedulable")
-        {
-            out.push(Problem::new(
-                "Unschedulable",
-                format!(
-                    "pod {} cannot be scheduled: {}",
-                    pod.name_any(),
-                    c.message.clone().unwrap_or_default()
-                ),
-            ));
-            break;
-        }
-        let crash = status.container_statuses.iter().flatten().find(|cs| {
-            cs.state
-                .as_ref()
-                .and_then(|s| s.waiting.as_ref())
-                .and_then(|w| w.reason.as_deref())
-                == Some("CrashLoopBackOff")
-        });
-        if let Some(cs) = crash {
-            out.push(Problem::new(
-                "WorkerCrashLoop",
-                format!(
-                    "pod {} is crash looping ({} restarts)",
-                    pod.name_any(),
-                    cs.restart_count
-                ),
-            ));
-            break;
-        }
-    }
-    out
-}
-
 struct Pending {
     events: Vec<Event>,
 }
@@ -842,7 +800,13 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     let ready_pods: Vec<&Pod> = current.iter().copied().filter(|p| pod_ready(p)).collect();
     let per_pod = spec.ranks_per_pod() as usize;
     st.ready_ranks = (ready_pods.len() * per_pod).min(st.ranks as usize) as u32;
-    problems.extend(pod_problems(&pods));
+    for p in crate::pod_health::pod_problems(&pods) {
+        // An event on the transition only: the condition carries the problem meanwhile.
+        if old.conditions.iter().all(|c| c.reason != p.reason) {
+            pending.event(EventType::Warning, &p.reason, "Observe", p.message.clone());
+        }
+        problems.push(p);
+    }
     let restarting = !stale.is_empty() || terminating || group.restarted;
     ctx.metrics
         .ready_ranks

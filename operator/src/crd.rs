@@ -277,6 +277,27 @@ pub struct ModelSpec {
     pub topk_groups: u32,
     #[serde(default)]
     pub scoring: Scoring,
+    /// The checkpoint's architecture (`architectures[0]` of its config.json, e.g.
+    /// `DeepseekV3ForCausalLM`). With checkpoint weights the workers refuse a checkpoint of
+    /// another architecture; with synthetic weights they imitate its gating. `moectl model
+    /// inspect` prints this stanza for a checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub architecture: Option<String>,
+    /// Whether the top-k weights are renormalised to sum to one (config.json `norm_topk_prob`).
+    /// Unset: the architecture's own rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_topk_prob: Option<bool>,
+    /// Factor applied to the routed experts' weights (`routed_scaling_factor`; DeepSeek-V3:
+    /// 2.5). Unset: the architecture's own value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1000.0))]
+    pub routed_scaling_factor: Option<f64>,
+    /// Shared experts every token goes through beside the routed ones (0: none). They are not
+    /// placed by EPLB: every rank holds them. Unset: the checkpoint's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 64))]
+    pub shared_experts: Option<u32>,
 }
 
 fn one() -> u32 {
@@ -1159,6 +1180,10 @@ pub(crate) mod tests {
                 expert_groups: 1,
                 topk_groups: 1,
                 scoring: Scoring::Softmax,
+                architecture: None,
+                norm_topk_prob: None,
+                routed_scaling_factor: None,
+                shared_experts: None,
             },
             weights: WeightsSpec::default(),
             expert_parallel: ExpertParallelSpec {

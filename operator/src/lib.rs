@@ -4,7 +4,7 @@
 //! * [`resources`]: desired owned objects (StatefulSet, Service, ConfigMap, Secret, RBAC).
 //! * [`conditions`], [`remap`]: status conditions and remap decisions, as pure functions.
 //! * [`planning`]: the only module that calls the `eplb` planner library.
-//! * [`workers`]: HTTP client of the worker ranks.
+//! * [`workers`]: HTTP client of the worker ranks; [`pod_health`]: problems pods show.
 //! * [`controller`]: the reconciler.
 //! * [`leader`], [`metrics`], [`server`]: the operator process around it.
 
@@ -16,6 +16,7 @@ pub mod group;
 pub mod leader;
 pub mod metrics;
 pub mod planning;
+pub mod pod_health;
 pub mod quantity;
 pub mod remap;
 pub mod resources;

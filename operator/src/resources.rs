@@ -330,6 +330,20 @@ pub fn worker_env(r: &Resolved, spec: &MoEDeploymentSpec) -> Vec<EnvVar> {
         env_value(env::WEIGHTS, weights),
         env_value(env::STATS_WINDOW, spec.eplb.window_steps),
     ]);
+    // What spec.model says of the checkpoint beyond its shape: only what the user set, so a
+    // worker falls back to the checkpoint's (or the architecture's) own values otherwise.
+    if let Some(a) = &m.architecture {
+        out.push(env_value(env::ARCHITECTURE, a));
+    }
+    if let Some(v) = m.norm_topk_prob {
+        out.push(env_value(env::NORM_TOPK_PROB, v));
+    }
+    if let Some(v) = m.routed_scaling_factor {
+        out.push(env_value(env::ROUTED_SCALING_FACTOR, v));
+    }
+    if let Some(v) = m.shared_experts {
+        out.push(env_value(env::SHARED_EXPERTS, v));
+    }
     if let Some(t) = &spec.traffic {
         if let Some(v) = t.tokens_per_step {
             out.push(env_value(env::TRAFFIC_TOKENS_PER_STEP, v));
@@ -488,6 +502,9 @@ fn pod_template(r: &Resolved, spec: &MoEDeploymentSpec) -> PodTemplateSpec {
         startup_probe: Some(probe("/healthz", 5, 120)),
         resources: Some(resources(r, spec)),
         volume_mounts: Some(mounts),
+        // A worker that refuses its configuration writes `Reason: message` to the termination
+        // log; without one the log's tail stands in, so the operator can still say why.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     };
     let mut labels = common_labels(&r.name);
