@@ -54,6 +54,18 @@ impl Cfg<'_> {
         Ok(n)
     }
 
+    /// A required positive size that transformers versions spell differently (the first name
+    /// is the one an error names).
+    fn positive_alias(&self, names: &[&'static str]) -> Result<usize> {
+        match names.iter().find(|n| self.get(n).is_some()) {
+            Some(n) => self.positive(n),
+            None => Err(ModelError::MissingField {
+                family: self.family,
+                field: names[0],
+            }),
+        }
+    }
+
     fn usize_or(&self, field: &'static str, default: usize) -> Result<usize> {
         Ok(self.opt_usize(field)?.unwrap_or(default))
     }
@@ -192,7 +204,8 @@ pub(crate) fn describe(v: &Value) -> Result<ModelDescription> {
 /// Qwen2-MoE and Qwen3-MoE: decoder layer `d` is a MoE layer unless listed in
 /// `mlp_only_layers`, when `num_experts > 0` and `(d + 1) % decoder_sparse_step == 0`.
 fn qwen(c: &Cfg<'_>, layers: usize) -> Result<Moe> {
-    let num_experts = c.positive("num_experts")?;
+    // transformers >= 5 writes Qwen3-MoE's expert count as `num_local_experts`.
+    let num_experts = c.positive_alias(&["num_experts", "num_local_experts"])?;
     let step = c.usize_or("decoder_sparse_step", 1)?;
     if step == 0 {
         return Err(c.bad("decoder_sparse_step", "must be at least 1"));
@@ -245,18 +258,22 @@ fn mixtral(c: &Cfg<'_>, layers: usize) -> Result<Moe> {
     })
 }
 
-/// DeepSeek-V2/V3: decoder layer `d` is a MoE layer when `d >= first_k_dense_replace` and
-/// `d % moe_layer_freq == 0` (DeepSeek's own rule; every released config has frequency 1).
+/// DeepSeek-V2/V3: decoder layer `d` is a MoE layer when `d >= first_k_dense_replace` (as
+/// transformers builds them). DeepSeek's own code also asks `d % moe_layer_freq == 0`; every
+/// released config has frequency 1, and another frequency is refused rather than guessed.
 fn deepseek(c: &Cfg<'_>, layers: usize) -> Result<Moe> {
     let v3 = c.family == Family::DeepseekV3;
-    let num_experts = c.positive("n_routed_experts")?;
+    let num_experts = c.positive_alias(&["n_routed_experts", "num_local_experts"])?;
     let intermediate = c.positive("moe_intermediate_size")?;
     let first_dense = c.usize_or("first_k_dense_replace", if v3 { 3 } else { 0 })?;
     let freq = c.usize_or("moe_layer_freq", 1)?;
-    if freq == 0 {
-        return Err(c.bad("moe_layer_freq", "must be at least 1"));
+    if freq != 1 {
+        return Err(c.bad(
+            "moe_layer_freq",
+            format!("is {freq}; transformers makes every layer from first_k_dense_replace on a MoE layer, so only 1 is supported"),
+        ));
     }
-    let moe_layers = (first_dense..layers).filter(|d| d % freq == 0).collect();
+    let moe_layers = (first_dense..layers).collect();
     let default_method = if v3 { "noaux_tc" } else { "greedy" };
     let method = c.str_or("topk_method", default_method)?;
     let scoring = match c.str_or("scoring_func", if v3 { "sigmoid" } else { "softmax" })? {

@@ -132,7 +132,7 @@ fn qwen_families() {
     );
     let sparse = desc(
         r#"{"model_type": "qwen3_moe", "hidden_size": 64, "num_hidden_layers": 6,
-        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "num_local_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
         "decoder_sparse_step": 2, "mlp_only_layers": [3], "dtype": "float32"}"#,
     );
     // (d + 1) % 2 == 0 gives 1, 3, 5; 3 is dense.
