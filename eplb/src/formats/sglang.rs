@@ -146,8 +146,10 @@ pub fn load_from_passes(
             let dense = found.dense_layers();
             if !dense.is_empty() {
                 notes.push(format!(
-                    "decoder layers {} have no routed tokens: read as dense layers ({} MoE layers); pass --first-dense or --moe-layers to say so",
+                    "decoder layer{} {} {} no routed tokens: read as dense ({} MoE layers); pass --first-dense or --moe-layers to say so",
+                    if dense.len() == 1 { "" } else { "s" },
                     ranges(&dense),
+                    if dense.len() == 1 { "has" } else { "have" },
                     found.num_moe_layers()
                 ));
             }
@@ -196,16 +198,21 @@ pub fn read_dump(bytes: &[u8], layout: Option<&DecoderLayout>) -> Result<LoadFil
     load_from_passes(passes, layout, "SGLang expert-distribution dump (.pt)")
 }
 
-/// The load as SGLang's `{"logical_count": [L][E]}` (one pass, decoder layers: dense rows
-/// zero).
-pub fn write_logical_count(window: &[Vec<f64>], layout: &DecoderLayout) -> Result<Value> {
-    layout.check_moe_rows(window.len(), "the load")?;
-    let e = window.first().map_or(0, Vec::len);
-    let mut rows = vec![vec![0.0; e]; layout.num_decoder_layers()];
-    for (i, &l) in layout.moe_layers().iter().enumerate() {
-        rows[l] = window[i].clone();
-    }
-    Ok(json!({ "logical_count": rows }))
+/// A load as SGLang's `logical_count` passes `[W][decoder layers][E]`, one pass per window,
+/// dense layers' rows zero (SGLang sums the passes when it plans).
+pub fn logical_count(h: &LoadHistory, layout: &DecoderLayout) -> Result<Vec<Vec<Vec<f64>>>> {
+    layout.check_moe_rows(h.num_layers(), "the load")?;
+    let e = h.num_experts();
+    Ok(h.windows()
+        .iter()
+        .map(|w| {
+            let mut rows = vec![vec![0.0; e]; layout.num_decoder_layers()];
+            for (i, &l) in layout.moe_layers().iter().enumerate() {
+                rows[l] = w[i].clone();
+            }
+            rows
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -305,8 +312,11 @@ mod tests {
         let back = read_placement(&v, Some(4), 2, 1, Some(&layout)).unwrap();
         assert_eq!(back, p);
         assert!(write_placement(&p, &DecoderLayout::all_moe(3).unwrap()).is_err());
-        let lc = write_logical_count(&[vec![1.0, 2.0], vec![3.0, 4.0]], &layout).unwrap();
-        assert_eq!(lc["logical_count"][0], json!([0.0, 0.0]));
-        assert_eq!(lc["logical_count"][3], json!([3.0, 4.0]));
+        let h = LoadHistory::single(vec![vec![1.0, 2.0], vec![3.0, 4.0]]).unwrap();
+        let lc = logical_count(&h, &layout).unwrap();
+        assert_eq!(lc[0][0], vec![0.0, 0.0]);
+        assert_eq!(lc[0][3], vec![3.0, 4.0]);
+        let back = load_from_passes(lc, Some(&layout), "json").unwrap();
+        assert_eq!(back.history, h);
     }
 }
