@@ -180,6 +180,12 @@ pub fn read(v: &Value, num_routed_experts: Option<usize>, num_nodes: usize) -> R
 fn strip_shared(rows: &mut [Vec<Vec<usize>>], experts: usize) -> Result<usize> {
     let max_id = rows.iter().flatten().flatten().copied().max().unwrap_or(0);
     let n = max_id + 1 - experts;
+    let per_device = rows[0][0].len();
+    if n > per_device {
+        return perr(format!(
+            "expert ids go up to {max_id}, {n} above the {experts} routed experts: more than a device's {per_device} slots can hold as shared experts; check the expert count"
+        ));
+    }
     for (l, layer) in rows.iter().enumerate() {
         for (d, dev) in layer.iter().enumerate() {
             for id in experts..=max_id {

@@ -13,6 +13,9 @@ pub struct DecoderLayout {
     moe_layers: Vec<usize>,
 }
 
+/// No model comes near this; it keeps a mistyped flag from allocating without bound.
+const MAX_DECODER_LAYERS: usize = 1 << 16;
+
 fn lerr<T>(m: String) -> Result<T> {
     Err(EplbError::Request(m))
 }
@@ -20,6 +23,11 @@ fn lerr<T>(m: String) -> Result<T> {
 impl DecoderLayout {
     /// `num_decoder_layers` layers of which `moe_layers` (any order, no repeats) are MoE.
     pub fn new(num_decoder_layers: usize, moe_layers: &[usize]) -> Result<DecoderLayout> {
+        if num_decoder_layers > MAX_DECODER_LAYERS {
+            return lerr(format!(
+                "{num_decoder_layers} decoder layers is more than {MAX_DECODER_LAYERS}"
+            ));
+        }
         let mut m = moe_layers.to_vec();
         m.sort_unstable();
         if m.is_empty() {
@@ -44,7 +52,12 @@ impl DecoderLayout {
     /// The first `first_dense` decoder layers are dense, the next `num_moe_layers` are MoE
     /// (DeepSeek-V3: `first_k_dense_replace` = 3, 58 MoE layers).
     pub fn first_dense(first_dense: usize, num_moe_layers: usize) -> Result<DecoderLayout> {
-        let n = first_dense + num_moe_layers;
+        let n = first_dense.saturating_add(num_moe_layers);
+        if n > MAX_DECODER_LAYERS {
+            return lerr(format!(
+                "{n} decoder layers is more than {MAX_DECODER_LAYERS}"
+            ));
+        }
         DecoderLayout::new(n, &(first_dense..n).collect::<Vec<_>>())
     }
 

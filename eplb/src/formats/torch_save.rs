@@ -178,17 +178,33 @@ impl TorchFile {
         if shape.len() != strides.len() || offset < 0 {
             return terr(format!("{what}: bad size or stride"));
         }
-        let n: usize = shape.iter().product();
         let elems = raw.len() / width;
+        // Only tensors no larger than their storage (SGLang's are contiguous): this also keeps
+        // a corrupt size from asking for an absurd allocation.
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= elems)
+            .ok_or_else(|| {
+                EplbError::Load(format!(
+                    "torch.save file: {what} has size {shape:?}, larger than its storage of {elems} elements"
+                ))
+            })?;
         let mut data = Vec::with_capacity(n);
         let mut idx = vec![0usize; shape.len()];
         for _ in 0..n {
-            let at = offset as usize + idx.iter().zip(&strides).map(|(i, s)| i * s).sum::<usize>();
-            if at >= elems {
-                return terr(format!(
-                    "{what}: element {at} beyond its storage of {elems}"
-                ));
-            }
+            let at = idx
+                .iter()
+                .zip(&strides)
+                .try_fold(offset as usize, |acc, (i, s)| {
+                    i.checked_mul(*s).and_then(|x| acc.checked_add(x))
+                })
+                .filter(|&at| at < elems)
+                .ok_or_else(|| {
+                    EplbError::Load(format!(
+                        "torch.save file: {what}: an element lies beyond its storage of {elems}"
+                    ))
+                })?;
             data.push(decode(&raw[at * width..at * width + width]));
             for d in (0..idx.len()).rev() {
                 idx[d] += 1;
@@ -478,5 +494,66 @@ mod tests {
     #[test]
     fn not_a_zip() {
         assert!(TorchFile::parse(b"{\"logical_count\": []}").is_err());
+    }
+
+    const DUMP: &[u8] = include_bytes!("../../tests/data/sglang/expert_distribution_partial.pt");
+
+    fn entry(name_end: &str) -> Vec<u8> {
+        let mut zip = zip::ZipArchive::new(Cursor::new(DUMP)).unwrap();
+        let name = zip
+            .file_names()
+            .map(|n| n.unwrap().into_owned())
+            .find(|n| n.ends_with(name_end))
+            .unwrap();
+        let mut buf = Vec::new();
+        zip.by_name(&name).unwrap().read_to_end(&mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn reads_the_real_dump() {
+        let f = TorchFile::parse(DUMP).unwrap();
+        assert_eq!(f.root.get("rank"), Some(&Pickled::Int(0)));
+        assert_eq!(
+            f.root.get("average_utilization_rate_over_window"),
+            Some(&Pickled::None)
+        );
+        let t = f
+            .tensor(f.root.get("logical_count").unwrap(), "lc")
+            .unwrap();
+        assert_eq!(t.shape, vec![6, 4, 8]);
+        // Row-major int32 storage, read independently of the tensor code.
+        let raw = entry("/data/0");
+        let first = i32::from_le_bytes([raw[32], raw[33], raw[34], raw[35]]) as f64;
+        assert_eq!(t.data[8], first); // pass 0, layer 1, expert 0
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Damaged pickles (the real dump's, with bytes changed or cut) give errors, never
+        /// panics or huge allocations, in the machine and in tensor materialisation.
+        #[test]
+        fn damaged_pickles_error(
+            edits in proptest::collection::vec((0usize..238, proptest::prelude::any::<u8>()), 1..6),
+            cut in 0usize..238,
+        ) {
+            let pkl = entry("data.pkl");
+            let storages: HashMap<String, Vec<u8>> = [("0".to_string(), entry("/data/0"))].into();
+            let mut b = pkl.clone();
+            for (at, x) in edits {
+                if at < b.len() {
+                    b[at] = x;
+                }
+            }
+            for bytes in [&b[..], &pkl[..cut.min(pkl.len())]] {
+                if let Ok(root) = Machine::default().run(bytes) {
+                    let f = TorchFile { root, storages: storages.clone() };
+                    if let Some(lc) = f.root.get("logical_count") {
+                        let _ = f.tensor(lc, "lc");
+                    }
+                }
+            }
+        }
     }
 }
