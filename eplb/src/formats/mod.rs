@@ -170,7 +170,14 @@ pub fn read_placement_json(
                     .into(),
             )
         })?;
-        let p = sglang::read_placement(v, ctx.num_experts, ranks, nodes, ctx.layout)?;
+        // Its rows are decoder layers; which of them are dense cannot be told from the rows.
+        let layout = ctx.layout.ok_or_else(|| {
+            EplbError::Placement(
+                "an SGLang physical_to_logical_map has one row per decoder layer: pass --first-dense K (0 if every layer is MoE) or --decoder-layers N --moe-layers i,j,.."
+                    .into(),
+            )
+        })?;
+        let p = sglang::read_placement(v, ctx.num_experts, ranks, nodes, Some(layout))?;
         return Ok((p, "SGLang physical_to_logical_map", Vec::new()));
     }
     if v.get("numLogicalExperts").is_some() {
@@ -250,6 +257,14 @@ mod tests {
         assert!(e.contains("--ranks"), "{e}");
         let ctx = PlacementContext {
             num_ranks: Some(2),
+            ..Default::default()
+        };
+        let e = read_placement_json(&v, &ctx).unwrap_err().to_string();
+        assert!(e.contains("--first-dense"), "{e}");
+        let layout = DecoderLayout::all_moe(1).unwrap();
+        let ctx = PlacementContext {
+            num_ranks: Some(2),
+            layout: Some(&layout),
             ..Default::default()
         };
         let (p, f, _) = read_placement_json(&v, &ctx).unwrap();
