@@ -4,8 +4,10 @@
 //! * [`Placement`]: `phy2log` per layer and every derived map (`log2phy`, `logcnt`,
 //!   per-rank expert maps, the DeepEP trio), the operator's wire document and the
 //!   vllm-ascend expert-map JSON.
+//! * [`formats`]: the other engines' files (vLLM, SGLang including its `torch.save` dump,
+//!   vllm-ascend, the OpenEvolve EPLB data set) and the decoder-layer layout.
 //! * [`initial_placement`]: linear and round-robin placements before statistics exist.
-//! * [`LoadHistory`]: per-window logical expert loads, parsed from the three load formats.
+//! * [`LoadHistory`]: per-window logical expert loads, parsed from the JSON load formats.
 //! * [`metrics`]: rank loads, PAR, balancedness, migration cost.
 //! * [`Planner`] and [`planner_by_name`]: `greedy`, `joint` (default), `incremental`.
 //! * [`select_layers`]: threshold-with-hysteresis layer selection.
@@ -36,6 +38,7 @@
 
 pub mod bench;
 pub mod error;
+pub mod formats;
 pub mod initial;
 pub mod load;
 pub mod metrics;
@@ -47,7 +50,9 @@ pub mod synth;
 pub use error::{EplbError, Result};
 pub use initial::{InitialStrategy, initial_placement};
 pub use load::LoadHistory;
-pub use metrics::{Migration, PlacementScore, layer_par, migration_cost, rank_loads};
+pub use metrics::{
+    Balancedness, Migration, PlacementScore, balancedness, layer_par, migration_cost, rank_loads,
+};
 pub use placement::Placement;
 pub use planner::{
     DEFAULT_ALGORITHM, LayerPlan, LayerSelection, Plan, PlanRequest, Planner, planner_by_name,

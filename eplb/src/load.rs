@@ -72,9 +72,11 @@ impl LoadHistory {
         LoadHistory::new(vec![window])
     }
 
-    /// Parses any of the three load formats:
-    /// a plain array `[L][E]` (one window), `{"windows": [W][L][E]}` (oldest first), or
-    /// vLLM's recorded `{"load_history": [{"logical_expert_load": [L][E]}, ...]}`.
+    /// Parses a load in any JSON format of [`crate::formats`]: `[L][E]`, `[W][L][E]`,
+    /// `{"windows": [W][L][E]}` (oldest first), the OpenEvolve EPLB data set's
+    /// `{"load_history": [{"logical_expert_load": [L][E]}, ...]}`, or SGLang's
+    /// `{"logical_count": ...}` (passes summed, layers without tokens taken as dense and
+    /// dropped). Use [`crate::formats::read_load_json`] to get the notes and the layout.
     pub fn from_json_str(text: &str) -> Result<LoadHistory> {
         let v: Value = serde_json::from_str(text)
             .map_err(|e| EplbError::Load(format!("not valid JSON: {e}")))?;
@@ -83,47 +85,7 @@ impl LoadHistory {
 
     /// See [`LoadHistory::from_json_str`].
     pub fn from_json_value(v: &Value) -> Result<LoadHistory> {
-        match v {
-            Value::Array(_) => LoadHistory::new(vec![matrix(v, "load")?]),
-            Value::Object(o) => {
-                if let Some(ws) = o.get("windows") {
-                    let arr = ws
-                        .as_array()
-                        .ok_or_else(|| EplbError::Load("\"windows\" must be an array".into()))?;
-                    let windows = arr
-                        .iter()
-                        .enumerate()
-                        .map(|(w, m)| matrix(m, &format!("window {w}")))
-                        .collect::<Result<Vec<_>>>()?;
-                    LoadHistory::new(windows)
-                } else if let Some(h) = o.get("load_history") {
-                    let arr = h.as_array().ok_or_else(|| {
-                        EplbError::Load("\"load_history\" must be an array".into())
-                    })?;
-                    let windows = arr
-                        .iter()
-                        .enumerate()
-                        .map(|(w, rec)| {
-                            let m = rec.get("logical_expert_load").ok_or_else(|| {
-                                EplbError::Load(format!(
-                                    "load_history[{w}] has no \"logical_expert_load\""
-                                ))
-                            })?;
-                            matrix(m, &format!("window {w}"))
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    LoadHistory::new(windows)
-                } else {
-                    lerr(
-                        "expected an [L][E] array, {\"windows\": ...} or {\"load_history\": ...}"
-                            .into(),
-                    )
-                }
-            }
-            _ => lerr(
-                "expected an [L][E] array, {\"windows\": ...} or {\"load_history\": ...}".into(),
-            ),
-        }
+        crate::formats::read_load_json(v, None).map(|f| f.history)
     }
 
     pub fn num_windows(&self) -> usize {
@@ -176,7 +138,7 @@ impl LoadHistory {
     }
 }
 
-fn matrix(v: &Value, what: &str) -> Result<Vec<Vec<f64>>> {
+pub(crate) fn matrix(v: &Value, what: &str) -> Result<Vec<Vec<f64>>> {
     let rows = v
         .as_array()
         .ok_or_else(|| EplbError::Load(format!("{what} must be an array of layers")))?;
@@ -205,7 +167,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_three_formats() {
+    fn parses_the_json_formats() {
         let a = LoadHistory::from_json_str("[[1, 2.5], [3, 4]]").unwrap();
         assert_eq!(a.num_windows(), 1);
         assert_eq!(a.num_layers(), 2);

@@ -165,6 +165,50 @@ pub fn migration_cost(
     })
 }
 
+/// Balancedness as the engines log it, for one placement under every window of a history.
+///
+/// * `sglang`: SGLang's `compute_utilization_rate` (`python/sglang/srt/eplb/expert_distribution.py`):
+///   per layer mean rank load / max rank load (= 1 / PAR), averaged over layers; here also
+///   averaged over windows.
+/// * `vllm`: vLLM's `EplbState.step` log (`vllm/distributed/eplb/eplb_state.py`): the sum over
+///   layers of the mean rank load divided by the sum over layers of the max rank load, so heavy
+///   layers weigh more; here per window, averaged over windows.
+///
+/// Layers without load count as balanced (1).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Balancedness {
+    pub sglang: f64,
+    pub vllm: f64,
+}
+
+/// See [`Balancedness`].
+pub fn balancedness(placement: &Placement, history: &LoadHistory) -> Result<Balancedness> {
+    check_load_shape(placement, history.num_layers(), history.num_experts())?;
+    let (mut sg, mut vl) = (0.0, 0.0);
+    for win in history.windows() {
+        let (mut per_layer, mut sum_mean, mut sum_max) = (0.0, 0.0, 0.0);
+        for (l, row) in placement.phy2log.iter().enumerate() {
+            let loads = rank_loads(row, &win[l], placement.num_ranks);
+            let mean = loads.iter().sum::<f64>() / loads.len().max(1) as f64;
+            let max = loads.iter().copied().fold(0.0, f64::max);
+            per_layer += if max > 0.0 { mean / max } else { 1.0 };
+            sum_mean += mean;
+            sum_max += max;
+        }
+        sg += per_layer / placement.num_layers.max(1) as f64;
+        vl += if sum_max > 0.0 {
+            sum_mean / sum_max
+        } else {
+            1.0
+        };
+    }
+    let w = history.num_windows() as f64;
+    Ok(Balancedness {
+        sglang: sg / w,
+        vllm: vl / w,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +237,21 @@ mod tests {
         assert!(score(&a, &[vec![1.0, 1.0]]).is_err());
         let s = score(&a, &[vec![10.0, 4.0, 6.0]]).unwrap();
         assert!((s.mean - 1.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn balancedness_both_definitions() {
+        // Layer 0: rank loads 9, 11 (1/PAR = 10/11); layer 1: rank loads 0, 100 (1/PAR = 1/2).
+        let p = Placement::from_phy2log(3, 2, 1, vec![vec![0, 1, 2, 0], vec![0, 1, 2, 0]]).unwrap();
+        let h = LoadHistory::single(vec![vec![10.0, 4.0, 6.0], vec![0.0, 0.0, 100.0]]).unwrap();
+        let b = balancedness(&p, &h).unwrap();
+        assert!(
+            (b.sglang - (10.0 / 11.0 + 0.5) / 2.0).abs() < 1e-12,
+            "{b:?}"
+        );
+        assert!(
+            (b.vllm - (10.0 + 50.0) / (11.0 + 100.0)).abs() < 1e-12,
+            "{b:?}"
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! Placements (`phy2log` per layer) and every map derived from them.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
+#[cfg(test)]
+use serde_json::json;
 
 use crate::error::{EplbError, Result};
 use crate::shape::Shape;
@@ -374,134 +376,27 @@ impl Placement {
 
     /// vllm-ascend expert-map JSON: `{"moe_layer_count": L, "layer_list": [{"layer_id": l,
     /// "device_count": G, "device_list": [{"device_id": r, "device_expert": [ids]}]}]}`.
+    /// Does not check for a rank holding an expert twice (possible only when slots per rank
+    /// exceed experts), which the map cannot express: [`crate::formats::ascend::write`] does.
     pub fn to_ascend_expert_map(&self) -> Value {
-        let s = self.slots_per_rank();
-        let layers: Vec<Value> = self
-            .phy2log
-            .iter()
-            .enumerate()
-            .map(|(l, row)| {
-                let devices: Vec<Value> = (0..self.num_ranks)
-                    .map(|r| json!({"device_id": r, "device_expert": &row[r * s..r * s + s]}))
-                    .collect();
-                json!({"layer_id": l, "device_count": self.num_ranks, "device_list": devices})
-            })
-            .collect();
-        json!({"moe_layer_count": self.num_layers, "layer_list": layers})
+        crate::formats::ascend::raw(self)
     }
 
-    /// Reads a vllm-ascend expert map. The number of logical experts is the largest id + 1
-    /// unless given; layers and devices may appear in any order but must be complete.
+    /// Reads a vllm-ascend expert map by list position, as vllm-ascend does (see
+    /// [`crate::formats::ascend`], which also returns the notes). `num_logical_experts`: the
+    /// routed expert count; ids from it up are mix_placement shared experts and are stripped.
+    /// Without it, the largest id + 1.
     pub fn from_ascend_expert_map(
         v: &Value,
         num_logical_experts: Option<usize>,
         num_nodes: usize,
     ) -> Result<Placement> {
-        let get_usize = |v: &Value, what: &str| -> Result<usize> {
-            v.as_u64().map(|x| x as usize).ok_or_else(|| {
-                EplbError::Placement(format!("{what} must be a non-negative integer"))
-            })
-        };
-        let layers = v
-            .get("layer_list")
-            .and_then(Value::as_array)
-            .ok_or_else(|| EplbError::Placement("expert map has no layer_list array".into()))?;
-        let count = match v.get("moe_layer_count") {
-            Some(c) => get_usize(c, "moe_layer_count")?,
-            None => layers.len(),
-        };
-        if count != layers.len() {
-            return perr(format!(
-                "moe_layer_count is {count} but layer_list has {} layers",
-                layers.len()
-            ));
-        }
-        let mut rows: Vec<Option<Vec<usize>>> = vec![None; count];
-        let mut num_ranks = None;
-        for (i, layer) in layers.iter().enumerate() {
-            let id = match layer.get("layer_id") {
-                Some(x) => get_usize(x, "layer_id")?,
-                None => i,
-            };
-            let devices = layer
-                .get("device_list")
-                .and_then(Value::as_array)
-                .ok_or_else(|| EplbError::Placement(format!("layer {id} has no device_list")))?;
-            let g = devices.len();
-            if let Some(dc) = layer.get("device_count")
-                && get_usize(dc, "device_count")? != g
-            {
-                return perr(format!(
-                    "layer {id}: device_count does not match the {g} devices listed"
-                ));
-            }
-            if *num_ranks.get_or_insert(g) != g {
-                return perr(format!(
-                    "layer {id} has {g} devices, an earlier layer has a different count"
-                ));
-            }
-            let mut per_dev: Vec<Option<Vec<usize>>> = vec![None; g];
-            for (j, d) in devices.iter().enumerate() {
-                let did = match d.get("device_id") {
-                    Some(x) => get_usize(x, "device_id")?,
-                    None => j,
-                };
-                let experts = d
-                    .get("device_expert")
-                    .and_then(Value::as_array)
-                    .ok_or_else(|| {
-                        EplbError::Placement(format!(
-                            "layer {id} device {did} has no device_expert"
-                        ))
-                    })?
-                    .iter()
-                    .map(|e| get_usize(e, "device_expert entry"))
-                    .collect::<Result<Vec<usize>>>()?;
-                let slot = per_dev.get_mut(did).ok_or_else(|| {
-                    EplbError::Placement(format!("layer {id}: device_id {did} out of range 0..{g}"))
-                })?;
-                if slot.replace(experts).is_some() {
-                    return perr(format!("layer {id}: device {did} listed twice"));
-                }
-            }
-            let mut row = Vec::new();
-            let mut width = None;
-            for (did, d) in per_dev.into_iter().enumerate() {
-                let d = d.ok_or_else(|| {
-                    EplbError::Placement(format!("layer {id}: device {did} missing"))
-                })?;
-                if *width.get_or_insert(d.len()) != d.len() {
-                    return perr(format!(
-                        "layer {id}: device {did} holds {} experts, device 0 holds a different number",
-                        d.len()
-                    ));
-                }
-                row.extend(d);
-            }
-            let cell = rows.get_mut(id).ok_or_else(|| {
-                EplbError::Placement(format!("layer_id {id} out of range 0..{count}"))
-            })?;
-            if cell.replace(row).is_some() {
-                return perr(format!("layer {id} listed twice"));
-            }
-        }
-        let phy2log: Vec<Vec<usize>> = rows
-            .into_iter()
-            .enumerate()
-            .map(|(l, r)| r.ok_or_else(|| EplbError::Placement(format!("layer {l} missing"))))
-            .collect::<Result<_>>()?;
-        let experts = num_logical_experts.unwrap_or_else(|| {
-            phy2log
-                .iter()
-                .flat_map(|r| r.iter().copied())
-                .max()
-                .map_or(0, |m| m + 1)
-        });
-        Placement::from_phy2log(experts, num_ranks.unwrap_or(0), num_nodes, phy2log)
+        crate::formats::ascend::read(v, num_logical_experts, num_nodes).map(|r| r.placement)
     }
 
-    /// Reads a placement from JSON in any of the three forms this project writes or accepts:
-    /// the `moectl plan` output (snake_case, `phy2log`), the operator's
+    /// Reads a placement from JSON in any of the forms of
+    /// [`crate::formats::read_placement_json`] that need no extra context: the `moectl plan`
+    /// output (snake_case, `phy2log`; -1 marks unused ranks as in vLLM), the operator's
     /// [`moe_api::PlacementDocument`] (camelCase), or a vllm-ascend expert map.
     pub fn from_json_str(text: &str) -> Result<Placement> {
         let v: Value = serde_json::from_str(text)
@@ -511,45 +406,8 @@ impl Placement {
 
     /// See [`Placement::from_json_str`].
     pub fn from_json_value(v: &Value) -> Result<Placement> {
-        if v.get("layer_list").is_some() {
-            let nodes = v.get("num_nodes").and_then(Value::as_u64).unwrap_or(1) as usize;
-            return Placement::from_ascend_expert_map(v, None, nodes);
-        }
-        if v.get("numLogicalExperts").is_some() {
-            let doc: moe_api::PlacementDocument = serde_json::from_value(v.clone())
-                .map_err(|e| EplbError::Placement(format!("bad placement document: {e}")))?;
-            return Placement::from_document(&doc);
-        }
-        if v.get("phy2log").is_some() {
-            let field = |k: &str| -> Result<usize> {
-                v.get(k)
-                    .and_then(Value::as_u64)
-                    .map(|x| x as usize)
-                    .ok_or_else(|| EplbError::Placement(format!("missing or bad field {k}")))
-            };
-            let phy2log: Vec<Vec<usize>> = serde_json::from_value(v["phy2log"].clone())
-                .map_err(|e| EplbError::Placement(format!("bad phy2log: {e}")))?;
-            let nodes = v.get("num_nodes").and_then(Value::as_u64).unwrap_or(1) as usize;
-            let p = Placement::from_phy2log(
-                field("num_logical_experts")?,
-                field("num_ranks")?,
-                nodes,
-                phy2log,
-            )?;
-            if let Some(l) = v.get("num_layers").and_then(Value::as_u64)
-                && l as usize != p.num_layers
-            {
-                return perr(format!(
-                    "num_layers is {l} but phy2log has {} layers",
-                    p.num_layers
-                ));
-            }
-            return Ok(p);
-        }
-        perr(
-            "unrecognised placement JSON (expected phy2log, a placement document or an expert map)"
-                .into(),
-        )
+        crate::formats::read_placement_json(v, &crate::formats::PlacementContext::default())
+            .map(|(p, _, _)| p)
     }
 }
 

@@ -1,5 +1,6 @@
 //! Malformed user input must give errors, never panics.
 
+use eplb::formats::{self, DecoderLayout, PlacementContext};
 use eplb::{LoadHistory, Placement, PlanRequest, Shape, planner_by_name};
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -35,6 +36,8 @@ fn value() -> impl Strategy<Value = Value> {
                     "layer_id",
                     "moe_layer_count",
                     "numLogicalExperts",
+                    "logical_count",
+                    "physical_to_logical_map",
                 ]),
                 inner.clone(),
                 proptest::sample::select(vec![
@@ -64,6 +67,12 @@ proptest! {
         let _ = Placement::from_json_value(&v);
         let _ = LoadHistory::from_json_str(&text);
         let _ = Placement::from_json_str(&text);
+        let layout = DecoderLayout::first_dense(1, 2).unwrap();
+        for experts in [None, Some(3)] {
+            let ctx = PlacementContext { num_experts: experts, num_ranks: Some(2), num_nodes: None, layout: Some(&layout) };
+            let _ = formats::read_placement_json(&v, &ctx);
+            let _ = formats::read_load_json(&v, Some(&layout));
+        }
         if let Ok(h) = LoadHistory::from_json_value(&v) {
             // Whatever parsed must plan or give an error.
             for g in 1..4 {
@@ -75,5 +84,23 @@ proptest! {
                 }
             }
         }
+    }
+}
+
+/// A real `torch.save` dump (SGLang's recorder), damaged: errors, never panics or huge
+/// allocations.
+const DUMP: &[u8] = include_bytes!("data/sglang/expert_distribution_partial.pt");
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn damaged_torch_dumps_error(edits in proptest::collection::vec((0usize..DUMP.len(), any::<u8>()), 1..8), cut in 0usize..DUMP.len()) {
+        let mut b = DUMP.to_vec();
+        for (at, x) in edits {
+            b[at] = x;
+        }
+        let _ = formats::read_load_bytes(&b, None);
+        let _ = formats::read_load_bytes(&DUMP[..cut], None);
     }
 }

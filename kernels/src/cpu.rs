@@ -16,7 +16,7 @@
 
 use crate::error::{Result, invalid};
 use crate::routing::{
-    DispatchLayout, EpTopology, GatingConfig, RecvLayout, ReplicaMap, Scoring, TopK,
+    DispatchLayout, EpTopology, GatingConfig, GroupScore, RecvLayout, ReplicaMap, Scoring, TopK,
 };
 use crate::tensor::{Bf16Matrix, ExpertWeights, F32Matrix, Matrix};
 use half::bf16;
@@ -64,6 +64,29 @@ pub fn router_logits(x: &Bf16Matrix, w_gate: &Bf16Matrix) -> Result<F32Matrix> {
         ));
     }
     Ok(matmul_nt_f32(x, w_gate))
+}
+
+/// Router logits with fp32 router weights (DeepSeek keeps its router in fp32): `x [T, H]`
+/// (bf16, widened exactly) `@ w_gate [E, H]^T`, fp32 `[T, E]`. Equals [`router_logits`] for
+/// weights that are widened bf16.
+pub fn router_logits_f32(x: &Bf16Matrix, w_gate: &F32Matrix) -> Result<F32Matrix> {
+    if x.cols() != w_gate.cols() {
+        return invalid(format!(
+            "router: x has hidden {}, w_gate has {}",
+            x.cols(),
+            w_gate.cols()
+        ));
+    }
+    let xf = x.to_f32();
+    let (n, m) = (x.rows(), w_gate.rows());
+    let mut out = Matrix::zeros(n, m);
+    for r in 0..n {
+        let xr = xf.row(r);
+        for (c, oc) in out.row_mut(r).iter_mut().enumerate() {
+            *oc = dot(xr, w_gate.row(c));
+        }
+    }
+    Ok(out)
 }
 
 /// `a` ranks before `b` (larger value first, ties to the lower index). NaN ranks last.
@@ -141,8 +164,8 @@ pub fn gating_topk(logits: &F32Matrix, cfg: &GatingConfig, bias: Option<&[f32]>)
                         b1 = i;
                     }
                 }
-                *gs = if per == 1 {
-                    grp[0]
+                *gs = if per == 1 || cfg.group_score == GroupScore::Max {
+                    grp[b1]
                 } else {
                     let mut b2 = usize::MAX;
                     for i in 0..per {
@@ -332,6 +355,17 @@ pub fn unpermute_combine(
     layout: &DispatchLayout,
     weights: &[f32],
 ) -> Result<Bf16Matrix> {
+    let acc = unpermute_combine_f32(y, layout, weights)?;
+    Matrix::from_f32(acc.rows(), acc.cols(), acc.as_slice())
+}
+
+/// [`unpermute_combine`] before the final rounding: the fp32 sums, so a caller can add more
+/// terms (shared experts) and round once.
+pub fn unpermute_combine_f32(
+    y: &Bf16Matrix,
+    layout: &DispatchLayout,
+    weights: &[f32],
+) -> Result<F32Matrix> {
     let (t, k) = (layout.tokens, layout.k);
     if y.rows() != t * k || weights.len() != t * k {
         return invalid(format!(
@@ -342,10 +376,9 @@ pub fn unpermute_combine(
         ));
     }
     let h = y.cols();
-    let mut out = Matrix::zeros(t, h);
-    let mut acc = vec![0f32; h];
+    let mut out: F32Matrix = Matrix::zeros(t, h);
     for tok in 0..t {
-        acc.iter_mut().for_each(|a| *a = 0.0);
+        let acc = out.row_mut(tok);
         for j in 0..k {
             let f = tok * k + j;
             let w = weights[f];
@@ -353,9 +386,6 @@ pub fn unpermute_combine(
             for (a, v) in acc.iter_mut().zip(yr) {
                 *a = w.mul_add(v.to_f32(), *a);
             }
-        }
-        for (o, a) in out.row_mut(tok).iter_mut().zip(&acc) {
-            *o = bf16::from_f32(*a);
         }
     }
     Ok(out)

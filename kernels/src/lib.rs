@@ -19,6 +19,7 @@ pub use cudarc;
 pub use error::{KernelError, Result};
 pub use half::bf16;
 pub use routing::{
-    DispatchLayout, EpTopology, GatingConfig, RecvLayout, ReplicaMap, Scoring, TopK, replica_hash,
+    DispatchLayout, EpTopology, GatingConfig, GroupScore, RecvLayout, ReplicaMap, Scoring, TopK,
+    replica_hash,
 };
 pub use tensor::{Bf16Matrix, ExpertWeights, F32Matrix, Matrix};

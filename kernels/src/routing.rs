@@ -22,7 +22,8 @@ pub enum Scoring {
 ///    ties).
 /// 3. With `num_groups > 1` the experts form `num_groups` equal consecutive groups; a group's
 ///    score is the sum of its two largest `choice` values (its only value when a group has
-///    one expert); the `topk_groups` best groups are kept and all other experts masked.
+///    one expert), or with [`GroupScore::Max`] its largest; the `topk_groups` best groups are
+///    kept and all other experts masked.
 /// 4. The `top_k` experts with the largest `choice` are selected, in descending order.
 ///    **Ties resolve to the lower index** (for groups as for experts).
 /// 5. `weight = score[id]` (the unbiased score); with `renormalize` the k weights are divided
@@ -43,6 +44,17 @@ pub struct GatingConfig {
     pub topk_groups: usize,
     /// Final multiplier of the weights (DeepSeek-V3: 2.5; otherwise 1.0).
     pub routed_scaling_factor: f32,
+    /// How a group is scored (ignored when `num_groups == 1`).
+    pub group_score: GroupScore,
+}
+
+/// Score of an expert group for group-limited routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupScore {
+    /// Sum of the group's two largest choices (DeepSeek-V3).
+    Top2Sum,
+    /// The group's largest choice (DeepSeek-V2 `group_limited_greedy`).
+    Max,
 }
 
 impl GatingConfig {
@@ -56,6 +68,7 @@ impl GatingConfig {
             num_groups: 1,
             topk_groups: 1,
             routed_scaling_factor: 1.0,
+            group_score: GroupScore::Top2Sum,
         }
     }
 
@@ -76,6 +89,7 @@ impl GatingConfig {
             num_groups,
             topk_groups,
             routed_scaling_factor,
+            group_score: GroupScore::Top2Sum,
         }
     }
 

@@ -546,3 +546,25 @@ fn multi_rank_flow_equals_single_process() {
         assert_eq!(summed, load);
     }
 }
+
+#[test]
+fn group_score_max_and_top2_sum_choose_different_groups() {
+    use moe_kernels::GroupScore;
+    // Groups {0, 1} and {2, 3}: the first has the best expert, the second the best pair.
+    let l = F32Matrix::from_vec(1, 4, vec![3.0, -10.0, 2.5, 2.4]).unwrap();
+    let top2 = GatingConfig {
+        num_groups: 2,
+        topk_groups: 1,
+        ..GatingConfig::softmax(4, 1, false)
+    };
+    assert_eq!(cpu::gating_topk(&l, &top2, None).unwrap().ids, vec![2]);
+    let max = GatingConfig {
+        group_score: GroupScore::Max,
+        ..top2
+    };
+    let got = cpu::gating_topk(&l, &max, None).unwrap();
+    assert_eq!(got.ids, vec![0]);
+    // Not renormalised: the softmax probability itself.
+    let p0 = 1.0 / (1.0 + (-13f32).exp() + (-0.5f32).exp() + (-0.6f32).exp());
+    assert!((got.weights[0] - p0).abs() < 1e-6);
+}

@@ -2,13 +2,24 @@
 //!
 //! Bad input ends with one line `error: ...` on stderr and exit code 2; nothing is written.
 
+mod convert;
+mod eval;
+mod inputs;
+mod outputs;
+mod svg;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use eplb::metrics::{DEEPSEEK_V3_EXPERT_BYTES, migration_cost, score, score_history};
-use eplb::{LoadHistory, Placement, PlanRequest, Shape, planner_by_name};
-use serde_json::{Value, json};
+use clap::{Parser, Subcommand};
+use eplb::metrics::DEEPSEEK_V3_EXPERT_BYTES;
+use eplb::{PlanRequest, Shape, planner_by_name};
+use serde_json::json;
+
+use crate::convert::{ConvertArgs, ConvertTo};
+use crate::eval::EvalArgs;
+use crate::inputs::LayoutArgs;
+use crate::outputs::Format;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -21,17 +32,13 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum Format {
-    Placement,
-    AscendExpertMap,
-}
-
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Plan a placement from a load file.
     Plan {
-        /// Load file: [L][E], {"windows": [W][L][E]} or {"load_history": [...]}.
+        /// Load file: [L][E], [W][L][E], {"windows": ...}, OpenEvolve's {"load_history": ...},
+        /// SGLang's {"logical_count": ...} or its recorder dump (.pt), or vLLM's per-slot counts
+        /// with --physical-load.
         #[arg(long)]
         load: PathBuf,
         /// EP ranks (GPUs).
@@ -51,25 +58,35 @@ enum Command {
         /// The placement in use (any format moectl reads).
         #[arg(long)]
         previous: Option<PathBuf>,
+        /// The load counts tokens per physical slot (vLLM's expert_load_window [W][L][P]):
+        /// mapped to experts through --previous.
+        #[arg(long)]
+        physical_load: bool,
+        #[command(flatten)]
+        layout: LayoutArgs,
         /// At most this many slots change per layer.
         #[arg(long)]
         max_moves: Option<usize>,
         /// Only re-plan layers whose current PAR exceeds this (needs --previous).
         #[arg(long)]
         threshold: Option<f64>,
+        /// Output: placement (moectl JSON), ascend-expert-map, sglang (--init-expert-location
+        /// file, one row per decoder layer) or document.
         #[arg(long, value_enum, default_value_t = Format::Placement)]
         format: Format,
         /// Output file (default: standard output).
         #[arg(long)]
         output: Option<PathBuf>,
     },
-    /// Per-layer PAR of a placement under a load.
+    /// Per-layer PAR and balancedness of a placement under a load.
     Eval {
+        /// The placement (any format moectl reads).
         #[arg(long)]
         placement: PathBuf,
+        /// The load (any format `plan` reads).
         #[arg(long)]
         load: PathBuf,
-        /// Also report the migration cost from this placement.
+        /// The placement before: migration cost, its PAR, and the "before" heatmap panel.
         #[arg(long)]
         previous: Option<PathBuf>,
         /// Bytes of one expert's weights (default: DeepSeek-V3, bf16).
@@ -77,6 +94,46 @@ enum Command {
         expert_bytes: u64,
         #[arg(long)]
         json: bool,
+        /// EP ranks, for placements that do not say (SGLang's).
+        #[arg(long)]
+        ranks: Option<usize>,
+        /// Also write a heatmap of rank loads per layer (before and after with --previous).
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// The load counts tokens per physical slot (vLLM): mapped to experts through
+        /// --previous, or --placement without it.
+        #[arg(long)]
+        physical_load: bool,
+        #[command(flatten)]
+        layout: LayoutArgs,
+    },
+    /// Convert a placement or a load between formats.
+    Convert {
+        /// A placement or a load in any format moectl reads.
+        #[arg(long)]
+        input: PathBuf,
+        /// The format to write.
+        #[arg(long, value_enum)]
+        to: ConvertTo,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// EP ranks, for placements that do not say (SGLang's).
+        #[arg(long)]
+        ranks: Option<usize>,
+        /// Routed experts E (vllm-ascend maps: ids from E up are mix_placement shared experts).
+        #[arg(long)]
+        experts: Option<usize>,
+        #[arg(long)]
+        nodes: Option<usize>,
+        /// The load counts tokens per physical slot (vLLM): mapped to experts through --placement.
+        #[arg(long)]
+        physical_load: bool,
+        /// The placement whose slots a per-slot load counts.
+        #[arg(long)]
+        placement: Option<PathBuf>,
+        #[command(flatten)]
+        layout: LayoutArgs,
     },
     /// Run the benchmark protocol on the standard shapes and print the table.
     Bench {
@@ -96,7 +153,7 @@ enum Command {
 }
 
 /// A user error: printed as one line, exit code 2.
-struct Fail(String);
+pub(crate) struct Fail(pub(crate) String);
 
 impl<E: std::fmt::Display> From<E> for Fail {
     fn from(e: E) -> Self {
@@ -104,22 +161,7 @@ impl<E: std::fmt::Display> From<E> for Fail {
     }
 }
 
-fn read(path: &Path, what: &str) -> Result<String, Fail> {
-    std::fs::read_to_string(path)
-        .map_err(|e| Fail(format!("cannot read {what} {}: {e}", path.display())))
-}
-
-fn read_placement(path: &Path) -> Result<Placement, Fail> {
-    Placement::from_json_str(&read(path, "placement")?)
-        .map_err(|e| Fail(format!("{}: {e}", path.display())))
-}
-
-fn read_load(path: &Path) -> Result<LoadHistory, Fail> {
-    LoadHistory::from_json_str(&read(path, "load")?)
-        .map_err(|e| Fail(format!("{}: {e}", path.display())))
-}
-
-fn write_out(output: Option<&Path>, text: &str) -> Result<(), Fail> {
+pub(crate) fn write_out(output: Option<&Path>, text: &str) -> Result<(), Fail> {
     match output {
         Some(p) => {
             // Write to a sibling temporary file, then rename: a failure leaves nothing behind.
@@ -147,15 +189,36 @@ fn plan(
     groups: usize,
     algorithm: &str,
     previous: Option<&Path>,
+    physical_load: bool,
+    layout: &LayoutArgs,
     max_moves: Option<usize>,
     threshold: Option<f64>,
     format: Format,
     output: Option<&Path>,
-) -> Result<(), Fail> {
+) -> Result<Vec<String>, Fail> {
     let planner = planner_by_name(algorithm)?;
-    let history = read_load(load)?;
+    let mut load = inputs::read_load(load, layout)?;
+    let mut notes = std::mem::take(&mut load.notes);
+    let experts = (!physical_load).then(|| load.history.num_experts());
+    let prev = previous
+        .map(|f| {
+            inputs::read_placement(
+                f,
+                experts,
+                Some(ranks),
+                None,
+                load.layout.as_ref(),
+                &mut notes,
+            )
+        })
+        .transpose()?;
+    inputs::settle_physical(&mut load, physical_load, prev.as_ref(), "--previous")?;
+    notes.append(&mut load.notes);
+    if format == Format::Sglang {
+        inputs::need_layout(load.layout.as_ref())?;
+    }
+    let history = load.history;
     let shape = Shape::new(history.num_experts(), redundant, ranks, nodes, groups)?;
-    let prev = previous.map(read_placement).transpose()?;
     if threshold.is_some() && prev.is_none() {
         return Err(Fail(
             "--threshold needs --previous (the placement whose PAR is compared)".into(),
@@ -174,7 +237,6 @@ fn plan(
     let plan = planner.plan(&req)?;
     let p = &plan.placement;
     let text = match format {
-        Format::AscendExpertMap => serde_json::to_string_pretty(&p.to_ascend_expert_map())?,
         Format::Placement => {
             let v = json!({
                 "algorithm": plan.algorithm,
@@ -198,6 +260,7 @@ fn plan(
             });
             serde_json::to_string(&v)?
         }
+        other => outputs::write_placement(p, other, load.layout.as_ref())?,
     };
     write_out(output, &text)?;
     if output.is_some() {
@@ -211,67 +274,7 @@ fn plan(
             plan.slots_moved
         );
     }
-    Ok(())
-}
-
-fn eval(
-    placement: &Path,
-    load: &Path,
-    previous: Option<&Path>,
-    expert_bytes: u64,
-    as_json: bool,
-) -> Result<(), Fail> {
-    let p = read_placement(placement)?;
-    let history = read_load(load)?;
-    let prev = previous.map(read_placement).transpose()?;
-    let hs = score_history(&p, &history)?;
-    let last = score(&p, history.last())?;
-    let windows = history.num_windows();
-    // Worst window per layer.
-    let mut worst = vec![1.0f64; p.num_layers];
-    for w in history.windows() {
-        for (l, x) in worst.iter_mut().enumerate() {
-            *x = x.max(eplb::layer_par(&p, l, &w[l]));
-        }
-    }
-    let mig = match &prev {
-        Some(old) => Some(migration_cost(old, &p, expert_bytes)?),
-        None => None,
-    };
-    if as_json {
-        let layers: Vec<Value> = (0..p.num_layers)
-            .map(|l| {
-                json!({"layer": l, "par": hs.per_layer[l], "balancedness": 1.0 / hs.per_layer[l],
-                       "worst_window_par": worst[l], "last_window_par": last.per_layer[l]})
-            })
-            .collect();
-        let mut v = json!({"windows": windows, "layers": layers, "mean_par": hs.mean,
-                           "worst_par": hs.worst, "mean_balancedness": hs.mean_balancedness()});
-        if let Some(m) = &mig {
-            v["migration"] = json!({"slots": m.slots, "bytes": m.bytes, "per_layer": m.per_layer});
-        }
-        println!("{}", serde_json::to_string(&v)?);
-    } else {
-        println!("layer  PAR     balancedness  worst-window  last-window");
-        for (l, w) in worst.iter().enumerate() {
-            println!(
-                "{:<6} {:<7.4} {:<13.4} {:<13.4} {:.4}",
-                l,
-                hs.per_layer[l],
-                1.0 / hs.per_layer[l],
-                w,
-                last.per_layer[l]
-            );
-        }
-        println!("windows: {windows}");
-        println!("mean PAR: {:.4}", hs.mean);
-        println!("worst PAR: {:.4}", hs.worst);
-        println!("mean balancedness: {:.4}", hs.mean_balancedness());
-        if let Some(m) = &mig {
-            println!("migration: {} slots, {} bytes", m.slots, m.bytes);
-        }
-    }
-    Ok(())
+    Ok(notes)
 }
 
 fn bench(
@@ -280,7 +283,7 @@ fn bench(
     history: usize,
     repeats: usize,
     seed: u64,
-) -> Result<(), Fail> {
+) -> Result<Vec<String>, Fail> {
     let opts = eplb::bench::BenchOptions {
         history,
         seed,
@@ -318,7 +321,7 @@ fn bench(
         );
         write_out(Some(path), &doc)?;
     }
-    Ok(())
+    Ok(Vec::new())
 }
 
 const PROTOCOL: &str = "for each shape a deterministic synthetic trace of 2H+1 windows \
@@ -398,6 +401,8 @@ fn main() -> ExitCode {
             groups,
             algorithm,
             previous,
+            physical_load,
+            layout,
             max_moves,
             threshold,
             format,
@@ -410,6 +415,8 @@ fn main() -> ExitCode {
             *groups,
             algorithm,
             previous.as_deref(),
+            *physical_load,
+            layout,
             *max_moves,
             *threshold,
             *format,
@@ -421,7 +428,42 @@ fn main() -> ExitCode {
             previous,
             expert_bytes,
             json,
-        } => eval(placement, load, previous.as_deref(), *expert_bytes, *json),
+            ranks,
+            svg,
+            physical_load,
+            layout,
+        } => eval::eval(&EvalArgs {
+            placement,
+            load,
+            previous: previous.as_deref(),
+            expert_bytes: *expert_bytes,
+            as_json: *json,
+            ranks: *ranks,
+            svg: svg.as_ref(),
+            layout,
+            physical_load: *physical_load,
+        }),
+        Command::Convert {
+            input,
+            to,
+            output,
+            ranks,
+            experts,
+            nodes,
+            physical_load,
+            placement,
+            layout,
+        } => convert::convert(&ConvertArgs {
+            input,
+            to: *to,
+            output: output.as_deref(),
+            ranks: *ranks,
+            experts: *experts,
+            nodes: *nodes,
+            layout,
+            physical_load: *physical_load,
+            placement: placement.as_deref(),
+        }),
         Command::Bench {
             markdown,
             shape,
@@ -437,7 +479,12 @@ fn main() -> ExitCode {
         ),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(notes) => {
+            for n in notes {
+                eprintln!("note: {n}");
+            }
+            ExitCode::SUCCESS
+        }
         Err(Fail(msg)) => {
             eprintln!("error: {}", msg.lines().next().unwrap_or(""));
             ExitCode::from(2)

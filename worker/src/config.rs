@@ -7,8 +7,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use clap::{Parser, ValueEnum};
 use moe_api::env as api_env;
+use moe_model::{Family, ModelDescription};
+
+use crate::checkpoint::Checkpoint;
 
 /// Worker-only environment variables (not part of the operator contract).
 pub mod env {
@@ -26,6 +31,8 @@ pub mod env {
     pub const COMM_TIMEOUT: &str = "MOE_COMM_TIMEOUT_SECONDS";
     /// `text` or `json`.
     pub const LOG_FORMAT: &str = "MOE_LOG_FORMAT";
+    /// Model family whose gating synthetic weights imitate (or that a checkpoint must be).
+    pub const FAMILY: &str = "MOE_MODEL_FAMILY";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -107,30 +114,35 @@ pub struct Args {
     #[arg(long, env = api_env::BACKEND, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
 
-    /// MoE layers.
-    #[arg(long, env = api_env::NUM_LAYERS, default_value_t = 4)]
-    pub num_layers: usize,
-    /// Routed (logical) experts per layer.
-    #[arg(long, env = api_env::NUM_EXPERTS, default_value_t = 16)]
-    pub num_experts: usize,
-    /// Hidden size.
-    #[arg(long, env = api_env::HIDDEN, default_value_t = 128)]
-    pub hidden: usize,
-    /// Expert intermediate size.
-    #[arg(long, env = api_env::INTERMEDIATE, default_value_t = 256)]
-    pub intermediate: usize,
-    /// Experts per token.
-    #[arg(long, env = api_env::TOP_K, default_value_t = 2)]
-    pub top_k: usize,
-    /// Expert groups for grouped top-k (1: no grouping).
-    #[arg(long, env = api_env::EXPERT_GROUPS, default_value_t = 1)]
-    pub expert_groups: usize,
-    /// Groups each token may choose experts from (grouped top-k).
-    #[arg(long, env = api_env::TOPK_GROUPS, default_value_t = 1)]
-    pub topk_groups: usize,
-    /// Router scoring function.
-    #[arg(long, env = api_env::SCORING, value_enum, default_value_t = Scoring::Softmax)]
-    pub scoring: Scoring,
+    /// MoE layers (synthetic weights; a checkpoint's config.json gives them, and a flag that
+    /// disagrees with it is an error). Default 4.
+    #[arg(long, env = api_env::NUM_LAYERS)]
+    pub num_layers: Option<usize>,
+    /// Routed (logical) experts per layer. Default 16.
+    #[arg(long, env = api_env::NUM_EXPERTS)]
+    pub num_experts: Option<usize>,
+    /// Hidden size. Default 128.
+    #[arg(long, env = api_env::HIDDEN)]
+    pub hidden: Option<usize>,
+    /// Expert intermediate size. Default 256.
+    #[arg(long, env = api_env::INTERMEDIATE)]
+    pub intermediate: Option<usize>,
+    /// Experts per token. Default 2.
+    #[arg(long, env = api_env::TOP_K)]
+    pub top_k: Option<usize>,
+    /// Expert groups for grouped top-k (1: no grouping). Default 1.
+    #[arg(long, env = api_env::EXPERT_GROUPS)]
+    pub expert_groups: Option<usize>,
+    /// Groups each token may choose experts from (grouped top-k). Default 1.
+    #[arg(long, env = api_env::TOPK_GROUPS)]
+    pub topk_groups: Option<usize>,
+    /// Router scoring function. Default softmax (sigmoid with --family deepseek_v3).
+    #[arg(long, env = api_env::SCORING, value_enum)]
+    pub scoring: Option<Scoring>,
+    /// Model family: synthetic weights imitate its gating and shared experts (qwen3_moe,
+    /// qwen2_moe, mixtral, deepseek_v2, deepseek_v3); with a checkpoint, the family it must be.
+    #[arg(long, env = env::FAMILY)]
+    pub family: Option<String>,
     /// Redundant physical slots per layer (replicas of hot experts).
     #[arg(long, env = api_env::REDUNDANT_EXPERTS, default_value_t = 0)]
     pub redundant_experts: usize,
@@ -243,6 +255,11 @@ impl ModelShape {
 pub struct Config {
     pub args: Args,
     pub shape: ModelShape,
+    /// The model description (from the checkpoint's config.json, or built for synthetic
+    /// weights).
+    pub model: Arc<ModelDescription>,
+    /// The checkpoint, opened and checked (headers only), when weights come from files.
+    pub checkpoint: Option<Arc<Checkpoint>>,
     pub ranks_per_node: usize,
     pub weights: WeightsSource,
     pub rendezvous_timeout: Duration,
@@ -378,14 +395,17 @@ impl Config {
                 "rank 0 needs a fixed port that the other ranks can reach",
             ));
         }
+        let weights = parse_weights(&args.weights)?;
+        let (model, checkpoint) = resolve_model(&args, &weights)?;
+        let m = &*model;
         for (flag, env, v) in [
-            ("num-layers", e::NUM_LAYERS, args.num_layers),
-            ("num-experts", e::NUM_EXPERTS, args.num_experts),
-            ("hidden", e::HIDDEN, args.hidden),
-            ("intermediate", e::INTERMEDIATE, args.intermediate),
-            ("top-k", e::TOP_K, args.top_k),
-            ("expert-groups", e::EXPERT_GROUPS, args.expert_groups),
-            ("topk-groups", e::TOPK_GROUPS, args.topk_groups),
+            ("num-layers", e::NUM_LAYERS, m.num_moe_layers()),
+            ("num-experts", e::NUM_EXPERTS, m.num_experts),
+            ("hidden", e::HIDDEN, m.hidden),
+            ("intermediate", e::INTERMEDIATE, m.intermediate),
+            ("top-k", e::TOP_K, m.top_k),
+            ("expert-groups", e::EXPERT_GROUPS, m.expert_groups),
+            ("topk-groups", e::TOPK_GROUPS, m.topk_groups),
             ("stats-window", e::STATS_WINDOW, args.stats_window),
             (
                 "traffic-tokens-per-step",
@@ -397,57 +417,54 @@ impl Config {
                 return Err(bad(flag, env, "must be at least 1"));
             }
         }
-        if args.top_k > args.num_experts {
+        if m.top_k > m.num_experts {
             return Err(bad(
                 "top-k",
                 e::TOP_K,
-                format!(
-                    "{} is more than --num-experts {}",
-                    args.top_k, args.num_experts
-                ),
+                format!("{} is more than --num-experts {}", m.top_k, m.num_experts),
             ));
         }
-        if !args.num_experts.is_multiple_of(args.expert_groups) {
+        if !m.num_experts.is_multiple_of(m.expert_groups) {
             return Err(bad(
                 "expert-groups",
                 e::EXPERT_GROUPS,
                 format!(
                     "{} does not divide --num-experts {}",
-                    args.expert_groups, args.num_experts
+                    m.expert_groups, m.num_experts
                 ),
             ));
         }
-        if args.topk_groups > args.expert_groups {
+        if m.topk_groups > m.expert_groups {
             return Err(bad(
                 "topk-groups",
                 e::TOPK_GROUPS,
                 format!(
                     "{} is more than --expert-groups {}",
-                    args.topk_groups, args.expert_groups
+                    m.topk_groups, m.expert_groups
                 ),
             ));
         }
-        if args.expert_groups > 1 {
-            let per_group = args.num_experts / args.expert_groups;
-            if args.topk_groups * per_group < args.top_k {
+        if m.expert_groups > 1 {
+            let per_group = m.num_experts / m.expert_groups;
+            if m.topk_groups * per_group < m.top_k {
                 return Err(bad(
                     "topk-groups",
                     e::TOPK_GROUPS,
                     format!(
-                        "{} groups of {per_group} experts hold fewer than --top-k {} experts",
-                        args.topk_groups, args.top_k
+                        "{} groups of {per_group} experts hold fewer than --top-k {}",
+                        m.topk_groups, m.top_k
                     ),
                 ));
             }
         }
-        let slots = args.num_experts + args.redundant_experts;
+        let slots = m.num_experts + args.redundant_experts;
         if !slots.is_multiple_of(args.world_size) {
             return Err(bad(
                 "redundant-experts",
                 e::REDUNDANT_EXPERTS,
                 format!(
                     "--num-experts {} + --redundant-experts {} = {slots} slots cannot be split evenly over --world-size {}",
-                    args.num_experts, args.redundant_experts, args.world_size
+                    m.num_experts, args.redundant_experts, args.world_size
                 ),
             ));
         }
@@ -458,7 +475,6 @@ impl Config {
                 "`file` needs --placement-file",
             ));
         }
-        let weights = parse_weights(&args.weights)?;
         if !(args.traffic_skew.is_finite() && args.traffic_skew >= 0.0) {
             return Err(bad(
                 "traffic-skew",
@@ -503,20 +519,25 @@ impl Config {
             ));
         }
         let shape = ModelShape {
-            num_layers: args.num_layers,
-            num_experts: args.num_experts,
-            hidden: args.hidden,
-            intermediate: args.intermediate,
-            top_k: args.top_k,
-            expert_groups: args.expert_groups,
-            topk_groups: args.topk_groups,
-            scoring: args.scoring,
+            num_layers: m.num_moe_layers(),
+            num_experts: m.num_experts,
+            hidden: m.hidden,
+            intermediate: m.intermediate,
+            top_k: m.top_k,
+            expert_groups: m.expert_groups,
+            topk_groups: m.topk_groups,
+            scoring: match m.scoring {
+                moe_model::Scoring::Softmax => Scoring::Softmax,
+                moe_model::Scoring::Sigmoid => Scoring::Sigmoid,
+            },
             redundant: args.redundant_experts,
             world_size: args.world_size,
         };
         Ok(Config {
             args,
             shape,
+            model,
+            checkpoint,
             ranks_per_node,
             weights,
             rendezvous_timeout,
@@ -553,6 +574,155 @@ fn seconds(v: f64, flag: &'static str, env: &'static str) -> Result<Duration, Co
         return Err(bad(flag, env, "must be a positive number of seconds"));
     }
     Ok(Duration::from_secs_f64(v))
+}
+
+/// The model description and, for a checkpoint, the opened checkpoint. A shape flag given
+/// with a checkpoint must agree with it.
+#[allow(clippy::type_complexity)]
+fn resolve_model(
+    args: &Args,
+    weights: &WeightsSource,
+) -> Result<(Arc<ModelDescription>, Option<Arc<Checkpoint>>), ConfigError> {
+    use api_env as e;
+    let family = args
+        .family
+        .as_deref()
+        .map(|f| {
+            f.parse::<Family>()
+                .map_err(|err| bad("family", env::FAMILY, err))
+        })
+        .transpose()?;
+    let flag_scoring = args.scoring.map(|s| match s {
+        Scoring::Softmax => moe_model::Scoring::Softmax,
+        Scoring::Sigmoid => moe_model::Scoring::Sigmoid,
+    });
+    let dir = match weights {
+        WeightsSource::Synthetic { .. } => {
+            let family_scoring = family.map(|f| match f {
+                Family::DeepseekV3 => moe_model::Scoring::Sigmoid,
+                _ => moe_model::Scoring::Softmax,
+            });
+            let scoring = match (flag_scoring, family_scoring) {
+                (Some(s), Some(f)) if s != f => {
+                    return Err(bad(
+                        "scoring",
+                        e::SCORING,
+                        format!(
+                            "{s:?} disagrees with --family {} ({f:?})",
+                            args.family.as_deref().unwrap_or_default()
+                        )
+                        .to_lowercase(),
+                    ));
+                }
+                (Some(s), _) | (None, Some(s)) => s,
+                (None, None) => moe_model::Scoring::Softmax,
+            };
+            let shape = crate::model::SyntheticShape {
+                num_layers: args.num_layers.unwrap_or(4),
+                num_experts: args.num_experts.unwrap_or(16),
+                hidden: args.hidden.unwrap_or(128),
+                intermediate: args.intermediate.unwrap_or(256),
+                top_k: args.top_k.unwrap_or(2),
+                expert_groups: args.expert_groups.unwrap_or(1),
+                topk_groups: args.topk_groups.unwrap_or(1),
+                scoring,
+            };
+            return Ok((Arc::new(crate::model::synthetic(family, shape)), None));
+        }
+        WeightsSource::Safetensors { dir } => dir,
+    };
+    let weights_err = |err: String| bad("weights", e::WEIGHTS, format!("{}: {err}", dir.display()));
+    let desc = ModelDescription::from_path(dir).map_err(|err| weights_err(err.to_string()))?;
+    if let Some(f) = family
+        && f != desc.family
+    {
+        return Err(bad(
+            "family",
+            env::FAMILY,
+            format!(
+                "{} disagrees with the checkpoint's family {} ({}, {})",
+                f.model_type(),
+                desc.family.model_type(),
+                desc.architecture,
+                dir.join(moe_model::CONFIG_FILE).display()
+            ),
+        ));
+    }
+    let checks: [(&'static str, &'static str, Option<usize>, usize, &str); 7] = [
+        (
+            "num-layers",
+            e::NUM_LAYERS,
+            args.num_layers,
+            desc.num_moe_layers(),
+            "MoE layers",
+        ),
+        (
+            "num-experts",
+            e::NUM_EXPERTS,
+            args.num_experts,
+            desc.num_experts,
+            "routed experts",
+        ),
+        ("hidden", e::HIDDEN, args.hidden, desc.hidden, "hidden size"),
+        (
+            "intermediate",
+            e::INTERMEDIATE,
+            args.intermediate,
+            desc.intermediate,
+            "expert intermediate size",
+        ),
+        (
+            "top-k",
+            e::TOP_K,
+            args.top_k,
+            desc.top_k,
+            "experts per token",
+        ),
+        (
+            "expert-groups",
+            e::EXPERT_GROUPS,
+            args.expert_groups,
+            desc.expert_groups,
+            "expert groups",
+        ),
+        (
+            "topk-groups",
+            e::TOPK_GROUPS,
+            args.topk_groups,
+            desc.topk_groups,
+            "groups per token",
+        ),
+    ];
+    for (flag, env, given, found, what) in checks {
+        if let Some(v) = given
+            && v != found
+        {
+            return Err(bad(
+                flag,
+                env,
+                format!(
+                    "{v} disagrees with the checkpoint's {what} {found} ({}); drop the flag or fix it",
+                    dir.join(moe_model::CONFIG_FILE).display()
+                ),
+            ));
+        }
+    }
+    if let Some(s) = flag_scoring
+        && s != desc.scoring
+    {
+        return Err(bad(
+            "scoring",
+            e::SCORING,
+            format!(
+                "{s:?} disagrees with the checkpoint's scoring {:?} ({})",
+                desc.scoring,
+                dir.join(moe_model::CONFIG_FILE).display()
+            )
+            .to_lowercase(),
+        ));
+    }
+    let ck = Checkpoint::open(dir, desc.clone()).map_err(|err| weights_err(err.to_string()))?;
+    Ok((Arc::new(desc), Some(Arc::new(ck))))
 }
 
 fn parse_weights(s: &str) -> Result<WeightsSource, ConfigError> {

@@ -32,14 +32,15 @@ use cudarc::driver::{CudaEvent, CudaStream};
 use cudarc::driver::{DevicePtr, DevicePtrMut};
 use half::bf16;
 use moe_api::PlacementDocument;
-use moe_kernels::EpTopology;
 use moe_kernels::cuda::{
     DeviceExperts, DeviceMatrix, EpComm, EpLayer, ExpertStaging, Gpu, NcclId, grouped,
 };
+use moe_kernels::{Bf16Matrix, EpTopology};
 
 use crate::comm::Comm;
 use crate::config::ModelShape;
-use crate::exec::{Exec, gating};
+use crate::exec::Exec;
+use crate::model::gating_config;
 use crate::placement::{LayerMap, LayerPlan, SlotSource};
 use crate::staging::StageStats;
 use crate::traffic::Batch;
@@ -129,6 +130,31 @@ pub struct CudaExec {
     gpu: Gpu,
 }
 
+/// What the CUDA backend cannot compute yet, refused at load rather than computed wrongly:
+/// shared experts, FP8 weights held natively, DeepSeek-V2's max group score (and, per layer,
+/// routers that bf16 cannot hold exactly).
+fn unsupported_on_gpu(store: &WeightStore) -> Result<()> {
+    let m = store.model();
+    let why = if m.shared.is_some() {
+        Some(format!(
+            "{} shared experts ({} has {})",
+            m.family, m.architecture, m.shared_experts
+        ))
+    } else if m.weight_dtype == moe_model::WeightDtype::Fp8E4m3 {
+        Some("FP8 E4M3 block-scaled weights".to_string())
+    } else if m.expert_groups > 1 && m.group_score == moe_model::GroupScore::Max {
+        Some("DeepSeek-V2 group-limited routing (group score = max)".to_string())
+    } else {
+        None
+    };
+    match why {
+        Some(w) => {
+            bail!("the cuda backend does not compute {w} yet; run this model with --backend cpu")
+        }
+        None => Ok(()),
+    }
+}
+
 // SAFETY: the executor is owned by the engine thread; it is moved into it once and never
 // shared. `EpComm` is `Send`; the CUDA context, streams and cuBLAS handles are `Send`.
 unsafe impl Send for CudaExec {}
@@ -143,6 +169,7 @@ impl CudaExec {
         rank: usize,
         unique_id: &[u8],
     ) -> Result<CudaExec> {
+        unsupported_on_gpu(store)?;
         let n = moe_kernels::cuda::available()?;
         let gpu = Gpu::new(rank % n)?;
         tracing::info!(gpu = %gpu.name(), ordinal = rank % n, arch = gpu.arch(), "CUDA backend");
@@ -183,13 +210,26 @@ impl CudaExec {
                 .map(|w| (**w).clone())
                 .collect();
             let experts = DeviceExperts::upload(&gpu, &host)?;
+            let router_f32 = store.router_f32(l)?;
+            if router_f32
+                .as_slice()
+                .iter()
+                .any(|v| bf16::from_f32(*v).to_f32() != *v)
+            {
+                bail!(
+                    "MoE layer {l}: the router has fp32 weights that bf16 cannot hold; the cuda \
+                     backend computes router logits from bf16 weights; run this model with \
+                     --backend cpu"
+                );
+            }
             let router = store.router(l)?;
+            let bias = store.correction_bias(l)?;
             let map = LayerMap::new(row.clone(), shape.num_experts).map_err(|e| anyhow!(e))?;
             layers.push(EpLayer::new(
                 &gpu,
                 &router,
-                gating(shape),
-                None,
+                gating_config(store.model()),
+                bias.as_deref(),
                 &map.replicas,
                 EpTopology::new(shape.world_size, spr)?,
                 rank,
@@ -418,6 +458,20 @@ impl Exec for CudaExec {
             }
         }
         Ok(st.finished)
+    }
+
+    fn moe_layer(
+        &mut self,
+        _comm: &Comm,
+        layer: usize,
+        _x: &Bf16Matrix,
+        _token_base: u32,
+        _counts: &mut [u32],
+    ) -> Result<Bf16Matrix> {
+        bail!(
+            "MoE layer {layer}: the per-layer path (rows in, block output out) runs on the cpu \
+             backend only for now; the cuda backend runs whole steps"
+        )
     }
 
     fn commit(&mut self, layer: usize, map: &LayerMap) -> Result<StageStats> {

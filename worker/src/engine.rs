@@ -21,14 +21,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::comm::{CHAN_CTRL, Comm};
 use crate::config::ModelShape;
-use crate::exec::{Exec, add_residual, gating, topk_of};
+use crate::exec::{Exec, add_residual, add_shared, topk_of};
+use crate::model::gating_config;
 use crate::placement::{LayerMap, LayerPlan, plan_layer};
 use crate::state::{Shared, layers_to_move, now_ms, running_progress};
 use crate::stats::{LoadHistory, par};
 use crate::traffic::{Batch, Prefetch, Traffic};
 use crate::weights::{ExpertWeights, WeightStore};
 use moe_kernels::cpu;
-use moe_kernels::{EpTopology, Matrix, ReplicaMap};
+use moe_kernels::{Bf16Matrix, EpTopology, Matrix, ReplicaMap, TopK};
 
 /// What a test (or a benchmark) can observe of each step.
 #[derive(Debug, Clone)]
@@ -595,34 +596,63 @@ impl Engine {
     }
 }
 
-/// Single-process reference of the layer stack over all experts (no communication, one
-/// replica per expert): what every multi-rank run must reproduce, whatever the placement.
+/// Single-process reference of one MoE layer over all experts (no communication, one replica
+/// per expert, expert `e` in slot `e`): router, gating, every chosen expert, combine, shared
+/// experts. Returns the block output (no residual) and the top-k. Every multi-rank run of the
+/// per-layer path must reproduce it bit for bit, whatever the placement.
+pub fn reference_layer(
+    store: &WeightStore,
+    layer: usize,
+    x: &Bf16Matrix,
+    forced: Option<&[u32]>,
+) -> Result<(Bf16Matrix, TopK)> {
+    let model = store.model();
+    let e = model.num_experts;
+    let gating = gating_config(model);
+    let topo = EpTopology::new(1, e)?;
+    let identity = ReplicaMap::identity(e)?;
+    let router = store.router_f32(layer)?;
+    let bias = store.correction_bias(layer)?;
+    let shared = store.shared(layer)?;
+    let topk = topk_of(x, &router, bias.as_deref(), forced, &gating)?;
+    // Only the experts chosen are read (the others' rows are empty).
+    let mut used = vec![false; e];
+    for &id in &topk.ids {
+        used[id as usize] = true;
+    }
+    let empty = ExpertWeights::new(Matrix::zeros(0, x.cols()), Matrix::zeros(x.cols(), 0))?;
+    let experts: Vec<ExpertWeights> = (0..e)
+        .map(|i| {
+            if used[i] {
+                store.expert(layer, i as u32)
+            } else {
+                Ok(empty.clone())
+            }
+        })
+        .collect::<Result<_>>()?;
+    let refs: Vec<&ExpertWeights> = experts.iter().collect();
+    let mut load = vec![0u32; e];
+    let phys = cpu::map_to_physical(&topk, &identity, 0, &mut load)?;
+    let layout = cpu::dispatch_layout(&phys, topk.k, topo)?;
+    let y = cpu::expert_ffn(&cpu::permute(x, &layout)?, &layout.slot_offsets, &refs)?;
+    let routed = cpu::unpermute_combine_f32(&y, &layout, &topk.weights)?;
+    Ok((add_shared(routed, x, shared.as_ref())?, topk))
+}
+
+/// Single-process reference of the layer stack (each MoE layer by [`reference_layer`], then
+/// the residual): what every multi-rank run must reproduce, whatever the placement.
 pub fn reference_forward(
     store: &WeightStore,
     shape: &ModelShape,
     batch: &Batch,
 ) -> Result<Vec<bf16>> {
     let h = shape.hidden;
-    let k = shape.top_k;
-    let e = shape.num_experts;
-    let gating = gating(shape);
-    let topo = EpTopology::new(1, e)?;
-    let identity = ReplicaMap::identity(e)?;
     let mut x = batch.x.clone();
     let t = x.len() / h;
     for l in 0..shape.num_layers {
-        let router = store.router(l)?;
-        let experts: Vec<ExpertWeights> = (0..e as u32)
-            .map(|x| store.expert(l, x))
-            .collect::<Result<_>>()?;
-        let refs: Vec<&ExpertWeights> = experts.iter().collect();
         let xm = Matrix::from_vec(t, h, x.clone())?;
-        let topk = topk_of(&xm, &router, batch.routing.as_ref(), l, &gating)?;
-        let mut load = vec![0u32; e];
-        let phys = cpu::map_to_physical(&topk, &identity, 0, &mut load)?;
-        let layout = cpu::dispatch_layout(&phys, k, topo)?;
-        let y = cpu::expert_ffn(&cpu::permute(&xm, &layout)?, &layout.slot_offsets, &refs)?;
-        let out = cpu::unpermute_combine(&y, &layout, &topk.weights)?;
+        let forced = batch.routing.as_ref().map(|r| &r[l][..]);
+        let (out, _) = reference_layer(store, l, &xm, forced)?;
         add_residual(&mut x, &out);
     }
     Ok(x)

@@ -7,14 +7,15 @@ use anyhow::{Context, Result, anyhow, bail};
 use half::bf16;
 use moe_api::PlacementDocument;
 use moe_kernels::cpu;
-use moe_kernels::{Bf16Matrix, EpTopology, GatingConfig, Matrix, RecvLayout, TopK};
+use moe_kernels::{Bf16Matrix, EpTopology, F32Matrix, GatingConfig, Matrix, RecvLayout, TopK};
 
 use crate::comm::{CHAN_STEP, Comm};
-use crate::config::{ModelShape, Scoring};
+use crate::config::ModelShape;
+use crate::model::gating_config;
 use crate::placement::{LayerMap, LayerPlan};
 use crate::staging::{HostStaging, StageStats, StagedSlot, send_slots};
 use crate::traffic::Batch;
-use crate::weights::{ExpertWeights, WeightStore};
+use crate::weights::{ExpertWeights, SharedExpert, WeightStore};
 
 /// What the engine needs from a backend.
 ///
@@ -40,44 +41,71 @@ pub trait Exec: Send {
     fn staging_finished(&mut self, wait: bool) -> Result<bool>;
     /// Switches `layer` to `map` and the staged weights, together; what was moved.
     fn commit(&mut self, layer: usize, map: &LayerMap) -> Result<StageStats>;
+    /// One MoE layer on this rank's rows `x` (`[T, H]`) across the whole group, returning the
+    /// block output without the residual (see [`CpuExec::moe_layer`]); the per-slot counts of
+    /// this rank's rows are added to `counts`. Collective: every rank calls it for the same
+    /// layer at the same point.
+    fn moe_layer(
+        &mut self,
+        comm: &Comm,
+        layer: usize,
+        x: &Bf16Matrix,
+        token_base: u32,
+        counts: &mut [u32],
+    ) -> Result<Bf16Matrix>;
 }
 
-/// The kernels' gating configuration of this model.
-pub fn gating(shape: &ModelShape) -> GatingConfig {
-    match shape.scoring {
-        Scoring::Softmax => GatingConfig {
-            num_groups: shape.expert_groups,
-            topk_groups: shape.topk_groups,
-            ..GatingConfig::softmax(shape.num_experts, shape.top_k, true)
-        },
-        Scoring::Sigmoid => GatingConfig::grouped_sigmoid(
-            shape.num_experts,
-            shape.top_k,
-            shape.expert_groups,
-            shape.topk_groups,
-            1.0,
-        ),
-    }
-}
-
+/// Top-k of one layer: the router's (with the correction bias for the choice) or, when a
+/// trace forces them, the given ids (`[T * k]`) with weights `1/k`.
 pub fn topk_of(
     x: &Bf16Matrix,
-    router: &Bf16Matrix,
-    routing: Option<&Vec<Vec<u32>>>,
-    layer: usize,
+    router: &F32Matrix,
+    bias: Option<&[f32]>,
+    forced: Option<&[u32]>,
     gating: &GatingConfig,
 ) -> Result<TopK> {
     let t = x.rows();
     let k = gating.top_k;
-    Ok(match routing {
-        Some(r) => TopK {
+    Ok(match forced {
+        Some(ids) => TopK {
             tokens: t,
             k,
-            ids: r[layer].clone(),
+            ids: ids.to_vec(),
             weights: vec![1.0 / k as f32; t * k],
         },
-        None => cpu::gating_topk(&cpu::router_logits(x, router)?, gating, None)?,
+        None => cpu::gating_topk(&cpu::router_logits_f32(x, router)?, gating, bias)?,
     })
+}
+
+/// The block output: the routed experts' fp32 sum plus the shared experts (Qwen2-MoE: times
+/// `sigmoid(shared_expert_gate · x)`), rounded to bf16 once.
+pub fn add_shared(
+    mut routed: F32Matrix,
+    x: &Bf16Matrix,
+    shared: Option<&SharedExpert>,
+) -> Result<Bf16Matrix> {
+    if let Some(s) = shared
+        && x.rows() > 0
+    {
+        let y = cpu::expert_ffn_one(x, &s.mlp)?;
+        for t in 0..x.rows() {
+            let g = match &s.gate {
+                Some(w) => {
+                    let z: f32 = x.row(t).iter().zip(w).map(|(a, b)| a.to_f32() * b).sum();
+                    1.0 / (1.0 + (-z).exp())
+                }
+                None => 1.0,
+            };
+            for (acc, v) in routed.row_mut(t).iter_mut().zip(y.row(t)) {
+                *acc = g.mul_add(v.to_f32(), *acc);
+            }
+        }
+    }
+    Ok(Matrix::from_f32(
+        routed.rows(),
+        routed.cols(),
+        routed.as_slice(),
+    )?)
 }
 
 /// `x = bf16(x + moe_out)`: the residual connection around each MoE layer.
@@ -105,12 +133,18 @@ pub struct CpuLayer {
     pub map: LayerMap,
     /// Weights of this rank's slots (`slots_per_rank` entries).
     pub experts: Vec<Arc<ExpertWeights>>,
-    pub router: Bf16Matrix,
+    /// Router `[E, H]` (fp32 as stored; bf16 routers widen exactly).
+    pub router: F32Matrix,
+    /// DeepSeek-V3's correction bias (choice only).
+    pub bias: Option<Vec<f32>>,
+    /// Shared experts (every rank holds them).
+    pub shared: Option<SharedExpert>,
 }
 
 /// The CPU backend.
 pub struct CpuExec {
     pub shape: ModelShape,
+    pub gating: GatingConfig,
     pub rank: usize,
     pub world: usize,
     pub layers: Vec<CpuLayer>,
@@ -136,18 +170,137 @@ impl CpuExec {
                         .load_slots(l, mine)
                         .with_context(|| format!("loading the experts of layer {l}"))?,
                     router: store
-                        .router(l)
+                        .router_f32(l)
                         .with_context(|| format!("loading the router of layer {l}"))?,
+                    bias: store
+                        .correction_bias(l)
+                        .with_context(|| format!("loading the correction bias of layer {l}"))?,
+                    shared: store
+                        .shared(l)
+                        .with_context(|| format!("loading the shared experts of layer {l}"))?,
                 })
             })
             .collect::<Result<_>>()?;
         Ok(CpuExec {
             shape: *shape,
+            gating: gating_config(store.model()),
             rank,
             world: shape.world_size,
             layers,
             staging: None,
         })
+    }
+
+    /// One MoE layer on this rank's rows across the whole group: router and gating (or the
+    /// `forced` ids, `[T * k]`), replica choice by token hash `token_base + t` with per-slot
+    /// load counting into `counts` (`[slots]`), dispatch layout and permute, all-to-all of rows
+    /// plus per-slot counts, regroup by local expert, the local slots' SwiGLU FFN, back to
+    /// receive order, all-to-all back, unpermute and weighted combine, plus the shared experts.
+    /// Returns the block output `[T, H]` without the residual.
+    ///
+    /// Collective: every rank of the group calls it for the same layer at the same point (a
+    /// rank without rows passes a `0 x H` matrix), since the two all-to-alls pair up.
+    pub fn moe_layer(
+        &self,
+        comm: &Comm,
+        l: usize,
+        xm: &Bf16Matrix,
+        forced: Option<&[u32]>,
+        token_base: u32,
+        counts: &mut [u32],
+    ) -> Result<Bf16Matrix> {
+        let h = self.shape.hidden;
+        let k = self.shape.top_k;
+        let s = self.shape.slots_per_rank();
+        let g = self.world;
+        let t = xm.rows();
+        let layer = self
+            .layers
+            .get(l)
+            .ok_or_else(|| anyhow!("no MoE layer {l} (the model has {})", self.layers.len()))?;
+        if xm.cols() != h {
+            bail!(
+                "layer {l}: rows of {} values, the model's hidden size is {h}",
+                xm.cols()
+            );
+        }
+        let topo = EpTopology::new(g, s)?;
+        let row_bytes = 2 * h;
+        let topk = topk_of(
+            xm,
+            &layer.router,
+            layer.bias.as_deref(),
+            forced,
+            &self.gating,
+        )?;
+        let phys = cpu::map_to_physical(&topk, &layer.map.replicas, token_base, counts)?;
+        let layout = cpu::dispatch_layout(&phys, k, topo)?;
+        let send_rows = cpu::permute(xm, &layout)?;
+        let offs = layout.rank_offsets();
+        let send: Vec<Vec<u8>> = (0..g)
+            .map(|r| {
+                let (a, b) = (offs[r] as usize, offs[r + 1] as usize);
+                let mut buf = Vec::with_capacity(4 * s + (b - a) * row_bytes);
+                for c in &layout.rows_per_slot[r * s..(r + 1) * s] {
+                    buf.extend_from_slice(&c.to_le_bytes());
+                }
+                encode_rows(&mut buf, send_rows.rows_slice(a, b));
+                buf
+            })
+            .collect();
+        let recv = comm
+            .all_to_all(CHAN_STEP, send)
+            .context("dispatch all-to-all")?;
+        let mut slot_counts = Vec::with_capacity(g * s);
+        let mut rows = Vec::new();
+        for (src, buf) in recv.iter().enumerate() {
+            if buf.len() < 4 * s || !(buf.len() - 4 * s).is_multiple_of(row_bytes) {
+                bail!("malformed dispatch from rank {src}");
+            }
+            let n0 = slot_counts.len();
+            for c in buf[..4 * s].chunks_exact(4) {
+                slot_counts.push(u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+            }
+            let n: u32 = slot_counts[n0..].iter().sum();
+            if n as usize * row_bytes != buf.len() - 4 * s {
+                bail!("rank {src} sent counts that do not match its rows");
+            }
+            rows.extend(decode_rows(&buf[4 * s..]));
+        }
+        let recv_rows = Matrix::from_vec(rows.len() / h, h, rows)?;
+        let rl = RecvLayout::new(g, s, &slot_counts)?;
+        let xin = cpu::regroup_received(&recv_rows, &rl)?;
+        let refs: Vec<&ExpertWeights> = layer.experts.iter().map(Arc::as_ref).collect();
+        let y = cpu::expert_ffn(&xin, &rl.expert_offsets, &refs)?;
+        let y = cpu::ungroup_outputs(&y, &rl)?;
+        let back: Vec<Vec<u8>> = (0..g)
+            .map(|src| {
+                let (a, b) = (
+                    rl.src_offsets[src] as usize,
+                    rl.src_offsets[src + 1] as usize,
+                );
+                let mut buf = Vec::with_capacity((b - a) * row_bytes);
+                encode_rows(&mut buf, y.rows_slice(a, b));
+                buf
+            })
+            .collect();
+        let got = comm
+            .all_to_all(CHAN_STEP, back)
+            .context("combine all-to-all")?;
+        let mut ys = Vec::with_capacity(t * k * h);
+        for (r, buf) in got.iter().enumerate() {
+            if buf.len() != (offs[r + 1] - offs[r]) as usize * row_bytes {
+                bail!(
+                    "rank {r} returned {} bytes of expert outputs, expected {}",
+                    buf.len(),
+                    (offs[r + 1] - offs[r]) as usize * row_bytes
+                );
+            }
+            ys.extend(decode_rows(buf));
+        }
+        let ym = Matrix::from_vec(t * k, h, ys)?;
+        let routed = cpu::unpermute_combine_f32(&ym, &layout, &topk.weights)?;
+        add_shared(routed, xm, layer.shared.as_ref())
     }
 }
 
@@ -156,12 +309,6 @@ impl Exec for CpuExec {
         "cpu"
     }
 
-    /// One forward pass of this rank's batch through every layer. Returns the output hidden
-    /// states and the per-layer slot counts of this rank's tokens.
-    ///
-    /// Per layer: router, top-k, replica choice with load counting, dispatch layout and
-    /// permute (kernels), all-to-all of rows plus per-slot counts, regroup by local expert,
-    /// expert FFN, back to receive order, all-to-all back, unpermute + combine, residual.
     fn forward(
         &mut self,
         comm: &Comm,
@@ -171,89 +318,37 @@ impl Exec for CpuExec {
     ) -> Result<(Vec<bf16>, Vec<Vec<u32>>)> {
         let h = self.shape.hidden;
         let k = self.shape.top_k;
-        let s = self.shape.slots_per_rank();
-        let g = self.world;
-        let gating = gating(&self.shape);
-        let topo = EpTopology::new(g, s)?;
         let mut x = batch.x.clone();
         let t = x.len() / h;
         let mut counts = vec![vec![0u32; self.shape.num_slots()]; self.shape.num_layers];
-        let row_bytes = 2 * h;
-        let token_base = ((step * g as u64 + self.rank as u64) * t as u64) as u32;
-        for (l, layer) in self.layers.iter().enumerate() {
+        let token_base = ((step * self.world as u64 + self.rank as u64) * t as u64) as u32;
+        for (l, layer_counts) in counts.iter_mut().enumerate() {
             let xm = Matrix::from_vec(t, h, x.clone())?;
-            let topk = topk_of(&xm, &layer.router, batch.routing.as_ref(), l, &gating)?;
-            let phys =
-                cpu::map_to_physical(&topk, &layer.map.replicas, token_base, &mut counts[l])?;
-            let layout = cpu::dispatch_layout(&phys, k, topo)?;
-            let send_rows = cpu::permute(&xm, &layout)?;
-            let offs = layout.rank_offsets();
-            let send: Vec<Vec<u8>> = (0..g)
-                .map(|r| {
-                    let (a, b) = (offs[r] as usize, offs[r + 1] as usize);
-                    let mut buf = Vec::with_capacity(4 * s + (b - a) * row_bytes);
-                    for c in &layout.rows_per_slot[r * s..(r + 1) * s] {
-                        buf.extend_from_slice(&c.to_le_bytes());
-                    }
-                    encode_rows(&mut buf, send_rows.rows_slice(a, b));
-                    buf
-                })
-                .collect();
-            let recv = comm
-                .all_to_all(CHAN_STEP, send)
-                .with_context(|| format!("step {step} layer {l}: dispatch all-to-all"))?;
-            let mut slot_counts = Vec::with_capacity(g * s);
-            let mut rows = Vec::new();
-            for (src, buf) in recv.iter().enumerate() {
-                if buf.len() < 4 * s || !(buf.len() - 4 * s).is_multiple_of(row_bytes) {
-                    bail!("malformed dispatch from rank {src}");
-                }
-                let n0 = slot_counts.len();
-                for c in buf[..4 * s].chunks_exact(4) {
-                    slot_counts.push(u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-                }
-                let n: u32 = slot_counts[n0..].iter().sum();
-                if n as usize * row_bytes != buf.len() - 4 * s {
-                    bail!("rank {src} sent counts that do not match its rows");
-                }
-                rows.extend(decode_rows(&buf[4 * s..]));
+            let forced = batch.routing.as_ref().map(|r| &r[l][..]);
+            if let Some(ids) = forced
+                && ids.len() != t * k
+            {
+                bail!(
+                    "layer {l}: the trace gives {} ids for {t} tokens",
+                    ids.len()
+                );
             }
-            let recv_rows = Matrix::from_vec(rows.len() / h, h, rows)?;
-            let rl = RecvLayout::new(g, s, &slot_counts)?;
-            let xin = cpu::regroup_received(&recv_rows, &rl)?;
-            let refs: Vec<&ExpertWeights> = layer.experts.iter().map(Arc::as_ref).collect();
-            let y = cpu::expert_ffn(&xin, &rl.expert_offsets, &refs)?;
-            let y = cpu::ungroup_outputs(&y, &rl)?;
-            let back: Vec<Vec<u8>> = (0..g)
-                .map(|src| {
-                    let (a, b) = (
-                        rl.src_offsets[src] as usize,
-                        rl.src_offsets[src + 1] as usize,
-                    );
-                    let mut buf = Vec::with_capacity((b - a) * row_bytes);
-                    encode_rows(&mut buf, y.rows_slice(a, b));
-                    buf
-                })
-                .collect();
-            let got = comm
-                .all_to_all(CHAN_STEP, back)
-                .with_context(|| format!("step {step} layer {l}: combine all-to-all"))?;
-            let mut ys = Vec::with_capacity(t * k * h);
-            for (r, buf) in got.iter().enumerate() {
-                if buf.len() != (offs[r + 1] - offs[r]) as usize * row_bytes {
-                    bail!(
-                        "rank {r} returned {} bytes of expert outputs, expected {}",
-                        buf.len(),
-                        (offs[r + 1] - offs[r]) as usize * row_bytes
-                    );
-                }
-                ys.extend(decode_rows(buf));
-            }
-            let ym = Matrix::from_vec(t * k, h, ys)?;
-            let out = cpu::unpermute_combine(&ym, &layout, &topk.weights)?;
+            let out = CpuExec::moe_layer(self, comm, l, &xm, forced, token_base, layer_counts)
+                .with_context(|| format!("step {step} layer {l}"))?;
             add_residual(&mut x, &out);
         }
         Ok((x, counts))
+    }
+
+    fn moe_layer(
+        &mut self,
+        comm: &Comm,
+        layer: usize,
+        x: &Bf16Matrix,
+        token_base: u32,
+        counts: &mut [u32],
+    ) -> Result<Bf16Matrix> {
+        CpuExec::moe_layer(self, comm, layer, x, None, token_base, counts)
     }
 
     fn begin_staging(&mut self, comm: &Arc<Comm>, layer: usize, plan: &LayerPlan) -> Result<()> {

@@ -20,6 +20,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route(&format!("{API_PREFIX}/status"), get(status))
         .route(&format!("{API_PREFIX}/load"), get(load))
         .route(&format!("{API_PREFIX}/placement"), get(placement))
+        .route(&format!("{API_PREFIX}/model"), get(model))
         .route(&format!("{API_PREFIX}/remap"), post(remap))
         .with_state(shared)
 }
@@ -62,6 +63,12 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
 
 async fn load(State(s): State<Arc<Shared>>) -> Response {
     Json(s.load_report()).into_response()
+}
+
+/// The model description (read-only): family, MoE decoder layers, gating, shared experts,
+/// dtypes, tensor names.
+async fn model(State(s): State<Arc<Shared>>) -> Response {
+    Json(&*s.model).into_response()
 }
 
 async fn placement(State(s): State<Arc<Shared>>) -> Response {

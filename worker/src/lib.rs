@@ -3,6 +3,7 @@
 //! The binary is a thin wrapper over [`start`], so tests can run whole groups in-process.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod comm;
 pub mod config;
 pub mod cuda_exec;
@@ -10,6 +11,7 @@ pub mod engine;
 pub mod exec;
 pub mod http;
 pub mod metrics;
+pub mod model;
 pub mod placement;
 pub mod staging;
 pub mod state;
@@ -99,6 +101,7 @@ pub async fn start(config: Config, mut hooks: Hooks) -> Result<Worker> {
         config.rank(),
         config.world_size(),
         config.shape,
+        config.model.clone(),
         config.args.control_token_file.clone(),
         config.args.stats_window,
     ));
@@ -202,8 +205,10 @@ fn run_engine(
         timeout: config.rendezvous_timeout,
         comm_timeout: config.comm_timeout,
         fingerprint: format!(
-            "{} placement={:?} weights={}",
+            "{} model={} {:?} placement={:?} weights={}",
             shape.fingerprint(),
+            config.model.architecture,
+            crate::model::gating_config(&config.model),
             config.args.initial_placement,
             config.args.weights
         ),
@@ -252,7 +257,7 @@ fn run_engine(
         None => placement::initial_placement(config.args.initial_placement, &shape, num_nodes)
             .map_err(|e| anyhow!("--initial-placement: {e}"))?,
     };
-    let store = WeightStore::open(&config.weights, &shape)?;
+    let store = WeightStore::from_config(&config)?;
     let routers = (0..shape.num_layers)
         .map(|l| store.router(l))
         .collect::<Result<Vec<_>>>()?;

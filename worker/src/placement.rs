@@ -268,8 +268,9 @@ mod tests {
                 {"device_id": 1, "device_expert": [2, 3]}, {"device_id": 0, "device_expert": [1, 0]}]},
             {"layer_id": 1, "device_count": 2, "device_list": [
                 {"device_id": 0, "device_expert": [0, 1]}, {"device_id": 1, "device_expert": [2, 3]}]}]}"#;
+        // Devices are read by list position, as vllm-ascend does (device_id is not read).
         let doc = parse_placement_file(ascend, &s, 1).unwrap();
-        assert_eq!(doc.phy2log, vec![vec![1, 0, 2, 3], vec![0, 1, 2, 3]]);
+        assert_eq!(doc.phy2log, vec![vec![2, 3, 1, 0], vec![0, 1, 2, 3]]);
         let err =
             parse_placement_file(&ascend.replace("[2, 3]}]}]}", "[2, 2]}]}]}"), &s, 1).unwrap_err();
         assert!(err.contains("expert 3"), "{err}");

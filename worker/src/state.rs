@@ -45,6 +45,8 @@ pub struct Shared {
     pub rank: usize,
     pub world: usize,
     pub shape: ModelShape,
+    /// The model description `GET /v1/model` returns.
+    pub model: std::sync::Arc<moe_model::ModelDescription>,
     pub token_file: Option<PathBuf>,
     pub metrics: Metrics,
     pub ready: AtomicBool,
@@ -74,6 +76,7 @@ impl Shared {
         rank: usize,
         world: usize,
         shape: ModelShape,
+        model: std::sync::Arc<moe_model::ModelDescription>,
         token_file: Option<PathBuf>,
         window: usize,
     ) -> Shared {
@@ -81,6 +84,7 @@ impl Shared {
             rank,
             world,
             shape,
+            model,
             token_file,
             metrics: Metrics::new(rank),
             ready: AtomicBool::new(false),

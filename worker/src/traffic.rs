@@ -321,9 +321,8 @@ mod tests {
     use super::*;
     use crate::config::Scoring;
     use crate::config::WeightsSource;
-    use crate::exec::gating;
     use crate::weights::WeightStore;
-    use moe_kernels::{Matrix, cpu};
+    use moe_kernels::{GatingConfig, Matrix, cpu};
 
     fn shape() -> ModelShape {
         ModelShape {
@@ -354,7 +353,13 @@ mod tests {
         let b = g.batch(step, 0);
         let x = Matrix::from_vec(b.x.len() / s.hidden, s.hidden, b.x).unwrap();
         let logits = cpu::router_logits(&x, &routers[1]).unwrap();
-        let ids = cpu::gating_topk(&logits, &gating(s), None).unwrap().ids;
+        let ids = cpu::gating_topk(
+            &logits,
+            &GatingConfig::softmax(s.num_experts, s.top_k, true),
+            None,
+        )
+        .unwrap()
+        .ids;
         let mut h = vec![0; s.num_experts];
         for t in ids.chunks(s.top_k) {
             h[t[0] as usize] += 1;

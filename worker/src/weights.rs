@@ -1,24 +1,22 @@
-//! Expert and router weights: synthetic (seeded, identical on every rank) or safetensors files
-//! in the Hugging Face MoE layout, of which a rank reads only its slots' experts.
+//! Expert, router, correction-bias and shared-expert weights: synthetic (seeded, identical on
+//! every rank) or a checkpoint read through its model description, of which a rank reads only
+//! its slots' experts (plus every MoE layer's router, bias and shared experts).
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use half::bf16;
+use moe_model::ModelDescription;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use safetensors::Dtype;
-use safetensors::tensor::TensorInfo;
 
-use crate::config::{ModelShape, WeightsSource};
+use crate::checkpoint::Checkpoint;
+use crate::config::{Config, ModelShape, Scoring, WeightsSource};
 use crate::placement::splitmix64;
 
 pub use moe_kernels::ExpertWeights;
-use moe_kernels::{Bf16Matrix, Matrix};
+use moe_kernels::{Bf16Matrix, F32Matrix, Matrix};
 
 fn bf16_bytes(out: &mut Vec<u8>, v: &[bf16]) {
     for x in v {
@@ -147,144 +145,211 @@ pub fn expert_name(layer: usize, expert: u32, proj: &str) -> String {
     format!("model.layers.{layer}.mlp.experts.{expert}.{proj}.weight")
 }
 
-/// Index of the tensors in a directory of `.safetensors` files (headers only).
-pub struct SafetensorsIndex {
-    tensors: HashMap<String, (PathBuf, u64, TensorInfo)>,
+/// An expert MLP of any size from Hugging Face projections (`gate`, `up`: `[I, H]`, `down`:
+/// `[H, I]`).
+fn mlp_from_projections(
+    gate: Vec<bf16>,
+    up: Vec<bf16>,
+    down: Vec<bf16>,
+    hidden: usize,
+    intermediate: usize,
+) -> Result<ExpertWeights> {
+    let mut w1 = gate;
+    w1.extend(up);
+    let w1 = Matrix::from_vec(2 * intermediate, hidden, w1).map_err(|e| anyhow!("{e}"))?;
+    let w2 = Matrix::from_vec(hidden, intermediate, down).map_err(|e| anyhow!("{e}"))?;
+    ExpertWeights::new(w1, w2).map_err(|e| anyhow!("{e}"))
 }
 
-impl SafetensorsIndex {
-    pub fn open(dir: &Path) -> Result<SafetensorsIndex> {
-        let mut tensors = HashMap::new();
-        let entries =
-            std::fs::read_dir(dir).with_context(|| format!("reading weights directory {dir:?}"))?;
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            bail!("no .safetensors files in {dir:?}");
-        }
-        for path in files {
-            let mut f = File::open(&path).with_context(|| format!("opening {path:?}"))?;
-            let mut len = [0u8; 8];
-            f.read_exact(&mut len)
-                .with_context(|| format!("reading the header size of {path:?}"))?;
-            let n = u64::from_le_bytes(len);
-            if n > 100 << 20 {
-                bail!("{path:?}: header of {n} bytes is implausibly large");
-            }
-            let mut header = vec![0u8; n as usize];
-            f.read_exact(&mut header)
-                .with_context(|| format!("reading the header of {path:?}"))?;
-            let map: HashMap<String, serde_json::Value> = serde_json::from_slice(&header)
-                .with_context(|| format!("parsing the header of {path:?}"))?;
-            for (name, v) in map {
-                if name == "__metadata__" {
-                    continue;
-                }
-                let info: TensorInfo = serde_json::from_value(v)
-                    .with_context(|| format!("{path:?}: tensor {name}"))?;
-                tensors.insert(name, (path.clone(), 8 + n, info));
-            }
-        }
-        Ok(SafetensorsIndex { tensors })
-    }
-
-    /// Reads one tensor as bf16 (converting from f16 or f32), checking its shape.
-    pub fn read_bf16(&self, name: &str, shape: &[usize]) -> Result<Vec<bf16>> {
-        let (path, base, info) = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| anyhow!("tensor {name} not found in the weights directory"))?;
-        if info.shape != shape {
-            bail!(
-                "tensor {name} has shape {:?}, expected {shape:?}",
-                info.shape
-            );
-        }
-        let (start, end) = info.data_offsets;
-        let mut f = File::open(path).with_context(|| format!("opening {path:?}"))?;
-        f.seek(SeekFrom::Start(base + start as u64))?;
-        let mut raw = vec![0u8; end.saturating_sub(start)];
-        f.read_exact(&mut raw)
-            .with_context(|| format!("reading tensor {name} from {path:?}"))?;
-        let count: usize = shape.iter().product();
-        let out: Vec<bf16> = match info.dtype {
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|c| bf16::from_f32(half::f16::from_le_bytes([c[0], c[1]]).to_f32()))
-                .collect(),
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-                .collect(),
-            other => bail!("tensor {name} has dtype {other:?}; supported: BF16, F16, F32"),
-        };
-        if out.len() != count {
-            bail!("tensor {name}: {} elements, expected {count}", out.len());
-        }
-        Ok(out)
-    }
+/// The experts every token of a MoE layer goes through besides the routed ones (every rank
+/// holds them; EPLB does not place them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedExpert {
+    /// The shared MLP (DeepSeek's `n_shared_experts` fused into one, as checkpoints store it).
+    pub mlp: ExpertWeights,
+    /// Qwen2-MoE's `shared_expert_gate` `[H]`: the MLP's output is scaled by
+    /// `sigmoid(gate · x)`.
+    pub gate: Option<Vec<f32>>,
 }
 
-/// Loads weights on demand from the configured source.
+/// Key of synthetic tensors that are not routed experts (never a real expert id).
+const SHARED_KEY: u64 = u64::MAX - 1;
+const BIAS_KEY: u64 = u64::MAX - 2;
+const SHARED_GATE_KEY: u64 = u64::MAX - 3;
+
+/// Loads weights on demand from the configured source. Layer `l` is MoE layer `l` (the
+/// checkpoint's decoder layer `model.moe_layers[l]`).
 pub enum WeightStore {
     Synthetic {
         seed: u64,
         shape: ModelShape,
+        model: Arc<ModelDescription>,
     },
     Files {
-        index: SafetensorsIndex,
+        checkpoint: Arc<Checkpoint>,
         shape: ModelShape,
     },
 }
 
 impl WeightStore {
+    /// The store of a validated configuration.
+    pub fn from_config(config: &Config) -> Result<WeightStore> {
+        Ok(match (&config.weights, &config.checkpoint) {
+            (WeightsSource::Synthetic { seed }, _) => WeightStore::Synthetic {
+                seed: *seed,
+                shape: config.shape,
+                model: config.model.clone(),
+            },
+            (WeightsSource::Safetensors { .. }, Some(ck)) => WeightStore::Files {
+                checkpoint: ck.clone(),
+                shape: config.shape,
+            },
+            (WeightsSource::Safetensors { dir }, None) => {
+                bail!("the checkpoint {dir:?} was not opened")
+            }
+        })
+    }
+
+    /// A store for `shape` alone: synthetic weights gate as the shape's scoring says (no
+    /// family); a directory is opened with its own config.json.
     pub fn open(source: &WeightsSource, shape: &ModelShape) -> Result<WeightStore> {
         Ok(match source {
             WeightsSource::Synthetic { seed } => WeightStore::Synthetic {
                 seed: *seed,
                 shape: *shape,
+                model: Arc::new(crate::model::synthetic(
+                    None,
+                    crate::model::SyntheticShape {
+                        num_layers: shape.num_layers,
+                        num_experts: shape.num_experts,
+                        hidden: shape.hidden,
+                        intermediate: shape.intermediate,
+                        top_k: shape.top_k,
+                        expert_groups: shape.expert_groups,
+                        topk_groups: shape.topk_groups,
+                        scoring: match shape.scoring {
+                            Scoring::Softmax => moe_model::Scoring::Softmax,
+                            Scoring::Sigmoid => moe_model::Scoring::Sigmoid,
+                        },
+                    },
+                )),
             },
-            WeightsSource::Safetensors { dir } => WeightStore::Files {
-                index: SafetensorsIndex::open(dir)?,
-                shape: *shape,
-            },
+            WeightsSource::Safetensors { dir } => {
+                let desc = ModelDescription::from_path(dir)?;
+                WeightStore::Files {
+                    checkpoint: Arc::new(Checkpoint::open(dir, desc)?),
+                    shape: *shape,
+                }
+            }
         })
     }
 
-    /// Router weight of `layer`, `[experts, hidden]`.
-    pub fn router(&self, layer: usize) -> Result<Bf16Matrix> {
-        let (data, shape) = match self {
-            WeightStore::Synthetic { seed, shape } => {
-                (synthetic_router(*seed, layer, shape), shape)
-            }
-            WeightStore::Files { index, shape } => (
-                index.read_bf16(&router_name(layer), &[shape.num_experts, shape.hidden])?,
-                shape,
-            ),
-        };
-        Matrix::from_vec(shape.num_experts, shape.hidden, data).map_err(|e| anyhow!("{e}"))
+    /// The model description the weights belong to.
+    pub fn model(&self) -> &ModelDescription {
+        match self {
+            WeightStore::Synthetic { model, .. } => model,
+            WeightStore::Files { checkpoint, .. } => checkpoint.description(),
+        }
     }
 
-    pub fn expert(&self, layer: usize, expert: u32) -> Result<ExpertWeights> {
+    fn shape(&self) -> &ModelShape {
         match self {
-            WeightStore::Synthetic { seed, shape } => {
+            WeightStore::Synthetic { shape, .. } | WeightStore::Files { shape, .. } => shape,
+        }
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<()> {
+        let n = self.model().num_moe_layers();
+        if layer >= n {
+            bail!("MoE layer {layer} does not exist (the model has {n})");
+        }
+        Ok(())
+    }
+
+    /// Router weight of `layer`, `[experts, hidden]`, in f32 as stored (DeepSeek keeps fp32
+    /// routers).
+    pub fn router_f32(&self, layer: usize) -> Result<F32Matrix> {
+        self.check_layer(layer)?;
+        let s = self.shape();
+        let data = match self {
+            WeightStore::Synthetic { seed, shape, .. } => synthetic_router(*seed, layer, shape)
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+            WeightStore::Files { checkpoint, .. } => checkpoint.router(layer)?,
+        };
+        Matrix::from_vec(s.num_experts, s.hidden, data).map_err(|e| anyhow!("{e}"))
+    }
+
+    /// Router weight of `layer` rounded to bf16 (the traffic generator and the CUDA backend).
+    pub fn router(&self, layer: usize) -> Result<Bf16Matrix> {
+        let r = self.router_f32(layer)?;
+        Matrix::from_f32(r.rows(), r.cols(), r.as_slice()).map_err(|e| anyhow!("{e}"))
+    }
+
+    /// DeepSeek-V3's score-correction bias of `layer` (`[experts]`), used for the choice only.
+    pub fn correction_bias(&self, layer: usize) -> Result<Option<Vec<f32>>> {
+        self.check_layer(layer)?;
+        match self {
+            WeightStore::Synthetic { seed, model, .. } => Ok(model.correction_bias.then(|| {
+                let mut rng = seeded(*seed, layer as u64, BIAS_KEY);
+                // Of the order of the sigmoid scores' spread, so it changes choices.
+                uniform(&mut rng, model.num_experts, 0.1)
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect()
+            })),
+            WeightStore::Files { checkpoint, .. } => Ok(checkpoint.correction_bias(layer)?),
+        }
+    }
+
+    /// The shared experts of `layer`, when the model has any.
+    pub fn shared(&self, layer: usize) -> Result<Option<SharedExpert>> {
+        self.check_layer(layer)?;
+        let h = self.shape().hidden;
+        match self {
+            WeightStore::Synthetic { seed, model, .. } => {
+                let Some(s) = model.shared else {
+                    return Ok(None);
+                };
+                let i = s.intermediate;
+                let mut rng = seeded(*seed, layer as u64, SHARED_KEY);
+                let a = 1.0 / (h as f32).sqrt();
+                let gate = uniform(&mut rng, i * h, a);
+                let up = uniform(&mut rng, i * h, a);
+                let down = uniform(&mut rng, h * i, 1.0 / (i as f32).sqrt());
+                let sgate = s.gated.then(|| {
+                    let mut rng = seeded(*seed, layer as u64, SHARED_GATE_KEY);
+                    uniform(&mut rng, h, a).iter().map(|v| v.to_f32()).collect()
+                });
+                Ok(Some(SharedExpert {
+                    mlp: mlp_from_projections(gate, up, down, h, i)?,
+                    gate: sgate,
+                }))
+            }
+            WeightStore::Files { checkpoint, .. } => {
+                let Some(((g, u, d), gate)) = checkpoint.shared(layer)? else {
+                    return Ok(None);
+                };
+                let i = g.len() / h;
+                Ok(Some(SharedExpert {
+                    mlp: mlp_from_projections(g, u, d, h, i)?,
+                    gate,
+                }))
+            }
+        }
+    }
+
+    /// Routed expert `expert` of `layer` (bf16; FP8 checkpoints are dequantised).
+    pub fn expert(&self, layer: usize, expert: u32) -> Result<ExpertWeights> {
+        self.check_layer(layer)?;
+        match self {
+            WeightStore::Synthetic { seed, shape, .. } => {
                 Ok(synthetic_expert(*seed, layer, expert, shape))
             }
-            WeightStore::Files { index, shape } => {
-                let (h, i) = (shape.hidden, shape.intermediate);
-                expert_from_projections(
-                    index.read_bf16(&expert_name(layer, expert, "gate_proj"), &[i, h])?,
-                    index.read_bf16(&expert_name(layer, expert, "up_proj"), &[i, h])?,
-                    index.read_bf16(&expert_name(layer, expert, "down_proj"), &[h, i])?,
-                    shape,
-                )
+            WeightStore::Files { checkpoint, shape } => {
+                let (g, u, d) = checkpoint.expert(layer, expert as usize)?;
+                expert_from_projections(g, u, d, shape)
             }
         }
     }
@@ -312,7 +377,7 @@ impl WeightStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Scoring;
+    use safetensors::Dtype;
 
     pub(crate) fn small_shape() -> ModelShape {
         ModelShape {
@@ -386,6 +451,16 @@ mod tests {
             let path = dir.path().join(format!("model-{layer:05}.safetensors"));
             safetensors::serialize_to_file(views, None, &path).unwrap();
         }
+        let config = |hidden: usize| {
+            format!(
+                r#"{{"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+                "num_hidden_layers": {}, "num_experts": {}, "hidden_size": {hidden},
+                "moe_intermediate_size": {}, "num_experts_per_tok": {}, "norm_topk_prob": true,
+                "dtype": "bfloat16"}}"#,
+                s.num_layers, s.num_experts, s.intermediate, s.top_k
+            )
+        };
+        std::fs::write(dir.path().join("config.json"), config(s.hidden)).unwrap();
         let src = WeightsSource::Safetensors {
             dir: dir.path().to_path_buf(),
         };
@@ -401,10 +476,12 @@ mod tests {
             assert!(Arc::ptr_eq(&slots[0], &slots[2]));
         }
         let err = store.expert(5, 0).unwrap_err().to_string();
-        assert!(err.contains("model.layers.5"), "{err}");
-        let mut wrong = s;
-        wrong.hidden = 4;
-        let store = WeightStore::open(&src, &wrong).unwrap();
-        assert!(store.router(0).unwrap_err().to_string().contains("shape"));
+        assert!(err.contains("MoE layer 5"), "{err}");
+        std::fs::write(dir.path().join("config.json"), config(4)).unwrap();
+        let err = WeightStore::open(&src, &s).err().unwrap().to_string();
+        assert!(
+            err.contains("model.layers.0.mlp.gate.weight") && err.contains("shape"),
+            "{err}"
+        );
     }
 }

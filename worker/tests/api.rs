@@ -72,6 +72,14 @@ async fn endpoints_and_remap_admission() {
     let current: PlacementDocument = get_json(&g.url(0, "/v1/placement")).await;
     assert_eq!(current.generation, 0);
     assert_eq!(current.phy2log, vec![vec![0, 1, 2, 3]; 2]);
+    // The model description, with the keys other tools read.
+    let model: serde_json::Value = get_json(&g.url(0, "/v1/model")).await;
+    assert_eq!(model["architecture"], "synthetic");
+    assert_eq!(model["numExperts"], 4);
+    assert_eq!(model["moeLayers"], serde_json::json!([0, 1]));
+    assert_eq!(model["scoring"], "softmax");
+    assert_eq!(model["sharedExperts"], 0);
+    assert_eq!(model["weightDtype"], "bf16");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let load: LoadReport = get_json(&g.url(0, "/v1/load")).await;
     assert_eq!(load.slot_counts.len(), 2);

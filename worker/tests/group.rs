@@ -30,6 +30,14 @@ fn flags(dir: &std::path::Path, rank: usize) -> Vec<String> {
         "48",
         "--top-k",
         "2",
+        // DeepSeek-V3 gating on synthetic weights: sigmoid, correction bias, groups scored by
+        // their top two, scaling 2.5, a shared expert on every rank.
+        "--family",
+        "deepseek_v3",
+        "--expert-groups",
+        "4",
+        "--topk-groups",
+        "2",
         "--traffic-tokens-per-step",
         "24",
         "--traffic-skew",
@@ -220,12 +228,10 @@ async fn multi_rank_group_matches_reference_and_async_remap_lowers_par() {
     let sinks = g.stop().await;
 
     // Every step of every rank, under every placement, equals the single-process reference.
-    let store = WeightStore::open(
-        &WeightsSource::Synthetic { seed: 11 },
-        &config(0, WORLD, 1, &flags(dir.path(), 0)).shape,
-    )
-    .unwrap();
-    let shape = config(0, WORLD, 1, &flags(dir.path(), 0)).shape;
+    let cfg = config(0, WORLD, 1, &flags(dir.path(), 0));
+    let store = WeightStore::from_config(&cfg).unwrap();
+    assert!(store.model().correction_bias && store.model().shared.is_some());
+    let shape = cfg.shape;
     let mut generations = BTreeSet::new();
     let mut checked = 0;
     for (rank, rx) in sinks.into_iter().enumerate() {

@@ -131,6 +131,21 @@ fn invalid_flags_are_named() {
     let (code, err) = wait_exit(&mut child, Duration::from_secs(30));
     assert_eq!(code, 2);
     assert!(err.contains("--redundant-experts"), "{err}");
+    // A checkpoint of an architecture the worker does not know: exit 2 before the group forms.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}"#,
+    )
+    .unwrap();
+    let weights = dir.path().to_string_lossy().into_owned();
+    let mut child = worker(0, 1, free_port(), free_port(), &["--weights", &weights]);
+    let (code, err) = wait_exit(&mut child, Duration::from_secs(30));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--weights") && err.contains("unknown architecture `LlamaForCausalLM`"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -25,7 +25,7 @@ pub use ffn::{DeviceExperts, ExpertStaging, FfnStrategy};
 pub use layer::EpLayer;
 
 use crate::error::{KernelError, Result, invalid};
-use crate::routing::{EpTopology, GatingConfig, ReplicaMap, Scoring};
+use crate::routing::{EpTopology, GatingConfig, GroupScore, ReplicaMap, Scoring};
 use crate::tensor::Matrix;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr,
@@ -409,6 +409,12 @@ impl Gpu {
         }
         if cfg.top_k > 32 {
             return invalid("gating: the GPU kernel supports top_k <= 32");
+        }
+        if cfg.num_groups > 1 && cfg.group_score != GroupScore::Top2Sum {
+            return invalid(
+                "gating: the GPU kernel scores expert groups by their top two; DeepSeek-V2 group \
+                 scores (the group's max) run on the CPU backend only for now",
+            );
         }
         if let Some(b) = bias
             && b.len() != e

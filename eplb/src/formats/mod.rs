@@ -1,0 +1,283 @@
+//! The files other engines and tools read and write, and the decoder-layer layout that links
+//! their layer numbering to ours.
+//!
+//! | format | role | module |
+//! |---|---|---|
+//! | `[L][E]`, `[W][L][E]`, `{"windows": [W][L][E]}` | loads (this project) | [`crate::load`] |
+//! | OpenEvolve EPLB data set `{"load_history": [{"logical_expert_load": [L][E]}]}` | loads | [`crate::load`] |
+//! | vLLM `expert_load_window` `[W][L][P]` per slot, `physical_to_logical_map` with -1 | loads, placements | [`vllm`] |
+//! | SGLang `{"logical_count"}` JSON and recorder `.pt` dump, `{"physical_to_logical_map"}` | loads, placements | [`sglang`], [`torch_save`] |
+//! | vllm-ascend expert map | placements | [`ascend`] |
+//!
+//! Readers return notes (one line each) for what they had to assume; callers print them.
+
+pub mod ascend;
+pub mod layout;
+pub mod sglang;
+pub mod torch_save;
+pub mod vllm;
+
+use serde_json::Value;
+
+pub use layout::DecoderLayout;
+
+use crate::error::{EplbError, Result};
+use crate::load::{LoadHistory, matrix};
+use crate::placement::Placement;
+
+/// A load read from a file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadFile {
+    /// One row per MoE layer.
+    pub history: LoadHistory,
+    /// The format found, in words.
+    pub format: &'static str,
+    /// The decoder-layer layout, when the file numbers decoder layers (SGLang).
+    pub layout: Option<DecoderLayout>,
+    pub notes: Vec<String>,
+}
+
+/// The zip local-file magic: `torch.save` files start with it.
+pub fn is_zip(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"PK\x03\x04")
+}
+
+/// Reads a load from file contents: a `torch.save` dump (SGLang) or any JSON load format.
+/// `layout` is used for SGLang's decoder-layer rows.
+pub fn read_load_bytes(bytes: &[u8], layout: Option<&DecoderLayout>) -> Result<LoadFile> {
+    if is_zip(bytes) {
+        return sglang::read_dump(bytes, layout);
+    }
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| EplbError::Load(format!("not valid JSON: {e}")))?;
+    read_load_json(&v, layout)
+}
+
+const LOAD_FORMATS: &str = "expected [L][E], [W][L][E], {\"windows\": ...}, OpenEvolve's {\"load_history\": ...} or SGLang's {\"logical_count\": ...}";
+
+/// Reads a load from JSON in any format of the table above.
+pub fn read_load_json(v: &Value, layout: Option<&DecoderLayout>) -> Result<LoadFile> {
+    let plain = |history, format| {
+        Ok(LoadFile {
+            history,
+            format,
+            layout: None,
+            notes: Vec::new(),
+        })
+    };
+    match v {
+        Value::Array(rows) => {
+            let three_d = rows
+                .first()
+                .and_then(Value::as_array)
+                .and_then(|r| r.first())
+                .is_some_and(Value::is_array);
+            if three_d {
+                let windows = rows
+                    .iter()
+                    .enumerate()
+                    .map(|(w, m)| matrix(m, &format!("window {w}")))
+                    .collect::<Result<Vec<_>>>()?;
+                plain(LoadHistory::new(windows)?, "[W][L][E] array")
+            } else {
+                plain(LoadHistory::new(vec![matrix(v, "load")?])?, "[L][E] array")
+            }
+        }
+        Value::Object(o) => {
+            if let Some(ws) = o.get("windows") {
+                let arr = ws
+                    .as_array()
+                    .ok_or_else(|| EplbError::Load("\"windows\" must be an array".into()))?;
+                let windows = arr
+                    .iter()
+                    .enumerate()
+                    .map(|(w, m)| matrix(m, &format!("window {w}")))
+                    .collect::<Result<Vec<_>>>()?;
+                plain(LoadHistory::new(windows)?, "moectl windows")
+            } else if let Some(h) = o.get("load_history") {
+                plain(openevolve(h)?, "OpenEvolve EPLB data set (load_history)")
+            } else if let Some(lc) = o.get("logical_count") {
+                sglang::load_from_passes(
+                    sglang::logical_count_passes(lc)?,
+                    layout,
+                    "SGLang logical_count",
+                )
+            } else {
+                Err(EplbError::Load(LOAD_FORMATS.into()))
+            }
+        }
+        _ => Err(EplbError::Load(LOAD_FORMATS.into())),
+    }
+}
+
+/// The OpenEvolve EPLB data set's `load_history`: one `logical_expert_load` `[L][E]` per
+/// record, oldest first (OpenEvolve `examples/eplb`, data `expert-load.json`).
+fn openevolve(h: &Value) -> Result<LoadHistory> {
+    let arr = h
+        .as_array()
+        .ok_or_else(|| EplbError::Load("\"load_history\" must be an array".into()))?;
+    let windows = arr
+        .iter()
+        .enumerate()
+        .map(|(w, rec)| {
+            let m = rec.get("logical_expert_load").ok_or_else(|| {
+                EplbError::Load(format!(
+                    "load_history[{w}] has no \"logical_expert_load\" (OpenEvolve EPLB data set format)"
+                ))
+            })?;
+            matrix(m, &format!("load_history[{w}]"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    LoadHistory::new(windows)
+}
+
+/// What a placement reader may need besides the file.
+#[derive(Debug, Clone, Default)]
+pub struct PlacementContext<'a> {
+    /// Routed experts E (from the load); otherwise the largest id + 1.
+    pub num_experts: Option<usize>,
+    /// Ranks, for formats that do not say (SGLang).
+    pub num_ranks: Option<usize>,
+    /// Nodes (default 1).
+    pub num_nodes: Option<usize>,
+    /// Decoder-layer layout, for formats with one row per decoder layer (SGLang).
+    pub layout: Option<&'a DecoderLayout>,
+}
+
+/// Reads a placement from JSON: the `moectl plan` output (`phy2log`, -1 allowed as in vLLM),
+/// the operator's placement document, a vllm-ascend expert map or SGLang's
+/// `{"physical_to_logical_map"}`. Returns the placement, the format found and notes.
+pub fn read_placement_json(
+    v: &Value,
+    ctx: &PlacementContext,
+) -> Result<(Placement, &'static str, Vec<String>)> {
+    let nodes = ctx
+        .num_nodes
+        .or_else(|| {
+            v.get("num_nodes")
+                .and_then(Value::as_u64)
+                .map(|n| n as usize)
+        })
+        .unwrap_or(1);
+    if v.get("layer_list").is_some() {
+        let r = ascend::read(v, ctx.num_experts, nodes)?;
+        return Ok((r.placement, "vllm-ascend expert map", r.notes));
+    }
+    if v.get("physical_to_logical_map").is_some() {
+        let ranks = ctx.num_ranks.ok_or_else(|| {
+            EplbError::Placement(
+                "an SGLang physical_to_logical_map does not say how many ranks it spans: pass --ranks"
+                    .into(),
+            )
+        })?;
+        // Its rows are decoder layers; which of them are dense cannot be told from the rows.
+        let layout = ctx.layout.ok_or_else(|| {
+            EplbError::Placement(
+                "an SGLang physical_to_logical_map has one row per decoder layer: pass --first-dense K (0 if every layer is MoE) or --decoder-layers N --moe-layers i,j,.."
+                    .into(),
+            )
+        })?;
+        let p = sglang::read_placement(v, ctx.num_experts, ranks, nodes, Some(layout))?;
+        return Ok((p, "SGLang physical_to_logical_map", Vec::new()));
+    }
+    if v.get("numLogicalExperts").is_some() {
+        let doc: moe_api::PlacementDocument = serde_json::from_value(v.clone())
+            .map_err(|e| EplbError::Placement(format!("bad placement document: {e}")))?;
+        return Ok((
+            Placement::from_document(&doc)?,
+            "placement document",
+            Vec::new(),
+        ));
+    }
+    if let Some(rows) = v.get("phy2log") {
+        let field = |k: &str| -> Result<usize> {
+            v.get(k)
+                .and_then(Value::as_u64)
+                .map(|x| x as usize)
+                .ok_or_else(|| EplbError::Placement(format!("missing or bad field {k}")))
+        };
+        let (p, notes) = vllm::read_phy2log(
+            rows,
+            field("num_logical_experts")?,
+            field("num_ranks")?,
+            nodes,
+        )?;
+        if let Some(l) = v.get("num_layers").and_then(Value::as_u64)
+            && l as usize != p.num_layers
+        {
+            return Err(EplbError::Placement(format!(
+                "num_layers is {l} but phy2log has {} layers",
+                p.num_layers
+            )));
+        }
+        return Ok((p, "moectl placement (phy2log)", notes));
+    }
+    Err(EplbError::Placement(
+        "unrecognised placement JSON (expected phy2log, a placement document, a vllm-ascend expert map or SGLang's physical_to_logical_map)"
+            .into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_load_format_reads() {
+        let f = |t: &str| read_load_json(&serde_json::from_str(t).unwrap(), None);
+        assert_eq!(f("[[1, 2], [3, 4]]").unwrap().history.num_windows(), 1);
+        let w = f("[[[1, 2]], [[3, 4]]]").unwrap();
+        assert_eq!(w.history.num_windows(), 2);
+        assert_eq!(w.format, "[W][L][E] array");
+        let o = f(r#"{"load_history": [{"logical_expert_load": [[1, 2]]}]}"#).unwrap();
+        assert!(o.format.starts_with("OpenEvolve"));
+        let s = f(r#"{"logical_count": [[[0, 0], [1, 2]], [[0, 0], [0, 0]], [[0, 0], [3, 1]]]}"#)
+            .unwrap();
+        assert_eq!(s.history.windows(), &[vec![vec![4.0, 3.0]]]);
+        assert_eq!(s.layout.unwrap().dense_layers(), vec![0]);
+        let e = f(r#"{"load_history": [{"x": 1}]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("OpenEvolve"), "{e}");
+        assert!(
+            f(r#"{"x": 1}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("logical_count")
+        );
+        assert!(read_load_bytes(b"not json", None).is_err());
+    }
+
+    #[test]
+    fn placement_dispatch() {
+        let ctx = PlacementContext::default();
+        let v: Value =
+            serde_json::from_str(r#"{"physical_to_logical_map": [[0, 1, 2, 0]]}"#).unwrap();
+        let e = read_placement_json(&v, &ctx).unwrap_err().to_string();
+        assert!(e.contains("--ranks"), "{e}");
+        let ctx = PlacementContext {
+            num_ranks: Some(2),
+            ..Default::default()
+        };
+        let e = read_placement_json(&v, &ctx).unwrap_err().to_string();
+        assert!(e.contains("--first-dense"), "{e}");
+        let layout = DecoderLayout::all_moe(1).unwrap();
+        let ctx = PlacementContext {
+            num_ranks: Some(2),
+            layout: Some(&layout),
+            ..Default::default()
+        };
+        let (p, f, _) = read_placement_json(&v, &ctx).unwrap();
+        assert_eq!(
+            (p.num_logical_experts, f),
+            (3, "SGLang physical_to_logical_map")
+        );
+        let v: Value = serde_json::from_str(
+            r#"{"num_logical_experts": 3, "num_ranks": 3, "phy2log": [[0, 1, -1, -1, 2, 0]]}"#,
+        )
+        .unwrap();
+        let (p, _, notes) = read_placement_json(&v, &ctx).unwrap();
+        assert_eq!(p.num_ranks, 2);
+        assert_eq!(notes.len(), 1);
+    }
+}

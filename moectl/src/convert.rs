@@ -1,0 +1,136 @@
+//! `moectl convert`: a placement or a load from one engine's format to another's.
+
+use std::path::Path;
+
+use clap::ValueEnum;
+use eplb::formats;
+use serde_json::Value;
+
+use crate::inputs::{self, LayoutArgs};
+use crate::outputs::{self, Format, LoadFormat};
+use crate::{Fail, write_out};
+
+/// Every format `convert` writes.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum ConvertTo {
+    /// Placement: moectl's JSON.
+    Placement,
+    /// Placement: vllm-ascend's expert map.
+    AscendExpertMap,
+    /// Placement: SGLang's `{"physical_to_logical_map"}`.
+    Sglang,
+    /// Placement: the operator's placement document.
+    Document,
+    /// Load: `{"windows": [W][L][E]}`.
+    Windows,
+    /// Load: the OpenEvolve EPLB data set's `{"load_history": [...]}`.
+    Openevolve,
+    /// Load: SGLang's `{"logical_count": [W][decoder layers][E]}`.
+    SglangLogicalCount,
+}
+
+impl ConvertTo {
+    fn placement(self) -> Option<Format> {
+        match self {
+            ConvertTo::Placement => Some(Format::Placement),
+            ConvertTo::AscendExpertMap => Some(Format::AscendExpertMap),
+            ConvertTo::Sglang => Some(Format::Sglang),
+            ConvertTo::Document => Some(Format::Document),
+            _ => None,
+        }
+    }
+    fn load(self) -> Option<LoadFormat> {
+        match self {
+            ConvertTo::Windows => Some(LoadFormat::Windows),
+            ConvertTo::Openevolve => Some(LoadFormat::Openevolve),
+            ConvertTo::SglangLogicalCount => Some(LoadFormat::SglangLogicalCount),
+            _ => None,
+        }
+    }
+}
+
+/// Everything `convert` takes.
+pub struct ConvertArgs<'a> {
+    pub input: &'a Path,
+    pub to: ConvertTo,
+    pub output: Option<&'a Path>,
+    pub ranks: Option<usize>,
+    pub experts: Option<usize>,
+    pub nodes: Option<usize>,
+    pub layout: &'a LayoutArgs,
+    pub physical_load: bool,
+    pub placement: Option<&'a Path>,
+}
+
+const PLACEMENT_KEYS: [&str; 4] = [
+    "layer_list",
+    "physical_to_logical_map",
+    "numLogicalExperts",
+    "phy2log",
+];
+
+/// True when the file is a placement (by its keys), false for a load.
+fn is_placement(path: &Path) -> Result<Option<Value>, Fail> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Fail(format!("cannot read input {}: {e}", path.display())))?;
+    if formats::is_zip(&bytes) {
+        return Ok(None);
+    }
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Fail(format!("{}: not valid JSON: {e}", path.display())))?;
+    Ok(PLACEMENT_KEYS
+        .iter()
+        .any(|k| v.get(k).is_some())
+        .then_some(v))
+}
+
+pub fn convert(a: &ConvertArgs) -> Result<Vec<String>, Fail> {
+    let mut notes = Vec::new();
+    let text = if let Some(v) = is_placement(a.input)? {
+        let Some(format) = a.to.placement() else {
+            return Err(Fail(format!(
+                "{} is a placement: --to must be placement, ascend-expert-map, sglang or document",
+                a.input.display()
+            )));
+        };
+        // SGLang's rows are decoder layers: the flags say which are MoE.
+        let input_layout = match v.get("physical_to_logical_map").and_then(Value::as_array) {
+            Some(rows) => a.layout.for_decoder_rows(rows.len())?,
+            None => None,
+        };
+        let p = inputs::read_placement(
+            a.input,
+            a.experts,
+            a.ranks,
+            a.nodes,
+            input_layout.as_ref(),
+            &mut notes,
+        )?;
+        let layout = match input_layout {
+            Some(l) => Some(l),
+            None => a.layout.for_moe_rows(p.num_layers)?,
+        };
+        outputs::write_placement(&p, format, layout.as_ref())?
+    } else {
+        let Some(format) = a.to.load() else {
+            return Err(Fail(format!(
+                "{} is a load: --to must be windows, openevolve or sglang-logical-count",
+                a.input.display()
+            )));
+        };
+        let mut load = inputs::read_load(a.input, a.layout)?;
+        let through = a
+            .placement
+            .map(|f| {
+                inputs::read_placement(f, None, a.ranks, a.nodes, load.layout.as_ref(), &mut notes)
+            })
+            .transpose()?;
+        if a.physical_load || through.is_some() {
+            inputs::settle_physical(&mut load, a.physical_load, through.as_ref(), "--placement")?;
+        }
+        notes.append(&mut load.notes);
+        outputs::write_load(&load.history, format, load.layout.as_ref())?
+    };
+    write_out(a.output, &text)?;
+    Ok(notes)
+}

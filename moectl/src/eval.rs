@@ -1,0 +1,185 @@
+//! `moectl eval`: PAR and balancedness of a placement under a load, migration cost from a
+//! previous placement, and the heatmap.
+
+use std::path::{Path, PathBuf};
+
+use eplb::metrics::{Balancedness, balancedness, migration_cost, score, score_history};
+use eplb::{LoadHistory, Placement};
+use serde_json::{Value, json};
+
+use crate::inputs::{self, LayoutArgs};
+use crate::{Fail, svg, write_out};
+
+/// Everything `eval` takes.
+pub struct EvalArgs<'a> {
+    pub placement: &'a Path,
+    pub load: &'a Path,
+    pub previous: Option<&'a Path>,
+    pub expert_bytes: u64,
+    pub as_json: bool,
+    pub ranks: Option<usize>,
+    pub svg: Option<&'a PathBuf>,
+    pub layout: &'a LayoutArgs,
+    pub physical_load: bool,
+}
+
+/// PAR per layer (mean over windows), its mean and worst, and both balancedness figures.
+struct Summary {
+    per_layer: Vec<f64>,
+    worst_window: Vec<f64>,
+    last_window: Vec<f64>,
+    mean: f64,
+    worst: f64,
+    mean_balancedness: f64,
+    engines: Balancedness,
+}
+
+fn summarize(p: &Placement, h: &LoadHistory) -> Result<Summary, Fail> {
+    let hs = score_history(p, h)?;
+    let last = score(p, h.last())?;
+    let mut worst_window = vec![1.0f64; p.num_layers];
+    for w in h.windows() {
+        for (l, x) in worst_window.iter_mut().enumerate() {
+            *x = x.max(eplb::layer_par(p, l, &w[l]));
+        }
+    }
+    Ok(Summary {
+        mean_balancedness: hs.mean_balancedness(),
+        engines: balancedness(p, h)?,
+        per_layer: hs.per_layer,
+        worst_window,
+        last_window: last.per_layer,
+        mean: hs.mean,
+        worst: hs.worst,
+    })
+}
+
+fn engines_json(b: &Balancedness) -> Value {
+    json!({"sglang_mean_inverse_par": b.sglang, "vllm_sum_mean_over_sum_max": b.vllm})
+}
+
+pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
+    let mut load = inputs::read_load(a.load, a.layout)?;
+    let mut notes = std::mem::take(&mut load.notes);
+    let experts = (!a.physical_load).then(|| load.history.num_experts());
+    let layout = load.layout.clone();
+    let p = inputs::read_placement(
+        a.placement,
+        experts,
+        a.ranks,
+        None,
+        layout.as_ref(),
+        &mut notes,
+    )?;
+    let prev = a
+        .previous
+        .map(|f| inputs::read_placement(f, experts, a.ranks, None, layout.as_ref(), &mut notes))
+        .transpose()?;
+    // A per-slot load was recorded while the previous placement served (or, without one, the
+    // evaluated placement).
+    let (through, flag) = match &prev {
+        Some(pp) => (pp, "--previous"),
+        None => (&p, "--placement"),
+    };
+    if a.physical_load {
+        inputs::settle_physical(&mut load, true, Some(through), flag)?;
+    } else {
+        inputs::settle_physical(&mut load, false, Some(&p), "--placement")?;
+    }
+    notes.append(&mut load.notes);
+    let history = load.history;
+    let now = summarize(&p, &history)?;
+    let before = match &prev {
+        Some(pp)
+            if pp.num_layers == p.num_layers && pp.num_logical_experts == p.num_logical_experts =>
+        {
+            Some(summarize(pp, &history)?)
+        }
+        _ => None,
+    };
+    let mig = match &prev {
+        Some(old) => Some(migration_cost(old, &p, a.expert_bytes)?),
+        None => None,
+    };
+    if let Some(path) = a.svg {
+        let mut panels = Vec::new();
+        if let Some(pp) = &prev {
+            panels.push(svg::Panel {
+                title: format!("before: {}", file_name(a.previous.unwrap_or(a.placement))),
+                placement: pp,
+            });
+        }
+        panels.push(svg::Panel {
+            title: format!(
+                "{}{}",
+                if prev.is_some() { "after: " } else { "" },
+                file_name(a.placement)
+            ),
+            placement: &p,
+        });
+        let doc = svg::render(&panels, &history, &file_name(a.load));
+        write_out(Some(path), &doc)?;
+    }
+    let windows = history.num_windows();
+    if a.as_json {
+        let layers: Vec<Value> = (0..p.num_layers)
+            .map(|l| {
+                json!({"layer": l, "par": now.per_layer[l], "balancedness": 1.0 / now.per_layer[l],
+                       "worst_window_par": now.worst_window[l], "last_window_par": now.last_window[l]})
+            })
+            .collect();
+        let mut v = json!({"windows": windows, "layers": layers, "mean_par": now.mean,
+                           "worst_par": now.worst, "mean_balancedness": now.mean_balancedness,
+                           "balancedness": engines_json(&now.engines)});
+        if let Some(m) = &mig {
+            v["migration"] = json!({"slots": m.slots, "bytes": m.bytes, "per_layer": m.per_layer});
+        }
+        if let Some(b) = &before {
+            v["previous"] = json!({"mean_par": b.mean, "worst_par": b.worst,
+                                   "per_layer_par": b.per_layer,
+                                   "balancedness": engines_json(&b.engines)});
+        }
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!("layer  PAR     balancedness  worst-window  last-window");
+        for (l, w) in now.worst_window.iter().enumerate() {
+            println!(
+                "{:<6} {:<7.4} {:<13.4} {:<13.4} {:.4}",
+                l,
+                now.per_layer[l],
+                1.0 / now.per_layer[l],
+                w,
+                now.last_window[l]
+            );
+        }
+        println!("windows: {windows}");
+        println!("mean PAR: {:.4}", now.mean);
+        println!("worst PAR: {:.4}", now.worst);
+        println!("mean balancedness: {:.4}", now.mean_balancedness);
+        println!(
+            "balancedness, SGLang (mean over layers of 1/PAR): {:.4}",
+            now.engines.sglang
+        );
+        println!(
+            "balancedness, vLLM (sum of mean rank loads / sum of max rank loads): {:.4}",
+            now.engines.vllm
+        );
+        if let Some(b) = &before {
+            println!(
+                "previous: mean PAR {:.4}, worst {:.4}, balancedness SGLang {:.4}, vLLM {:.4}",
+                b.mean, b.worst, b.engines.sglang, b.engines.vllm
+            );
+        }
+        if let Some(m) = &mig {
+            println!("migration: {} slots, {} bytes", m.slots, m.bytes);
+        }
+    }
+    Ok(notes)
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}

@@ -1,0 +1,202 @@
+//! Reading the files `moectl` takes: loads and placements in every format of
+//! `eplb::formats`, and the decoder-layer layout flags that SGLang's files need.
+//!
+//! Readers collect notes (what a file made us assume); `main` prints them to stderr only when
+//! the command succeeds, so that a failure stays one line.
+
+use std::path::Path;
+
+use clap::Args;
+use eplb::formats::{self, DecoderLayout, PlacementContext};
+use eplb::{LoadHistory, Placement};
+use serde_json::Value;
+
+use crate::Fail;
+
+/// Which decoder layers are MoE layers. SGLang's files have one row per decoder layer; loads
+/// read from them carry the layout (layers without tokens are dense), other inputs need these
+/// flags when SGLang output is asked for.
+#[derive(Args, Debug, Clone, Default)]
+pub struct LayoutArgs {
+    /// Decoder layers of the model, dense and MoE (default: the MoE layers plus --first-dense).
+    #[arg(long)]
+    pub decoder_layers: Option<usize>,
+    /// The first K decoder layers are dense, the rest MoE (DeepSeek-V3: 3; 0 when every layer
+    /// is MoE).
+    #[arg(long, conflicts_with = "moe_layers")]
+    pub first_dense: Option<usize>,
+    /// Decoder-layer numbers of the MoE layers, comma separated (with --decoder-layers).
+    #[arg(long, value_delimiter = ',', requires = "decoder_layers")]
+    pub moe_layers: Option<Vec<usize>>,
+}
+
+impl LayoutArgs {
+    fn given(&self) -> bool {
+        self.decoder_layers.is_some() || self.first_dense.is_some() || self.moe_layers.is_some()
+    }
+
+    /// The layout for a file with `rows` rows, one per decoder layer.
+    pub fn for_decoder_rows(&self, rows: usize) -> Result<Option<DecoderLayout>, Fail> {
+        if !self.given() {
+            return Ok(None);
+        }
+        if let Some(n) = self.decoder_layers
+            && n != rows
+        {
+            return Err(Fail(format!(
+                "--decoder-layers is {n} but the SGLang file has {rows} layers"
+            )));
+        }
+        self.build(rows).map(Some)
+    }
+
+    /// The layout for data with `moe_rows` MoE layers.
+    pub fn for_moe_rows(&self, moe_rows: usize) -> Result<Option<DecoderLayout>, Fail> {
+        if !self.given() {
+            return Ok(None);
+        }
+        let n = match (self.decoder_layers, self.first_dense) {
+            (Some(n), _) => n,
+            (None, Some(k)) => k + moe_rows,
+            (None, None) => unreachable!("--moe-layers requires --decoder-layers"),
+        };
+        let layout = self.build(n)?;
+        layout
+            .check_moe_rows(moe_rows, "the input")
+            .map_err(|e| Fail(format!("{e} (check --first-dense/--moe-layers)")))?;
+        Ok(Some(layout))
+    }
+
+    fn build(&self, n: usize) -> Result<DecoderLayout, Fail> {
+        let r = if let Some(list) = &self.moe_layers {
+            DecoderLayout::new(n, list)
+        } else if let Some(k) = self.first_dense {
+            if k >= n {
+                return Err(Fail(format!(
+                    "--first-dense {k} leaves no MoE layer of {n} decoder layers"
+                )));
+            }
+            DecoderLayout::first_dense(k, n - k)
+        } else {
+            return Err(Fail(
+                "--decoder-layers needs --first-dense K or --moe-layers i,j,.. to say which layers are MoE"
+                    .into(),
+            ));
+        };
+        r.map_err(|e| Fail(format!("layout flags: {e}")))
+    }
+}
+
+/// A load as read: MoE-layer rows, the layout when known, notes.
+pub struct LoadInput {
+    pub history: LoadHistory,
+    pub layout: Option<DecoderLayout>,
+    pub notes: Vec<String>,
+}
+
+fn read_bytes(path: &Path, what: &str) -> Result<Vec<u8>, Fail> {
+    std::fs::read(path).map_err(|e| Fail(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+fn at(path: &Path) -> impl Fn(eplb::EplbError) -> Fail + '_ {
+    move |e| Fail(format!("{}: {e}", path.display()))
+}
+
+/// Reads `--load` in any format (JSON or SGLang's `.pt` dump) and settles the layout: the
+/// flags win; a file with decoder-layer rows gives one otherwise.
+pub fn read_load(path: &Path, layout: &LayoutArgs) -> Result<LoadInput, Fail> {
+    let bytes = read_bytes(path, "load")?;
+    let mut file = formats::read_load_bytes(&bytes, None).map_err(at(path))?;
+    let mut notes = std::mem::take(&mut file.notes);
+    if let Some(found) = &file.layout {
+        if let Some(wanted) = layout.for_decoder_rows(found.num_decoder_layers())? {
+            if &wanted != found {
+                file = formats::read_load_bytes(&bytes, Some(&wanted)).map_err(at(path))?;
+                notes = std::mem::take(&mut file.notes);
+            }
+            // The flags said it: the note about guessed dense layers is noise.
+            notes.retain(|n| !n.contains("no routed tokens"));
+        }
+        return Ok(LoadInput {
+            history: file.history,
+            layout: file.layout,
+            notes: prefix(path, notes),
+        });
+    }
+    let layout = layout.for_moe_rows(file.history.num_layers())?;
+    Ok(LoadInput {
+        history: file.history,
+        layout,
+        notes: prefix(path, notes),
+    })
+}
+
+fn prefix(path: &Path, notes: Vec<String>) -> Vec<String> {
+    notes
+        .into_iter()
+        .map(|n| format!("{}: {n}", path.display()))
+        .collect()
+}
+
+/// Reads a placement in any format. `experts`: E from the load (mix_placement shared experts
+/// and SGLang need it); `ranks`: for SGLang's files, which do not say.
+pub fn read_placement(
+    path: &Path,
+    experts: Option<usize>,
+    ranks: Option<usize>,
+    nodes: Option<usize>,
+    layout: Option<&DecoderLayout>,
+    notes: &mut Vec<String>,
+) -> Result<Placement, Fail> {
+    let bytes = read_bytes(path, "placement")?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        Fail(format!(
+            "{}: invalid placement: not valid JSON: {e}",
+            path.display()
+        ))
+    })?;
+    let ctx = PlacementContext {
+        num_experts: experts,
+        num_ranks: ranks,
+        num_nodes: nodes,
+        layout,
+    };
+    let (p, _, n) = formats::read_placement_json(&v, &ctx).map_err(at(path))?;
+    notes.extend(prefix(path, n));
+    Ok(p)
+}
+
+/// Turns a per-slot load into a per-expert one through `through` (`--physical-load`), or checks
+/// that a per-expert load is not a per-slot one in disguise.
+pub fn settle_physical(
+    load: &mut LoadInput,
+    physical: bool,
+    through: Option<&Placement>,
+    flag_for_placement: &str,
+) -> Result<(), Fail> {
+    match (physical, through) {
+        (true, None) => Err(Fail(format!(
+            "--physical-load needs {flag_for_placement} (the placement whose slots the counts are for)"
+        ))),
+        (true, Some(p)) => {
+            load.history = formats::vllm::logical_from_physical(load.history.windows(), p)?;
+            load.notes.push(format!(
+                "per-slot counts mapped to {} experts through {flag_for_placement}",
+                p.num_logical_experts
+            ));
+            Ok(())
+        }
+        (false, Some(p)) => Ok(formats::vllm::check_logical_columns(&load.history, p)?),
+        (false, None) => Ok(()),
+    }
+}
+
+/// The layout SGLang output needs, or the error that says which flag gives it.
+pub fn need_layout(layout: Option<&DecoderLayout>) -> Result<&DecoderLayout, Fail> {
+    layout.ok_or_else(|| {
+        Fail(
+            "SGLang files have one row per decoder layer: pass --first-dense K (0 if every layer is MoE) or --decoder-layers N --moe-layers i,j,.."
+                .into(),
+        )
+    })
+}

@@ -1,0 +1,517 @@
+//! Every engine format through the `moectl` binary: round trips, the real vllm-ascend map, the
+//! real SGLang `torch.save` dumps (made by eplb/tests/data/sglang/make_dumps.py with torch),
+//! vLLM per-slot loads, and the one-line errors.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("moectl-fmt-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        Dir(p)
+    }
+    fn file(&self, name: &str, text: &str) -> String {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).expect("write");
+        p.display().to_string()
+    }
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn data(name: &str) -> String {
+    format!("{}/../eplb/tests/data/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn moectl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moectl"))
+        .args(args)
+        .output()
+        .expect("run moectl")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "moectl failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json_of(o: &Output) -> Value {
+    serde_json::from_str(&ok(o)).expect("JSON output")
+}
+
+fn read_json(path: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("JSON")
+}
+
+fn assert_bad(o: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.to_lowercase().contains(&needle.to_lowercase()),
+        "expected '{needle}' in: {err}"
+    );
+    assert!(o.stdout.is_empty());
+}
+
+#[test]
+fn real_ascend_map_round_trips_through_every_placement_format() {
+    let d = Dir::new("ascend");
+    let real = data("vllm-ascend_expert_map.json");
+    let original = read_json(&real);
+    let sg = d.path("sglang.json");
+    ok(&moectl(&[
+        "convert",
+        "--input",
+        &real,
+        "--to",
+        "sglang",
+        "--first-dense",
+        "1",
+        "--output",
+        &sg,
+    ]));
+    let v = read_json(&sg);
+    assert_eq!(
+        v.as_object().unwrap().len(),
+        1,
+        "only physical_to_logical_map: {v}"
+    );
+    // Decoder layer 0 is dense (trivial layout), layer 1 is the map's only MoE layer.
+    assert_eq!(
+        v["physical_to_logical_map"],
+        json!([
+            [0, 1, 2, 3, 4, 5, 6, 7, 0, 1],
+            [7, 2, 0, 3, 5, 6, 1, 4, 7, 2]
+        ])
+    );
+    let doc = d.path("doc.json");
+    ok(&moectl(&[
+        "convert",
+        "--input",
+        &sg,
+        "--to",
+        "document",
+        "--ranks",
+        "2",
+        "--first-dense",
+        "1",
+        "--output",
+        &doc,
+    ]));
+    let pl = d.path("placement.json");
+    ok(&moectl(&[
+        "convert",
+        "--input",
+        &doc,
+        "--to",
+        "placement",
+        "--output",
+        &pl,
+    ]));
+    let back = json_of(&moectl(&[
+        "convert",
+        "--input",
+        &pl,
+        "--to",
+        "ascend-expert-map",
+    ]));
+    assert_eq!(back, original);
+}
+
+#[test]
+fn ascend_ids_that_disagree_with_positions_only_warn() {
+    let d = Dir::new("ascend-ids");
+    let mut m = read_json(&data("vllm-ascend_expert_map.json"));
+    m["layer_list"][0]["layer_id"] = json!(3); // a decoder-layer number
+    m["layer_list"][0]["device_list"][0]["device_id"] = json!(1);
+    m["layer_list"][0]["device_list"][1]["device_id"] = json!(0);
+    let map = d.file("map.json", &m.to_string());
+    let load = d.file("load.json", "[[90, 5, 40, 3, 8, 2, 60, 1]]");
+    let o = moectl(&["eval", "--placement", &map, "--load", &load, "--json"]);
+    let v = json_of(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("layer_id 3") && err.contains("device_ids"),
+        "{err}"
+    );
+    // Read by position: device 0 = [7, 2, 0, 3, 5] whatever its device_id says.
+    let pl = json_of(&moectl(&["convert", "--input", &map, "--to", "placement"]));
+    assert_eq!(pl["phy2log"], json!([[7, 2, 0, 3, 5, 6, 1, 4, 7, 2]]));
+    assert!(v["mean_par"].as_f64().unwrap() > 1.0);
+}
+
+#[test]
+fn mix_placement_shared_experts_are_stripped_with_the_load_expert_count() {
+    let d = Dir::new("mix");
+    // 4 routed experts; id 4 is the shared expert, one copy per device.
+    let map = d.file(
+        "map.json",
+        r#"{"moe_layer_count": 1, "layer_list": [{"layer_id": 0, "device_count": 2, "device_list": [
+            {"device_id": 0, "device_expert": [4, 0, 1]}, {"device_id": 1, "device_expert": [4, 2, 3]}]}]}"#,
+    );
+    let load = d.file("load.json", "[[10, 20, 30, 40]]");
+    let o = moectl(&["eval", "--placement", &map, "--load", &load, "--json"]);
+    let v = json_of(&o);
+    // Rank loads 30 and 70: PAR 1.4, not a 5-expert reading.
+    assert!((v["mean_par"].as_f64().unwrap() - 1.4).abs() < 1e-9, "{v}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("shared experts"));
+}
+
+#[test]
+fn ascend_output_refuses_an_expert_twice_on_a_rank() {
+    let d = Dir::new("dup");
+    let load = d.file("load.json", "[[5, 1]]");
+    let out = d.path("map.json");
+    // 2 experts, 1 rank, 2 redundant: 4 slots on one rank hold each expert twice.
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "1",
+        "--redundant",
+        "2",
+        "--format",
+        "ascend-expert-map",
+        "--output",
+        &out,
+    ]);
+    assert_bad(&o, "twice");
+    assert!(!std::path::Path::new(&out).exists());
+}
+
+#[test]
+fn sglang_dump_plans_to_sglang_placement() {
+    let d = Dir::new("sglang");
+    let pt = data("sglang/expert_distribution_partial.pt");
+    let out = d.path("init.json");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &pt,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--format",
+        "sglang",
+        "--output",
+        &out,
+    ]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("decoder layer 0 has no routed tokens"),
+        "{err}"
+    );
+    let v = read_json(&out);
+    let rows = v["physical_to_logical_map"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "every decoder layer, dense layer 0 included");
+    assert_eq!(rows[0], json!([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]));
+    // The written file reads back as the same plan (layer 0 stripped by the layout flag).
+    let m = d.path("moectl.json");
+    ok(&moectl(&[
+        "plan",
+        "--load",
+        &pt,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--output",
+        &m,
+    ]));
+    let back = json_of(&moectl(&[
+        "convert",
+        "--input",
+        &out,
+        "--to",
+        "placement",
+        "--ranks",
+        "4",
+        "--first-dense",
+        "1",
+    ]));
+    assert_eq!(back["phy2log"], read_json(&m)["phy2log"]);
+    // The .pt dump and its JSON twin give the same evaluation.
+    let js = data("sglang/expert_distribution_partial.json");
+    let a = json_of(&moectl(&[
+        "eval",
+        "--placement",
+        &m,
+        "--load",
+        &pt,
+        "--json",
+    ]));
+    let b = json_of(&moectl(&[
+        "eval",
+        "--placement",
+        &m,
+        "--load",
+        &js,
+        "--json",
+    ]));
+    assert_eq!(a, b);
+}
+
+#[test]
+fn sglang_output_needs_the_layout() {
+    let d = Dir::new("layout");
+    let load = d.file("load.json", "[[100, 50, 20, 10], [10, 10, 80, 90]]");
+    let out = d.path("init.json");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "2",
+        "--redundant",
+        "2",
+        "--format",
+        "sglang",
+        "--output",
+        &out,
+    ]);
+    assert_bad(&o, "--first-dense");
+    assert!(!std::path::Path::new(&out).exists());
+    let v = json_of(&moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "2",
+        "--redundant",
+        "2",
+        "--format",
+        "sglang",
+        "--first-dense",
+        "3",
+    ]));
+    assert_eq!(v["physical_to_logical_map"].as_array().unwrap().len(), 5);
+    let v = json_of(&moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "2",
+        "--redundant",
+        "2",
+        "--format",
+        "sglang",
+        "--decoder-layers",
+        "4",
+        "--moe-layers",
+        "1,3",
+    ]));
+    let rows = v["physical_to_logical_map"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[0], json!([0, 1, 2, 3, 0, 1]));
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "2",
+        "--redundant",
+        "2",
+        "--format",
+        "sglang",
+        "--decoder-layers",
+        "4",
+        "--moe-layers",
+        "1",
+    ]);
+    assert_bad(&o, "MoE layers");
+    // Reading SGLang's rows needs the layout too: dense rows cannot be told from MoE ones.
+    let init = d.file("init.json", &v.to_string());
+    let o = moectl(&["convert", "--input", &init, "--to", "placement", "--ranks", "2"]);
+    assert_bad(&o, "one row per decoder layer");
+    let o = moectl(&["convert", "--input", &init, "--to", "placement", "--first-dense", "1"]);
+    assert_bad(&o, "--ranks");
+}
+
+#[test]
+fn load_formats_round_trip() {
+    let d = Dir::new("loads");
+    let windows = json!({"windows": [[[5, 0, 7], [1, 2, 3]], [[4, 4, 4], [9, 0, 1]]]});
+    let w = d.file("w.json", &windows.to_string());
+    let oe = d.path("oe.json");
+    ok(&moectl(&[
+        "convert",
+        "--input",
+        &w,
+        "--to",
+        "openevolve",
+        "--output",
+        &oe,
+    ]));
+    assert_eq!(
+        read_json(&oe)["load_history"][1]["logical_expert_load"],
+        json!([[4, 4, 4], [9, 0, 1]])
+    );
+    let back = json_of(&moectl(&["convert", "--input", &oe, "--to", "windows"]));
+    assert_eq!(back, windows);
+    // SGLang: one pass per window, dense rows zero; reading sums the passes.
+    let sg = d.path("sg.json");
+    ok(&moectl(&[
+        "convert",
+        "--input",
+        &w,
+        "--to",
+        "sglang-logical-count",
+        "--first-dense",
+        "2",
+        "--output",
+        &sg,
+    ]));
+    let v = read_json(&sg);
+    assert_eq!(v["logical_count"][0][0], json!([0, 0, 0]));
+    assert_eq!(v["logical_count"][1][3], json!([9, 0, 1]));
+    let back = json_of(&moectl(&["convert", "--input", &sg, "--to", "windows"]));
+    assert_eq!(back, json!({"windows": [[[9, 4, 11], [10, 2, 4]]]}));
+    // The recorder dump converts like its JSON twin.
+    let pt = data("sglang/expert_distribution_wrapped.pt");
+    let js = data("sglang/expert_distribution_wrapped.json");
+    let a = json_of(&moectl(&["convert", "--input", &pt, "--to", "windows"]));
+    let b = json_of(&moectl(&["convert", "--input", &js, "--to", "windows"]));
+    assert_eq!(a, b);
+    assert_eq!(a["windows"][0].as_array().unwrap().len(), 3);
+    let o = moectl(&["convert", "--input", &w, "--to", "sglang"]);
+    assert_bad(&o, "is a load");
+}
+
+#[test]
+fn vllm_per_slot_loads_need_the_flag_and_map_through_the_previous_placement() {
+    let d = Dir::new("vllm");
+    // 4 experts, 2 ranks x 3 slots: slots 4 and 5 are replicas of experts 0 and 1.
+    let prev = d.file(
+        "prev.json",
+        r#"{"num_logical_experts": 4, "num_ranks": 2, "phy2log": [[0, 1, 2, 3, 0, 1]]}"#,
+    );
+    let physical = d.file(
+        "slots.json",
+        "[[[30, 10, 5, 5, 30, 10]], [[20, 10, 5, 5, 20, 10]]]",
+    );
+    let logical = d.file("experts.json", "[[[60, 20, 5, 5]], [[40, 20, 5, 5]]]");
+    let o = moectl(&["eval", "--placement", &prev, "--load", &physical]);
+    assert_bad(&o, "--physical-load");
+    let a = json_of(&moectl(&[
+        "eval",
+        "--placement",
+        &prev,
+        "--load",
+        &physical,
+        "--physical-load",
+        "--json",
+    ]));
+    let b = json_of(&moectl(&[
+        "eval",
+        "--placement",
+        &prev,
+        "--load",
+        &logical,
+        "--json",
+    ]));
+    assert_eq!(a, b);
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &physical,
+        "--ranks",
+        "2",
+        "--redundant",
+        "2",
+        "--previous",
+        &prev,
+        "--physical-load",
+    ]);
+    assert_eq!(json_of(&o)["num_logical_experts"], json!(4));
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &physical,
+        "--ranks",
+        "2",
+        "--redundant",
+        "2",
+        "--physical-load",
+    ]);
+    assert_bad(&o, "--previous");
+    // -1 marks the slots of a masked rank: read as a placement over the other ranks.
+    let masked = d.file(
+        "masked.json",
+        r#"{"num_logical_experts": 4, "num_ranks": 3, "phy2log": [[0, 1, 2, -1, -1, -1, 3, 0, 1]]}"#,
+    );
+    let load = d.file("load.json", "[[60, 20, 5, 5]]");
+    let o = moectl(&["eval", "--placement", &masked, "--load", &load, "--json"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("ranks 1 hold no expert"));
+    assert_eq!(json_of(&o)["layers"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn eval_reports_both_balancedness_definitions_and_draws_the_heatmap() {
+    let d = Dir::new("eval");
+    // Layer 0: rank loads 9 and 11; layer 1: 0 and 100.
+    let p = d.file(
+        "p.json",
+        r#"{"num_logical_experts": 3, "num_ranks": 2, "phy2log": [[0, 1, 2, 0], [0, 1, 2, 0]]}"#,
+    );
+    let q = d.file(
+        "q.json",
+        r#"{"num_logical_experts": 3, "num_ranks": 2, "phy2log": [[0, 2, 1, 0], [2, 0, 1, 0]]}"#,
+    );
+    let load = d.file("load.json", "[[10, 4, 6], [0, 0, 100]]");
+    let svg = d.path("heat.svg");
+    let v = json_of(&moectl(&[
+        "eval",
+        "--placement",
+        &p,
+        "--previous",
+        &q,
+        "--load",
+        &load,
+        "--json",
+        "--svg",
+        &svg,
+    ]));
+    let b = &v["balancedness"];
+    let sglang = (10.0 / 11.0 + 0.5) / 2.0;
+    let vllm = (10.0 + 50.0) / (11.0 + 100.0);
+    assert!(
+        (b["sglang_mean_inverse_par"].as_f64().unwrap() - sglang).abs() < 1e-9,
+        "{v}"
+    );
+    assert!(
+        (b["vllm_sum_mean_over_sum_max"].as_f64().unwrap() - vllm).abs() < 1e-9,
+        "{v}"
+    );
+    assert!(v["previous"]["mean_par"].as_f64().is_some());
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
+    assert!(
+        text.contains("before: q.json") && text.contains("after: p.json"),
+        "{text}"
+    );
+    assert!(text.contains("layer 1 rank 1: 2.000 x mean"), "{text}");
+    let plain = ok(&moectl(&["eval", "--placement", &p, "--load", &load]));
+    assert!(plain.contains("balancedness, SGLang"), "{plain}");
+    assert!(plain.contains("balancedness, vLLM"), "{plain}");
+}
