@@ -4,11 +4,12 @@
 //! Readers collect notes (what a file made us assume); `main` prints them to stderr only when
 //! the command succeeds, so that a failure stays one line.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use eplb::formats::{self, DecoderLayout, PlacementContext};
 use eplb::{LoadHistory, Placement};
+use moe_model::ModelDescription;
 use serde_json::Value;
 
 use crate::Fail;
@@ -18,6 +19,10 @@ use crate::Fail;
 /// flags when SGLang output is asked for.
 #[derive(Args, Debug, Clone, Default)]
 pub struct LayoutArgs {
+    /// A checkpoint directory or its config.json: the decoder layers, which of them are MoE
+    /// and the routed experts come from it (a load of another shape is refused).
+    #[arg(long, conflicts_with_all = ["decoder_layers", "first_dense", "moe_layers"])]
+    pub model: Option<PathBuf>,
     /// Decoder layers of the model, dense and MoE (default: the MoE layers plus --first-dense).
     #[arg(long)]
     pub decoder_layers: Option<usize>,
@@ -32,13 +37,57 @@ pub struct LayoutArgs {
 
 impl LayoutArgs {
     fn given(&self) -> bool {
-        self.decoder_layers.is_some() || self.first_dense.is_some() || self.moe_layers.is_some()
+        self.model.is_some()
+            || self.decoder_layers.is_some()
+            || self.first_dense.is_some()
+            || self.moe_layers.is_some()
+    }
+
+    /// The description of `--model`, when given.
+    pub fn model(&self) -> Result<Option<ModelDescription>, Fail> {
+        self.model
+            .as_deref()
+            .map(|p| ModelDescription::from_path(p).map_err(|e| Fail(format!("--model: {e}"))))
+            .transpose()
+    }
+
+    /// Refuses a load whose shape is not the checkpoint's (`--model`).
+    pub fn check_load_shape(&self, history: &LoadHistory) -> Result<(), Fail> {
+        let Some(d) = self.model()? else {
+            return Ok(());
+        };
+        let path = self.model.as_deref().unwrap_or(Path::new("")).display();
+        if history.num_layers() != d.num_moe_layers() {
+            return Err(Fail(format!(
+                "the load has {} MoE layers but the checkpoint {path} has {} (decoder layers {:?})",
+                history.num_layers(),
+                d.num_moe_layers(),
+                d.moe_layers
+            )));
+        }
+        if history.num_experts() != d.num_experts {
+            return Err(Fail(format!(
+                "the load has {} experts per layer but the checkpoint {path} has {} routed experts",
+                history.num_experts(),
+                d.num_experts
+            )));
+        }
+        Ok(())
     }
 
     /// The layout for a file with `rows` rows, one per decoder layer.
     pub fn for_decoder_rows(&self, rows: usize) -> Result<Option<DecoderLayout>, Fail> {
         if !self.given() {
             return Ok(None);
+        }
+        if let Some(d) = self.model()? {
+            if d.num_hidden_layers != rows {
+                return Err(Fail(format!(
+                    "--model has {} decoder layers but the SGLang file has {rows}",
+                    d.num_hidden_layers
+                )));
+            }
+            return Ok(Some(model_layout(&d)?));
         }
         if let Some(n) = self.decoder_layers
             && n != rows
@@ -54,6 +103,13 @@ impl LayoutArgs {
     pub fn for_moe_rows(&self, moe_rows: usize) -> Result<Option<DecoderLayout>, Fail> {
         if !self.given() {
             return Ok(None);
+        }
+        if let Some(d) = self.model()? {
+            let layout = model_layout(&d)?;
+            layout
+                .check_moe_rows(moe_rows, "the input")
+                .map_err(|e| Fail(format!("{e} (the checkpoint of --model)")))?;
+            return Ok(Some(layout));
         }
         let n = match (self.decoder_layers, self.first_dense) {
             (Some(n), _) => n,
@@ -85,6 +141,12 @@ impl LayoutArgs {
         };
         r.map_err(|e| Fail(format!("layout flags: {e}")))
     }
+}
+
+/// The decoder-layer layout of a checkpoint.
+fn model_layout(d: &ModelDescription) -> Result<DecoderLayout, Fail> {
+    DecoderLayout::new(d.num_hidden_layers, &d.moe_layers)
+        .map_err(|e| Fail(format!("--model: {e}")))
 }
 
 /// A load as read: MoE-layer rows, the layout when known, notes.

@@ -5,6 +5,7 @@
 mod convert;
 mod eval;
 mod inputs;
+mod model;
 mod outputs;
 mod svg;
 
@@ -33,7 +34,25 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+enum ModelCommand {
+    /// Family, MoE decoder layers, experts, gating, shared experts, weight dtype and bytes per
+    /// expert of a checkpoint, and the `spec.model` stanza of a MoEDeployment for it.
+    Inspect {
+        /// Checkpoint directory (with config.json) or a config.json file.
+        path: PathBuf,
+        /// `text` (default) or `json`.
+        #[arg(long, value_enum, default_value_t = model::InspectOutput::Text)]
+        output: model::InspectOutput,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
+    /// Read a checkpoint's config.json: `moectl model inspect DIR_OR_CONFIG`.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
     /// Plan a placement from a load file.
     Plan {
         /// Load file: [L][E], [W][L][E], {"windows": ...}, OpenEvolve's {"load_history": ...},
@@ -213,6 +232,7 @@ fn plan(
         })
         .transpose()?;
     inputs::settle_physical(&mut load, physical_load, prev.as_ref(), "--previous")?;
+    layout.check_load_shape(&load.history)?;
     notes.append(&mut load.notes);
     if format == Format::Sglang {
         inputs::need_layout(load.layout.as_ref())?;
@@ -393,6 +413,9 @@ fn main() -> ExitCode {
         }
     };
     let result = match &cli.command {
+        Command::Model {
+            command: ModelCommand::Inspect { path, output },
+        } => model::inspect(path, *output),
         Command::Plan {
             load,
             ranks,

@@ -342,9 +342,25 @@ fn sglang_output_needs_the_layout() {
     assert_bad(&o, "MoE layers");
     // Reading SGLang's rows needs the layout too: dense rows cannot be told from MoE ones.
     let init = d.file("init.json", &v.to_string());
-    let o = moectl(&["convert", "--input", &init, "--to", "placement", "--ranks", "2"]);
+    let o = moectl(&[
+        "convert",
+        "--input",
+        &init,
+        "--to",
+        "placement",
+        "--ranks",
+        "2",
+    ]);
     assert_bad(&o, "one row per decoder layer");
-    let o = moectl(&["convert", "--input", &init, "--to", "placement", "--first-dense", "1"]);
+    let o = moectl(&[
+        "convert",
+        "--input",
+        &init,
+        "--to",
+        "placement",
+        "--first-dense",
+        "1",
+    ]);
     assert_bad(&o, "--ranks");
 }
 
