@@ -185,6 +185,64 @@ pub struct LoadReport {
     pub slot_counts: Vec<Vec<f64>>,
     /// Per layer peak/average rank load of this rank's traffic alone, under the current placement.
     pub par: Vec<f64>,
+    /// Closed past windows, oldest first, when asked for with `?history=N` (at most N, and at
+    /// most [`MAX_LOAD_HISTORY`]); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<LoadEpisode>,
+}
+
+/// Past windows a worker keeps for `GET /v1/load?history=N`.
+pub const MAX_LOAD_HISTORY: usize = 16;
+
+/// One closed window of a rank's routing statistics: the logical expert counts of the tokens
+/// this rank routed during `steps` steps ending at step `end_step` (exclusive). Windows close
+/// at multiples of the window size in the group's step count, so every rank's window with the
+/// same `end_step` covers the same steps and their counts add up to the group's.
+///
+/// Logical (not per-slot) counts, so a window stays meaningful after a remap changes what the
+/// slots hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadEpisode {
+    pub end_step: u64,
+    pub steps: u64,
+    /// `logical_counts[layer][expert]`.
+    pub logical_counts: Vec<Vec<f64>>,
+}
+
+impl LoadEpisode {
+    /// The group's past windows: those every report has (same `end_step`), summed over ranks,
+    /// oldest first, the newest `max` of them.
+    pub fn group_history(reports: &[LoadReport], max: usize) -> Vec<Vec<Vec<f64>>> {
+        let Some(first) = reports.first() else {
+            return Vec::new();
+        };
+        let mut out: Vec<Vec<Vec<f64>>> = first
+            .history
+            .iter()
+            .filter_map(|ep| {
+                let mut sum = ep.logical_counts.clone();
+                for other in &reports[1..] {
+                    let theirs = other.history.iter().find(|o| o.end_step == ep.end_step)?;
+                    if theirs.logical_counts.len() != sum.len() {
+                        return None;
+                    }
+                    for (acc, row) in sum.iter_mut().zip(&theirs.logical_counts) {
+                        if acc.len() != row.len() {
+                            return None;
+                        }
+                        acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+                    }
+                }
+                Some((ep.end_step, sum))
+            })
+            .map(|(_, sum)| sum)
+            .collect();
+        if out.len() > max {
+            out.drain(..out.len() - max);
+        }
+        out
+    }
 }
 
 impl LoadReport {
@@ -244,6 +302,39 @@ mod tests {
         }
     }
 
+    fn report(rank: usize, episodes: &[(u64, f64)]) -> LoadReport {
+        LoadReport {
+            rank,
+            layer_generations: vec![0],
+            window_steps: 0,
+            step: 0,
+            slot_counts: vec![vec![0.0; 2]],
+            par: vec![1.0],
+            history: episodes
+                .iter()
+                .map(|&(end_step, v)| LoadEpisode {
+                    end_step,
+                    steps: 10,
+                    logical_counts: vec![vec![v, 1.0]],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn group_history_sums_the_windows_every_rank_has() {
+        // Rank 1 restarted its history and lacks the window ending at 10.
+        let reports = [
+            report(0, &[(10, 1.0), (20, 2.0), (30, 3.0)]),
+            report(1, &[(20, 5.0), (30, 7.0)]),
+        ];
+        let h = LoadEpisode::group_history(&reports, 8);
+        assert_eq!(h, vec![vec![vec![7.0, 2.0]], vec![vec![10.0, 2.0]]]);
+        let newest = LoadEpisode::group_history(&reports, 1);
+        assert_eq!(newest, vec![vec![vec![10.0, 2.0]]]);
+        assert!(LoadEpisode::group_history(&[], 4).is_empty());
+    }
+
     #[test]
     fn validate_accepts_a_consistent_placement() {
         assert_eq!(doc(vec![vec![0, 1, 2, 0]], 3, 2).validate(), Ok(()));
@@ -276,6 +367,7 @@ mod tests {
             step: 1,
             slot_counts: vec![vec![1.0, 2.0, 3.0, 4.0]],
             par: vec![1.0],
+            history: Vec::new(),
         };
         let b = LoadReport {
             rank: 1,

@@ -449,6 +449,34 @@ fn rank_pods(pods: &[&Pod], ranks_per_pod: u32) -> Vec<RankPod> {
     out
 }
 
+/// The group's closed windows before the current one (oldest first, at most
+/// `history_windows - 1`), for planning over episodes. Asked for only when a plan is made, as
+/// the bodies grow with the history; a rank that cannot answer leaves the plan to the current
+/// window alone rather than holding it.
+async fn past_windows(
+    ctx: &Context,
+    endpoints: &[Endpoint],
+    history_windows: u32,
+) -> Vec<Vec<Vec<f64>>> {
+    let want = history_windows.saturating_sub(1) as usize;
+    if want == 0 {
+        return Vec::new();
+    }
+    let answers = join_all(
+        endpoints
+            .iter()
+            .map(|e| ctx.workers.load_with_history(e, want)),
+    )
+    .await;
+    match answers.into_iter().collect::<Result<Vec<_>, _>>() {
+        Ok(reports) => moe_api::LoadEpisode::group_history(&reports, want),
+        Err(e) => {
+            warn!(error = %e, "could not read the workers' past windows; planning from the current one");
+            Vec::new()
+        }
+    }
+}
+
 struct Pending {
     events: Vec<Event>,
 }
@@ -1386,6 +1414,7 @@ async fn remap_step(
         return Ok(out);
     }
     let load = planning::logical_load(&reports, doc);
+    let past = past_windows(ctx, endpoints, spec.eplb.history_windows).await;
     // Planning is CPU work (the joint planner searches): keep it off the async workers.
     let planned = {
         let (algorithm, spec_c, doc_c, layers_c) = (
@@ -1396,7 +1425,9 @@ async fn remap_step(
         );
         let redundant = r.redundant_experts;
         tokio::task::spawn_blocking(move || {
-            planning::plan(&algorithm, &spec_c, redundant, &doc_c, &load, &layers_c)
+            planning::plan(
+                &algorithm, &spec_c, redundant, &doc_c, &load, &past, &layers_c,
+            )
         })
         .await
         .map_err(|e| format!("planner task failed: {e}"))

@@ -532,6 +532,12 @@ pub struct EplbSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65536))]
     pub max_moves_per_layer: Option<u32>,
+    /// Statistics windows the planner sees: the current one plus up to `historyWindows - 1`
+    /// closed windows before it (each `windowSteps` steps, kept by the workers), planned as
+    /// episodes so a placement holds up as load drifts. 1: the current window only.
+    #[serde(default = "default_history_windows")]
+    #[schemars(range(min = 1, max = 17))]
+    pub history_windows: u32,
     /// Window steps a statistics window must hold before it is trusted for planning.
     #[serde(default = "default_min_window")]
     #[schemars(range(min = 0, max = 1000000))]
@@ -575,6 +581,9 @@ fn default_hysteresis() -> f64 {
 fn default_max_layers() -> u32 {
     8
 }
+fn default_history_windows() -> u32 {
+    4
+}
 fn default_min_window() -> u32 {
     100
 }
@@ -594,6 +603,7 @@ impl Default for EplbSpec {
             max_bytes_per_remap: None,
             max_moves_per_layer: None,
             min_window_steps: default_min_window(),
+            history_windows: default_history_windows(),
             mode: RemapMode::Async,
         }
     }

@@ -137,18 +137,21 @@ pub struct PlanOutcome {
     pub layers: Vec<LayerOutcome>,
 }
 
-/// Plans the given layers with the named algorithm on the group's logical load.
+/// Plans the given layers with the named algorithm on the group's logical load: the current
+/// window `load`, and the closed windows before it (`past`, oldest first; empty: plan from
+/// the current window alone). Predicted and previous PAR are reported on the current window.
 pub fn plan(
     algorithm: &str,
     spec: &MoEDeploymentSpec,
     redundant: u32,
     current: &PlacementDocument,
     load: &[Vec<f64>],
+    past: &[Vec<Vec<f64>>],
     layers: &[usize],
 ) -> Result<PlanOutcome, String> {
     let shape = shape(spec, redundant)?;
     let previous = eplb::Placement::from_document(current).map_err(|e| e.to_string())?;
-    let next = run_planner(algorithm, spec, &shape, &previous, load, layers)?;
+    let next = run_planner(algorithm, spec, &shape, &previous, load, past, layers)?;
     let mut document = current.clone();
     let mut outcomes = Vec::new();
     for &layer in layers {
@@ -210,10 +213,19 @@ fn run_planner(
     shape: &eplb::Shape,
     previous: &eplb::Placement,
     load: &[Vec<f64>],
+    past: &[Vec<Vec<f64>>],
     layers: &[usize],
 ) -> Result<eplb::Placement, String> {
     let planner = eplb::planner_by_name(algorithm).map_err(|e| e.to_string())?;
-    let history = eplb::LoadHistory::single(load.to_vec()).map_err(|e| e.to_string())?;
+    // Past windows of another shape (a worker that reported something odd) are left out
+    // rather than failing the plan.
+    let mut windows: Vec<Vec<Vec<f64>>> = past
+        .iter()
+        .filter(|w| w.len() == load.len() && w.iter().zip(load).all(|(a, b)| a.len() == b.len()))
+        .cloned()
+        .collect();
+    windows.push(load.to_vec());
+    let history = eplb::LoadHistory::new(windows).map_err(|e| e.to_string())?;
     let mut request = eplb::PlanRequest::new(*shape, &history)
         .previous(previous)
         .layers(layers.to_vec());
@@ -241,6 +253,46 @@ mod tests {
             );
         }
         assert!(!planner_known("magic"));
+    }
+
+    #[test]
+    fn past_windows_are_planned_as_episodes() {
+        // Loads where the current window and the windows before it disagree on the hot expert.
+        let spec = sample_spec();
+        let redundant = effective_redundant(&spec);
+        let doc = initial_document(&spec, redundant, 0).unwrap();
+        let e = spec.model.num_experts as usize;
+        let layers = spec.model.num_layers as usize;
+        let hot = |expert: usize| -> Vec<Vec<f64>> {
+            (0..layers)
+                .map(|_| {
+                    (0..e)
+                        .map(|j| if j == expert { 100.0 } else { 1.0 })
+                        .collect()
+                })
+                .collect()
+        };
+        let current = hot(0);
+        let alone = plan("greedy", &spec, redundant, &doc, &current, &[], &[0]).unwrap();
+        let with_past = plan(
+            "greedy",
+            &spec,
+            redundant,
+            &doc,
+            &current,
+            &[hot(1), hot(1), hot(1)],
+            &[0],
+        )
+        .unwrap();
+        // Alone, only expert 0 is hot and gets the replicas; with three windows where expert
+        // 1 was hot, expert 1 gets replicas too.
+        let count =
+            |d: &PlacementDocument, x: u32| d.phy2log[0].iter().filter(|&&v| v == x).count();
+        assert!(count(&alone.document, 0) > count(&alone.document, 1));
+        assert!(count(&with_past.document, 1) > count(&alone.document, 1));
+        // A past window of another shape is left out, not an error.
+        let odd = vec![vec![1.0; e + 1]; layers];
+        plan("greedy", &spec, redundant, &doc, &current, &[odd], &[0]).unwrap();
     }
 
     #[test]

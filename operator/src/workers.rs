@@ -53,6 +53,16 @@ impl Endpoint {
 pub trait WorkerApi: Send + Sync {
     fn status<'a>(&'a self, ep: &'a Endpoint) -> BoxFuture<'a, Result<WorkerStatus, WorkerError>>;
     fn load<'a>(&'a self, ep: &'a Endpoint) -> BoxFuture<'a, Result<LoadReport, WorkerError>>;
+    /// The report with the newest `windows` closed windows (`GET /v1/load?history=N`), asked
+    /// for only when planning. The default (test fakes) reports no past windows.
+    fn load_with_history<'a>(
+        &'a self,
+        ep: &'a Endpoint,
+        windows: usize,
+    ) -> BoxFuture<'a, Result<LoadReport, WorkerError>> {
+        let _ = windows;
+        self.load(ep)
+    }
     fn remap<'a>(
         &'a self,
         ep: &'a Endpoint,
@@ -126,6 +136,18 @@ impl WorkerApi for HttpWorkers {
 
     fn load<'a>(&'a self, ep: &'a Endpoint) -> BoxFuture<'a, Result<LoadReport, WorkerError>> {
         Box::pin(self.get_json(format!("{}{}/load", ep.base_url, moe_api::API_PREFIX)))
+    }
+
+    fn load_with_history<'a>(
+        &'a self,
+        ep: &'a Endpoint,
+        windows: usize,
+    ) -> BoxFuture<'a, Result<LoadReport, WorkerError>> {
+        Box::pin(self.get_json(format!(
+            "{}{}/load?history={windows}",
+            ep.base_url,
+            moe_api::API_PREFIX
+        )))
     }
 
     fn remap<'a>(

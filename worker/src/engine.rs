@@ -282,18 +282,21 @@ impl Engine {
             st.step = step + 1;
             st.tokens_per_second = tps;
         }
+        // Logical counts (placement-independent) for the closed windows the operator plans
+        // from, and the optional moectl history file.
+        let logical: Vec<Vec<f64>> = counts
+            .iter()
+            .zip(&self.maps)
+            .map(|(c, map)| {
+                let mut v = vec![0.0; self.shape.num_experts];
+                for (slot, &n) in c.iter().enumerate() {
+                    v[map.phy2log[slot] as usize] += f64::from(n);
+                }
+                v
+            })
+            .collect();
+        self.shared.lock_episodes().record(step, &logical);
         if let Some(h) = &mut self.history {
-            let logical: Vec<Vec<f64>> = counts
-                .iter()
-                .zip(&self.maps)
-                .map(|(c, map)| {
-                    let mut v = vec![0.0; self.shape.num_experts];
-                    for (slot, &n) in c.iter().enumerate() {
-                        v[map.phy2log[slot] as usize] += f64::from(n);
-                    }
-                    v
-                })
-                .collect();
             h.add(&logical)?;
         }
         Ok(())

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Json, State};
+use axum::extract::{Json, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -61,8 +61,15 @@ async fn status(State(s): State<Arc<Shared>>) -> Response {
     Json(s.status()).into_response()
 }
 
-async fn load(State(s): State<Arc<Shared>>) -> Response {
-    Json(s.load_report()).into_response()
+/// `?history=N`: also the newest N closed windows (at most `MAX_LOAD_HISTORY`).
+#[derive(Debug, serde::Deserialize)]
+struct LoadQuery {
+    #[serde(default)]
+    history: usize,
+}
+
+async fn load(State(s): State<Arc<Shared>>, Query(q): Query<LoadQuery>) -> Response {
+    Json(s.load_report(q.history)).into_response()
 }
 
 /// The model description (read-only): family, MoE decoder layers, gating, shared experts,

@@ -12,7 +12,7 @@ use moe_api::{
 use crate::config::ModelShape;
 use crate::metrics::Metrics;
 use crate::placement::check_shape;
-use crate::stats::{Window, par};
+use crate::stats::{Episodes, Window, par};
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -55,6 +55,8 @@ pub struct Shared {
     pub finished: AtomicBool,
     pub state: Mutex<State>,
     pub window: Mutex<Window>,
+    /// Closed past windows (logical counts) for `GET /v1/load?history=N`.
+    pub episodes: Mutex<Episodes>,
     /// The other ranks of this process (`--local-ranks`), whose metrics this rank's /metrics
     /// also serves when it is the process's first rank (one scrape target per pod).
     pub local_peers: std::sync::OnceLock<Vec<prometheus::Registry>>,
@@ -92,6 +94,12 @@ impl Shared {
             finished: AtomicBool::new(false),
             state: Mutex::new(State::default()),
             window: Mutex::new(Window::new(window, shape.num_layers, shape.num_slots())),
+            episodes: Mutex::new(Episodes::new(
+                window,
+                moe_api::MAX_LOAD_HISTORY,
+                shape.num_layers,
+                shape.num_experts,
+            )),
             local_peers: std::sync::OnceLock::new(),
         }
     }
@@ -123,7 +131,12 @@ impl Shared {
         }
     }
 
-    pub fn load_report(&self) -> LoadReport {
+    pub fn lock_episodes(&self) -> MutexGuard<'_, Episodes> {
+        self.episodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `GET /v1/load`, with the newest `history` closed windows (capped).
+    pub fn load_report(&self, history: usize) -> LoadReport {
         let (layer_generations, step) = {
             let st = self.lock();
             (st.layer_generations.clone(), st.step)
@@ -138,6 +151,9 @@ impl Shared {
             step,
             slot_counts,
             par,
+            history: self
+                .lock_episodes()
+                .newest(history.min(moe_api::MAX_LOAD_HISTORY)),
         }
     }
 

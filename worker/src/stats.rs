@@ -97,6 +97,70 @@ pub fn par(slot_counts: &[f64], num_ranks: usize) -> f64 {
     max / (total / num_ranks as f64)
 }
 
+/// Closed past windows of logical expert counts for `GET /v1/load?history=N` (the operator
+/// plans from several windows, as `moectl` does from a load file). Tumbling windows of
+/// `steps_per_window` steps that close at multiples of it in the group's step count, so every
+/// rank closes the same windows; the newest `keep` are kept.
+#[derive(Debug, Clone)]
+pub struct Episodes {
+    steps_per_window: u64,
+    keep: usize,
+    current: Vec<Vec<f64>>,
+    steps_in_current: u64,
+    closed: VecDeque<moe_api::LoadEpisode>,
+}
+
+impl Episodes {
+    pub fn new(
+        steps_per_window: usize,
+        keep: usize,
+        num_layers: usize,
+        num_experts: usize,
+    ) -> Self {
+        Episodes {
+            steps_per_window: steps_per_window.max(1) as u64,
+            keep,
+            current: vec![vec![0.0; num_experts]; num_layers],
+            steps_in_current: 0,
+            closed: VecDeque::new(),
+        }
+    }
+
+    /// Adds step `step`'s logical counts `[layer][expert]`.
+    pub fn record(&mut self, step: u64, logical: &[Vec<f64>]) {
+        for (acc, row) in self.current.iter_mut().zip(logical) {
+            acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+        }
+        self.steps_in_current += 1;
+        let end_step = step + 1;
+        if end_step.is_multiple_of(self.steps_per_window) {
+            let fresh =
+                vec![vec![0.0; self.current.first().map_or(0, Vec::len)]; self.current.len()];
+            // A window this rank saw only part of (it started mid-window) is not comparable
+            // with the other ranks' and is dropped.
+            if self.steps_in_current == self.steps_per_window && self.keep > 0 {
+                self.closed.push_back(moe_api::LoadEpisode {
+                    end_step,
+                    steps: self.steps_in_current,
+                    logical_counts: std::mem::replace(&mut self.current, fresh),
+                });
+                while self.closed.len() > self.keep {
+                    self.closed.pop_front();
+                }
+            } else {
+                self.current = fresh;
+            }
+            self.steps_in_current = 0;
+        }
+    }
+
+    /// The newest `n` closed windows, oldest first.
+    pub fn newest(&self, n: usize) -> Vec<moe_api::LoadEpisode> {
+        let skip = self.closed.len().saturating_sub(n);
+        self.closed.iter().skip(skip).cloned().collect()
+    }
+}
+
 /// The `moectl` load file: `{"windows": [W][L][E]}` logical expert token counts.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct LoadHistoryFile {
@@ -173,6 +237,23 @@ mod tests {
         assert_eq!(w.steps(), 0);
         assert_eq!(w.layer_sums(1), &[0, 0]);
         assert_eq!(w.layer_sums(0), &[6, 0]);
+    }
+
+    #[test]
+    fn episodes_close_at_multiples_of_the_window_and_keep_the_newest() {
+        let mut e = Episodes::new(2, 2, 1, 2);
+        // Started mid-window (step 1): the first window is partial and dropped.
+        e.record(1, &[vec![9.0, 9.0]]);
+        assert!(e.newest(4).is_empty());
+        for step in 2..8 {
+            e.record(step, &[vec![step as f64, 1.0]]);
+        }
+        let h = e.newest(4);
+        assert_eq!(h.len(), 2);
+        assert_eq!((h[0].end_step, h[1].end_step), (6, 8));
+        assert_eq!(h[1].logical_counts, vec![vec![13.0, 2.0]]);
+        assert_eq!(h[1].steps, 2);
+        assert_eq!(e.newest(1)[0].end_step, 8);
     }
 
     #[test]

@@ -92,6 +92,27 @@ async fn endpoints_and_remap_admission() {
         "tokens x top-k per step"
     );
 
+    // Closed past windows on request: whole windows of --stats-window steps, in logical
+    // counts, oldest first, ending at multiples of the window.
+    assert!(load.history.is_empty(), "history only when asked for");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let with_history: LoadReport = loop {
+        let r: LoadReport = get_json(&g.url(0, "/v1/load?history=2")).await;
+        if r.history.len() == 2 {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no 2 closed windows: {r:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for ep in &with_history.history {
+        assert_eq!(ep.steps, 10);
+        assert_eq!(ep.end_step % 10, 0);
+        assert_eq!(ep.logical_counts.len(), 2);
+        let tokens: f64 = ep.logical_counts[0].iter().sum();
+        assert_eq!(tokens, 10.0 * 8.0 * 2.0, "tokens x top-k over the window");
+    }
+    assert!(with_history.history[0].end_step < with_history.history[1].end_step);
+
     let url = g.url(0, "/v1/remap");
     let mut next = current.clone();
     next.generation = 1;

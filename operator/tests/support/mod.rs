@@ -302,6 +302,7 @@ impl FakeWorkers {
                     step: 1000,
                     slot_counts: slot_counts.clone(),
                     par: vec![1.0; slot_counts.len()],
+                    history: Vec::new(),
                 },
             );
         }

@@ -117,7 +117,7 @@ async fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) -> Resul
 }
 
 fn group_load(workers: &[Worker]) -> (Vec<LoadReport>, Vec<f64>) {
-    let reports: Vec<LoadReport> = workers.iter().map(|w| w.shared.load_report()).collect();
+    let reports: Vec<LoadReport> = workers.iter().map(|w| w.shared.load_report(0)).collect();
     let total = LoadReport::sum_slot_counts(&reports);
     let pars = total.iter().map(|c| par(c, workers.len())).collect();
     (reports, pars)
@@ -358,7 +358,7 @@ async fn main() -> Result<()> {
     wait_until("steady steps", 600, || {
         workers
             .iter()
-            .all(|w| w.shared.load_report().window_steps >= b.steps)
+            .all(|w| w.shared.load_report(0).window_steps >= b.steps)
             && step(&workers[0]) >= a0 + b.steps
     })
     .await?;
@@ -398,7 +398,7 @@ async fn main() -> Result<()> {
     wait_until("windows after the remap", 600, || {
         workers
             .iter()
-            .all(|w| w.shared.load_report().window_steps >= b.steps)
+            .all(|w| w.shared.load_report(0).window_steps >= b.steps)
     })
     .await?;
     let (_, par_after) = group_load(&workers);
