@@ -177,8 +177,8 @@ pub fn read_placement_json(
                     .into(),
             )
         })?;
-        let p = sglang::read_placement(v, ctx.num_experts, ranks, nodes, Some(layout))?;
-        return Ok((p, "SGLang physical_to_logical_map", Vec::new()));
+        let (p, notes) = sglang::read_placement(v, ctx.num_experts, ranks, nodes, Some(layout))?;
+        return Ok((p, "SGLang physical_to_logical_map", notes));
     }
     if v.get("numLogicalExperts").is_some() {
         let doc: moe_api::PlacementDocument = serde_json::from_value(v.clone())

@@ -46,29 +46,34 @@ pub fn write_placement(p: &Placement, layout: &DecoderLayout) -> Result<Value> {
 
 /// Reads `{"physical_to_logical_map": [L][P]}` for `num_ranks` ranks (SGLang's file does not
 /// say). With a layout, L must be its decoder-layer count and the dense rows are dropped.
+/// Returns notes. -1 entries (vLLM's unused slots, same key in vLLM's `EplbState`) are read as
+/// [`crate::formats::vllm::read_phy2log`] does.
 pub fn read_placement(
     v: &Value,
     num_experts: Option<usize>,
     num_ranks: usize,
     num_nodes: usize,
     layout: Option<&DecoderLayout>,
-) -> Result<Placement> {
-    let rows: Vec<Vec<usize>> = serde_json::from_value(v["physical_to_logical_map"].clone())
-        .map_err(|e| {
-            EplbError::Placement(format!(
-                "physical_to_logical_map must be [layers][slots] of expert ids: {e}"
-            ))
-        })?;
-    let rows = match layout {
+) -> Result<(Placement, Vec<String>)> {
+    let rows = v["physical_to_logical_map"].as_array().ok_or_else(|| {
+        EplbError::Placement("physical_to_logical_map must be [layers][slots] of expert ids".into())
+    })?;
+    let rows: Vec<Value> = match layout {
         Some(lay) => {
             lay.check_decoder_rows(rows.len(), "physical_to_logical_map")?;
             lay.moe_layers().iter().map(|&l| rows[l].clone()).collect()
         }
-        None => rows,
+        None => rows.clone(),
     };
-    let experts =
-        num_experts.unwrap_or_else(|| rows.iter().flatten().copied().max().map_or(0, |m| m + 1));
-    Placement::from_phy2log(experts, num_ranks, num_nodes, rows)
+    let experts = num_experts.unwrap_or_else(|| {
+        rows.iter()
+            .filter_map(Value::as_array)
+            .flatten()
+            .filter_map(Value::as_u64)
+            .max()
+            .map_or(0, |m| m as usize + 1)
+    });
+    crate::formats::vllm::read_phy2log(&Value::Array(rows), experts, num_ranks, num_nodes)
 }
 
 /// `logical_count` passes `[N][L][E]`, flat and row-major.
@@ -387,8 +392,9 @@ mod tests {
         assert_eq!(rows.len(), 4);
         assert_eq!(rows[0], json!([0, 1, 2, 3, 0, 1]));
         assert_eq!(rows[3], json!([3, 2, 1, 0, 1, 2]));
-        let back = read_placement(&v, Some(4), 2, 1, Some(&layout)).unwrap();
+        let (back, notes) = read_placement(&v, Some(4), 2, 1, Some(&layout)).unwrap();
         assert_eq!(back, p);
+        assert!(notes.is_empty());
         assert!(write_placement(&p, &DecoderLayout::all_moe(3).unwrap()).is_err());
         let h = LoadHistory::single(vec![vec![1.0, 2.0], vec![3.0, 4.0]]).unwrap();
         let lc = logical_count(&h, &layout).unwrap();
