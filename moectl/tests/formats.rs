@@ -273,6 +273,41 @@ fn sglang_dump_plans_to_sglang_placement() {
 }
 
 #[test]
+fn sglang_placement_pt_reads_like_its_json() {
+    let pt = data("sglang/init_expert_location.pt");
+    let js = data("sglang/init_expert_location.json");
+    let args = |f: &str| {
+        moectl(&[
+            "convert",
+            "--input",
+            f,
+            "--to",
+            "placement",
+            "--ranks",
+            "4",
+            "--first-dense",
+            "1",
+        ])
+    };
+    let a = json_of(&args(&pt));
+    assert_eq!(a, json_of(&args(&js)));
+    assert_eq!(a["num_layers"], json!(3));
+    // The dump gives the layout (decoder layer 0 dense), so eval needs only --ranks.
+    let dump = data("sglang/expert_distribution_partial.pt");
+    let v = json_of(&moectl(&[
+        "eval",
+        "--placement",
+        &pt,
+        "--load",
+        &dump,
+        "--ranks",
+        "4",
+        "--json",
+    ]));
+    assert_eq!(v["layers"].as_array().unwrap().len(), 3);
+}
+
+#[test]
 fn sglang_output_needs_the_layout() {
     let d = Dir::new("layout");
     let load = d.file("load.json", "[[100, 50, 20, 10], [10, 10, 80, 90]]");
