@@ -584,3 +584,36 @@ fn eval_reports_both_balancedness_definitions_and_draws_the_heatmap() {
     assert!(plain.contains("balancedness, SGLang"), "{plain}");
     assert!(plain.contains("balancedness, vLLM"), "{plain}");
 }
+
+/// docs/images/eval-heatmap.svg is what the current code draws from its checked-in inputs
+/// (docs/images/heatmap-example/make_inputs.py says how they were made).
+#[test]
+fn docs_heatmap_is_current() {
+    let d = Dir::new("docs-heatmap");
+    let ex = format!(
+        "{}/../docs/images/heatmap-example",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = d.path("heat.svg");
+    let run = Command::new(env!("CARGO_BIN_EXE_moectl"))
+        .current_dir(&ex)
+        .args([
+            "eval",
+            "--placement",
+            "after.json",
+            "--previous",
+            "before.json",
+            "--load",
+            "load.json",
+            "--svg",
+            &out,
+        ])
+        .output()
+        .expect("run moectl");
+    ok(&run);
+    let want = std::fs::read_to_string(format!("{ex}/../eval-heatmap.svg")).unwrap();
+    assert!(
+        std::fs::read_to_string(&out).unwrap() == want,
+        "docs/images/eval-heatmap.svg is out of date: rerun the eval command in docs/images/heatmap-example/make_inputs.py"
+    );
+}
