@@ -69,24 +69,40 @@ const PLACEMENT_KEYS: [&str; 4] = [
     "phy2log",
 ];
 
-/// True when the file is a placement (by its keys), false for a load.
-fn is_placement(path: &Path) -> Result<Option<Value>, Fail> {
+/// The file is a placement (by its keys): its number of rows when they are SGLang's (one per
+/// decoder layer), or None when it is a load.
+fn placement_rows(path: &Path) -> Result<Option<Option<usize>>, Fail> {
     let bytes = std::fs::read(path)
         .map_err(|e| Fail(format!("cannot read input {}: {e}", path.display())))?;
     if formats::is_zip(&bytes) {
-        return Ok(None);
+        // torch.save: SGLang's placement or its recorder dump.
+        let f = formats::torch_save::TorchFile::parse(&bytes)
+            .map_err(|e| Fail(format!("{}: {e}", path.display())))?;
+        return Ok(match f.root.get("physical_to_logical_map") {
+            Some(map) => {
+                let t = f
+                    .tensor(map, "physical_to_logical_map")
+                    .map_err(|e| Fail(format!("{}: {e}", path.display())))?;
+                Some(t.shape.first().copied())
+            }
+            None => None,
+        });
     }
     let v: Value = serde_json::from_slice(&bytes)
         .map_err(|e| Fail(format!("{}: not valid JSON: {e}", path.display())))?;
-    Ok(PLACEMENT_KEYS
-        .iter()
-        .any(|k| v.get(k).is_some())
-        .then_some(v))
+    if !PLACEMENT_KEYS.iter().any(|k| v.get(k).is_some()) {
+        return Ok(None);
+    }
+    Ok(Some(
+        v.get("physical_to_logical_map")
+            .and_then(Value::as_array)
+            .map(Vec::len),
+    ))
 }
 
 pub fn convert(a: &ConvertArgs) -> Result<Vec<String>, Fail> {
     let mut notes = Vec::new();
-    let text = if let Some(v) = is_placement(a.input)? {
+    let text = if let Some(sglang_rows) = placement_rows(a.input)? {
         let Some(format) = a.to.placement() else {
             return Err(Fail(format!(
                 "{} is a placement: --to must be placement, ascend-expert-map, sglang or document",
@@ -94,8 +110,8 @@ pub fn convert(a: &ConvertArgs) -> Result<Vec<String>, Fail> {
             )));
         };
         // SGLang's rows are decoder layers: the flags say which are MoE.
-        let input_layout = match v.get("physical_to_logical_map").and_then(Value::as_array) {
-            Some(rows) => a.layout.for_decoder_rows(rows.len())?,
+        let input_layout = match sglang_rows {
+            Some(rows) => a.layout.for_decoder_rows(rows)?,
             None => None,
         };
         let p = inputs::read_placement(

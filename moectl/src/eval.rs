@@ -124,8 +124,12 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
     if a.as_json {
         let layers: Vec<Value> = (0..p.num_layers)
             .map(|l| {
-                json!({"layer": l, "par": now.per_layer[l], "balancedness": 1.0 / now.per_layer[l],
-                       "worst_window_par": now.worst_window[l], "last_window_par": now.last_window[l]})
+                let mut v = json!({"layer": l, "par": now.per_layer[l], "balancedness": 1.0 / now.per_layer[l],
+                       "worst_window_par": now.worst_window[l], "last_window_par": now.last_window[l]});
+                if let Some(b) = &before {
+                    v["previous_par"] = json!(b.per_layer[l]);
+                }
+                v
             })
             .collect();
         let mut v = json!({"windows": windows, "layers": layers, "mean_par": now.mean,
@@ -141,10 +145,14 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
         }
         println!("{}", serde_json::to_string(&v)?);
     } else {
-        println!("layer  PAR     balancedness  worst-window  last-window");
+        let prev_col = if before.is_some() { "  previous" } else { "" };
+        println!("layer  PAR     balancedness  worst-window  last-window{prev_col}");
         for (l, w) in now.worst_window.iter().enumerate() {
+            let prev = before
+                .as_ref()
+                .map_or(String::new(), |b| format!("  {:.4}", b.per_layer[l]));
             println!(
-                "{:<6} {:<7.4} {:<13.4} {:<13.4} {:.4}",
+                "{:<6} {:<7.4} {:<13.4} {:<13.4} {:.4}{prev}",
                 l,
                 now.per_layer[l],
                 1.0 / now.per_layer[l],

@@ -10,7 +10,6 @@ use clap::Args;
 use eplb::formats::{self, DecoderLayout, PlacementContext};
 use eplb::{LoadHistory, Placement};
 use moe_model::ModelDescription;
-use serde_json::Value;
 
 use crate::Fail;
 
@@ -211,19 +210,13 @@ pub fn read_placement(
     notes: &mut Vec<String>,
 ) -> Result<Placement, Fail> {
     let bytes = read_bytes(path, "placement")?;
-    let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        Fail(format!(
-            "{}: invalid placement: not valid JSON: {e}",
-            path.display()
-        ))
-    })?;
     let ctx = PlacementContext {
         num_experts: experts,
         num_ranks: ranks,
         num_nodes: nodes,
         layout,
     };
-    let (p, _, n) = formats::read_placement_json(&v, &ctx).map_err(at(path))?;
+    let (p, _, n) = formats::read_placement_bytes(&bytes, &ctx).map_err(at(path))?;
     notes.extend(prefix(path, n));
     Ok(p)
 }

@@ -111,7 +111,7 @@ pub fn render(panels: &[Panel], history: &LoadHistory, source: &str) -> String {
         .collect();
     let body_w: f64 = widths.iter().map(|w| left + w + par_w).sum::<f64>()
         + gap * (panels.len().saturating_sub(1)) as f64;
-    let width = (body_w + 24.0).max(640.0);
+    let width = (body_w + 64.0).max(640.0);
     let grid_h = ch * layers as f64;
     let legend_y = top_margin + grid_h + 34.0;
     let height = legend_y + 78.0;

@@ -273,6 +273,41 @@ fn sglang_dump_plans_to_sglang_placement() {
 }
 
 #[test]
+fn sglang_placement_pt_reads_like_its_json() {
+    let pt = data("sglang/init_expert_location.pt");
+    let js = data("sglang/init_expert_location.json");
+    let args = |f: &str| {
+        moectl(&[
+            "convert",
+            "--input",
+            f,
+            "--to",
+            "placement",
+            "--ranks",
+            "4",
+            "--first-dense",
+            "1",
+        ])
+    };
+    let a = json_of(&args(&pt));
+    assert_eq!(a, json_of(&args(&js)));
+    assert_eq!(a["num_layers"], json!(3));
+    // The dump gives the layout (decoder layer 0 dense), so eval needs only --ranks.
+    let dump = data("sglang/expert_distribution_partial.pt");
+    let v = json_of(&moectl(&[
+        "eval",
+        "--placement",
+        &pt,
+        "--load",
+        &dump,
+        "--ranks",
+        "4",
+        "--json",
+    ]));
+    assert_eq!(v["layers"].as_array().unwrap().len(), 3);
+}
+
+#[test]
 fn sglang_output_needs_the_layout() {
     let d = Dir::new("layout");
     let load = d.file("load.json", "[[100, 50, 20, 10], [10, 10, 80, 90]]");
@@ -479,7 +514,25 @@ fn vllm_per_slot_loads_need_the_flag_and_map_through_the_previous_placement() {
     let load = d.file("load.json", "[[60, 20, 5, 5]]");
     let o = moectl(&["eval", "--placement", &masked, "--load", &load, "--json"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("ranks 1 hold no expert"));
-    assert_eq!(json_of(&o)["layers"].as_array().unwrap().len(), 1);
+    let masked_par = json_of(&o)["mean_par"].clone();
+    // vLLM's own state under its attribute name: SGLang's key, MoE layers only.
+    let state = d.file(
+        "state.json",
+        r#"{"physical_to_logical_map": [[0, 1, 2, -1, -1, -1, 3, 0, 1]]}"#,
+    );
+    let o = moectl(&[
+        "eval",
+        "--placement",
+        &state,
+        "--load",
+        &load,
+        "--ranks",
+        "3",
+        "--first-dense",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(json_of(&o)["mean_par"], masked_par);
 }
 
 #[test]
@@ -530,4 +583,37 @@ fn eval_reports_both_balancedness_definitions_and_draws_the_heatmap() {
     let plain = ok(&moectl(&["eval", "--placement", &p, "--load", &load]));
     assert!(plain.contains("balancedness, SGLang"), "{plain}");
     assert!(plain.contains("balancedness, vLLM"), "{plain}");
+}
+
+/// docs/images/eval-heatmap.svg is what the current code draws from its checked-in inputs
+/// (docs/images/heatmap-example/make_inputs.py says how they were made).
+#[test]
+fn docs_heatmap_is_current() {
+    let d = Dir::new("docs-heatmap");
+    let ex = format!(
+        "{}/../docs/images/heatmap-example",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = d.path("heat.svg");
+    let run = Command::new(env!("CARGO_BIN_EXE_moectl"))
+        .current_dir(&ex)
+        .args([
+            "eval",
+            "--placement",
+            "after.json",
+            "--previous",
+            "before.json",
+            "--load",
+            "load.json",
+            "--svg",
+            &out,
+        ])
+        .output()
+        .expect("run moectl");
+    ok(&run);
+    let want = std::fs::read_to_string(format!("{ex}/../eval-heatmap.svg")).unwrap();
+    assert!(
+        std::fs::read_to_string(&out).unwrap() == want,
+        "docs/images/eval-heatmap.svg is out of date: rerun the eval command in docs/images/heatmap-example/make_inputs.py"
+    );
 }

@@ -131,6 +131,47 @@ fn openevolve(h: &Value) -> Result<LoadHistory> {
     LoadHistory::new(windows)
 }
 
+/// Reads a placement from file contents: JSON in any form of [`read_placement_json`], or
+/// SGLang's `--init-expert-location` as a `torch.save` file
+/// (`{"physical_to_logical_map": int64 [decoder layers][P]}`).
+pub fn read_placement_bytes(
+    bytes: &[u8],
+    ctx: &PlacementContext,
+) -> Result<(Placement, &'static str, Vec<String>)> {
+    if !is_zip(bytes) {
+        let v: Value = serde_json::from_slice(bytes)
+            .map_err(|e| EplbError::Placement(format!("not valid JSON: {e}")))?;
+        return read_placement_json(&v, ctx);
+    }
+    let file = torch_save::TorchFile::parse(bytes)?;
+    let map = file.root.get("physical_to_logical_map").ok_or_else(|| {
+        EplbError::Placement(
+            "the torch.save file has no \"physical_to_logical_map\" (not an SGLang --init-expert-location placement)"
+                .into(),
+        )
+    })?;
+    let t = file.tensor(map, "physical_to_logical_map")?;
+    let [layers, slots] = t.shape[..] else {
+        return Err(EplbError::Placement(format!(
+            "physical_to_logical_map has shape {:?}, expected [layers][slots]",
+            t.shape
+        )));
+    };
+    let rows: Vec<Value> = (0..layers)
+        .map(|l| {
+            Value::Array(
+                t.data[l * slots..(l + 1) * slots]
+                    .iter()
+                    .map(|&x| Value::from(x as i64))
+                    .collect(),
+            )
+        })
+        .collect();
+    let v = serde_json::json!({ "physical_to_logical_map": rows });
+    let (p, _, notes) = read_placement_json(&v, ctx)?;
+    Ok((p, "SGLang physical_to_logical_map (.pt)", notes))
+}
+
 /// What a placement reader may need besides the file.
 #[derive(Debug, Clone, Default)]
 pub struct PlacementContext<'a> {
@@ -177,8 +218,8 @@ pub fn read_placement_json(
                     .into(),
             )
         })?;
-        let p = sglang::read_placement(v, ctx.num_experts, ranks, nodes, Some(layout))?;
-        return Ok((p, "SGLang physical_to_logical_map", Vec::new()));
+        let (p, notes) = sglang::read_placement(v, ctx.num_experts, ranks, nodes, Some(layout))?;
+        return Ok((p, "SGLang physical_to_logical_map", notes));
     }
     if v.get("numLogicalExperts").is_some() {
         let doc: moe_api::PlacementDocument = serde_json::from_value(v.clone())
@@ -246,6 +287,26 @@ mod tests {
                 .contains("logical_count")
         );
         assert!(read_load_bytes(b"not json", None).is_err());
+    }
+
+    #[test]
+    fn sglang_placement_pt_reads_like_its_json() {
+        let pt = include_bytes!("../../tests/data/sglang/init_expert_location.pt");
+        let js = include_bytes!("../../tests/data/sglang/init_expert_location.json");
+        let layout = DecoderLayout::first_dense(1, 3).unwrap();
+        let ctx = PlacementContext {
+            num_ranks: Some(4),
+            layout: Some(&layout),
+            ..Default::default()
+        };
+        let (a, fa, _) = read_placement_bytes(pt, &ctx).unwrap();
+        let (b, _, _) = read_placement_bytes(js, &ctx).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(fa, "SGLang physical_to_logical_map (.pt)");
+        assert_eq!(a.phy2log[0], vec![2, 4, 3, 5, 1, 0, 6, 7, 2, 4, 3, 5]);
+        let dump = include_bytes!("../../tests/data/sglang/expert_distribution_partial.pt");
+        let e = read_placement_bytes(dump, &ctx).unwrap_err().to_string();
+        assert!(e.contains("physical_to_logical_map"), "{e}");
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::error::{EplbError, Result};
 use crate::formats::LoadFile;
 use crate::formats::layout::{DecoderLayout, ranges};
 use crate::formats::torch_save::TorchFile;
-use crate::load::LoadHistory;
+use crate::load::{LoadHistory, matrix};
 use crate::placement::Placement;
 
 /// The `--init-expert-location` placement: `{"physical_to_logical_map": [decoder layers][P]}`.
@@ -46,85 +46,159 @@ pub fn write_placement(p: &Placement, layout: &DecoderLayout) -> Result<Value> {
 
 /// Reads `{"physical_to_logical_map": [L][P]}` for `num_ranks` ranks (SGLang's file does not
 /// say). With a layout, L must be its decoder-layer count and the dense rows are dropped.
+/// Returns notes. -1 entries (vLLM's unused slots, same key in vLLM's `EplbState`) are read as
+/// [`crate::formats::vllm::read_phy2log`] does.
 pub fn read_placement(
     v: &Value,
     num_experts: Option<usize>,
     num_ranks: usize,
     num_nodes: usize,
     layout: Option<&DecoderLayout>,
-) -> Result<Placement> {
-    let rows: Vec<Vec<usize>> = serde_json::from_value(v["physical_to_logical_map"].clone())
-        .map_err(|e| {
-            EplbError::Placement(format!(
-                "physical_to_logical_map must be [layers][slots] of expert ids: {e}"
-            ))
-        })?;
-    let rows = match layout {
+) -> Result<(Placement, Vec<String>)> {
+    let rows = v["physical_to_logical_map"].as_array().ok_or_else(|| {
+        EplbError::Placement("physical_to_logical_map must be [layers][slots] of expert ids".into())
+    })?;
+    let rows: Vec<Value> = match layout {
         Some(lay) => {
             lay.check_decoder_rows(rows.len(), "physical_to_logical_map")?;
             lay.moe_layers().iter().map(|&l| rows[l].clone()).collect()
         }
-        None => rows,
+        None => rows.clone(),
     };
-    let experts =
-        num_experts.unwrap_or_else(|| rows.iter().flatten().copied().max().map_or(0, |m| m + 1));
-    Placement::from_phy2log(experts, num_ranks, num_nodes, rows)
+    let experts = num_experts.unwrap_or_else(|| {
+        rows.iter()
+            .filter_map(Value::as_array)
+            .flatten()
+            .filter_map(Value::as_u64)
+            .max()
+            .map_or(0, |m| m as usize + 1)
+    });
+    crate::formats::vllm::read_phy2log(&Value::Array(rows), experts, num_ranks, num_nodes)
 }
 
-/// `logical_count` as passes `[N][L][E]` (a `[L][E]` array is one pass).
-pub fn logical_count_passes(v: &Value) -> Result<Vec<Vec<Vec<f64>>>> {
-    let err = |m: &str| EplbError::Load(format!("logical_count {m}"));
-    let top = v.as_array().ok_or_else(|| err("must be an array"))?;
+/// `logical_count` passes `[N][L][E]`, flat and row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Passes {
+    pub passes: usize,
+    pub layers: usize,
+    pub experts: usize,
+    pub data: Vec<f64>,
+}
+
+impl Passes {
+    /// Checks the size and every count (finite, non-negative).
+    pub fn new(passes: usize, layers: usize, experts: usize, data: Vec<f64>) -> Result<Passes> {
+        if layers == 0 || experts == 0 || passes == 0 {
+            return Err(EplbError::Load(
+                "logical_count is empty (no passes, layers or experts)".into(),
+            ));
+        }
+        if Some(data.len())
+            != passes
+                .checked_mul(layers)
+                .and_then(|x| x.checked_mul(experts))
+        {
+            return Err(EplbError::Load(format!(
+                "logical_count holds {} counts, not {passes} x {layers} x {experts}",
+                data.len()
+            )));
+        }
+        if let Some(i) = data.iter().position(|x| !x.is_finite() || *x < 0.0) {
+            let (p, l, e) = (i / (layers * experts), i / experts % layers, i % experts);
+            return Err(EplbError::Load(format!(
+                "logical_count pass {p} layer {l} expert {e}: {} is not a token count",
+                data[i]
+            )));
+        }
+        Ok(Passes {
+            passes,
+            layers,
+            experts,
+            data,
+        })
+    }
+
+    fn pass(&self, i: usize) -> &[f64] {
+        let n = self.layers * self.experts;
+        &self.data[i * n..(i + 1) * n]
+    }
+}
+
+/// `logical_count` from JSON: `[N][L][E]`, or `[L][E]` as one pass.
+pub fn logical_count_passes(v: &Value) -> Result<Passes> {
+    let top = v
+        .as_array()
+        .ok_or_else(|| EplbError::Load("logical_count must be an array".into()))?;
     let three_d = top
         .first()
         .and_then(|r| r.as_array())
         .and_then(|r| r.first())
         .is_some_and(Value::is_array);
-    let parse = |m: &Value| -> Result<Vec<Vec<f64>>> {
-        serde_json::from_value(m.clone()).map_err(|e| {
-            EplbError::Load(format!(
-                "logical_count must hold [layers][experts] numbers: {e}"
-            ))
-        })
+    let parse = |m: &Value, what: &str| -> Result<Vec<Vec<f64>>> {
+        let rows = matrix(m, what)?;
+        Ok(rows)
     };
-    if three_d {
-        top.iter().map(parse).collect()
+    let passes: Vec<Vec<Vec<f64>>> = if three_d {
+        top.iter()
+            .enumerate()
+            .map(|(i, m)| parse(m, &format!("logical_count pass {i}")))
+            .collect::<Result<_>>()?
     } else {
-        Ok(vec![parse(v)?])
+        vec![parse(v, "logical_count")?]
+    };
+    let layers = passes[0].len();
+    let experts = passes[0].first().map_or(0, Vec::len);
+    for (i, p) in passes.iter().enumerate() {
+        if p.len() != layers || p.iter().any(|r| r.len() != experts) {
+            return Err(EplbError::Load(format!(
+                "logical_count pass {i} is not {layers} layers x {experts} experts (ragged array)"
+            )));
+        }
     }
+    let n = passes.len();
+    Passes::new(
+        n,
+        layers,
+        experts,
+        passes.into_iter().flatten().flatten().collect(),
+    )
 }
 
-/// Sums the non-zero passes `[N][L][E]` into one window and keeps the MoE layers (see the
-/// module docs). `what` names the source in notes.
+/// Sums the non-zero passes into one window and keeps the MoE layers (see the module docs).
+/// `format` names the source.
 pub fn load_from_passes(
-    passes: Vec<Vec<Vec<f64>>>,
+    passes: Passes,
     layout: Option<&DecoderLayout>,
     format: &'static str,
 ) -> Result<LoadFile> {
     let mut notes = Vec::new();
-    let total = passes.len();
-    let recorded: Vec<Vec<Vec<f64>>> = passes
-        .into_iter()
-        .filter(|p| p.iter().flatten().any(|&x| x != 0.0))
-        .collect();
-    if recorded.is_empty() {
+    let (total, layers, experts) = (passes.passes, passes.layers, passes.experts);
+    let mut sum = vec![0.0; layers * experts];
+    let mut recorded = 0;
+    for i in 0..total {
+        let p = passes.pass(i);
+        if p.iter().any(|&x| x != 0.0) {
+            recorded += 1;
+            for (a, b) in sum.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+    }
+    if recorded == 0 {
         return Err(EplbError::Load(format!(
             "logical_count has {total} passes and every count is zero (nothing recorded)"
         )));
     }
-    if recorded.len() < total {
+    if recorded < total {
         notes.push(format!(
             "{} of {total} logical_count passes are all zero (ring buffer not full): dropped",
-            total - recorded.len()
+            total - recorded
         ));
     }
     notes.push(format!(
-        "{} SGLang passes summed into one window (the recorder's ring is not in time order)",
-        recorded.len()
+        "{recorded} SGLang passes summed into one window (the recorder's ring is not in time order)"
     ));
-    // Validate the shape through LoadHistory, then sum.
-    let passes = LoadHistory::new(recorded)?;
-    let sum = passes.total();
+    let sum: Vec<Vec<f64>> = sum.chunks(experts).map(<[f64]>::to_vec).collect();
     let decoder_layers = sum.len();
     let layout = match layout {
         Some(l) => {
@@ -188,14 +262,11 @@ pub fn read_dump(bytes: &[u8], layout: Option<&DecoderLayout>) -> Result<LoadFil
             )));
         }
     };
-    let passes: Vec<Vec<Vec<f64>>> = (0..n)
-        .map(|i| {
-            (0..l)
-                .map(|j| t.data[(i * l + j) * e..(i * l + j + 1) * e].to_vec())
-                .collect()
-        })
-        .collect();
-    load_from_passes(passes, layout, "SGLang expert-distribution dump (.pt)")
+    load_from_passes(
+        Passes::new(n, l, e, t.data)?,
+        layout,
+        "SGLang expert-distribution dump (.pt)",
+    )
 }
 
 /// A load as SGLang's `logical_count` passes `[W][decoder layers][E]`, one pass per window,
@@ -287,6 +358,18 @@ mod tests {
         let right = DecoderLayout::first_dense(1, 3).unwrap();
         assert!(load_from_passes(passes, Some(&right), "json").is_ok());
         assert!(read_dump(b"PK\x03\x04garbage", None).is_err());
+        for bad in [
+            "[[[1, 2]], [[1]]]",
+            "[[1, -2]]",
+            "[]",
+            "[[]]",
+            "[[[0, 0]]]",
+            "{}",
+        ] {
+            let v: Value = serde_json::from_str(bad).unwrap();
+            let r = logical_count_passes(&v).and_then(|p| load_from_passes(p, None, "json"));
+            assert!(r.is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -309,14 +392,20 @@ mod tests {
         assert_eq!(rows.len(), 4);
         assert_eq!(rows[0], json!([0, 1, 2, 3, 0, 1]));
         assert_eq!(rows[3], json!([3, 2, 1, 0, 1, 2]));
-        let back = read_placement(&v, Some(4), 2, 1, Some(&layout)).unwrap();
+        let (back, notes) = read_placement(&v, Some(4), 2, 1, Some(&layout)).unwrap();
         assert_eq!(back, p);
+        assert!(notes.is_empty());
         assert!(write_placement(&p, &DecoderLayout::all_moe(3).unwrap()).is_err());
         let h = LoadHistory::single(vec![vec![1.0, 2.0], vec![3.0, 4.0]]).unwrap();
         let lc = logical_count(&h, &layout).unwrap();
         assert_eq!(lc[0][0], vec![0.0, 0.0]);
         assert_eq!(lc[0][3], vec![3.0, 4.0]);
-        let back = load_from_passes(lc, Some(&layout), "json").unwrap();
+        let back = load_from_passes(
+            logical_count_passes(&json!(lc)).unwrap(),
+            Some(&layout),
+            "json",
+        )
+        .unwrap();
         assert_eq!(back.history, h);
     }
 }

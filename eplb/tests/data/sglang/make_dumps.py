@@ -9,7 +9,11 @@ write index wraps, nothing rotates it); `dump` converts the buffer to logical co
 `dict(rank=..., logical_count=int32 [buffer][layers][experts], average_utilization_rate_over_window=None)`
 with `torch.save`. Layers are decoder layers: the dense ones are never recorded and stay zero.
 
-Run: python3 make_dumps.py   (writes *.pt and the same counts as *.json next to this file)
+It also writes an `--init-expert-location` placement as `.pt` (SGLang's
+`compute_initial_expert_location_metadata` torch.loads a `.pt` and passes its dict to
+`init_by_mapping`): `{"physical_to_logical_map": int64 [layers][physical slots]}`.
+
+Run: python3 make_dumps.py   (writes *.pt and the same data as *.json next to this file)
 """
 import json
 import os
@@ -60,7 +64,19 @@ def dump(name, buffer_size, passes, seed):
         f.write("\n")
 
 
+def placement(name, seed):
+    gen = torch.Generator().manual_seed(seed)
+    p2l = physical_to_logical_map()
+    for layer in range(1, LAYERS):  # MoE layers: experts relabelled, no rank holds one twice
+        p2l[layer] = torch.randperm(EXPERTS, generator=gen)[p2l[layer]]
+    torch.save({"physical_to_logical_map": p2l}, os.path.join(HERE, name + ".pt"))
+    with open(os.path.join(HERE, name + ".json"), "w") as f:
+        json.dump({"physical_to_logical_map": p2l.tolist()}, f)
+        f.write("\n")
+
+
 if __name__ == "__main__":
+    placement("init_expert_location", seed=3)
     dump("expert_distribution_partial", buffer_size=6, passes=4, seed=1)  # 2 zero rows
     dump("expert_distribution_wrapped", buffer_size=3, passes=5, seed=2)  # ring wrapped
     print("torch", torch.__version__)
