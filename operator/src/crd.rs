@@ -522,7 +522,7 @@ pub struct EplbSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-kubernetes-validations" = [
         {
-            "rule": "isQuantity(string(self)) && quantity(string(self)).isInteger() && quantity(string(self)).sign() == 1",
+            "rule": "isQuantity(string(self)) && quantity(string(self)).isInteger() && quantity(string(self)).isGreaterThan(quantity('0'))",
             "message": "spec.eplb.maxBytesPerRemap must be a positive whole number of bytes as a Kubernetes quantity (e.g. 8Gi, 512Mi, 1000000000): fix the value or remove it for no limit",
             "reason": "FieldValueInvalid"
         }

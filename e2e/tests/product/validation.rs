@@ -70,7 +70,7 @@ fn cases() -> Vec<(&'static str, Value, &'static str)> {
         (
             "two weight sources",
             json!({"weights": {"synthetic": {"seed": 1}, "persistentVolumeClaim": {"claimName": "w"}}}),
-            "set exactly one of spec.weights.synthetic or spec.weights.persistentVolumeClaim",
+            "set at most one of spec.weights.synthetic or spec.weights.persistentVolumeClaim (neither: synthetic weights with seed 0)",
         ),
         (
             "experts + redundant not divisible by ranks",
