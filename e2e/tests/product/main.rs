@@ -4,7 +4,7 @@
 //! workers' HTTP API. One test binary, so the harness's cluster limit applies to all of them.
 //!
 //! 1, 2: `install` · 3: `validation` · 4: `failures` · 5: `spec_changes` ·
-//! 6 (benchmark, ignored): `scale`.
+//! 6 (benchmark, ignored): `scale` · 7 (measurement, ignored): `history`.
 //!
 //! Skipped (a printed `SKIPPED` line) when the control-plane binaries are not installed
 //! (`e2e/bootstrap.sh`). The agent needs `moe-worker` and `moe-operator` built into the same
@@ -12,6 +12,7 @@
 
 mod common;
 mod failures;
+mod history;
 mod install;
 mod scale;
 mod spec_changes;
