@@ -7,6 +7,7 @@
 //! ```text
 //! cargo test -p moe-e2e --test product -- --ignored --nocapture history_
 //! MOE_E2E_HISTORY_SECS=300 ...   # measure longer (default 180 s)
+//! MOE_E2E_HISTORY_SEED=5 ...      # other traffic (default seed 11)
 //! ```
 
 use std::time::{Duration, Instant};
@@ -69,7 +70,11 @@ async fn history_windows_vs_current_window_on_drifting_traffic() -> Result<()> {
                "imbalanceThreshold": 1.05, "hysteresis": 0.02, "replanIntervalSeconds": 4,
                "pollIntervalSeconds": 2, "algorithm": "joint"})
     };
-    let traffic = json!({"skew": 1.5, "drift": 0.01, "seed": 11, "stepsPerSecond": 20});
+    let seed: u64 = std::env::var("MOE_E2E_HISTORY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(11);
+    let traffic = json!({"skew": 1.5, "drift": 0.01, "seed": seed, "stepsPerSecond": 20});
     let cases = [("current-window", 1), ("history-4", 4)];
     for (name, history) in cases {
         let mut obj = small_moed(name, "RoundRobin", eplb(history), traffic.clone());
