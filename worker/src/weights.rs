@@ -172,6 +172,9 @@ pub struct SharedExpert {
     pub gate: Option<Vec<f32>>,
 }
 
+/// Experts of one layer read at the same time by [`WeightStore::load_slots`].
+pub const LOAD_THREADS: usize = 4;
+
 /// Key of synthetic tensors that are not routed experts (never a real expert id).
 const SHARED_KEY: u64 = u64::MAX - 1;
 const BIAS_KEY: u64 = u64::MAX - 2;
@@ -348,29 +351,49 @@ impl WeightStore {
                 Ok(synthetic_expert(*seed, layer, expert, shape))
             }
             WeightStore::Files { checkpoint, shape } => {
-                let (g, u, d) = checkpoint.expert(layer, expert as usize)?;
-                expert_from_projections(g, u, d, shape)
+                let (h, i) = (shape.hidden, shape.intermediate);
+                let (w1, w2) = checkpoint.expert(layer, expert as usize)?;
+                let w1 = Matrix::from_vec(2 * i, h, w1).map_err(|e| anyhow!("{e}"))?;
+                let w2 = Matrix::from_vec(h, i, w2).map_err(|e| anyhow!("{e}"))?;
+                ExpertWeights::new(w1, w2).map_err(|e| anyhow!("{e}"))
             }
         }
     }
 
     /// Loads the experts of the given slots (`phy2log` of one layer restricted to a rank's
-    /// slots), reading each distinct expert once.
+    /// slots), reading each distinct expert once. Up to [`LOAD_THREADS`] experts are read at a
+    /// time, so the disk sees several requests in flight and decoding overlaps reading.
     pub fn load_slots(&self, layer: usize, experts: &[u32]) -> Result<Vec<Arc<ExpertWeights>>> {
-        let mut cache: HashMap<u32, Arc<ExpertWeights>> = HashMap::new();
-        let mut out = Vec::with_capacity(experts.len());
-        for &e in experts {
-            let w = match cache.get(&e) {
-                Some(w) => w.clone(),
-                None => {
-                    let w = Arc::new(self.expert(layer, e)?);
-                    cache.insert(e, w.clone());
-                    w
-                }
-            };
-            out.push(w);
+        let mut distinct: Vec<u32> = experts.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let threads = LOAD_THREADS.min(distinct.len()).max(1);
+        let chunk = distinct.len().div_ceil(threads).max(1);
+        type Loaded = Result<Vec<(u32, Arc<ExpertWeights>)>>;
+        let loaded: Vec<Loaded> = std::thread::scope(|sc| {
+            let handles: Vec<_> = distinct
+                .chunks(chunk)
+                .map(|ids| {
+                    sc.spawn(move || {
+                        ids.iter()
+                            .map(|&e| Ok((e, Arc::new(self.expert(layer, e)?))))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow!("a weight-loading thread panicked")))
+                })
+                .collect()
+        });
+        let mut by_id: HashMap<u32, Arc<ExpertWeights>> = HashMap::new();
+        for part in loaded {
+            by_id.extend(part?);
         }
-        Ok(out)
+        Ok(experts.iter().map(|e| by_id[e].clone()).collect())
     }
 }
 
