@@ -2,10 +2,16 @@
 //! or one built from the shape flags for synthetic weights (optionally imitating a family's
 //! gating with `--family`), and the kernels' gating configuration derived from it.
 
+use std::sync::Arc;
+
+use moe_api::env as api_env;
 use moe_kernels::{GatingConfig, GroupScore as KGroupScore, Scoring as KScoring};
 use moe_model::{
     Family, GroupScore, ModelDescription, Scoring, SharedExperts, TensorNames, WeightDtype,
 };
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{Args, ConfigError, Scoring as FlagScoring, WeightsSource, bad, env};
 
 /// Shape flags of a synthetic model (defaults applied).
 #[derive(Debug, Clone, Copy)]
@@ -120,6 +126,155 @@ pub fn gating_config(d: &ModelDescription) -> GatingConfig {
             GroupScore::None | GroupScore::Top2Sum => KGroupScore::Top2Sum,
         },
     }
+}
+
+/// The model description and, for a checkpoint, the opened checkpoint. A shape flag given
+/// with a checkpoint must agree with it.
+#[allow(clippy::type_complexity)]
+pub(crate) fn resolve(
+    args: &Args,
+    weights: &WeightsSource,
+) -> Result<(Arc<ModelDescription>, Option<Arc<Checkpoint>>), ConfigError> {
+    use api_env as e;
+    let family = args
+        .family
+        .as_deref()
+        .map(|f| {
+            f.parse::<Family>()
+                .map_err(|err| bad("family", env::FAMILY, err))
+        })
+        .transpose()?;
+    let flag_scoring = args.scoring.map(|s| match s {
+        FlagScoring::Softmax => Scoring::Softmax,
+        FlagScoring::Sigmoid => Scoring::Sigmoid,
+    });
+    let dir = match weights {
+        WeightsSource::Synthetic { .. } => {
+            let family_scoring = family.map(|f| match f {
+                Family::DeepseekV3 => Scoring::Sigmoid,
+                _ => Scoring::Softmax,
+            });
+            let scoring = match (flag_scoring, family_scoring) {
+                (Some(s), Some(f)) if s != f => {
+                    return Err(bad(
+                        "scoring",
+                        e::SCORING,
+                        format!(
+                            "{s:?} disagrees with --family {} ({f:?})",
+                            args.family.as_deref().unwrap_or_default()
+                        )
+                        .to_lowercase(),
+                    ));
+                }
+                (Some(s), _) | (None, Some(s)) => s,
+                (None, None) => Scoring::Softmax,
+            };
+            let shape = SyntheticShape {
+                num_layers: args.num_layers.unwrap_or(4),
+                num_experts: args.num_experts.unwrap_or(16),
+                hidden: args.hidden.unwrap_or(128),
+                intermediate: args.intermediate.unwrap_or(256),
+                top_k: args.top_k.unwrap_or(2),
+                expert_groups: args.expert_groups.unwrap_or(1),
+                topk_groups: args.topk_groups.unwrap_or(1),
+                scoring,
+            };
+            return Ok((Arc::new(synthetic(family, shape)), None));
+        }
+        WeightsSource::Safetensors { dir } => dir,
+    };
+    let weights_err = |err: String| bad("weights", e::WEIGHTS, format!("{}: {err}", dir.display()));
+    let desc = ModelDescription::from_path(dir).map_err(|err| weights_err(err.to_string()))?;
+    if let Some(f) = family
+        && f != desc.family
+    {
+        return Err(bad(
+            "family",
+            env::FAMILY,
+            format!(
+                "{} disagrees with the checkpoint's family {} ({}, {})",
+                f.model_type(),
+                desc.family.model_type(),
+                desc.architecture,
+                dir.join(moe_model::CONFIG_FILE).display()
+            ),
+        ));
+    }
+    let checks: [(&'static str, &'static str, Option<usize>, usize, &str); 7] = [
+        (
+            "num-layers",
+            e::NUM_LAYERS,
+            args.num_layers,
+            desc.num_moe_layers(),
+            "MoE layers",
+        ),
+        (
+            "num-experts",
+            e::NUM_EXPERTS,
+            args.num_experts,
+            desc.num_experts,
+            "routed experts",
+        ),
+        ("hidden", e::HIDDEN, args.hidden, desc.hidden, "hidden size"),
+        (
+            "intermediate",
+            e::INTERMEDIATE,
+            args.intermediate,
+            desc.intermediate,
+            "expert intermediate size",
+        ),
+        (
+            "top-k",
+            e::TOP_K,
+            args.top_k,
+            desc.top_k,
+            "experts per token",
+        ),
+        (
+            "expert-groups",
+            e::EXPERT_GROUPS,
+            args.expert_groups,
+            desc.expert_groups,
+            "expert groups",
+        ),
+        (
+            "topk-groups",
+            e::TOPK_GROUPS,
+            args.topk_groups,
+            desc.topk_groups,
+            "groups per token",
+        ),
+    ];
+    for (flag, env, given, found, what) in checks {
+        if let Some(v) = given
+            && v != found
+        {
+            return Err(bad(
+                flag,
+                env,
+                format!(
+                    "{v} disagrees with the checkpoint's {what} {found} ({}); drop the flag or fix it",
+                    dir.join(moe_model::CONFIG_FILE).display()
+                ),
+            ));
+        }
+    }
+    if let Some(s) = flag_scoring
+        && s != desc.scoring
+    {
+        return Err(bad(
+            "scoring",
+            e::SCORING,
+            format!(
+                "{s:?} disagrees with the checkpoint's scoring {:?} ({})",
+                desc.scoring,
+                dir.join(moe_model::CONFIG_FILE).display()
+            )
+            .to_lowercase(),
+        ));
+    }
+    let ck = Checkpoint::open(dir, desc.clone()).map_err(|err| weights_err(err.to_string()))?;
+    Ok((Arc::new(desc), Some(Arc::new(ck))))
 }
 
 #[cfg(test)]
