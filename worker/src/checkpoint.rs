@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use half::bf16;
-use moe_model::{ModelDescription, Projection, WeightDtype};
+use moe_model::{FusedLayout, ModelDescription, Projection, WeightDtype};
 use safetensors::Dtype;
 use safetensors::tensor::TensorInfo;
 
@@ -407,6 +407,18 @@ impl Checkpoint {
                         }
                     }
                 }
+                Layout::Fused if t.fused_layout == FusedLayout::InputMajorInterleaved => {
+                    self.check_plain(
+                        &t.fused_gate_up(dl, m),
+                        &[e, h, 2 * i],
+                        "[experts, hidden, 2 x intermediate], gate and up interleaved",
+                    )?;
+                    self.check_plain(
+                        &t.fused_down(dl, m),
+                        &[e, i, h],
+                        "[experts, intermediate, hidden]",
+                    )?;
+                }
                 Layout::Fused => {
                     self.check_weight(
                         &t.fused_gate_up(dl, m),
@@ -419,6 +431,15 @@ impl Checkpoint {
                         "[experts, hidden, moe intermediate]",
                     )?;
                 }
+            }
+            if let Some(b) = t.router_bias(dl, m) {
+                self.check_plain(&b, &[e], "[experts]")?;
+            }
+            if let Some(b) = t.fused_gate_up_bias(dl, m) {
+                self.check_plain(&b, &[e, 2 * i], "[experts, 2 x intermediate]")?;
+            }
+            if let Some(b) = t.fused_down_bias(dl, m) {
+                self.check_plain(&b, &[e, h], "[experts, hidden]")?;
             }
             if let Some(s) = d.shared {
                 for p in Projection::ALL {
@@ -613,12 +634,63 @@ impl Checkpoint {
                 self.read_matrix_into(&t.expert(dl, m, e, Projection::Up), 0, i, h, up)?;
                 self.read_matrix_into(&t.expert(dl, m, e, Projection::Down), 0, h, i, &mut w2)?;
             }
+            Layout::Fused if t.fused_layout == FusedLayout::InputMajorInterleaved => {
+                // gpt-oss: gate_up [H, 2I] with gate at even and up at odd columns; down
+                // [I, H]. Transposed into w1 = [gate; up] [2I, H] and w2 [H, I].
+                let gu = self.read_matrix(&t.fused_gate_up(dl, m), e, h, 2 * i)?;
+                for r in 0..h {
+                    for j in 0..i {
+                        w1[j * h + r] = gu[r * 2 * i + 2 * j];
+                        w1[(i + j) * h + r] = gu[r * 2 * i + 2 * j + 1];
+                    }
+                }
+                let down = self.read_matrix(&t.fused_down(dl, m), e, i, h)?;
+                for r in 0..i {
+                    for c in 0..h {
+                        w2[c * i + r] = down[r * h + c];
+                    }
+                }
+            }
             Layout::Fused => {
                 self.read_matrix_into(&t.fused_gate_up(dl, m), e, 2 * i, h, &mut w1)?;
                 self.read_matrix_into(&t.fused_down(dl, m), e, h, i, &mut w2)?;
             }
         }
         Ok((w1, w2))
+    }
+
+    /// Router bias of MoE layer `l` (gpt-oss), `[experts]`.
+    pub fn router_bias(&self, l: usize) -> Result<Option<Vec<f32>>> {
+        let ln = &self.layers[l];
+        match self.desc.tensors.router_bias(ln.decoder, &ln.module) {
+            Some(name) => Ok(Some(self.read_f32_elems(
+                &name,
+                0,
+                self.desc.num_experts,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Biases of routed expert `e` of MoE layer `l` (gpt-oss): `b1` `[2I]` with the gate
+    /// entries first (de-interleaved), `b2` `[H]`.
+    pub fn expert_bias(&self, l: usize, e: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        let ln = &self.layers[l];
+        let t = &self.desc.tensors;
+        let (h, i) = (self.desc.hidden, self.desc.intermediate);
+        let (Some(gu), Some(dn)) = (
+            t.fused_gate_up_bias(ln.decoder, &ln.module),
+            t.fused_down_bias(ln.decoder, &ln.module),
+        ) else {
+            return Ok(None);
+        };
+        let raw = self.read_f32_elems(&gu, e * 2 * i, 2 * i)?;
+        let mut b1 = vec![0f32; 2 * i];
+        for j in 0..i {
+            b1[j] = raw[2 * j];
+            b1[i + j] = raw[2 * j + 1];
+        }
+        Ok(Some((b1, self.read_f32_elems(&dn, e * h, h)?)))
     }
 
     /// The shared expert MLP of MoE layer `l` (gate, up, down) and Qwen2's shared-expert gate.

@@ -216,6 +216,8 @@ pub struct ModelShape {
     pub scoring: Scoring,
     pub redundant: usize,
     pub world_size: usize,
+    /// Routed experts carry projection biases (gpt-oss); they travel with the expert.
+    pub expert_bias: bool,
 }
 
 impl ModelShape {
@@ -229,8 +231,18 @@ impl ModelShape {
     pub fn expert_elems(&self) -> usize {
         3 * self.hidden * self.intermediate
     }
+    /// Bytes of one expert as it travels in a remap: bf16 projections, then (with
+    /// `expert_bias`) the fp32 biases.
     pub fn expert_bytes(&self) -> usize {
-        2 * self.expert_elems()
+        2 * self.expert_elems() + self.expert_bias_elems() * 4
+    }
+    /// fp32 bias entries of one expert (`2I + H`, or 0).
+    pub fn expert_bias_elems(&self) -> usize {
+        if self.expert_bias {
+            2 * self.intermediate + self.hidden
+        } else {
+            0
+        }
     }
     /// A compact description every rank sends at rendezvous, so a mis-configured rank is caught.
     pub fn fingerprint(&self) -> String {
@@ -532,6 +544,7 @@ impl Config {
             },
             redundant: args.redundant_experts,
             world_size: args.world_size,
+            expert_bias: m.expert_bias,
         };
         Ok(Config {
             args,

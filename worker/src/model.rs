@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use moe_api::env as api_env;
+use moe_kernels::cpu::Activation;
 use moe_kernels::{GatingConfig, GroupScore as KGroupScore, Scoring as KScoring};
 use moe_model::{
     Family, GroupScore, ModelDescription, Scoring, SharedExperts, TensorNames, WeightDtype,
@@ -62,6 +63,9 @@ pub fn synthetic(family: Option<Family>, s: SyntheticShape) -> ModelDescription 
         shared_experts: 0,
         shared: None,
         activation: "silu".into(),
+        swiglu: None,
+        router_bias: false,
+        expert_bias: false,
         weight_dtype: WeightDtype::Bf16,
         quantization: None,
         tensors: TensorNames::for_family(family.unwrap_or(Family::Qwen3Moe), false, false),
@@ -77,6 +81,8 @@ pub fn synthetic(family: Option<Family>, s: SyntheticShape) -> ModelDescription 
     };
     match f {
         Family::Qwen3Moe | Family::Mixtral => {}
+        // The gating only (softmax over the top-k logits); synthetic experts have no biases.
+        Family::GptOss => d.norm_topk_prob = false,
         Family::Qwen2Moe => {
             d.norm_topk_prob = false;
             d.shared = Some(shared(1, 4 * s.intermediate, true));
@@ -100,6 +106,17 @@ pub fn synthetic(family: Option<Family>, s: SyntheticShape) -> ModelDescription 
     d
 }
 
+/// The experts' gated activation (gpt-oss: its clamped SwiGLU).
+pub fn activation(d: &ModelDescription) -> Activation {
+    match d.swiglu {
+        Some(s) => Activation::ClampedSwiglu {
+            alpha: s.alpha as f32,
+            limit: s.limit as f32,
+        },
+        None => Activation::SiluMul,
+    }
+}
+
 /// The kernels' gating configuration of a model: exactly its family's transformers gating.
 ///
 /// DeepSeek-V2 never renormalises in transformers (whatever `norm_topk_prob` says) and always
@@ -107,15 +124,16 @@ pub fn synthetic(family: Option<Family>, s: SyntheticShape) -> ModelDescription 
 /// (Mixtral: always) and scale (DeepSeek-V3; 1 elsewhere).
 pub fn gating_config(d: &ModelDescription) -> GatingConfig {
     let renormalize = match d.family {
-        Family::DeepseekV2 => false,
+        Family::DeepseekV2 | Family::GptOss => false,
         _ => d.norm_topk_prob,
     };
     GatingConfig {
         num_experts: d.num_experts,
         top_k: d.top_k,
-        scoring: match d.scoring {
-            Scoring::Softmax => KScoring::Softmax,
-            Scoring::Sigmoid => KScoring::Sigmoid,
+        scoring: match (d.family, d.scoring) {
+            (Family::GptOss, _) => KScoring::SoftmaxTopK,
+            (_, Scoring::Softmax) => KScoring::Softmax,
+            (_, Scoring::Sigmoid) => KScoring::Sigmoid,
         },
         renormalize,
         num_groups: d.expert_groups,

@@ -47,11 +47,17 @@ pub fn expert_from_projections(
     ExpertWeights::new(w1, w2).map_err(|e| anyhow!("{e}"))
 }
 
-/// Little-endian bf16 bytes of `w1` then `w2` (the transfer format).
+/// Little-endian bf16 bytes of `w1` then `w2`, then the fp32 biases `b1`, `b2` when the
+/// expert has them (the transfer format).
 pub fn expert_to_bytes(w: &ExpertWeights) -> Vec<u8> {
     let mut out = Vec::with_capacity(2 * (w.w1.as_slice().len() + w.w2.as_slice().len()));
     bf16_bytes(&mut out, w.w1.as_slice());
     bf16_bytes(&mut out, w.w2.as_slice());
+    if let Some(b) = &w.bias {
+        for v in b.b1.iter().chain(&b.b2) {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
     out
 }
 
@@ -65,11 +71,22 @@ pub fn expert_from_bytes(bytes: &[u8], shape: &ModelShape) -> Result<ExpertWeigh
         );
     }
     let split = 2 * (2 * i * h);
+    let end = 2 * shape.expert_elems();
     let w1 =
         Matrix::from_vec(2 * i, h, bf16_from_bytes(&bytes[..split])).map_err(|e| anyhow!("{e}"))?;
     let w2 =
-        Matrix::from_vec(h, i, bf16_from_bytes(&bytes[split..])).map_err(|e| anyhow!("{e}"))?;
-    ExpertWeights::new(w1, w2).map_err(|e| anyhow!("{e}"))
+        Matrix::from_vec(h, i, bf16_from_bytes(&bytes[split..end])).map_err(|e| anyhow!("{e}"))?;
+    let w = ExpertWeights::new(w1, w2).map_err(|e| anyhow!("{e}"))?;
+    if !shape.expert_bias {
+        return Ok(w);
+    }
+    let f: Vec<f32> = bytes[end..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let (b1, b2) = f.split_at(2 * i);
+    w.with_bias(b1.to_vec(), b2.to_vec())
+        .map_err(|e| anyhow!("{e}"))
 }
 
 fn seeded(seed: u64, a: u64, b: u64) -> ChaCha8Rng {
@@ -290,6 +307,15 @@ impl WeightStore {
         Matrix::from_f32(r.rows(), r.cols(), r.as_slice()).map_err(|e| anyhow!("{e}"))
     }
 
+    /// gpt-oss's router bias of `layer` (`[experts]`), added to the logits.
+    pub fn router_bias(&self, layer: usize) -> Result<Option<Vec<f32>>> {
+        self.check_layer(layer)?;
+        match self {
+            WeightStore::Synthetic { .. } => Ok(None),
+            WeightStore::Files { checkpoint, .. } => Ok(checkpoint.router_bias(layer)?),
+        }
+    }
+
     /// DeepSeek-V3's score-correction bias of `layer` (`[experts]`), used for the choice only.
     pub fn correction_bias(&self, layer: usize) -> Result<Option<Vec<f32>>> {
         self.check_layer(layer)?;
@@ -355,7 +381,11 @@ impl WeightStore {
                 let (w1, w2) = checkpoint.expert(layer, expert as usize)?;
                 let w1 = Matrix::from_vec(2 * i, h, w1).map_err(|e| anyhow!("{e}"))?;
                 let w2 = Matrix::from_vec(h, i, w2).map_err(|e| anyhow!("{e}"))?;
-                ExpertWeights::new(w1, w2).map_err(|e| anyhow!("{e}"))
+                let w = ExpertWeights::new(w1, w2).map_err(|e| anyhow!("{e}"))?;
+                match checkpoint.expert_bias(layer, expert as usize)? {
+                    Some((b1, b2)) => w.with_bias(b1, b2).map_err(|e| anyhow!("{e}")),
+                    None => Ok(w),
+                }
             }
         }
     }
@@ -414,6 +444,7 @@ mod tests {
             scoring: Scoring::Softmax,
             redundant: 0,
             world_size: 2,
+            expert_bias: false,
         }
     }
 
@@ -428,6 +459,17 @@ mod tests {
         assert_eq!(w.w1.rows(), 2 * s.intermediate);
         assert_eq!(expert_from_bytes(&expert_to_bytes(&w), &s).unwrap(), w);
         assert!(expert_from_bytes(&[0u8; 3], &s).is_err());
+        // gpt-oss experts carry their biases through a remap.
+        let b1: Vec<f32> = (0..2 * s.intermediate).map(|v| v as f32 * 0.5).collect();
+        let b2: Vec<f32> = (0..s.hidden).map(|v| -(v as f32)).collect();
+        let wb = w.with_bias(b1, b2).unwrap();
+        let sb = ModelShape {
+            expert_bias: true,
+            ..s
+        };
+        let bytes = expert_to_bytes(&wb);
+        assert_eq!(bytes.len(), sb.expert_bytes());
+        assert_eq!(expert_from_bytes(&bytes, &sb).unwrap(), wb);
     }
 
     #[test]

@@ -256,6 +256,7 @@ fn main() -> Result<()> {
         scoring: Scoring::Softmax,
         redundant: 0,
         world_size: b.world,
+        expert_bias: false,
     };
     println!("| rank | bytes held | plain read | loader | loader / plain |\n|---|---|---|---|---|");
     let mut ratios = Vec::new();
