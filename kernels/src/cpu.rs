@@ -145,11 +145,13 @@ pub fn gating_topk(logits: &F32Matrix, cfg: &GatingConfig, bias: Option<&[f32]>)
                     *sc = 1.0 / (1.0 + (-v).exp());
                 }
             }
+            // Weights come from the chosen logits below.
+            Scoring::SoftmaxTopK => score.copy_from_slice(l),
         }
         for i in 0..e {
             choice[i] = match (bias, cfg.scoring) {
                 (Some(b), _) => score[i] + b[i],
-                (None, Scoring::Softmax) => l[i],
+                (None, Scoring::Softmax | Scoring::SoftmaxTopK) => l[i],
                 (None, Scoring::Sigmoid) => score[i],
             };
             masked[i] = false;
@@ -206,6 +208,17 @@ pub fn gating_topk(logits: &F32Matrix, cfg: &GatingConfig, bias: Option<&[f32]>)
             wsum += score[best];
         }
         let w = &mut weights[tok * k..(tok + 1) * k];
+        if cfg.scoring == Scoring::SoftmaxTopK {
+            let m = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut z = 0f32;
+            for x in w.iter_mut() {
+                *x = (*x - m).exp();
+                z += *x;
+            }
+            for x in w.iter_mut() {
+                *x /= z;
+            }
+        }
         if cfg.renormalize {
             let d = wsum + 1e-20;
             for x in w.iter_mut() {
@@ -423,11 +436,69 @@ pub fn matmul_nt_bf16(x: &Bf16Matrix, w: &Bf16Matrix) -> Result<Bf16Matrix> {
     Matrix::from_f32(f.rows(), f.cols(), f.as_slice())
 }
 
+/// The gated activation of the expert MLPs.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Activation {
+    /// `silu(gate) * up` (SwiGLU).
+    #[default]
+    SiluMul,
+    /// gpt-oss: `gate = min(gate, limit)`, `up = clamp(up, -limit, limit)`,
+    /// `(up + 1) * gate * sigmoid(alpha * gate)`.
+    ClampedSwiglu { alpha: f32, limit: f32 },
+}
+
+/// `x [n, K] @ w [m, K]^T (+ b)` rounded to bf16.
+fn linear_bf16(x: &Bf16Matrix, w: &Bf16Matrix, b: Option<&[f32]>) -> Result<Bf16Matrix> {
+    if x.cols() != w.cols() {
+        return invalid(format!("matmul: inner sizes {} and {}", x.cols(), w.cols()));
+    }
+    let mut f = matmul_nt_f32(x, w);
+    if let Some(b) = b {
+        for r in 0..f.rows() {
+            f.row_mut(r).iter_mut().zip(b).for_each(|(v, b)| *v += b);
+        }
+    }
+    Matrix::from_f32(f.rows(), f.cols(), f.as_slice())
+}
+
+/// The gated activation: `gate_up [n, 2I]` (gate columns first) -> `h [n, I]` in bf16.
+pub fn gated_activation(gate_up: &Bf16Matrix, act: Activation) -> Result<Bf16Matrix> {
+    let (alpha, limit) = match act {
+        Activation::SiluMul => return silu_and_mul(gate_up),
+        Activation::ClampedSwiglu { alpha, limit } => (alpha, limit),
+    };
+    if !gate_up.cols().is_multiple_of(2) {
+        return invalid("gated activation: odd number of columns");
+    }
+    let i = gate_up.cols() / 2;
+    let mut out = Matrix::zeros(gate_up.rows(), i);
+    for r in 0..gate_up.rows() {
+        let src = gate_up.row(r);
+        for (c, o) in out.row_mut(r).iter_mut().enumerate() {
+            let g = src[c].to_f32().min(limit);
+            let u = src[i + c].to_f32().clamp(-limit, limit);
+            *o = bf16::from_f32((u + 1.0) * g / (1.0 + (-alpha * g).exp()));
+        }
+    }
+    Ok(out)
+}
+
 /// SwiGLU FFN of one expert on all rows of `x` (`[n, H]` -> `[n, H]`).
 pub fn expert_ffn_one(x: &Bf16Matrix, w: &ExpertWeights) -> Result<Bf16Matrix> {
-    let gate_up = matmul_nt_bf16(x, &w.w1)?;
-    let h = silu_and_mul(&gate_up)?;
-    matmul_nt_bf16(&h, &w.w2)
+    expert_ffn_one_act(x, w, Activation::SiluMul)
+}
+
+/// One expert's gated FFN with the given activation, adding the expert's biases when it has
+/// them (gate_up and the output are rounded to bf16, as the SwiGLU path).
+pub fn expert_ffn_one_act(
+    x: &Bf16Matrix,
+    w: &ExpertWeights,
+    act: Activation,
+) -> Result<Bf16Matrix> {
+    let b = w.bias.as_ref();
+    let gate_up = linear_bf16(x, &w.w1, b.map(|b| &b.b1[..]))?;
+    let h = gated_activation(&gate_up, act)?;
+    linear_bf16(&h, &w.w2, b.map(|b| &b.b2[..]))
 }
 
 /// Expert FFN over rows grouped by expert: rows `offsets[e]..offsets[e+1]` of `x` go through
@@ -436,6 +507,16 @@ pub fn expert_ffn(
     x: &Bf16Matrix,
     offsets: &[u32],
     experts: &[&ExpertWeights],
+) -> Result<Bf16Matrix> {
+    expert_ffn_act(x, offsets, experts, Activation::SiluMul)
+}
+
+/// [`expert_ffn`] with another gated activation.
+pub fn expert_ffn_act(
+    x: &Bf16Matrix,
+    offsets: &[u32],
+    experts: &[&ExpertWeights],
+    act: Activation,
 ) -> Result<Bf16Matrix> {
     if offsets.len() != experts.len() + 1 || offsets.last().copied() != Some(x.rows() as u32) {
         return invalid(format!(
@@ -462,7 +543,7 @@ pub fn expert_ffn(
             continue;
         }
         let xe = Matrix::from_vec(b - a, h, x.rows_slice(a, b).to_vec())?;
-        let ye = expert_ffn_one(&xe, w)?;
+        let ye = expert_ffn_one_act(&xe, w, act)?;
         out.as_mut_slice()[a * h..b * h].copy_from_slice(ye.as_slice());
     }
     Ok(out)

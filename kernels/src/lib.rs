@@ -22,4 +22,4 @@ pub use routing::{
     DispatchLayout, EpTopology, GatingConfig, GroupScore, RecvLayout, ReplicaMap, Scoring, TopK,
     replica_hash,
 };
-pub use tensor::{Bf16Matrix, ExpertWeights, F32Matrix, Matrix};
+pub use tensor::{Bf16Matrix, ExpertBias, ExpertWeights, F32Matrix, Matrix};

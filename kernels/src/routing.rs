@@ -11,6 +11,8 @@ pub enum Scoring {
     Softmax,
     /// `sigmoid(logits)` per expert (DeepSeek-V3).
     Sigmoid,
+    /// The top-k by logit, weighted by the softmax over those k logits only (gpt-oss).
+    SoftmaxTopK,
 }
 
 /// Gating (routing) configuration of one MoE layer.

@@ -105,6 +105,16 @@ pub struct ExpertWeights {
     pub w1: Bf16Matrix,
     /// `[hidden, intermediate]`
     pub w2: Bf16Matrix,
+    /// Biases of the two projections (gpt-oss), if the model has them.
+    pub bias: Option<ExpertBias>,
+}
+
+/// Biases of an expert's projections, fp32: `b1` `[2 * intermediate]` (gate entries first),
+/// `b2` `[hidden]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertBias {
+    pub b1: Vec<f32>,
+    pub b2: Vec<f32>,
 }
 
 impl ExpertWeights {
@@ -119,7 +129,22 @@ impl ExpertWeights {
                 w2.cols()
             ));
         }
-        Ok(Self { w1, w2 })
+        Ok(Self { w1, w2, bias: None })
+    }
+
+    /// Adds the projections' biases (`b1` `[2I]`, gate entries first; `b2` `[H]`).
+    pub fn with_bias(mut self, b1: Vec<f32>, b2: Vec<f32>) -> Result<Self> {
+        if b1.len() != self.w1.rows() || b2.len() != self.w2.rows() {
+            return invalid(format!(
+                "expert biases: {} and {} entries, need {} and {}",
+                b1.len(),
+                b2.len(),
+                self.w1.rows(),
+                self.w2.rows()
+            ));
+        }
+        self.bias = Some(ExpertBias { b1, b2 });
+        Ok(self)
     }
     /// Hidden size H.
     pub fn hidden(&self) -> usize {

@@ -31,6 +31,7 @@ fn gating_scalar(logits: &F32Matrix, cfg: &GatingConfig, bias: Option<&[f32]>) -
                 .iter()
                 .map(|&v| 1.0 / (1.0 + (-v).exp()))
                 .collect(),
+            moe_kernels::Scoring::SoftmaxTopK => unimplemented!("tested on its own below"),
         };
         let choice: Vec<f32> = (0..e)
             .map(|i| match (bias, cfg.scoring) {
@@ -567,4 +568,40 @@ fn group_score_max_and_top2_sum_choose_different_groups() {
     // Not renormalised: the softmax probability itself.
     let p0 = 1.0 / (1.0 + (-13f32).exp() + (-0.5f32).exp() + (-0.6f32).exp());
     assert!((got.weights[0] - p0).abs() < 1e-6);
+}
+
+#[test]
+fn softmax_over_the_top_k_logits() {
+    let l = F32Matrix::from_vec(1, 4, vec![0.5, 2.0, -1.0, 1.0]).unwrap();
+    let cfg = GatingConfig {
+        scoring: moe_kernels::Scoring::SoftmaxTopK,
+        ..GatingConfig::softmax(4, 2, false)
+    };
+    let got = cpu::gating_topk(&l, &cfg, None).unwrap();
+    assert_eq!(got.ids, vec![1, 3]);
+    // softmax([2, 1]) = [1 / (1 + e^-1), e^-1 / (1 + e^-1)].
+    let w0 = 1.0 / (1.0 + (-1f32).exp());
+    assert!((got.weights[0] - w0).abs() < 1e-6 && (got.weights[1] - (1.0 - w0)).abs() < 1e-6);
+}
+
+#[test]
+fn clamped_swiglu_with_biases() {
+    use moe_kernels::cpu::Activation;
+    // H = 1, I = 1: w1 = [gate; up] = [[1], [1]], w2 = [[1]].
+    let w = ExpertWeights::new(
+        Matrix::from_f32(2, 1, &[1.0, 1.0]).unwrap(),
+        Matrix::from_f32(1, 1, &[1.0]).unwrap(),
+    )
+    .unwrap()
+    .with_bias(vec![8.0, -9.0], vec![0.5])
+    .unwrap();
+    let x = Matrix::from_f32(1, 1, &[1.0]).unwrap();
+    let act = Activation::ClampedSwiglu {
+        alpha: 1.702,
+        limit: 7.0,
+    };
+    let y = cpu::expert_ffn_one_act(&x, &w, act).unwrap();
+    // gate = 9 -> 7, up = -8 -> -7: (-7 + 1) * 7 * sigmoid(1.702 * 7) + 0.5.
+    let want = -6.0 * 7.0 / (1.0 + (-1.702f32 * 7.0).exp()) + 0.5;
+    assert!((y.as_slice()[0].to_f32() - want).abs() <= want.abs() * 0.01);
 }

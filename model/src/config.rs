@@ -6,8 +6,8 @@
 use serde_json::Value;
 
 use crate::{
-    Family, GroupScore, ModelDescription, ModelError, Quantization, Result, Scoring, SharedExperts,
-    TensorNames, WeightDtype,
+    ClampedSwiglu, Family, GroupScore, ModelDescription, ModelError, Quantization, Result, Scoring,
+    SharedExperts, TensorNames, WeightDtype,
 };
 
 struct Cfg<'a> {
@@ -161,15 +161,26 @@ pub(crate) fn describe(v: &Value) -> Result<ModelDescription> {
         Family::Qwen3Moe | Family::Qwen2Moe => qwen(&c, num_hidden_layers)?,
         Family::Mixtral => mixtral(&c, num_hidden_layers)?,
         Family::DeepseekV2 | Family::DeepseekV3 => deepseek(&c, num_hidden_layers)?,
+        Family::GptOss => gpt_oss(&c, num_hidden_layers)?,
     };
     validate(&c, &moe)?;
-    let activation = c.str_or("hidden_act", "silu")?.to_string();
+    let gpt = family == Family::GptOss;
+    let mut activation = c.str_or("hidden_act", "silu")?.to_string();
     if activation != "silu" {
         return Err(c.bad(
             "hidden_act",
             format!("is `{activation}`; only `silu` (SwiGLU experts) is supported"),
         ));
     }
+    let swiglu = if gpt {
+        activation = "clamped_swiglu".into();
+        Some(ClampedSwiglu {
+            alpha: c.f64_or("swiglu_alpha", 1.702)?,
+            limit: c.f64_or("swiglu_limit", 7.0)?,
+        })
+    } else {
+        None
+    };
     let (weight_dtype, quantization) = dtype(&c)?;
     let architecture = architectures
         .first()
@@ -195,6 +206,9 @@ pub(crate) fn describe(v: &Value) -> Result<ModelDescription> {
         shared_experts: moe.shared.map_or(0, |s| s.count),
         shared: moe.shared,
         activation,
+        swiglu,
+        router_bias: gpt,
+        expert_bias: gpt,
         weight_dtype,
         quantization,
         tensors: TensorNames::for_family(family, moe.correction_bias, moe.shared.is_some()),
@@ -337,6 +351,25 @@ fn deepseek(c: &Cfg<'_>, layers: usize) -> Result<Moe> {
             intermediate: n_shared * intermediate,
             gated: false,
         }),
+    })
+}
+
+/// gpt-oss: every layer is a MoE layer; the top-k logits (router bias included) are
+/// softmax-normalised among themselves.
+fn gpt_oss(c: &Cfg<'_>, layers: usize) -> Result<Moe> {
+    Ok(Moe {
+        num_experts: c.positive("num_local_experts")?,
+        top_k: c.positive("num_experts_per_tok")?,
+        intermediate: c.positive("intermediate_size")?,
+        moe_layers: (0..layers).collect(),
+        expert_groups: 1,
+        topk_groups: 1,
+        group_score: GroupScore::None,
+        scoring: Scoring::Softmax,
+        norm_topk_prob: false,
+        routed_scaling_factor: 1.0,
+        correction_bias: false,
+        shared: None,
     })
 }
 

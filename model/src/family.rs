@@ -20,6 +20,9 @@ pub enum Family {
     /// DeepSeek-V3/R1 and models reusing its architecture: sigmoid, correction bias for the
     /// choice, group score = sum of the top two, renormalised and scaled, shared experts.
     DeepseekV3,
+    /// gpt-oss: router with a bias, softmax over the top-k logits, experts with biases and a
+    /// clamped SwiGLU, fused interleaved `gate_up_proj`.
+    GptOss,
 }
 
 /// `architectures` values recognised, with their family.
@@ -29,6 +32,7 @@ const ARCHITECTURES: &[(&str, Family)] = &[
     ("MixtralForCausalLM", Family::Mixtral),
     ("DeepseekV2ForCausalLM", Family::DeepseekV2),
     ("DeepseekV3ForCausalLM", Family::DeepseekV3),
+    ("GptOssForCausalLM", Family::GptOss),
 ];
 
 /// `model_type` values recognised when `architectures` is absent or names a wrapper.
@@ -38,6 +42,7 @@ const MODEL_TYPES: &[(&str, Family)] = &[
     ("mixtral", Family::Mixtral),
     ("deepseek_v2", Family::DeepseekV2),
     ("deepseek_v3", Family::DeepseekV3),
+    ("gpt_oss", Family::GptOss),
 ];
 
 /// The architectures an error message lists.
@@ -47,6 +52,7 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "MixtralForCausalLM (mixtral)",
     "DeepseekV2ForCausalLM (deepseek_v2)",
     "DeepseekV3ForCausalLM (deepseek_v3, also Kimi-K2 and other models reusing it)",
+    "GptOssForCausalLM (gpt_oss, BF16 weights)",
 ];
 
 impl Family {
@@ -88,6 +94,7 @@ impl fmt::Display for Family {
             Family::Mixtral => "Mixtral",
             Family::DeepseekV2 => "DeepSeek-V2",
             Family::DeepseekV3 => "DeepSeek-V3",
+            Family::GptOss => "gpt-oss",
         })
     }
 }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use family::{Family, SUPPORTED_ARCHITECTURES};
-pub use names::{Projection, TensorNames};
+pub use names::{FusedLayout, Projection, TensorNames};
 
 /// Name of the configuration file next to the weights.
 pub const CONFIG_FILE: &str = "config.json";
@@ -127,6 +127,15 @@ pub struct SharedExperts {
     pub gated: bool,
 }
 
+/// gpt-oss's activation: `gate = min(gate, limit)`, `up = clamp(up, -limit, limit)`,
+/// `(up + 1) * gate * sigmoid(alpha * gate)`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClampedSwiglu {
+    pub alpha: f64,
+    pub limit: f64,
+}
+
 /// Everything the project needs to know about a MoE checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -165,8 +174,17 @@ pub struct ModelDescription {
     /// Details of the shared experts, when there are any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared: Option<SharedExperts>,
-    /// Activation of the expert MLPs (`silu`: SwiGLU).
+    /// Activation of the expert MLPs (`silu`: SwiGLU; `clamped_swiglu`: gpt-oss's).
     pub activation: String,
+    /// gpt-oss's clamped SwiGLU parameters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub swiglu: Option<ClampedSwiglu>,
+    /// The router adds a bias to its logits (gpt-oss).
+    #[serde(default)]
+    pub router_bias: bool,
+    /// The routed experts' projections have biases (gpt-oss).
+    #[serde(default)]
+    pub expert_bias: bool,
     pub weight_dtype: WeightDtype,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quantization: Option<Quantization>,

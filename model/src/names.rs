@@ -42,8 +42,18 @@ pub struct TensorNames {
     pub projections: [String; 3],
     /// Fused gate and up projections of all experts, `[E, 2I, H]`.
     pub fused_gate_up: String,
-    /// Fused down projections of all experts, `[E, H, I]`.
+    /// Fused down projections of all experts, `[E, H, I]` (gpt-oss: `[E, I, H]`).
     pub fused_down: String,
+    /// How the fused tensors are laid out.
+    pub fused_layout: FusedLayout,
+    /// Router bias `[E]` (gpt-oss).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router_bias: Option<String>,
+    /// Fused gate/up biases `[E, 2I]` and down biases `[E, H]` (gpt-oss).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fused_gate_up_bias: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fused_down_bias: Option<String>,
     /// One projection of the shared expert MLP.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared_expert: Option<String>,
@@ -53,6 +63,18 @@ pub struct TensorNames {
     /// Suffix appended to a quantised weight's name for its block scales
     /// (`...weight` -> `...weight_scale_inv`).
     pub scale_suffix: String,
+}
+
+/// Layout of fused 3-D expert tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FusedLayout {
+    /// `gate_up_proj [E, 2I, H]` (gate rows, then up rows), `down_proj [E, H, I]`
+    /// (transformers 5 `save_original_format=False`).
+    OutputMajor,
+    /// gpt-oss: `gate_up_proj [E, H, 2I]` with gate and up interleaved along the last axis
+    /// (columns `0::2` gate, `1::2` up), `down_proj [E, I, H]`.
+    InputMajorInterleaved,
 }
 
 fn fill(t: &str, layer: usize, module: &str) -> String {
@@ -67,7 +89,9 @@ impl TensorNames {
             "up_proj".to_string(),
             "down_proj".to_string(),
         ];
+        let gpt_oss = family == Family::GptOss;
         let (modules, projections, shared_expert, shared_gate) = match family {
+            Family::GptOss => (vec!["mlp"], hf.clone(), None, None),
             Family::Qwen3Moe => (vec!["mlp"], hf, None, None),
             Family::Qwen2Moe => (
                 vec!["mlp"],
@@ -90,7 +114,21 @@ impl TensorNames {
         };
         TensorNames {
             modules: modules.into_iter().map(String::from).collect(),
-            router: "model.layers.{layer}.{module}.gate.weight".into(),
+            router: if gpt_oss {
+                "model.layers.{layer}.{module}.router.weight".into()
+            } else {
+                "model.layers.{layer}.{module}.gate.weight".into()
+            },
+            router_bias: gpt_oss.then(|| "model.layers.{layer}.{module}.router.bias".into()),
+            fused_layout: if gpt_oss {
+                FusedLayout::InputMajorInterleaved
+            } else {
+                FusedLayout::OutputMajor
+            },
+            fused_gate_up_bias: gpt_oss
+                .then(|| "model.layers.{layer}.{module}.experts.gate_up_proj_bias".into()),
+            fused_down_bias: gpt_oss
+                .then(|| "model.layers.{layer}.{module}.experts.down_proj_bias".into()),
             correction_bias: correction_bias
                 .then(|| "model.layers.{layer}.{module}.gate.e_score_correction_bias".into()),
             expert: "model.layers.{layer}.{module}.experts.{expert}.{proj}.weight".into(),
@@ -125,6 +163,22 @@ impl TensorNames {
 
     pub fn fused_down(&self, layer: usize, module: &str) -> String {
         fill(&self.fused_down, layer, module)
+    }
+
+    pub fn router_bias(&self, layer: usize, module: &str) -> Option<String> {
+        self.router_bias.as_deref().map(|t| fill(t, layer, module))
+    }
+
+    pub fn fused_gate_up_bias(&self, layer: usize, module: &str) -> Option<String> {
+        self.fused_gate_up_bias
+            .as_deref()
+            .map(|t| fill(t, layer, module))
+    }
+
+    pub fn fused_down_bias(&self, layer: usize, module: &str) -> Option<String> {
+        self.fused_down_bias
+            .as_deref()
+            .map(|t| fill(t, layer, module))
     }
 
     /// A projection of the shared expert MLP (always `gate_proj`/`up_proj`/`down_proj`).

@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use half::bf16;
-use moe_model::{ModelDescription, Projection, WeightDtype};
+use moe_model::{FusedLayout, ModelDescription, Projection, WeightDtype};
 use safetensors::Dtype;
 use safetensors::tensor::TensorInfo;
 
@@ -88,6 +88,8 @@ pub struct Checkpoint {
     dir: PathBuf,
     desc: ModelDescription,
     files: Vec<PathBuf>,
+    /// One open handle per file (positioned reads need no seek, so ranks' loads can share it).
+    handles: Vec<File>,
     tensors: HashMap<String, Entry>,
     layers: Vec<LayerNames>,
 }
@@ -115,6 +117,13 @@ pub fn fp8_e4m3_to_f32(b: u8) -> f32 {
     } else {
         sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7)
     }
+}
+
+/// `dst`'s bytes (little-endian bf16 is what safetensors stores).
+fn bf16_bytes_mut(dst: &mut [bf16]) -> &mut [u8] {
+    // SAFETY: `bf16` is `repr(transparent)` over `u16`, so the slice covers exactly
+    // `2 * len` initialised bytes; every bit pattern is a valid `bf16`; `u8` needs no alignment.
+    unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u8>(), 2 * dst.len()) }
 }
 
 /// FP8 weights as stored (kept for backends that compute in FP8; the CPU backend dequantises).
@@ -158,7 +167,7 @@ fn searched(files: &[PathBuf]) -> String {
     names.join(", ")
 }
 
-fn read_header(path: &Path) -> Result<(u64, HashMap<String, serde_json::Value>)> {
+fn read_header(path: &Path) -> Result<(u64, HashMap<String, serde_json::Value>, File)> {
     let err = |reason: String| CheckpointError::File {
         path: path.to_path_buf(),
         reason,
@@ -176,7 +185,7 @@ fn read_header(path: &Path) -> Result<(u64, HashMap<String, serde_json::Value>)>
         .map_err(|e| err(format!("reading the header: {e}")))?;
     let map = serde_json::from_slice(&header)
         .map_err(|e| err(format!("the header is not safetensors JSON: {e}")))?;
-    Ok((8 + n, map))
+    Ok((8 + n, map, f))
 }
 
 impl Checkpoint {
@@ -210,8 +219,10 @@ impl Checkpoint {
             });
         }
         let mut tensors = HashMap::new();
+        let mut handles = Vec::with_capacity(files.len());
         for (i, path) in files.iter().enumerate() {
-            let (base, map) = read_header(path)?;
+            let (base, map, file) = read_header(path)?;
+            handles.push(file);
             for (name, v) in map {
                 if name == "__metadata__" {
                     continue;
@@ -235,6 +246,7 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             desc,
             files,
+            handles,
             tensors,
             layers: Vec::new(),
         };
@@ -251,6 +263,18 @@ impl Checkpoint {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The safetensors files of the checkpoint (the index's shards, or every file).
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// Where a tensor's bytes are: file, absolute offset and length.
+    pub fn tensor_bytes(&self, name: &str) -> Option<(&Path, u64, u64)> {
+        let e = self.tensors.get(name)?;
+        let (a, b) = e.info.data_offsets;
+        Some((&self.files[e.file], e.base + a as u64, (b - a) as u64))
     }
 
     fn searched(&self) -> String {
@@ -383,6 +407,18 @@ impl Checkpoint {
                         }
                     }
                 }
+                Layout::Fused if t.fused_layout == FusedLayout::InputMajorInterleaved => {
+                    self.check_plain(
+                        &t.fused_gate_up(dl, m),
+                        &[e, h, 2 * i],
+                        "[experts, hidden, 2 x intermediate], gate and up interleaved",
+                    )?;
+                    self.check_plain(
+                        &t.fused_down(dl, m),
+                        &[e, i, h],
+                        "[experts, intermediate, hidden]",
+                    )?;
+                }
                 Layout::Fused => {
                     self.check_weight(
                         &t.fused_gate_up(dl, m),
@@ -395,6 +431,15 @@ impl Checkpoint {
                         "[experts, hidden, moe intermediate]",
                     )?;
                 }
+            }
+            if let Some(b) = t.router_bias(dl, m) {
+                self.check_plain(&b, &[e], "[experts]")?;
+            }
+            if let Some(b) = t.fused_gate_up_bias(dl, m) {
+                self.check_plain(&b, &[e, 2 * i], "[experts, 2 x intermediate]")?;
+            }
+            if let Some(b) = t.fused_down_bias(dl, m) {
+                self.check_plain(&b, &[e, h], "[experts, hidden]")?;
             }
             if let Some(s) = d.shared {
                 for p in Projection::ALL {
@@ -436,27 +481,30 @@ impl Checkpoint {
         }
     }
 
-    /// Reads bytes `[start, end)` of a tensor's data.
-    fn read_range(&self, name: &str, start: usize, end: usize) -> Result<Vec<u8>> {
+    /// Reads bytes `[start, start + dst.len())` of a tensor's data into `dst`.
+    fn read_range_into(&self, name: &str, start: usize, dst: &mut [u8]) -> Result<()> {
         let e = self.entry(name)?;
         let path = &self.files[e.file];
         let (a, b) = e.info.data_offsets;
+        let end = start + dst.len();
         if end > b - a {
             return Err(CheckpointError::File {
                 path: path.clone(),
                 reason: format!("tensor {name}: data ends before byte {end}"),
             });
         }
-        let f = File::open(path).map_err(|err| CheckpointError::File {
-            path: path.clone(),
-            reason: format!("cannot open: {err}"),
-        })?;
-        let mut buf = vec![0u8; end - start];
-        f.read_exact_at(&mut buf, e.base + (a + start) as u64)
+        self.handles[e.file]
+            .read_exact_at(dst, e.base + (a + start) as u64)
             .map_err(|err| CheckpointError::File {
                 path: path.clone(),
                 reason: format!("reading tensor {name}: {err}"),
-            })?;
+            })
+    }
+
+    /// Reads bytes `[start, end)` of a tensor's data.
+    fn read_range(&self, name: &str, start: usize, end: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; end.saturating_sub(start)];
+        self.read_range_into(name, start, &mut buf)?;
         Ok(buf)
     }
 
@@ -489,25 +537,39 @@ impl Checkpoint {
     }
 
     /// Matrix `index` (`rows x cols`) of a linear weight (`index` 0 for a 2-D tensor, the
-    /// expert for a fused 3-D one), as bf16: BF16 as stored, F16/F32 rounded, FP8 dequantised.
-    fn read_matrix(&self, name: &str, index: usize, rows: usize, cols: usize) -> Result<Vec<bf16>> {
+    /// expert for a fused 3-D one) into `dst`, as bf16: BF16 as stored (read straight into
+    /// `dst`), F16/F32 rounded, FP8 dequantised.
+    fn read_matrix_into(
+        &self,
+        name: &str,
+        index: usize,
+        rows: usize,
+        cols: usize,
+        dst: &mut [bf16],
+    ) -> Result<()> {
         let dtype = self.entry(name)?.info.dtype;
         let n = rows * cols;
-        if dtype == Dtype::F8_E4M3 {
-            return Ok(self.read_fp8(name, index, rows, cols)?.dequantize());
+        debug_assert_eq!(dst.len(), n);
+        match dtype {
+            Dtype::F8_E4M3 => {
+                dst.copy_from_slice(&self.read_fp8(name, index, rows, cols)?.dequantize())
+            }
+            Dtype::BF16 if cfg!(target_endian = "little") => {
+                self.read_range_into(name, 2 * index * n, bf16_bytes_mut(dst))?;
+            }
+            _ => {
+                for (d, v) in dst.iter_mut().zip(self.read_f32_elems(name, index * n, n)?) {
+                    *d = bf16::from_f32(v);
+                }
+            }
         }
-        if dtype == Dtype::BF16 {
-            let raw = self.read_range(name, 2 * index * n, 2 * (index + 1) * n)?;
-            return Ok(raw
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]))
-                .collect());
-        }
-        Ok(self
-            .read_f32_elems(name, index * n, n)?
-            .into_iter()
-            .map(bf16::from_f32)
-            .collect())
+        Ok(())
+    }
+
+    fn read_matrix(&self, name: &str, index: usize, rows: usize, cols: usize) -> Result<Vec<bf16>> {
+        let mut v = vec![bf16::ZERO; rows * cols];
+        self.read_matrix_into(name, index, rows, cols, &mut v)?;
+        Ok(v)
     }
 
     /// Matrix `index` of an FP8 weight with its block scales, as stored.
@@ -556,25 +618,79 @@ impl Checkpoint {
         }
     }
 
-    /// Routed expert `e` of MoE layer `l` as `(gate [I, H], up [I, H], down [H, I])`.
-    pub fn expert(&self, l: usize, e: usize) -> Result<(Vec<bf16>, Vec<bf16>, Vec<bf16>)> {
+    /// Routed expert `e` of MoE layer `l` in the kernels' layout: `w1 = [gate; up]`
+    /// (`[2I, H]`, read straight into place) and `w2 = down` (`[H, I]`).
+    pub fn expert(&self, l: usize, e: usize) -> Result<(Vec<bf16>, Vec<bf16>)> {
         let ln = &self.layers[l];
         let (h, i) = (self.desc.hidden, self.desc.intermediate);
         let t = &self.desc.tensors;
         let (dl, m) = (ln.decoder, ln.module.as_str());
-        Ok(match ln.layout {
-            Layout::PerExpert => (
-                self.read_matrix(&t.expert(dl, m, e, Projection::Gate), 0, i, h)?,
-                self.read_matrix(&t.expert(dl, m, e, Projection::Up), 0, i, h)?,
-                self.read_matrix(&t.expert(dl, m, e, Projection::Down), 0, h, i)?,
-            ),
-            Layout::Fused => {
-                let mut gate = self.read_matrix(&t.fused_gate_up(dl, m), e, 2 * i, h)?;
-                let up = gate.split_off(i * h);
-                let down = self.read_matrix(&t.fused_down(dl, m), e, h, i)?;
-                (gate, up, down)
+        let mut w1 = vec![bf16::ZERO; 2 * i * h];
+        let mut w2 = vec![bf16::ZERO; h * i];
+        match ln.layout {
+            Layout::PerExpert => {
+                let (gate, up) = w1.split_at_mut(i * h);
+                self.read_matrix_into(&t.expert(dl, m, e, Projection::Gate), 0, i, h, gate)?;
+                self.read_matrix_into(&t.expert(dl, m, e, Projection::Up), 0, i, h, up)?;
+                self.read_matrix_into(&t.expert(dl, m, e, Projection::Down), 0, h, i, &mut w2)?;
             }
-        })
+            Layout::Fused if t.fused_layout == FusedLayout::InputMajorInterleaved => {
+                // gpt-oss: gate_up [H, 2I] with gate at even and up at odd columns; down
+                // [I, H]. Transposed into w1 = [gate; up] [2I, H] and w2 [H, I].
+                let gu = self.read_matrix(&t.fused_gate_up(dl, m), e, h, 2 * i)?;
+                for r in 0..h {
+                    for j in 0..i {
+                        w1[j * h + r] = gu[r * 2 * i + 2 * j];
+                        w1[(i + j) * h + r] = gu[r * 2 * i + 2 * j + 1];
+                    }
+                }
+                let down = self.read_matrix(&t.fused_down(dl, m), e, i, h)?;
+                for r in 0..i {
+                    for c in 0..h {
+                        w2[c * i + r] = down[r * h + c];
+                    }
+                }
+            }
+            Layout::Fused => {
+                self.read_matrix_into(&t.fused_gate_up(dl, m), e, 2 * i, h, &mut w1)?;
+                self.read_matrix_into(&t.fused_down(dl, m), e, h, i, &mut w2)?;
+            }
+        }
+        Ok((w1, w2))
+    }
+
+    /// Router bias of MoE layer `l` (gpt-oss), `[experts]`.
+    pub fn router_bias(&self, l: usize) -> Result<Option<Vec<f32>>> {
+        let ln = &self.layers[l];
+        match self.desc.tensors.router_bias(ln.decoder, &ln.module) {
+            Some(name) => Ok(Some(self.read_f32_elems(
+                &name,
+                0,
+                self.desc.num_experts,
+            )?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Biases of routed expert `e` of MoE layer `l` (gpt-oss): `b1` `[2I]` with the gate
+    /// entries first (de-interleaved), `b2` `[H]`.
+    pub fn expert_bias(&self, l: usize, e: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        let ln = &self.layers[l];
+        let t = &self.desc.tensors;
+        let (h, i) = (self.desc.hidden, self.desc.intermediate);
+        let (Some(gu), Some(dn)) = (
+            t.fused_gate_up_bias(ln.decoder, &ln.module),
+            t.fused_down_bias(ln.decoder, &ln.module),
+        ) else {
+            return Ok(None);
+        };
+        let raw = self.read_f32_elems(&gu, e * 2 * i, 2 * i)?;
+        let mut b1 = vec![0f32; 2 * i];
+        for j in 0..i {
+            b1[j] = raw[2 * j];
+            b1[i + j] = raw[2 * j + 1];
+        }
+        Ok(Some((b1, self.read_f32_elems(&dn, e * h, h)?)))
     }
 
     /// The shared expert MLP of MoE layer `l` (gate, up, down) and Qwen2's shared-expert gate.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
 use moe_api::env as api_env;
-use moe_model::{Family, ModelDescription};
+use moe_model::ModelDescription;
 
 use crate::checkpoint::Checkpoint;
 
@@ -216,6 +216,8 @@ pub struct ModelShape {
     pub scoring: Scoring,
     pub redundant: usize,
     pub world_size: usize,
+    /// Routed experts carry projection biases (gpt-oss); they travel with the expert.
+    pub expert_bias: bool,
 }
 
 impl ModelShape {
@@ -229,8 +231,18 @@ impl ModelShape {
     pub fn expert_elems(&self) -> usize {
         3 * self.hidden * self.intermediate
     }
+    /// Bytes of one expert as it travels in a remap: bf16 projections, then (with
+    /// `expert_bias`) the fp32 biases.
     pub fn expert_bytes(&self) -> usize {
-        2 * self.expert_elems()
+        2 * self.expert_elems() + self.expert_bias_elems() * 4
+    }
+    /// fp32 bias entries of one expert (`2I + H`, or 0).
+    pub fn expert_bias_elems(&self) -> usize {
+        if self.expert_bias {
+            2 * self.intermediate + self.hidden
+        } else {
+            0
+        }
     }
     /// A compact description every rank sends at rendezvous, so a mis-configured rank is caught.
     pub fn fingerprint(&self) -> String {
@@ -275,7 +287,7 @@ pub struct ConfigError {
     pub reason: String,
 }
 
-fn bad(flag: &'static str, env: &'static str, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn bad(flag: &'static str, env: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         flag,
         env,
@@ -396,7 +408,7 @@ impl Config {
             ));
         }
         let weights = parse_weights(&args.weights)?;
-        let (model, checkpoint) = resolve_model(&args, &weights)?;
+        let (model, checkpoint) = crate::model::resolve(&args, &weights)?;
         let m = &*model;
         for (flag, env, v) in [
             ("num-layers", e::NUM_LAYERS, m.num_moe_layers()),
@@ -532,6 +544,7 @@ impl Config {
             },
             redundant: args.redundant_experts,
             world_size: args.world_size,
+            expert_bias: m.expert_bias,
         };
         Ok(Config {
             args,
@@ -574,155 +587,6 @@ fn seconds(v: f64, flag: &'static str, env: &'static str) -> Result<Duration, Co
         return Err(bad(flag, env, "must be a positive number of seconds"));
     }
     Ok(Duration::from_secs_f64(v))
-}
-
-/// The model description and, for a checkpoint, the opened checkpoint. A shape flag given
-/// with a checkpoint must agree with it.
-#[allow(clippy::type_complexity)]
-fn resolve_model(
-    args: &Args,
-    weights: &WeightsSource,
-) -> Result<(Arc<ModelDescription>, Option<Arc<Checkpoint>>), ConfigError> {
-    use api_env as e;
-    let family = args
-        .family
-        .as_deref()
-        .map(|f| {
-            f.parse::<Family>()
-                .map_err(|err| bad("family", env::FAMILY, err))
-        })
-        .transpose()?;
-    let flag_scoring = args.scoring.map(|s| match s {
-        Scoring::Softmax => moe_model::Scoring::Softmax,
-        Scoring::Sigmoid => moe_model::Scoring::Sigmoid,
-    });
-    let dir = match weights {
-        WeightsSource::Synthetic { .. } => {
-            let family_scoring = family.map(|f| match f {
-                Family::DeepseekV3 => moe_model::Scoring::Sigmoid,
-                _ => moe_model::Scoring::Softmax,
-            });
-            let scoring = match (flag_scoring, family_scoring) {
-                (Some(s), Some(f)) if s != f => {
-                    return Err(bad(
-                        "scoring",
-                        e::SCORING,
-                        format!(
-                            "{s:?} disagrees with --family {} ({f:?})",
-                            args.family.as_deref().unwrap_or_default()
-                        )
-                        .to_lowercase(),
-                    ));
-                }
-                (Some(s), _) | (None, Some(s)) => s,
-                (None, None) => moe_model::Scoring::Softmax,
-            };
-            let shape = crate::model::SyntheticShape {
-                num_layers: args.num_layers.unwrap_or(4),
-                num_experts: args.num_experts.unwrap_or(16),
-                hidden: args.hidden.unwrap_or(128),
-                intermediate: args.intermediate.unwrap_or(256),
-                top_k: args.top_k.unwrap_or(2),
-                expert_groups: args.expert_groups.unwrap_or(1),
-                topk_groups: args.topk_groups.unwrap_or(1),
-                scoring,
-            };
-            return Ok((Arc::new(crate::model::synthetic(family, shape)), None));
-        }
-        WeightsSource::Safetensors { dir } => dir,
-    };
-    let weights_err = |err: String| bad("weights", e::WEIGHTS, format!("{}: {err}", dir.display()));
-    let desc = ModelDescription::from_path(dir).map_err(|err| weights_err(err.to_string()))?;
-    if let Some(f) = family
-        && f != desc.family
-    {
-        return Err(bad(
-            "family",
-            env::FAMILY,
-            format!(
-                "{} disagrees with the checkpoint's family {} ({}, {})",
-                f.model_type(),
-                desc.family.model_type(),
-                desc.architecture,
-                dir.join(moe_model::CONFIG_FILE).display()
-            ),
-        ));
-    }
-    let checks: [(&'static str, &'static str, Option<usize>, usize, &str); 7] = [
-        (
-            "num-layers",
-            e::NUM_LAYERS,
-            args.num_layers,
-            desc.num_moe_layers(),
-            "MoE layers",
-        ),
-        (
-            "num-experts",
-            e::NUM_EXPERTS,
-            args.num_experts,
-            desc.num_experts,
-            "routed experts",
-        ),
-        ("hidden", e::HIDDEN, args.hidden, desc.hidden, "hidden size"),
-        (
-            "intermediate",
-            e::INTERMEDIATE,
-            args.intermediate,
-            desc.intermediate,
-            "expert intermediate size",
-        ),
-        (
-            "top-k",
-            e::TOP_K,
-            args.top_k,
-            desc.top_k,
-            "experts per token",
-        ),
-        (
-            "expert-groups",
-            e::EXPERT_GROUPS,
-            args.expert_groups,
-            desc.expert_groups,
-            "expert groups",
-        ),
-        (
-            "topk-groups",
-            e::TOPK_GROUPS,
-            args.topk_groups,
-            desc.topk_groups,
-            "groups per token",
-        ),
-    ];
-    for (flag, env, given, found, what) in checks {
-        if let Some(v) = given
-            && v != found
-        {
-            return Err(bad(
-                flag,
-                env,
-                format!(
-                    "{v} disagrees with the checkpoint's {what} {found} ({}); drop the flag or fix it",
-                    dir.join(moe_model::CONFIG_FILE).display()
-                ),
-            ));
-        }
-    }
-    if let Some(s) = flag_scoring
-        && s != desc.scoring
-    {
-        return Err(bad(
-            "scoring",
-            e::SCORING,
-            format!(
-                "{s:?} disagrees with the checkpoint's scoring {:?} ({})",
-                desc.scoring,
-                dir.join(moe_model::CONFIG_FILE).display()
-            )
-            .to_lowercase(),
-        ));
-    }
-    let ck = Checkpoint::open(dir, desc.clone()).map_err(|err| weights_err(err.to_string()))?;
-    Ok((Arc::new(desc), Some(Arc::new(ck))))
 }
 
 fn parse_weights(s: &str) -> Result<WeightsSource, ConfigError> {

@@ -135,7 +135,12 @@ pub struct CudaExec {
 /// routers that bf16 cannot hold exactly).
 fn unsupported_on_gpu(store: &WeightStore) -> Result<()> {
     let m = store.model();
-    let why = if m.shared.is_some() {
+    let why = if m.family == moe_model::Family::GptOss {
+        Some(
+            "gpt-oss (router bias, softmax over the top-k, expert biases, clamped SwiGLU)"
+                .to_string(),
+        )
+    } else if m.shared.is_some() {
         Some(format!(
             "{} shared experts ({} has {})",
             m.family, m.architecture, m.shared_experts

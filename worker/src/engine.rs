@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::comm::{CHAN_CTRL, Comm};
 use crate::config::ModelShape;
 use crate::exec::{Exec, add_residual, add_shared, topk_of};
-use crate::model::gating_config;
+use crate::model::{activation, gating_config};
 use crate::placement::{LayerMap, LayerPlan, plan_layer};
 use crate::state::{Shared, layers_to_move, now_ms, running_progress};
 use crate::stats::{LoadHistory, par};
@@ -615,9 +615,17 @@ pub fn reference_layer(
     let topo = EpTopology::new(1, e)?;
     let identity = ReplicaMap::identity(e)?;
     let router = store.router_f32(layer)?;
+    let router_bias = store.router_bias(layer)?;
     let bias = store.correction_bias(layer)?;
     let shared = store.shared(layer)?;
-    let topk = topk_of(x, &router, bias.as_deref(), forced, &gating)?;
+    let topk = topk_of(
+        x,
+        &router,
+        router_bias.as_deref(),
+        bias.as_deref(),
+        forced,
+        &gating,
+    )?;
     // Only the experts chosen are read (the others' rows are empty).
     let mut used = vec![false; e];
     for &id in &topk.ids {
@@ -637,7 +645,12 @@ pub fn reference_layer(
     let mut load = vec![0u32; e];
     let phys = cpu::map_to_physical(&topk, &identity, 0, &mut load)?;
     let layout = cpu::dispatch_layout(&phys, topk.k, topo)?;
-    let y = cpu::expert_ffn(&cpu::permute(x, &layout)?, &layout.slot_offsets, &refs)?;
+    let y = cpu::expert_ffn_act(
+        &cpu::permute(x, &layout)?,
+        &layout.slot_offsets,
+        &refs,
+        activation(model),
+    )?;
     let routed = cpu::unpermute_combine_f32(&y, &layout, &topk.weights)?;
     Ok((add_shared(routed, x, shared.as_ref())?, topk))
 }

@@ -11,11 +11,12 @@ use moe_kernels::{Bf16Matrix, EpTopology, F32Matrix, GatingConfig, Matrix, RecvL
 
 use crate::comm::{CHAN_STEP, Comm};
 use crate::config::ModelShape;
-use crate::model::gating_config;
+use crate::model::{activation, gating_config};
 use crate::placement::{LayerMap, LayerPlan};
 use crate::staging::{HostStaging, StageStats, StagedSlot, send_slots};
 use crate::traffic::Batch;
 use crate::weights::{ExpertWeights, SharedExpert, WeightStore};
+use moe_kernels::cpu::Activation;
 
 /// What the engine needs from a backend.
 ///
@@ -55,11 +56,13 @@ pub trait Exec: Send {
     ) -> Result<Bf16Matrix>;
 }
 
-/// Top-k of one layer: the router's (with the correction bias for the choice) or, when a
+/// Top-k of one layer: the router's (logits plus the router bias when the model has one; the
+/// correction bias for the choice) or, when a
 /// trace forces them, the given ids (`[T * k]`) with weights `1/k`.
 pub fn topk_of(
     x: &Bf16Matrix,
     router: &F32Matrix,
+    router_bias: Option<&[f32]>,
     bias: Option<&[f32]>,
     forced: Option<&[u32]>,
     gating: &GatingConfig,
@@ -73,7 +76,19 @@ pub fn topk_of(
             ids: ids.to_vec(),
             weights: vec![1.0 / k as f32; t * k],
         },
-        None => cpu::gating_topk(&cpu::router_logits_f32(x, router)?, gating, bias)?,
+        None => {
+            let mut logits = cpu::router_logits_f32(x, router)?;
+            if let Some(b) = router_bias {
+                for r in 0..logits.rows() {
+                    logits
+                        .row_mut(r)
+                        .iter_mut()
+                        .zip(b)
+                        .for_each(|(v, b)| *v += b);
+                }
+            }
+            cpu::gating_topk(&logits, gating, bias)?
+        }
     })
 }
 
@@ -135,6 +150,8 @@ pub struct CpuLayer {
     pub experts: Vec<Arc<ExpertWeights>>,
     /// Router `[E, H]` (fp32 as stored; bf16 routers widen exactly).
     pub router: F32Matrix,
+    /// gpt-oss's router bias (added to the logits).
+    pub router_bias: Option<Vec<f32>>,
     /// DeepSeek-V3's correction bias (choice only).
     pub bias: Option<Vec<f32>>,
     /// Shared experts (every rank holds them).
@@ -145,6 +162,8 @@ pub struct CpuLayer {
 pub struct CpuExec {
     pub shape: ModelShape,
     pub gating: GatingConfig,
+    /// The experts' gated activation.
+    pub act: Activation,
     pub rank: usize,
     pub world: usize,
     pub layers: Vec<CpuLayer>,
@@ -172,6 +191,9 @@ impl CpuExec {
                     router: store
                         .router_f32(l)
                         .with_context(|| format!("loading the router of layer {l}"))?,
+                    router_bias: store
+                        .router_bias(l)
+                        .with_context(|| format!("loading the router bias of layer {l}"))?,
                     bias: store
                         .correction_bias(l)
                         .with_context(|| format!("loading the correction bias of layer {l}"))?,
@@ -184,6 +206,7 @@ impl CpuExec {
         Ok(CpuExec {
             shape: *shape,
             gating: gating_config(store.model()),
+            act: activation(store.model()),
             rank,
             world: shape.world_size,
             layers,
@@ -229,6 +252,7 @@ impl CpuExec {
         let topk = topk_of(
             xm,
             &layer.router,
+            layer.router_bias.as_deref(),
             layer.bias.as_deref(),
             forced,
             &self.gating,
@@ -271,7 +295,7 @@ impl CpuExec {
         let rl = RecvLayout::new(g, s, &slot_counts)?;
         let xin = cpu::regroup_received(&recv_rows, &rl)?;
         let refs: Vec<&ExpertWeights> = layer.experts.iter().map(Arc::as_ref).collect();
-        let y = cpu::expert_ffn(&xin, &rl.expert_offsets, &refs)?;
+        let y = cpu::expert_ffn_act(&xin, &rl.expert_offsets, &refs, self.act)?;
         let y = cpu::ungroup_outputs(&y, &rl)?;
         let back: Vec<Vec<u8>> = (0..g)
             .map(|src| {

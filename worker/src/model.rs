@@ -2,10 +2,17 @@
 //! or one built from the shape flags for synthetic weights (optionally imitating a family's
 //! gating with `--family`), and the kernels' gating configuration derived from it.
 
+use std::sync::Arc;
+
+use moe_api::env as api_env;
+use moe_kernels::cpu::Activation;
 use moe_kernels::{GatingConfig, GroupScore as KGroupScore, Scoring as KScoring};
 use moe_model::{
     Family, GroupScore, ModelDescription, Scoring, SharedExperts, TensorNames, WeightDtype,
 };
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{Args, ConfigError, Scoring as FlagScoring, WeightsSource, bad, env};
 
 /// Shape flags of a synthetic model (defaults applied).
 #[derive(Debug, Clone, Copy)]
@@ -56,6 +63,9 @@ pub fn synthetic(family: Option<Family>, s: SyntheticShape) -> ModelDescription 
         shared_experts: 0,
         shared: None,
         activation: "silu".into(),
+        swiglu: None,
+        router_bias: false,
+        expert_bias: false,
         weight_dtype: WeightDtype::Bf16,
         quantization: None,
         tensors: TensorNames::for_family(family.unwrap_or(Family::Qwen3Moe), false, false),
@@ -71,6 +81,8 @@ pub fn synthetic(family: Option<Family>, s: SyntheticShape) -> ModelDescription 
     };
     match f {
         Family::Qwen3Moe | Family::Mixtral => {}
+        // The gating only (softmax over the top-k logits); synthetic experts have no biases.
+        Family::GptOss => d.norm_topk_prob = false,
         Family::Qwen2Moe => {
             d.norm_topk_prob = false;
             d.shared = Some(shared(1, 4 * s.intermediate, true));
@@ -94,6 +106,17 @@ pub fn synthetic(family: Option<Family>, s: SyntheticShape) -> ModelDescription 
     d
 }
 
+/// The experts' gated activation (gpt-oss: its clamped SwiGLU).
+pub fn activation(d: &ModelDescription) -> Activation {
+    match d.swiglu {
+        Some(s) => Activation::ClampedSwiglu {
+            alpha: s.alpha as f32,
+            limit: s.limit as f32,
+        },
+        None => Activation::SiluMul,
+    }
+}
+
 /// The kernels' gating configuration of a model: exactly its family's transformers gating.
 ///
 /// DeepSeek-V2 never renormalises in transformers (whatever `norm_topk_prob` says) and always
@@ -101,15 +124,16 @@ pub fn synthetic(family: Option<Family>, s: SyntheticShape) -> ModelDescription 
 /// (Mixtral: always) and scale (DeepSeek-V3; 1 elsewhere).
 pub fn gating_config(d: &ModelDescription) -> GatingConfig {
     let renormalize = match d.family {
-        Family::DeepseekV2 => false,
+        Family::DeepseekV2 | Family::GptOss => false,
         _ => d.norm_topk_prob,
     };
     GatingConfig {
         num_experts: d.num_experts,
         top_k: d.top_k,
-        scoring: match d.scoring {
-            Scoring::Softmax => KScoring::Softmax,
-            Scoring::Sigmoid => KScoring::Sigmoid,
+        scoring: match (d.family, d.scoring) {
+            (Family::GptOss, _) => KScoring::SoftmaxTopK,
+            (_, Scoring::Softmax) => KScoring::Softmax,
+            (_, Scoring::Sigmoid) => KScoring::Sigmoid,
         },
         renormalize,
         num_groups: d.expert_groups,
@@ -120,6 +144,155 @@ pub fn gating_config(d: &ModelDescription) -> GatingConfig {
             GroupScore::None | GroupScore::Top2Sum => KGroupScore::Top2Sum,
         },
     }
+}
+
+/// The model description and, for a checkpoint, the opened checkpoint. A shape flag given
+/// with a checkpoint must agree with it.
+#[allow(clippy::type_complexity)]
+pub(crate) fn resolve(
+    args: &Args,
+    weights: &WeightsSource,
+) -> Result<(Arc<ModelDescription>, Option<Arc<Checkpoint>>), ConfigError> {
+    use api_env as e;
+    let family = args
+        .family
+        .as_deref()
+        .map(|f| {
+            f.parse::<Family>()
+                .map_err(|err| bad("family", env::FAMILY, err))
+        })
+        .transpose()?;
+    let flag_scoring = args.scoring.map(|s| match s {
+        FlagScoring::Softmax => Scoring::Softmax,
+        FlagScoring::Sigmoid => Scoring::Sigmoid,
+    });
+    let dir = match weights {
+        WeightsSource::Synthetic { .. } => {
+            let family_scoring = family.map(|f| match f {
+                Family::DeepseekV3 => Scoring::Sigmoid,
+                _ => Scoring::Softmax,
+            });
+            let scoring = match (flag_scoring, family_scoring) {
+                (Some(s), Some(f)) if s != f => {
+                    return Err(bad(
+                        "scoring",
+                        e::SCORING,
+                        format!(
+                            "{s:?} disagrees with --family {} ({f:?})",
+                            args.family.as_deref().unwrap_or_default()
+                        )
+                        .to_lowercase(),
+                    ));
+                }
+                (Some(s), _) | (None, Some(s)) => s,
+                (None, None) => Scoring::Softmax,
+            };
+            let shape = SyntheticShape {
+                num_layers: args.num_layers.unwrap_or(4),
+                num_experts: args.num_experts.unwrap_or(16),
+                hidden: args.hidden.unwrap_or(128),
+                intermediate: args.intermediate.unwrap_or(256),
+                top_k: args.top_k.unwrap_or(2),
+                expert_groups: args.expert_groups.unwrap_or(1),
+                topk_groups: args.topk_groups.unwrap_or(1),
+                scoring,
+            };
+            return Ok((Arc::new(synthetic(family, shape)), None));
+        }
+        WeightsSource::Safetensors { dir } => dir,
+    };
+    let weights_err = |err: String| bad("weights", e::WEIGHTS, format!("{}: {err}", dir.display()));
+    let desc = ModelDescription::from_path(dir).map_err(|err| weights_err(err.to_string()))?;
+    if let Some(f) = family
+        && f != desc.family
+    {
+        return Err(bad(
+            "family",
+            env::FAMILY,
+            format!(
+                "{} disagrees with the checkpoint's family {} ({}, {})",
+                f.model_type(),
+                desc.family.model_type(),
+                desc.architecture,
+                dir.join(moe_model::CONFIG_FILE).display()
+            ),
+        ));
+    }
+    let checks: [(&'static str, &'static str, Option<usize>, usize, &str); 7] = [
+        (
+            "num-layers",
+            e::NUM_LAYERS,
+            args.num_layers,
+            desc.num_moe_layers(),
+            "MoE layers",
+        ),
+        (
+            "num-experts",
+            e::NUM_EXPERTS,
+            args.num_experts,
+            desc.num_experts,
+            "routed experts",
+        ),
+        ("hidden", e::HIDDEN, args.hidden, desc.hidden, "hidden size"),
+        (
+            "intermediate",
+            e::INTERMEDIATE,
+            args.intermediate,
+            desc.intermediate,
+            "expert intermediate size",
+        ),
+        (
+            "top-k",
+            e::TOP_K,
+            args.top_k,
+            desc.top_k,
+            "experts per token",
+        ),
+        (
+            "expert-groups",
+            e::EXPERT_GROUPS,
+            args.expert_groups,
+            desc.expert_groups,
+            "expert groups",
+        ),
+        (
+            "topk-groups",
+            e::TOPK_GROUPS,
+            args.topk_groups,
+            desc.topk_groups,
+            "groups per token",
+        ),
+    ];
+    for (flag, env, given, found, what) in checks {
+        if let Some(v) = given
+            && v != found
+        {
+            return Err(bad(
+                flag,
+                env,
+                format!(
+                    "{v} disagrees with the checkpoint's {what} {found} ({}); drop the flag or fix it",
+                    dir.join(moe_model::CONFIG_FILE).display()
+                ),
+            ));
+        }
+    }
+    if let Some(s) = flag_scoring
+        && s != desc.scoring
+    {
+        return Err(bad(
+            "scoring",
+            e::SCORING,
+            format!(
+                "{s:?} disagrees with the checkpoint's scoring {:?} ({})",
+                desc.scoring,
+                dir.join(moe_model::CONFIG_FILE).display()
+            )
+            .to_lowercase(),
+        ));
+    }
+    let ck = Checkpoint::open(dir, desc.clone()).map_err(|err| weights_err(err.to_string()))?;
+    Ok((Arc::new(desc), Some(Arc::new(ck))))
 }
 
 #[cfg(test)]

@@ -240,6 +240,7 @@ mod tests {
             scoring: Scoring::Softmax,
             redundant: r,
             world_size: g,
+            expert_bias: false,
         }
     }
 

@@ -194,6 +194,7 @@ mod tests {
             scoring: Scoring::Softmax,
             redundant: 2,
             world_size: 3,
+            expert_bias: false,
         };
         let old: Vec<u32> = vec![0, 1, 2, 3, 0, 1];
         let new: Vec<u32> = vec![3, 1, 2, 2, 0, 0];

@@ -336,6 +336,7 @@ mod tests {
             scoring: Scoring::Softmax,
             redundant: 0,
             world_size: 2,
+            expert_bias: false,
         }
     }
 

@@ -47,11 +47,17 @@ pub fn expert_from_projections(
     ExpertWeights::new(w1, w2).map_err(|e| anyhow!("{e}"))
 }
 
-/// Little-endian bf16 bytes of `w1` then `w2` (the transfer format).
+/// Little-endian bf16 bytes of `w1` then `w2`, then the fp32 biases `b1`, `b2` when the
+/// expert has them (the transfer format).
 pub fn expert_to_bytes(w: &ExpertWeights) -> Vec<u8> {
     let mut out = Vec::with_capacity(2 * (w.w1.as_slice().len() + w.w2.as_slice().len()));
     bf16_bytes(&mut out, w.w1.as_slice());
     bf16_bytes(&mut out, w.w2.as_slice());
+    if let Some(b) = &w.bias {
+        for v in b.b1.iter().chain(&b.b2) {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
     out
 }
 
@@ -65,11 +71,22 @@ pub fn expert_from_bytes(bytes: &[u8], shape: &ModelShape) -> Result<ExpertWeigh
         );
     }
     let split = 2 * (2 * i * h);
+    let end = 2 * shape.expert_elems();
     let w1 =
         Matrix::from_vec(2 * i, h, bf16_from_bytes(&bytes[..split])).map_err(|e| anyhow!("{e}"))?;
     let w2 =
-        Matrix::from_vec(h, i, bf16_from_bytes(&bytes[split..])).map_err(|e| anyhow!("{e}"))?;
-    ExpertWeights::new(w1, w2).map_err(|e| anyhow!("{e}"))
+        Matrix::from_vec(h, i, bf16_from_bytes(&bytes[split..end])).map_err(|e| anyhow!("{e}"))?;
+    let w = ExpertWeights::new(w1, w2).map_err(|e| anyhow!("{e}"))?;
+    if !shape.expert_bias {
+        return Ok(w);
+    }
+    let f: Vec<f32> = bytes[end..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let (b1, b2) = f.split_at(2 * i);
+    w.with_bias(b1.to_vec(), b2.to_vec())
+        .map_err(|e| anyhow!("{e}"))
 }
 
 fn seeded(seed: u64, a: u64, b: u64) -> ChaCha8Rng {
@@ -171,6 +188,9 @@ pub struct SharedExpert {
     /// `sigmoid(gate · x)`.
     pub gate: Option<Vec<f32>>,
 }
+
+/// Experts of one layer read at the same time by [`WeightStore::load_slots`].
+pub const LOAD_THREADS: usize = 4;
 
 /// Key of synthetic tensors that are not routed experts (never a real expert id).
 const SHARED_KEY: u64 = u64::MAX - 1;
@@ -287,6 +307,15 @@ impl WeightStore {
         Matrix::from_f32(r.rows(), r.cols(), r.as_slice()).map_err(|e| anyhow!("{e}"))
     }
 
+    /// gpt-oss's router bias of `layer` (`[experts]`), added to the logits.
+    pub fn router_bias(&self, layer: usize) -> Result<Option<Vec<f32>>> {
+        self.check_layer(layer)?;
+        match self {
+            WeightStore::Synthetic { .. } => Ok(None),
+            WeightStore::Files { checkpoint, .. } => Ok(checkpoint.router_bias(layer)?),
+        }
+    }
+
     /// DeepSeek-V3's score-correction bias of `layer` (`[experts]`), used for the choice only.
     pub fn correction_bias(&self, layer: usize) -> Result<Option<Vec<f32>>> {
         self.check_layer(layer)?;
@@ -348,29 +377,53 @@ impl WeightStore {
                 Ok(synthetic_expert(*seed, layer, expert, shape))
             }
             WeightStore::Files { checkpoint, shape } => {
-                let (g, u, d) = checkpoint.expert(layer, expert as usize)?;
-                expert_from_projections(g, u, d, shape)
+                let (h, i) = (shape.hidden, shape.intermediate);
+                let (w1, w2) = checkpoint.expert(layer, expert as usize)?;
+                let w1 = Matrix::from_vec(2 * i, h, w1).map_err(|e| anyhow!("{e}"))?;
+                let w2 = Matrix::from_vec(h, i, w2).map_err(|e| anyhow!("{e}"))?;
+                let w = ExpertWeights::new(w1, w2).map_err(|e| anyhow!("{e}"))?;
+                match checkpoint.expert_bias(layer, expert as usize)? {
+                    Some((b1, b2)) => w.with_bias(b1, b2).map_err(|e| anyhow!("{e}")),
+                    None => Ok(w),
+                }
             }
         }
     }
 
     /// Loads the experts of the given slots (`phy2log` of one layer restricted to a rank's
-    /// slots), reading each distinct expert once.
+    /// slots), reading each distinct expert once. Up to [`LOAD_THREADS`] experts are read at a
+    /// time, so the disk sees several requests in flight and decoding overlaps reading.
     pub fn load_slots(&self, layer: usize, experts: &[u32]) -> Result<Vec<Arc<ExpertWeights>>> {
-        let mut cache: HashMap<u32, Arc<ExpertWeights>> = HashMap::new();
-        let mut out = Vec::with_capacity(experts.len());
-        for &e in experts {
-            let w = match cache.get(&e) {
-                Some(w) => w.clone(),
-                None => {
-                    let w = Arc::new(self.expert(layer, e)?);
-                    cache.insert(e, w.clone());
-                    w
-                }
-            };
-            out.push(w);
+        let mut distinct: Vec<u32> = experts.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let threads = LOAD_THREADS.min(distinct.len()).max(1);
+        let chunk = distinct.len().div_ceil(threads).max(1);
+        type Loaded = Result<Vec<(u32, Arc<ExpertWeights>)>>;
+        let loaded: Vec<Loaded> = std::thread::scope(|sc| {
+            let handles: Vec<_> = distinct
+                .chunks(chunk)
+                .map(|ids| {
+                    sc.spawn(move || {
+                        ids.iter()
+                            .map(|&e| Ok((e, Arc::new(self.expert(layer, e)?))))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow!("a weight-loading thread panicked")))
+                })
+                .collect()
+        });
+        let mut by_id: HashMap<u32, Arc<ExpertWeights>> = HashMap::new();
+        for part in loaded {
+            by_id.extend(part?);
         }
-        Ok(out)
+        Ok(experts.iter().map(|e| by_id[e].clone()).collect())
     }
 }
 
@@ -391,6 +444,7 @@ mod tests {
             scoring: Scoring::Softmax,
             redundant: 0,
             world_size: 2,
+            expert_bias: false,
         }
     }
 
@@ -405,6 +459,17 @@ mod tests {
         assert_eq!(w.w1.rows(), 2 * s.intermediate);
         assert_eq!(expert_from_bytes(&expert_to_bytes(&w), &s).unwrap(), w);
         assert!(expert_from_bytes(&[0u8; 3], &s).is_err());
+        // gpt-oss experts carry their biases through a remap.
+        let b1: Vec<f32> = (0..2 * s.intermediate).map(|v| v as f32 * 0.5).collect();
+        let b2: Vec<f32> = (0..s.hidden).map(|v| -(v as f32)).collect();
+        let wb = w.with_bias(b1, b2).unwrap();
+        let sb = ModelShape {
+            expert_bias: true,
+            ..s
+        };
+        let bytes = expert_to_bytes(&wb);
+        assert_eq!(bytes.len(), sb.expert_bytes());
+        assert_eq!(expert_from_bytes(&bytes, &sb).unwrap(), wb);
     }
 
     #[test]

@@ -213,6 +213,11 @@ impl DeviceExperts {
             if e.hidden() != h || e.intermediate() != i {
                 return invalid("experts: all slots must have the same shape");
             }
+            if e.bias.is_some() {
+                return invalid(
+                    "experts: projection biases (gpt-oss) run on the CPU backend only for now",
+                );
+            }
             w1.extend_from_slice(e.w1.as_slice());
             w2.extend_from_slice(e.w2.as_slice());
         }

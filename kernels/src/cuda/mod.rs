@@ -410,6 +410,11 @@ impl Gpu {
         if cfg.top_k > 32 {
             return invalid("gating: the GPU kernel supports top_k <= 32");
         }
+        if cfg.scoring == Scoring::SoftmaxTopK {
+            return invalid(
+                "gating: softmax over the top-k logits (gpt-oss) runs on the CPU backend only for now",
+            );
+        }
         if cfg.num_groups > 1 && cfg.group_score != GroupScore::Top2Sum {
             return invalid(
                 "gating: the GPU kernel scores expert groups by their top two; DeepSeek-V2 group \

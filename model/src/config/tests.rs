@@ -233,3 +233,34 @@ fn reads_a_directory_and_its_index() {
     let missing = ModelDescription::from_path(&dir.path().join("nope")).unwrap_err();
     assert!(missing.to_string().contains("nope"));
 }
+
+#[test]
+fn gpt_oss() {
+    let cfg = r#"{"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
+        "hidden_size": 2880, "num_hidden_layers": 24, "num_local_experts": 32,
+        "num_experts_per_tok": 4, "intermediate_size": 2880, "swiglu_limit": 7.0,
+        "hidden_act": "silu", "torch_dtype": "bfloat16"}"#;
+    let d = desc(cfg);
+    assert_eq!(d.family, Family::GptOss);
+    assert_eq!(d.num_moe_layers(), 24);
+    assert!(d.router_bias && d.expert_bias && !d.norm_topk_prob);
+    assert_eq!(d.activation, "clamped_swiglu");
+    assert_eq!(
+        d.swiglu,
+        Some(ClampedSwiglu {
+            alpha: 1.702,
+            limit: 7.0
+        })
+    );
+    assert_eq!(d.tensors.fused_layout, FusedLayout::InputMajorInterleaved);
+    assert_eq!(
+        d.tensors.router_bias(3, "mlp").unwrap(),
+        "model.layers.3.mlp.router.bias"
+    );
+    // The released weights are MXFP4: refused by name.
+    let e = err(&cfg.replace(
+        "\"torch_dtype\": \"bfloat16\"",
+        "\"quantization_config\": {\"quant_method\": \"mxfp4\"}",
+    ));
+    assert!(e.contains("mxfp4"), "{e}");
+}

@@ -39,8 +39,12 @@ struct Bench {
     groups: usize,
     #[arg(long, default_value_t = 1)]
     topk_groups: usize,
-    #[arg(long, default_value = "softmax")]
-    scoring: String,
+    /// Router scoring (default: the family's, else softmax).
+    #[arg(long)]
+    scoring: Option<String>,
+    /// Imitate a model family's gating and shared experts (`--family` of the worker).
+    #[arg(long)]
+    family: Option<String>,
     /// Tokens per step per rank.
     #[arg(long, default_value_t = 256)]
     tokens: usize,
@@ -308,7 +312,7 @@ async fn main() -> Result<()> {
     let mut workers = Vec::new();
     let mut sinks = Vec::new();
     for r in 0..b.ranks {
-        let argv: Vec<String> = vec![
+        let mut argv: Vec<String> = vec![
             "moe-worker".into(),
             format!("--rank={r}"),
             format!("--world-size={}", b.ranks),
@@ -325,13 +329,18 @@ async fn main() -> Result<()> {
             format!("--top-k={}", b.top_k),
             format!("--expert-groups={}", b.groups),
             format!("--topk-groups={}", b.topk_groups),
-            format!("--scoring={}", b.scoring),
             format!("--traffic-tokens-per-step={}", b.tokens),
             format!("--traffic-skew={}", b.skew),
             format!("--stats-window={}", b.steps),
             format!("--control-token-file={}", token.display()),
             "--comm-timeout-seconds=300".into(),
         ];
+        if let Some(s) = &b.scoring {
+            argv.push(format!("--scoring={s}"));
+        }
+        if let Some(f) = &b.family {
+            argv.push(format!("--family={f}"));
+        }
         let config = Config::from_args(Args::try_parse_from(argv)?)?;
         let (tx, rx) = mpsc::channel();
         let hooks = Hooks {
