@@ -143,6 +143,20 @@ pub struct Args {
     /// qwen2_moe, mixtral, deepseek_v2, deepseek_v3); with a checkpoint, the family it must be.
     #[arg(long, env = env::FAMILY)]
     pub family: Option<String>,
+    /// What spec.model says of the checkpoint (the operator sets these only when the spec
+    /// does): its architecture (`architectures[0]` of config.json); with synthetic weights it
+    /// picks the family to imitate, like --family.
+    #[arg(long, env = api_env::ARCHITECTURE)]
+    pub architecture: Option<String>,
+    /// Whether top-k weights are renormalised; a checkpoint must agree, synthetic weights use it.
+    #[arg(long, env = api_env::NORM_TOPK_PROB)]
+    pub norm_topk_prob: Option<bool>,
+    /// Factor on the routed experts' weights; a checkpoint must agree, synthetic weights use it.
+    #[arg(long, env = api_env::ROUTED_SCALING_FACTOR)]
+    pub routed_scaling_factor: Option<f64>,
+    /// Shared experts (0: none); the checkpoint (or the imitated family) must have as many.
+    #[arg(long, env = api_env::SHARED_EXPERTS)]
+    pub shared_experts: Option<usize>,
     /// Redundant physical slots per layer (replicas of hot experts).
     #[arg(long, env = api_env::REDUNDANT_EXPERTS, default_value_t = 0)]
     pub redundant_experts: usize,
@@ -285,6 +299,29 @@ pub struct ConfigError {
     pub flag: &'static str,
     pub env: &'static str,
     pub reason: String,
+    pub kind: ConfigErrorKind,
+}
+
+/// What kind of configuration error ended the worker, for the `Reason: message` line it
+/// leaves in its termination message (the operator shows it as the Degraded reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigErrorKind {
+    /// A flag is malformed or contradicts another.
+    Invalid,
+    /// The checkpoint cannot be served (config, tensors, dtypes).
+    CheckpointInvalid,
+    /// The checkpoint is not the model the flags (spec.model) describe.
+    ModelMismatch,
+}
+
+impl ConfigErrorKind {
+    pub fn reason(self) -> &'static str {
+        match self {
+            ConfigErrorKind::Invalid => "WorkerConfigInvalid",
+            ConfigErrorKind::CheckpointInvalid => "CheckpointInvalid",
+            ConfigErrorKind::ModelMismatch => "ModelMismatch",
+        }
+    }
 }
 
 pub(crate) fn bad(flag: &'static str, env: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -292,6 +329,26 @@ pub(crate) fn bad(flag: &'static str, env: &'static str, reason: impl Into<Strin
         flag,
         env,
         reason: reason.into(),
+        kind: ConfigErrorKind::Invalid,
+    }
+}
+
+/// A flag that disagrees with the checkpoint it describes.
+pub(crate) fn mismatch(
+    flag: &'static str,
+    env: &'static str,
+    reason: impl Into<String>,
+) -> ConfigError {
+    ConfigError {
+        kind: ConfigErrorKind::ModelMismatch,
+        ..bad(flag, env, reason)
+    }
+}
+
+impl ConfigError {
+    /// The one line a worker leaves in its termination message: `Reason: message`.
+    pub fn termination_message(&self) -> String {
+        format!("{}: {self}", self.kind.reason())
     }
 }
 

@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("moe-worker: {e}");
+            leave_termination_message(&e.termination_message());
             return ExitCode::from(2);
         }
     };
@@ -141,5 +142,19 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Where Kubernetes reads a container's termination message (the pod's
+/// `terminationMessagePath`, this by default); written only when it exists, i.e. in a pod.
+const TERMINATION_LOG: &str = "/dev/termination-log";
+
+/// Leaves `Reason: message` for the operator, which shows it as the Degraded reason.
+fn leave_termination_message(line: &str) {
+    let path = std::path::Path::new(TERMINATION_LOG);
+    if path.exists()
+        && let Err(e) = std::fs::write(path, line)
+    {
+        eprintln!("moe-worker: could not write {TERMINATION_LOG}: {e}");
     }
 }

@@ -12,7 +12,9 @@ use moe_model::{
 };
 
 use crate::checkpoint::Checkpoint;
-use crate::config::{Args, ConfigError, Scoring as FlagScoring, WeightsSource, bad, env};
+use crate::config::{
+    Args, ConfigError, ConfigErrorKind, Scoring as FlagScoring, WeightsSource, bad, env, mismatch,
+};
 
 /// Shape flags of a synthetic model (defaults applied).
 #[derive(Debug, Clone, Copy)]
@@ -162,6 +164,30 @@ pub(crate) fn resolve(
                 .map_err(|err| bad("family", env::FAMILY, err))
         })
         .transpose()?;
+    // spec.model.architecture: names the family synthetic weights imitate.
+    let arch_family = args
+        .architecture
+        .as_deref()
+        .map(|a| {
+            a.parse::<Family>()
+                .map_err(|err| bad("architecture", e::ARCHITECTURE, err))
+        })
+        .transpose()?;
+    let family = match (family, arch_family) {
+        (Some(f), Some(a)) if f != a => {
+            return Err(bad(
+                "architecture",
+                e::ARCHITECTURE,
+                format!(
+                    "{} is a {} model but --family is {}",
+                    args.architecture.as_deref().unwrap_or_default(),
+                    a.model_type(),
+                    f.model_type()
+                ),
+            ));
+        }
+        (f, a) => f.or(a),
+    };
     let flag_scoring = args.scoring.map(|s| match s {
         FlagScoring::Softmax => Scoring::Softmax,
         FlagScoring::Sigmoid => Scoring::Sigmoid,
@@ -197,16 +223,52 @@ pub(crate) fn resolve(
                 topk_groups: args.topk_groups.unwrap_or(1),
                 scoring,
             };
-            return Ok((Arc::new(synthetic(family, shape)), None));
+            let mut d = synthetic(family, shape);
+            if let Some(v) = args.norm_topk_prob {
+                d.norm_topk_prob = v;
+            }
+            if let Some(v) = args.routed_scaling_factor {
+                d.routed_scaling_factor = v;
+            }
+            if let Some(n) = args.shared_experts
+                && n != d.shared_experts
+            {
+                return Err(bad(
+                    "shared-experts",
+                    e::SHARED_EXPERTS,
+                    format!(
+                        "synthetic weights of this family have {} shared experts, not {n}: pick the family (--family / --architecture) that has them",
+                        d.shared_experts
+                    ),
+                ));
+            }
+            return Ok((Arc::new(d), None));
         }
         WeightsSource::Safetensors { dir } => dir,
     };
-    let weights_err = |err: String| bad("weights", e::WEIGHTS, format!("{}: {err}", dir.display()));
+    let weights_err = |err: String| ConfigError {
+        kind: ConfigErrorKind::CheckpointInvalid,
+        ..bad("weights", e::WEIGHTS, format!("{}: {err}", dir.display()))
+    };
     let desc = ModelDescription::from_path(dir).map_err(|err| weights_err(err.to_string()))?;
+    let config_path = dir.join(moe_model::CONFIG_FILE);
+    if let Some(a) = &args.architecture
+        && *a != desc.architecture
+    {
+        return Err(mismatch(
+            "architecture",
+            e::ARCHITECTURE,
+            format!(
+                "{a} disagrees with the checkpoint's architecture {} ({}); fix spec.model.architecture",
+                desc.architecture,
+                config_path.display()
+            ),
+        ));
+    }
     if let Some(f) = family
         && f != desc.family
     {
-        return Err(bad(
+        return Err(mismatch(
             "family",
             env::FAMILY,
             format!(
@@ -263,11 +325,18 @@ pub(crate) fn resolve(
             "groups per token",
         ),
     ];
+    let checks = checks.into_iter().chain([(
+        "shared-experts",
+        e::SHARED_EXPERTS,
+        args.shared_experts,
+        desc.shared_experts,
+        "shared experts",
+    )]);
     for (flag, env, given, found, what) in checks {
         if let Some(v) = given
             && v != found
         {
-            return Err(bad(
+            return Err(mismatch(
                 flag,
                 env,
                 format!(
@@ -277,10 +346,36 @@ pub(crate) fn resolve(
             ));
         }
     }
+    if let Some(v) = args.norm_topk_prob
+        && v != desc.norm_topk_prob
+    {
+        return Err(mismatch(
+            "norm-topk-prob",
+            e::NORM_TOPK_PROB,
+            format!(
+                "{v} disagrees with the checkpoint's norm_topk_prob {} ({})",
+                desc.norm_topk_prob,
+                config_path.display()
+            ),
+        ));
+    }
+    if let Some(v) = args.routed_scaling_factor
+        && (v - desc.routed_scaling_factor).abs() > 1e-9 * v.abs().max(1.0)
+    {
+        return Err(mismatch(
+            "routed-scaling-factor",
+            e::ROUTED_SCALING_FACTOR,
+            format!(
+                "{v} disagrees with the checkpoint's routed_scaling_factor {} ({})",
+                desc.routed_scaling_factor,
+                config_path.display()
+            ),
+        ));
+    }
     if let Some(s) = flag_scoring
         && s != desc.scoring
     {
-        return Err(bad(
+        return Err(mismatch(
             "scoring",
             e::SCORING,
             format!(

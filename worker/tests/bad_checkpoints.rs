@@ -206,3 +206,94 @@ fn shape_flags_that_disagree_name_the_flag_and_both_values() {
     let e = config_error(&dir, &["--family", "mixtral"]);
     assert!(e.contains("--family") && e.contains("deepseek_v3"), "{e}");
 }
+
+/// What spec.model says beyond the shape (MOE_ARCHITECTURE, MOE_SHARED_EXPERTS, ...) is
+/// checked against the checkpoint, and the worker's termination message leads with the
+/// reason the operator shows (`ModelMismatch`; `CheckpointInvalid` for a broken checkpoint).
+#[test]
+fn spec_model_fields_that_disagree_are_a_model_mismatch() {
+    let dir = fixture("deepseek_v3");
+    let weights = dir.to_string_lossy().into_owned();
+    let error = |extra: &[&str]| {
+        let mut argv = vec!["moe-worker", "--weights", &weights];
+        argv.extend_from_slice(extra);
+        match Config::from_args(Args::try_parse_from(argv).unwrap()) {
+            Ok(_) => panic!("{extra:?} was accepted"),
+            Err(e) => e,
+        }
+    };
+    for (extra, needle) in [
+        (
+            &["--architecture", "Qwen3MoeForCausalLM"][..],
+            "disagrees with the checkpoint's architecture DeepseekV3ForCausalLM",
+        ),
+        (
+            &["--shared-experts", "0"][..],
+            "disagrees with the checkpoint's shared experts 1",
+        ),
+        (
+            &["--norm-topk-prob", "false"][..],
+            "disagrees with the checkpoint's norm_topk_prob true",
+        ),
+        (
+            &["--routed-scaling-factor", "1"][..],
+            "disagrees with the checkpoint's routed_scaling_factor 2.5",
+        ),
+    ] {
+        let e = error(extra);
+        let line = e.termination_message();
+        assert!(line.starts_with("ModelMismatch: invalid --"), "{line}");
+        assert!(line.contains(needle), "{line}");
+    }
+    // Agreeing values are accepted.
+    let argv = [
+        "moe-worker",
+        "--weights",
+        &weights,
+        "--architecture",
+        "DeepseekV3ForCausalLM",
+        "--shared-experts",
+        "1",
+        "--routed-scaling-factor",
+        "2.5",
+        "--norm-topk-prob",
+        "true",
+    ];
+    Config::from_args(Args::try_parse_from(argv).unwrap()).unwrap();
+    // A broken checkpoint is not a mismatch.
+    let empty = tempfile::tempdir().unwrap();
+    let weights = empty.path().to_string_lossy().into_owned();
+    let argv = ["moe-worker", "--weights", &weights];
+    let e = Config::from_args(Args::try_parse_from(argv).unwrap()).unwrap_err();
+    assert!(
+        e.termination_message().starts_with("CheckpointInvalid: "),
+        "{}",
+        e.termination_message()
+    );
+}
+
+/// With synthetic weights, spec.model.architecture picks the family to imitate.
+#[test]
+fn synthetic_weights_imitate_the_named_architecture() {
+    let argv = [
+        "moe-worker",
+        "--architecture",
+        "DeepseekV3ForCausalLM",
+        "--expert-groups",
+        "4",
+        "--topk-groups",
+        "2",
+    ];
+    let c = Config::from_args(Args::try_parse_from(argv).unwrap()).unwrap();
+    assert!(c.model.correction_bias);
+    assert_eq!(c.model.shared_experts, 1);
+    let argv = [
+        "moe-worker",
+        "--architecture",
+        "MixtralForCausalLM",
+        "--shared-experts",
+        "1",
+    ];
+    let e = Config::from_args(Args::try_parse_from(argv).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("--shared-experts"), "{e}");
+}
