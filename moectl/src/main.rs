@@ -202,13 +202,14 @@ fn plan(
     write_out(output, &text)?;
     if output.is_some() {
         eprintln!(
-            "planned {} layers with {}: mean PAR {:.4}, worst {:.4}, {} layers changed, {} slots moved",
+            "planned {} layers with {}: mean PAR {:.4}, worst {:.4}, {} layers changed, {} slots moved, {} layers proven optimal",
             p.num_layers,
             plan.algorithm,
             plan.mean_par(),
             plan.worst_par(),
             plan.changed_layers.len(),
-            plan.slots_moved
+            plan.slots_moved,
+            plan.layers.iter().filter(|l| l.optimal).count()
         );
     }
     Ok(())
