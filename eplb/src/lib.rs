@@ -50,7 +50,7 @@ pub use load::LoadHistory;
 pub use metrics::{Migration, PlacementScore, layer_par, migration_cost, rank_loads};
 pub use placement::Placement;
 pub use planner::{
-    DEFAULT_ALGORITHM, LayerPlan, LayerSelection, Plan, PlanRequest, Planner, planner_by_name,
-    select_layers,
+    DEFAULT_ALGORITHM, LayerPlan, LayerSelection, Plan, PlanRequest, Planner, par_lower_bound,
+    planner_by_name, select_layers,
 };
 pub use shape::{Shape, smallest_valid_redundant};

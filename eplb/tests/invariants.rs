@@ -109,7 +109,7 @@ proptest! {
     fn plans_keep_invariants_and_are_deterministic((shape, layers, w) in instance()) {
         let _ = layers;
         let history = LoadHistory::new(w).expect("history");
-        for name in ["greedy", "greedy-global", "flashlb-like", "joint"] {
+        for name in ["greedy", "greedy-global", "flashlb-like", "multi-episode-lpt", "joint"] {
             let planner = planner_by_name(name).expect("planner");
             let a = planner.plan(&PlanRequest::new(shape, &history).threads(1)).expect("plan");
             let b = planner.plan(&PlanRequest::new(shape, &history).threads(2)).expect("plan");

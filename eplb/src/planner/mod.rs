@@ -14,6 +14,7 @@
 mod exact;
 mod greedy;
 mod joint;
+mod lpt;
 mod matching;
 mod problem;
 
@@ -190,6 +191,8 @@ enum Algo {
     JointConstruct,
     Joint,
     Incremental,
+    /// Multi-episode LPT: water-filling on the window average, then per-episode-peak packing.
+    MultiEpisodeLpt,
 }
 
 struct AlgoPlanner(Algo);
@@ -202,6 +205,7 @@ impl Planner for AlgoPlanner {
             Algo::JointConstruct => "flashlb-like",
             Algo::Joint => "joint",
             Algo::Incremental => "incremental",
+            Algo::MultiEpisodeLpt => "multi-episode-lpt",
         }
     }
     fn plan(&self, req: &PlanRequest<'_>) -> Result<Plan> {
@@ -214,7 +218,9 @@ impl Planner for AlgoPlanner {
 /// one group per node) and `flashlb-like` (joint's construction alone: episode-weighted min-max
 /// replication and episode-aware packing, matched to the previous ranks and cherry-picked like
 /// joint, but without local search or exact search; our reading of FlashLB's published design,
-/// not its code).
+/// not its code), and `multi-episode-lpt` (window-average water-filling, then each replica,
+/// heaviest first, to the rank whose largest per-episode load after adding it is smallest;
+/// matched to the previous ranks and cherry-picked like joint).
 pub fn planner_by_name(name: &str) -> Result<Box<dyn Planner>> {
     let algo = match name {
         "greedy" => Algo::Greedy,
@@ -222,9 +228,23 @@ pub fn planner_by_name(name: &str) -> Result<Box<dyn Planner>> {
         "flashlb-like" => Algo::JointConstruct,
         "joint" => Algo::Joint,
         "incremental" => Algo::Incremental,
+        "multi-episode-lpt" => Algo::MultiEpisodeLpt,
         other => return Err(EplbError::UnknownAlgorithm(other.to_string())),
     };
     Ok(Box::new(AlgoPlanner(algo)))
+}
+
+/// A lower bound on the PAR any placement of `shape` can reach under one layer's `load`
+/// (the larger of 1 and the largest replica load after water-filling the replica counts).
+pub fn par_lower_bound(shape: &Shape, load: &[f64]) -> f64 {
+    Problem::new(
+        &[load],
+        shape.num_ranks,
+        shape.slots(),
+        1.0,
+        shape.max_replicas(),
+    )
+    .lower_bound()
 }
 
 /// Result of [`select_layers`].
@@ -355,6 +375,7 @@ fn plan_one(
         Algo::Greedy => (greedy::greedy_row(&p.raw_sum, shape, true), false),
         Algo::GreedyGlobal => (greedy::greedy_row(&p.raw_sum, shape, false), false),
         Algo::JointConstruct => (joint::construct_only(&p), false),
+        Algo::MultiEpisodeLpt => (lpt::lpt_row(&p), false),
         Algo::Joint => {
             let r = joint::plan_layer(&p, shape, prev_row.is_some());
             (r.row, r.optimal)
@@ -368,7 +389,7 @@ fn plan_one(
         }
     };
     if let Some(prev) = prev_row {
-        if algo == Algo::JointConstruct {
+        if matches!(algo, Algo::JointConstruct | Algo::MultiEpisodeLpt) {
             row = matching::align(&row, prev, shape.num_ranks, None);
         }
         if algo == Algo::Joint {
