@@ -20,6 +20,7 @@ use crate::placement::Placement;
 use crate::planner::{PlanRequest, planner_by_name};
 use crate::shape::Shape;
 use crate::synth::{TraceSpec, generate_with_expectation};
+use crate::traffic::{cross_node_moves, mean_cross_node_share};
 
 /// A benchmark shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,6 +92,11 @@ pub struct BenchRow {
     /// Mean and largest relative gap of the plan's objective to its lower bound (joint only).
     pub gap: Option<(f64, f64)>,
     pub threads: usize,
+    /// Share of the next window's token-expert assignments that leave their node
+    /// ([`crate::traffic`]; 0 with one node).
+    pub cross_node_tokens: f64,
+    /// Moved slots whose expert must come from another node.
+    pub cross_node_moves: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -143,6 +149,8 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
             plan_ms_min: ms,
             gap,
             threads: thr,
+            cross_node_tokens: mean_cross_node_share(p, next),
+            cross_node_moves: cross_node_moves(&previous, p),
         })
     };
     let rr = initial_placement(InitialStrategy::RoundRobin, bs.num_layers, &shape)?;
@@ -248,6 +256,8 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
         plan_ms_min: 0.0,
         gap: None,
         threads: 0,
+        cross_node_tokens: f64::NAN,
+        cross_node_moves: 0,
     });
     Ok(rows)
 }
@@ -264,7 +274,7 @@ pub const BOUND_ROW: &str = "lower bound (next window)";
 /// Markdown table of benchmark rows.
 pub fn markdown_table(rows: &[BenchRow]) -> String {
     let mut s = String::from(
-        "| shape | algorithm | history mean PAR | history worst PAR | next mean PAR | next worst PAR | slots moved | plan ms (min / median) | threads | gap to bound (mean / max) |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| shape | algorithm | history mean PAR | history worst PAR | next mean PAR | next worst PAR | slots moved | cross-node moves | cross-node tokens (next) | plan ms (min / median) | threads | gap to bound (mean / max) |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let (time, threads) = if r.threads == 0 {
@@ -282,17 +292,21 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
                 format!("{x:.4}")
             }
         };
-        let moved = if r.algorithm == BOUND_ROW {
-            "-".to_string()
+        let (moved, cross_moves, cross_tokens) = if r.algorithm == BOUND_ROW {
+            ("-".to_string(), "-".to_string(), "-".to_string())
         } else {
-            format!(
-                "{} ({:.1}%)",
-                r.slots_moved,
-                100.0 * r.slots_moved as f64 / r.slots_total.max(1) as f64
+            (
+                format!(
+                    "{} ({:.1}%)",
+                    r.slots_moved,
+                    100.0 * r.slots_moved as f64 / r.slots_total.max(1) as f64
+                ),
+                r.cross_node_moves.to_string(),
+                format!("{:.1}%", 100.0 * r.cross_node_tokens),
             )
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.shape,
             r.algorithm,
             par(r.history_mean_par),
@@ -300,6 +314,8 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
             par(r.next_mean_par),
             par(r.next_worst_par),
             moved,
+            cross_moves,
+            cross_tokens,
             time,
             threads,
             r.gap.map_or("-".to_string(), |(m, x)| format!(

@@ -9,6 +9,7 @@
 //! * [`metrics`]: rank loads, PAR, balancedness, migration cost.
 //! * [`Planner`] and [`planner_by_name`]: `greedy`, `joint` (default), `incremental`.
 //! * [`select_layers`]: threshold-with-hysteresis layer selection.
+//! * [`traffic`]: cross-node token traffic and cross-node weight moves.
 //! * [`synth`] and [`bench`]: deterministic synthetic traces and the benchmark protocol.
 //!
 //! No I/O and no GPU: everything here is pure computation on in-memory data.
@@ -43,6 +44,7 @@ pub mod placement;
 pub mod planner;
 pub mod shape;
 pub mod synth;
+pub mod traffic;
 
 pub use error::{EplbError, Result};
 pub use initial::{InitialStrategy, initial_placement};

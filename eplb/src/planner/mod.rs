@@ -388,6 +388,25 @@ fn plan_one(
             (st.row, false)
         }
     };
+    // Node-aware polish (joint, several nodes): spread replicas over nodes for at most
+    // `min_improvement / 2` of F.
+    let spread = |row: Vec<usize>, optimal: &mut bool| -> Vec<usize> {
+        if algo != Algo::Joint || shape.num_nodes <= 1 {
+            return row;
+        }
+        let before = p.episode_par(&row);
+        let out = problem::spread_over_nodes(
+            &p,
+            row,
+            shape.num_nodes,
+            before * (1.0 + req.min_improvement / 2.0),
+        );
+        *optimal = *optimal && p.episode_par(&out) <= before + 1e-12;
+        out
+    };
+    if prev_row.is_none() {
+        row = spread(row, &mut optimal);
+    }
     if let Some(prev) = prev_row {
         if matches!(algo, Algo::JointConstruct | Algo::MultiEpisodeLpt) {
             row = matching::align(&row, prev, shape.num_ranks, None);
@@ -414,6 +433,7 @@ fn plan_one(
             let before = p.episode_par(&row);
             row = problem::revert_towards(&p, row, prev, req.min_improvement / 2.0);
             optimal = optimal && p.episode_par(&row) <= before + 1e-12;
+            row = spread(row, &mut optimal);
         }
         let moved = row.iter().zip(prev).filter(|(a, b)| a != b).count();
         if let Some(m) = req.max_moves
