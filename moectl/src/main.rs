@@ -140,6 +140,85 @@ fn write_out(output: Option<&Path>, text: &str) -> Result<(), Fail> {
     }
 }
 
+/// `moectl plan`'s placement output, serialised straight from the plan (no JSON value tree:
+/// building one cost several times the planning itself on the DeepSeek-V3 shape).
+#[derive(serde::Serialize)]
+struct PlanOutput<'a> {
+    algorithm: &'a str,
+    num_layers: usize,
+    num_logical_experts: usize,
+    num_redundant: usize,
+    num_ranks: usize,
+    num_nodes: usize,
+    num_groups: usize,
+    phy2log: &'a [Vec<usize>],
+    log2phy: Log2Phy<'a>,
+    logcnt: Vec<Vec<usize>>,
+    par: Vec<f64>,
+    mean_par: f64,
+    worst_par: f64,
+    objective: Vec<f64>,
+    lower_bound: Vec<Option<f64>>,
+    optimal: Vec<bool>,
+    changed_layers: &'a [usize],
+    slots_moved: usize,
+}
+
+/// `Placement::log2phy` written as it is computed, one layer at a time (the nested vectors
+/// were most of the output's allocations).
+struct Log2Phy<'a>(&'a Placement);
+
+impl serde::Serialize for Log2Phy<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let p = self.0;
+        let width = p.max_replicas();
+        let e_n = p.num_logical_experts;
+        let mut layers = s.serialize_seq(Some(p.num_layers))?;
+        let mut flat = vec![-1i64; e_n * width];
+        let mut fill = vec![0usize; e_n];
+        for row in &p.phy2log {
+            flat.iter_mut().for_each(|x| *x = -1);
+            fill.iter_mut().for_each(|x| *x = 0);
+            for (slot, &e) in row.iter().enumerate() {
+                if e < e_n && fill[e] < width {
+                    flat[e * width + fill[e]] = slot as i64;
+                    fill[e] += 1;
+                }
+            }
+            let experts: Vec<&[i64]> = flat.chunks(width).collect();
+            layers.serialize_element(&experts)?;
+        }
+        layers.end()
+    }
+}
+
+impl<'a> PlanOutput<'a> {
+    fn new(plan: &'a eplb::Plan, shape: &Shape) -> PlanOutput<'a> {
+        let p = &plan.placement;
+        PlanOutput {
+            algorithm: &plan.algorithm,
+            num_layers: p.num_layers,
+            num_logical_experts: p.num_logical_experts,
+            num_redundant: shape.num_redundant,
+            num_ranks: p.num_ranks,
+            num_nodes: p.num_nodes,
+            num_groups: shape.num_groups,
+            phy2log: &p.phy2log,
+            log2phy: Log2Phy(p),
+            logcnt: p.logcnt(),
+            par: plan.predicted_par(),
+            mean_par: plan.mean_par(),
+            worst_par: plan.worst_par(),
+            objective: plan.layers.iter().map(|l| l.objective).collect(),
+            lower_bound: plan.layers.iter().map(|l| l.lower_bound).collect(),
+            optimal: plan.layers.iter().map(|l| l.optimal).collect(),
+            changed_layers: &plan.changed_layers,
+            slots_moved: plan.slots_moved,
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn plan(
     load: &Path,
@@ -177,29 +256,7 @@ fn plan(
     let p = &plan.placement;
     let text = match format {
         Format::AscendExpertMap => serde_json::to_string_pretty(&p.to_ascend_expert_map())?,
-        Format::Placement => {
-            let v = json!({
-                "algorithm": plan.algorithm,
-                "num_layers": p.num_layers,
-                "num_logical_experts": p.num_logical_experts,
-                "num_redundant": shape.num_redundant,
-                "num_ranks": p.num_ranks,
-                "num_nodes": p.num_nodes,
-                "num_groups": shape.num_groups,
-                "phy2log": p.phy2log,
-                "log2phy": p.log2phy(),
-                "logcnt": p.logcnt(),
-                "par": plan.predicted_par(),
-                "mean_par": plan.mean_par(),
-                "worst_par": plan.worst_par(),
-                "objective": plan.layers.iter().map(|l| l.objective).collect::<Vec<_>>(),
-                "lower_bound": plan.layers.iter().map(|l| l.lower_bound).collect::<Vec<_>>(),
-                "optimal": plan.layers.iter().map(|l| l.optimal).collect::<Vec<_>>(),
-                "changed_layers": plan.changed_layers,
-                "slots_moved": plan.slots_moved,
-            });
-            serde_json::to_string(&v)?
-        }
+        Format::Placement => serde_json::to_string(&PlanOutput::new(&plan, &shape))?,
     };
     write_out(output, &text)?;
     if output.is_some() {
