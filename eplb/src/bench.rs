@@ -20,7 +20,7 @@ use crate::placement::Placement;
 use crate::planner::{PlanRequest, planner_by_name};
 use crate::shape::Shape;
 use crate::synth::{TraceSpec, generate_with_expectation};
-use crate::traffic::{cross_node_moves, mean_cross_node_share};
+use crate::traffic::{cross_node_moves, mean_cross_node_floor, mean_cross_node_share};
 
 /// A benchmark shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,6 +97,8 @@ pub struct BenchRow {
     pub cross_node_tokens: f64,
     /// Moved slots whose expert must come from another node.
     pub cross_node_moves: usize,
+    /// The smallest cross-node share the plan's replica counts allow.
+    pub cross_node_floor: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -151,29 +153,38 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
             threads: thr,
             cross_node_tokens: mean_cross_node_share(p, next),
             cross_node_moves: cross_node_moves(&previous, p),
+            cross_node_floor: mean_cross_node_floor(p, next),
         })
     };
     let rr = initial_placement(InitialStrategy::RoundRobin, bs.num_layers, &shape)?;
     rows.push(row_for("static round-robin", &rr, 0.0, None, 0)?);
     rows.push(row_for("keep previous", &previous, 0.0, None, 0)?);
-    let mut algos: Vec<(&str, usize, Option<usize>)> = vec![("greedy", 1, None)];
+    // (algorithm, threads, max moves, node slack)
+    type Run<'n> = (&'n str, usize, Option<usize>, Option<f64>);
+    let mut algos: Vec<Run> = vec![("greedy", 1, None, None)];
     if shape.hierarchical() {
-        algos.push(("greedy-global", 1, None));
+        algos.push(("greedy-global", 1, None, None));
     }
-    algos.push(("multi-episode-lpt", threads, None));
-    algos.push(("flashlb-like", threads, None));
-    algos.push(("joint", threads, None));
+    algos.push(("multi-episode-lpt", threads, None, None));
+    algos.push(("flashlb-like", threads, None, None));
+    algos.push(("joint", threads, None, None));
+    if shape.num_nodes > 1 {
+        algos.push(("joint", threads, None, Some(NODE_SLACK_ROW)));
+    }
     for f in &opts.incremental_fractions {
         let budget = ((shape.slots() as f64 * f).ceil() as usize).max(1);
-        algos.push(("incremental", threads, Some(budget)));
+        algos.push(("incremental", threads, Some(budget), None));
     }
-    for (name, thr, budget) in algos {
+    for (name, thr, budget, node_slack) in algos {
         let planner = planner_by_name(name)?;
         let mut req = PlanRequest::new(shape, &history)
             .previous(&previous)
             .threads(thr);
         if let Some(b) = budget {
             req = req.max_moves(b);
+        }
+        if let Some(s) = node_slack {
+            req = req.node_slack(s);
         }
         let mut times = Vec::new();
         let mut plan = None;
@@ -191,9 +202,10 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
         }
         let Some(plan) = plan else { continue };
         let gap = (name == "joint").then(|| (plan.mean_gap(), plan.max_gap()));
-        let label = match budget {
-            Some(b) => format!("incremental (max {b}/layer)"),
-            None => name.to_string(),
+        let label = match (budget, node_slack) {
+            (Some(b), _) => format!("incremental (max {b}/layer)"),
+            (None, Some(s)) => format!("{name} (node slack {:.0}%)", 100.0 * s),
+            (None, None) => name.to_string(),
         };
         let min = times.iter().copied().fold(f64::INFINITY, f64::min);
         let mut row = row_for(&label, &plan.placement, median(times), gap, thr)?;
@@ -258,9 +270,13 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
         threads: 0,
         cross_node_tokens: f64::NAN,
         cross_node_moves: 0,
+        cross_node_floor: f64::NAN,
     });
     Ok(rows)
 }
+
+/// Node slack of the extra `joint` row on shapes with several nodes (the default is 0.25%).
+pub const NODE_SLACK_ROW: f64 = 0.03;
 
 /// Label of the row planned on the next window itself.
 pub const HINDSIGHT_ROW: &str = "joint in hindsight (planned on the next window)";
@@ -403,6 +419,18 @@ pub fn summary(rows: &[BenchRow]) -> String {
                     100.0 * (joint.next_mean_par / b.next_mean_par - 1.0),
                 ));
             }
+        }
+        if joint.cross_node_floor > 0.0 {
+            out.push_str(&format!(
+                "cross-node tokens: joint {:.1}% (its replica counts allow {:.1}%), lpt {}; ",
+                100.0 * joint.cross_node_tokens,
+                100.0 * joint.cross_node_floor,
+                of("multi-episode-lpt").map_or("-".into(), |r| format!(
+                    "{:.1}% ({:.1}%)",
+                    100.0 * r.cross_node_tokens,
+                    100.0 * r.cross_node_floor
+                )),
+            ));
         }
         let gain = keep.next_mean_par - joint.next_mean_par;
         for inc in rows

@@ -40,6 +40,39 @@ pub fn cross_node_share(row: &[usize], load: &[f64], num_nodes: usize) -> f64 {
         / total
 }
 
+/// The smallest [`cross_node_share`] any placement with the same replica counts can have:
+/// every expert on `min(replicas, N)` nodes.
+pub fn cross_node_floor(row: &[usize], load: &[f64], num_nodes: usize) -> f64 {
+    let n = num_nodes.max(1);
+    let total: f64 = load.iter().sum();
+    if n == 1 || total <= 0.0 {
+        return 0.0;
+    }
+    let mut cnt = vec![0usize; load.len()];
+    for &e in row {
+        if let Some(c) = cnt.get_mut(e) {
+            *c += 1;
+        }
+    }
+    load.iter()
+        .zip(&cnt)
+        .map(|(&x, &c)| x * (1.0 - c.min(n) as f64 / n as f64))
+        .sum::<f64>()
+        / total
+}
+
+/// Mean over layers of [`cross_node_floor`] under `load` (`[L][E]`).
+pub fn mean_cross_node_floor(placement: &Placement, load: &[Vec<f64>]) -> f64 {
+    let l = placement.num_layers.min(load.len());
+    if l == 0 {
+        return 0.0;
+    }
+    (0..l)
+        .map(|i| cross_node_floor(&placement.phy2log[i], &load[i], placement.num_nodes))
+        .sum::<f64>()
+        / l as f64
+}
+
 /// Mean over layers of [`cross_node_share`] under `load` (`[L][E]`).
 pub fn mean_cross_node_share(placement: &Placement, load: &[Vec<f64>]) -> f64 {
     let l = placement.num_layers.min(load.len());
@@ -85,6 +118,9 @@ mod tests {
         // Expert 0 stays local; 1, 2, 3 leave their node for half of their tokens.
         let want = (2.0 * 0.5 + 1.0 * 0.5 + 1.0 * 0.5) / 8.0;
         assert!((cross_node_share(&row, &load, 2) - want).abs() < 1e-12);
+        // Expert 3's two replicas share node 1; on two nodes it would stay local too.
+        let floor = (2.0 * 0.5 + 1.0 * 0.5) / 8.0;
+        assert!((cross_node_floor(&row, &load, 2) - floor).abs() < 1e-12);
         assert_eq!(cross_node_share(&row, &load, 1), 0.0);
     }
 

@@ -59,6 +59,10 @@ enum Command {
         /// Only re-plan layers whose current PAR exceeds this (needs --previous).
         #[arg(long)]
         threshold: Option<f64>,
+        /// joint with several nodes: objective (PAR) fraction it may give up to keep tokens
+        /// on their node (default 0.0025).
+        #[arg(long)]
+        node_slack: Option<f64>,
         #[arg(long, value_enum, default_value_t = Format::Placement)]
         format: Format,
         /// Output file (default: standard output).
@@ -230,6 +234,7 @@ fn plan(
     previous: Option<&Path>,
     max_moves: Option<usize>,
     threshold: Option<f64>,
+    node_slack: Option<f64>,
     format: Format,
     output: Option<&Path>,
 ) -> Result<(), Fail> {
@@ -251,6 +256,9 @@ fn plan(
     }
     if let Some(t) = threshold {
         req = req.threshold(t);
+    }
+    if let Some(s) = node_slack {
+        req = req.node_slack(s);
     }
     let plan = planner.plan(&req)?;
     let p = &plan.placement;
@@ -365,6 +373,7 @@ fn main() -> ExitCode {
             previous,
             max_moves,
             threshold,
+            node_slack,
             format,
             output,
         } => plan(
@@ -377,6 +386,7 @@ fn main() -> ExitCode {
             previous.as_deref(),
             *max_moves,
             *threshold,
+            *node_slack,
             *format,
             output.as_deref(),
         ),

@@ -402,3 +402,44 @@ fn plan_proves_the_flashlb_example_optimal() {
         "heaviest rank {heaviest}"
     );
 }
+
+/// With several nodes `--node-slack` trades objective for on-node traffic; a negative one is
+/// refused with one line naming it.
+#[test]
+fn node_slack_is_checked() {
+    let d = Dir::new("node-slack");
+    let load = d.file("load.json", LOAD);
+    let out = d.path("plan.json");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--nodes",
+        "2",
+        "--node-slack=-0.1",
+        "--output",
+        &out,
+    ]);
+    assert_bad(&o, "node slack");
+    assert!(!std::path::Path::new(&out).exists());
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--nodes",
+        "2",
+        "--node-slack",
+        "0.05",
+        "--output",
+        &out,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

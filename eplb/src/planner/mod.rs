@@ -69,6 +69,10 @@ pub struct PlanRequest<'a> {
     pub recency: Option<f64>,
     /// Worker threads (0 = available parallelism).
     pub threads: usize,
+    /// With several nodes, `joint` may raise its objective by up to this fraction to keep more
+    /// tokens on their node (replicas of one expert spread over nodes; see [`crate::traffic`]).
+    /// `None`: `min_improvement / 2`.
+    pub node_slack: Option<f64>,
 }
 
 impl<'a> PlanRequest<'a> {
@@ -85,6 +89,7 @@ impl<'a> PlanRequest<'a> {
             min_improvement: 0.005,
             recency: None,
             threads: 0,
+            node_slack: None,
         }
     }
     pub fn previous(mut self, p: &'a Placement) -> Self {
@@ -109,6 +114,10 @@ impl<'a> PlanRequest<'a> {
     }
     pub fn threads(mut self, t: usize) -> Self {
         self.threads = t;
+        self
+    }
+    pub fn node_slack(mut self, s: f64) -> Self {
+        self.node_slack = Some(s);
         self
     }
 }
@@ -325,6 +334,13 @@ fn validate(req: &PlanRequest<'_>, algo: Algo) -> Result<()> {
     {
         return Err(EplbError::Request(format!("recency {r} must be in (0, 1]")));
     }
+    if let Some(s) = req.node_slack
+        && !(s.is_finite() && s >= 0.0)
+    {
+        return Err(EplbError::Request(format!(
+            "node slack {s} must be a non-negative fraction"
+        )));
+    }
     if !(req.min_improvement.is_finite() && req.min_improvement >= 0.0) {
         return Err(EplbError::Request(
             "min_improvement must be non-negative".into(),
@@ -389,7 +405,7 @@ fn plan_one(
         }
     };
     // Node-aware polish (joint, several nodes): spread replicas over nodes for at most
-    // `min_improvement / 2` of F.
+    // `node_slack` (default `min_improvement / 2`) of F.
     let spread = |row: Vec<usize>, optimal: &mut bool| -> Vec<usize> {
         if algo != Algo::Joint || shape.num_nodes <= 1 {
             return row;
@@ -399,7 +415,7 @@ fn plan_one(
             &p,
             row,
             shape.num_nodes,
-            before * (1.0 + req.min_improvement / 2.0),
+            before * (1.0 + req.node_slack.unwrap_or(req.min_improvement / 2.0)),
         );
         *optimal = *optimal && p.episode_par(&out) <= before + 1e-12;
         out
