@@ -125,7 +125,7 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         };
     }
     let f0 = p.objective(&row).0;
-    let ex = exact::solve(p, f0, exact::EXACT_NODES);
+    let ex = exact::solve(p, f0, exact::budget(p));
     match ex.row {
         Some(r) if p.objective(&r).0 < f0 - 1e-12 => JointResult {
             row: r,
