@@ -16,6 +16,7 @@ mod greedy;
 mod joint;
 mod lpt;
 mod matching;
+mod polish;
 mod problem;
 
 use serde::{Deserialize, Serialize};
@@ -411,7 +412,7 @@ fn plan_one(
             return row;
         }
         let before = p.episode_par(&row);
-        let out = problem::spread_over_nodes(
+        let out = polish::spread_over_nodes(
             &p,
             row,
             shape.num_nodes,
@@ -447,7 +448,7 @@ fn plan_one(
         if algo == Algo::Joint {
             // Undo changes worth less than half of `min_improvement` in total.
             let before = p.episode_par(&row);
-            row = problem::revert_towards(&p, row, prev, req.min_improvement / 2.0);
+            row = polish::revert_towards(&p, row, prev, req.min_improvement / 2.0);
             optimal = optimal && p.episode_par(&row) <= before + 1e-12;
             row = spread(row, &mut optimal);
         }
