@@ -164,6 +164,7 @@ struct PlanOutput<'a> {
     objective: Vec<f64>,
     lower_bound: Vec<Option<f64>>,
     optimal: Vec<bool>,
+    proven_gap: Vec<Option<f64>>,
     changed_layers: &'a [usize],
     slots_moved: usize,
 }
@@ -217,6 +218,7 @@ impl<'a> PlanOutput<'a> {
             objective: plan.layers.iter().map(|l| l.objective).collect(),
             lower_bound: plan.layers.iter().map(|l| l.lower_bound).collect(),
             optimal: plan.layers.iter().map(|l| l.optimal).collect(),
+            proven_gap: plan.layers.iter().map(|l| l.proven_gap).collect(),
             changed_layers: &plan.changed_layers,
             slots_moved: plan.slots_moved,
         }

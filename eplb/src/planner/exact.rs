@@ -10,8 +10,9 @@
 //! * Bound (per episode, summed with the episode weights; a lower bound on the objective
 //!   `F = sum_w weight_w * max_r load_{w,r}` of every completion):
 //!   the larger of (a) the heaviest rank so far, (b) the water level: the load still to place
-//!   poured into the ranks that still have free slots, and (c) per open rank, its load plus
-//!   its free slots filled with the smallest replicas the remaining experts can have.
+//!   poured into the ranks that still have free slots, (c) per open rank, its load plus its
+//!   free slots filled with the smallest replicas the remaining experts can have, and (d) the
+//!   same for the k heaviest open ranks together (their mean), for every k.
 //! * Feasibility: every slot must be filled and (unless forced) no rank holds an expert twice,
 //!   so a rank can never have more free slots than there are experts left.
 //! * Seeded with the heuristic's objective; finishing within the node budget proves the
@@ -35,7 +36,8 @@ pub(crate) fn budget(p: &Problem) -> usize {
 pub(crate) struct ExactResult {
     /// A placement strictly better than the seed objective, if one exists.
     pub row: Option<Vec<usize>>,
-    /// The search finished: nothing is better than the returned row (or than the seed).
+    /// The search finished: nothing is better than the returned row (or than the seed) by
+    /// more than the tolerance.
     pub proven: bool,
 }
 
@@ -58,17 +60,24 @@ struct Search<'p> {
     free: Vec<usize>,
     /// Per rank, the experts placed on it.
     packs: Vec<Vec<usize>>,
-    best: f64,
+    /// Only placements below this are searched for: the incumbent's objective divided by
+    /// `1 + tolerance` (less a rounding margin).
+    cut: f64,
+    tolerance: f64,
     best_row: Option<Vec<usize>>,
     nodes: usize,
     budget: usize,
     aborted: bool,
     scratch: Vec<f64>,
     small: Vec<f64>,
+    prefix: Vec<f64>,
+    open: Vec<(f64, usize)>,
 }
 
-/// Runs the exact search on `p`, looking for a placement with objective below `seed_f`.
-pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
+/// Runs the exact search on `p`, looking for a placement with objective below `seed_f`. With
+/// `tolerance > 0` only placements better by more than that factor are searched for, so a
+/// finished search proves the incumbent within `tolerance` (relative) of the optimum.
+pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize, tolerance: f64) -> ExactResult {
     let w = p.w;
     let mut order: Vec<usize> = (0..p.e).collect();
     order.sort_by(|&a, &b| p.agg[b].total_cmp(&p.agg[a]).then(a.cmp(&b)));
@@ -89,13 +98,16 @@ pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
         saved: vec![0.0; p.e * p.g * w],
         free: vec![p.s; p.g],
         packs: vec![Vec::with_capacity(p.s); p.g],
-        best: seed_f - 1e-9,
+        cut: seed_f / (1.0 + tolerance) - 1e-9,
+        tolerance,
         best_row: None,
         nodes: 0,
         budget,
         aborted: false,
         scratch: Vec::with_capacity(p.g),
         small: Vec::with_capacity(p.e),
+        prefix: Vec::with_capacity(p.slots() + 1),
+        open: Vec::with_capacity(p.g),
     };
     s.expert(0);
     ExactResult {
@@ -153,6 +165,34 @@ impl Search<'_> {
                     };
                     m = m.max(self.loads[r * w + k] + fill);
                 }
+                // (d) the k heaviest open ranks together receive their free slots' worth of
+                // replicas, at least the smallest that many can weigh (one per remaining expert
+                // at load / cmax, the rest copies of the smallest): their mean final load.
+                let extra = free_slots - left;
+                self.prefix.clear();
+                self.prefix.push(0.0);
+                let mut acc = 0.0;
+                for _ in 0..extra {
+                    acc += self.small[0];
+                    self.prefix.push(acc);
+                }
+                for &v in &self.small {
+                    acc += v;
+                    self.prefix.push(acc);
+                }
+                self.open.clear();
+                self.open.extend(
+                    (0..p.g)
+                        .filter(|&r| self.free[r] > 0)
+                        .map(|r| (self.loads[r * w + k], self.free[r])),
+                );
+                self.open.sort_by(|a, b| b.0.total_cmp(&a.0));
+                let (mut sum_l, mut sum_f) = (0.0, 0usize);
+                for (idx, &(l, f)) in self.open.iter().enumerate() {
+                    sum_l += l;
+                    sum_f += f;
+                    m = m.max((sum_l + self.prefix[sum_f]) / (idx + 1) as f64);
+                }
                 // (b) water level of the remaining load over the open ranks.
                 let remaining = self.rest[i * w + k];
                 let n = self.scratch.len();
@@ -187,8 +227,8 @@ impl Search<'_> {
         let free_slots: usize = self.free.iter().sum();
         if left == 0 {
             let f = self.bound(i);
-            if f < self.best && free_slots == 0 {
-                self.best = f - 1e-9;
+            if f < self.cut && free_slots == 0 {
+                self.cut = f / (1.0 + self.tolerance) - 1e-9;
                 let mut row = Vec::with_capacity(p.slots());
                 for pack in &self.packs {
                     row.extend_from_slice(pack);
@@ -201,7 +241,7 @@ impl Search<'_> {
         if !p.dup_ok && self.free.iter().any(|&f| f > left) {
             return;
         }
-        if self.bound(i) >= self.best {
+        if self.bound(i) >= self.cut {
             return;
         }
         let cmax = {

@@ -22,7 +22,12 @@ pub(crate) const MAX_ITERS: usize = 400;
 pub(crate) struct JointResult {
     pub row: Vec<usize>,
     pub optimal: bool,
+    /// The objective is proven within this relative distance of the optimum (0: optimal).
+    pub proven_gap: Option<f64>,
 }
+
+/// Relative optimality gap the second exact search proves when the first runs out of budget.
+pub(crate) const GAP_TOLERANCE: f64 = 1e-3;
 
 /// Episode-aware packing of the replica counts `cnt`.
 fn construct(p: &Problem, cnt: &[usize]) -> Vec<usize> {
@@ -122,19 +127,35 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         return JointResult {
             row,
             optimal: false,
+            proven_gap: None,
         };
     }
     let f0 = p.objective(&row).0;
-    let ex = exact::solve(p, f0, exact::budget(p));
-    match ex.row {
-        Some(r) if p.objective(&r).0 < f0 - 1e-12 => JointResult {
-            row: r,
-            optimal: ex.proven,
-        },
-        _ => JointResult {
-            row,
-            optimal: ex.proven,
-        },
+    let mut best = row;
+    let mut f_best = f0;
+    // First the exact proof; when its budget runs out, a second search that only looks for
+    // placements more than `GAP_TOLERANCE` better, which closes near-perfect partitions.
+    for (tolerance, share) in [(0.0, 2), (GAP_TOLERANCE, 2)] {
+        let ex = exact::solve(p, f_best, exact::budget(p) / share, tolerance);
+        if let Some(r) = ex.row {
+            let f = p.objective(&r).0;
+            if f < f_best - 1e-12 {
+                best = r;
+                f_best = f;
+            }
+        }
+        if ex.proven {
+            return JointResult {
+                row: best,
+                optimal: tolerance == 0.0,
+                proven_gap: Some(tolerance),
+            };
+        }
+    }
+    JointResult {
+        row: best,
+        optimal: false,
+        proven_gap: None,
     }
 }
 

@@ -142,6 +142,10 @@ pub struct LayerPlan {
     pub lower_bound: Option<f64>,
     /// The objective is proven optimal (exact search finished).
     pub optimal: bool,
+    /// The objective is proven within this relative distance of the optimum (0 when optimal):
+    /// set when `joint`'s exact search finished, either exactly or with its 0.1% tolerance.
+    #[serde(default)]
+    pub proven_gap: Option<f64>,
     /// Slots whose expert changed versus the previous placement.
     pub slots_moved: usize,
 }
@@ -370,6 +374,7 @@ struct LayerOut {
     optimal: bool,
     objective: f64,
     lower_bound: Option<f64>,
+    proven_gap: Option<f64>,
 }
 
 fn plan_one(
@@ -388,6 +393,7 @@ fn plan_one(
         shape.max_replicas(),
     );
     let default_budget = shape.slots().div_ceil(8).max(1);
+    let mut search_bound: Option<f64> = None;
     let (mut row, mut optimal) = match algo {
         Algo::Greedy => (greedy::greedy_row(&p.raw_sum, shape, true), false),
         Algo::GreedyGlobal => (greedy::greedy_row(&p.raw_sum, shape, false), false),
@@ -395,6 +401,8 @@ fn plan_one(
         Algo::MultiEpisodeLpt => (lpt::lpt_row(&p), false),
         Algo::Joint => {
             let r = joint::plan_layer(&p, shape, prev_row.is_some());
+            // A finished search bounds the optimum from below, whatever row is kept later.
+            search_bound = r.proven_gap.map(|t| p.episode_par(&r.row) / (1.0 + t));
             (r.row, r.optimal)
         }
         Algo::Incremental => {
@@ -479,9 +487,15 @@ fn plan_one(
             }
         }
     }
+    let objective = p.episode_par(&row);
     LayerOut {
-        objective: p.episode_par(&row),
-        lower_bound: (algo == Algo::Joint).then(|| p.lower_bound()),
+        objective,
+        lower_bound: (algo == Algo::Joint).then(|| {
+            p.lower_bound()
+                .max(search_bound.unwrap_or(0.0))
+                .min(objective)
+        }),
+        proven_gap: search_bound.map(|b| (objective / b - 1.0).max(0.0)),
         row,
         optimal,
     }
@@ -581,8 +595,8 @@ fn run(req: &PlanRequest<'_>, algo: Algo, name: &str) -> Result<Plan> {
         if req.previous.is_some() {
             slots_moved += moved;
         }
-        let (objective, lower_bound, optimal) = match &outs[l] {
-            Some(o) => (o.objective, o.lower_bound, o.optimal),
+        let (objective, lower_bound, optimal, proven_gap) = match &outs[l] {
+            Some(o) => (o.objective, o.lower_bound, o.optimal, o.proven_gap),
             None => {
                 let rows = h.layer(l);
                 let p = Problem::new(
@@ -592,7 +606,7 @@ fn run(req: &PlanRequest<'_>, algo: Algo, name: &str) -> Result<Plan> {
                     recency_for(req, algo),
                     shape.max_replicas(),
                 );
-                (p.episode_par(&placement.phy2log[l]), None, false)
+                (p.episode_par(&placement.phy2log[l]), None, false, None)
             }
         };
         layers.push(LayerPlan {
@@ -604,6 +618,7 @@ fn run(req: &PlanRequest<'_>, algo: Algo, name: &str) -> Result<Plan> {
             objective,
             lower_bound,
             optimal,
+            proven_gap,
             slots_moved: if req.previous.is_some() { moved } else { 0 },
         });
     }
