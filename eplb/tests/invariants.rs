@@ -264,7 +264,10 @@ fn joint_proves_a_hard_layer_within_a_tenth_of_a_percent() {
     assert!(gap <= 1e-3 + 1e-12, "gap {gap}");
     assert_eq!(l.optimal, gap == 0.0);
     // If the exact search ever proves this instance outright, pick a harder one.
-    assert!(!l.optimal, "the instance should exercise the tolerance search");
+    assert!(
+        !l.optimal,
+        "the instance should exercise the tolerance search"
+    );
     let lb = l.lower_bound.unwrap();
     assert!(lb <= l.objective + 1e-12 && l.objective <= lb * (1.0 + 1e-3) + 1e-9);
 }

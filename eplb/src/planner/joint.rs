@@ -26,8 +26,9 @@ pub(crate) struct JointResult {
     pub proven_gap: Option<f64>,
 }
 
-/// Relative optimality gap the second exact search proves when the first runs out of budget.
-pub(crate) const GAP_TOLERANCE: f64 = 1e-3;
+/// Relative optimality gaps the later exact searches prove when the exact proof runs out of
+/// budget.
+pub(crate) const GAP_TOLERANCES: [f64; 2] = [1e-3, 1e-2];
 
 /// Episode-aware packing of the replica counts `cnt`.
 fn construct(p: &Problem, cnt: &[usize]) -> Vec<usize> {
@@ -133,9 +134,10 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
     let f0 = p.objective(&row).0;
     let mut best = row;
     let mut f_best = f0;
-    // First the exact proof; when its budget runs out, a second search that only looks for
-    // placements more than `GAP_TOLERANCE` better, which closes near-perfect partitions.
-    for (tolerance, share) in [(0.0, 2), (GAP_TOLERANCE, 2)] {
+    // First the exact proof (half the budget); when it runs out, searches that only look for
+    // placements more than 0.1%, then 1% better (a quarter each), which close near-perfect
+    // partitions.
+    for (tolerance, share) in [(0.0, 2), (GAP_TOLERANCES[0], 4), (GAP_TOLERANCES[1], 4)] {
         let ex = exact::solve(p, f_best, exact::budget(p) / share, tolerance);
         if let Some(r) = ex.row {
             let f = p.objective(&r).0;
