@@ -143,7 +143,7 @@ pub struct LayerPlan {
     /// The objective is proven optimal (exact search finished).
     pub optimal: bool,
     /// The objective is proven within this relative distance of the optimum (0 when optimal):
-    /// set when `joint`'s exact search finished, either exactly or with its 0.1% tolerance.
+    /// set when `joint`'s exact search finished, exactly or with its 0.1% or 1% tolerance.
     #[serde(default)]
     pub proven_gap: Option<f64>,
     /// Slots whose expert changed versus the previous placement.
