@@ -11,6 +11,7 @@
 //! * [`metrics`]: rank loads, PAR, balancedness, migration cost.
 //! * [`Planner`] and [`planner_by_name`]: `greedy`, `joint` (default), `incremental`.
 //! * [`select_layers`]: threshold-with-hysteresis layer selection.
+//! * [`traffic`]: cross-node token traffic and cross-node weight moves.
 //! * [`synth`] and [`bench`]: deterministic synthetic traces and the benchmark protocol.
 //!
 //! No I/O and no GPU: everything here is pure computation on in-memory data.
@@ -46,6 +47,7 @@ pub mod placement;
 pub mod planner;
 pub mod shape;
 pub mod synth;
+pub mod traffic;
 
 pub use error::{EplbError, Result};
 pub use initial::{InitialStrategy, initial_placement};
@@ -55,7 +57,7 @@ pub use metrics::{
 };
 pub use placement::Placement;
 pub use planner::{
-    DEFAULT_ALGORITHM, LayerPlan, LayerSelection, Plan, PlanRequest, Planner, planner_by_name,
-    select_layers,
+    DEFAULT_ALGORITHM, LayerPlan, LayerSelection, Plan, PlanRequest, Planner, par_lower_bound,
+    planner_by_name, select_layers,
 };
 pub use shape::{Shape, smallest_valid_redundant};

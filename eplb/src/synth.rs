@@ -78,13 +78,25 @@ impl TraceSpec {
     }
 }
 
+/// `[window][layer][expert]` counts.
+pub type Windows = Vec<Vec<Vec<f64>>>;
+
 /// Generates `[window][layer][expert]` counts.
-pub fn generate(spec: &TraceSpec) -> Vec<Vec<Vec<f64>>> {
+pub fn generate(spec: &TraceSpec) -> Windows {
+    generate_with_expectation(spec).0
+}
+
+/// Like [`generate`], and also, per window, the expected counts given everything generated
+/// before it (the generator's hidden popularity state after the previous window, one drift step
+/// ahead, without its noise). The benchmark plans on the last of these to show the best a
+/// perfect predictor could do: a floor for plans made from observed history.
+pub fn generate_with_expectation(spec: &TraceSpec) -> (Windows, Windows) {
     let mut rng = Rng::new(spec.seed);
     let e_n = spec.num_experts;
     let groups = spec.num_groups.max(1);
     let per_group = (e_n / groups).max(1);
     let mut out = vec![vec![Vec::new(); spec.num_layers]; spec.num_windows];
+    let mut expected = vec![vec![Vec::new(); spec.num_layers]; spec.num_windows];
     for l in 0..spec.num_layers {
         let s = spec.zipf_min + (spec.zipf_max - spec.zipf_min) * rng.uniform();
         let mut perm: Vec<usize> = (0..e_n).collect();
@@ -100,7 +112,14 @@ pub fn generate(spec: &TraceSpec) -> Vec<Vec<Vec<f64>>> {
             })
             .collect();
         let mut logp = base.clone();
-        for window in out.iter_mut() {
+        // Expected log-popularity of the next window: the drift step without its noise.
+        let mut mean_logp = base.clone();
+        for (window, exp_window) in out.iter_mut().zip(expected.iter_mut()) {
+            let ze: f64 = mean_logp.iter().map(|x| x.exp()).sum();
+            exp_window[l] = mean_logp
+                .iter()
+                .map(|x| spec.tokens_per_window * x.exp() / ze)
+                .collect();
             let z: f64 = logp.iter().map(|x| x.exp()).sum();
             let row: Vec<f64> = logp
                 .iter()
@@ -110,12 +129,13 @@ pub fn generate(spec: &TraceSpec) -> Vec<Vec<Vec<f64>>> {
                 })
                 .collect();
             window[l] = row;
-            for (lp, b) in logp.iter_mut().zip(&base) {
+            for ((lp, b), m) in logp.iter_mut().zip(&base).zip(mean_logp.iter_mut()) {
+                *m = *lp - 0.1 * (*lp - b);
                 *lp += spec.drift * rng.normal() - 0.1 * (*lp - b);
             }
         }
     }
-    out
+    (out, expected)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //!
 //! Bad input ends with one line `error: ...` on stderr and exit code 2; nothing is written.
 
+mod bench;
 mod convert;
 mod eval;
 mod inputs;
@@ -14,8 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use eplb::metrics::DEEPSEEK_V3_EXPERT_BYTES;
-use eplb::{PlanRequest, Shape, planner_by_name};
-use serde_json::json;
+use eplb::{Placement, PlanRequest, Shape, planner_by_name};
 
 use crate::convert::{ConvertArgs, ConvertTo};
 use crate::eval::EvalArgs;
@@ -89,6 +89,10 @@ enum Command {
         /// Only re-plan layers whose current PAR exceeds this (needs --previous).
         #[arg(long)]
         threshold: Option<f64>,
+        /// joint with several nodes: objective (PAR) fraction it may give up to keep tokens
+        /// on their node (default 0.0025).
+        #[arg(long)]
+        node_slack: Option<f64>,
         /// Output: placement (moectl JSON), ascend-expert-map, sglang (--init-expert-location
         /// file, one row per decoder layer) or document.
         #[arg(long, value_enum, default_value_t = Format::Placement)]
@@ -199,6 +203,87 @@ pub(crate) fn write_out(output: Option<&Path>, text: &str) -> Result<(), Fail> {
     }
 }
 
+/// `moectl plan`'s placement output, serialised straight from the plan (no JSON value tree:
+/// building one cost several times the planning itself on the DeepSeek-V3 shape).
+#[derive(serde::Serialize)]
+struct PlanOutput<'a> {
+    algorithm: &'a str,
+    num_layers: usize,
+    num_logical_experts: usize,
+    num_redundant: usize,
+    num_ranks: usize,
+    num_nodes: usize,
+    num_groups: usize,
+    phy2log: &'a [Vec<usize>],
+    log2phy: Log2Phy<'a>,
+    logcnt: Vec<Vec<usize>>,
+    par: Vec<f64>,
+    mean_par: f64,
+    worst_par: f64,
+    objective: Vec<f64>,
+    lower_bound: Vec<Option<f64>>,
+    optimal: Vec<bool>,
+    proven_gap: Vec<Option<f64>>,
+    changed_layers: &'a [usize],
+    slots_moved: usize,
+}
+
+/// `Placement::log2phy` written as it is computed, one layer at a time (the nested vectors
+/// were most of the output's allocations).
+struct Log2Phy<'a>(&'a Placement);
+
+impl serde::Serialize for Log2Phy<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let p = self.0;
+        let width = p.max_replicas();
+        let e_n = p.num_logical_experts;
+        let mut layers = s.serialize_seq(Some(p.num_layers))?;
+        let mut flat = vec![-1i64; e_n * width];
+        let mut fill = vec![0usize; e_n];
+        for row in &p.phy2log {
+            flat.iter_mut().for_each(|x| *x = -1);
+            fill.iter_mut().for_each(|x| *x = 0);
+            for (slot, &e) in row.iter().enumerate() {
+                if e < e_n && fill[e] < width {
+                    flat[e * width + fill[e]] = slot as i64;
+                    fill[e] += 1;
+                }
+            }
+            let experts: Vec<&[i64]> = flat.chunks(width).collect();
+            layers.serialize_element(&experts)?;
+        }
+        layers.end()
+    }
+}
+
+impl<'a> PlanOutput<'a> {
+    fn new(plan: &'a eplb::Plan, shape: &Shape) -> PlanOutput<'a> {
+        let p = &plan.placement;
+        PlanOutput {
+            algorithm: &plan.algorithm,
+            num_layers: p.num_layers,
+            num_logical_experts: p.num_logical_experts,
+            num_redundant: shape.num_redundant,
+            num_ranks: p.num_ranks,
+            num_nodes: p.num_nodes,
+            num_groups: shape.num_groups,
+            phy2log: &p.phy2log,
+            log2phy: Log2Phy(p),
+            logcnt: p.logcnt(),
+            par: plan.predicted_par(),
+            mean_par: plan.mean_par(),
+            worst_par: plan.worst_par(),
+            objective: plan.layers.iter().map(|l| l.objective).collect(),
+            lower_bound: plan.layers.iter().map(|l| l.lower_bound).collect(),
+            optimal: plan.layers.iter().map(|l| l.optimal).collect(),
+            proven_gap: plan.layers.iter().map(|l| l.proven_gap).collect(),
+            changed_layers: &plan.changed_layers,
+            slots_moved: plan.slots_moved,
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn plan(
     load: &Path,
@@ -212,6 +297,7 @@ fn plan(
     layout: &LayoutArgs,
     max_moves: Option<usize>,
     threshold: Option<f64>,
+    node_slack: Option<f64>,
     format: Format,
     output: Option<&Path>,
 ) -> Result<Vec<String>, Fail> {
@@ -254,142 +340,29 @@ fn plan(
     if let Some(t) = threshold {
         req = req.threshold(t);
     }
+    if let Some(s) = node_slack {
+        req = req.node_slack(s);
+    }
     let plan = planner.plan(&req)?;
     let p = &plan.placement;
     let text = match format {
-        Format::Placement => {
-            let v = json!({
-                "algorithm": plan.algorithm,
-                "num_layers": p.num_layers,
-                "num_logical_experts": p.num_logical_experts,
-                "num_redundant": shape.num_redundant,
-                "num_ranks": p.num_ranks,
-                "num_nodes": p.num_nodes,
-                "num_groups": shape.num_groups,
-                "phy2log": p.phy2log,
-                "log2phy": p.log2phy(),
-                "logcnt": p.logcnt(),
-                "par": plan.predicted_par(),
-                "mean_par": plan.mean_par(),
-                "worst_par": plan.worst_par(),
-                "objective": plan.layers.iter().map(|l| l.objective).collect::<Vec<_>>(),
-                "lower_bound": plan.layers.iter().map(|l| l.lower_bound).collect::<Vec<_>>(),
-                "optimal": plan.layers.iter().map(|l| l.optimal).collect::<Vec<_>>(),
-                "changed_layers": plan.changed_layers,
-                "slots_moved": plan.slots_moved,
-            });
-            serde_json::to_string(&v)?
-        }
+        Format::Placement => serde_json::to_string(&PlanOutput::new(&plan, &shape))?,
         other => outputs::write_placement(p, other, load.layout.as_ref())?,
     };
     write_out(output, &text)?;
     if output.is_some() {
         eprintln!(
-            "planned {} layers with {}: mean PAR {:.4}, worst {:.4}, {} layers changed, {} slots moved",
+            "planned {} layers with {}: mean PAR {:.4}, worst {:.4}, {} layers changed, {} slots moved, {} layers proven optimal",
             p.num_layers,
             plan.algorithm,
             plan.mean_par(),
             plan.worst_par(),
             plan.changed_layers.len(),
-            plan.slots_moved
+            plan.slots_moved,
+            plan.layers.iter().filter(|l| l.optimal).count()
         );
     }
     Ok(notes)
-}
-
-fn bench(
-    markdown: Option<&Path>,
-    filter: Option<&str>,
-    history: usize,
-    repeats: usize,
-    seed: u64,
-) -> Result<Vec<String>, Fail> {
-    let opts = eplb::bench::BenchOptions {
-        history,
-        seed,
-        repeats,
-        ..Default::default()
-    };
-    let shapes: Vec<_> = eplb::bench::standard_shapes()
-        .into_iter()
-        .filter(|s| filter.is_none_or(|f| s.name.to_lowercase().contains(&f.to_lowercase())))
-        .collect();
-    if shapes.is_empty() {
-        return Err(Fail("no benchmark shape matches --shape".into()));
-    }
-    let mut rows = Vec::new();
-    for s in &shapes {
-        let r = eplb::bench::run_shape(s, &opts)?;
-        print!("{}", eplb::bench::markdown_table(&r));
-        rows.extend(r);
-    }
-    if let Some(path) = markdown {
-        let doc = format!(
-            "# EPLB benchmark results\n\n\
-             Generated by `moectl bench --markdown {}` (release build) on {} UTC.\n\n\
-             Machine: {} logical CPUs, {}; shared with other builds while measured, so \
-             times are the fastest (and median) of {} runs.\n\n\
-             Protocol: {}\n\n{}\n## Findings (computed from the table)\n\n{}",
-            path.display(),
-            utc_now(),
-            std::thread::available_parallelism().map_or(1, |n| n.get()),
-            cpu_model(),
-            repeats.max(1),
-            PROTOCOL,
-            eplb::bench::markdown_table(&rows),
-            eplb::bench::summary(&rows)
-        );
-        write_out(Some(path), &doc)?;
-    }
-    Ok(Vec::new())
-}
-
-const PROTOCOL: &str = "for each shape a deterministic synthetic trace of 2H+1 windows \
-(H = --history, default 8) is generated (heavy-tailed per-layer popularity, log-normal drift, \
-Poisson-like noise; see `eplb::synth`). The placement in use (`keep previous`) is the `joint` \
-plan of the first H windows. Each algorithm plans on the next H windows with that previous \
-placement and is scored on those H windows (history: mean over layers and windows, worst over \
-both) and on the following window (next: mean and worst over layers). `slots moved` counts \
-slots whose expert differs from the previous placement. `flashlb-like` is joint's construction \
-step alone (episode-weighted replication and packing, matched and cherry-picked like joint, no \
-local or exact search): our reading of FlashLB's design, not its code. `greedy` and \
-`greedy-global` run on one thread; the others use every CPU (layers in parallel). The gap is the joint \
-objective's distance to its lower bound (per layer; mean and max over layers).";
-
-/// The model name from /proc/cpuinfo, or "unknown CPU".
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
-/// Current UTC time as `YYYY-MM-DD HH:MM`.
-fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60
-    )
 }
 
 fn main() -> ExitCode {
@@ -428,6 +401,7 @@ fn main() -> ExitCode {
             layout,
             max_moves,
             threshold,
+            node_slack,
             format,
             output,
         } => plan(
@@ -442,6 +416,7 @@ fn main() -> ExitCode {
             layout,
             *max_moves,
             *threshold,
+            *node_slack,
             *format,
             output.as_deref(),
         ),
@@ -493,7 +468,7 @@ fn main() -> ExitCode {
             history,
             repeats,
             seed,
-        } => bench(
+        } => bench::bench(
             markdown.as_deref(),
             shape.as_deref(),
             *history,

@@ -366,3 +366,80 @@ fn bench_prints_and_writes_markdown() {
     let o = moectl(&["bench", "--shape", "nothing-matches"]);
     assert_bad(&o, "no benchmark shape");
 }
+
+/// FlashLB's published example: 8 experts, 8 ranks x 2 slots. The optimum (heaviest rank
+/// 590/3 = 196.67, PAR 1.085) is returned and reported as proven.
+#[test]
+fn plan_proves_the_flashlb_example_optimal() {
+    let d = Dir::new("flashlb");
+    let load = d.file("load.json", "[[600, 560, 120, 120, 20, 10, 10, 10]]");
+    let out = d.path("plan.json");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "8",
+        "--redundant",
+        "8",
+        "--algorithm",
+        "joint",
+        "--output",
+        &out,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("1 layers proven optimal"),
+        "{}",
+        stderr(&o)
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["optimal"], serde_json::json!([true]));
+    let par = v["par"][0].as_f64().unwrap();
+    let heaviest = par * 1450.0 / 8.0;
+    assert!(
+        (heaviest - 590.0 / 3.0).abs() < 1e-6,
+        "heaviest rank {heaviest}"
+    );
+}
+
+/// With several nodes `--node-slack` trades objective for on-node traffic; a negative one is
+/// refused with one line naming it.
+#[test]
+fn node_slack_is_checked() {
+    let d = Dir::new("node-slack");
+    let load = d.file("load.json", LOAD);
+    let out = d.path("plan.json");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--nodes",
+        "2",
+        "--node-slack=-0.1",
+        "--output",
+        &out,
+    ]);
+    assert_bad(&o, "node slack");
+    assert!(!std::path::Path::new(&out).exists());
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--nodes",
+        "2",
+        "--node-slack",
+        "0.05",
+        "--output",
+        &out,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

@@ -11,9 +11,12 @@
 //!   `min_improvement` (relative), so a plan never moves weights for nothing; `joint` also
 //!   undoes individual changes as long as its objective stays within `min_improvement / 2`.
 
+mod exact;
 mod greedy;
 mod joint;
+mod lpt;
 mod matching;
+mod polish;
 mod problem;
 
 use serde::{Deserialize, Serialize};
@@ -67,6 +70,10 @@ pub struct PlanRequest<'a> {
     pub recency: Option<f64>,
     /// Worker threads (0 = available parallelism).
     pub threads: usize,
+    /// With several nodes, `joint` may raise its objective by up to this fraction to keep more
+    /// tokens on their node (replicas of one expert spread over nodes; see [`crate::traffic`]).
+    /// `None`: `min_improvement / 2`.
+    pub node_slack: Option<f64>,
 }
 
 impl<'a> PlanRequest<'a> {
@@ -83,6 +90,7 @@ impl<'a> PlanRequest<'a> {
             min_improvement: 0.005,
             recency: None,
             threads: 0,
+            node_slack: None,
         }
     }
     pub fn previous(mut self, p: &'a Placement) -> Self {
@@ -109,6 +117,10 @@ impl<'a> PlanRequest<'a> {
         self.threads = t;
         self
     }
+    pub fn node_slack(mut self, s: f64) -> Self {
+        self.node_slack = Some(s);
+        self
+    }
 }
 
 /// Per-layer outcome of a plan.
@@ -130,6 +142,10 @@ pub struct LayerPlan {
     pub lower_bound: Option<f64>,
     /// The objective is proven optimal (exact search finished).
     pub optimal: bool,
+    /// The objective is proven within this relative distance of the optimum (0 when optimal):
+    /// set when `joint`'s exact search finished, exactly or with its 0.1% or 1% tolerance.
+    #[serde(default)]
+    pub proven_gap: Option<f64>,
     /// Slots whose expert changed versus the previous placement.
     pub slots_moved: usize,
 }
@@ -189,6 +205,8 @@ enum Algo {
     JointConstruct,
     Joint,
     Incremental,
+    /// Multi-episode LPT: water-filling on the window average, then per-episode-peak packing.
+    MultiEpisodeLpt,
 }
 
 struct AlgoPlanner(Algo);
@@ -201,6 +219,7 @@ impl Planner for AlgoPlanner {
             Algo::JointConstruct => "flashlb-like",
             Algo::Joint => "joint",
             Algo::Incremental => "incremental",
+            Algo::MultiEpisodeLpt => "multi-episode-lpt",
         }
     }
     fn plan(&self, req: &PlanRequest<'_>) -> Result<Plan> {
@@ -213,7 +232,9 @@ impl Planner for AlgoPlanner {
 /// one group per node) and `flashlb-like` (joint's construction alone: episode-weighted min-max
 /// replication and episode-aware packing, matched to the previous ranks and cherry-picked like
 /// joint, but without local search or exact search; our reading of FlashLB's published design,
-/// not its code).
+/// not its code), and `multi-episode-lpt` (window-average water-filling, then each replica,
+/// heaviest first, to the rank whose largest per-episode load after adding it is smallest;
+/// matched to the previous ranks and cherry-picked like joint).
 pub fn planner_by_name(name: &str) -> Result<Box<dyn Planner>> {
     let algo = match name {
         "greedy" => Algo::Greedy,
@@ -221,9 +242,23 @@ pub fn planner_by_name(name: &str) -> Result<Box<dyn Planner>> {
         "flashlb-like" => Algo::JointConstruct,
         "joint" => Algo::Joint,
         "incremental" => Algo::Incremental,
+        "multi-episode-lpt" => Algo::MultiEpisodeLpt,
         other => return Err(EplbError::UnknownAlgorithm(other.to_string())),
     };
     Ok(Box::new(AlgoPlanner(algo)))
+}
+
+/// A lower bound on the PAR any placement of `shape` can reach under one layer's `load`
+/// (the larger of 1 and the largest replica load after water-filling the replica counts).
+pub fn par_lower_bound(shape: &Shape, load: &[f64]) -> f64 {
+    Problem::new(
+        &[load],
+        shape.num_ranks,
+        shape.slots(),
+        1.0,
+        shape.max_replicas(),
+    )
+    .lower_bound()
 }
 
 /// Result of [`select_layers`].
@@ -304,6 +339,13 @@ fn validate(req: &PlanRequest<'_>, algo: Algo) -> Result<()> {
     {
         return Err(EplbError::Request(format!("recency {r} must be in (0, 1]")));
     }
+    if let Some(s) = req.node_slack
+        && !(s.is_finite() && s >= 0.0)
+    {
+        return Err(EplbError::Request(format!(
+            "node slack {s} must be a non-negative fraction"
+        )));
+    }
     if !(req.min_improvement.is_finite() && req.min_improvement >= 0.0) {
         return Err(EplbError::Request(
             "min_improvement must be non-negative".into(),
@@ -332,6 +374,7 @@ struct LayerOut {
     optimal: bool,
     objective: f64,
     lower_bound: Option<f64>,
+    proven_gap: Option<f64>,
 }
 
 fn plan_one(
@@ -350,12 +393,16 @@ fn plan_one(
         shape.max_replicas(),
     );
     let default_budget = shape.slots().div_ceil(8).max(1);
+    let mut search_bound: Option<f64> = None;
     let (mut row, mut optimal) = match algo {
         Algo::Greedy => (greedy::greedy_row(&p.raw_sum, shape, true), false),
         Algo::GreedyGlobal => (greedy::greedy_row(&p.raw_sum, shape, false), false),
         Algo::JointConstruct => (joint::construct_only(&p), false),
+        Algo::MultiEpisodeLpt => (lpt::lpt_row(&p), false),
         Algo::Joint => {
             let r = joint::plan_layer(&p, shape, prev_row.is_some());
+            // A finished search bounds the optimum from below, whatever row is kept later.
+            search_bound = r.proven_gap.map(|t| p.episode_par(&r.row) / (1.0 + t));
             (r.row, r.optimal)
         }
         Algo::Incremental => {
@@ -366,8 +413,27 @@ fn plan_one(
             (st.row, false)
         }
     };
+    // Node-aware polish (joint, several nodes): spread replicas over nodes for at most
+    // `node_slack` (default `min_improvement / 2`) of F.
+    let spread = |row: Vec<usize>, optimal: &mut bool| -> Vec<usize> {
+        if algo != Algo::Joint || shape.num_nodes <= 1 {
+            return row;
+        }
+        let before = p.episode_par(&row);
+        let out = polish::spread_over_nodes(
+            &p,
+            row,
+            shape.num_nodes,
+            before * (1.0 + req.node_slack.unwrap_or(req.min_improvement / 2.0)),
+        );
+        *optimal = *optimal && p.episode_par(&out) <= before + 1e-12;
+        out
+    };
+    if prev_row.is_none() {
+        row = spread(row, &mut optimal);
+    }
     if let Some(prev) = prev_row {
-        if algo == Algo::JointConstruct {
+        if matches!(algo, Algo::JointConstruct | Algo::MultiEpisodeLpt) {
             row = matching::align(&row, prev, shape.num_ranks, None);
         }
         if algo == Algo::Joint {
@@ -390,8 +456,9 @@ fn plan_one(
         if algo == Algo::Joint {
             // Undo changes worth less than half of `min_improvement` in total.
             let before = p.episode_par(&row);
-            row = problem::revert_towards(&p, row, prev, req.min_improvement / 2.0);
+            row = polish::revert_towards(&p, row, prev, req.min_improvement / 2.0);
             optimal = optimal && p.episode_par(&row) <= before + 1e-12;
+            row = spread(row, &mut optimal);
         }
         let moved = row.iter().zip(prev).filter(|(a, b)| a != b).count();
         if let Some(m) = req.max_moves
@@ -420,9 +487,15 @@ fn plan_one(
             }
         }
     }
+    let objective = p.episode_par(&row);
     LayerOut {
-        objective: p.episode_par(&row),
-        lower_bound: (algo == Algo::Joint).then(|| p.lower_bound()),
+        objective,
+        lower_bound: (algo == Algo::Joint).then(|| {
+            p.lower_bound()
+                .max(search_bound.unwrap_or(0.0))
+                .min(objective)
+        }),
+        proven_gap: search_bound.map(|b| (objective / b - 1.0).max(0.0)),
         row,
         optimal,
     }
@@ -522,8 +595,8 @@ fn run(req: &PlanRequest<'_>, algo: Algo, name: &str) -> Result<Plan> {
         if req.previous.is_some() {
             slots_moved += moved;
         }
-        let (objective, lower_bound, optimal) = match &outs[l] {
-            Some(o) => (o.objective, o.lower_bound, o.optimal),
+        let (objective, lower_bound, optimal, proven_gap) = match &outs[l] {
+            Some(o) => (o.objective, o.lower_bound, o.optimal, o.proven_gap),
             None => {
                 let rows = h.layer(l);
                 let p = Problem::new(
@@ -533,7 +606,7 @@ fn run(req: &PlanRequest<'_>, algo: Algo, name: &str) -> Result<Plan> {
                     recency_for(req, algo),
                     shape.max_replicas(),
                 );
-                (p.episode_par(&placement.phy2log[l]), None, false)
+                (p.episode_par(&placement.phy2log[l]), None, false, None)
             }
         };
         layers.push(LayerPlan {
@@ -545,6 +618,7 @@ fn run(req: &PlanRequest<'_>, algo: Algo, name: &str) -> Result<Plan> {
             objective,
             lower_bound,
             optimal,
+            proven_gap,
             slots_moved: if req.previous.is_some() { moved } else { 0 },
         });
     }

@@ -1,0 +1,404 @@
+//! Exact branch-and-bound for one layer: replica counts and placement decided together.
+//!
+//! Experts are taken heaviest first (by their episode-weighted load). At each node the search
+//! chooses, for the next expert, its replica count `c` and the `c` ranks that receive its
+//! replicas, so every rank load is final as soon as it is written and bounds are exact.
+//!
+//! * Symmetry: ranks in the same state (same loads in every episode, same free slots) are
+//!   interchangeable, so within such a class only one canonical distribution is tried (the
+//!   first members get the most replicas). At the root every rank is in one class.
+//! * Bound (per episode, summed with the episode weights; a lower bound on the objective
+//!   `F = sum_w weight_w * max_r load_{w,r}` of every completion):
+//!   the larger of (a) the heaviest rank so far, (b) the water level: the load still to place
+//!   poured into the ranks that still have free slots, (c) per open rank, its load plus its
+//!   free slots filled with the smallest replicas the remaining experts can have, and (d) the
+//!   same for the k heaviest open ranks together (their mean), for every k.
+//! * Feasibility: every slot must be filled and (unless forced) no rank holds an expert twice,
+//!   so a rank can never have more free slots than there are experts left.
+//! * Seeded with the heuristic's objective; finishing within the node budget proves the
+//!   incumbent optimal.
+
+use super::problem::Problem;
+
+/// Node budget of one layer's exact search (about half a second on the slowest instances of
+/// the sweep in docs/benchmarks/eplb.md). Instances that need more are reported as not proven:
+/// near-perfect partitions (optimum within 0.1% of the mean bound) with 4-16 ranks and 12-16
+/// experts are the hard ones.
+pub(crate) const EXACT_NODES: usize = 1_000_000;
+
+/// The node budget for a problem: a node costs time in proportion to the episodes, so the
+/// budget shrinks with them (1 episode: [`EXACT_NODES`]; 4: 40%; 8: 22%).
+pub(crate) fn budget(p: &Problem) -> usize {
+    EXACT_NODES * 2 / (p.w + 1)
+}
+
+/// Outcome of the exact search.
+pub(crate) struct ExactResult {
+    /// A placement strictly better than the seed objective, if one exists.
+    pub row: Option<Vec<usize>>,
+    /// The search finished: nothing is better than the returned row (or than the seed) by
+    /// more than the tolerance.
+    pub proven: bool,
+}
+
+/// Whether the exact search is tried on a layer of this size.
+pub(crate) fn eligible(p: &Problem) -> bool {
+    !p.empty && p.e <= 24 && p.slots() <= 48
+}
+
+struct Search<'p> {
+    p: &'p Problem,
+    /// Experts, heaviest first.
+    order: Vec<usize>,
+    /// `rest[i * w + k]`: load of experts `order[i..]` in episode `k`.
+    rest: Vec<f64>,
+    /// Replica count suggested by water-filling, per position in `order`.
+    hint: Vec<usize>,
+    loads: Vec<f64>,
+    /// Copies of `loads` before each expert's replicas were added (one per depth).
+    saved: Vec<f64>,
+    free: Vec<usize>,
+    /// Per rank, the experts placed on it.
+    packs: Vec<Vec<usize>>,
+    /// Only placements below this are searched for: the incumbent's objective divided by
+    /// `1 + tolerance` (less a rounding margin).
+    cut: f64,
+    tolerance: f64,
+    best_row: Option<Vec<usize>>,
+    nodes: usize,
+    budget: usize,
+    aborted: bool,
+    scratch: Vec<f64>,
+    small: Vec<f64>,
+    prefix: Vec<f64>,
+    open: Vec<(f64, usize)>,
+}
+
+/// Runs the exact search on `p`, looking for a placement with objective below `seed_f`. With
+/// `tolerance > 0` only placements better by more than that factor are searched for, so a
+/// finished search proves the incumbent within `tolerance` (relative) of the optimum.
+pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize, tolerance: f64) -> ExactResult {
+    let w = p.w;
+    let mut order: Vec<usize> = (0..p.e).collect();
+    order.sort_by(|&a, &b| p.agg[b].total_cmp(&p.agg[a]).then(a.cmp(&b)));
+    let mut rest = vec![0.0; (p.e + 1) * w];
+    for i in (0..p.e).rev() {
+        for k in 0..w {
+            rest[i * w + k] = rest[(i + 1) * w + k] + p.x[order[i] * w + k];
+        }
+    }
+    let wf = super::problem::water_fill(&p.agg, p.slots(), p.max_rep);
+    let hint = order.iter().map(|&e| wf[e]).collect();
+    let mut s = Search {
+        p,
+        order,
+        rest,
+        hint,
+        loads: vec![0.0; p.g * w],
+        saved: vec![0.0; p.e * p.g * w],
+        free: vec![p.s; p.g],
+        packs: vec![Vec::with_capacity(p.s); p.g],
+        cut: seed_f / (1.0 + tolerance) - 1e-9,
+        tolerance,
+        best_row: None,
+        nodes: 0,
+        budget,
+        aborted: false,
+        scratch: Vec::with_capacity(p.g),
+        small: Vec::with_capacity(p.e),
+        prefix: Vec::with_capacity(p.slots() + 1),
+        open: Vec::with_capacity(p.g),
+    };
+    s.expert(0);
+    ExactResult {
+        row: s.best_row,
+        proven: !s.aborted,
+    }
+}
+
+impl Search<'_> {
+    /// Lower bound of every completion of the current partial placement, where experts
+    /// `order[i..]` are still to be placed.
+    fn bound(&mut self, i: usize) -> f64 {
+        let p = self.p;
+        let w = p.w;
+        let left = p.e - i;
+        let free_slots: usize = self.free.iter().sum();
+        let cmax = if left == 0 {
+            1
+        } else {
+            let c = free_slots + 1 - left;
+            if p.dup_ok { c } else { c.min(p.g) }.min(p.max_rep).max(1)
+        };
+        let mut total = 0.0;
+        for k in 0..w {
+            if p.omega[k] == 0.0 {
+                continue;
+            }
+            let mut m = f64::NEG_INFINITY;
+            self.scratch.clear();
+            for r in 0..p.g {
+                let l = self.loads[r * w + k];
+                m = m.max(l);
+                if self.free[r] > 0 {
+                    self.scratch.push(l);
+                }
+            }
+            if left > 0 {
+                self.scratch.sort_by(f64::total_cmp);
+                // (c) every open rank receives exactly its free slots' worth of replicas of
+                // distinct remaining experts, each at least that expert's load / cmax.
+                self.small.clear();
+                for j in i..p.e {
+                    self.small.push(p.x[self.order[j] * w + k] / cmax as f64);
+                }
+                self.small.sort_by(f64::total_cmp);
+                for r in 0..p.g {
+                    let f = self.free[r];
+                    if f == 0 {
+                        continue;
+                    }
+                    let fill: f64 = if p.dup_ok {
+                        self.small[0] * f as f64
+                    } else {
+                        self.small[..f.min(self.small.len())].iter().sum()
+                    };
+                    m = m.max(self.loads[r * w + k] + fill);
+                }
+                // (d) the k heaviest open ranks together receive their free slots' worth of
+                // replicas, at least the smallest that many can weigh (one per remaining expert
+                // at load / cmax, the rest copies of the smallest): their mean final load.
+                let extra = free_slots - left;
+                self.prefix.clear();
+                self.prefix.push(0.0);
+                let mut acc = 0.0;
+                for _ in 0..extra {
+                    acc += self.small[0];
+                    self.prefix.push(acc);
+                }
+                for &v in &self.small {
+                    acc += v;
+                    self.prefix.push(acc);
+                }
+                self.open.clear();
+                self.open.extend(
+                    (0..p.g)
+                        .filter(|&r| self.free[r] > 0)
+                        .map(|r| (self.loads[r * w + k], self.free[r])),
+                );
+                self.open.sort_by(|a, b| b.0.total_cmp(&a.0));
+                let (mut sum_l, mut sum_f) = (0.0, 0usize);
+                for (idx, &(l, f)) in self.open.iter().enumerate() {
+                    sum_l += l;
+                    sum_f += f;
+                    m = m.max((sum_l + self.prefix[sum_f]) / (idx + 1) as f64);
+                }
+                // (b) water level of the remaining load over the open ranks.
+                let remaining = self.rest[i * w + k];
+                let n = self.scratch.len();
+                let mut prefix = 0.0;
+                let mut level = f64::INFINITY;
+                for j in 0..n {
+                    prefix += self.scratch[j];
+                    let h = (prefix + remaining) / (j + 1) as f64;
+                    if j + 1 == n || h <= self.scratch[j + 1] {
+                        level = h;
+                        break;
+                    }
+                }
+                m = m.max(level);
+            }
+            total += p.omega[k] * m;
+        }
+        total
+    }
+
+    fn expert(&mut self, i: usize) {
+        if self.aborted {
+            return;
+        }
+        self.nodes += 1;
+        if self.nodes > self.budget {
+            self.aborted = true;
+            return;
+        }
+        let p = self.p;
+        let left = p.e - i;
+        let free_slots: usize = self.free.iter().sum();
+        if left == 0 {
+            let f = self.bound(i);
+            if f < self.cut && free_slots == 0 {
+                self.cut = f / (1.0 + self.tolerance) - 1e-9;
+                let mut row = Vec::with_capacity(p.slots());
+                for pack in &self.packs {
+                    row.extend_from_slice(pack);
+                }
+                self.best_row = Some(row);
+            }
+            return;
+        }
+        // Without forced duplicates every remaining expert puts at most one replica per rank.
+        if !p.dup_ok && self.free.iter().any(|&f| f > left) {
+            return;
+        }
+        if self.bound(i) >= self.cut {
+            return;
+        }
+        let cmax = {
+            let c = free_slots + 1 - left;
+            if p.dup_ok { c } else { c.min(p.g) }.min(p.max_rep)
+        };
+        let cmin = if left == 1 { free_slots } else { 1 };
+        if cmin > cmax {
+            return;
+        }
+        // Counts nearest the water-filling suggestion first.
+        let hint = self.hint[i].clamp(cmin, cmax);
+        let mut counts: Vec<usize> = (cmin..=cmax).collect();
+        counts.sort_by_key(|&c| (c.abs_diff(hint), std::cmp::Reverse(c)));
+        let classes = self.classes();
+        let mut take = vec![0usize; p.g];
+        for c in counts {
+            self.distribute(i, c, &classes, 0, &mut take);
+            if self.aborted {
+                return;
+            }
+        }
+    }
+
+    /// Open ranks grouped into classes of identical state, lightest class first.
+    fn classes(&self) -> Vec<Vec<usize>> {
+        let p = self.p;
+        let w = p.w;
+        let mut open: Vec<usize> = (0..p.g).filter(|&r| self.free[r] > 0).collect();
+        let key = |r: usize| -> f64 {
+            (0..w)
+                .map(|k| p.omega[k] * self.loads[r * w + k])
+                .sum::<f64>()
+        };
+        open.sort_by(|&a, &b| key(a).total_cmp(&key(b)).then(a.cmp(&b)));
+        let mut classes: Vec<Vec<usize>> = Vec::new();
+        for r in open {
+            let same = |q: usize| {
+                self.free[q] == self.free[r]
+                    && self.loads[q * w..q * w + w] == self.loads[r * w..r * w + w]
+            };
+            match classes.iter_mut().find(|c| same(c[0])) {
+                Some(c) => c.push(r),
+                None => classes.push(vec![r]),
+            }
+        }
+        classes
+    }
+
+    /// Spreads `c` replicas of expert `order[i]` over the classes from `ci` on (canonical:
+    /// inside a class, non-increasing per member), then recurses to the next expert.
+    fn distribute(
+        &mut self,
+        i: usize,
+        c: usize,
+        classes: &[Vec<usize>],
+        ci: usize,
+        take: &mut Vec<usize>,
+    ) {
+        if self.aborted {
+            return;
+        }
+        if c == 0 {
+            // Loads are restored from a copy, not by subtraction, so that equal rank states
+            // stay bit-identical (the symmetry classes compare them exactly).
+            let n = self.loads.len();
+            self.saved[i * n..(i + 1) * n].copy_from_slice(&self.loads);
+            self.apply(i, take, true);
+            self.expert(i + 1);
+            self.apply(i, take, false);
+            let (loads, saved) = (&mut self.loads, &self.saved);
+            loads.copy_from_slice(&saved[i * n..(i + 1) * n]);
+            return;
+        }
+        if ci == classes.len() {
+            return;
+        }
+        let p = self.p;
+        let class = &classes[ci];
+        let per = if p.dup_ok { self.free[class[0]] } else { 1 };
+        let room: usize =
+            per * class.len() + classes[ci + 1..].iter().map(|c| c.len()).sum::<usize>() * p.s;
+        if room < c {
+            return;
+        }
+        let most = c.min(per * class.len());
+        // Heaviest share to the lightest class first: the first solution is LPT-like.
+        for t in (0..=most).rev() {
+            self.split(i, c - t, t, per, classes, ci, 0, t, take);
+            if self.aborted {
+                return;
+            }
+        }
+    }
+
+    /// Inside class `ci`, gives member `mi` on a non-increasing share of the `t` replicas
+    /// (each at most `cap` and at most `per`), then moves on to the next class with `rest_c`.
+    #[allow(clippy::too_many_arguments)]
+    fn split(
+        &mut self,
+        i: usize,
+        rest_c: usize,
+        t: usize,
+        per: usize,
+        classes: &[Vec<usize>],
+        ci: usize,
+        mi: usize,
+        cap: usize,
+        take: &mut Vec<usize>,
+    ) {
+        let class = &classes[ci];
+        if t == 0 {
+            self.distribute(i, rest_c, classes, ci + 1, take);
+            return;
+        }
+        if mi == class.len() {
+            return;
+        }
+        let members_left = class.len() - mi;
+        let hi = t.min(per).min(cap);
+        for m in (1..=hi).rev() {
+            if m * members_left < t {
+                break;
+            }
+            take[class[mi]] = m;
+            self.split(i, rest_c, t - m, per, classes, ci, mi + 1, m, take);
+            take[class[mi]] = 0;
+            if self.aborted {
+                return;
+            }
+        }
+    }
+
+    /// Places (`add`) or takes back the replicas of `order[i]` given by `take` (loads are
+    /// restored by the caller).
+    fn apply(&mut self, i: usize, take: &[usize], add: bool) {
+        let p = self.p;
+        let w = p.w;
+        let e = self.order[i];
+        let c: usize = take.iter().sum();
+        for (r, &m) in take.iter().enumerate() {
+            if m == 0 {
+                continue;
+            }
+            if add {
+                for k in 0..w {
+                    self.loads[r * w + k] += m as f64 * p.x[e * w + k] / c as f64;
+                }
+                self.free[r] -= m;
+                for _ in 0..m {
+                    self.packs[r].push(e);
+                }
+            } else {
+                self.free[r] += m;
+                let n = self.packs[r].len();
+                self.packs[r].truncate(n - m);
+            }
+        }
+    }
+}
