@@ -44,6 +44,9 @@ struct Args {
     /// Identity in the Lease (default: the pod name, else the host name and process id).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// How long a follower waits after the last change it saw to the Lease before taking
+    /// over (at least 3). The leader stops acting when it has not renewed for 2/3 of it, and
+    /// renews every 2/15 of it (client-go's 15 s, 10 s and 2 s by default).
     #[arg(long, default_value = "15")]
     lease_duration_seconds: u64,
     /// Timeout of each request to a worker rank, in seconds.
@@ -129,14 +132,12 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let lease_duration = Duration::from_secs(args.lease_duration_seconds.max(3));
-    let elector = LeaderElector {
-        api: Api::<Lease>::namespaced(client, &args.lease_namespace),
-        lease_name: args.lease_name.clone(),
+    let elector = LeaderElector::new(
+        Api::<Lease>::namespaced(client, &args.lease_namespace),
+        args.lease_name.clone(),
         identity,
         lease_duration,
-        renew_interval: lease_duration / 3,
-        retry_interval: lease_duration / 5,
-    };
+    );
     tokio::select! {
         _ = elector.acquire() => {}
         _ = tokio::signal::ctrl_c() => return Ok(()),

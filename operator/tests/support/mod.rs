@@ -31,6 +31,8 @@ pub struct FakeApi {
     pub objects: Arc<Mutex<BTreeMap<String, Value>>>,
     pub log: Arc<Mutex<Vec<Seen>>>,
     rv: Arc<Mutex<u64>>,
+    /// While set, requests are never answered (a hung API server).
+    pub hang: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
@@ -165,6 +167,9 @@ impl FakeApi {
             Some(p) if p.contains("/moedeployments/") => (p.to_string(), true),
             _ => (path, false),
         };
+        if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
+            return std::future::pending().await;
+        }
         let mut objects = self.objects.lock().unwrap();
         match method {
             Method::GET if is_collection(&path) => {
@@ -230,6 +235,17 @@ impl FakeApi {
                 ok(StatusCode::CREATED, &new)
             }
             Method::PUT => {
+                // Optimistic concurrency as the API server does it: a replace that carries a
+                // resourceVersion other than the stored one is a 409.
+                if let (Some(sent), Some(stored)) = (
+                    body["metadata"]["resourceVersion"].as_str(),
+                    objects
+                        .get(&path)
+                        .and_then(|o| o["metadata"]["resourceVersion"].as_str()),
+                ) && sent != stored
+                {
+                    return status(409, "Conflict", "the object has been modified");
+                }
                 let mut new = body.clone();
                 new["metadata"]["resourceVersion"] = Value::String(self.next_rv());
                 objects.insert(path, new.clone());
