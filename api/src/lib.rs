@@ -285,7 +285,18 @@ impl LoadReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
     pub error: String,
+    /// For a 409 to `POST /v1/remap`, what kind of conflict: [`CONFLICT_DIVERGED`] or
+    /// [`CONFLICT_BUSY`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
+
+/// 409 reason: the rank serves or accepted a different placement under this generation number
+/// or a newer one, so it cannot converge on the one requested. Someone else drove it (a split
+/// leadership); the committed placement decides and the group must be restarted into it.
+pub const CONFLICT_DIVERGED: &str = "Diverged";
+/// 409 reason: another remap is in progress on this rank; ask again when it finishes.
+pub const CONFLICT_BUSY: &str = "Busy";
 
 #[cfg(test)]
 mod tests {

@@ -1274,13 +1274,39 @@ async fn remap_step(
         };
         for &i in &progress.needs_request {
             let Some(ep) = endpoints.get(i) else { continue };
-            if let Err(e) = ctx.workers.remap(ep, token, &request).await
-                && !e.is_conflict()
-            {
-                out.problems.push(Problem::new(
+            match ctx.workers.remap(ep, token, &request).await {
+                Ok(()) => {}
+                // The rank holds another placement under this generation number or a newer
+                // one: the committed ConfigMap decides, so the group restarts into it (every
+                // rank then serves exactly the committed document).
+                Err(e) if e.is_diverged() => {
+                    st.remap = None;
+                    out.restart_group = Some(format!(
+                        "rank {} diverged from the committed placement generation {target}: {e}",
+                        ep.rank
+                    ));
+                    out.view = RemapView::Idle {
+                        reason: "RemapConflict".into(),
+                        message: format!("rank {}: {e}", ep.rank),
+                    };
+                    out.fast_requeue = true;
+                    pending.event(
+                        EventType::Warning,
+                        "RemapConflict",
+                        "Remap",
+                        format!(
+                            "rank {} refused placement generation {target} as diverged ({e}); restarting the group into the committed placement",
+                            ep.rank
+                        ),
+                    );
+                    return Ok(out);
+                }
+                // Busy: another remap is finishing on that rank; asked again next poll.
+                Err(e) if e.is_conflict() => {}
+                Err(e) => out.problems.push(Problem::new(
                     "WorkersUnreachable",
                     format!("rank {}: {e}", ep.rank),
-                ));
+                )),
             }
         }
         out.view = RemapView::Running {
@@ -1510,19 +1536,41 @@ async fn remap_step(
         .filter_map(|&l| predicted.iter().find(|(x, _)| *x == l).map(|p| p.1))
         .fold(1.0f64, f64::max);
 
-    // Persist first: a restarted group or operator resumes from the ConfigMap.
-    let cm = resources::placement_configmap(
+    // Persist first: a restarted group or operator resumes from the ConfigMap. Only over the
+    // generation this plan started from, guarded by the ConfigMap's resourceVersion: were a
+    // second operator (a split leadership) to commit a generation meanwhile, this write fails
+    // instead of giving one generation number two placements.
+    let cms = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns);
+    let cm_name = Names::new(name).configmap;
+    let live = cms.get_opt(&cm_name).await?;
+    let live_generation = live.as_ref().and_then(parse_document).map(|d| d.generation);
+    let changed = |found: String| RemapView::Idle {
+        reason: "PlacementChanged".into(),
+        message: format!(
+            "the committed placement changed while planning ({found}; the plan started from generation {target}): planning again"
+        ),
+    };
+    if live_generation != Some(target) {
+        out.view = changed(format!("now generation {live_generation:?}"));
+        out.fast_requeue = true;
+        return Ok(out);
+    }
+    let mut cm = resources::placement_configmap(
         r,
         &next,
         w.source_label,
         st.last_handled_remap_request.as_deref(),
     )?;
-    apply(
-        &Api::<ConfigMap>::namespaced(ctx.client.clone(), ns),
-        &Names::new(name).configmap,
-        &cm,
-    )
-    .await?;
+    cm.metadata.resource_version = live.and_then(|c| c.metadata.resource_version);
+    match apply(&cms, &cm_name, &cm).await {
+        Ok(_) => {}
+        Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => {
+            out.view = changed(format!("written by someone else: {}", e.message));
+            out.fast_requeue = true;
+            return Ok(out);
+        }
+        Err(e) => return Err(e),
+    }
     if let Some(p) = st.placement.as_mut() {
         p.desired_generation = generation;
     }

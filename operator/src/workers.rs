@@ -16,6 +16,8 @@ pub enum WorkerError {
         url: String,
         status: u16,
         message: String,
+        /// The worker's machine-readable reason (409: `Diverged` or `Busy`).
+        reason: Option<String>,
     },
     #[error("{url} answered with a body that does not parse: {message}")]
     Body { url: String, message: String },
@@ -25,6 +27,12 @@ impl WorkerError {
     /// 409: the worker refused an older generation than it serves or moves to.
     pub fn is_conflict(&self) -> bool {
         matches!(self, WorkerError::Status { status: 409, .. })
+    }
+
+    /// 409 `Diverged`: the rank serves or accepted another placement under this generation
+    /// number or a newer one (someone else drove it); it cannot converge on the request.
+    pub fn is_diverged(&self) -> bool {
+        matches!(self, WorkerError::Status { status: 409, reason: Some(r), .. } if r == moe_api::CONFLICT_DIVERGED)
     }
 }
 
@@ -114,13 +122,18 @@ async fn decode<T: serde::de::DeserializeOwned>(
         message: e.to_string(),
     })?;
     if !status.is_success() {
-        let message = serde_json::from_slice::<ApiError>(&bytes)
-            .map(|e| e.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(200).collect());
+        let (message, reason) = match serde_json::from_slice::<ApiError>(&bytes) {
+            Ok(e) => (e.error, e.reason),
+            Err(_) => (
+                String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+                None,
+            ),
+        };
         return Err(WorkerError::Status {
             url,
             status: status.as_u16(),
             message,
+            reason,
         });
     }
     serde_json::from_slice(&bytes).map_err(|e| WorkerError::Body {

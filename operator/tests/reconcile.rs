@@ -494,6 +494,30 @@ async fn failed_remap_restarts_the_group_into_the_committed_placement() {
     assert_eq!(h.condition("Rebalancing")["reason"], "RemapFailed");
 }
 
+/// A rank that answers 409 `Diverged` (it holds another placement under that generation, as
+/// when a second operator drove it) is not ignored: the group restarts into the committed
+/// placement, with a RemapConflict event.
+#[tokio::test]
+async fn a_diverged_rank_restarts_the_group_into_the_committed_placement() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    let mut cm = h.api.get(CM).unwrap();
+    let mut doc = h.placement();
+    doc.generation = 1;
+    cm["data"]["placement.json"] = json!(serde_json::to_string(&doc).unwrap());
+    h.api.put(CM, cm);
+    h.workers.state.lock().unwrap().diverged = true;
+    h.reconcile().await;
+    assert_eq!(h.condition("Rebalancing")["reason"], "RemapConflict");
+    assert_eq!(h.api.count(Method::DELETE, "/pods/"), 2, "group restarted");
+    assert!(
+        events(&h).iter().any(|(r, _)| r == "RemapConflict"),
+        "{:?}",
+        events(&h)
+    );
+}
+
 /// Skewed load on 2 ranks: layer 0 puts all traffic on rank 0's experts.
 fn skewed() -> Vec<Vec<f64>> {
     // RoundRobin with 8 experts on 2 ranks: rank 0 holds 0,2,4,6 and rank 1 holds 1,3,5,7.

@@ -26,7 +26,26 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 fn error(code: StatusCode, msg: impl Into<String>) -> Response {
-    (code, Json(ApiError { error: msg.into() })).into_response()
+    (
+        code,
+        Json(ApiError {
+            error: msg.into(),
+            reason: None,
+        }),
+    )
+        .into_response()
+}
+
+/// 409 with the machine-readable kind of conflict.
+fn conflict(reason: &str, msg: String) -> Response {
+    (
+        StatusCode::CONFLICT,
+        Json(ApiError {
+            error: msg,
+            reason: Some(reason.into()),
+        }),
+    )
+        .into_response()
 }
 
 async fn healthz() -> &'static str {
@@ -135,6 +154,7 @@ fn authorize(s: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
                 [(header::WWW_AUTHENTICATE, AUTH_SCHEME)],
                 Json(ApiError {
                     error: "missing `Authorization: Bearer <token>`".into(),
+                    reason: None,
                 }),
             )
                 .into_response(),
@@ -162,7 +182,8 @@ async fn remap(
     match s.submit_remap(req) {
         Ok(p) => (StatusCode::ACCEPTED, Json(p)).into_response(),
         Err(Refusal::Malformed(m)) => error(StatusCode::BAD_REQUEST, m),
-        Err(Refusal::Conflict(m)) => error(StatusCode::CONFLICT, m),
+        Err(Refusal::Diverged(m)) => conflict(moe_api::CONFLICT_DIVERGED, m),
+        Err(Refusal::Busy(m)) => conflict(moe_api::CONFLICT_BUSY, m),
         Err(Refusal::NotReady(m)) => error(StatusCode::SERVICE_UNAVAILABLE, m),
     }
 }

@@ -68,7 +68,10 @@ pub enum Refusal {
     /// 400: the request is malformed or does not fit the model.
     Malformed(String),
     /// 409: stale generation, or another remap is in progress.
-    Conflict(String),
+    /// 409: the rank diverged from the requested placement (stale or different generation).
+    Diverged(String),
+    /// 409: another remap is in progress; retry when it finishes.
+    Busy(String),
     /// 503: the group has not formed yet.
     NotReady(String),
 }
@@ -189,7 +192,7 @@ impl Shared {
                 && a.placement.generation == generation
                 && (a.placement.phy2log != req.placement.phy2log || a.mode != req.mode)
             {
-                return Err(Refusal::Conflict(format!(
+                return Err(Refusal::Diverged(format!(
                     "generation {generation} was already accepted with a different placement or mode"
                 )));
             }
@@ -212,7 +215,7 @@ impl Shared {
             });
         }
         if generation <= current.generation {
-            return Err(Refusal::Conflict(format!(
+            return Err(Refusal::Diverged(format!(
                 "generation {generation} is stale: this rank serves generation {}",
                 current.generation
             )));
@@ -221,13 +224,13 @@ impl Shared {
             && p.state == RemapState::Running
         {
             if p.generation > generation {
-                return Err(Refusal::Conflict(format!(
+                return Err(Refusal::Diverged(format!(
                     "generation {generation} is stale: a remap to generation {} was accepted",
                     p.generation
                 )));
             }
             if st.active {
-                return Err(Refusal::Conflict(format!(
+                return Err(Refusal::Busy(format!(
                     "a remap to generation {} is in progress; retry when it finishes",
                     p.generation
                 )));
@@ -237,7 +240,7 @@ impl Shared {
             && p.state != RemapState::Running
             && p.generation > generation
         {
-            return Err(Refusal::Conflict(format!(
+            return Err(Refusal::Diverged(format!(
                 "generation {generation} is stale: generation {} was already accepted",
                 p.generation
             )));

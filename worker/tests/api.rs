@@ -160,8 +160,9 @@ async fn endpoints_and_remap_admission() {
     // The current generation with another placement: 409.
     let mut clash = next.clone();
     clash.generation = 0;
-    let (code, _) = post_remap(&url, Some(TOKEN), request(&clash, RemapMode::Async)).await;
+    let (code, v) = post_remap(&url, Some(TOKEN), request(&clash, RemapMode::Async)).await;
     assert_eq!(code, 409);
+    assert_eq!(v["reason"], moe_api::CONFLICT_DIVERGED, "{v}");
 
     // 202, then the same generation again is idempotent (202, same generation).
     let (code, v) = post_remap(&url, Some(TOKEN), request(&next, RemapMode::Async)).await;
@@ -174,6 +175,7 @@ async fn endpoints_and_remap_admission() {
     other.phy2log[1] = vec![1, 0, 3, 2];
     let (code, v) = post_remap(&url, Some(TOKEN), request(&other, RemapMode::Async)).await;
     assert_eq!(code, 409, "{v}");
+    assert_eq!(v["reason"], moe_api::CONFLICT_DIVERGED, "{v}");
     let s = wait_generation(&g, 1).await;
     assert_eq!(s.layer_generations, vec![1, 1]);
     let p = s.remap.unwrap();

@@ -274,6 +274,9 @@ pub struct WorkersState {
     pub remaps: Vec<(usize, String, RemapRequest)>,
     pub auto_complete: bool,
     pub fail_remap: bool,
+    /// Answer remaps with 409 `Diverged` (the rank holds another placement under that
+    /// generation, as when a second operator drove it).
+    pub diverged: bool,
     pub unreachable: bool,
 }
 
@@ -369,6 +372,15 @@ impl WorkerApi for FakeWorkers {
             let mut st = self.state.lock().unwrap();
             st.remaps
                 .push((ep.rank, token.to_string(), request.clone()));
+            if st.diverged {
+                return Err(WorkerError::Status {
+                    url: format!("{}/v1/remap", ep.base_url),
+                    status: 409,
+                    message: "generation 1 was already accepted with a different placement or mode"
+                        .into(),
+                    reason: Some(moe_api::CONFLICT_DIVERGED.into()),
+                });
+            }
             let (auto, fail) = (st.auto_complete, st.fail_remap);
             let Some(s) = st.statuses.get_mut(&ep.rank) else {
                 return Err(unreachable(ep));
