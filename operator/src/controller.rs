@@ -417,6 +417,15 @@ fn pod_hash(pod: &Pod) -> Option<&str> {
         .map(String::as_str)
 }
 
+/// Whether a pod was made for another spec than `desired` (its spec-hash annotation). A pod
+/// without one (made by an operator release before spec hashes) is taken as current: an
+/// upgrade must not restart running groups.
+fn pod_spec_stale(pod: &Pod, desired: &str) -> bool {
+    pod.annotations()
+        .get(resources::SPEC_HASH_ANNOTATION)
+        .is_some_and(|h| h != desired)
+}
+
 /// Container restarts of a pod (all containers).
 fn pod_restarts(pod: &Pod) -> u32 {
     pod.status
@@ -573,6 +582,10 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
         owner,
         redundant_experts: redundant,
         defaults: ctx.settings.worker_defaults.clone(),
+        rollout: moed
+            .annotations()
+            .get(resources::ROLLOUT_ANNOTATION)
+            .cloned(),
     };
 
     // 2. The committed placement.
@@ -729,7 +742,10 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     )
     .await?;
     let sts = resources::statefulset(&resolved, spec);
-    let desired_hash = resources::desired_group_hash(&sts).unwrap_or_default();
+    // The spec hash decides restarts; the template hash only says whether pods run the
+    // operator's current template (its defaults may have changed since they were made).
+    let desired_hash = resources::desired_spec_hash(&sts).unwrap_or_default();
+    let desired_template = resources::desired_group_hash(&sts).unwrap_or_default();
     apply(
         &Api::<StatefulSet>::namespaced(client.clone(), &ns),
         &names.statefulset,
@@ -751,7 +767,7 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     let stale: Vec<&Pod> = live
         .iter()
         .copied()
-        .filter(|p| pod_hash(p) != Some(desired_hash.as_str()))
+        .filter(|p| pod_spec_stale(p, &desired_hash))
         .collect();
     let terminating = pods.len() > live.len();
     let now = Timestamp::now();
@@ -764,8 +780,28 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     let mut current: Vec<&Pod> = live
         .iter()
         .copied()
-        .filter(|p| pod_hash(p) == Some(desired_hash.as_str()))
+        .filter(|p| !pod_spec_stale(p, &desired_hash))
         .collect();
+    // Pods of the current spec on an older template: reported, applied on request or at the
+    // group's next own restart.
+    let outdated = current
+        .iter()
+        .filter(|p| pod_hash(p) != Some(desired_template.as_str()))
+        .count();
+    st.outdated_template = (outdated > 0).then(|| {
+        format!(
+            "{outdated} pod(s) run an older pod template than the operator's current one ({desired_template}: its defaults changed, e.g. the worker image); it applies at the group's next restart, or now by changing the annotation {} on this MoEDeployment",
+            resources::ROLLOUT_ANNOTATION
+        )
+    });
+    if st.outdated_template.is_some() && old.outdated_template.is_none() {
+        pending.event(
+            EventType::Normal,
+            "TemplateOutdated",
+            "Observe",
+            st.outdated_template.clone().unwrap_or_default(),
+        );
+    }
     let mut group = GroupCtx {
         api: &pods_api,
         ns: &ns,

@@ -809,9 +809,15 @@ pub struct MoEDeploymentStatus {
     /// The `spec.remapRequest` value the operator last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_remap_request: Option<String>,
-    /// Hash of the fields whose change restarts the whole group (shape, EP size, image...).
+    /// Hash of the spec fields whose change restarts the whole group (shape, EP size, image,
+    /// the rollout annotation...); the operator's own defaults are not part of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_hash: Option<String>,
+    /// Set while pods run an older pod template than the operator's current one (its defaults
+    /// changed, e.g. after an upgrade): running groups are not restarted for that; this says
+    /// so, and how to apply it (annotation `moe-operator.github.io/rollout`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outdated_template: Option<String>,
     /// Times the operator restarted the whole group.
     #[serde(default)]
     pub group_restarts: u32,

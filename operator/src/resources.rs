@@ -26,6 +26,13 @@ pub const FIELD_MANAGER: &str = "moe-operator";
 pub const DEPLOYMENT_LABEL: &str = "moe-operator.github.io/deployment";
 /// Pod-template annotation: hash of everything whose change restarts the whole group.
 pub const GROUP_HASH_ANNOTATION: &str = "moe-operator.github.io/group-hash";
+/// On worker pods: hash of what the MoEDeployment's own spec asks of the pods
+/// ([`spec_hash`]). Only a change of this restarts a running group.
+pub const SPEC_HASH_ANNOTATION: &str = "moe-operator.github.io/spec-hash";
+/// On a MoEDeployment: change its value (any string, e.g. a date) to restart the group onto
+/// the operator's current pod template (new default image, probes...), which is otherwise
+/// applied only at the group's next own restart.
+pub const ROLLOUT_ANNOTATION: &str = "moe-operator.github.io/rollout";
 /// ConfigMap annotation: what the committed placement was initialised from.
 pub const PLACEMENT_SOURCE_ANNOTATION: &str = "moe-operator.github.io/placement-source";
 /// ConfigMap annotation: the committed generation (mirrors the document, for `kubectl`).
@@ -89,6 +96,8 @@ pub struct Resolved {
     /// Redundant experts in effect (the spec's, or the smallest valid number).
     pub redundant_experts: u32,
     pub defaults: WorkerDefaults,
+    /// The MoEDeployment's [`ROLLOUT_ANNOTATION`] value.
+    pub rollout: Option<String>,
 }
 
 /// Labels selecting the worker pods of one deployment (stable: the StatefulSet selector).
@@ -527,6 +536,34 @@ fn pod_template(r: &Resolved, spec: &MoEDeploymentSpec) -> PodTemplateSpec {
     }
 }
 
+fn fnv1a(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Hash of what the MoEDeployment's own spec asks of its pods: model, weights, EP group,
+/// worker settings, traffic, the redundant experts in effect and the rollout annotation. Not
+/// the operator's defaults (image, resources, probes, security context), so an operator
+/// upgrade never restarts running groups by itself; nor what applies live (eplb, placement
+/// strategy, remap requests, restart policy). Stable across releases as long as new spec
+/// fields are optional and left out of the JSON when unset.
+pub fn spec_hash(r: &Resolved, spec: &MoEDeploymentSpec) -> String {
+    let v = serde_json::json!({
+        "model": spec.model,
+        "weights": spec.weights,
+        "expertParallel": spec.expert_parallel,
+        "worker": spec.worker,
+        "traffic": spec.traffic,
+        "redundantExperts": r.redundant_experts,
+        "rollout": r.rollout,
+    });
+    fnv1a(&serde_json::to_vec(&v).unwrap_or_default())
+}
+
 /// Hash of the pod template with the fields that apply without a restart blanked out
 /// (the statistics window: workers read it at their next start). Stable across releases
 /// (FNV-1a over the JSON).
@@ -540,13 +577,7 @@ pub fn group_hash(template: &PodTemplateSpec) -> String {
     {
         c.retain(|e| e.name != env::STATS_WINDOW);
     }
-    let json = serde_json::to_vec(&t).unwrap_or_default();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in json {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    fnv1a(&serde_json::to_vec(&t).unwrap_or_default())
 }
 
 /// The worker StatefulSet: one pod per `ranksPerPod` ranks, created and deleted in parallel, updated only when
@@ -556,7 +587,10 @@ pub fn statefulset(r: &Resolved, spec: &MoEDeploymentSpec) -> StatefulSet {
     let mut template = pod_template(r, spec);
     let hash = group_hash(&template);
     if let Some(m) = template.metadata.as_mut() {
-        m.annotations = Some(BTreeMap::from([(GROUP_HASH_ANNOTATION.to_string(), hash)]));
+        m.annotations = Some(BTreeMap::from([
+            (GROUP_HASH_ANNOTATION.to_string(), hash),
+            (SPEC_HASH_ANNOTATION.to_string(), spec_hash(r, spec)),
+        ]));
     }
     StatefulSet {
         metadata: meta(r, &names.statefulset),
@@ -579,8 +613,17 @@ pub fn statefulset(r: &Resolved, spec: &MoEDeploymentSpec) -> StatefulSet {
     }
 }
 
-/// The group hash the desired StatefulSet's pods carry.
+/// The group hash (of the whole template) the desired StatefulSet's pods carry.
 pub fn desired_group_hash(sts: &StatefulSet) -> Option<String> {
+    template_annotation(sts, GROUP_HASH_ANNOTATION)
+}
+
+/// The spec hash the desired StatefulSet's pods carry.
+pub fn desired_spec_hash(sts: &StatefulSet) -> Option<String> {
+    template_annotation(sts, SPEC_HASH_ANNOTATION)
+}
+
+fn template_annotation(sts: &StatefulSet, key: &str) -> Option<String> {
     sts.spec
         .as_ref()?
         .template
@@ -588,7 +631,7 @@ pub fn desired_group_hash(sts: &StatefulSet) -> Option<String> {
         .as_ref()?
         .annotations
         .as_ref()?
-        .get(GROUP_HASH_ANNOTATION)
+        .get(key)
         .cloned()
 }
 
@@ -616,6 +659,7 @@ mod tests {
                 block_owner_deletion: Some(true),
             },
             redundant_experts: 4,
+            rollout: None,
             defaults: WorkerDefaults::default(),
         }
     }
@@ -793,6 +837,38 @@ mod tests {
         let mut image = spec;
         image.worker.image = Some("other:1".into());
         assert_ne!(base, desired_group_hash(&statefulset(&resolved(), &image)));
+    }
+
+    /// The operator's own defaults change the template (and its hash) but not the spec hash,
+    /// which alone restarts groups; the spec's fields and the rollout annotation change both.
+    #[test]
+    fn spec_hash_ignores_operator_defaults_but_not_the_spec_or_a_rollout() {
+        let spec = sample_spec();
+        let hashes = |r: &Resolved, s: &MoEDeploymentSpec| {
+            let sts = statefulset(r, s);
+            (desired_group_hash(&sts), desired_spec_hash(&sts))
+        };
+        let (template, base) = hashes(&resolved(), &spec);
+        assert!(base.is_some());
+        let mut upgraded = resolved();
+        upgraded.defaults.image = Some("ghcr.io/moe-operator/moe-worker:9.9.9".into());
+        let (t2, s2) = hashes(&upgraded, &spec);
+        assert_ne!(
+            template, t2,
+            "the template follows the operator's default image"
+        );
+        assert_eq!(base, s2, "an operator default never restarts the group");
+        let mut rolled = resolved();
+        rolled.rollout = Some("2026-12-05".into());
+        assert_ne!(base, hashes(&rolled, &spec).1);
+        let mut live = spec.clone();
+        live.eplb.window_steps = 77;
+        live.eplb.history_windows = 2;
+        live.remap_request = Some("now".into());
+        assert_eq!(base, hashes(&resolved(), &live).1);
+        let mut image = spec;
+        image.worker.image = Some("other:1".into());
+        assert_ne!(base, hashes(&resolved(), &image).1);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use http::Method;
 use moe_operator::controller::{self, Context, Settings};
 use moe_operator::metrics::Metrics;
-use moe_operator::resources::GROUP_HASH_ANNOTATION;
+use moe_operator::resources::{ROLLOUT_ANNOTATION, WorkerDefaults};
 use moe_operator::{MoEDeployment, MoEDeploymentSpec};
 use serde_json::{Value, json};
 use support::{FakeApi, FakeWorkers};
@@ -100,15 +100,17 @@ impl Harness {
         self.api.put(MOED, obj);
     }
 
-    /// Ready pods for every rank with the StatefulSet's current group hash.
+    /// Ready pods for every rank made from the StatefulSet's current template (its
+    /// annotations: group and spec hashes).
     fn add_ready_pods(&self, ranks: usize) {
         let sts = self.api.get(STS).unwrap();
-        let hash =
-            sts["spec"]["template"]["metadata"]["annotations"][GROUP_HASH_ANNOTATION].clone();
-        self.add_pods(ranks, hash);
+        self.add_pods(
+            ranks,
+            sts["spec"]["template"]["metadata"]["annotations"].clone(),
+        );
     }
 
-    fn add_pods(&self, ranks: usize, hash: Value) {
+    fn add_pods(&self, ranks: usize, annotations: Value) {
         for rank in 0..ranks {
             self.api.put(
                 &format!("{PODS}/demo-{rank}"),
@@ -121,7 +123,7 @@ impl Harness {
                             "app.kubernetes.io/instance": "demo",
                             "apps.kubernetes.io/pod-index": rank.to_string()
                         },
-                        "annotations": {GROUP_HASH_ANNOTATION: hash}
+                        "annotations": annotations
                     },
                     "spec": {"containers": [{"name": "worker"}]},
                     "status": {
@@ -516,6 +518,68 @@ async fn a_diverged_rank_restarts_the_group_into_the_committed_placement() {
         "{:?}",
         events(&h)
     );
+}
+
+/// An operator upgrade that changes its defaults (here the default worker image) does not
+/// restart a running group: status says the pods run an older template and how to apply it;
+/// the rollout annotation then restarts the group onto the current template.
+#[tokio::test]
+async fn an_operator_upgrade_leaves_running_groups_alone_until_a_rollout_is_asked() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    h.reconcile().await;
+    assert_eq!(h.api.count(Method::DELETE, "/pods/"), 0);
+    assert!(h.status().get("outdatedTemplate").is_none());
+    // The same API server, a new operator release with another default image.
+    let upgraded = Arc::new(Context::new(
+        h.api.client(),
+        Arc::new(h.workers.clone()),
+        Metrics::new().unwrap(),
+        Settings {
+            worker_defaults: WorkerDefaults {
+                image: Some("ghcr.io/moe-operator/moe-worker:9.9.9".into()),
+                ..WorkerDefaults::default()
+            },
+            ..Settings::default()
+        },
+        Some("test".into()),
+    ));
+    let reconcile = || async {
+        upgraded.forget_own_writes();
+        controller::reconcile(Arc::new(h.moed()), upgraded.clone())
+            .await
+            .unwrap()
+    };
+    reconcile().await;
+    reconcile().await;
+    assert_eq!(
+        h.api.count(Method::DELETE, "/pods/"),
+        0,
+        "an operator default restarted the group"
+    );
+    let st = h.status();
+    let outdated = st["outdatedTemplate"].as_str().expect("outdatedTemplate");
+    assert!(outdated.contains(ROLLOUT_ANNOTATION), "{outdated}");
+    assert_eq!(
+        events(&h)
+            .iter()
+            .filter(|(r, _)| r == "TemplateOutdated")
+            .count(),
+        1
+    );
+    // The StatefulSet already carries the new template (OnDelete: pods keep theirs).
+    let sts = h.api.get(STS).unwrap();
+    assert_eq!(
+        sts["spec"]["template"]["spec"]["containers"][0]["image"],
+        "ghcr.io/moe-operator/moe-worker:9.9.9"
+    );
+    // The user asks for the rollout: the group restarts as a whole.
+    let mut obj = h.api.get(MOED).unwrap();
+    obj["metadata"]["annotations"] = json!({ROLLOUT_ANNOTATION: "2026-12-05"});
+    h.api.put(MOED, obj);
+    reconcile().await;
+    assert_eq!(h.api.count(Method::DELETE, "/pods/"), 2);
 }
 
 /// Skewed load on 2 ranks: layer 0 puts all traffic on rank 0's experts.
