@@ -4,7 +4,8 @@
 //! workers' HTTP API. One test binary, so the harness's cluster limit applies to all of them.
 //!
 //! 1, 2: `install` · 3: `validation` · 4: `failures` · 5: `spec_changes` ·
-//! 6 (benchmark, ignored): `scale` · 7 (measurement, ignored): `history`.
+//! 6 (benchmark, ignored): `scale` · 7 (measurement, ignored): `history` ·
+//! 8: `upgrade`.
 //!
 //! Skipped (a printed `SKIPPED` line) when the control-plane binaries are not installed
 //! (`e2e/bootstrap.sh`). The agent needs `moe-worker` and `moe-operator` built into the same
@@ -16,4 +17,5 @@ mod history;
 mod install;
 mod scale;
 mod spec_changes;
+mod upgrade;
 mod validation;
