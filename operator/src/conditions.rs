@@ -6,6 +6,14 @@ pub const AVAILABLE: &str = "Available";
 pub const PROGRESSING: &str = "Progressing";
 pub const REBALANCING: &str = "Rebalancing";
 pub const DEGRADED: &str = "Degraded";
+/// kstatus' conventions, so GitOps tools (Flux, Argo CD, `kubectl wait`) read health without
+/// custom scripts: `Ready` (True when the group serves: available and not degraded),
+/// `Reconciling` (True while the operator is still bringing the group to the spec) and
+/// `Stalled` (True when it cannot get there without a fix: a problem in `Degraded` that
+/// restarts do not cure).
+pub const READY: &str = "Ready";
+pub const RECONCILING: &str = "Reconciling";
+pub const STALLED: &str = "Stalled";
 
 /// A condition without its transition time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +89,23 @@ pub struct Observed {
     pub remap: RemapView,
 }
 
-/// The four conditions, in a fixed order.
+/// Degraded reasons that neither time nor restarts cure: the spec, the checkpoint or the image
+/// must change (`Stalled` in kstatus' terms).
+pub const NEEDS_A_FIX: [&str; 10] = [
+    "InvalidSpec",
+    "StaticMapMissing",
+    "StaticMapInvalid",
+    "InvalidShape",
+    "UnknownAlgorithm",
+    "ModelMismatch",
+    "CheckpointInvalid",
+    "WorkerConfigInvalid",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+];
+
+/// The conditions, in a fixed order: Available, Progressing, Rebalancing, Degraded, then
+/// kstatus' Ready, Reconciling and Stalled.
 pub fn desired(o: &Observed) -> Vec<Cond> {
     let broken = o.restart_pending.as_ref().or(o.restart_held.as_ref());
     let all_ready =
@@ -178,7 +202,44 @@ pub fn desired(o: &Observed) -> Vec<Cond> {
         }
         None => Cond::new(DEGRADED, false, "AsExpected", "no problem detected"),
     };
-    vec![available, progressing, rebalancing, degraded]
+    let ready = if available.status && !degraded.status {
+        Cond::new(READY, true, "Ready", available.message.clone())
+    } else if degraded.status {
+        Cond::new(READY, false, &degraded.reason, degraded.message.clone())
+    } else {
+        Cond::new(READY, false, &available.reason, available.message.clone())
+    };
+    let reconciling = if progressing.status {
+        Cond::new(
+            RECONCILING,
+            true,
+            &progressing.reason,
+            progressing.message.clone(),
+        )
+    } else {
+        Cond::new(RECONCILING, false, "Reconciled", "the group runs the spec")
+    };
+    // Stalled: blocked (the spec cannot be applied), the restart budget used up, or a problem
+    // only a change can fix; a crash loop or an unreachable rank is a problem the operator is
+    // still acting on.
+    let needs_fix = o
+        .problems
+        .iter()
+        .any(|p| NEEDS_A_FIX.contains(&p.reason.as_str()));
+    let stalled = if o.blocked || o.restart_held.is_some() || needs_fix {
+        Cond::new(STALLED, true, &degraded.reason, degraded.message.clone())
+    } else {
+        Cond::new(STALLED, false, "NotStalled", "no problem blocks progress")
+    };
+    vec![
+        available,
+        progressing,
+        rebalancing,
+        degraded,
+        ready,
+        reconciling,
+        stalled,
+    ]
 }
 
 /// One word for `kubectl get`.
@@ -249,6 +310,78 @@ mod tests {
 
     fn get<'a>(c: &'a [Cond], t: &str) -> &'a Cond {
         c.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    /// kstatus' rules for a resource with conditions (sigs.k8s.io/cli-utils kstatus, as Flux
+    /// and `kubectl wait` apply them): Reconciling=True -> InProgress, Stalled=True -> Failed,
+    /// an unobserved generation -> InProgress, else Current. Written here from its
+    /// documentation; this test checks the conditions drive it to the right answer.
+    fn kstatus(c: &[Cond], observed_generation_is_current: bool) -> &'static str {
+        let is = |t: &str| c.iter().any(|x| x.type_ == t && x.status);
+        if is(STALLED) {
+            "Failed"
+        } else if is(RECONCILING) || !observed_generation_is_current {
+            "InProgress"
+        } else {
+            "Current"
+        }
+    }
+
+    #[test]
+    fn gitops_health_follows_the_kstatus_rules() {
+        let healthy = desired(&obs());
+        assert_eq!(kstatus(&healthy, true), "Current");
+        assert!(get(&healthy, READY).status);
+        assert_eq!(
+            kstatus(&healthy, false),
+            "InProgress",
+            "spec not observed yet"
+        );
+        let mut starting = obs();
+        starting.ready_ranks = 1;
+        let c = desired(&starting);
+        assert_eq!(kstatus(&c, true), "InProgress");
+        assert!(!get(&c, READY).status);
+        let mut restarting = obs();
+        restarting.restarting = true;
+        assert_eq!(kstatus(&desired(&restarting), true), "InProgress");
+        // A crash loop is a problem the operator still acts on (restarts): not stalled.
+        let mut crashing = obs();
+        crashing.ready_ranks = 3;
+        crashing.problems.push(Problem::new(
+            "WorkerCrashLoop",
+            "pod demo-1 is crash looping",
+        ));
+        let c = desired(&crashing);
+        assert_eq!(kstatus(&c, true), "InProgress");
+        assert_eq!(get(&c, READY).reason, "WorkerCrashLoop");
+        // A checkpoint that is not the spec's model, or a used-up restart budget: stalled.
+        let mut mismatch = obs();
+        mismatch.ready_ranks = 0;
+        mismatch.problems.push(Problem::new(
+            "ModelMismatch",
+            "spec.model.numExperts 64 vs the checkpoint's 60",
+        ));
+        let c = desired(&mismatch);
+        assert_eq!(kstatus(&c, true), "Failed");
+        assert_eq!(get(&c, STALLED).reason, "ModelMismatch");
+        let mut held = obs();
+        held.restart_held = Some("budget used up".into());
+        held.problems.push(Problem::new(
+            "RestartBudgetExhausted",
+            "5 restarts in 3600s",
+        ));
+        assert_eq!(kstatus(&desired(&held), true), "Failed");
+        // A healthy group that is rebalancing is still Ready and Current.
+        let mut remap = obs();
+        remap.remap = RemapView::Running {
+            generation: 2,
+            layers_done: 1,
+            layers_total: 4,
+        };
+        let c = desired(&remap);
+        assert!(get(&c, READY).status);
+        assert_eq!(kstatus(&c, true), "Current");
     }
 
     #[test]

@@ -781,8 +781,10 @@ pub struct MoEDeploymentStatus {
     /// `metadata.generation` of the spec this status reflects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Available`, `Progressing`, `Rebalancing`, `Degraded`.
+    /// `Available`, `Progressing`, `Rebalancing`, `Degraded`, and kstatus' `Ready`,
+    /// `Reconciling`, `Stalled` (a map keyed by type: one entry per type).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// One word summary: `Pending`, `Running`, `Rebalancing`, `Restarting`, `Degraded`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
