@@ -134,8 +134,10 @@ pub fn decide(i: &DecisionInput<'_>) -> Decision {
     if worst <= e.imbalance_threshold {
         return hold(
             "Balanced",
+            // No live PAR in a condition message: it would rewrite the status on every poll
+            // (the measured PAR is in status.imbalance).
             format!(
-                "worst layer PAR {worst:.3} is within the threshold {:.3}",
+                "every layer's PAR is within the threshold {:.3}",
                 e.imbalance_threshold
             ),
         );
@@ -150,7 +152,8 @@ pub fn decide(i: &DecisionInput<'_>) -> Decision {
             return hold(
                 "Cooldown",
                 format!(
-                    "worst layer PAR {worst:.3} is above the threshold; next remap allowed at {next}"
+                    "a layer's PAR is above the threshold {:.3}; next remap allowed at {next}",
+                    e.imbalance_threshold
                 ),
             );
         }
@@ -365,6 +368,28 @@ mod tests {
             remap_in_flight: false,
             group_ready: true,
         }
+    }
+
+    /// The hold message does not change with the measured PAR: a condition message that did
+    /// would rewrite the status on every poll.
+    #[test]
+    fn hold_messages_do_not_carry_the_live_par() {
+        let e = EplbSpec::default();
+        let message = |par: &[f64]| match decide(&input(&e, par)) {
+            Decision::Hold { message, .. } => message,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(message(&[1.1, 1.05]), message(&[1.02, 1.07]));
+        let mut cool = input(&e, &[1.5, 1.0]);
+        cool.last_remap_started = Some(Timestamp::from_second(10_000 - 10).unwrap());
+        let mut hotter = input(&e, &[1.7, 1.0]);
+        hotter.last_remap_started = cool.last_remap_started;
+        let (Decision::Hold { message: a, .. }, Decision::Hold { message: b, .. }) =
+            (decide(&cool), decide(&hotter))
+        else {
+            panic!("expected Cooldown holds");
+        };
+        assert_eq!(a, b);
     }
 
     #[test]
