@@ -909,7 +909,20 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
         };
         let step = remap_step(moed, ctx, &mut st, &doc, &worker, &resolved, &mut pending).await?;
         remap_view = step.view;
-        problems.extend(step.problems);
+        // One slow or failed poll is not a degraded group: WorkersUnreachable becomes a problem
+        // only when the previous pass could not reach the workers either (the Rebalancing
+        // condition records it); meanwhile the next poll comes sooner.
+        let unreachable_before = old
+            .conditions
+            .iter()
+            .any(|c| c.type_ == conditions::REBALANCING && c.reason == "WorkersUnreachable");
+        for p in step.problems {
+            if p.reason == "WorkersUnreachable" && !unreachable_before {
+                requeue = requeue.min(ctx.settings.remap_poll);
+                continue;
+            }
+            problems.push(p);
+        }
         if step.fast_requeue {
             requeue = ctx.settings.remap_poll;
         }

@@ -363,8 +363,27 @@ async fn unreachable_workers_degrade_but_do_not_fail_the_reconcile() {
     h.reconcile().await;
     h.add_ready_pods(2);
     h.workers.state.lock().unwrap().unreachable = true;
+    // One failed poll (a slow rank) does not flip Degraded; the next poll comes sooner.
+    let action = h.reconcile().await;
+    assert_eq!(h.condition("Degraded")["status"], "False");
+    assert_eq!(h.condition("Rebalancing")["reason"], "WorkersUnreachable");
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(Settings::default().remap_poll)
+    );
+    // Still unreachable at the next poll: degraded.
     h.reconcile().await;
     assert_eq!(h.condition("Degraded")["reason"], "WorkersUnreachable");
+    // Reachable again: not degraded.
+    h.workers.state.lock().unwrap().unreachable = false;
+    h.workers.set_load(vec![vec![10.0; 8]; 2], 0, 100);
+    h.reconcile().await;
+    assert_eq!(
+        h.condition("Degraded")["status"],
+        "False",
+        "{}",
+        h.condition("Degraded")
+    );
 }
 
 #[tokio::test]
