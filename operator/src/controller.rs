@@ -839,8 +839,14 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
         let failure = (spec.num_pods() > 1)
             .then(|| group::detect_failure(recorded, &seen, spec.expert_parallel.ranks))
             .flatten();
+        // While some rank cannot be scheduled, the others fail their rendezvous and restart:
+        // restarting the group cannot help and would use up the restart budget. Take the
+        // record as it is (those restarts are not failures) and wait; Unschedulable is the
+        // problem reported.
+        let waiting_for_scheduling = current.iter().any(|p| crate::pod_health::unschedulable(p));
         match failure {
             None => st.rank_pods = seen,
+            Some(_) if waiting_for_scheduling => st.rank_pods = seen,
             // The record stays as it was: the failure stays pending until acted on.
             Some(f) => {
                 group

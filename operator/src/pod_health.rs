@@ -7,6 +7,20 @@ use kube::ResourceExt;
 
 use crate::conditions::Problem;
 
+/// Whether the scheduler could not place the pod (`PodScheduled=False`, `Unschedulable`).
+pub fn unschedulable(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.type_ == "PodScheduled"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("Unschedulable")
+            })
+        })
+}
+
 /// Problems visible on pods: unschedulable, crash looping.
 pub fn pod_problems(pods: &[Pod]) -> Vec<Problem> {
     let mut out = Vec::new();

@@ -847,6 +847,45 @@ async fn a_replaced_rank_pod_restarts_the_group_as_rank_lost() {
     assert_eq!(restart_metric(&h, "RankLost"), 1);
 }
 
+/// Partial scheduling: rank 1 cannot be scheduled, rank 0 keeps failing its rendezvous and
+/// restarting. The group is not restarted (the budget is not used up by it); Unschedulable is
+/// the reported cause.
+#[tokio::test]
+async fn ranks_waiting_for_scheduling_do_not_burn_the_restart_budget() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    add_group(&h, 2, 1);
+    let path = format!("{PODS}/demo-1");
+    let mut pod = h.api.get(&path).unwrap();
+    pod["status"] = json!({
+        "phase": "Pending",
+        "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                        "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]
+    });
+    h.api.put(&path, pod);
+    h.reconcile().await;
+    for restarts in 1..=3 {
+        set_restarts(&h, 0, restarts);
+        h.reconcile().await;
+    }
+    assert_eq!(h.api.count(Method::DELETE, "/pods/demo-"), 0);
+    let st = h.status();
+    assert!(
+        st["recentGroupRestarts"]
+            .as_array()
+            .is_none_or(|a| a.is_empty()),
+        "{st}"
+    );
+    let degraded = h.condition("Degraded");
+    assert_eq!(degraded["reason"], "Unschedulable");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .contains("Insufficient nvidia.com/gpu")
+    );
+}
+
 #[tokio::test]
 async fn an_exhausted_restart_budget_is_degraded_and_deletes_nothing() {
     let h = Harness::new(with_policy(
