@@ -37,6 +37,8 @@ import tempfile
 
 NONROOT = 65532
 GZIP_LEVEL = 6
+# Part of every layer's cache key: bump when what goes into a layer changes.
+LAYOUT = "1"
 
 # Files taken from each Debian package's data archive (path prefixes inside the package),
 # plus its copyright file. Everything else (docs, locales, gconv, headers) stays out.
@@ -252,12 +254,40 @@ def canonical(obj):
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
+def layers_for(args, name, tmpdir):
+    """(description, descriptor) of each layer of the image, built or taken from the cache.
+    Cache keys: the layer's inputs (package files, wheel files, binary) and LAYOUT."""
+    def key(*parts):
+        return hashlib.sha256("|".join((LAYOUT, str(args.epoch)) + parts).encode()).hexdigest()[:32]
+
+    if args.kind == "pause":
+        layer = Layer(args.epoch)
+        layer.file_from("pause", args.binary, mode=0o755)
+        return [("pause", build_layer(layer, args.cache, "pause-" + key(sha256_file(args.binary))))]
+    layers = []
+    debs = [sha256_file(deb_path(args.debs, p)) for p in DEB_FILES]
+    layers.append(("base: libc6, libgcc-s1, libstdc++6 (Debian 12), user 65532",
+                   build_layer(base_layer(args.epoch, args.debs, tmpdir), args.cache,
+                               "base-" + key(*debs))))
+    if args.kind == "worker":
+        wheels = sorted(w for w in os.listdir(args.wheels) if w.endswith(".whl"))
+        hashes = [sha256_file(os.path.join(args.wheels, w)) for w in wheels]
+        layers.append(("cuda: NVRTC, cuBLAS, NCCL from " + ", ".join(wheels),
+                       build_layer(cuda_layer(args.epoch, args.wheels, tmpdir), args.cache,
+                                   "cuda-" + key(*hashes, *CUDA_LIBS))))
+    layers.append((f"app: /usr/local/bin/{name}",
+                   build_layer(app_layer(args.epoch, args.binary, name, tmpdir), args.cache,
+                               f"app-{name}-" + key(sha256_file(args.binary)))))
+    return layers
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--image", required=True, help="full name with tag, e.g. ghcr.io/x/y:1.0")
-    ap.add_argument("--kind", required=True, choices=["operator", "worker"])
+    ap.add_argument("--kind", required=True, choices=["operator", "worker", "pause"],
+                    help="pause: the e2e node's pod sandbox image (one static binary, no base)")
     ap.add_argument("--binary", required=True)
-    ap.add_argument("--debs", required=True)
+    ap.add_argument("--debs")
     ap.add_argument("--wheels")
     ap.add_argument("--cache", required=True)
     ap.add_argument("--out", required=True)
@@ -267,40 +297,21 @@ def main():
     args = ap.parse_args()
     if args.kind == "worker" and not args.wheels:
         sys.exit("oci_build: --wheels is required for the worker image")
+    if args.kind != "pause" and not args.debs:
+        sys.exit("oci_build: --debs is required for the operator and worker images")
 
-    name = f"moe-{args.kind}"
-    repo, _, tag = args.image.rpartition(":")
+    name = "pause" if args.kind == "pause" else f"moe-{args.kind}"
+    tag = args.image.rpartition(":")[2]
     created = datetime.datetime.fromtimestamp(args.epoch, datetime.timezone.utc).strftime(
         "%Y-%m-%dT%H:%M:%SZ")
     os.makedirs(args.cache, exist_ok=True)
-
     with tempfile.TemporaryDirectory(dir=args.cache) as tmpdir:
-        layers = []
-        # Cache keys: the layer's inputs (package files, wheel files, binary) and the script.
-        script = sha256_file(__file__)[:16]
-        deb_key = hashlib.sha256("".join(
-            sha256_file(deb_path(args.debs, p)) for p in DEB_FILES).encode() + script.encode()
-        ).hexdigest()[:32]
-        layers.append(("base: libc6, libgcc-s1, libstdc++6 (Debian 12), user 65532",
-                       build_layer(base_layer(args.epoch, args.debs, tmpdir), args.cache,
-                                   f"base-{args.epoch}-{deb_key}")))
-        if args.kind == "worker":
-            wheels = sorted(w for w in os.listdir(args.wheels) if w.endswith(".whl"))
-            cuda_key = hashlib.sha256("".join(
-                sha256_file(os.path.join(args.wheels, w)) for w in wheels).encode()
-                + script.encode()).hexdigest()[:32]
-            layers.append(("cuda: NVRTC, cuBLAS, NCCL from " + ", ".join(wheels),
-                           build_layer(cuda_layer(args.epoch, args.wheels, tmpdir), args.cache,
-                                       f"cuda-{args.epoch}-{cuda_key}")))
-        app_key = hashlib.sha256(
-            (sha256_file(args.binary) + script).encode()).hexdigest()[:32]
-        layers.append((f"app: /usr/local/bin/{name}",
-                       build_layer(app_layer(args.epoch, args.binary, name, tmpdir), args.cache,
-                                   f"app-{name}-{args.epoch}-{app_key}")))
+        layers = layers_for(args, name, tmpdir)
 
     labels = {
         "org.opencontainers.image.title": name,
         "org.opencontainers.image.description": {
+            "pause": "the pod sandbox of the moe-operator e2e node",
             "operator": "moe-operator: Kubernetes operator for MoE expert-parallel deployments",
             "worker": "moe-worker: an expert-parallel rank (CUDA, or CPU without a GPU)",
         }[args.kind],
@@ -312,6 +323,7 @@ def main():
         "org.opencontainers.image.licenses": "Apache-2.0",
     }
     env = ["PATH=/usr/local/bin:/usr/bin:/bin"]
+    entrypoint = ["/pause"] if args.kind == "pause" else [f"/usr/local/bin/{name}"]
     if args.kind == "worker":
         env.append(f"LD_LIBRARY_PATH=/{CUDA_DIR}")
         # The NVIDIA container toolkit mounts the driver (libcuda) when these are set.
@@ -321,10 +333,10 @@ def main():
         "architecture": "amd64",
         "os": "linux",
         "config": {
-            "User": f"{NONROOT}:{NONROOT}",
+            "User": "65535:65535" if args.kind == "pause" else f"{NONROOT}:{NONROOT}",
             "Env": env,
-            "Entrypoint": [f"/usr/local/bin/{name}"],
-            "WorkingDir": "/home/nonroot",
+            "Entrypoint": entrypoint,
+            "WorkingDir": "/" if args.kind == "pause" else "/home/nonroot",
             "Labels": labels,
         },
         "rootfs": {"type": "layers", "diff_ids": [m["diff_id"] for _, m in layers]},
