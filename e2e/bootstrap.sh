@@ -200,7 +200,7 @@ build_coredns() {
 
 # The pod sandbox ("pause") image of the real node: containerd's CRI needs one and nothing can
 # be pulled. A static binary that sleeps until SIGTERM/SIGINT, as an OCI archive.
-PAUSE_VERSION=1
+PAUSE_VERSION=2
 build_pause() {
   if have pause "$PAUSE_VERSION" && [ -f "$BIN/pause.oci.tar" ]; then log "pause image: cached"; return; fi
   ensure_go
@@ -226,7 +226,7 @@ func main() {
 }
 EOF
     go build -trimpath -ldflags "-s -w" -o "$d/pause" .
-    python3 "$ROOT/images/oci_build.py" --kind pause --image "moe-e2e/pause:$PAUSE_VERSION" \
+    python3 "$ROOT/images/oci_build.py" --kind pause --image "localhost/moe-e2e/pause:$PAUSE_VERSION" \
       --binary "$d/pause" --cache "$d/layers" --out "$BIN/pause.oci.tar" --epoch 0 \
       --source https://github.com/moe-operator/moe-operator --revision "pause-$PAUSE_VERSION"
   ) > "$d.log" 2>&1 || { log "pause image build failed; log: $d.log"; tail -30 "$d.log"; exit 1; }

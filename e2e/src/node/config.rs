@@ -56,6 +56,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   # The machine forbids lowering oom_score_adj; without this every sandbox fails to start.
   restrict_oom_score_adj = true
   enable_selinux = false
+  # Pod network namespaces under the state directory (not /var/run/netns), removed with it.
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -148,6 +150,8 @@ conntrack:
   tcpCloseWaitTimeout: 0s
 iptables:
   localhostNodePorts: false
+# The machine forbids lowering oom_score_adj.
+oomScoreAdj: 0
 "#,
         kubeconfig = d(&paths.kubeconfig()),
         node_ip = net.node_ip(),

@@ -35,7 +35,8 @@ use crate::nodes::GPU_RESOURCE;
 use crate::process::{ManagedProcess, log_tail};
 
 /// Name of the sandbox image `e2e/bootstrap.sh` builds (`bin/pause.oci.tar`).
-pub const PAUSE_IMAGE: &str = "moe-e2e/pause:1";
+/// (Fully qualified: containerd would read `moe-e2e/pause` as `docker.io/moe-e2e/pause`.)
+pub const PAUSE_IMAGE: &str = "localhost/moe-e2e/pause:2";
 /// The node's name.
 pub const NODE_NAME: &str = "gpu-node-0";
 

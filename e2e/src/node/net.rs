@@ -201,6 +201,7 @@ pub fn cni_conflist(net: &NodeNet, state: &Path) -> String {
                 "type": "bridge",
                 "bridge": "cni0",
                 "isGateway": true,
+                "isDefaultGateway": true,
                 "ipMasq": false,
                 "hairpinMode": true,
                 "ipam": {
