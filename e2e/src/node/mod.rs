@@ -232,7 +232,7 @@ impl RealNode {
         // CNI, kubelet
         write(
             "cni/net.d/10-moe-e2e.conflist",
-            net::cni_conflist(net, &paths.p("cni/ipam")),
+            net::cni_conflist(&net.pod_cidr(), &paths.p("cni/ipam")),
         )?;
         let kubelet_cfg = write(
             "kubelet/config.yaml",

@@ -192,7 +192,7 @@ fn remove_leftovers(slot: u8) {
 
 /// The containerd CRI's CNI configuration: a bridge with host-local addresses from the pod
 /// subnet (allocations kept in `state`), and the loopback interface.
-pub fn cni_conflist(net: &NodeNet, state: &Path) -> String {
+pub fn cni_conflist(pod_cidr: &str, state: &Path) -> String {
     serde_json::json!({
         "cniVersion": "0.4.0",
         "name": "moe-e2e",
@@ -206,7 +206,7 @@ pub fn cni_conflist(net: &NodeNet, state: &Path) -> String {
                 "hairpinMode": true,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": net.pod_cidr()}]],
+                    "ranges": [[{"subnet": pod_cidr}]],
                     "dataDir": state.display().to_string(),
                 }
             },
@@ -222,4 +222,20 @@ pub fn cni_bin_dir() -> Option<PathBuf> {
         .iter()
         .map(PathBuf::from)
         .find(|d| d.join("bridge").exists() && d.join("host-local").exists())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pods_get_a_default_route_through_the_bridge_and_no_masquerade() {
+        let c: serde_json::Value =
+            serde_json::from_str(&super::cni_conflist("10.232.7.0/24", "/x/ipam".as_ref()))
+                .unwrap();
+        let bridge = &c["plugins"][0];
+        assert_eq!(bridge["type"], "bridge");
+        assert_eq!(bridge["isDefaultGateway"], true);
+        assert_eq!(bridge["ipMasq"], false);
+        assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], "10.232.7.0/24");
+        assert_eq!(bridge["ipam"]["dataDir"], "/x/ipam");
+    }
 }

@@ -21,15 +21,18 @@ pub enum NodeMode {
 
 impl NodeMode {
     pub fn from_env() -> Result<NodeMode> {
-        match std::env::var("MOE_E2E_NODE").ok().as_deref() {
+        let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+        Self::parse(std::env::var("MOE_E2E_NODE").ok().as_deref(), ci)
+    }
+
+    /// `MOE_E2E_NODE`'s value; `ci`: whether `CI` is set.
+    pub fn parse(value: Option<&str>, ci: bool) -> Result<NodeMode> {
+        match value {
             Some("real") => Ok(NodeMode::Real),
             Some("stand-in") => Ok(NodeMode::StandIn),
             Some("auto") => Ok(NodeMode::Auto),
-            None | Some("") => Ok(if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
-                NodeMode::Real
-            } else {
-                NodeMode::Auto
-            }),
+            None | Some("") if ci => Ok(NodeMode::Real),
+            None | Some("") => Ok(NodeMode::Auto),
             Some(other) => {
                 bail!("MOE_E2E_NODE={other:?}: expected `real`, `stand-in` or `auto`")
             }
@@ -106,5 +109,28 @@ impl Nodes {
             Nodes::Real(n) => Ok(!n.containers_of_namespace(ns)?.is_empty()),
             Nodes::StandIn(a) => Ok(a.pods().iter().any(|p| p.starts_with(&format!("{ns}/")))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NodeMode;
+
+    #[test]
+    fn node_mode_defaults_to_real_in_ci_and_rejects_typos() {
+        assert_eq!(NodeMode::parse(None, true).unwrap(), NodeMode::Real);
+        assert_eq!(NodeMode::parse(Some(""), false).unwrap(), NodeMode::Auto);
+        assert_eq!(
+            NodeMode::parse(Some("stand-in"), true).unwrap(),
+            NodeMode::StandIn
+        );
+        assert_eq!(
+            NodeMode::parse(Some("real"), false).unwrap(),
+            NodeMode::Real
+        );
+        let e = NodeMode::parse(Some("standin"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MOE_E2E_NODE") && e.contains("stand-in"), "{e}");
     }
 }
