@@ -281,6 +281,18 @@ def layers_for(args, name, tmpdir):
     return layers
 
 
+def unchanged(archive, index):
+    """Whether `archive` is an image archive with exactly this index.json."""
+    try:
+        with tarfile.open(archive) as tar:
+            member = tar.next()
+            while member is not None and member.name != "index.json":
+                member = tar.next()
+            return member is not None and tar.extractfile(member).read() == index
+    except (OSError, tarfile.TarError):
+        return False
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--image", required=True, help="full name with tag, e.g. ghcr.io/x/y:1.0")
@@ -377,6 +389,14 @@ def main():
             f.write(canonical(index))
         with open(os.path.join(out_dir, "oci-layout"), "wb") as f:
             f.write(canonical({"imageLayoutVersion": "1.0.0"}))
+        if unchanged(args.out, canonical(index)):
+            # Same manifest (so same layers, config and name): keep the archive as it is.
+            print(json.dumps({"image": args.image, "manifest": manifest_desc["digest"],
+                              "unchanged": True,
+                              "compressed_bytes": sum(m["size"] for _, m in layers),
+                              "layers": [{"what": w, "digest": m["digest"], "size": m["size"]}
+                                         for w, m in layers]}))
+            return
 
         # The archive: metadata first, then blobs, sorted, fixed owner and times. Layer blobs
         # are read from the cache (not copied into out_dir).
