@@ -2,9 +2,9 @@
 """Assembles the project's OCI images without a container engine (used by `scripts/images`).
 
 Each image is a few gzip-compressed tar layers written deterministically (entries sorted,
-owner root unless stated, fixed mtimes from SOURCE_DATE_EPOCH, gzip header without name or
-time), so two builds of one commit give byte-identical layers, and a layer whose inputs did
-not change keeps its digest:
+owner root unless stated, fixed mtimes: the commit's time for the binary, 0 for the rest; gzip
+header without name or time), so two builds of one commit give byte-identical layers, and a
+layer whose inputs did not change keeps its digest (the base and CUDA layers across commits):
 
   base    the runtime files of Debian bookworm's libc6, libgcc-s1 and libstdc++6 (what
           gcr.io/distroless/cc-debian12 holds, minus what the binaries do not use), an
@@ -39,6 +39,10 @@ NONROOT = 65532
 GZIP_LEVEL = 6
 # Part of every layer's cache key: bump when what goes into a layer changes.
 LAYOUT = "1"
+# File times in the base and CUDA layers: their content does not depend on the commit, so
+# their digests stay the same across commits (cache hits, registry deduplication). The app
+# layer uses the commit's time.
+BASE_EPOCH = 0
 
 # Files taken from each Debian package's data archive (path prefixes inside the package),
 # plus its copyright file. Everything else (docs, locales, gconv, headers) stays out.
@@ -257,27 +261,28 @@ def canonical(obj):
 def layers_for(args, name, tmpdir):
     """(description, descriptor) of each layer of the image, built or taken from the cache.
     Cache keys: the layer's inputs (package files, wheel files, binary) and LAYOUT."""
-    def key(*parts):
-        return hashlib.sha256("|".join((LAYOUT, str(args.epoch)) + parts).encode()).hexdigest()[:32]
+    def key(epoch, *parts):
+        return hashlib.sha256("|".join((LAYOUT, str(epoch)) + parts).encode()).hexdigest()[:32]
 
     if args.kind == "pause":
         layer = Layer(args.epoch)
         layer.file_from("pause", args.binary, mode=0o755)
-        return [("pause", build_layer(layer, args.cache, "pause-" + key(sha256_file(args.binary))))]
+        return [("pause", build_layer(layer, args.cache,
+                                      "pause-" + key(args.epoch, sha256_file(args.binary))))]
     layers = []
     debs = [sha256_file(deb_path(args.debs, p)) for p in DEB_FILES]
     layers.append(("base: libc6, libgcc-s1, libstdc++6 (Debian 12), user 65532",
-                   build_layer(base_layer(args.epoch, args.debs, tmpdir), args.cache,
-                               "base-" + key(*debs))))
+                   build_layer(base_layer(BASE_EPOCH, args.debs, tmpdir), args.cache,
+                               "base-" + key(BASE_EPOCH, *debs))))
     if args.kind == "worker":
         wheels = sorted(w for w in os.listdir(args.wheels) if w.endswith(".whl"))
         hashes = [sha256_file(os.path.join(args.wheels, w)) for w in wheels]
         layers.append(("cuda: NVRTC, cuBLAS, NCCL from " + ", ".join(wheels),
-                       build_layer(cuda_layer(args.epoch, args.wheels, tmpdir), args.cache,
-                                   "cuda-" + key(*hashes, *CUDA_LIBS))))
+                       build_layer(cuda_layer(BASE_EPOCH, args.wheels, tmpdir), args.cache,
+                                   "cuda-" + key(BASE_EPOCH, *hashes, *CUDA_LIBS))))
     layers.append((f"app: /usr/local/bin/{name}",
                    build_layer(app_layer(args.epoch, args.binary, name, tmpdir), args.cache,
-                               f"app-{name}-" + key(sha256_file(args.binary)))))
+                               f"app-{name}-" + key(args.epoch, sha256_file(args.binary)))))
     return layers
 
 
