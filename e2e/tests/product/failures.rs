@@ -16,7 +16,7 @@ use crate::common::*;
 /// it (status shows the running remap of `generation`); returns the status.
 pub async fn start_manual_remap(
     client: &kube::Client,
-    agent: &moe_e2e::AgentHandle,
+    nodes: &moe_e2e::Nodes,
     ns: &str,
     name: &str,
     request: &str,
@@ -36,7 +36,7 @@ pub async fn start_manual_remap(
         },
     )
     .await;
-    with_log(o, agent)?;
+    with_log(o, nodes).await?;
     patch_spec(client, ns, name, json!({"remapRequest": request})).await?;
     let o = wait_status(
         client,
@@ -47,7 +47,7 @@ pub async fn start_manual_remap(
         |st| st["remap"]["generation"].as_u64() == Some(generation),
     )
     .await;
-    let o = with_log(o, agent)?;
+    let o = with_log(o, nodes).await?;
     let st = status(&o).clone();
     ensure!(
         st["phase"] == "Rebalancing" && cond_is(&st, "Rebalancing", "True"),
@@ -59,14 +59,14 @@ pub async fn start_manual_remap(
 /// After a disturbance during remap `generation`: converged on it, recorded once.
 async fn settled_on(
     client: &kube::Client,
-    agent: &moe_e2e::AgentHandle,
+    nodes: &moe_e2e::Nodes,
     ns: &str,
     name: &str,
     generation: u64,
     request: &str,
     executed: u64,
 ) -> Result<()> {
-    let g = with_log(converged(client, ns, name, 2, 4, 8, T).await, agent)?;
+    let g = with_log(converged(client, ns, name, 2, 4, 8, T).await, nodes).await?;
     if g != generation {
         let o = get_moed(client, ns, name).await?;
         let evs = events(client, ns, name, "RemapStarted").await?;
@@ -74,7 +74,7 @@ async fn settled_on(
         anyhow::bail!(
             "converged on generation {g}, expected {generation} (a remap lost or repeated)\nRemapStarted: {evs:?}\nGroupRestarted: {restarts:?}\nstatus: {}\n{}",
             status(&o),
-            operator_log(agent)
+            operator_log(nodes).await
         );
     }
     let o = wait_status(client, ns, name, T, "lastRemap recorded", |st| {
@@ -132,7 +132,7 @@ async fn worker_remap_running(pods: &[Pod], generation: u64) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_worker_and_operator_mid_remap() -> Result<()> {
     moe_e2e::init_tracing();
-    let Some((cluster, agent)) =
+    let Some((cluster, nodes)) =
         cluster_with_operator("kill_worker_and_operator_mid_remap", 2).await?
     else {
         return Ok(());
@@ -154,15 +154,18 @@ async fn kill_worker_and_operator_mid_remap() -> Result<()> {
             available_with_par(st, 2)
         })
         .await,
-        &agent,
-    )?;
+        &nodes,
+    )
+    .await?;
 
     // --- a worker process dies mid-remap -------------------------------------------------
-    start_manual_remap(&client, &agent, ns, name, "r1", 1).await?;
+    start_manual_remap(&client, &nodes, ns, name, "r1", 1).await?;
     let before = worker_pods(&client, ns, name).await?;
     // Kill while the workers execute it (accepted, not finished), when that can be caught.
     let seen = worker_remap_running(&before, 1).await;
-    agent.kill_container(ns, &format!("{name}-1"), "worker", libc::SIGKILL)?;
+    nodes
+        .kill_container(ns, &format!("{name}-1"), "worker", libc::SIGKILL)
+        .await?;
     println!("killed {name}-1's worker process during the remap to generation 1 ({seen})");
     // The process is replaced: its container restarts, or the operator replaces the whole
     // group (new pods); either way the group re-forms as a whole.
@@ -172,20 +175,22 @@ async fn kill_worker_and_operator_mid_remap() -> Result<()> {
     .await?;
     // The group restarted (every rank exits when a peer dies): its processes started on
     // generation 1 and executed no remap.
-    settled_on(&client, &agent, ns, name, 1, "r1", 0).await?;
+    settled_on(&client, &nodes, ns, name, 1, "r1", 0).await?;
 
     // --- the operator dies mid-remap -----------------------------------------------------
-    start_manual_remap(&client, &agent, ns, name, "r2", 2).await?;
+    start_manual_remap(&client, &nodes, ns, name, "r2", 2).await?;
     let op = operator_pod(&client).await?;
     let op_name = op.name_any();
-    agent.kill_container(OPERATOR_NS, &op_name, "operator", libc::SIGKILL)?;
+    nodes
+        .kill_container(OPERATOR_NS, &op_name, "operator", libc::SIGKILL)
+        .await?;
     println!("killed the operator ({op_name}) during the remap to generation 2");
     wait::object::<Pod>(&client, OPERATOR_NS, &op_name, T, |p| {
         restart_count(p) > restart_count(&op) && wait::pod_ready(p)
     })
     .await?;
     // The workers were not restarted: each executed the remap to generation 2 once.
-    settled_on(&client, &agent, ns, name, 2, "r2", 1).await?;
+    settled_on(&client, &nodes, ns, name, 2, "r2", 1).await?;
     Ok(())
 }
 
@@ -207,7 +212,7 @@ fn expert_map() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_pod_and_configmaps() -> Result<()> {
     moe_e2e::init_tracing();
-    let Some((cluster, agent)) = cluster_with_operator("delete_pod_and_configmaps", 2).await?
+    let Some((cluster, nodes)) = cluster_with_operator("delete_pod_and_configmaps", 2).await?
     else {
         return Ok(());
     };
@@ -228,7 +233,7 @@ async fn delete_pod_and_configmaps() -> Result<()> {
     );
     obj["spec"]["placement"]["staticMap"] = json!({"name": "pinned-map", "key": "expert_map.json"});
     apply_moed(&client, ns, &obj).await?;
-    let g0 = with_log(converged(&client, ns, name, 2, 4, 8, T).await, &agent)?;
+    let g0 = with_log(converged(&client, ns, name, 2, 4, 8, T).await, &nodes).await?;
     ensure!(g0 == 0, "generation {g0}");
     let (_, doc) = committed_placement(&client, ns, name).await?;
     ensure!(
@@ -246,7 +251,7 @@ async fn delete_pod_and_configmaps() -> Result<()> {
         p.metadata.uid != old.metadata.uid && wait::pod_ready(p)
     })
     .await?;
-    let g = with_log(converged(&client, ns, name, 2, 4, 8, T).await, &agent)?;
+    let g = with_log(converged(&client, ns, name, 2, 4, 8, T).await, &nodes).await?;
     ensure!(
         g == 0,
         "a deleted pod changed the placement generation to {g}"
@@ -259,8 +264,9 @@ async fn delete_pod_and_configmaps() -> Result<()> {
             condition(st, "Degraded") == Some(("True".into(), "StaticMapMissing".into()))
         })
         .await,
-        &agent,
-    )?;
+        &nodes,
+    )
+    .await?;
     println!(
         "static map deleted: phase {}, {:?}",
         status(&o)["phase"],
@@ -289,7 +295,7 @@ async fn delete_pod_and_configmaps() -> Result<()> {
     println!("deleted ConfigMap {name}-placement");
     // Re-committed with a newer generation (never backwards under running workers), from the
     // static map, and the workers move to it.
-    let g = with_log(converged(&client, ns, name, 2, 4, 8, T).await, &agent)?;
+    let g = with_log(converged(&client, ns, name, 2, 4, 8, T).await, &nodes).await?;
     ensure!(
         g >= 1,
         "placement ConfigMap re-created with generation {g} (went backwards)"

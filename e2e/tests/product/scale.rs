@@ -165,7 +165,7 @@ async fn scale_200_deployments() -> Result<()> {
         first_ready.len() == n,
         "only {} of {n} deployments reached 2 ready ranks; operator log:\n{}",
         first_ready.len(),
-        operator_log(&agent)
+        operator_log(&moe_e2e::Nodes::StandIn(agent.clone())).await
     );
     let all_ready_s = t0.elapsed().as_secs_f64();
 

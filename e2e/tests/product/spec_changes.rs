@@ -42,7 +42,7 @@ async fn observed(client: &kube::Client, ns: &str, name: &str) -> Result<kube::a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spec_changes_and_deletion() -> Result<()> {
     moe_e2e::init_tracing();
-    let Some((cluster, agent)) = cluster_with_operator("spec_changes_and_deletion", 2).await?
+    let Some((cluster, nodes)) = cluster_with_operator("spec_changes_and_deletion", 2).await?
     else {
         return Ok(());
     };
@@ -57,7 +57,7 @@ async fn spec_changes_and_deletion() -> Result<()> {
         json!({"skew": 1.0}),
     );
     apply_moed(&client, ns, &obj).await?;
-    with_log(converged(&client, ns, name, 2, 4, 8, T).await, &agent)?;
+    with_log(converged(&client, ns, name, 2, 4, 8, T).await, &nodes).await?;
     let before = uids_and_restarts(&worker_pods(&client, ns, name).await?);
     let hash_before = status(&get_moed(&client, ns, name).await?)["groupHash"].clone();
 
@@ -82,7 +82,7 @@ async fn spec_changes_and_deletion() -> Result<()> {
         "groupRestarts {}",
         st["groupRestarts"]
     );
-    with_log(converged(&client, ns, name, 2, 4, 8, T).await, &agent)?;
+    with_log(converged(&client, ns, name, 2, 4, 8, T).await, &nodes).await?;
     let after = uids_and_restarts(&worker_pods(&client, ns, name).await?);
     ensure!(
         after == before,
@@ -93,7 +93,7 @@ async fn spec_changes_and_deletion() -> Result<()> {
     // --- EP size change: the group is replaced as a whole --------------------------------
     patch_spec(&client, ns, name, json!({"expertParallel": {"ranks": 4}})).await?;
     observed(&client, ns, name).await?;
-    let g = with_log(converged(&client, ns, name, 4, 4, 8, T).await, &agent)?;
+    let g = with_log(converged(&client, ns, name, 4, 4, 8, T).await, &nodes).await?;
     let pods = worker_pods(&client, ns, name).await?;
     let now = uids_and_restarts(&pods);
     ensure!(now.len() == 4, "{} pods", now.len());
@@ -148,13 +148,9 @@ async fn spec_changes_and_deletion() -> Result<()> {
         }
     })
     .await?;
-    wait::until(T, "worker processes stopped", || {
-        let running: Vec<String> = agent
-            .pods()
-            .into_iter()
-            .filter(|p| p.starts_with(&format!("{ns}/")))
-            .collect();
-        async move { Ok(running.is_empty().then_some(())) }
+    wait::until(T, "worker containers stopped", || {
+        let running = nodes.runs_pods_of(ns);
+        async move { Ok((!running?).then_some(())) }
     })
     .await?;
     println!("deleted: StatefulSet, Service, ConfigMap, Secret, SA, Role, RoleBinding, pods gone");

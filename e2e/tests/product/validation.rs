@@ -113,7 +113,7 @@ fn cases() -> Vec<(&'static str, Value, &'static str)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cel_rules_reject_invalid_manifests() -> Result<()> {
     moe_e2e::init_tracing();
-    let Some((cluster, _agent)) =
+    let Some((cluster, _nodes)) =
         cluster_with_operator("cel_rules_reject_invalid_manifests", 1).await?
     else {
         return Ok(());
