@@ -83,6 +83,12 @@ pub struct Context {
     /// is due. A watch event carrying exactly that version is our own write echoing back; it
     /// must not cause another poll of the workers (which would write again: a feedback loop).
     own_writes: Mutex<HashMap<String, (String, Instant)>>,
+    /// Per object: the resourceVersion of our last status write, kept when an event makes the
+    /// next reconcile due at once. A reconcile that starts from a cached object of another
+    /// version may predate that write (the watch cache lags): it reads the object afresh, so it
+    /// never acts on a status older than its own last write (a remap in flight would otherwise
+    /// be forgotten and "resumed").
+    last_status_write: Mutex<HashMap<String, String>>,
 }
 
 impl Context {
@@ -108,6 +114,7 @@ impl Context {
             settings,
             failures: Mutex::new(HashMap::new()),
             own_writes: Mutex::new(HashMap::new()),
+            last_status_write: Mutex::new(HashMap::new()),
         }
     }
 
@@ -153,9 +160,21 @@ impl Context {
     }
 
     fn remember_own_write(&self, moed: &MoEDeployment, rv: Option<String>, due: Instant) {
+        if let (Ok(mut last), Some(rv)) = (self.last_status_write.lock(), rv.as_ref()) {
+            last.insert(Self::key(moed), rv.clone());
+        }
         if let (Ok(mut map), Some(rv)) = (self.own_writes.lock(), rv) {
             map.insert(Self::key(moed), (rv, due));
         }
+    }
+
+    /// Whether the object in hand may be older than our last status write of it.
+    fn may_predate_own_write(&self, moed: &MoEDeployment) -> bool {
+        let Ok(last) = self.last_status_write.lock() else {
+            return false;
+        };
+        last.get(&Self::key(moed))
+            .is_some_and(|rv| moed.metadata.resource_version.as_deref() != Some(rv.as_str()))
     }
 
     fn reset_failures(&self, moed: &MoEDeployment) {
@@ -285,15 +304,33 @@ pub async fn reconcile(moed: Arc<MoEDeployment>, ctx: Arc<Context>) -> Result<Ac
     if let Some(left) = ctx.echo_of_own_write(&moed) {
         return Ok(Action::requeue(left.max(Duration::from_millis(100))));
     }
+    // A cached object of another version than our last write may predate it: read it afresh.
+    let fresh;
+    let moed: &MoEDeployment = if ctx.may_predate_own_write(&moed) {
+        let ns = moed.namespace().unwrap_or_default();
+        match Api::<MoEDeployment>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(&moed.name_any())
+            .await
+        {
+            Ok(Some(o)) => {
+                fresh = o;
+                &fresh
+            }
+            Ok(None) => return Ok(Action::await_change()),
+            Err(e) => return Err(Error::Kube(e)),
+        }
+    } else {
+        &moed
+    };
     let start = Instant::now();
-    let result = reconcile_inner(&moed, &ctx).await;
+    let result = reconcile_inner(moed, &ctx).await;
     ctx.metrics
         .reconcile_time
         .with_label_values(&[CONTROLLER])
         .observe(start.elapsed().as_secs_f64());
     match &result {
         Ok(_) => {
-            ctx.reset_failures(&moed);
+            ctx.reset_failures(moed);
             ctx.metrics
                 .reconcile_total
                 .with_label_values(&[CONTROLLER, "success"])

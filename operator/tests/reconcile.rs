@@ -647,6 +647,29 @@ async fn imbalance_is_published_and_a_remap_is_planned_persisted_driven_and_reco
     assert_eq!(h.placement().generation, 1);
 }
 
+/// A reconcile that starts from a cached object older than the operator's own last status
+/// write (the watch cache lags; a ConfigMap event made it due at once) reads the object afresh:
+/// the remap in flight keeps its trigger and predicted PAR instead of being "resumed" blind.
+#[tokio::test]
+async fn a_stale_cached_object_does_not_lose_the_remap_in_flight() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    h.workers.set_load(skewed(), 0, 100);
+    let before_plan = h.moed();
+    h.reconcile().await;
+    assert_eq!(h.status()["remap"]["trigger"], "Threshold");
+    let predicted = h.status()["remap"]["parPredicted"].clone();
+    // The next reconcile is handed the object as it was before that status write.
+    h.ctx.forget_own_write(NS, "demo");
+    controller::reconcile(Arc::new(before_plan), h.ctx.clone())
+        .await
+        .unwrap();
+    let st = h.status();
+    assert_eq!(st["remap"]["trigger"], "Threshold", "{st}");
+    assert_eq!(st["remap"]["parPredicted"], predicted);
+}
+
 #[tokio::test]
 async fn manual_request_is_handled_once() {
     let mut spec = spec_json();
