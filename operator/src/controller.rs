@@ -10,7 +10,6 @@ use futures::future::join_all;
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
@@ -758,18 +757,6 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
         &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
         &names.service_account,
         &resources::service_account(&resolved),
-    )
-    .await?;
-    apply(
-        &Api::<Role>::namespaced(client.clone(), &ns),
-        &names.role,
-        &resources::role(&resolved),
-    )
-    .await?;
-    apply(
-        &Api::<RoleBinding>::namespaced(client.clone(), &ns),
-        &names.role,
-        &resources::role_binding(&resolved),
     )
     .await?;
     apply(

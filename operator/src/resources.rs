@@ -12,7 +12,6 @@ use k8s_openapi::api::core::v1::{
     PodTemplateSpec, Probe, ResourceRequirements, SecretVolumeSource, Service, ServiceAccount,
     ServicePort, ServiceSpec, Volume, VolumeMount,
 };
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -54,6 +53,8 @@ pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 pub const TOKEN_KEY: &str = "token";
 pub const WORKER_CONTAINER: &str = "worker";
 pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Worker pods' termination grace period, seconds.
+pub const TERMINATION_GRACE_SECONDS: i64 = 75;
 
 pub const PLACEMENT_DIR: &str = "/etc/moe/placement";
 pub const CONTROL_DIR: &str = "/etc/moe/control";
@@ -67,7 +68,6 @@ pub struct Names {
     pub configmap: String,
     pub secret: String,
     pub service_account: String,
-    pub role: String,
 }
 
 impl Names {
@@ -78,7 +78,6 @@ impl Names {
             configmap: format!("{name}-placement"),
             secret: format!("{name}-control"),
             service_account: format!("{name}-worker"),
-            role: format!("{name}-worker"),
         }
     }
 }
@@ -147,39 +146,6 @@ pub fn service_account(r: &Resolved) -> ServiceAccount {
     ServiceAccount {
         metadata: meta(r, &names.service_account),
         ..Default::default()
-    }
-}
-
-/// The least a worker may need from the API: read its own placement ConfigMap.
-pub fn role(r: &Resolved) -> Role {
-    let names = Names::new(&r.name);
-    Role {
-        metadata: meta(r, &names.role),
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec![String::new()]),
-            resources: Some(vec!["configmaps".into()]),
-            resource_names: Some(vec![names.configmap.clone()]),
-            verbs: vec!["get".into(), "watch".into()],
-            ..Default::default()
-        }]),
-    }
-}
-
-pub fn role_binding(r: &Resolved) -> RoleBinding {
-    let names = Names::new(&r.name);
-    RoleBinding {
-        metadata: meta(r, &names.role),
-        role_ref: RoleRef {
-            api_group: "rbac.authorization.k8s.io".into(),
-            kind: "Role".into(),
-            name: names.role.clone(),
-        },
-        subjects: Some(vec![Subject {
-            kind: "ServiceAccount".into(),
-            name: names.service_account.clone(),
-            namespace: Some(r.namespace.clone()),
-            ..Default::default()
-        }]),
     }
 }
 
@@ -412,6 +378,15 @@ fn resources(r: &Resolved, spec: &MoEDeploymentSpec) -> ResourceRequirements {
         .clone()
         .or_else(|| r.defaults.resources.clone())
         .unwrap_or_default();
+    if spec.worker.backend == Backend::Cpu && !from_spec {
+        // The operator's defaults are for GPU groups: a CPU group must not wait for a GPU.
+        for list in [res.limits.as_mut(), res.requests.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            list.remove(GPU_RESOURCE);
+        }
+    }
     if spec.worker.backend == Backend::Cuda {
         // One GPU per rank: a spec that sets the count is checked by `validate`; the operator's
         // defaults are per rank, so their count is replaced by the pod's rank count.
@@ -534,12 +509,17 @@ fn pod_template(r: &Resolved, spec: &MoEDeploymentSpec) -> PodTemplateSpec {
         }),
         spec: Some(PodSpec {
             service_account_name: Some(names.service_account.clone()),
+            // Workers never call the API server (placement and token come as mounted files):
+            // no token in the pod, and no Role for the account.
+            automount_service_account_token: Some(false),
             containers: vec![container],
             volumes: Some(volumes),
             node_selector: spec.worker.node_selector.clone(),
             tolerations: spec.worker.tolerations.clone(),
             priority_class_name: spec.worker.priority_class_name.clone(),
-            termination_grace_period_seconds: Some(30),
+            // Longer than the worker's own stop grace (its comm timeout, 60 s by default, + 5 s),
+            // so a stopping group finishes its collectives instead of being killed mid-way.
+            termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
             security_context: Some(worker_pod_security_context()),
             ..Default::default()
         }),
@@ -962,18 +942,41 @@ mod tests {
         );
     }
 
+    /// A CPU group does not inherit the GPU limit of the operator's (GPU) defaults; a CUDA
+    /// group gets one GPU per rank of the pod.
     #[test]
-    fn rbac_is_limited_to_the_placement_configmap() {
-        let role = role(&resolved());
-        let rules = role.rules.unwrap();
-        assert_eq!(rules.len(), 1);
+    fn cpu_groups_request_no_gpu_from_the_defaults() {
+        let mut r = resolved();
+        let mut limits = BTreeMap::new();
+        limits.insert(GPU_RESOURCE.to_string(), Quantity("1".into()));
+        limits.insert("memory".to_string(), Quantity("64Gi".into()));
+        r.defaults.resources = Some(ResourceRequirements {
+            limits: Some(limits),
+            ..Default::default()
+        });
+        let mut spec = sample_spec();
+        spec.worker.resources = None;
+        spec.worker.backend = Backend::Cpu;
+        let limits = resources(&r, &spec).limits.unwrap();
+        assert!(!limits.contains_key(GPU_RESOURCE), "{limits:?}");
+        assert!(limits.contains_key("memory"));
+        spec.worker.backend = Backend::Cuda;
         assert_eq!(
-            rules[0].resource_names.as_ref().unwrap(),
-            &vec!["demo-placement".to_string()]
+            resources(&r, &spec).limits.unwrap()[GPU_RESOURCE],
+            Quantity("1".into())
         );
-        assert_eq!(rules[0].verbs, vec!["get", "watch"]);
-        let rb = role_binding(&resolved());
-        assert_eq!(rb.subjects.unwrap()[0].name, "demo-worker");
+    }
+
+    #[test]
+    fn workers_get_no_api_token() {
+        let sts = statefulset(&resolved(), &sample_spec());
+        let pod = sts.spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(
+            pod.termination_grace_period_seconds,
+            Some(TERMINATION_GRACE_SECONDS)
+        );
+        assert_eq!(pod.service_account_name.as_deref(), Some("demo-worker"));
     }
 
     #[test]

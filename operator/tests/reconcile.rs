@@ -145,8 +145,6 @@ async fn first_reconcile_applies_owned_objects_with_owner_references() {
         STS,
         "/api/v1/namespaces/ml/services/demo-workers",
         "/api/v1/namespaces/ml/serviceaccounts/demo-worker",
-        "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/roles/demo-worker",
-        "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/rolebindings/demo-worker",
         "/api/v1/namespaces/ml/secrets/demo-control",
     ] {
         let obj = h

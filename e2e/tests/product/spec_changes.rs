@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use anyhow::{Result, ensure};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams};
 use moe_e2e::wait;
@@ -135,8 +134,6 @@ async fn spec_changes_and_deletion() -> Result<()> {
     wait::deleted::<ConfigMap>(&client, ns, &format!("{name}-placement"), T).await?;
     wait::deleted::<Secret>(&client, ns, &format!("{name}-control"), T).await?;
     wait::deleted::<ServiceAccount>(&client, ns, &format!("{name}-worker"), T).await?;
-    wait::deleted::<Role>(&client, ns, &format!("{name}-worker"), T).await?;
-    wait::deleted::<RoleBinding>(&client, ns, &format!("{name}-worker"), T).await?;
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), ns);
     let sel = worker_selector(name);
     wait::until(T, "worker pods gone", || {
@@ -153,6 +150,6 @@ async fn spec_changes_and_deletion() -> Result<()> {
         async move { Ok((!running?).then_some(())) }
     })
     .await?;
-    println!("deleted: StatefulSet, Service, ConfigMap, Secret, SA, Role, RoleBinding, pods gone");
+    println!("deleted: StatefulSet, Service, ConfigMap, Secret, SA, pods gone");
     Ok(())
 }
