@@ -93,6 +93,16 @@ impl Harness {
         serde_json::from_str(cm["data"]["placement.json"].as_str().unwrap()).unwrap()
     }
 
+    /// A new placement generation committed in the ConfigMap (same rows), as a planner's
+    /// remap would leave it before the ranks are asked to move.
+    fn commit_next_generation(&self) {
+        let mut cm = self.api.get(CM).unwrap();
+        let mut doc = self.placement();
+        doc.generation += 1;
+        cm["data"]["placement.json"] = json!(serde_json::to_string(&doc).unwrap());
+        self.api.put(CM, cm);
+    }
+
     fn set_spec(&self, spec: Value, generation: i64) {
         let mut obj = self.api.get(MOED).unwrap();
         obj["spec"] = spec;
@@ -493,11 +503,7 @@ async fn failed_remap_restarts_the_group_into_the_committed_placement() {
     let h = Harness::new(spec_json());
     h.reconcile().await;
     h.add_ready_pods(2);
-    let mut cm = h.api.get(CM).unwrap();
-    let mut doc = h.placement();
-    doc.generation = 1;
-    cm["data"]["placement.json"] = json!(serde_json::to_string(&doc).unwrap());
-    h.api.put(CM, cm);
+    h.commit_next_generation();
     h.workers.state.lock().unwrap().fail_remap = true;
     h.reconcile().await; // asks the ranks to move; they fail
     h.reconcile().await; // sees the failure
@@ -521,11 +527,7 @@ async fn a_diverged_rank_restarts_the_group_into_the_committed_placement() {
     let h = Harness::new(spec_json());
     h.reconcile().await;
     h.add_ready_pods(2);
-    let mut cm = h.api.get(CM).unwrap();
-    let mut doc = h.placement();
-    doc.generation = 1;
-    cm["data"]["placement.json"] = json!(serde_json::to_string(&doc).unwrap());
-    h.api.put(CM, cm);
+    h.commit_next_generation();
     h.workers.state.lock().unwrap().diverged = true;
     h.reconcile().await;
     assert_eq!(h.condition("Rebalancing")["reason"], "RemapConflict");
@@ -1053,11 +1055,7 @@ async fn a_failed_remap_restart_counts_against_the_budget_and_is_recorded_once()
     obj["status"]["recentGroupRestarts"] = json!([jiff::Timestamp::now().to_string()]);
     h.api.put(MOED, obj);
     add_group(&h, 2, 1);
-    let mut cm = h.api.get(CM).unwrap();
-    let mut doc = h.placement();
-    doc.generation = 1;
-    cm["data"]["placement.json"] = json!(serde_json::to_string(&doc).unwrap());
-    h.api.put(CM, cm);
+    h.commit_next_generation();
     h.workers.state.lock().unwrap().fail_remap = true;
     h.reconcile().await; // asks the ranks to move; they fail
     h.reconcile().await; // sees the failure: restart held
