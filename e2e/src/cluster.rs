@@ -588,7 +588,7 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
 
 /// Polls `ok` every 200 ms until it returns true, failing early with the log tail if one of
 /// `procs` exits, or after `timeout`.
-async fn wait_until<F, Fut>(
+pub(crate) async fn wait_until<F, Fut>(
     procs: &mut [ManagedProcess],
     timeout: Duration,
     what: &str,

@@ -31,6 +31,7 @@ pub use net::NodeNet;
 pub use select::{NodeMode, Nodes};
 
 use crate::bins::Bins;
+use crate::cluster::wait_until;
 use crate::nodes::GPU_RESOURCE;
 use crate::process::{ManagedProcess, log_tail};
 
@@ -221,10 +222,10 @@ impl RealNode {
             cmd,
             &logs.join("containerd.log"),
         )?);
-        wait(
+        wait_until(
             &mut node.procs,
-            "containerd",
             Duration::from_secs(60),
+            "containerd",
             || async { paths.containerd_sock().exists() },
         )
         .await?;
@@ -283,10 +284,10 @@ impl RealNode {
 
         // The node registers itself; give it its GPUs and wait until it is Ready.
         let nodes: Api<Node> = Api::all(client.clone());
-        wait(
+        wait_until(
             &mut node.procs,
-            "node registration",
             START_TIMEOUT,
+            "node registration",
             || async { matches!(nodes.get_opt(NODE_NAME).await, Ok(Some(_))) },
         )
         .await?;
@@ -296,10 +297,10 @@ impl RealNode {
             .patch_status(NODE_NAME, &PatchParams::default(), &Patch::Merge(&patch))
             .await
             .context("patching the node's GPU capacity")?;
-        wait(
+        wait_until(
             &mut node.procs,
-            "node Ready with its GPUs",
             START_TIMEOUT,
+            "node Ready with its GPUs",
             || async {
                 nodes
                     .get_opt(NODE_NAME)
@@ -480,40 +481,6 @@ impl RealNodeHandle {
             .map(str::to_string)
             .filter(|l| !l.is_empty())
             .collect())
-    }
-}
-
-/// Polls `ok` every 200 ms, failing early with the log tail if a node process exits.
-async fn wait<F, Fut>(
-    procs: &mut [ManagedProcess],
-    what: &str,
-    timeout: Duration,
-    mut ok: F,
-) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        for p in procs.iter_mut() {
-            p.ensure_running()
-                .with_context(|| format!("while waiting for {what}"))?;
-        }
-        if ok().await {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            let tails: Vec<String> = procs
-                .iter()
-                .map(|p| format!("---- {} ----\n{}", p.name(), log_tail(p.log_path(), 20)))
-                .collect();
-            bail!(
-                "timed out after {timeout:?} waiting for {what}\n{}",
-                tails.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
