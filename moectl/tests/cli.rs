@@ -1,68 +1,13 @@
 //! Runs the `moectl` binary end to end with temporary files.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
+
+use common::*;
 
 use serde_json::Value;
 
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!("moectl-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("temp dir");
-        Dir(p)
-    }
-    fn file(&self, name: &str, text: &str) -> String {
-        let p = self.0.join(name);
-        std::fs::write(&p, text).expect("write");
-        p.display().to_string()
-    }
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).display().to_string()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn moectl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moectl"))
-        .args(args)
-        .output()
-        .expect("run moectl")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// Two layers, eight experts, skewed.
 const LOAD: &str = "[[100, 50, 20, 10, 5, 5, 5, 5], [10, 10, 10, 10, 80, 90, 1, 1]]";
-
-/// Asserts a one-line error with exit code 2 that mentions `needle`.
-fn assert_bad(o: &Output, needle: &str) {
-    assert_eq!(o.status.code(), Some(2), "stderr: {}", stderr(o));
-    let err = stderr(o);
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
-    assert!(
-        err.to_lowercase().contains(&needle.to_lowercase()),
-        "expected '{needle}' in: {err}"
-    );
-    assert!(
-        stdout(o).is_empty(),
-        "stdout should be empty: {}",
-        stdout(o)
-    );
-}
 
 #[test]
 fn plan_writes_placement_json_and_eval_reads_it() {

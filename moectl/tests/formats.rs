@@ -2,45 +2,16 @@
 //! real SGLang `torch.save` dumps (made by eplb/tests/data/sglang/make_dumps.py with torch),
 //! vLLM per-slot loads, and the one-line errors.
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::{Command, Output};
+
+use common::*;
 
 use serde_json::{Value, json};
 
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!("moectl-fmt-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("temp dir");
-        Dir(p)
-    }
-    fn file(&self, name: &str, text: &str) -> String {
-        let p = self.0.join(name);
-        std::fs::write(&p, text).expect("write");
-        p.display().to_string()
-    }
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).display().to_string()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn data(name: &str) -> String {
     format!("{}/../eplb/tests/data/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn moectl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moectl"))
-        .args(args)
-        .output()
-        .expect("run moectl")
 }
 
 fn ok(o: &Output) -> String {
@@ -58,17 +29,6 @@ fn json_of(o: &Output) -> Value {
 
 fn read_json(path: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("JSON")
-}
-
-fn assert_bad(o: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
-    assert!(
-        err.to_lowercase().contains(&needle.to_lowercase()),
-        "expected '{needle}' in: {err}"
-    );
-    assert!(o.stdout.is_empty());
 }
 
 #[test]

@@ -2,16 +2,12 @@
 //! bad configs.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn moectl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moectl"))
-        .args(args)
-        .output()
-        .expect("run moectl")
-}
+mod common;
+
+use common::moectl;
 
 fn fixtures() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models");
