@@ -274,10 +274,17 @@ fn several_ranks_per_process_form_one_group() {
 fn a_local_rank_that_cannot_start_ends_the_process_promptly() {
     // Rank 1's HTTP port (http + 1) is taken: the process must exit non-zero naming it, without
     // waiting for rank 0's rendezvous to time out (20 s here).
-    let [leader, http] = free_port_pairs(2)[..] else {
-        unreachable!()
-    };
-    let _taken = TcpListener::bind(("0.0.0.0", http + 1)).unwrap();
+    // The pairs are free when chosen but not reserved: a test running beside this one may take
+    // a port in between, so choose again until http + 1 can be held here.
+    let (leader, http, _taken) = (0..50)
+        .find_map(|_| {
+            let [leader, http] = free_port_pairs(2)[..] else {
+                unreachable!()
+            };
+            let taken = TcpListener::bind(("0.0.0.0", http + 1)).ok()?;
+            Some((leader, http, taken))
+        })
+        .expect("a free port pair whose http + 1 can be held");
     let mut p = worker(
         0,
         4,
