@@ -326,8 +326,8 @@ impl Checkpoint {
             })
     }
 
-    /// Checks a linear weight's presence, shape and dtype (and its scales when FP8).
-    fn check_weight(&self, name: &str, shape: &[usize], why: &str) -> Result<()> {
+    /// The tensor's entry, when it is present with this shape (`why` names the shape).
+    fn entry_of_shape(&self, name: &str, shape: &[usize], why: &str) -> Result<&Entry> {
         let e = self.entry(name)?;
         if e.info.shape != shape {
             return Err(CheckpointError::Shape {
@@ -337,6 +337,12 @@ impl Checkpoint {
                 why: why.into(),
             });
         }
+        Ok(e)
+    }
+
+    /// Checks a linear weight's presence, shape and dtype (and its scales when FP8).
+    fn check_weight(&self, name: &str, shape: &[usize], why: &str) -> Result<()> {
+        let e = self.entry_of_shape(name, shape, why)?;
         match e.info.dtype {
             Dtype::BF16 | Dtype::F16 | Dtype::F32 => Ok(()),
             Dtype::F8_E4M3 => {
@@ -462,15 +468,7 @@ impl Checkpoint {
 
     /// A tensor that is never quantised (router, bias, shared-expert gate).
     fn check_plain(&self, name: &str, shape: &[usize], why: &str) -> Result<()> {
-        let e = self.entry(name)?;
-        if e.info.shape != shape {
-            return Err(CheckpointError::Shape {
-                name: name.into(),
-                found: e.info.shape.clone(),
-                expected: shape.to_vec(),
-                why: why.into(),
-            });
-        }
+        let e = self.entry_of_shape(name, shape, why)?;
         match e.info.dtype {
             Dtype::BF16 | Dtype::F16 | Dtype::F32 => Ok(()),
             found => Err(CheckpointError::Dtype {
