@@ -7,7 +7,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::moectl;
+use common::{Dir, moectl};
 
 fn fixtures() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models");
@@ -126,18 +126,12 @@ fn inspect_text_prints_a_spec_model_stanza() {
 
 #[test]
 fn bad_configs_end_with_exit_2_and_one_line() {
-    let dir = std::env::temp_dir().join(format!("moectl-model-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let write = |name: &str, text: &str| {
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        p.display().to_string()
-    };
-    let llama = write(
+    let dir = Dir::new("bad-configs");
+    let llama = dir.file(
         "llama.json",
         r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64}"#,
     );
-    let partial = write(
+    let partial = dir.file(
         "partial.json",
         r#"{"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 64}"#,
     );
@@ -154,7 +148,6 @@ fn bad_configs_end_with_exit_2_and_one_line() {
         assert!(err.contains(needle), "{path}: {err}");
         assert!(out.stdout.is_empty());
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -176,17 +169,17 @@ fn plan_takes_the_shape_from_the_checkpoint_and_refuses_another() {
     .unwrap();
     let layers = desc["moeLayers"].as_array().unwrap().len();
     let experts = desc["numExperts"].as_u64().unwrap() as usize;
-    let tmp = std::env::temp_dir().join(format!("moectl-model-plan-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp = Dir::new("model-plan");
     let load_of = |l: usize, e: usize| {
         let rows: Vec<Vec<u64>> = (0..l)
             .map(|i| (0..e).map(|j| ((i + 1) * (j * j + 1)) as u64).collect())
             .collect();
-        let p = tmp.join(format!("load-{l}x{e}.json"));
-        std::fs::write(&p, serde_json::to_string(&rows).unwrap()).unwrap();
-        p.display().to_string()
+        tmp.file(
+            &format!("load-{l}x{e}.json"),
+            &serde_json::to_string(&rows).unwrap(),
+        )
     };
-    let out_path = tmp.join("sglang.json").display().to_string();
+    let out_path = tmp.path("sglang.json");
     let (good, bad_experts, bad_layers) = (
         load_of(layers, experts),
         load_of(layers, experts + 4),
@@ -240,5 +233,4 @@ fn plan_takes_the_shape_from_the_checkpoint_and_refuses_another() {
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(err.contains(needle), "{err}");
     }
-    let _ = std::fs::remove_dir_all(&tmp);
 }
