@@ -83,6 +83,10 @@ pub struct BenchRow {
     pub history_worst_par: f64,
     pub next_mean_par: f64,
     pub next_worst_par: f64,
+    /// Mean over [`NEXT_DRAWS`] draws of the next window from the generator's own law (given
+    /// everything before it) of the next-window mean PAR: the plan's expected next-window PAR,
+    /// without the luck of the one window that happened.
+    pub expected_next_par: f64,
     pub slots_moved: usize,
     pub slots_total: usize,
     /// Median planning time.
@@ -122,6 +126,7 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
     let older = all.slice(0..h)?;
     let history = all.slice(h..2 * h)?;
     let next = &all.windows()[2 * h];
+    let next_draws = draw_next_windows(&expected[2 * h], &spec, opts.seed ^ 0x6e78_7464);
     let shape = bs.shape;
     let slots_total = shape.slots() * bs.num_layers;
     let previous = planner_by_name("joint")?
@@ -138,6 +143,10 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
      -> Result<BenchRow> {
         let hs = score_history(p, &history)?;
         let ns = score(p, next)?;
+        let mut expected_next_par = 0.0;
+        for d in &next_draws {
+            expected_next_par += score(p, d)?.mean / next_draws.len() as f64;
+        }
         Ok(BenchRow {
             algorithm: name.to_string(),
             shape: bs.name.to_string(),
@@ -145,6 +154,7 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
             history_worst_par: hs.worst,
             next_mean_par: ns.mean,
             next_worst_par: ns.worst,
+            expected_next_par,
             slots_moved: migration_cost(&previous, p, 0)?.slots,
             slots_total,
             plan_ms: ms,
@@ -262,6 +272,17 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
         history_worst_par: f64::NAN,
         next_mean_par: bound,
         next_worst_par: f64::NAN,
+        expected_next_par: {
+            let mut b = 0.0;
+            for d in &next_draws {
+                b += (0..bs.num_layers)
+                    .map(|l| crate::planner::par_lower_bound(&shape, &d[l]))
+                    .sum::<f64>()
+                    / bs.num_layers as f64
+                    / next_draws.len() as f64;
+            }
+            b
+        },
         slots_moved: 0,
         slots_total,
         plan_ms: 0.0,
@@ -273,6 +294,37 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
         cross_node_floor: f64::NAN,
     });
     Ok(rows)
+}
+
+/// Draws of the next window behind [`BenchRow::expected_next_par`].
+pub const NEXT_DRAWS: usize = 32;
+
+/// [`NEXT_DRAWS`] draws of the next window `[L][E]` from the generator's law given its state
+/// after the history: expected counts (`expected`, one drift step ahead without its noise)
+/// times a log-normal drift step per expert, renormalised to the window's tokens, then the
+/// Poisson-like counting noise (as in [`crate::synth::generate`]).
+fn draw_next_windows(expected: &[Vec<f64>], spec: &TraceSpec, seed: u64) -> Vec<Vec<Vec<f64>>> {
+    let mut rng = crate::synth::Rng::new(seed);
+    (0..NEXT_DRAWS)
+        .map(|_| {
+            expected
+                .iter()
+                .map(|row| {
+                    let w: Vec<f64> = row
+                        .iter()
+                        .map(|&v| v * (spec.drift * rng.normal()).exp())
+                        .collect();
+                    let z: f64 = w.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+                    w.iter()
+                        .map(|&v| {
+                            let lambda = spec.tokens_per_window * v / z;
+                            (lambda + lambda.sqrt() * rng.normal()).round().max(0.0)
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Node slack of the extra `joint` row on shapes with several nodes (the default is 0.25%).
@@ -290,7 +342,7 @@ pub const BOUND_ROW: &str = "lower bound (next window)";
 /// Markdown table of benchmark rows.
 pub fn markdown_table(rows: &[BenchRow]) -> String {
     let mut s = String::from(
-        "| shape | algorithm | history mean PAR | history worst PAR | next mean PAR | next worst PAR | slots moved | cross-node moves | cross-node tokens (next) | plan ms (min / median) | threads | gap to bound (mean / max) |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| shape | algorithm | history mean PAR | history worst PAR | next mean PAR | next worst PAR | expected next PAR | slots moved | cross-node moves | cross-node tokens (next) | plan ms (min / median) | threads | gap to bound (mean / max) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let (time, threads) = if r.threads == 0 {
@@ -322,13 +374,14 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
             )
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.shape,
             r.algorithm,
             par(r.history_mean_par),
             par(r.history_worst_par),
             par(r.next_mean_par),
             par(r.next_worst_par),
+            par(r.expected_next_par),
             moved,
             cross_moves,
             cross_tokens,
@@ -411,6 +464,25 @@ pub fn summary(rows: &[BenchRow]) -> String {
                     ));
                 }
             }
+            // The same in expectation over draws of the next window: what remains once the
+            // luck of the one window that happened is averaged out.
+            let below = |r: &BenchRow| 100.0 * (1.0 - r.expected_next_par / lpt.expected_next_par);
+            out.push_str(&format!(
+                "expected next-window PAR over {NEXT_DRAWS} draws: lpt {:.4}, joint {:.4} ({:.2}% below lpt)",
+                lpt.expected_next_par,
+                joint.expected_next_par,
+                below(joint),
+            ));
+            for reference in [PREDICTION_ROW, DISTRIBUTION_ROW] {
+                if let Some(r) = of(reference) {
+                    out.push_str(&format!(
+                        ", {reference} {:.4} ({:.2}% below lpt)",
+                        r.expected_next_par,
+                        below(r)
+                    ));
+                }
+            }
+            out.push_str("; ");
             if let Some(b) = of(BOUND_ROW) {
                 out.push_str(&format!(
                     "next-window lower bound {:.4}: lpt is {:.2}% above it, joint {:.2}%; ",

@@ -68,7 +68,7 @@ distance to its lower bound (per layer; mean and max over layers). Three referen
 plans from the history: joint planned on the next window itself (hindsight), on the generator's \
 expected next window (perfect prediction: it knows the hidden popularity state, only the next \
 drift step and the counting noise are unknown), and on 16 draws from the next window's true \
-distribution; and the next window's lower bound (largest water-filled replica load, at least 1).";
+distribution; and the next window's lower bound (largest water-filled replica load, at least 1). `expected next PAR` is the next-window mean PAR averaged over 32 draws of the next window from the generator's own law given everything before it (drift step and counting noise): the plan's expected next-window PAR, without the luck of the one window that happened (the hindsight row is planned on that window, so its expectation is what a plan for one realisation gives on others).";
 
 /// The model name from /proc/cpuinfo, or "unknown CPU".
 fn cpu_model() -> String {

@@ -7,24 +7,41 @@
 //! * Symmetry: ranks in the same state (same loads in every episode, same free slots) are
 //!   interchangeable, so within such a class only one canonical distribution is tried (the
 //!   first members get the most replicas). At the root every rank is in one class.
+//! * Counts: below the cut every replica count must exceed `agg / cut` (a replica's rank
+//!   carries `x / c` in every episode); with the slots left that also caps every count.
 //! * Bound (per episode, summed with the episode weights; a lower bound on the objective
-//!   `F = sum_w weight_w * max_r load_{w,r}` of every completion):
-//!   the larger of (a) the heaviest rank so far, (b) the water level: the load still to place
-//!   poured into the ranks that still have free slots, (c) per open rank, its load plus its
-//!   free slots filled with the smallest replicas the remaining experts can have, and (d) the
-//!   same for the k heaviest open ranks together (their mean), for every k.
+//!   `F = sum_w weight_w * max_r load_{w,r}` of every completion), the largest of:
+//!   (a) the heaviest rank so far; (b) the water level of the load still to place over the
+//!   open ranks; (c) per open rank, its load plus its smallest fill; (d) for the j heaviest open ranks together: their mean with the smallest
+//!   fill, and the j-th heaviest plus the largest of the replicas they must take; (e) with two
+//!   slots per rank, the sorted pairing of the half-filled ranks' loads and the remaining
+//!   replicas' lower bounds.
 //! * Feasibility: every slot must be filled and (unless forced) no rank holds an expert twice,
 //!   so a rank can never have more free slots than there are experts left.
-//! * Seeded with the heuristic's objective; finishing within the node budget proves the
+//! * Seeded with the best objective known; finishing within the node budget proves the
 //!   incumbent optimal.
 
 use super::problem::Problem;
 
 /// Node budget of one layer's exact search (about half a second on the slowest instances of
-/// the sweep in docs/benchmarks/eplb.md). Instances that need more are reported as not proven:
-/// near-perfect partitions (optimum within 0.1% of the mean bound) with 4-16 ranks and 12-16
-/// experts are the hard ones.
+/// the sweep in docs/benchmarks/eplb-exact.md). Instances that need more are reported as not
+/// proven: near-perfect partitions (optimum within 0.1% of the mean bound) with 4-8 ranks and
+/// 10-16 experts, and multi-window ones with 4-16 ranks, are the hard ones.
 pub(crate) const EXACT_NODES: usize = 1_000_000;
+
+/// Counts one more node of a budgeted search. False (and `aborted` set) once the budget is
+/// spent or the search was already aborted: the caller returns without expanding the node.
+pub(crate) fn spend_node(nodes: &mut usize, budget: usize, aborted: &mut bool) -> bool {
+    if *aborted {
+        return false;
+    }
+    *nodes += 1;
+    if *nodes > budget {
+        *aborted = true;
+        return false;
+    }
+    true
+}
 
 /// The node budget for a problem: a node costs time in proportion to the episodes, so the
 /// budget shrinks with them (1 episode: [`EXACT_NODES`]; 4: 40%; 8: 22%).
@@ -39,6 +56,8 @@ pub(crate) struct ExactResult {
     /// The search finished: nothing is better than the returned row (or than the seed) by
     /// more than the tolerance.
     pub proven: bool,
+    /// Nodes the search visited.
+    pub nodes: usize,
 }
 
 /// Whether the exact search is tried on a layer of this size.
@@ -72,6 +91,15 @@ struct Search<'p> {
     small: Vec<f64>,
     prefix: Vec<f64>,
     open: Vec<(f64, usize)>,
+    /// Per position in `order` (from the current depth on): the fewest and the most replicas
+    /// the expert can still get in a placement below `cut`.
+    cmin: Vec<usize>,
+    cmax: Vec<usize>,
+    /// Sorted lower bounds of the remaining replicas (`z[t]` <= the t-th smallest).
+    z: Vec<f64>,
+    pairs: Vec<(f64, usize)>,
+    /// Half-filled ranks' loads and remaining replicas, for the pairing bound.
+    units: Vec<f64>,
 }
 
 /// Runs the exact search on `p`, looking for a placement with objective below `seed_f`. With
@@ -108,28 +136,66 @@ pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize, tolerance: f64) -> 
         small: Vec::with_capacity(p.e),
         prefix: Vec::with_capacity(p.slots() + 1),
         open: Vec::with_capacity(p.g),
+        cmin: vec![1; p.e],
+        cmax: vec![1; p.e],
+        z: Vec::with_capacity(p.slots()),
+        pairs: Vec::with_capacity(p.e),
+        units: Vec::with_capacity(2 * p.slots()),
     };
     s.expert(0);
+    if std::env::var("EPLB_DEBUG").is_ok() {
+        eprintln!(
+            "exact: tolerance {tolerance} nodes {} proven {}",
+            s.nodes, !s.aborted
+        );
+    }
     ExactResult {
         row: s.best_row,
         proven: !s.aborted,
+        nodes: s.nodes,
     }
 }
 
 impl Search<'_> {
+    /// Sets `cmin`/`cmax` for the experts `order[i..]` from the cut, or returns false when no
+    /// completion can get below it. A replica of expert `e` alone puts `x[e][k] / c` on its
+    /// rank in every episode, so `F >= agg[e] / c`: below the cut needs `c > agg[e] / cut`.
+    /// Without duplicates an expert has at most one replica per open rank.
+    fn count_ranges(&mut self, i: usize) -> bool {
+        let p = self.p;
+        let free_slots: usize = self.free.iter().sum();
+        let open = self.free.iter().filter(|&&f| f > 0).count();
+        let cap = if p.dup_ok { free_slots } else { open }.min(p.max_rep);
+        let mut sum_min = 0;
+        for j in i..p.e {
+            let a = p.agg[self.order[j]];
+            let c = if a > 0.0 && self.cut > 0.0 {
+                ((a / self.cut) - 1e-9).ceil().max(1.0) as usize
+            } else {
+                1
+            };
+            if c > cap {
+                return false;
+            }
+            self.cmin[j] = c;
+            sum_min += c;
+        }
+        if sum_min > free_slots {
+            return false;
+        }
+        for j in i..p.e {
+            self.cmax[j] = cap.min(free_slots - (sum_min - self.cmin[j]));
+        }
+        true
+    }
+
     /// Lower bound of every completion of the current partial placement, where experts
-    /// `order[i..]` are still to be placed.
+    /// `order[i..]` are still to be placed with counts in `cmin..=cmax`.
     fn bound(&mut self, i: usize) -> f64 {
         let p = self.p;
         let w = p.w;
         let left = p.e - i;
         let free_slots: usize = self.free.iter().sum();
-        let cmax = if left == 0 {
-            1
-        } else {
-            let c = free_slots + 1 - left;
-            if p.dup_ok { c } else { c.min(p.g) }.min(p.max_rep).max(1)
-        };
         let mut total = 0.0;
         for k in 0..w {
             if p.omega[k] == 0.0 {
@@ -146,40 +212,65 @@ impl Search<'_> {
             }
             if left > 0 {
                 self.scratch.sort_by(f64::total_cmp);
-                // (c) every open rank receives exactly its free slots' worth of replicas of
-                // distinct remaining experts, each at least that expert's load / cmax.
+                // The smallest replica each remaining expert can have, one per expert.
                 self.small.clear();
+                self.pairs.clear();
                 for j in i..p.e {
-                    self.small.push(p.x[self.order[j] * w + k] / cmax as f64);
+                    let v = p.x[self.order[j] * w + k] / self.cmax[j] as f64;
+                    self.small.push(v);
+                    self.pairs.push((v, self.cmax[j]));
                 }
                 self.small.sort_by(f64::total_cmp);
+                self.pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+                // z: sorted lower bounds of the remaining replicas. Two valid ones, taken
+                // element by element: every expert has at most cmax copies of at least
+                // load / cmax; and every expert has one replica of at least load / cmax, the
+                // others at least the smallest of those.
+                self.z.clear();
+                'fill: for &(v, c) in &self.pairs {
+                    for _ in 0..c {
+                        if self.z.len() == free_slots {
+                            break 'fill;
+                        }
+                        self.z.push(v);
+                    }
+                }
+                let extra = free_slots - left;
+                for t in 0..free_slots {
+                    let alt = if t < extra {
+                        self.small[0]
+                    } else {
+                        self.small[t - extra]
+                    };
+                    if alt > self.z[t] {
+                        self.z[t] = alt;
+                    }
+                }
+                self.prefix.clear();
+                self.prefix.push(0.0);
+                let mut acc = 0.0;
+                for &v in &self.z {
+                    acc += v;
+                    self.prefix.push(acc);
+                }
+                // (c) every open rank receives its free slots' worth of replicas (of distinct
+                // remaining experts unless duplicates are forced).
                 for r in 0..p.g {
                     let f = self.free[r];
                     if f == 0 {
                         continue;
                     }
-                    let fill: f64 = if p.dup_ok {
-                        self.small[0] * f as f64
-                    } else {
-                        self.small[..f.min(self.small.len())].iter().sum()
-                    };
+                    let mut fill = self.prefix[f];
+                    if !p.dup_ok {
+                        fill = fill.max(self.small[..f.min(self.small.len())].iter().sum());
+                    }
                     m = m.max(self.loads[r * w + k] + fill);
                 }
-                // (d) the k heaviest open ranks together receive their free slots' worth of
-                // replicas, at least the smallest that many can weigh (one per remaining expert
-                // at load / cmax, the rest copies of the smallest): their mean final load.
-                let extra = free_slots - left;
-                self.prefix.clear();
-                self.prefix.push(0.0);
-                let mut acc = 0.0;
-                for _ in 0..extra {
-                    acc += self.small[0];
-                    self.prefix.push(acc);
-                }
-                for &v in &self.small {
-                    acc += v;
-                    self.prefix.push(acc);
-                }
+                // (d) the j heaviest open ranks together receive n_j = their free slots'
+                // replicas: their mean final load is at least (loads + z_1 + .. + z_{n_j}) / j;
+                // and one of them receives a replica of at least z_{n_j}, which with its other
+                // free slots (at least the smallest replicas) lands on a load of at least the
+                // j-th heaviest's.
                 self.open.clear();
                 self.open.extend(
                     (0..p.g)
@@ -187,13 +278,32 @@ impl Search<'_> {
                         .map(|r| (self.loads[r * w + k], self.free[r])),
                 );
                 self.open.sort_by(|a, b| b.0.total_cmp(&a.0));
-                let (mut sum_l, mut sum_f) = (0.0, 0usize);
+                let (mut sum_l, mut sum_f, mut min_f) = (0.0, 0usize, usize::MAX);
                 for (idx, &(l, f)) in self.open.iter().enumerate() {
                     sum_l += l;
                     sum_f += f;
+                    min_f = min_f.min(f);
                     m = m.max((sum_l + self.prefix[sum_f]) / (idx + 1) as f64);
+                    m = m.max(l + self.z[sum_f - 1] + self.prefix[min_f - 1]);
                 }
-                // (b) water level of the remaining load over the open ranks.
+                // (e) two slots per rank: the final ranks pair the loads of the half-filled
+                // ranks and the remaining replicas (at least z). Pairing that multiset
+                // freely (heaviest with lightest: optimal for pairs) cannot do better, and
+                // its value grows with the replicas.
+                if p.s == 2 {
+                    self.units.clear();
+                    self.units
+                        .extend(self.open.iter().filter(|o| o.1 == 1).map(|o| o.0));
+                    self.units.extend_from_slice(&self.z);
+                    self.units.sort_by(f64::total_cmp);
+                    let n = self.units.len();
+                    for t in 0..n / 2 {
+                        m = m.max(self.units[t] + self.units[n - 1 - t]);
+                    }
+                }
+                // (b) water level of the remaining load over the open ranks. (Capping each
+                // rank's share at its largest possible fill was tried: 60% more time per node
+                // and no instance of the sweep proven that was not before.)
                 let remaining = self.rest[i * w + k];
                 let n = self.scratch.len();
                 let mut prefix = 0.0;
@@ -214,12 +324,7 @@ impl Search<'_> {
     }
 
     fn expert(&mut self, i: usize) {
-        if self.aborted {
-            return;
-        }
-        self.nodes += 1;
-        if self.nodes > self.budget {
-            self.aborted = true;
+        if !spend_node(&mut self.nodes, self.budget, &mut self.aborted) {
             return;
         }
         let p = self.p;
@@ -241,15 +346,15 @@ impl Search<'_> {
         if !p.dup_ok && self.free.iter().any(|&f| f > left) {
             return;
         }
-        if self.bound(i) >= self.cut {
+        if !self.count_ranges(i) || self.bound(i) >= self.cut {
             return;
         }
-        let cmax = {
-            let c = free_slots + 1 - left;
-            if p.dup_ok { c } else { c.min(p.g) }.min(p.max_rep)
+        let (cmin, cmax) = if left == 1 {
+            (free_slots, free_slots)
+        } else {
+            (self.cmin[i], self.cmax[i])
         };
-        let cmin = if left == 1 { free_slots } else { 1 };
-        if cmin > cmax {
+        if cmin < self.cmin[i] || cmax > self.cmax[i] || cmin > cmax {
             return;
         }
         // Counts nearest the water-filling suggestion first.
@@ -258,7 +363,12 @@ impl Search<'_> {
         counts.sort_by_key(|&c| (c.abs_diff(hint), std::cmp::Reverse(c)));
         let classes = self.classes();
         let mut take = vec![0usize; p.g];
+        let agg = p.agg[self.order[i]];
         for c in counts {
+            // A better incumbent found meanwhile may rule this count out.
+            if agg / c as f64 >= self.cut + 1e-9 {
+                continue;
+            }
             self.distribute(i, c, &classes, 0, &mut take);
             if self.aborted {
                 return;

@@ -1,9 +1,10 @@
 //! `joint`: replica counts and placement chosen together, over several episodes.
 //!
 //! 1. Small instances (up to 24 experts and 48 slots): the exact branch-and-bound of
-//!    [`super::exact`] (replica counts and ranks chosen together, expert by expert), seeded
-//!    with the heuristic's objective. When it finishes within its node budget the result is
-//!    proven optimal.
+//!    [`super::exact`] (replica counts and ranks chosen together, expert by expert), or with
+//!    two slots per rank the search over replica counts of [`super::pairs`], seeded with the
+//!    heuristic's objective. When it finishes within its node budget the result is proven
+//!    optimal.
 //! 2. Otherwise: two starts — (a) min-max replication on the episode-weighted load, then
 //!    episode-aware packing (each replica to the rank that raises the objective least), and
 //!    (b) the greedy plan — each improved by local search (swaps between critical and other
@@ -14,6 +15,7 @@ use crate::shape::Shape;
 
 use super::exact;
 use super::greedy::greedy_row;
+use super::pairs;
 use super::problem::{Problem, State, water_fill};
 
 /// Iteration cap of the local search (each iteration applies one improving move).
@@ -134,11 +136,39 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
     let f0 = p.objective(&row).0;
     let mut best = row;
     let mut f_best = f0;
-    // First the exact proof (half the budget); when it runs out, searches that only look for
-    // placements more than 0.1%, then 1% better (a quarter each), which close near-perfect
-    // partitions.
-    for (tolerance, share) in [(0.0, 2), (GAP_TOLERANCES[0], 4), (GAP_TOLERANCES[1], 4)] {
-        let ex = exact::solve(p, f_best, exact::budget(p) / share, tolerance);
+    // Two slots per rank: the search needs far fewer nodes from the pairing start.
+    if let Some(r) = pairs::pairing_start(p) {
+        let f = p.objective(&r).0;
+        if f < f_best - 1e-12 {
+            best = r;
+            f_best = f;
+        }
+    }
+    // The exact proof, then searches that only look for placements more than 0.1%, then 1%
+    // better, which close near-perfect partitions: (tolerance, share of the budget). With two
+    // slots per rank the proof is the search over replica counts (`pairs`), which settles what
+    // the expert-by-expert proof would, in far fewer nodes.
+    let pairs_proof = p.s == 2 && !p.dup_ok;
+    let steps: [(f64, usize, usize); 3] = if pairs_proof {
+        [
+            (0.0, 3, 4),
+            (GAP_TOLERANCES[0], 1, 8),
+            (GAP_TOLERANCES[1], 1, 8),
+        ]
+    } else {
+        [
+            (0.0, 1, 2),
+            (GAP_TOLERANCES[0], 1, 4),
+            (GAP_TOLERANCES[1], 1, 4),
+        ]
+    };
+    for (tolerance, num, den) in steps {
+        let budget = exact::budget(p) * num / den;
+        let ex = if pairs_proof && tolerance == 0.0 {
+            pairs::solve(p, f_best, budget)
+        } else {
+            exact::solve(p, f_best, budget, tolerance)
+        };
         if let Some(r) = ex.row {
             let f = p.objective(&r).0;
             if f < f_best - 1e-12 {
@@ -165,6 +195,7 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
 mod tests {
     use super::*;
     use crate::placement::find_duplicate;
+    use crate::planner::problem::next_row;
     use proptest::prelude::*;
 
     /// Brute force: every row in E^T that is a valid placement.
@@ -178,17 +209,8 @@ mod tests {
             if served.iter().all(|&s| s) && (p.dup_ok || find_duplicate(&row, p.s).is_none()) {
                 best = best.min(p.objective(&row).0);
             }
-            let mut i = 0;
-            loop {
-                if i == t {
-                    return best;
-                }
-                row[i] += 1;
-                if row[i] < p.e {
-                    break;
-                }
-                row[i] = 0;
-                i += 1;
+            if !next_row(&mut row, p.e) {
+                return best;
             }
         }
     }

@@ -16,6 +16,7 @@ mod greedy;
 mod joint;
 mod lpt;
 mod matching;
+mod pairs;
 mod polish;
 mod problem;
 

@@ -686,3 +686,17 @@ impl<'p> State<'p> {
         self.recompute_loads();
     }
 }
+
+/// Steps `row` to the next row of `E^slots` in odometer order (slot 0 turns fastest), for the
+/// brute-force oracles of the tests. False after the last row (all `e - 1`), when it wraps to 0s.
+#[cfg(test)]
+pub(crate) fn next_row(row: &mut [usize], e: usize) -> bool {
+    for slot in row.iter_mut() {
+        *slot += 1;
+        if *slot < e {
+            return true;
+        }
+        *slot = 0;
+    }
+    false
+}
