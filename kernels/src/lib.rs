@@ -1,6 +1,7 @@
 //! Device computations of one expert-parallel MoE layer, with CPU references.
 //!
 //! * [`cpu`]: reference implementations (also the worker's CPU backend).
+//! * [`fp8`]: FP8 E4M3 encoding and DeepSeek-V3's block quantisation (references).
 //! * [`cuda`]: NVRTC-compiled CUDA kernels, cuBLAS expert FFN, NCCL all-to-all and weight
 //!   movement, behind run-time detection ([`cuda::available`]).
 //! * Shared types: [`Matrix`]/[`Bf16Matrix`], [`ExpertWeights`], [`GatingConfig`], [`TopK`],
@@ -9,6 +10,7 @@
 pub mod cpu;
 pub mod cuda;
 mod error;
+pub mod fp8;
 pub mod rng;
 mod routing;
 mod tensor;

@@ -2,7 +2,7 @@
 //! expert weight movement (NCCL send/recv, or peer copies once the memory pools grant
 //! access), into a staging buffer.
 
-use super::{DeviceExperts, DeviceMatrix, ExpertStaging, Gpu, drv};
+use super::{DeviceExperts, DeviceFp8Experts, DeviceMatrix, ExpertStaging, Fp8Staging, Gpu, drv};
 use crate::error::{KernelError, Result, invalid};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use cudarc::nccl::{Comm, Id, group_end, group_start};
@@ -193,6 +193,47 @@ impl EpComm {
 
     /// Receives one slot's weights from `peer` into `staging` (commit it with
     /// [`DeviceExperts::commit_staging`]).
+    /// Sends FP8 slot `slot` (codes and block scales) to `peer`.
+    pub fn send_fp8_slot(
+        &self,
+        experts: &DeviceFp8Experts,
+        slot: usize,
+        peer: usize,
+    ) -> Result<()> {
+        if slot >= experts.slots {
+            return invalid("send_fp8_slot: slot out of range");
+        }
+        let (a, b, c, d) = experts.slot_counts();
+        let p = peer as i32;
+        group_start().map_err(nccl)?;
+        let rs = [
+            self.comm
+                .send(&experts.w1.slice(slot * a..(slot + 1) * a), p),
+            self.comm
+                .send(&experts.w1s.slice(slot * b..(slot + 1) * b), p),
+            self.comm
+                .send(&experts.w2.slice(slot * c..(slot + 1) * c), p),
+            self.comm
+                .send(&experts.w2s.slice(slot * d..(slot + 1) * d), p),
+        ];
+        group_end().map_err(nccl)?;
+        rs.into_iter().try_for_each(|r| r.map_err(nccl))
+    }
+
+    /// Receives one FP8 slot from `peer` into a staging buffer.
+    pub fn recv_fp8_slot(&self, st: &mut Fp8Staging, peer: usize) -> Result<()> {
+        let p = peer as i32;
+        group_start().map_err(nccl)?;
+        let rs = [
+            self.comm.recv(&mut st.w1, p).map(|_| ()),
+            self.comm.recv(&mut st.w1s, p).map(|_| ()),
+            self.comm.recv(&mut st.w2, p).map(|_| ()),
+            self.comm.recv(&mut st.w2s, p).map(|_| ()),
+        ];
+        group_end().map_err(nccl)?;
+        rs.into_iter().try_for_each(|r| r.map_err(nccl))
+    }
+
     pub fn recv_slot(&self, staging: &mut ExpertStaging, peer: usize) -> Result<()> {
         group_start().map_err(nccl)?;
         let r1 = self.comm.recv(&mut staging.w1, peer as i32).map(|_| ());

@@ -50,6 +50,30 @@ pub(crate) fn gemm_nt(
     c: u64,
     ctype: cudaDataType_t,
 ) -> Result<()> {
+    gemm_nt_typed(
+        gpu,
+        handle,
+        (n, m, k),
+        x,
+        w,
+        c,
+        cudaDataType_t::CUDA_R_16BF,
+        ctype,
+    )
+}
+
+/// [`gemm_nt`] with inputs of type `abtype` (bf16, or fp32 for the fp32 routers).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_nt_typed(
+    gpu: &Gpu,
+    handle: cudarc::cublas::sys::cublasHandle_t,
+    (n, m, k): (usize, usize, usize),
+    x: u64,
+    w: u64,
+    c: u64,
+    abtype: cudaDataType_t,
+    ctype: cudaDataType_t,
+) -> Result<()> {
     gpu.context().bind_to_thread().map_err(drv)?;
     let alpha = 1.0f32;
     let beta = 0.0f32;
@@ -64,10 +88,10 @@ pub(crate) fn gemm_nt(
             k as i32,
             &alpha as *const f32 as *const _,
             w as *const _,
-            cudaDataType_t::CUDA_R_16BF,
+            abtype,
             k as i32,
             x as *const _,
-            cudaDataType_t::CUDA_R_16BF,
+            abtype,
             k as i32,
             &beta as *const f32 as *const _,
             c as *mut _,
@@ -81,8 +105,37 @@ pub(crate) fn gemm_nt(
     }
 }
 
+/// `C[r] = X[r] @ W[slot(r)]^T` for `[slots][m][k]` weights, rows grouped by the device
+/// `offsets` (see `moe_expert_gemv`).
+#[allow(clippy::too_many_arguments)]
+fn gemv(
+    gpu: &Gpu,
+    x: u64,
+    w: u64,
+    offsets: &CudaSlice<u32>,
+    slots: usize,
+    m: usize,
+    k: usize,
+    c: u64,
+) -> Result<()> {
+    use cudarc::driver::{LaunchConfig, PushKernelArg};
+    let warps = 8usize;
+    let cfg = LaunchConfig {
+        grid_dim: (m.div_ceil(warps).clamp(1, 64) as u32, slots as u32, 1),
+        block_dim: (32 * warps as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (mi, kv) = (m as i32, (k / 8) as i32);
+    let mut b = gpu.stream().launch_builder(&gpu.k.expert_gemv);
+    b.arg(&x).arg(&w).arg(offsets).arg(&mi).arg(&kv).arg(&c);
+    // SAFETY: matches the kernel signature; x holds the offsets' rows of k values, w slots x
+    // m x k, c rows x m; k % 8 == 0 (16-byte vectors).
+    unsafe { b.launch(cfg) }.map_err(drv)?;
+    Ok(())
+}
+
 /// Makes every lane wait for the work enqueued so far on the main stream.
-fn fork(
+pub(crate) fn fork(
     gpu: &Gpu,
     lanes: &[(
         std::sync::Arc<cudarc::driver::CudaStream>,
@@ -100,7 +153,7 @@ fn fork(
 }
 
 /// Makes the main stream wait for everything enqueued on the lanes.
-fn join(
+pub(crate) fn join(
     gpu: &Gpu,
     lanes: &[(
         std::sync::Arc<cudarc::driver::CudaStream>,
@@ -423,6 +476,60 @@ impl DeviceExperts {
             }
             join(gpu, lanes)?;
         }
+        out.rows = r;
+        Ok(out)
+    }
+
+    /// The SwiGLU FFN with the rows' grouping by slot read on the device (`offsets`,
+    /// `slots + 1` entries, e.g. a one-rank dispatch layout's `slot_offsets`): no host round
+    /// trip, so it can be captured in a CUDA graph. Memory-bound warp-per-output projections
+    /// (`moe_expert_gemv`), meant for decode-size batches. Hidden and intermediate sizes must
+    /// be multiples of 8.
+    pub fn ffn_device_offsets(
+        &self,
+        gpu: &Gpu,
+        x: &DeviceMatrix<bf16>,
+        offsets: &CudaSlice<u32>,
+    ) -> Result<DeviceMatrix<bf16>> {
+        let (h, i) = (self.hidden, self.inter);
+        if x.cols != h
+            || !h.is_multiple_of(8)
+            || !i.is_multiple_of(8)
+            || offsets.len() < self.slots + 1
+        {
+            return invalid(
+                "ffn_device_offsets: x must be [R, H], H and I multiples of 8, slots + 1 offsets",
+            );
+        }
+        let r = x.rows;
+        let mut out = gpu.alloc_matrix::<bf16>(r, h)?;
+        if r == 0 {
+            return Ok(out);
+        }
+        let gu = gpu.alloc_matrix::<bf16>(r, 2 * i)?;
+        let hm = gpu.alloc_matrix::<bf16>(r, i)?;
+        let s = gpu.stream();
+        gemv(
+            gpu,
+            ptr(&x.buf, s),
+            ptr(&self.w1, s),
+            offsets,
+            self.slots,
+            2 * i,
+            h,
+            ptr(&gu.buf, s),
+        )?;
+        gpu.silu_and_mul_raw(ptr(&gu.buf, s), r, i, ptr(&hm.buf, s))?;
+        gemv(
+            gpu,
+            ptr(&hm.buf, s),
+            ptr(&self.w2, s),
+            offsets,
+            self.slots,
+            h,
+            i,
+            ptr(&out.buf, s),
+        )?;
         out.rows = r;
         Ok(out)
     }

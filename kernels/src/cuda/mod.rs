@@ -18,11 +18,13 @@
 
 mod comm;
 mod ffn;
+mod fp8;
 mod layer;
 
 pub use comm::{EpComm, NcclId, enable_peer_access, grouped};
 pub use ffn::{DeviceExperts, ExpertStaging, FfnStrategy};
-pub use layer::EpLayer;
+pub use fp8::{DeviceFp8Experts, Fp8Compute, Fp8Staging, probe_block_scaled};
+pub use layer::{DecodeGraph, EpLayer, LayerExperts, Router, SharedExperts};
 
 use crate::error::{KernelError, Result, invalid};
 use crate::routing::{EpTopology, GatingConfig, GroupScore, ReplicaMap, Scoring};
@@ -152,6 +154,13 @@ pub(crate) struct Kernels {
     pub silu_s: CudaFunction,
     pub copy_v8: CudaFunction,
     pub fill: CudaFunction,
+    pub shared_gate: CudaFunction,
+    pub bf16_to_f32: CudaFunction,
+    pub fp8_dequant: CudaFunction,
+    pub fp8_quant_rows: CudaFunction,
+    pub fp8_fill: CudaFunction,
+    pub expert_gemv: CudaFunction,
+    pub expert_gemv_fp8: CudaFunction,
 }
 
 /// One GPU: context, streams, cuBLAS handle, kernels.
@@ -242,6 +251,13 @@ impl Gpu {
             silu_s: f("moe_silu_mul_s")?,
             copy_v8: f("moe_copy_v8")?,
             fill: f("moe_fill_uniform")?,
+            shared_gate: f("moe_shared_gate")?,
+            bf16_to_f32: f("moe_bf16_to_f32")?,
+            fp8_dequant: f("moe_fp8_dequant")?,
+            fp8_quant_rows: f("moe_fp8_quant_rows")?,
+            fp8_fill: f("moe_fp8_fill")?,
+            expert_gemv: f("moe_expert_gemv")?,
+            expert_gemv_fp8: f("moe_expert_gemv_fp8")?,
             _module: module,
         };
         let blas = cudarc::cublas::CudaBlas::new(stream.clone()).map_err(blas_err)?;
@@ -392,11 +408,64 @@ impl Gpu {
         Ok(out)
     }
 
+    /// Router logits from an fp32 router `[E, H]` (DeepSeek keeps its routers in fp32): the
+    /// bf16 rows widened to fp32, then an fp32 GEMM (no TF32), as the CPU reference computes.
+    pub fn router_logits_f32(
+        &self,
+        x: &DeviceMatrix<bf16>,
+        w_gate: &DeviceMatrix<f32>,
+    ) -> Result<DeviceMatrix<f32>> {
+        if x.cols != w_gate.cols {
+            return invalid(format!(
+                "router: x hidden {} vs w_gate {}",
+                x.cols, w_gate.cols
+            ));
+        }
+        let mut out = self.alloc_matrix::<f32>(x.rows, w_gate.rows)?;
+        if x.rows > 0 {
+            let n = (x.rows * x.cols) as u64;
+            let xf = self.uninit::<f32>(n as usize)?;
+            let cfg = LaunchConfig {
+                grid_dim: (self.grid((n as usize).div_ceil(256)), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(&self.k.bf16_to_f32);
+            b.arg(&x.buf).arg(&n).arg(&xf);
+            // SAFETY: matches the kernel signature; both buffers hold n elements.
+            unsafe { b.launch(cfg) }.map_err(drv)?;
+            ffn::gemm_nt_typed(
+                self,
+                *self.blas.handle(),
+                (x.rows, w_gate.rows, x.cols),
+                ptr(&xf, &self.stream),
+                ptr(&w_gate.buf, &self.stream),
+                ptr(&out.buf, &self.stream),
+                cudarc::cublas::sys::cudaDataType_t::CUDA_R_32F,
+                cudarc::cublas::sys::cudaDataType_t::CUDA_R_32F,
+            )?;
+        }
+        out.rows = x.rows;
+        Ok(out)
+    }
+
     /// Gating top-k (see [`GatingConfig`]); `bias` is `[E]` or `None`.
     pub fn gating_topk(
         &self,
         logits: &DeviceMatrix<f32>,
         cfg: &GatingConfig,
+        bias: Option<&CudaSlice<f32>>,
+    ) -> Result<DeviceTopK> {
+        self.gating_topk_with(logits, cfg, None, bias)
+    }
+
+    /// [`Gpu::gating_topk`] with gpt-oss's router bias `logit_bias` (`[E]`, added to the
+    /// logits before anything else).
+    pub fn gating_topk_with(
+        &self,
+        logits: &DeviceMatrix<f32>,
+        cfg: &GatingConfig,
+        logit_bias: Option<&CudaSlice<f32>>,
         bias: Option<&CudaSlice<f32>>,
     ) -> Result<DeviceTopK> {
         cfg.validate()?;
@@ -410,21 +479,10 @@ impl Gpu {
         if cfg.top_k > 32 {
             return invalid("gating: the GPU kernel supports top_k <= 32");
         }
-        if cfg.scoring == Scoring::SoftmaxTopK {
-            return invalid(
-                "gating: softmax over the top-k logits (gpt-oss) runs on the CPU backend only for now",
-            );
-        }
-        if cfg.num_groups > 1 && cfg.group_score != GroupScore::Top2Sum {
-            return invalid(
-                "gating: the GPU kernel scores expert groups by their top two; DeepSeek-V2 group \
-                 scores (the group's max) run on the CPU backend only for now",
-            );
-        }
-        if let Some(b) = bias
-            && b.len() != e
-        {
-            return invalid("gating: bias length differs from the number of experts");
+        for b in [bias, logit_bias].into_iter().flatten() {
+            if b.len() != e {
+                return invalid("gating: bias length differs from the number of experts");
+            }
         }
         let t = logits.rows;
         let k = cfg.top_k;
@@ -440,26 +498,34 @@ impl Gpu {
             }
             let null: u64 = 0;
             let bias_ptr = bias.map(|b| ptr(b, &self.stream)).unwrap_or(null);
+            let lbias_ptr = logit_bias.map(|b| ptr(b, &self.stream)).unwrap_or(null);
             let cfgv = LaunchConfig {
                 grid_dim: (self.grid(t.div_ceil(warps)), 1, 1),
                 block_dim: (32 * warps as u32, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
             let (ti, ei, ki) = (t as i32, e as i32, k as i32);
-            let sig = (cfg.scoring == Scoring::Sigmoid) as i32;
+            let scoring: i32 = match cfg.scoring {
+                Scoring::Softmax => 0,
+                Scoring::Sigmoid => 1,
+                Scoring::SoftmaxTopK => 2,
+            };
             let ren = cfg.renormalize as i32;
             let (gi, tg) = (g as i32, cfg.topk_groups as i32);
+            let gmax = (cfg.group_score == GroupScore::Max) as i32;
             let scale = cfg.routed_scaling_factor;
             let mut b = self.stream.launch_builder(&self.k.gating);
             b.arg(&logits.buf)
+                .arg(&lbias_ptr)
                 .arg(&bias_ptr)
                 .arg(&ti)
                 .arg(&ei)
                 .arg(&ki)
-                .arg(&sig)
+                .arg(&scoring)
                 .arg(&ren)
                 .arg(&gi)
                 .arg(&tg)
+                .arg(&gmax)
                 .arg(&scale)
                 .arg(&mut ids)
                 .arg(&mut weights);
@@ -775,6 +841,28 @@ impl Gpu {
         k: usize,
         out: &mut DeviceMatrix<bf16>,
     ) -> Result<()> {
+        self.unpermute_combine_shared_into(y, inv, weights, tokens, k, None, out)
+    }
+
+    /// [`Gpu::unpermute_combine_into`] plus the shared experts: with `shared = Some((s, g))`,
+    /// `out[t] = bf16(sum_j w[t*k+j] * y[inv[t*k+j]] + g[t] * s[t])` (`g` is the per-token
+    /// shared-expert gate, 1 when `None`), one rounding as on the CPU.
+    #[allow(clippy::too_many_arguments)]
+    pub fn unpermute_combine_shared_into(
+        &self,
+        y: &DeviceMatrix<bf16>,
+        inv: &CudaSlice<u32>,
+        weights: &CudaSlice<f32>,
+        tokens: usize,
+        k: usize,
+        shared: Option<(&DeviceMatrix<bf16>, Option<&CudaSlice<f32>>)>,
+        out: &mut DeviceMatrix<bf16>,
+    ) -> Result<()> {
+        if let Some((s, g)) = shared
+            && (s.rows != tokens || s.cols != y.cols || g.is_some_and(|g| g.len() < tokens))
+        {
+            return invalid("combine: the shared experts' output must be [tokens, H]");
+        }
         if y.rows != tokens * k || inv.len() < tokens * k || weights.len() < tokens * k {
             return invalid("combine: y, inv and weights must have tokens * k entries");
         }
@@ -798,6 +886,11 @@ impl Gpu {
         };
         let (ti, ki) = (tokens as i32, k as i32);
         let (f, w) = by_width(h, &self.k.combine_v8, &self.k.combine_s);
+        let sp: u64 = shared.map(|(s, _)| ptr(&s.buf, &self.stream)).unwrap_or(0);
+        let gp: u64 = shared
+            .and_then(|(_, g)| g)
+            .map(|g| ptr(g, &self.stream))
+            .unwrap_or(0);
         let mut b = self.stream.launch_builder(f);
         b.arg(&y.buf)
             .arg(inv)
@@ -805,11 +898,39 @@ impl Gpu {
             .arg(&ti)
             .arg(&ki)
             .arg(&w)
+            .arg(&sp)
+            .arg(&gp)
             .arg(&mut out.buf);
         // SAFETY: matches both kernels' signature (w counts 8-value vectors or values); inv
         // and weights hold tokens * k entries, inv indexes y's rows.
         unsafe { b.launch(cfg) }.map_err(drv)?;
         Ok(())
+    }
+
+    /// Qwen2-MoE's shared-expert gate per token: `g[t] = sigmoid(x[t] . w)` (fp32).
+    pub fn shared_gate(
+        &self,
+        x: &DeviceMatrix<bf16>,
+        w: &CudaSlice<f32>,
+    ) -> Result<CudaSlice<f32>> {
+        if w.len() != x.cols {
+            return invalid("shared gate: the gate vector must have H entries");
+        }
+        let g = self.uninit::<f32>(x.rows)?;
+        if x.rows == 0 {
+            return Ok(g);
+        }
+        let (ti, hi) = (x.rows as i32, x.cols as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (self.grid(x.rows.div_ceil(4)), 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.k.shared_gate);
+        b.arg(&x.buf).arg(w).arg(&ti).arg(&hi).arg(&g);
+        // SAFETY: matches the kernel signature; x is [T, H], w [H], g [T].
+        unsafe { b.launch(cfg) }.map_err(drv)?;
+        Ok(g)
     }
 
     /// Fused SiLU-and-multiply `[n, 2I] -> [n, I]`.

@@ -36,9 +36,14 @@ __device__ __forceinline__ bool better(float va, int ia, float vb, int ib) {
 // ---------------------------------------------------------------------------------------
 // Gating: one warp per token. Dynamic shared memory per warp: choice[E], score[E],
 // gscore[G] floats and masked[E] bytes.
-extern "C" __global__ void moe_gating(const float* __restrict__ logits, const float* __restrict__ bias,
-                                      int T, int E, int K, int sigmoid, int renorm, int G, int topk_groups,
-                                      float scale, u32* __restrict__ ids, float* __restrict__ weights) {
+// scoring: 0 softmax, 1 sigmoid, 2 softmax over the chosen top-k logits (gpt-oss).
+// lbias (optional) is added to the logits first (gpt-oss's router bias); bias (optional) to
+// the scores for the choice only (DeepSeek-V3's correction bias). group_max: a group scores
+// its largest choice (DeepSeek-V2) instead of the sum of its two largest (V3).
+extern "C" __global__ void moe_gating(const float* __restrict__ logits, const float* __restrict__ lbias,
+                                      const float* __restrict__ bias, int T, int E, int K, int scoring,
+                                      int renorm, int G, int topk_groups, int group_max, float scale,
+                                      u32* __restrict__ ids, float* __restrict__ weights) {
     extern __shared__ float smem[];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -52,9 +57,17 @@ extern "C" __global__ void moe_gating(const float* __restrict__ logits, const fl
 
     for (int t = blockIdx.x * wpb + warp; t < T; t += gridDim.x * wpb) {
         const float* l = logits + (size_t)t * E;
-        if (sigmoid) {
+#define LOGIT(i) (lbias ? l[i] + lbias[i] : l[i])
+        if (scoring == 2) {
             for (int i = lane; i < E; i += 32) {
-                float v = l[i];
+                float v = LOGIT(i);
+                score[i] = v;
+                choice[i] = bias ? v + bias[i] : v;
+                masked[i] = 0;
+            }
+        } else if (scoring == 1) {
+            for (int i = lane; i < E; i += 32) {
+                float v = LOGIT(i);
                 float s = 1.0f / (1.0f + expf(-v));
                 score[i] = s;
                 choice[i] = bias ? s + bias[i] : s;
@@ -62,11 +75,11 @@ extern "C" __global__ void moe_gating(const float* __restrict__ logits, const fl
             }
         } else {
             float m = NEG_INF;
-            for (int i = lane; i < E; i += 32) m = fmaxf(m, l[i]);
+            for (int i = lane; i < E; i += 32) m = fmaxf(m, LOGIT(i));
             for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
             float s = 0.f;
             for (int i = lane; i < E; i += 32) {
-                float e = expf(l[i] - m);
+                float e = expf(LOGIT(i) - m);
                 score[i] = e;
                 s += e;
             }
@@ -74,10 +87,11 @@ extern "C" __global__ void moe_gating(const float* __restrict__ logits, const fl
             for (int i = lane; i < E; i += 32) {
                 float p = score[i] / s;
                 score[i] = p;
-                choice[i] = bias ? p + bias[i] : l[i];
+                choice[i] = bias ? p + bias[i] : LOGIT(i);
                 masked[i] = 0;
             }
         }
+#undef LOGIT
         __syncwarp();
         if (G > 1) {
             const int per = E / G;
@@ -87,8 +101,8 @@ extern "C" __global__ void moe_gating(const float* __restrict__ logits, const fl
                 for (int i = 1; i < per; ++i)
                     if (better(grp[i], i, grp[b1], b1)) b1 = i;
                 float v;
-                if (per == 1) {
-                    v = grp[0];
+                if (per == 1 || group_max) {
+                    v = grp[b1];
                 } else {
                     int b2 = -1;
                     for (int i = 0; i < per; ++i)
@@ -144,6 +158,15 @@ extern "C" __global__ void moe_gating(const float* __restrict__ logits, const fl
                 myid = bi;
             }
             __syncwarp();
+        }
+        if (scoring == 2) {
+            // softmax over the k chosen logits (lanes >= K hold nothing)
+            float m = lane < K ? myw : NEG_INF;
+            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            float e = lane < K ? expf(myw - m) : 0.f;
+            float z = e;
+            for (int o = 16; o > 0; o >>= 1) z += __shfl_xor_sync(0xffffffffu, z, o);
+            myw = e / z;
         }
         if (lane < K) {
             float w = myw;
@@ -404,8 +427,17 @@ __device__ __forceinline__ void fma8(float* acc, float w, uint4 v) {
     }
 }
 
+// With `shared` (the shared experts' output [T, H], optional) the fp32 sum gets
+// `g[t] * shared[t]` as a last fma before the single rounding, where g is `sgate[t]`
+// (Qwen2-MoE's sigmoid gate, optional) or 1.
+__device__ __forceinline__ void shared8(float* acc, const uint4* __restrict__ shared,
+                                        const float* __restrict__ sgate, int t, size_t at) {
+    if (shared) fma8(acc, sgate ? sgate[t] : 1.0f, shared[at]);
+}
+
 extern "C" __global__ void moe_combine_v8(const uint4* __restrict__ y, const u32* __restrict__ inv,
                                           const float* __restrict__ w, int T, int K, int hv,
+                                          const uint4* __restrict__ shared, const float* __restrict__ sgate,
                                           uint4* __restrict__ out) {
     for (int t = blockIdx.x; t < T; t += gridDim.x) {
         const u32* it = inv + (size_t)t * K;
@@ -426,6 +458,7 @@ extern "C" __global__ void moe_combine_v8(const uint4* __restrict__ y, const u32
                 fma8(acc, wt[j + 3], v3);
             }
             for (; j < K; ++j) fma8(acc, wt[j], y[(size_t)it[j] * hv + c]);
+            shared8(acc, shared, sgate, t, (size_t)t * hv + c);
             uint4 o;
             o.x = (u32)f2bf(acc[0]) | ((u32)f2bf(acc[1]) << 16);
             o.y = (u32)f2bf(acc[2]) | ((u32)f2bf(acc[3]) << 16);
@@ -437,12 +470,15 @@ extern "C" __global__ void moe_combine_v8(const uint4* __restrict__ y, const u32
 }
 
 extern "C" __global__ void moe_combine_s(const u16* __restrict__ y, const u32* __restrict__ inv,
-                                         const float* __restrict__ w, int T, int K, int h, u16* __restrict__ out) {
+                                         const float* __restrict__ w, int T, int K, int h,
+                                         const u16* __restrict__ shared, const float* __restrict__ sgate,
+                                         u16* __restrict__ out) {
     for (int t = blockIdx.x; t < T; t += gridDim.x) {
         for (int c = threadIdx.x; c < h; c += blockDim.x) {
             float acc = 0.f;
             for (int j = 0; j < K; ++j)
                 acc = fmaf(w[(size_t)t * K + j], bf2f(y[(size_t)inv[(size_t)t * K + j] * h + c]), acc);
+            if (shared) acc = fmaf(sgate ? sgate[t] : 1.0f, bf2f(shared[(size_t)t * h + c]), acc);
             out[(size_t)t * h + c] = f2bf(acc);
         }
     }
@@ -491,5 +527,239 @@ extern "C" __global__ void moe_fill_uniform(u16* __restrict__ out, size_t n, u32
         u32 h = moe_replica_hash((u32)i ^ (u32)(i >> 32) * 0x27d4eb2du, seed);
         float u = (float)(h >> 8) * (1.0f / 16777216.0f);
         out[i] = f2bf((2.0f * u - 1.0f) * scale);
+    }
+}
+
+
+// ---------------------------------------------------------------------------------------
+// Qwen2-MoE's shared-expert gate: g[t] = sigmoid(sum_c x[t,c] * w[c]) (fp32), one warp per token.
+extern "C" __global__ void moe_shared_gate(const u16* __restrict__ x, const float* __restrict__ w, int T, int H,
+                                           float* __restrict__ g) {
+    const int lane = threadIdx.x & 31;
+    const int wpb = blockDim.x >> 5;
+    for (int t = blockIdx.x * wpb + (threadIdx.x >> 5); t < T; t += gridDim.x * wpb) {
+        float z = 0.f;
+        for (int c = lane; c < H; c += 32) z = fmaf(bf2f(x[(size_t)t * H + c]), w[c], z);
+        for (int o = 16; o > 0; o >>= 1) z += __shfl_xor_sync(0xffffffffu, z, o);
+        if (lane == 0) g[t] = 1.0f / (1.0f + expf(-z));
+    }
+}
+
+// bf16 -> f32 (the fp32-router logits GEMM takes fp32 activations).
+extern "C" __global__ void moe_bf16_to_f32(const u16* __restrict__ x, size_t n, float* __restrict__ out) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = bf2f(x[i]);
+}
+
+// ---------------------------------------------------------------------------------------
+// FP8 E4M3 (e4m3fn: bias 7, no infinities, S.1111.111 = NaN).
+__device__ __forceinline__ float e4m3_to_f32(unsigned char b) {
+    const u32 e = (b >> 3) & 0xfu, m = b & 7u;
+    float v;
+    if (e == 0xfu && m == 7u) v = __int_as_float(0x7fc00000);
+    else if (e == 0) v = (float)m * 0.001953125f; // m/8 * 2^-6
+    else v = __uint_as_float(((e + 120u) << 23) | (m << 20));
+    return (b & 0x80) ? -v : v;
+}
+
+// Two floats -> two E4M3 codes (round to nearest even, saturating to +-448), by the hardware
+// conversion (sm_89 and newer; the FP8 GEMMs need those GPUs anyway).
+__device__ __forceinline__ u32 f32x2_to_e4m3x2(float lo, float hi) {
+#if __CUDA_ARCH__ >= 890
+    unsigned short r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return 0u;
+#endif
+}
+
+// Weights: out[r, c] = bf16(e4m3(q[r, c]) * s[r / 128, c / 128]) with the scale rows `kbp`
+// long (the block columns padded to a multiple of 4); the CPU's dequantisation, bit for bit.
+extern "C" __global__ void moe_fp8_dequant(const unsigned char* __restrict__ q, const float* __restrict__ s,
+                                           int rows, int cols, int kbp, u16* __restrict__ out) {
+    const size_t n = (size_t)rows * cols;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / cols, c = i % cols;
+        out[i] = f2bf(e4m3_to_f32(q[i]) * s[(r >> 7) * kbp + (c >> 7)]);
+    }
+}
+
+// Activations quantised per 1x128 block, as DeepSeek-V3 inference does: s = amax / 448,
+// q = e4m3(v / s) (s = 1 for an all-zero block). One warp per (row, block). Rows are grouped
+// (offsets[g]..offsets[g+1], `groups` groups) and each group is padded to a multiple of 4 rows
+// (cuBLASLt's block-scaled FP8 GEMMs want the row count a multiple of 4): row r of group g is
+// padded row soff[g] + r - offsets[g] of the codes, and group g's scales live at
+// `scales + soff[g] * kb` as [kb][rows rounded up to 4] (row index fastest: the layout
+// cuBLASLt's VEC128_32F mode reads for the activation operand).
+// mode 0: v = x[r, c] (x is [R, K], unpadded); mode 1: v = bf16(silu(gu[p, c]) * gu[p, K + c])
+// (gu is [padded rows, 2K], p the padded row), the SwiGLU between the projections fused in.
+extern "C" __global__ void moe_fp8_quant_rows(const u16* __restrict__ x, int mode, int R, int K,
+                                              const u32* __restrict__ offsets, const u32* __restrict__ soff,
+                                              int groups, int kmajor, unsigned char* __restrict__ q,
+                                              float* __restrict__ scales) {
+    const int lane = threadIdx.x & 31;
+    const int wpb = blockDim.x >> 5;
+    const int kb = (K + 127) / 128;
+    const size_t nblk = (size_t)R * kb;
+    for (size_t b = (size_t)blockIdx.x * wpb + (threadIdx.x >> 5); b < nblk; b += (size_t)gridDim.x * wpb) {
+        const int r = (int)(b / kb), blk = (int)(b % kb);
+        int g = 0;
+        while (g + 1 < groups && offsets[g + 1] <= (u32)r) ++g;
+        const size_t pr = (size_t)soff[g] + (u32)r - offsets[g];
+        float v[4];
+        float amax = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int c = blk * 128 + lane * 4 + i;
+            float f = 0.f;
+            if (c < K) {
+                if (mode == 0) {
+                    f = bf2f(x[(size_t)r * K + c]);
+                } else {
+                    const float gv = bf2f(x[pr * 2 * K + c]);
+                    const float u = bf2f(x[pr * 2 * K + K + c]);
+                    f = bf2f(f2bf((gv / (1.0f + expf(-gv))) * u));
+                }
+            }
+            v[i] = f;
+            amax = fmaxf(amax, fabsf(f));
+        }
+        for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        const float s = amax > 0.f ? amax / 448.0f : 1.0f;
+        const u32 lo = f32x2_to_e4m3x2(v[0] / s, v[1] / s);
+        const u32 hi = f32x2_to_e4m3x2(v[2] / s, v[3] / s);
+        const u32 packed = lo | (hi << 16);
+        const int c0 = blk * 128 + lane * 4;
+        if (c0 + 3 < K) {
+            *(u32*)(q + pr * K + c0) = packed;
+        } else {
+            for (int i = 0; i < 4; ++i)
+                if (c0 + i < K) q[pr * K + c0 + i] = (unsigned char)(packed >> (8 * i));
+        }
+        if (lane == 0) {
+            const u32 n = offsets[g + 1] - offsets[g];
+            const u32 ld = (n + 3) & ~3u;
+            const size_t at = kmajor ? (size_t)(r - offsets[g]) * kb + blk : (size_t)blk * ld + (r - offsets[g]);
+            scales[(size_t)soff[g] * kb + at] = s;
+        }
+    }
+}
+
+// Seeded E4M3 codes of values uniform in [-448, 448) (benchmark weights on the device).
+extern "C" __global__ void moe_fp8_fill(unsigned char* __restrict__ out, size_t n, u32 seed) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        u32 h = moe_replica_hash((u32)i ^ (u32)(i >> 32) * 0x27d4eb2du, seed);
+        float u = (float)(h >> 8) * (1.0f / 16777216.0f);
+        out[i] = (unsigned char)(f32x2_to_e4m3x2((2.0f * u - 1.0f) * 448.0f, 0.f) & 0xffu);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Decode-size expert projections without host round trips: C[r, o] = bf16(sum_k X[r, k] *
+// W[s][o, k]) for the rows r of slot s (slot_offsets[s]..slot_offsets[s+1], read on the device),
+// W slot-contiguous [slots][M][K]. One warp per (slot, output o), the slot's rows in chunks of
+// 8 (each weight row is read once per chunk); K % 8 == 0 (`kv` = K / 8). Grid: x over output
+// tiles, y over slots; empty slots return at once. Memory-bound by design: decode batches
+// give each expert a handful of rows.
+__device__ __forceinline__ float dot8(const float* wf, uint4 x) {
+    const u32 xx[4] = {x.x, x.y, x.z, x.w};
+    float s = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        s = fmaf(wf[2 * q], __uint_as_float(xx[q] << 16), s);
+        s = fmaf(wf[2 * q + 1], __uint_as_float(xx[q] & 0xffff0000u), s);
+    }
+    return s;
+}
+
+extern "C" __global__ void moe_expert_gemv(const uint4* __restrict__ X, const uint4* __restrict__ W,
+                                           const u32* __restrict__ offs, int M, int kv, u16* __restrict__ C) {
+    const int s = blockIdx.y;
+    const u32 a = offs[s], b = offs[s + 1];
+    if (a >= b) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
+    for (int o = blockIdx.x * wpb + warp; o < M; o += gridDim.x * wpb) {
+        const uint4* w = W + ((size_t)s * M + o) * kv;
+        for (u32 r0 = a; r0 < b; r0 += 8) {
+            const u32 nr = min(8u, b - r0);
+            float acc[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+            for (int c = lane; c < kv; c += 32) {
+                const uint4 wv = w[c];
+                const u32 ww[4] = {wv.x, wv.y, wv.z, wv.w};
+                float wf[8];
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    wf[2 * q] = __uint_as_float(ww[q] << 16);
+                    wf[2 * q + 1] = __uint_as_float(ww[q] & 0xffff0000u);
+                }
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    if ((u32)j < nr) acc[j] += dot8(wf, X[(size_t)(r0 + j) * kv + c]);
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                float v = acc[j];
+                for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+                if (lane == 0 && (u32)j < nr) C[(size_t)(r0 + j) * M + o] = f2bf(v);
+            }
+        }
+    }
+}
+
+// The same for FP8 weights (E4M3 codes [slots][M][K] with 128x128 block scales
+// [slots][M/128 rounded up][kbp]): weight-only dequantisation (q * s in fp32) against bf16
+// activations, half the weight bytes of bf16. Each lane reads 16 codes (one 16-byte load, one
+// scale) and the 16 matching activations; K % 16 == 0 (`kv` = K / 16).
+__device__ __forceinline__ float dot16_fp8(const uint4 w, float s, const uint4* __restrict__ x) {
+    const uint4 x0 = x[0], x1 = x[1];
+    const u32 ww[4] = {w.x, w.y, w.z, w.w};
+    const u32 xx[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+    float acc = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            const float wf = e4m3_to_f32((unsigned char)(ww[q] >> (8 * b)));
+            const u32 xv = xx[2 * q + (b >> 1)];
+            const float xf = (b & 1) ? __uint_as_float(xv & 0xffff0000u) : __uint_as_float(xv << 16);
+            acc = fmaf(wf, xf, acc);
+        }
+    }
+    return acc * s;
+}
+
+extern "C" __global__ void moe_expert_gemv_fp8(const uint4* __restrict__ X, const uint4* __restrict__ W,
+                                               const float* __restrict__ S, int kbp, const u32* __restrict__ offs,
+                                               int M, int kv, u16* __restrict__ C) {
+    const int s = blockIdx.y;
+    const u32 a = offs[s], b = offs[s + 1];
+    if (a >= b) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
+    const size_t sblk = (size_t)((M + 127) / 128) * kbp; // scales per slot
+    for (int o = blockIdx.x * wpb + warp; o < M; o += gridDim.x * wpb) {
+        const uint4* w = W + ((size_t)s * M + o) * kv;
+        const float* srow = S + (size_t)s * sblk + (size_t)(o >> 7) * kbp;
+        for (u32 r0 = a; r0 < b; r0 += 8) {
+            const u32 nr = min(8u, b - r0);
+            float acc[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[j] = 0.f;
+            for (int c = lane; c < kv; c += 32) {
+                const uint4 wv = w[c];
+                const float sc = srow[c >> 3]; // 16 codes per c, 128 per scale block
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    if ((u32)j < nr) acc[j] += dot16_fp8(wv, sc, X + ((size_t)(r0 + j) * kv + c) * 2);
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                float v = acc[j];
+                for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+                if (lane == 0 && (u32)j < nr) C[(size_t)(r0 + j) * M + o] = f2bf(v);
+            }
+        }
     }
 }
