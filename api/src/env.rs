@@ -58,6 +58,20 @@ pub const WEIGHTS: &str = "MOE_WEIGHTS";
 /// Steps kept in the load-statistics window.
 pub const STATS_WINDOW: &str = "MOE_STATS_WINDOW";
 
+/// Where a group's batches come from: `generator` (the built-in synthetic traffic), `trace`
+/// (a recorded routing trace) or `api` (rows sent by attention instances through the forward
+/// API; see docs/forward-api.md).
+pub const TRAFFIC: &str = "MOE_TRAFFIC";
+/// File holding the bearer token that forward-API clients must present (a different Secret
+/// from the control token). Unset: the forward API is open, for local use.
+pub const CLIENT_TOKEN_FILE: &str = "MOE_CLIENT_TOKEN_FILE";
+/// Port of the forward API when it should not share `MOE_HTTP_PORT` (0 or unset: it does).
+/// With a separate port the control endpoints stay on the HTTP port, so a NetworkPolicy can
+/// admit attention pods to one and only the operator to the other.
+pub const FORWARD_PORT: &str = "MOE_FORWARD_PORT";
+/// Most rows one forward request may carry (larger requests get 413).
+pub const MAX_REQUEST_ROWS: &str = "MOE_MAX_REQUEST_ROWS";
+
 /// Built-in traffic generator.
 pub const TRAFFIC_TOKENS_PER_STEP: &str = "MOE_TRAFFIC_TOKENS_PER_STEP";
 pub const TRAFFIC_SKEW: &str = "MOE_TRAFFIC_SKEW";

@@ -12,6 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod env;
+pub mod forward;
 
 /// Path prefix of the worker's versioned API.
 pub const API_PREFIX: &str = "/v1";
@@ -165,6 +166,15 @@ pub struct WorkerStatus {
     pub tokens_per_second: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remap: Option<RemapProgress>,
+    /// Where batches come from: `generator`, `trace` or `api` (see docs/forward-api.md).
+    #[serde(default)]
+    pub traffic: String,
+    /// Rows this rank answered through the forward API since it started.
+    #[serde(default)]
+    pub served_rows_total: u64,
+    /// Rows per second this rank answered through the forward API, over the recent past.
+    #[serde(default)]
+    pub served_rows_per_second: f64,
 }
 
 /// `GET /v1/load`: this rank's routing statistics over its sliding window.

@@ -657,6 +657,24 @@ impl Checkpoint {
         Ok((w1, w2))
     }
 
+    /// Routed expert `e` of MoE layer `l` as stored, FP8 codes with their block scales (gate,
+    /// up, down), for backends that compute in FP8; `None` unless the layer stores its experts
+    /// one tensor per projection in FP8.
+    pub fn expert_fp8(&self, l: usize, e: usize) -> Result<Option<[Fp8Matrix; 3]>> {
+        let ln = &self.layers[l];
+        if ln.layout != Layout::PerExpert || self.expert_dtype(l)? != WeightDtype::Fp8E4m3 {
+            return Ok(None);
+        }
+        let (h, i) = (self.desc.hidden, self.desc.intermediate);
+        let t = &self.desc.tensors;
+        let (dl, m) = (ln.decoder, ln.module.as_str());
+        Ok(Some([
+            self.read_fp8(&t.expert(dl, m, e, Projection::Gate), 0, i, h)?,
+            self.read_fp8(&t.expert(dl, m, e, Projection::Up), 0, i, h)?,
+            self.read_fp8(&t.expert(dl, m, e, Projection::Down), 0, h, i)?,
+        ]))
+    }
+
     /// Router bias of MoE layer `l` (gpt-oss), `[experts]`.
     pub fn router_bias(&self, l: usize) -> Result<Option<Vec<f32>>> {
         let ln = &self.layers[l];

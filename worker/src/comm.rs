@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use moe_api::PlacementDocument;
+
+use crate::doorbell::Doorbell;
 use serde::{Deserialize, Serialize};
 
 /// Channels multiplexed over each link.
@@ -44,7 +46,7 @@ fn write_frame(s: &mut TcpStream, chan: u8, data: &[u8]) -> io::Result<()> {
     s.write_all(data)
 }
 
-fn read_frame(s: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
+fn read_frame(s: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
     let mut header = [0u8; 9];
     s.read_exact(&mut header)?;
     let mut len = [0u8; 8];
@@ -459,6 +461,8 @@ struct InboxState {
 struct Inbox {
     state: Mutex<InboxState>,
     cv: Condvar,
+    /// Rung when a control record arrives or a link fails (wakes an idle engine).
+    bell: std::sync::OnceLock<Arc<Doorbell>>,
 }
 
 impl Inbox {
@@ -466,11 +470,17 @@ impl Inbox {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.queues.entry((peer, chan)).or_default().push_back(data);
         self.cv.notify_all();
+        drop(st);
+        if chan == CHAN_CTRL {
+            self.ring();
+        }
     }
     fn closed(&self, peer: usize) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.stopped.push(peer);
         self.cv.notify_all();
+        drop(st);
+        self.ring();
     }
     fn fail(&self, reason: String) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -478,6 +488,22 @@ impl Inbox {
             st.failed = Some(reason);
         }
         self.cv.notify_all();
+        drop(st);
+        self.ring();
+    }
+    /// The group's failure reason, waiting up to `timeout` for a reader to report one.
+    fn wait_failure(&self, timeout: Duration) -> Option<String> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (st, _) = self
+            .cv
+            .wait_timeout_while(st, timeout, |st| st.failed.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        st.failed.clone()
+    }
+    fn ring(&self) {
+        if let Some(b) = self.bell.get() {
+            b.ring();
+        }
     }
 }
 
@@ -508,7 +534,9 @@ impl Comm {
             };
             s.set_read_timeout(None)?;
             s.set_write_timeout(Some(timeout))?;
-            let mut r = s.try_clone()?;
+            // Buffered: a small frame's header and body arrive in one read (latency of the
+            // per-layer exchanges); large payloads bypass the buffer.
+            let mut r = io::BufReader::with_capacity(64 << 10, s.try_clone()?);
             let inbox2 = inbox.clone();
             readers.push(
                 std::thread::Builder::new()
@@ -562,6 +590,23 @@ impl Comm {
         self.world
     }
 
+    /// Rings `bell` whenever a control record arrives from a peer or a link fails.
+    pub fn set_doorbell(&self, bell: Arc<Doorbell>) {
+        let _ = self.inbox.bell.set(bell);
+    }
+
+    /// Whether a peer's message on `chan` waits to be received (a peer started a round), or
+    /// the group is broken or a peer stopped (a receive would return at once).
+    pub fn has_pending(&self, chan: u8) -> bool {
+        let st = self.inbox.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.failed.is_some()
+            || !st.stopped.is_empty()
+            || st
+                .queues
+                .iter()
+                .any(|((_, c), q)| *c == chan && !q.is_empty())
+    }
+
     /// The first failure seen on any link, if any.
     pub fn failure(&self) -> Option<String> {
         self.inbox
@@ -584,9 +629,15 @@ impl Comm {
             .ok_or_else(|| anyhow!("no link to rank {peer}"))?;
         let mut s = w.lock().unwrap_or_else(|e| e.into_inner());
         write_frame(&mut s, chan, &data).map_err(|e| {
-            let reason = format!("sending to rank {peer} failed: {e}");
+            // A peer that gave up sent its reason (an abort frame) before it closed, or its
+            // link's reader sees it go: prefer that reason, which names the rank at fault, to
+            // this broken pipe, if a reader reports it soon.
+            let reason = self
+                .inbox
+                .wait_failure(Duration::from_millis(500))
+                .unwrap_or_else(|| format!("sending to rank {peer} failed: {e}"));
             self.inbox.fail(reason.clone());
-            anyhow!(reason)
+            anyhow!("group broken: {reason}")
         })
     }
 

@@ -33,6 +33,31 @@ pub mod env {
     pub const LOG_FORMAT: &str = "MOE_LOG_FORMAT";
     /// Model family whose gating synthetic weights imitate (or that a checkpoint must be).
     pub const FAMILY: &str = "MOE_MODEL_FAMILY";
+    /// Seconds a forward-API request may wait in the queue before it is answered 503.
+    pub const FORWARD_WAIT: &str = "MOE_FORWARD_WAIT_SECONDS";
+    /// Milliseconds an asynchronous remap spends at least on each layer.
+    pub const REMAP_LAYER_DELAY: &str = "MOE_REMAP_LAYER_DELAY_MS";
+}
+
+/// Where a group's batches come from (`--traffic`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TrafficMode {
+    /// The built-in synthetic generator (burn-in, benchmarks).
+    Generator,
+    /// Replay `--traffic-trace`.
+    Trace,
+    /// Serve the forward API (docs/forward-api.md).
+    Api,
+}
+
+impl TrafficMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            TrafficMode::Generator => "generator",
+            TrafficMode::Trace => "trace",
+            TrafficMode::Api => "api",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -189,6 +214,32 @@ pub struct Args {
     /// Replay this routing trace (JSON lines) instead of routing with the router.
     #[arg(long, env = env::TRAFFIC_TRACE)]
     pub traffic_trace: Option<PathBuf>,
+    /// Where batches come from: `generator`, `trace` (needs --traffic-trace) or `api` (serve
+    /// the forward API, docs/forward-api.md). Default: `trace` with --traffic-trace, else
+    /// `generator`.
+    #[arg(long, env = api_env::TRAFFIC, value_enum)]
+    pub traffic: Option<TrafficMode>,
+    /// Serve the forward API only on this port (0: on --http-port). With --local-ranks, rank
+    /// R+i uses this + i.
+    #[arg(long, env = api_env::FORWARD_PORT, default_value_t = 0)]
+    pub forward_port: u16,
+    /// File holding the bearer token forward-API callers must present (re-read on every
+    /// request). Without it the forward API is open.
+    #[arg(long, env = api_env::CLIENT_TOKEN_FILE)]
+    pub client_token_file: Option<PathBuf>,
+    /// Most rows one forward request may carry (more: 413); also the most rows a rank pools
+    /// into one round of a layer.
+    #[arg(long, env = api_env::MAX_REQUEST_ROWS, default_value_t = 4096)]
+    pub max_request_rows: usize,
+    /// Seconds a forward request may wait in the queue (e.g. during a stop-the-world remap)
+    /// before it is answered 503 with Retry-After.
+    #[arg(long, env = env::FORWARD_WAIT, default_value_t = 30.0)]
+    pub forward_wait_seconds: f64,
+    /// Asynchronous remaps: a layer switches no earlier than this many milliseconds after its
+    /// staging began (spreads a remap's transfers out over time; the generation-parity test uses
+    /// it to keep a remap in flight while requests are served). 0: as soon as it is staged.
+    #[arg(long, env = env::REMAP_LAYER_DELAY, default_value_t = 0)]
+    pub remap_layer_delay_ms: u64,
 
     /// Write the recorded expert-load history here (moectl load format `{"windows": [W][L][E]}`).
     #[arg(long, env = env::LOAD_HISTORY_FILE)]
@@ -290,6 +341,10 @@ pub struct Config {
     pub weights: WeightsSource,
     pub rendezvous_timeout: Duration,
     pub comm_timeout: Duration,
+    /// Where batches come from (`--traffic`, defaulted).
+    pub traffic: TrafficMode,
+    /// How long a forward request may wait in the queue.
+    pub forward_wait: Duration,
 }
 
 /// A configuration error names the flag (and its environment variable) at fault.
@@ -414,6 +469,7 @@ impl Config {
             a.local_ranks = 1;
             a.comm_port = port(args.comm_port, i, "comm-port", e::COMM_PORT)?;
             a.http_port = port(args.http_port, i, "http-port", e::HTTP_PORT)?;
+            a.forward_port = port(args.forward_port, i, "forward-port", e::FORWARD_PORT)?;
             // A bare-host --leader-addr takes its port from --comm-port: the base one, not
             // this rank's offset copy.
             if let Some(first) = configs.first() {
@@ -568,6 +624,51 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        let traffic = match (args.traffic, &args.traffic_trace) {
+            (None, Some(_)) => TrafficMode::Trace,
+            (None, None) => TrafficMode::Generator,
+            (Some(TrafficMode::Trace), None) => {
+                return Err(bad(
+                    "traffic",
+                    e::TRAFFIC,
+                    "`trace` needs --traffic-trace (MOE_TRAFFIC_TRACE)",
+                ));
+            }
+            (Some(TrafficMode::Trace), Some(_)) => TrafficMode::Trace,
+            (Some(other), Some(_)) => {
+                return Err(bad(
+                    "traffic",
+                    e::TRAFFIC,
+                    format!(
+                        "`{}` does not replay a trace: drop --traffic-trace or use --traffic trace",
+                        other.name()
+                    ),
+                ));
+            }
+            (Some(other), None) => other,
+        };
+        if args.max_request_rows == 0 || args.max_request_rows > u32::MAX as usize {
+            return Err(bad(
+                "max-request-rows",
+                e::MAX_REQUEST_ROWS,
+                "must be between 1 and 4294967295",
+            ));
+        }
+        if args.forward_port != 0 && args.forward_port == args.http_port {
+            return Err(bad(
+                "forward-port",
+                e::FORWARD_PORT,
+                format!(
+                    "{} is also --http-port: use 0 to serve the forward API on the HTTP port",
+                    args.forward_port
+                ),
+            ));
+        }
+        let forward_wait = seconds(
+            args.forward_wait_seconds,
+            "forward-wait-seconds",
+            env::FORWARD_WAIT,
+        )?;
         let rendezvous_timeout = seconds(
             args.rendezvous_timeout_seconds,
             "rendezvous-timeout-seconds",
@@ -612,6 +713,8 @@ impl Config {
             weights,
             rendezvous_timeout,
             comm_timeout,
+            traffic,
+            forward_wait,
         })
     }
 
@@ -797,6 +900,12 @@ mod tests {
     fn defaults_are_valid() {
         let c = parse(&[]).unwrap();
         assert_eq!(c.shape.num_slots(), 16);
+        assert_eq!(c.traffic, TrafficMode::Generator);
+        assert_eq!(c.args.max_request_rows, 4096);
+        let c = parse(&["--traffic-trace", "t.jsonl"]).unwrap();
+        assert_eq!(c.traffic, TrafficMode::Trace);
+        let c = parse(&["--traffic", "api"]).unwrap();
+        assert_eq!(c.traffic, TrafficMode::Api);
         assert_eq!(c.weights, WeightsSource::Synthetic { seed: 0 });
     }
 
@@ -826,6 +935,17 @@ mod tests {
                 "--ranks-per-node",
             ),
             (&["--advertise-addr", "pod-0.svc"], "--advertise-addr"),
+            (&["--traffic", "trace"], "--traffic"),
+            (
+                &["--traffic", "api", "--traffic-trace", "t.jsonl"],
+                "--traffic",
+            ),
+            (&["--max-request-rows", "0"], "--max-request-rows"),
+            (
+                &["--forward-port", "9000", "--http-port", "9000"],
+                "--forward-port",
+            ),
+            (&["--forward-wait-seconds", "0"], "--forward-wait-seconds"),
         ];
         for (argv, flag) in cases {
             let err = parse(argv).unwrap_err().to_string();

@@ -33,9 +33,11 @@ use cudarc::driver::{DevicePtr, DevicePtrMut};
 use half::bf16;
 use moe_api::PlacementDocument;
 use moe_kernels::cuda::{
-    DeviceExperts, DeviceMatrix, EpComm, EpLayer, ExpertStaging, Gpu, NcclId, grouped,
+    DeviceExperts, DeviceFp8Experts, DeviceMatrix, EpComm, EpLayer, ExpertStaging, Fp8Staging, Gpu,
+    LayerExperts, NcclId, Router, SharedExperts, grouped,
 };
-use moe_kernels::{Bf16Matrix, EpTopology};
+use moe_kernels::fp8::{Fp8Expert, Fp8Projection};
+use moe_kernels::{Bf16Matrix, EpTopology, KernelError, Matrix};
 
 use crate::comm::Comm;
 use crate::config::ModelShape;
@@ -83,7 +85,24 @@ fn nccl_id(bytes: &[u8]) -> NcclId {
 struct StagingBuffers {
     main: Arc<CudaStream>,
     side: Arc<CudaStream>,
-    bufs: Vec<ExpertStaging>,
+    bufs: Vec<SlotStaging>,
+}
+
+/// One slot's staging buffer, in the layer's weight format.
+enum SlotStaging {
+    Bf16(ExpertStaging),
+    Fp8(Fp8Staging),
+}
+
+fn alloc_staging(gpu: &Gpu, experts: &LayerExperts) -> Result<SlotStaging> {
+    Ok(match experts {
+        LayerExperts::Bf16(e) => SlotStaging::Bf16(e.alloc_staging(gpu)?),
+        LayerExperts::Fp8(e, _) => SlotStaging::Fp8(e.alloc_staging(gpu)?),
+    })
+}
+
+fn mismatch() -> KernelError {
+    KernelError::Invalid("a staging buffer does not match the layer's weight format".into())
 }
 
 impl Drop for StagingBuffers {
@@ -131,33 +150,81 @@ pub struct CudaExec {
 }
 
 /// What the CUDA backend cannot compute yet, refused at load rather than computed wrongly:
-/// shared experts, FP8 weights held natively, DeepSeek-V2's max group score (and, per layer,
-/// routers that bf16 cannot hold exactly).
+/// gpt-oss's expert projection biases and clamped SwiGLU (its gating, router bias and
+/// softmax over the top-k, run on the GPU).
 fn unsupported_on_gpu(store: &WeightStore) -> Result<()> {
     let m = store.model();
-    let why = if m.family == moe_model::Family::GptOss {
-        Some(
-            "gpt-oss (router bias, softmax over the top-k, expert biases, clamped SwiGLU)"
-                .to_string(),
-        )
-    } else if m.shared.is_some() {
-        Some(format!(
-            "{} shared experts ({} has {})",
-            m.family, m.architecture, m.shared_experts
-        ))
-    } else if m.weight_dtype == moe_model::WeightDtype::Fp8E4m3 {
-        Some("FP8 E4M3 block-scaled weights".to_string())
-    } else if m.expert_groups > 1 && m.group_score == moe_model::GroupScore::Max {
-        Some("DeepSeek-V2 group-limited routing (group score = max)".to_string())
-    } else {
-        None
-    };
-    match why {
-        Some(w) => {
-            bail!("the cuda backend does not compute {w} yet; run this model with --backend cpu")
-        }
-        None => Ok(()),
+    if m.expert_bias || m.swiglu.is_some() {
+        bail!(
+            "the cuda backend does not compute {} experts' projection biases and clamped SwiGLU \
+             yet; run this model with --backend cpu",
+            m.family
+        );
     }
+    Ok(())
+}
+
+/// A checkpoint's FP8 projection in the kernels' form (128x128 blocks only).
+fn fp8_projection(m: crate::checkpoint::Fp8Matrix) -> Option<Fp8Projection> {
+    (m.block == [128, 128]).then_some(Fp8Projection {
+        rows: m.rows,
+        cols: m.cols,
+        codes: m.data,
+        scales: m.scale_inv,
+    })
+}
+
+/// This rank's routed experts of `layer` (`slots`: the logical expert of each local slot): FP8
+/// codes and block scales as stored for an FP8 checkpoint with 128x128 blocks (native FP8
+/// GEMMs where the GPU and shapes allow, else dequantised per expert at compute time), bf16
+/// otherwise.
+fn load_experts(
+    gpu: &Gpu,
+    store: &WeightStore,
+    layer: usize,
+    slots: &[u32],
+) -> Result<LayerExperts> {
+    if let WeightStore::Files { checkpoint, .. } = store
+        && store.model().weight_dtype == moe_model::WeightDtype::Fp8E4m3
+    {
+        let mut read: HashMap<u32, Option<Fp8Expert>> = HashMap::new();
+        let mut all = Vec::with_capacity(slots.len());
+        for &e in slots {
+            let got = match read.entry(e) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => v.insert(
+                    checkpoint
+                        .expert_fp8(layer, e as usize)?
+                        .and_then(|[g, u, d]| {
+                            Some([fp8_projection(g)?, fp8_projection(u)?, fp8_projection(d)?])
+                        }),
+                ),
+            };
+            match got.as_ref() {
+                Some(x) => all.push(x.clone()),
+                None => {
+                    all.clear();
+                    break;
+                }
+            }
+        }
+        if !all.is_empty() {
+            let dev = DeviceFp8Experts::upload(gpu, &all)?;
+            let compute = dev.default_compute(gpu);
+            tracing::info!(layer, ?compute, "FP8 experts kept as FP8 on the GPU");
+            return Ok(LayerExperts::Fp8(Box::new(dev), compute));
+        }
+        tracing::warn!(
+            layer,
+            "FP8 experts without 128x128 blocks: dequantised to bf16 at load"
+        );
+    }
+    let host: Vec<ExpertWeights> = store
+        .load_slots(layer, slots)?
+        .iter()
+        .map(|w| (**w).clone())
+        .collect();
+    Ok(LayerExperts::Bf16(DeviceExperts::upload(gpu, &host)?))
 }
 
 // SAFETY: the executor is owned by the engine thread; it is moved into it once and never
@@ -209,36 +276,40 @@ impl CudaExec {
         for l in 0..shape.num_layers {
             let row = &placement.phy2log[l];
             let mine = &row[rank * spr..(rank + 1) * spr];
-            let host: Vec<ExpertWeights> = store
-                .load_slots(l, mine)?
-                .iter()
-                .map(|w| (**w).clone())
-                .collect();
-            let experts = DeviceExperts::upload(&gpu, &host)?;
+            let experts = load_experts(&gpu, store, l, mine)?;
+            // bf16 logits GEMM when the router is bf16 anyway; DeepSeek's fp32 routers get
+            // an fp32 GEMM, as on the CPU.
             let router_f32 = store.router_f32(l)?;
-            if router_f32
+            let bf16_exact = router_f32
                 .as_slice()
                 .iter()
-                .any(|v| bf16::from_f32(*v).to_f32() != *v)
-            {
-                bail!(
-                    "MoE layer {l}: the router has fp32 weights that bf16 cannot hold; the cuda \
-                     backend computes router logits from bf16 weights; run this model with \
-                     --backend cpu"
-                );
-            }
-            let router = store.router(l)?;
+                .all(|v| bf16::from_f32(*v).to_f32() == *v);
+            let router_bf16 = bf16_exact.then(|| store.router(l)).transpose()?;
+            let router = match &router_bf16 {
+                Some(r) => Router::Bf16(r),
+                None => Router::F32(&router_f32),
+            };
+            let shared = match store.shared(l)? {
+                Some(s) => Some(SharedExperts {
+                    mlp: DeviceExperts::upload(&gpu, std::slice::from_ref(&s.mlp))?,
+                    gate: s.gate.as_deref().map(|g| gpu.upload_slice(g)).transpose()?,
+                }),
+                None => None,
+            };
             let bias = store.correction_bias(l)?;
+            let router_bias = store.router_bias(l)?;
             let map = LayerMap::new(row.clone(), shape.num_experts).map_err(|e| anyhow!(e))?;
-            layers.push(EpLayer::new(
+            layers.push(EpLayer::with_parts(
                 &gpu,
-                &router,
+                router,
                 gating_config(store.model()),
+                router_bias.as_deref(),
                 bias.as_deref(),
                 &map.replicas,
                 EpTopology::new(shape.world_size, spr)?,
                 rank,
                 experts,
+                shared,
             )?);
         }
         gpu.synchronize()?;
@@ -361,7 +432,7 @@ impl Exec for CudaExec {
             match plan.sources[s] {
                 SlotSource::Keep => {}
                 SlotSource::Local { src_slot } => {
-                    buffers.bufs.push(experts.alloc_staging(gpu)?);
+                    buffers.bufs.push(alloc_staging(gpu, experts)?);
                     local_copies.push((src_slot as usize - base, buffers.bufs.len() - 1));
                     installs.push((s - base, buffers.bufs.len() - 1));
                 }
@@ -369,7 +440,7 @@ impl Exec for CudaExec {
                     let idx = match received.get(&plan.experts[s]) {
                         Some(&i) => i,
                         None => {
-                            buffers.bufs.push(experts.alloc_staging(gpu)?);
+                            buffers.bufs.push(alloc_staging(gpu, experts)?);
                             received.insert(plan.experts[s], buffers.bufs.len() - 1);
                             buffers.bufs.len() - 1
                         }
@@ -411,13 +482,20 @@ impl Exec for CudaExec {
         let start = side
             .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(cu)?;
-        let (a, b) = experts.slot_elems();
         for &(src, idx) in &local_copies {
-            let st = &mut buffers.bufs[idx];
-            side.memcpy_dtod(&experts.w1.slice(src * a..(src + 1) * a), &mut st.w1)
-                .map_err(cu)?;
-            side.memcpy_dtod(&experts.w2.slice(src * b..(src + 1) * b), &mut st.w2)
-                .map_err(cu)?;
+            match (experts, &mut buffers.bufs[idx]) {
+                (LayerExperts::Bf16(e), SlotStaging::Bf16(st)) => {
+                    let (a, b) = e.slot_elems();
+                    side.memcpy_dtod(&e.w1.slice(src * a..(src + 1) * a), &mut st.w1)
+                        .map_err(cu)?;
+                    side.memcpy_dtod(&e.w2.slice(src * b..(src + 1) * b), &mut st.w2)
+                        .map_err(cu)?;
+                }
+                (LayerExperts::Fp8(e, _), SlotStaging::Fp8(st)) => {
+                    e.copy_slot_to_staging(side, src, st)?
+                }
+                _ => return Err(mismatch().into()),
+            }
         }
         if !sends.is_empty() || !recvs.is_empty() {
             let xfer = self.transfer_comm.as_ref().ok_or_else(|| {
@@ -425,10 +503,16 @@ impl Exec for CudaExec {
             })?;
             grouped(|| {
                 for &(slot, peer) in &sends {
-                    xfer.send_slot(experts, slot, peer)?;
+                    match experts {
+                        LayerExperts::Bf16(e) => xfer.send_slot(e, slot, peer)?,
+                        LayerExperts::Fp8(e, _) => xfer.send_fp8_slot(e, slot, peer)?,
+                    }
                 }
                 for &(idx, peer) in &recvs {
-                    xfer.recv_slot(&mut buffers.bufs[idx], peer)?;
+                    match &mut buffers.bufs[idx] {
+                        SlotStaging::Bf16(st) => xfer.recv_slot(st, peer)?,
+                        SlotStaging::Fp8(st) => xfer.recv_fp8_slot(st, peer)?,
+                    }
                 }
                 Ok(())
             })?;
@@ -465,18 +549,40 @@ impl Exec for CudaExec {
         Ok(st.finished)
     }
 
+    /// The rows go to the GPU, through the layer (NCCL all-to-all with the group's other
+    /// GPUs), and the block output comes back; the layer's device load counters of this call
+    /// are added to `counts`.
     fn moe_layer(
         &mut self,
         _comm: &Comm,
         layer: usize,
-        _x: &Bf16Matrix,
-        _token_base: u32,
-        _counts: &mut [u32],
+        x: &Bf16Matrix,
+        token_base: u32,
+        counts: &mut [u32],
     ) -> Result<Bf16Matrix> {
-        bail!(
-            "MoE layer {layer}: the per-layer path (rows in, block output out) runs on the cpu \
-             backend only for now; the cuda backend runs whole steps"
-        )
+        let gpu = &self.gpu;
+        let l = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| anyhow!("no MoE layer {layer}"))?;
+        let xd = DeviceMatrix {
+            rows: x.rows(),
+            cols: x.cols(),
+            buf: gpu.upload_slice(x.as_slice())?,
+        };
+        let y = l.forward(gpu, self.comm.as_ref(), &xd, token_base)?;
+        let load = l.load(gpu)?;
+        l.reset_load(gpu)?;
+        if counts.len() != load.len() {
+            bail!(
+                "MoE layer {layer}: {} slot counters given, the layer has {}",
+                counts.len(),
+                load.len()
+            );
+        }
+        counts.iter_mut().zip(&load).for_each(|(c, v)| *c += v);
+        let out = y.download(gpu)?;
+        Ok(Matrix::from_vec(out.rows(), out.cols(), out.into_vec())?)
     }
 
     fn commit(&mut self, layer: usize, map: &LayerMap) -> Result<StageStats> {
@@ -497,8 +603,15 @@ impl Exec for CudaExec {
         // enqueued after both. Dropping the buffers below frees them on the main stream, after
         // these copies.
         for &(slot, idx) in &st.installs {
-            l.experts
-                .commit_staging(gpu, &st.buffers.bufs[idx], slot, Some(&st.done))?;
+            match (&mut l.experts, &st.buffers.bufs[idx]) {
+                (LayerExperts::Bf16(e), SlotStaging::Bf16(b)) => {
+                    e.commit_staging(gpu, b, slot, Some(&st.done))?
+                }
+                (LayerExperts::Fp8(e, _), SlotStaging::Fp8(b)) => {
+                    e.commit_staging(gpu, b, slot, Some(&st.done))?
+                }
+                _ => return Err(mismatch().into()),
+            }
         }
         l.set_map(gpu, &map.replicas)?;
         let ms = st

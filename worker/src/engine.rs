@@ -20,7 +20,7 @@ use moe_api::{PlacementDocument, RemapMode, RemapRequest, RemapState};
 use serde::{Deserialize, Serialize};
 
 use crate::comm::{CHAN_CTRL, Comm};
-use crate::config::ModelShape;
+use crate::config::{ModelShape, TrafficMode};
 use crate::exec::{Exec, add_residual, add_shared, topk_of};
 use crate::model::{activation, gating_config};
 use crate::placement::{LayerMap, LayerPlan, plan_layer};
@@ -49,8 +49,14 @@ pub struct StepRecord {
     pub remap_running: bool,
 }
 
+mod serve;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Ctrl {
+    /// Forward API: rows this rank has queued, `(MoE layer, rows)` for layers with any. Every
+    /// layer with rows on any rank is served in the round that follows this boundary.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    rows: Vec<(u32, u32)>,
     stop: bool,
     generation: u64,
     /// Digest of the request held (so two requests with one generation cannot both run).
@@ -78,6 +84,8 @@ struct Job {
     staging: bool,
     /// ... and said (at a boundary) that this rank's part has finished.
     staged: bool,
+    /// When the staging of `layers[idx]` began (`--remap-layer-delay-ms` counts from here).
+    staging_since: Instant,
     started: Instant,
 }
 
@@ -95,6 +103,12 @@ pub struct EngineParts {
     pub sink_tensors: bool,
     pub max_steps: u64,
     pub steps_per_second: f64,
+    /// Generated or replayed batches, or rounds of forward-API requests.
+    pub mode: TrafficMode,
+    /// Most rows a rank pools into one round of a layer (forward API).
+    pub max_round_rows: usize,
+    /// An asynchronous remap layer counts as staged no earlier than this after it began.
+    pub remap_layer_delay: Duration,
 }
 
 pub struct Engine {
@@ -116,6 +130,11 @@ pub struct Engine {
     max_steps: u64,
     steps_per_second: f64,
     rate: VecDeque<(Instant, usize)>,
+    mode: TrafficMode,
+    max_round_rows: usize,
+    remap_layer_delay: Duration,
+    /// Token numbers for the replica choice of forward-API rows (distinct per rank).
+    token_base: u32,
 }
 
 impl Engine {
@@ -148,6 +167,10 @@ impl Engine {
             max_steps: p.max_steps,
             steps_per_second: p.steps_per_second,
             rate: VecDeque::new(),
+            mode: p.mode,
+            max_round_rows: p.max_round_rows.max(1),
+            remap_layer_delay: p.remap_layer_delay,
+            token_base: (rank as u32).wrapping_mul(0x9E37_79B9),
         })
     }
 
@@ -176,6 +199,9 @@ impl Engine {
 
     fn run_steps(&mut self) -> Result<()> {
         self.publish_placement();
+        if self.mode == TrafficMode::Api {
+            return self.run_rounds();
+        }
         let mut step = 0u64;
         let period = (self.steps_per_second > 0.0)
             .then(|| Duration::from_secs_f64(1.0 / self.steps_per_second));
@@ -186,7 +212,7 @@ impl Engine {
             if self.max_steps > 0 && step >= self.max_steps {
                 break;
             }
-            if !self.boundary()? {
+            if self.boundary(Vec::new())?.is_none() {
                 break;
             }
             if let Some(p) = period {
@@ -244,28 +270,14 @@ impl Engine {
         counts: &[Vec<u32>],
         dt: Duration,
     ) -> Result<()> {
-        let m = &self.shared.metrics;
+        let shared = self.shared.clone();
+        let m = &shared.metrics;
         m.step_duration.observe(dt.as_secs_f64());
         m.tokens.inc_by(tokens as u64);
         m.steps.inc();
         let now = Instant::now();
         self.rate.push_back((now, tokens));
-        while self.rate.len() > 2
-            && self
-                .rate
-                .front()
-                .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(5))
-        {
-            self.rate.pop_front();
-        }
-        let tps = match (self.rate.front(), self.rate.len()) {
-            (Some((t0, _)), n) if n >= 2 => {
-                let secs = now.duration_since(*t0).as_secs_f64();
-                let toks: usize = self.rate.iter().skip(1).map(|(_, n)| n).sum();
-                if secs > 0.0 { toks as f64 / secs } else { 0.0 }
-            }
-            _ => 0.0,
-        };
+        let tps = self.rate_now(now);
         m.tokens_per_second.set(tps);
         {
             let mut w = self.shared.lock_window();
@@ -286,14 +298,8 @@ impl Engine {
         // from, and the optional moectl history file.
         let logical: Vec<Vec<f64>> = counts
             .iter()
-            .zip(&self.maps)
-            .map(|(c, map)| {
-                let mut v = vec![0.0; self.shape.num_experts];
-                for (slot, &n) in c.iter().enumerate() {
-                    v[map.phy2log[slot] as usize] += f64::from(n);
-                }
-                v
-            })
+            .enumerate()
+            .map(|(l, c)| self.logical(l, c))
             .collect();
         self.shared.lock_episodes().record(step, &logical);
         if let Some(h) = &mut self.history {
@@ -302,8 +308,39 @@ impl Engine {
         Ok(())
     }
 
-    /// The step boundary: gather control records and act on them. Returns false to stop.
-    fn boundary(&mut self) -> Result<bool> {
+    /// Slot counts of `layer` folded into logical expert counts under the current placement.
+    fn logical(&self, layer: usize, counts: &[u32]) -> Vec<f64> {
+        let mut v = vec![0.0; self.shape.num_experts];
+        for (slot, &n) in counts.iter().enumerate() {
+            v[self.maps[layer].phy2log[slot] as usize] += f64::from(n);
+        }
+        v
+    }
+
+    /// Tokens per second over the recent entries of `self.rate`.
+    fn rate_now(&mut self, now: Instant) -> f64 {
+        while self.rate.len() > 2
+            && self
+                .rate
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(5))
+        {
+            self.rate.pop_front();
+        }
+        match (self.rate.front(), self.rate.len()) {
+            (Some((t0, _)), n) if n >= 2 => {
+                let secs = now.duration_since(*t0).as_secs_f64();
+                let toks: usize = self.rate.iter().skip(1).map(|(_, n)| n).sum();
+                if secs > 0.0 { toks as f64 / secs } else { 0.0 }
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// The step boundary: gather control records (with this rank's queued forward-API `rows`)
+    /// and act on them. Returns `None` to stop, else the MoE layers with rows queued on any
+    /// rank (ascending), which the round after this boundary serves.
+    fn boundary(&mut self, rows: Vec<(u32, u32)>) -> Result<Option<Vec<usize>>> {
         if let Some(job) = &mut self.job
             && job.staging
             && !job.staged
@@ -311,7 +348,8 @@ impl Engine {
             job.staged = self
                 .exec
                 .staging_finished(false)
-                .context("staging a remap layer")?;
+                .context("staging a remap layer")?
+                && job.staging_since.elapsed() >= self.remap_layer_delay;
         }
         let pending = if self.job.is_none() {
             self.shared.lock().pending.clone()
@@ -319,6 +357,7 @@ impl Engine {
             None
         };
         let mine = Ctrl {
+            rows,
             stop: self.shared.stop.load(Ordering::SeqCst),
             generation: match (&self.job, &pending) {
                 (Some(j), _) => j.req.placement.generation,
@@ -342,8 +381,26 @@ impl Engine {
             .collect::<Result<_, _>>()?;
         if all.iter().any(|c| c.stop) {
             tracing::info!("stopping: a rank asked the group to stop");
-            return Ok(false);
+            return Ok(None);
         }
+        let mut layers: Vec<usize> = all
+            .iter()
+            .flat_map(|c| c.rows.iter().map(|&(l, _)| l as usize))
+            .filter(|&l| l < self.shape.num_layers)
+            .collect();
+        layers.sort_unstable();
+        layers.dedup();
+        self.agree(&all, &mine, pending)?;
+        Ok(Some(layers))
+    }
+
+    /// The remap part of the boundary: switch, activate or hand out, from the gathered records.
+    fn agree(
+        &mut self,
+        all: &[Ctrl],
+        mine: &Ctrl,
+        pending: Option<Arc<RemapRequest>>,
+    ) -> Result<()> {
         if all.iter().any(|c| c.active != mine.active) {
             bail!("ranks disagree on whether a remap runs: {all:?}");
         }
@@ -352,11 +409,11 @@ impl Engine {
             if all.iter().all(|c| c.staged == Some(idx)) {
                 self.switch_current()?;
             }
-            return Ok(true);
+            return Ok(());
         }
         let max = all.iter().map(|c| c.generation).max().unwrap_or(0);
         if max == 0 {
-            return Ok(true);
+            return Ok(());
         }
         // The newest request of the lowest rank holding that generation is the group's.
         let src = all.iter().position(|c| c.generation == max).unwrap_or(0);
@@ -365,7 +422,7 @@ impl Engine {
         if !all.iter().any(lacks) {
             let req = pending.ok_or_else(|| anyhow!("no pending remap to activate"))?;
             self.activate(req)?;
-            return Ok(true);
+            return Ok(());
         }
         // Hand it to the ranks that lack it (POSTing to any rank is enough).
         if self.rank == src {
@@ -376,7 +433,7 @@ impl Engine {
                     self.comm.send(r, CHAN_CTRL, bytes.clone())?;
                 }
             }
-        } else if lacks(&mine) {
+        } else if lacks(mine) {
             let bytes = self.comm.recv(src, CHAN_CTRL)?;
             let req: RemapRequest = serde_json::from_slice(&bytes)?;
             let layers = layers_to_move(&req, &self.current).map_err(|e| {
@@ -388,7 +445,7 @@ impl Engine {
             st.pending = Some(req.clone());
             st.accepted = Some(req);
         }
-        Ok(true)
+        Ok(())
     }
 
     fn activate(&mut self, req: Arc<RemapRequest>) -> Result<()> {
@@ -449,6 +506,7 @@ impl Engine {
             idx: 0,
             staging: false,
             staged: false,
+            staging_since: Instant::now(),
             started: Instant::now(),
         });
         match req.mode {
@@ -481,6 +539,7 @@ impl Engine {
         if let Some(job) = &mut self.job {
             job.staging = true;
             job.staged = false;
+            job.staging_since = t0;
         }
         Ok(())
     }

@@ -54,6 +54,29 @@ pub trait Exec: Send {
         token_base: u32,
         counts: &mut [u32],
     ) -> Result<Bf16Matrix>;
+    /// [`Exec::moe_layer`] where some rows carry routing chosen by the caller (the forward
+    /// API's flag bit 0): row `t` uses `given.ids/weights[t*k..(t+1)*k]` as they are when
+    /// `given.rows[t]`, the router's choice otherwise. Collective like `moe_layer`.
+    fn moe_layer_routed(
+        &mut self,
+        _comm: &Comm,
+        layer: usize,
+        _x: &Bf16Matrix,
+        _given: &GivenRouting,
+        _token_base: u32,
+        _counts: &mut [u32],
+    ) -> Result<Bf16Matrix> {
+        bail!("MoE layer {layer}: routing supplied by the caller is served by the cpu backend only")
+    }
+}
+
+/// Routing supplied by callers for some rows of one per-layer call (see
+/// [`Exec::moe_layer_routed`]): `ids` and `weights` are `[T, k]`, meaningful where `rows[t]`.
+#[derive(Debug, Clone, Default)]
+pub struct GivenRouting {
+    pub rows: Vec<bool>,
+    pub ids: Vec<u32>,
+    pub weights: Vec<f32>,
 }
 
 /// Top-k of one layer: the router's (logits plus the router bias when the model has one; the
@@ -232,32 +255,70 @@ impl CpuExec {
         token_base: u32,
         counts: &mut [u32],
     ) -> Result<Bf16Matrix> {
-        let h = self.shape.hidden;
-        let k = self.shape.top_k;
-        let s = self.shape.slots_per_rank();
-        let g = self.world;
-        let t = xm.rows();
-        let layer = self
-            .layers
-            .get(l)
-            .ok_or_else(|| anyhow!("no MoE layer {l} (the model has {})", self.layers.len()))?;
-        if xm.cols() != h {
-            bail!(
-                "layer {l}: rows of {} values, the model's hidden size is {h}",
-                xm.cols()
-            );
-        }
-        let topo = EpTopology::new(g, s)?;
-        let row_bytes = 2 * h;
-        let topk = topk_of(
+        let topk = self.route(l, xm, forced)?;
+        self.moe_layer_topk(comm, l, xm, &topk, token_base, counts)
+    }
+
+    /// The top-k of `xm` at layer `l`: the router's, or the `forced` ids with weights `1/k`.
+    pub fn route(&self, l: usize, xm: &Bf16Matrix, forced: Option<&[u32]>) -> Result<TopK> {
+        let layer = self.layer(l, xm)?;
+        topk_of(
             xm,
             &layer.router,
             layer.router_bias.as_deref(),
             layer.bias.as_deref(),
             forced,
             &self.gating,
-        )?;
-        let phys = cpu::map_to_physical(&topk, &layer.map.replicas, token_base, counts)?;
+        )
+    }
+
+    fn layer(&self, l: usize, xm: &Bf16Matrix) -> Result<&CpuLayer> {
+        let h = self.shape.hidden;
+        if xm.cols() != h {
+            bail!(
+                "layer {l}: rows of {} values, the model's hidden size is {h}",
+                xm.cols()
+            );
+        }
+        self.layers
+            .get(l)
+            .ok_or_else(|| anyhow!("no MoE layer {l} (the model has {})", self.layers.len()))
+    }
+
+    /// [`CpuExec::moe_layer`] with the top-k decided: dispatch, experts, combine, shared experts.
+    pub fn moe_layer_topk(
+        &self,
+        comm: &Comm,
+        l: usize,
+        xm: &Bf16Matrix,
+        topk: &TopK,
+        token_base: u32,
+        counts: &mut [u32],
+    ) -> Result<Bf16Matrix> {
+        let h = self.shape.hidden;
+        let k = self.shape.top_k;
+        let s = self.shape.slots_per_rank();
+        let g = self.world;
+        let t = xm.rows();
+        let layer = self.layer(l, xm)?;
+        if topk.tokens != t || topk.k != k || topk.ids.len() != t * k || topk.weights.len() != t * k
+        {
+            bail!(
+                "layer {l}: routing of {} x {} for {t} rows of top-{k}",
+                topk.tokens,
+                topk.k
+            );
+        }
+        if let Some(bad) = topk
+            .ids
+            .iter()
+            .find(|&&e| e as usize >= self.shape.num_experts)
+        {
+            bail!("layer {l}: expert id {bad} out of range");
+        }
+        let topo = EpTopology::new(g, s)?;
+        let row_bytes = 2 * h;
+        let phys = cpu::map_to_physical(topk, &layer.map.replicas, token_base, counts)?;
         let layout = cpu::dispatch_layout(&phys, k, topo)?;
         let send_rows = cpu::permute(xm, &layout)?;
         let offs = layout.rank_offsets();
@@ -373,6 +434,31 @@ impl Exec for CpuExec {
         counts: &mut [u32],
     ) -> Result<Bf16Matrix> {
         CpuExec::moe_layer(self, comm, layer, x, None, token_base, counts)
+    }
+
+    fn moe_layer_routed(
+        &mut self,
+        comm: &Comm,
+        layer: usize,
+        x: &Bf16Matrix,
+        given: &GivenRouting,
+        token_base: u32,
+        counts: &mut [u32],
+    ) -> Result<Bf16Matrix> {
+        let k = self.shape.top_k;
+        let t = x.rows();
+        if given.rows.len() != t || given.ids.len() != t * k || given.weights.len() != t * k {
+            bail!("layer {layer}: caller routing does not cover {t} rows of top-{k}");
+        }
+        // The router's choice for every row, then the callers' where they gave one (the
+        // router's work on those rows is wasted, but it is small next to the experts').
+        let mut topk = self.route(layer, x, None)?;
+        for (row, _) in given.rows.iter().enumerate().filter(|(_, g)| **g) {
+            let r = row * k..(row + 1) * k;
+            topk.ids[r.clone()].copy_from_slice(&given.ids[r.clone()]);
+            topk.weights[r.clone()].copy_from_slice(&given.weights[r]);
+        }
+        self.moe_layer_topk(comm, layer, x, &topk, token_base, counts)
     }
 
     fn begin_staging(&mut self, comm: &Arc<Comm>, layer: usize, plan: &LayerPlan) -> Result<()> {

@@ -107,8 +107,18 @@ async fn placement(State(s): State<Arc<Shared>>) -> Response {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header, when the request has one.
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix(AUTH_SCHEME))
+        .and_then(|v| v.strip_prefix(' '))
+        .map(str::trim)
+}
+
 /// Constant-time comparison of the presented and the expected token.
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -136,12 +146,7 @@ fn authorize(s: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
             "the control token file is empty",
         )));
     }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix(AUTH_SCHEME))
-        .and_then(|v| v.strip_prefix(' '))
-        .map(str::trim);
+    let presented = bearer_token(headers);
     match presented {
         Some(t) if same(t.as_bytes(), expected.as_bytes()) => Ok(()),
         Some(_) => Err(Box::new(error(

@@ -7,8 +7,10 @@ pub mod checkpoint;
 pub mod comm;
 pub mod config;
 pub mod cuda_exec;
+pub mod doorbell;
 pub mod engine;
 pub mod exec;
+pub mod forward;
 pub mod http;
 pub mod metrics;
 pub mod model;
@@ -40,6 +42,8 @@ pub struct Hooks {
     pub comm_listener: Option<std::net::TcpListener>,
     /// A pre-bound HTTP listener (instead of binding `--http-port`).
     pub http_listener: Option<std::net::TcpListener>,
+    /// A pre-bound forward-API listener (instead of binding `--forward-port` when it is set).
+    pub forward_listener: Option<std::net::TcpListener>,
     /// Receives a record of every step.
     pub step_sink: Option<mpsc::Sender<StepRecord>>,
     /// Leave the inputs and outputs out of the step records (timings only).
@@ -53,16 +57,18 @@ pub struct Hooks {
 /// A running worker.
 pub struct Worker {
     pub http_addr: SocketAddr,
+    /// Where the forward API listens (`http_addr` unless `--forward-port` is set).
+    pub forward_addr: SocketAddr,
     pub shared: Arc<Shared>,
     engine: std::thread::JoinHandle<Result<()>>,
-    server: tokio::task::JoinHandle<()>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+    shutdown: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Worker {
     /// Asks the group to stop at the next step boundary (every rank stops there, exit 0).
     pub fn request_stop(&self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.request_stop();
     }
 
     pub fn is_finished(&self) -> bool {
@@ -79,9 +85,11 @@ impl Worker {
             .map_err(|_| anyhow!("the engine thread panicked"))
             .and_then(|r| r);
         if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+            let _ = tx.send(true);
         }
-        let _ = self.server.await;
+        for server in self.servers {
+            let _ = server.await;
+        }
         result
     }
 }
@@ -104,31 +112,64 @@ pub async fn start(config: Config, mut hooks: Hooks) -> Result<Worker> {
         config.model.clone(),
         config.args.control_token_file.clone(),
         config.args.stats_window,
+        forward::Settings {
+            traffic: config.traffic,
+            client_token_file: config.args.client_token_file.clone(),
+            max_request_rows: config.args.max_request_rows,
+            wait: config.forward_wait,
+        },
     ));
-    let std_listener = match hooks.http_listener.take() {
-        Some(l) => l,
-        None => {
-            let addr = SocketAddr::new(bind_ip(&config), config.args.http_port);
-            std::net::TcpListener::bind(addr)
-                .with_context(|| format!("binding the HTTP listener on {addr}"))?
-        }
+    let bind = |given: Option<std::net::TcpListener>, port: u16, what: &str| {
+        let std_listener = match given {
+            Some(l) => l,
+            None => {
+                let addr = SocketAddr::new(bind_ip(&config), port);
+                std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("binding the {what} listener on {addr}"))?
+            }
+        };
+        std_listener.set_nonblocking(true)?;
+        anyhow::Ok(tokio::net::TcpListener::from_std(std_listener)?)
     };
-    std_listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(std_listener)?;
+    let listener = bind(hooks.http_listener.take(), config.args.http_port, "HTTP")?;
     let http_addr = listener.local_addr()?;
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let app = http::router(shared.clone());
-    let server = tokio::spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!("HTTP server failed: {e}");
-        }
-    });
-    tracing::info!(%http_addr, "HTTP API listening");
+    let separate_forward = config.args.forward_port != 0 || hooks.forward_listener.is_some();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let serve = |listener: tokio::net::TcpListener, app: axum::Router| {
+        let mut rx = rx.clone();
+        // Small frames of the forward API must not wait for Nagle's algorithm.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        tokio::spawn(async move {
+            let r = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!("HTTP server failed: {e}");
+            }
+        })
+    };
+    let mut servers = Vec::new();
+    let forward_addr = if separate_forward {
+        let fl = bind(
+            hooks.forward_listener.take(),
+            config.args.forward_port,
+            "forward-API",
+        )?;
+        let addr = fl.local_addr()?;
+        servers.push(serve(listener, http::router(shared.clone())));
+        servers.push(serve(fl, forward::http::router(shared.clone())));
+        tracing::info!(%http_addr, forward_addr = %addr, "HTTP API and forward API listening");
+        addr
+    } else {
+        let app = http::router(shared.clone()).merge(forward::http::router(shared.clone()));
+        servers.push(serve(listener, app));
+        tracing::info!(%http_addr, "HTTP API (with the forward API) listening");
+        http_addr
+    };
     let shared2 = shared.clone();
     // Every line the engine logs names its rank (a process may run several).
     let span = tracing::info_span!("rank", rank = config.rank());
@@ -136,20 +177,27 @@ pub async fn start(config: Config, mut hooks: Hooks) -> Result<Worker> {
         .name(format!("engine-{}", config.rank()))
         .spawn(move || {
             let _rank = span.enter();
-            run_engine(
+            let r = run_engine(
                 config,
-                shared2,
+                shared2.clone(),
                 hooks.comm_listener,
                 hooks.step_sink,
                 !hooks.step_sink_timings_only,
                 hooks.exit_on_hung_collective,
-            )
+            );
+            // Requests still queued (and later ones) learn that the group ended.
+            shared2.forward.close(match &r {
+                Ok(()) => forward::Refusal::unavailable("the group has stopped"),
+                Err(e) => forward::Refusal::new(500, format!("the group failed: {e:#}")),
+            });
+            r
         })?;
     Ok(Worker {
         http_addr,
+        forward_addr,
         shared,
         engine,
-        server,
+        servers,
         shutdown: Some(tx),
     })
 }
@@ -204,13 +252,16 @@ fn run_engine(
         comm_port: config.args.comm_port,
         timeout: config.rendezvous_timeout,
         comm_timeout: config.comm_timeout,
+        // The traffic mode too: a generating rank and a serving rank would pair different
+        // collectives.
         fingerprint: format!(
-            "{} model={} {:?} placement={:?} weights={}",
+            "{} model={} {:?} placement={:?} weights={} traffic={}",
             shape.fingerprint(),
             config.model.architecture,
             crate::model::gating_config(&config.model),
             config.args.initial_placement,
-            config.args.weights
+            config.args.weights,
+            config.traffic.name()
         ),
     };
     let listener = match comm_listener {
@@ -226,6 +277,7 @@ fn run_engine(
     };
     let (comm, info) = form_group(&rdv, listener, committed, move || unique_id)?;
     tracing::info!(epoch = info.epoch, peers = ?info.peers, "group formed");
+    comm.set_doorbell(shared.bell.clone());
     let comm = Arc::new(comm);
     if watchdog {
         let (comm, shared, grace) = (comm.clone(), shared.clone(), config.comm_timeout);
@@ -314,6 +366,9 @@ fn run_engine(
         sink_tensors,
         max_steps: config.args.max_steps,
         steps_per_second: config.args.traffic_steps_per_second,
+        mode: config.traffic,
+        max_round_rows: config.args.max_request_rows,
+        remap_layer_delay: std::time::Duration::from_millis(config.args.remap_layer_delay_ms),
     })?;
     let mem = shape.slots_per_rank() * shape.num_layers * shape.expert_bytes();
     shared.metrics.expert_memory_bytes.set(mem as i64);

@@ -58,7 +58,6 @@ fn main() -> ExitCode {
 /// stop at its next step boundary; a rank that fails makes the others stop too (the group
 /// cannot go on without it), and the process reports the first failure.
 async fn run(configs: Vec<Config>, grace: Duration) -> anyhow::Result<()> {
-    use std::sync::atomic::Ordering;
     let mut stops = Vec::new();
     let mut ranks = tokio::task::JoinSet::new();
     for config in configs {
@@ -83,7 +82,7 @@ async fn run(configs: Vec<Config>, grace: Duration) -> anyhow::Result<()> {
     }
     let stop_all = || {
         for s in &stops {
-            s.stop.store(true, Ordering::SeqCst);
+            s.request_stop();
         }
     };
     let signal = shutdown_signal();

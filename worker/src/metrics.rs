@@ -23,6 +23,13 @@ pub struct Metrics {
     pub ready: IntGauge,
     pub expert_memory_bytes: IntGauge,
     pub tokens_per_second: Gauge,
+    /// Forward API: rows and requests this rank answered, errors by status, round and request
+    /// latency.
+    pub forward_rows: IntCounter,
+    pub forward_requests: IntCounter,
+    pub forward_errors: IntCounterVec,
+    pub forward_round_duration: Histogram,
+    pub forward_request_duration: Histogram,
 }
 
 impl Metrics {
@@ -116,6 +123,40 @@ impl Metrics {
                 "Tokens per second of this rank over the last few seconds",
             )
             .expect("valid"),
+            forward_rows: IntCounter::new(
+                "moe_worker_forward_rows_total",
+                "Rows this rank answered through the forward API",
+            )
+            .expect("valid"),
+            forward_requests: IntCounter::new(
+                "moe_worker_forward_requests_total",
+                "Forward-API requests this rank answered with 200",
+            )
+            .expect("valid"),
+            forward_errors: IntCounterVec::new(
+                Opts::new(
+                    "moe_worker_forward_errors_total",
+                    "Forward-API requests refused, by HTTP status",
+                ),
+                &["status"],
+            )
+            .expect("valid"),
+            forward_round_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "moe_worker_forward_round_duration_seconds",
+                    "Wall time of one layer's round of the forward API on this rank (all-to-alls and experts)",
+                )
+                .buckets(prometheus::exponential_buckets(0.00001, 2.0, 24).unwrap_or_default()),
+            )
+            .expect("valid histogram"),
+            forward_request_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "moe_worker_forward_request_duration_seconds",
+                    "Time from a decoded forward request to its answer (queue and round)",
+                )
+                .buckets(prometheus::exponential_buckets(0.00001, 2.0, 24).unwrap_or_default()),
+            )
+            .expect("valid histogram"),
             registry,
         };
         let r = &m.registry;
@@ -135,6 +176,11 @@ impl Metrics {
         let _ = r.register(Box::new(m.ready.clone()));
         let _ = r.register(Box::new(m.expert_memory_bytes.clone()));
         let _ = r.register(Box::new(m.tokens_per_second.clone()));
+        let _ = r.register(Box::new(m.forward_rows.clone()));
+        let _ = r.register(Box::new(m.forward_requests.clone()));
+        let _ = r.register(Box::new(m.forward_errors.clone()));
+        let _ = r.register(Box::new(m.forward_round_duration.clone()));
+        let _ = r.register(Box::new(m.forward_request_duration.clone()));
         m
     }
 

@@ -10,6 +10,8 @@ use moe_api::{
 };
 
 use crate::config::ModelShape;
+use crate::doorbell::Doorbell;
+use crate::forward::{Queue, Served, Settings};
 use crate::metrics::Metrics;
 use crate::placement::check_shape;
 use crate::stats::{Episodes, Window, par};
@@ -60,6 +62,13 @@ pub struct Shared {
     /// The other ranks of this process (`--local-ranks`), whose metrics this rank's /metrics
     /// also serves when it is the process's first rank (one scrape target per pod).
     pub local_peers: std::sync::OnceLock<Vec<prometheus::Registry>>,
+    /// Wakes the engine when it sleeps between rounds (forward API).
+    pub bell: Arc<Doorbell>,
+    pub forward_settings: Settings,
+    /// Forward-API requests waiting for a round.
+    pub forward: Queue,
+    /// Rows this rank answered through the forward API.
+    pub served: Served,
 }
 
 /// Why a remap request was not accepted.
@@ -84,7 +93,9 @@ impl Shared {
         model: std::sync::Arc<moe_model::ModelDescription>,
         token_file: Option<PathBuf>,
         window: usize,
+        forward_settings: Settings,
     ) -> Shared {
+        let bell = Arc::new(Doorbell::default());
         Shared {
             rank,
             world,
@@ -104,7 +115,26 @@ impl Shared {
                 shape.num_experts,
             )),
             local_peers: std::sync::OnceLock::new(),
+            forward: Queue::new(shape.num_layers, bell.clone()),
+            bell,
+            forward_settings,
+            served: Served::default(),
         }
+    }
+
+    /// Asks the group to stop at its next step boundary (and wakes an idle engine).
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.bell.ring();
+    }
+
+    /// True while this rank runs a stop-the-world remap (forward requests wait).
+    pub fn stop_the_world_running(&self) -> bool {
+        let st = self.lock();
+        st.active
+            && st.remap.as_ref().is_some_and(|p| {
+                p.state == RemapState::Running && p.mode == moe_api::RemapMode::StopTheWorld
+            })
     }
 
     pub fn lock(&self) -> MutexGuard<'_, State> {
@@ -120,6 +150,7 @@ impl Shared {
     }
 
     pub fn status(&self) -> WorkerStatus {
+        let served = self.served.snapshot();
         let st = self.lock();
         WorkerStatus {
             rank: self.rank,
@@ -131,6 +162,9 @@ impl Shared {
             step: st.step,
             tokens_per_second: st.tokens_per_second,
             remap: st.remap.clone(),
+            traffic: self.forward_settings.traffic.name().into(),
+            served_rows_total: served.0,
+            served_rows_per_second: served.1,
         }
     }
 
@@ -251,6 +285,9 @@ impl Shared {
         st.remap = Some(progress.clone());
         st.pending = Some(req.clone());
         st.accepted = Some(req);
+        drop(st);
+        // An idle engine (forward API) wakes to start the remap.
+        self.bell.ring();
         Ok(progress)
     }
 }

@@ -1,5 +1,10 @@
-//! Load statistics: per layer and physical slot token counts over a sliding window of steps,
+//! Load statistics: per layer and physical slot token counts over a sliding window of rounds,
 //! the per-layer peak-to-average ratio, and the load history in the `moectl` format.
+//!
+//! A round is one collective pass over a layer: with the generator every step is a round of
+//! every layer; with the forward API a round serves the layers that had rows pending, so each
+//! layer's window holds that layer's newest rounds (every rank takes part in each, with zero
+//! rows or more, so every rank counts the same rounds).
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -35,20 +40,28 @@ impl Window {
         }
     }
 
-    /// Records one step's counts `[layer][slot]`.
+    /// Records one step's counts `[layer][slot]` (a round of every layer).
     pub fn record(&mut self, counts: &[Vec<u32>]) {
+        for (l, c) in counts.iter().enumerate() {
+            self.record_layer(l, c);
+        }
+    }
+
+    /// Records one round of `layer`: its slot counts.
+    pub fn record_layer(&mut self, layer: usize, counts: &[u32]) {
         let size = self.size;
-        for (w, c) in self.layers.iter_mut().zip(counts) {
-            for (s, v) in w.sums.iter_mut().zip(c) {
-                *s += u64::from(*v);
-            }
-            w.steps.push_back(c.clone());
-            if w.steps.len() > size
-                && let Some(old) = w.steps.pop_front()
-            {
-                for (s, v) in w.sums.iter_mut().zip(&old) {
-                    *s -= u64::from(*v);
-                }
+        let Some(w) = self.layers.get_mut(layer) else {
+            return;
+        };
+        for (s, v) in w.sums.iter_mut().zip(counts) {
+            *s += u64::from(*v);
+        }
+        w.steps.push_back(counts.to_vec());
+        if w.steps.len() > size
+            && let Some(old) = w.steps.pop_front()
+        {
+            for (s, v) in w.sums.iter_mut().zip(&old) {
+                *s -= u64::from(*v);
             }
         }
     }
@@ -61,7 +74,7 @@ impl Window {
         }
     }
 
-    /// Steps in the window (the minimum over layers).
+    /// Rounds in the window (the minimum over layers).
     pub fn steps(&self) -> usize {
         self.layers.iter().map(|w| w.steps.len()).min().unwrap_or(0)
     }
@@ -128,9 +141,21 @@ impl Episodes {
 
     /// Adds step `step`'s logical counts `[layer][expert]`.
     pub fn record(&mut self, step: u64, logical: &[Vec<f64>]) {
-        for (acc, row) in self.current.iter_mut().zip(logical) {
-            acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+        for (l, row) in logical.iter().enumerate() {
+            self.add_layer(l, row);
         }
+        self.end_step(step);
+    }
+
+    /// Adds one layer's logical counts to the current window (a round of that layer).
+    pub fn add_layer(&mut self, layer: usize, logical: &[f64]) {
+        if let Some(acc) = self.current.get_mut(layer) {
+            acc.iter_mut().zip(logical).for_each(|(a, v)| *a += v);
+        }
+    }
+
+    /// Ends the group's step (round) `step`: windows close at multiples of the window size.
+    pub fn end_step(&mut self, step: u64) {
         self.steps_in_current += 1;
         let end_step = step + 1;
         if end_step.is_multiple_of(self.steps_per_window) {
@@ -237,6 +262,15 @@ mod tests {
         assert_eq!(w.steps(), 0);
         assert_eq!(w.layer_sums(1), &[0, 0]);
         assert_eq!(w.layer_sums(0), &[6, 0]);
+        // Layers served unevenly: each layer's window holds its own newest rounds.
+        let mut w = Window::new(2, 2, 2);
+        for _ in 0..3 {
+            w.record_layer(0, &[1, 0]);
+        }
+        assert_eq!(w.steps(), 0);
+        w.record_layer(1, &[0, 4]);
+        assert_eq!(w.steps(), 1);
+        assert_eq!(w.sums(), vec![vec![2.0, 0.0], vec![0.0, 4.0]]);
     }
 
     #[test]

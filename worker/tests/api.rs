@@ -197,12 +197,7 @@ async fn endpoints_and_remap_admission() {
     let placement: PlacementDocument = get_json(&g.url(0, "/v1/placement")).await;
     assert_eq!(placement, next);
 
-    let metrics = reqwest::get(g.url(0, "/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&g.url(0, "/metrics")).await;
     for name in [
         "moe_worker_step_duration_seconds_bucket",
         "moe_worker_tokens_total",

@@ -172,12 +172,7 @@ async fn multi_rank_group_matches_reference_and_async_remap_lowers_par() {
         "PAR before {par_before:?}, after {par_after:?}"
     );
 
-    let metrics = reqwest::get(g.url(1, "/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&g.url(1, "/metrics")).await;
     assert!(
         metrics.contains("moe_worker_placement_generation{rank=\"1\"} 1"),
         "{metrics}"

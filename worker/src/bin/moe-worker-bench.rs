@@ -346,6 +346,7 @@ async fn main() -> Result<()> {
         let hooks = Hooks {
             comm_listener: if r == 0 { leader.take() } else { None },
             http_listener: None,
+            forward_listener: None,
             step_sink: Some(tx),
             step_sink_timings_only: true,
             exit_on_hung_collective: false,

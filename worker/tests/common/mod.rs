@@ -84,16 +84,27 @@ impl Group {
 
 /// Starts `world` ranks in this process; `extra(rank)` adds flags per rank.
 pub async fn start_group(world: usize, extra: impl Fn(usize) -> Vec<String>) -> Group {
+    let all: Vec<usize> = (0..world).collect();
+    start_group_ranks(world, &all, extra).await
+}
+
+/// Starts only `ranks` of a `world`-rank group (the others never come).
+pub async fn start_group_ranks(
+    world: usize,
+    ranks: &[usize],
+    extra: impl Fn(usize) -> Vec<String>,
+) -> Group {
     let leader = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = leader.local_addr().unwrap().port();
     let mut leader = Some(leader);
     let mut workers = Vec::new();
     let mut sinks = Vec::new();
-    for r in 0..world {
+    for &r in ranks {
         let (tx, rx) = mpsc::channel();
         let hooks = Hooks {
             comm_listener: if r == 0 { leader.take() } else { None },
             http_listener: None,
+            forward_listener: None,
             step_sink: Some(tx),
             step_sink_timings_only: false,
             exit_on_hung_collective: false,
@@ -122,6 +133,16 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(url: &str) -> T {
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e}"))
         .json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// The body of `GET url` as text (a rank's `/metrics`, say).
+pub async fn get_text(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
