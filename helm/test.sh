@@ -7,6 +7,9 @@
 #      assertions on the rendered objects (helm/tests/check_chart.py)
 #   3. the dashboard JSON parses, and every metric its PromQL names is registered in
 #      operator/src or worker/src; the same for the PrometheusRule (promtool too if on PATH)
+#   3b. the alert rules' unit tests (helm/tests/alerts/alerts_test.yaml) with `promtool test
+#      rules`: promtool from $PROMTOOL, else the cache of scripts/promtool (which scripts/test
+#      fills; a cold build is not started here), else PATH; without one, a SKIPPED line
 #   4. helm/moe-operator/crds/ is identical to crds/ (the crdgen output)
 #   5. the generated files (values.schema.json, the dashboard) match their generators
 #   6. templates that must refuse bad values do
@@ -125,8 +128,33 @@ refuse "bad duration (schema)" "/prometheusRule/alerts/imbalance/for" --set prom
 refuse "serviceAccount.create=false without a name" "serviceAccount.name is required" --set serviceAccount.create=false
 
 # --- 2/3. assertions ----------------------------------------------------------------------------
+# promtool (check_chart.py runs `promtool check rules` with it; 3b its unit tests).
+PROMTOOL="${PROMTOOL:-}"
+if [ -z "$PROMTOOL" ] && [ -x "$BIN/promtool" ]; then PROMTOOL="$BIN/promtool"; fi
+if [ -z "$PROMTOOL" ] && command -v promtool >/dev/null 2>&1; then PROMTOOL=$(command -v promtool); fi
+[ -z "$PROMTOOL" ] || export PROMTOOL
 log "assertions on the rendered objects, dashboard, rules, examples"
 python3 helm/tests/check_chart.py "$TMP"
+
+# --- 3b. alert unit tests ---------------------------------------------------------------------------
+if [ -n "$PROMTOOL" ]; then
+  log "alert rules: promtool check + test rules (helm/tests/alerts/alerts_test.yaml)"
+  mkdir -p "$TMP/alerts"
+  "$HELM" template moe-operator "$CHART" -n moe-system -f helm/tests/alerts/values.yaml \
+      -s templates/prometheusrule.yaml > "$TMP/alerts/rule.yaml" 2>"$TMP/alerts/err" ||
+    { cat "$TMP/alerts/err"; die "helm template of the PrometheusRule for the alert tests"; }
+  python3 - "$TMP/alerts/rule.yaml" "$TMP/alerts/rules.yaml" <<'PY' || die "extracting the rule groups"
+import sys, yaml
+rule = yaml.safe_load(open(sys.argv[1]))
+yaml.safe_dump({"groups": rule["spec"]["groups"]}, open(sys.argv[2], "w"))
+PY
+  cp helm/tests/alerts/alerts_test.yaml "$TMP/alerts/"
+  "$PROMTOOL" check rules "$TMP/alerts/rules.yaml" >"$TMP/alerts/out" 2>&1 || { cat "$TMP/alerts/out"; die "promtool check rules"; }
+  "$PROMTOOL" test rules "$TMP/alerts/alerts_test.yaml" >"$TMP/alerts/out" 2>&1 || { cat "$TMP/alerts/out"; die "promtool test rules"; }
+  log "  every alert fires after its for: and clears ($(grep -c 'alertname:' helm/tests/alerts/alerts_test.yaml) evaluations)"
+else
+  log "SKIPPED: alert unit tests: no promtool (scripts/promtool builds it into $BIN; or set PROMTOOL)"
+fi
 
 # --- 7. a real API server (when e2e/bootstrap.sh has built one) -----------------------------------
 SBIN="${MOE_E2E_BIN_DIR:-$BIN}"

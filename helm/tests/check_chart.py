@@ -23,11 +23,6 @@ failures = []
 
 
 
-# The worker API ports by name: a pod's first rank (`http`) and its further ranks with
-# spec.expertParallel.ranksPerPod (`http-1` .. `http-63`, operator/src/resources.rs).
-API_PORTS = [{"port": "http", "protocol": "TCP"}] + [
-    {"port": f"http-{i}", "protocol": "TCP"} for i in range(1, 64)
-]
 
 def check(cond, msg):
     if not cond:
@@ -212,12 +207,14 @@ def operator_rules_cover(rules, where):
         ("moe-operator.github.io", "moedeployments/status", ["patch"]),
         ("apps", "statefulsets", ["get", "list", "watch", "patch"]),
         ("", "pods", ["list", "delete"]),
-        ("", "services", ["patch"]),
+        ("", "services", ["get", "patch", "delete"]),
+        ("networking.k8s.io", "networkpolicies", ["get", "create", "patch"]),
         ("", "configmaps", ["get", "patch", "watch"]),
         ("", "serviceaccounts", ["patch"]),
         ("", "secrets", ["get", "create"]),
-        ("", "events", ["create"]),
+        ("", "events", ["create", "list"]),
         ("events.k8s.io", "events", ["create"]),
+        ("policy", "poddisruptionbudgets", ["get", "patch", "delete"]),
     ]
     for r in rules:
         check("*" not in r.get("verbs", []) and "*" not in r.get("resources", []) and "*" not in r.get("apiGroups", []),
@@ -254,7 +251,7 @@ def check_default(docs):
     section("default values: objects and their settings")
     kinds = sorted(d["kind"] for d in docs)
     expected = sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
-                       "Service", "Deployment", "NetworkPolicy"])
+                       "Service", "Deployment"])
     check(kinds == expected, f"default render kinds {kinds} != {expected}")
     for d in docs:
         md = d["metadata"]
@@ -280,7 +277,8 @@ def check_default(docs):
     # Flags and env names the operator really has (operator/src/main.rs).
     main_rs = read("operator/src/main.rs")
     for name in ("WATCH_NAMESPACE", "MOE_OPERATOR_HTTP_ADDR", "MOE_OPERATOR_LEADER_ELECT", "MOE_OPERATOR_LEASE_NAME",
-                 "POD_NAMESPACE", "POD_NAME", "MOE_OPERATOR_LOG_FORMAT"):
+                 "POD_NAMESPACE", "POD_NAME", "MOE_OPERATOR_LOG_FORMAT", "MOE_OPERATOR_NETWORK_POLICY",
+                 "MOE_OPERATOR_POD_LABELS", "MOE_OPERATOR_CONTROL_PEERS"):
         check(f'env = "{name}"' in main_rs, f"operator/src/main.rs has no env {name}")
     for arg in container(dep).get("args", []):
         flag = arg.split("=")[0]
@@ -293,6 +291,14 @@ def check_default(docs):
     server_rs = read("operator/src/server.rs")
     for path in ("/healthz", "/readyz", "/metrics"):
         check(f'"{path}"' in server_rs, f"operator/src/server.rs serves no {path}")
+    # The per-MoEDeployment NetworkPolicies admit the operator's pods by these labels.
+    check(env.get("MOE_OPERATOR_NETWORK_POLICY", {}).get("value") == "true", "per-deployment NetworkPolicies on")
+    pod_labels = dict(p.split("=", 1) for p in env.get("MOE_OPERATOR_POD_LABELS", {}).get("value", "").split(","))
+    check(pod_labels == dep["spec"]["selector"]["matchLabels"]
+          and set(pod_labels.items()) <= set(dep["spec"]["template"]["metadata"]["labels"].items()),
+          f"MOE_OPERATOR_POD_LABELS {pod_labels} selects the operator pods")
+    check(json.loads(env.get("MOE_OPERATOR_CONTROL_PEERS", {}).get("value", "null")) == [],
+          "no extra control-port peers by default")
     sa = one(docs, "ServiceAccount")
     check(pod_spec(dep)["serviceAccountName"] == sa["metadata"]["name"], "pod uses the ServiceAccount")
     # RBAC
@@ -314,29 +320,12 @@ def check_default(docs):
     svc = one(docs, "Service")
     check(svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"], "metrics Service selects the operator pods")
     check(svc["spec"]["ports"][0]["targetPort"] == "http", "metrics Service targets the http port")
-    # NetworkPolicy
-    np = one(docs, "NetworkPolicy")
-    check(np["metadata"]["namespace"] == RELEASE_NS, "default NetworkPolicy in the release namespace")
+    # NetworkPolicies are the operator's, one per MoEDeployment (operator/src/resources/network.rs).
+    check(not find(docs, "NetworkPolicy"), "the chart renders no NetworkPolicy (each MoEDeployment owns one)")
     code_labels = worker_pod_labels_from_code()
     check(code_labels.get("app.kubernetes.io/name") == "moe-worker"
           and code_labels.get("app.kubernetes.io/managed-by") == "moe-operator",
           f"worker pod labels in operator/src/resources.rs changed: {code_labels}")
-    check(np["spec"]["podSelector"]["matchLabels"] == code_labels, "NetworkPolicy selects the worker pods")
-    check(np["spec"]["policyTypes"] == ["Ingress"], "NetworkPolicy restricts ingress")
-    ing = np["spec"]["ingress"]
-    first = ing[0]
-    check(first["ports"] == API_PORTS, "operator rule limited to the API ports (http, http-1 .. http-63)")
-    peer = first["from"][0]
-    check(peer["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
-          and set(peer["podSelector"]["matchLabels"].items()) <= set(dep["spec"]["template"]["metadata"]["labels"].items()),
-          "operator peer selects the operator pods")
-    check(peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": RELEASE_NS},
-          "operator peer in the release namespace")
-    code = read("operator/src/resources.rs")
-    check('port("http".into(), http)' in code and 'format!("http-{i}")' in code,
-          "worker container ports are named http and http-i")
-    check(ing[1] == {"from": [{"podSelector": {"matchLabels": code_labels}}]}, "ranks reach each other")
-    check(len(ing) == 2, "no other ingress by default")
     done("default values")
 
 
@@ -344,7 +333,7 @@ def check_all(docs, dashboard_src, registered):
     section("all-options values")
     kinds = sorted(d["kind"] for d in docs)
     for k in ("CustomResourceDefinition", "ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap",
-              "PodDisruptionBudget", "Deployment", "Role", "RoleBinding", "NetworkPolicy", "Service", "ServiceAccount"):
+              "PodDisruptionBudget", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"):
         check(k in kinds, f"all-options render lacks {k}")
     check("ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds, "scope namespace: no cluster RBAC")
     dep = one(docs, "Deployment")
@@ -365,12 +354,12 @@ def check_all(docs, dashboard_src, registered):
     if ("ml", "moe-op") in roles:
         operator_rules_cover(roles[("ml", "moe-op")]["rules"], "Role (scope namespace)")
     check((RELEASE_NS, "moe-op-leader-election") in roles, "leader-election Role in the release namespace")
-    nps = find(docs, "NetworkPolicy")
-    check(sorted(n["metadata"]["namespace"] for n in nps) == ["ml", "ml-staging"], "NetworkPolicy per listed namespace")
-    for n in nps:
-        extra = n["spec"]["ingress"][2]
-        check(extra["ports"] == API_PORTS, "metrics peers limited to the API ports")
-        check(len(extra["from"]) == 2, "metricsFrom + prometheusPodSelector peers")
+    peers = json.loads(env["MOE_OPERATOR_CONTROL_PEERS"]["value"])
+    check(peers == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}},
+                    {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
+          f"metricsFrom + prometheusPodSelector become the operator's control-port peers: {peers}")
+    pod_labels = dict(p.split("=", 1) for p in env["MOE_OPERATOR_POD_LABELS"]["value"].split(","))
+    check(pod_labels == dep["spec"]["selector"]["matchLabels"], "MOE_OPERATOR_POD_LABELS follows fullnameOverride")
     pdb = one(docs, "PodDisruptionBudget")
     check(pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"], "PDB selects the operator")
     sm = one(docs, "ServiceMonitor")
@@ -542,7 +531,6 @@ def check_nsscope(docs):
     check(env_of(dep).get("WATCH_NAMESPACE", {}).get("value") == RELEASE_NS, "WATCH_NAMESPACE defaults to the release ns")
     roles = find(docs, "Role")
     check(len(roles) == 2 and all(r["metadata"]["namespace"] == RELEASE_NS for r in roles), "two Roles in the release ns")
-    check(one(docs, "NetworkPolicy")["metadata"]["namespace"] == RELEASE_NS, "NetworkPolicy in the watched ns")
     done("namespace scope")
 
 
@@ -553,6 +541,7 @@ def check_nonetpol(docs):
     check("Role" not in kinds and "RoleBinding" not in kinds, "no leader-election Role without leader election")
     env = env_of(one(docs, "Deployment"))
     check(env["MOE_OPERATOR_LEADER_ELECT"]["value"] == "false", "leader election off")
+    check(env["MOE_OPERATOR_NETWORK_POLICY"]["value"] == "false", "per-deployment NetworkPolicies off")
     done("options off")
 
 

@@ -104,10 +104,15 @@ for ns in ml default; do
   for r in statefulsets.apps services configmaps serviceaccounts; do
     for v in get create patch; do must "$ns" "$v" "$r"; done
   done
+  for v in get create patch; do must "$ns" "$v" networkpolicies.networking.k8s.io; done
+  must "$ns" delete services
+  mustnot "$ns" delete networkpolicies.networking.k8s.io
   for v in list watch delete; do must "$ns" "$v" pods; done
   for v in get create; do must "$ns" "$v" secrets; done
   must "$ns" create events
+  must "$ns" list events
   must "$ns" create events.events.k8s.io
+  for v in get create patch delete; do must "$ns" "$v" poddisruptionbudgets.policy; done
   mustnot "$ns" list secrets
   mustnot "$ns" delete statefulsets.apps
   mustnot "$ns" delete moedeployments.moe-operator.github.io
@@ -144,7 +149,6 @@ log "examples accepted by the API server (schema + CEL); an invalid spec refused
   --set networkPolicy.enabled=true >"$W/helm-upgrade.log" 2>&1 || { cat "$W/helm-upgrade.log" >&2; fail "helm upgrade to namespace scope"; }
 must ml list moedeployments.moe-operator.github.io
 mustnot default list moedeployments.moe-operator.github.io
-K get networkpolicy -n ml moe-operator-workers >/dev/null || fail "NetworkPolicy not in the watched namespace"
 log "helm upgrade to rbac.scope=namespace: ok (ml allowed, default denied)"
 "$HELM" uninstall moe-operator -n moe-system >/dev/null || fail "helm uninstall"
 K get crd moedeployments.moe-operator.github.io >/dev/null || fail "helm uninstall removed the CRD"

@@ -120,6 +120,9 @@ SCHEMA = {
             "logFormat": s("Log format.", enum=["json", "text"]),
             "logLevel": s("RUST_LOG filter (tracing-subscriber EnvFilter).", minLength=1),
             "workerTimeoutSeconds": i("Timeout of each request to a worker rank, seconds.", 1, 600),
+            "maxGroupRestarts": i("Fleet-wide limit: whole-group restarts per groupRestartWindowSeconds "
+                                  "across every MoEDeployment (0: no limit).", 0, 10000),
+            "groupRestartWindowSeconds": i("Window of maxGroupRestarts, seconds.", 1, 86400),
             "httpPort": i("Port of /healthz, /readyz and /metrics.", 1, 65535),
             "bindAddress": s("Address /healthz, /readyz and /metrics bind to: 0.0.0.0, or "
                              "$(POD_IP) where pods share a network namespace.", minLength=1),
@@ -232,9 +235,7 @@ SCHEMA = {
             "annotations": smap("Annotations (e.g. grafana_folder)."),
         }, "Grafana dashboard for the Grafana sidecar."),
         "networkPolicy": obj({
-            "enabled": b("Create NetworkPolicies for the worker pods."),
-            "namespaces": arr("Namespaces that hold worker pods (default: the watched or release namespace).",
-                              {"type": "string", "pattern": DNS1123}),
+            "enabled": b("The operator creates a NetworkPolicy per MoEDeployment for its worker pods."),
             "metricsFrom": arr("Extra NetworkPolicyPeers allowed to the workers' http port."),
             "prometheusPodSelector": smap("Labels of Prometheus pods allowed to scrape workers (with podMonitor)."),
         }, "Worker NetworkPolicy."),

@@ -85,13 +85,38 @@ pub struct Observed {
     pub restart_pending: Option<String>,
     /// A rank failed and the restart budget is used up: the group is left as it is.
     pub restart_held: Option<String>,
+    /// A group restart (after a failure or a spec change) waits for the operator's fleet-wide
+    /// restart limit ([`crate::fleet`]): the message says so and when.
+    pub fleet_wait: Option<String>,
     pub problems: Vec<Problem>,
     pub remap: RemapView,
 }
 
+impl Observed {
+    /// The picture when the worker objects cannot be created (or applied) at all: no rank is
+    /// counted ready, no restart is in play, and remaps are held with reason `Blocked` and
+    /// `message` saying what blocks them.
+    pub fn blocked(ranks: u32, problems: Vec<Problem>, message: &str) -> Observed {
+        Observed {
+            ranks,
+            ready_ranks: 0,
+            restarting: false,
+            blocked: true,
+            restart_pending: None,
+            restart_held: None,
+            fleet_wait: None,
+            problems,
+            remap: RemapView::Idle {
+                reason: "Blocked".into(),
+                message: message.into(),
+            },
+        }
+    }
+}
+
 /// Degraded reasons that neither time nor restarts cure: the spec, the checkpoint or the image
 /// must change (`Stalled` in kstatus' terms).
-pub const NEEDS_A_FIX: [&str; 10] = [
+pub const NEEDS_A_FIX: [&str; 13] = [
     "InvalidSpec",
     "StaticMapMissing",
     "StaticMapInvalid",
@@ -102,6 +127,9 @@ pub const NEEDS_A_FIX: [&str; 10] = [
     "WorkerConfigInvalid",
     "InvalidImageName",
     "CreateContainerConfigError",
+    "PodSecurityViolation",
+    "ApplyForbidden",
+    "ApplyInvalid",
 ];
 
 /// The conditions, in a fixed order: Available, Progressing, Rebalancing, Degraded, then
@@ -141,6 +169,8 @@ pub fn desired(o: &Observed) -> Vec<Cond> {
             "Blocked",
             "waiting for the problem in Degraded to be fixed",
         )
+    } else if let Some(m) = &o.fleet_wait {
+        Cond::new(PROGRESSING, true, "FleetRestartLimit", m.clone())
     } else if o.restarting {
         Cond::new(
             PROGRESSING,
@@ -246,7 +276,7 @@ pub fn desired(o: &Observed) -> Vec<Cond> {
 pub fn phase(o: &Observed) -> &'static str {
     if !o.problems.is_empty() {
         "Degraded"
-    } else if o.restarting || o.restart_pending.is_some() {
+    } else if o.restarting || o.restart_pending.is_some() || o.fleet_wait.is_some() {
         "Restarting"
     } else if matches!(o.remap, RemapView::Running { .. }) {
         "Rebalancing"
@@ -303,6 +333,7 @@ mod tests {
             blocked: false,
             restart_pending: None,
             restart_held: None,
+            fleet_wait: None,
             problems: vec![],
             remap: idle(),
         }

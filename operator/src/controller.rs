@@ -43,6 +43,9 @@ pub enum Error {
     Serde(#[from] serde_json::Error),
     #[error("object has no {0}")]
     MissingObjectKey(&'static str),
+    /// The API server refused an owned object's apply (reported in status and as an event).
+    #[error("{0}")]
+    Refused(crate::apply_refusal::Refusal),
 }
 
 /// Operator-wide settings.
@@ -56,6 +59,12 @@ pub struct Settings {
     pub error_backoff: (Duration, Duration),
     /// Defaults for worker fields the spec leaves unset.
     pub worker_defaults: resources::WorkerDefaults,
+    /// Who the per-deployment NetworkPolicy admits to the workers' control port.
+    pub control_peers: resources::ControlPlanePeers,
+    /// Fleet-wide limit on whole-group restarts: at most this many per
+    /// `group_restart_window` across every MoEDeployment (0: no limit).
+    pub max_group_restarts: u32,
+    pub group_restart_window: Duration,
 }
 
 impl Default for Settings {
@@ -65,6 +74,17 @@ impl Default for Settings {
             blocked_requeue: Duration::from_secs(10),
             error_backoff: (Duration::from_secs(2), Duration::from_secs(300)),
             worker_defaults: resources::WorkerDefaults::default(),
+            control_peers: resources::ControlPlanePeers {
+                enabled: true,
+                namespace: None,
+                pod_labels: std::collections::BTreeMap::from([(
+                    "app.kubernetes.io/name".to_string(),
+                    "moe-operator".to_string(),
+                )]),
+                extra: Vec::new(),
+            },
+            max_group_restarts: 0,
+            group_restart_window: Duration::from_secs(60),
         }
     }
 }
@@ -76,6 +96,8 @@ pub struct Context {
     pub workers: Arc<dyn WorkerApi>,
     pub metrics: Metrics,
     pub settings: Settings,
+    /// Fleet-wide limit on whole-group restarts (from `settings`).
+    pub restart_limiter: crate::fleet::RestartLimiter,
     /// Consecutive failures per object, for the error backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Per object: the resourceVersion our last status write produced and when the next poll
@@ -88,6 +110,8 @@ pub struct Context {
     /// never acts on a status older than its own last write (a remap in flight would otherwise
     /// be forgotten and "resumed").
     last_status_write: Mutex<HashMap<String, String>>,
+    /// Deployments whose fixed object names were recently found free or ours.
+    ownership_checked: crate::ownership::Checked,
 }
 
 impl Context {
@@ -105,15 +129,21 @@ impl Context {
                 instance,
             },
         );
+        let restart_limiter = crate::fleet::RestartLimiter::new(
+            settings.max_group_restarts,
+            settings.group_restart_window,
+        );
         Self {
             client,
             recorder,
             workers,
             metrics,
             settings,
+            restart_limiter,
             failures: Mutex::new(HashMap::new()),
             own_writes: Mutex::new(HashMap::new()),
             last_status_write: Mutex::new(HashMap::new()),
+            ownership_checked: Default::default(),
         }
     }
 
@@ -322,7 +352,13 @@ pub async fn reconcile(moed: Arc<MoEDeployment>, ctx: Arc<Context>) -> Result<Ac
         &moed
     };
     let start = Instant::now();
-    let result = reconcile_inner(moed, &ctx).await;
+    let mut result = reconcile_inner(moed, &ctx).await;
+    if let Err(Error::Refused(r)) = &result
+        && let Err(e) = report_refusal(moed, &ctx, r).await
+    {
+        warn!(error = %e, refusal = %r, "could not report the refused apply in status");
+        result = Err(e);
+    }
     ctx.metrics
         .reconcile_time
         .with_label_values(&[CONTROLLER])
@@ -358,6 +394,34 @@ where
     K: Resource + Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     Ok(api.patch(name, &apply_params(), &Patch::Apply(obj)).await?)
+}
+
+/// [`apply`] of an owned object: a refusal by the API server (4xx) becomes
+/// [`Error::Refused`], which the reconcile reports in status and as an event.
+async fn apply_owned<K>(api: &Api<K>, name: &str, obj: &K) -> Result<K, Error>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    match api.patch(name, &apply_params(), &Patch::Apply(obj)).await {
+        Ok(o) => Ok(o),
+        Err(e) => {
+            let object = format!("{}/{name}", obj.meta().namespace.as_deref().unwrap_or(""));
+            let kind = match K::kind(&()) {
+                std::borrow::Cow::Borrowed(k) => k,
+                std::borrow::Cow::Owned(_) => "object",
+            };
+            Err(
+                match crate::apply_refusal::Refusal::from_error(kind, object, e) {
+                    Ok(refusal) => Error::Refused(refusal),
+                    Err(e) => Error::Kube(e),
+                },
+            )
+        }
+    }
 }
 
 /// What the committed placement should be initialised from, as recorded on the ConfigMap.
@@ -571,29 +635,8 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
         }) {
             pending.event(EventType::Warning, "InvalidSpec", "Validate", e.to_string());
         }
-        let observed = Observed {
-            ranks: st.ranks,
-            ready_ranks: 0,
-            restarting: false,
-            blocked: true,
-            restart_pending: None,
-            restart_held: None,
-            problems,
-            remap: RemapView::Idle {
-                reason: "Blocked".into(),
-                message: "the spec is invalid".into(),
-            },
-        };
-        return finish(
-            moed,
-            ctx,
-            &old,
-            st,
-            &observed,
-            pending,
-            ctx.settings.blocked_requeue,
-        )
-        .await;
+        let observed = Observed::blocked(st.ranks, problems, "the spec is invalid");
+        return finish_blocked(moed, ctx, &old, st, &observed, pending).await;
     }
     // An unknown planner does not stop the workers; it holds remaps and says why.
     if !planning::planner_known(&spec.eplb.algorithm) {
@@ -624,6 +667,28 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
             .cloned(),
     };
 
+    // 1b. No fixed name the operator writes may belong to someone else (see ownership.rs):
+    //     checked before the first write.
+    if let Some(p) = crate::ownership::taken_name(
+        &client,
+        &ctx.ownership_checked,
+        &resolved,
+        spec,
+        &ctx.settings.control_peers,
+    )
+    .await?
+    {
+        if old.conditions.iter().all(|c| c.reason != p.reason) {
+            pending.event(EventType::Warning, &p.reason, "Apply", p.message.clone());
+        }
+        problems.push(p);
+        let observed = Observed::blocked(
+            st.ranks,
+            problems,
+            "an object name the operator needs is taken",
+        );
+        return finish_blocked(moed, ctx, &old, st, &observed, pending).await;
+    }
     // 2. The committed placement.
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let current_cm = cms.get_opt(&names.configmap).await?;
@@ -721,29 +786,8 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     }
     let Some(doc) = doc else {
         // Nothing the workers could load: do not create them.
-        let observed = Observed {
-            ranks: st.ranks,
-            ready_ranks: 0,
-            restarting: false,
-            blocked: true,
-            restart_pending: None,
-            restart_held: None,
-            problems,
-            remap: RemapView::Idle {
-                reason: "Blocked".into(),
-                message: "no committed placement".into(),
-            },
-        };
-        return finish(
-            moed,
-            ctx,
-            &old,
-            st,
-            &observed,
-            pending,
-            ctx.settings.blocked_requeue,
-        )
-        .await;
+        let observed = Observed::blocked(st.ranks, problems, "no committed placement");
+        return finish_blocked(moed, ctx, &old, st, &observed, pending).await;
     };
     st.placement = Some(PlacementStatus {
         config_map: names.configmap.clone(),
@@ -752,25 +796,35 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     });
 
     // 3. Owned objects.
+    crate::expert_tier::reconcile_objects(
+        &client,
+        &resolved,
+        spec,
+        &ctx.settings.control_peers,
+        old.serving.is_some(),
+    )
+    .await?;
+    st.serving = crate::expert_tier::status(&resolved, spec);
     let token = ensure_token(&client, &ns, &resolved).await?;
-    apply(
+    apply_owned(
         &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
         &names.service_account,
         &resources::service_account(&resolved),
     )
     .await?;
-    apply(
+    apply_owned(
         &Api::<Service>::namespaced(client.clone(), &ns),
         &names.service,
         &resources::service(&resolved, spec),
     )
     .await?;
+    sync_disruption_budget(&client, &ns, &resolved, spec).await?;
     let sts = resources::statefulset(&resolved, spec);
     // The spec hash decides restarts; the template hash only says whether pods run the
     // operator's current template (its defaults may have changed since they were made).
     let desired_hash = resources::desired_spec_hash(&sts).unwrap_or_default();
     let desired_template = resources::desired_group_hash(&sts).unwrap_or_default();
-    apply(
+    apply_owned(
         &Api::<StatefulSet>::namespaced(client.clone(), &ns),
         &names.statefulset,
         &sts,
@@ -835,9 +889,15 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
         restarted: false,
         pending_restart: None,
         held_restart: None,
+        fleet_wait: None,
         wake_in: None,
     };
-    if !stale.is_empty() {
+    // Replacing stale pods is a group restart too: it waits for the fleet-wide limit.
+    let stale_waits = !stale.is_empty()
+        && !group.fleet_grant(ctx, &old, &mut pending, "the worker spec changed", false);
+    if stale_waits {
+        // Nothing deleted, nothing recorded: the next reconcile after the wait does it all.
+    } else if !stale.is_empty() {
         if old.group_hash.as_deref() != Some(desired_hash.as_str()) {
             let failure = RankFailure {
                 reason: RestartReason::SpecChanged,
@@ -890,7 +950,24 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     if group.restarted {
         current.clear();
     }
-    st.group_hash = Some(desired_hash.clone());
+    if !stale_waits {
+        st.group_hash = Some(desired_hash.clone());
+    }
+    // Pods that the StatefulSet could not create show nothing themselves: read its events.
+    if !restarting_now(&stale, stale_waits, terminating, group.restarted)
+        && pods.len() < spec.num_pods() as usize
+        && let Some(p) = crate::pod_creation::read(&client, &ns, &names.statefulset).await?
+    {
+        if old.conditions.iter().all(|c| c.reason != p.reason) {
+            pending.event(
+                EventType::Warning,
+                &p.reason,
+                "CreatePods",
+                p.message.clone(),
+            );
+        }
+        problems.push(p);
+    }
     let ready_pods: Vec<&Pod> = current.iter().copied().filter(|p| pod_ready(p)).collect();
     let per_pod = spec.ranks_per_pod() as usize;
     st.ready_ranks = (ready_pods.len() * per_pod).min(st.ranks as usize) as u32;
@@ -901,7 +978,7 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
         }
         problems.push(p);
     }
-    let restarting = !stale.is_empty() || terminating || group.restarted;
+    let restarting = restarting_now(&stale, stale_waits, terminating, group.restarted);
     ctx.metrics
         .ready_ranks
         .with_label_values(&[&ns, &name])
@@ -999,6 +1076,7 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
         blocked: false,
         restart_pending: group.pending_restart,
         restart_held: group.held_restart,
+        fleet_wait: group.fleet_wait,
         problems,
         remap: remap_view,
     };
@@ -1018,6 +1096,8 @@ struct GroupCtx<'a> {
     pending_restart: Option<String>,
     /// A failure is held: the restart budget is used up.
     held_restart: Option<String>,
+    /// A restart waits for the fleet-wide restart limit (message for `Progressing`).
+    fleet_wait: Option<String>,
     /// Reconcile again after this long (backoff over, budget freed).
     wake_in: Option<Duration>,
 }
@@ -1038,7 +1118,11 @@ impl GroupCtx<'_> {
         let now = Timestamp::now();
         let recent: Vec<Timestamp> = st.recent_group_restarts.iter().map(|t| t.0).collect();
         match group::gate(self.policy, &recent, now) {
-            Gate::Restart => self.restart(failure, pods, ctx, st, pending).await?,
+            Gate::Restart => {
+                if self.fleet_grant(ctx, old, pending, &failure.message, true) {
+                    self.restart(failure, pods, ctx, st, pending).await?;
+                }
+            }
             Gate::Backoff {
                 wait,
                 at,
@@ -1084,6 +1168,43 @@ impl GroupCtx<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Asks the fleet-wide limiter for a group restart; false (and the wait recorded, with an
+    /// event on the transition) when the restart must wait. `failed`: a rank failure, which
+    /// keeps the group unavailable and its remaps held meanwhile.
+    fn fleet_grant(
+        &mut self,
+        ctx: &Context,
+        old: &MoEDeploymentStatus,
+        pending: &mut Pending,
+        what: &str,
+        failed: bool,
+    ) -> bool {
+        let grant = ctx.restart_limiter.try_acquire(Instant::now());
+        let (Some(message), crate::fleet::Grant::Wait { wait, .. }) = (grant.message(what), grant)
+        else {
+            return true;
+        };
+        info!(ns = %self.ns, name = %self.name, wait = ?wait, "group restart waits for the fleet-wide limit");
+        let waited_before = old
+            .conditions
+            .iter()
+            .any(|c| c.type_ == conditions::PROGRESSING && c.reason == "FleetRestartLimit");
+        if !waited_before {
+            pending.event(
+                EventType::Warning,
+                "FleetRestartLimit",
+                "RestartGroup",
+                message.clone(),
+            );
+        }
+        if failed {
+            self.pending_restart = Some(message.clone());
+        }
+        self.fleet_wait = Some(message);
+        self.wake_in = Some(self.wake_in.map_or(wait, |w| w.min(wait)));
+        false
     }
 
     /// Deletes every pod of the group (the StatefulSet, `OnDelete` + `Parallel`, creates them
@@ -1144,6 +1265,76 @@ impl GroupCtx<'_> {
     }
 }
 
+/// Whether the group is being replaced in this pass (stale pods deleted, pods terminating, or
+/// a restart just made).
+fn restarting_now(stale: &[&Pod], stale_waits: bool, terminating: bool, restarted: bool) -> bool {
+    (!stale.is_empty() && !stale_waits) || terminating || restarted
+}
+
+/// The group's PodDisruptionBudget: applied when enabled, deleted (if ours) when not.
+async fn sync_disruption_budget(
+    client: &Client,
+    ns: &str,
+    r: &Resolved,
+    spec: &crate::crd::MoEDeploymentSpec,
+) -> Result<(), Error> {
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), ns);
+    let name = Names::new(&r.name).disruption_budget;
+    match resources::pod_disruption_budget(r, spec) {
+        Some(pdb) => {
+            apply_owned(&api, &name, &pdb).await?;
+        }
+        None => {
+            let ours = api.get_opt(&name).await?.is_some_and(|p| {
+                p.owner_references()
+                    .iter()
+                    .any(|o| o.controller == Some(true) && o.uid == r.owner.uid)
+            });
+            if ours {
+                match api.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A refused owned-object apply: `Degraded` with the refusal (and `Stalled` for a 403 or 422,
+/// which need a fix), a Warning event on the transition. The rest of the status stays as it was.
+async fn report_refusal(
+    moed: &MoEDeployment,
+    ctx: &Context,
+    refusal: &crate::apply_refusal::Refusal,
+) -> Result<Action, Error> {
+    let old = moed.status.clone().unwrap_or_default();
+    let mut st = old.clone();
+    st.observed_generation = moed.metadata.generation;
+    st.ranks = moed.spec.expert_parallel.ranks;
+    let problem = refusal.problem();
+    let mut pending = Pending { events: Vec::new() };
+    if old.conditions.iter().all(|c| c.reason != problem.reason) {
+        pending.event(
+            EventType::Warning,
+            &problem.reason,
+            "Apply",
+            problem.message.clone(),
+        );
+    }
+    let observed = Observed {
+        ready_ranks: st.ready_ranks,
+        ..Observed::blocked(
+            st.ranks,
+            vec![problem],
+            "an owned object could not be applied; see Degraded",
+        )
+    };
+    finish_blocked(moed, ctx, &old, st, &observed, pending).await
+}
+
 async fn delete_pod(api: &Api<Pod>, pod: &Pod) -> Result<(), Error> {
     match api.delete(&pod.name_any(), &DeleteParams::default()).await {
         Ok(_) => Ok(()),
@@ -1187,7 +1378,7 @@ async fn ensure_token(client: &Client, ns: &str, r: &Resolved) -> Result<String,
     }
 }
 
-fn random_token() -> String {
+pub(crate) fn random_token() -> String {
     use rand::RngCore;
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
@@ -1263,6 +1454,7 @@ async fn remap_step(
         Ok(v) => v,
         Err((rank, e)) => return Ok(out.workers_unreachable(rank, e)),
     };
+    crate::expert_tier::record_served(st.serving.as_mut(), &worker_status, &ctx.metrics, ns, name);
     let target = doc.generation;
     let layers_total = st
         .remap
@@ -1685,6 +1877,19 @@ async fn remap_step(
     };
     out.fast_requeue = true;
     Ok(out)
+}
+
+/// [`finish`] for a reconcile that stopped before the workers: requeue after the blocked delay.
+async fn finish_blocked(
+    moed: &MoEDeployment,
+    ctx: &Context,
+    old: &MoEDeploymentStatus,
+    st: MoEDeploymentStatus,
+    observed: &Observed,
+    pending: Pending,
+) -> Result<Action, Error> {
+    let requeue = ctx.settings.blocked_requeue;
+    finish(moed, ctx, old, st, observed, pending, requeue).await
 }
 
 /// Conditions, phase, status write (only when something changed), events; requeue after

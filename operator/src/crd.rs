@@ -16,6 +16,13 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod serving;
+pub use serving::{DEFAULT_FORWARD_PORT, DEFAULT_MAX_ROWS_PER_REQUEST, ServingSpec, ServingStatus};
+mod disruption;
+mod worker_pod;
+pub use disruption::DisruptionBudgetSpec;
+pub use worker_pod::{ProbeTiming, WorkerPodSpec, WorkerProbes};
+
 /// API group of the resource. The project's GitHub organisation owns `moe-operator.github.io`.
 pub const GROUP: &str = "moe-operator.github.io";
 pub const VERSION: &str = "v1alpha1";
@@ -54,6 +61,11 @@ pub fn definition()
                 .x_kubernetes_validations
                 .get_or_insert_with(Vec::new)
                 .push(name_rule.clone());
+            if let Some(spec) = schema.properties.as_mut().and_then(|p| p.get_mut("spec")) {
+                spec.x_kubernetes_validations
+                    .get_or_insert_with(Vec::new)
+                    .extend(serving::spec_rules());
+            }
         }
     }
     crd
@@ -96,6 +108,12 @@ pub fn definition()
         json_path = ".status.placement.desiredGeneration",
         priority = 1,
         description = "Committed placement generation"
+    ),
+    printcolumn(
+        name = "Served/s",
+        type_ = "number",
+        json_path = ".status.serving.servedRowsPerSecond",
+        description = "Rows per second served through the forward API"
     ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(
@@ -142,13 +160,22 @@ pub struct MoEDeploymentSpec {
     /// Worker pod settings.
     #[serde(default)]
     pub worker: WorkerSpec,
-    /// Built-in synthetic traffic generator of the workers (unset fields keep the worker's defaults).
+    /// Built-in synthetic traffic generator of the workers, for burn-in and benchmarks (unset
+    /// fields keep the worker's defaults). Setting it turns serving off unless
+    /// `spec.serving.enabled` says otherwise (which admission refuses).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic: Option<TrafficSpec>,
+    /// The forward API for attention instances (the expert tier): port, request bound, who may
+    /// call. Unset: defaults, serving on for a checkpoint without `spec.traffic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<ServingSpec>,
     /// How the operator restarts the whole EP group after a rank fails (a rank's container
     /// restarted or its pod was replaced): NCCL communicators do not survive a lost rank.
     #[serde(default)]
     pub group_restart_policy: GroupRestartPolicy,
+    /// The PodDisruptionBudget of the group: an eviction of one rank restarts the whole group.
+    #[serde(default)]
+    pub disruption_budget: DisruptionBudgetSpec,
 }
 
 /// Whole-group restarts after rank failures: a budget within a sliding window, and an
@@ -631,13 +658,14 @@ impl Backend {
 /// Environment variables the operator sets from `spec.expertParallel` and `spec.worker` to
 /// place ranks; a `worker.env` entry would desynchronise the operator's view (endpoints, ready
 /// ranks) from what the pods run, so admission refuses them.
-pub const PLACED_BY_OPERATOR: [&str; 6] = [
+pub const PLACED_BY_OPERATOR: [&str; 7] = [
     moe_api::env::RANK,
     moe_api::env::PROCESS_INDEX,
     moe_api::env::LOCAL_RANKS,
     moe_api::env::WORLD_SIZE,
     moe_api::env::HTTP_PORT,
     moe_api::env::COMM_PORT,
+    moe_api::env::FORWARD_PORT,
 ];
 
 /// CEL rules of `spec.worker` built from Rust constants (the env names above), which a
@@ -648,9 +676,7 @@ fn worker_rules(schema: &mut schemars::Schema) {
         .map(|n| format!("'{n}'"))
         .collect::<Vec<_>>()
         .join(", ");
-    schema.insert(
-        "x-kubernetes-validations".into(),
-        serde_json::json!([
+    let mut rules = serde_json::json!([
             {
                 "rule": "self.httpPort != self.commPort",
                 "message": "spec.worker.httpPort and spec.worker.commPort must differ (the HTTP API and the rendezvous listen on separate ports): change one of them",
@@ -660,14 +686,18 @@ fn worker_rules(schema: &mut schemars::Schema) {
             {
                 "rule": format!("!has(self.env) || self.env.all(e, !(e.name in [{names}]))"),
                 "message": format!(
-                    "spec.worker.env must not set {}: the operator sets them from spec.expertParallel and spec.worker (ranks, ranksPerPod, httpPort, commPort); remove them from worker.env",
+                    "spec.worker.env must not set {}: the operator sets them from spec.expertParallel and spec.worker (ranks, ranksPerPod, httpPort, commPort) and spec.serving.port; remove them from worker.env",
                     PLACED_BY_OPERATOR.join(", ")
                 ),
                 "fieldPath": ".env",
                 "reason": "FieldValueForbidden"
             }
-        ]),
-    );
+    ]);
+    if let Some(list) = rules.as_array_mut() {
+        list.extend(worker_pod::cel_rules());
+    }
+    schema.insert("x-kubernetes-validations".into(), rules);
+    worker_pod::bound_strings(schema);
 }
 
 /// Worker pod settings.
@@ -713,6 +743,10 @@ pub struct WorkerSpec {
     #[serde(default = "default_comm_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub comm_port: u16,
+    /// Pod-level settings: scheduling, pulls, labels, volumes, `/dev/shm`, probes, grace,
+    /// security-context overrides (see [`WorkerPodSpec`]).
+    #[serde(flatten)]
+    pub pod: WorkerPodSpec,
 }
 
 pub fn default_image() -> String {
@@ -744,6 +778,7 @@ impl Default for WorkerSpec {
             priority_class_name: None,
             http_port: default_http_port(),
             comm_port: default_comm_port(),
+            pod: WorkerPodSpec::default(),
         }
     }
 }
@@ -834,6 +869,9 @@ pub struct MoEDeploymentStatus {
     /// container restarts breaks the group's communicator and restarts the group.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rank_pods: Vec<RankPod>,
+    /// The expert tier's endpoints and served rows, while the group serves the forward API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<ServingStatus>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -1103,11 +1141,13 @@ impl MoEDeploymentSpec {
                 "spec.worker.env",
                 format!(
                     "{} is set by the operator from spec.expertParallel and spec.worker \
-                     (ranks, ranksPerPod, httpPort, commPort): remove it from worker.env",
+                     (ranks, ranksPerPod, httpPort, commPort) and spec.serving.port: remove it \
+                     from worker.env",
                     e.name
                 ),
             );
         }
+        self.worker.pod.validate()?;
         if let Some(r) = ep.redundant_experts {
             if !(u64::from(m.num_experts) + u64::from(r)).is_multiple_of(u64::from(ep.ranks)) {
                 return err(
@@ -1173,6 +1213,7 @@ impl MoEDeploymentSpec {
                 "must be at least 1".into(),
             );
         }
+        self.validate_serving()?;
         if self.weights.synthetic.is_some() && self.weights.persistent_volume_claim.is_some() {
             return err(
                 "spec.weights",
@@ -1215,7 +1256,9 @@ pub(crate) mod tests {
             remap_request: None,
             worker: WorkerSpec::default(),
             traffic: None,
+            serving: None,
             group_restart_policy: GroupRestartPolicy::default(),
+            disruption_budget: DisruptionBudgetSpec::default(),
         }
     }
 

@@ -1,21 +1,28 @@
 //! The `MoEDeployment` resource and its controller.
 //!
 //! * [`crd`]: the resource types (group `moe-operator.github.io`, version `v1alpha1`), CEL rules.
-//! * [`resources`]: desired owned objects (StatefulSet, Service, ConfigMap, Secret, RBAC).
+//! * [`resources`]: desired owned objects (StatefulSet, Services, ConfigMap, Secrets, NetworkPolicy).
 //! * [`conditions`], [`remap`]: status conditions and remap decisions, as pure functions.
 //! * [`planning`]: the only module that calls the `eplb` planner library.
 //! * [`workers`]: HTTP client of the worker ranks; [`pod_health`]: problems pods show.
-//! * [`controller`]: the reconciler.
+//! * [`controller`]: the reconciler; [`expert_tier`]: its part for the forward API's Service,
+//!   client token and the group's NetworkPolicy.
+//! * [`ownership`]: no object of a fixed name is taken over from someone else.
 //! * [`leader`], [`metrics`], [`server`]: the operator process around it.
 
+pub mod apply_refusal;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
 pub mod events;
+pub mod expert_tier;
+pub mod fleet;
 pub mod group;
 pub mod leader;
 pub mod metrics;
+pub mod ownership;
 pub mod planning;
+pub mod pod_creation;
 pub mod pod_health;
 pub mod quantity;
 pub mod remap;

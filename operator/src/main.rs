@@ -11,7 +11,7 @@ use kube::{Api, Client};
 use moe_operator::controller::{self, Context, Settings};
 use moe_operator::leader::LeaderElector;
 use moe_operator::metrics::Metrics;
-use moe_operator::resources::WorkerDefaults;
+use moe_operator::resources::{ControlPlanePeers, WorkerDefaults};
 use moe_operator::server::{self, ServerState};
 use moe_operator::workers::HttpWorkers;
 use tracing::{error, info};
@@ -61,6 +61,39 @@ struct Args {
     /// Default worker resources, as JSON (a core/v1 ResourceRequirements).
     #[arg(long, env = "MOE_OPERATOR_WORKER_RESOURCES")]
     worker_resources: Option<String>,
+    /// Give every MoEDeployment a NetworkPolicy of its own (`<name>-workers`): the workers'
+    /// control port open to the operator's pods only, the rendezvous to the group's own pods,
+    /// the forward port to the selected clients. Turn off where the operator runs outside the
+    /// cluster (its traffic would not match the operator's pod labels).
+    #[arg(long, env = "MOE_OPERATOR_NETWORK_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
+    network_policy: bool,
+    /// Namespace of the operator's pods, admitted to the workers' control port (default: the
+    /// pod's namespace; unset: the operator's labels in any namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    operator_namespace: Option<String>,
+    /// Labels of the operator's pods (`key=value,...`), admitted to the workers' control port.
+    #[arg(
+        long,
+        env = "MOE_OPERATOR_POD_LABELS",
+        default_value = "app.kubernetes.io/name=moe-operator"
+    )]
+    operator_pod_labels: String,
+    /// Further peers admitted to the workers' control port (e.g. Prometheus scraping
+    /// /metrics), as a JSON list of networking/v1 NetworkPolicyPeer objects.
+    #[arg(long, env = "MOE_OPERATOR_CONTROL_PEERS")]
+    control_peers: Option<String>,
+    /// Fleet-wide limit on whole-group restarts: at most this many groups restarted (after a
+    /// rank failure or a spec change) per `--group-restart-window-seconds`, across every
+    /// MoEDeployment; more wait, with `Progressing/FleetRestartLimit` and an event. 0: no limit.
+    #[arg(long, env = "MOE_OPERATOR_MAX_GROUP_RESTARTS", default_value = "10")]
+    max_group_restarts: u32,
+    /// The window of `--max-group-restarts`, in seconds.
+    #[arg(
+        long,
+        env = "MOE_OPERATOR_GROUP_RESTART_WINDOW_SECONDS",
+        default_value = "60"
+    )]
+    group_restart_window_seconds: u64,
     /// `json` (default) or `text` logs.
     #[arg(long, env = "MOE_OPERATOR_LOG_FORMAT", default_value = "json")]
     log_format: String,
@@ -104,7 +137,23 @@ async fn main() -> anyhow::Result<()> {
             anyhow::anyhow!("MOE_OPERATOR_WORKER_RESOURCES is not a ResourceRequirements JSON: {e}")
         })?),
     };
+    let control_peers = ControlPlanePeers {
+        enabled: args.network_policy,
+        namespace: args.operator_namespace.clone().filter(|s| !s.is_empty()),
+        pod_labels: parse_labels(&args.operator_pod_labels).map_err(|e| {
+            anyhow::anyhow!("MOE_OPERATOR_POD_LABELS (--operator-pod-labels): {e}")
+        })?,
+        extra: match args.control_peers.as_deref().map(str::trim) {
+            None | Some("") => Vec::new(),
+            Some(json) => serde_json::from_str(json).map_err(|e| {
+                anyhow::anyhow!(
+                    "MOE_OPERATOR_CONTROL_PEERS (--control-peers) is not a JSON list of NetworkPolicyPeer: {e}"
+                )
+            })?,
+        },
+    };
     let settings = Settings {
+        control_peers,
         worker_defaults: WorkerDefaults {
             image: args.worker_image.clone().filter(|s| !s.is_empty()),
             image_pull_policy: args
@@ -113,6 +162,8 @@ async fn main() -> anyhow::Result<()> {
                 .filter(|s| !s.is_empty()),
             resources: worker_resources,
         },
+        max_group_restarts: args.max_group_restarts,
+        group_restart_window: Duration::from_secs(args.group_restart_window_seconds.max(1)),
         ..Settings::default()
     };
     let ctx = Arc::new(Context::new(
@@ -155,4 +206,20 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(1);
         }
     }
+}
+
+/// `key=value,...` into a label map (at least one label: an empty selector would admit every
+/// pod of the namespace).
+fn parse_labels(text: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err(format!("{pair:?} is not key=value"));
+        };
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    if out.is_empty() {
+        return Err("no labels: give the operator pods' labels as key=value,...".into());
+    }
+    Ok(out)
 }

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub remap_bytes: IntCounterVec,
     pub group_restarts: IntCounterVec,
     pub leader: IntGaugeVec,
+    /// Rows per second a deployment's group answered through the forward API.
+    pub served_rows: GaugeVec,
     /// Layers published per deployment, to remove stale series.
     layers: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, String), usize>>>,
 }
@@ -116,6 +118,14 @@ impl Metrics {
         registry.register(Box::new(remaps.clone()))?;
         registry.register(Box::new(remap_bytes.clone()))?;
         registry.register(Box::new(group_restarts.clone()))?;
+        let served_rows = GaugeVec::new(
+            Opts::new(
+                "moe_deployment_served_rows_per_second",
+                "Rows per second the worker group answered through the forward API (sum over ranks)",
+            ),
+            &["namespace", "name"],
+        )?;
+        registry.register(Box::new(served_rows.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         Ok(Self {
             registry,
@@ -130,6 +140,7 @@ impl Metrics {
             remap_bytes,
             group_restarts,
             leader,
+            served_rows,
             layers: Default::default(),
         })
     }
@@ -175,6 +186,7 @@ impl Metrics {
         }
         let _ = self.worst_imbalance.remove_label_values(&[namespace, name]);
         let _ = self.ready_ranks.remove_label_values(&[namespace, name]);
+        let _ = self.served_rows.remove_label_values(&[namespace, name]);
         for kind in ["desired", "applied"] {
             let _ = self
                 .placement_generation

@@ -603,6 +603,9 @@ mod tests {
                 finished_at_ms: (state != RemapState::Running).then_some(9),
                 error: (state == RemapState::Failed).then(|| "nccl timeout".to_string()),
             }),
+            traffic: "generator".into(),
+            served_rows_total: 0,
+            served_rows_per_second: 0.0,
         }
     }
 

@@ -19,9 +19,20 @@ use moe_api::env;
 
 use crate::crd::{Backend, MoEDeployment, MoEDeploymentSpec};
 
+mod network;
 mod security;
+mod serving;
+pub use network::{ControlPlanePeers, network_policy};
+mod disruption;
+mod pod_settings;
+pub use disruption::pod_disruption_budget;
+pub use pod_settings::SHM_DIR;
 pub use security::{
     SCRATCH_DIR, WORKER_UID, worker_container_security_context, worker_pod_security_context,
+};
+pub use serving::{
+    CLIENT_LABEL, CLIENT_TOKEN_DIR, client_token_secret, experts_service, rank_endpoints,
+    service_endpoint,
 };
 
 /// Field manager of every server-side apply the operator makes.
@@ -68,6 +79,12 @@ pub struct Names {
     pub configmap: String,
     pub secret: String,
     pub service_account: String,
+    /// ClusterIP Service of the forward API (the expert tier).
+    pub experts_service: String,
+    /// Secret with the token attention instances present to the forward API.
+    pub client_secret: String,
+    pub network_policy: String,
+    pub disruption_budget: String,
 }
 
 impl Names {
@@ -78,6 +95,10 @@ impl Names {
             configmap: format!("{name}-placement"),
             secret: format!("{name}-control"),
             service_account: format!("{name}-worker"),
+            experts_service: format!("{name}-experts"),
+            client_secret: format!("{name}-client-token"),
+            network_policy: format!("{name}-workers"),
+            disruption_budget: name.to_string(),
         }
     }
 }
@@ -310,6 +331,7 @@ pub fn worker_env(r: &Resolved, spec: &MoEDeploymentSpec) -> Vec<EnvVar> {
         env_value(env::WEIGHTS, weights),
         env_value(env::STATS_WINDOW, spec.eplb.window_steps),
     ]);
+    out.extend(serving::worker_env(spec));
     // What spec.model says of the checkpoint beyond its shape: only what the user set, so a
     // worker falls back to the checkpoint's (or the architecture's) own values otherwise.
     if let Some(a) = &m.architecture {
@@ -367,6 +389,7 @@ fn container_ports(spec: &MoEDeploymentSpec) -> Vec<ContainerPort> {
         out.push(port(format!("http-{i}"), http + i));
         out.push(port(format!("comm-{i}"), comm + i));
     }
+    out.extend(serving::container_ports(spec));
     out
 }
 
@@ -451,6 +474,10 @@ fn pod_template(r: &Resolved, spec: &MoEDeploymentSpec) -> PodTemplateSpec {
             ..Default::default()
         },
     ];
+    if let Some((volume, mount)) = serving::client_token_volume(&names, spec) {
+        volumes.push(volume);
+        mounts.push(mount);
+    }
     let (scratch, scratch_mount) = security::scratch_volume();
     volumes.push(scratch);
     mounts.push(scratch_mount);
@@ -502,7 +529,7 @@ fn pod_template(r: &Resolved, spec: &MoEDeploymentSpec) -> PodTemplateSpec {
     };
     let mut labels = common_labels(&r.name);
     labels.insert("app.kubernetes.io/component".into(), "ep-rank".into());
-    PodTemplateSpec {
+    let mut template = PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels),
             ..Default::default()
@@ -523,10 +550,12 @@ fn pod_template(r: &Resolved, spec: &MoEDeploymentSpec) -> PodTemplateSpec {
             security_context: Some(worker_pod_security_context()),
             ..Default::default()
         }),
-    }
+    };
+    pod_settings::apply(&mut template, &spec.worker.pod);
+    template
 }
 
-fn fnv1a(bytes: &[u8]) -> String {
+pub(crate) fn fnv1a(bytes: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);
@@ -536,13 +565,13 @@ fn fnv1a(bytes: &[u8]) -> String {
 }
 
 /// Hash of what the MoEDeployment's own spec asks of its pods: model, weights, EP group,
-/// worker settings, traffic, the redundant experts in effect and the rollout annotation. Not
+/// worker settings, traffic, serving (when set), the redundant experts in effect and the rollout annotation. Not
 /// the operator's defaults (image, resources, probes, security context), so an operator
 /// upgrade never restarts running groups by itself; nor what applies live (eplb, placement
 /// strategy, remap requests, restart policy). Stable across releases as long as new spec
 /// fields are optional and left out of the JSON when unset.
 pub fn spec_hash(r: &Resolved, spec: &MoEDeploymentSpec) -> String {
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "model": spec.model,
         "weights": spec.weights,
         "expertParallel": spec.expert_parallel,
@@ -551,6 +580,13 @@ pub fn spec_hash(r: &Resolved, spec: &MoEDeploymentSpec) -> String {
         "redundantExperts": r.redundant_experts,
         "rollout": r.rollout,
     });
+    // Only when set, so that the hash of a spec written before serving existed stays the same.
+    if let (Some(serving), Some(map)) = (&spec.serving, v.as_object_mut()) {
+        map.insert(
+            "serving".into(),
+            serde_json::to_value(serving).unwrap_or_default(),
+        );
+    }
     fnv1a(&serde_json::to_vec(&v).unwrap_or_default())
 }
 
@@ -577,10 +613,10 @@ pub fn statefulset(r: &Resolved, spec: &MoEDeploymentSpec) -> StatefulSet {
     let mut template = pod_template(r, spec);
     let hash = group_hash(&template);
     if let Some(m) = template.metadata.as_mut() {
-        m.annotations = Some(BTreeMap::from([
-            (GROUP_HASH_ANNOTATION.to_string(), hash),
-            (SPEC_HASH_ANNOTATION.to_string(), spec_hash(r, spec)),
-        ]));
+        // Beside the spec's podAnnotations (which may not use the operator's keys).
+        let annotations = m.annotations.get_or_insert_with(BTreeMap::new);
+        annotations.insert(GROUP_HASH_ANNOTATION.to_string(), hash);
+        annotations.insert(SPEC_HASH_ANNOTATION.to_string(), spec_hash(r, spec));
     }
     StatefulSet {
         metadata: meta(r, &names.statefulset),
@@ -632,11 +668,11 @@ pub fn owner_reference(moed: &MoEDeployment) -> Option<OwnerReference> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::crd::tests::sample_spec;
 
-    fn resolved() -> Resolved {
+    pub(crate) fn resolved() -> Resolved {
         Resolved {
             name: "demo".into(),
             namespace: "ml".into(),
@@ -654,8 +690,9 @@ mod tests {
         }
     }
 
-    fn env_of(sts: &StatefulSet) -> Vec<EnvVar> {
-        sts.spec
+    /// The worker container of a StatefulSet's pod template.
+    pub(crate) fn worker_container(sts: &StatefulSet) -> &Container {
+        &sts.spec
             .as_ref()
             .unwrap()
             .template
@@ -663,12 +700,13 @@ mod tests {
             .as_ref()
             .unwrap()
             .containers[0]
-            .env
-            .clone()
-            .unwrap()
     }
 
-    fn value(envs: &[EnvVar], name: &str) -> Option<String> {
+    pub(crate) fn env_of(sts: &StatefulSet) -> Vec<EnvVar> {
+        worker_container(sts).env.clone().unwrap()
+    }
+
+    pub(crate) fn value(envs: &[EnvVar], name: &str) -> Option<String> {
         envs.iter()
             .find(|e| e.name == name)
             .and_then(|e| e.value.clone())

@@ -5,26 +5,10 @@ use kube::core::cel;
 use moe_operator::MoEDeployment;
 use serde_json::{Value, json};
 
-fn schema() -> Value {
-    let crd = moe_operator::crd::definition();
-    serde_json::to_value(
-        crd.spec.versions[0]
-            .schema
-            .as_ref()
-            .and_then(|s| s.open_api_v3_schema.as_ref())
-            .unwrap(),
-    )
-    .unwrap()
+mod support {
+    pub mod cel;
 }
-
-fn object(spec: Value) -> Value {
-    json!({
-        "apiVersion": "moe-operator.github.io/v1alpha1",
-        "kind": "MoEDeployment",
-        "metadata": {"name": "demo", "namespace": "ml"},
-        "spec": spec
-    })
-}
+use support::cel::{failures, object, schema};
 
 fn valid_spec() -> Value {
     json!({
@@ -33,18 +17,6 @@ fn valid_spec() -> Value {
         "expertParallel": {"ranks": 32, "ranksPerNode": 8, "redundantExperts": 32},
         "eplb": {"imbalanceThreshold": 1.15, "hysteresis": 0.05}
     })
-}
-
-/// Error messages of the rules that fail on `spec` (empty when valid).
-fn failures(spec: Value) -> Vec<String> {
-    match cel::Validator::new().validate(&schema(), &object(spec), None) {
-        Ok(()) => Vec::new(),
-        Err(errors) => errors
-            .as_slice()
-            .iter()
-            .map(|e| e.message.clone())
-            .collect(),
-    }
 }
 
 fn assert_rejected(spec: Value, field: &str) {
@@ -342,4 +314,51 @@ fn examples_are_valid() {
         }
     }
     assert!(checked >= 1, "no MoEDeployment found under examples/");
+}
+
+#[test]
+fn worker_pod_settings_keep_off_the_operators_keys_volumes_and_paths() {
+    let with = |worker: Value| {
+        let mut s = valid_spec();
+        s["worker"] = worker;
+        s
+    };
+    let good = json!({
+        "podLabels": {"team": "ml", "volcano.sh/queue-name": "gpu"},
+        "podAnnotations": {"scheduling.k8s.io/group-name": "demo"},
+        "volumes": [{"name": "cache", "emptyDir": {}}],
+        "volumeMounts": [{"name": "cache", "mountPath": "/cache"}],
+        "shmSize": "16Gi",
+        "schedulerName": "volcano",
+        "runtimeClassName": "nvidia",
+        "imagePullSecrets": [{"name": "regcred"}],
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule"}],
+        "terminationGracePeriodSeconds": 120,
+        "probes": {"startup": {"failureThreshold": 360}},
+        "securityContext": {"capabilities": {"add": ["IPC_LOCK"]}}
+    });
+    assert_eq!(failures(with(good.clone())), Vec::<String>::new());
+    let mut bad = good.clone();
+    bad["podLabels"]["app.kubernetes.io/instance"] = json!("other");
+    assert_rejected(with(bad), "spec.worker.podLabels must not set");
+    let mut bad = good.clone();
+    bad["podLabels"]["moe-operator.github.io/deployment"] = json!("other");
+    assert_rejected(with(bad), "spec.worker.podLabels must not set");
+    let mut bad = good.clone();
+    bad["podLabels"]["controller-revision-hash"] = json!("other");
+    assert_rejected(with(bad), "spec.worker.podLabels must not set");
+    let mut bad = good.clone();
+    bad["podAnnotations"]["moe-operator.github.io/spec-hash"] = json!("x");
+    assert_rejected(with(bad), "spec.worker.podAnnotations must not set");
+    let mut bad = good.clone();
+    bad["volumes"] = json!([{"name": "control", "emptyDir": {}}]);
+    bad["volumeMounts"] = json!([]);
+    assert_rejected(with(bad), "spec.worker.volumes must not be named");
+    let mut bad = good.clone();
+    bad["volumeMounts"] = json!([{"name": "cache", "mountPath": "/dev/shm"}]);
+    assert_rejected(with(bad), "spec.worker.volumeMounts must not mount on");
+    let mut bad = good;
+    bad["shmSize"] = json!("lots");
+    assert_rejected(with(bad), "spec.worker.shmSize must be a positive quantity");
 }

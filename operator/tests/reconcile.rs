@@ -27,15 +27,6 @@ fn spec_json() -> Value {
     })
 }
 
-fn moed_json(spec: Value, generation: i64) -> Value {
-    json!({
-        "apiVersion": "moe-operator.github.io/v1alpha1",
-        "kind": "MoEDeployment",
-        "metadata": {"name": "demo", "namespace": NS, "uid": "moed-uid", "generation": generation},
-        "spec": spec
-    })
-}
-
 struct Harness {
     api: FakeApi,
     workers: FakeWorkers,
@@ -44,14 +35,18 @@ struct Harness {
 
 impl Harness {
     fn new(spec: Value) -> Self {
+        Self::with_settings(spec, Settings::default())
+    }
+
+    fn with_settings(spec: Value, settings: Settings) -> Self {
         let api = FakeApi::default();
-        api.put(MOED, moed_json(spec, 1));
+        api.put(MOED, support::moed_json(NS, spec, 1));
         let workers = FakeWorkers::new(2, 2, 0);
         let ctx = Arc::new(Context::new(
             api.client(),
             Arc::new(workers.clone()),
             Metrics::new().unwrap(),
-            Settings::default(),
+            settings,
             Some("test".into()),
         ));
         Self { api, workers, ctx }
@@ -79,13 +74,7 @@ impl Harness {
     }
 
     fn condition(&self, type_: &str) -> Value {
-        self.status()["conditions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["type"] == type_)
-            .cloned()
-            .unwrap()
+        support::condition(&self.status(), type_)
     }
 
     fn placement(&self) -> moe_api::PlacementDocument {
@@ -124,23 +113,7 @@ impl Harness {
         for rank in 0..ranks {
             self.api.put(
                 &format!("{PODS}/demo-{rank}"),
-                json!({
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {
-                        "name": format!("demo-{rank}"), "namespace": NS,
-                        "labels": {
-                            "app.kubernetes.io/name": "moe-worker",
-                            "app.kubernetes.io/instance": "demo",
-                            "apps.kubernetes.io/pod-index": rank.to_string()
-                        },
-                        "annotations": annotations
-                    },
-                    "spec": {"containers": [{"name": "worker"}]},
-                    "status": {
-                        "podIP": format!("127.0.0.{}", rank + 10),
-                        "conditions": [{"type": "Ready", "status": "True"}]
-                    }
-                }),
+                support::ready_pod(NS, rank, annotations.clone()),
             );
         }
     }
@@ -1076,12 +1049,13 @@ fn configmap_events_map_to_the_deployments_that_use_them() {
     use kube::runtime::reflector::ObjectRef;
     let mut spec = spec_json();
     spec["placement"] = json!({"strategy": "Static", "staticMap": {"name": "offline-map"}});
-    let user: MoEDeployment = serde_json::from_value(moed_json(spec, 1)).unwrap();
+    let user: MoEDeployment = serde_json::from_value(support::moed_json(NS, spec, 1)).unwrap();
     let mut other_ns = serde_json::to_value(&user).unwrap();
     other_ns["metadata"]["namespace"] = json!("elsewhere");
     other_ns["metadata"]["name"] = json!("other");
     let other_ns: MoEDeployment = serde_json::from_value(other_ns).unwrap();
-    let plain: MoEDeployment = serde_json::from_value(moed_json(spec_json(), 1)).unwrap();
+    let plain: MoEDeployment =
+        serde_json::from_value(support::moed_json(NS, spec_json(), 1)).unwrap();
     let moeds = vec![Arc::new(user), Arc::new(other_ns), Arc::new(plain)];
 
     let map: ConfigMap = serde_json::from_value(
@@ -1153,4 +1127,182 @@ async fn a_configmap_event_is_not_mistaken_for_the_echo_of_our_own_write() {
     h.reconcile_event().await;
     assert_eq!(h.condition("Degraded")["status"], "False");
     assert!(h.api.get(STS).is_some());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Disruption budget, refused applies, pods that cannot be created, the fleet-wide restart limit.
+
+const PDB: &str = "/apis/policy/v1/namespaces/ml/poddisruptionbudgets/demo";
+
+#[tokio::test]
+async fn the_group_gets_a_disruption_budget_that_can_be_turned_off() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    let pdb = h.api.get(PDB).expect("PodDisruptionBudget");
+    assert_eq!(pdb["metadata"]["ownerReferences"][0]["uid"], "moed-uid");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 0);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"],
+        "demo"
+    );
+    let mut spec = spec_json();
+    spec["disruptionBudget"] = json!({"maxUnavailable": 1});
+    h.set_spec(spec.clone(), 2);
+    h.reconcile().await;
+    assert_eq!(h.api.get(PDB).unwrap()["spec"]["maxUnavailable"], 1);
+    spec["disruptionBudget"] = json!({"enabled": false});
+    h.set_spec(spec, 3);
+    h.reconcile().await;
+    assert!(h.api.get(PDB).is_none(), "a disabled budget is deleted");
+}
+
+#[tokio::test]
+async fn a_refused_apply_is_degraded_with_the_object_and_the_servers_reason() {
+    let h = Harness::new(spec_json());
+    let message = "statefulsets.apps \"demo\" is forbidden: User \"system:serviceaccount:moe-system:moe-operator\" cannot patch resource \"statefulsets\" in API group \"apps\" in the namespace \"ml\"";
+    h.api.refuse.lock().unwrap().insert(
+        STS.to_string(),
+        (403, "Forbidden".to_string(), message.to_string()),
+    );
+    h.ctx.forget_own_writes();
+    let err = controller::reconcile(Arc::new(h.moed()), h.ctx.clone())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("StatefulSet ml/demo"), "{err}");
+    let degraded = h.condition("Degraded");
+    assert_eq!(
+        (degraded["status"].as_str(), degraded["reason"].as_str()),
+        (Some("True"), Some("ApplyForbidden"))
+    );
+    let text = degraded["message"].as_str().unwrap();
+    assert!(
+        text.starts_with("the API server refused to apply StatefulSet ml/demo: 403 Forbidden: statefulsets.apps \"demo\" is forbidden"),
+        "{text}"
+    );
+    assert_eq!(h.condition("Stalled")["status"], "True", "RBAC needs a fix");
+    assert!(
+        events(&h)
+            .iter()
+            .any(|(r, n)| r == "ApplyForbidden" && n.contains("StatefulSet ml/demo")),
+        "{:?}",
+        events(&h)
+    );
+    // Fixed: the next reconcile applies and the condition clears.
+    h.api.refuse.lock().unwrap().clear();
+    h.reconcile().await;
+    assert_eq!(h.condition("Degraded")["status"], "False");
+    assert!(h.api.get(STS).is_some());
+}
+
+#[tokio::test]
+async fn pods_the_statefulset_cannot_create_are_reported_with_the_servers_message() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    let message = "create Pod demo-0 in StatefulSet demo failed error: pods \"demo-0\" is forbidden: exceeded quota: gpu-quota, requested: pods=1, used: pods=0, limited: pods=0";
+    h.api.put(
+        "/api/v1/namespaces/ml/events/demo.1",
+        json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": "demo.1", "namespace": NS},
+            "involvedObject": {"kind": "StatefulSet", "name": "demo", "namespace": NS},
+            "reason": "FailedCreate", "type": "Warning", "message": message, "count": 3,
+            "lastTimestamp": jiff::Timestamp::now().to_string()
+        }),
+    );
+    h.reconcile().await;
+    let degraded = h.condition("Degraded");
+    assert_eq!(degraded["reason"], "QuotaExceeded", "{degraded}");
+    let text = degraded["message"].as_str().unwrap();
+    assert!(
+        text.contains("StatefulSet ml/demo cannot create worker pods")
+            && text.contains("exceeded quota: gpu-quota"),
+        "{text}"
+    );
+    assert!(events(&h).iter().any(|(r, _)| r == "QuotaExceeded"));
+    // A refusal last seen long ago is over (the StatefulSet controller would have retried and
+    // recorded it again): nothing to report.
+    let mut ev = h.api.get("/api/v1/namespaces/ml/events/demo.1").unwrap();
+    ev["lastTimestamp"] =
+        json!((jiff::Timestamp::now() - jiff::SignedDuration::from_secs(3600)).to_string());
+    h.api.put("/api/v1/namespaces/ml/events/demo.1", ev.clone());
+    h.reconcile().await;
+    assert_eq!(h.condition("Degraded")["status"], "False");
+    ev["lastTimestamp"] = json!(jiff::Timestamp::now().to_string());
+    h.api.put("/api/v1/namespaces/ml/events/demo.1", ev);
+    h.reconcile().await;
+    assert_eq!(h.condition("Degraded")["reason"], "QuotaExceeded");
+    // Once the pods exist, the event says nothing any more.
+    h.add_ready_pods(2);
+    h.reconcile().await;
+    assert_eq!(h.condition("Degraded")["status"], "False");
+}
+
+#[tokio::test]
+async fn the_fleet_wide_limit_makes_restarts_wait_and_says_so() {
+    let settings = Settings {
+        max_group_restarts: 1,
+        group_restart_window: std::time::Duration::from_secs(60),
+        ..Settings::default()
+    };
+    let h = Harness::with_settings(
+        with_policy(json!({"maxRestarts": 10, "initialBackoffSeconds": 0})),
+        settings,
+    );
+    h.reconcile().await;
+    add_group(&h, 2, 1);
+    h.workers.set_load(vec![vec![1.0; 8]; 2], 0, 100);
+    h.reconcile().await;
+    set_restarts(&h, 1, 1);
+    h.reconcile().await;
+    assert_eq!(
+        h.api.count(Method::DELETE, "/pods/demo-"),
+        2,
+        "the first one goes"
+    );
+
+    add_group(&h, 2, 2);
+    h.reconcile().await;
+    set_restarts(&h, 0, 1);
+    let action = h.reconcile().await;
+    assert_eq!(
+        h.api.count(Method::DELETE, "/pods/demo-"),
+        2,
+        "the second restart within the minute waits"
+    );
+    let progressing = h.condition("Progressing");
+    assert_eq!(progressing["reason"], "FleetRestartLimit", "{progressing}");
+    assert!(
+        progressing["message"]
+            .as_str()
+            .unwrap()
+            .contains("fleet-wide limit of 1 group restart per 60s"),
+        "{progressing}"
+    );
+    assert_eq!(h.condition("Available")["reason"], "RankFailed");
+    assert_eq!(h.status()["groupRestarts"], 1);
+    assert!(requeue_secs(&action) <= 60.0);
+    assert_eq!(
+        events(&h)
+            .iter()
+            .filter(|(r, _)| r == "FleetRestartLimit")
+            .count(),
+        1
+    );
+    // Still waiting: no second event, the failure stays pending.
+    h.reconcile().await;
+    assert_eq!(
+        events(&h)
+            .iter()
+            .filter(|(r, _)| r == "FleetRestartLimit")
+            .count(),
+        1
+    );
+
+    // A spec change waits too, and its pods are left alone meanwhile.
+    let mut spec = with_policy(json!({"maxRestarts": 10, "initialBackoffSeconds": 0}));
+    spec["worker"]["image"] = json!("other:2");
+    h.set_spec(spec, 2);
+    h.reconcile().await;
+    assert_eq!(h.api.count(Method::DELETE, "/pods/demo-"), 2);
+    assert_eq!(h.condition("Progressing")["reason"], "FleetRestartLimit");
 }

@@ -70,35 +70,10 @@ app.kubernetes.io/part-of: moe-operator
 {{- default .Release.Namespace .Values.rbac.watchNamespace -}}
 {{- end }}
 
-{{/* Namespaces that get the worker NetworkPolicy, as a JSON list. */}}
-{{- define "moe-operator.networkPolicyNamespaces" -}}
-{{- if .Values.networkPolicy.namespaces -}}
-{{- toJson (uniq .Values.networkPolicy.namespaces) -}}
-{{- else if eq .Values.rbac.scope "namespace" -}}
-{{- toJson (list (include "moe-operator.watchNamespace" .)) -}}
-{{- else -}}
-{{- toJson (list .Release.Namespace) -}}
-{{- end -}}
-{{- end }}
-
 {{/* Labels the operator puts on every worker pod (operator/src/resources.rs). */}}
 {{- define "moe-operator.workerPodSelector" -}}
 app.kubernetes.io/name: moe-worker
 app.kubernetes.io/managed-by: moe-operator
-{{- end }}
-
-{{/*
-The worker API ports, by name: `http` (a pod's first rank) and `http-1` .. `http-63` (its
-further ranks with spec.expertParallel.ranksPerPod, at most 64). Names a pod does not have
-match nothing.
-*/}}
-{{- define "moe-operator.workerApiPorts" -}}
-- port: http
-  protocol: TCP
-{{- range $i := untilStep 1 64 1 }}
-- port: http-{{ $i }}
-  protocol: TCP
-{{- end }}
 {{- end }}
 
 {{/* Runbook URL of an alert. */}}
@@ -121,4 +96,27 @@ match nothing.
 {{- end }}
 {{- end }}
 {{- toJson $out -}}
+{{- end }}
+
+{{/* The operator pods' selector labels as key=value,... (MOE_OPERATOR_POD_LABELS). */}}
+{{- define "moe-operator.podLabelsList" -}}
+{{- $labels := include "moe-operator.selectorLabels" . | fromYaml -}}
+{{- $pairs := list -}}
+{{- range $k := keys $labels | sortAlpha -}}
+{{- $pairs = append $pairs (printf "%s=%v" $k (get $labels $k)) -}}
+{{- end -}}
+{{- join "," $pairs -}}
+{{- end }}
+
+{{/* Extra peers of the workers' control port, as a JSON list (MOE_OPERATOR_CONTROL_PEERS):
+networkPolicy.metricsFrom, and Prometheus when the PodMonitor is on. */}}
+{{- define "moe-operator.controlPeersJson" -}}
+{{- $peers := list -}}
+{{- range .Values.networkPolicy.metricsFrom -}}
+{{- $peers = append $peers . -}}
+{{- end -}}
+{{- if and .Values.metrics.podMonitor.enabled .Values.networkPolicy.prometheusPodSelector -}}
+{{- $peers = append $peers (dict "namespaceSelector" (dict) "podSelector" (dict "matchLabels" .Values.networkPolicy.prometheusPodSelector)) -}}
+{{- end -}}
+{{- toJson $peers -}}
 {{- end }}

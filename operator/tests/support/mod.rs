@@ -15,6 +15,9 @@ use moe_api::{LoadReport, RemapMode, RemapProgress, RemapRequest, RemapState, Wo
 use moe_operator::workers::{Endpoint, WorkerApi, WorkerError};
 use serde_json::{Value, json};
 
+/// (HTTP code, API reason, message) of a refused request.
+pub type Refusal = (u16, String, String);
+
 /// One request as the fake saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
@@ -33,6 +36,9 @@ pub struct FakeApi {
     rv: Arc<Mutex<u64>>,
     /// While set, requests are never answered (a hung API server).
     pub hang: Arc<std::sync::atomic::AtomicBool>,
+    /// Paths whose PATCH is refused with (code, reason, message), as an API server's RBAC or
+    /// validation would.
+    pub refuse: Arc<Mutex<BTreeMap<String, Refusal>>>,
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
@@ -170,6 +176,11 @@ impl FakeApi {
         if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
             return std::future::pending().await;
         }
+        if method == Method::PATCH
+            && let Some((code, reason, message)) = self.refuse.lock().unwrap().get(&path).cloned()
+        {
+            return status(code, &reason, &message);
+        }
         let mut objects = self.objects.lock().unwrap();
         match method {
             Method::GET if is_collection(&path) => {
@@ -299,6 +310,9 @@ impl FakeWorkers {
                     step: 100,
                     tokens_per_second: 1000.0,
                     remap: None,
+                    traffic: "generator".into(),
+                    served_rows_total: 0,
+                    served_rows_per_second: 0.0,
                 },
             );
         }
@@ -418,4 +432,46 @@ impl WorkerApi for FakeWorkers {
             Ok(())
         })
     }
+}
+
+/// The `MoEDeployment` "demo" the harnesses reconcile, as the API server would store it.
+pub fn moed_json(namespace: &str, spec: Value, generation: i64) -> Value {
+    json!({
+        "apiVersion": "moe-operator.github.io/v1alpha1",
+        "kind": "MoEDeployment",
+        "metadata": {"name": "demo", "namespace": namespace, "uid": "moed-uid", "generation": generation},
+        "spec": spec
+    })
+}
+
+/// A Ready worker pod of rank `rank` of "demo", carrying `annotations` (group and spec hashes).
+pub fn ready_pod(namespace: &str, rank: usize, annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": format!("demo-{rank}"), "namespace": namespace,
+            "labels": {
+                "app.kubernetes.io/name": "moe-worker",
+                "app.kubernetes.io/instance": "demo",
+                "apps.kubernetes.io/pod-index": rank.to_string()
+            },
+            "annotations": annotations
+        },
+        "spec": {"containers": [{"name": "worker"}]},
+        "status": {
+            "podIP": format!("127.0.0.{}", rank + 10),
+            "conditions": [{"type": "Ready", "status": "True"}]
+        }
+    })
+}
+
+/// The condition of type `type_` in a status (panics when missing).
+pub fn condition(status: &Value, type_: &str) -> Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
+        .unwrap()
 }
