@@ -832,7 +832,12 @@ impl PodCtx {
             refresh,
         };
         let m = volumes::materialize(&vctx).await?;
-        *lock(&self.mounts) = m;
+        if refresh {
+            // A refresh may leave out a volume it could not re-resolve (a claim): keep its mount.
+            lock(&self.mounts).extend(m);
+        } else {
+            *lock(&self.mounts) = m;
+        }
         if !refresh {
             let wants_token = self.pod.spec.as_ref().is_some_and(|s| {
                 s.volumes.iter().flatten().any(|v| {

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{ConfigMap, KeyToPath, Pod, Secret, ServiceAccount, Volume};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, KeyToPath, PersistentVolume, PersistentVolumeClaim, Pod, Secret, ServiceAccount,
+    Volume,
+};
 use kube::Client;
 use kube::api::{Api, PostParams};
 
@@ -199,6 +202,21 @@ pub(crate) async fn materialize(ctx: &VolumeCtx<'_>) -> Result<HashMap<String, P
             out.insert(v.name.clone(), p);
             continue;
         }
+        if let Some(src) = &v.persistent_volume_claim {
+            // A claim stands for its bound volume: the stand-in can mount only hostPath ones.
+            // Once mounted it stays (a kubelet does not re-resolve a mounted claim either):
+            // a refresh that cannot resolve it leaves the pod's mount as it is.
+            match claim_host_path(ctx.client, &ns, &src.claim_name).await {
+                Ok(path) => {
+                    out.insert(v.name.clone(), path);
+                }
+                Err(e) if ctx.refresh => {
+                    tracing::debug!(volume = %v.name, "claim not re-resolved: {e:#}");
+                }
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
         std::fs::create_dir_all(&dir)?;
         if let Some(src) = &v.config_map {
             match cms.get_opt(&src.name).await? {
@@ -296,4 +314,111 @@ fn write_downward(
         write_if_changed(&dir.join(&it.path), value.as_bytes())?;
     }
     Ok(())
+}
+
+/// The host directory of claim `ns/claim`'s bound hostPath PersistentVolume.
+async fn claim_host_path(client: &Client, ns: &str, claim: &str) -> Result<PathBuf> {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let pvc = claims
+        .get_opt(claim)
+        .await?
+        .with_context(|| format!("persistentvolumeclaim {ns}/{claim} not found"))?;
+    let volume_name = claim_volume_name(&pvc)?;
+    let pv = Api::<PersistentVolume>::all(client.clone())
+        .get_opt(volume_name)
+        .await?
+        .with_context(|| {
+            format!("persistentvolume {volume_name} (bound to claim {ns}/{claim}) not found")
+        })?;
+    pv_host_path(&pv, ns, claim)
+}
+
+/// The volume a claim is bound to (`spec.volumeName`); an error while it is unbound, so the
+/// container waits in `ContainerCreating` as it would on a kubelet.
+pub(crate) fn claim_volume_name(pvc: &PersistentVolumeClaim) -> Result<&str> {
+    let name = pvc.metadata.name.as_deref().unwrap_or_default();
+    pvc.spec
+        .as_ref()
+        .and_then(|s| s.volume_name.as_deref())
+        .filter(|v| !v.is_empty())
+        .with_context(|| {
+            format!(
+                "persistentvolumeclaim {name} is not bound to a volume yet (no spec.volumeName)"
+            )
+        })
+}
+
+/// The host directory of a hostPath PersistentVolume that claims `ns/claim` (its `claimRef`
+/// must name that claim, or be unset when the claim names the volume); other volume kinds are
+/// refused with a reason, since the stand-in has no volume plugins.
+pub(crate) fn pv_host_path(pv: &PersistentVolume, ns: &str, claim: &str) -> Result<PathBuf> {
+    let name = pv.metadata.name.as_deref().unwrap_or_default();
+    let spec = pv
+        .spec
+        .as_ref()
+        .with_context(|| format!("persistentvolume {name} has no spec"))?;
+    if let Some(r) = &spec.claim_ref
+        && (r.namespace.as_deref() != Some(ns) || r.name.as_deref() != Some(claim))
+    {
+        bail!(
+            "persistentvolume {name} is claimed by {}/{}, not by {ns}/{claim}",
+            r.namespace.as_deref().unwrap_or_default(),
+            r.name.as_deref().unwrap_or_default()
+        );
+    }
+    match &spec.host_path {
+        Some(hp) => Ok(PathBuf::from(&hp.path)),
+        None => bail!(
+            "persistentvolume {name} is not a hostPath volume: the moe-e2e agent mounts only hostPath persistent volumes"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pvc(volume_name: Option<&str>) -> PersistentVolumeClaim {
+        serde_json::from_value(json!({
+            "metadata": {"name": "weights", "namespace": "ml"},
+            "spec": {"volumeName": volume_name, "storageClassName": ""},
+        }))
+        .unwrap()
+    }
+
+    fn pv(spec: serde_json::Value) -> PersistentVolume {
+        serde_json::from_value(json!({"metadata": {"name": "w-pv"}, "spec": spec})).unwrap()
+    }
+
+    #[test]
+    fn a_bound_claim_resolves_to_its_host_path_volume() {
+        let c = pvc(Some("w-pv"));
+        assert_eq!(claim_volume_name(&c).unwrap(), "w-pv");
+        let v = pv(json!({"hostPath": {"path": "/data/ckpt"},
+                          "claimRef": {"namespace": "ml", "name": "weights"}}));
+        assert_eq!(
+            pv_host_path(&v, "ml", "weights").unwrap(),
+            PathBuf::from("/data/ckpt")
+        );
+        // A volume pre-bound from the claim's side only (no claimRef yet) resolves as well.
+        let v = pv(json!({"hostPath": {"path": "/data/ckpt"}}));
+        assert_eq!(
+            pv_host_path(&v, "ml", "weights").unwrap(),
+            PathBuf::from("/data/ckpt")
+        );
+    }
+
+    #[test]
+    fn unbound_foreign_or_non_host_path_volumes_are_refused() {
+        let e = claim_volume_name(&pvc(None)).unwrap_err().to_string();
+        assert!(e.contains("not bound"), "{e}");
+        let v = pv(json!({"hostPath": {"path": "/x"},
+                          "claimRef": {"namespace": "other", "name": "weights"}}));
+        let e = pv_host_path(&v, "ml", "weights").unwrap_err().to_string();
+        assert!(e.contains("claimed by other/weights"), "{e}");
+        let v = pv(json!({"nfs": {"server": "s", "path": "/x"}}));
+        let e = pv_host_path(&v, "ml", "weights").unwrap_err().to_string();
+        assert!(e.contains("only hostPath"), "{e}");
+    }
 }

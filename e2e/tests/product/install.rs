@@ -138,7 +138,7 @@ async fn check_kubectl_logs_and_exec(
     }
     let log = cluster.run_kubectl(&["logs", "-n", ns, &pod, "-c", "worker"])?;
     ensure!(
-        log.contains("group formed") && log.contains("HTTP API listening"),
+        log.contains("group formed") && log.contains("HTTP API") && log.contains("listening"),
         "kubectl logs {pod} should show the worker's start-up:\n{log}"
     );
     let version = cluster.run_kubectl(&[

@@ -5,17 +5,22 @@
 //!
 //! 1, 2: `install` · 3: `validation` · 4: `failures` · 5: `spec_changes` ·
 //! 6 (benchmark, ignored): `scale` · 7 (measurement, ignored): `history` ·
-//! 8: `upgrade`.
+//! 8: `upgrade` · 9: `serving` · 9 (issue 14): `pod_settings` · 10 (issue 14): `leader` ·
+//! 11 (issue 13): `attention`.
 //!
 //! Skipped (a printed `SKIPPED` line) when the control-plane binaries are not installed
 //! (`e2e/bootstrap.sh`). The agent needs `moe-worker` and `moe-operator` built into the same
 //! target directory (`cargo build --bins -p moe-worker -p moe-operator`).
 
+mod attention;
 mod common;
 mod failures;
 mod history;
 mod install;
+mod leader;
+mod pod_settings;
 mod scale;
+mod serving;
 mod spec_changes;
 mod upgrade;
 mod validation;

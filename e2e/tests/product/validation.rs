@@ -98,6 +98,21 @@ fn cases() -> Vec<(&'static str, Value, &'static str)> {
             "spec.worker.httpPort and spec.worker.commPort must differ",
         ),
         (
+            "serving.port == httpPort",
+            json!({"serving": {"port": 8080}}),
+            "spec.serving.port must differ from spec.worker.httpPort and spec.worker.commPort",
+        ),
+        (
+            "serving.port == commPort",
+            json!({"serving": {"port": 29500}}),
+            "spec.serving.port must differ from spec.worker.httpPort and spec.worker.commPort",
+        ),
+        (
+            "serving enabled with the burn-in generator",
+            json!({"serving": {"enabled": true}}),
+            "spec.serving.enabled: true and spec.traffic exclude each other",
+        ),
+        (
             "worker.env places a rank",
             json!({"worker": {"env": [{"name": "MOE_RANK", "value": "3"}]}}),
             "spec.worker.env must not set MOE_RANK",
