@@ -175,6 +175,26 @@ pub struct WorkerStatus {
     /// Rows per second this rank answered through the forward API, over the recent past.
     #[serde(default)]
     pub served_rows_per_second: f64,
+    /// [`token_id`] of the control token this rank accepts (absent: none configured, or a
+    /// worker release before token ids). The operator compares it with the token it derived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_token_id: Option<String>,
+    /// [`token_id`] of the client token this rank's forward API accepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_token_id: Option<String>,
+}
+
+/// A short one-way id of a token: the first 16 hex digits of SHA-256 over a fixed prefix and
+/// the token (surrounding whitespace trimmed). It tells two holders whether they hold the same
+/// token without revealing it (the tokens are 256-bit random or HMAC-derived, so the id
+/// cannot be inverted), and it is no credential for any API.
+pub fn token_id(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"moe-token-id/v1\0")
+        .chain_update(token.trim().as_bytes())
+        .finalize();
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `GET /v1/load`: this rank's routing statistics over its sliding window.
@@ -311,6 +331,18 @@ pub const CONFLICT_BUSY: &str = "Busy";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_ids_are_short_stable_and_differ_per_token() {
+        let id = token_id("abc");
+        assert_eq!(id.len(), 16);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        // The file's trailing newline is not part of the token.
+        assert_eq!(token_id("abc\n"), id);
+        assert_ne!(token_id("abd"), id);
+        // Not the token's plain hash: the id cannot stand in for a hash a client computed.
+        assert!(!id.contains("ba7816bf"));
+    }
 
     fn doc(phy2log: Vec<Vec<u32>>, experts: usize, ranks: usize) -> PlacementDocument {
         PlacementDocument {

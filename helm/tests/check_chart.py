@@ -211,7 +211,7 @@ def operator_rules_cover(rules, where):
         ("networking.k8s.io", "networkpolicies", ["get", "create", "patch"]),
         ("", "configmaps", ["get", "patch", "watch"]),
         ("", "serviceaccounts", ["patch"]),
-        ("", "secrets", ["get", "create"]),
+        ("", "secrets", ["create"]),
         ("", "events", ["create", "list"]),
         ("events.k8s.io", "events", ["create"]),
         ("policy", "poddisruptionbudgets", ["get", "patch", "delete"]),
@@ -220,7 +220,9 @@ def operator_rules_cover(rules, where):
         check("*" not in r.get("verbs", []) and "*" not in r.get("resources", []) and "*" not in r.get("apiGroups", []),
               f"{where}: wildcard in rule {r}")
         if "secrets" in r.get("resources", []):
-            check(not ({"list", "watch"} & set(r["verbs"])), f"{where}: secrets must not be listed or watched")
+            # Least privilege: the tokens are derived (operator/src/tokens.rs), never read back.
+            check(set(r["verbs"]) == {"create"},
+                  f"{where}: secrets may only be created in managed namespaces, not {r['verbs']}")
         check(not ({"escalate", "bind", "impersonate"} & set(r.get("verbs", []))), f"{where}: escalation verb in {r}")
     for group, res, verbs in need:
         have = set()
@@ -240,6 +242,26 @@ def operator_rules_cover(rules, where):
           "operator/src/resources.rs: worker pods must not mount an API token")
 
 
+def check_token_key_role(docs, name, env, sa_name):
+    """The master key's Role: get of that one Secret by name, create (operator/src/tokens.rs)."""
+    secret = env.get("MOE_OPERATOR_TOKEN_KEY_SECRET", {}).get("value")
+    check(bool(secret), "MOE_OPERATOR_TOKEN_KEY_SECRET is set")
+    role = one(docs, "Role", name)
+    check(role.get("metadata", {}).get("namespace") == RELEASE_NS, f"{name}: in the release namespace")
+    for r in role.get("rules", []):
+        check(r.get("resources") == ["secrets"] and r.get("apiGroups") == [""], f"{name}: only core secrets: {r}")
+        if r.get("resourceNames"):
+            check(r["resourceNames"] == [secret] and r["verbs"] == ["get"],
+                  f"{name}: get of the master key Secret {secret} by name only: {r}")
+        else:
+            check(r["verbs"] == ["create"], f"{name}: without a name only create: {r}")
+    check(any(r.get("resourceNames") for r in role.get("rules", [])), f"{name}: a rule naming the master key")
+    rb = one(docs, "RoleBinding", name)
+    check(rb.get("roleRef", {}).get("name") == name
+          and rb.get("subjects") == [{"kind": "ServiceAccount", "name": sa_name, "namespace": RELEASE_NS}],
+          f"{name}: RoleBinding to the operator's ServiceAccount")
+
+
 def worker_pod_labels_from_code():
     src = read("operator/src/resources.rs")
     labels = dict(re.findall(r'\(\s*"(app\.kubernetes\.io/(?:name|managed-by))"\.to_string\(\),\s*"([^"]+)"', src))
@@ -251,7 +273,7 @@ def check_default(docs):
     section("default values: objects and their settings")
     kinds = sorted(d["kind"] for d in docs)
     expected = sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
-                       "Service", "Deployment"])
+                       "Role", "RoleBinding", "Service", "Deployment"])
     check(kinds == expected, f"default render kinds {kinds} != {expected}")
     for d in docs:
         md = d["metadata"]
@@ -308,14 +330,15 @@ def check_default(docs):
     check(crb["roleRef"]["name"] == cr["metadata"]["name"], "ClusterRoleBinding refers to the ClusterRole")
     check(crb["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": RELEASE_NS}],
           "ClusterRoleBinding subject")
-    lease_role = one(docs, "Role")
+    lease_role = one(docs, "Role", "moe-operator-leader-election")
     lease = env["MOE_OPERATOR_LEASE_NAME"]["value"]
     named = [r for r in lease_role["rules"] if "leases" in r["resources"] and r.get("resourceNames")]
     check(named and named[0]["resourceNames"] == [lease] and {"get", "update"} <= set(named[0]["verbs"]),
           "leader-election Role: get/update on the operator's Lease by name")
     check(any("leases" in r["resources"] and "create" in r["verbs"] for r in lease_role["rules"]), "Lease create")
-    rb = one(docs, "RoleBinding")
+    rb = one(docs, "RoleBinding", "moe-operator-leader-election")
     check(rb["roleRef"]["name"] == lease_role["metadata"]["name"], "leader-election RoleBinding")
+    check_token_key_role(docs, "moe-operator-token-key", env, sa["metadata"]["name"])
     # Service
     svc = one(docs, "Service")
     check(svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"], "metrics Service selects the operator pods")
@@ -354,6 +377,7 @@ def check_all(docs, dashboard_src, registered):
     if ("ml", "moe-op") in roles:
         operator_rules_cover(roles[("ml", "moe-op")]["rules"], "Role (scope namespace)")
     check((RELEASE_NS, "moe-op-leader-election") in roles, "leader-election Role in the release namespace")
+    check_token_key_role(docs, "moe-op-token-key", env, "moe-op-sa")
     peers = json.loads(env["MOE_OPERATOR_CONTROL_PEERS"]["value"])
     check(peers == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "observability"}}},
                     {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
@@ -530,7 +554,8 @@ def check_nsscope(docs):
     dep = one(docs, "Deployment")
     check(env_of(dep).get("WATCH_NAMESPACE", {}).get("value") == RELEASE_NS, "WATCH_NAMESPACE defaults to the release ns")
     roles = find(docs, "Role")
-    check(len(roles) == 2 and all(r["metadata"]["namespace"] == RELEASE_NS for r in roles), "two Roles in the release ns")
+    check(len(roles) == 3 and all(r["metadata"]["namespace"] == RELEASE_NS for r in roles),
+          "three Roles in the release ns (controller, leader election, token key)")
     done("namespace scope")
 
 
@@ -538,8 +563,11 @@ def check_nonetpol(docs):
     section("networkPolicy.enabled=false, leaderElection.enabled=false")
     kinds = [d["kind"] for d in docs]
     check("NetworkPolicy" not in kinds, "no NetworkPolicy")
-    check("Role" not in kinds and "RoleBinding" not in kinds, "no leader-election Role without leader election")
+    check(not [r for r in find(docs, "Role") if r["metadata"]["name"].endswith("-leader-election")],
+          "no leader-election Role without leader election")
     env = env_of(one(docs, "Deployment"))
+    roles = find(docs, "Role")
+    check(len(roles) == 1 and roles[0]["metadata"]["name"].endswith("-token-key"), "only the token-key Role")
     check(env["MOE_OPERATOR_LEADER_ELECT"]["value"] == "false", "leader election off")
     check(env["MOE_OPERATOR_NETWORK_POLICY"]["value"] == "false", "per-deployment NetworkPolicies off")
     done("options off")

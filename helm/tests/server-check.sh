@@ -4,7 +4,8 @@
 #   - `helm install` succeeds (default values) and `helm upgrade` to namespace scope succeeds,
 #     with the CRD from crds/ accepted by the API server;
 #   - the operator's ServiceAccount may do what the controller does (kubectl auth can-i), and
-#     may not do more (secrets list, cluster-wide delete of owned kinds);
+#     may not do more (no read of any Secret but its own master key, no cluster-wide delete of
+#     owned kinds);
 #   - the examples pass server-side validation (schema and CEL rules): kubectl apply --dry-run=server.
 # Usage: server-check.sh HELM BIN_DIR   (BIN_DIR holds etcd, kube-apiserver, kubectl)
 # Exit 0 on success, 1 on failure, 3 when a binary is missing (the caller prints SKIPPED).
@@ -108,23 +109,31 @@ for ns in ml default; do
   must "$ns" delete services
   mustnot "$ns" delete networkpolicies.networking.k8s.io
   for v in list watch delete; do must "$ns" "$v" pods; done
-  for v in get create; do must "$ns" "$v" secrets; done
+  # Token Secrets are created only: their tokens are derived, never read back.
+  must "$ns" create secrets
+  for v in get list watch patch update delete; do mustnot "$ns" "$v" secrets; done
+  mustnot "$ns" get secrets/demo-control
   must "$ns" create events
   must "$ns" list events
   must "$ns" create events.events.k8s.io
   for v in get create patch delete; do must "$ns" "$v" poddisruptionbudgets.policy; done
-  mustnot "$ns" list secrets
   mustnot "$ns" delete statefulsets.apps
   mustnot "$ns" delete moedeployments.moe-operator.github.io
   # Workers get no API access, so the operator needs no RBAC verbs at all.
   mustnot "$ns" create roles.rbac.authorization.k8s.io
   mustnot "$ns" create rolebindings.rbac.authorization.k8s.io
 done
+# The master key: created and read by name in the release namespace, no other Secret there.
+must moe-system create secrets
+must moe-system get secrets/moe-operator-token-key
+for v in list watch; do mustnot moe-system "$v" secrets; done
+mustnot moe-system get secrets/someone-elses-secret
+for v in update patch delete; do mustnot moe-system "$v" secrets/moe-operator-token-key; done
 must moe-system create leases.coordination.k8s.io
 must moe-system update leases.coordination.k8s.io/moe-operator-leader
 mustnot moe-system update leases.coordination.k8s.io/someone-elses-lease
 mustnot moe-system create clusterroles.rbac.authorization.k8s.io
-log "operator RBAC (cluster scope): the controller's verbs allowed, secrets list and deletes denied"
+log "operator RBAC (cluster scope): the controller's verbs allowed; Secrets create-only (the master key read by name); deletes denied"
 
 # --- examples: server-side validation (schema + CEL) ----------------------------------------------
 for f in examples/*.yaml examples/*/*.yaml; do
@@ -149,6 +158,9 @@ log "examples accepted by the API server (schema + CEL); an invalid spec refused
   --set networkPolicy.enabled=true >"$W/helm-upgrade.log" 2>&1 || { cat "$W/helm-upgrade.log" >&2; fail "helm upgrade to namespace scope"; }
 must ml list moedeployments.moe-operator.github.io
 mustnot default list moedeployments.moe-operator.github.io
+must ml create secrets
+for v in get list watch; do mustnot ml "$v" secrets; done
+must moe-system get secrets/moe-operator-token-key
 log "helm upgrade to rbac.scope=namespace: ok (ml allowed, default denied)"
 "$HELM" uninstall moe-operator -n moe-system >/dev/null || fail "helm uninstall"
 K get crd moedeployments.moe-operator.github.io >/dev/null || fail "helm uninstall removed the CRD"

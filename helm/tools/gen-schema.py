@@ -123,6 +123,11 @@ SCHEMA = {
             "maxGroupRestarts": i("Fleet-wide limit: whole-group restarts per groupRestartWindowSeconds "
                                   "across every MoEDeployment (0: no limit).", 0, 10000),
             "groupRestartWindowSeconds": i("Window of maxGroupRestarts, seconds.", 1, 86400),
+            "tokenKeySecret": {"type": "string",
+                               "description": "Secret in the release namespace holding the master key the "
+                                              "per-deployment tokens are derived from (default <fullname>-token-key); "
+                                              "the operator creates it and may read no other Secret.",
+                               "pattern": r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$", "maxLength": 253},
             "httpPort": i("Port of /healthz, /readyz and /metrics.", 1, 65535),
             "bindAddress": s("Address /healthz, /readyz and /metrics bind to: 0.0.0.0, or "
                              "$(POD_IP) where pods share a network namespace.", minLength=1),

@@ -65,6 +65,9 @@ pub struct Settings {
     /// `group_restart_window` across every MoEDeployment (0: no limit).
     pub max_group_restarts: u32,
     pub group_restart_window: Duration,
+    /// The key every per-deployment token is derived from (see [`crate::tokens`]). The
+    /// default is a random key of this process (tests); the operator loads the cluster's.
+    pub token_key: Arc<crate::tokens::MasterKey>,
 }
 
 impl Default for Settings {
@@ -85,6 +88,7 @@ impl Default for Settings {
             },
             max_group_restarts: 0,
             group_restart_window: Duration::from_secs(60),
+            token_key: Arc::new(crate::tokens::MasterKey::random()),
         }
     }
 }
@@ -112,6 +116,8 @@ pub struct Context {
     last_status_write: Mutex<HashMap<String, String>>,
     /// Deployments whose fixed object names were recently found free or ours.
     ownership_checked: crate::ownership::Checked,
+    /// Token Secrets recently created (or found existing): not posted again on every poll.
+    pub(crate) token_secrets: crate::tokens::CreatedSecrets,
 }
 
 impl Context {
@@ -144,6 +150,7 @@ impl Context {
             own_writes: Mutex::new(HashMap::new()),
             last_status_write: Mutex::new(HashMap::new()),
             ownership_checked: Default::default(),
+            token_secrets: Default::default(),
         }
     }
 
@@ -796,16 +803,25 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     });
 
     // 3. Owned objects.
+    let tokens = Tokens::of(ctx, moed, &resolved);
     crate::expert_tier::reconcile_objects(
         &client,
         &resolved,
         spec,
         &ctx.settings.control_peers,
         old.serving.is_some(),
+        &tokens.client,
+        &ctx.token_secrets,
     )
     .await?;
     st.serving = crate::expert_tier::status(&resolved, spec);
-    let token = ensure_token(&client, &ns, &resolved).await?;
+    create_token_secret(
+        &Api::<Secret>::namespaced(client.clone(), &ns),
+        &resources::control_secret(&resolved, &tokens.control),
+        &tokens.control,
+        &ctx.token_secrets,
+    )
+    .await?;
     apply_owned(
         &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
         &names.service_account,
@@ -1011,7 +1027,7 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     if group_up && endpoints.len() == st.ranks as usize {
         let worker = WorkerCtx {
             endpoints: &endpoints,
-            token: &token,
+            tokens: &tokens,
             source_label: source_label.as_deref().unwrap_or(""),
         };
         let step = remap_step(moed, ctx, &mut st, &doc, &worker, &resolved, &mut pending).await?;
@@ -1027,6 +1043,14 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
             if p.reason == "WorkersUnreachable" && !unreachable_before {
                 requeue = requeue.min(ctx.settings.remap_poll);
                 continue;
+            }
+            if p.reason == TOKEN_MISMATCH && old.conditions.iter().all(|c| c.reason != p.reason) {
+                pending.event(
+                    EventType::Warning,
+                    &p.reason,
+                    "Authenticate",
+                    p.message.clone(),
+                );
             }
             problems.push(p);
         }
@@ -1343,46 +1367,128 @@ async fn delete_pod(api: &Api<Pod>, pod: &Pod) -> Result<(), Error> {
     }
 }
 
-/// Creates the control-token Secret once and returns the token.
-async fn ensure_token(client: &Client, ns: &str, r: &Resolved) -> Result<String, Error> {
-    let names = Names::new(&r.name);
-    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let read = |s: &Secret| {
-        s.data
-            .as_ref()
-            .and_then(|d| d.get(resources::TOKEN_KEY))
-            .map(|b| String::from_utf8_lossy(&b.0).trim().to_string())
-            .filter(|t| !t.is_empty())
-    };
-    if let Some(token) = api.get_opt(&names.secret).await?.as_ref().and_then(read) {
-        return Ok(token);
+/// The deployment's tokens, derived (never read back from its Secrets).
+pub(crate) struct Tokens {
+    pub control: String,
+    pub client: String,
+}
+
+impl Tokens {
+    fn of(ctx: &Context, moed: &MoEDeployment, r: &Resolved) -> Self {
+        use crate::tokens::{Owner, Purpose, ROTATION_ANNOTATION};
+        let owner = Owner {
+            namespace: &r.namespace,
+            name: &r.name,
+            uid: &r.owner.uid,
+            rotation: moed
+                .annotations()
+                .get(ROTATION_ANNOTATION)
+                .map(String::as_str),
+        };
+        let key = &ctx.settings.token_key;
+        Self {
+            control: key.token(Purpose::Control, owner),
+            client: key.token(Purpose::Client, owner),
+        }
     }
-    let token = random_token();
-    let secret = resources::control_secret(r, &token);
+}
+
+/// Creates a token Secret unless one of that name exists (409). The operator never reads or
+/// rewrites it: a Secret of ours already holds this very token (the derivation does not
+/// change); one that is not ours shows as a token mismatch in the workers' status
+/// ([`token_problem`]).
+pub(crate) async fn create_token_secret(
+    api: &Api<Secret>,
+    secret: &Secret,
+    token: &str,
+    created: &crate::tokens::CreatedSecrets,
+) -> Result<(), Error> {
+    let key = format!(
+        "{}/{}",
+        secret.namespace().unwrap_or_default(),
+        secret.name_any()
+    );
+    if created.fresh(&key, token) {
+        return Ok(());
+    }
     let pp = PostParams {
         field_manager: Some(resources::FIELD_MANAGER.into()),
         ..Default::default()
     };
-    match api.create(&pp, &secret).await {
-        Ok(_) => Ok(token),
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            // Someone created it in between (or it exists without a token): use what is there,
-            // or put a token into it.
-            if let Some(t) = api.get_opt(&names.secret).await?.as_ref().and_then(read) {
-                return Ok(t);
-            }
-            apply(&api, &names.secret, &secret).await?;
-            Ok(token)
+    match api.create(&pp, secret).await {
+        Ok(_) => {
+            info!(secret = %key, "created a token Secret");
+            created.record(&key, token);
+            Ok(())
         }
-        Err(e) => Err(e.into()),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            created.record(&key, token);
+            Ok(())
+        }
+        Err(e) => Err(
+            match crate::apply_refusal::Refusal::from_error("Secret", key, e) {
+                Ok(refusal) => Error::Refused(refusal),
+                Err(e) => Error::Kube(e),
+            },
+        ),
     }
 }
 
-pub(crate) fn random_token() -> String {
-    use rand::RngCore;
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Reason of the Degraded condition when a rank holds another token than the operator derived.
+pub const TOKEN_MISMATCH: &str = "TokenMismatch";
+
+/// The problem when some rank reports (by id, see [`moe_api::token_id`]) another control or
+/// client token than the operator's: the Secret of that name was not made by this operator
+/// for this deployment (a user's Secret, or a random token of an operator release before
+/// derived tokens). `None` when every rank that reports ids agrees (a worker release before
+/// token ids reports none: only a 401 then shows the mismatch).
+pub(crate) fn token_problem(
+    statuses: &[moe_api::WorkerStatus],
+    tokens: &Tokens,
+    r: &Resolved,
+    serving: bool,
+) -> Option<Problem> {
+    let names = Names::new(&r.name);
+    let (control, client) = (
+        crate::tokens::token_id(&tokens.control),
+        crate::tokens::token_id(&tokens.client),
+    );
+    let mismatch = |s: &moe_api::WorkerStatus| {
+        if s.control_token_id.as_ref().is_some_and(|id| *id != control) {
+            Some((s.rank, &names.secret))
+        } else if serving && s.client_token_id.as_ref().is_some_and(|id| *id != client) {
+            Some((s.rank, &names.client_secret))
+        } else {
+            None
+        }
+    };
+    let (rank, secret) = statuses.iter().find_map(mismatch)?;
+    Some(mismatch_problem(
+        r,
+        secret,
+        &format!("rank {rank} holds another token"),
+    ))
+}
+
+/// After a mismatch, the deployment's token Secrets are created again at the next reconcile:
+/// once the user deleted the foreign one, the operator's own replaces it at once.
+fn forget_token_secrets(ctx: &Context, r: &Resolved) {
+    let names = Names::new(&r.name);
+    ctx.token_secrets.forget(&[
+        format!("{}/{}", r.namespace, names.secret),
+        format!("{}/{}", r.namespace, names.client_secret),
+    ]);
+}
+
+/// [`TOKEN_MISMATCH`] naming the Secret and the fix.
+pub(crate) fn mismatch_problem(r: &Resolved, secret: &str, what: &str) -> Problem {
+    Problem::new(
+        TOKEN_MISMATCH,
+        format!(
+            "{what} than the operator derives for this MoEDeployment: Secret {}/{secret} was not created by this operator for it (a Secret of someone else, or a random token of an operator release before derived tokens); the operator cannot read or rewrite Secrets: delete the Secret (or rename yours) and the operator creates its own, which the workers pick up within a minute without a restart (see docs/operator.md \"Tokens\")",
+            r.namespace
+        ),
+    )
 }
 
 struct StepOutcome {
@@ -1396,12 +1502,21 @@ struct StepOutcome {
 /// How to reach the ranks, and what the committed placement came from.
 struct WorkerCtx<'a> {
     endpoints: &'a [Endpoint],
-    token: &'a str,
+    tokens: &'a Tokens,
     source_label: &'a str,
 }
 
 impl StepOutcome {
     /// The pass stops: a rank did not answer.
+    fn token_mismatch(mut self, p: Problem) -> Self {
+        self.view = RemapView::Idle {
+            reason: TOKEN_MISMATCH.into(),
+            message: "a rank holds another token than the operator: see Degraded".into(),
+        };
+        self.problems.push(p);
+        self
+    }
+
     fn workers_unreachable(mut self, rank: usize, e: impl std::fmt::Display) -> Self {
         self.problems.push(Problem::new(
             "WorkersUnreachable",
@@ -1437,7 +1552,7 @@ async fn remap_step(
     r: &Resolved,
     pending: &mut Pending,
 ) -> Result<StepOutcome, Error> {
-    let (endpoints, token) = (w.endpoints, w.token);
+    let (endpoints, token) = (w.endpoints, w.tokens.control.as_str());
     let spec = &moed.spec;
     let (ns, name) = (&r.namespace, &r.name);
     let mut out = StepOutcome {
@@ -1455,6 +1570,12 @@ async fn remap_step(
         Err((rank, e)) => return Ok(out.workers_unreachable(rank, e)),
     };
     crate::expert_tier::record_served(st.serving.as_mut(), &worker_status, &ctx.metrics, ns, name);
+    // A rank holding another token would refuse every remap (and the clients): say which
+    // Secret is at fault before anything is driven.
+    if let Some(p) = token_problem(&worker_status, w.tokens, r, spec.serving_enabled()) {
+        forget_token_secrets(ctx, r);
+        return Ok(out.token_mismatch(p));
+    }
     let target = doc.generation;
     let layers_total = st
         .remap
@@ -1574,6 +1695,19 @@ async fn remap_step(
                 }
                 // Busy: another remap is finishing on that rank; asked again next poll.
                 Err(e) if e.is_conflict() => {}
+                // A worker release that reports no token id shows a foreign Secret only here.
+                Err(e) if e.is_unauthorized() => {
+                    let p = mismatch_problem(
+                        r,
+                        &Names::new(name).secret,
+                        &format!(
+                            "rank {} refused the operator's control token ({e}): it holds another token",
+                            ep.rank
+                        ),
+                    );
+                    forget_token_secrets(ctx, r);
+                    return Ok(out.token_mismatch(p));
+                }
                 Err(e) => out.problems.push(Problem::new(
                     "WorkersUnreachable",
                     format!("rank {}: {e}", ep.rank),

@@ -5,7 +5,7 @@
 
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, Resource};
 use moe_api::WorkerStatus;
 use serde::Serialize;
@@ -14,7 +14,7 @@ use tracing::info;
 
 use crate::crd::{MoEDeploymentSpec, ServingStatus};
 use crate::metrics::Metrics;
-use crate::resources::{self, ControlPlanePeers, Names, Resolved, TOKEN_KEY};
+use crate::resources::{self, ControlPlanePeers, Names, Resolved};
 
 fn apply_params() -> PatchParams {
     PatchParams::apply(resources::FIELD_MANAGER).force()
@@ -37,7 +37,9 @@ pub async fn reconcile_objects(
     spec: &MoEDeploymentSpec,
     peers: &ControlPlanePeers,
     was_serving: bool,
-) -> Result<(), kube::Error> {
+    client_token: &str,
+    created: &crate::tokens::CreatedSecrets,
+) -> Result<(), crate::controller::Error> {
     let names = Names::new(&r.name);
     let services: Api<Service> = Api::namespaced(client.clone(), &r.namespace);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &r.namespace);
@@ -48,7 +50,14 @@ pub async fn reconcile_objects(
         apply(&policies, &names.network_policy, &np).await?;
     }
     if serving {
-        ensure_client_token(&secrets, r).await?;
+        // Created once; never read back (see crate::tokens).
+        crate::controller::create_token_secret(
+            &secrets,
+            &resources::client_token_secret(r, client_token),
+            client_token,
+            created,
+        )
+        .await?;
         apply(
             &services,
             &names.experts_service,
@@ -57,8 +66,8 @@ pub async fn reconcile_objects(
         .await?;
     } else if was_serving {
         // A group that stopped serving (its last status had `serving`) leaves no Service
-        // pointing clients at a closed port. The token Secret stays (serving again keeps the
-        // token the clients hold).
+        // pointing clients at a closed port. The token Secret stays (serving again derives the
+        // same token the clients hold).
         if let Some(svc) = services.get_opt(&names.experts_service).await?
             && crate::ownership::foreign_owner(&svc, &r.owner.uid).is_none()
         {
@@ -69,49 +78,6 @@ pub async fn reconcile_objects(
         }
     }
     Ok(())
-}
-
-fn read_token(s: &Secret) -> Option<String> {
-    s.data
-        .as_ref()
-        .and_then(|d| d.get(TOKEN_KEY))
-        .map(|b| String::from_utf8_lossy(&b.0).trim().to_string())
-        .filter(|t| !t.is_empty())
-}
-
-/// Whether the Secret `name` exists and holds a token.
-async fn holds_token(api: &Api<Secret>, name: &str) -> Result<bool, kube::Error> {
-    Ok(api
-        .get_opt(name)
-        .await?
-        .as_ref()
-        .and_then(read_token)
-        .is_some())
-}
-
-/// Creates `<name>-client-token` with a random token once; a Secret that already holds a token
-/// is left exactly as it is (the attention pods hold that token).
-async fn ensure_client_token(api: &Api<Secret>, r: &Resolved) -> Result<(), kube::Error> {
-    let name = Names::new(&r.name).client_secret;
-    if holds_token(api, &name).await? {
-        return Ok(());
-    }
-    let secret = resources::client_token_secret(r, &crate::controller::random_token());
-    let pp = PostParams {
-        field_manager: Some(resources::FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    match api.create(&pp, &secret).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            // Created in between (our own, by the ownership check), or ours without a token.
-            if holds_token(api, &name).await? {
-                return Ok(());
-            }
-            apply(api, &name, &secret).await
-        }
-        Err(e) => Err(e),
-    }
 }
 
 /// `status.serving` of a group that serves (`None` otherwise), without the served rate.
@@ -168,6 +134,8 @@ mod tests {
             traffic: "api".into(),
             served_rows_total: 0,
             served_rows_per_second: rps,
+            control_token_id: None,
+            client_token_id: None,
         };
         let mut s = ServingStatus::default();
         record_served(

@@ -8,6 +8,7 @@
 //! * [`controller`]: the reconciler; [`expert_tier`]: its part for the forward API's Service,
 //!   client token and the group's NetworkPolicy.
 //! * [`ownership`]: no object of a fixed name is taken over from someone else.
+//! * [`tokens`]: per-deployment tokens derived from one master key (no Secret is read back).
 //! * [`leader`], [`metrics`], [`server`]: the operator process around it.
 
 pub mod apply_refusal;
@@ -28,6 +29,7 @@ pub mod quantity;
 pub mod remap;
 pub mod resources;
 pub mod server;
+pub mod tokens;
 pub mod workers;
 
 pub use crd::{MoEDeployment, MoEDeploymentSpec, MoEDeploymentStatus};

@@ -94,6 +94,18 @@ struct Args {
         default_value = "60"
     )]
     group_restart_window_seconds: u64,
+    /// The Secret holding the master key every per-deployment token is derived from, in
+    /// `--token-key-namespace`; created with a random key when missing. The operator reads
+    /// this one Secret and no other (docs/operator.md "Tokens").
+    #[arg(
+        long,
+        env = "MOE_OPERATOR_TOKEN_KEY_SECRET",
+        default_value = "moe-operator-token-key"
+    )]
+    token_key_secret: String,
+    /// Namespace of `--token-key-secret` (default: the pod's namespace, else `default`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    token_key_namespace: String,
     /// `json` (default) or `text` logs.
     #[arg(long, env = "MOE_OPERATOR_LOG_FORMAT", default_value = "json")]
     log_format: String,
@@ -152,7 +164,14 @@ async fn main() -> anyhow::Result<()> {
             })?,
         },
     };
+    let token_key = moe_operator::tokens::load_or_create(
+        &client,
+        &args.token_key_namespace,
+        &args.token_key_secret,
+    )
+    .await?;
     let settings = Settings {
+        token_key: Arc::new(token_key),
         control_peers,
         worker_defaults: WorkerDefaults {
             image: args.worker_image.clone().filter(|s| !s.is_empty()),

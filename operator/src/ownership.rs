@@ -1,17 +1,22 @@
 //! The operator writes objects of fixed names (`<name>`, `<name>-workers`, `<name>-placement`,
 //! ...) with server-side apply and `force`, which would silently take over a user's object of
-//! the same name: their ConfigMap rewritten, their Secret turned into the token that admits
-//! clients. So before the first write of a reconcile every fixed name is read, and one that
-//! exists without this MoEDeployment as its controller owner stops the reconcile with
-//! `Degraded/NameConflict`, saying which object, who controls it and what to do; nothing is
-//! written until it is gone.
+//! the same name: their ConfigMap rewritten, their Service repointed. So before the first write
+//! of a reconcile every fixed name is read, and one that exists without this MoEDeployment as
+//! its controller owner stops the reconcile with `Degraded/NameConflict`, saying which object,
+//! who controls it and what to do; nothing is written until it is gone.
+//!
+//! Secrets are the exception: the operator may not read them (least privilege), and it never
+//! writes an existing one either; it only creates its token Secrets ([`crate::tokens`]). A
+//! user's Secret of the same name is therefore never taken over, and it shows as
+//! `Degraded/TokenMismatch` when the workers report holding another token than the operator
+//! derived (see `controller::token_problem`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
@@ -104,8 +109,7 @@ where
 }
 
 /// The first fixed name of this deployment's objects that someone else holds (`None`: all are
-/// free or ours). Only the objects this spec needs: the expert Service and client token while
-/// serving, the NetworkPolicy when the operator makes them, the PodDisruptionBudget unless
+/// free or ours). Only the objects this spec needs: the expert Service while serving, the NetworkPolicy when the operator makes them, the PodDisruptionBudget unless
 /// turned off. A deployment found clean is not
 /// checked again for [`RECHECK_AFTER`] unless what it needs changes.
 pub async fn taken_name(
@@ -139,7 +143,6 @@ async fn find_taken(
     let n = Names::new(&r.name);
     let mut found = [
         check::<ConfigMap>(client, "ConfigMap", &n.configmap, r).await?,
-        check::<Secret>(client, "Secret", &n.secret, r).await?,
         check::<ServiceAccount>(client, "ServiceAccount", &n.service_account, r).await?,
         check::<Service>(client, "Service", &n.service, r).await?,
         check::<StatefulSet>(client, "StatefulSet", &n.statefulset, r).await?,
@@ -148,10 +151,7 @@ async fn find_taken(
     .flatten()
     .next();
     if found.is_none() && serving {
-        found = match check::<Service>(client, "Service", &n.experts_service, r).await? {
-            Some(p) => Some(p),
-            None => check::<Secret>(client, "Secret", &n.client_secret, r).await?,
-        };
+        found = check::<Service>(client, "Service", &n.experts_service, r).await?;
     }
     if found.is_none() && policy {
         found = check::<NetworkPolicy>(client, "NetworkPolicy", &n.network_policy, r).await?;
@@ -167,6 +167,7 @@ async fn find_taken(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::Secret;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
     fn secret_owned_by(uid: Option<&str>) -> Secret {

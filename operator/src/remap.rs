@@ -606,6 +606,8 @@ mod tests {
             traffic: "generator".into(),
             served_rows_total: 0,
             served_rows_per_second: 0.0,
+            control_token_id: None,
+            client_token_id: None,
         }
     }
 

@@ -235,7 +235,8 @@ pub fn placement_configmap(
     })
 }
 
-/// The control-token Secret (created once; the token is never rotated by apply).
+/// The control-token Secret `<name>-control`, holding the token derived for the deployment
+/// ([`crate::tokens`]); created once and never read or rewritten by the operator.
 pub fn control_secret(r: &Resolved, token: &str) -> k8s_openapi::api::core::v1::Secret {
     let names = Names::new(&r.name);
     k8s_openapi::api::core::v1::Secret {

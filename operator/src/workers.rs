@@ -29,6 +29,11 @@ impl WorkerError {
         matches!(self, WorkerError::Status { status: 409, .. })
     }
 
+    /// 401: the worker does not accept the token presented.
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, WorkerError::Status { status: 401, .. })
+    }
+
     /// 409 `Diverged`: the rank serves or accepted another placement under this generation
     /// number or a newer one (someone else drove it); it cannot converge on the request.
     pub fn is_diverged(&self) -> bool {

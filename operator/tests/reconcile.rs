@@ -163,7 +163,22 @@ async fn first_reconcile_applies_owned_objects_with_owner_references() {
         .api
         .get("/api/v1/namespaces/ml/secrets/demo-control")
         .unwrap();
-    assert!(secret["data"]["token"].as_str().unwrap().len() > 40);
+    // The control token is the one derived for this deployment; no Secret was read.
+    use base64::Engine;
+    let stored = base64::engine::general_purpose::STANDARD
+        .decode(secret["data"]["token"].as_str().unwrap())
+        .unwrap();
+    let derived = h.ctx.settings.token_key.token(
+        moe_operator::tokens::Purpose::Control,
+        moe_operator::tokens::Owner {
+            namespace: NS,
+            name: "demo",
+            uid: "moed-uid",
+            rotation: None,
+        },
+    );
+    assert_eq!(String::from_utf8(stored).unwrap(), derived);
+    assert_eq!(h.api.count(Method::GET, "/secrets"), 0);
     let sts = h.api.get(STS).unwrap();
     assert_eq!(sts["spec"]["replicas"], 2);
     assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
@@ -417,6 +432,33 @@ async fn unschedulable_pods_show_as_degraded() {
     assert!(d["message"].as_str().unwrap().contains("nvidia.com/gpu"));
     assert_eq!(h.status()["ready"], "1/2");
     assert_eq!(h.condition("Available")["status"], "False");
+}
+
+/// Workers of a release that reports no token ids show a foreign control token only by
+/// refusing a remap (401): that is a token mismatch naming the Secret, and the pass stops
+/// asking the other ranks.
+#[tokio::test]
+async fn a_worker_refusing_the_control_token_is_a_token_mismatch() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    h.commit_next_generation();
+    h.workers.state.lock().unwrap().unauthorized = true;
+    h.reconcile().await;
+    let d = h.condition("Degraded");
+    assert_eq!(d["status"], "True");
+    assert_eq!(d["reason"], "TokenMismatch");
+    let message = d["message"].as_str().unwrap();
+    assert!(
+        message.contains("rank 0 refused the operator's control token")
+            && message.contains("Secret ml/demo-control"),
+        "{message}"
+    );
+    assert_eq!(h.workers.state.lock().unwrap().remaps.len(), 1);
+    // The Secret is created again at the next reconcile (the user may have deleted it).
+    let before = h.api.count(Method::POST, "/namespaces/ml/secrets");
+    h.reconcile().await;
+    assert!(h.api.count(Method::POST, "/namespaces/ml/secrets") > before);
 }
 
 #[tokio::test]

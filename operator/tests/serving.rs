@@ -1,7 +1,9 @@
 //! The expert tier through the reconciler, against the in-memory API server (tower-test) and a
 //! scripted worker group: the Service, client-token Secret and NetworkPolicy a serving
-//! MoEDeployment owns, the token kept across reconciles, a foreign object of a fixed name
-//! refused, and the served rows in status.
+//! MoEDeployment owns, the (derived) token kept across reconciles, a foreign object of a fixed
+//! name refused, a foreign token Secret never read or written but reported as a token
+//! mismatch, and the served rows in status. The fake API server refuses every Secret read, as
+//! the chart's RBAC does.
 
 mod support;
 
@@ -11,6 +13,7 @@ use http::Method;
 use moe_operator::MoEDeployment;
 use moe_operator::controller::{self, Context, Settings};
 use moe_operator::metrics::Metrics;
+use moe_operator::tokens::{Owner, Purpose};
 use serde_json::{Value, json};
 use support::{FakeApi, FakeWorkers};
 
@@ -83,11 +86,51 @@ impl Harness {
         self.api.put(MOED, obj);
     }
 
+    /// The token the operator derives for "demo".
+    fn derived(&self, purpose: Purpose) -> String {
+        self.ctx.settings.token_key.token(
+            purpose,
+            Owner {
+                namespace: NS,
+                name: "demo",
+                uid: "moed-uid",
+                rotation: None,
+            },
+        )
+    }
+
+    /// What every rank reports about the tokens it holds (ids, as in `GET /v1/status`).
+    fn workers_hold(&self, control: &str, client: &str) {
+        let mut st = self.workers.state.lock().unwrap();
+        for s in st.statuses.values_mut() {
+            s.control_token_id = Some(moe_api::token_id(control));
+            s.client_token_id = Some(moe_api::token_id(client));
+        }
+    }
+
+    /// No Secret was read (the chart grants only create on them).
+    fn assert_no_secret_read(&self) {
+        let reads: Vec<_> = self
+            .api
+            .requests()
+            .into_iter()
+            .filter(|s| s.method == Method::GET && s.path.contains("/secrets"))
+            .map(|s| s.path)
+            .collect();
+        assert!(reads.is_empty(), "Secrets read: {reads:?}");
+    }
+
+    /// The client token in the Secret (decoded from `data`).
     fn token(&self) -> String {
-        self.api.get(CLIENT_TOKEN).expect("client-token Secret")["data"]["token"]
+        use base64::Engine;
+        let data = self.api.get(CLIENT_TOKEN).expect("client-token Secret")["data"]["token"]
             .as_str()
             .unwrap()
-            .to_string()
+            .to_string();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .unwrap();
+        String::from_utf8(bytes).unwrap()
     }
 
     /// Ready pods for every rank from the StatefulSet's current template.
@@ -125,7 +168,7 @@ async fn a_serving_deployment_owns_its_service_token_and_policy() {
     let secret = h.api.get(CLIENT_TOKEN).unwrap();
     assert_eq!(owner_uid(&secret), "moed-uid");
     let token = h.token();
-    assert!(token.len() >= 32, "token {token:?}");
+    assert_eq!(token, h.derived(Purpose::Client));
     assert_ne!(
         token,
         h.api
@@ -199,10 +242,15 @@ async fn a_serving_deployment_owns_its_service_token_and_policy() {
         })
         .count();
     assert_eq!(writes, 1, "the client token was written more than once");
+    h.assert_no_secret_read();
 }
 
+/// A user's Secret of the client-token name: the operator cannot read it (RBAC) and never
+/// writes it (its create is answered 409). The workers mount the user's token; when they
+/// report holding another token than the derived one, Degraded/TokenMismatch names the Secret
+/// and the fix; once the user removes it, the operator creates its own at the next reconcile.
 #[tokio::test]
-async fn a_foreign_secret_of_the_token_name_is_refused_not_taken_over() {
+async fn a_foreign_secret_of_the_token_name_is_not_taken_over_and_shows_as_a_mismatch() {
     let h = Harness::new(serving_spec(true));
     let theirs = json!({
         "apiVersion": "v1", "kind": "Secret",
@@ -216,32 +264,76 @@ async fn a_foreign_secret_of_the_token_name_is_refused_not_taken_over() {
         theirs,
         "the user's Secret changed"
     );
-    assert!(
-        h.api.get(STS).is_none(),
-        "workers created despite the conflict"
-    );
-    assert!(h.api.get(EXPERTS).is_none());
+    h.add_ready_pods(2);
+    // The workers serve with the user's token ("user"), the operator's control token.
+    h.workers_hold(&h.derived(Purpose::Control), "user");
+    h.reconcile().await;
     let degraded = h.condition("Degraded");
     assert_eq!(degraded["status"], "True");
-    assert_eq!(degraded["reason"], "NameConflict");
+    assert_eq!(degraded["reason"], "TokenMismatch");
     let message = degraded["message"].as_str().unwrap();
     assert!(
-        message.contains("Secret ml/demo-client-token")
-            && message.contains("does not take it over"),
+        message.contains("Secret ml/demo-client-token") && message.contains("delete the Secret"),
         "{message}"
     );
-    assert_eq!(h.condition("Stalled")["status"], "True");
-    // An event says so too.
+    assert_eq!(h.api.get(CLIENT_TOKEN).unwrap(), theirs);
     assert!(h.api.requests().iter().any(|s| s.method == Method::POST
         && s.path.contains("events")
-        && s.body.to_string().contains("NameConflict")));
+        && s.body.to_string().contains("TokenMismatch")));
 
-    // Removing the user's Secret lets the operator go on.
+    // The user removes their Secret: the operator's own comes at once, with the derived token.
     h.api.remove(CLIENT_TOKEN);
     h.reconcile().await;
     assert_eq!(owner_uid(&h.api.get(CLIENT_TOKEN).unwrap()), "moed-uid");
-    assert!(h.api.get(STS).is_some());
-    assert_ne!(h.condition("Degraded")["reason"], "NameConflict");
+    assert_eq!(h.token(), h.derived(Purpose::Client));
+    // The kubelet refreshes the mounted Secret; the workers report the derived token.
+    h.workers_hold(&h.derived(Purpose::Control), &h.derived(Purpose::Client));
+    h.reconcile().await;
+    assert_eq!(h.condition("Degraded")["status"], "False");
+    h.assert_no_secret_read();
+}
+
+/// The same for `<name>-control`, e.g. a group made by an operator release that stored random
+/// tokens: never rewritten, reported with the fix, and no remap is posted with a token the
+/// workers would refuse.
+#[tokio::test]
+async fn a_control_secret_the_operator_did_not_derive_is_reported_not_rewritten() {
+    let h = Harness::new(serving_spec(false));
+    let control = "/api/v1/namespaces/ml/secrets/demo-control";
+    let old = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "demo-control", "namespace": NS, "uid": "old-secret",
+                     "ownerReferences": [{"apiVersion": "moe-operator.github.io/v1alpha1",
+                                          "kind": "MoEDeployment", "name": "demo",
+                                          "uid": "moed-uid", "controller": true}]},
+        "data": {"token": "cmFuZG9t"}
+    });
+    h.api.put(control, old.clone());
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    // A remap is due (generation 1 committed): it must not be posted with a refused token.
+    let cm_path = "/api/v1/namespaces/ml/configmaps/demo-placement";
+    let mut cm = h.api.get(cm_path).unwrap();
+    let mut doc: moe_api::PlacementDocument =
+        serde_json::from_str(cm["data"]["placement.json"].as_str().unwrap()).unwrap();
+    doc.generation += 1;
+    cm["data"]["placement.json"] = json!(serde_json::to_string(&doc).unwrap());
+    h.api.put(cm_path, cm);
+    h.workers_hold("random", &h.derived(Purpose::Client));
+    h.reconcile().await;
+    let degraded = h.condition("Degraded");
+    assert_eq!(degraded["reason"], "TokenMismatch");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .contains("Secret ml/demo-control"),
+        "{degraded}"
+    );
+    assert_eq!(h.condition("Rebalancing")["reason"], "TokenMismatch");
+    assert_eq!(h.api.get(control).unwrap(), old, "the Secret was rewritten");
+    assert!(h.workers.state.lock().unwrap().remaps.is_empty());
+    h.assert_no_secret_read();
 }
 
 #[tokio::test]
@@ -308,25 +400,17 @@ async fn turning_serving_off_removes_the_service_and_keeps_the_token() {
 }
 
 /// The names the operator used before serving existed are guarded the same way: a user's
-/// `<name>-placement` ConfigMap or `<name>-control` Secret is reported, not rewritten.
+/// `<name>-placement` ConfigMap is reported, not rewritten. (A `<name>-control` Secret cannot
+/// be read: see a_control_secret_the_operator_did_not_derive_is_reported_not_rewritten.)
 #[tokio::test]
-async fn a_users_placement_configmap_or_control_secret_is_not_taken_over() {
-    for (path, kind, obj) in [
-        (
-            "/api/v1/namespaces/ml/configmaps/demo-placement",
-            "ConfigMap ml/demo-placement",
-            json!({"apiVersion": "v1", "kind": "ConfigMap",
-                   "metadata": {"name": "demo-placement", "namespace": NS, "uid": "theirs"},
-                   "data": {"placement.json": "mine"}}),
-        ),
-        (
-            "/api/v1/namespaces/ml/secrets/demo-control",
-            "Secret ml/demo-control",
-            json!({"apiVersion": "v1", "kind": "Secret",
-                   "metadata": {"name": "demo-control", "namespace": NS, "uid": "theirs"},
-                   "data": {"token": "dXNlcg=="}}),
-        ),
-    ] {
+async fn a_users_placement_configmap_is_not_taken_over() {
+    for (path, kind, obj) in [(
+        "/api/v1/namespaces/ml/configmaps/demo-placement",
+        "ConfigMap ml/demo-placement",
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "demo-placement", "namespace": NS, "uid": "theirs"},
+               "data": {"placement.json": "mine"}}),
+    )] {
         let h = Harness::new(serving_spec(false));
         h.api.put(path, obj.clone());
         h.reconcile().await;

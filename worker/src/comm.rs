@@ -5,6 +5,11 @@
 //! fine), and receives the peer table, a fresh epoch and the NCCL unique id bytes. The ranks
 //! then connect pairwise (rank i dials every rank 0 < j < i) into a full mesh.
 //!
+//! With a group key (the control token), both ends of every one of these connections first
+//! prove they hold it ([`crate::peer_auth`]); a peer that cannot is refused with a log line
+//! naming its address, and the rank keeps waiting for the real one. Without a key (local
+//! runs) nothing is checked.
+//!
 //! Each link has a reader thread that drains frames into per-(peer, channel) queues, so
 //! blocking writes never deadlock and a collective on one channel (the forward pass) runs
 //! alongside a transfer on another (a remap's weights). A lost peer fails every waiting and
@@ -21,6 +26,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use moe_api::PlacementDocument;
 
 use crate::doorbell::Doorbell;
+use crate::peer_auth::{self, GroupKey, NONCE_LEN};
 use serde::{Deserialize, Serialize};
 
 /// Channels multiplexed over each link.
@@ -85,6 +91,29 @@ enum Rendezvous {
         epoch: u64,
         rank: usize,
     },
+    /// First message of each end when the group has a key: who it is and its fresh nonce
+    /// (hex).
+    Challenge {
+        rank: usize,
+        nonce: String,
+    },
+    /// The answer to the other end's challenge (hex HMAC, see [`peer_auth`]).
+    Proof {
+        mac: String,
+    },
+}
+
+impl Rendezvous {
+    fn kind(&self) -> &'static str {
+        match self {
+            Rendezvous::Register { .. } => "Register",
+            Rendezvous::Table { .. } => "Table",
+            Rendezvous::Refused { .. } => "Refused",
+            Rendezvous::Hello { .. } => "Hello",
+            Rendezvous::Challenge { .. } => "Challenge",
+            Rendezvous::Proof { .. } => "Proof",
+        }
+    }
 }
 
 fn send_msg(s: &mut TcpStream, m: &Rendezvous) -> Result<()> {
@@ -117,6 +146,71 @@ pub struct RendezvousConfig {
     pub comm_timeout: Duration,
     /// Configuration summary that must be equal on all ranks.
     pub fingerprint: String,
+    /// The group's shared secret: every connection proves it (None: no check, local use).
+    pub group_key: Option<GroupKey>,
+}
+
+/// With a key: both ends of `s` prove they hold it; returns the rank the peer proved it
+/// speaks for. Both ends send their challenge before reading, so neither waits on the other.
+fn prove_membership(
+    s: &mut TcpStream,
+    key: &GroupKey,
+    my_rank: usize,
+    deadline: Instant,
+) -> Result<usize> {
+    let mine = peer_auth::nonce();
+    send_msg(
+        s,
+        &Rendezvous::Challenge {
+            rank: my_rank,
+            nonce: peer_auth::to_hex(&mine),
+        },
+    )?;
+    let (their_rank, theirs) = match recv_msg(s, deadline)? {
+        Rendezvous::Challenge { rank, nonce } => (rank, peer_auth::from_hex(&nonce)?),
+        Rendezvous::Refused { reason } => bail!("it refused this rank: {reason}"),
+        other => bail!(
+            "it sent {} without proving membership of the group (does it have the group's control token?)",
+            other.kind()
+        ),
+    };
+    // A peer that claims this rank's own id or echoes this rank's nonce could reflect this
+    // rank's answer back as its own.
+    if their_rank == my_rank || theirs == mine || theirs.len() != NONCE_LEN {
+        bail!(
+            "its challenge is malformed (rank {their_rank}, {} byte nonce)",
+            theirs.len()
+        );
+    }
+    send_msg(
+        s,
+        &Rendezvous::Proof {
+            mac: peer_auth::to_hex(&key.proof(&theirs, &mine, my_rank, their_rank)),
+        },
+    )?;
+    let proof = match recv_msg(s, deadline)? {
+        Rendezvous::Proof { mac } => peer_auth::from_hex(&mac)?,
+        Rendezvous::Refused { reason } => bail!("it refused this rank: {reason}"),
+        other => bail!("it answered the challenge with {}", other.kind()),
+    };
+    if !key.verify(&proof, &mine, &theirs, my_rank, their_rank) {
+        let _ = send_msg(
+            s,
+            &Rendezvous::Refused {
+                reason: format!(
+                    "rank {my_rank} could not verify the proof of group membership: the ranks hold different control tokens"
+                ),
+            },
+        );
+        bail!("its proof of membership of the group is wrong (it holds another control token)");
+    }
+    Ok(their_rank)
+}
+
+/// The peer's address for log lines.
+fn peer_name(s: &TcpStream) -> String {
+    s.peer_addr()
+        .map_or_else(|_| "an unknown address".into(), |a| a.to_string())
 }
 
 /// What the group agreed on at formation.
@@ -240,16 +334,31 @@ fn lead(
                 cfg.timeout
             );
         };
-        let msg = match recv_msg(
-            &mut s,
-            deadline.min(Instant::now() + Duration::from_secs(10)),
-        ) {
+        // One connection may not hold up the rendezvous for long.
+        let until = deadline.min(Instant::now() + Duration::from_secs(10));
+        let proven = match &cfg.group_key {
+            None => None,
+            Some(key) => match prove_membership(&mut s, key, 0, until) {
+                Ok(rank) => Some(rank),
+                Err(e) => {
+                    tracing::warn!(peer = %peer_name(&s), "refusing a rendezvous peer that cannot prove it belongs to the group: {e:#}");
+                    continue;
+                }
+            },
+        };
+        let msg = match recv_msg(&mut s, until) {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!("ignoring a rendezvous connection: {e:#}");
+                tracing::warn!(peer = %peer_name(&s), "ignoring a rendezvous connection: {e:#}");
                 continue;
             }
         };
+        if let Rendezvous::Challenge { .. } = msg {
+            let reason = "rank 0 has no control token but this rank has one: give every rank the same --control-token-file".to_string();
+            tracing::warn!(peer = %peer_name(&s), "refusing a registration: {reason}");
+            let _ = send_msg(&mut s, &Rendezvous::Refused { reason });
+            continue;
+        }
         let Rendezvous::Register {
             rank,
             world,
@@ -260,7 +369,12 @@ fn lead(
         else {
             continue;
         };
-        let refuse = if world != cfg.world {
+        let refuse = if proven.is_some_and(|p| p != rank) {
+            Some(format!(
+                "the peer proved membership as rank {} but registers as rank {rank}",
+                proven.unwrap_or_default()
+            ))
+        } else if world != cfg.world {
             Some(format!(
                 "rank {rank} says the world size is {world}, rank 0 says {}",
                 cfg.world
@@ -276,7 +390,7 @@ fn lead(
             None
         };
         if let Some(reason) = refuse {
-            tracing::warn!("refusing a registration: {reason}");
+            tracing::warn!(peer = %peer_name(&s), "refusing a registration: {reason}");
             let _ = send_msg(&mut s, &Rendezvous::Refused { reason });
             continue;
         }
@@ -338,9 +452,24 @@ fn connect_leader(cfg: &RendezvousConfig, deadline: Instant) -> Result<TcpStream
             Ok(addrs) => {
                 for a in addrs {
                     match TcpStream::connect_timeout(&a, Duration::from_secs(2)) {
-                        Ok(s) => {
+                        Ok(mut s) => {
                             s.set_nodelay(true)?;
-                            return Ok(s);
+                            let Some(key) = &cfg.group_key else {
+                                return Ok(s);
+                            };
+                            let until = deadline.min(Instant::now() + Duration::from_secs(10));
+                            match prove_membership(&mut s, key, cfg.rank, until) {
+                                Ok(0) => return Ok(s),
+                                Ok(r) => last = format!("{a} answered as rank {r}, not rank 0"),
+                                Err(e) => {
+                                    // Not rank 0 of this group (or a stale pod of another):
+                                    // keep looking for the real one.
+                                    tracing::warn!(peer = %a, "refusing a rendezvous peer that cannot prove it is rank 0 of the group: {e:#}");
+                                    last = format!(
+                                        "{a} could not prove it belongs to the group: {e:#}"
+                                    );
+                                }
+                            }
                         }
                         Err(e) => last = format!("connecting to {a}: {e}"),
                     }
@@ -389,6 +518,9 @@ fn join(
             placement,
         }) => (epoch, unique_id, peers, placement),
         Ok(Rendezvous::Refused { reason }) => bail!("rank 0 refused this rank: {reason}"),
+        Ok(Rendezvous::Challenge { .. }) => bail!(
+            "rank 0 asks for proof of membership of the group but this rank has no control token: give every rank the same --control-token-file"
+        ),
         Ok(other) => bail!("unexpected rendezvous message {other:?}"),
         Err(e) => bail!(
             "rendezvous timed out after {:?} waiting for rank 0's peer table: {e:#}",
@@ -410,6 +542,15 @@ fn join(
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
             .with_context(|| format!("connecting to rank {j} at {addr}"))?;
         s.set_nodelay(true)?;
+        if let Some(key) = &cfg.group_key {
+            // The address came from rank 0, which proved itself; a failure here is a real fault.
+            let rank = prove_membership(&mut s, key, cfg.rank, deadline).with_context(|| {
+                format!("rank {j} at {addr} could not prove it belongs to the group")
+            })?;
+            if rank != j {
+                bail!("the peer at {addr} proved membership as rank {rank}, not rank {j}");
+            }
+        }
         send_msg(
             &mut s,
             &Rendezvous::Hello {
@@ -430,15 +571,32 @@ fn join(
                 cfg.timeout
             );
         };
-        match recv_msg(&mut s, deadline) {
+        let until = deadline.min(Instant::now() + Duration::from_secs(10));
+        let proven = match &cfg.group_key {
+            None => None,
+            Some(key) => match prove_membership(&mut s, key, cfg.rank, until) {
+                Ok(rank) => Some(rank),
+                Err(e) => {
+                    tracing::warn!(peer = %peer_name(&s), "refusing a peer that cannot prove it belongs to the group: {e:#}");
+                    continue;
+                }
+            },
+        };
+        match recv_msg(&mut s, until) {
             Ok(Rendezvous::Hello { epoch: e, rank })
-                if e == epoch && rank > cfg.rank && rank < cfg.world && links[rank].is_none() =>
+                if e == epoch
+                    && rank > cfg.rank
+                    && rank < cfg.world
+                    && links[rank].is_none()
+                    && proven.is_none_or(|p| p == rank) =>
             {
                 links[rank] = Some(s);
                 expected -= 1;
             }
-            Ok(other) => tracing::warn!("ignoring a peer connection: {other:?}"),
-            Err(e) => tracing::warn!("ignoring a peer connection: {e:#}"),
+            Ok(other) => {
+                tracing::warn!(peer = %peer_name(&s), "ignoring a peer connection that sent {}", other.kind())
+            }
+            Err(e) => tracing::warn!(peer = %peer_name(&s), "ignoring a peer connection: {e:#}"),
         }
     }
     Ok(GroupInfo {
@@ -806,6 +964,8 @@ pub(crate) mod tests {
             timeout: Duration::from_secs(10),
             comm_timeout: Duration::from_secs(10),
             fingerprint: "f".into(),
+            // Every group these tests form proves membership on every connection.
+            group_key: Some(GroupKey::new("test-group").unwrap()),
         }
     }
 

@@ -14,6 +14,7 @@ pub mod forward;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod peer_auth;
 pub mod placement;
 pub mod staging;
 pub mod state;
@@ -263,6 +264,12 @@ fn run_engine(
             config.args.weights,
             config.traffic.name()
         ),
+        // The control token doubles as the group's secret: every pod of a group mounts the
+        // same one, and only the operator and the group hold it.
+        group_key: match &config.args.control_token_file {
+            Some(path) => Some(peer_auth::GroupKey::from_file(path)?),
+            None => None,
+        },
     };
     let listener = match comm_listener {
         Some(l) => l,

@@ -165,6 +165,8 @@ impl Shared {
             traffic: self.forward_settings.traffic.name().into(),
             served_rows_total: served.0,
             served_rows_per_second: served.1,
+            control_token_id: token_id_of(self.token_file.as_deref()),
+            client_token_id: token_id_of(self.forward_settings.client_token_file.as_deref()),
         }
     }
 
@@ -327,4 +329,11 @@ pub fn running_progress(req: &RemapRequest, layers_total: usize) -> RemapProgres
         finished_at_ms: None,
         error: None,
     }
+}
+
+/// The id of the token in `path` (read on every call, as the APIs do: a Secret the kubelet
+/// refreshed shows at once); `None` without a file or with an unreadable or empty one.
+fn token_id_of(path: Option<&std::path::Path>) -> Option<String> {
+    let text = std::fs::read_to_string(path?).ok()?;
+    (!text.trim().is_empty()).then(|| moe_api::token_id(&text))
 }

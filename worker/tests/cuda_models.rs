@@ -108,6 +108,7 @@ fn run_group<T: Send + 'static>(
                     timeout: Duration::from_secs(30),
                     comm_timeout: Duration::from_secs(60),
                     fingerprint: "cuda-models-test".into(),
+                    group_key: None,
                 };
                 let (comm, _) = form_group(&cfg, l, None, Vec::new).unwrap();
                 let comm = Arc::new(comm);

@@ -2,8 +2,10 @@
 //! `spec.serving` gets its `<name>-experts` Service, `<name>-client-token` Secret and
 //! `<name>-workers` NetworkPolicy (owned, with the right selectors and ports), the workers the
 //! forward-API settings, status the endpoints; the token survives later reconciles; a
-//! pre-existing Secret of the token's name is refused with `Degraded/NameConflict` and left
-//! alone. (Admission of the forward port: `validation`.)
+//! pre-existing Secret of the token's name (which the operator may not even read) is left
+//! alone and reported as `Degraded/TokenMismatch` once the workers hold its token, and the
+//! operator's own Secret replaces it when the user deletes it. (Admission of the forward
+//! port: `validation`.)
 
 use std::collections::BTreeMap;
 
@@ -267,10 +269,15 @@ async fn serving_objects_token_and_conflicts() -> Result<()> {
         ..Default::default()
     };
     let theirs = secrets.create(&PostParams::default(), &theirs).await?;
-    apply_moed(&client, ns, &serving_moed(clash)).await?;
+    let clash_uid = apply_moed(&client, ns, &serving_moed(clash))
+        .await?
+        .uid()
+        .context("uid")?;
+    // The operator cannot read the Secret (its RBAC grants create only) and never writes it;
+    // the workers mount it, and once they are up their status shows another client token.
     let o = with_log(
-        wait_status(&client, ns, clash, T, "Degraded/NameConflict", |st| {
-            condition(st, "Degraded") == Some(("True".into(), "NameConflict".into()))
+        wait_status(&client, ns, clash, T, "Degraded/TokenMismatch", |st| {
+            condition(st, "Degraded") == Some(("True".into(), "TokenMismatch".into()))
         })
         .await,
         &nodes,
@@ -283,7 +290,7 @@ async fn serving_objects_token_and_conflicts() -> Result<()> {
         .unwrap_or_default();
     ensure!(
         message.contains("Secret experts/clash-client-token")
-            && message.contains("does not take it over"),
+            && message.contains("delete the Secret"),
         "Degraded message: {message}"
     );
     let after = secrets.get(&format!("{clash}-client-token")).await?;
@@ -293,15 +300,26 @@ async fn serving_objects_token_and_conflicts() -> Result<()> {
         "the user's Secret was touched: {:?}",
         after.metadata
     );
+    let mismatch_events = events(&client, ns, clash, "TokenMismatch").await?;
+    ensure!(!mismatch_events.is_empty(), "no TokenMismatch event");
+    // The user removes their Secret: the operator creates its own (owned, the derived token).
+    secrets
+        .delete(&format!("{clash}-client-token"), &Default::default())
+        .await?;
+    let ours: Secret = wait::object(
+        &client,
+        ns,
+        &format!("{clash}-client-token"),
+        T,
+        |s: &Secret| controlled_by(&s.metadata, &clash_uid),
+    )
+    .await
+    .context("the operator did not create its own client-token Secret")?;
     ensure!(
-        Api::<StatefulSet>::namespaced(client.clone(), ns)
-            .get_opt(clash)
-            .await?
-            .is_none(),
-        "workers created although their client token is someone else's"
+        token_of(&ours).is_some_and(|t| t.len() == 64 && t != "users-own"),
+        "the operator's Secret holds {:?}",
+        token_of(&ours)
     );
-    let conflict_events = events(&client, ns, clash, "NameConflict").await?;
-    ensure!(!conflict_events.is_empty(), "no NameConflict event");
     Ok(())
 }
 

@@ -65,6 +65,11 @@ app.kubernetes.io/part-of: moe-operator
 {{- default (printf "%s-leader" (include "moe-operator.fullname" .)) .Values.leaderElection.leaseName | trunc 63 | trimSuffix "-" -}}
 {{- end }}
 
+{{/* The Secret holding the token master key (operator/src/tokens.rs). */}}
+{{- define "moe-operator.tokenKeySecret" -}}
+{{- default (printf "%s-token-key" (include "moe-operator.fullname" .)) .Values.operator.tokenKeySecret | trunc 253 | trimSuffix "-" -}}
+{{- end }}
+
 {{/* The namespace watched with scope namespace. */}}
 {{- define "moe-operator.watchNamespace" -}}
 {{- default .Release.Namespace .Values.rbac.watchNamespace -}}

@@ -123,9 +123,10 @@ pub fn experts_service(r: &Resolved, spec: &MoEDeploymentSpec) -> Service {
     }
 }
 
-/// `<name>-client-token`, created once with a random token and never rewritten by the
-/// operator (the attention pods hold that token). Deleting the Secret makes the operator create
-/// a new one: the way to rotate it.
+/// `<name>-client-token`, created once with the client token derived for the deployment
+/// ([`crate::tokens`]) and never read or rewritten by the operator (the attention pods hold
+/// that token). Rotation: a new value of the `token-rotation` annotation, then delete the
+/// Secret (docs/operator.md "Tokens").
 pub fn client_token_secret(r: &Resolved, token: &str) -> Secret {
     let names = Names::new(&r.name);
     let mut metadata = meta(r, &names.client_secret);

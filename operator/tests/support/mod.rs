@@ -39,6 +39,9 @@ pub struct FakeApi {
     /// Paths whose PATCH is refused with (code, reason, message), as an API server's RBAC or
     /// validation would.
     pub refuse: Arc<Mutex<BTreeMap<String, Refusal>>>,
+    /// The chart's RBAC for Secrets: reading (get, list, watch) any Secret but these paths is
+    /// refused with 403, as for the operator's ServiceAccount (helm/.../rbac.yaml).
+    pub readable_secrets: Arc<Mutex<Vec<String>>>,
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
@@ -176,6 +179,16 @@ impl FakeApi {
         if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
             return std::future::pending().await;
         }
+        if method == Method::GET
+            && path.contains("/secrets")
+            && !self.readable_secrets.lock().unwrap().contains(&path)
+        {
+            return status(
+                403,
+                "Forbidden",
+                &format!("secrets are forbidden: the operator may not read {path}"),
+            );
+        }
         if method == Method::PATCH
             && let Some((code, reason, message)) = self.refuse.lock().unwrap().get(&path).cloned()
         {
@@ -289,6 +302,8 @@ pub struct WorkersState {
     /// generation, as when a second operator drove it).
     pub diverged: bool,
     pub unreachable: bool,
+    /// Answer remaps with 401 (the rank holds another control token).
+    pub unauthorized: bool,
 }
 
 impl FakeWorkers {
@@ -313,6 +328,8 @@ impl FakeWorkers {
                     traffic: "generator".into(),
                     served_rows_total: 0,
                     served_rows_per_second: 0.0,
+                    control_token_id: None,
+                    client_token_id: None,
                 },
             );
         }
@@ -386,6 +403,14 @@ impl WorkerApi for FakeWorkers {
             let mut st = self.state.lock().unwrap();
             st.remaps
                 .push((ep.rank, token.to_string(), request.clone()));
+            if st.unauthorized {
+                return Err(WorkerError::Status {
+                    url: format!("{}/v1/remap", ep.base_url),
+                    status: 401,
+                    message: "invalid bearer token".into(),
+                    reason: None,
+                });
+            }
             if st.diverged {
                 return Err(WorkerError::Status {
                     url: format!("{}/v1/remap", ep.base_url),

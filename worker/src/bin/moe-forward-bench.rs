@@ -151,6 +151,7 @@ impl InProcess {
                 timeout: Duration::from_secs(30),
                 comm_timeout: Duration::from_secs(300),
                 fingerprint: "forward-bench".into(),
+                group_key: None,
             };
             let h = shape.hidden;
             let slots = shape.num_slots();
