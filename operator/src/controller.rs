@@ -11,7 +11,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Reporter};
 
@@ -33,6 +33,7 @@ use crate::metrics::{CONTROLLER, Metrics};
 use crate::planning;
 use crate::remap::{self, Decision, Trigger};
 use crate::resources::{self, Names, Resolved};
+use crate::token_secrets::{self, TOKEN_MISMATCH, Tokens};
 use crate::workers::{Endpoint, WorkerApi};
 
 #[derive(Debug, thiserror::Error)]
@@ -803,7 +804,7 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     });
 
     // 3. Owned objects.
-    let tokens = Tokens::of(ctx, moed, &resolved);
+    let tokens = Tokens::of(&ctx.settings.token_key, moed, &resolved);
     crate::expert_tier::reconcile_objects(
         &client,
         &resolved,
@@ -815,7 +816,7 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     )
     .await?;
     st.serving = crate::expert_tier::status(&resolved, spec);
-    create_token_secret(
+    token_secrets::create_secret(
         &Api::<Secret>::namespaced(client.clone(), &ns),
         &resources::control_secret(&resolved, &tokens.control),
         &tokens.control,
@@ -1367,130 +1368,6 @@ async fn delete_pod(api: &Api<Pod>, pod: &Pod) -> Result<(), Error> {
     }
 }
 
-/// The deployment's tokens, derived (never read back from its Secrets).
-pub(crate) struct Tokens {
-    pub control: String,
-    pub client: String,
-}
-
-impl Tokens {
-    fn of(ctx: &Context, moed: &MoEDeployment, r: &Resolved) -> Self {
-        use crate::tokens::{Owner, Purpose, ROTATION_ANNOTATION};
-        let owner = Owner {
-            namespace: &r.namespace,
-            name: &r.name,
-            uid: &r.owner.uid,
-            rotation: moed
-                .annotations()
-                .get(ROTATION_ANNOTATION)
-                .map(String::as_str),
-        };
-        let key = &ctx.settings.token_key;
-        Self {
-            control: key.token(Purpose::Control, owner),
-            client: key.token(Purpose::Client, owner),
-        }
-    }
-}
-
-/// Creates a token Secret unless one of that name exists (409). The operator never reads or
-/// rewrites it: a Secret of ours already holds this very token (the derivation does not
-/// change); one that is not ours shows as a token mismatch in the workers' status
-/// ([`token_problem`]).
-pub(crate) async fn create_token_secret(
-    api: &Api<Secret>,
-    secret: &Secret,
-    token: &str,
-    created: &crate::tokens::CreatedSecrets,
-) -> Result<(), Error> {
-    let key = format!(
-        "{}/{}",
-        secret.namespace().unwrap_or_default(),
-        secret.name_any()
-    );
-    if created.fresh(&key, token) {
-        return Ok(());
-    }
-    let pp = PostParams {
-        field_manager: Some(resources::FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    match api.create(&pp, secret).await {
-        Ok(_) => {
-            info!(secret = %key, "created a token Secret");
-            created.record(&key, token);
-            Ok(())
-        }
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            created.record(&key, token);
-            Ok(())
-        }
-        Err(e) => Err(
-            match crate::apply_refusal::Refusal::from_error("Secret", key, e) {
-                Ok(refusal) => Error::Refused(refusal),
-                Err(e) => Error::Kube(e),
-            },
-        ),
-    }
-}
-
-/// Reason of the Degraded condition when a rank holds another token than the operator derived.
-pub const TOKEN_MISMATCH: &str = "TokenMismatch";
-
-/// The problem when some rank reports (by id, see [`moe_api::token_id`]) another control or
-/// client token than the operator's: the Secret of that name was not made by this operator
-/// for this deployment (a user's Secret, or a random token of an operator release before
-/// derived tokens). `None` when every rank that reports ids agrees (a worker release before
-/// token ids reports none: only a 401 then shows the mismatch).
-pub(crate) fn token_problem(
-    statuses: &[moe_api::WorkerStatus],
-    tokens: &Tokens,
-    r: &Resolved,
-    serving: bool,
-) -> Option<Problem> {
-    let names = Names::new(&r.name);
-    let (control, client) = (
-        crate::tokens::token_id(&tokens.control),
-        crate::tokens::token_id(&tokens.client),
-    );
-    let mismatch = |s: &moe_api::WorkerStatus| {
-        if s.control_token_id.as_ref().is_some_and(|id| *id != control) {
-            Some((s.rank, &names.secret))
-        } else if serving && s.client_token_id.as_ref().is_some_and(|id| *id != client) {
-            Some((s.rank, &names.client_secret))
-        } else {
-            None
-        }
-    };
-    let (rank, secret) = statuses.iter().find_map(mismatch)?;
-    Some(mismatch_problem(
-        r,
-        secret,
-        &format!("rank {rank} holds another token"),
-    ))
-}
-
-/// After a mismatch, the deployment's token Secrets are created again at the next reconcile:
-/// once the user deleted the foreign one, the operator's own replaces it at once.
-fn forget_token_secrets(ctx: &Context, r: &Resolved) {
-    let names = Names::new(&r.name);
-    ctx.token_secrets.forget(&[
-        format!("{}/{}", r.namespace, names.secret),
-        format!("{}/{}", r.namespace, names.client_secret),
-    ]);
-}
-
-/// [`TOKEN_MISMATCH`] naming the Secret and the fix.
-pub(crate) fn mismatch_problem(r: &Resolved, secret: &str, what: &str) -> Problem {
-    Problem::new(
-        TOKEN_MISMATCH,
-        format!(
-            "{what} than the operator derives for this MoEDeployment: Secret {}/{secret} was not created by this operator for it (a Secret of someone else, or a random token of an operator release before derived tokens); the operator cannot read or rewrite Secrets: delete the Secret (or rename yours) and the operator creates its own, which the workers pick up within a minute without a restart (see docs/operator.md \"Tokens\")",
-            r.namespace
-        ),
-    )
-}
-
 struct StepOutcome {
     view: RemapView,
     problems: Vec<Problem>,
@@ -1572,8 +1449,8 @@ async fn remap_step(
     crate::expert_tier::record_served(st.serving.as_mut(), &worker_status, &ctx.metrics, ns, name);
     // A rank holding another token would refuse every remap (and the clients): say which
     // Secret is at fault before anything is driven.
-    if let Some(p) = token_problem(&worker_status, w.tokens, r, spec.serving_enabled()) {
-        forget_token_secrets(ctx, r);
+    if let Some(p) = token_secrets::mismatch(&worker_status, w.tokens, r, spec.serving_enabled()) {
+        token_secrets::forget(&ctx.token_secrets, r);
         return Ok(out.token_mismatch(p));
     }
     let target = doc.generation;
@@ -1697,7 +1574,7 @@ async fn remap_step(
                 Err(e) if e.is_conflict() => {}
                 // A worker release that reports no token id shows a foreign Secret only here.
                 Err(e) if e.is_unauthorized() => {
-                    let p = mismatch_problem(
+                    let p = token_secrets::mismatch_problem(
                         r,
                         &Names::new(name).secret,
                         &format!(
@@ -1705,7 +1582,7 @@ async fn remap_step(
                             ep.rank
                         ),
                     );
-                    forget_token_secrets(ctx, r);
+                    token_secrets::forget(&ctx.token_secrets, r);
                     return Ok(out.token_mismatch(p));
                 }
                 Err(e) => out.problems.push(Problem::new(

@@ -51,7 +51,7 @@ pub async fn reconcile_objects(
     }
     if serving {
         // Created once; never read back (see crate::tokens).
-        crate::controller::create_token_secret(
+        crate::token_secrets::create_secret(
             &secrets,
             &resources::client_token_secret(r, client_token),
             client_token,

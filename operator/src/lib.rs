@@ -8,7 +8,8 @@
 //! * [`controller`]: the reconciler; [`expert_tier`]: its part for the forward API's Service,
 //!   client token and the group's NetworkPolicy.
 //! * [`ownership`]: no object of a fixed name is taken over from someone else.
-//! * [`tokens`]: per-deployment tokens derived from one master key (no Secret is read back).
+//! * [`tokens`]: per-deployment tokens derived from one master key (no Secret is read back);
+//!   [`token_secrets`]: the reconciler's part for them (create-only Secrets, token mismatches).
 //! * [`leader`], [`metrics`], [`server`]: the operator process around it.
 
 pub mod apply_refusal;
@@ -29,6 +30,7 @@ pub mod quantity;
 pub mod remap;
 pub mod resources;
 pub mod server;
+pub mod token_secrets;
 pub mod tokens;
 pub mod workers;
 
