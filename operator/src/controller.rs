@@ -1,14 +1,15 @@
 //! The reconciler of `MoEDeployment`s, one file per concern:
 //!
 //! * this file: the reconcile entry and the order of its steps, and the control-token Secret;
-//! * [`context`]: operator settings and the reconciler's shared state;
-//! * [`watch`]: what the controller watches, which deployment an event concerns, error backoff;
-//! * [`placement_source`]: the committed placement ConfigMap, from a strategy or a static map;
-//! * [`owned`]: owned objects by server-side apply;
-//! * [`pods`]: what the group's pods show (ready, rank, hashes, restarts, problems);
-//! * [`restarts`]: whole-group restarts (spec change, rank failure, backoff, budget, fleet limit);
-//! * [`remap_driver`]: the remap loop (measure, decide, plan, persist, drive, record);
-//! * [`status`]: conditions, the status write and events at the end of a pass.
+//! * `controller/context.rs`: operator settings and the reconciler's shared state;
+//! * `controller/watch.rs`: what is watched, which deployment an event concerns, error backoff;
+//! * `controller/placement_source.rs`: the placement ConfigMap, from a strategy or a static map;
+//! * `controller/owned.rs`: owned objects by server-side apply;
+//! * `controller/pods.rs`: what the group's pods show (ready, rank, hashes, restarts, problems);
+//! * `controller/restarts.rs`: whole-group restarts (spec change, rank failure, backoff, budget,
+//!   fleet limit);
+//! * `controller/remap_driver.rs`: the remap loop (measure, decide, plan, persist, drive, record);
+//! * `controller/status.rs`: conditions, the status write and events at the end of a pass.
 
 mod context;
 mod owned;
@@ -269,14 +270,7 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
     if let Some(wake) = group.wake_in {
         requeue = requeue.min(wake.max(Duration::from_secs(1)));
     }
-    if let Some(p) = &st.placement {
-        let g = &ctx.metrics.placement_generation;
-        g.with_label_values(&[&ns, &name, "desired"])
-            .set(p.desired_generation as i64);
-        if let Some(a) = p.applied_generation {
-            g.with_label_values(&[&ns, &name, "applied"]).set(a as i64);
-        }
-    }
+    status::publish_generations(ctx, &resolved, &st);
 
     let observed = Observed {
         ranks: st.ranks,

@@ -198,7 +198,11 @@ impl Step<'_> {
             Ok(m) => m,
             Err(out) => return Ok(out),
         };
-        let chosen = match self.decide_and_plan(st, &measured, pending).await {
+        let (trigger, layers) = match self.decide(st, &measured) {
+            Ok(d) => d,
+            Err(out) => return Ok(out),
+        };
+        let chosen = match self.choose(&measured, trigger, layers, pending).await {
             Ok(c) => c,
             Err(out) => return Ok(out),
         };
@@ -476,14 +480,13 @@ impl Step<'_> {
         })
     }
 
-    /// Decide whether to remap which layers, then plan them and keep the layers worth their
-    /// moves within the byte budget. `Err`: no remap in this pass, and why.
-    async fn decide_and_plan(
+    /// Whether to remap, which layers, and why (the trigger). `Err`: hold, and why. A manual
+    /// request is marked handled once acted on.
+    fn decide(
         &self,
         st: &mut MoEDeploymentStatus,
         m: &Measured,
-        pending: &mut Pending,
-    ) -> Result<Chosen, StepOutcome> {
+    ) -> Result<(Trigger, Vec<usize>), StepOutcome> {
         let spec = self.spec;
         let decision = remap::decide(&remap::DecisionInput {
             eplb: &spec.eplb,
@@ -503,6 +506,19 @@ impl Step<'_> {
         if trigger == Trigger::Manual {
             st.last_handled_remap_request = spec.remap_request.clone();
         }
+        Ok((trigger, layers))
+    }
+
+    /// Plans `layers` and keeps those worth their moves within the byte budget. `Err`: no
+    /// remap in this pass, and why.
+    async fn choose(
+        &self,
+        m: &Measured,
+        trigger: Trigger,
+        layers: Vec<usize>,
+        pending: &mut Pending,
+    ) -> Result<Chosen, StepOutcome> {
+        let spec = self.spec;
         if !planning::planner_known(&spec.eplb.algorithm) {
             return Err(StepOutcome::idle(
                 "UnknownAlgorithm",

@@ -15,6 +15,7 @@ use super::owned::apply_params;
 use super::{Context, Error};
 use crate::conditions::{self, Observed, Problem};
 use crate::crd::{MoEDeployment, MoEDeploymentStatus};
+use crate::resources::Resolved;
 
 /// Events of one pass, published after the status write.
 #[derive(Default)]
@@ -86,6 +87,19 @@ impl<'a> Notes<'a> {
 
 pub(super) fn now_time() -> Time {
     Time(Timestamp::now())
+}
+
+/// The committed (desired) and served (applied) placement generations as metrics.
+pub(super) fn publish_generations(ctx: &Context, r: &Resolved, st: &MoEDeploymentStatus) {
+    let (ns, name) = (r.namespace.as_str(), r.name.as_str());
+    if let Some(p) = &st.placement {
+        let g = &ctx.metrics.placement_generation;
+        g.with_label_values(&[ns, name, "desired"])
+            .set(p.desired_generation as i64);
+        if let Some(a) = p.applied_generation {
+            g.with_label_values(&[ns, name, "applied"]).set(a as i64);
+        }
+    }
 }
 
 /// A refused owned-object apply: `Degraded` with the refusal (and `Stalled` for a 403 or 422,
