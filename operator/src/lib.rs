@@ -5,10 +5,11 @@
 //! * [`conditions`], [`remap`]: status conditions and remap decisions, as pure functions.
 //! * [`planning`]: the only module that calls the `eplb` planner library.
 //! * [`workers`]: HTTP client of the worker ranks; [`pod_health`]: problems pods show.
-//! * [`controller`]: the reconciler (a module per concern); [`expert_tier`]: its part for the
-//!   forward API's Service, client token and the group's NetworkPolicy.
+//! * [`controller`]: the reconciler; [`expert_tier`]: its part for the forward API's Service,
+//!   client token and the group's NetworkPolicy.
 //! * [`ownership`]: no object of a fixed name is taken over from someone else.
-//! * [`leader`], [`metrics`], [`server`], [`api_client`]: the operator process around it.
+//! * [`leader`], [`metrics`], [`server`]: the operator process around it.
+//! * [`api_client`]: the Kubernetes client, one request per call (no client-side retries).
 
 pub mod api_client;
 pub mod apply_refusal;

@@ -41,12 +41,12 @@ pub struct FakeApi {
     rv: Arc<Mutex<u64>>,
     /// While set, requests are never answered (a hung API server).
     pub hang: Arc<std::sync::atomic::AtomicBool>,
-    /// Paths whose PATCH is refused with (code, reason, message), as an API server's RBAC or
-    /// validation would.
-    pub refuse: Arc<Mutex<BTreeMap<String, Refusal>>>,
     /// Writes by someone else, each made right after the `n`th GET of its path from now
     /// (1: the next one): a concurrent writer between a read and the write that follows it.
     after_get: Arc<Mutex<Vec<AfterGet>>>,
+    /// Paths whose PATCH is refused with (code, reason, message), as an API server's RBAC or
+    /// validation would.
+    pub refuse: Arc<Mutex<BTreeMap<String, Refusal>>>,
 }
 
 struct AfterGet {
