@@ -235,38 +235,24 @@ async fn reconcile_inner(moed: &MoEDeployment, ctx: &Context) -> Result<Action, 
         .set(i64::from(st.ready_ranks));
 
     // 5. The remap loop, while every rank is ready.
+    let endpoints = pods::rank_endpoints(&ready_pods, per_pod, spec.worker.http_port);
+    let workers = WorkerCtx {
+        endpoints: &endpoints,
+        token: &token,
+        source_label: committed.source_label.as_deref().unwrap_or(""),
+    };
+    let step = Step {
+        ctx,
+        spec,
+        doc: &doc,
+        workers: &workers,
+        r: &resolved,
+    };
     let group_up =
         !pods.restarting && !group.broken() && st.ready_ranks == st.ranks && st.ranks > 0;
-    let endpoints = pods::rank_endpoints(&ready_pods, per_pod, spec.worker.http_port);
-    let mut requeue = Duration::from_secs(u64::from(spec.eplb.poll_interval_seconds.max(1)));
-    let remap_view = if group_up && endpoints.len() == st.ranks as usize {
-        let workers = WorkerCtx {
-            endpoints: &endpoints,
-            token: &token,
-            source_label: committed.source_label.as_deref().unwrap_or(""),
-        };
-        let step = Step {
-            ctx,
-            spec,
-            doc: &doc,
-            workers: &workers,
-            r: &resolved,
-        };
-        let mut outcome = step.run(&mut st, &mut notes.pending).await?;
-        requeue = outcome.settle(requeue, ctx.settings.remap_poll, &mut notes);
-        if let Some(message) = outcome.restart_group.take() {
-            let failure = crate::group::RankFailure {
-                reason: crate::group::RestartReason::RemapFailed,
-                message,
-            };
-            group
-                .failed(&failure, &pods.current, &mut st, &mut notes)
-                .await?;
-        }
-        outcome.view
-    } else {
-        remap_driver::view_while_down(&st, group.broken())
-    };
+    let (remap_view, mut requeue) = step
+        .pass(group_up, &mut group, &pods.current, &mut st, &mut notes)
+        .await?;
     if let Some(wake) = group.wake_in {
         requeue = requeue.min(wake.max(Duration::from_secs(1)));
     }

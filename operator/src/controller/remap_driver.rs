@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
 use kube::runtime::events::EventType;
@@ -16,10 +16,12 @@ use tracing::{info, warn};
 
 use super::owned::apply;
 use super::placement_source::parse_document;
+use super::restarts::GroupCtx;
 use super::status::{Notes, Pending, now_time};
 use super::{Context, Error};
 use crate::conditions::{Problem, RemapView};
 use crate::crd::{MoEDeploymentSpec, MoEDeploymentStatus, RemapProgressStatus, RemapRecord};
+use crate::group::{RankFailure, RestartReason};
 use crate::planning;
 use crate::remap::{self, Decision, GroupProgress, Trigger};
 use crate::resources::{self, Names, Resolved};
@@ -34,11 +36,11 @@ pub(super) struct WorkerCtx<'a> {
 
 /// What one pass of the remap loop found.
 pub(super) struct StepOutcome {
-    pub view: RemapView,
+    view: RemapView,
     problems: Vec<Problem>,
     fast_requeue: bool,
     /// Restart the group (a rank failed a remap): why.
-    pub restart_group: Option<String>,
+    restart_group: Option<String>,
 }
 
 impl StepOutcome {
@@ -78,7 +80,7 @@ impl StepOutcome {
     /// `requeue`). One slow or failed poll is not a degraded group: WorkersUnreachable becomes
     /// a problem only when the previous pass could not reach the workers either (the
     /// Rebalancing condition records it); meanwhile the next poll comes sooner.
-    pub(super) fn settle(
+    fn settle(
         &mut self,
         mut requeue: Duration,
         remap_poll: Duration,
@@ -101,7 +103,7 @@ impl StepOutcome {
 }
 
 /// The Rebalancing view while the remap loop cannot run (not every rank is ready).
-pub(super) fn view_while_down(st: &MoEDeploymentStatus, broken: bool) -> RemapView {
+fn view_while_down(st: &MoEDeploymentStatus, broken: bool) -> RemapView {
     match &st.remap {
         Some(r) => RemapView::Running {
             generation: r.generation,
@@ -158,7 +160,34 @@ struct Chosen {
 }
 
 impl Step<'_> {
-    pub(super) async fn run(
+    /// The remap loop's part of a pass: a step when the group is up and every rank has an
+    /// endpoint, and a group restart when a rank failed the remap. Returns the Rebalancing view
+    /// and when the next pass is due.
+    pub(super) async fn pass(
+        &self,
+        group_up: bool,
+        group: &mut GroupCtx<'_>,
+        current: &[&Pod],
+        st: &mut MoEDeploymentStatus,
+        notes: &mut Notes<'_>,
+    ) -> Result<(RemapView, Duration), Error> {
+        let poll = Duration::from_secs(u64::from(self.spec.eplb.poll_interval_seconds.max(1)));
+        if !(group_up && self.workers.endpoints.len() == st.ranks as usize) {
+            return Ok((view_while_down(st, group.broken()), poll));
+        }
+        let mut outcome = self.run(st, &mut notes.pending).await?;
+        let requeue = outcome.settle(poll, self.ctx.settings.remap_poll, notes);
+        if let Some(message) = outcome.restart_group.take() {
+            let failure = RankFailure {
+                reason: RestartReason::RemapFailed,
+                message,
+            };
+            group.failed(&failure, current, st, notes).await?;
+        }
+        Ok((outcome.view, requeue))
+    }
+
+    async fn run(
         &self,
         st: &mut MoEDeploymentStatus,
         pending: &mut Pending,
@@ -340,22 +369,15 @@ impl Step<'_> {
     ) {
         let (ns, name) = (&self.r.namespace, &self.r.name);
         let target = self.doc.generation;
-        let rec = RemapRecord {
-            generation: target,
-            trigger: running.trigger.clone(),
-            layers: running.layers.clone(),
-            experts_moved: progress.experts_moved,
-            bytes_moved: progress.bytes_moved,
-            par_before: running.par_before,
-            par_predicted: running.par_predicted,
-            par_after: None,
-            started_at: running.started_at.clone(),
-            finished_at: Some(now_time()),
-            result: "Failed".into(),
-            message: Some(format!(
+        let rec = finished_record(
+            running,
+            progress,
+            now_time(),
+            "Failed",
+            Some(format!(
                 "rank {rank}: {message}; restarting the group into generation {target}"
             )),
-        };
+        );
         self.ctx
             .metrics
             .remaps
@@ -388,20 +410,13 @@ impl Step<'_> {
             .and_then(|ms| Timestamp::from_millisecond(ms as i64).ok())
             .map_or_else(now_time, Time);
         let restarted = progress.experts_moved == 0 && progress.finished_at_ms.is_none();
-        let rec = RemapRecord {
-            generation: running.generation,
-            trigger: running.trigger.clone(),
-            layers: running.layers.clone(),
-            experts_moved: progress.experts_moved,
-            bytes_moved: progress.bytes_moved,
-            par_before: running.par_before,
-            par_predicted: running.par_predicted,
-            par_after: None,
-            started_at: running.started_at,
-            finished_at: Some(finished),
-            result: if restarted { "Superseded" } else { "Succeeded" }.into(),
-            message: restarted.then(|| "the group (re)started into the new placement".to_string()),
-        };
+        let rec = finished_record(
+            &running,
+            progress,
+            finished,
+            if restarted { "Superseded" } else { "Succeeded" },
+            restarted.then(|| "the group (re)started into the new placement".to_string()),
+        );
         let metrics = &self.ctx.metrics;
         metrics
             .remaps
@@ -715,6 +730,31 @@ impl Step<'_> {
             )))),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// The record of a remap that ended (`result`: Succeeded, Superseded or Failed); its PAR
+/// after is measured later, once the window under the new placement is long enough.
+fn finished_record(
+    running: &RemapProgressStatus,
+    progress: &GroupProgress,
+    finished_at: Time,
+    result: &str,
+    message: Option<String>,
+) -> RemapRecord {
+    RemapRecord {
+        generation: running.generation,
+        trigger: running.trigger.clone(),
+        layers: running.layers.clone(),
+        experts_moved: progress.experts_moved,
+        bytes_moved: progress.bytes_moved,
+        par_before: running.par_before,
+        par_predicted: running.par_predicted,
+        par_after: None,
+        started_at: running.started_at.clone(),
+        finished_at: Some(finished_at),
+        result: result.into(),
+        message,
     }
 }
 
