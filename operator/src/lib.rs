@@ -9,7 +9,9 @@
 //!   client token and the group's NetworkPolicy.
 //! * [`ownership`]: no object of a fixed name is taken over from someone else.
 //! * [`leader`], [`metrics`], [`server`]: the operator process around it.
+//! * [`api_client`]: the Kubernetes client, one request per call (no client-side retries).
 
+pub mod api_client;
 pub mod apply_refusal;
 pub mod conditions;
 pub mod controller;
