@@ -107,6 +107,8 @@ struct Search<'p> {
     units: Vec<f64>,
     /// Per remaining expert, its largest replica that fits on one rank ([`Search::overfull`]).
     fit: Vec<f64>,
+    /// Every replica size the remaining experts can have, ascending ([`Search::overfull`]).
+    sizes: Vec<f64>,
 }
 
 /// Runs the exact search on `p`, looking for a placement with objective below `seed_f` (and,
@@ -148,6 +150,7 @@ pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
         pairs: Vec::with_capacity(p.e),
         units: Vec::with_capacity(2 * p.slots()),
         fit: Vec::with_capacity(p.e),
+        sizes: Vec::with_capacity(p.e * p.g),
     };
     s.expert(0);
     if std::env::var("EPLB_DEBUG").is_ok() {
@@ -161,6 +164,23 @@ pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
         proven: !s.aborted,
         nodes: s.nodes,
     }
+}
+
+/// The largest sum of two entries of `sizes` (ascending; two different entries, which may
+/// belong to one expert: a relaxation) below `cap`, if any pair is.
+fn best_pair_below(sizes: &[f64], cap: f64) -> Option<f64> {
+    let mut best: Option<f64> = None;
+    let (mut lo, mut hi) = (0, sizes.len().checked_sub(1)?);
+    while lo < hi {
+        let v = sizes[lo] + sizes[hi];
+        if v < cap {
+            best = Some(best.map_or(v, |b: f64| b.max(v)));
+            lo += 1;
+        } else {
+            hi -= 1;
+        }
+    }
+    best
 }
 
 impl Search<'_> {
@@ -390,7 +410,8 @@ impl Search<'_> {
     /// One episode (without forced duplicates): the load still to place cannot go anywhere
     /// below the cut. Each open rank can take at most the sum of its free slots' worth of the
     /// largest replicas that fit under the cut on it (one per remaining expert: the largest
-    /// `x / c` below `cut - load` with `c` in the expert's count range), and never more than
+    /// `x / c` below `cut - load` with `c` in the expert's count range; with two free slots,
+    /// the largest sum of two replica sizes below `cut - load`), and never more than
     /// `cut - load`. If those capacities together fall short of the remaining load, every
     /// completion puts some rank at or above the cut.
     ///
@@ -405,6 +426,7 @@ impl Search<'_> {
         }
         let remaining = self.rest[i];
         let mut capacity = 0.0;
+        let mut sizes_ready = false;
         for r in 0..p.g {
             let f = self.free[r];
             if f == 0 {
@@ -426,15 +448,40 @@ impl Search<'_> {
             if self.fit.len() < f {
                 return true;
             }
-            let fill = if f == 1 {
-                self.fit.iter().copied().fold(0.0, f64::max)
-            } else {
-                self.fit.sort_by(|a, b| b.total_cmp(a));
-                self.fit[..f].iter().sum()
+            let fill = match f {
+                1 => self.fit.iter().copied().fold(0.0, f64::max),
+                2 => {
+                    if !sizes_ready {
+                        self.replica_sizes(i);
+                        sizes_ready = true;
+                    }
+                    match best_pair_below(&self.sizes, cap) {
+                        Some(v) => v,
+                        None => return true,
+                    }
+                }
+                _ => {
+                    self.fit.sort_by(|a, b| b.total_cmp(a));
+                    self.fit[..f].iter().sum()
+                }
             };
             capacity += fill.min(cap);
         }
         capacity < remaining - 1e-9
+    }
+
+    /// Every replica size the remaining experts can have (`x / c`, `c` in the count range),
+    /// ascending.
+    fn replica_sizes(&mut self, i: usize) {
+        let p = self.p;
+        self.sizes.clear();
+        for j in i..p.e {
+            let x = p.x[self.order[j]];
+            for c in self.cmin[j]..=self.cmax[j] {
+                self.sizes.push(x / c as f64);
+            }
+        }
+        self.sizes.sort_by(f64::total_cmp);
     }
 
     /// One episode, every open rank with one free slot: the remaining experts `order[i..]`
