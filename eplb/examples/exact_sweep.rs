@@ -1,5 +1,5 @@
 //! Exact-search sweep: `cargo run --release -p eplb --example exact_sweep -- [class] [experts]
-//! [slots] [instances] [windows]`, class `zipf` (default), `uniform` or `one-hot`. For every
+//! [slots] [instances] [windows]`, class `zipf` (default), `uniform`, `one-hot` or `flashlb`. For every
 //! rank count that divides the slots (and leaves no more slots per rank than experts), plans
 //! random single-layer instances of the class with `joint` and prints how many were proven
 //! optimal, how many proven within 0.1% and 1%, the median and largest proven gap, and the
@@ -9,14 +9,20 @@
 //! Classes (loads are rounded token counts, as the workers report them):
 //! * `zipf`: `1000 * (1 + i)^-s * lognormal(0.4)`, exponent `s` uniform in 0.4..1.2;
 //! * `uniform`: `1000 * U(0.5, 1.5)` per expert;
-//! * `one-hot`: one random expert carries 30-70% of the load, the others `100 * U(0.5, 1.5)`.
+//! * `one-hot`: one random expert carries 30-70% of the load, the others `100 * U(0.5, 1.5)`;
+//! * `flashlb`: FlashLB's published example (8 experts: 600, 560, 120, 120, 20, 10, 10, 10),
+//!   exactly (no noise).
 //!
-//! Each window is the base load times `lognormal(0.15)` per expert.
+//! Each window (except `flashlb`'s) is the base load times `lognormal(0.15)` per expert.
 use eplb::synth::Rng;
 use eplb::{LoadHistory, PlanRequest, Shape, planner_by_name};
 
+/// FlashLB's published example (vllm-ascend PR), 8 experts.
+const FLASHLB: [f64; 8] = [600.0, 560.0, 120.0, 120.0, 20.0, 10.0, 10.0, 10.0];
+
 fn base_load(class: &str, e: usize, rng: &mut Rng) -> Vec<f64> {
     match class {
+        "flashlb" => FLASHLB.to_vec(),
         "uniform" => (0..e).map(|_| 1000.0 * (0.5 + rng.uniform())).collect(),
         "one-hot" => {
             let mut v: Vec<f64> = (0..e).map(|_| 100.0 * (0.5 + rng.uniform())).collect();
@@ -58,11 +64,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|a| a.parse::<usize>().is_err())
         .cloned()
         .unwrap_or_else(|| "zipf".to_string());
-    if !["zipf", "uniform", "one-hot"].contains(&class.as_str()) {
-        return Err(format!("class {class:?}: use zipf, uniform or one-hot").into());
+    if !["zipf", "uniform", "one-hot", "flashlb"].contains(&class.as_str()) {
+        return Err(format!("class {class:?}: use zipf, uniform, one-hot or flashlb").into());
     }
     let args: Vec<usize> = raw.iter().filter_map(|a| a.parse().ok()).collect();
     let e = args.first().copied().unwrap_or(16);
+    if class == "flashlb" && e != FLASHLB.len() {
+        return Err(format!("class flashlb has {} experts, not {e}", FLASHLB.len()).into());
+    }
+    let noise = if class == "flashlb" { 0.0 } else { 0.15 };
     let slots = args.get(1).copied().unwrap_or(32);
     let n = args.get(2).copied().unwrap_or(20).max(1);
     let windows = args.get(3).copied().unwrap_or(1).max(1);
@@ -86,7 +96,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .map(|_| {
                     vec![
                         base.iter()
-                            .map(|b| (b * (0.15 * rng.normal()).exp()).round())
+                            .map(|b| (b * (noise * rng.normal()).exp()).round())
                             .collect(),
                     ]
                 })

@@ -269,9 +269,9 @@ fn joint_proves_a_near_perfect_partition() {
     assert!(l.objective < 1.001, "objective {}", l.objective);
 }
 
-/// The same load on 8 ranks x 4 slots: whether or not the search closes it, the layer
-/// carries a proven gap (from the bisection probes when the full proof runs out), the
-/// reported lower bound is consistent with it, and "optimal" means a gap of exactly 0.
+/// The same load on 8 ranks x 4 slots (not proven within the budget): the layer carries a
+/// proven gap of at most 1%, the reported lower bound is consistent with it, and "optimal"
+/// means a gap of exactly 0.
 #[test]
 fn joint_reports_a_proven_gap_on_a_hard_layer() {
     let shape = Shape::new(16, 16, 8, 1, 1).unwrap();
@@ -286,6 +286,4 @@ fn joint_reports_a_proven_gap_on_a_hard_layer() {
     assert_eq!(l.optimal, gap == 0.0);
     let lb = l.lower_bound.unwrap();
     assert!(lb <= l.objective + 1e-12 && l.objective <= lb * (1.0 + gap) + 1e-9);
-    // The probes raise the bound above the trivial one (the mean, 1) unless the plan is at it.
-    assert!(lb > 1.0 || l.objective <= 1.0 + 1e-9, "bound {lb}");
 }
