@@ -225,6 +225,50 @@ mod tests {
         }
     }
 
+    /// Fake searches (a unit-test stand-in for the exact search): nothing lies below `opt`, a
+    /// probe at or below it is refuted, every other search runs out of nodes. The bisection
+    /// must close in on `opt` from below and never claim more than the probes refuted.
+    #[test]
+    fn refuted_probes_bound_the_optimum_from_below_only() {
+        let loads = [5.0, 3.0, 2.0, 2.0];
+        let p = Problem::new(&[&loads[..]], 2, 4, 1.0, 2);
+        let row = vec![0, 1, 2, 3];
+        let upper = p.objective(&row).0;
+        let start = p.lower_bound();
+        let opt = start + 0.6 * (upper - start);
+        let ran_out = || ExactResult {
+            row: None,
+            proven: false,
+            nodes: 10,
+        };
+        let proof = prove(
+            &p,
+            row,
+            1_000_000,
+            10,
+            |_, _| ran_out(),
+            |t, _| {
+                if t <= opt {
+                    ExactResult {
+                        row: None,
+                        proven: true,
+                        nodes: 10,
+                    }
+                } else {
+                    ran_out()
+                }
+            },
+        );
+        assert!(!proof.optimal);
+        assert!(proof.lower <= opt, "lower {} above {opt}", proof.lower);
+        assert!(
+            proof.lower > opt - 1e-3 * (upper - start),
+            "lower {}",
+            proof.lower
+        );
+        assert!((proof.objective - upper).abs() < 1e-12);
+    }
+
     /// A starved full proof on a layer the exact search solves: the bisection probes alone
     /// find the optimum and prove it, or at least narrow the interval around it.
     #[test]
