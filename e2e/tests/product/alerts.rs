@@ -323,6 +323,17 @@ async fn alerts_imbalance_fires_on_skew_and_resolves_after_the_remap() -> Result
     // Un-pause: the operator remaps; the PAR falls; the alert resolves.
     patch_spec(&client, ns, name, json!({"eplb": {"paused": false}})).await?;
     let unpaused = applied.elapsed();
+    let o = wait_status(&client, ns, name, T, "a remap started", |st| {
+        !st["remap"].is_null() || st["lastRemap"].is_object()
+    })
+    .await;
+    let o = with_log(o, &nodes).await?;
+    let remap_started = applied.elapsed();
+    ensure!(
+        status(&o)["groupRestarts"].as_u64().unwrap_or(0) == 0,
+        "un-pausing EPLB restarted the group: {}",
+        status(&o)
+    );
     let o = wait_status(
         &client,
         ns,
@@ -335,6 +346,7 @@ async fn alerts_imbalance_fires_on_skew_and_resolves_after_the_remap() -> Result
     let o = with_log(o, &nodes).await?;
     let lr = status(&o)["lastRemap"].clone();
     let remapped = applied.elapsed();
+    println!("lastRemap: {lr}");
     ensure!(lr["result"] == "Succeeded", "lastRemap {lr}");
     let par_after = lr["parAfter"].as_f64().context("parAfter")?;
     ensure!(
@@ -374,7 +386,8 @@ async fn alerts_imbalance_fires_on_skew_and_resolves_after_the_remap() -> Result
         "resolved, but the scraped PAR is {scraped}"
     );
     println!(
-        "remap: PAR {} -> {par_after:.3} (un-paused at {unpaused:.1?}, parAfter at {remapped:.1?}); \
+        "remap: PAR {} -> {par_after:.3} (un-paused at {unpaused:.1?}, started at \
+         {remap_started:.1?}, parAfter at {remapped:.1?}); \
          {ALERT} resolved at {resolved:.1?} (scraped PAR {scraped:.3})",
         lr["parBefore"]
     );
