@@ -11,7 +11,9 @@
 //! * [`tokens`]: per-deployment tokens derived from one master key (no Secret is read back);
 //!   [`token_secrets`]: the reconciler's part for them (create-only Secrets, token mismatches).
 //! * [`leader`], [`metrics`], [`server`]: the operator process around it.
+//! * [`api_client`]: the Kubernetes client, one request per call (no client-side retries).
 
+pub mod api_client;
 pub mod apply_refusal;
 pub mod conditions;
 pub mod controller;

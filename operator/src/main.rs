@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::{Api, Client};
+use kube::Api;
 use moe_operator::controller::{self, Context, Settings};
 use moe_operator::leader::LeaderElector;
 use moe_operator::metrics::Metrics;
@@ -134,7 +134,9 @@ async fn main() -> anyhow::Result<()> {
     let server = tokio::spawn(server::serve(args.http_addr, state.clone()));
     info!(addr = %args.http_addr, "serving /healthz, /readyz, /metrics");
 
-    let client = Client::try_default().await?;
+    // One request per API call (see api_client.rs): no kube retries stretch a renewal or a
+    // reconcile.
+    let client = moe_operator::api_client::client().await?;
     state.ready.store(true, Ordering::Relaxed);
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "moe-operator".into());

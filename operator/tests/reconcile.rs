@@ -662,6 +662,75 @@ async fn imbalance_is_published_and_a_remap_is_planned_persisted_driven_and_reco
     assert_eq!(h.placement().generation, 1);
 }
 
+/// Owned objects are applied with field management (forced, as manager `moe-operator`): a
+/// field someone else added to one (an annotation by `kubectl annotate`, a label by a policy
+/// controller) stays; a field of the operator's that someone changed is taken back.
+#[tokio::test]
+async fn fields_others_add_to_owned_objects_stay_and_the_operators_own_are_taken_back() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    let mut sts = h.api.get(STS).unwrap();
+    let replicas = sts["spec"]["replicas"].clone();
+    sts["metadata"]["annotations"]["team.example.com/owner"] = json!("ml-infra");
+    sts["spec"]["replicas"] = json!(7);
+    h.api.update_as(STS, "kubectl-edit", sts);
+    h.reconcile().await;
+    let sts = h.api.get(STS).unwrap();
+    assert_eq!(
+        sts["metadata"]["annotations"]["team.example.com/owner"], "ml-infra",
+        "{sts}"
+    );
+    assert_eq!(sts["spec"]["replicas"], replicas);
+    assert_eq!(
+        h.api.owned_by(STS, "kubectl-edit"),
+        vec![".metadata.annotations.team.example.com/owner"]
+    );
+    assert!(
+        h.api
+            .owned_by(STS, "moe-operator")
+            .contains(&".spec.replicas".to_string())
+    );
+}
+
+/// A new placement is committed only over the ConfigMap the plan started from: another
+/// writer's commit between the operator's read and its write (a second operator during a split
+/// leadership) makes the write a 409 (resourceVersion precondition), and nothing of the other
+/// writer's is overwritten; the next pass plans again from what is committed then.
+#[tokio::test]
+async fn a_placement_written_by_someone_else_while_planning_is_not_overwritten() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    h.workers.set_load(skewed(), 0, 100);
+    // The other writer keeps generation 0 (only the resourceVersion tells) and marks the map.
+    let mut theirs = h.api.get(CM).unwrap();
+    theirs["metadata"]["annotations"]["other.example.com/mark"] = json!("theirs");
+    // The pass reads the ConfigMap twice: the committed placement, then right before writing.
+    h.api.update_after_get(CM, 2, "other-operator", theirs);
+    h.reconcile().await;
+    let cm = h.api.get(CM).unwrap();
+    assert_eq!(
+        cm["metadata"]["annotations"]["other.example.com/mark"], "theirs",
+        "{cm}"
+    );
+    assert_eq!(h.placement().generation, 0);
+    let st = h.status();
+    assert!(st["remap"].is_null(), "{st}");
+    assert_eq!(st["placement"]["desiredGeneration"], 0);
+    let rebalancing = h.condition("Rebalancing");
+    assert_eq!(rebalancing["reason"], "PlacementChanged", "{rebalancing}");
+    assert!(
+        rebalancing["message"]
+            .as_str()
+            .unwrap()
+            .contains("written by someone else"),
+        "{rebalancing}"
+    );
+    h.reconcile().await;
+    assert_eq!(h.placement().generation, 1);
+    assert_eq!(h.status()["remap"]["generation"], 1);
+}
+
 /// A reconcile that starts from a cached object older than the operator's own last status
 /// write (the watch cache lags; a ConfigMap event made it due at once) reads the object afresh:
 /// the remap in flight keeps its trigger and predicted PAR instead of being "resumed" blind.

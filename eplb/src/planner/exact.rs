@@ -17,7 +17,13 @@
 //!   slots per rank, the sorted pairing of the half-filled ranks' loads and the remaining
 //!   replicas' lower bounds.
 //! * Feasibility: every slot must be filled and (unless forced) no rank holds an expert twice,
-//!   so a rank can never have more free slots than there are experts left.
+//!   so a rank can never have more free slots than there are experts left. With one episode,
+//!   the remaining load must fit under the cut with each rank taking at most its free slots'
+//!   worth of the largest replicas that fit on it ([`Search::overfull`]): this is what refutes
+//!   near-perfect partitions, where every rank must end just below the cut.
+//! * Tail: with one episode, once every open rank has one free slot, only the remaining
+//!   experts' counts are enumerated; the sorted assignment is the best for each
+//!   ([`Search::one_slot_tail`]).
 //! * Seeded with the best objective known; finishing within the node budget proves the
 //!   incumbent optimal.
 
@@ -54,7 +60,7 @@ pub(crate) struct ExactResult {
     /// A placement strictly better than the seed objective, if one exists.
     pub row: Option<Vec<usize>>,
     /// The search finished: nothing is better than the returned row (or than the seed) by
-    /// more than the tolerance.
+    /// more than its rounding margin (1e-9).
     pub proven: bool,
     /// Nodes the search visited.
     pub nodes: usize,
@@ -79,10 +85,9 @@ struct Search<'p> {
     free: Vec<usize>,
     /// Per rank, the experts placed on it.
     packs: Vec<Vec<usize>>,
-    /// Only placements below this are searched for: the incumbent's objective divided by
-    /// `1 + tolerance` (less a rounding margin).
+    /// Only placements below this are searched for: the incumbent's objective less a rounding
+    /// margin.
     cut: f64,
-    tolerance: f64,
     best_row: Option<Vec<usize>>,
     nodes: usize,
     budget: usize,
@@ -100,12 +105,16 @@ struct Search<'p> {
     pairs: Vec<(f64, usize)>,
     /// Half-filled ranks' loads and remaining replicas, for the pairing bound.
     units: Vec<f64>,
+    /// Per remaining expert, its largest replica that fits on one rank ([`Search::overfull`]).
+    fit: Vec<f64>,
+    /// Every replica size the remaining experts can have, ascending ([`Search::overfull`]).
+    sizes: Vec<f64>,
 }
 
-/// Runs the exact search on `p`, looking for a placement with objective below `seed_f`. With
-/// `tolerance > 0` only placements better by more than that factor are searched for, so a
-/// finished search proves the incumbent within `tolerance` (relative) of the optimum.
-pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize, tolerance: f64) -> ExactResult {
+/// Runs the exact search on `p`, looking for a placement with objective below `seed_f` (and,
+/// once it has one, for better ones). Finished (`proven`), it has found the best placement
+/// below `seed_f`, or shown that there is none.
+pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
     let w = p.w;
     let mut order: Vec<usize> = (0..p.e).collect();
     order.sort_by(|&a, &b| p.agg[b].total_cmp(&p.agg[a]).then(a.cmp(&b)));
@@ -126,8 +135,7 @@ pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize, tolerance: f64) -> 
         saved: vec![0.0; p.e * p.g * w],
         free: vec![p.s; p.g],
         packs: vec![Vec::with_capacity(p.s); p.g],
-        cut: seed_f / (1.0 + tolerance) - 1e-9,
-        tolerance,
+        cut: seed_f - 1e-9,
         best_row: None,
         nodes: 0,
         budget,
@@ -141,11 +149,13 @@ pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize, tolerance: f64) -> 
         z: Vec::with_capacity(p.slots()),
         pairs: Vec::with_capacity(p.e),
         units: Vec::with_capacity(2 * p.slots()),
+        fit: Vec::with_capacity(p.e),
+        sizes: Vec::with_capacity(p.e * p.g),
     };
     s.expert(0);
     if std::env::var("EPLB_DEBUG").is_ok() {
         eprintln!(
-            "exact: tolerance {tolerance} nodes {} proven {}",
+            "exact: below {seed_f} nodes {} proven {}",
             s.nodes, !s.aborted
         );
     }
@@ -154,6 +164,23 @@ pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize, tolerance: f64) -> 
         proven: !s.aborted,
         nodes: s.nodes,
     }
+}
+
+/// The largest sum of two entries of `sizes` (ascending; two different entries, which may
+/// belong to one expert: a relaxation) below `cap`, if any pair is.
+fn best_pair_below(sizes: &[f64], cap: f64) -> Option<f64> {
+    let mut best: Option<f64> = None;
+    let (mut lo, mut hi) = (0, sizes.len().checked_sub(1)?);
+    while lo < hi {
+        let v = sizes[lo] + sizes[hi];
+        if v < cap {
+            best = Some(best.map_or(v, |b: f64| b.max(v)));
+            lo += 1;
+        } else {
+            hi -= 1;
+        }
+    }
+    best
 }
 
 impl Search<'_> {
@@ -333,7 +360,7 @@ impl Search<'_> {
         if left == 0 {
             let f = self.bound(i);
             if f < self.cut && free_slots == 0 {
-                self.cut = f / (1.0 + self.tolerance) - 1e-9;
+                self.cut = f - 1e-9;
                 let mut row = Vec::with_capacity(p.slots());
                 for pack in &self.packs {
                     row.extend_from_slice(pack);
@@ -346,7 +373,11 @@ impl Search<'_> {
         if !p.dup_ok && self.free.iter().any(|&f| f > left) {
             return;
         }
-        if !self.count_ranges(i) || self.bound(i) >= self.cut {
+        if !self.count_ranges(i) || self.bound(i) >= self.cut || self.overfull(i) {
+            return;
+        }
+        if p.w == 1 && self.free.iter().all(|&f| f <= 1) {
+            self.one_slot_tail(i);
             return;
         }
         let (cmin, cmax) = if left == 1 {
@@ -370,6 +401,175 @@ impl Search<'_> {
                 continue;
             }
             self.distribute(i, c, &classes, 0, &mut take);
+            if self.aborted {
+                return;
+            }
+        }
+    }
+
+    /// One episode (without forced duplicates): the load still to place cannot go anywhere
+    /// below the cut. Each open rank can take at most the sum of its free slots' worth of the
+    /// largest replicas that fit under the cut on it (one per remaining expert: the largest
+    /// `x / c` below `cut - load` with `c` in the expert's count range; with two free slots,
+    /// the largest sum of two replica sizes below `cut - load`), and never more than
+    /// `cut - load`. If those capacities together fall short of the remaining load, every
+    /// completion puts some rank at or above the cut.
+    ///
+    /// The plain water level (part of [`Self::bound`]) lets each rank fill up to the cut;
+    /// this one sees that a rank whose last slot no replica fits closely loses the
+    /// difference, which is what refutes near-perfect partitions: below a cut of
+    /// `1 + d` (mean 1) every rank must end within `g * d` of the cut.
+    fn overfull(&mut self, i: usize) -> bool {
+        let p = self.p;
+        if p.w != 1 || p.dup_ok {
+            return false;
+        }
+        let remaining = self.rest[i];
+        let mut capacity = 0.0;
+        let mut sizes_ready = false;
+        for r in 0..p.g {
+            let f = self.free[r];
+            if f == 0 {
+                continue;
+            }
+            let cap = self.cut - self.loads[r];
+            if cap <= 0.0 {
+                return true;
+            }
+            self.fit.clear();
+            for j in i..p.e {
+                let x = p.x[self.order[j]];
+                // Fewest replicas (within the range) that bring one below `cap`.
+                let c = ((x / cap).floor() as usize + 1).max(self.cmin[j]);
+                if c <= self.cmax[j] {
+                    self.fit.push(x / c as f64);
+                }
+            }
+            if self.fit.len() < f {
+                return true;
+            }
+            let fill = match f {
+                1 => self.fit.iter().copied().fold(0.0, f64::max),
+                2 => {
+                    if !sizes_ready {
+                        self.replica_sizes(i);
+                        sizes_ready = true;
+                    }
+                    match best_pair_below(&self.sizes, cap) {
+                        Some(v) => v,
+                        None => return true,
+                    }
+                }
+                _ => {
+                    self.fit.sort_by(|a, b| b.total_cmp(a));
+                    self.fit[..f].iter().sum()
+                }
+            };
+            capacity += fill.min(cap);
+        }
+        capacity < remaining - 1e-9
+    }
+
+    /// Every replica size the remaining experts can have (`x / c`, `c` in the count range),
+    /// ascending.
+    fn replica_sizes(&mut self, i: usize) {
+        let p = self.p;
+        self.sizes.clear();
+        for j in i..p.e {
+            let x = p.x[self.order[j]];
+            for c in self.cmin[j]..=self.cmax[j] {
+                self.sizes.push(x / c as f64);
+            }
+        }
+        self.sizes.sort_by(f64::total_cmp);
+    }
+
+    /// One episode, every open rank with one free slot: the remaining experts `order[i..]`
+    /// fill those slots, one replica per rank, so only their counts are left to choose. For
+    /// given counts the best assignment puts the largest replica on the lightest open rank,
+    /// the second largest on the second lightest, and so on (exchanging any two replicas
+    /// against that order never lowers the heavier of their two ranks). So the search
+    /// enumerates count vectors (one node each) instead of rank subsets per expert, which
+    /// near the leaves of near-perfect partitions is most of the tree.
+    fn one_slot_tail(&mut self, i: usize) {
+        let p = self.p;
+        let mut open: Vec<(f64, usize)> = (0..p.g)
+            .filter(|&r| self.free[r] == 1)
+            .map(|r| (self.loads[r], r))
+            .collect();
+        open.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let closed_max = (0..p.g)
+            .filter(|&r| self.free[r] == 0)
+            .map(|r| self.loads[r])
+            .fold(f64::NEG_INFINITY, f64::max);
+        let mut cnt = vec![0usize; p.e - i];
+        let mut items = Vec::with_capacity(open.len());
+        self.tail_counts(i, 0, open.len(), &open, closed_max, &mut cnt, &mut items);
+    }
+
+    /// Chooses the count of `order[i + j]` (within its range, leaving enough slots for the
+    /// experts after it), then the next; at the end scores the sorted assignment.
+    #[allow(clippy::too_many_arguments)]
+    fn tail_counts(
+        &mut self,
+        i: usize,
+        j: usize,
+        left: usize,
+        open: &[(f64, usize)],
+        closed_max: f64,
+        cnt: &mut [usize],
+        items: &mut Vec<(f64, usize)>,
+    ) {
+        if self.aborted {
+            return;
+        }
+        let p = self.p;
+        let k = cnt.len();
+        if j == k {
+            if left != 0 || !spend_node(&mut self.nodes, self.budget, &mut self.aborted) {
+                return;
+            }
+            items.clear();
+            for (t, &c) in cnt.iter().enumerate() {
+                let e = self.order[i + t];
+                items.extend(std::iter::repeat_n((p.x[e] / c as f64, e), c));
+            }
+            items.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let f = open
+                .iter()
+                .zip(items.iter())
+                .map(|(o, it)| o.0 + it.0)
+                .fold(closed_max, f64::max);
+            if f < self.cut {
+                self.cut = f - 1e-9;
+                let mut packs = self.packs.clone();
+                for (o, it) in open.iter().zip(items.iter()) {
+                    packs[o.1].push(it.1);
+                }
+                self.best_row = Some(packs.concat());
+            }
+            return;
+        }
+        let rest_min: usize = self.cmin[i + j + 1..p.e].iter().sum();
+        let Some(room) = left.checked_sub(rest_min) else {
+            return;
+        };
+        let (lo, hi) = if j + 1 == k {
+            (left, left)
+        } else {
+            (self.cmin[i + j], self.cmax[i + j].min(room))
+        };
+        if lo < self.cmin[i + j] || hi > self.cmax[i + j] {
+            return;
+        }
+        let x = p.x[self.order[i + j]];
+        for c in lo..=hi {
+            // A replica alone on a rank must stay below the cut.
+            if x / c as f64 >= self.cut + 1e-9 {
+                continue;
+            }
+            cnt[j] = c;
+            self.tail_counts(i, j + 1, left - c, open, closed_max, cnt, items);
             if self.aborted {
                 return;
             }

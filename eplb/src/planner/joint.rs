@@ -17,6 +17,7 @@ use super::exact;
 use super::greedy::greedy_row;
 use super::pairs;
 use super::problem::{Problem, State, water_fill};
+use super::prove;
 
 /// Iteration cap of the local search (each iteration applies one improving move).
 pub(crate) const MAX_ITERS: usize = 400;
@@ -27,10 +28,6 @@ pub(crate) struct JointResult {
     /// The objective is proven within this relative distance of the optimum (0: optimal).
     pub proven_gap: Option<f64>,
 }
-
-/// Relative optimality gaps the later exact searches prove when the exact proof runs out of
-/// budget.
-pub(crate) const GAP_TOLERANCES: [f64; 2] = [1e-3, 1e-2];
 
 /// Episode-aware packing of the replica counts `cnt`.
 fn construct(p: &Problem, cnt: &[usize]) -> Vec<usize> {
@@ -133,61 +130,37 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
             proven_gap: None,
         };
     }
-    let f0 = p.objective(&row).0;
     let mut best = row;
-    let mut f_best = f0;
     // Two slots per rank: the search needs far fewer nodes from the pairing start.
-    if let Some(r) = pairs::pairing_start(p) {
-        let f = p.objective(&r).0;
-        if f < f_best - 1e-12 {
-            best = r;
-            f_best = f;
-        }
+    if let Some(r) = pairs::pairing_start(p)
+        && p.objective(&r).0 < p.objective(&best).0 - 1e-12
+    {
+        best = r;
     }
-    // The exact proof, then searches that only look for placements more than 0.1%, then 1%
-    // better, which close near-perfect partitions: (tolerance, share of the budget). With two
-    // slots per rank the proof is the search over replica counts (`pairs`), which settles what
-    // the expert-by-expert proof would, in far fewer nodes.
+    // The full proof, then bisection probes on the objective (`prove`). With two slots per
+    // rank the full proof is the search over replica counts (`pairs`), which settles what the
+    // expert-by-expert search would, in far fewer nodes; the probes are expert-by-expert
+    // searches (with several episodes the count search leaves count vectors unsettled, which
+    // the expert-by-expert search does not).
     let pairs_proof = p.s == 2 && !p.dup_ok;
-    let steps: [(f64, usize, usize); 3] = if pairs_proof {
-        [
-            (0.0, 3, 4),
-            (GAP_TOLERANCES[0], 1, 8),
-            (GAP_TOLERANCES[1], 1, 8),
-        ]
-    } else {
-        [
-            (0.0, 1, 2),
-            (GAP_TOLERANCES[0], 1, 4),
-            (GAP_TOLERANCES[1], 1, 4),
-        ]
-    };
-    for (tolerance, num, den) in steps {
-        let budget = exact::budget(p) * num / den;
-        let ex = if pairs_proof && tolerance == 0.0 {
-            pairs::solve(p, f_best, budget)
-        } else {
-            exact::solve(p, f_best, budget, tolerance)
-        };
-        if let Some(r) = ex.row {
-            let f = p.objective(&r).0;
-            if f < f_best - 1e-12 {
-                best = r;
-                f_best = f;
+    let proof = prove::prove(
+        p,
+        best,
+        exact::budget(p),
+        exact::budget(p) * if pairs_proof { 3 } else { 2 } / 4,
+        |target, nodes| {
+            if pairs_proof {
+                pairs::solve(p, target, nodes)
+            } else {
+                exact::solve(p, target, nodes)
             }
-        }
-        if ex.proven {
-            return JointResult {
-                row: best,
-                optimal: tolerance == 0.0,
-                proven_gap: Some(tolerance),
-            };
-        }
-    }
+        },
+        |target, nodes| exact::solve(p, target, nodes),
+    );
     JointResult {
-        row: best,
-        optimal: false,
-        proven_gap: None,
+        optimal: proof.optimal,
+        proven_gap: Some(proof.gap()),
+        row: proof.row,
     }
 }
 

@@ -19,6 +19,7 @@ mod matching;
 mod pairs;
 mod polish;
 mod problem;
+mod prove;
 
 use serde::{Deserialize, Serialize};
 
@@ -144,7 +145,8 @@ pub struct LayerPlan {
     /// The objective is proven optimal (exact search finished).
     pub optimal: bool,
     /// The objective is proven within this relative distance of the optimum (0 when optimal):
-    /// set when `joint`'s exact search finished, exactly or with its 0.1% or 1% tolerance.
+    /// set on the layers `joint`'s exact search ran on (small layers), from the lower bound its
+    /// full proof or its bisection probes established (`planner/prove.rs`).
     #[serde(default)]
     pub proven_gap: Option<f64>,
     /// Slots whose expert changed versus the previous placement.

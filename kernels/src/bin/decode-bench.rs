@@ -6,7 +6,6 @@
 //! shared expert, combine), with bf16 and with FP8 experts. A one-rank group: no all-to-all.
 //! Prints `RESULT decode ...` lines and a table.
 
-use cudarc::driver::sys::CUevent_flags;
 use moe_kernels::cuda::{
     self, DeviceExperts, DeviceFp8Experts, DeviceMatrix, EpLayer, FfnStrategy, Fp8Compute, Gpu,
     LayerExperts, Router, SharedExperts,
@@ -20,29 +19,8 @@ fn drv(e: cudarc::driver::DriverError) -> KernelError {
 
 /// Median of 7 batches of `reps` calls, microseconds per call (device events; the calls
 /// include their host work and synchronisations).
-fn time_us(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..3 {
-        f()?;
-    }
-    gpu.synchronize()?;
-    let mut v = Vec::new();
-    for _ in 0..7 {
-        let s = gpu
-            .stream()
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(drv)?;
-        for _ in 0..reps {
-            f()?;
-        }
-        let e = gpu
-            .stream()
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(drv)?;
-        e.synchronize().map_err(drv)?;
-        v.push(s.elapsed_ms(&e).map_err(drv)? as f64 * 1000.0 / reps as f64);
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Ok(v[3])
+fn time_us(gpu: &Gpu, reps: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    gpu.time_per_call_us(3, 7, reps, f)
 }
 
 /// The layer; the router and biases come from a generator seeded the same way every time,

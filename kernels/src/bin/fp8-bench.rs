@@ -4,7 +4,6 @@
 //! 4096-16384 rows per rank, plus the numerics between the two and the bytes one slot moves.
 //! Prints `RESULT fp8 ...` lines and a table (docs/benchmarks/gpu-fp8.md).
 
-use cudarc::driver::sys::CUevent_flags;
 use moe_kernels::cuda::{self, DeviceFp8Experts, DeviceMatrix, FfnStrategy, Fp8Compute, Gpu};
 use moe_kernels::rng::SplitMix64;
 use moe_kernels::{KernelError, Result, bf16};
@@ -14,29 +13,8 @@ fn drv(e: cudarc::driver::DriverError) -> KernelError {
 }
 
 /// Median of 5 batches of `reps` calls, microseconds per call (device events).
-fn time_us(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..2 {
-        f()?;
-    }
-    gpu.synchronize()?;
-    let mut v = Vec::new();
-    for _ in 0..5 {
-        let s = gpu
-            .stream()
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(drv)?;
-        for _ in 0..reps {
-            f()?;
-        }
-        let e = gpu
-            .stream()
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(drv)?;
-        e.synchronize().map_err(drv)?;
-        v.push(s.elapsed_ms(&e).map_err(drv)? as f64 * 1000.0 / reps as f64);
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Ok(v[2])
+fn time_us(gpu: &Gpu, reps: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    gpu.time_per_call_us(2, 5, reps, f)
 }
 
 fn rel_fro(a: &[bf16], b: &[bf16]) -> f64 {

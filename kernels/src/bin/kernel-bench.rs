@@ -18,29 +18,8 @@ fn result(section: &str, shape: &str, tokens: usize, metric: &str, value: f64) {
 }
 
 /// Median over 5 batches of `reps` calls, in microseconds per call (device events).
-fn time_us(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..3 {
-        f()?;
-    }
-    gpu.synchronize()?;
-    let mut v = Vec::new();
-    for _ in 0..5 {
-        let s = gpu
-            .stream()
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(drv)?;
-        for _ in 0..reps {
-            f()?;
-        }
-        let e = gpu
-            .stream()
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(drv)?;
-        e.synchronize().map_err(drv)?;
-        v.push(s.elapsed_ms(&e).map_err(drv)? as f64 * 1000.0 / reps as f64);
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Ok(v[2])
+fn time_us(gpu: &Gpu, reps: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    gpu.time_per_call_us(3, 5, reps, f)
 }
 
 struct Shape {

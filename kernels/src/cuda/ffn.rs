@@ -369,20 +369,7 @@ impl DeviceExperts {
         strategy: FfnStrategy,
     ) -> Result<DeviceMatrix<bf16>> {
         let (h, i) = (self.hidden, self.inter);
-        if offsets.len() != self.slots + 1
-            || offsets[0] != 0
-            || offsets.windows(2).any(|w| w[0] > w[1])
-            || offsets[self.slots] as usize != x.rows
-            || x.cols != h
-        {
-            return invalid(format!(
-                "ffn: offsets must be {} non-decreasing entries from 0 to {} rows, x [{}, {}] vs hidden {h}",
-                self.slots + 1,
-                x.rows,
-                x.rows,
-                x.cols
-            ));
-        }
+        check_grouped_rows("ffn", self.slots, h, x, offsets)?;
         let r = x.rows;
         let mut out = gpu.alloc_matrix::<bf16>(r, h)?;
         if r == 0 {
@@ -563,4 +550,30 @@ impl DeviceExperts {
         .map_err(drv)?;
         Ok(())
     }
+}
+
+/// Checks the rows-grouped-by-slot layout both grouped FFNs (bf16 and FP8) take: `offsets` has
+/// `slots + 1` non-decreasing entries from 0 to `x.rows`, and `x` is `[rows, hidden]`.
+pub(super) fn check_grouped_rows(
+    what: &str,
+    slots: usize,
+    hidden: usize,
+    x: &DeviceMatrix<bf16>,
+    offsets: &[u32],
+) -> Result<()> {
+    if offsets.len() != slots + 1
+        || offsets[0] != 0
+        || offsets.windows(2).any(|w| w[0] > w[1])
+        || offsets[slots] as usize != x.rows
+        || x.cols != hidden
+    {
+        return invalid(format!(
+            "{what}: offsets must be {} non-decreasing entries from 0 to {} rows, x [{}, {}] vs hidden {hidden}",
+            slots + 1,
+            x.rows,
+            x.rows,
+            x.cols
+        ));
+    }
+    Ok(())
 }

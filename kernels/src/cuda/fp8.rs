@@ -108,6 +108,49 @@ fn lt_ok(what: &str, s: lt::cublasStatus_t) -> Result<()> {
     }
 }
 
+/// The matmul descriptor and the three layouts of one block-scaled FP8 GEMM (weights `[m, k]`
+/// with 128x128 scales times activations `[n, k]` with 1x128 scales into bf16 `[m, n]`): the
+/// algorithm lookup and the launch describe it the same way.
+fn describe(g: &Fp8Gemm) -> Result<(Desc, Layout, Layout, Layout)> {
+    use lt::cublasLtMatmulDescAttributes_t as A;
+    let mut desc: lt::cublasLtMatmulDesc_t = std::ptr::null_mut();
+    // SAFETY: out-pointer to a descriptor.
+    lt_ok("cublasLtMatmulDescCreate", unsafe {
+        lt::cublasLtMatmulDescCreate(
+            &mut desc,
+            lt::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            lt::cudaDataType_t::CUDA_R_32F,
+        )
+    })?;
+    let desc = Desc(desc);
+    set_attr(
+        &desc,
+        A::CUBLASLT_MATMUL_DESC_TRANSA,
+        &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
+    )?;
+    set_attr(
+        &desc,
+        A::CUBLASLT_MATMUL_DESC_TRANSB,
+        &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
+    )?;
+    set_attr(
+        &desc,
+        A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
+        &lt::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F,
+    )?;
+    set_attr(
+        &desc,
+        A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
+        &lt::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F,
+    )?;
+    set_attr(&desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &g.ws)?;
+    set_attr(&desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &g.xs)?;
+    let a = layout(lt::cudaDataType_t::CUDA_R_8F_E4M3, g.k, g.m, g.k)?;
+    let b = layout(lt::cudaDataType_t::CUDA_R_8F_E4M3, g.k, g.n, g.k)?;
+    let d = layout(lt::cudaDataType_t::CUDA_R_16BF, g.m, g.n, g.ldd)?;
+    Ok((desc, a, b, d))
+}
+
 impl LtContext {
     pub(crate) fn new(gpu: &Gpu, streams: usize) -> Result<Self> {
         // SAFETY: only tries to dlopen the library.
@@ -199,42 +242,7 @@ fn layout(ty: lt::cudaDataType_t, rows: usize, cols: usize, ld: usize) -> Result
 impl LtContext {
     /// Only the algorithm lookup of [`LtContext::gemm`] (nothing is enqueued).
     fn heuristic(&self, g: &Fp8Gemm) -> Result<()> {
-        use lt::cublasLtMatmulDescAttributes_t as A;
-        let mut desc: lt::cublasLtMatmulDesc_t = std::ptr::null_mut();
-        // SAFETY: out-pointer to a descriptor.
-        lt_ok("cublasLtMatmulDescCreate", unsafe {
-            lt::cublasLtMatmulDescCreate(
-                &mut desc,
-                lt::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                lt::cudaDataType_t::CUDA_R_32F,
-            )
-        })?;
-        let desc = Desc(desc);
-        set_attr(
-            &desc,
-            A::CUBLASLT_MATMUL_DESC_TRANSA,
-            &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
-        )?;
-        set_attr(
-            &desc,
-            A::CUBLASLT_MATMUL_DESC_TRANSB,
-            &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
-        )?;
-        set_attr(
-            &desc,
-            A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
-            &lt::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F,
-        )?;
-        set_attr(
-            &desc,
-            A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
-            &lt::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F,
-        )?;
-        set_attr(&desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &g.ws)?;
-        set_attr(&desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &g.xs)?;
-        let a = layout(lt::cudaDataType_t::CUDA_R_8F_E4M3, g.k, g.m, g.k)?;
-        let b = layout(lt::cudaDataType_t::CUDA_R_8F_E4M3, g.k, g.n, g.k)?;
-        let d = layout(lt::cudaDataType_t::CUDA_R_16BF, g.m, g.n, g.ldd)?;
+        let (desc, a, b, d) = describe(g)?;
         let mut pref: lt::cublasLtMatmulPreference_t = std::ptr::null_mut();
         // SAFETY: out-pointer to a preference.
         lt_ok("cublasLtMatmulPreferenceCreate", unsafe {
@@ -269,42 +277,7 @@ impl LtContext {
     /// once per (m, n rounded up to 64, k, ldd) and reused; a reused one that does not fit
     /// this n is replaced by a fresh lookup.
     fn gemm(&self, g: &Fp8Gemm, stream: &CudaStream, ws_index: usize) -> Result<()> {
-        use lt::cublasLtMatmulDescAttributes_t as A;
-        let mut desc: lt::cublasLtMatmulDesc_t = std::ptr::null_mut();
-        // SAFETY: out-pointer to a descriptor.
-        lt_ok("cublasLtMatmulDescCreate", unsafe {
-            lt::cublasLtMatmulDescCreate(
-                &mut desc,
-                lt::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                lt::cudaDataType_t::CUDA_R_32F,
-            )
-        })?;
-        let desc = Desc(desc);
-        set_attr(
-            &desc,
-            A::CUBLASLT_MATMUL_DESC_TRANSA,
-            &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T,
-        )?;
-        set_attr(
-            &desc,
-            A::CUBLASLT_MATMUL_DESC_TRANSB,
-            &cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N,
-        )?;
-        set_attr(
-            &desc,
-            A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
-            &lt::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F,
-        )?;
-        set_attr(
-            &desc,
-            A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE,
-            &lt::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F,
-        )?;
-        set_attr(&desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &g.ws)?;
-        set_attr(&desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &g.xs)?;
-        let a = layout(lt::cudaDataType_t::CUDA_R_8F_E4M3, g.k, g.m, g.k)?;
-        let b = layout(lt::cudaDataType_t::CUDA_R_8F_E4M3, g.k, g.n, g.k)?;
-        let d = layout(lt::cudaDataType_t::CUDA_R_16BF, g.m, g.n, g.ldd)?;
+        let (desc, a, b, d) = describe(g)?;
         let key = (g.m, g.n.div_ceil(64) * 64, g.k, g.ldd);
         let ws = &self.workspaces[ws_index % self.workspaces.len()];
         let wsp = ptr(ws, stream);
@@ -898,20 +871,7 @@ impl DeviceFp8Experts {
         compute: Fp8Compute,
     ) -> Result<DeviceMatrix<bf16>> {
         let (h, i) = (self.hidden, self.inter);
-        if offsets.len() != self.slots + 1
-            || offsets[0] != 0
-            || offsets.windows(2).any(|w| w[0] > w[1])
-            || offsets[self.slots] as usize != x.rows
-            || x.cols != h
-        {
-            return invalid(format!(
-                "fp8 ffn: offsets must be {} non-decreasing entries from 0 to {} rows, x [{}, {}] vs hidden {h}",
-                self.slots + 1,
-                x.rows,
-                x.rows,
-                x.cols
-            ));
-        }
+        ffn::check_grouped_rows("fp8 ffn", self.slots, h, x, offsets)?;
         let r = x.rows;
         let mut out = gpu.alloc_matrix::<bf16>(r, h)?;
         if r == 0 {

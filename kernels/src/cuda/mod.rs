@@ -20,6 +20,7 @@ mod comm;
 mod ffn;
 mod fp8;
 mod layer;
+mod timing;
 
 pub use comm::{EpComm, NcclId, enable_peer_access, grouped};
 pub use ffn::{DeviceExperts, ExpertStaging, FfnStrategy};

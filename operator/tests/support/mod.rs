@@ -1,7 +1,10 @@
 //! Test doubles: an in-memory Kubernetes API server behind tower-test's mock service, and a
-//! scripted worker group.
+//! scripted worker group. Fakes for the tests only, not a model of everything the API server
+//! does.
 
 #![allow(dead_code)]
+
+pub mod ssa;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -27,8 +30,10 @@ pub struct Seen {
     pub body: Value,
 }
 
-/// A tiny API server: objects by path, lists by collection with label selectors, server-side
-/// apply as replace-with-metadata-kept, create (409 on conflict), delete, status subresource.
+/// A tiny API server (a test fake): objects by path, lists by collection with label selectors,
+/// server-side apply with field managers and conflicts (see [`ssa`]), merge patch, create (409
+/// when it exists), replace, delete, the status subresource (a patch replaces `status`), and
+/// `resourceVersion` preconditions (a write carrying a stale one is a 409).
 #[derive(Clone, Default)]
 pub struct FakeApi {
     pub objects: Arc<Mutex<BTreeMap<String, Value>>>,
@@ -36,12 +41,22 @@ pub struct FakeApi {
     rv: Arc<Mutex<u64>>,
     /// While set, requests are never answered (a hung API server).
     pub hang: Arc<std::sync::atomic::AtomicBool>,
+    /// Writes by someone else, each made right after the `n`th GET of its path from now
+    /// (1: the next one): a concurrent writer between a read and the write that follows it.
+    after_get: Arc<Mutex<Vec<AfterGet>>>,
     /// Paths whose PATCH is refused with (code, reason, message), as an API server's RBAC or
     /// validation would.
     pub refuse: Arc<Mutex<BTreeMap<String, Refusal>>>,
     /// The chart's RBAC for Secrets: reading (get, list, watch) any Secret but these paths is
     /// refused with 403, as for the operator's ServiceAccount (helm/.../rbac.yaml).
     pub readable_secrets: Arc<Mutex<Vec<String>>>,
+}
+
+struct AfterGet {
+    path: String,
+    gets_left: usize,
+    manager: String,
+    object: Value,
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
@@ -106,8 +121,59 @@ impl FakeApi {
         Client::new(svc, "default")
     }
 
+    /// Stores `obj` as it is (fields it has no `managedFields` for belong to no manager).
     pub fn put(&self, path: &str, obj: Value) {
         self.objects.lock().unwrap().insert(path.to_string(), obj);
+    }
+
+    /// An update of `path` by `manager` (as `kubectl edit` or another controller would make
+    /// it): `obj` replaces the object, `manager` owns what it changed.
+    pub fn update_as(&self, path: &str, manager: &str, obj: Value) {
+        let mut objects = self.objects.lock().unwrap();
+        let mut new = ssa::update(objects.get(path), obj, manager);
+        new["metadata"]["resourceVersion"] = Value::String(self.next_rv());
+        objects.insert(path.to_string(), new);
+    }
+
+    /// After the `nth` GET of `path` from now (1: the next one) is answered, `manager`
+    /// replaces the object with `obj` (a new resourceVersion): someone else's write between
+    /// a read and the write that follows it.
+    pub fn update_after_get(&self, path: &str, nth: usize, manager: &str, obj: Value) {
+        self.after_get.lock().unwrap().push(AfterGet {
+            path: path.to_string(),
+            gets_left: nth,
+            manager: manager.to_string(),
+            object: obj,
+        });
+    }
+
+    /// The fields `manager` owns in the object at `path`, as `.metadata.labels.app` paths.
+    pub fn owned_by(&self, path: &str, manager: &str) -> Vec<String> {
+        let Some(obj) = self.get(path) else {
+            return Vec::new();
+        };
+        ssa::managers(&obj)
+            .into_iter()
+            .filter(|m| m.manager == manager)
+            .flat_map(|m| m.fields)
+            .map(|f| ssa::dotted(&f))
+            .collect()
+    }
+
+    /// Runs the writes registered with [`Self::update_after_get`] that are due after this GET.
+    fn after_get(&self, path: &str) {
+        let due: Vec<AfterGet> = {
+            let mut pending = self.after_get.lock().unwrap();
+            for a in pending.iter_mut().filter(|a| a.path == path) {
+                a.gets_left -= 1;
+            }
+            let (due, rest) = pending.drain(..).partition(|a| a.gets_left == 0);
+            *pending = rest;
+            due
+        };
+        for a in due {
+            self.update_as(&a.path, &a.manager, a.object);
+        }
     }
 
     pub fn get(&self, path: &str) -> Option<Value> {
@@ -162,6 +228,14 @@ impl FakeApi {
 
     async fn handle(&self, req: Request<Body>) -> Response<Body> {
         let method = req.method().clone();
+        let content_type = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let manager = query_param(req.uri().query().unwrap_or(""), "fieldManager")
+            .unwrap_or_else(|| "unknown".into());
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
         let bytes = req.into_body().collect_bytes().await.unwrap_or_default();
@@ -194,7 +268,33 @@ impl FakeApi {
         {
             return status(code, &reason, &message);
         }
+        if method == Method::GET && !is_collection(&path) {
+            let answer = match self.get(&path) {
+                Some(v) => ok(StatusCode::OK, &v),
+                None => status(404, "NotFound", &format!("{path} not found")),
+            };
+            self.after_get(&path);
+            return answer;
+        }
         let mut objects = self.objects.lock().unwrap();
+        // Optimistic concurrency as the API server does it: a write (other than to status)
+        // that carries a resourceVersion other than the stored one is a 409.
+        if matches!(method, Method::PATCH | Method::PUT)
+            && !subresource
+            && let Some(sent) = body["metadata"]["resourceVersion"].as_str()
+            && objects
+                .get(&path)
+                .and_then(|o| o["metadata"]["resourceVersion"].as_str())
+                .is_some_and(|stored| stored != sent)
+        {
+            return status(
+                409,
+                "Conflict",
+                &format!(
+                    "Operation cannot be fulfilled on {path}: the object has been modified; please apply your changes to the latest version and try again"
+                ),
+            );
+        }
         match method {
             Method::GET if is_collection(&path) => {
                 let selector = query_param(&query, "labelSelector").unwrap_or_default();
@@ -210,10 +310,6 @@ impl FakeApi {
                     &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
                 )
             }
-            Method::GET => match objects.get(&path) {
-                Some(v) => ok(StatusCode::OK, v),
-                None => status(404, "NotFound", &format!("{path} not found")),
-            },
             Method::PATCH => {
                 let rv = self.next_rv();
                 if subresource {
@@ -224,18 +320,28 @@ impl FakeApi {
                     obj["metadata"]["resourceVersion"] = Value::String(rv);
                     return ok(StatusCode::OK, obj);
                 }
-                let mut new = body.clone();
-                Self::normalize_secret(&path, &mut new);
-                if let Some(old) = objects.get(&path) {
-                    for key in ["uid", "creationTimestamp"] {
-                        if let Some(v) = old["metadata"].get(key) {
-                            new["metadata"][key] = v.clone();
+                let live = objects.get(&path);
+                let written = if content_type.starts_with("application/apply-patch") {
+                    let mut applied = body.clone();
+                    Self::normalize_secret(&path, &mut applied);
+                    let force = query_param(&query, "force").as_deref() == Some("true");
+                    match ssa::apply(live, &applied, &manager, force) {
+                        Ok(new) => new,
+                        Err(conflicts) => {
+                            return status(409, "Conflict", &ssa::conflict_message(&conflicts));
                         }
                     }
-                    if old.get("status").is_some() && new.get("status").is_none() {
-                        new["status"] = old["status"].clone();
-                    }
                 } else {
+                    // A merge patch (the only other kind the operator sends: events).
+                    let Some(live) = live else {
+                        return status(404, "NotFound", &format!("{path} not found"));
+                    };
+                    let mut new = live.clone();
+                    ssa::merge_patch(&mut new, &body);
+                    ssa::update(Some(live), new, &manager)
+                };
+                let mut new = written;
+                if new["metadata"]["uid"].as_str().is_none() {
                     new["metadata"]["uid"] = Value::String(format!("uid-{rv}"));
                 }
                 new["metadata"]["resourceVersion"] = Value::String(rv);
@@ -252,6 +358,7 @@ impl FakeApi {
                 }
                 let mut new = body.clone();
                 Self::normalize_secret(&key, &mut new);
+                let mut new = ssa::update(None, new, &manager);
                 let rv = self.next_rv();
                 new["metadata"]["resourceVersion"] = Value::String(rv.clone());
                 new["metadata"]["uid"] = Value::String(format!("uid-{rv}"));
@@ -259,18 +366,7 @@ impl FakeApi {
                 ok(StatusCode::CREATED, &new)
             }
             Method::PUT => {
-                // Optimistic concurrency as the API server does it: a replace that carries a
-                // resourceVersion other than the stored one is a 409.
-                if let (Some(sent), Some(stored)) = (
-                    body["metadata"]["resourceVersion"].as_str(),
-                    objects
-                        .get(&path)
-                        .and_then(|o| o["metadata"]["resourceVersion"].as_str()),
-                ) && sent != stored
-                {
-                    return status(409, "Conflict", "the object has been modified");
-                }
-                let mut new = body.clone();
+                let mut new = ssa::update(objects.get(&path), body.clone(), &manager);
                 new["metadata"]["resourceVersion"] = Value::String(self.next_rv());
                 objects.insert(path, new.clone());
                 ok(StatusCode::OK, &new)
