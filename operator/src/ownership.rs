@@ -9,7 +9,7 @@
 //! writes an existing one either; it only creates its token Secrets ([`crate::tokens`]). A
 //! user's Secret of the same name is therefore never taken over, and it shows as
 //! `Degraded/TokenMismatch` when the workers report holding another token than the operator
-//! derived (see [`crate::token_secrets::mismatch`]).
+//! derived (see `token_secrets::mismatch`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
