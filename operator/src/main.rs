@@ -136,7 +136,8 @@ async fn main() -> anyhow::Result<()> {
 
     // One request per API call (see api_client.rs): no kube retries stretch a renewal or a
     // reconcile.
-    let client = moe_operator::api_client::client().await?;
+    let clients = moe_operator::api_client::clients().await?;
+    let client = clients.calls;
     state.ready.store(true, Ordering::Relaxed);
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "moe-operator".into());
@@ -187,13 +188,16 @@ async fn main() -> anyhow::Result<()> {
         group_restart_window: Duration::from_secs(args.group_restart_window_seconds.max(1)),
         ..Settings::default()
     };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        workers,
-        metrics.clone(),
-        settings,
-        Some(identity.clone()),
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            workers,
+            metrics.clone(),
+            settings,
+            Some(identity.clone()),
+        )
+        .with_watch_client(clients.watches),
+    );
 
     if !args.leader_elect {
         state.leader.store(true, Ordering::Relaxed);

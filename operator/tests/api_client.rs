@@ -69,3 +69,42 @@ async fn kube_default_client_retries_the_same_call() {
     assert!(!call.is_finished(), "one call, still retrying");
     call.abort();
 }
+
+/// Accepts connections and reads requests but never answers (a hung API server).
+async fn silent_server() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn); // kept open, never written to
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn a_call_to_a_hung_api_server_ends_at_the_read_timeout() {
+    let url = silent_server().await;
+    let config = moe_operator::api_client::for_calls(config(&url), Duration::from_secs(1));
+    let api: Api<ConfigMap> = Api::namespaced(Client::try_from(config).unwrap(), "ns");
+    let start = Instant::now();
+    let answer = tokio::time::timeout(Duration::from_secs(10), api.get_opt("placement"))
+        .await
+        .expect("the call ends on its own read timeout");
+    assert!(answer.is_err(), "a hung server is an error, got {answer:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "ended after {:?}",
+        start.elapsed()
+    );
+}
+
+/// Why: kube's default configuration has no read timeout, so the same call waits forever.
+#[tokio::test]
+async fn kube_default_client_waits_on_a_hung_api_server() {
+    let url = silent_server().await;
+    let api: Api<ConfigMap> = Api::namespaced(Client::try_from(config(&url)).unwrap(), "ns");
+    let answer = tokio::time::timeout(Duration::from_secs(3), api.get_opt("placement")).await;
+    assert!(answer.is_err(), "still waiting after 3 s");
+}

@@ -61,7 +61,10 @@ impl Default for Settings {
 
 /// Shared state of the reconciler.
 pub struct Context {
+    /// For calls (reads, applies, status writes): see `api_client`.
     pub client: Client,
+    /// For the controller's watches (no read timeout); the same client unless set apart.
+    pub watch_client: Client,
     pub recorder: EventRecorder,
     pub workers: Arc<dyn WorkerApi>,
     pub metrics: Metrics,
@@ -106,6 +109,7 @@ impl Context {
             settings.group_restart_window,
         );
         Self {
+            watch_client: client.clone(),
             client,
             recorder,
             workers,
@@ -118,6 +122,13 @@ impl Context {
             ownership_checked: Default::default(),
             token_secrets: Default::default(),
         }
+    }
+
+    /// Watches through `client` instead of the calls' client (the operator's binary gives its
+    /// watches a client without a read timeout; see `api_client`).
+    pub fn with_watch_client(mut self, client: Client) -> Self {
+        self.watch_client = client;
+        self
     }
 
     fn key(moed: &MoEDeployment) -> String {

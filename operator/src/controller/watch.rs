@@ -18,7 +18,7 @@ use crate::crd::MoEDeployment;
 
 /// Runs the controller until the stream ends (shutdown signal).
 pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
-    let client = ctx.client.clone();
+    let client = ctx.watch_client.clone();
     let (moeds, stss, cms): (Api<MoEDeployment>, Api<StatefulSet>, Api<ConfigMap>) =
         match &namespace {
             Some(ns) => (
