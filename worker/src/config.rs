@@ -286,6 +286,26 @@ pub struct ModelShape {
 }
 
 impl ModelShape {
+    /// The shape of a model description for a group of `world_size` ranks with `redundant`
+    /// extra slots.
+    pub fn of_model(m: &ModelDescription, world_size: usize, redundant: usize) -> Self {
+        ModelShape {
+            num_layers: m.num_moe_layers(),
+            num_experts: m.num_experts,
+            hidden: m.hidden,
+            intermediate: m.intermediate,
+            top_k: m.top_k,
+            expert_groups: m.expert_groups,
+            topk_groups: m.topk_groups,
+            scoring: match m.scoring {
+                moe_model::Scoring::Softmax => Scoring::Softmax,
+                moe_model::Scoring::Sigmoid => Scoring::Sigmoid,
+            },
+            redundant,
+            world_size,
+            expert_bias: m.expert_bias,
+        }
+    }
     pub fn num_slots(&self) -> usize {
         self.num_experts + self.redundant
     }
@@ -688,22 +708,7 @@ impl Config {
                 format!("`{addr}` is not an IP address"),
             ));
         }
-        let shape = ModelShape {
-            num_layers: m.num_moe_layers(),
-            num_experts: m.num_experts,
-            hidden: m.hidden,
-            intermediate: m.intermediate,
-            top_k: m.top_k,
-            expert_groups: m.expert_groups,
-            topk_groups: m.topk_groups,
-            scoring: match m.scoring {
-                moe_model::Scoring::Softmax => Scoring::Softmax,
-                moe_model::Scoring::Sigmoid => Scoring::Sigmoid,
-            },
-            redundant: args.redundant_experts,
-            world_size: args.world_size,
-            expert_bias: m.expert_bias,
-        };
+        let shape = ModelShape::of_model(m, args.world_size, args.redundant_experts);
         Ok(Config {
             args,
             shape,

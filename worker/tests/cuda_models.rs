@@ -22,9 +22,9 @@ use std::time::Duration;
 
 use half::bf16;
 use moe_kernels::{Bf16Matrix, Matrix};
-use moe_model::{ModelDescription, Scoring as MScoring};
+use moe_model::ModelDescription;
 use moe_worker::comm::{Comm, RendezvousConfig, form_group};
-use moe_worker::config::{InitialPlacement, ModelShape, Scoring, WeightsSource};
+use moe_worker::config::{InitialPlacement, ModelShape, WeightsSource};
 use moe_worker::cuda_exec::{CudaExec, nccl_unique_id, unavailable};
 use moe_worker::engine::reference_layer;
 use moe_worker::exec::Exec;
@@ -38,25 +38,6 @@ fn fixtures() -> PathBuf {
     std::env::var_os("MOE_FIXTURES_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/models"))
-}
-
-fn shape_of(desc: &ModelDescription, world: usize, redundant: usize) -> ModelShape {
-    ModelShape {
-        num_layers: desc.num_moe_layers(),
-        num_experts: desc.num_experts,
-        hidden: desc.hidden,
-        intermediate: desc.intermediate,
-        top_k: desc.top_k,
-        expert_groups: desc.expert_groups,
-        topk_groups: desc.topk_groups,
-        scoring: match desc.scoring {
-            MScoring::Softmax => Scoring::Softmax,
-            MScoring::Sigmoid => Scoring::Sigmoid,
-        },
-        redundant,
-        world_size: world,
-        expert_bias: desc.expert_bias,
-    }
 }
 
 fn inputs(dir: &Path, desc: &ModelDescription) -> Vec<Bf16Matrix> {
@@ -151,7 +132,7 @@ fn check_case(dir: &Path, gpus: usize) {
     let src = WeightsSource::Safetensors {
         dir: dir.to_path_buf(),
     };
-    let store = WeightStore::open(&src, &shape_of(&desc, 1, 0)).unwrap();
+    let store = WeightStore::open(&src, &ModelShape::of_model(&desc, 1, 0)).unwrap();
     let xs = inputs(dir, &desc);
     let want: Vec<Bf16Matrix> = xs
         .iter()
@@ -159,7 +140,7 @@ fn check_case(dir: &Path, gpus: usize) {
         .map(|(l, x)| reference_layer(&store, l, x, None).unwrap().0)
         .collect();
     if desc.expert_bias || desc.swiglu.is_some() {
-        let shape = shape_of(&desc, 1, 0);
+        let shape = ModelShape::of_model(&desc, 1, 0);
         let placement = initial_placement(InitialPlacement::Linear, &shape, 1).unwrap();
         let err = CudaExec::load(&store, &placement, &shape, 0, &[])
             .err()
@@ -172,7 +153,7 @@ fn check_case(dir: &Path, gpus: usize) {
     let xs = Arc::new(xs);
     for world in [1usize, 2, 4].into_iter().filter(|&w| w <= gpus) {
         // one redundant replica per rank, so that the remap has copies to make
-        let shape = shape_of(&desc, world, world);
+        let shape = ModelShape::of_model(&desc, world, world);
         let placement = initial_placement(InitialPlacement::RoundRobin, &shape, 1).unwrap();
         let ids = if world > 1 {
             nccl_unique_id().unwrap()

@@ -31,7 +31,7 @@ use moe_api::PlacementDocument;
 use moe_kernels::{Bf16Matrix, F32Matrix, Matrix, cpu};
 use moe_model::{ModelDescription, Scoring as MScoring};
 use moe_worker::comm::{RendezvousConfig, form_group};
-use moe_worker::config::{InitialPlacement, ModelShape, Scoring, WeightsSource};
+use moe_worker::config::{InitialPlacement, ModelShape, WeightsSource};
 use moe_worker::engine::reference_layer;
 use moe_worker::exec::CpuExec;
 use moe_worker::model::gating_config;
@@ -115,25 +115,6 @@ fn load_refs(dir: &Path, desc: &ModelDescription) -> Vec<LayerRef> {
             }
         })
         .collect()
-}
-
-fn shape_of(desc: &ModelDescription, world: usize, redundant: usize) -> ModelShape {
-    ModelShape {
-        num_layers: desc.num_moe_layers(),
-        num_experts: desc.num_experts,
-        hidden: desc.hidden,
-        intermediate: desc.intermediate,
-        top_k: desc.top_k,
-        expert_groups: desc.expert_groups,
-        topk_groups: desc.topk_groups,
-        scoring: match desc.scoring {
-            MScoring::Softmax => Scoring::Softmax,
-            MScoring::Sigmoid => Scoring::Sigmoid,
-        },
-        redundant,
-        world_size: world,
-        expert_bias: desc.expert_bias,
-    }
 }
 
 /// The expert scores the choice ranks by, from the reference's logits (softmax or sigmoid,
@@ -335,13 +316,13 @@ fn check_case(dir: &Path) {
     let src = WeightsSource::Safetensors {
         dir: dir.to_path_buf(),
     };
-    let store = WeightStore::open(&src, &shape_of(&desc, 1, 0)).unwrap();
+    let store = WeightStore::open(&src, &ModelShape::of_model(&desc, 1, 0)).unwrap();
     let want = check_against_transformers(&case, &store, &desc, &refs);
     let inputs: Arc<Vec<Bf16Matrix>> = Arc::new(refs.iter().map(|r| r.input.clone()).collect());
     for world in [1usize, 2, 4] {
         let redundant = world;
         for strategy in ["linear", "round-robin", "planned"] {
-            let shape = shape_of(
+            let shape = ModelShape::of_model(
                 &desc,
                 world,
                 if strategy == "planned" { redundant } else { 0 },
