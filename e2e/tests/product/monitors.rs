@@ -232,6 +232,42 @@ const ENDPOINT_FIELDS: &[&str] = &[
     "scheme",
 ];
 
+/// What a ServiceMonitor and a PodMonitor have alike: their name, the label selector, the
+/// namespaces to discover in, and the list of endpoints (under `endpoints_key`).
+struct Monitor<'a> {
+    ns: String,
+    name: String,
+    /// "Kind ns/name", for error messages.
+    what: String,
+    selector: Map<String, Value>,
+    sd_namespaces: Option<Vec<Value>>,
+    endpoints: &'a Vec<Value>,
+}
+
+impl<'a> Monitor<'a> {
+    fn read(m: &'a Value, kind: &str, endpoints_key: &str) -> Result<Self> {
+        let (ns, name) = name_of(m)?;
+        let what = format!("{kind} {ns}/{name}");
+        let selector = match_labels(&m["spec"]["selector"], &what)?;
+        let sd_namespaces = namespaces(m, &ns, &what)?;
+        ensure!(
+            m["spec"].get("jobLabel").is_none(),
+            "{what}: jobLabel is not translated"
+        );
+        let endpoints = m["spec"][endpoints_key]
+            .as_array()
+            .with_context(|| format!("{what}: spec.{endpoints_key} missing"))?;
+        Ok(Monitor {
+            ns,
+            name,
+            what,
+            selector,
+            sd_namespaces,
+            endpoints,
+        })
+    }
+}
+
 /// The parts of a scrape job that do not depend on the discovery role.
 fn base_job(job_name: String, ep: &Value, what: &str) -> Result<(Map<String, Value>, String)> {
     let ep_obj = ep
@@ -300,17 +336,14 @@ fn service_monitor_jobs(
     kubeconfig: &Path,
     services: &ServiceTargets,
 ) -> Result<Vec<Value>> {
-    let (ns, name) = name_of(m)?;
-    let what = format!("ServiceMonitor {ns}/{name}");
-    let selector = match_labels(&m["spec"]["selector"], &what)?;
-    let sd_namespaces = namespaces(m, &ns, &what)?;
-    ensure!(
-        m["spec"].get("jobLabel").is_none(),
-        "{what}: jobLabel is not translated"
-    );
-    let endpoints = m["spec"]["endpoints"]
-        .as_array()
-        .with_context(|| format!("{what}: spec.endpoints missing"))?;
+    let Monitor {
+        ns,
+        name,
+        what,
+        selector,
+        sd_namespaces,
+        endpoints,
+    } = Monitor::read(m, "ServiceMonitor", "endpoints")?;
     let mut jobs = Vec::new();
     for (i, ep) in endpoints.iter().enumerate() {
         let (mut job, port) = base_job(format!("serviceMonitor/{ns}/{name}/{i}"), ep, &what)?;
@@ -382,17 +415,14 @@ fn service_monitor_jobs(
 }
 
 fn pod_monitor_jobs(m: &Value, kubeconfig: &Path) -> Result<Vec<Value>> {
-    let (ns, name) = name_of(m)?;
-    let what = format!("PodMonitor {ns}/{name}");
-    let selector = match_labels(&m["spec"]["selector"], &what)?;
-    let sd_namespaces = namespaces(m, &ns, &what)?;
-    ensure!(
-        m["spec"].get("jobLabel").is_none(),
-        "{what}: jobLabel is not translated"
-    );
-    let endpoints = m["spec"]["podMetricsEndpoints"]
-        .as_array()
-        .with_context(|| format!("{what}: spec.podMetricsEndpoints missing"))?;
+    let Monitor {
+        ns,
+        name,
+        what,
+        selector,
+        sd_namespaces,
+        endpoints,
+    } = Monitor::read(m, "PodMonitor", "podMetricsEndpoints")?;
     let mut jobs = Vec::new();
     for (i, ep) in endpoints.iter().enumerate() {
         let (mut job, port) = base_job(format!("podMonitor/{ns}/{name}/{i}"), ep, &what)?;
