@@ -168,25 +168,8 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
 mod tests {
     use super::*;
     use crate::placement::find_duplicate;
-    use crate::planner::problem::next_row;
+    use crate::planner::problem::brute_force_optimum;
     use proptest::prelude::*;
-
-    /// Brute force: every row in E^T that is a valid placement.
-    fn oracle(p: &Problem) -> f64 {
-        let t = p.slots();
-        let mut row = vec![0usize; t];
-        let mut best = f64::INFINITY;
-        loop {
-            let mut served = vec![false; p.e];
-            row.iter().for_each(|&e| served[e] = true);
-            if served.iter().all(|&s| s) && (p.dup_ok || find_duplicate(&row, p.s).is_none()) {
-                best = best.min(p.objective(&row).0);
-            }
-            if !next_row(&mut row, p.e) {
-                return best;
-            }
-        }
-    }
 
     /// Tiny shapes `(E, R, G)` small enough for the brute-force oracle (E^(E+R) rows),
     /// including forced duplicates (`S > E`) and a single rank.
@@ -229,7 +212,7 @@ mod tests {
             let shape = Shape::new(e, r, g, 1, 1).unwrap();
             let p = Problem::new(&refs, g, e + r, recency, shape.max_replicas());
             let res = plan_layer(&p, &shape, false);
-            let want = oracle(&p);
+            let want = brute_force_optimum(&p, None);
             let got = p.objective(&res.row).0;
             if p.empty {
                 prop_assert!((got - want).abs() < 1e-9);

@@ -516,28 +516,8 @@ impl PairSearch<'_> {
 mod tests {
     use super::*;
     use crate::placement::find_duplicate;
-    use crate::planner::problem::next_row;
+    use crate::planner::problem::brute_force_optimum;
     use proptest::prelude::*;
-
-    /// Brute force over every valid row (`E^slots` candidates), optionally with fixed counts.
-    pub(crate) fn oracle(p: &Problem, counts: Option<&[usize]>) -> f64 {
-        let t = p.slots();
-        let mut row = vec![0usize; t];
-        let mut best = f64::INFINITY;
-        loop {
-            let mut cnt = vec![0usize; p.e];
-            row.iter().for_each(|&e| cnt[e] += 1);
-            let ok = cnt.iter().all(|&c| c > 0)
-                && counts.is_none_or(|want| want == cnt.as_slice())
-                && (p.dup_ok || find_duplicate(&row, p.s).is_none());
-            if ok {
-                best = best.min(p.objective(&row).0);
-            }
-            if !next_row(&mut row, p.e) {
-                return best;
-            }
-        }
-    }
 
     /// Two-slot shapes `(E, G)` (slots = 2G) small enough for the oracle.
     const PAIRS: [(usize, usize); 6] = [(2, 2), (3, 2), (3, 3), (4, 3), (4, 4), (5, 3)];
@@ -567,7 +547,7 @@ mod tests {
         ) {
             let (e, g) = PAIRS[case];
             let p = problem(e, g, windows, &seed, recency);
-            let want = oracle(&p, None);
+            let want = brute_force_optimum(&p, None);
             let res = solve(&p, f64::INFINITY, 1_000_000);
             let row = res.row.expect("a placement below an infinite seed");
             prop_assert!(find_duplicate(&row, 2).is_none());
@@ -612,7 +592,7 @@ mod tests {
                 }
             }
             prop_assume!(left == 0);
-            let want = oracle(&p, Some(&cnt));
+            let want = brute_force_optimum(&p, Some(&cnt));
             prop_assume!(want.is_finite());
             let res = pair_search(&p, &cnt, f64::INFINITY, 1_000_000);
             prop_assert!(res.proven);

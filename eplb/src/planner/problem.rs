@@ -700,3 +700,25 @@ pub(crate) fn next_row(row: &mut [usize], e: usize) -> bool {
     }
     false
 }
+
+/// The brute-force optimum for the tests' oracles: the best objective over every valid row of
+/// `E^slots` (every expert served, no duplicate on a rank unless the problem allows them),
+/// optionally only rows with the replica counts `counts`.
+#[cfg(test)]
+pub(crate) fn brute_force_optimum(p: &Problem, counts: Option<&[usize]>) -> f64 {
+    let mut row = vec![0usize; p.slots()];
+    let mut best = f64::INFINITY;
+    loop {
+        let mut cnt = vec![0usize; p.e];
+        row.iter().for_each(|&e| cnt[e] += 1);
+        let ok = cnt.iter().all(|&c| c > 0)
+            && counts.is_none_or(|want| want == cnt.as_slice())
+            && (p.dup_ok || crate::placement::find_duplicate(&row, p.s).is_none());
+        if ok {
+            best = best.min(p.objective(&row).0);
+        }
+        if !next_row(&mut row, p.e) {
+            return best;
+        }
+    }
+}

@@ -141,24 +141,8 @@ mod tests {
     use super::*;
     use crate::placement::find_duplicate;
     use crate::planner::exact;
-    use crate::planner::problem::next_row;
+    use crate::planner::problem::brute_force_optimum;
     use proptest::prelude::*;
-
-    /// Brute force over every valid row (`E^slots` candidates).
-    fn oracle(p: &Problem) -> f64 {
-        let mut row = vec![0usize; p.slots()];
-        let mut best = f64::INFINITY;
-        loop {
-            let mut served = vec![false; p.e];
-            row.iter().for_each(|&e| served[e] = true);
-            if served.iter().all(|&s| s) && (p.dup_ok || find_duplicate(&row, p.s).is_none()) {
-                best = best.min(p.objective(&row).0);
-            }
-            if !next_row(&mut row, p.e) {
-                return best;
-            }
-        }
-    }
 
     /// Tiny shapes `(E, slots, G)` for the oracle, forced duplicates included.
     const TINY: [(usize, usize, usize); 8] = [
@@ -202,7 +186,7 @@ mod tests {
             let (e, slots, g) = TINY[case];
             let p = problem(e, slots, g, windows, &seed);
             prop_assume!(!p.empty);
-            let want = oracle(&p);
+            let want = brute_force_optimum(&p, None);
             // A deliberately poor start: experts dealt round-robin, duplicates repaired.
             let mut start: Vec<usize> = (0..slots).map(|i| i % e).collect();
             crate::placement::repair_duplicates(&mut start, e, g);
