@@ -20,6 +20,7 @@ mod pairs;
 mod polish;
 mod problem;
 mod prove;
+mod ranks;
 
 use serde::{Deserialize, Serialize};
 

@@ -53,25 +53,17 @@ impl Proof {
     }
 }
 
-/// Runs the full proof (with `proof_nodes` nodes) and then bisection probes on `p`, starting
-/// from `row`, with at most `budget` nodes in all. `proof(target, nodes)` is the full proof's search (looking for a
+/// From the interval `out` (a plan and a proven lower bound: [`Proof::start`], or what [`ascend`] left), runs the full proof (with `proof_nodes` nodes) and then bisection probes on `p`, with at most `budget` nodes in all. `proof(target, nodes)` is the full proof's search (looking for a
 /// placement below `target`), `probe(target, nodes)` the bisection's; both return what an
 /// exact search returns.
-pub(crate) fn prove(
+pub(crate) fn prove_from(
     p: &Problem,
-    row: Vec<usize>,
+    mut out: Proof,
     budget: usize,
     proof_nodes: usize,
     mut proof: impl FnMut(f64, usize) -> ExactResult,
     mut probe: impl FnMut(f64, usize) -> ExactResult,
 ) -> Proof {
-    let objective = p.objective(&row).0;
-    let mut out = Proof {
-        row,
-        objective,
-        lower: p.lower_bound().min(objective),
-        optimal: false,
-    };
     // The plan meets a proven bound: nothing to search.
     if out.objective <= out.lower + 1e-9 {
         return out.settled();
@@ -116,7 +108,63 @@ pub(crate) fn prove(
     out
 }
 
+/// First probe of [`ascend`], relative to the lower bound.
+const FIRST_STEP: f64 = 1e-6;
+
+/// Proves from below: probes at `lower * (1 + step)` with the step doubling after each
+/// refutation, until a probe finds a placement (and, finished, proves it optimal) or the
+/// budget is spent; a probe reaching the incumbent is the full proof. For searches whose cost
+/// grows with the distance of the cut above the mean ([`super::ranks`]): the refutations
+/// just above the lower bound are cheap, and the probe that first finds a placement is at
+/// most twice as far above the bound as the optimum. Every probe gets the whole budget left.
+pub(crate) fn ascend(
+    p: &Problem,
+    mut out: Proof,
+    budget: usize,
+    mut probe: impl FnMut(f64, usize) -> ExactResult,
+) -> Proof {
+    let mut left = budget;
+    let mut step = FIRST_STEP;
+    for _ in 0..MAX_PROBES {
+        if out.objective <= out.lower + 1e-9 {
+            return out.settled();
+        }
+        if left < MIN_PROBE_NODES {
+            break;
+        }
+        let target = (out.lower * (1.0 + step)).min(out.objective);
+        let res = probe(target, left);
+        left -= res.nodes.min(left);
+        let found = res.row.is_some();
+        out.take(p, res.row);
+        match (found, res.proven) {
+            // The best placement below the target, and nothing below it: optimal. Nothing
+            // below the incumbent itself: the incumbent is.
+            (true, true) => return out.settled(),
+            (false, true) if target >= out.objective => return out.settled(),
+            (false, true) => {
+                out.lower = out.lower.max(target - MARGIN);
+                step *= 2.0;
+            }
+            // The budget is spent.
+            (_, false) => break,
+        }
+    }
+    out
+}
+
 impl Proof {
+    /// The interval before any search: `row` and the problem's own lower bound.
+    pub(crate) fn start(p: &Problem, row: Vec<usize>) -> Proof {
+        let objective = p.objective(&row).0;
+        Proof {
+            row,
+            objective,
+            lower: p.lower_bound().min(objective),
+            optimal: false,
+        }
+    }
+
     /// The plan is optimal: the interval closes on it.
     fn settled(mut self) -> Proof {
         self.optimal = true;
@@ -190,9 +238,9 @@ mod tests {
             // A deliberately poor start: experts dealt round-robin, duplicates repaired.
             let mut start: Vec<usize> = (0..slots).map(|i| i % e).collect();
             crate::placement::repair_duplicates(&mut start, e, g);
-            let proof = prove(
+            let proof = prove_from(
                 &p,
-                start,
+                Proof::start(&p, start),
                 budget,
                 proof_nodes,
                 |t, n| exact::solve(&p, t, n),
@@ -225,9 +273,9 @@ mod tests {
             proven: false,
             nodes: 10,
         };
-        let proof = prove(
+        let proof = prove_from(
             &p,
-            row,
+            Proof::start(&p, row),
             1_000_000,
             10,
             |_, _| ran_out(),
@@ -266,9 +314,9 @@ mod tests {
         let opt = p.objective(&full.row.expect("a placement")).0;
         let start: Vec<usize> = (0..16).map(|i| (i * 3) % 8).collect();
         assert!(find_duplicate(&start, 4).is_none());
-        let proof = prove(
+        let proof = prove_from(
             &p,
-            start,
+            Proof::start(&p, start),
             1_000_000,
             0,
             |t, n| exact::solve(&p, t, n),
@@ -277,5 +325,46 @@ mod tests {
         assert!(proof.lower <= opt + 1e-9);
         assert!(proof.optimal, "gap {} left", proof.gap());
         assert!((proof.objective - opt).abs() < 1e-9);
+    }
+
+    /// Fake searches (a unit-test stand-in for the rank-by-rank search): probes at or below
+    /// `opt` are refuted, probes above find the optimal row and finish. Proving from below
+    /// must end optimal, after refutations only below `opt`.
+    #[test]
+    fn ascending_probes_stop_at_the_first_placement_found() {
+        let loads = [5.0, 3.0, 2.0, 2.0];
+        let p = Problem::new(&[&loads[..]], 2, 4, 1.0, 2);
+        let best = vec![0, 2, 1, 3];
+        let opt = p.objective(&best).0;
+        let worse = vec![0, 1, 2, 3];
+        assert!(p.objective(&worse).0 > opt);
+        let mut targets = Vec::new();
+        let proof = ascend(&p, Proof::start(&p, worse), 1_000_000, |t, _| {
+            targets.push(t);
+            ExactResult {
+                row: (t > opt + 1e-9).then(|| best.clone()),
+                proven: true,
+                nodes: 10,
+            }
+        });
+        assert!(proof.optimal);
+        assert!((proof.objective - opt).abs() < 1e-12);
+        assert!(targets.windows(2).all(|w| w[0] < w[1]), "{targets:?}");
+        assert!(
+            targets[..targets.len() - 1]
+                .iter()
+                .all(|&t| t <= opt + 1e-9)
+        );
+        // An unfinished probe stops the ascent without raising the bound.
+        let lower = p.lower_bound();
+        let stuck = ascend(&p, Proof::start(&p, vec![0, 1, 2, 3]), 1_000_000, |_, _| {
+            ExactResult {
+                row: None,
+                proven: false,
+                nodes: 10,
+            }
+        });
+        assert!(!stuck.optimal);
+        assert_eq!(stuck.lower, lower);
     }
 }
