@@ -131,12 +131,12 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
             proven_gap: None,
         };
     }
-    // One episode, three or more slots per rank: the rank-by-rank search first, proving from
-    // below; what it leaves open goes to the expert-by-expert proof with its lower bound.
+    // The rank-by-rank search first, proving from below (one episode: three or more slots per
+    // rank; several: two or more); what it leaves open goes to the expert-by-expert proof with its lower bound.
     let mut start = prove::Proof::start(p, row);
     let mut budget = exact::budget(p);
     if ranks::eligible(p) {
-        start = prove::ascend(p, start, ranks::RANKS_NODES, |target, nodes| {
+        start = prove::ascend(p, start, ranks::budget(p), |target, nodes| {
             ranks::solve(p, target, nodes)
         });
         if start.optimal {
