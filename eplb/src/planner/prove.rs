@@ -116,23 +116,30 @@ const FIRST_STEP: f64 = 1e-6;
 /// spent; a probe reaching the incumbent is the full proof. For searches whose cost grows with
 /// the distance of the cut above the mean ([`super::ranks`]): the refutations just above the
 /// lower bound are cheap, and the probe that first finds a placement is at most twice as far
-/// above the bound as the optimum. A probe gets half the budget left; one that runs out
-/// without a placement is followed by one four steps higher, which looks for a placement in a
-/// wider window with what is left (near-perfect partitions: the refutation stalls at some
-/// distance, but placements a little further up are found quickly and narrow the proven gap).
+/// above the bound as the optimum. `reserve` nodes of the budget are kept back: when a probe
+/// runs out without a placement, probes four steps higher each look for a placement in a
+/// wider window with half of what is left (near-perfect partitions: the refutation stalls at
+/// some distance, but placements a little further up are found quickly and narrow the proven
+/// gap).
 pub(crate) fn ascend(
     p: &Problem,
     mut out: Proof,
     budget: usize,
+    reserve: usize,
     mut probe: impl FnMut(f64, usize) -> ExactResult,
 ) -> Proof {
     let mut left = budget;
     let mut step = FIRST_STEP;
+    let mut stalled = false;
     for _ in 0..MAX_PROBES {
         if out.objective <= out.lower + 1e-9 {
             return out.settled();
         }
-        let nodes = (left / 2).max(MIN_PROBE_NODES.min(left));
+        let nodes = if stalled {
+            (left / 2).max(MIN_PROBE_NODES.min(left))
+        } else {
+            left.saturating_sub(reserve)
+        };
         if nodes < MIN_PROBE_NODES {
             break;
         }
@@ -152,9 +159,13 @@ pub(crate) fn ascend(
             }
             // A better placement, not proven best: go on refuting from the same step.
             (true, false) => {}
-            // Out of nodes below the target: look higher.
+            // Out of nodes below the target: look higher (each probe from then on with half
+            // of what is left).
             (false, false) if target >= out.objective => break,
-            (false, false) => step *= 4.0,
+            (false, false) => {
+                stalled = true;
+                step *= 4.0;
+            }
         }
     }
     out
@@ -346,7 +357,7 @@ mod tests {
         let worse = vec![0, 1, 2, 3];
         assert!(p.objective(&worse).0 > opt);
         let mut targets = Vec::new();
-        let proof = ascend(&p, Proof::start(&p, worse), 1_000_000, |t, _| {
+        let proof = ascend(&p, Proof::start(&p, worse), 1_000_000, 0, |t, _| {
             targets.push(t);
             ExactResult {
                 row: (t > opt + 1e-9).then(|| best.clone()),
@@ -364,13 +375,17 @@ mod tests {
         );
         // An unfinished probe stops the ascent without raising the bound.
         let lower = p.lower_bound();
-        let stuck = ascend(&p, Proof::start(&p, vec![0, 1, 2, 3]), 1_000_000, |_, _| {
-            ExactResult {
+        let stuck = ascend(
+            &p,
+            Proof::start(&p, vec![0, 1, 2, 3]),
+            1_000_000,
+            1000,
+            |_, _| ExactResult {
                 row: None,
                 proven: false,
                 nodes: 10,
-            }
-        });
+            },
+        );
         assert!(!stuck.optimal);
         assert_eq!(stuck.lower, lower);
     }

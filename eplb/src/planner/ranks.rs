@@ -736,6 +736,7 @@ mod tests {
                 &p,
                 crate::planner::prove::Proof::start(&p, start),
                 budget,
+                budget / 2,
                 |t, n| solve(&p, t, n),
             );
             prop_assert!(proof.lower <= want + 1e-9, "lower {} above optimum {want}", proof.lower);
