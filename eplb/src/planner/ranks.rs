@@ -97,8 +97,12 @@ struct Search<'p> {
     rest: Vec<f64>,
     /// `tops[d * w + k]`: heaviest load in episode `k` of the first `d` closed ranks.
     tops: Vec<f64>,
-    /// Closed ranks (positions).
-    ranks: Vec<Vec<usize>>,
+    /// Closed ranks, and their members (positions; `placed[d * S..(d + 1) * S]` for rank `d`).
+    depth: usize,
+    placed: Vec<usize>,
+    /// `rest` before each closed rank, per depth (restored from it, not by adding back, so that
+    /// equal states stay bit-identical).
+    rest_saved: Vec<f64>,
     /// The rank being filled: its lead and its other members.
     lead: usize,
     members: Vec<usize>,
@@ -154,7 +158,9 @@ pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
         cap: p.g.min(p.max_rep),
         rest,
         tops: vec![f64::NEG_INFINITY; (p.g + 1) * w],
-        ranks: Vec::with_capacity(p.g),
+        depth: 0,
+        placed: vec![0; p.slots()],
+        rest_saved: vec![0.0; p.g * w],
         lead: 0,
         members: Vec::with_capacity(p.s),
         loads: vec![0.0; p.g * p.s * w],
@@ -212,7 +218,7 @@ impl Search<'_> {
             k.extend(c.iter().map(|&m| m as u8));
         }
         if self.w > 1 {
-            let d = self.ranks.len();
+            let d = self.depth;
             for t in &self.tops[d * self.w..(d + 1) * self.w] {
                 k.extend_from_slice(&t.to_bits().to_le_bytes());
             }
@@ -223,7 +229,7 @@ impl Search<'_> {
     /// Lower bound on the objective of every completion in which the rank being filled ends
     /// with its load in `[self.lo, self.hi]` per episode.
     fn bound(&self) -> f64 {
-        let d = self.ranks.len();
+        let d = self.depth;
         let later = self.p.g - d - 1;
         (0..self.w)
             .map(|k| {
@@ -247,7 +253,7 @@ impl Search<'_> {
         }
         let p = self.p;
         let w = self.w;
-        let depth = self.ranks.len();
+        let depth = self.depth;
         let open = p.g - depth;
         let Some(lead) = (0..p.e).find(|&j| self.cnt[j] == 0 || self.left[j] > 0) else {
             if open == 0 {
@@ -397,7 +403,7 @@ impl Search<'_> {
     /// below the cut.
     fn open_rank_fits(&mut self, add: Option<(usize, usize)>, more: usize, from: usize) -> bool {
         let w = self.w;
-        let row = (self.ranks.len() * (self.p.e + 1) + from) * w;
+        let row = (self.depth * (self.p.e + 1) + from) * w;
         let at = self.load_at();
         for k in 0..w {
             let extra = add.map_or(0.0, |(j, c)| self.x[j * w + k] / c as f64);
@@ -421,12 +427,12 @@ impl Search<'_> {
             return;
         }
         let p = self.p;
-        let open = p.g - self.ranks.len();
+        let open = p.g - self.depth;
         if need == 0 {
             self.close_rank();
             return;
         }
-        let depth = self.ranks.len();
+        let depth = self.depth;
         // Positions that must be on this rank and are still to come.
         let first_forced = self.forced[depth].iter().position(|&f| f >= from);
         let forced_left = first_forced.map_or(0, |i| self.forced[depth].len() - i);
@@ -509,7 +515,7 @@ impl Search<'_> {
 
     /// Index in `loads` of the rank being filled, as it is now.
     fn load_at(&self) -> usize {
-        (self.ranks.len() * self.p.s + self.members.len()) * self.w
+        (self.depth * self.p.s + self.members.len()) * self.w
     }
 
     /// Puts a replica of position `j` (count `c`) on the rank being filled and goes on with
@@ -541,7 +547,7 @@ impl Search<'_> {
     /// under the cut on the other ranks), and goes on with the next rank.
     fn close_rank(&mut self) {
         let w = self.w;
-        let d = self.ranks.len();
+        let d = self.depth;
         let open = self.p.g - d;
         let at = self.load_at();
         if w == 1 {
@@ -556,25 +562,24 @@ impl Search<'_> {
                 return;
             }
         }
-        // Restored from a copy, not by adding back (bit-identical states).
-        let rest_before = self.rest.clone();
+        self.rest_saved[d * w..(d + 1) * w].copy_from_slice(&self.rest);
         for k in 0..w {
             let l = self.loads[at + k];
             self.tops[(d + 1) * w + k] = self.tops[d * w + k].max(l);
             self.rest[k] -= l;
         }
+        let s = self.p.s;
+        self.placed[d * s] = self.lead;
+        self.placed[d * s + 1..(d + 1) * s].copy_from_slice(&self.members);
         let members = std::mem::take(&mut self.members);
-        self.ranks.push(
-            std::iter::once(self.lead)
-                .chain(members.iter().copied())
-                .collect(),
-        );
         let lead = self.lead;
+        self.depth += 1;
         self.next_rank(lead, &members);
-        self.ranks.pop();
+        self.depth -= 1;
         self.members = members;
         self.lead = lead;
-        self.rest = rest_before;
+        self.rest
+            .copy_from_slice(&self.rest_saved[d * w..(d + 1) * w]);
     }
 
     /// Every rank is closed and every replica placed: a placement below the cut.
@@ -587,11 +592,7 @@ impl Search<'_> {
             return;
         }
         self.cut = f - 1e-9;
-        let row = self
-            .ranks
-            .iter()
-            .flat_map(|r| r.iter().map(|&j| self.order[j]))
-            .collect();
+        let row = self.placed.iter().map(|&j| self.order[j]).collect();
         self.best_row = Some(row);
     }
 }
