@@ -431,11 +431,12 @@ fn fp8_decode_projections_match_the_dequantised_ffn() {
     let Some(gpu) = gpu_or_skip() else { return };
     let mut rng = SplitMix64::new(28);
     let (h, i) = (256, 384);
-    let experts = random_fp8_experts(&mut rng, 5, h, i);
+    let experts = random_fp8_experts(&mut rng, 6, h, i);
     let mut dev = DeviceFp8Experts::upload(&gpu, &experts).unwrap();
-    // up to 11 rows per expert: two 8-row chunks
-    let offsets = [0u32, 3, 3, 14, 15, 20];
-    let x = rng.bf16_matrix(20, h, 1.0);
+    // an empty expert, 1 to 17 rows per expert (up to three 8-row chunks, the last of one
+    // row); H = 256 and I = 384 give both an even and an odd count of 128-wide K blocks
+    let offsets = [0u32, 3, 3, 14, 15, 20, 37];
+    let x = rng.bf16_matrix(37, h, 1.0);
     let dx = gpu.upload(&x).unwrap();
     let want = dev
         .ffn(&gpu, &dx, &offsets, Fp8Compute::Dequant)

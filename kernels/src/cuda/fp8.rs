@@ -790,10 +790,11 @@ impl DeviceFp8Experts {
     }
 
     /// The SwiGLU FFN with the rows' grouping by slot read on the device (`offsets`, `slots +
-    /// 1` entries), no host round trip (capturable in a CUDA graph): warp-per-output
-    /// projections that dequantise the weights as they read them (`q * s` in fp32) against the
-    /// bf16 activations, half the weight bytes of bf16. For decode-size batches; hidden and
-    /// intermediate sizes multiples of 128.
+    /// 1` entries), no host round trip (capturable in a CUDA graph): projections that decode
+    /// each weight once (the hardware E4M3 conversion from sm_89) and multiply it with up to 8
+    /// rows on the tensor cores, the 128x128 block scale applied to each block's fp32 partial
+    /// sum (`moe_expert_gemv_fp8`); half the weight bytes of bf16. For decode-size batches;
+    /// hidden and intermediate sizes multiples of 128.
     pub fn ffn_device_offsets(
         &self,
         gpu: &Gpu,
@@ -819,13 +820,14 @@ impl DeviceFp8Experts {
         let hm = gpu.alloc_matrix::<bf16>(r, i)?;
         let s = gpu.stream();
         let launch = |x: u64, w: u64, sc: u64, m: usize, k: usize, c: u64| -> Result<()> {
-            let warps = 8usize;
+            // One warp per 16 outputs (m % 16 == 0 as m % 128 == 0), four warps a block.
+            let warps = 4usize;
             let cfg = LaunchConfig {
-                grid_dim: (m.div_ceil(warps).clamp(1, 64) as u32, self.slots as u32, 1),
+                grid_dim: ((m / 16).div_ceil(warps) as u32, self.slots as u32, 1),
                 block_dim: (32 * warps as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let (mi, kv, kp) = (m as i32, (k / 16) as i32, kbp(k) as i32);
+            let (mi, ki, kp) = (m as i32, k as i32, kbp(k) as i32);
             let mut b = gpu.stream().launch_builder(&gpu.k.expert_gemv_fp8);
             b.arg(&x)
                 .arg(&w)
@@ -833,10 +835,11 @@ impl DeviceFp8Experts {
                 .arg(&kp)
                 .arg(offsets)
                 .arg(&mi)
-                .arg(&kv)
+                .arg(&ki)
                 .arg(&c);
             // SAFETY: matches the kernel signature; x holds the offsets' rows of k bf16, w
-            // slots x m x k codes with their padded scale grids, c rows x m.
+            // slots x m x k codes with their padded scale grids, c rows x m; k % 128 == 0 and
+            // m % 16 == 0 (checked above).
             unsafe { b.launch(cfg) }.map_err(drv)?;
             Ok(())
         };

@@ -710,9 +710,101 @@ extern "C" __global__ void moe_expert_gemv(const uint4* __restrict__ X, const ui
 }
 
 // The same for FP8 weights (E4M3 codes [slots][M][K] with 128x128 block scales
-// [slots][M/128 rounded up][kbp]): weight-only dequantisation (q * s in fp32) against bf16
-// activations, half the weight bytes of bf16. Each lane reads 16 codes (one 16-byte load, one
-// scale) and the 16 matching activations; K % 16 == 0 (`kv` = K / 16).
+// [slots][M/128 rounded up][kbp]): weight-only dequantisation against the bf16 activations,
+// half the weight bytes of bf16. Each code is decoded once and serves every row of a chunk:
+// on sm_80 and newer one warp computes 16 outputs x 8 rows with bf16 tensor-core MMAs
+// (m16n8k16, fp32 accumulation); E4M3 values are exact in bf16, so the products are exact and
+// the block scale multiplies each 128-wide partial sum in fp32. K % 128 == 0, M % 16 == 0.
+
+// Two E4M3 codes (bits 0-7 and 8-15 of v) -> two bf16 (low half from bits 0-7), exactly:
+// every E4M3 value, NaN included, is a bf16 value. The hardware conversion needs sm_89.
+__device__ __forceinline__ u32 e4m3x2_to_bf16x2(u32 v) {
+#if __CUDA_ARCH__ >= 890
+    u32 r;
+    asm("{\n\t.reg .b32 h2;\n\t.reg .b16 lo, hi;\n\t.reg .f32 flo, fhi;\n\t"
+        "cvt.rn.f16x2.e4m3x2 h2, %1;\n\t"
+        "mov.b32 {lo, hi}, h2;\n\t"
+        "cvt.f32.f16 flo, lo;\n\t"
+        "cvt.f32.f16 fhi, hi;\n\t"
+        "cvt.rn.bf16x2.f32 %0, fhi, flo;\n\t}"
+        : "=r"(r)
+        : "h"((unsigned short)v));
+    return r;
+#else
+    return (u32)f2bf(e4m3_to_f32((unsigned char)v)) | ((u32)f2bf(e4m3_to_f32((unsigned char)(v >> 8))) << 16);
+#endif
+}
+
+// 16-byte load of streamed weights: read once, kept out of L1 so the activations stay there.
+__device__ __forceinline__ uint4 ld_stream(const unsigned char* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
+#if __CUDA_ARCH__ >= 800
+// c (16x8, fp32) += a (16x16, bf16, row-major) * b (16x8, bf16, column-major).
+__device__ __forceinline__ void mma_bf16_16816(float* c, const u32* a, const u32* b) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// NB consecutive 128-wide K blocks (kb..kb+NB-1) of one warp's tile: acc += s[kb] * (W x X^T)
+// per block. Lane (g = lane / 4, t = lane % 4) holds weight rows g and g + 8 and activation
+// row g; the MMA's K order is permuted so that each lane reads 16 contiguous codes per row
+// and 64-wide step (K = 64 * step + 16 * t + 0..15): MMA k-step i takes bytes 4i..4i+3 of
+// them, as the fragment's k-slots {2t, 2t+1} and {2t+8, 2t+9}, for the weights and the
+// activations alike, so the products pair up exactly as in the unpermuted sum. All loads of
+// the NB blocks are issued before the first MMA (bytes in flight for a memory-bound kernel).
+template <int NB>
+__device__ __forceinline__ void fp8_mma_blocks(const unsigned char* w0, const unsigned char* w8,
+                                               const u16* x, bool row_live, const float* srow, int kb,
+                                               float* acc) {
+    uint4 wa[NB][2], wb[NB][2], xv[NB][4];
+    float sc[NB];
+#pragma unroll
+    for (int n = 0; n < NB; ++n) {
+#pragma unroll
+        for (int st = 0; st < 2; ++st) {
+            const int k = (kb + n) * 128 + st * 64;
+            wa[n][st] = ld_stream(w0 + k);
+            wb[n][st] = ld_stream(w8 + k);
+            if (row_live) {
+                xv[n][2 * st] = *(const uint4*)(x + k);
+                xv[n][2 * st + 1] = *(const uint4*)(x + k + 8);
+            } else {
+                xv[n][2 * st] = xv[n][2 * st + 1] = make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+        sc[n] = srow[kb + n];
+    }
+#pragma unroll
+    for (int n = 0; n < NB; ++n) {
+        float p[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int st = 0; st < 2; ++st) {
+            const u32 ra[4] = {wa[n][st].x, wa[n][st].y, wa[n][st].z, wa[n][st].w};
+            const u32 rb[4] = {wb[n][st].x, wb[n][st].y, wb[n][st].z, wb[n][st].w};
+            const uint4 x0 = xv[n][2 * st], x1 = xv[n][2 * st + 1];
+            const u32 xx[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const u32 a[4] = {e4m3x2_to_bf16x2(ra[i]), e4m3x2_to_bf16x2(rb[i]), e4m3x2_to_bf16x2(ra[i] >> 16),
+                                  e4m3x2_to_bf16x2(rb[i] >> 16)};
+                const u32 b[2] = {xx[2 * i], xx[2 * i + 1]};
+                mma_bf16_16816(p, a, b);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[j] = fmaf(p[j], sc[n], acc[j]);
+    }
+}
+#else
+// Before sm_80 (no bf16 MMA): 16 codes, one scale, 16 activations per lane, decoded per row.
 __device__ __forceinline__ float dot16_fp8(const uint4 w, float s, const uint4* __restrict__ x) {
     const uint4 x0 = x[0], x1 = x[1];
     const u32 ww[4] = {w.x, w.y, w.z, w.w};
@@ -730,36 +822,57 @@ __device__ __forceinline__ float dot16_fp8(const uint4 w, float s, const uint4* 
     }
     return acc * s;
 }
+#endif
 
-extern "C" __global__ void moe_expert_gemv_fp8(const uint4* __restrict__ X, const uint4* __restrict__ W,
+// C[r, o] = bf16(sum_k X[r, k] * e4m3(W[s][o, k]) * S[s][o / 128, k / 128]) for the rows r of
+// slot s (slot_offsets[s]..slot_offsets[s+1], read on the device). One warp per (slot, 16
+// outputs), the slot's rows in chunks of 8. Grid: x over 16-output tiles (grid-stride),
+// y over slots; empty slots return at once.
+extern "C" __global__ void moe_expert_gemv_fp8(const u16* __restrict__ X, const unsigned char* __restrict__ W,
                                                const float* __restrict__ S, int kbp, const u32* __restrict__ offs,
-                                               int M, int kv, u16* __restrict__ C) {
+                                               int M, int K, u16* __restrict__ C) {
     const int s = blockIdx.y;
     const u32 a = offs[s], b = offs[s + 1];
     if (a >= b) return;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = blockDim.x >> 5;
-    const size_t sblk = (size_t)((M + 127) / 128) * kbp; // scales per slot
-    for (int o = blockIdx.x * wpb + warp; o < M; o += gridDim.x * wpb) {
-        const uint4* w = W + ((size_t)s * M + o) * kv;
-        const float* srow = S + (size_t)s * sblk + (size_t)(o >> 7) * kbp;
+    const int lane = threadIdx.x & 31, wpb = blockDim.x >> 5;
+    const size_t sblk = (size_t)((M + 127) >> 7) * kbp; // scales per slot
+    for (int tile = blockIdx.x * wpb + (threadIdx.x >> 5); tile < (M >> 4); tile += gridDim.x * wpb) {
+        const int o0 = tile << 4;
+        const float* srow = S + (size_t)s * sblk + (size_t)(o0 >> 7) * kbp;
+#if __CUDA_ARCH__ >= 800
+        const int g = lane >> 2, t = lane & 3, nkb = K >> 7;
+        const unsigned char* w0 = W + ((size_t)s * M + o0 + g) * K + t * 16;
+        const unsigned char* w8 = w0 + (size_t)8 * K;
         for (u32 r0 = a; r0 < b; r0 += 8) {
-            const u32 nr = min(8u, b - r0);
-            float acc[8];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) acc[j] = 0.f;
-            for (int c = lane; c < kv; c += 32) {
-                const uint4 wv = w[c];
-                const float sc = srow[c >> 3]; // 16 codes per c, 128 per scale block
-#pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    if ((u32)j < nr) acc[j] += dot16_fp8(wv, sc, X + ((size_t)(r0 + j) * kv + c) * 2);
+            const bool row_live = r0 + g < b;
+            const u16* x = X + (size_t)(row_live ? r0 + g : r0) * K + t * 16;
+            float acc[4] = {0.f, 0.f, 0.f, 0.f};
+            int kb = 0;
+            for (; kb + 2 <= nkb; kb += 2) fp8_mma_blocks<2>(w0, w8, x, row_live, srow, kb, acc);
+            if (kb < nkb) fp8_mma_blocks<1>(w0, w8, x, row_live, srow, kb, acc);
+            // acc[0], acc[1]: output o0 + g, rows r0 + 2t and + 1; acc[2], acc[3]: output o0 + g + 8.
+            const u32 r = r0 + 2 * t;
+            if (r < b) {
+                C[(size_t)r * M + o0 + g] = f2bf(acc[0]);
+                C[(size_t)r * M + o0 + g + 8] = f2bf(acc[2]);
             }
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                float v = acc[j];
-                for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
-                if (lane == 0 && (u32)j < nr) C[(size_t)(r0 + j) * M + o] = f2bf(v);
+            if (r + 1 < b) {
+                C[(size_t)(r + 1) * M + o0 + g] = f2bf(acc[1]);
+                C[(size_t)(r + 1) * M + o0 + g + 8] = f2bf(acc[3]);
             }
         }
+#else
+        const int kv = K >> 4;
+        for (int o = o0; o < o0 + 16; ++o) {
+            const uint4* w = (const uint4*)(W + ((size_t)s * M + o) * K);
+            for (u32 r = a; r < b; ++r) {
+                const uint4* x = (const uint4*)(X + (size_t)r * K);
+                float v = 0.f;
+                for (int c = lane; c < kv; c += 32) v += dot16_fp8(w[c], srow[c >> 3], x + 2 * c);
+                for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+                if (lane == 0) C[(size_t)r * M + o] = f2bf(v);
+            }
+        }
+#endif
     }
 }
