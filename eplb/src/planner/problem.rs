@@ -722,3 +722,66 @@ pub(crate) fn brute_force_optimum(p: &Problem, counts: Option<&[usize]>) -> f64 
         }
     }
 }
+
+/// The optimum of a problem without forced duplicates, for the tests' oracles on shapes beyond
+/// [`brute_force_optimum`]'s reach (it enumerates `E^slots` rows; this, the multisets of `G`
+/// rank contents of `S` distinct experts, `C(C(E, S) + G - 1, G)` of them): every multiset that
+/// serves every expert within `max_rep` replicas, its objective computed here from the loads
+/// (independent of the planner's state). Returns the optimum and a row reaching it.
+#[cfg(test)]
+pub(crate) fn rank_sets_optimum(p: &Problem) -> (f64, Vec<usize>) {
+    assert!(!p.dup_ok, "rank contents are sets: no forced duplicates");
+    let (e, s, g, w) = (p.e, p.s, p.g, p.w);
+    // Every rank content, as `s` ascending experts.
+    let mut sets: Vec<Vec<usize>> = Vec::new();
+    let mut set: Vec<usize> = (0..s).collect();
+    loop {
+        sets.push(set.clone());
+        let Some(i) = (0..s).rev().find(|&i| set[i] < e - s + i) else {
+            break;
+        };
+        set[i] += 1;
+        for t in i + 1..s {
+            set[t] = set[t - 1] + 1;
+        }
+    }
+    // Multisets of `g` contents as non-decreasing indices into `sets`.
+    let mut pick = vec![0usize; g];
+    let mut cnt = vec![0usize; e];
+    let mut best = (f64::INFINITY, Vec::new());
+    loop {
+        cnt.iter_mut().for_each(|c| *c = 0);
+        pick.iter()
+            .flat_map(|&i| sets[i].iter())
+            .for_each(|&j| cnt[j] += 1);
+        if cnt.iter().all(|&c| c >= 1 && c <= p.max_rep) {
+            let f: f64 = (0..w)
+                .map(|k| {
+                    let heaviest = pick
+                        .iter()
+                        .map(|&i| {
+                            sets[i]
+                                .iter()
+                                .map(|&j| p.x[j * w + k] / cnt[j] as f64)
+                                .sum::<f64>()
+                        })
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    p.omega[k] * heaviest
+                })
+                .sum();
+            if f < best.0 {
+                best = (
+                    f,
+                    pick.iter().flat_map(|&i| sets[i].iter().copied()).collect(),
+                );
+            }
+        }
+        let Some(i) = (0..g).rev().find(|&i| pick[i] + 1 < sets.len()) else {
+            return best;
+        };
+        pick[i] += 1;
+        for t in i + 1..g {
+            pick[t] = pick[i];
+        }
+    }
+}
