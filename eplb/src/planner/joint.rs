@@ -131,8 +131,9 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
             proven_gap: None,
         };
     }
-    // The rank-by-rank search first, proving from below (one episode: three or more slots per
-    // rank; several: two or more); what it leaves open goes to the expert-by-expert proof with its lower bound.
+    // The rank-by-rank search first, proving from below (three or more slots per rank; at most
+    // six with several episodes: `ranks::eligible`); what it leaves open goes to the
+    // expert-by-expert proof with its lower bound.
     let mut start = prove::Proof::start(p, row);
     let mut budget = exact::budget(p);
     if ranks::eligible(p) {

@@ -27,13 +27,14 @@
 //! * Slots: the replicas still owed (placed counts' remainders plus the fewest possible for
 //!   unplaced experts) must fit the empty slots, and the most possible must fill them.
 //! * Remaining states already refuted (same counts and remainders, same order constraint and,
-//!   with several episodes, the same heaviest closed loads) are remembered with the cut they
-//!   were refuted at.
+//!   with several episodes, the same heaviest closed loads) are remembered. With one episode
+//!   the key leaves out the closed ranks' loads, so a state is only remembered while they stay
+//!   below the cut (the refutation is then about the open ranks alone).
 //!
 //! Same contract as [`super::exact::solve`]: finished, it has found the best placement below
 //! the seed objective or shown that there is none.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 
 use super::exact::{ExactResult, spend_node};
 use super::problem::{Problem, water_fill};
@@ -52,10 +53,10 @@ const MEMO_LIMIT: usize = 400_000;
 /// Whether this search applies: no forced duplicates, at least three slots per rank (two slots
 /// per rank are the pairing search's), at most six with several episodes (with more, and
 /// several episodes, its nodes cost more than they settle: on the sweep's 4-window 4 x 8
-/// layers it left larger gaps than the expert-by-expert search in the same time), and a key
-/// that fits a byte per count.
+/// layers it left larger gaps than the expert-by-expert search in the same time), and memo
+/// keys that fit a byte per count and per expert position.
 pub(crate) fn eligible(p: &Problem) -> bool {
-    !p.dup_ok && !p.empty && p.g < 256 && p.s >= 3 && (p.w == 1 || p.s <= 6)
+    !p.dup_ok && !p.empty && p.g < 256 && p.e < 256 && p.s >= 3 && (p.w == 1 || p.s <= 6)
 }
 
 /// The node budget for a problem: a node costs time in proportion to the episodes, so the
@@ -115,8 +116,9 @@ struct Search<'p> {
     suffix_min: Vec<f64>,
     suffix_max: Vec<f64>,
     /// Per rank depth, every replica a position can add to the rank being filled as
-    /// `(episode-weighted size, position, count)`, ascending by size: with one episode the
-    /// last member is looked up in it.
+    /// `(episode-weighted size, position, count)`, ascending by size: the last member is
+    /// looked up in it (the weighted window; with several episodes each candidate in it is then
+    /// checked against the per-episode bound).
     candidates: Vec<Vec<(f64, usize, usize)>>,
     /// Per rank depth, the positions that must be on the rank being filled (ascending).
     forced: Vec<Vec<usize>>,
@@ -125,14 +127,17 @@ struct Search<'p> {
     hi: Vec<f64>,
     cut: f64,
     best_row: Option<Vec<usize>>,
-    memo: HashMap<Vec<u8>, f64>,
+    /// States refuted (within one search the cut only falls, so a state refuted once stays
+    /// refuted).
+    memo: HashSet<Vec<u8>>,
     nodes: usize,
     budget: usize,
     aborted: bool,
 }
 
-/// Runs the rank-by-rank search on `p` for a placement with objective below `seed_f` (and
-/// then for better ones), with at most `budget` nodes.
+/// Runs the rank-by-rank search on `p` for a placement with objective below `seed_f` (less
+/// a rounding margin of 1e-9, as [`super::exact::solve`]; then for better ones), with at most
+/// `budget` nodes.
 pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
     let w = p.w;
     let mut order: Vec<usize> = (0..p.e).collect();
@@ -172,7 +177,7 @@ pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
         hi: vec![0.0; w],
         cut: seed_f - 1e-9,
         best_row: None,
-        memo: HashMap::new(),
+        memo: HashSet::new(),
         nodes: 0,
         budget,
         aborted: false,
@@ -289,7 +294,7 @@ impl Search<'_> {
         }
         let constraint = (lead == prev_lead).then_some(prev_members);
         let key = self.key(constraint);
-        if self.memo.get(&key).is_some_and(|&c| c >= self.cut) {
+        if self.memo.contains(&key) {
             return;
         }
         // One episode: the state's memo entry does not hold the closed ranks' loads, so it is
@@ -381,7 +386,7 @@ impl Search<'_> {
         }
         (self.lead, self.members) = saved;
         if !self.aborted && below(self.cut) && self.memo.len() < MEMO_LIMIT {
-            self.memo.insert(key, self.cut);
+            self.memo.insert(key);
         }
     }
 
@@ -871,6 +876,7 @@ mod tests {
                 &p,
                 crate::planner::prove::Proof::start(&p, start),
                 budget,
+                budget / [1, 2, 8][rng.below(3)],
                 |t, n| solve(&p, t, n),
             );
             assert!(
