@@ -148,28 +148,15 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         start = prove::ascend(p, start, nodes, reserve, |target, nodes| {
             ranks::solve(p, target, nodes)
         });
-        if start.optimal {
-            return JointResult {
-                optimal: true,
-                proven_gap: Some(0.0),
-                row: start.row,
-            };
-        }
-        // The expert-by-expert proof gets a quarter of its budget after the rank-by-rank search
+        // (A layer the ascent proved is settled by `prove_from` without a search.) The
+        // expert-by-expert proof gets a quarter of its budget after the rank-by-rank search
         // (which takes about half its time): enough to close the 4 x 8 layers the ascent
         // brought near (16 experts, one window: 10 of 10 on the sweep with a quarter or a
         // half), and the unproven 8 x 4 layers stay near a second of CPU.
         budget /= 4;
     }
     // Two slots per rank: the search needs far fewer nodes from the pairing start.
-    if let Some(r) = pairs::pairing_start(p)
-        && p.objective(&r).0 < start.objective - 1e-12
-    {
-        start = prove::Proof {
-            lower: start.lower,
-            ..prove::Proof::start(p, r)
-        };
-    }
+    start.take(p, pairs::pairing_start(p));
     // The full proof, then bisection probes on the objective (`prove`). With two slots per
     // rank the full proof is the search over replica counts (`pairs`), which settles what the
     // expert-by-expert search would, in far fewer nodes; the probes are expert-by-expert

@@ -53,9 +53,12 @@ impl Proof {
     }
 }
 
-/// From the interval `out` (a plan and a proven lower bound: [`Proof::start`], or what [`ascend`] left), runs the full proof (with `proof_nodes` nodes) and then bisection probes on `p`, with at most `budget` nodes in all. `proof(target, nodes)` is the full proof's search (looking for a
-/// placement below `target`), `probe(target, nodes)` the bisection's; both return what an
-/// exact search returns.
+/// From the interval `out` (a plan and a proven lower bound: [`Proof::start`], or what
+/// [`ascend`] left; an interval already closed is returned settled), runs the full proof (with
+/// `proof_nodes` nodes) and then bisection probes on `p`, with at most `budget` nodes in all.
+/// `proof(target, nodes)` is the full proof's search (looking for a placement below
+/// `target`), `probe(target, nodes)` the bisection's; both return what an exact search
+/// returns.
 pub(crate) fn prove_from(
     p: &Problem,
     mut out: Proof,
@@ -191,7 +194,7 @@ impl Proof {
     }
 
     /// Keeps `row` when it is better than the current plan.
-    fn take(&mut self, p: &Problem, row: Option<Vec<usize>>) {
+    pub(crate) fn take(&mut self, p: &Problem, row: Option<Vec<usize>>) {
         if let Some(r) = row {
             let f = p.objective(&r).0;
             if f < self.objective - 1e-12 {

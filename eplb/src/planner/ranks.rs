@@ -314,21 +314,14 @@ impl Search<'_> {
             self.suffix_max[row(p.e) + k] = f64::NEG_INFINITY;
         }
         for j in (0..p.e).rev() {
-            let (fewest, most) = if self.cnt[j] > 0 {
-                if self.left[j] > 0 {
-                    (self.cnt[j], self.cnt[j])
-                } else {
-                    (0, 0)
-                }
-            } else {
-                (self.fewest(j), self.cap.min(open))
-            };
+            let range = self.count_range(j, open);
             for k in 0..w {
-                let (lo, hi) = if fewest == 0 {
-                    (f64::INFINITY, f64::NEG_INFINITY)
-                } else {
-                    let v = self.x[j * w + k];
-                    (v / most as f64, v / fewest as f64)
+                let (lo, hi) = match range {
+                    Some((fewest, most)) => {
+                        let v = self.x[j * w + k];
+                        (v / most as f64, v / fewest as f64)
+                    }
+                    None => (f64::INFINITY, f64::NEG_INFINITY),
                 };
                 self.suffix_min[row(j) + k] = self.suffix_min[row(j + 1) + k].min(lo);
                 self.suffix_max[row(j) + k] = self.suffix_max[row(j + 1) + k].max(hi);
@@ -339,21 +332,14 @@ impl Search<'_> {
         cands.clear();
         forced.clear();
         for j in lead + 1..p.e {
-            if self.cnt[j] > 0 {
-                if self.left[j] > 0 {
-                    cands.push((self.agg[j] / self.cnt[j] as f64, j, self.cnt[j]));
-                    if self.left[j] >= open {
-                        forced.push(j);
-                    }
-                }
-            } else {
-                let lo = self.fewest(j);
-                for c in lo..=self.cap.min(open) {
-                    cands.push((self.agg[j] / c as f64, j, c));
-                }
-                if lo >= open {
-                    forced.push(j);
-                }
+            let Some((lo, hi)) = self.count_range(j, open) else {
+                continue;
+            };
+            cands.extend((lo..=hi).map(|c| (self.agg[j] / c as f64, j, c)));
+            // Its remaining replicas (placed) or fewest possible (not yet) need every rank left.
+            let owed = if self.cnt[j] > 0 { self.left[j] } else { lo };
+            if owed >= open {
+                forced.push(j);
             }
         }
         cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
@@ -390,13 +376,23 @@ impl Search<'_> {
         }
     }
 
+    /// The counts position `j` can still add a replica with: its chosen count while it has
+    /// replicas left, `fewest..=min(cap, open)` before it is placed; `None` when it has none
+    /// left.
+    fn count_range(&self, j: usize, open: usize) -> Option<(usize, usize)> {
+        if self.cnt[j] > 0 {
+            (self.left[j] > 0).then_some((self.cnt[j], self.cnt[j]))
+        } else {
+            Some((self.fewest(j), self.cap.min(open)))
+        }
+    }
+
     /// Replica counts to try for position `j` (its chosen count once placed), nearest the
     /// water-filling suggestion first.
     fn count_options(&self, j: usize, open: usize) -> Vec<usize> {
-        if self.cnt[j] > 0 {
-            return vec![self.cnt[j]];
-        }
-        let (lo, hi) = (self.fewest(j), self.cap.min(open));
+        let Some((lo, hi)) = self.count_range(j, open) else {
+            return Vec::new();
+        };
         let mut v: Vec<usize> = (lo..=hi).collect();
         let hint = self.hint[j].clamp(lo.min(hi), hi.max(lo));
         v.sort_by_key(|&c| (c.abs_diff(hint), std::cmp::Reverse(c)));
@@ -608,6 +604,7 @@ mod tests {
     use crate::placement::find_duplicate;
     use crate::planner::exact;
     use crate::planner::problem::brute_force_optimum;
+    use crate::shape::Shape;
     use proptest::prelude::*;
 
     /// Tiny shapes `(E, slots, G)` with three or more slots per rank, small enough for the
@@ -625,12 +622,20 @@ mod tests {
     /// Cases of [`matches_rank_set_oracle_near_the_optimum`].
     const CASES: usize = 210;
 
+    /// A layer of `windows.len()` episodes on `g` ranks and `slots` slots, and its shape.
+    fn layer(windows: &[Vec<f64>], g: usize, slots: usize, recency: f64) -> (Problem, Shape) {
+        let e = windows[0].len();
+        let shape = Shape::new(e, slots - e, g, 1, 1).expect("a valid shape");
+        let refs: Vec<&[f64]> = windows.iter().map(Vec::as_slice).collect();
+        (
+            Problem::new(&refs, g, slots, recency, shape.max_replicas()),
+            shape,
+        )
+    }
+
     /// A problem of `windows.len()` episodes (recency 0.6, as `joint` plans).
     fn problem_of(windows: &[Vec<f64>], g: usize, slots: usize) -> Problem {
-        let e = windows[0].len();
-        let shape = crate::shape::Shape::new(e, slots - e, g, 1, 1).expect("a valid shape");
-        let refs: Vec<&[f64]> = windows.iter().map(Vec::as_slice).collect();
-        Problem::new(&refs, g, slots, 0.6, shape.max_replicas())
+        layer(windows, g, slots, 0.6).0
     }
 
     fn problem(loads: &[f64], g: usize, slots: usize) -> Problem {
@@ -768,8 +773,7 @@ mod tests {
                 let loads: Vec<f64> = (0..16)
                     .map(|_| (1000.0 * (0.5 + rng.uniform())).round())
                     .collect();
-                let shape = crate::shape::Shape::new(16, slots - 16, g, 1, 1).expect("shape");
-                let p = Problem::new(&[&loads[..]], g, slots, 1.0, shape.max_replicas());
+                let (p, shape) = layer(std::slice::from_ref(&loads), g, slots, 1.0);
                 let res = crate::planner::joint::plan_layer(&p, &shape, false);
                 assert!(
                     res.optimal,
@@ -846,9 +850,7 @@ mod tests {
         }
         for (rows, g, slots, recency) in layers {
             let e = rows[0].len();
-            let shape = crate::shape::Shape::new(e, slots - e, g, 1, 1).expect("shape");
-            let refs: Vec<&[f64]> = rows.iter().map(Vec::as_slice).collect();
-            let p = Problem::new(&refs, g, slots, recency, shape.max_replicas());
+            let (p, shape) = layer(&rows, g, slots, recency);
             if !eligible(&p) {
                 continue;
             }
