@@ -251,18 +251,24 @@ fn near_perfect_load() -> Vec<f64> {
         .collect()
 }
 
-/// A near-perfect partition (16 experts, 4 ranks x 8 slots; the optimum is within 0.1% of
-/// the mean rank load): the exact search used to run out of budget here (proven within 0.1%
-/// only); the overfull check refutes everything below the optimum.
-#[test]
-fn joint_proves_a_near_perfect_partition() {
-    let shape = Shape::new(16, 16, 4, 1, 1).unwrap();
+/// `joint`'s plan of the near-perfect load on `ranks` ranks (16 experts, 32 slots).
+fn near_perfect_plan(ranks: usize) -> eplb::LayerPlan {
+    let shape = Shape::new(16, 16, ranks, 1, 1).unwrap();
     let h = LoadHistory::single(vec![near_perfect_load()]).unwrap();
     let plan = planner_by_name("joint")
         .unwrap()
         .plan(&PlanRequest::new(shape, &h).threads(1))
         .unwrap();
-    let l = &plan.layers[0];
+    plan.layers[0].clone()
+}
+
+/// A near-perfect partition (16 experts, 4 ranks x 8 slots; the optimum is within 0.1% of
+/// the mean rank load): the expert-by-expert search alone once ran out of budget here (proven
+/// within 0.1% only); the rank-by-rank search proving from below, with the expert-by-expert
+/// proof after it, refutes everything below the optimum.
+#[test]
+fn joint_proves_a_near_perfect_partition() {
+    let l = &near_perfect_plan(4);
     assert!(l.optimal);
     assert_eq!(l.proven_gap, Some(0.0));
     assert!((l.lower_bound.unwrap() - l.objective).abs() < 1e-12);
@@ -274,13 +280,7 @@ fn joint_proves_a_near_perfect_partition() {
 /// means a gap of exactly 0.
 #[test]
 fn joint_reports_a_proven_gap_on_a_hard_layer() {
-    let shape = Shape::new(16, 16, 8, 1, 1).unwrap();
-    let h = LoadHistory::single(vec![near_perfect_load()]).unwrap();
-    let plan = planner_by_name("joint")
-        .unwrap()
-        .plan(&PlanRequest::new(shape, &h).threads(1))
-        .unwrap();
-    let l = &plan.layers[0];
+    let l = &near_perfect_plan(8);
     let gap = l.proven_gap.expect("small layers carry a proven gap");
     assert!(gap <= 1e-2, "gap {gap}");
     assert_eq!(l.optimal, gap == 0.0);
