@@ -30,9 +30,10 @@
 use super::problem::Problem;
 
 /// Node budget of one layer's exact search (about half a second on the slowest instances of
-/// the sweep in docs/benchmarks/eplb-exact.md). Instances that need more are reported as not
-/// proven: near-perfect partitions (optimum within 0.1% of the mean bound) with 4-8 ranks and
-/// 10-16 experts, and multi-window ones with 4-16 ranks, are the hard ones.
+/// the sweep in docs/benchmarks/eplb-exact.md; `joint` gives it a quarter after the
+/// rank-by-rank search). Near-perfect partitions (optimum within 0.1% of the mean bound) are
+/// the rank-by-rank search's to prove ([`super::ranks`]); multi-window layers with 6-16 ranks
+/// stay the hard ones for both.
 pub(crate) const EXACT_NODES: usize = 1_000_000;
 
 /// Counts one more node of a budgeted search. False (and `aborted` set) once the budget is
