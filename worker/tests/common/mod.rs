@@ -63,6 +63,15 @@ impl Group {
                 if ok {
                     break;
                 }
+                // A rank whose engine ended before it was ready failed at start (its error is
+                // what `stop` would report); say so now rather than after the whole deadline.
+                let ended: Vec<usize> = (0..self.workers.len())
+                    .filter(|&q| self.workers[q].is_finished())
+                    .collect();
+                assert!(
+                    ended.is_empty(),
+                    "ranks {ended:?} ended before the group was ready"
+                );
                 assert!(Instant::now() < deadline, "rank {r} never became ready");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -122,9 +131,14 @@ pub fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
+/// The control token in `dir/token`. Tests call this once per rank while earlier ranks may
+/// already be reading the file, so it is replaced by a rename, never truncated in place (a
+/// rank that read it half-written failed to start about one run in four on a loaded machine).
 pub fn token_file(dir: &std::path::Path) -> String {
     let p = dir.join("token");
-    std::fs::write(&p, format!("{TOKEN}\n")).unwrap();
+    let tmp = tempfile::NamedTempFile::new_in(dir).unwrap();
+    std::fs::write(tmp.path(), format!("{TOKEN}\n")).unwrap();
+    tmp.persist(&p).unwrap();
     p.to_string_lossy().into_owned()
 }
 
