@@ -113,6 +113,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             within += usize::from(gap <= 1e-3 + 1e-12);
             within1 += usize::from(gap <= 1e-2 + 1e-12);
             if std::env::var("SWEEP_VERBOSE").is_ok() {
+                eprintln!("loads {h:?}");
                 eprintln!(
                     "{g} ranks: objective {:.6} bound {:.6} gap {gap:.2e} optimal {} {:.1} ms",
                     l.objective,

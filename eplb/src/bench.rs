@@ -59,7 +59,8 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Timed repetitions (median reported).
     pub repeats: usize,
-    /// `max_moves` given to `incremental` per layer, as fractions of the slots (one row each).
+    /// `max_moves` given to `incremental` and to `joint` per layer, as fractions of the slots
+    /// (one row each).
     pub incremental_fractions: Vec<f64>,
 }
 
@@ -184,6 +185,7 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
     for f in &opts.incremental_fractions {
         let budget = ((shape.slots() as f64 * f).ceil() as usize).max(1);
         algos.push(("incremental", threads, Some(budget), None));
+        algos.push(("joint", threads, Some(budget), None));
     }
     for (name, thr, budget, node_slack) in algos {
         let planner = planner_by_name(name)?;
@@ -213,7 +215,7 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
         let Some(plan) = plan else { continue };
         let gap = (name == "joint").then(|| (plan.mean_gap(), plan.max_gap()));
         let label = match (budget, node_slack) {
-            (Some(b), _) => format!("incremental (max {b}/layer)"),
+            (Some(b), _) => format!("{name} (max {b}/layer)"),
             (None, Some(s)) => format!("{name} (node slack {:.0}%)", 100.0 * s),
             (None, None) => name.to_string(),
         };
@@ -505,10 +507,10 @@ pub fn summary(rows: &[BenchRow]) -> String {
             ));
         }
         let gain = keep.next_mean_par - joint.next_mean_par;
-        for inc in rows
-            .iter()
-            .filter(|r| r.shape == shape && r.algorithm.starts_with("incremental"))
-        {
+        for inc in rows.iter().filter(|r| {
+            r.shape == shape
+                && (r.algorithm.starts_with("incremental") || r.algorithm.starts_with("joint (max"))
+        }) {
             let share = if gain > 0.0 {
                 100.0 * (keep.next_mean_par - inc.next_mean_par) / gain
             } else {

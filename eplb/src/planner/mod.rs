@@ -4,9 +4,11 @@
 //! results do not depend on the thread count). The common driver then:
 //! * with a previous placement, re-labels the new ranks so that unchanged experts keep their
 //!   slots (`joint`, `incremental`; `greedy` stays the faithful baseline and does not);
-//! * enforces `max_moves` (slots changed per layer): `joint` falls back to the best
-//!   placement within the budget found by local search from the previous one, `greedy` keeps
-//!   the previous layer;
+//! * enforces `max_moves` (slots changed per layer): `joint` keeps the better of two plans
+//!   within the budget, the local search from the previous placement (as `incremental`) and
+//!   its own fresh plan walked back to the budget revert by revert (cheapest in F per slot
+//!   first) and searched on from there; with a budget it weighs recent windows as
+//!   `incremental` does. `greedy` keeps the previous layer;
 //! * keeps the previous layer unless the new one lowers the episode objective by at least
 //!   `min_improvement` (relative), so a plan never moves weights for nothing; `joint` also
 //!   undoes individual changes as long as its objective stays within `min_improvement / 2`.
@@ -38,8 +40,10 @@ pub const DEFAULT_ALGORITHM: &str = "joint";
 /// Default episode recency of `joint` (and `flashlb-like`): on the synthetic drift traces
 /// 0.5-0.6 gave the lowest next-window PAR, uniform weights (1.0) were 0.01-0.02 worse.
 pub const DEFAULT_RECENCY: f64 = 0.6;
-/// Default episode recency of `incremental`: with few moves allowed, spending them on what is
-/// hot now paid off (0.35 beat 0.6 on 23 of 24 shape/seed/budget cases of the benchmark).
+/// Default episode recency of `incremental`, and of `joint` given `max_moves` and a previous
+/// placement: with few moves allowed, spending them on what is hot now paid off (0.35 beat 0.6
+/// on 23 of 24 shape/seed/budget cases of the benchmark; for budgeted `joint`, 0.6 gave a
+/// worse next-window PAR than `incremental` on Mixtral-like, 0.35 a better one).
 pub const DEFAULT_RECENCY_INCREMENTAL: f64 = 0.35;
 /// Names accepted by [`planner_by_name`].
 pub const ALGORITHMS: [&str; 3] = ["greedy", "joint", "incremental"];
@@ -369,6 +373,9 @@ fn validate(req: &PlanRequest<'_>, algo: Algo) -> Result<()> {
 fn recency_for(req: &PlanRequest<'_>, algo: Algo) -> f64 {
     req.recency.unwrap_or(match algo {
         Algo::Incremental => DEFAULT_RECENCY_INCREMENTAL,
+        Algo::Joint if req.max_moves.is_some() && req.previous.is_some() => {
+            DEFAULT_RECENCY_INCREMENTAL
+        }
         _ => DEFAULT_RECENCY,
     })
 }
@@ -396,6 +403,20 @@ fn plan_one(
         recency_for(req, algo),
         shape.max_replicas(),
     );
+    // No move allowed: the previous layer is the plan, without searches whose result the
+    // budget would discard.
+    if let (Some(prev), Some(0)) = (prev_row, req.max_moves)
+        && matches!(algo, Algo::Joint | Algo::Incremental)
+    {
+        let objective = p.episode_par(prev);
+        return LayerOut {
+            row: prev.to_vec(),
+            optimal: false,
+            objective,
+            lower_bound: (algo == Algo::Joint).then(|| p.lower_bound().min(objective)),
+            proven_gap: None,
+        };
+    }
     let default_budget = shape.slots().div_ceil(8).max(1);
     let mut search_bound: Option<f64> = None;
     let (mut row, mut optimal) = match algo {
@@ -470,9 +491,21 @@ fn plan_one(
         {
             match algo {
                 Algo::Joint => {
+                    // Two ways into the budget, the better kept: the search from the previous
+                    // placement (as `incremental`), and the fresh plan walked back to the
+                    // budget and then searched within it.
                     let mut st = State::new(&p, prev.to_vec());
                     st.improve(Some((prev, m)), 4 * m + 8);
-                    row = st.row;
+                    let from_prev = st.row;
+                    row = match polish::revert_within(&p, row, prev, m) {
+                        Some(walked) => {
+                            let mut st = State::new(&p, walked);
+                            st.improve(Some((prev, m)), 4 * m + 8);
+                            let (fw, fp) = (p.episode_par(&st.row), p.episode_par(&from_prev));
+                            if fw < fp - 1e-12 { st.row } else { from_prev }
+                        }
+                        None => from_prev,
+                    };
                     optimal = false;
                 }
                 _ => {
