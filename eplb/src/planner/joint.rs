@@ -13,6 +13,7 @@
 use crate::placement::repair_duplicates;
 use crate::shape::Shape;
 
+use super::cover;
 use super::exact;
 use super::greedy::greedy_row;
 use super::pairs;
@@ -145,8 +146,13 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         // instead of 3).
         let nodes = ranks::budget(p);
         let reserve = if p.w == 1 { nodes / 2 } else { nodes / 8 };
+        let use_cover = cover::eligible(p) && std::env::var("EPLB_NO_COVER").is_err();
         start = prove::ascend(p, start, nodes, reserve, |target, nodes| {
-            ranks::solve(p, target, nodes)
+            if use_cover {
+                cover::solve(p, target, nodes)
+            } else {
+                ranks::solve(p, target, nodes)
+            }
         });
         // (A layer the ascent proved is settled by `prove_from` without a search.) The
         // expert-by-expert proof gets a quarter of its budget after the rank-by-rank search
