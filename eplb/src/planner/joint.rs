@@ -1,10 +1,12 @@
 //! `joint`: replica counts and placement chosen together, over several episodes.
 //!
-//! 1. Small instances (up to 24 experts and 48 slots): the exact branch-and-bound of
-//!    [`super::exact`] (replica counts and ranks chosen together, expert by expert), or with
-//!    two slots per rank the search over replica counts of [`super::pairs`], seeded with the
-//!    heuristic's objective. When it finishes within its node budget the result is proven
-//!    optimal.
+//! 1. Small instances (up to 24 experts and 48 slots): proving from below with the cover
+//!    search of [`super::cover`] (one episode, three or four slots per rank) or the
+//!    rank-by-rank search of [`super::ranks`] (three or more slots per rank), then the exact
+//!    branch-and-bound of [`super::exact`] (replica counts and ranks chosen together, expert
+//!    by expert), or with two slots per rank the search over replica counts of
+//!    [`super::pairs`], seeded with the heuristic's objective. When a search finishes within
+//!    its node budget the result is proven optimal.
 //! 2. Otherwise: two starts — (a) min-max replication on the episode-weighted load, then
 //!    episode-aware packing (each replica to the rank that raises the objective least), and
 //!    (b) the greedy plan — each improved by local search (swaps between critical and other
@@ -144,9 +146,16 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         // several an eighth (their optimum lies further above the bound and the probe that
         // proves it needs most of the budget: with half, 1 of 5 12-expert 4 x 6 layers proven
         // instead of 3).
-        let nodes = ranks::budget(p);
+        // One episode and three or four slots per rank: the cover search instead (it settles
+        // near-perfect partitions the rank-by-rank search cannot: 16 experts on 8 x 4, 9-10
+        // of 10 proven per class on the sweep instead of 0-1).
+        let use_cover = cover::eligible(p);
+        let nodes = if use_cover {
+            cover::COVER_NODES
+        } else {
+            ranks::budget(p)
+        };
         let reserve = if p.w == 1 { nodes / 2 } else { nodes / 8 };
-        let use_cover = cover::eligible(p) && std::env::var("EPLB_NO_COVER").is_err();
         start = prove::ascend(p, start, nodes, reserve, |target, nodes| {
             if use_cover {
                 cover::solve(p, target, nodes)
