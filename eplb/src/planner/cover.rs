@@ -550,8 +550,10 @@ impl Search<'_> {
 mod tests {
     use super::*;
     use crate::placement::find_duplicate;
-    use crate::planner::problem::{brute_force_optimum, rank_sets_optimum};
-    use crate::planner::{exact, prove, ranks};
+    use crate::planner::problem::{
+        brute_force_optimum, check_ascent, check_search_at_optimum, rank_sets_optimum,
+    };
+    use crate::planner::{exact, ranks};
     use crate::shape::Shape;
     use proptest::prelude::*;
 
@@ -571,18 +573,6 @@ mod tests {
     fn problem(loads: &[f64], g: usize, slots: usize) -> Problem {
         let shape = Shape::new(loads.len(), slots - loads.len(), g, 1, 1).expect("a valid shape");
         Problem::new(&[loads], g, slots, 0.6, shape.max_replicas())
-    }
-
-    /// The search's answer from an unbounded start: a valid row with its objective, proven.
-    fn optimum(p: &Problem, budget: usize) -> (f64, bool) {
-        let res = solve(p, f64::INFINITY, budget);
-        let row = res.row.expect("every eligible problem has a placement");
-        assert_eq!(row.len(), p.slots());
-        assert!(find_duplicate(&row, p.s).is_none(), "{row:?}");
-        let mut cnt = vec![0; p.e];
-        row.iter().for_each(|&e| cnt[e] += 1);
-        assert!(cnt.iter().all(|&c| c >= 1 && c <= p.max_rep), "{cnt:?}");
-        (p.objective(&row).0, res.proven)
     }
 
     proptest! {
@@ -606,13 +596,7 @@ mod tests {
             let p = problem(&loads, g, slots);
             prop_assume!(eligible(&p));
             let want = brute_force_optimum(&p, None);
-            let (got, proven) = optimum(&p, 10_000_000);
-            prop_assert!(proven);
-            prop_assert!((got - want).abs() < 1e-9, "search {got} vs brute force {want}");
-            let below = solve(&p, want - 1e-6, 10_000_000);
-            prop_assert!(below.proven && below.row.is_none());
-            let just_above = solve(&p, want * (1.0 + 1e-7), 10_000_000);
-            prop_assert!(just_above.proven && just_above.row.is_some());
+            check_search_at_optimum(&p, want, solve).map_err(TestCaseError::fail)?;
         }
     }
 
@@ -650,16 +634,7 @@ mod tests {
             let p = problem(&loads, g, slots);
             prop_assume!(eligible(&p));
             let want = brute_force_optimum(&p, None);
-            let mut start: Vec<usize> = (0..slots).map(|i| i % e).collect();
-            crate::placement::repair_duplicates(&mut start, e, g);
-            let proof = prove::ascend(&p, prove::Proof::start(&p, start), budget, budget / 2, |t, n| {
-                solve(&p, t, n)
-            });
-            prop_assert!(proof.lower <= want + 1e-9, "lower {} above optimum {want}", proof.lower);
-            prop_assert!(proof.objective >= want - 1e-9);
-            if proof.optimal {
-                prop_assert!((proof.objective - want).abs() < 1e-9, "optimal {} vs {want}", proof.objective);
-            }
+            check_ascent(&p, want, budget, solve).map_err(TestCaseError::fail)?;
         }
     }
 

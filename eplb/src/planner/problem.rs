@@ -701,6 +701,86 @@ pub(crate) fn next_row(row: &mut [usize], e: usize) -> bool {
     false
 }
 
+/// For the tests: the objective of an exact search's answer after checking that its row is a
+/// valid placement (every slot filled, no expert twice on a rank, every count in range), and
+/// whether the search finished.
+#[cfg(test)]
+pub(crate) fn checked_answer(p: &Problem, res: super::exact::ExactResult) -> (f64, bool) {
+    let row = res.row.expect("every eligible problem has a placement");
+    assert_eq!(row.len(), p.slots());
+    assert!(
+        crate::placement::find_duplicate(&row, p.s).is_none(),
+        "{row:?}"
+    );
+    let mut cnt = vec![0; p.e];
+    row.iter().for_each(|&e| cnt[e] += 1);
+    assert!(cnt.iter().all(|&c| c >= 1 && c <= p.max_rep), "{cnt:?}");
+    (p.objective(&row).0, res.proven)
+}
+
+/// For the tests of the exact searches (`solve(problem, seed objective, nodes)`): against the
+/// brute-force optimum `want`, the search from an unbounded start finds and proves it, just
+/// above it finds it, and just below it proves that nothing is there.
+#[cfg(test)]
+pub(crate) fn check_search_at_optimum(
+    p: &Problem,
+    want: f64,
+    solve: impl Fn(&Problem, f64, usize) -> super::exact::ExactResult,
+) -> Result<(), String> {
+    let (got, proven) = checked_answer(p, solve(p, f64::INFINITY, 10_000_000));
+    if !proven || (got - want).abs() >= 1e-9 {
+        return Err(format!("search {got} (proven {proven}) vs optimum {want}"));
+    }
+    let (near, proven) = checked_answer(p, solve(p, want * (1.0 + 1e-7), 10_000_000));
+    if !proven || (near - want).abs() >= 1e-9 {
+        return Err(format!(
+            "just above: {near} (proven {proven}) vs optimum {want}"
+        ));
+    }
+    let below = solve(p, want - 1e-6, 10_000_000);
+    if !below.proven || below.row.is_some() {
+        return Err(format!(
+            "below {want}: proven {} row {:?}",
+            below.proven, below.row
+        ));
+    }
+    Ok(())
+}
+
+/// For the tests of proving from below with a search: from a poor start (experts dealt
+/// round-robin) and any budget, the interval holds the optimum `want` and "optimal" is said
+/// of the optimum only.
+#[cfg(test)]
+pub(crate) fn check_ascent(
+    p: &Problem,
+    want: f64,
+    budget: usize,
+    solve: impl Fn(&Problem, f64, usize) -> super::exact::ExactResult,
+) -> Result<(), String> {
+    let mut start: Vec<usize> = (0..p.slots()).map(|i| i % p.e).collect();
+    crate::placement::repair_duplicates(&mut start, p.e, p.g);
+    let proof = super::prove::ascend(
+        p,
+        super::prove::Proof::start(p, start),
+        budget,
+        budget / 2,
+        |t, n| solve(p, t, n),
+    );
+    if proof.lower > want + 1e-9 || proof.objective < want - 1e-9 {
+        return Err(format!(
+            "[{}, {}] misses the optimum {want}",
+            proof.lower, proof.objective
+        ));
+    }
+    if (proof.objective - p.objective(&proof.row).0).abs() >= 1e-12 {
+        return Err("the proof's objective is not its row's".into());
+    }
+    if proof.optimal && (proof.objective - want).abs() >= 1e-9 {
+        return Err(format!("optimal {} vs {want}", proof.objective));
+    }
+    Ok(())
+}
+
 /// The brute-force optimum for the tests' oracles: the best objective over every valid row of
 /// `E^slots` (every expert served, no duplicate on a rank unless the problem allows them),
 /// optionally only rows with the replica counts `counts`.

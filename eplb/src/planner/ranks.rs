@@ -604,7 +604,7 @@ mod tests {
     use super::*;
     use crate::placement::find_duplicate;
     use crate::planner::exact;
-    use crate::planner::problem::brute_force_optimum;
+    use crate::planner::problem::{brute_force_optimum, check_ascent, check_search_at_optimum};
     use crate::shape::Shape;
     use proptest::prelude::*;
 
@@ -645,14 +645,7 @@ mod tests {
 
     /// The search's answer from an unbounded start: a valid row with its objective, proven.
     fn optimum(p: &Problem, budget: usize) -> (f64, bool) {
-        let res = solve(p, f64::INFINITY, budget);
-        let row = res.row.expect("every eligible problem has a placement");
-        assert_eq!(row.len(), p.slots());
-        assert!(find_duplicate(&row, p.s).is_none(), "{row:?}");
-        let mut cnt = vec![0; p.e];
-        row.iter().for_each(|&e| cnt[e] += 1);
-        assert!(cnt.iter().all(|&c| c >= 1 && c <= p.max_rep), "{cnt:?}");
-        (p.objective(&row).0, res.proven)
+        crate::planner::problem::checked_answer(p, solve(p, f64::INFINITY, budget))
     }
 
     proptest! {
@@ -680,11 +673,7 @@ mod tests {
             let p = problem_of(&rows, g, slots);
             prop_assume!(eligible(&p));
             let want = brute_force_optimum(&p, None);
-            let (got, proven) = optimum(&p, 10_000_000);
-            prop_assert!(proven);
-            prop_assert!((got - want).abs() < 1e-9, "search {got} vs brute force {want}");
-            let below = solve(&p, want - 1e-6, 10_000_000);
-            prop_assert!(below.proven && below.row.is_none());
+            check_search_at_optimum(&p, want, solve).map_err(TestCaseError::fail)?;
         }
     }
 
@@ -744,28 +733,13 @@ mod tests {
             let p = problem(&loads, g, slots);
             prop_assume!(eligible(&p));
             let want = brute_force_optimum(&p, None);
-            // A deliberately poor start: experts dealt round-robin, duplicates repaired.
-            let mut start: Vec<usize> = (0..slots).map(|i| i % e).collect();
-            crate::placement::repair_duplicates(&mut start, e, g);
-            let proof = crate::planner::prove::ascend(
-                &p,
-                crate::planner::prove::Proof::start(&p, start),
-                budget,
-                budget / 2,
-                |t, n| solve(&p, t, n),
-            );
-            prop_assert!(proof.lower <= want + 1e-9, "lower {} above optimum {want}", proof.lower);
-            prop_assert!(proof.objective >= want - 1e-9);
-            prop_assert!((proof.objective - p.objective(&proof.row).0).abs() < 1e-12);
-            if proof.optimal {
-                prop_assert!((proof.objective - want).abs() < 1e-9, "optimal {} vs {want}", proof.objective);
-            }
+            check_ascent(&p, want, budget, solve).map_err(TestCaseError::fail)?;
         }
     }
 
     /// The shapes the expert-by-expert search could not close (docs/benchmarks/eplb-exact.md):
-    /// 16 experts on 6 ranks x 4 slots and 8 ranks x 3 with near-uniform loads, proven by
-    /// `joint` (the rank-by-rank search proving from below).
+    /// 16 experts on 6 ranks x 4 slots, 8 ranks x 3 and 4 x 8 with near-uniform loads, proven
+    /// by `joint` (proving from below: the cover search on 6 x 4 and 8 x 3, this search on 4 x 8).
     #[test]
     fn joint_proves_near_uniform_layers_on_many_ranks() {
         let mut rng = crate::synth::Rng::new(3);
