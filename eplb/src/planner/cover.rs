@@ -43,11 +43,16 @@ const MEMO_LIMIT: usize = 400_000;
 const MARGIN: f64 = 1e-9;
 
 /// Whether this search applies: one episode, no forced duplicates, three to six slots per
-/// rank (with eight the contents are too many: on the sweep's 16-expert 4 x 8 layers it proved
-/// 0-7 of 10 where the rank-by-rank search proves 10; with six it proved 9 of 10 uniform 4 x 6
-/// layers against 8, in a third of the time), and memo keys of a byte per count.
+/// rank and at most 16 experts. With eight slots per rank the contents are too many (on the
+/// sweep's 16-expert 4 x 8 layers it proved 0-7 of 10 where the rank-by-rank search proves
+/// 10); with six it proved 9 of 10 uniform 16-expert 4 x 6 layers against 8, in a third of the
+/// time. With 20-24 experts (3 layers per shape, 2026-12-06) it left larger proven gaps than the
+/// rank-by-rank search on 20 experts 10 x 4 and 8 x 5 and 24 experts 8 x 6 (e.g. 0.62% against
+/// 0.22% median), smaller on 24 experts 12 x 4 (zipf: 3 of 3 proven against 1): those layers
+/// keep the rank-by-rank search. With 16 experts and 48 slots it was ahead (16 x 3: 0.05-0.2%
+/// median gap against 1.3-2.2%).
 pub(crate) fn eligible(p: &Problem) -> bool {
-    p.w == 1 && !p.dup_ok && !p.empty && (3..=6).contains(&p.s) && p.e < 256 && p.g < 256
+    p.w == 1 && !p.dup_ok && !p.empty && (3..=6).contains(&p.s) && p.e <= 16 && p.g < 256
 }
 
 struct Search<'p> {

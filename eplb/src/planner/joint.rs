@@ -1,7 +1,7 @@
 //! `joint`: replica counts and placement chosen together, over several episodes.
 //!
 //! 1. Small instances (up to 24 experts and 48 slots): proving from below with the cover
-//!    search of [`super::cover`] (one episode, three to six slots per rank) or the
+//!    search of [`super::cover`] (one episode, three to six slots per rank, up to 16 experts) or the
 //!    rank-by-rank search of [`super::ranks`] (three or more slots per rank), then the exact
 //!    branch-and-bound of [`super::exact`] (replica counts and ranks chosen together, expert
 //!    by expert), or with two slots per rank the search over replica counts of
@@ -146,9 +146,9 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         // several an eighth (their optimum lies further above the bound and the probe that
         // proves it needs most of the budget: with half, 1 of 5 12-expert 4 x 6 layers proven
         // instead of 3).
-        // One episode and three to six slots per rank: the cover search instead (it settles
-        // near-perfect partitions the rank-by-rank search cannot: 16 experts on 8 x 4, 9-10
-        // of 10 proven per class on the sweep instead of 0-1).
+        // One episode, three to six slots per rank, up to 16 experts: the cover search instead
+        // (it settles near-perfect partitions the rank-by-rank search cannot: 16 experts on
+        // 8 x 4, 9-10 of 10 proven per class on the sweep instead of 0-1).
         let use_cover = cover::eligible(p);
         let nodes = if use_cover {
             cover::COVER_NODES

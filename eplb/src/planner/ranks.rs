@@ -33,7 +33,8 @@
 //!
 //! Same contract as [`super::exact::solve`]: finished, it has found the best placement below
 //! the seed objective or shown that there is none. `joint` runs it where the cover search
-//! ([`super::cover`]: one episode, three to six slots per rank) does not apply.
+//! ([`super::cover`]: one episode, three to six slots per rank, up to 16 experts) does not
+//! apply.
 
 use std::collections::HashSet;
 
