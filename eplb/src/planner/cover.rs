@@ -102,10 +102,13 @@ struct Lister {
 /// (less a rounding margin of 1e-9, as [`super::exact::solve`]; then for better ones), with at
 /// most `budget` nodes.
 pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
+    // No rank carries more than the whole load: a cut above it (an unbounded seed) is the same
+    // search with finite slack and shortfalls (infinite ones would subtract to NaN).
+    let total: f64 = p.x[..p.e].iter().sum();
     let mut s = Search {
         p,
         cap: p.g.min(p.max_rep),
-        cut: seed_f - 1e-9,
+        cut: (seed_f - 1e-9).min(2.0 * total + 1.0),
         members: Vec::new(),
         load: Vec::new(),
         by: Vec::new(),
@@ -166,17 +169,18 @@ impl Search<'_> {
             self.fewest[e] = if a <= 0.0 || self.cut <= 0.0 {
                 1
             } else {
-                ((a / self.cut).floor() as usize + 1).max(1)
+                // More than the cap means no count fits (and a tiny cut cannot overflow it).
+                let q = (a / self.cut).floor();
+                if q >= self.cap as f64 {
+                    self.cap + 1
+                } else {
+                    q as usize + 1
+                }
             };
         }
         let total = self.total();
         self.slack = g as f64 * self.cut - total;
-        // (One rank: the window is the whole load; `0 * inf` would be NaN for an unbounded cut.)
-        if g > 1 {
-            total - (g - 1) as f64 * self.cut - MARGIN
-        } else {
-            total - MARGIN
-        }
+        total - (g - 1) as f64 * self.cut - MARGIN
     }
 
     /// Lists every content whose load lies in the window of the current cut. False when the
@@ -233,6 +237,12 @@ impl Search<'_> {
     /// Rebuilds the per-(expert, count) lists from the contents with load in `[lo, cut)`, most
     /// loaded first (the shortfall test can then stop a scan early).
     fn index(&mut self, lo: f64) {
+        // Charged to the budget (a quarter node per content) so that narrowing many times after
+        // covers found far above the optimum cannot run unbounded.
+        self.nodes = self.nodes.saturating_add(self.load.len() / 4);
+        if self.nodes > self.budget {
+            self.aborted = true;
+        }
         let (s, cap1) = (self.p.s, self.cap + 1);
         self.by = vec![Vec::new(); self.p.e * cap1];
         for i in 0..self.load.len() {
@@ -747,8 +757,9 @@ mod tests {
             let e = s + rng.below(16 - s + 1);
             // The oracle's multisets of `g` contents of `s` of `e` experts, kept small.
             let sets = (0..s).fold(1usize, |n, i| n * (e - i) / (i + 1));
-            let msets = (0..g).fold(1usize, |n, i| n * (sets + i) / (i + 1));
-            if e > g * s || msets > 3_000 {
+            // (In f64: the count overflows usize for the larger draws that are skipped.)
+            let msets = (0..g).fold(1.0f64, |n, i| n * (sets + i) as f64 / (i + 1) as f64);
+            if e > g * s || msets > 3_000.0 {
                 continue;
             }
             let loads: Vec<f64> = (0..e)
