@@ -34,7 +34,7 @@ use crate::metrics::score_history;
 use crate::placement::Placement;
 use crate::shape::Shape;
 
-use problem::{Problem, State};
+use problem::{Problem, State, slots_changed};
 
 /// The algorithm `moectl plan` and the operator use when none is named.
 pub const DEFAULT_ALGORITHM: &str = "joint";
@@ -434,9 +434,7 @@ fn plan_one(
         Algo::Incremental => {
             let prev = prev_row.unwrap_or(&[]);
             let budget = req.max_moves.unwrap_or(default_budget);
-            let mut st = State::new(&p, prev.to_vec());
-            st.improve(Some((prev, budget)), 4 * budget + 8);
-            (st.row, false)
+            (search_within(&p, prev.to_vec(), prev, budget), false)
         }
     };
     // Node-aware polish (joint, several nodes): spread replicas over nodes for at most
@@ -471,8 +469,8 @@ fn plan_one(
             let f_warm = warm.objective().0;
             let f_fresh = p.episode_par(&row);
             if f_warm <= f_fresh * (1.0 + req.min_improvement) {
-                let moved_warm = warm.row.iter().zip(prev).filter(|(a, b)| a != b).count();
-                let moved_fresh = row.iter().zip(prev).filter(|(a, b)| a != b).count();
+                let moved_warm = slots_changed(&warm.row, prev);
+                let moved_fresh = slots_changed(&row, prev);
                 if moved_warm < moved_fresh || f_warm < f_fresh {
                     row = warm.row;
                     optimal = optimal && f_warm <= f_fresh;
@@ -486,7 +484,7 @@ fn plan_one(
             optimal = optimal && p.episode_par(&row) <= before + 1e-12;
             row = spread(row, &mut optimal);
         }
-        let moved = row.iter().zip(prev).filter(|(a, b)| a != b).count();
+        let moved = slots_changed(&row, prev);
         if let Some(m) = req.max_moves
             && moved > m
         {
@@ -495,15 +493,12 @@ fn plan_one(
                     // Two ways into the budget, the better kept: the search from the previous
                     // placement (as `incremental`), and the fresh plan walked back to the
                     // budget and then searched within it.
-                    let mut st = State::new(&p, prev.to_vec());
-                    st.improve(Some((prev, m)), 4 * m + 8);
-                    let from_prev = st.row;
+                    let from_prev = search_within(&p, prev.to_vec(), prev, m);
                     row = match polish::revert_within(&p, row, prev, m) {
                         Some(walked) => {
-                            let mut st = State::new(&p, walked);
-                            st.improve(Some((prev, m)), 4 * m + 8);
-                            let (fw, fp) = (p.episode_par(&st.row), p.episode_par(&from_prev));
-                            if fw < fp - 1e-12 { st.row } else { from_prev }
+                            let walked = search_within(&p, walked, prev, m);
+                            let (fw, fp) = (p.episode_par(&walked), p.episode_par(&from_prev));
+                            if fw < fp - 1e-12 { walked } else { from_prev }
                         }
                         None => from_prev,
                     };
@@ -537,6 +532,15 @@ fn plan_one(
         row,
         optimal,
     }
+}
+
+/// The budgeted local search from `start`: moves ranked by F gained per slot changed, never
+/// more than `max_moves` slots differing from `prev` (`incremental`, and `joint` under a
+/// budget).
+fn search_within(p: &Problem, start: Vec<usize>, prev: &[usize], max_moves: usize) -> Vec<usize> {
+    let mut st = State::new(p, start);
+    st.improve(Some((prev, max_moves)), 4 * max_moves + 8);
+    st.row
 }
 
 fn run(req: &PlanRequest<'_>, algo: Algo, name: &str) -> Result<Plan> {

@@ -2,7 +2,7 @@
 //! ([`revert_towards`]) and spreading replicas over nodes ([`spread_over_nodes`]), each within
 //! a bound on the objective.
 
-use super::problem::{Problem, State};
+use super::problem::{Problem, State, slots_changed};
 
 /// Migration polish: starting from `row`, undo changes relative to `prev` (a swap that puts an
 /// expert back into its old slot, or a single slot given back its old expert) as long as F
@@ -28,35 +28,19 @@ pub(crate) fn revert_towards(
             if st.row[i] == prev[i] {
                 continue;
             }
-            let f = prev[i];
-            // A changed slot elsewhere that holds `f`: swapping puts `f` back at `i`.
-            let mut done = false;
-            let cands: Vec<usize> = st.pos[f]
-                .iter()
-                .copied()
-                .filter(|&j| j / p.s != i / p.s && st.row[j] != prev[j])
-                .collect();
-            for j in cands {
-                if !st.swap_valid(i, j) {
-                    continue;
-                }
-                let d = st.eval_swap(i, j);
+            // The first revert that keeps F within the limit.
+            for how in reverts(&st, prev, i) {
+                let d = how.eval(&st, prev, i, &mut scratch);
                 if cur + d.0 <= limit {
-                    st.apply_swap(i, j);
-                    cur += d.0;
-                    done = true;
+                    how.apply(&mut st, prev, i);
+                    cur = match how {
+                        Revert::Swap(_) => cur + d.0,
+                        Revert::Rerep => st.objective().0,
+                    };
+                    any = true;
                     break;
                 }
             }
-            if !done && st.rerep_valid(i, f) {
-                let d = st.eval_rerep(i, f, &mut scratch);
-                if cur + d.0 <= limit {
-                    st.apply_rerep(i, f);
-                    cur = st.objective().0;
-                    done = true;
-                }
-            }
-            any |= done;
         }
         if !any {
             break;
@@ -78,21 +62,15 @@ pub(crate) fn revert_within(
     prev: &[usize],
     max_moves: usize,
 ) -> Option<Vec<usize>> {
-    let changed = |row: &[usize]| row.iter().zip(prev).filter(|(a, b)| a != b).count();
-    let mut moved = changed(&row);
-    if moved <= max_moves || p.empty {
+    if slots_changed(&row, prev) <= max_moves || p.empty {
         return Some(row);
     }
     let mut row = row;
     settle_within_ranks(&mut row, prev, p.s);
     let mut st = State::new(p, row);
     let mut scratch = Vec::new();
-    loop {
-        moved = changed(&st.row);
-        if moved <= max_moves {
-            break;
-        }
-        // (dF per slot given back, dQ, slot, partner slot or the expert for a re-assignment)
+    while slots_changed(&st.row, prev) > max_moves {
+        // (dF per slot given back, dQ, slot, the revert)
         let mut best: Option<(f64, f64, usize, Revert)> = None;
         let mut consider = |d: (f64, f64), back: usize, i: usize, how: Revert| {
             let per = (d.0 / back as f64, d.1 / back as f64);
@@ -104,23 +82,17 @@ pub(crate) fn revert_within(
             if st.row[i] == prev[i] {
                 continue;
             }
-            let f = prev[i];
-            for &j in &st.pos[f] {
-                if j / p.s == i / p.s || st.row[j] == prev[j] || !st.swap_valid(i, j) {
-                    continue;
-                }
-                let back = 1 + usize::from(prev[j] == st.row[i]);
-                consider(st.eval_swap(i, j), back, i, Revert::Swap(j));
-            }
-            if st.rerep_valid(i, f) {
-                consider(st.eval_rerep(i, f, &mut scratch), 1, i, Revert::Rerep);
+            for how in reverts(&st, prev, i) {
+                // A swap also gives `j` back when `j` held what `i` holds now.
+                let back = match how {
+                    Revert::Swap(j) => 1 + usize::from(prev[j] == st.row[i]),
+                    Revert::Rerep => 1,
+                };
+                consider(how.eval(&st, prev, i, &mut scratch), back, i, how);
             }
         }
         let (_, _, i, how) = best?;
-        match how {
-            Revert::Swap(j) => st.apply_swap(i, j),
-            Revert::Rerep => st.apply_rerep(i, prev[i]),
-        }
+        how.apply(&mut st, prev, i);
         // A swap may bring an expert to a rank that held it before, but into another slot.
         let mut row = st.row.clone();
         if settle_within_ranks(&mut row, prev, p.s) {
@@ -149,10 +121,51 @@ fn settle_within_ranks(row: &mut [usize], prev: &[usize], s: usize) -> bool {
     any
 }
 
+/// A change that gives changed slot `i` back its previous expert `prev[i]`.
 #[derive(Clone, Copy)]
 enum Revert {
+    /// Swap with slot `j` on another rank, a changed slot that holds `prev[i]`.
     Swap(usize),
+    /// Re-assign slot `i` to `prev[i]` (one replica moves from its current expert).
     Rerep,
+}
+
+impl Revert {
+    fn eval(
+        self,
+        st: &State,
+        prev: &[usize],
+        i: usize,
+        scratch: &mut Vec<(usize, f64)>,
+    ) -> (f64, f64) {
+        match self {
+            Revert::Swap(j) => st.eval_swap(i, j),
+            Revert::Rerep => st.eval_rerep(i, prev[i], scratch),
+        }
+    }
+
+    fn apply(self, st: &mut State, prev: &[usize], i: usize) {
+        match self {
+            Revert::Swap(j) => st.apply_swap(i, j),
+            Revert::Rerep => st.apply_rerep(i, prev[i]),
+        }
+    }
+}
+
+/// The valid reverts of changed slot `i`: swaps first (in slot order), then the re-assignment.
+fn reverts(st: &State, prev: &[usize], i: usize) -> Vec<Revert> {
+    let s = st.p.s;
+    let f = prev[i];
+    let mut out: Vec<Revert> = st.pos[f]
+        .iter()
+        .copied()
+        .filter(|&j| j / s != i / s && st.row[j] != prev[j] && st.swap_valid(i, j))
+        .map(Revert::Swap)
+        .collect();
+    if st.rerep_valid(i, f) {
+        out.push(Revert::Rerep);
+    }
+    out
 }
 
 /// Node-aware polish: moves replicas of experts that sit twice on one node to nodes that do
@@ -294,14 +307,14 @@ mod tests {
             let mut prev: Vec<usize> = (0..g * s).map(|i| i % e).collect();
             crate::placement::repair_duplicates(&mut prev, e, g);
             let fresh = super::super::joint::construct_only(&p);
-            let changes = fresh.iter().zip(&prev).filter(|(a, b)| a != b).count();
+            let changes = slots_changed(&fresh, &prev);
             for budget in [0, 1, 2, changes / 2, changes] {
                 tried += 1;
                 let Some(out) = revert_within(&p, fresh.clone(), &prev, budget) else {
                     continue;
                 };
                 walked += 1;
-                let moved = out.iter().zip(&prev).filter(|(a, b)| a != b).count();
+                let moved = slots_changed(&out, &prev);
                 assert!(moved <= budget, "case {case}: moved {moved} > {budget}");
                 assert!(
                     crate::placement::find_duplicate(&out, s).is_none(),

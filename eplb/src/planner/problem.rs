@@ -165,6 +165,11 @@ impl Problem {
     }
 }
 
+/// Slots whose expert differs between two rows of a layer (the moves a plan costs).
+pub(crate) fn slots_changed(row: &[usize], prev: &[usize]) -> usize {
+    row.iter().zip(prev).filter(|(a, b)| a != b).count()
+}
+
 /// Min-max replication: starting from one replica each, repeatedly give one more replica to
 /// the expert with the largest load per replica (ties: lower expert id), never above
 /// `max_rep`, until `slots` replicas exist.
@@ -528,13 +533,10 @@ impl<'p> State<'p> {
             return;
         }
         let mut scratch = Vec::new();
-        let changed = |row: &[usize], orig: &[usize]| -> usize {
-            row.iter().zip(orig).filter(|(a, b)| a != b).count()
-        };
         let (mut fmoves, mut qmoves) = (0, 0);
         for _ in 0..max_iters {
             let crit = self.critical_ranks();
-            let cur_changed = budget.map(|(o, _)| changed(&self.row, o));
+            let cur_changed = budget.map(|(o, _)| slots_changed(&self.row, o));
             // (score, dF, dQ, kind, i, j)
             let mut best: Option<((f64, f64), usize, usize, usize)> = None;
             let consider =
