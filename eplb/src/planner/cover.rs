@@ -28,7 +28,7 @@
 use std::collections::HashSet;
 
 use super::exact::{ExactResult, spend_node};
-use super::problem::Problem;
+use super::problem::{Problem, fewest_replicas};
 
 /// Node budget of one layer (a node is one content listed or one cover state visited, about
 /// 0.5 us on the sweep's machine). 2M: 16 experts on 8 x 4, uniform loads, 9 of 10 proven with
@@ -61,6 +61,8 @@ struct Search<'p> {
     cap: usize,
     /// Search below this (every content's load is below it).
     cut: f64,
+    /// The layer's load (the same whatever the counts).
+    total: f64,
     /// Contents: `members[i * S..(i + 1) * S]` as `(expert, count)`, and their loads.
     members: Vec<(usize, usize)>,
     load: Vec<f64>,
@@ -109,6 +111,7 @@ pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
         p,
         cap: p.g.min(p.max_rep),
         cut: (seed_f - 1e-9).min(2.0 * total + 1.0),
+        total,
         members: Vec::new(),
         load: Vec::new(),
         by: Vec::new(),
@@ -157,30 +160,25 @@ impl Search<'_> {
         self.p.x[e]
     }
 
-    fn total(&self) -> f64 {
-        (0..self.p.e).map(|e| self.x(e)).sum()
+    /// The list of contents holding expert `e` with count `c`.
+    fn list(&self, e: usize, c: usize) -> usize {
+        e * (self.cap + 1) + c
+    }
+
+    /// Whether content `i`'s shortfall below the cut fits the slack left (the lists are sorted
+    /// by it, so a scan stops at the first that does not).
+    fn within_slack(&self, i: usize) -> bool {
+        self.cut - self.load[i] <= self.slack + MARGIN
     }
 
     /// Fewest replicas of each expert that keep one below the cut, and the window's lower end.
     fn window(&mut self) -> f64 {
         let g = self.p.g;
         for e in 0..self.p.e {
-            let a = self.x(e);
-            self.fewest[e] = if a <= 0.0 || self.cut <= 0.0 {
-                1
-            } else {
-                // More than the cap means no count fits (and a tiny cut cannot overflow it).
-                let q = (a / self.cut).floor();
-                if q >= self.cap as f64 {
-                    self.cap + 1
-                } else {
-                    q as usize + 1
-                }
-            };
+            self.fewest[e] = fewest_replicas(self.x(e), self.cut, self.cap);
         }
-        let total = self.total();
-        self.slack = g as f64 * self.cut - total;
-        total - (g - 1) as f64 * self.cut - MARGIN
+        self.slack = g as f64 * self.cut - self.total;
+        self.total - (g - 1) as f64 * self.cut - MARGIN
     }
 
     /// Lists every content whose load lies in the window of the current cut. False when the
@@ -243,14 +241,16 @@ impl Search<'_> {
         if self.nodes > self.budget {
             self.aborted = true;
         }
-        let (s, cap1) = (self.p.s, self.cap + 1);
-        self.by = vec![Vec::new(); self.p.e * cap1];
+        let s = self.p.s;
+        self.by = vec![Vec::new(); self.p.e * (self.cap + 1)];
         for i in 0..self.load.len() {
             if self.load[i] < lo || self.load[i] >= self.cut {
                 continue;
             }
-            for &(e, c) in &self.members[i * s..(i + 1) * s] {
-                self.by[e * cap1 + c].push(i as u32);
+            for m in i * s..(i + 1) * s {
+                let (e, c) = self.members[m];
+                let list = self.list(e, c);
+                self.by[list].push(i as u32);
             }
         }
         for list in &mut self.by {
@@ -340,7 +340,7 @@ impl Search<'_> {
 
     /// Whether content `i` can be the next rank.
     fn compatible(&self, i: usize, ranks_left: usize) -> bool {
-        if self.cut - self.load[i] > self.slack + MARGIN {
+        if !self.within_slack(i) {
             return false;
         }
         let s = self.p.s;
@@ -358,7 +358,7 @@ impl Search<'_> {
         let mut n = 0;
         for &i in list {
             let i = i as usize;
-            if self.cut - self.load[i] > self.slack + MARGIN {
+            if !self.within_slack(i) {
                 break;
             }
             if self.compatible(i, ranks_left) {
@@ -447,7 +447,6 @@ impl Search<'_> {
         if !self.slots_fit(ranks_left) {
             return false;
         }
-        let cap1 = self.cap + 1;
         if let Some((e, from)) = group
             && self.rem[e] > 0
         {
@@ -464,7 +463,7 @@ impl Search<'_> {
                 continue;
             }
             let limit = pick.map_or(usize::MAX, |b| b.1);
-            let n = self.count(&self.by[e * cap1 + self.label[e]], ranks_left, limit);
+            let n = self.count(&self.by[self.list(e, self.label[e])], ranks_left, limit);
             if n == 0 {
                 return self.refuted(key);
             }
@@ -482,7 +481,7 @@ impl Search<'_> {
                 let limit = pick.map_or(usize::MAX, |b| b.1);
                 let mut n = 0;
                 for c in self.fewest[e]..=self.cap.min(ranks_left) {
-                    n += self.count(&self.by[e * cap1 + c], ranks_left, limit - n);
+                    n += self.count(&self.by[self.list(e, c)], ranks_left, limit - n);
                     if n >= limit {
                         break;
                     }
@@ -518,10 +517,10 @@ impl Search<'_> {
     /// Tries each compatible content of the list of expert `e` with count `c`, from position
     /// `from` on, as the next rank.
     fn branch(&mut self, ranks_left: usize, e: usize, c: usize, from: usize) -> bool {
-        let list = e * (self.cap + 1) + c;
+        let list = self.list(e, c);
         for n in from..self.by[list].len() {
             let i = self.by[list][n] as usize;
-            if self.cut - self.load[i] > self.slack + MARGIN {
+            if !self.within_slack(i) {
                 break;
             }
             if !self.compatible(i, ranks_left) {

@@ -165,6 +165,21 @@ impl Problem {
     }
 }
 
+/// Fewest replicas of an expert with load `load` that keep each replica below `cut` (a replica
+/// alone puts `load / c` on its rank); `cap + 1` when not even `cap` do (a tiny cut cannot
+/// overflow it).
+pub(crate) fn fewest_replicas(load: f64, cut: f64, cap: usize) -> usize {
+    if load <= 0.0 || cut <= 0.0 {
+        return 1;
+    }
+    let q = (load / cut).floor();
+    if q >= cap as f64 {
+        cap + 1
+    } else {
+        q as usize + 1
+    }
+}
+
 /// Slots whose expert differs between two rows of a layer (the moves a plan costs).
 pub(crate) fn slots_changed(row: &[usize], prev: &[usize]) -> usize {
     row.iter().zip(prev).filter(|(a, b)| a != b).count()

@@ -39,7 +39,7 @@
 use std::collections::HashSet;
 
 use super::exact::{ExactResult, spend_node};
-use super::problem::{Problem, water_fill};
+use super::problem::{Problem, fewest_replicas, water_fill};
 
 /// Node budget of one layer with one episode (a node is one member placed or one rank
 /// started, about a tenth of an expert-by-expert node's time: 4M nodes take about 0.35 s on
@@ -202,13 +202,9 @@ pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
 
 impl Search<'_> {
     /// Fewest replicas of position `j` that keep one replica below the cut (a replica alone
-    /// puts `agg / c` on the objective).
+    /// puts `agg / c` on the objective); above the cap when none do.
     fn fewest(&self, j: usize) -> usize {
-        let a = self.agg[j];
-        if a <= 0.0 || self.cut <= 0.0 {
-            return 1;
-        }
-        ((a / self.cut).floor() as usize + 1).max(1)
+        fewest_replicas(self.agg[j], self.cut, self.cap)
     }
 
     /// The state after the closed ranks, as a memo key: counts and remainders per position,
