@@ -80,6 +80,16 @@ struct Search<'p> {
     /// Per chosen content, which of its members it gave their count (bit per member).
     fresh: Vec<u8>,
     memo: HashSet<Vec<u8>>,
+    /// Whether refuted states are remembered (always, but for the test that checks the memo
+    /// against the search without it).
+    remember: bool,
+    /// States skipped because they were remembered as refuted.
+    memo_hits: usize,
+    /// Go on after a cover, counting them all (only to test the memo: a state is remembered
+    /// only when no cover was found below it, so the count must not depend on the memo).
+    count_all: bool,
+    /// Covers found.
+    covers: usize,
     best: Option<(f64, Vec<usize>)>,
     nodes: usize,
     budget: usize,
@@ -104,58 +114,75 @@ struct Lister {
 /// (less a rounding margin of 1e-9, as [`super::exact::solve`]; then for better ones), with at
 /// most `budget` nodes.
 pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
-    // No rank carries more than the whole load: a cut above it (an unbounded seed) is the same
-    // search with finite slack and shortfalls (infinite ones would subtract to NaN).
-    let total: f64 = p.x[..p.e].iter().sum();
-    let mut s = Search {
-        p,
-        cap: p.g.min(p.max_rep),
-        cut: (seed_f - 1e-9).min(2.0 * total + 1.0),
-        total,
-        members: Vec::new(),
-        load: Vec::new(),
-        by: Vec::new(),
-        fewest: vec![1; p.e],
-        label: vec![0; p.e],
-        rem: vec![0; p.e],
-        slack: 0.0,
-        chosen: Vec::with_capacity(p.g),
-        fresh: Vec::with_capacity(p.g),
-        memo: HashSet::new(),
-        best: None,
-        nodes: 0,
-        budget,
-        aborted: false,
-    };
-    // Each cover found lowers the cut and narrows the window to a subset of the contents (a
-    // state refuted under a higher cut stays refuted: every cover below the new cut also fits
-    // the old window).
-    let mut covers = 0;
-    if s.list_contents() {
-        while s.cover(p.g, None) {
-            covers += 1;
-            let Some((f, _)) = &s.best else { break };
-            s.cut = f - 1e-9;
-            s.narrow();
-        }
-    }
-    if std::env::var("EPLB_DEBUG").is_ok() {
-        eprintln!(
-            "cover: below {seed_f} nodes {} proven {} memo {} contents {} covers {covers}",
-            s.nodes,
-            !s.aborted,
-            s.memo.len(),
-            s.load.len()
-        );
-    }
-    ExactResult {
-        row: s.best.map(|b| b.1),
-        proven: !s.aborted,
-        nodes: s.nodes,
-    }
+    let mut s = Search::new(p, seed_f, budget);
+    s.run();
+    s.result()
 }
 
-impl Search<'_> {
+impl<'p> Search<'p> {
+    fn new(p: &'p Problem, seed_f: f64, budget: usize) -> Search<'p> {
+        // No rank carries more than the whole load: a cut above it (an unbounded seed) is the
+        // same search with finite slack and shortfalls (infinite ones would subtract to NaN).
+        let total: f64 = p.x[..p.e].iter().sum();
+        Search {
+            p,
+            cap: p.g.min(p.max_rep),
+            cut: (seed_f - 1e-9).min(2.0 * total + 1.0),
+            total,
+            members: Vec::new(),
+            load: Vec::new(),
+            by: Vec::new(),
+            fewest: vec![1; p.e],
+            label: vec![0; p.e],
+            rem: vec![0; p.e],
+            slack: 0.0,
+            chosen: Vec::with_capacity(p.g),
+            fresh: Vec::with_capacity(p.g),
+            memo: HashSet::new(),
+            remember: true,
+            memo_hits: 0,
+            count_all: false,
+            covers: 0,
+            best: None,
+            nodes: 0,
+            budget,
+            aborted: false,
+        }
+    }
+
+    /// Searches below the cut; each cover found lowers the cut and narrows the window to a
+    /// subset of the contents (a state refuted under a higher cut stays refuted: every cover
+    /// below the new cut also fits the old window).
+    fn run(&mut self) {
+        if self.list_contents() {
+            while self.cover(self.p.g, None) {
+                let Some((f, _)) = &self.best else { break };
+                self.cut = f - 1e-9;
+                self.narrow();
+            }
+        }
+        if std::env::var("EPLB_DEBUG").is_ok() {
+            eprintln!(
+                "cover: cut {} nodes {} proven {} memo {} (skipped {}) contents {} covers {}",
+                self.cut,
+                self.nodes,
+                !self.aborted,
+                self.memo.len(),
+                self.memo_hits,
+                self.load.len(),
+                self.covers
+            );
+        }
+    }
+
+    fn result(self) -> ExactResult {
+        ExactResult {
+            row: self.best.map(|b| b.1),
+            proven: !self.aborted,
+            nodes: self.nodes,
+        }
+    }
+
     fn x(&self, e: usize) -> f64 {
         self.p.x[e]
     }
@@ -442,7 +469,7 @@ impl Search<'_> {
         }
         if ranks_left == 0 {
             self.record();
-            return true;
+            return !self.count_all;
         }
         if !self.slots_fit(ranks_left) {
             return false;
@@ -454,8 +481,10 @@ impl Search<'_> {
         }
         let key = self.key();
         if self.memo.contains(&key) {
+            self.memo_hits += 1;
             return false;
         }
+        let covers_before = self.covers;
         // The most constrained expert: one with appearances owed, else an undecided one.
         let mut pick: Option<(usize, usize)> = None;
         for e in 0..self.p.e {
@@ -508,7 +537,7 @@ impl Search<'_> {
             }
             found
         };
-        if !found && !self.aborted {
+        if !found && !self.aborted && self.covers == covers_before {
             return self.refuted(key);
         }
         found
@@ -540,7 +569,7 @@ impl Search<'_> {
     }
 
     fn refuted(&mut self, key: Vec<u8>) -> bool {
-        if self.memo.len() < MEMO_LIMIT {
+        if self.remember && self.memo.len() < MEMO_LIMIT {
             self.memo.insert(key);
         }
         false
@@ -548,6 +577,7 @@ impl Search<'_> {
 
     /// A full cover: the placement, ranks in the order chosen.
     fn record(&mut self) {
+        self.covers += 1;
         let s = self.p.s;
         let mut row = Vec::with_capacity(self.p.slots());
         let mut f = f64::NEG_INFINITY;
@@ -745,7 +775,7 @@ mod tests {
     /// groups that skip identical ranks, `slots_fit` strict at its upper end, a suffix bound
     /// too small, the lists sorted lightest first. (Memo keys without the remaining
     /// appearances, or refutations remembered mid-group, it does not catch: they need larger
-    /// layers than the oracle reaches.)
+    /// layers than the oracle reaches; `memo_skips_only_states_without_a_cover` catches both.)
     #[test]
     fn random_shapes_caps_seeds_and_budgets() {
         let mut rng = crate::synth::Rng::new(5);
@@ -828,5 +858,77 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Counts every cover below `seed` (each once up to the order of its ranks) with or
+    /// without the memo, and the states the memo skipped; `None` when the budget runs out.
+    fn count_covers(p: &Problem, seed: f64, remember: bool) -> Option<(usize, usize)> {
+        let mut s = Search::new(p, seed, if remember { 30_000 } else { 120_000 });
+        s.count_all = true;
+        s.remember = remember;
+        s.run();
+        (!s.aborted).then_some((s.covers, s.memo_hits))
+    }
+
+    /// The memo only skips states without a cover below the cut: on layers large enough for
+    /// remembered states to recur (8-16 experts on 3-8 ranks of 3-5 slots), counting every
+    /// cover at cuts from just above the optimum to a few times its distance from the mean
+    /// gives the same count with and without the memo (a state remembered that had a cover
+    /// loses it). The memo must be exercised there: the states it skipped are counted. Planted
+    /// bugs it caught (each in under 0.3 s of a release build): memo keys without the remaining
+    /// appearances, refutations remembered mid-group.
+    #[test]
+    fn memo_skips_only_states_without_a_cover() {
+        let mut rng = crate::synth::Rng::new(41);
+        let (mut compared, mut hits, mut layers) = (0, 0, 0);
+        while layers < 40 {
+            let s = 3 + rng.below(3);
+            let g = 3 + rng.below(6);
+            let e = (8 + rng.below(9)).min(g * s);
+            let loads: Vec<f64> = (0..e)
+                .map(|i| match layers % 4 {
+                    0 => (1000 + rng.below(9)) as f64,
+                    1 => (1000.0 * (0.5 + rng.uniform())).round(),
+                    2 => (1 + rng.below(6)) as f64 * if i == 0 { 10.0 } else { 1.0 },
+                    _ => {
+                        (1000.0 * (1.0 + i as f64).powf(-0.6) * (0.3 * rng.normal()).exp()).round()
+                    }
+                })
+                .collect();
+            let p = problem(&loads, g, g * s);
+            if !eligible(&p) {
+                continue;
+            }
+            layers += 1;
+            let shape = Shape::new(e, g * s - e, g, 1, 1).expect("a valid shape");
+            let res = crate::planner::joint::plan_layer(&p, &shape, false);
+            if !res.optimal {
+                continue;
+            }
+            let opt = p.objective(&res.row).0;
+            let at = format!("{loads:?} on {g} x {s}");
+            for above in [0.0, 0.5, 1.0, 2.0, 4.0] {
+                // (The search's cut is 1e-9 below its seed.)
+                let seed = opt + 1e-8 + (opt - 1.0).max(1e-6) * above;
+                // (Counting takes long far above the optimum: those cuts are left out.)
+                let Some(with) = count_covers(&p, seed, true) else {
+                    break;
+                };
+                let Some(without) = count_covers(&p, seed, false) else {
+                    break;
+                };
+                assert_eq!(with.0, without.0, "{at}: covers below {seed}");
+                assert!(
+                    with.0 > 0,
+                    "{at}: none below {seed}, above the optimum {opt}"
+                );
+                compared += 1;
+                hits += with.1;
+            }
+        }
+        assert!(
+            compared >= 100 && hits >= 3_000,
+            "{compared} counts compared, {hits} states skipped"
+        );
     }
 }
