@@ -192,6 +192,18 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         },
         |target, nodes| exact::solve(p, target, nodes),
     );
+    // Two slots per rank and several episodes: the count search spends its budget on the
+    // pairings of its leaves and rarely finishes, the bisection probes settle little; the least
+    // per-episode pairing bound over the replica counts needs the count tree alone (16 experts
+    // on 16 x 2 with four episodes: proven gaps 2.9% median instead of 7.6%).
+    let mut proof = proof;
+    if pairs_proof
+        && p.w > 1
+        && !proof.optimal
+        && let Some(lb) = pairs::count_bound(p, proof.objective, budget)
+    {
+        proof.raise_lower(lb);
+    }
     JointResult {
         optimal: proof.optimal,
         proven_gap: Some(proof.gap()),

@@ -193,6 +193,16 @@ impl Proof {
         self
     }
 
+    /// A bound proven outside the probes (less the searches' rounding margin); the plan is
+    /// optimal when it reaches the plan's objective.
+    pub(crate) fn raise_lower(&mut self, bound: f64) {
+        self.lower = self.lower.max(bound - MARGIN);
+        if self.lower >= self.objective - 1e-9 {
+            self.optimal = true;
+            self.lower = self.objective;
+        }
+    }
+
     /// Keeps `row` when it is better than the current plan.
     pub(crate) fn take(&mut self, p: &Problem, row: Option<Vec<usize>>) {
         if let Some(r) = row {
