@@ -1,6 +1,7 @@
 //! `moectl eval`: PAR and balancedness of a placement under a load, migration cost from a
 //! previous placement, and the heatmap.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use eplb::metrics::{Balancedness, balancedness, migration_cost, score, score_history};
@@ -8,7 +9,7 @@ use eplb::{LoadHistory, Placement};
 use serde_json::{Value, json};
 
 use crate::inputs::{self, LayoutArgs};
-use crate::{Fail, svg, write_out};
+use crate::{Fail, print_out, svg, write_out};
 
 /// Everything `eval` takes.
 pub struct EvalArgs<'a> {
@@ -121,6 +122,13 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
         write_out(Some(path), &doc)?;
     }
     let windows = history.num_windows();
+    let mut out = String::new();
+    // One line of the text report.
+    macro_rules! out_line {
+        ($($arg:tt)*) => {{
+            let _ = writeln!(out, $($arg)*);
+        }};
+    }
     if a.as_json {
         let layers: Vec<Value> = (0..p.num_layers)
             .map(|l| {
@@ -143,15 +151,16 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
                                    "per_layer_par": b.per_layer,
                                    "balancedness": engines_json(&b.engines)});
         }
-        println!("{}", serde_json::to_string(&v)?);
+        out.push_str(&serde_json::to_string(&v)?);
+        out.push('\n');
     } else {
         let prev_col = if before.is_some() { "  previous" } else { "" };
-        println!("layer  PAR     balancedness  worst-window  last-window{prev_col}");
+        out_line!("layer  PAR     balancedness  worst-window  last-window{prev_col}");
         for (l, w) in now.worst_window.iter().enumerate() {
             let prev = before
                 .as_ref()
                 .map_or(String::new(), |b| format!("  {:.4}", b.per_layer[l]));
-            println!(
+            out_line!(
                 "{:<6} {:<7.4} {:<13.4} {:<13.4} {:.4}{prev}",
                 l,
                 now.per_layer[l],
@@ -160,28 +169,32 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
                 now.last_window[l]
             );
         }
-        println!("windows: {windows}");
-        println!("mean PAR: {:.4}", now.mean);
-        println!("worst PAR: {:.4}", now.worst);
-        println!("mean balancedness: {:.4}", now.mean_balancedness);
-        println!(
+        out_line!("windows: {windows}");
+        out_line!("mean PAR: {:.4}", now.mean);
+        out_line!("worst PAR: {:.4}", now.worst);
+        out_line!("mean balancedness: {:.4}", now.mean_balancedness);
+        out_line!(
             "balancedness, SGLang (mean over layers of 1/PAR): {:.4}",
             now.engines.sglang
         );
-        println!(
+        out_line!(
             "balancedness, vLLM (sum of mean rank loads / sum of max rank loads): {:.4}",
             now.engines.vllm
         );
         if let Some(b) = &before {
-            println!(
+            out_line!(
                 "previous: mean PAR {:.4}, worst {:.4}, balancedness SGLang {:.4}, vLLM {:.4}",
-                b.mean, b.worst, b.engines.sglang, b.engines.vllm
+                b.mean,
+                b.worst,
+                b.engines.sglang,
+                b.engines.vllm
             );
         }
         if let Some(m) = &mig {
-            println!("migration: {} slots, {} bytes", m.slots, m.bytes);
+            out_line!("migration: {} slots, {} bytes", m.slots, m.bytes);
         }
     }
+    print_out(&out)?;
     Ok(notes)
 }
 

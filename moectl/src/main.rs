@@ -196,10 +196,19 @@ pub(crate) fn write_out(output: Option<&Path>, text: &str) -> Result<(), Fail> {
                 Fail(format!("cannot write {}: {e}", p.display()))
             })
         }
-        None => {
-            println!("{text}");
-            Ok(())
-        }
+        None => print_out(&format!("{text}\n")),
+    }
+}
+
+/// Writes `text` to standard output. When the reader has gone (`moectl eval ... | head`) the
+/// command ends quietly, as Unix tools do, instead of with `println!`'s panic.
+pub(crate) fn print_out(text: &str) -> Result<(), Fail> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(Fail(format!("cannot write to standard output: {e}"))),
     }
 }
 
