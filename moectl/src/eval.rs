@@ -27,11 +27,13 @@ pub struct EvalArgs<'a> {
 /// PAR per layer (mean over windows), its mean and worst, and both balancedness figures.
 struct Summary {
     per_layer: Vec<f64>,
+    /// SGLang's balancedness of each layer: 1/PAR averaged over the windows (their mean over
+    /// layers is `engines.sglang`; 1/(mean PAR) would be a third definition).
+    balancedness_per_layer: Vec<f64>,
     worst_window: Vec<f64>,
     last_window: Vec<f64>,
     mean: f64,
     worst: f64,
-    mean_balancedness: f64,
     engines: Balancedness,
 }
 
@@ -39,13 +41,21 @@ fn summarize(p: &Placement, h: &LoadHistory) -> Result<Summary, Fail> {
     let hs = score_history(p, h)?;
     let last = score(p, h.last())?;
     let mut worst_window = vec![1.0f64; p.num_layers];
+    let mut balancedness_per_layer = vec![0.0; p.num_layers];
+    let windows = h.num_windows() as f64;
     for w in h.windows() {
-        for (l, x) in worst_window.iter_mut().enumerate() {
-            *x = x.max(eplb::layer_par(p, l, &w[l]));
+        for (l, (x, b)) in worst_window
+            .iter_mut()
+            .zip(&mut balancedness_per_layer)
+            .enumerate()
+        {
+            let par = eplb::layer_par(p, l, &w[l]);
+            *x = x.max(par);
+            *b += 1.0 / par / windows;
         }
     }
     Ok(Summary {
-        mean_balancedness: hs.mean_balancedness(),
+        balancedness_per_layer,
         engines: balancedness(p, h)?,
         per_layer: hs.per_layer,
         worst_window,
@@ -98,8 +108,22 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
         }
         _ => None,
     };
+    // Slots correspond only between placements of the same size; a previous placement with
+    // other slots (say, fewer redundant experts) is still compared by PAR.
     let mig = match &prev {
-        Some(old) => Some(migration_cost(old, &p, a.expert_bytes)?),
+        Some(old) if old.num_layers == p.num_layers && old.num_slots() == p.num_slots() => {
+            Some(migration_cost(old, &p, a.expert_bytes)?)
+        }
+        Some(old) => {
+            notes.push(format!(
+                "no migration cost: the previous placement has {} layers x {} slots, this one {} x {} (slots do not correspond)",
+                old.num_layers,
+                old.num_slots(),
+                p.num_layers,
+                p.num_slots()
+            ));
+            None
+        }
         None => None,
     };
     if let Some(path) = a.svg {
@@ -132,7 +156,7 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
     if a.as_json {
         let layers: Vec<Value> = (0..p.num_layers)
             .map(|l| {
-                let mut v = json!({"layer": l, "par": now.per_layer[l], "balancedness": 1.0 / now.per_layer[l],
+                let mut v = json!({"layer": l, "par": now.per_layer[l], "balancedness": now.balancedness_per_layer[l],
                        "worst_window_par": now.worst_window[l], "last_window_par": now.last_window[l]});
                 if let Some(b) = &before {
                     v["previous_par"] = json!(b.per_layer[l]);
@@ -141,7 +165,7 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
             })
             .collect();
         let mut v = json!({"windows": windows, "layers": layers, "mean_par": now.mean,
-                           "worst_par": now.worst, "mean_balancedness": now.mean_balancedness,
+                           "worst_par": now.worst, "mean_balancedness": now.engines.sglang,
                            "balancedness": engines_json(&now.engines)});
         if let Some(m) = &mig {
             v["migration"] = json!({"slots": m.slots, "bytes": m.bytes, "per_layer": m.per_layer});
@@ -164,7 +188,7 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
                 "{:<6} {:<7.4} {:<13.4} {:<13.4} {:.4}{prev}",
                 l,
                 now.per_layer[l],
-                1.0 / now.per_layer[l],
+                now.balancedness_per_layer[l],
                 w,
                 now.last_window[l]
             );
@@ -172,13 +196,12 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
         out_line!("windows: {windows}");
         out_line!("mean PAR: {:.4}", now.mean);
         out_line!("worst PAR: {:.4}", now.worst);
-        out_line!("mean balancedness: {:.4}", now.mean_balancedness);
         out_line!(
-            "balancedness, SGLang (mean over layers of 1/PAR): {:.4}",
+            "balancedness, SGLang (1/PAR, mean over layers and windows): {:.4}",
             now.engines.sglang
         );
         out_line!(
-            "balancedness, vLLM (sum of mean rank loads / sum of max rank loads): {:.4}",
+            "balancedness, vLLM (sum over layers of mean rank load / of max rank load, mean over windows): {:.4}",
             now.engines.vllm
         );
         if let Some(b) = &before {

@@ -577,3 +577,83 @@ fn docs_heatmap_is_current() {
         "docs/images/eval-heatmap.svg is out of date: rerun the eval command in docs/images/heatmap-example/make_inputs.py"
     );
 }
+
+/// Several windows: the per-layer balancedness and its mean are SGLang's (1/PAR per window and
+/// layer, averaged), not 1/(mean PAR), so the report has exactly the two definitions.
+#[test]
+fn eval_balancedness_over_several_windows_is_one_definition_per_engine() {
+    let d = Dir::new("eval-windows");
+    let p = d.file(
+        "p.json",
+        r#"{"num_logical_experts": 3, "num_ranks": 2, "phy2log": [[0, 1, 2, 0], [0, 1, 2, 0]]}"#,
+    );
+    // Window A: rank loads 9/11 and 0/100; window B: 3/3 and 2/2.
+    let load = d.file(
+        "load.json",
+        r#"{"windows": [[[10, 4, 6], [0, 0, 100]], [[2, 2, 2], [4, 0, 0]]]}"#,
+    );
+    let v = json_of(&moectl(&[
+        "eval",
+        "--placement",
+        &p,
+        "--load",
+        &load,
+        "--json",
+    ]));
+    let close = |x: &Value, want: f64| (x.as_f64().unwrap() - want).abs() < 1e-9;
+    let layer0 = (10.0 / 11.0 + 1.0) / 2.0;
+    let layer1 = (0.5 + 1.0) / 2.0;
+    assert!(close(&v["layers"][0]["balancedness"], layer0), "{v}");
+    assert!(close(&v["layers"][1]["balancedness"], layer1), "{v}");
+    let sglang = (layer0 + layer1) / 2.0;
+    assert!(
+        close(&v["balancedness"]["sglang_mean_inverse_par"], sglang),
+        "{v}"
+    );
+    assert!(close(&v["mean_balancedness"], sglang), "{v}");
+    let vllm = ((10.0 + 50.0) / (11.0 + 100.0) + 1.0) / 2.0;
+    assert!(
+        close(&v["balancedness"]["vllm_sum_mean_over_sum_max"], vllm),
+        "{v}"
+    );
+    let text = ok(&moectl(&["eval", "--placement", &p, "--load", &load]));
+    assert_eq!(text.matches("balancedness").count(), 3, "{text}"); // column + two lines
+    assert!(text.contains(&format!("{sglang:.4}")), "{text}");
+}
+
+/// A previous placement with other slots (more redundant experts) is compared, not refused:
+/// its PAR and the heatmap's before panel, no migration figure (slots do not correspond).
+#[test]
+fn eval_previous_with_other_slots_compares_without_migration() {
+    let d = Dir::new("eval-prev-slots");
+    let p = d.file(
+        "p.json",
+        r#"{"num_logical_experts": 3, "num_ranks": 2, "phy2log": [[0, 1, 2, 0]]}"#,
+    );
+    let q = d.file(
+        "q.json",
+        r#"{"num_logical_experts": 3, "num_ranks": 1, "phy2log": [[0, 1, 2]]}"#,
+    );
+    let load = d.file("load.json", "[[10, 4, 6]]");
+    let svg = d.path("heat.svg");
+    let o = moectl(&[
+        "eval",
+        "--placement",
+        &p,
+        "--previous",
+        &q,
+        "--load",
+        &load,
+        "--svg",
+        &svg,
+    ]);
+    let text = ok(&o);
+    assert!(text.contains("previous: mean PAR 1.0000"), "{text}");
+    assert!(!text.contains("migration"), "{text}");
+    assert!(stderr(&o).contains("migration"), "{}", stderr(&o));
+    assert!(
+        std::fs::read_to_string(&svg)
+            .unwrap()
+            .contains("before: q.json")
+    );
+}
