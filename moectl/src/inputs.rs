@@ -216,9 +216,55 @@ pub fn read_placement(
         num_nodes: nodes,
         layout,
     };
-    let (p, _, n) = formats::read_placement_bytes(&bytes, &ctx).map_err(at(path))?;
+    let (p, _, n) = match formats::read_placement_bytes(&bytes, &ctx) {
+        Ok(read) => read,
+        Err(e) => return Err(explain_expert_count(path, &bytes, &ctx, e)),
+    };
     notes.extend(prefix(path, n));
     Ok(p)
+}
+
+/// A placement that fails with the load's expert count E (formats that take E from the load:
+/// vllm-ascend maps, SGLang's map) is read again without it, to say what the mismatch is: a
+/// per-slot load (E columns = the placement's slots) or another expert count.
+fn explain_expert_count(
+    path: &Path,
+    bytes: &[u8],
+    ctx: &PlacementContext,
+    err: eplb::EplbError,
+) -> Fail {
+    let Some(e) = ctx.num_experts else {
+        return at(path)(err);
+    };
+    let own = PlacementContext {
+        num_experts: None,
+        ..ctx.clone()
+    };
+    let Ok((p, _, _)) = formats::read_placement_bytes(bytes, &own) else {
+        return at(path)(err);
+    };
+    if p.num_logical_experts == e {
+        return at(path)(err);
+    }
+    if p.num_slots() == e {
+        return Fail(format!(
+            "the load has {e} counts per layer, as many as the slots of {} (which holds {} experts): it looks like vLLM's per-slot load; pass --physical-load to map slots to experts through the placement",
+            path.display(),
+            p.num_logical_experts
+        ));
+    }
+    let shared = if p.num_logical_experts > e {
+        format!(
+            " (ids from {e} up are read as vllm-ascend mix_placement shared experts only when every device holds one copy of each)"
+        )
+    } else {
+        String::new()
+    };
+    Fail(format!(
+        "the load has {e} experts per layer but {} holds {} experts{shared}; use a load and a placement of the same model",
+        path.display(),
+        p.num_logical_experts,
+    ))
 }
 
 /// Turns a per-slot load into a per-expert one through `through` (`--physical-load`), or checks

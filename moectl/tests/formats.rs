@@ -657,3 +657,42 @@ fn eval_previous_with_other_slots_compares_without_migration() {
             .contains("before: q.json")
     );
 }
+
+/// Formats that take the expert count from the load (vllm-ascend maps, SGLang's map): a
+/// per-slot load (P = 10 columns for the real map's 8 experts) is named as such, and a load
+/// with another expert count says both counts, instead of "no replica of expert 8".
+#[test]
+fn per_slot_or_mismatched_loads_against_an_ascend_map_are_named() {
+    let d = Dir::new("ascend-slots");
+    let map = data("vllm-ascend_expert_map.json");
+    let slots = d.file("slots.json", "[[5, 1, 2, 3, 4, 5, 6, 7, 8, 9]]");
+    let o = moectl(&["eval", "--placement", &map, "--load", &slots]);
+    assert_bad(&o, "--physical-load");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &slots,
+        "--ranks",
+        "2",
+        "--redundant",
+        "2",
+        "--previous",
+        &map,
+    ]);
+    assert_bad(&o, "--physical-load");
+    let nine = d.file("nine.json", "[[5, 1, 2, 3, 4, 5, 6, 7, 8]]");
+    let o = moectl(&["eval", "--placement", &map, "--load", &nine]);
+    assert_bad(&o, "9 experts");
+    assert!(stderr(&o).contains("8 experts"), "{}", stderr(&o));
+    // With the flag the per-slot counts map through the map's slots.
+    let v = json_of(&moectl(&[
+        "eval",
+        "--placement",
+        &map,
+        "--load",
+        &slots,
+        "--physical-load",
+        "--json",
+    ]));
+    assert_eq!(v["layers"].as_array().unwrap().len(), 1);
+}

@@ -158,7 +158,7 @@ pub fn check_logical_columns(load: &LoadHistory, placement: &Placement) -> Resul
     let (e, p) = (placement.num_logical_experts, placement.num_slots());
     if cols == p && p != e {
         return Err(EplbError::Mismatch(format!(
-            "the load has {cols} counts per layer, the number of physical slots of the placement ({e} experts): it looks like vLLM's per-slot load; pass --physical-load to map slots to experts through the placement"
+            "the load has {cols} counts per layer, as many as the placement's physical slots (it holds {e} experts): it looks like vLLM's per-slot load; pass --physical-load to map slots to experts through the placement"
         )));
     }
     Ok(())
