@@ -114,9 +114,15 @@ pub fn convert(a: &ConvertArgs) -> Result<Vec<String>, Fail> {
             Some(rows) => a.layout.for_decoder_rows(rows)?,
             None => None,
         };
+        // The routed expert count: --experts, else the checkpoint's (vllm-ascend maps need it
+        // to tell mix_placement's shared experts from routed ones).
+        let experts = match a.experts {
+            Some(e) => Some(e),
+            None => a.layout.model()?.map(|m| m.num_experts),
+        };
         let p = inputs::read_placement(
             a.input,
-            a.experts,
+            experts,
             a.ranks,
             a.nodes,
             input_layout.as_ref(),

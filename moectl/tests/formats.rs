@@ -696,3 +696,39 @@ fn per_slot_or_mismatched_loads_against_an_ascend_map_are_named() {
     ]));
     assert_eq!(v["layers"].as_array().unwrap().len(), 1);
 }
+
+/// `convert` without a load: the routed expert count comes from --experts or --model; without
+/// either, an id on every device once (how mix_placement's shared experts sit) is read as a
+/// routed expert with a note that names --experts, never silently.
+#[test]
+fn convert_takes_the_expert_count_from_the_checkpoint_and_flags_shared_looking_ids() {
+    let d = Dir::new("mix-convert");
+    // Mixtral fixture: 8 routed experts; id 8 is a shared expert, one copy per device.
+    let map = d.file(
+        "map.json",
+        r#"{"moe_layer_count": 2, "layer_list": [
+            {"layer_id": 0, "device_count": 2, "device_list": [
+                {"device_id": 0, "device_expert": [8, 0, 1, 2, 3]}, {"device_id": 1, "device_expert": [8, 4, 5, 6, 7]}]},
+            {"layer_id": 1, "device_count": 2, "device_list": [
+                {"device_id": 0, "device_expert": [0, 8, 1, 2, 3]}, {"device_id": 1, "device_expert": [4, 5, 8, 6, 7]}]}]}"#,
+    );
+    let model = format!(
+        "{}/../fixtures/models/mixtral/config.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let o = moectl(&[
+        "convert",
+        "--input",
+        &map,
+        "--to",
+        "placement",
+        "--model",
+        &model,
+    ]);
+    let v = json_of(&o);
+    assert_eq!(v["num_logical_experts"], 8, "{v}");
+    assert!(stderr(&o).contains("shared experts"), "{}", stderr(&o));
+    let o = moectl(&["convert", "--input", &map, "--to", "placement"]);
+    assert_eq!(json_of(&o)["num_logical_experts"], 9);
+    assert!(stderr(&o).contains("--experts"), "{}", stderr(&o));
+}
