@@ -71,7 +71,8 @@ enum Command {
         /// Expert groups (1 = none).
         #[arg(long, default_value_t = 1)]
         groups: usize,
-        /// greedy, joint or incremental.
+        /// greedy, joint or incremental (or a benchmark baseline: greedy-global, flashlb-like,
+        /// multi-episode-lpt).
         #[arg(long, default_value = eplb::DEFAULT_ALGORITHM)]
         algorithm: String,
         /// The placement in use (any format moectl reads).
