@@ -148,7 +148,13 @@ pub fn convert(a: &ConvertArgs) -> Result<Vec<String>, Fail> {
             })
             .transpose()?;
         if a.physical_load || through.is_some() {
-            inputs::settle_physical(&mut load, a.physical_load, through.as_ref(), "--placement")?;
+            inputs::settle_physical(
+                &mut load,
+                a.physical_load,
+                through.as_ref(),
+                a.placement,
+                "--placement",
+            )?;
         }
         notes.append(&mut load.notes);
         outputs::write_load(&load.history, format, load.layout.as_ref())?

@@ -88,14 +88,14 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
         .transpose()?;
     // A per-slot load was recorded while the previous placement served (or, without one, the
     // evaluated placement).
-    let (through, flag) = match &prev {
-        Some(pp) => (pp, "--previous"),
-        None => (&p, "--placement"),
+    let (through, through_file, flag) = match (&prev, a.previous) {
+        (Some(pp), Some(file)) => (pp, file, "--previous"),
+        _ => (&p, a.placement, "--placement"),
     };
     if a.physical_load {
-        inputs::settle_physical(&mut load, true, Some(through), flag)?;
+        inputs::settle_physical(&mut load, true, Some(through), Some(through_file), flag)?;
     } else {
-        inputs::settle_physical(&mut load, false, Some(&p), "--placement")?;
+        inputs::settle_physical(&mut load, false, Some(&p), None, "--placement")?;
     }
     notes.append(&mut load.notes);
     let history = load.history;

@@ -269,10 +269,13 @@ fn explain_expert_count(
 
 /// Turns a per-slot load into a per-expert one through `through` (`--physical-load`), or checks
 /// that a per-expert load is not a per-slot one in disguise.
+/// `through_file` is the placement's file: a vLLM map with masked ranks (-1) has more slots
+/// than the placement read from it, and the counts span them all.
 pub fn settle_physical(
     load: &mut LoadInput,
     physical: bool,
     through: Option<&Placement>,
+    through_file: Option<&Path>,
     flag_for_placement: &str,
 ) -> Result<(), Fail> {
     match (physical, through) {
@@ -280,7 +283,20 @@ pub fn settle_physical(
             "--physical-load needs {flag_for_placement} (the placement whose slots the counts are for)"
         ))),
         (true, Some(p)) => {
-            load.history = formats::vllm::logical_from_physical(load.history.windows(), p)?;
+            let cols = load.history.num_experts();
+            let slot_map = through_file
+                .filter(|_| cols != p.num_slots())
+                .and_then(|f| std::fs::read(f).ok())
+                .and_then(|b| formats::read_slot_map_bytes(&b, load.layout.as_ref()))
+                .filter(|m| m.first().map(Vec::len) == Some(cols));
+            load.history = match slot_map {
+                Some(map) => formats::vllm::logical_from_slot_map(
+                    load.history.windows(),
+                    &map,
+                    p.num_logical_experts,
+                )?,
+                None => formats::vllm::logical_from_physical(load.history.windows(), p)?,
+            };
             load.notes.push(format!(
                 "per-slot counts mapped to {} experts through {flag_for_placement}",
                 p.num_logical_experts

@@ -327,7 +327,13 @@ fn plan(
             )
         })
         .transpose()?;
-    inputs::settle_physical(&mut load, physical_load, prev.as_ref(), "--previous")?;
+    inputs::settle_physical(
+        &mut load,
+        physical_load,
+        prev.as_ref(),
+        previous,
+        "--previous",
+    )?;
     layout.check_load_shape(&load.history)?;
     notes.append(&mut load.notes);
     if format == Format::Sglang {

@@ -732,3 +732,61 @@ fn convert_takes_the_expert_count_from_the_checkpoint_and_flags_shared_looking_i
     assert_eq!(json_of(&o)["num_logical_experts"], 9);
     assert!(stderr(&o).contains("--experts"), "{}", stderr(&o));
 }
+
+/// vLLM's per-slot window spans every physical slot, the masked rank's (-1) included: it maps
+/// through the map as written (those slots must count no tokens), in eval, plan and convert.
+#[test]
+fn per_slot_loads_map_through_a_phy2log_with_masked_ranks() {
+    let d = Dir::new("vllm-masked");
+    // 3 ranks x 2 slots, rank 1 masked.
+    let map = d.file(
+        "map.json",
+        r#"{"num_logical_experts": 3, "num_ranks": 3, "phy2log": [[0, 1, -1, -1, 2, 0]]}"#,
+    );
+    let slots = d.file("slots.json", "[[[5, 1, 0, 0, 2, 7]], [[1, 1, 0, 0, 1, 1]]]");
+    let windows = json_of(&moectl(&[
+        "convert",
+        "--input",
+        &slots,
+        "--to",
+        "windows",
+        "--physical-load",
+        "--placement",
+        &map,
+    ]));
+    assert_eq!(windows, json!({"windows": [[[12, 1, 2]], [[2, 1, 1]]]}));
+    let v = json_of(&moectl(&[
+        "eval",
+        "--placement",
+        &map,
+        "--load",
+        &slots,
+        "--physical-load",
+        "--json",
+    ]));
+    assert_eq!(v["windows"], 2, "{v}");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &slots,
+        "--physical-load",
+        "--previous",
+        &map,
+        "--ranks",
+        "2",
+        "--redundant",
+        "1",
+    ]);
+    assert_eq!(json_of(&o)["num_logical_experts"], 3);
+    // Tokens on a masked slot are refused: the counts and the map disagree.
+    let bad = d.file("bad.json", "[[[5, 1, 3, 0, 2, 7]]]");
+    let o = moectl(&[
+        "eval",
+        "--placement",
+        &map,
+        "--load",
+        &bad,
+        "--physical-load",
+    ]);
+    assert_bad(&o, "slot 2");
+}

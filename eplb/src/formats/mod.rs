@@ -183,6 +183,29 @@ pub fn read_placement_bytes(
     Ok((p, "SGLang physical_to_logical_map (.pt)", notes))
 }
 
+/// The slot map of a placement file as written, -1 included (vLLM's masked ranks): `phy2log`
+/// or `physical_to_logical_map` rows (the MoE rows, with a layout). `None` for other formats
+/// and for anything the placement reader would refuse (it says why).
+pub fn read_slot_map_bytes(bytes: &[u8], layout: Option<&DecoderLayout>) -> Option<Vec<Vec<i64>>> {
+    let v: Value = serde_json::from_slice(bytes).ok()?;
+    let rows = match (v.get("phy2log"), v.get("physical_to_logical_map")) {
+        (Some(rows), _) => rows.as_array()?.iter().collect::<Vec<_>>(),
+        (None, Some(rows)) => {
+            let rows = rows.as_array()?;
+            match layout {
+                Some(l) if l.num_decoder_layers() == rows.len() => {
+                    l.moe_layers().iter().map(|&i| &rows[i]).collect()
+                }
+                _ => return None,
+            }
+        }
+        (None, None) => return None,
+    };
+    rows.iter()
+        .map(|r| r.as_array()?.iter().map(Value::as_i64).collect())
+        .collect()
+}
+
 /// What a placement reader may need besides the file.
 #[derive(Debug, Clone, Default)]
 pub struct PlacementContext<'a> {
