@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use eplb::metrics::{Balancedness, balancedness, migration_cost, score, score_history};
+use eplb::traffic::{cross_node_moves, mean_cross_node_floor, mean_cross_node_share};
 use eplb::{LoadHistory, Placement};
 use serde_json::{Value, json};
 
@@ -22,6 +23,31 @@ pub struct EvalArgs<'a> {
     pub svg: Option<&'a PathBuf>,
     pub layout: &'a LayoutArgs,
     pub physical_load: bool,
+    pub nodes: Option<usize>,
+}
+
+/// Node-level traffic of a placement with several nodes (`eplb::traffic`).
+struct CrossNode {
+    /// Token-expert assignments that leave their node (mean over layers, summed load).
+    token_share: f64,
+    /// The least share any placement with the same replica counts can have.
+    floor: f64,
+    /// Moved slots whose expert their node did not hold before (with a comparable --previous).
+    weight_moves: Option<usize>,
+}
+
+fn cross_node(p: &Placement, prev: Option<&Placement>, h: &LoadHistory) -> Option<CrossNode> {
+    if p.num_nodes <= 1 {
+        return None;
+    }
+    let total = h.total();
+    Some(CrossNode {
+        token_share: mean_cross_node_share(p, &total),
+        floor: mean_cross_node_floor(p, &total),
+        weight_moves: prev
+            .filter(|old| old.num_layers == p.num_layers && old.num_slots() == p.num_slots())
+            .map(|old| cross_node_moves(old, p)),
+    })
 }
 
 /// PAR per layer (mean over windows), its mean and worst, and both balancedness figures.
@@ -78,13 +104,13 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
         a.placement,
         experts,
         a.ranks,
-        None,
+        a.nodes,
         layout.as_ref(),
         &mut notes,
     )?;
     let prev = a
         .previous
-        .map(|f| inputs::read_placement(f, experts, a.ranks, None, layout.as_ref(), &mut notes))
+        .map(|f| inputs::read_placement(f, experts, a.ranks, a.nodes, layout.as_ref(), &mut notes))
         .transpose()?;
     // A per-slot load was recorded while the previous placement served (or, without one, the
     // evaluated placement).
@@ -145,6 +171,7 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
         let doc = svg::render(&panels, &history, &file_name(a.load));
         write_out(Some(path), &doc)?;
     }
+    let nodes = cross_node(&p, prev.as_ref(), &history);
     let windows = history.num_windows();
     let mut out = String::new();
     // One line of the text report.
@@ -169,6 +196,10 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
                            "balancedness": engines_json(&now.engines)});
         if let Some(m) = &mig {
             v["migration"] = json!({"slots": m.slots, "bytes": m.bytes, "per_layer": m.per_layer});
+        }
+        if let Some(c) = &nodes {
+            v["cross_node"] = json!({"nodes": p.num_nodes, "token_share": c.token_share,
+                                     "floor": c.floor, "weight_moves": c.weight_moves});
         }
         if let Some(b) = &before {
             v["previous"] = json!({"mean_par": b.mean, "worst_par": b.worst,
@@ -215,6 +246,17 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
         }
         if let Some(m) = &mig {
             out_line!("migration: {} slots, {} bytes", m.slots, m.bytes);
+        }
+        if let Some(c) = &nodes {
+            out_line!(
+                "cross-node tokens: {:.1}% over {} nodes (these replica counts allow {:.1}%)",
+                100.0 * c.token_share,
+                p.num_nodes,
+                100.0 * c.floor
+            );
+            if let Some(m) = c.weight_moves {
+                out_line!("cross-node weight moves: {m} slots");
+            }
         }
     }
     print_out(&out)?;

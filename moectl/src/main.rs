@@ -128,6 +128,10 @@ enum Command {
         /// --previous, or --placement without it.
         #[arg(long)]
         physical_load: bool,
+        /// Nodes, for placements that do not say (all but moectl's JSON): with more than one,
+        /// cross-node token share and weight moves are reported.
+        #[arg(long)]
+        nodes: Option<usize>,
         #[command(flatten)]
         layout: LayoutArgs,
     },
@@ -445,6 +449,7 @@ fn main() -> ExitCode {
             ranks,
             svg,
             physical_load,
+            nodes,
             layout,
         } => eval::eval(&EvalArgs {
             placement,
@@ -456,6 +461,7 @@ fn main() -> ExitCode {
             svg: svg.as_ref(),
             layout,
             physical_load: *physical_load,
+            nodes: *nodes,
         }),
         Command::Convert {
             input,

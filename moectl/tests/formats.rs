@@ -790,3 +790,56 @@ fn per_slot_loads_map_through_a_phy2log_with_masked_ranks() {
     ]);
     assert_bad(&o, "slot 2");
 }
+
+/// With several nodes (the placement's num_nodes, or --nodes for formats that do not say),
+/// eval reports the cross-node token share beside its floor for the replica counts, and the
+/// cross-node weight moves from --previous: the node-aware figures of the benchmark.
+#[test]
+fn eval_reports_cross_node_traffic_with_several_nodes() {
+    let d = Dir::new("eval-nodes");
+    // 2 nodes x 2 ranks x 2 slots. Experts 1 and 2 on both nodes; both replicas of expert 0
+    // on node 0 and of expert 3 on node 1: 0 and 3 serve half their tokens remotely, though
+    // two replicas each could cover both nodes (floor 0).
+    let p = d.file(
+        "p.json",
+        r#"{"num_logical_experts": 4, "num_ranks": 4, "num_nodes": 2, "phy2log": [[0, 1, 0, 2, 3, 1, 2, 3]]}"#,
+    );
+    // From q, slot 3 takes expert 2, which node 0 did not hold: one cross-node move (slot 4
+    // takes expert 3, which node 1 held).
+    let q = d.file(
+        "q.json",
+        r#"{"num_logical_experts": 4, "num_ranks": 4, "num_nodes": 2, "phy2log": [[0, 1, 0, 3, 2, 1, 2, 3]]}"#,
+    );
+    let load = d.file("load.json", "[[4, 2, 1, 1]]");
+    let v = json_of(&moectl(&[
+        "eval",
+        "--placement",
+        &p,
+        "--previous",
+        &q,
+        "--load",
+        &load,
+        "--json",
+    ]));
+    let c = &v["cross_node"];
+    let share = (4.0 * 0.5 + 1.0 * 0.5) / 8.0;
+    assert!(
+        (c["token_share"].as_f64().unwrap() - share).abs() < 1e-12,
+        "{v}"
+    );
+    assert!(c["floor"].as_f64().unwrap().abs() < 1e-12, "{v}");
+    assert_eq!(c["weight_moves"], 1, "{v}");
+    let text = ok(&moectl(&["eval", "--placement", &p, "--load", &load]));
+    assert!(text.contains("cross-node tokens: 31."), "{text}");
+    // One node: no such figures.
+    let one = ok(&moectl(&[
+        "eval",
+        "--placement",
+        &p,
+        "--load",
+        &load,
+        "--nodes",
+        "1",
+    ]));
+    assert!(!one.contains("cross-node"), "{one}");
+}
