@@ -88,11 +88,11 @@ enum Command {
         #[arg(long)]
         max_moves: Option<usize>,
         /// Only re-plan layers whose current PAR exceeds this (needs --previous).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         threshold: Option<f64>,
         /// joint with several nodes: objective (PAR) fraction it may give up to keep tokens
         /// on their node (default 0.0025).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         node_slack: Option<f64>,
         /// Output: placement (moectl JSON), ascend-expert-map, sglang (--init-expert-location
         /// file, one row per decoder layer) or document.

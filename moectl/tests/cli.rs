@@ -371,6 +371,38 @@ fn node_slack_is_checked() {
     ]);
     assert_bad(&o, "node slack");
     assert!(!std::path::Path::new(&out).exists());
+    // Written the usual way, a negative value gets the same message, not clap's
+    // "unexpected argument '-0.1'".
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--node-slack",
+        "-0.1",
+    ]);
+    assert_bad(&o, "node slack");
+    let prev = d.file(
+        "prev.json",
+        r#"{"num_logical_experts": 8, "num_ranks": 4, "phy2log": [[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 0, 1]]}"#,
+    );
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--previous",
+        &prev,
+        "--threshold",
+        "-2",
+    ]);
+    assert_bad(&o, "threshold -2");
     let o = moectl(&[
         "plan",
         "--load",
