@@ -21,7 +21,9 @@ pub enum EplbError {
     #[error("mismatch: {0}")]
     Mismatch(String),
     /// `planner_by_name` was given a name it does not know.
-    #[error("unknown algorithm '{0}' (expected greedy, joint or incremental)")]
+    #[error(
+        "unknown algorithm '{0}' (expected greedy, joint or incremental, or a benchmark baseline: greedy-global, flashlb-like, multi-episode-lpt)"
+    )]
     UnknownAlgorithm(String),
     /// A plan request is inconsistent (bad threshold, layer out of range, ...).
     #[error("invalid request: {0}")]

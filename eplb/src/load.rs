@@ -82,7 +82,7 @@ impl LoadHistory {
         // tree, several times faster on a DeepSeek-V3 history). Anything it does not take,
         // including every malformed input, goes the general way below, whose errors name the
         // window, layer and expert.
-        if let Some(windows) = typed_windows(text) {
+        if let Some((windows, _)) = typed_windows(text) {
             return LoadHistory::new(windows);
         }
         let v: Value = serde_json::from_str(text)
@@ -145,9 +145,10 @@ impl LoadHistory {
     }
 }
 
-/// The three load formats as plain serde types, for [`LoadHistory::from_json_str`]'s fast
-/// path. `None` when the text is not exactly one of them.
-fn typed_windows(text: &str) -> Option<Vec<Vec<Vec<f64>>>> {
+/// This project's load formats (`[L][E]`, `[W][L][E]`, `{"windows"}`, OpenEvolve's
+/// `{"load_history"}`) as plain serde types: the fast path of [`LoadHistory::from_json_str`]
+/// and [`crate::formats::read_load_bytes`]. `None` when the text is not exactly one of them.
+pub(crate) fn typed_windows(text: &str) -> Option<(Vec<Vec<Vec<f64>>>, &'static str)> {
     #[derive(serde::Deserialize)]
     struct Record {
         logical_expert_load: Vec<Vec<f64>>,
@@ -158,17 +159,25 @@ fn typed_windows(text: &str) -> Option<Vec<Vec<Vec<f64>>>> {
         load_history: Option<Vec<Record>>,
     }
     match text.trim_start().as_bytes().first()? {
-        b'[' => serde_json::from_str::<Vec<Vec<f64>>>(text)
-            .ok()
-            .map(|m| vec![m]),
+        // A 3-D array fails the 2-D parse at its first inner bracket, so trying both costs
+        // little.
+        b'[' => match serde_json::from_str::<Vec<Vec<f64>>>(text) {
+            Ok(m) => Some((vec![m], "[L][E] array")),
+            Err(_) => serde_json::from_str::<Vec<Vec<Vec<f64>>>>(text)
+                .ok()
+                .map(|w| (w, "[W][L][E] array")),
+        },
         b'{' => match serde_json::from_str::<Object>(text).ok()? {
             Object {
                 windows: Some(w), ..
-            } => Some(w),
+            } => Some((w, "moectl windows")),
             Object {
                 windows: None,
                 load_history: Some(h),
-            } => Some(h.into_iter().map(|r| r.logical_expert_load).collect()),
+            } => Some((
+                h.into_iter().map(|r| r.logical_expert_load).collect(),
+                "OpenEvolve EPLB data set (load_history)",
+            )),
             _ => None,
         },
         _ => None,
@@ -211,13 +220,15 @@ mod tests {
             r#"{"windows": [[[1, 2]], [[3, 4.5]]]}"#,
             r#"{"load_history": [{"logical_expert_load": [[1, 2]]}, {"logical_expert_load": [[0, 7]]}]}"#,
             r#"{"windows": [[[1, 2]]], "load_history": [{"logical_expert_load": [[5, 5]]}]}"#,
+            "[[[1, 2]], [[3, 4.5]]]",
+            " [ [ [1]]]",
         ] {
             assert!(typed_windows(text).is_some(), "{text}");
             let general =
                 LoadHistory::from_json_value(&serde_json::from_str(text).unwrap()).unwrap();
             assert_eq!(LoadHistory::from_json_str(text).unwrap(), general, "{text}");
         }
-        for text in ["[[1, \"x\"]]", "[[[1]]]", "{}", "{\"windows\": 3}", "7"] {
+        for text in ["[[1, \"x\"]]", "[[[1]], 2]", "{}", "{\"windows\": 3}", "7"] {
             assert!(typed_windows(text).is_none(), "{text}");
         }
     }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::{Fail, write_out};
+use crate::{Fail, print_out, write_out};
 
 pub(crate) fn bench(
     markdown: Option<&Path>,
@@ -27,7 +27,7 @@ pub(crate) fn bench(
     let mut rows = Vec::new();
     for s in &shapes {
         let r = eplb::bench::run_shape(s, &opts)?;
-        print!("{}", eplb::bench::markdown_table(&r));
+        print_out(&eplb::bench::markdown_table(&r))?;
         rows.extend(r);
     }
     if let Some(path) = markdown {

@@ -114,9 +114,15 @@ pub fn convert(a: &ConvertArgs) -> Result<Vec<String>, Fail> {
             Some(rows) => a.layout.for_decoder_rows(rows)?,
             None => None,
         };
+        // The routed expert count: --experts, else the checkpoint's (vllm-ascend maps need it
+        // to tell mix_placement's shared experts from routed ones).
+        let experts = match a.experts {
+            Some(e) => Some(e),
+            None => a.layout.model()?.map(|m| m.num_experts),
+        };
         let p = inputs::read_placement(
             a.input,
-            a.experts,
+            experts,
             a.ranks,
             a.nodes,
             input_layout.as_ref(),
@@ -142,7 +148,13 @@ pub fn convert(a: &ConvertArgs) -> Result<Vec<String>, Fail> {
             })
             .transpose()?;
         if a.physical_load || through.is_some() {
-            inputs::settle_physical(&mut load, a.physical_load, through.as_ref(), "--placement")?;
+            inputs::settle_physical(
+                &mut load,
+                a.physical_load,
+                through.as_ref(),
+                a.placement,
+                "--placement",
+            )?;
         }
         notes.append(&mut load.notes);
         outputs::write_load(&load.history, format, load.layout.as_ref())?

@@ -1,14 +1,16 @@
 //! `moectl eval`: PAR and balancedness of a placement under a load, migration cost from a
 //! previous placement, and the heatmap.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use eplb::metrics::{Balancedness, balancedness, migration_cost, score, score_history};
+use eplb::traffic::{cross_node_moves, mean_cross_node_floor, mean_cross_node_share};
 use eplb::{LoadHistory, Placement};
 use serde_json::{Value, json};
 
 use crate::inputs::{self, LayoutArgs};
-use crate::{Fail, svg, write_out};
+use crate::{Fail, print_out, svg, write_out};
 
 /// Everything `eval` takes.
 pub struct EvalArgs<'a> {
@@ -21,16 +23,43 @@ pub struct EvalArgs<'a> {
     pub svg: Option<&'a PathBuf>,
     pub layout: &'a LayoutArgs,
     pub physical_load: bool,
+    pub nodes: Option<usize>,
+}
+
+/// Node-level traffic of a placement with several nodes (`eplb::traffic`).
+struct CrossNode {
+    /// Token-expert assignments that leave their node (mean over layers, summed load).
+    token_share: f64,
+    /// The least share any placement with the same replica counts can have.
+    floor: f64,
+    /// Moved slots whose expert their node did not hold before (with a comparable --previous).
+    weight_moves: Option<usize>,
+}
+
+fn cross_node(p: &Placement, prev: Option<&Placement>, h: &LoadHistory) -> Option<CrossNode> {
+    if p.num_nodes <= 1 {
+        return None;
+    }
+    let total = h.total();
+    Some(CrossNode {
+        token_share: mean_cross_node_share(p, &total),
+        floor: mean_cross_node_floor(p, &total),
+        weight_moves: prev
+            .filter(|old| old.num_layers == p.num_layers && old.num_slots() == p.num_slots())
+            .map(|old| cross_node_moves(old, p)),
+    })
 }
 
 /// PAR per layer (mean over windows), its mean and worst, and both balancedness figures.
 struct Summary {
     per_layer: Vec<f64>,
+    /// SGLang's balancedness of each layer: 1/PAR averaged over the windows (their mean over
+    /// layers is `engines.sglang`; 1/(mean PAR) would be a third definition).
+    balancedness_per_layer: Vec<f64>,
     worst_window: Vec<f64>,
     last_window: Vec<f64>,
     mean: f64,
     worst: f64,
-    mean_balancedness: f64,
     engines: Balancedness,
 }
 
@@ -38,13 +67,21 @@ fn summarize(p: &Placement, h: &LoadHistory) -> Result<Summary, Fail> {
     let hs = score_history(p, h)?;
     let last = score(p, h.last())?;
     let mut worst_window = vec![1.0f64; p.num_layers];
+    let mut balancedness_per_layer = vec![0.0; p.num_layers];
+    let windows = h.num_windows() as f64;
     for w in h.windows() {
-        for (l, x) in worst_window.iter_mut().enumerate() {
-            *x = x.max(eplb::layer_par(p, l, &w[l]));
+        for (l, (x, b)) in worst_window
+            .iter_mut()
+            .zip(&mut balancedness_per_layer)
+            .enumerate()
+        {
+            let par = eplb::layer_par(p, l, &w[l]);
+            *x = x.max(par);
+            *b += 1.0 / par / windows;
         }
     }
     Ok(Summary {
-        mean_balancedness: hs.mean_balancedness(),
+        balancedness_per_layer,
         engines: balancedness(p, h)?,
         per_layer: hs.per_layer,
         worst_window,
@@ -67,24 +104,24 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
         a.placement,
         experts,
         a.ranks,
-        None,
+        a.nodes,
         layout.as_ref(),
         &mut notes,
     )?;
     let prev = a
         .previous
-        .map(|f| inputs::read_placement(f, experts, a.ranks, None, layout.as_ref(), &mut notes))
+        .map(|f| inputs::read_placement(f, experts, a.ranks, a.nodes, layout.as_ref(), &mut notes))
         .transpose()?;
     // A per-slot load was recorded while the previous placement served (or, without one, the
     // evaluated placement).
-    let (through, flag) = match &prev {
-        Some(pp) => (pp, "--previous"),
-        None => (&p, "--placement"),
+    let (through, through_file, flag) = match (&prev, a.previous) {
+        (Some(pp), Some(file)) => (pp, file, "--previous"),
+        _ => (&p, a.placement, "--placement"),
     };
     if a.physical_load {
-        inputs::settle_physical(&mut load, true, Some(through), flag)?;
+        inputs::settle_physical(&mut load, true, Some(through), Some(through_file), flag)?;
     } else {
-        inputs::settle_physical(&mut load, false, Some(&p), "--placement")?;
+        inputs::settle_physical(&mut load, false, Some(&p), None, "--placement")?;
     }
     notes.append(&mut load.notes);
     let history = load.history;
@@ -97,8 +134,22 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
         }
         _ => None,
     };
+    // Slots correspond only between placements of the same size; a previous placement with
+    // other slots (say, fewer redundant experts) is still compared by PAR.
     let mig = match &prev {
-        Some(old) => Some(migration_cost(old, &p, a.expert_bytes)?),
+        Some(old) if old.num_layers == p.num_layers && old.num_slots() == p.num_slots() => {
+            Some(migration_cost(old, &p, a.expert_bytes)?)
+        }
+        Some(old) => {
+            notes.push(format!(
+                "no migration cost: the previous placement has {} layers x {} slots, this one {} x {} (slots do not correspond)",
+                old.num_layers,
+                old.num_slots(),
+                p.num_layers,
+                p.num_slots()
+            ));
+            None
+        }
         None => None,
     };
     if let Some(path) = a.svg {
@@ -120,11 +171,19 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
         let doc = svg::render(&panels, &history, &file_name(a.load));
         write_out(Some(path), &doc)?;
     }
+    let nodes = cross_node(&p, prev.as_ref(), &history);
     let windows = history.num_windows();
+    let mut out = String::new();
+    // One line of the text report.
+    macro_rules! out_line {
+        ($($arg:tt)*) => {{
+            let _ = writeln!(out, $($arg)*);
+        }};
+    }
     if a.as_json {
         let layers: Vec<Value> = (0..p.num_layers)
             .map(|l| {
-                let mut v = json!({"layer": l, "par": now.per_layer[l], "balancedness": 1.0 / now.per_layer[l],
+                let mut v = json!({"layer": l, "par": now.per_layer[l], "balancedness": now.balancedness_per_layer[l],
                        "worst_window_par": now.worst_window[l], "last_window_par": now.last_window[l]});
                 if let Some(b) = &before {
                     v["previous_par"] = json!(b.per_layer[l]);
@@ -133,55 +192,74 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
             })
             .collect();
         let mut v = json!({"windows": windows, "layers": layers, "mean_par": now.mean,
-                           "worst_par": now.worst, "mean_balancedness": now.mean_balancedness,
+                           "worst_par": now.worst, "mean_balancedness": now.engines.sglang,
                            "balancedness": engines_json(&now.engines)});
         if let Some(m) = &mig {
             v["migration"] = json!({"slots": m.slots, "bytes": m.bytes, "per_layer": m.per_layer});
+        }
+        if let Some(c) = &nodes {
+            v["cross_node"] = json!({"nodes": p.num_nodes, "token_share": c.token_share,
+                                     "floor": c.floor, "weight_moves": c.weight_moves});
         }
         if let Some(b) = &before {
             v["previous"] = json!({"mean_par": b.mean, "worst_par": b.worst,
                                    "per_layer_par": b.per_layer,
                                    "balancedness": engines_json(&b.engines)});
         }
-        println!("{}", serde_json::to_string(&v)?);
+        out.push_str(&serde_json::to_string(&v)?);
+        out.push('\n');
     } else {
         let prev_col = if before.is_some() { "  previous" } else { "" };
-        println!("layer  PAR     balancedness  worst-window  last-window{prev_col}");
+        out_line!("layer  PAR     balancedness  worst-window  last-window{prev_col}");
         for (l, w) in now.worst_window.iter().enumerate() {
             let prev = before
                 .as_ref()
                 .map_or(String::new(), |b| format!("  {:.4}", b.per_layer[l]));
-            println!(
+            out_line!(
                 "{:<6} {:<7.4} {:<13.4} {:<13.4} {:.4}{prev}",
                 l,
                 now.per_layer[l],
-                1.0 / now.per_layer[l],
+                now.balancedness_per_layer[l],
                 w,
                 now.last_window[l]
             );
         }
-        println!("windows: {windows}");
-        println!("mean PAR: {:.4}", now.mean);
-        println!("worst PAR: {:.4}", now.worst);
-        println!("mean balancedness: {:.4}", now.mean_balancedness);
-        println!(
-            "balancedness, SGLang (mean over layers of 1/PAR): {:.4}",
+        out_line!("windows: {windows}");
+        out_line!("mean PAR: {:.4}", now.mean);
+        out_line!("worst PAR: {:.4}", now.worst);
+        out_line!(
+            "balancedness, SGLang (1/PAR, mean over layers and windows): {:.4}",
             now.engines.sglang
         );
-        println!(
-            "balancedness, vLLM (sum of mean rank loads / sum of max rank loads): {:.4}",
+        out_line!(
+            "balancedness, vLLM (sum over layers of mean rank load / of max rank load, mean over windows): {:.4}",
             now.engines.vllm
         );
         if let Some(b) = &before {
-            println!(
+            out_line!(
                 "previous: mean PAR {:.4}, worst {:.4}, balancedness SGLang {:.4}, vLLM {:.4}",
-                b.mean, b.worst, b.engines.sglang, b.engines.vllm
+                b.mean,
+                b.worst,
+                b.engines.sglang,
+                b.engines.vllm
             );
         }
         if let Some(m) = &mig {
-            println!("migration: {} slots, {} bytes", m.slots, m.bytes);
+            out_line!("migration: {} slots, {} bytes", m.slots, m.bytes);
+        }
+        if let Some(c) = &nodes {
+            out_line!(
+                "cross-node tokens: {:.1}% over {} nodes (these replica counts allow {:.1}%)",
+                100.0 * c.token_share,
+                p.num_nodes,
+                100.0 * c.floor
+            );
+            if let Some(m) = c.weight_moves {
+                out_line!("cross-node weight moves: {m} slots");
+            }
         }
     }
+    print_out(&out)?;
     Ok(notes)
 }
 

@@ -216,17 +216,66 @@ pub fn read_placement(
         num_nodes: nodes,
         layout,
     };
-    let (p, _, n) = formats::read_placement_bytes(&bytes, &ctx).map_err(at(path))?;
+    let (p, _, n) = match formats::read_placement_bytes(&bytes, &ctx) {
+        Ok(read) => read,
+        Err(e) => return Err(explain_expert_count(path, &bytes, &ctx, e)),
+    };
     notes.extend(prefix(path, n));
     Ok(p)
 }
 
+/// A placement that fails with the load's expert count E (formats that take E from the load:
+/// vllm-ascend maps, SGLang's map) is read again without it, to say what the mismatch is: a
+/// per-slot load (E columns = the placement's slots) or another expert count.
+fn explain_expert_count(
+    path: &Path,
+    bytes: &[u8],
+    ctx: &PlacementContext,
+    err: eplb::EplbError,
+) -> Fail {
+    let Some(e) = ctx.num_experts else {
+        return at(path)(err);
+    };
+    let own = PlacementContext {
+        num_experts: None,
+        ..ctx.clone()
+    };
+    let Ok((p, _, _)) = formats::read_placement_bytes(bytes, &own) else {
+        return at(path)(err);
+    };
+    if p.num_logical_experts == e {
+        return at(path)(err);
+    }
+    if p.num_slots() == e {
+        return Fail(format!(
+            "the load has {e} counts per layer, as many as the slots of {} (which holds {} experts): it looks like vLLM's per-slot load; pass --physical-load to map slots to experts through the placement",
+            path.display(),
+            p.num_logical_experts
+        ));
+    }
+    let shared = if p.num_logical_experts > e {
+        format!(
+            " (ids from {e} up are read as vllm-ascend mix_placement shared experts only when every device holds one copy of each)"
+        )
+    } else {
+        String::new()
+    };
+    Fail(format!(
+        "the load has {e} experts per layer but {} holds {} experts{shared}; use a load and a placement of the same model",
+        path.display(),
+        p.num_logical_experts,
+    ))
+}
+
 /// Turns a per-slot load into a per-expert one through `through` (`--physical-load`), or checks
 /// that a per-expert load is not a per-slot one in disguise.
+/// `through_file` is the placement's file: a vLLM map with masked ranks (-1) has more slots
+/// than the placement read from it, and the counts span them all.
 pub fn settle_physical(
     load: &mut LoadInput,
     physical: bool,
     through: Option<&Placement>,
+    through_file: Option<&Path>,
     flag_for_placement: &str,
 ) -> Result<(), Fail> {
     match (physical, through) {
@@ -234,7 +283,20 @@ pub fn settle_physical(
             "--physical-load needs {flag_for_placement} (the placement whose slots the counts are for)"
         ))),
         (true, Some(p)) => {
-            load.history = formats::vllm::logical_from_physical(load.history.windows(), p)?;
+            let cols = load.history.num_experts();
+            let slot_map = through_file
+                .filter(|_| cols != p.num_slots())
+                .and_then(|f| std::fs::read(f).ok())
+                .and_then(|b| formats::read_slot_map_bytes(&b, load.layout.as_ref()))
+                .filter(|m| m.first().map(Vec::len) == Some(cols));
+            load.history = match slot_map {
+                Some(map) => formats::vllm::logical_from_slot_map(
+                    load.history.windows(),
+                    &map,
+                    p.num_logical_experts,
+                )?,
+                None => formats::vllm::logical_from_physical(load.history.windows(), p)?,
+            };
             load.notes.push(format!(
                 "per-slot counts mapped to {} experts through {flag_for_placement}",
                 p.num_logical_experts

@@ -71,7 +71,8 @@ enum Command {
         /// Expert groups (1 = none).
         #[arg(long, default_value_t = 1)]
         groups: usize,
-        /// greedy, joint or incremental.
+        /// greedy, joint or incremental (or a benchmark baseline: greedy-global, flashlb-like,
+        /// multi-episode-lpt).
         #[arg(long, default_value = eplb::DEFAULT_ALGORITHM)]
         algorithm: String,
         /// The placement in use (any format moectl reads).
@@ -87,11 +88,11 @@ enum Command {
         #[arg(long)]
         max_moves: Option<usize>,
         /// Only re-plan layers whose current PAR exceeds this (needs --previous).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         threshold: Option<f64>,
         /// joint with several nodes: objective (PAR) fraction it may give up to keep tokens
         /// on their node (default 0.0025).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         node_slack: Option<f64>,
         /// Output: placement (moectl JSON), ascend-expert-map, sglang (--init-expert-location
         /// file, one row per decoder layer) or document.
@@ -127,6 +128,10 @@ enum Command {
         /// --previous, or --placement without it.
         #[arg(long)]
         physical_load: bool,
+        /// Nodes, for placements that do not say (all but moectl's JSON): with more than one,
+        /// cross-node token share and weight moves are reported.
+        #[arg(long)]
+        nodes: Option<usize>,
         #[command(flatten)]
         layout: LayoutArgs,
     },
@@ -196,10 +201,19 @@ pub(crate) fn write_out(output: Option<&Path>, text: &str) -> Result<(), Fail> {
                 Fail(format!("cannot write {}: {e}", p.display()))
             })
         }
-        None => {
-            println!("{text}");
-            Ok(())
-        }
+        None => print_out(&format!("{text}\n")),
+    }
+}
+
+/// Writes `text` to standard output. When the reader has gone (`moectl eval ... | head`) the
+/// command ends quietly, as Unix tools do, instead of with `println!`'s panic.
+pub(crate) fn print_out(text: &str) -> Result<(), Fail> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(Fail(format!("cannot write to standard output: {e}"))),
     }
 }
 
@@ -317,7 +331,13 @@ fn plan(
             )
         })
         .transpose()?;
-    inputs::settle_physical(&mut load, physical_load, prev.as_ref(), "--previous")?;
+    inputs::settle_physical(
+        &mut load,
+        physical_load,
+        prev.as_ref(),
+        previous,
+        "--previous",
+    )?;
     layout.check_load_shape(&load.history)?;
     notes.append(&mut load.notes);
     if format == Format::Sglang {
@@ -429,6 +449,7 @@ fn main() -> ExitCode {
             ranks,
             svg,
             physical_load,
+            nodes,
             layout,
         } => eval::eval(&EvalArgs {
             placement,
@@ -440,6 +461,7 @@ fn main() -> ExitCode {
             svg: svg.as_ref(),
             layout,
             physical_load: *physical_load,
+            nodes: *nodes,
         }),
         Command::Convert {
             input,

@@ -2,12 +2,13 @@
 //! model description the worker loads with, and the `spec.model` stanza of a MoEDeployment
 //! serving it.
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use moe_model::{ModelDescription, Scoring, WeightDtype};
 use serde_json::{Value, json};
 
-use crate::Fail;
+use crate::{Fail, print_out};
 
 /// Output of `moectl model inspect`.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,12 +87,19 @@ fn layer_ranges(layers: &[usize]) -> String {
 pub fn inspect(path: &Path, output: InspectOutput) -> Result<Vec<String>, Fail> {
     let d = ModelDescription::from_path(path).map_err(|e| Fail(e.to_string()))?;
     let stanza = spec_model(&d);
+    let mut out = String::new();
+    // One line of the report.
+    macro_rules! out_line {
+        ($($arg:tt)*) => {{
+            let _ = writeln!(out, $($arg)*);
+        }};
+    }
     match output {
         InspectOutput::Json => {
             let mut v = serde_json::to_value(&d)?;
             v["expertBytes"] = json!(d.expert_bytes());
             v["specModel"] = stanza;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            out_line!("{}", serde_json::to_string_pretty(&v)?);
         }
         InspectOutput::Text => {
             let shared = match &d.shared {
@@ -112,18 +120,18 @@ pub fn inspect(path: &Path, output: InspectOutput) -> Result<Vec<String>, Fail> 
                 Scoring::Softmax => "softmax",
                 Scoring::Sigmoid => "sigmoid",
             };
-            println!("architecture        {} ({})", d.architecture, d.model_type);
-            println!(
+            out_line!("architecture        {} ({})", d.architecture, d.model_type);
+            out_line!(
                 "MoE decoder layers  {} of {}: {}",
                 d.num_moe_layers(),
                 d.num_hidden_layers,
                 layer_ranges(&d.moe_layers)
             );
-            println!("routed experts      {}, top-{}", d.num_experts, d.top_k);
-            println!("hidden              {}", d.hidden);
-            println!("expert intermediate {}", d.intermediate);
-            println!("expert groups       {groups}");
-            println!(
+            out_line!("routed experts      {}, top-{}", d.num_experts, d.top_k);
+            out_line!("hidden              {}", d.hidden);
+            out_line!("expert intermediate {}", d.intermediate);
+            out_line!("expert groups       {groups}");
+            out_line!(
                 "gating              {scoring}, renormalise top-k: {}, routed scaling {}{}",
                 d.norm_topk_prob,
                 d.routed_scaling_factor,
@@ -133,15 +141,16 @@ pub fn inspect(path: &Path, output: InspectOutput) -> Result<Vec<String>, Fail> 
                     ""
                 }
             );
-            println!("shared experts      {shared}");
-            println!("weights             {}", dtype_name(d.weight_dtype));
-            println!("bytes per expert    {}", human_bytes(d.expert_bytes()));
-            println!();
-            println!("# spec.model of a MoEDeployment serving this checkpoint:");
+            out_line!("shared experts      {shared}");
+            out_line!("weights             {}", dtype_name(d.weight_dtype));
+            out_line!("bytes per expert    {}", human_bytes(d.expert_bytes()));
+            out.push('\n');
+            out_line!("# spec.model of a MoEDeployment serving this checkpoint:");
             let yaml = serde_yaml::to_string(&json!({ "model": stanza }))?;
-            print!("{yaml}");
+            out.push_str(&yaml);
         }
     }
+    print_out(&out)?;
     Ok(Vec::new())
 }
 

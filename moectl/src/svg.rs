@@ -109,8 +109,33 @@ pub fn render(panels: &[Panel], history: &LoadHistory, source: &str) -> String {
             cw * p.placement.num_ranks as f64
         })
         .collect();
-    let body_w: f64 = widths.iter().map(|w| left + w + par_w).sum::<f64>()
-        + gap * (panels.len().saturating_sub(1)) as f64;
+    let headers: Vec<String> = panels
+        .iter()
+        .zip(&grids)
+        .map(|(panel, g)| {
+            let mean_par = g.pars.iter().sum::<f64>() / g.pars.len().max(1) as f64;
+            let worst = g.pars.iter().copied().fold(1.0, f64::max);
+            format!(
+                "mean PAR {mean_par:.3}, worst {worst:.3}; {} ranks x {} slots",
+                panel.placement.num_ranks,
+                panel.placement.slots_per_rank()
+            )
+        })
+        .collect();
+    // A panel is as wide as its grid and PAR column, or as its title and header lines when
+    // those are wider (few ranks): estimated at 8 px a character of the 13 px bold title and
+    // 6.5 px of the 11 px header.
+    let spans: Vec<f64> = panels
+        .iter()
+        .zip(&widths)
+        .zip(&headers)
+        .map(|((panel, w), header)| {
+            let title = panel.title.chars().count() as f64 * 8.0;
+            let header = header.chars().count() as f64 * 6.5;
+            left + (w + par_w).max(title).max(header)
+        })
+        .collect();
+    let body_w: f64 = spans.iter().sum::<f64>() + gap * (panels.len().saturating_sub(1)) as f64;
     let width = (body_w + 64.0).max(640.0);
     let grid_h = ch * layers as f64;
     let legend_y = top_margin + grid_h + 34.0;
@@ -133,12 +158,15 @@ pub fn render(panels: &[Panel], history: &LoadHistory, source: &str) -> String {
         esc(source)
     );
     let mut x0 = 12.0;
-    for ((panel, g), w) in panels.iter().zip(&grids).zip(&widths) {
+    for (((panel, g), w), (header, span)) in panels
+        .iter()
+        .zip(&grids)
+        .zip(&widths)
+        .zip(headers.iter().zip(&spans))
+    {
         let p = panel.placement;
         let cw = w / p.num_ranks as f64;
         let gx = x0 + left;
-        let mean_par = g.pars.iter().sum::<f64>() / g.pars.len().max(1) as f64;
-        let worst = g.pars.iter().copied().fold(1.0, f64::max);
         let _ = writeln!(
             s,
             r##"<text x="{gx}" y="60" font-size="13" font-weight="bold">{}</text>"##,
@@ -146,9 +174,8 @@ pub fn render(panels: &[Panel], history: &LoadHistory, source: &str) -> String {
         );
         let _ = writeln!(
             s,
-            r##"<text x="{gx}" y="75" fill="#444">mean PAR {mean_par:.3}, worst {worst:.3}; {} ranks x {} slots</text>"##,
-            p.num_ranks,
-            p.slots_per_rank()
+            r##"<text x="{gx}" y="75" fill="#444">{}</text>"##,
+            esc(header)
         );
         // Rank numbers along the top.
         let rank_every = ((24.0 / cw).ceil() as usize).max(1);
@@ -207,7 +234,7 @@ pub fn render(panels: &[Panel], history: &LoadHistory, source: &str) -> String {
             r##"<rect x="{gx}" y="{top_margin}" width="{w:.1}" height="{:.1}" fill="none" stroke="#888" stroke-width="0.6"/>"##,
             ch * p.num_layers as f64
         );
-        x0 += left + w + par_w + gap;
+        x0 += span + gap;
     }
     // Legend: the colour scale with ticks at round ratios.
     let bar_x = 12.0 + left;
@@ -277,5 +304,55 @@ mod tests {
         assert!(svg.starts_with("<svg"));
         assert!(svg.contains("layer 0 rank 1: 1.100 x mean"), "{svg}");
         assert!(svg.contains("mean PAR 1.100"));
+    }
+
+    /// Panels of few ranks are as wide as their header lines, so the next panel's title and
+    /// header start after them instead of overprinting them.
+    #[test]
+    fn narrow_panels_do_not_overlap_their_headers() {
+        let p = Placement::from_phy2log(3, 2, 1, vec![vec![0, 1, 2, 0]]).unwrap();
+        let h = LoadHistory::single(vec![vec![10.0, 4.0, 6.0]]).unwrap();
+        let panels = [
+            Panel {
+                title: "before: a-rather-long-placement-file-name.json".into(),
+                placement: &p,
+            },
+            Panel {
+                title: "after: p.json".into(),
+                placement: &p,
+            },
+        ];
+        let svg = render(&panels, &h, "load.json");
+        // (x, text) of the title (y=60) and header (y=75) lines of each panel.
+        let lines = |y: &str| -> Vec<(f64, String)> {
+            svg.lines()
+                .filter(|l| l.contains(&format!("y=\"{y}\"")))
+                .map(|l| {
+                    let x = l.split("x=\"").nth(1).unwrap().split('"').next().unwrap();
+                    let text = l.split('>').nth(1).unwrap().split('<').next().unwrap();
+                    (x.parse().unwrap(), text.to_string())
+                })
+                .collect()
+        };
+        for (y, px_per_char) in [("60", 7.5), ("75", 5.5)] {
+            let l = lines(y);
+            assert_eq!(l.len(), 2, "{svg}");
+            let end_of_first = l[0].0 + l[0].1.chars().count() as f64 * px_per_char;
+            assert!(end_of_first < l[1].0, "{l:?}");
+        }
+        let width: f64 = svg
+            .split("width=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let l = lines("75");
+        assert!(
+            l[1].0 + l[1].1.chars().count() as f64 * 5.5 < width,
+            "{l:?} {width}"
+        );
     }
 }

@@ -371,6 +371,38 @@ fn node_slack_is_checked() {
     ]);
     assert_bad(&o, "node slack");
     assert!(!std::path::Path::new(&out).exists());
+    // Written the usual way, a negative value gets the same message, not clap's
+    // "unexpected argument '-0.1'".
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--node-slack",
+        "-0.1",
+    ]);
+    assert_bad(&o, "node slack");
+    let prev = d.file(
+        "prev.json",
+        r#"{"num_logical_experts": 8, "num_ranks": 4, "phy2log": [[0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 0, 1]]}"#,
+    );
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--previous",
+        &prev,
+        "--threshold",
+        "-2",
+    ]);
+    assert_bad(&o, "threshold -2");
     let o = moectl(&[
         "plan",
         "--load",
@@ -387,4 +419,41 @@ fn node_slack_is_checked() {
         &out,
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// A reader that stops early (`moectl eval ... | head`) ends the command quietly: no panic
+/// message, no exit code 101. The output is larger than a pipe's buffer, so the write fails
+/// whenever the reader goes.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    use std::process::{Command, Stdio};
+    let d = Dir::new("pipe");
+    let layers = 3000;
+    let load = d.file(
+        "load.json",
+        &serde_json::to_string(&vec![vec![3, 1]; layers]).unwrap(),
+    );
+    let placement = d.file(
+        "placement.json",
+        &serde_json::json!({"num_logical_experts": 2, "num_ranks": 2,
+                            "phy2log": vec![vec![0, 1]; layers]})
+        .to_string(),
+    );
+    for json in [false, true] {
+        let mut args = vec!["eval", "--load", &load, "--placement", &placement];
+        if json {
+            args.push("--json");
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_moectl"))
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run moectl");
+        drop(child.stdout.take());
+        let o = child.wait_with_output().expect("wait");
+        let err = stderr(&o);
+        assert!(!err.contains("panicked"), "{err}");
+        assert_ne!(o.status.code(), Some(101), "{err}");
+    }
 }

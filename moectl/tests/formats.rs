@@ -577,3 +577,269 @@ fn docs_heatmap_is_current() {
         "docs/images/eval-heatmap.svg is out of date: rerun the eval command in docs/images/heatmap-example/make_inputs.py"
     );
 }
+
+/// Several windows: the per-layer balancedness and its mean are SGLang's (1/PAR per window and
+/// layer, averaged), not 1/(mean PAR), so the report has exactly the two definitions.
+#[test]
+fn eval_balancedness_over_several_windows_is_one_definition_per_engine() {
+    let d = Dir::new("eval-windows");
+    let p = d.file(
+        "p.json",
+        r#"{"num_logical_experts": 3, "num_ranks": 2, "phy2log": [[0, 1, 2, 0], [0, 1, 2, 0]]}"#,
+    );
+    // Window A: rank loads 9/11 and 0/100; window B: 3/3 and 2/2.
+    let load = d.file(
+        "load.json",
+        r#"{"windows": [[[10, 4, 6], [0, 0, 100]], [[2, 2, 2], [4, 0, 0]]]}"#,
+    );
+    let v = json_of(&moectl(&[
+        "eval",
+        "--placement",
+        &p,
+        "--load",
+        &load,
+        "--json",
+    ]));
+    let close = |x: &Value, want: f64| (x.as_f64().unwrap() - want).abs() < 1e-9;
+    let layer0 = (10.0 / 11.0 + 1.0) / 2.0;
+    let layer1 = (0.5 + 1.0) / 2.0;
+    assert!(close(&v["layers"][0]["balancedness"], layer0), "{v}");
+    assert!(close(&v["layers"][1]["balancedness"], layer1), "{v}");
+    let sglang = (layer0 + layer1) / 2.0;
+    assert!(
+        close(&v["balancedness"]["sglang_mean_inverse_par"], sglang),
+        "{v}"
+    );
+    assert!(close(&v["mean_balancedness"], sglang), "{v}");
+    let vllm = ((10.0 + 50.0) / (11.0 + 100.0) + 1.0) / 2.0;
+    assert!(
+        close(&v["balancedness"]["vllm_sum_mean_over_sum_max"], vllm),
+        "{v}"
+    );
+    let text = ok(&moectl(&["eval", "--placement", &p, "--load", &load]));
+    assert_eq!(text.matches("balancedness").count(), 3, "{text}"); // column + two lines
+    assert!(text.contains(&format!("{sglang:.4}")), "{text}");
+}
+
+/// A previous placement with other slots (more redundant experts) is compared, not refused:
+/// its PAR and the heatmap's before panel, no migration figure (slots do not correspond).
+#[test]
+fn eval_previous_with_other_slots_compares_without_migration() {
+    let d = Dir::new("eval-prev-slots");
+    let p = d.file(
+        "p.json",
+        r#"{"num_logical_experts": 3, "num_ranks": 2, "phy2log": [[0, 1, 2, 0]]}"#,
+    );
+    let q = d.file(
+        "q.json",
+        r#"{"num_logical_experts": 3, "num_ranks": 1, "phy2log": [[0, 1, 2]]}"#,
+    );
+    let load = d.file("load.json", "[[10, 4, 6]]");
+    let svg = d.path("heat.svg");
+    let o = moectl(&[
+        "eval",
+        "--placement",
+        &p,
+        "--previous",
+        &q,
+        "--load",
+        &load,
+        "--svg",
+        &svg,
+    ]);
+    let text = ok(&o);
+    assert!(text.contains("previous: mean PAR 1.0000"), "{text}");
+    assert!(!text.contains("migration"), "{text}");
+    assert!(stderr(&o).contains("migration"), "{}", stderr(&o));
+    assert!(
+        std::fs::read_to_string(&svg)
+            .unwrap()
+            .contains("before: q.json")
+    );
+}
+
+/// Formats that take the expert count from the load (vllm-ascend maps, SGLang's map): a
+/// per-slot load (P = 10 columns for the real map's 8 experts) is named as such, and a load
+/// with another expert count says both counts, instead of "no replica of expert 8".
+#[test]
+fn per_slot_or_mismatched_loads_against_an_ascend_map_are_named() {
+    let d = Dir::new("ascend-slots");
+    let map = data("vllm-ascend_expert_map.json");
+    let slots = d.file("slots.json", "[[5, 1, 2, 3, 4, 5, 6, 7, 8, 9]]");
+    let o = moectl(&["eval", "--placement", &map, "--load", &slots]);
+    assert_bad(&o, "--physical-load");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &slots,
+        "--ranks",
+        "2",
+        "--redundant",
+        "2",
+        "--previous",
+        &map,
+    ]);
+    assert_bad(&o, "--physical-load");
+    let nine = d.file("nine.json", "[[5, 1, 2, 3, 4, 5, 6, 7, 8]]");
+    let o = moectl(&["eval", "--placement", &map, "--load", &nine]);
+    assert_bad(&o, "9 experts");
+    assert!(stderr(&o).contains("8 experts"), "{}", stderr(&o));
+    // With the flag the per-slot counts map through the map's slots.
+    let v = json_of(&moectl(&[
+        "eval",
+        "--placement",
+        &map,
+        "--load",
+        &slots,
+        "--physical-load",
+        "--json",
+    ]));
+    assert_eq!(v["layers"].as_array().unwrap().len(), 1);
+}
+
+/// `convert` without a load: the routed expert count comes from --experts or --model; without
+/// either, an id on every device once (how mix_placement's shared experts sit) is read as a
+/// routed expert with a note that names --experts, never silently.
+#[test]
+fn convert_takes_the_expert_count_from_the_checkpoint_and_flags_shared_looking_ids() {
+    let d = Dir::new("mix-convert");
+    // Mixtral fixture: 8 routed experts; id 8 is a shared expert, one copy per device.
+    let map = d.file(
+        "map.json",
+        r#"{"moe_layer_count": 2, "layer_list": [
+            {"layer_id": 0, "device_count": 2, "device_list": [
+                {"device_id": 0, "device_expert": [8, 0, 1, 2, 3]}, {"device_id": 1, "device_expert": [8, 4, 5, 6, 7]}]},
+            {"layer_id": 1, "device_count": 2, "device_list": [
+                {"device_id": 0, "device_expert": [0, 8, 1, 2, 3]}, {"device_id": 1, "device_expert": [4, 5, 8, 6, 7]}]}]}"#,
+    );
+    let model = format!(
+        "{}/../fixtures/models/mixtral/config.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let o = moectl(&[
+        "convert",
+        "--input",
+        &map,
+        "--to",
+        "placement",
+        "--model",
+        &model,
+    ]);
+    let v = json_of(&o);
+    assert_eq!(v["num_logical_experts"], 8, "{v}");
+    assert!(stderr(&o).contains("shared experts"), "{}", stderr(&o));
+    let o = moectl(&["convert", "--input", &map, "--to", "placement"]);
+    assert_eq!(json_of(&o)["num_logical_experts"], 9);
+    assert!(stderr(&o).contains("--experts"), "{}", stderr(&o));
+}
+
+/// vLLM's per-slot window spans every physical slot, the masked rank's (-1) included: it maps
+/// through the map as written (those slots must count no tokens), in eval, plan and convert.
+#[test]
+fn per_slot_loads_map_through_a_phy2log_with_masked_ranks() {
+    let d = Dir::new("vllm-masked");
+    // 3 ranks x 2 slots, rank 1 masked.
+    let map = d.file(
+        "map.json",
+        r#"{"num_logical_experts": 3, "num_ranks": 3, "phy2log": [[0, 1, -1, -1, 2, 0]]}"#,
+    );
+    let slots = d.file("slots.json", "[[[5, 1, 0, 0, 2, 7]], [[1, 1, 0, 0, 1, 1]]]");
+    let windows = json_of(&moectl(&[
+        "convert",
+        "--input",
+        &slots,
+        "--to",
+        "windows",
+        "--physical-load",
+        "--placement",
+        &map,
+    ]));
+    assert_eq!(windows, json!({"windows": [[[12, 1, 2]], [[2, 1, 1]]]}));
+    let v = json_of(&moectl(&[
+        "eval",
+        "--placement",
+        &map,
+        "--load",
+        &slots,
+        "--physical-load",
+        "--json",
+    ]));
+    assert_eq!(v["windows"], 2, "{v}");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &slots,
+        "--physical-load",
+        "--previous",
+        &map,
+        "--ranks",
+        "2",
+        "--redundant",
+        "1",
+    ]);
+    assert_eq!(json_of(&o)["num_logical_experts"], 3);
+    // Tokens on a masked slot are refused: the counts and the map disagree.
+    let bad = d.file("bad.json", "[[[5, 1, 3, 0, 2, 7]]]");
+    let o = moectl(&[
+        "eval",
+        "--placement",
+        &map,
+        "--load",
+        &bad,
+        "--physical-load",
+    ]);
+    assert_bad(&o, "slot 2");
+}
+
+/// With several nodes (the placement's num_nodes, or --nodes for formats that do not say),
+/// eval reports the cross-node token share beside its floor for the replica counts, and the
+/// cross-node weight moves from --previous: the node-aware figures of the benchmark.
+#[test]
+fn eval_reports_cross_node_traffic_with_several_nodes() {
+    let d = Dir::new("eval-nodes");
+    // 2 nodes x 2 ranks x 2 slots. Experts 1 and 2 on both nodes; both replicas of expert 0
+    // on node 0 and of expert 3 on node 1: 0 and 3 serve half their tokens remotely, though
+    // two replicas each could cover both nodes (floor 0).
+    let p = d.file(
+        "p.json",
+        r#"{"num_logical_experts": 4, "num_ranks": 4, "num_nodes": 2, "phy2log": [[0, 1, 0, 2, 3, 1, 2, 3]]}"#,
+    );
+    // From q, slot 3 takes expert 2, which node 0 did not hold: one cross-node move (slot 4
+    // takes expert 3, which node 1 held).
+    let q = d.file(
+        "q.json",
+        r#"{"num_logical_experts": 4, "num_ranks": 4, "num_nodes": 2, "phy2log": [[0, 1, 0, 3, 2, 1, 2, 3]]}"#,
+    );
+    let load = d.file("load.json", "[[4, 2, 1, 1]]");
+    let v = json_of(&moectl(&[
+        "eval",
+        "--placement",
+        &p,
+        "--previous",
+        &q,
+        "--load",
+        &load,
+        "--json",
+    ]));
+    let c = &v["cross_node"];
+    let share = (4.0 * 0.5 + 1.0 * 0.5) / 8.0;
+    assert!(
+        (c["token_share"].as_f64().unwrap() - share).abs() < 1e-12,
+        "{v}"
+    );
+    assert!(c["floor"].as_f64().unwrap().abs() < 1e-12, "{v}");
+    assert_eq!(c["weight_moves"], 1, "{v}");
+    let text = ok(&moectl(&["eval", "--placement", &p, "--load", &load]));
+    assert!(text.contains("cross-node tokens: 31."), "{text}");
+    // One node: no such figures.
+    let one = ok(&moectl(&[
+        "eval",
+        "--placement",
+        &p,
+        "--load",
+        &load,
+        "--nodes",
+        "1",
+    ]));
+    assert!(!one.contains("cross-node"), "{one}");
+}

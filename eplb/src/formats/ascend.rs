@@ -156,6 +156,12 @@ pub fn read(v: &Value, num_routed_experts: Option<usize>, num_nodes: usize) -> R
         ));
     }
     let max_id = rows.iter().flatten().flatten().copied().max().unwrap_or(0);
+    if num_routed_experts.is_none() && rows[0].len() > 1 && once_per_device(&rows, max_id) {
+        notes.push(format!(
+            "expert {max_id} sits once on every device of every layer, as vllm-ascend mix_placement's shared experts do: read as a routed expert (E = {}); if it is a shared expert, give the routed expert count (--experts E, --model or a load)",
+            max_id + 1
+        ));
+    }
     let experts = num_routed_experts.unwrap_or(max_id + 1);
     let mut shared = 0;
     if max_id >= experts {
@@ -175,6 +181,13 @@ pub fn read(v: &Value, num_routed_experts: Option<usize>, num_nodes: usize) -> R
     })
 }
 
+/// Every device of every layer holds `id` exactly once.
+fn once_per_device(rows: &[Vec<Vec<usize>>], id: usize) -> bool {
+    rows.iter()
+        .flatten()
+        .all(|dev| dev.iter().filter(|&&e| e == id).count() == 1)
+}
+
 /// Removes ids `>= experts` when every device holds each of them equally often; returns how
 /// many shared ids there are.
 fn strip_shared(rows: &mut [Vec<Vec<usize>>], experts: usize) -> Result<usize> {
@@ -192,8 +205,15 @@ fn strip_shared(rows: &mut [Vec<Vec<usize>>], experts: usize) -> Result<usize> {
                 let c = dev.iter().filter(|&&e| e == id).count();
                 let c0 = layer[0].iter().filter(|&&e| e == id).count();
                 if c != c0 || c == 0 {
+                    let found = if c == 0 {
+                        format!("layer_list[{l}].device_list[{d}] does not hold id {id}")
+                    } else {
+                        format!(
+                            "layer_list[{l}].device_list[{d}] holds id {id} {c} times, device 0 {c0} times"
+                        )
+                    };
                     return perr(format!(
-                        "ids {experts}..{max_id} exceed the {experts} routed experts but are not one shared expert per device (layer_list[{l}].device_list[{d}] holds id {id} {c} times, device 0 {c0} times): check the expert count"
+                        "ids {experts}..{max_id} exceed the {experts} routed experts but are not shared experts, which sit on every device ({found}): check the expert count"
                     ));
                 }
             }
@@ -275,8 +295,12 @@ mod tests {
             r.placement.phy2log,
             vec![vec![7, 2, 0, 3, 5, 6, 1, 4, 7, 2]]
         );
-        assert_eq!(r.notes.len(), 3, "{:?}", r.notes);
+        assert_eq!(r.notes.len(), 4, "{:?}", r.notes);
         assert!(r.notes[0].contains("layer_id 3"), "{:?}", r.notes);
+        // Without the routed expert count, expert 7 (on both devices once) could be a
+        // mix_placement shared expert: read as routed, with a note naming the way to say so.
+        assert!(r.notes[3].contains("expert 7 sits once"), "{:?}", r.notes);
+        assert!(read(&v, Some(8), 1).unwrap().notes.len() == 3);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use serde_json::Value;
 pub use layout::DecoderLayout;
 
 use crate::error::{EplbError, Result};
-use crate::load::{LoadHistory, matrix};
+use crate::load::{LoadHistory, matrix, typed_windows};
 use crate::placement::Placement;
 
 /// A load read from a file.
@@ -47,6 +47,17 @@ pub fn is_zip(bytes: &[u8]) -> bool {
 pub fn read_load_bytes(bytes: &[u8], layout: Option<&DecoderLayout>) -> Result<LoadFile> {
     if is_zip(bytes) {
         return sglang::read_dump(bytes, layout);
+    }
+    // Fast path for the formats without decoder layers: no JSON value tree (on a DeepSeek-V3
+    // history of 8 windows the tree took longer than planning with greedy). Anything else,
+    // malformed input included, takes the general path and its precise errors.
+    if let Some((windows, format)) = std::str::from_utf8(bytes).ok().and_then(typed_windows) {
+        return Ok(LoadFile {
+            history: LoadHistory::new(windows)?,
+            format,
+            layout: None,
+            notes: Vec::new(),
+        });
     }
     let v: Value = serde_json::from_slice(bytes)
         .map_err(|e| EplbError::Load(format!("not valid JSON: {e}")))?;
@@ -172,6 +183,29 @@ pub fn read_placement_bytes(
     Ok((p, "SGLang physical_to_logical_map (.pt)", notes))
 }
 
+/// The slot map of a placement file as written, -1 included (vLLM's masked ranks): `phy2log`
+/// or `physical_to_logical_map` rows (the MoE rows, with a layout). `None` for other formats
+/// and for anything the placement reader would refuse (it says why).
+pub fn read_slot_map_bytes(bytes: &[u8], layout: Option<&DecoderLayout>) -> Option<Vec<Vec<i64>>> {
+    let v: Value = serde_json::from_slice(bytes).ok()?;
+    let rows = match (v.get("phy2log"), v.get("physical_to_logical_map")) {
+        (Some(rows), _) => rows.as_array()?.iter().collect::<Vec<_>>(),
+        (None, Some(rows)) => {
+            let rows = rows.as_array()?;
+            match layout {
+                Some(l) if l.num_decoder_layers() == rows.len() => {
+                    l.moe_layers().iter().map(|&i| &rows[i]).collect()
+                }
+                _ => return None,
+            }
+        }
+        (None, None) => return None,
+    };
+    rows.iter()
+        .map(|r| r.as_array()?.iter().map(Value::as_i64).collect())
+        .collect()
+}
+
 /// What a placement reader may need besides the file.
 #[derive(Debug, Clone, Default)]
 pub struct PlacementContext<'a> {
@@ -287,6 +321,20 @@ mod tests {
                 .contains("logical_count")
         );
         assert!(read_load_bytes(b"not json", None).is_err());
+        // The typed fast path of read_load_bytes reads what the general path reads.
+        for t in [
+            "[[1, 2], [3, 4]]",
+            "[[[1, 2]], [[3, 4]]]",
+            r#"{"windows": [[[1, 2]], [[3, 4]]]}"#,
+            r#"{"load_history": [{"logical_expert_load": [[1, 2]]}]}"#,
+            r#"{"logical_count": [[0, 0], [1, 2]]}"#,
+        ] {
+            assert_eq!(
+                read_load_bytes(t.as_bytes(), None).unwrap(),
+                f(t).unwrap(),
+                "{t}"
+            );
+        }
     }
 
     #[test]

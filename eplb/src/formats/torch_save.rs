@@ -78,7 +78,11 @@ impl TorchFile {
     /// Parses the archive and runs the pickle.
     pub fn parse(bytes: &[u8]) -> Result<TorchFile> {
         let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
-            .map_err(|e| EplbError::Load(format!("torch.save file: not a zip archive: {e}")))?;
+            .map_err(|e| {
+                EplbError::Load(format!(
+                    "torch.save file: not a readable zip archive ({e}): the file is truncated or damaged (copy it again), or not a torch.save file"
+                ))
+            })?;
         let names: Vec<String> = zip
             .file_names()
             .map(|n| n.map(|c| c.into_owned()))
@@ -494,6 +498,12 @@ mod tests {
     #[test]
     fn not_a_zip() {
         assert!(TorchFile::parse(b"{\"logical_count\": []}").is_err());
+        // A dump cut short (an interrupted copy) says so, not only "not a zip archive".
+        let e = TorchFile::parse(&DUMP[..DUMP.len() / 2])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("truncated"), "{e}");
     }
 
     const DUMP: &[u8] = include_bytes!("../../tests/data/sglang/expert_distribution_partial.pt");

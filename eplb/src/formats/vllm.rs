@@ -150,6 +150,57 @@ pub fn logical_from_physical(
     LoadHistory::new(out)
 }
 
+/// Converts per-slot counts `[W][L][P]` through a `physical_to_logical_map` as vLLM holds it,
+/// -1 included: the window spans every physical slot, masked ranks' too, whereas the
+/// placement read from such a map keeps only the ranks that hold experts. A slot at -1 holds
+/// no expert, so tokens counted there mean the counts and the map disagree.
+pub fn logical_from_slot_map(
+    windows: &[Vec<Vec<f64>>],
+    map: &[Vec<i64>],
+    num_experts: usize,
+) -> Result<LoadHistory> {
+    let mut out = Vec::with_capacity(windows.len());
+    for (w, win) in windows.iter().enumerate() {
+        if win.len() != map.len() {
+            return Err(EplbError::Mismatch(format!(
+                "physical load window {w} has {} layers, the placement has {}",
+                win.len(),
+                map.len()
+            )));
+        }
+        let mut layers = Vec::with_capacity(win.len());
+        for (l, (row, slots)) in win.iter().zip(map).enumerate() {
+            if row.len() != slots.len() {
+                return Err(EplbError::Mismatch(format!(
+                    "physical load window {w} layer {l} has {} slots, the placement has {}",
+                    row.len(),
+                    slots.len()
+                )));
+            }
+            let mut logical = vec![0.0; num_experts];
+            for (k, (&x, &e)) in row.iter().zip(slots).enumerate() {
+                match usize::try_from(e).ok().and_then(|e| logical.get_mut(e)) {
+                    Some(acc) => *acc += x,
+                    None if e < 0 && x == 0.0 => {}
+                    None if e < 0 => {
+                        return Err(EplbError::Mismatch(format!(
+                            "physical load window {w} layer {l} slot {k}: {x} tokens on a slot that holds no expert (-1 in the placement)"
+                        )));
+                    }
+                    None => {
+                        return Err(EplbError::Mismatch(format!(
+                            "placement layer {l} slot {k} holds expert {e}, beyond the {num_experts} experts"
+                        )));
+                    }
+                }
+            }
+            layers.push(logical);
+        }
+        out.push(layers);
+    }
+    LoadHistory::new(out)
+}
+
 /// Refuses a load whose column count is the placement's slot count P but not its expert count
 /// E: that is a per-slot (physical) load such as vLLM's `expert_load_pass`, and reading it as
 /// per-expert would attribute slot k's tokens to expert k.
@@ -158,7 +209,7 @@ pub fn check_logical_columns(load: &LoadHistory, placement: &Placement) -> Resul
     let (e, p) = (placement.num_logical_experts, placement.num_slots());
     if cols == p && p != e {
         return Err(EplbError::Mismatch(format!(
-            "the load has {cols} counts per layer, the number of physical slots of the placement ({e} experts): it looks like vLLM's per-slot load; pass --physical-load to map slots to experts through the placement"
+            "the load has {cols} counts per layer, as many as the placement's physical slots (it holds {e} experts): it looks like vLLM's per-slot load; pass --physical-load to map slots to experts through the placement"
         )));
     }
     Ok(())
@@ -195,5 +246,21 @@ mod tests {
         let logical = LoadHistory::single(vec![vec![5.0, 1.0, 2.0]]).unwrap();
         assert!(check_logical_columns(&logical, &p).is_ok());
         assert!(logical_from_physical(&[vec![vec![1.0; 3]]], &p).is_err());
+    }
+
+    #[test]
+    fn slot_maps_with_masked_ranks() {
+        let map = vec![vec![0, 1, -1, -1, 2, 0]];
+        let h =
+            logical_from_slot_map(&[vec![vec![5.0, 1.0, 0.0, 0.0, 2.0, 7.0]]], &map, 3).unwrap();
+        assert_eq!(h.windows()[0], vec![vec![12.0, 1.0, 2.0]]);
+        let e = logical_from_slot_map(&[vec![vec![5.0, 1.0, 3.0, 0.0, 2.0, 7.0]]], &map, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("slot 2"), "{e}");
+        assert!(logical_from_slot_map(&[vec![vec![1.0; 5]]], &map, 3).is_err());
+        assert!(
+            logical_from_slot_map(&[vec![vec![1.0; 6]]], &[vec![0, 1, 2, 3, 0, 1]], 3).is_err()
+        );
     }
 }

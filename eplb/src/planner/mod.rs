@@ -48,6 +48,8 @@ pub const DEFAULT_RECENCY: f64 = 0.6;
 pub const DEFAULT_RECENCY_INCREMENTAL: f64 = 0.35;
 /// Names accepted by [`planner_by_name`].
 pub const ALGORITHMS: [&str; 3] = ["greedy", "joint", "incremental"];
+/// The benchmark's baselines, also accepted by [`planner_by_name`].
+pub const BASELINES: [&str; 3] = ["greedy-global", "flashlb-like", "multi-episode-lpt"];
 
 /// What to plan.
 #[derive(Debug, Clone)]
@@ -695,6 +697,12 @@ mod tests {
         ));
         for n in ALGORITHMS {
             assert_eq!(planner_by_name(n).unwrap().name(), n);
+        }
+        // The message lists every name planner_by_name takes.
+        let e = planner_by_name("magic").err().unwrap().to_string();
+        for n in ALGORITHMS.iter().chain(&BASELINES) {
+            assert!(e.contains(n), "{n} missing from: {e}");
+            assert_eq!(planner_by_name(n).unwrap().name(), *n);
         }
     }
 }
