@@ -117,20 +117,28 @@ impl Problem {
         for &e in row {
             cnt[e] += 1;
         }
-        let mut loads = vec![0.0f64; self.w * self.g];
-        for (slot, &e) in row.iter().enumerate() {
-            let r = slot / self.s;
-            let c = f64::from(cnt[e]);
-            for k in 0..self.w {
-                loads[k * self.g + r] += self.x[e * self.w + k] / c;
+        // loads[r * w + k]: one rank's episodes side by side, so that adding an expert's
+        // episodes (x[e * w..]) to a rank is one contiguous run.
+        let mut loads = vec![0.0f64; self.g * self.w];
+        for (r, rank) in row.chunks(self.s.max(1)).enumerate() {
+            let to = &mut loads[r * self.w..(r + 1) * self.w];
+            for &e in rank {
+                let x = &self.x[e * self.w..(e + 1) * self.w];
+                // x / 1 is x exactly; most experts have one replica, and the division is
+                // the costly part.
+                if cnt[e] == 1 {
+                    to.iter_mut().zip(x).for_each(|(l, &x)| *l += x);
+                } else {
+                    let c = f64::from(cnt[e]);
+                    to.iter_mut().zip(x).for_each(|(l, &x)| *l += x / c);
+                }
             }
         }
         (0..self.w)
             .map(|k| {
                 self.omega[k]
-                    * loads[k * self.g..(k + 1) * self.g]
-                        .iter()
-                        .copied()
+                    * (0..self.g)
+                        .map(|r| loads[r * self.w + k])
                         .fold(f64::NEG_INFINITY, f64::max)
             })
             .sum()
@@ -185,37 +193,43 @@ pub(crate) fn slots_changed(row: &[usize], prev: &[usize]) -> usize {
     row.iter().zip(prev).filter(|(a, b)| a != b).count()
 }
 
+/// `x`'s place in [`f64::total_cmp`]'s order as an unsigned integer: comparing two keys
+/// compares the two floats as `total_cmp` does, on every bit pattern, but faster.
+pub(crate) fn total_order(x: f64) -> u64 {
+    // total_cmp compares the bits as a signed integer after flipping the magnitude bits of
+    // negative numbers; flipping the sign bit as well makes that order unsigned.
+    let bits = x.to_bits();
+    if bits >> 63 == 1 {
+        !bits
+    } else {
+        bits | 1 << 63
+    }
+}
+
 /// Min-max replication: starting from one replica each, repeatedly give one more replica to
 /// the expert with the largest load per replica (ties: lower expert id), never above
 /// `max_rep`, until `slots` replicas exist.
 pub(crate) fn water_fill(loads: &[f64], slots: usize, max_rep: usize) -> Vec<usize> {
-    use std::cmp::Ordering;
+    use std::cmp::Reverse;
     use std::collections::BinaryHeap;
-    #[derive(PartialEq)]
-    struct Item(f64, usize);
-    impl Eq for Item {}
-    impl PartialOrd for Item {
-        fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-            Some(self.cmp(o))
-        }
-    }
-    impl Ord for Item {
-        fn cmp(&self, o: &Self) -> Ordering {
-            self.0.total_cmp(&o.0).then(o.1.cmp(&self.1))
-        }
-    }
     let n = loads.len();
     let mut cnt = vec![1usize; n];
-    let mut heap: BinaryHeap<Item> = (0..n).map(|i| Item(loads[i], i)).collect();
+    // Largest load per replica first, then the lower id; integer keys compare faster than
+    // total_cmp, which building the heap spends most of its time in.
+    let mut heap: BinaryHeap<(u64, Reverse<usize>)> = (0..n)
+        .map(|i| (total_order(loads[i]), Reverse(i)))
+        .collect();
     let mut extra = slots.saturating_sub(n);
     while extra > 0 {
-        let Some(Item(_, i)) = heap.pop() else { break };
+        let Some((_, Reverse(i))) = heap.pop() else {
+            break;
+        };
         if cnt[i] >= max_rep {
             continue;
         }
         cnt[i] += 1;
         extra -= 1;
-        heap.push(Item(loads[i] / cnt[i] as f64, i));
+        heap.push((total_order(loads[i] / cnt[i] as f64), Reverse(i)));
     }
     if extra > 0 {
         // Every expert is at max_rep (only possible when max_rep is not binding in the
