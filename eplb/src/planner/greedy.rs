@@ -11,7 +11,7 @@
 use crate::placement::repair_duplicates;
 use crate::shape::Shape;
 
-use super::problem::{total_order, water_fill};
+use super::problem::{total_order, water_fill_sorted};
 
 /// Replicate and pack `experts` (ids) with loads `load[id]` into `ranks` ranks of `s` slots;
 /// appends each rank's experts to `row`, rank after rank.
@@ -26,54 +26,75 @@ fn replicate_and_pack(
     let local: Vec<f64> = experts.iter().map(|&e| load[e]).collect();
     let slots = ranks * s;
     let max_rep = if dup_ok { slots } else { ranks };
-    let cnt = water_fill(&local, slots, max_rep);
-    // Replicas are placed heaviest first (ties: lower local index). All replicas of an expert
-    // weigh the same, so they are consecutive in that order: sorting the experts (not the
-    // replicas) gives it.
-    let mut order: Vec<(u64, usize)> = (0..local.len())
-        .map(|i| (!total_order(local[i] / cnt[i] as f64), i))
+    // Experts heaviest first (ties: lower local index): water-filling only needs the first few.
+    let mut heaviest: Vec<(u64, usize)> = (0..local.len())
+        .map(|i| (!total_order(local[i]), i))
         .collect();
-    order.sort_unstable();
-    // Per rank: its slots `packs[r * s..]` (the first `fill[r]` used), its load, and the last
-    // local expert placed on it. Because an expert's replicas are placed one after the other,
-    // a rank holds the expert being placed exactly when that expert was the last it got.
-    let mut packs = vec![0usize; slots];
+    heaviest.sort_unstable();
+    let ids: Vec<usize> = heaviest.iter().map(|&(_, i)| i).collect();
+    let cnt = water_fill_sorted(&local, &ids, slots, max_rep);
+    // Replicas are placed heaviest first (ties: lower local index). All replicas of an expert
+    // weigh the same, so they are consecutive in that order. The experts with one replica
+    // keep their place in `heaviest`; the few replicated ones are sorted and merged in.
+    let mut replicated: Vec<(u64, usize)> = ids
+        .iter()
+        .filter(|&&i| cnt[i] > 1)
+        .map(|&i| (!total_order(local[i] / cnt[i] as f64), i))
+        .collect();
+    replicated.sort_unstable();
+    let mut order = Vec::with_capacity(ids.len());
+    let mut replicated = replicated.into_iter().peekable();
+    for &(key, i) in heaviest.iter().filter(|&&(_, i)| cnt[i] == 1) {
+        while let Some((_, r)) = replicated.next_if(|&other| other < (key, i)) {
+            order.push(r);
+        }
+        order.push(i);
+    }
+    order.extend(replicated.map(|(_, r)| r));
+    // Each rank's slots are `row[base + r * s..]`, the first `fill[r]` of them used. `last[r]`
+    // is the last local expert placed on rank r: because an expert's replicas are placed one
+    // after the other, a rank holds the expert being placed exactly when it was the last.
+    let base = row.len();
+    row.resize(base + slots, 0);
     let mut fill = vec![0usize; ranks];
-    let mut rank_load = vec![0.0f64; ranks];
     let mut last = vec![usize::MAX; ranks];
-    // The ranks with a free slot in rank order, with their loads' order keys: the first
+    let mut rank_load = vec![0.0f64; ranks];
+    // The ranks with a free slot, in rank order, as (order key of the load, rank): the first
     // smallest key is the lightest rank, ties going to the lower rank. A scan of these beats
     // a heap on a node's ranks and stays close to it on a few hundred.
-    let mut open: Vec<usize> = (0..ranks).collect();
-    let mut open_load = vec![total_order(0.0); ranks];
-    'items: for &(_, i) in &order {
+    let mut open: Vec<(u64, usize)> = (0..ranks).map(|r| (total_order(0.0), r)).collect();
+    'items: for &i in &order {
         let w = local[i] / cnt[i] as f64;
         for _ in 0..cnt[i] {
             let lightest_without_i = (0..open.len())
-                .filter(|&j| dup_ok || last[open[j]] != i)
-                .min_by_key(|&j| open_load[j]);
+                .filter(|&j| dup_ok || last[open[j].1] != i)
+                .min_by_key(|&j| open[j].0);
             // Every open rank holds the expert: the lightest takes a duplicate (repaired
             // afterwards).
-            let Some(j) =
-                lightest_without_i.or_else(|| (0..open.len()).min_by_key(|&j| open_load[j]))
+            let Some(j) = lightest_without_i.or_else(|| (0..open.len()).min_by_key(|&j| open[j].0))
             else {
                 break 'items;
             };
-            let r = open[j];
-            packs[r * s + fill[r]] = experts[i];
+            let r = open[j].1;
+            row[base + r * s + fill[r]] = experts[i];
             fill[r] += 1;
             last[r] = i;
             rank_load[r] += w;
             if fill[r] == s {
                 open.remove(j);
-                open_load.remove(j);
             } else {
-                open_load[j] = total_order(rank_load[r]);
+                open[j].0 = total_order(rank_load[r]);
             }
         }
     }
-    for r in 0..ranks {
-        row.extend_from_slice(&packs[r * s..r * s + fill[r]]);
+    // Ranks left with free slots (the replicas ran out, never on a valid shape) keep only
+    // what they got, as if each rank's experts had been appended in turn.
+    if fill.iter().any(|&f| f < s) {
+        let packed: Vec<usize> = (0..ranks)
+            .flat_map(|r| row[base + r * s..base + r * s + fill[r]].to_vec())
+            .collect();
+        row.truncate(base);
+        row.extend(packed);
     }
 }
 
@@ -134,6 +155,7 @@ mod oracle;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::planner::problem::water_fill;
     use crate::synth::Rng;
 
     /// A load of `e` experts of one of the kinds that decide tie-breaking: all zero, small
@@ -235,8 +257,9 @@ mod tests {
         row
     }
 
-    /// Water-filling against the previous implementation: the same counts on random loads,
-    /// slot counts (fewer than the experts included) and replica caps (binding or not).
+    /// Water-filling, over all experts and from the sorted ones, against the previous
+    /// implementation: the same counts on random loads, slot counts (fewer than the experts
+    /// included) and replica caps (binding or not, below 2 included).
     #[test]
     fn water_fill_matches_the_previous_implementation() {
         let mut rng = Rng::new(11);
@@ -245,17 +268,23 @@ mod tests {
             let load = random_load(&mut rng, n);
             let slots = rng.below(3 * n + 2);
             let max_rep = 1 + rng.below(6);
+            let want = oracle::water_fill(&load, slots, max_rep);
+            let why = format!("load {load:?}, {slots} slots, at most {max_rep} replicas");
+            assert_eq!(water_fill(&load, slots, max_rep), want, "{why}");
+            let mut heaviest: Vec<usize> = (0..n).collect();
+            heaviest.sort_by(|&a, &b| load[b].total_cmp(&load[a]).then(a.cmp(&b)));
             assert_eq!(
-                water_fill(&load, slots, max_rep),
-                oracle::water_fill(&load, slots, max_rep),
-                "load {load:?}, {slots} slots, at most {max_rep} replicas"
+                water_fill_sorted(&load, &heaviest, slots, max_rep),
+                want,
+                "{why} (sorted)"
             );
         }
     }
 
-    /// The objective and the history's scores (what every greedy plan reports) against the
-    /// previous implementation, bit for bit: random shapes, rows (greedy's and random ones),
-    /// episodes (empty ones included) and recency.
+    /// The planning problem (normalised episodes, weights, summed load), the objective and the
+    /// history's scores (what every greedy plan reports) against the previous implementation,
+    /// bit for bit: random shapes, rows (greedy's and random ones), episodes (empty ones
+    /// included) and recency.
     #[test]
     fn scoring_matches_the_previous_implementation() {
         use crate::load::LoadHistory;
@@ -292,18 +321,32 @@ mod tests {
                     recency,
                     shape.max_replicas(),
                 );
+                let old = oracle::problem(
+                    &episodes,
+                    shape.num_ranks,
+                    shape.slots(),
+                    recency,
+                    shape.max_replicas(),
+                );
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                for (new, old) in [(&p.x, &old.x), (&p.omega, &old.omega), (&p.agg, &old.agg)]
+                    .into_iter()
+                    .chain([(&p.raw_sum, &old.raw_sum)])
+                {
+                    assert_eq!(bits(new), bits(old), "episodes {episodes:?}");
+                }
+                assert_eq!(p.empty, old.empty);
                 assert_eq!(
                     p.episode_par(row).to_bits(),
-                    oracle::episode_par(&p, row).to_bits(),
+                    oracle::episode_par(&old, row).to_bits(),
                     "shape {shape:?}, row {row:?}, episodes {episodes:?}"
                 );
                 // Sometimes a load one expert short: slots naming that expert count as zero.
                 let short = usize::from(shape.num_experts > 1 && rng.below(2) == 0);
                 let short = &history[0][l][..shape.num_experts - short];
-                let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();
                 assert_eq!(
-                    bits(rank_loads(row, short, shape.num_ranks)),
-                    bits(oracle::rank_loads(row, short, shape.num_ranks)),
+                    bits(&rank_loads(row, short, shape.num_ranks)),
+                    bits(&oracle::rank_loads(row, short, shape.num_ranks)),
                     "row {row:?}, load {short:?}"
                 );
             }

@@ -44,8 +44,8 @@ pub(crate) struct Problem {
 }
 
 impl Problem {
-    /// `windows`: one row per episode, oldest first. `recency`: weight ratio between an
-    /// episode and the next newer one (1 = uniform).
+    /// `windows`: one row per episode, oldest first, each of the same experts. `recency`:
+    /// weight ratio between an episode and the next newer one (1 = uniform).
     pub fn new(
         windows: &[&[f64]],
         g: usize,
@@ -59,8 +59,16 @@ impl Problem {
         let mut x = vec![0.0; e * w];
         let mut omega = vec![0.0; w];
         let mut raw_sum = vec![0.0; e];
-        for (k, row) in windows.iter().enumerate() {
-            let total: f64 = row.iter().sum();
+        // Each window's total in expert order from -0.0, as `Iterator::sum` adds, but all
+        // windows side by side: one window's sum is a chain of dependent additions, and
+        // interleaving the chains lets them run in parallel.
+        let mut totals = vec![-0.0f64; w];
+        for i in 0..e {
+            for (t, row) in totals.iter_mut().zip(windows) {
+                *t += row[i];
+            }
+        }
+        for (k, (row, &total)) in windows.iter().zip(&totals).enumerate() {
             for (i, &v) in row.iter().enumerate() {
                 raw_sum[i] += v;
             }
@@ -210,13 +218,46 @@ pub(crate) fn total_order(x: f64) -> u64 {
 /// the expert with the largest load per replica (ties: lower expert id), never above
 /// `max_rep`, until `slots` replicas exist.
 pub(crate) fn water_fill(loads: &[f64], slots: usize, max_rep: usize) -> Vec<usize> {
+    water_fill_among(loads, slots, max_rep, 0..loads.len())
+}
+
+/// [`water_fill`] from the experts sorted heaviest first (ties: lower id), for a caller that
+/// sorts them anyway: the heap then holds only the few that can get a second replica.
+///
+/// Why only the first `slots - n`: while extra replicas remain, the expert given the next one
+/// is the heaviest per replica, so every expert sorted before it already has two or more
+/// replicas (one with a single replica would be at least as heavy, and win the tie) and took
+/// one of the extras before. With a cap below 2 nobody gets a second replica from the heap.
+pub(crate) fn water_fill_sorted(
+    loads: &[f64],
+    heaviest_first: &[usize],
+    slots: usize,
+    max_rep: usize,
+) -> Vec<usize> {
+    let extra = slots.saturating_sub(loads.len());
+    let candidates = if max_rep >= 2 && extra < heaviest_first.len() {
+        &heaviest_first[..extra]
+    } else {
+        heaviest_first
+    };
+    water_fill_among(loads, slots, max_rep, candidates.iter().copied())
+}
+
+/// [`water_fill`] with the heap holding `candidates` only (which must include every expert
+/// that water-filling over all would give a second replica).
+fn water_fill_among(
+    loads: &[f64],
+    slots: usize,
+    max_rep: usize,
+    candidates: impl Iterator<Item = usize>,
+) -> Vec<usize> {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
     let n = loads.len();
     let mut cnt = vec![1usize; n];
     // Largest load per replica first, then the lower id; integer keys compare faster than
     // total_cmp, which building the heap spends most of its time in.
-    let mut heap: BinaryHeap<(u64, Reverse<usize>)> = (0..n)
+    let mut heap: BinaryHeap<(u64, Reverse<usize>)> = candidates
         .map(|i| (total_order(loads[i]), Reverse(i)))
         .collect();
     let mut extra = slots.saturating_sub(n);

@@ -291,3 +291,56 @@ pub(super) fn score_history(placement: &Placement, history: &LoadHistory) -> Pla
     s.worst = worst;
     s
 }
+
+/// `Problem::new` as of that commit (each window's total summed on its own).
+pub(super) fn problem(
+    windows: &[&[f64]],
+    g: usize,
+    slots: usize,
+    recency: f64,
+    max_rep: usize,
+) -> Problem {
+    let e = windows.first().map_or(0, |r| r.len());
+    let w = windows.len();
+    let s = slots / g;
+    let mut x = vec![0.0; e * w];
+    let mut omega = vec![0.0; w];
+    let mut raw_sum = vec![0.0; e];
+    for (k, row) in windows.iter().enumerate() {
+        let total: f64 = row.iter().sum();
+        for (i, &v) in row.iter().enumerate() {
+            raw_sum[i] += v;
+        }
+        if total > 0.0 {
+            let scale = g as f64 / total;
+            for (i, &v) in row.iter().enumerate() {
+                x[i * w + k] = v * scale;
+            }
+            omega[k] = recency.powi((w - 1 - k) as i32);
+        }
+    }
+    let sum: f64 = omega.iter().sum();
+    let empty = sum <= 0.0;
+    if !empty {
+        for o in &mut omega {
+            *o /= sum;
+        }
+    }
+    let agg = (0..e)
+        .map(|i| (0..w).map(|k| omega[k] * x[i * w + k]).sum())
+        .collect();
+    Problem {
+        e,
+        g,
+        s,
+        w,
+        x,
+        omega,
+        agg,
+        raw_sum,
+        dup_ok: s > e,
+        max_rep,
+        lam: crate::planner::problem::VARIANCE_WEIGHT / g as f64,
+        empty,
+    }
+}
