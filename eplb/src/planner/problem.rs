@@ -59,15 +59,7 @@ impl Problem {
         let mut x = vec![0.0; e * w];
         let mut omega = vec![0.0; w];
         let mut raw_sum = vec![0.0; e];
-        // Each window's total in expert order from -0.0, as `Iterator::sum` adds, but all
-        // windows side by side: one window's sum is a chain of dependent additions, and
-        // interleaving the chains lets them run in parallel.
-        let mut totals = vec![-0.0f64; w];
-        for i in 0..e {
-            for (t, row) in totals.iter_mut().zip(windows) {
-                *t += row[i];
-            }
-        }
+        let totals = window_totals(windows);
         for (k, (row, &total)) in windows.iter().zip(&totals).enumerate() {
             for (i, &v) in row.iter().enumerate() {
                 raw_sum[i] += v;
@@ -179,6 +171,28 @@ impl Problem {
             .fold(1.0f64, f64::max);
         lb.max(shared)
     }
+}
+
+/// Each window's total, summed in expert order from -0.0 exactly as `Iterator::sum` does,
+/// four windows side by side: one window's sum is a chain of dependent additions, and four
+/// chains in registers run in parallel.
+fn window_totals(windows: &[&[f64]]) -> Vec<f64> {
+    let mut totals = Vec::with_capacity(windows.len());
+    let mut blocks = windows.chunks_exact(4);
+    for block in &mut blocks {
+        let [a, b, c, d] = [block[0], block[1], block[2], block[3]];
+        debug_assert!(block.iter().all(|row| row.len() == a.len()));
+        let mut t = [-0.0f64; 4];
+        for i in 0..a.len().min(b.len()).min(c.len()).min(d.len()) {
+            t[0] += a[i];
+            t[1] += b[i];
+            t[2] += c[i];
+            t[3] += d[i];
+        }
+        totals.extend_from_slice(&t);
+    }
+    totals.extend(blocks.remainder().iter().map(|row| row.iter().sum::<f64>()));
+    totals
 }
 
 /// Fewest replicas of an expert with load `load` that keep each replica below `cut` (a replica
