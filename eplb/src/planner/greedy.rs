@@ -33,24 +33,6 @@ fn replicate_and_pack(
     heaviest.sort_unstable();
     let ids: Vec<usize> = heaviest.iter().map(|&(_, i)| i).collect();
     let cnt = water_fill_sorted(&local, &ids, slots, max_rep);
-    // Replicas are placed heaviest first (ties: lower local index). All replicas of an expert
-    // weigh the same, so they are consecutive in that order. The experts with one replica
-    // keep their place in `heaviest`; the few replicated ones are sorted and merged in.
-    let mut replicated: Vec<(u64, usize)> = ids
-        .iter()
-        .filter(|&&i| cnt[i] > 1)
-        .map(|&i| (!total_order(local[i] / cnt[i] as f64), i))
-        .collect();
-    replicated.sort_unstable();
-    let mut order = Vec::with_capacity(ids.len());
-    let mut replicated = replicated.into_iter().peekable();
-    for &(key, i) in heaviest.iter().filter(|&&(_, i)| cnt[i] == 1) {
-        while let Some((_, r)) = replicated.next_if(|&other| other < (key, i)) {
-            order.push(r);
-        }
-        order.push(i);
-    }
-    order.extend(replicated.map(|(_, r)| r));
     // Each rank's slots are `row[base + r * s..]`, the first `fill[r]` of them used. `last[r]`
     // is the last local expert placed on rank r: because an expert's replicas are placed one
     // after the other, a rank holds the expert being placed exactly when it was the last.
@@ -63,7 +45,7 @@ fn replicate_and_pack(
     // smallest key is the lightest rank, ties going to the lower rank. A scan of these beats
     // a heap on a node's ranks and stays close to it on a few hundred.
     let mut open: Vec<(u64, usize)> = (0..ranks).map(|r| (total_order(0.0), r)).collect();
-    'items: for &i in &order {
+    'items: for i in replica_order(&local, &cnt, &heaviest) {
         let w = local[i] / cnt[i] as f64;
         for _ in 0..cnt[i] {
             let lightest_without_i = (0..open.len())
@@ -87,15 +69,32 @@ fn replicate_and_pack(
             }
         }
     }
-    // Ranks left with free slots (the replicas ran out, never on a valid shape) keep only
-    // what they got, as if each rank's experts had been appended in turn.
-    if fill.iter().any(|&f| f < s) {
-        let packed: Vec<usize> = (0..ranks)
-            .flat_map(|r| row[base + r * s..base + r * s + fill[r]].to_vec())
-            .collect();
-        row.truncate(base);
-        row.extend(packed);
+    // Water-filling makes exactly `slots` replicas when there are no more experts than slots,
+    // and the loop above stops at full ranks otherwise: every rank is full.
+    debug_assert!(fill.iter().all(|&f| f == s));
+}
+
+/// The local experts in the order their replicas are placed: heaviest per replica first
+/// (ties: lower local index), each expert once. `heaviest`: every expert's key by its whole
+/// load, sorted. Experts with one replica keep their place in it; the few replicated ones are
+/// sorted by their load per replica and merged in.
+fn replica_order(local: &[f64], cnt: &[usize], heaviest: &[(u64, usize)]) -> Vec<usize> {
+    let mut replicated: Vec<(u64, usize)> = heaviest
+        .iter()
+        .filter(|&&(_, i)| cnt[i] > 1)
+        .map(|&(_, i)| (!total_order(local[i] / cnt[i] as f64), i))
+        .collect();
+    replicated.sort_unstable();
+    let mut order = Vec::with_capacity(heaviest.len());
+    let mut replicated = replicated.into_iter().peekable();
+    for &(key, i) in heaviest.iter().filter(|&&(_, i)| cnt[i] == 1) {
+        while let Some((_, r)) = replicated.next_if(|&other| other < (key, i)) {
+            order.push(r);
+        }
+        order.push(i);
     }
+    order.extend(replicated.map(|(_, r)| r));
+    order
 }
 
 /// One layer's greedy row from the summed load.
