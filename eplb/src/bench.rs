@@ -111,28 +111,72 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// What every algorithm of one shape's run plans from and is scored on.
+pub struct BenchInputs {
+    /// The trace's generator settings.
+    pub spec: TraceSpec,
+    /// The H windows every algorithm plans on.
+    pub history: LoadHistory,
+    /// The window that follows the history `[layer][expert]`.
+    pub next: Vec<Vec<f64>>,
+    /// The generator's expected next window `[layer][expert]` (its hidden state, no noise).
+    pub expected_next: Vec<Vec<f64>>,
+    /// The placement in use: the `joint` plan of the H windows before the history.
+    pub previous: Placement,
+}
+
+impl BenchInputs {
+    /// The trace of `2H + 1` windows of one shape and the placement in use (deterministic in
+    /// the shape and the options' seed and history).
+    pub fn generate(bs: &BenchShape, opts: &BenchOptions) -> Result<BenchInputs> {
+        let h = opts.history.max(1);
+        let mut spec = TraceSpec::new(
+            bs.num_layers,
+            bs.shape.num_experts,
+            bs.shape.num_groups,
+            2 * h + 1,
+            opts.seed ^ (bs.shape.num_ranks as u64 * 1_000_003 + bs.num_layers as u64),
+        );
+        spec.drift = 0.12;
+        let (windows, mut expected) = generate_with_expectation(&spec);
+        let all = LoadHistory::new(windows)?;
+        let older = all.slice(0..h)?;
+        let history = all.slice(h..2 * h)?;
+        let next = all.windows()[2 * h].clone();
+        let previous = planner_by_name("joint")?
+            .plan(&PlanRequest::new(bs.shape, &older))?
+            .placement;
+        Ok(BenchInputs {
+            spec,
+            history,
+            next,
+            expected_next: expected.swap_remove(2 * h),
+            previous,
+        })
+    }
+
+    /// The request every timed algorithm starts from: the history, the placement in use, and
+    /// `threads` planning threads.
+    pub fn request(&self, shape: Shape, threads: usize) -> PlanRequest<'_> {
+        PlanRequest::new(shape, &self.history)
+            .previous(&self.previous)
+            .threads(threads)
+    }
+}
+
 /// Runs the protocol on one shape.
 pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
-    let h = opts.history.max(1);
-    let mut spec = TraceSpec::new(
-        bs.num_layers,
-        bs.shape.num_experts,
-        bs.shape.num_groups,
-        2 * h + 1,
-        opts.seed ^ (bs.shape.num_ranks as u64 * 1_000_003 + bs.num_layers as u64),
-    );
-    spec.drift = 0.12;
-    let (windows, expected) = generate_with_expectation(&spec);
-    let all = LoadHistory::new(windows)?;
-    let older = all.slice(0..h)?;
-    let history = all.slice(h..2 * h)?;
-    let next = &all.windows()[2 * h];
-    let next_draws = draw_next_windows(&expected[2 * h], &spec, opts.seed ^ 0x6e78_7464);
+    let inputs = BenchInputs::generate(bs, opts)?;
+    let BenchInputs {
+        spec,
+        history,
+        next,
+        expected_next,
+        previous,
+    } = &inputs;
+    let next_draws = draw_next_windows(expected_next, spec, opts.seed ^ 0x6e78_7464);
     let shape = bs.shape;
     let slots_total = shape.slots() * bs.num_layers;
-    let previous = planner_by_name("joint")?
-        .plan(&PlanRequest::new(shape, &older))?
-        .placement;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     let mut rows = Vec::new();
@@ -142,7 +186,7 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
                    gap: Option<(f64, f64)>,
                    thr: usize|
      -> Result<BenchRow> {
-        let hs = score_history(p, &history)?;
+        let hs = score_history(p, history)?;
         let ns = score(p, next)?;
         let mut expected_next_par = 0.0;
         for d in &next_draws {
@@ -156,20 +200,20 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
             next_mean_par: ns.mean,
             next_worst_par: ns.worst,
             expected_next_par,
-            slots_moved: migration_cost(&previous, p, 0)?.slots,
+            slots_moved: migration_cost(previous, p, 0)?.slots,
             slots_total,
             plan_ms: ms,
             plan_ms_min: ms,
             gap,
             threads: thr,
             cross_node_tokens: mean_cross_node_share(p, next),
-            cross_node_moves: cross_node_moves(&previous, p),
+            cross_node_moves: cross_node_moves(previous, p),
             cross_node_floor: mean_cross_node_floor(p, next),
         })
     };
     let rr = initial_placement(InitialStrategy::RoundRobin, bs.num_layers, &shape)?;
     rows.push(row_for("static round-robin", &rr, 0.0, None, 0)?);
-    rows.push(row_for("keep previous", &previous, 0.0, None, 0)?);
+    rows.push(row_for("keep previous", previous, 0.0, None, 0)?);
     // (algorithm, threads, max moves, node slack)
     type Run<'n> = (&'n str, usize, Option<usize>, Option<f64>);
     let mut algos: Vec<Run> = vec![("greedy", 1, None, None)];
@@ -189,9 +233,7 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
     }
     for (name, thr, budget, node_slack) in algos {
         let planner = planner_by_name(name)?;
-        let mut req = PlanRequest::new(shape, &history)
-            .previous(&previous)
-            .threads(thr);
+        let mut req = inputs.request(shape, thr);
         if let Some(b) = budget {
             req = req.max_moves(b);
         }
@@ -238,7 +280,7 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
     let predicted = planner_by_name("joint")?
         .plan(&PlanRequest::new(
             shape,
-            &LoadHistory::single(expected[2 * h].clone())?,
+            &LoadHistory::single(expected_next.clone())?,
         ))?
         .placement;
     rows.push(row_for(PREDICTION_ROW, &predicted, 0.0, None, 0)?);
@@ -247,7 +289,7 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
     let mut rng = crate::synth::Rng::new(opts.seed ^ 0xd1f7);
     let draws: Vec<Vec<Vec<f64>>> = (0..16)
         .map(|_| {
-            expected[2 * h]
+            expected_next
                 .iter()
                 .map(|row| {
                     row.iter()

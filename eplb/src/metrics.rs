@@ -14,25 +14,41 @@ use crate::placement::Placement;
 /// One rank load per rank for one layer: `row` is the layer's `phy2log`, `load` the logical
 /// expert loads. Experts out of range of `load` count as zero.
 pub fn rank_loads(row: &[usize], load: &[f64], num_ranks: usize) -> Vec<f64> {
+    let mut out = Vec::new();
+    rank_loads_per_window(row, &[load], num_ranks, &mut out);
+    out
+}
+
+/// [`rank_loads`] of one layer under several loads of the same experts (windows), into
+/// `out[k * G + r]` (rank `r` under `loads[k]`): scoring a layer under a history counts its
+/// replicas and reads its slots once.
+fn rank_loads_per_window(row: &[usize], loads: &[&[f64]], num_ranks: usize, out: &mut Vec<f64>) {
     let g = num_ranks.max(1);
     let s = row.len() / g;
-    let mut cnt = vec![0u32; load.len()];
+    let w = loads.len();
+    let mut cnt = vec![0u32; loads.first().map_or(0, |l| l.len())];
     for &e in row {
         if let Some(c) = cnt.get_mut(e) {
             *c += 1;
         }
     }
-    (0..g)
-        .map(|r| {
-            row[r * s..r * s + s]
-                .iter()
-                .map(|&e| match (load.get(e), cnt.get(e)) {
-                    (Some(&x), Some(&c)) if c > 0 => x / f64::from(c),
-                    _ => 0.0,
-                })
-                .sum()
-        })
-        .collect()
+    // Each rank sums its slots in slot order from -0.0, as `Iterator::sum` does.
+    out.clear();
+    out.resize(w * g, -0.0);
+    for r in 0..g {
+        for &e in &row[r * s..r * s + s] {
+            match cnt.get(e) {
+                // x / 1 is x exactly; most experts have one replica, and the division is what
+                // scoring spends most of its time on.
+                Some(&1) => (0..w).for_each(|k| out[k * g + r] += loads[k][e]),
+                Some(&c) if c > 0 => {
+                    let c = f64::from(c);
+                    (0..w).for_each(|k| out[k * g + r] += loads[k][e] / c);
+                }
+                _ => (0..w).for_each(|k| out[k * g + r] += 0.0),
+            }
+        }
+    }
 }
 
 /// Peak-to-average ratio of rank loads; 1.0 when there is no load at all.
@@ -113,9 +129,21 @@ pub fn score_history(placement: &Placement, history: &LoadHistory) -> Result<Pla
     let w = history.num_windows() as f64;
     let mut per_layer = vec![0.0; placement.num_layers];
     let mut worst: f64 = 1.0;
-    for win in history.windows() {
-        for (l, acc) in per_layer.iter_mut().enumerate() {
-            let p = layer_par(placement, l, &win[l]);
+    let g = placement.num_ranks.max(1);
+    let mut loads = Vec::new();
+    // Layer by layer, so that a layer's slots are read once for all windows; each layer still
+    // sums its windows oldest first.
+    for (l, acc) in per_layer.iter_mut().enumerate() {
+        let row = placement.phy2log.get(l);
+        if let Some(row) = row {
+            rank_loads_per_window(row, &history.layer(l), placement.num_ranks, &mut loads);
+        }
+        for k in 0..history.num_windows() {
+            let p = match row {
+                Some(_) => par(&loads[k * g..(k + 1) * g]),
+                // As layer_par: a layer the placement lacks counts as balanced.
+                None => 1.0,
+            };
             *acc += p / w;
             worst = worst.max(p);
         }

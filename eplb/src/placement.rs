@@ -49,10 +49,15 @@ pub(crate) fn repair_duplicates(row: &mut [usize], num_experts: usize, num_ranks
     }
     let holds = |row: &[usize], rank: usize, e: usize| row[rank * s..rank * s + s].contains(&e);
     let mut guard = 0;
-    while let Some((a, e)) = find_duplicate(row, s) {
+    // Whether the swaps left no duplicate (the last scan found none), so the row need not be
+    // scanned again.
+    let repaired = loop {
+        let Some((a, e)) = find_duplicate(row, s) else {
+            break true;
+        };
         guard += 1;
         if guard > row.len() * 4 {
-            break;
+            break false;
         }
         let ia = (a * s..a * s + s).rfind(|&i| row[i] == e).unwrap_or(a * s);
         let mut done = false;
@@ -70,10 +75,10 @@ pub(crate) fn repair_duplicates(row: &mut [usize], num_experts: usize, num_ranks
             }
         }
         if !done {
-            break;
+            break false;
         }
-    }
-    if find_duplicate(row, s).is_some() {
+    };
+    if !repaired {
         column_layout(row, num_experts, num_ranks);
     }
 }
@@ -81,7 +86,7 @@ pub(crate) fn repair_duplicates(row: &mut [usize], num_experts: usize, num_ranks
 /// Rebuilds a row from its replica counts so that no rank holds an expert twice (valid when
 /// every count is at most `num_ranks`): replicas sorted by count then expert, the k-th replica
 /// in that order goes to rank `k % G`.
-fn column_layout(row: &mut [usize], num_experts: usize, num_ranks: usize) {
+pub(crate) fn column_layout(row: &mut [usize], num_experts: usize, num_ranks: usize) {
     let s = row.len() / num_ranks;
     let mut cnt = vec![0usize; num_experts];
     for &e in row.iter() {

@@ -44,8 +44,8 @@ pub(crate) struct Problem {
 }
 
 impl Problem {
-    /// `windows`: one row per episode, oldest first. `recency`: weight ratio between an
-    /// episode and the next newer one (1 = uniform).
+    /// `windows`: one row per episode, oldest first, each of the same experts. `recency`:
+    /// weight ratio between an episode and the next newer one (1 = uniform).
     pub fn new(
         windows: &[&[f64]],
         g: usize,
@@ -59,8 +59,8 @@ impl Problem {
         let mut x = vec![0.0; e * w];
         let mut omega = vec![0.0; w];
         let mut raw_sum = vec![0.0; e];
-        for (k, row) in windows.iter().enumerate() {
-            let total: f64 = row.iter().sum();
+        let totals = window_totals(windows);
+        for (k, (row, &total)) in windows.iter().zip(&totals).enumerate() {
             for (i, &v) in row.iter().enumerate() {
                 raw_sum[i] += v;
             }
@@ -117,20 +117,28 @@ impl Problem {
         for &e in row {
             cnt[e] += 1;
         }
-        let mut loads = vec![0.0f64; self.w * self.g];
-        for (slot, &e) in row.iter().enumerate() {
-            let r = slot / self.s;
-            let c = f64::from(cnt[e]);
-            for k in 0..self.w {
-                loads[k * self.g + r] += self.x[e * self.w + k] / c;
+        // loads[r * w + k]: one rank's episodes side by side, so that adding an expert's
+        // episodes (x[e * w..]) to a rank is one contiguous run.
+        let mut loads = vec![0.0f64; self.g * self.w];
+        for (r, rank) in row.chunks(self.s.max(1)).enumerate() {
+            let to = &mut loads[r * self.w..(r + 1) * self.w];
+            for &e in rank {
+                let x = &self.x[e * self.w..(e + 1) * self.w];
+                // x / 1 is x exactly; most experts have one replica, and the division is
+                // the costly part.
+                if cnt[e] == 1 {
+                    to.iter_mut().zip(x).for_each(|(l, &x)| *l += x);
+                } else {
+                    let c = f64::from(cnt[e]);
+                    to.iter_mut().zip(x).for_each(|(l, &x)| *l += x / c);
+                }
             }
         }
         (0..self.w)
             .map(|k| {
                 self.omega[k]
-                    * loads[k * self.g..(k + 1) * self.g]
-                        .iter()
-                        .copied()
+                    * (0..self.g)
+                        .map(|r| loads[r * self.w + k])
                         .fold(f64::NEG_INFINITY, f64::max)
             })
             .sum()
@@ -165,6 +173,28 @@ impl Problem {
     }
 }
 
+/// Each window's total, summed in expert order from -0.0 exactly as `Iterator::sum` does,
+/// four windows side by side: one window's sum is a chain of dependent additions, and four
+/// chains in registers run in parallel.
+fn window_totals(windows: &[&[f64]]) -> Vec<f64> {
+    let mut totals = Vec::with_capacity(windows.len());
+    let mut blocks = windows.chunks_exact(4);
+    for block in &mut blocks {
+        let [a, b, c, d] = [block[0], block[1], block[2], block[3]];
+        debug_assert!(block.iter().all(|row| row.len() == a.len()));
+        let mut t = [-0.0f64; 4];
+        for i in 0..a.len().min(b.len()).min(c.len()).min(d.len()) {
+            t[0] += a[i];
+            t[1] += b[i];
+            t[2] += c[i];
+            t[3] += d[i];
+        }
+        totals.extend_from_slice(&t);
+    }
+    totals.extend(blocks.remainder().iter().map(|row| row.iter().sum::<f64>()));
+    totals
+}
+
 /// Fewest replicas of an expert with load `load` that keep each replica below `cut` (a replica
 /// alone puts `load / c` on its rank); `cap + 1` when not even `cap` do (a tiny cut cannot
 /// overflow it).
@@ -185,37 +215,76 @@ pub(crate) fn slots_changed(row: &[usize], prev: &[usize]) -> usize {
     row.iter().zip(prev).filter(|(a, b)| a != b).count()
 }
 
+/// `x`'s place in [`f64::total_cmp`]'s order as an unsigned integer: comparing two keys
+/// compares the two floats as `total_cmp` does, on every bit pattern, but faster.
+pub(crate) fn total_order(x: f64) -> u64 {
+    // total_cmp compares the bits as a signed integer after flipping the magnitude bits of
+    // negative numbers; flipping the sign bit as well makes that order unsigned.
+    let bits = x.to_bits();
+    if bits >> 63 == 1 {
+        !bits
+    } else {
+        bits | 1 << 63
+    }
+}
+
 /// Min-max replication: starting from one replica each, repeatedly give one more replica to
 /// the expert with the largest load per replica (ties: lower expert id), never above
 /// `max_rep`, until `slots` replicas exist.
 pub(crate) fn water_fill(loads: &[f64], slots: usize, max_rep: usize) -> Vec<usize> {
-    use std::cmp::Ordering;
+    water_fill_among(loads, slots, max_rep, 0..loads.len())
+}
+
+/// [`water_fill`] from the experts sorted heaviest first (ties: lower id), for a caller that
+/// sorts them anyway: the heap then holds only the few that can get a second replica.
+///
+/// Why only the first `slots - n`: while extra replicas remain, the expert given the next one
+/// is the heaviest per replica, so every expert sorted before it already has two or more
+/// replicas (one with a single replica would be at least as heavy, and win the tie) and took
+/// one of the extras before. With a cap below 2 nobody gets a second replica from the heap.
+pub(crate) fn water_fill_sorted(
+    loads: &[f64],
+    heaviest_first: &[usize],
+    slots: usize,
+    max_rep: usize,
+) -> Vec<usize> {
+    let extra = slots.saturating_sub(loads.len());
+    let candidates = if max_rep >= 2 && extra < heaviest_first.len() {
+        &heaviest_first[..extra]
+    } else {
+        heaviest_first
+    };
+    water_fill_among(loads, slots, max_rep, candidates.iter().copied())
+}
+
+/// [`water_fill`] with the heap holding `candidates` only (which must include every expert
+/// that water-filling over all would give a second replica).
+fn water_fill_among(
+    loads: &[f64],
+    slots: usize,
+    max_rep: usize,
+    candidates: impl Iterator<Item = usize>,
+) -> Vec<usize> {
+    use std::cmp::Reverse;
     use std::collections::BinaryHeap;
-    #[derive(PartialEq)]
-    struct Item(f64, usize);
-    impl Eq for Item {}
-    impl PartialOrd for Item {
-        fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-            Some(self.cmp(o))
-        }
-    }
-    impl Ord for Item {
-        fn cmp(&self, o: &Self) -> Ordering {
-            self.0.total_cmp(&o.0).then(o.1.cmp(&self.1))
-        }
-    }
     let n = loads.len();
     let mut cnt = vec![1usize; n];
-    let mut heap: BinaryHeap<Item> = (0..n).map(|i| Item(loads[i], i)).collect();
+    // Largest load per replica first, then the lower id; integer keys compare faster than
+    // total_cmp, which building the heap spends most of its time in.
+    let mut heap: BinaryHeap<(u64, Reverse<usize>)> = candidates
+        .map(|i| (total_order(loads[i]), Reverse(i)))
+        .collect();
     let mut extra = slots.saturating_sub(n);
     while extra > 0 {
-        let Some(Item(_, i)) = heap.pop() else { break };
+        let Some((_, Reverse(i))) = heap.pop() else {
+            break;
+        };
         if cnt[i] >= max_rep {
             continue;
         }
         cnt[i] += 1;
         extra -= 1;
-        heap.push(Item(loads[i] / cnt[i] as f64, i));
+        heap.push((total_order(loads[i] / cnt[i] as f64), Reverse(i)));
     }
     if extra > 0 {
         // Every expert is at max_rep (only possible when max_rep is not binding in the
