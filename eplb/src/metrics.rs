@@ -45,6 +45,8 @@ fn rank_loads_per_window(row: &[usize], loads: &[&[f64]], num_ranks: usize, out:
                     let c = f64::from(c);
                     (0..w).for_each(|k| out[k * g + r] += loads[k][e] / c);
                 }
+                // An expert out of range adds a zero, as the sum of before did: a rank of only
+                // such slots ends at 0.0, not at the starting -0.0.
                 _ => (0..w).for_each(|k| out[k * g + r] += 0.0),
             }
         }

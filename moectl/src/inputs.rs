@@ -246,12 +246,8 @@ fn explain_expert_count(
     if p.num_logical_experts == e {
         return at(path)(err);
     }
-    if p.num_slots() == e {
-        return Fail(format!(
-            "the load has {e} counts per layer, as many as the slots of {} (which holds {} experts): it looks like vLLM's per-slot load; pass --physical-load to map slots to experts through the placement",
-            path.display(),
-            p.num_logical_experts
-        ));
+    if let Err(per_slot) = formats::vllm::check_column_count(e, &p) {
+        return at(path)(per_slot);
     }
     let shared = if p.num_logical_experts > e {
         format!(

@@ -205,7 +205,11 @@ pub fn logical_from_slot_map(
 /// E: that is a per-slot (physical) load such as vLLM's `expert_load_pass`, and reading it as
 /// per-expert would attribute slot k's tokens to expert k.
 pub fn check_logical_columns(load: &LoadHistory, placement: &Placement) -> Result<()> {
-    let cols = load.num_experts();
+    check_column_count(load.num_experts(), placement)
+}
+
+/// [`check_logical_columns`] for a load of `cols` counts per layer.
+pub fn check_column_count(cols: usize, placement: &Placement) -> Result<()> {
     let (e, p) = (placement.num_logical_experts, placement.num_slots());
     if cols == p && p != e {
         return Err(EplbError::Mismatch(format!(

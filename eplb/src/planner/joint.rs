@@ -178,7 +178,7 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
     // searches (with several episodes the count search leaves count vectors unsettled, which
     // the expert-by-expert search does not).
     let pairs_proof = p.s == 2 && !p.dup_ok;
-    let proof = prove::prove_from(
+    let mut proof = prove::prove_from(
         p,
         start,
         budget,
@@ -196,7 +196,6 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
     // pairings of its leaves and rarely finishes, the bisection probes settle little; the least
     // per-episode pairing bound over the replica counts needs the count tree alone (16 experts
     // on 16 x 2 with four episodes: proven gaps 2.9% median instead of 7.6%).
-    let mut proof = proof;
     if pairs_proof
         && p.w > 1
         && !proof.optimal

@@ -167,15 +167,15 @@ pub(crate) fn count_bound(p: &Problem, cut: f64, budget: usize) -> Option<f64> {
         return None;
     }
     let mut s = CountSearch::new(p, cut + 1e-9, budget);
-    s.least = Some(s.cut);
+    s.bound_only = true;
     s.expert(0, p.slots());
     if std::env::var("EPLB_DEBUG").is_ok() {
         eprintln!(
-            "count bound (pairs): below {cut} nodes {} aborted {} least {:?}",
-            s.nodes, s.aborted, s.least
+            "count bound (pairs): below {cut} nodes {} aborted {} least {}",
+            s.nodes, s.aborted, s.cut
         );
     }
-    if s.aborted { None } else { s.least }
+    (!s.aborted).then_some(s.cut)
 }
 
 /// Node budget of the placement search under one count vector.
@@ -191,8 +191,9 @@ struct CountSearch<'p> {
     best_row: Option<Vec<usize>>,
     /// A leaf below the cut whose pairing did not reach its bound (not settled).
     unsettled: bool,
-    /// Bound only ([`count_bound`]): the least leaf bound so far; leaves are not searched.
-    least: Option<f64>,
+    /// Bound only ([`count_bound`]): leaves are not searched, each one below the cut lowers
+    /// the cut to its bound (so the cut ends as the least leaf bound).
+    bound_only: bool,
     nodes: usize,
     budget: usize,
     aborted: bool,
@@ -217,7 +218,7 @@ impl<'p> CountSearch<'p> {
             cut: seed_f - 1e-9,
             best_row: None,
             unsettled: false,
-            least: None,
+            bound_only: false,
             nodes: 0,
             budget,
             aborted: false,
@@ -322,10 +323,9 @@ impl<'p> CountSearch<'p> {
             if lb >= self.cut {
                 return;
             }
-            if self.least.is_some() {
+            if self.bound_only {
                 // Branch and bound on the least leaf bound: what is left to find must be below
                 // it (every completion of a pruned subtree has objective at least its bound).
-                self.least = Some(lb);
                 self.cut = lb;
                 return;
             }
@@ -659,8 +659,6 @@ mod tests {
         }
     }
 
-    /// 16 experts on 16 ranks x 2 slots, one window, skewed loads: proven optimal by the count
-    /// search, below the general heuristic's plan.
     /// 16 experts on 16 ranks x 2 slots with four episodes (a layer of the exact-search sweep):
     /// the count search leaves its leaves' pairings unsettled and the probes settle nothing, so
     /// before the count bound `joint`'s proven gap was against the problem's own bound (1.0:
@@ -694,6 +692,8 @@ mod tests {
         assert!(p.lower_bound() < 1.001);
     }
 
+    /// 16 experts on 16 ranks x 2 slots, one window, skewed loads: proven optimal by the count
+    /// search, below the general heuristic's plan.
     #[test]
     fn proves_16_ranks_by_2_slots() {
         let loads: Vec<f64> = (0..16)

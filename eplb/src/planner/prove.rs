@@ -188,9 +188,13 @@ impl Proof {
 
     /// The plan is optimal: the interval closes on it.
     fn settled(mut self) -> Proof {
+        self.settle();
+        self
+    }
+
+    fn settle(&mut self) {
         self.optimal = true;
         self.lower = self.objective;
-        self
     }
 
     /// A bound proven outside the probes (less the searches' rounding margin); the plan is
@@ -198,8 +202,7 @@ impl Proof {
     pub(crate) fn raise_lower(&mut self, bound: f64) {
         self.lower = self.lower.max(bound - MARGIN);
         if self.lower >= self.objective - 1e-9 {
-            self.optimal = true;
-            self.lower = self.objective;
+            self.settle();
         }
     }
 
