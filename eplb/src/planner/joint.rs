@@ -156,9 +156,10 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
             ranks::budget(p)
         };
         let reserve = if p.w == 1 { nodes / 2 } else { nodes / 8 };
+        let mut cover = cover::Prover::new(p);
         start = prove::ascend(p, start, nodes, reserve, |target, nodes| {
             if use_cover {
-                cover::solve(p, target, nodes)
+                cover.solve(target, nodes)
             } else {
                 ranks::solve(p, target, nodes)
             }

@@ -811,7 +811,7 @@ pub(crate) fn checked_answer(p: &Problem, res: super::exact::ExactResult) -> (f6
 pub(crate) fn check_search_at_optimum(
     p: &Problem,
     want: f64,
-    solve: impl Fn(&Problem, f64, usize) -> super::exact::ExactResult,
+    mut solve: impl FnMut(&Problem, f64, usize) -> super::exact::ExactResult,
 ) -> Result<(), String> {
     let (got, proven) = checked_answer(p, solve(p, f64::INFINITY, 10_000_000));
     if !proven || (got - want).abs() >= 1e-9 {
@@ -841,7 +841,7 @@ pub(crate) fn check_ascent(
     p: &Problem,
     want: f64,
     budget: usize,
-    solve: impl Fn(&Problem, f64, usize) -> super::exact::ExactResult,
+    mut solve: impl FnMut(&Problem, f64, usize) -> super::exact::ExactResult,
 ) -> Result<(), String> {
     let mut start: Vec<usize> = (0..p.slots()).map(|i| i % p.e).collect();
     crate::placement::repair_duplicates(&mut start, p.e, p.g);
