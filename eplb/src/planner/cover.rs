@@ -70,7 +70,7 @@ struct Search<'p> {
     load: Vec<f64>,
     /// `by[e * (cap + 1) + c]`: contents holding expert `e` with count `c`, most loaded
     /// (smallest shortfall) first.
-    by: Vec<Vec<u32>>,
+    by: Vec<Vec<Entry>>,
     /// Fewest replicas of each expert that keep one below the cut.
     fewest: Vec<usize>,
     /// Decided count per expert (0: not yet) and appearances still to place.
@@ -97,6 +97,20 @@ struct Search<'p> {
     budget: usize,
     aborted: bool,
 }
+
+/// A content in the lists of its members: its load and members copied next to its number, so
+/// that the scans counting compatible contents (most of the search's time) read the lists in
+/// order instead of jumping through `members` (about twice as fast on 16 experts on 8 x 4).
+#[derive(Clone, Copy)]
+struct Entry {
+    load: f64,
+    id: u32,
+    /// `(expert, count)`, the first `S` used.
+    members: [(u8, u8); MAX_SLOTS],
+}
+
+/// Most slots per rank the search takes ([`eligible`]).
+const MAX_SLOTS: usize = 6;
 
 /// What listing the contents needs: positions are experts heaviest first.
 struct Lister {
@@ -310,10 +324,10 @@ impl<'p> Search<'p> {
         e * (self.cap + 1) + c
     }
 
-    /// Whether content `i`'s shortfall below the cut fits the slack left (the lists are sorted
-    /// by it, so a scan stops at the first that does not).
-    fn within_slack(&self, i: usize) -> bool {
-        self.cut - self.load[i] <= self.slack + MARGIN
+    /// Whether a content of this load has its shortfall below the cut within the slack left
+    /// (the lists are sorted by it, so a scan stops at the first that does not).
+    fn within_slack(&self, load: f64) -> bool {
+        self.cut - load <= self.slack + MARGIN
     }
 
     /// Fewest replicas of each expert that keep one below the cut, and the window's lower end.
@@ -388,18 +402,22 @@ impl<'p> Search<'p> {
             if self.load[i] < lo || self.load[i] >= self.cut {
                 continue;
             }
-            for m in i * s..(i + 1) * s {
-                let (e, c) = self.members[m];
+            let mut entry = Entry {
+                load: self.load[i],
+                id: i as u32,
+                members: [(0, 0); MAX_SLOTS],
+            };
+            for (slot, &(e, c)) in entry.members.iter_mut().zip(&self.members[i * s..]) {
+                // Experts (at most 16) and counts (at most the ranks, fewer than 256) fit.
+                *slot = (e as u8, c as u8);
+            }
+            for &(e, c) in &self.members[i * s..(i + 1) * s] {
                 let list = self.list(e, c);
-                self.by[list].push(i as u32);
+                self.by[list].push(entry);
             }
         }
         for list in &mut self.by {
-            list.sort_by(|&a, &b| {
-                self.load[b as usize]
-                    .total_cmp(&self.load[a as usize])
-                    .then(a.cmp(&b))
-            });
+            list.sort_by(|a, b| b.load.total_cmp(&a.load).then(a.id.cmp(&b.id)));
         }
     }
 
@@ -479,13 +497,10 @@ impl<'p> Search<'p> {
         true
     }
 
-    /// Whether content `i` can be the next rank.
-    fn compatible(&self, i: usize, ranks_left: usize) -> bool {
-        if !self.within_slack(i) {
-            return false;
-        }
-        let s = self.p.s;
-        self.members[i * s..(i + 1) * s].iter().all(|&(f, c)| {
+    /// Whether a content (within the slack) can be the next rank.
+    fn compatible(&self, entry: &Entry, ranks_left: usize) -> bool {
+        entry.members[..self.p.s].iter().all(|&(f, c)| {
+            let (f, c) = (usize::from(f), usize::from(c));
             if self.label[f] == 0 {
                 c <= ranks_left
             } else {
@@ -495,14 +510,13 @@ impl<'p> Search<'p> {
     }
 
     /// Contents of `list` compatible now, counted up to `limit`.
-    fn count(&self, list: &[u32], ranks_left: usize, limit: usize) -> usize {
+    fn count(&self, list: &[Entry], ranks_left: usize, limit: usize) -> usize {
         let mut n = 0;
-        for &i in list {
-            let i = i as usize;
-            if !self.within_slack(i) {
+        for entry in list {
+            if !self.within_slack(entry.load) {
                 break;
             }
-            if self.compatible(i, ranks_left) {
+            if self.compatible(entry, ranks_left) {
                 n += 1;
                 if n >= limit {
                     break;
@@ -662,15 +676,16 @@ impl<'p> Search<'p> {
     fn branch(&mut self, ranks_left: usize, e: usize, c: usize, from: usize) -> bool {
         let list = self.list(e, c);
         for n in from..self.by[list].len() {
-            let i = self.by[list][n] as usize;
-            if !self.within_slack(i) {
+            let entry = self.by[list][n];
+            if !self.within_slack(entry.load) {
                 break;
             }
-            if !self.compatible(i, ranks_left) {
+            if !self.compatible(&entry, ranks_left) {
                 continue;
             }
+            let i = entry.id as usize;
             let saved = self.slack;
-            self.slack -= self.cut - self.load[i];
+            self.slack -= self.cut - entry.load;
             self.apply(i);
             let found = self.cover(ranks_left - 1, Some((e, n)));
             self.undo(i);
