@@ -169,6 +169,11 @@ struct Listed {
 /// ascent's step doubles: 16 serves the next four probes; 4 lists twice as often for the same
 /// proofs).
 const LIST_AHEAD: f64 = 16.0;
+/// ... but not beyond this fraction of the mean above it: the lists grow with the window, and
+/// far from the mean a list made ahead can be most of the probe (a one-hot 16-expert 8 x 3
+/// layer: 256,000 contents listed at 1.0082 for a probe that needed far fewer). Near-perfect
+/// partitions, where sharing pays, have their probes within it.
+const AHEAD_AT_MOST: f64 = 1e-3;
 
 impl<'p> Prover<'p> {
     pub(crate) fn new(p: &'p Problem) -> Prover<'p> {
@@ -249,8 +254,9 @@ impl<'p> Search<'p> {
             }
             _ => {
                 let mean = self.total / self.p.g as f64;
-                let ahead = if own > mean {
-                    (mean + LIST_AHEAD * (own - mean)).min(2.0 * self.total + 1.0)
+                let d = own - mean;
+                let ahead = if d > 0.0 {
+                    mean + (LIST_AHEAD * d).min(d.max(AHEAD_AT_MOST * mean))
                 } else {
                     own
                 };
