@@ -32,7 +32,7 @@ use super::problem::{Problem, fewest_replicas};
 
 /// Node budget of one layer (a node is one content listed or one cover state visited, 0.5-1
 /// us on the sweep's machine). With the probes sharing their lists ([`Prover`]): 3M proves
-/// every one-window layer of the sweep (the hardest, uniform 16 experts on 8 x 4, in 2.6-2.9
+/// every one-window layer of the sweep (the hardest, uniform 16 experts on 8 x 4, in 1.75-2.2
 /// s); 2M leaves that layer 0.013% open and one 4 x 6 layer 0.004%. (Before the lists were
 /// shared: 2M proved 9 of 10 uniform 8 x 4 layers, 1M 1 of 10.)
 pub(crate) const COVER_NODES: usize = 3_000_000;
