@@ -54,7 +54,7 @@ const MARGIN: f64 = 1e-9;
 /// keep the rank-by-rank search. With 16 experts and 48 slots it was ahead (16 x 3: 0.05-0.2%
 /// median gap against 1.3-2.2%).
 pub(crate) fn eligible(p: &Problem) -> bool {
-    p.w == 1 && !p.dup_ok && !p.empty && (3..=6).contains(&p.s) && p.e <= 16 && p.g < 256
+    p.w == 1 && !p.dup_ok && !p.empty && (3..=MAX_SLOTS).contains(&p.s) && p.e <= 16 && p.g < 256
 }
 
 struct Search<'p> {
@@ -109,7 +109,8 @@ struct Entry {
     members: [(u8, u8); MAX_SLOTS],
 }
 
-/// Most slots per rank the search takes ([`eligible`]).
+/// Most slots per rank the search takes ([`eligible`]; the list entries hold that many
+/// members).
 const MAX_SLOTS: usize = 6;
 
 /// What listing the contents needs: positions are experts heaviest first.
@@ -142,7 +143,8 @@ pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
 /// Contents listed below a cut are a superset of those below any lower cut, so one list made
 /// for a window wider than the probe's serves the following probes too, each indexing only
 /// the contents inside its own window. [`Self::solve`] lists `LIST_AHEAD` times as far above
-/// the mean as the probe's cut and lists again only for a probe above the list's cut (on the
+/// the mean as the probe's cut (at most `AHEAD_AT_MOST` of the mean beyond it) and lists
+/// again only for a probe above the list's cut (on the
 /// sweep's 16-expert 8 x 4 layers: 2-3 lists instead of 8-9, 280,000-490,000 nodes a proven
 /// layer instead of about 680,000). The searches are those of a fresh list (the lists hold
 /// the same contents in the same order); only the nodes spent listing differ.
