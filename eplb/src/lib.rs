@@ -12,7 +12,7 @@
 //! * [`Planner`] and [`planner_by_name`]: `greedy`, `joint` (default), `incremental`.
 //! * [`select_layers`]: threshold-with-hysteresis layer selection.
 //! * [`traffic`]: cross-node token traffic and cross-node weight moves.
-//! * [`synth`] and [`bench`]: deterministic synthetic traces and the benchmark protocol.
+//! * [`synth`] and [`bench`](mod@bench): deterministic synthetic traces and the benchmark protocol.
 //!
 //! No I/O and no GPU: everything here is pure computation on in-memory data.
 //!

@@ -13,7 +13,7 @@
 //!
 //! Duplicates: `init_eplb_config` builds each rank's map with
 //! `expert_map[local_placement] = arange(n)`, so an expert listed twice on one device keeps
-//! only its last slot; [`write`] refuses such placements.
+//! only its last slot; [`write`](fn@write) refuses such placements.
 //!
 //! Shared experts: with `mix_placement`, vllm-ascend appends the shared experts to every
 //! token's top-k as ids `E .. E+n-1` (`vllm_ascend/ops/fused_moe/experts_selector.py`) and
