@@ -1,12 +1,13 @@
 //! `joint`: replica counts and placement chosen together, over several episodes.
 //!
 //! 1. Small instances (up to 24 experts and 48 slots): proving from below with the cover
-//!    search of [`super::cover`] (one episode, three to six slots per rank, up to 16 experts) or the
-//!    rank-by-rank search of [`super::ranks`] (three or more slots per rank), then the exact
-//!    branch-and-bound of [`super::exact`] (replica counts and ranks chosen together, expert
-//!    by expert), or with two slots per rank the search over replica counts of
-//!    [`super::pairs`], seeded with the heuristic's objective. When a search finishes within
-//!    its node budget the result is proven optimal.
+//!    search of [`super::cover`] (one episode, three to six slots per rank, up to 16 experts),
+//!    its version for several episodes in [`super::episodes`] (three or four slots per rank, up
+//!    to 16 experts) or the rank-by-rank search of [`super::ranks`] (three or more slots per
+//!    rank), then the exact branch-and-bound of [`super::exact`] (replica counts and ranks
+//!    chosen together, expert by expert), or with two slots per rank the search over replica
+//!    counts of [`super::pairs`], seeded with the heuristic's objective. When a search
+//!    finishes within its node budget the result is proven optimal.
 //! 2. Otherwise: two starts — (a) min-max replication on the episode-weighted load, then
 //!    episode-aware packing (each replica to the rank that raises the objective least), and
 //!    (b) the greedy plan — each improved by local search (swaps between critical and other
@@ -16,6 +17,7 @@ use crate::placement::repair_duplicates;
 use crate::shape::Shape;
 
 use super::cover;
+use super::episodes;
 use super::exact;
 use super::greedy::greedy_row;
 use super::pairs;
@@ -167,9 +169,16 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         // One episode, three to six slots per rank, up to 16 experts: the cover search instead
         // (it settles near-perfect partitions the rank-by-rank search cannot: 16 experts on
         // 8 x 4, 9-10 of 10 proven per class on the sweep instead of 0-1).
+        // Several episodes, three or four slots per rank, up to 16 experts: the cover search for
+        // several episodes (the sweep's 12 experts on 6 x 4 and 8 x 3 with four windows: 4 of 5
+        // proven each instead of 0 and 1; 16 experts on 8 x 4: the bound twice as far above
+        // the mean).
         let use_cover = cover::eligible(p);
+        let use_episodes = episodes::eligible(p);
         let nodes = if use_cover {
             cover::COVER_NODES
+        } else if use_episodes {
+            episodes::budget(p)
         } else {
             ranks::budget(p)
         };
@@ -178,6 +187,8 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         start = prove::ascend(p, start, nodes, reserve, |target, nodes| {
             if use_cover {
                 cover.solve(target, nodes)
+            } else if use_episodes {
+                episodes::solve(p, target, nodes)
             } else {
                 ranks::solve(p, target, nodes)
             }

@@ -14,6 +14,7 @@
 //!   undoes individual changes as long as its objective stays within `min_improvement / 2`.
 
 mod cover;
+mod episodes;
 mod exact;
 mod greedy;
 mod joint;

@@ -1,0 +1,851 @@
+//! Rank-content cover search for several episodes, three or four slots per rank.
+//!
+//! The one-episode cover search ([`super::cover`]) lists every rank *content* (`S` distinct
+//! experts, each with a replica count) whose load fits below a cut and builds a placement as a
+//! cover of `G` contents, most constrained expert first. With several episodes the objective is
+//! `F = sum_k w_k M_k` (`M_k` the heaviest rank of episode `k`), and the same holds rank by
+//! rank: a rank with loads `L_k` in a placement below the cut `T` has
+//! `sum_k w_k max(L_k, (total_k - L_k) / (G - 1)) < T` (the other ranks carry the rest, and
+//! their heaviest is at least their mean). Those contents are listed once per cut (their
+//! weighted load lies in `[w . total - (G - 1) T, T)`, a window on one number, as with one
+//! episode), and the cover is built from them with the bound of the rank-by-rank search
+//! ([`super::ranks`]): after the chosen contents (heaviest load per episode `top_k`, load
+//! `rest_k` still to place on `n` ranks) a content with loads `L_k` may be next only while
+//! `sum_k w_k max(top_k, L_k, (rest_k - L_k) / (n - 1)) < T`.
+//!
+//! What this adds over the rank-by-rank search is the look-ahead of the cover: before each
+//! choice every expert with appearances still owed must have a compatible content left (the
+//! rank-by-rank search learns that only when it reaches the rank that would hold it), and the
+//! expert with the fewest is placed next, all its appearances in one go. On the sweep's
+//! 16-expert 8 x 4 layers with four windows the rank-by-rank search spends 200-300 nodes
+//! enumerating each rank's members and dies at the third rank of most branches: a cut 0.82%
+//! above the mean took it more than 20M nodes (6.4 s) on one of them, this search 0.2-0.56M.
+//!
+//! Refuted states are not remembered. Remembering them with the heaviest loads they held (a
+//! visit with loads no smaller in any episode is refuted too) skipped at most 10 states per
+//! probe on those layers (4,000-11,000 remembered) in a version that restarted from the first
+//! rank after each placement found; going on below the new cut instead, as here, needs no
+//! memo and proved as many of the sweep's 12-expert 6 x 4 layers (4 of 5; 3 with restarts
+//! and no memo).
+//!
+//! Same contract as [`super::exact::solve`]: finished, it has found the best placement below
+//! the seed objective or shown that there is none.
+
+use super::exact::{ExactResult, spend_node};
+use super::problem::{Problem, fewest_replicas};
+
+/// More contents than this below the cut: the search gives up (the cut is too far above the
+/// mean for a cover to settle anything quickly).
+const MAX_CONTENTS: usize = 300_000;
+/// Contents looked at in the lists per node charged (a node of the search costs about as much
+/// as looking at this many contents).
+const SCANS_PER_NODE: usize = 16;
+/// Rounding margin of the window's lower end and of the early stops of the list scans.
+const MARGIN: f64 = 1e-9;
+
+/// Whether this search applies: several episodes, no forced duplicates, three or four slots
+/// per rank and at most 16 experts. With six slots per rank the contents are many more and the
+/// rank-by-rank search did better on the sweep's 12-expert 4 x 6 layers with four windows (3 of
+/// 5 proven, against 2 of 5 with this search and a median gap of 0.62%).
+pub(crate) fn eligible(p: &Problem) -> bool {
+    p.w > 1 && !p.dup_ok && !p.empty && (3..=4).contains(&p.s) && p.e <= 16 && p.g < 256
+}
+
+/// Node budget of one layer: the rank-by-rank search's for the same episodes (a node here is
+/// a cover state visited, a content listed or 16 contents looked at; on the sweep's 16-expert
+/// 8 x 4 layers with four windows 1.6M nodes take 0.2-0.4 s).
+pub(crate) fn budget(p: &Problem) -> usize {
+    super::ranks::budget(p)
+}
+
+/// Runs the cover search on `p` for a placement with objective below `seed_f` (less a
+/// rounding margin of 1e-9, as [`super::exact::solve`]; then for better ones), with at most
+/// `budget` nodes.
+pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
+    let mut s = Search::new(p, seed_f, budget);
+    s.run();
+    ExactResult {
+        row: s.best.map(|b| b.1),
+        proven: !s.aborted,
+        nodes: s.nodes,
+    }
+}
+
+struct Search<'p> {
+    p: &'p Problem,
+    w: usize,
+    /// Most replicas an expert may have.
+    cap: usize,
+    /// Search below this.
+    cut: f64,
+    /// Load of each episode (the same whatever the counts).
+    total: Vec<f64>,
+    /// Contents: `members[i * S..(i + 1) * S]` as `(expert, count)`, their loads per episode
+    /// (`loads[i * w + k]`) and episode-weighted (`weighted[i]`).
+    members: Vec<(usize, usize)>,
+    loads: Vec<f64>,
+    weighted: Vec<f64>,
+    /// `by[e * (cap + 1) + c]`: contents below the cut holding expert `e` with count `c`, the
+    /// heaviest (episode-weighted) first.
+    by: Vec<Vec<u32>>,
+    /// Fewest replicas of each expert that keep one below the first cut (still a valid least
+    /// after the cut falls).
+    fewest: Vec<usize>,
+    /// Decided count per expert (0: not yet) and appearances still to place.
+    label: Vec<usize>,
+    rem: Vec<usize>,
+    /// Per number of chosen contents `d`: heaviest load of each episode among them
+    /// (`tops[d * w + k]`) and the load still to place (`rest[d * w + k]`).
+    tops: Vec<f64>,
+    rest: Vec<f64>,
+    chosen: Vec<u32>,
+    /// Per chosen content, which of its members it gave their count (bit per member).
+    fresh: Vec<u8>,
+    /// Contents looked at not yet charged to the budget.
+    scanned: usize,
+    best: Option<(f64, Vec<usize>)>,
+    nodes: usize,
+    budget: usize,
+    aborted: bool,
+}
+
+impl<'p> Search<'p> {
+    fn new(p: &'p Problem, seed_f: f64, budget: usize) -> Search<'p> {
+        let w = p.w;
+        let total: Vec<f64> = (0..w)
+            .map(|k| (0..p.e).map(|e| p.x[e * w + k]).sum())
+            .collect();
+        // No rank carries more than the whole load: a cut above it (an unbounded seed) is the
+        // same search with finite numbers.
+        let whole: f64 = total.iter().zip(&p.omega).map(|(t, o)| t * o).sum();
+        let mut rest = vec![0.0; (p.g + 1) * w];
+        rest[..w].copy_from_slice(&total);
+        Search {
+            p,
+            w,
+            cap: p.g.min(p.max_rep),
+            cut: (seed_f - 1e-9).min(2.0 * whole + 1.0),
+            total,
+            members: Vec::new(),
+            loads: Vec::new(),
+            weighted: Vec::new(),
+            by: Vec::new(),
+            fewest: vec![1; p.e],
+            label: vec![0; p.e],
+            rem: vec![0; p.e],
+            tops: vec![f64::NEG_INFINITY; (p.g + 1) * w],
+            rest,
+            chosen: Vec::with_capacity(p.g),
+            fresh: Vec::with_capacity(p.g),
+            scanned: 0,
+            best: None,
+            nodes: 0,
+            budget,
+            aborted: false,
+        }
+    }
+
+    /// Searches below the cut; each cover found lowers the cut and the search goes on below
+    /// it (the contents listed under the first cut stay: the bound refuses those above).
+    fn run(&mut self) {
+        if self.list_contents() {
+            self.index();
+            self.cover(self.p.g, None);
+        }
+        if std::env::var("EPLB_DEBUG").is_ok() {
+            eprintln!(
+                "episodes: cut {} nodes {} proven {} contents {}",
+                self.cut,
+                self.nodes,
+                !self.aborted,
+                self.weighted.len(),
+            );
+        }
+    }
+
+    /// Lists every content whose episode-weighted load lies in the window of the cut and whose
+    /// loads pass the bound of the first rank. False when the budget runs out or there are
+    /// too many.
+    fn list_contents(&mut self) -> bool {
+        let p = self.p;
+        let cap = self.cap;
+        for e in 0..p.e {
+            self.fewest[e] = fewest_replicas(p.agg[e], self.cut, cap);
+        }
+        let whole: f64 = self.total.iter().zip(&p.omega).map(|(t, o)| t * o).sum();
+        let lo = whole - (p.g - 1) as f64 * self.cut - MARGIN;
+        // Experts heaviest first (episode-weighted); the smallest and largest replica each can
+        // add.
+        let mut order: Vec<usize> = (0..p.e).collect();
+        order.sort_by(|&a, &b| p.agg[b].total_cmp(&p.agg[a]).then(a.cmp(&b)));
+        let x: Vec<f64> = order.iter().map(|&e| p.agg[e]).collect();
+        let fewest: Vec<usize> = order.iter().map(|&e| self.fewest[e]).collect();
+        let mut suf_small = vec![f64::INFINITY; p.e + 1];
+        let mut suf_large = vec![0.0f64; p.e + 1];
+        for j in (0..p.e).rev() {
+            suf_small[j] = suf_small[j + 1].min(x[j] / cap as f64);
+            suf_large[j] = suf_large[j + 1].max(x[j] / fewest[j].min(cap) as f64);
+        }
+        let mut reps: Vec<(f64, usize, usize)> = (0..p.e)
+            .flat_map(|j| (fewest[j]..=cap).map(move |c| (j, c)))
+            .map(|(j, c)| (x[j] / c as f64, j, c))
+            .collect();
+        reps.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        let l = Lister {
+            order,
+            x,
+            fewest,
+            suf_small,
+            suf_large,
+            reps,
+            lo,
+        };
+        let mut picked: Vec<(usize, usize)> = Vec::with_capacity(p.s);
+        self.list_from(&l, 0, 0.0, &mut picked)
+    }
+
+    /// Lists the contents that extend `picked` (members at positions `from` on, whose weighted
+    /// loads add to `sum` so far).
+    fn list_from(
+        &mut self,
+        l: &Lister,
+        from: usize,
+        sum: f64,
+        picked: &mut Vec<(usize, usize)>,
+    ) -> bool {
+        if !spend_node(&mut self.nodes, self.budget, &mut self.aborted) {
+            return false;
+        }
+        let need = self.p.s - picked.len();
+        if need == 1 {
+            let start = l.reps.partition_point(|r| sum + r.0 < l.lo);
+            for &(size, j, c) in &l.reps[start..] {
+                if sum + size >= self.cut + MARGIN {
+                    break;
+                }
+                if j < from {
+                    continue;
+                }
+                if !spend_node(&mut self.nodes, self.budget, &mut self.aborted) {
+                    return false;
+                }
+                picked.push((l.order[j], c));
+                let ok = self.add_content(picked);
+                picked.pop();
+                if !ok {
+                    return false;
+                }
+            }
+            return true;
+        }
+        let more = (need - 1) as f64;
+        for j in from..l.order.len() {
+            if l.order.len() - j < need
+                || sum + need as f64 * l.suf_small[j] >= self.cut + MARGIN
+                || sum + need as f64 * l.suf_large[j] < l.lo
+            {
+                break;
+            }
+            for c in l.fewest[j]..=self.cap {
+                let v = sum + l.x[j] / c as f64;
+                if v + more * l.suf_small[j + 1] >= self.cut + MARGIN {
+                    continue;
+                }
+                if v + more * l.suf_large[j + 1] < l.lo {
+                    // Larger counts only shrink the replica further.
+                    break;
+                }
+                picked.push((l.order[j], c));
+                let ok = self.list_from(l, j + 1, v, picked);
+                picked.pop();
+                if !ok {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Stores a content if it can be a rank of a placement below the cut (false, giving up,
+    /// when there are too many).
+    fn add_content(&mut self, picked: &[(usize, usize)]) -> bool {
+        let (p, w) = (self.p, self.w);
+        let i = self.weighted.len();
+        for k in 0..w {
+            let l: f64 = picked.iter().map(|&(e, c)| p.x[e * w + k] / c as f64).sum();
+            self.loads.push(l);
+        }
+        self.members.extend_from_slice(picked);
+        let weighted = (0..w).map(|k| p.omega[k] * self.loads[i * w + k]).sum();
+        self.weighted.push(weighted);
+        if !self.fits(i, p.g) {
+            self.loads.truncate(i * w);
+            self.members.truncate(i * p.s);
+            self.weighted.pop();
+            return true;
+        }
+        if self.weighted.len() > MAX_CONTENTS {
+            self.aborted = true;
+            return false;
+        }
+        true
+    }
+
+    /// Builds the per-(expert, count) lists from the contents listed (every one passes the
+    /// bound of the first rank: `add_content` keeps no other), heaviest first.
+    fn index(&mut self) {
+        // Charged to the budget (a quarter node per content), as the sorting costs time.
+        self.nodes = self.nodes.saturating_add(self.weighted.len() / 4);
+        if self.nodes > self.budget {
+            self.aborted = true;
+        }
+        let p = self.p;
+        let s = p.s;
+        self.by = vec![Vec::new(); p.e * (self.cap + 1)];
+        for i in 0..self.weighted.len() {
+            for m in i * s..(i + 1) * s {
+                let (e, c) = self.members[m];
+                self.by[e * (self.cap + 1) + c].push(i as u32);
+            }
+        }
+        for list in &mut self.by {
+            list.sort_by(|&a, &b| {
+                self.weighted[b as usize]
+                    .total_cmp(&self.weighted[a as usize])
+                    .then(a.cmp(&b))
+            });
+        }
+    }
+
+    /// Whether content `i` as the next of `ranks_left` ranks keeps the bound below the cut:
+    /// `sum_k w_k max(top_k, L_k, (rest_k - L_k) / (ranks_left - 1))`.
+    fn fits(&self, i: usize, ranks_left: usize) -> bool {
+        let (w, d) = (self.w, self.chosen.len());
+        let later = (ranks_left - 1) as f64;
+        let mut f = 0.0;
+        for k in 0..w {
+            let l = self.loads[i * w + k];
+            let top = self.tops[d * w + k].max(l);
+            let v = if ranks_left == 1 {
+                top
+            } else {
+                top.max((self.rest[d * w + k] - l) / later)
+            };
+            f += self.p.omega[k] * v;
+        }
+        f < self.cut
+    }
+
+    /// Lists are sorted by weighted load, heaviest first: once a content's weighted load
+    /// leaves more than the cut on average for the later ranks, every later one in the list
+    /// does too.
+    fn too_light(&self, i: usize, ranks_left: usize) -> bool {
+        if ranks_left <= 1 {
+            return false;
+        }
+        let (w, d) = (self.w, self.chosen.len());
+        let rest: f64 = (0..w).map(|k| self.p.omega[k] * self.rest[d * w + k]).sum();
+        rest - self.weighted[i] > (ranks_left - 1) as f64 * self.cut + MARGIN
+    }
+
+    /// Whether content `i` can be the next rank.
+    fn compatible(&self, i: usize, ranks_left: usize) -> bool {
+        let s = self.p.s;
+        self.members[i * s..(i + 1) * s].iter().all(|&(f, c)| {
+            if self.label[f] == 0 {
+                c <= ranks_left && c >= self.fewest[f]
+            } else {
+                self.label[f] == c && self.rem[f] >= 1
+            }
+        }) && self.fits(i, ranks_left)
+    }
+
+    /// Contents of list `list` compatible now, counted up to `limit`. The contents looked at
+    /// are charged to the budget ([`SCANS_PER_NODE`]).
+    fn count(&mut self, list: usize, ranks_left: usize, limit: usize) -> usize {
+        let mut n = 0;
+        let mut seen = 0;
+        for &i in &self.by[list] {
+            let i = i as usize;
+            seen += 1;
+            if self.too_light(i, ranks_left) {
+                break;
+            }
+            if self.compatible(i, ranks_left) {
+                n += 1;
+                if n >= limit {
+                    break;
+                }
+            }
+        }
+        self.charge(seen);
+        n
+    }
+
+    /// Charges `seen` contents looked at to the budget.
+    fn charge(&mut self, seen: usize) {
+        self.scanned += seen;
+        self.nodes = self.nodes.saturating_add(self.scanned / SCANS_PER_NODE);
+        self.scanned %= SCANS_PER_NODE;
+        if self.nodes > self.budget {
+            self.aborted = true;
+        }
+    }
+
+    fn apply(&mut self, i: usize) {
+        let (s, w, d) = (self.p.s, self.w, self.chosen.len());
+        let mut fresh = 0u8;
+        for m in 0..s {
+            let (f, c) = self.members[i * s + m];
+            if self.label[f] == 0 {
+                self.label[f] = c;
+                self.rem[f] = c;
+                fresh |= 1 << m;
+            }
+            self.rem[f] -= 1;
+        }
+        for k in 0..w {
+            let l = self.loads[i * w + k];
+            self.tops[(d + 1) * w + k] = self.tops[d * w + k].max(l);
+            self.rest[(d + 1) * w + k] = self.rest[d * w + k] - l;
+        }
+        self.chosen.push(i as u32);
+        self.fresh.push(fresh);
+    }
+
+    fn undo(&mut self, i: usize) {
+        let s = self.p.s;
+        self.chosen.pop();
+        let fresh = self.fresh.pop().unwrap_or(0);
+        for m in 0..s {
+            let (f, _) = self.members[i * s + m];
+            self.rem[f] += 1;
+            if fresh & (1 << m) != 0 {
+                self.label[f] = 0;
+                self.rem[f] = 0;
+            }
+        }
+    }
+
+    /// Replicas owed and replica counts still open fit the empty slots.
+    fn slots_fit(&self, ranks_left: usize) -> bool {
+        let p = self.p;
+        let mut owed = 0;
+        let (mut least, mut most) = (0, 0);
+        for e in 0..p.e {
+            if self.label[e] == 0 {
+                if self.fewest[e] > ranks_left.min(self.cap) {
+                    return false;
+                }
+                least += self.fewest[e];
+                most += ranks_left.min(self.cap);
+            } else {
+                if self.rem[e] > ranks_left {
+                    return false;
+                }
+                owed += self.rem[e];
+            }
+        }
+        let free = p.s * ranks_left;
+        owed + least <= free && free <= owed + most
+    }
+
+    /// Covers `ranks_left` more ranks. `group`: the expert whose appearances are being placed
+    /// and the list position of its last content.
+    fn cover(&mut self, ranks_left: usize, group: Option<(usize, usize)>) {
+        if !spend_node(&mut self.nodes, self.budget, &mut self.aborted) {
+            return;
+        }
+        if ranks_left == 0 {
+            self.record();
+            return;
+        }
+        if !self.slots_fit(ranks_left) {
+            return;
+        }
+        if let Some((e, from)) = group
+            && self.rem[e] > 0
+        {
+            self.branch(ranks_left, e, self.label[e], from);
+            return;
+        }
+        // The most constrained expert: one with appearances owed, else an undecided one.
+        let mut pick: Option<(usize, usize)> = None;
+        for e in 0..self.p.e {
+            if self.label[e] == 0 || self.rem[e] == 0 {
+                continue;
+            }
+            let limit = pick.map_or(usize::MAX, |b| b.1);
+            let n = self.count(e * (self.cap + 1) + self.label[e], ranks_left, limit);
+            if n == 0 {
+                return;
+            }
+            if n < limit {
+                pick = Some((e, n));
+            }
+        }
+        if let Some((e, _)) = pick {
+            self.branch(ranks_left, e, self.label[e], 0);
+        } else {
+            for e in 0..self.p.e {
+                if self.label[e] != 0 {
+                    continue;
+                }
+                let limit = pick.map_or(usize::MAX, |b| b.1);
+                let mut n = 0;
+                for c in self.fewest[e]..=self.cap.min(ranks_left) {
+                    n += self.count(e * (self.cap + 1) + c, ranks_left, limit - n);
+                    if n >= limit {
+                        break;
+                    }
+                }
+                if n == 0 {
+                    return;
+                }
+                if n < limit {
+                    pick = Some((e, n));
+                }
+            }
+            let Some((e, _)) = pick else {
+                return;
+            };
+            for c in self.fewest[e]..=self.cap.min(ranks_left) {
+                self.branch(ranks_left, e, c, 0);
+                if self.aborted {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Tries each compatible content of the list of expert `e` with count `c`, from position
+    /// `from` on, as the next rank.
+    fn branch(&mut self, ranks_left: usize, e: usize, c: usize, from: usize) {
+        let list = e * (self.cap + 1) + c;
+        for n in from..self.by[list].len() {
+            let i = self.by[list][n] as usize;
+            self.charge(1);
+            if self.aborted || self.too_light(i, ranks_left) {
+                break;
+            }
+            if !self.compatible(i, ranks_left) {
+                continue;
+            }
+            self.apply(i);
+            self.cover(ranks_left - 1, Some((e, n)));
+            self.undo(i);
+        }
+    }
+
+    /// A full cover below the cut: the best placement so far, and the cut falls below it.
+    fn record(&mut self) {
+        let (w, g) = (self.w, self.p.g);
+        let f: f64 = (0..w).map(|k| self.p.omega[k] * self.tops[g * w + k]).sum();
+        if f >= self.cut {
+            return;
+        }
+        let s = self.p.s;
+        let mut row = Vec::with_capacity(self.p.slots());
+        for &i in &self.chosen {
+            let i = i as usize;
+            row.extend(self.members[i * s..(i + 1) * s].iter().map(|m| m.0));
+        }
+        self.best = Some((f, row));
+        self.cut = f - 1e-9;
+    }
+}
+
+/// What listing the contents needs: positions are experts heaviest first (episode-weighted).
+struct Lister {
+    order: Vec<usize>,
+    x: Vec<f64>,
+    fewest: Vec<usize>,
+    /// Smallest and largest replica any position from `j` on can add.
+    suf_small: Vec<f64>,
+    suf_large: Vec<f64>,
+    /// Every replica a position can add, `(size, position, count)`, ascending by size.
+    reps: Vec<(f64, usize, usize)>,
+    /// The window's lower end.
+    lo: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::find_duplicate;
+    use crate::planner::problem::{
+        brute_force_optimum, check_ascent, check_search_at_optimum, rank_sets_optimum,
+    };
+    use crate::planner::{exact, ranks};
+    use crate::shape::Shape;
+    use proptest::prelude::*;
+
+    /// Tiny shapes `(E, slots, G)` with three or four slots per rank, small enough for the
+    /// brute-force oracle (`E^slots` rows).
+    const TINY: [(usize, usize, usize); 7] = [
+        (3, 6, 2),
+        (4, 6, 2),
+        (5, 6, 2),
+        (4, 8, 2),
+        (3, 9, 3),
+        (4, 9, 3),
+        (6, 8, 2),
+    ];
+
+    /// A layer of `rows.len()` episodes on `g` ranks and `slots` slots (recency 0.6, as
+    /// `joint` plans), and its shape.
+    fn layer(rows: &[Vec<f64>], g: usize, slots: usize) -> (Problem, Shape) {
+        let e = rows[0].len();
+        let shape = Shape::new(e, slots - e, g, 1, 1).expect("a valid shape");
+        let refs: Vec<&[f64]> = rows.iter().map(Vec::as_slice).collect();
+        (
+            Problem::new(&refs, g, slots, 0.6, shape.max_replicas()),
+            shape,
+        )
+    }
+
+    /// Loads with ties, zeros or one dominant expert (each episode drawn the same way).
+    fn skewed(rng: &mut crate::synth::Rng, e: usize, kind: usize) -> Vec<f64> {
+        (0..e)
+            .map(|i| match kind {
+                0 => rng.below(4) as f64,
+                1 => (1 + rng.below(100)) as f64 * if i == 0 { 50.0 } else { 1.0 },
+                2 => (1000 + rng.below(7)) as f64,
+                _ => (1 + rng.below(10)) as f64 * if rng.below(3) == 0 { 20.0 } else { 1.0 },
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(160))]
+        /// The brute-force optimum, found and proven; and below it, nothing (a refutation that
+        /// is not one, or a missed placement, fails this). Two to four episodes, ties and
+        /// zeros included. Planted bugs it caught (release build, under 10 s): the bound
+        /// without the content's own load in the later ranks' mean (an over-eager prune), a
+        /// group that skips identical ranks (`n + 1` as the next list position), the scans'
+        /// early stop 1e-3 too eager, the listing window's lower end 1e-3 too high.
+        #[test]
+        fn matches_brute_force_oracle(
+            case in 0..TINY.len(),
+            windows in 2usize..5,
+            seed in proptest::collection::vec(0u32..1000, 24),
+            hot in proptest::collection::vec(prop::bool::weighted(0.3), 24),
+            few in prop::bool::ANY,
+        ) {
+            let (e, slots, g) = TINY[case];
+            let rows: Vec<Vec<f64>> = (0..windows)
+                .map(|k| {
+                    (0..e)
+                        .map(|i| {
+                            let t = k * e + i;
+                            let v = if few { seed[t] % 3 } else { seed[t] };
+                            f64::from(v) * if hot[t] { 20.0 } else { 1.0 }
+                        })
+                        .collect()
+                })
+                .collect();
+            let (p, _) = layer(&rows, g, slots);
+            prop_assume!(eligible(&p));
+            let want = brute_force_optimum(&p, None);
+            check_search_at_optimum(&p, want, solve).map_err(TestCaseError::fail)?;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Proving from below with any budget: the interval holds the brute-force optimum and
+        /// "optimal" is said of the optimum only.
+        #[test]
+        fn ascending_proof_holds_the_optimum(
+            case in 0..TINY.len(),
+            windows in 2usize..4,
+            seed in proptest::collection::vec(1u32..1000, 18),
+            budget in 1usize..20_000,
+        ) {
+            let (e, slots, g) = TINY[case];
+            let rows: Vec<Vec<f64>> = (0..windows)
+                .map(|k| (0..e).map(|i| f64::from(seed[k * e + i])).collect())
+                .collect();
+            let (p, _) = layer(&rows, g, slots);
+            prop_assume!(eligible(&p));
+            let want = brute_force_optimum(&p, None);
+            check_ascent(&p, want, budget, solve).map_err(TestCaseError::fail)?;
+        }
+    }
+
+    /// Beyond the brute-force shapes, against the rank-set oracle (7-8 experts, two to four
+    /// episodes, skewed loads with ties and zeros): from an unbounded start, just above and
+    /// just below the optimum, with small budgets (a valid placement below its cut whatever
+    /// the budget), and the whole layer plan.
+    #[test]
+    fn agrees_with_the_rank_set_oracle() {
+        const SHAPES: [(usize, usize, usize); 7] = [
+            (7, 9, 3),
+            (6, 12, 4),
+            (5, 12, 3),
+            (8, 12, 3),
+            (7, 12, 4),
+            (7, 12, 2),
+            (6, 10, 2),
+        ];
+        let mut rng = crate::synth::Rng::new(29);
+        for case in 0..140 {
+            let (e, slots, g) = SHAPES[case % SHAPES.len()];
+            let kind = rng.below(4);
+            let rows: Vec<Vec<f64>> = (0..2 + rng.below(3))
+                .map(|_| skewed(&mut rng, e, kind))
+                .collect();
+            let (p, shape) = layer(&rows, g, slots);
+            if !eligible(&p) {
+                continue;
+            }
+            let (want, _) = rank_sets_optimum(&p);
+            let at = format!("{rows:?} on {g} ranks x {}", p.s);
+            for seed in [f64::INFINITY, want * (1.0 + 1e-7), want + 2e-9] {
+                let res = solve(&p, seed, 10_000_000);
+                let row = res.row.unwrap_or_else(|| panic!("{at}: none below {seed}"));
+                assert!(find_duplicate(&row, p.s).is_none(), "{at}: {row:?}");
+                let got = p.objective(&row).0;
+                assert!(
+                    res.proven && (got - want).abs() < 1e-9,
+                    "{at}: {got} vs {want}"
+                );
+            }
+            let below = solve(&p, want - 1e-6, 10_000_000);
+            assert!(below.proven && below.row.is_none(), "{at}: below {want}");
+            let starved = solve(&p, want * 1.05, 1 + rng.below(3_000));
+            if let Some(row) = starved.row {
+                let got = p.objective(&row).0;
+                assert!(find_duplicate(&row, p.s).is_none(), "{at}: {row:?}");
+                assert!(got < want * 1.05 && got >= want - 1e-9, "{at}: {got}");
+                assert!(!starved.proven || (got - want).abs() < 1e-9, "{at}: {got}");
+            }
+            let plan = crate::planner::joint::plan_layer(&p, &shape, false);
+            let got = p.objective(&plan.row).0;
+            assert!(
+                got >= want - 1e-9 && (!plan.optimal || got - want < 1e-9),
+                "{at}"
+            );
+            if let Some(gap) = plan.proven_gap {
+                assert!(got <= want * (1.0 + gap) + 1e-9, "{at}: gap {gap}");
+            }
+        }
+    }
+
+    /// Against the expert-by-expert search on medium layers where it finishes (8-10 experts,
+    /// two or three episodes): the same optimum, and nothing just below it.
+    #[test]
+    fn agrees_with_the_expert_by_expert_search() {
+        let mut rng = crate::synth::Rng::new(13);
+        for (e, slots, g, windows) in [(8, 16, 4, 3), (8, 24, 6, 3), (10, 20, 5, 2), (9, 24, 8, 2)]
+        {
+            for _ in 0..3 {
+                let s = 0.4 + 0.8 * rng.uniform();
+                let base: Vec<f64> = (0..e)
+                    .map(|i| 1000.0 * (1.0 + i as f64).powf(-s) * (0.4 * rng.normal()).exp())
+                    .collect();
+                let rows: Vec<Vec<f64>> = (0..windows)
+                    .map(|_| {
+                        base.iter()
+                            .map(|b| (b * (0.15 * rng.normal()).exp()).round())
+                            .collect()
+                    })
+                    .collect();
+                let (p, _) = layer(&rows, g, slots);
+                assert!(eligible(&p));
+                let reference = [
+                    exact::solve(&p, f64::INFINITY, 50_000_000),
+                    ranks::solve(&p, f64::INFINITY, 50_000_000),
+                ]
+                .into_iter()
+                .find(|r| r.proven)
+                .unwrap_or_else(|| panic!("{rows:?} on {g} ranks: no reference"));
+                let want = p.objective(&reference.row.expect("a placement")).0;
+                let at = format!("{rows:?} on {g} ranks");
+                let above = solve(&p, want * (1.0 + 1e-7), 50_000_000);
+                let row = above
+                    .row
+                    .unwrap_or_else(|| panic!("{at}: none near {want}"));
+                assert!(
+                    above.proven && (p.objective(&row).0 - want).abs() < 1e-9,
+                    "{at}"
+                );
+                let below = solve(&p, want - 1e-6, 50_000_000);
+                assert!(below.proven && below.row.is_none(), "{at}: below {want}");
+            }
+        }
+    }
+
+    /// Two of the sweep's layers with four windows (12 experts on 6 x 4 and on 8 x 3) that the
+    /// rank-by-rank search left open within `joint`'s budget (proven gaps 0.8% and 1.6% median
+    /// on those rows before this search): `joint` proves them now, and the rank-by-rank search
+    /// with a far larger budget confirms the optimum (finds it just above, refutes just below).
+    #[test]
+    fn joint_proves_12_expert_layers_with_four_windows() {
+        let cases: [(usize, [[f64; 12]; 4], f64); 2] = [
+            (
+                6,
+                [
+                    [
+                        1310.0, 1003.0, 783.0, 556.0, 345.0, 454.0, 463.0, 270.0, 458.0, 345.0,
+                        212.0, 167.0,
+                    ],
+                    [
+                        1001.0, 712.0, 843.0, 546.0, 373.0, 353.0, 286.0, 287.0, 516.0, 314.0,
+                        221.0, 152.0,
+                    ],
+                    [
+                        943.0, 539.0, 744.0, 449.0, 295.0, 356.0, 340.0, 266.0, 465.0, 328.0,
+                        248.0, 148.0,
+                    ],
+                    [
+                        994.0, 762.0, 700.0, 686.0, 304.0, 411.0, 365.0, 246.0, 420.0, 282.0,
+                        155.0, 180.0,
+                    ],
+                ],
+                1.012374,
+            ),
+            (
+                8,
+                [
+                    [
+                        584.0, 482.0, 598.0, 285.0, 197.0, 183.0, 186.0, 64.0, 118.0, 66.0, 103.0,
+                        85.0,
+                    ],
+                    [
+                        509.0, 535.0, 398.0, 257.0, 173.0, 217.0, 172.0, 64.0, 105.0, 90.0, 75.0,
+                        50.0,
+                    ],
+                    [
+                        751.0, 440.0, 310.0, 270.0, 143.0, 198.0, 154.0, 55.0, 79.0, 66.0, 80.0,
+                        54.0,
+                    ],
+                    [
+                        507.0, 522.0, 393.0, 233.0, 180.0, 175.0, 199.0, 54.0, 69.0, 79.0, 95.0,
+                        65.0,
+                    ],
+                ],
+                1.033006,
+            ),
+        ];
+        for (g, windows, rounded) in cases {
+            let rows: Vec<Vec<f64>> = windows.iter().map(|w| w.to_vec()).collect();
+            let (p, shape) = layer(&rows, g, 24);
+            let res = crate::planner::joint::plan_layer(&p, &shape, false);
+            assert!(res.optimal, "{g} ranks: gap {:?}", res.proven_gap);
+            let want = p.objective(&res.row).0;
+            assert!((want - rounded).abs() < 1e-6, "{g} ranks: {want}");
+            assert!(find_duplicate(&res.row, p.s).is_none());
+            let above = ranks::solve(&p, want * (1.0 + 1e-7), 100_000_000);
+            let row = above
+                .row
+                .expect("the rank-by-rank search finds the optimum");
+            assert!(above.proven && (p.objective(&row).0 - want).abs() < 1e-9);
+            let below = ranks::solve(&p, want - 1e-6, 100_000_000);
+            assert!(
+                below.proven && below.row.is_none(),
+                "{g} ranks: below {want}"
+            );
+        }
+    }
+}
