@@ -139,9 +139,9 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
             proven_gap: None,
         };
     }
-    // The rank-by-rank search first, proving from below (three or more slots per rank; at most
-    // six with several episodes: `ranks::eligible`); what it leaves open goes to the
-    // expert-by-expert proof with its lower bound.
+    // Three or more slots per rank (`ranks::eligible`: at most six with several episodes): a
+    // search proving from below first, and what it leaves open goes to the expert-by-expert
+    // proof with the bound it proved.
     let mut start = prove::Proof::start(p, row);
     let mut budget = exact::budget(p);
     if ranks::eligible(p) {
@@ -160,19 +160,15 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
                 |target, nodes| exact::solve(p, target, nodes),
             );
         }
-        // Kept back for a probe after a stall: with one episode half the budget (near-perfect
-        // partitions stall the refutations, a probe higher up finds closer placements: the
-        // sweep's 8 x 4 layers within 0.16% median instead of 0.36% with an eighth); with
-        // several an eighth (their optimum lies further above the bound and the probe that
-        // proves it needs most of the budget: with half, 1 of 5 12-expert 4 x 6 layers proven
-        // instead of 3).
-        // One episode, three to six slots per rank, up to 16 experts: the cover search instead
-        // (it settles near-perfect partitions the rank-by-rank search cannot: 16 experts on
-        // 8 x 4, 9-10 of 10 proven per class on the sweep instead of 0-1).
-        // Several episodes, three or four slots per rank, up to 16 experts: the cover search for
-        // several episodes (the sweep's 12 experts on 6 x 4 and 8 x 3 with four windows: 4 of 5
-        // proven each instead of 0 and 1; 16 experts on 8 x 4: the bound twice as far above
-        // the mean).
+        // Which search proves from below:
+        // - one episode, three to six slots per rank, up to 16 experts: the cover search (it
+        //   settles near-perfect partitions the rank-by-rank search cannot: 16 experts on
+        //   8 x 4, 10 of 10 proven per class on the sweep instead of 0-1);
+        // - several episodes, three or four slots per rank, up to 16 experts: the cover search
+        //   for several episodes (the sweep's 12 experts on 6 x 4 and 8 x 3 with four windows:
+        //   4 of 5 proven each instead of 0 and 1; 16 experts on 8 x 4: the bound twice as far
+        //   above the mean);
+        // - otherwise the rank-by-rank search.
         let use_cover = cover::eligible(p);
         let use_episodes = episodes::eligible(p);
         let nodes = if use_cover {
@@ -182,6 +178,12 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         } else {
             ranks::budget(p)
         };
+        // Kept back for a probe after a stall: with one episode half the budget (near-perfect
+        // partitions stall the refutations, a probe higher up finds closer placements: the
+        // sweep's 8 x 4 layers within 0.16% median instead of 0.36% with an eighth); with
+        // several an eighth (their optimum lies further above the bound and the probe that
+        // proves it needs most of the budget: with half, 1 of 5 12-expert 4 x 6 layers proven
+        // instead of 3).
         let reserve = if p.w == 1 { nodes / 2 } else { nodes / 8 };
         let mut cover = cover::Prover::new(p);
         start = prove::ascend(p, start, nodes, reserve, |target, nodes| {
