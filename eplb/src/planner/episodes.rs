@@ -31,6 +31,7 @@
 //! Same contract as [`super::exact::solve`]: finished, it has found the best placement below
 //! the seed objective or shown that there is none.
 
+use super::contents;
 use super::exact::{ExactResult, spend_node};
 use super::problem::{Problem, fewest_replicas};
 
@@ -174,96 +175,8 @@ impl<'p> Search<'p> {
         }
         let whole: f64 = self.total.iter().zip(&p.omega).map(|(t, o)| t * o).sum();
         let lo = whole - (p.g - 1) as f64 * self.cut - MARGIN;
-        // Experts heaviest first (episode-weighted); the smallest and largest replica each can
-        // add.
-        let mut order: Vec<usize> = (0..p.e).collect();
-        order.sort_by(|&a, &b| p.agg[b].total_cmp(&p.agg[a]).then(a.cmp(&b)));
-        let x: Vec<f64> = order.iter().map(|&e| p.agg[e]).collect();
-        let fewest: Vec<usize> = order.iter().map(|&e| self.fewest[e]).collect();
-        let mut suf_small = vec![f64::INFINITY; p.e + 1];
-        let mut suf_large = vec![0.0f64; p.e + 1];
-        for j in (0..p.e).rev() {
-            suf_small[j] = suf_small[j + 1].min(x[j] / cap as f64);
-            suf_large[j] = suf_large[j + 1].max(x[j] / fewest[j].min(cap) as f64);
-        }
-        let mut reps: Vec<(f64, usize, usize)> = (0..p.e)
-            .flat_map(|j| (fewest[j]..=cap).map(move |c| (j, c)))
-            .map(|(j, c)| (x[j] / c as f64, j, c))
-            .collect();
-        reps.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-        let l = Lister {
-            order,
-            x,
-            fewest,
-            suf_small,
-            suf_large,
-            reps,
-            lo,
-        };
-        let mut picked: Vec<(usize, usize)> = Vec::with_capacity(p.s);
-        self.list_from(&l, 0, 0.0, &mut picked)
-    }
-
-    /// Lists the contents that extend `picked` (members at positions `from` on, whose weighted
-    /// loads add to `sum` so far).
-    fn list_from(
-        &mut self,
-        l: &Lister,
-        from: usize,
-        sum: f64,
-        picked: &mut Vec<(usize, usize)>,
-    ) -> bool {
-        if !spend_node(&mut self.nodes, self.budget, &mut self.aborted) {
-            return false;
-        }
-        let need = self.p.s - picked.len();
-        if need == 1 {
-            let start = l.reps.partition_point(|r| sum + r.0 < l.lo);
-            for &(size, j, c) in &l.reps[start..] {
-                if sum + size >= self.cut + MARGIN {
-                    break;
-                }
-                if j < from {
-                    continue;
-                }
-                if !spend_node(&mut self.nodes, self.budget, &mut self.aborted) {
-                    return false;
-                }
-                picked.push((l.order[j], c));
-                let ok = self.add_content(picked);
-                picked.pop();
-                if !ok {
-                    return false;
-                }
-            }
-            return true;
-        }
-        let more = (need - 1) as f64;
-        for j in from..l.order.len() {
-            if l.order.len() - j < need
-                || sum + need as f64 * l.suf_small[j] >= self.cut + MARGIN
-                || sum + need as f64 * l.suf_large[j] < l.lo
-            {
-                break;
-            }
-            for c in l.fewest[j]..=self.cap {
-                let v = sum + l.x[j] / c as f64;
-                if v + more * l.suf_small[j + 1] >= self.cut + MARGIN {
-                    continue;
-                }
-                if v + more * l.suf_large[j + 1] < l.lo {
-                    // Larger counts only shrink the replica further.
-                    break;
-                }
-                picked.push((l.order[j], c));
-                let ok = self.list_from(l, j + 1, v, picked);
-                picked.pop();
-                if !ok {
-                    return false;
-                }
-            }
-        }
-        true
+        let l = contents::Lister::new(&p.agg[..p.e], &self.fewest, cap, lo, self.cut + MARGIN);
+        l.list(p.s, self)
     }
 
     /// Stores a content if it can be a rank of a placement below the cut (false, giving up,
@@ -429,25 +342,14 @@ impl<'p> Search<'p> {
 
     /// Replicas owed and replica counts still open fit the empty slots.
     fn slots_fit(&self, ranks_left: usize) -> bool {
-        let p = self.p;
-        let mut owed = 0;
-        let (mut least, mut most) = (0, 0);
-        for e in 0..p.e {
-            if self.label[e] == 0 {
-                if self.fewest[e] > ranks_left.min(self.cap) {
-                    return false;
-                }
-                least += self.fewest[e];
-                most += ranks_left.min(self.cap);
-            } else {
-                if self.rem[e] > ranks_left {
-                    return false;
-                }
-                owed += self.rem[e];
-            }
-        }
-        let free = p.s * ranks_left;
-        owed + least <= free && free <= owed + most
+        contents::slots_fit(
+            &self.label,
+            &self.rem,
+            &self.fewest,
+            self.cap,
+            self.p.s,
+            ranks_left,
+        )
     }
 
     /// Covers `ranks_left` more ranks. `group`: the expert whose appearances are being placed
@@ -555,18 +457,15 @@ impl<'p> Search<'p> {
     }
 }
 
-/// What listing the contents needs: positions are experts heaviest first (episode-weighted).
-struct Lister {
-    order: Vec<usize>,
-    x: Vec<f64>,
-    fewest: Vec<usize>,
-    /// Smallest and largest replica any position from `j` on can add.
-    suf_small: Vec<f64>,
-    suf_large: Vec<f64>,
-    /// Every replica a position can add, `(size, position, count)`, ascending by size.
-    reps: Vec<(f64, usize, usize)>,
-    /// The window's lower end.
-    lo: f64,
+/// The listing's nodes count against the search's budget.
+impl contents::Sink for Search<'_> {
+    fn spend(&mut self) -> bool {
+        spend_node(&mut self.nodes, self.budget, &mut self.aborted)
+    }
+
+    fn add(&mut self, _load: f64, picked: &[(usize, usize)]) -> bool {
+        self.add_content(picked)
+    }
 }
 
 #[cfg(test)]

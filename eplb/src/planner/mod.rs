@@ -13,6 +13,7 @@
 //!   `min_improvement` (relative), so a plan never moves weights for nothing; `joint` also
 //!   undoes individual changes as long as its objective stays within `min_improvement / 2`.
 
+mod contents;
 mod cover;
 mod episodes;
 mod exact;

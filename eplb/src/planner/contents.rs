@@ -1,0 +1,169 @@
+//! Rank contents, shared by the two cover searches ([`super::cover`] for one episode,
+//! [`super::episodes`] for several): listing every content whose (episode-weighted) load lies
+//! in a window, and the test that the replicas still owed fit the empty slots.
+//!
+//! A content is `S` distinct experts, each with a replica count; its load is the sum of its
+//! members' replica loads `x / count`.
+
+/// What listing the contents needs: positions are experts heaviest first.
+pub(super) struct Lister {
+    order: Vec<usize>,
+    x: Vec<f64>,
+    fewest: Vec<usize>,
+    cap: usize,
+    /// Smallest and largest replica any position from `j` on can add.
+    suf_small: Vec<f64>,
+    suf_large: Vec<f64>,
+    /// Every replica a position can add, `(size, position, count)`, ascending by size.
+    reps: Vec<(f64, usize, usize)>,
+    /// The window: loads in `[lo, hi)`.
+    lo: f64,
+    hi: f64,
+}
+
+/// Where [`Lister::list`] sends what it finds, and charges the nodes it spends.
+pub(super) trait Sink {
+    /// One node of the listing; false when the budget is spent.
+    fn spend(&mut self) -> bool;
+    /// A content with this load (members as `(expert, count)`); false to stop listing.
+    fn add(&mut self, load: f64, picked: &[(usize, usize)]) -> bool;
+}
+
+impl Lister {
+    /// `x[e]`: expert `e`'s load; `fewest[e]`: its fewest replicas (at most `cap + 1`, which
+    /// leaves it no replica); `cap`: most replicas of an expert; contents in `[lo, hi)`.
+    pub(super) fn new(x: &[f64], fewest: &[usize], cap: usize, lo: f64, hi: f64) -> Lister {
+        let e = x.len();
+        let mut order: Vec<usize> = (0..e).collect();
+        order.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
+        let fewest: Vec<usize> = order.iter().map(|&i| fewest[i]).collect();
+        let x: Vec<f64> = order.iter().map(|&i| x[i]).collect();
+        // Suffix extremes: what `k` more members from position `j` on add at least / most.
+        let mut suf_small = vec![f64::INFINITY; e + 1];
+        let mut suf_large = vec![0.0f64; e + 1];
+        for j in (0..e).rev() {
+            suf_small[j] = suf_small[j + 1].min(x[j] / cap as f64);
+            suf_large[j] = suf_large[j + 1].max(x[j] / fewest[j] as f64);
+        }
+        let mut reps: Vec<(f64, usize, usize)> = (0..e)
+            .flat_map(|j| (fewest[j]..=cap).map(move |c| (j, c)))
+            .map(|(j, c)| (x[j] / c as f64, j, c))
+            .collect();
+        reps.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        Lister {
+            order,
+            x,
+            fewest,
+            cap,
+            suf_small,
+            suf_large,
+            reps,
+            lo,
+            hi,
+        }
+    }
+
+    /// Sends every content of `s` members with load in the window to `sink`, in lexicographic
+    /// order of positions. False when the sink stopped it or the budget ran out.
+    pub(super) fn list(&self, s: usize, sink: &mut impl Sink) -> bool {
+        let mut picked: Vec<(usize, usize)> = Vec::with_capacity(s);
+        self.list_from(s, 0, 0.0, &mut picked, sink)
+    }
+
+    /// The contents that extend `picked` (members at positions `from` on, whose loads add to
+    /// `sum` so far).
+    fn list_from(
+        &self,
+        s: usize,
+        from: usize,
+        sum: f64,
+        picked: &mut Vec<(usize, usize)>,
+        sink: &mut impl Sink,
+    ) -> bool {
+        if !sink.spend() {
+            return false;
+        }
+        let need = s - picked.len();
+        if need == 1 {
+            // The last member: its replica must bring the load into the window, looked up
+            // among every replica by size.
+            let start = self.reps.partition_point(|r| sum + r.0 < self.lo);
+            for &(size, j, c) in &self.reps[start..] {
+                let v = sum + size;
+                if v >= self.hi {
+                    break;
+                }
+                if j < from {
+                    continue;
+                }
+                if !sink.spend() {
+                    return false;
+                }
+                picked.push((self.order[j], c));
+                let ok = sink.add(v, picked);
+                picked.pop();
+                if !ok {
+                    return false;
+                }
+            }
+            return true;
+        }
+        let more = (need - 1) as f64;
+        for j in from..self.order.len() {
+            if self.order.len() - j < need
+                || sum + need as f64 * self.suf_small[j] >= self.hi
+                || sum + need as f64 * self.suf_large[j] < self.lo
+            {
+                break;
+            }
+            for c in self.fewest[j]..=self.cap {
+                let v = sum + self.x[j] / c as f64;
+                if v + more * self.suf_small[j + 1] >= self.hi {
+                    continue;
+                }
+                if v + more * self.suf_large[j + 1] < self.lo {
+                    // Larger counts only shrink the replica further.
+                    break;
+                }
+                picked.push((self.order[j], c));
+                let ok = self.list_from(s, j + 1, v, picked, sink);
+                picked.pop();
+                if !ok {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Replicas owed and replica counts still open fit the `s * ranks_left` empty slots: per
+/// expert, `label` its decided count (0: not yet), `rem` the appearances still to place,
+/// `fewest` the fewest replicas it may have.
+pub(super) fn slots_fit(
+    label: &[usize],
+    rem: &[usize],
+    fewest: &[usize],
+    cap: usize,
+    s: usize,
+    ranks_left: usize,
+) -> bool {
+    let mut owed = 0;
+    let (mut least, mut most) = (0, 0);
+    for e in 0..label.len() {
+        if label[e] == 0 {
+            if fewest[e] > ranks_left.min(cap) {
+                return false;
+            }
+            least += fewest[e];
+            most += ranks_left.min(cap);
+        } else {
+            if rem[e] > ranks_left {
+                return false;
+            }
+            owed += rem[e];
+        }
+    }
+    let free = s * ranks_left;
+    owed + least <= free && free <= owed + most
+}
