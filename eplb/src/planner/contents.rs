@@ -1,6 +1,6 @@
 //! Rank contents, shared by the two cover searches ([`super::cover`] for one episode,
 //! [`super::episodes`] for several): listing every content whose (episode-weighted) load lies
-//! in a window, and the test that the replicas still owed fit the empty slots.
+//! in a window, and the replica counts a partial cover has decided.
 //!
 //! A content is `S` distinct experts, each with a replica count; its load is the sum of its
 //! members' replica loads `x / count`.
@@ -137,33 +137,78 @@ impl Lister {
     }
 }
 
-/// Replicas owed and replica counts still open fit the `s * ranks_left` empty slots: per
-/// expert, `label` its decided count (0: not yet), `rem` the appearances still to place,
-/// `fewest` the fewest replicas it may have.
-pub(super) fn slots_fit(
-    label: &[usize],
-    rem: &[usize],
-    fewest: &[usize],
-    cap: usize,
-    s: usize,
-    ranks_left: usize,
-) -> bool {
-    let mut owed = 0;
-    let (mut least, mut most) = (0, 0);
-    for e in 0..label.len() {
-        if label[e] == 0 {
-            if fewest[e] > ranks_left.min(cap) {
-                return false;
-            }
-            least += fewest[e];
-            most += ranks_left.min(cap);
-        } else {
-            if rem[e] > ranks_left {
-                return false;
-            }
-            owed += rem[e];
+/// The replica counts a partial cover has decided: per expert its count (`label`, 0 while
+/// undecided) and the appearances still owed (`rem`); per content chosen, which of its members
+/// it gave their count (a bit per member), so that undoing it restores the state.
+pub(super) struct Counts {
+    pub(super) label: Vec<usize>,
+    pub(super) rem: Vec<usize>,
+    fresh: Vec<u8>,
+}
+
+impl Counts {
+    /// Nothing decided for `e` experts, room for `g` contents.
+    pub(super) fn new(e: usize, g: usize) -> Counts {
+        Counts {
+            label: vec![0; e],
+            rem: vec![0; e],
+            fresh: Vec::with_capacity(g),
         }
     }
-    let free = s * ranks_left;
-    owed + least <= free && free <= owed + most
+
+    /// A content with these members `(expert, count)` becomes a rank: members not decided yet
+    /// get their count, and each owes one appearance less.
+    pub(super) fn apply(&mut self, members: &[(usize, usize)]) {
+        let mut fresh = 0u8;
+        for (m, &(f, c)) in members.iter().enumerate() {
+            if self.label[f] == 0 {
+                self.label[f] = c;
+                self.rem[f] = c;
+                fresh |= 1 << m;
+            }
+            self.rem[f] -= 1;
+        }
+        self.fresh.push(fresh);
+    }
+
+    /// Undoes the last [`Self::apply`], of the same members.
+    pub(super) fn undo(&mut self, members: &[(usize, usize)]) {
+        let fresh = self.fresh.pop().unwrap_or(0);
+        for (m, &(f, _)) in members.iter().enumerate() {
+            self.rem[f] += 1;
+            if fresh & (1 << m) != 0 {
+                self.label[f] = 0;
+                self.rem[f] = 0;
+            }
+        }
+    }
+
+    /// Replicas owed and replica counts still open fit the `s * ranks_left` empty slots
+    /// (`fewest`: the fewest replicas each expert may have).
+    pub(super) fn slots_fit(
+        &self,
+        fewest: &[usize],
+        cap: usize,
+        s: usize,
+        ranks_left: usize,
+    ) -> bool {
+        let mut owed = 0;
+        let (mut least, mut most) = (0, 0);
+        for ((&label, &rem), &fewest) in self.label.iter().zip(&self.rem).zip(fewest) {
+            if label == 0 {
+                if fewest > ranks_left.min(cap) {
+                    return false;
+                }
+                least += fewest;
+                most += ranks_left.min(cap);
+            } else {
+                if rem > ranks_left {
+                    return false;
+                }
+                owed += rem;
+            }
+        }
+        let free = s * ranks_left;
+        owed + least <= free && free <= owed + most
+    }
 }

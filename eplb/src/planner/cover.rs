@@ -74,14 +74,11 @@ struct Search<'p> {
     by: Vec<Vec<Entry>>,
     /// Fewest replicas of each expert that keep one below the cut.
     fewest: Vec<usize>,
-    /// Decided count per expert (0: not yet) and appearances still to place.
-    label: Vec<usize>,
-    rem: Vec<usize>,
+    /// Decided counts and appearances still to place.
+    counts: contents::Counts,
     /// Slack left: `G cut - total` less the shortfalls of the chosen contents.
     slack: f64,
     chosen: Vec<u32>,
-    /// Per chosen content, which of its members it gave their count (bit per member).
-    fresh: Vec<u8>,
     memo: HashSet<Vec<u8>>,
     /// Whether refuted states are remembered (always, but for the test that checks the memo
     /// against the search without it).
@@ -202,11 +199,9 @@ impl<'p> Search<'p> {
             load: Vec::new(),
             by: Vec::new(),
             fewest: vec![1; p.e],
-            label: vec![0; p.e],
-            rem: vec![0; p.e],
+            counts: contents::Counts::new(p.e, p.g),
             slack: 0.0,
             chosen: Vec::with_capacity(p.g),
-            fresh: Vec::with_capacity(p.g),
             memo: HashSet::new(),
             remember: true,
             memo_hits: 0,
@@ -405,10 +400,10 @@ impl<'p> Search<'p> {
     fn compatible(&self, entry: &Entry, ranks_left: usize) -> bool {
         entry.members[..self.p.s].iter().all(|&(f, c)| {
             let (f, c) = (usize::from(f), usize::from(c));
-            if self.label[f] == 0 {
+            if self.counts.label[f] == 0 {
                 c <= ranks_left
             } else {
-                self.label[f] == c && self.rem[f] >= 1
+                self.counts.label[f] == c && self.counts.rem[f] >= 1
             }
         })
     }
@@ -432,51 +427,27 @@ impl<'p> Search<'p> {
 
     fn apply(&mut self, i: usize) {
         let s = self.p.s;
-        let mut fresh = 0u8;
-        for m in 0..s {
-            let (f, c) = self.members[i * s + m];
-            if self.label[f] == 0 {
-                self.label[f] = c;
-                self.rem[f] = c;
-                fresh |= 1 << m;
-            }
-            self.rem[f] -= 1;
-        }
+        self.counts.apply(&self.members[i * s..(i + 1) * s]);
         self.chosen.push(i as u32);
-        self.fresh.push(fresh);
     }
 
     fn undo(&mut self, i: usize) {
         let s = self.p.s;
         self.chosen.pop();
-        let fresh = self.fresh.pop().unwrap_or(0);
-        for m in 0..s {
-            let (f, _) = self.members[i * s + m];
-            self.rem[f] += 1;
-            if fresh & (1 << m) != 0 {
-                self.label[f] = 0;
-                self.rem[f] = 0;
-            }
-        }
+        self.counts.undo(&self.members[i * s..(i + 1) * s]);
     }
 
     /// Replicas owed and replica counts still open fit the empty slots.
     fn slots_fit(&self, ranks_left: usize) -> bool {
-        contents::slots_fit(
-            &self.label,
-            &self.rem,
-            &self.fewest,
-            self.cap,
-            self.p.s,
-            ranks_left,
-        )
+        self.counts
+            .slots_fit(&self.fewest, self.cap, self.p.s, ranks_left)
     }
 
     fn key(&self) -> Vec<u8> {
         let mut k = Vec::with_capacity(2 * self.p.e);
         for e in 0..self.p.e {
-            k.push(self.label[e] as u8);
-            k.push(self.rem[e] as u8);
+            k.push(self.counts.label[e] as u8);
+            k.push(self.counts.rem[e] as u8);
         }
         k
     }
@@ -496,9 +467,9 @@ impl<'p> Search<'p> {
             return false;
         }
         if let Some((e, from)) = group
-            && self.rem[e] > 0
+            && self.counts.rem[e] > 0
         {
-            return self.branch(ranks_left, e, self.label[e], from);
+            return self.branch(ranks_left, e, self.counts.label[e], from);
         }
         let key = self.key();
         if self.memo.contains(&key) {
@@ -509,11 +480,15 @@ impl<'p> Search<'p> {
         // The most constrained expert: one with appearances owed, else an undecided one.
         let mut pick: Option<(usize, usize)> = None;
         for e in 0..self.p.e {
-            if self.label[e] == 0 || self.rem[e] == 0 {
+            if self.counts.label[e] == 0 || self.counts.rem[e] == 0 {
                 continue;
             }
             let limit = pick.map_or(usize::MAX, |b| b.1);
-            let n = self.count(&self.by[self.list(e, self.label[e])], ranks_left, limit);
+            let n = self.count(
+                &self.by[self.list(e, self.counts.label[e])],
+                ranks_left,
+                limit,
+            );
             if n == 0 {
                 return self.refuted(key);
             }
@@ -522,10 +497,10 @@ impl<'p> Search<'p> {
             }
         }
         let found = if let Some((e, _)) = pick {
-            self.branch(ranks_left, e, self.label[e], 0)
+            self.branch(ranks_left, e, self.counts.label[e], 0)
         } else {
             for e in 0..self.p.e {
-                if self.label[e] != 0 {
+                if self.counts.label[e] != 0 {
                     continue;
                 }
                 let limit = pick.map_or(usize::MAX, |b| b.1);

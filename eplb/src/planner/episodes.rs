@@ -92,16 +92,13 @@ struct Search<'p> {
     /// Fewest replicas of each expert that keep one below the first cut (still a valid least
     /// after the cut falls).
     fewest: Vec<usize>,
-    /// Decided count per expert (0: not yet) and appearances still to place.
-    label: Vec<usize>,
-    rem: Vec<usize>,
+    /// Decided counts and appearances still to place.
+    counts: contents::Counts,
     /// Per number of chosen contents `d`: heaviest load of each episode among them
     /// (`tops[d * w + k]`) and the load still to place (`rest[d * w + k]`).
     tops: Vec<f64>,
     rest: Vec<f64>,
     chosen: Vec<u32>,
-    /// Per chosen content, which of its members it gave their count (bit per member).
-    fresh: Vec<u8>,
     /// Contents looked at not yet charged to the budget.
     scanned: usize,
     best: Option<(f64, Vec<usize>)>,
@@ -132,12 +129,10 @@ impl<'p> Search<'p> {
             weighted: Vec::new(),
             by: Vec::new(),
             fewest: vec![1; p.e],
-            label: vec![0; p.e],
-            rem: vec![0; p.e],
+            counts: contents::Counts::new(p.e, p.g),
             tops: vec![f64::NEG_INFINITY; (p.g + 1) * w],
             rest,
             chosen: Vec::with_capacity(p.g),
-            fresh: Vec::with_capacity(p.g),
             scanned: 0,
             best: None,
             nodes: 0,
@@ -265,10 +260,10 @@ impl<'p> Search<'p> {
     fn compatible(&self, i: usize, ranks_left: usize) -> bool {
         let s = self.p.s;
         self.members[i * s..(i + 1) * s].iter().all(|&(f, c)| {
-            if self.label[f] == 0 {
+            if self.counts.label[f] == 0 {
                 c <= ranks_left && c >= self.fewest[f]
             } else {
-                self.label[f] == c && self.rem[f] >= 1
+                self.counts.label[f] == c && self.counts.rem[f] >= 1
             }
         }) && self.fits(i, ranks_left)
     }
@@ -307,49 +302,25 @@ impl<'p> Search<'p> {
 
     fn apply(&mut self, i: usize) {
         let (s, w, d) = (self.p.s, self.w, self.chosen.len());
-        let mut fresh = 0u8;
-        for m in 0..s {
-            let (f, c) = self.members[i * s + m];
-            if self.label[f] == 0 {
-                self.label[f] = c;
-                self.rem[f] = c;
-                fresh |= 1 << m;
-            }
-            self.rem[f] -= 1;
-        }
+        self.counts.apply(&self.members[i * s..(i + 1) * s]);
         for k in 0..w {
             let l = self.loads[i * w + k];
             self.tops[(d + 1) * w + k] = self.tops[d * w + k].max(l);
             self.rest[(d + 1) * w + k] = self.rest[d * w + k] - l;
         }
         self.chosen.push(i as u32);
-        self.fresh.push(fresh);
     }
 
     fn undo(&mut self, i: usize) {
         let s = self.p.s;
         self.chosen.pop();
-        let fresh = self.fresh.pop().unwrap_or(0);
-        for m in 0..s {
-            let (f, _) = self.members[i * s + m];
-            self.rem[f] += 1;
-            if fresh & (1 << m) != 0 {
-                self.label[f] = 0;
-                self.rem[f] = 0;
-            }
-        }
+        self.counts.undo(&self.members[i * s..(i + 1) * s]);
     }
 
     /// Replicas owed and replica counts still open fit the empty slots.
     fn slots_fit(&self, ranks_left: usize) -> bool {
-        contents::slots_fit(
-            &self.label,
-            &self.rem,
-            &self.fewest,
-            self.cap,
-            self.p.s,
-            ranks_left,
-        )
+        self.counts
+            .slots_fit(&self.fewest, self.cap, self.p.s, ranks_left)
     }
 
     /// Covers `ranks_left` more ranks. `group`: the expert whose appearances are being placed
@@ -366,19 +337,19 @@ impl<'p> Search<'p> {
             return;
         }
         if let Some((e, from)) = group
-            && self.rem[e] > 0
+            && self.counts.rem[e] > 0
         {
-            self.branch(ranks_left, e, self.label[e], from);
+            self.branch(ranks_left, e, self.counts.label[e], from);
             return;
         }
         // The most constrained expert: one with appearances owed, else an undecided one.
         let mut pick: Option<(usize, usize)> = None;
         for e in 0..self.p.e {
-            if self.label[e] == 0 || self.rem[e] == 0 {
+            if self.counts.label[e] == 0 || self.counts.rem[e] == 0 {
                 continue;
             }
             let limit = pick.map_or(usize::MAX, |b| b.1);
-            let n = self.count(e * (self.cap + 1) + self.label[e], ranks_left, limit);
+            let n = self.count(e * (self.cap + 1) + self.counts.label[e], ranks_left, limit);
             if n == 0 {
                 return;
             }
@@ -387,10 +358,10 @@ impl<'p> Search<'p> {
             }
         }
         if let Some((e, _)) = pick {
-            self.branch(ranks_left, e, self.label[e], 0);
+            self.branch(ranks_left, e, self.counts.label[e], 0);
         } else {
             for e in 0..self.p.e {
-                if self.label[e] != 0 {
+                if self.counts.label[e] != 0 {
                     continue;
                 }
                 let limit = pick.map_or(usize::MAX, |b| b.1);
