@@ -129,6 +129,19 @@ pub(crate) fn heuristic(p: &Problem, shape: &Shape, with_previous: bool) -> Vec<
 /// Budget of the quick proof before the searches that prove from below (one episode).
 const QUICK_PROOF_NODES: usize = 5_000;
 
+/// A full proof by the expert-by-expert search within [`QUICK_PROOF_NODES`] (and whatever
+/// better plan it finds on the way).
+fn quick_proof(p: &Problem, start: prove::Proof) -> prove::Proof {
+    prove::prove_from(
+        p,
+        start,
+        QUICK_PROOF_NODES,
+        QUICK_PROOF_NODES,
+        |target, nodes| exact::solve(p, target, nodes),
+        |target, nodes| exact::solve(p, target, nodes),
+    )
+}
+
 /// Plans one layer with the joint algorithm.
 pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> JointResult {
     let row = heuristic(p, shape, with_previous);
@@ -151,14 +164,7 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         // spent 3M and 700-860 ms first); on the others it costs a few milliseconds. (Several
         // episodes: not tried, the sweep's timings there were too noisy to tell.)
         if p.w == 1 {
-            start = prove::prove_from(
-                p,
-                start,
-                QUICK_PROOF_NODES,
-                QUICK_PROOF_NODES,
-                |target, nodes| exact::solve(p, target, nodes),
-                |target, nodes| exact::solve(p, target, nodes),
-            );
+            start = quick_proof(p, start);
         }
         // Which search proves from below:
         // - one episode, three to six slots per rank, up to 16 experts: the cover search (it
@@ -373,14 +379,7 @@ mod tests {
         let shape = Shape::new(16, 8, 8, 1, 1).unwrap();
         let p = Problem::new(&[&loads[..]], 8, 24, 1.0, shape.max_replicas());
         let start = prove::Proof::start(&p, heuristic(&p, &shape, false));
-        let quick = prove::prove_from(
-            &p,
-            start,
-            QUICK_PROOF_NODES,
-            QUICK_PROOF_NODES,
-            |t, n| exact::solve(&p, t, n),
-            |t, n| exact::solve(&p, t, n),
-        );
+        let quick = quick_proof(&p, start);
         assert!(quick.optimal, "not settled in {QUICK_PROOF_NODES} nodes");
         let res = plan_layer(&p, &shape, false);
         assert!(res.optimal);
