@@ -2,6 +2,8 @@
 
 use serde_json::Value;
 
+mod scan;
+
 use crate::error::{EplbError, Result};
 
 /// Load history: `windows[w][layer][expert]` token counts, oldest window first.
@@ -82,7 +84,7 @@ impl LoadHistory {
         // tree, several times faster on a DeepSeek-V3 history). Anything it does not take,
         // including every malformed input, goes the general way below, whose errors name the
         // window, layer and expert.
-        if let Some((windows, _)) = typed_windows(text) {
+        if let Some((windows, _)) = typed_windows(text.as_bytes()) {
             return LoadHistory::new(windows);
         }
         let v: Value = serde_json::from_str(text)
@@ -148,7 +150,11 @@ impl LoadHistory {
 /// This project's load formats (`[L][E]`, `[W][L][E]`, `{"windows"}`, OpenEvolve's
 /// `{"load_history"}`) as plain serde types: the fast path of [`LoadHistory::from_json_str`]
 /// and [`crate::formats::read_load_bytes`]. `None` when the text is not exactly one of them.
-pub(crate) fn typed_windows(text: &str) -> Option<(Vec<Vec<Vec<f64>>>, &'static str)> {
+pub(crate) fn typed_windows(text: &[u8]) -> Option<(Vec<Vec<Vec<f64>>>, &'static str)> {
+    // Integer counts, the common case, take the scanner (see `scan` for why).
+    if let Some(found) = scan::integer_windows(text) {
+        return Some(found);
+    }
     #[derive(serde::Deserialize)]
     struct Record {
         logical_expert_load: Vec<Vec<f64>>,
@@ -158,16 +164,16 @@ pub(crate) fn typed_windows(text: &str) -> Option<(Vec<Vec<Vec<f64>>>, &'static 
         windows: Option<Vec<Vec<Vec<f64>>>>,
         load_history: Option<Vec<Record>>,
     }
-    match text.trim_start().as_bytes().first()? {
+    match text.trim_ascii_start().first()? {
         // A 3-D array fails the 2-D parse at its first inner bracket, so trying both costs
         // little.
-        b'[' => match serde_json::from_str::<Vec<Vec<f64>>>(text) {
+        b'[' => match serde_json::from_slice::<Vec<Vec<f64>>>(text) {
             Ok(m) => Some((vec![m], "[L][E] array")),
-            Err(_) => serde_json::from_str::<Vec<Vec<Vec<f64>>>>(text)
+            Err(_) => serde_json::from_slice::<Vec<Vec<Vec<f64>>>>(text)
                 .ok()
                 .map(|w| (w, "[W][L][E] array")),
         },
-        b'{' => match serde_json::from_str::<Object>(text).ok()? {
+        b'{' => match serde_json::from_slice::<Object>(text).ok()? {
             Object {
                 windows: Some(w), ..
             } => Some((w, "moectl windows")),
@@ -223,13 +229,13 @@ mod tests {
             "[[[1, 2]], [[3, 4.5]]]",
             " [ [ [1]]]",
         ] {
-            assert!(typed_windows(text).is_some(), "{text}");
+            assert!(typed_windows(text.as_bytes()).is_some(), "{text}");
             let general =
                 LoadHistory::from_json_value(&serde_json::from_str(text).unwrap()).unwrap();
             assert_eq!(LoadHistory::from_json_str(text).unwrap(), general, "{text}");
         }
         for text in ["[[1, \"x\"]]", "[[[1]], 2]", "{}", "{\"windows\": 3}", "7"] {
-            assert!(typed_windows(text).is_none(), "{text}");
+            assert!(typed_windows(text.as_bytes()).is_none(), "{text}");
         }
     }
 

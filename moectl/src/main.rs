@@ -8,6 +8,7 @@ mod eval;
 mod inputs;
 mod model;
 mod outputs;
+mod plan_output;
 mod svg;
 
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use eplb::metrics::DEEPSEEK_V3_EXPERT_BYTES;
-use eplb::{Placement, PlanRequest, Shape, planner_by_name};
+use eplb::{PlanRequest, Shape, planner_by_name};
 
 use crate::convert::{ConvertArgs, ConvertTo};
 use crate::eval::EvalArgs;
@@ -101,6 +102,9 @@ enum Command {
         /// Output file (default: standard output).
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Print to stderr how long reading, planning, formatting and writing took.
+        #[arg(long)]
+        timings: bool,
     },
     /// Per-layer PAR and balancedness of a placement under a load.
     Eval {
@@ -217,84 +221,37 @@ pub(crate) fn print_out(text: &str) -> Result<(), Fail> {
     }
 }
 
-/// `moectl plan`'s placement output, serialised straight from the plan (no JSON value tree:
-/// building one cost several times the planning itself on the DeepSeek-V3 shape).
-#[derive(serde::Serialize)]
-struct PlanOutput<'a> {
-    algorithm: &'a str,
-    num_layers: usize,
-    num_logical_experts: usize,
-    num_redundant: usize,
-    num_ranks: usize,
-    num_nodes: usize,
-    num_groups: usize,
-    phy2log: &'a [Vec<usize>],
-    log2phy: Log2Phy<'a>,
-    logcnt: Vec<Vec<usize>>,
-    par: Vec<f64>,
-    mean_par: f64,
-    worst_par: f64,
-    objective: Vec<f64>,
-    lower_bound: Vec<Option<f64>>,
-    optimal: Vec<bool>,
-    proven_gap: Vec<Option<f64>>,
-    changed_layers: &'a [usize],
-    slots_moved: usize,
+/// Wall time of a command's phases, for `--timings`.
+struct Stopwatch {
+    start: std::time::Instant,
+    last: std::time::Instant,
+    laps: Vec<(&'static str, std::time::Duration)>,
 }
 
-/// `Placement::log2phy` written as it is computed, one layer at a time (the nested vectors
-/// were most of the output's allocations).
-struct Log2Phy<'a>(&'a Placement);
-
-impl serde::Serialize for Log2Phy<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        let p = self.0;
-        let width = p.max_replicas();
-        let e_n = p.num_logical_experts;
-        let mut layers = s.serialize_seq(Some(p.num_layers))?;
-        let mut flat = vec![-1i64; e_n * width];
-        let mut fill = vec![0usize; e_n];
-        for row in &p.phy2log {
-            flat.iter_mut().for_each(|x| *x = -1);
-            fill.iter_mut().for_each(|x| *x = 0);
-            for (slot, &e) in row.iter().enumerate() {
-                if e < e_n && fill[e] < width {
-                    flat[e * width + fill[e]] = slot as i64;
-                    fill[e] += 1;
-                }
-            }
-            let experts: Vec<&[i64]> = flat.chunks(width).collect();
-            layers.serialize_element(&experts)?;
+impl Stopwatch {
+    fn new() -> Stopwatch {
+        let now = std::time::Instant::now();
+        Stopwatch {
+            start: now,
+            last: now,
+            laps: Vec::new(),
         }
-        layers.end()
+    }
+
+    fn lap(&mut self, phase: &'static str) {
+        let now = std::time::Instant::now();
+        self.laps.push((phase, now - self.last));
+        self.last = now;
     }
 }
 
-impl<'a> PlanOutput<'a> {
-    fn new(plan: &'a eplb::Plan, shape: &Shape) -> PlanOutput<'a> {
-        let p = &plan.placement;
-        PlanOutput {
-            algorithm: &plan.algorithm,
-            num_layers: p.num_layers,
-            num_logical_experts: p.num_logical_experts,
-            num_redundant: shape.num_redundant,
-            num_ranks: p.num_ranks,
-            num_nodes: p.num_nodes,
-            num_groups: shape.num_groups,
-            phy2log: &p.phy2log,
-            log2phy: Log2Phy(p),
-            logcnt: p.logcnt(),
-            par: plan.predicted_par(),
-            mean_par: plan.mean_par(),
-            worst_par: plan.worst_par(),
-            objective: plan.layers.iter().map(|l| l.objective).collect(),
-            lower_bound: plan.layers.iter().map(|l| l.lower_bound).collect(),
-            optimal: plan.layers.iter().map(|l| l.optimal).collect(),
-            proven_gap: plan.layers.iter().map(|l| l.proven_gap).collect(),
-            changed_layers: &plan.changed_layers,
-            slots_moved: plan.slots_moved,
+impl std::fmt::Display for Stopwatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        for (phase, took) in &self.laps {
+            write!(f, "{phase} {:.2} ms, ", ms(*took))?;
         }
+        write!(f, "total {:.2} ms", ms(self.last - self.start))
     }
 }
 
@@ -314,8 +271,10 @@ fn plan(
     node_slack: Option<f64>,
     format: Format,
     output: Option<&Path>,
+    timings: bool,
 ) -> Result<Vec<String>, Fail> {
     let planner = planner_by_name(algorithm)?;
+    let mut clock = Stopwatch::new();
     let mut load = inputs::read_load(load, layout)?;
     let mut notes = std::mem::take(&mut load.notes);
     let experts = (!physical_load).then(|| load.history.num_experts());
@@ -363,13 +322,20 @@ fn plan(
     if let Some(s) = node_slack {
         req = req.node_slack(s);
     }
+    clock.lap("read");
     let plan = planner.plan(&req)?;
+    clock.lap("plan");
     let p = &plan.placement;
     let text = match format {
-        Format::Placement => serde_json::to_string(&PlanOutput::new(&plan, &shape))?,
+        Format::Placement => plan_output::plan_json(&plan, &shape)?,
         other => outputs::write_placement(p, other, load.layout.as_ref())?,
     };
+    clock.lap("format");
     write_out(output, &text)?;
+    clock.lap("write");
+    if timings {
+        eprintln!("timings: {clock}");
+    }
     if output.is_some() {
         eprintln!(
             "planned {} layers with {}: mean PAR {:.4}, worst {:.4}, {} layers changed, {} slots moved, {} layers proven optimal",
@@ -424,6 +390,7 @@ fn main() -> ExitCode {
             node_slack,
             format,
             output,
+            timings,
         } => plan(
             load,
             *ranks,
@@ -439,6 +406,7 @@ fn main() -> ExitCode {
             *node_slack,
             *format,
             output.as_deref(),
+            *timings,
         ),
         Command::Eval {
             placement,

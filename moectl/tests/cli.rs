@@ -24,8 +24,18 @@ fn plan_writes_placement_json_and_eval_reads_it() {
         "4",
         "--output",
         &out,
+        "--timings",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // --timings: one line with every phase, on stderr.
+    let line = stderr(&o)
+        .lines()
+        .find(|l| l.starts_with("timings: "))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no timings line: {}", stderr(&o)));
+    for phase in ["read ", "plan ", "format ", "write ", "total "] {
+        assert!(line.contains(phase), "{line}");
+    }
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     for key in [
         "num_layers",

@@ -51,7 +51,7 @@ pub fn read_load_bytes(bytes: &[u8], layout: Option<&DecoderLayout>) -> Result<L
     // Fast path for the formats without decoder layers: no JSON value tree (on a DeepSeek-V3
     // history of 8 windows the tree took longer than planning with greedy). Anything else,
     // malformed input included, takes the general path and its precise errors.
-    if let Some((windows, format)) = std::str::from_utf8(bytes).ok().and_then(typed_windows) {
+    if let Some((windows, format)) = typed_windows(bytes) {
         return Ok(LoadFile {
             history: LoadHistory::new(windows)?,
             format,

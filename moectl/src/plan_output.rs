@@ -1,0 +1,264 @@
+//! `moectl plan`'s placement output (`--format placement`), written straight from the plan.
+//!
+//! The three integer tables (`phy2log`, `log2phy`, `logcnt`) are almost all of the bytes:
+//! 750 KB on a DeepSeek-V3 shape, mostly `log2phy`'s padding. serde_json hands every number
+//! and comma to its writer separately, a copy call per token, and writing them took as long as
+//! `greedy`'s planning. They are formatted here byte by byte into one buffer; every other field
+//! goes through serde_json, so the file is byte for byte what serde_json would write for the
+//! same fields (a test checks it against a serde_json value of the same plan).
+
+use eplb::{Placement, Plan, Shape};
+use serde::Serialize;
+
+/// The plan as moectl's placement JSON (one line).
+pub fn plan_json(plan: &Plan, shape: &Shape) -> Result<String, serde_json::Error> {
+    let p = &plan.placement;
+    let layers = &plan.layers;
+    let mut o = JsonObject::with_capacity(64 * p.num_layers * p.num_logical_experts);
+    o.field("algorithm", &plan.algorithm)?;
+    o.field("num_layers", &p.num_layers)?;
+    o.field("num_logical_experts", &p.num_logical_experts)?;
+    o.field("num_redundant", &shape.num_redundant)?;
+    o.field("num_ranks", &p.num_ranks)?;
+    o.field("num_nodes", &p.num_nodes)?;
+    o.field("num_groups", &shape.num_groups)?;
+    o.key("phy2log");
+    o.table(p.phy2log.iter().map(|row| row.iter().map(|&e| e as i64)));
+    o.key("log2phy");
+    log2phy(&mut o, p);
+    o.key("logcnt");
+    o.table(p.logcnt().iter().map(|row| row.iter().map(|&c| c as i64)));
+    o.field("par", &plan.predicted_par())?;
+    o.field("mean_par", &plan.mean_par())?;
+    o.field("worst_par", &plan.worst_par())?;
+    let objective: Vec<f64> = layers.iter().map(|l| l.objective).collect();
+    let lower_bound: Vec<Option<f64>> = layers.iter().map(|l| l.lower_bound).collect();
+    let optimal: Vec<bool> = layers.iter().map(|l| l.optimal).collect();
+    let proven_gap: Vec<Option<f64>> = layers.iter().map(|l| l.proven_gap).collect();
+    o.field("objective", &objective)?;
+    o.field("lower_bound", &lower_bound)?;
+    o.field("optimal", &optimal)?;
+    o.field("proven_gap", &proven_gap)?;
+    o.field("changed_layers", &plan.changed_layers)?;
+    o.field("slots_moved", &plan.slots_moved)?;
+    Ok(o.finish())
+}
+
+/// `Placement::log2phy` (`[layer][expert][k]`, slots ascending, padded with -1), formatted as
+/// it is computed, one layer at a time. The padding, most of the file, is copied in one piece
+/// per expert.
+fn log2phy(o: &mut JsonObject, p: &Placement) {
+    let width = p.max_replicas();
+    let experts = p.num_logical_experts;
+    let padding = ",-1".repeat(width);
+    let mut slots: Vec<Vec<usize>> = vec![Vec::with_capacity(width); experts];
+    let out = &mut o.out;
+    out.push(b'[');
+    for (l, row) in p.phy2log.iter().enumerate() {
+        slots.iter_mut().for_each(Vec::clear);
+        for (slot, &e) in row.iter().enumerate() {
+            if let Some(s) = slots.get_mut(e).filter(|s| s.len() < width) {
+                s.push(slot);
+            }
+        }
+        if l > 0 {
+            out.push(b',');
+        }
+        out.push(b'[');
+        for (e, s) in slots.iter().enumerate() {
+            if e > 0 {
+                out.push(b',');
+            }
+            out.push(b'[');
+            for (k, &slot) in s.iter().enumerate() {
+                if k > 0 {
+                    out.push(b',');
+                }
+                push_integer(out, slot as i64);
+            }
+            let pad = &padding.as_bytes()[..3 * (width - s.len())];
+            // The first -1 of an expert without replicas has no comma before it.
+            out.extend_from_slice(if s.is_empty() { &pad[1..] } else { pad });
+            out.push(b']');
+        }
+        out.push(b']');
+    }
+    out.push(b']');
+}
+
+/// A JSON object written field by field into one buffer, compact as `serde_json::to_string`.
+struct JsonObject {
+    out: Vec<u8>,
+}
+
+impl JsonObject {
+    fn with_capacity(bytes: usize) -> JsonObject {
+        let mut out = Vec::with_capacity(bytes);
+        out.push(b'{');
+        JsonObject { out }
+    }
+
+    /// `"name":`, after a comma unless it is the first field. Names are plain identifiers
+    /// (no escaping needed).
+    fn key(&mut self, name: &str) {
+        if self.out.len() > 1 {
+            self.out.push(b',');
+        }
+        self.out.push(b'"');
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    fn field<T: Serialize + ?Sized>(&mut self, name: &str, value: &T) -> serde_json::Result<()> {
+        self.key(name);
+        serde_json::to_writer(&mut self.out, value)
+    }
+
+    /// `[[1,2],[3]]` from rows of integers.
+    fn table<R: Iterator<Item = i64>>(&mut self, rows: impl Iterator<Item = R>) {
+        self.out.push(b'[');
+        for (i, row) in rows.enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            self.out.push(b'[');
+            for (j, x) in row.enumerate() {
+                if j > 0 {
+                    self.out.push(b',');
+                }
+                push_integer(&mut self.out, x);
+            }
+            self.out.push(b']');
+        }
+        self.out.push(b']');
+    }
+
+    fn finish(mut self) -> String {
+        self.out.push(b'}');
+        // Only serde_json's output, ASCII digits and punctuation went in.
+        String::from_utf8(self.out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into())
+    }
+}
+
+/// `x` in decimal, one byte at a time: most numbers here have 1-3 digits, where a copy call
+/// per number (what `extend_from_slice` does) costs more than the digits.
+fn push_integer(out: &mut Vec<u8>, x: i64) {
+    if x < 0 {
+        out.push(b'-');
+    }
+    let v = x.unsigned_abs();
+    let digit = |d: u64| b'0' + (d % 10) as u8;
+    if v < 10 {
+        out.push(digit(v));
+    } else if v < 100 {
+        out.push(digit(v / 10));
+        out.push(digit(v));
+    } else if v < 1000 {
+        out.push(digit(v / 100));
+        out.push(digit(v / 10));
+        out.push(digit(v));
+    } else {
+        out.extend_from_slice(v.to_string().as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eplb::synth::{TraceSpec, generate};
+    use eplb::{LoadHistory, PlanRequest, planner_by_name};
+
+    /// The fields in file order, for serde_json to write (the test's oracle: the form this
+    /// output had before it was written by hand).
+    #[derive(Serialize)]
+    struct SerdeForm<'a> {
+        algorithm: &'a str,
+        num_layers: usize,
+        num_logical_experts: usize,
+        num_redundant: usize,
+        num_ranks: usize,
+        num_nodes: usize,
+        num_groups: usize,
+        phy2log: &'a [Vec<usize>],
+        log2phy: Vec<Vec<Vec<i64>>>,
+        logcnt: Vec<Vec<usize>>,
+        par: Vec<f64>,
+        mean_par: f64,
+        worst_par: f64,
+        objective: Vec<f64>,
+        lower_bound: Vec<Option<f64>>,
+        optimal: Vec<bool>,
+        proven_gap: Vec<Option<f64>>,
+        changed_layers: &'a [usize],
+        slots_moved: usize,
+    }
+
+    #[test]
+    fn integers_read_back() {
+        let mut out = Vec::new();
+        for x in [
+            0,
+            7,
+            -1,
+            10,
+            99,
+            100,
+            287,
+            999,
+            1000,
+            -4096,
+            i64::MAX,
+            i64::MIN,
+        ] {
+            out.clear();
+            push_integer(&mut out, x);
+            assert_eq!(std::str::from_utf8(&out).unwrap(), x.to_string());
+        }
+    }
+
+    /// The file is what serde_json writes for the same fields, byte for byte, on plans with
+    /// and without proofs, bounds and replicas.
+    #[test]
+    fn writes_what_serde_json_writes() {
+        let history = LoadHistory::new(generate(&TraceSpec::new(3, 16, 2, 4, 7))).unwrap();
+        for (algorithm, shape) in [
+            ("greedy", Shape::new(16, 8, 8, 2, 1).unwrap()),
+            ("joint", Shape::new(16, 4, 4, 1, 1).unwrap()),
+            ("joint", Shape::new(16, 0, 4, 1, 1).unwrap()),
+        ] {
+            let plan = planner_by_name(algorithm)
+                .unwrap()
+                .plan(&PlanRequest::new(shape, &history))
+                .unwrap();
+            let p = &plan.placement;
+            let layers = &plan.layers;
+            let expected = serde_json::to_string(&SerdeForm {
+                algorithm: &plan.algorithm,
+                num_layers: p.num_layers,
+                num_logical_experts: p.num_logical_experts,
+                num_redundant: shape.num_redundant,
+                num_ranks: p.num_ranks,
+                num_nodes: p.num_nodes,
+                num_groups: shape.num_groups,
+                phy2log: &p.phy2log,
+                log2phy: p.log2phy(),
+                logcnt: p.logcnt(),
+                par: plan.predicted_par(),
+                mean_par: plan.mean_par(),
+                worst_par: plan.worst_par(),
+                objective: layers.iter().map(|l| l.objective).collect(),
+                lower_bound: layers.iter().map(|l| l.lower_bound).collect(),
+                optimal: layers.iter().map(|l| l.optimal).collect(),
+                proven_gap: layers.iter().map(|l| l.proven_gap).collect(),
+                changed_layers: &plan.changed_layers,
+                slots_moved: plan.slots_moved,
+            })
+            .unwrap();
+            assert_eq!(
+                plan_json(&plan, &shape).unwrap(),
+                expected,
+                "{algorithm} {shape:?}"
+            );
+        }
+    }
+}
