@@ -47,7 +47,7 @@ pub(crate) fn bench(
             eplb::bench::markdown_table(&rows),
             eplb::bench::summary(&rows)
         );
-        write_out(Some(path), &doc)?;
+        write_out(Some(path), doc.as_bytes())?;
     }
     Ok(Vec::new())
 }

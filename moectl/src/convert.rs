@@ -159,6 +159,6 @@ pub fn convert(a: &ConvertArgs) -> Result<Vec<String>, Fail> {
         notes.append(&mut load.notes);
         outputs::write_load(&load.history, format, load.layout.as_ref())?
     };
-    write_out(a.output, &text)?;
+    write_out(a.output, text.as_bytes())?;
     Ok(notes)
 }

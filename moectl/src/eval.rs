@@ -169,7 +169,7 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
             placement: &p,
         });
         let doc = svg::render(&panels, &history, &file_name(a.load));
-        write_out(Some(path), &doc)?;
+        write_out(Some(path), doc.as_bytes())?;
     }
     let nodes = cross_node(&p, prev.as_ref(), &history);
     let windows = history.num_windows();

@@ -193,7 +193,7 @@ impl<E: std::fmt::Display> From<E> for Fail {
     }
 }
 
-pub(crate) fn write_out(output: Option<&Path>, text: &str) -> Result<(), Fail> {
+pub(crate) fn write_out(output: Option<&Path>, text: &[u8]) -> Result<(), Fail> {
     match output {
         Some(p) => {
             // Write to a sibling temporary file, then rename: a failure leaves nothing behind.
@@ -205,16 +205,21 @@ pub(crate) fn write_out(output: Option<&Path>, text: &str) -> Result<(), Fail> {
                 Fail(format!("cannot write {}: {e}", p.display()))
             })
         }
-        None => print_out(&format!("{text}\n")),
+        None => print_bytes(&[text, b"\n"]),
     }
 }
 
 /// Writes `text` to standard output. When the reader has gone (`moectl eval ... | head`) the
 /// command ends quietly, as Unix tools do, instead of with `println!`'s panic.
 pub(crate) fn print_out(text: &str) -> Result<(), Fail> {
+    print_bytes(&[text.as_bytes()])
+}
+
+fn print_bytes(parts: &[&[u8]]) -> Result<(), Fail> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+    let written = parts.iter().try_for_each(|part| out.write_all(part));
+    match written.and_then(|()| out.flush()) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         Err(e) => Err(Fail(format!("cannot write to standard output: {e}"))),
@@ -328,7 +333,7 @@ fn plan(
     let p = &plan.placement;
     let text = match format {
         Format::Placement => plan_output::plan_json(&plan, &shape)?,
-        other => outputs::write_placement(p, other, load.layout.as_ref())?,
+        other => outputs::write_placement(p, other, load.layout.as_ref())?.into_bytes(),
     };
     clock.lap("format");
     write_out(output, &text)?;

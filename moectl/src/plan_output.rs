@@ -10,8 +10,8 @@
 use eplb::{Placement, Plan, Shape};
 use serde::Serialize;
 
-/// The plan as moectl's placement JSON (one line).
-pub fn plan_json(plan: &Plan, shape: &Shape) -> Result<String, serde_json::Error> {
+/// The plan as moectl's placement JSON (one line, UTF-8).
+pub fn plan_json(plan: &Plan, shape: &Shape) -> Result<Vec<u8>, serde_json::Error> {
     let p = &plan.placement;
     let layers = &plan.layers;
     let mut o = JsonObject::with_capacity(64 * p.num_layers * p.num_logical_experts);
@@ -133,10 +133,9 @@ impl JsonObject {
         self.out.push(b']');
     }
 
-    fn finish(mut self) -> String {
+    fn finish(mut self) -> Vec<u8> {
         self.out.push(b'}');
-        // Only serde_json's output, ASCII digits and punctuation went in.
-        String::from_utf8(self.out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into())
+        self.out
     }
 }
 
@@ -254,11 +253,8 @@ mod tests {
                 slots_moved: plan.slots_moved,
             })
             .unwrap();
-            assert_eq!(
-                plan_json(&plan, &shape).unwrap(),
-                expected,
-                "{algorithm} {shape:?}"
-            );
+            let written = String::from_utf8(plan_json(&plan, &shape).unwrap()).unwrap();
+            assert_eq!(written, expected, "{algorithm} {shape:?}");
         }
     }
 }
