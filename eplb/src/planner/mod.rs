@@ -21,6 +21,7 @@ mod greedy;
 mod joint;
 mod lpt;
 mod matching;
+mod neighbourhood;
 mod pairs;
 mod polish;
 mod problem;

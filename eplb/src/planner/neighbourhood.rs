@@ -1,0 +1,582 @@
+//! Large-neighbourhood search for the upper bound: the replicas on a few ranks at a time are
+//! re-placed among those ranks exactly (every split into full ranks without a duplicate, by
+//! branch and bound), the other ranks kept as they are; the local search's count moves
+//! ([`State::improve`]) when no set of ranks improves; then descents from randomly kicked
+//! copies of the best plan (a replica handed to another expert, or two replicas swapped),
+//! seeded per layer. The replica counts stay fixed inside a neighbourhood, so every rank
+//! outside it keeps its loads, and the objective of a re-placement depends only on its own
+//! ranks and the other ranks' heaviest load per episode. It only finds plans: nothing it does
+//! is a proof or a bound.
+//!
+//! Why: on multi-window layers the local search's swaps (one replica pair between two ranks)
+//! stop far above the optimum (16 experts on 8 x 4 with four windows: plans at 1.025-1.035 times
+//! the mean, where a long exact search found 1.0145 on one layer); re-placing three ranks at
+//! once reaches placements no single swap leads to.
+
+use super::problem::{Problem, State};
+
+/// Branch-and-bound nodes of [`improve`] in `joint` (about 15M a second): on the sweep's
+/// 16-expert 8 x 4 layers with four windows 2M took the median proven gap from 2.1% to 1.65%
+/// (about 0.1-0.2 s), 3M to 1.58%, 6M to 1.5%.
+pub(crate) const NODES: usize = 2_000_000;
+
+/// Most splits of one neighbourhood's replicas (counted as `(m s)! / (s!^m m!)`, duplicates
+/// ignored) for `m` ranks to be a neighbourhood size: 8 ranks of 4 re-place 3 at a time (5,775
+/// splits), 16 ranks of 2 four at a time (105), 4 ranks of 8 two at a time (6,435).
+const MAX_SPLITS: f64 = 10_000.0;
+
+/// Splits ignoring duplicates of `m` ranks of `s` slots: `(m s)! / (s!^m m!)`.
+fn splits(m: usize, s: usize) -> f64 {
+    let mut v = 1.0;
+    // Choose the members of each rank in turn, the rank holding the first item left first.
+    for i in 0..m {
+        let n = (m - i) * s - 1;
+        // C(n, s - 1)
+        let mut c = 1.0;
+        for j in 0..s - 1 {
+            c = c * (n - j) as f64 / (j + 1) as f64;
+        }
+        v *= c;
+    }
+    v
+}
+
+/// The largest neighbourhood (ranks re-placed together) within [`MAX_SPLITS`], at least 2.
+fn largest_size(p: &Problem) -> usize {
+    let mut m = 2;
+    while m < p.g && splits(m + 1, p.s) <= MAX_SPLITS {
+        m += 1;
+    }
+    m.min(p.g)
+}
+
+/// `(F, Q)` strictly better than `best` (F first; Q, the weighted sum of squared rank loads,
+/// breaks ties so that the search can cross plateaus of F without cycling).
+fn better(f: f64, q: f64, best: (f64, f64)) -> bool {
+    f < best.0 - 1e-12 || (f <= best.0 + 1e-12 && q < best.1 - 1e-12)
+}
+
+/// One neighbourhood's exact re-placement (branch and bound over its replicas).
+struct Split<'a> {
+    p: &'a Problem,
+    /// The replicas to place: `(expert, its load per episode)`, heaviest first.
+    items: Vec<(usize, Vec<f64>)>,
+    /// Per episode: the heaviest rank outside the neighbourhood, or the neighbourhood's mean
+    /// (whichever is larger; every split reaches it).
+    floor: Vec<f64>,
+    /// `loads[r * w + k]` of the ranks being filled.
+    loads: Vec<f64>,
+    members: Vec<u64>,
+    sizes: Vec<usize>,
+    assign: Vec<usize>,
+    best: (f64, f64),
+    best_assign: Option<Vec<usize>>,
+    nodes: usize,
+    limit: usize,
+}
+
+impl Split<'_> {
+    fn partial_f(&self) -> f64 {
+        let (p, m) = (self.p, self.sizes.len());
+        (0..p.w)
+            .map(|k| {
+                let top = (0..m)
+                    .map(|r| self.loads[r * p.w + k])
+                    .fold(self.floor[k], f64::max);
+                p.omega[k] * top
+            })
+            .sum()
+    }
+
+    fn q(&self) -> f64 {
+        let (p, m) = (self.p, self.sizes.len());
+        (0..p.w)
+            .map(|k| p.omega[k] * (0..m).map(|r| self.loads[r * p.w + k].powi(2)).sum::<f64>())
+            .sum()
+    }
+
+    fn dfs(&mut self, i: usize) {
+        if self.nodes >= self.limit {
+            return;
+        }
+        self.nodes += 1;
+        let f = self.partial_f();
+        if f > self.best.0 + 1e-12 {
+            return;
+        }
+        if i == self.items.len() {
+            let q = self.q();
+            if better(f, q, self.best) {
+                self.best = (f, q);
+                self.best_assign = Some(self.assign.clone());
+            }
+            return;
+        }
+        let (p, m, s) = (self.p, self.sizes.len(), self.p.s);
+        let e = self.items[i].0;
+        let mut tried_empty = false;
+        for r in 0..m {
+            if self.sizes[r] == s || self.members[r] & (1 << e) != 0 {
+                continue;
+            }
+            // Empty ranks are interchangeable: the item goes into the first only.
+            if self.sizes[r] == 0 {
+                if tried_empty {
+                    continue;
+                }
+                tried_empty = true;
+            }
+            for k in 0..p.w {
+                self.loads[r * p.w + k] += self.items[i].1[k];
+            }
+            self.members[r] |= 1 << e;
+            self.sizes[r] += 1;
+            self.assign[i] = r;
+            self.dfs(i + 1);
+            self.sizes[r] -= 1;
+            self.members[r] &= !(1 << e);
+            for k in 0..p.w {
+                self.loads[r * p.w + k] -= self.items[i].1[k];
+            }
+        }
+    }
+}
+
+/// Re-places the replicas of `ranks` among them in `st` when a split improves `(F, Q)`;
+/// returns whether it did, and the nodes spent.
+fn replace(st: &mut State, ranks: &[usize], limit: usize) -> (bool, usize) {
+    let p = st.p;
+    let in_set = |r: usize| ranks.contains(&r);
+    let floor: Vec<f64> = (0..p.w)
+        .map(|k| {
+            let outside = (0..p.g)
+                .filter(|&r| !in_set(r))
+                .map(|r| st.loads[r * p.w + k])
+                .fold(0.0f64, f64::max);
+            let mean =
+                ranks.iter().map(|&r| st.loads[r * p.w + k]).sum::<f64>() / ranks.len() as f64;
+            outside.max(mean)
+        })
+        .collect();
+    let mut items: Vec<(usize, Vec<f64>)> = ranks
+        .iter()
+        .flat_map(|&r| st.row[r * p.s..(r + 1) * p.s].iter().copied())
+        .map(|e| (e, st.y[e * p.w..(e + 1) * p.w].to_vec()))
+        .collect();
+    items.sort_by(|a, b| {
+        let wa: f64 = a.1.iter().zip(&p.omega).map(|(l, o)| l * o).sum();
+        let wb: f64 = b.1.iter().zip(&p.omega).map(|(l, o)| l * o).sum();
+        wb.total_cmp(&wa).then(a.0.cmp(&b.0))
+    });
+    // The current split's (F, Q) is what a re-placement must beat.
+    let mut loads = vec![0.0; ranks.len() * p.w];
+    for (i, &r) in ranks.iter().enumerate() {
+        loads[i * p.w..(i + 1) * p.w].copy_from_slice(&st.loads[r * p.w..(r + 1) * p.w]);
+    }
+    let mut split = Split {
+        p,
+        items,
+        floor,
+        loads,
+        members: vec![0; ranks.len()],
+        sizes: vec![0; ranks.len()],
+        assign: Vec::new(),
+        best: (0.0, 0.0),
+        best_assign: None,
+        nodes: 0,
+        limit,
+    };
+    split.best = (split.partial_f(), split.q());
+    split.loads.iter_mut().for_each(|l| *l = 0.0);
+    split.assign = vec![0; split.items.len()];
+    split.dfs(0);
+    let nodes = split.nodes;
+    let Some(assign) = split.best_assign else {
+        return (false, nodes);
+    };
+    let mut slots: Vec<Vec<usize>> = vec![Vec::with_capacity(p.s); ranks.len()];
+    for (item, &r) in split.items.iter().zip(&assign) {
+        slots[r].push(item.0);
+    }
+    let mut row = st.row.clone();
+    for (&r, members) in ranks.iter().zip(&slots) {
+        row[r * p.s..(r + 1) * p.s].copy_from_slice(members);
+    }
+    *st = State::new(p, row);
+    (true, nodes)
+}
+
+/// Visits every set of `m` ranks once (lexicographic order), re-placing where that improves;
+/// returns whether anything improved. Stops when `nodes` reaches `budget`.
+fn pass(st: &mut State, m: usize, nodes: &mut usize, budget: usize) -> bool {
+    let g = st.p.g;
+    let mut set: Vec<usize> = (0..m).collect();
+    let mut improved = false;
+    loop {
+        if *nodes >= budget {
+            return improved;
+        }
+        let (did, spent) = replace(st, &set, budget - *nodes);
+        *nodes += spent;
+        improved |= did;
+        // Next combination.
+        let mut i = m;
+        loop {
+            if i == 0 {
+                return improved;
+            }
+            i -= 1;
+            if set[i] < g - m + i {
+                break;
+            }
+        }
+        set[i] += 1;
+        for j in i + 1..m {
+            set[j] = set[j - 1] + 1;
+        }
+    }
+}
+
+/// Whether the search applies: at least two ranks, no forced duplicates, experts fit the
+/// member masks.
+pub(crate) fn eligible(p: &Problem) -> bool {
+    !p.empty && !p.dup_ok && p.g >= 2 && p.s >= 2 && p.e <= 64
+}
+
+/// Variable neighbourhood descent from `st`: passes over every set of 2, then up to `top`
+/// ranks, back to pairs after any improvement, then the local search's moves (count moves
+/// included) when no set improves; until nothing improves or `nodes` reaches `budget`.
+fn descend(st: &mut State, top: usize, nodes: &mut usize, budget: usize) {
+    let p = st.p;
+    loop {
+        let mut improved = false;
+        for m in 2..=top {
+            if pass(st, m, nodes, budget) {
+                improved = true;
+                break;
+            }
+        }
+        if !improved {
+            // Count moves (and swaps) of the local search; it may trade a little F for
+            // balance, so only an improvement of F counts.
+            let mut ls = State::new(p, st.row.clone());
+            ls.improve(None, super::joint::MAX_ITERS);
+            if p.episode_par(&ls.row) < p.episode_par(&st.row) - 1e-12 {
+                *st = ls;
+                improved = true;
+            }
+        }
+        if !improved || *nodes >= budget {
+            return;
+        }
+    }
+}
+
+/// A small deterministic generator for the kicks (xorshift64*), seeded per layer so that
+/// plans are reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
+    }
+}
+
+/// A random change of `row` that keeps it valid: one replica handed from an expert with
+/// several to another expert (a count move), or two replicas of different ranks swapped.
+fn kick(p: &Problem, row: &mut [usize], rng: &mut Rng) {
+    let mut cnt = vec![0usize; p.e];
+    for &e in row.iter() {
+        cnt[e] += 1;
+    }
+    let holds = |row: &[usize], r: usize, e: usize| row[r * p.s..(r + 1) * p.s].contains(&e);
+    for _ in 0..64 {
+        let i = rng.below(row.len());
+        let a = row[i];
+        if rng.below(2) == 0 {
+            let b = rng.below(p.e);
+            if b != a && cnt[a] >= 2 && cnt[b] < p.max_rep.min(p.g) && !holds(row, i / p.s, b) {
+                row[i] = b;
+                return;
+            }
+        } else {
+            let j = rng.below(row.len());
+            let b = row[j];
+            let (ri, rj) = (i / p.s, j / p.s);
+            if ri != rj && a != b && !holds(row, ri, b) && !holds(row, rj, a) {
+                row.swap(i, j);
+                return;
+            }
+        }
+    }
+}
+
+/// Improves `row` by exact re-placement on neighbourhoods of 2 up to [`largest_size`] ranks
+/// (variable neighbourhood descent) and the local search's count moves, then by iterated
+/// descents from kicked copies of the best plan (a kick is kept when its descent ends no
+/// worse), within about `budget` branch-and-bound nodes. Never returns a worse F than `row`'s.
+pub(crate) fn improve(p: &Problem, row: Vec<usize>, budget: usize) -> Vec<usize> {
+    if !eligible(p) || p.episode_par(&row) <= p.lower_bound() + 1e-9 {
+        return row;
+    }
+    let top = largest_size(p);
+    let start = row.clone();
+    let t0 = std::time::Instant::now();
+    let mut nodes = 0;
+    let mut st = State::new(p, row);
+    descend(&mut st, top, &mut nodes, budget);
+    let mut best = (p.episode_par(&st.row), st.row.clone());
+    if p.episode_par(&start) < best.0 {
+        best = (p.episode_par(&start), start.clone());
+    }
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (p.g * 1_000 + p.e) as u64);
+    let mut kicks = 0;
+    while nodes < budget {
+        let mut row = best.1.clone();
+        for _ in 0..1 + rng.below(3) {
+            kick(p, &mut row, &mut rng);
+        }
+        let mut st = State::new(p, row);
+        descend(&mut st, top, &mut nodes, budget);
+        kicks += 1;
+        let f = p.episode_par(&st.row);
+        if f <= best.0 + 1e-12 {
+            best = (f, st.row);
+        }
+    }
+    if std::env::var("EPLB_DEBUG").is_ok() {
+        eprintln!(
+            "neighbourhood: F {:.6} -> {:.6}, {} nodes, {} kicks, ranks up to {} {:?}",
+            p.episode_par(&start),
+            best.0,
+            nodes,
+            kicks,
+            top,
+            t0.elapsed()
+        );
+    }
+    best.1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::{find_duplicate, repair_duplicates};
+    use crate::planner::problem::brute_force_optimum;
+    use proptest::prelude::*;
+
+    /// Tiny shapes `(E, slots, G)` without forced duplicates, two or more slots per rank.
+    const TINY: [(usize, usize, usize); 7] = [
+        (4, 6, 3),
+        (5, 8, 4),
+        (4, 8, 2),
+        (5, 6, 2),
+        (6, 6, 2),
+        (4, 9, 3),
+        (5, 8, 2),
+    ];
+
+    fn problem(e: usize, slots: usize, g: usize, rows: &[Vec<f64>]) -> Problem {
+        let refs: Vec<&[f64]> = rows.iter().map(Vec::as_slice).collect();
+        let shape = crate::shape::Shape::new(e, slots - e, g, 1, 1).expect("a valid tiny shape");
+        Problem::new(&refs, g, slots, 0.6, shape.max_replicas())
+    }
+
+    fn rows(e: usize, windows: usize, seed: &[u32], hot: &[bool]) -> Vec<Vec<f64>> {
+        (0..windows)
+            .map(|k| {
+                (0..e)
+                    .map(|i| {
+                        let t = (k * e + i) % seed.len();
+                        f64::from(seed[t]) * if hot[t] { 20.0 } else { 1.0 }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// A valid row from `pick`: every expert once, the other slots as `pick` says (within the
+    /// replica cap), duplicates repaired.
+    fn start_row(p: &Problem, pick: &[usize]) -> Vec<usize> {
+        let mut row: Vec<usize> = (0..p.e).collect();
+        let mut cnt = vec![1usize; p.e];
+        for &x in pick.iter().cycle() {
+            if row.len() == p.slots() {
+                break;
+            }
+            let e = x % p.e;
+            let e = (0..p.e)
+                .map(|d| (e + d) % p.e)
+                .find(|&f| cnt[f] < p.max_rep.min(p.g))
+                .expect("slots fit the cap");
+            cnt[e] += 1;
+            row.push(e);
+        }
+        // Interleave so that repair has room, then repair.
+        row.sort_unstable();
+        let mut dealt = vec![0; row.len()];
+        for (i, &e) in row.iter().enumerate() {
+            dealt[(i % p.g) * p.s + i / p.g] = e;
+        }
+        repair_duplicates(&mut dealt, p.e, p.g);
+        dealt
+    }
+
+    /// The best F over every re-placement of the replicas of `ranks` among their slots (all
+    /// permutations, the other ranks unchanged, duplicates rejected): the oracle for `replace`.
+    fn best_over_permutations(p: &Problem, row: &[usize], ranks: &[usize]) -> f64 {
+        let slots: Vec<usize> = ranks.iter().flat_map(|&r| r * p.s..(r + 1) * p.s).collect();
+        let mut items: Vec<usize> = slots.iter().map(|&i| row[i]).collect();
+        items.sort_unstable();
+        let mut best = f64::INFINITY;
+        let mut trial = row.to_vec();
+        // Lexicographic permutations of the multiset `items`.
+        loop {
+            for (&slot, &e) in slots.iter().zip(&items) {
+                trial[slot] = e;
+            }
+            if find_duplicate(&trial, p.s).is_none() {
+                best = best.min(p.episode_par(&trial));
+            }
+            let Some(i) = (0..items.len().saturating_sub(1))
+                .rev()
+                .find(|&i| items[i] < items[i + 1])
+            else {
+                return best;
+            };
+            let j = (i + 1..items.len())
+                .rev()
+                .find(|&j| items[j] > items[i])
+                .expect("a larger element after i");
+            items.swap(i, j);
+            items[i + 1..].reverse();
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Re-placing a set of ranks reaches the best re-placement of their replicas (brute
+        /// force over every permutation of them), never changes the other ranks, and keeps the
+        /// row valid. Planted bugs it caught (within 1 s, also without the saved cases): the
+        /// episode floor without the outside ranks' heaviest load (the mean only), a rank
+        /// holding one replica treated as empty (interchangeable with the empty ones).
+        #[test]
+        fn replacement_is_the_best_over_permutations(
+            case in 0..TINY.len(),
+            windows in 1usize..4,
+            seed in proptest::collection::vec(0u32..1000, 24),
+            hot in proptest::collection::vec(prop::bool::weighted(0.2), 24),
+            pick in proptest::collection::vec(0usize..64, 8),
+            set_seed in 0usize..1000,
+        ) {
+            let (e, slots, g) = TINY[case];
+            let p = problem(e, slots, g, &rows(e, windows, &seed, &hot));
+            prop_assume!(eligible(&p));
+            let row = start_row(&p, &pick);
+            prop_assume!(find_duplicate(&row, p.s).is_none());
+            // A set of 2..=G ranks.
+            let m = 2 + set_seed % (g - 1);
+            let ranks: Vec<usize> = (0..m).map(|i| (set_seed / 7 + i) % g).collect();
+            let mut sorted = ranks.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            prop_assume!(sorted.len() == m);
+            let want = best_over_permutations(&p, &row, &sorted);
+            let mut st = State::new(&p, row.clone());
+            replace(&mut st, &sorted, usize::MAX);
+            let got = p.episode_par(&st.row);
+            prop_assert!((got - want).abs() < 1e-9, "re-placed {got}, best {want}");
+            prop_assert!(find_duplicate(&st.row, p.s).is_none());
+            for r in (0..g).filter(|r| !sorted.contains(r)) {
+                prop_assert_eq!(&st.row[r * p.s..(r + 1) * p.s], &row[r * p.s..(r + 1) * p.s]);
+            }
+            let mut a = st.row.clone();
+            let mut b = row.clone();
+            a.sort_unstable();
+            b.sort_unstable();
+            prop_assert_eq!(a, b, "the replicas are the same");
+            // The whole layer re-placed at once: the best placement with these counts.
+            if m == g {
+                let mut cnt = vec![0usize; e];
+                row.iter().for_each(|&x| cnt[x] += 1);
+                let opt = brute_force_optimum(&p, Some(&cnt));
+                prop_assert!((got - opt).abs() < 1e-9, "whole layer {got}, optimum {opt}");
+            }
+        }
+
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// `improve` returns a valid row (every expert served, no duplicate, counts within the
+        /// cap), never worse than its start and never below the brute-force optimum.
+        #[test]
+        fn improve_keeps_plans_valid_and_never_worse(
+            case in 0..TINY.len(),
+            windows in 1usize..4,
+            seed in proptest::collection::vec(0u32..1000, 24),
+            hot in proptest::collection::vec(prop::bool::weighted(0.2), 24),
+            pick in proptest::collection::vec(0usize..64, 8),
+            budget in 1usize..200_000,
+        ) {
+            let (e, slots, g) = TINY[case];
+            let p = problem(e, slots, g, &rows(e, windows, &seed, &hot));
+            prop_assume!(eligible(&p));
+            let row = start_row(&p, &pick);
+            prop_assume!(find_duplicate(&row, p.s).is_none());
+            let before = p.episode_par(&row);
+            let out = improve(&p, row, budget);
+            prop_assert_eq!(out.len(), slots);
+            prop_assert!(find_duplicate(&out, p.s).is_none());
+            let mut cnt = vec![0usize; e];
+            out.iter().for_each(|&x| cnt[x] += 1);
+            prop_assert!(cnt.iter().all(|&c| c >= 1 && c <= p.max_rep.min(g)));
+            let f = p.episode_par(&out);
+            prop_assert!(f <= before + 1e-12, "{f} worse than the start {before}");
+            let opt = brute_force_optimum(&p, None);
+            prop_assert!(f >= opt - 1e-9, "{f} below the optimum {opt}");
+        }
+    }
+
+    /// The first 16-expert 8 x 4 layer of the sweep with four windows (`exact_sweep zipf 16 32
+    /// 5 4`): the heuristic's plan is at 1.029502 times the mean and the searches find nothing
+    /// better; the neighbourhood search brings it to 1.020614 (below 1.021 asserted; with only
+    /// the descent and no kicks it stops at 1.021131).
+    #[test]
+    fn improves_a_sweep_layer_with_four_windows() {
+        let windows: [[f64; 16]; 4] = [
+            [
+                660.0, 782.0, 397.0, 376.0, 209.0, 353.0, 378.0, 496.0, 395.0, 252.0, 407.0, 166.0,
+                234.0, 110.0, 311.0, 167.0,
+            ],
+            [
+                792.0, 762.0, 343.0, 490.0, 244.0, 379.0, 279.0, 373.0, 411.0, 240.0, 333.0, 177.0,
+                279.0, 127.0, 325.0, 218.0,
+            ],
+            [
+                723.0, 944.0, 460.0, 400.0, 311.0, 380.0, 430.0, 407.0, 383.0, 213.0, 286.0, 125.0,
+                227.0, 127.0, 227.0, 149.0,
+            ],
+            [
+                918.0, 792.0, 365.0, 460.0, 287.0, 401.0, 420.0, 264.0, 339.0, 217.0, 324.0, 169.0,
+                262.0, 120.0, 259.0, 256.0,
+            ],
+        ];
+        let rows: Vec<Vec<f64>> = windows.iter().map(|w| w.to_vec()).collect();
+        let p = problem(16, 32, 8, &rows);
+        let shape = crate::shape::Shape::new(16, 16, 8, 1, 1).expect("a valid shape");
+        let start = crate::planner::joint::heuristic(&p, &shape, false);
+        let before = p.episode_par(&start);
+        assert!((before - 1.029502).abs() < 1e-6, "heuristic {before}");
+        let out = improve(&p, start, NODES);
+        let after = p.episode_par(&out);
+        assert!(after < 1.021, "{after}");
+        assert!(find_duplicate(&out, p.s).is_none());
+        // The plan `joint` returns is at least as good.
+        let res = crate::planner::joint::plan_layer(&p, &shape, false);
+        assert!(p.objective(&res.row).0 <= after + 1e-12);
+    }
+}
