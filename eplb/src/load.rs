@@ -148,13 +148,17 @@ impl LoadHistory {
 }
 
 /// This project's load formats (`[L][E]`, `[W][L][E]`, `{"windows"}`, OpenEvolve's
-/// `{"load_history"}`) as plain serde types: the fast path of [`LoadHistory::from_json_str`]
-/// and [`crate::formats::read_load_bytes`]. `None` when the text is not exactly one of them.
-pub(crate) fn typed_windows(text: &[u8]) -> Option<(Vec<Vec<Vec<f64>>>, &'static str)> {
-    // Integer counts, the common case, take the scanner (see `scan` for why).
-    if let Some(found) = scan::integer_windows(text) {
+/// `{"load_history"}`) read without a JSON value tree: integer counts by [`scan`], the rest
+/// as plain serde types. The fast path of [`LoadHistory::from_json_str`] and
+/// [`crate::formats::read_load_bytes`]. `None` when the text is not exactly one of them.
+pub(crate) fn typed_windows(bytes: &[u8]) -> Option<(Vec<Vec<Vec<f64>>>, &'static str)> {
+    // Integer counts, the common case, take the scanner (see `scan` for why). It accepts
+    // ASCII only, so it needs no UTF-8 check; serde_json reading bytes does not check the
+    // strings it skips (an extra field's value), so the rest is checked here first.
+    if let Some(found) = scan::integer_windows(bytes) {
         return Some(found);
     }
+    let text = std::str::from_utf8(bytes).ok()?;
     #[derive(serde::Deserialize)]
     struct Record {
         logical_expert_load: Vec<Vec<f64>>,
@@ -164,16 +168,16 @@ pub(crate) fn typed_windows(text: &[u8]) -> Option<(Vec<Vec<Vec<f64>>>, &'static
         windows: Option<Vec<Vec<Vec<f64>>>>,
         load_history: Option<Vec<Record>>,
     }
-    match text.trim_ascii_start().first()? {
+    match text.trim_start().as_bytes().first()? {
         // A 3-D array fails the 2-D parse at its first inner bracket, so trying both costs
         // little.
-        b'[' => match serde_json::from_slice::<Vec<Vec<f64>>>(text) {
+        b'[' => match serde_json::from_str::<Vec<Vec<f64>>>(text) {
             Ok(m) => Some((vec![m], "[L][E] array")),
-            Err(_) => serde_json::from_slice::<Vec<Vec<Vec<f64>>>>(text)
+            Err(_) => serde_json::from_str::<Vec<Vec<Vec<f64>>>>(text)
                 .ok()
                 .map(|w| (w, "[W][L][E] array")),
         },
-        b'{' => match serde_json::from_slice::<Object>(text).ok()? {
+        b'{' => match serde_json::from_str::<Object>(text).ok()? {
             Object {
                 windows: Some(w), ..
             } => Some((w, "moectl windows")),
@@ -236,6 +240,24 @@ mod tests {
         }
         for text in ["[[1, \"x\"]]", "[[[1]], 2]", "{}", "{\"windows\": 3}", "7"] {
             assert!(typed_windows(text.as_bytes()).is_none(), "{text}");
+        }
+    }
+
+    /// Bytes that are not UTF-8 are refused on every path, also where serde_json reading
+    /// bytes would skip them (the value of a field it ignores).
+    #[test]
+    fn text_that_is_not_utf8_is_refused() {
+        for bytes in [
+            &b"{\"windows\": [[[1.5]]], \"note\": \"\xff\"}"[..],
+            b"{\"windows\": [[[1]]], \"note\": \"\xff\"}",
+            b"{\"load_history\": [{\"logical_expert_load\": [[1]], \"at\": \"\xc3\"}]}",
+            b"[[1, 2]] \xff",
+        ] {
+            assert!(typed_windows(bytes).is_none(), "{bytes:?}");
+            assert!(
+                crate::formats::read_load_bytes(bytes, None).is_err(),
+                "{bytes:?}"
+            );
         }
     }
 

@@ -102,7 +102,7 @@ enum Command {
         /// Output file (default: standard output).
         #[arg(long)]
         output: Option<PathBuf>,
-        /// Print to stderr how long reading, planning, formatting and writing took.
+        /// Print to stderr how long reading the inputs, planning, formatting and writing took.
         #[arg(long)]
         timings: bool,
     },
@@ -215,6 +215,7 @@ pub(crate) fn print_out(text: &str) -> Result<(), Fail> {
     print_bytes(&[text.as_bytes()])
 }
 
+/// [`print_out`] for bytes, written in parts (no copy to join them).
 fn print_bytes(parts: &[&[u8]]) -> Result<(), Fail> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -327,7 +328,7 @@ fn plan(
     if let Some(s) = node_slack {
         req = req.node_slack(s);
     }
-    clock.lap("read");
+    clock.lap("inputs");
     let plan = planner.plan(&req)?;
     clock.lap("plan");
     let p = &plan.placement;

@@ -5,7 +5,7 @@
 //! and comma to its writer separately, a copy call per token, and writing them took as long as
 //! `greedy`'s planning. They are formatted here byte by byte into one buffer; every other field
 //! goes through serde_json, so the file is byte for byte what serde_json would write for the
-//! same fields (a test checks it against a serde_json value of the same plan).
+//! same fields (a test checks it against serde_json's output of a struct with those fields).
 
 use eplb::{Placement, Plan, Shape};
 use serde::Serialize;
@@ -23,11 +23,11 @@ pub fn plan_json(plan: &Plan, shape: &Shape) -> Result<Vec<u8>, serde_json::Erro
     o.field("num_nodes", &p.num_nodes)?;
     o.field("num_groups", &shape.num_groups)?;
     o.key("phy2log");
-    o.table(p.phy2log.iter().map(|row| row.iter().map(|&e| e as i64)));
+    o.table(p.phy2log.iter().map(|row| row.iter().copied()));
     o.key("log2phy");
     log2phy(&mut o, p);
     o.key("logcnt");
-    o.table(p.logcnt().iter().map(|row| row.iter().map(|&c| c as i64)));
+    o.table(p.logcnt().iter().map(|row| row.iter().copied()));
     o.field("par", &plan.predicted_par())?;
     o.field("mean_par", &plan.mean_par())?;
     o.field("worst_par", &plan.worst_par())?;
@@ -74,7 +74,7 @@ fn log2phy(o: &mut JsonObject, p: &Placement) {
                 if k > 0 {
                     out.push(b',');
                 }
-                push_integer(out, slot as i64);
+                push_integer(out, slot);
             }
             let pad = &padding.as_bytes()[..3 * (width - s.len())];
             // The first -1 of an expert without replicas has no comma before it.
@@ -115,7 +115,7 @@ impl JsonObject {
     }
 
     /// `[[1,2],[3]]` from rows of integers.
-    fn table<R: Iterator<Item = i64>>(&mut self, rows: impl Iterator<Item = R>) {
+    fn table<R: Iterator<Item = usize>>(&mut self, rows: impl Iterator<Item = R>) {
         self.out.push(b'[');
         for (i, row) in rows.enumerate() {
             if i > 0 {
@@ -141,23 +141,19 @@ impl JsonObject {
 
 /// `x` in decimal, one byte at a time: most numbers here have 1-3 digits, where a copy call
 /// per number (what `extend_from_slice` does) costs more than the digits.
-fn push_integer(out: &mut Vec<u8>, x: i64) {
-    if x < 0 {
-        out.push(b'-');
-    }
-    let v = x.unsigned_abs();
-    let digit = |d: u64| b'0' + (d % 10) as u8;
-    if v < 10 {
-        out.push(digit(v));
-    } else if v < 100 {
-        out.push(digit(v / 10));
-        out.push(digit(v));
-    } else if v < 1000 {
-        out.push(digit(v / 100));
-        out.push(digit(v / 10));
-        out.push(digit(v));
+fn push_integer(out: &mut Vec<u8>, x: usize) {
+    let digit = |d: usize| b'0' + (d % 10) as u8;
+    if x < 10 {
+        out.push(digit(x));
+    } else if x < 100 {
+        out.push(digit(x / 10));
+        out.push(digit(x));
+    } else if x < 1000 {
+        out.push(digit(x / 100));
+        out.push(digit(x / 10));
+        out.push(digit(x));
     } else {
-        out.extend_from_slice(v.to_string().as_bytes());
+        out.extend_from_slice(x.to_string().as_bytes());
     }
 }
 
@@ -195,23 +191,32 @@ mod tests {
     #[test]
     fn integers_read_back() {
         let mut out = Vec::new();
-        for x in [
-            0,
-            7,
-            -1,
-            10,
-            99,
-            100,
-            287,
-            999,
-            1000,
-            -4096,
-            i64::MAX,
-            i64::MIN,
-        ] {
+        for x in [0, 7, 10, 99, 100, 287, 999, 1000, 4096, usize::MAX] {
             out.clear();
             push_integer(&mut out, x);
             assert_eq!(std::str::from_utf8(&out).unwrap(), x.to_string());
+        }
+    }
+
+    /// `log2phy` of experts without a replica (not a valid placement, but its fields are
+    /// public) and of an empty placement: as serde_json writes `Placement::log2phy`.
+    #[test]
+    fn log2phy_pads_like_serde_json() {
+        // Experts 1 and 3 without a replica, expert 0 twice.
+        let mut p = Placement {
+            num_layers: 1,
+            num_logical_experts: 4,
+            num_ranks: 1,
+            num_nodes: 1,
+            phy2log: vec![vec![0, 0, 2]],
+        };
+        for layers in [p.phy2log.clone(), Vec::new()] {
+            p.phy2log = layers;
+            p.num_layers = p.phy2log.len();
+            let mut o = JsonObject::with_capacity(0);
+            log2phy(&mut o, &p);
+            let written = String::from_utf8(o.out[1..].to_vec()).unwrap();
+            assert_eq!(written, serde_json::to_string(&p.log2phy()).unwrap());
         }
     }
 

@@ -33,7 +33,7 @@ fn plan_writes_placement_json_and_eval_reads_it() {
         .find(|l| l.starts_with("timings: "))
         .map(str::to_owned)
         .unwrap_or_else(|| panic!("no timings line: {}", stderr(&o)));
-    for phase in ["read ", "plan ", "format ", "write ", "total "] {
+    for phase in ["inputs ", "plan ", "format ", "write ", "total "] {
         assert!(line.contains(phase), "{line}");
     }
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
