@@ -303,6 +303,15 @@ mod tests {
         ]
     }
 
+    /// `[W][L][E]` as JSON, bare or as `{"windows": ...}`.
+    fn history_json(w: &[Vec<Vec<u64>>], wrapped: bool) -> serde_json::Value {
+        if wrapped {
+            serde_json::json!({ "windows": w })
+        } else {
+            serde_json::json!(w)
+        }
+    }
+
     /// serde_json's typed read, `None` where it refuses the text.
     fn serde_typed(text: &[u8]) -> Option<Vec<Vec<Vec<f64>>>> {
         #[derive(serde::Deserialize)]
@@ -335,11 +344,7 @@ mod tests {
                 1..4,
             ),
         ) {
-            let value = if wrapped {
-                serde_json::json!({ "windows": w })
-            } else {
-                serde_json::json!(w)
-            };
+            let value = history_json(&w, wrapped);
             let mut text = serde_json::to_vec(&value).unwrap();
             for (at, kind, byte) in edits {
                 let at = at % (text.len() + 1);
@@ -367,11 +372,7 @@ mod tests {
             pretty: bool,
             wrapped: bool,
         ) {
-            let value = if wrapped {
-                serde_json::json!({ "windows": w })
-            } else {
-                serde_json::json!(w)
-            };
+            let value = history_json(&w, wrapped);
             let text = if pretty {
                 serde_json::to_string_pretty(&value).unwrap()
             } else {
