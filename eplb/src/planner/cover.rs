@@ -12,9 +12,17 @@
 //! fewest contents still compatible with the counts decided so far, the remaining appearances
 //! and the slack left), and places all of an expert's remaining appearances in one go, in
 //! non-decreasing list order, so that each cover is generated once up to the order of its
-//! ranks. A content is compatible when its shortfall fits the slack left and each member's
-//! count agrees with the count already decided (with an appearance left). States refuted are
-//! remembered (counts and remaining appearances; within one search the cut only falls).
+//! ranks. A content is compatible when its shortfall fits the slack left, each member's
+//! count agrees with the count already decided (with an appearance left) and the replica
+//! counts still fit the slots after it ([`contents::NextRank`]: counting contents that leave
+//! the counts no room as options made most of the nodes on the sweep's slowest layer). States
+//! refuted are remembered (counts and remaining appearances; within one search the cut only
+//! falls).
+//!
+//! Most contents scanned are not compatible (97% on that layer). A group (the appearances of
+//! one expert) sieves the lists it scans: the entries that pass the cheap part of the test
+//! there, a superset of those compatible anywhere below it, so the groups below scan the
+//! sieve of the innermost group that made one instead of the whole list ([`Search::sieve`]).
 //!
 //! On the near-perfect partitions where the rank-by-rank search ([`super::ranks`]) stalls (16
 //! experts on 8 ranks of 4 slots: the optimum 2e-4 above the mean), cumulative slack and the
@@ -27,16 +35,26 @@
 
 use std::collections::HashSet;
 
-use super::contents;
+use super::contents::{self, NextRank};
 use super::exact::{ExactResult, spend_node};
 use super::problem::{Problem, fewest_replicas};
 
-/// Node budget of one layer (a node is one content listed or one cover state visited, 0.5-1
-/// us on the sweep's machine). With the probes sharing their lists ([`Prover`]): 3M proves
-/// every one-window layer of the sweep (the hardest, uniform 16 experts on 8 x 4, in 1.75-2.2
-/// s); 2M leaves that layer 0.013% open and one 4 x 6 layer 0.004%. (Before the lists were
-/// shared: 2M proved 9 of 10 uniform 8 x 4 layers, 1M 1 of 10.)
+/// Node budget of one layer (a node is one content listed or one cover state visited, 0.5-2
+/// us on the sweep's machine). With the probes sharing their lists ([`Prover`]): 3M proved
+/// every one-window layer of the sweep (the hardest, uniform 16 experts on 8 x 4, with 2.05M
+/// nodes; since ranks that leave the counts no room are not counted as options
+/// ([`contents::NextRank`]) and the ascent's step triples, with 0.46M); 2M left that layer
+/// 0.013% open and one 4 x 6 layer 0.004%. (Before the lists were shared: 2M proved 9 of 10
+/// uniform 8 x 4 layers, 1M 1 of 10.)
 pub(crate) const COVER_NODES: usize = 3_000_000;
+/// The ascent's step grows this many times after each refutation with the cover search
+/// (instead of 2: [`super::prove::ascend_by`]). A probe's cost grows steeply with its distance
+/// above the optimum (it searches a wider window before its covers narrow it): on the sweep's
+/// 16-expert 8 x 4 layers the first probe above the optimum was most of the proof. Measured
+/// on 30 uniform 16-expert 8 x 4 layers (not the sweep's ten): 9.0M cover nodes in all
+/// instead of 11.2M, the slowest 0.58M instead of 0.91M; on every other row of the sweep's
+/// cover layers the same or fewer nodes (x4: more on most rows).
+pub(crate) const ASCENT_GROWTH: f64 = 3.0;
 /// More contents than this in the window: the search gives up (the cut is too far above the
 /// mean for a cover to settle anything quickly).
 const MAX_CONTENTS: usize = 300_000;
@@ -85,6 +103,16 @@ struct Search<'p> {
     remember: bool,
     /// States skipped because they were remembered as refuted.
     memo_hits: usize,
+    /// `pair_ok[r * P + list(e, c)]`: whether the next rank, with `r` ranks left, may hold
+    /// expert `e` with count `c` (`P` pairs; one row per level of the search, written by
+    /// [`Self::mark_pairs`]).
+    pair_ok: Vec<bool>,
+    /// Per group on the search's path (its level), the lists it sieved: `(list, positions)`
+    /// ([`Self::sieve`]); levels `depth..` are kept only to reuse their memory.
+    sieves: Vec<Vec<(usize, Vec<u32>)>>,
+    depth: usize,
+    /// Emptied position vectors, for reuse.
+    spare: Vec<Vec<u32>>,
     /// Go on after a cover, counting them all (only to test the memo: a state is remembered
     /// only when no cover was found below it, so the count must not depend on the memo).
     count_all: bool,
@@ -103,8 +131,9 @@ struct Search<'p> {
 struct Entry {
     load: f64,
     id: u32,
-    /// `(expert, count)`, the first `S` used.
-    members: [(u8, u8); MAX_SLOTS],
+    /// Its members `(expert, count)` as the numbers of their lists ([`Search::list`]), the
+    /// first `S` used.
+    pairs: [u16; MAX_SLOTS],
 }
 
 /// Most slots per rank the search takes ([`eligible`]; the list entries hold that many
@@ -205,6 +234,10 @@ impl<'p> Search<'p> {
             memo: HashSet::new(),
             remember: true,
             memo_hits: 0,
+            sieves: Vec::new(),
+            depth: 0,
+            spare: Vec::new(),
+            pair_ok: vec![false; (p.g + 1) * p.e * (p.g.min(p.max_rep) + 1)],
             count_all: false,
             covers: 0,
             best: None,
@@ -369,11 +402,11 @@ impl<'p> Search<'p> {
             let mut entry = Entry {
                 load: self.load[i],
                 id: i as u32,
-                members: [(0, 0); MAX_SLOTS],
+                pairs: [0; MAX_SLOTS],
             };
-            for (slot, &(e, c)) in entry.members.iter_mut().zip(&self.members[i * s..]) {
-                // Experts (at most 16) and counts (at most the ranks, fewer than 256) fit.
-                *slot = (e as u8, c as u8);
+            for (slot, &(e, c)) in entry.pairs.iter_mut().zip(&self.members[i * s..]) {
+                // At most 16 experts and 256 counts: the list numbers fit.
+                *slot = self.list(e, c) as u16;
             }
             for &(e, c) in &self.members[i * s..(i + 1) * s] {
                 let list = self.list(e, c);
@@ -396,26 +429,87 @@ impl<'p> Search<'p> {
         true
     }
 
-    /// Whether a content (within the slack) can be the next rank.
-    fn compatible(&self, entry: &Entry, ranks_left: usize) -> bool {
-        entry.members[..self.p.s].iter().all(|&(f, c)| {
-            let (f, c) = (usize::from(f), usize::from(c));
-            if self.counts.label[f] == 0 {
-                c <= ranks_left
-            } else {
-                self.counts.label[f] == c && self.counts.rem[f] >= 1
+    /// Marks which `(expert, count)` pairs the next of `ranks_left` ranks may hold (see
+    /// [`Self::compatible`]). Below the first rank only the content placed last and the count
+    /// `ranks_left + 1` of open experts change: the row of the level above is copied and
+    /// those patched (rebuilding every row at every node cost 10% more on the sweep's slowest
+    /// zipf 8 x 4 layer). The marks only filter: [`Self::admits`] tests each member again, so
+    /// a mark left standing costs time, never a cover; one missing loses covers (clearing the
+    /// count `ranks_left` instead fails seven of the cover tests).
+    fn mark_pairs(&mut self, ranks_left: usize) {
+        let pairs = self.p.e * (self.cap + 1);
+        let here = ranks_left * pairs;
+        let Some(&last) = self.chosen.last() else {
+            for e in 0..self.p.e {
+                self.mark_expert(here, e, ranks_left);
             }
-        })
+            return;
+        };
+        self.pair_ok
+            .copy_within(here + pairs..here + 2 * pairs, here);
+        if ranks_left < self.cap {
+            for e in 0..self.p.e {
+                if self.counts.label[e] == 0 {
+                    self.pair_ok[here + e * (self.cap + 1) + ranks_left + 1] = false;
+                }
+            }
+        }
+        let s = self.p.s;
+        let last = last as usize;
+        for m in last * s..(last + 1) * s {
+            self.mark_expert(here, self.members[m].0, ranks_left);
+        }
+    }
+
+    /// The pairs of expert `e` in the level starting at `here`.
+    fn mark_expert(&mut self, here: usize, e: usize, ranks_left: usize) {
+        let (label, rem) = (self.counts.label[e], self.counts.rem[e]);
+        let row = here + e * (self.cap + 1);
+        for (c, ok) in self.pair_ok[row..row + self.cap + 1].iter_mut().enumerate() {
+            *ok = if label == 0 {
+                (1..=ranks_left).contains(&c)
+            } else {
+                c == label && rem >= 1
+            };
+        }
+    }
+
+    /// Whether a content (within the slack) can be the next rank. Most contents scanned are
+    /// not (97% on the sweep's slowest layer): the pairs marked by [`Self::mark_pairs`]
+    /// reject those in a few table reads, and the rest get the full test.
+    #[inline(always)]
+    fn compatible(&self, entry: &Entry, next: &NextRank) -> bool {
+        self.pairs_ok(entry, next) && self.admits(entry, next)
+    }
+
+    /// The first part of [`Self::compatible`]: every member's pair is marked.
+    #[inline(always)]
+    fn pairs_ok(&self, entry: &Entry, next: &NextRank) -> bool {
+        let pairs = self.p.e * (self.cap + 1);
+        let ok = &self.pair_ok[next.ranks_left * pairs..(next.ranks_left + 1) * pairs];
+        entry.pairs[..self.p.s].iter().all(|&q| ok[usize::from(q)])
+    }
+
+    /// The second: the counts fit the slots after it.
+    #[inline(always)]
+    fn admits(&self, entry: &Entry, next: &NextRank) -> bool {
+        let s = self.p.s;
+        let i = entry.id as usize;
+        self.counts.admits(
+            next,
+            &self.fewest,
+            self.members[i * s..(i + 1) * s].iter().copied(),
+        )
     }
 
     /// Contents of `list` compatible now, counted up to `limit`.
-    fn count(&self, list: &[Entry], ranks_left: usize, limit: usize) -> usize {
+    fn count(&self, list: &[Entry], next: &NextRank, limit: usize) -> usize {
         let mut n = 0;
         for entry in list {
             if !self.within_slack(entry.load) {
                 break;
             }
-            if self.compatible(entry, ranks_left) {
+            if self.compatible(entry, next) {
                 n += 1;
                 if n >= limit {
                     break;
@@ -437,10 +531,11 @@ impl<'p> Search<'p> {
         self.counts.undo(&self.members[i * s..(i + 1) * s]);
     }
 
-    /// Replicas owed and replica counts still open fit the empty slots.
-    fn slots_fit(&self, ranks_left: usize) -> bool {
+    /// What the next rank must satisfy; `None` when the replicas owed and the counts still
+    /// open do not fit the empty slots.
+    fn next_rank(&self, ranks_left: usize) -> Option<NextRank> {
         self.counts
-            .slots_fit(&self.fewest, self.cap, self.p.s, ranks_left)
+            .next_rank(&self.fewest, self.cap, self.p.s, ranks_left)
     }
 
     fn key(&self) -> Vec<u8> {
@@ -463,13 +558,14 @@ impl<'p> Search<'p> {
             self.record();
             return !self.count_all;
         }
-        if !self.slots_fit(ranks_left) {
+        let Some(next) = self.next_rank(ranks_left) else {
             return false;
-        }
+        };
+        self.mark_pairs(ranks_left);
         if let Some((e, from)) = group
             && self.counts.rem[e] > 0
         {
-            return self.branch(ranks_left, e, self.counts.label[e], from);
+            return self.branch(&next, e, self.counts.label[e], from);
         }
         let key = self.key();
         if self.memo.contains(&key) {
@@ -477,78 +573,150 @@ impl<'p> Search<'p> {
             return false;
         }
         let covers_before = self.covers;
-        // The most constrained expert: one with appearances owed, else an undecided one.
+        self.open_level();
+        let found = self.choose_and_branch(&next);
+        self.close_level();
+        match found {
+            None => self.refuted(key),
+            Some(false) if !self.aborted && self.covers == covers_before => self.refuted(key),
+            Some(found) => found,
+        }
+    }
+
+    /// At the start of a group: branches on the most constrained expert (one with appearances
+    /// owed, else an undecided one); `None` when some expert has no compatible content left.
+    fn choose_and_branch(&mut self, next: &NextRank) -> Option<bool> {
+        let ranks_left = next.ranks_left;
         let mut pick: Option<(usize, usize)> = None;
         for e in 0..self.p.e {
             if self.counts.label[e] == 0 || self.counts.rem[e] == 0 {
                 continue;
             }
-            let limit = pick.map_or(usize::MAX, |b| b.1);
-            let n = self.count(
-                &self.by[self.list(e, self.counts.label[e])],
-                ranks_left,
-                limit,
-            );
+            let n = self.sieve(self.list(e, self.counts.label[e]), next);
             if n == 0 {
-                return self.refuted(key);
+                return None;
+            }
+            if pick.is_none_or(|b| n < b.1) {
+                pick = Some((e, n));
+            }
+        }
+        if let Some((e, _)) = pick {
+            return Some(self.branch(next, e, self.counts.label[e], 0));
+        }
+        for e in 0..self.p.e {
+            if self.counts.label[e] != 0 {
+                continue;
+            }
+            let limit = pick.map_or(usize::MAX, |b| b.1);
+            let mut n = 0;
+            for c in self.fewest[e]..=self.cap.min(ranks_left) {
+                n += self.count(&self.by[self.list(e, c)], next, limit - n);
+                if n >= limit {
+                    break;
+                }
+            }
+            if n == 0 {
+                return None;
             }
             if n < limit {
                 pick = Some((e, n));
             }
         }
-        let found = if let Some((e, _)) = pick {
-            self.branch(ranks_left, e, self.counts.label[e], 0)
-        } else {
-            for e in 0..self.p.e {
-                if self.counts.label[e] != 0 {
-                    continue;
-                }
-                let limit = pick.map_or(usize::MAX, |b| b.1);
-                let mut n = 0;
-                for c in self.fewest[e]..=self.cap.min(ranks_left) {
-                    n += self.count(&self.by[self.list(e, c)], ranks_left, limit - n);
-                    if n >= limit {
-                        break;
-                    }
-                }
-                if n == 0 {
-                    return self.refuted(key);
-                }
-                if n < limit {
-                    pick = Some((e, n));
-                }
+        let (e, _) = pick?;
+        for c in self.fewest[e]..=self.cap.min(ranks_left) {
+            if self.branch(next, e, c, 0) {
+                return Some(true);
             }
-            let Some((e, _)) = pick else {
-                return false;
-            };
-            let mut found = false;
-            for c in self.fewest[e]..=self.cap.min(ranks_left) {
-                if self.branch(ranks_left, e, c, 0) {
-                    found = true;
-                    break;
-                }
-                if self.aborted {
-                    break;
-                }
+            if self.aborted {
+                break;
             }
-            found
-        };
-        if !found && !self.aborted && self.covers == covers_before {
-            return self.refuted(key);
         }
-        found
+        Some(false)
+    }
+
+    /// A group starts: a level of sieves above those of the groups it lies in.
+    fn open_level(&mut self) {
+        if self.depth == self.sieves.len() {
+            self.sieves.push(Vec::new());
+        }
+        let spare = &mut self.spare;
+        spare.extend(self.sieves[self.depth].drain(..).map(|(_, mut at)| {
+            at.clear();
+            at
+        }));
+        self.depth += 1;
+    }
+
+    fn close_level(&mut self) {
+        self.depth -= 1;
+    }
+
+    /// The sieve of `list` at the current level, when it was made.
+    fn sieve_of(&self, list: usize) -> Option<usize> {
+        let level = self.sieves.get(self.depth.checked_sub(1)?)?;
+        level.iter().position(|(l, _)| *l == list)
+    }
+
+    /// Sieves `list` for the current level: keeps the positions of the entries within the
+    /// slack whose pairs the next rank may hold, from the innermost enclosing group's sieve of
+    /// it when there is one (a superset: along a path counts only get decided, appearances owed,
+    /// ranks left and slack only fall, so an entry that fails this test fails it below too),
+    /// else from the whole list. Returns how many of them are compatible.
+    fn sieve(&mut self, list: usize, next: &NextRank) -> usize {
+        let mut at = self.spare.pop().unwrap_or_default();
+        let outer = (0..self.depth.saturating_sub(1)).rev().find_map(|up| {
+            let k = self.sieves[up].iter().position(|(l, _)| *l == list)?;
+            Some((up, k))
+        });
+        let len = match outer {
+            Some((up, k)) => self.sieves[up][k].1.len(),
+            None => self.by[list].len(),
+        };
+        let mut n = 0;
+        for i in 0..len {
+            let pos = match outer {
+                Some((up, k)) => self.sieves[up][k].1[i] as usize,
+                None => i,
+            };
+            let entry = &self.by[list][pos];
+            if !self.within_slack(entry.load) {
+                break;
+            }
+            if !self.pairs_ok(entry, next) {
+                continue;
+            }
+            at.push(pos as u32);
+            n += usize::from(self.admits(entry, next));
+        }
+        self.sieves[self.depth - 1].push((list, at));
+        n
     }
 
     /// Tries each compatible content of the list of expert `e` with count `c`, from position
     /// `from` on, as the next rank.
-    fn branch(&mut self, ranks_left: usize, e: usize, c: usize, from: usize) -> bool {
+    fn branch(&mut self, next: &NextRank, e: usize, c: usize, from: usize) -> bool {
+        let ranks_left = next.ranks_left;
         let list = self.list(e, c);
-        for n in from..self.by[list].len() {
+        // The group's sieve of the list when it has one (the same entries in the same order,
+        // less some that cannot be the next rank), else the list.
+        let sieve = self.sieve_of(list);
+        let (start, end) = match sieve {
+            Some(k) => {
+                let at = &self.sieves[self.depth - 1][k].1;
+                (at.partition_point(|&pos| (pos as usize) < from), at.len())
+            }
+            None => (from, self.by[list].len()),
+        };
+        for i in start..end {
+            let n = match sieve {
+                Some(k) => self.sieves[self.depth - 1][k].1[i] as usize,
+                None => i,
+            };
             let entry = self.by[list][n];
             if !self.within_slack(entry.load) {
                 break;
             }
-            if !self.compatible(&entry, ranks_left) {
+            if !self.compatible(&entry, next) {
                 continue;
             }
             let i = entry.id as usize;
@@ -605,7 +773,7 @@ mod tests {
     use crate::planner::problem::{
         brute_force_optimum, check_ascent, check_search_at_optimum, rank_sets_optimum,
     };
-    use crate::planner::{exact, ranks};
+    use crate::planner::{exact, joint, prove, ranks};
     use crate::shape::Shape;
     use proptest::prelude::*;
 
@@ -673,6 +841,33 @@ mod tests {
         let got = p.objective(&res.row).0;
         assert!((got - 1.000_233_620_048_847_7).abs() < 1e-9, "{got}");
         assert!(find_duplicate(&res.row, 4).is_none());
+    }
+
+    /// The sweep's slowest one-window layer (uniform, 16 experts on 8 x 4, optimum 1.000303
+    /// times the mean, proven by `joint` before with 2.05M cover nodes in 1.75-2.2 s): the
+    /// ascent as `joint` runs it proves it within 600,000 nodes (it needs 0.46M). Without the
+    /// next rank's fit test ([`contents::NextRank`]) or with the step doubling it needs
+    /// more (0.83M with the step doubling).
+    #[test]
+    fn proves_the_sweeps_slowest_layer_within_600k_nodes() {
+        let loads = [
+            1278.0, 1418.0, 1158.0, 1191.0, 1150.0, 664.0, 686.0, 1227.0, 786.0, 797.0, 993.0,
+            1241.0, 1342.0, 898.0, 1142.0, 520.0,
+        ];
+        let p = problem(&loads, 8, 32);
+        let shape = Shape::new(16, 16, 8, 1, 1).expect("a valid shape");
+        let start = prove::Proof::start(&p, joint::heuristic(&p, &shape, false));
+        let mut prover = Prover::new(&p);
+        let proof = prove::ascend_by(&p, start, 600_000, 0, ASCENT_GROWTH, |t, n| {
+            prover.solve(t, n)
+        });
+        assert!(proof.optimal, "gap {}", proof.gap());
+        assert!(
+            (proof.objective - 1.000_303_196).abs() < 1e-8,
+            "{}",
+            proof.objective
+        );
+        assert!(find_duplicate(&proof.row, 4).is_none());
     }
 
     /// A uniform 16-expert layer of the sweep on 4 x 6 (optimum 2e-5 above the mean): with 2M
@@ -750,6 +945,19 @@ mod tests {
             let mut prover = Prover::new(&p);
             check_ascent(&p, want, budget, |_, t, n| prover.solve(t, n))
                 .map_err(TestCaseError::fail)?;
+            // With the step `joint` grows by.
+            let mut prover = Prover::new(&p);
+            let start: Vec<usize> = (0..p.slots()).map(|i| i % p.e).collect();
+            let proof = prove::ascend_by(
+                &p,
+                prove::Proof::start(&p, start),
+                budget,
+                budget / 2,
+                ASCENT_GROWTH,
+                |t, n| prover.solve(t, n),
+            );
+            prop_assert!(proof.lower <= want + 1e-9 && proof.objective >= want - 1e-9);
+            prop_assert!(!proof.optimal || (proof.objective - want).abs() < 1e-9);
         }
     }
 
@@ -844,7 +1052,8 @@ mod tests {
     /// a finished search has the rank-set oracle's optimum (or nothing, below it). Planted
     /// bugs it caught in review (each in under 0.2 s): the window's lower end 0.1% too high,
     /// groups that skip identical ranks, `slots_fit` strict at its upper end, a suffix bound
-    /// too small, the lists sorted lightest first. (Memo keys without the remaining
+    /// too small, the lists sorted lightest first, a group's sieve skipping the content it placed
+    /// last (so no content repeats). (Memo keys without the remaining
     /// appearances, or refutations remembered mid-group, it does not catch: they need larger
     /// layers than the oracle reaches; `memo_skips_only_states_without_a_cover` catches both.)
     #[test]

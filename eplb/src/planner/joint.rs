@@ -192,8 +192,9 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         // proves it needs most of the budget: with half, 1 of 5 12-expert 4 x 6 layers proven
         // instead of 3).
         let reserve = if p.w == 1 { nodes / 2 } else { nodes / 8 };
+        let growth = if use_cover { cover::ASCENT_GROWTH } else { 2.0 };
         let mut cover = cover::Prover::new(p);
-        start = prove::ascend(p, start, nodes, reserve, |target, nodes| {
+        start = prove::ascend_by(p, start, nodes, reserve, growth, |target, nodes| {
             if use_cover {
                 cover.solve(target, nodes)
             } else if use_episodes {

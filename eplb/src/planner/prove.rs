@@ -111,24 +111,38 @@ pub(crate) fn prove_from(
     out
 }
 
-/// First probe of [`ascend`], relative to the lower bound.
+/// First probe of [`ascend_by`], relative to the lower bound.
 const FIRST_STEP: f64 = 1e-6;
 
-/// Proves from below: probes at `lower * (1 + step)` with the step doubling after each
-/// refutation, until a probe finds a placement and finishes (it is optimal) or the budget is
-/// spent; a probe reaching the incumbent is the full proof. For searches whose cost grows with
+/// [`ascend_by`] with the step doubling (the tests' probes of other searches).
+#[cfg(test)]
+pub(crate) fn ascend(
+    p: &Problem,
+    out: Proof,
+    budget: usize,
+    reserve: usize,
+    probe: impl FnMut(f64, usize) -> ExactResult,
+) -> Proof {
+    ascend_by(p, out, budget, reserve, 2.0, probe)
+}
+
+/// Proves from below: probes at `lower * (1 + step)` with the step multiplied by `growth`
+/// after each refutation (2 for the other searches, [`super::cover::ASCENT_GROWTH`] for the
+/// cover search), until a probe finds a placement and finishes (it is optimal) or the budget
+/// is spent; a probe reaching the incumbent is the full proof. For searches whose cost grows with
 /// the distance of the cut above the mean ([`super::ranks`]): the refutations just above the
-/// lower bound are cheap, and the probe that first finds a placement is at most twice as far
-/// above the bound as the optimum. `reserve` nodes of the budget are kept back: when a probe
+/// lower bound are cheap, and the probe that first finds a placement is at most `growth` times as
+/// far above the bound as the optimum. `reserve` nodes of the budget are kept back: when a probe
 /// runs out without a placement, probes four steps higher each look for a placement in a
 /// wider window with half of what is left (near-perfect partitions: the refutation stalls at
 /// some distance, but placements a little further up are found quickly and narrow the proven
 /// gap).
-pub(crate) fn ascend(
+pub(crate) fn ascend_by(
     p: &Problem,
     mut out: Proof,
     budget: usize,
     reserve: usize,
+    growth: f64,
     mut probe: impl FnMut(f64, usize) -> ExactResult,
 ) -> Proof {
     let mut left = budget;
@@ -164,7 +178,7 @@ pub(crate) fn ascend(
             (false, true) if target >= out.objective => return out.settled(),
             (false, true) => {
                 out.lower = out.lower.max(target - MARGIN);
-                step *= 2.0;
+                step *= growth;
             }
             // A better placement, not proven best: go on refuting from the same step.
             (true, false) => {}
