@@ -22,7 +22,7 @@ use super::exact;
 use super::greedy::greedy_row;
 use super::neighbourhood;
 use super::pairs;
-use super::problem::{Problem, State, water_fill};
+use super::problem::{Problem, State, better, water_fill};
 use super::prove;
 use super::ranks;
 
@@ -75,7 +75,7 @@ fn construct(p: &Problem, cnt: &[usize]) -> Vec<usize> {
                 q += o * l;
             }
             let cand = (f, q, r);
-            if best.is_none_or(|b| f < b.0 - 1e-12 || (f <= b.0 + 1e-12 && q < b.1 - 1e-12)) {
+            if best.is_none_or(|b| better((f, q), (b.0, b.1))) {
                 best = Some(cand);
             }
         }
@@ -120,11 +120,7 @@ pub(crate) fn heuristic(p: &Problem, shape: &Shape, with_previous: bool) -> Vec<
     }
     let (fa, fb) = (a.objective(), b.objective());
 
-    if fb.0 < fa.0 - 1e-12 || (fb.0 <= fa.0 + 1e-12 && fb.1 < fa.1 - 1e-12) {
-        b.row
-    } else {
-        a.row
-    }
+    if better(fb, fa) { b.row } else { a.row }
 }
 
 /// Budget of the quick proof before the searches that prove from below (one episode).

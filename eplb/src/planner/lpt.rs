@@ -7,7 +7,7 @@
 
 use crate::placement::repair_duplicates;
 
-use super::problem::{Problem, water_fill};
+use super::problem::{Problem, better, water_fill};
 
 /// One layer's multi-episode LPT row.
 pub(crate) fn lpt_row(p: &Problem) -> Vec<usize> {
@@ -56,8 +56,7 @@ pub(crate) fn lpt_row(p: &Problem) -> Vec<usize> {
                 peak = peak.max(l);
                 sum += l;
             }
-            if best.is_none_or(|b| peak < b.0 - 1e-12 || (peak <= b.0 + 1e-12 && sum < b.1 - 1e-12))
-            {
+            if best.is_none_or(|b| better((peak, sum), (b.0, b.1))) {
                 best = Some((peak, sum, r));
             }
         }

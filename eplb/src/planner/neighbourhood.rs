@@ -13,7 +13,7 @@
 //! the mean, where a long exact search found 1.0145 on one layer); re-placing three ranks at
 //! once reaches placements no single swap leads to.
 
-use super::problem::{Problem, State};
+use super::problem::{Problem, State, better};
 
 /// Branch-and-bound nodes of [`improve`] in `joint` (about 15M a second): on the sweep's
 /// 16-expert 8 x 4 layers with four windows 2M took the median proven gap from 2.1% to 1.65%
@@ -48,12 +48,6 @@ fn largest_size(p: &Problem) -> usize {
         m += 1;
     }
     m.min(p.g)
-}
-
-/// `(F, Q)` strictly better than `best` (F first; Q, the weighted sum of squared rank loads,
-/// breaks ties so that the search can cross plateaus of F without cycling).
-fn better(f: f64, q: f64, best: (f64, f64)) -> bool {
-    f < best.0 - 1e-12 || (f <= best.0 + 1e-12 && q < best.1 - 1e-12)
 }
 
 /// One neighbourhood's exact re-placement (branch and bound over its replicas).
@@ -106,7 +100,9 @@ impl Split<'_> {
         }
         if i == self.items.len() {
             let q = self.q();
-            if better(f, q, self.best) {
+            // Q, the weighted sum of squared rank loads, breaks ties of F so that the
+            // search can cross plateaus of F without cycling.
+            if better((f, q), self.best) {
                 self.best = (f, q);
                 self.best_assign = Some(self.assign.clone());
             }

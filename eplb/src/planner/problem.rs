@@ -316,7 +316,10 @@ pub(crate) struct State<'p> {
     pub pos: Vec<Vec<usize>>,
 }
 
-fn better(d: (f64, f64), best: (f64, f64)) -> bool {
+/// `d` strictly better than `best`, both `(primary, tie-break)`: the primary lower by more
+/// than 1e-12, or level with it and the tie-break lower by more than 1e-12. Every search here
+/// ranks `(F, Q)` pairs (or a peak and a sum) this way.
+pub(crate) fn better(d: (f64, f64), best: (f64, f64)) -> bool {
     if d.0 < best.0 - 1e-12 {
         return true;
     }
