@@ -791,8 +791,7 @@ mod tests {
 
     /// A one-episode layer on `g` ranks and `slots` slots.
     fn problem(loads: &[f64], g: usize, slots: usize) -> Problem {
-        let shape = Shape::new(loads.len(), slots - loads.len(), g, 1, 1).expect("a valid shape");
-        Problem::new(&[loads], g, slots, 0.6, shape.max_replicas())
+        crate::planner::problem::test_layer(&[loads.to_vec()], g, slots, 0.6).0
     }
 
     proptest! {

@@ -465,13 +465,7 @@ mod tests {
     /// A layer of `rows.len()` episodes on `g` ranks and `slots` slots (recency 0.6, as
     /// `joint` plans), and its shape.
     fn layer(rows: &[Vec<f64>], g: usize, slots: usize) -> (Problem, Shape) {
-        let e = rows[0].len();
-        let shape = Shape::new(e, slots - e, g, 1, 1).expect("a valid shape");
-        let refs: Vec<&[f64]> = rows.iter().map(Vec::as_slice).collect();
-        (
-            Problem::new(&refs, g, slots, 0.6, shape.max_replicas()),
-            shape,
-        )
+        crate::planner::problem::test_layer(rows, g, slots, 0.6)
     }
 
     /// Loads with ties, zeros or one dominant expert (each episode drawn the same way).

@@ -375,10 +375,8 @@ mod tests {
         (5, 8, 2),
     ];
 
-    fn problem(e: usize, slots: usize, g: usize, rows: &[Vec<f64>]) -> Problem {
-        let refs: Vec<&[f64]> = rows.iter().map(Vec::as_slice).collect();
-        let shape = crate::shape::Shape::new(e, slots - e, g, 1, 1).expect("a valid tiny shape");
-        Problem::new(&refs, g, slots, 0.6, shape.max_replicas())
+    fn problem(slots: usize, g: usize, rows: &[Vec<f64>]) -> Problem {
+        crate::planner::problem::test_layer(rows, g, slots, 0.6).0
     }
 
     fn rows(e: usize, windows: usize, seed: &[u32], hot: &[bool]) -> Vec<Vec<f64>> {
@@ -469,7 +467,7 @@ mod tests {
             set_seed in 0usize..1000,
         ) {
             let (e, slots, g) = TINY[case];
-            let p = problem(e, slots, g, &rows(e, windows, &seed, &hot));
+            let p = problem(slots, g, &rows(e, windows, &seed, &hot));
             prop_assume!(eligible(&p));
             let row = start_row(&p, &pick);
             prop_assume!(find_duplicate(&row, p.s).is_none());
@@ -519,7 +517,7 @@ mod tests {
             budget in 1usize..200_000,
         ) {
             let (e, slots, g) = TINY[case];
-            let p = problem(e, slots, g, &rows(e, windows, &seed, &hot));
+            let p = problem(slots, g, &rows(e, windows, &seed, &hot));
             prop_assume!(eligible(&p));
             let row = start_row(&p, &pick);
             prop_assume!(find_duplicate(&row, p.s).is_none());
@@ -562,7 +560,7 @@ mod tests {
             ],
         ];
         let rows: Vec<Vec<f64>> = windows.iter().map(|w| w.to_vec()).collect();
-        let p = problem(16, 32, 8, &rows);
+        let p = problem(32, 8, &rows);
         let shape = crate::shape::Shape::new(16, 16, 8, 1, 1).expect("a valid shape");
         let start = crate::planner::joint::heuristic(&p, &shape, false);
         let before = p.episode_par(&start);

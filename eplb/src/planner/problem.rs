@@ -790,6 +790,24 @@ pub(crate) fn next_row(row: &mut [usize], e: usize) -> bool {
     false
 }
 
+/// For the tests: a layer of `windows.len()` episodes of `windows[0].len()` experts on `g`
+/// ranks and `slots` slots, replicas capped as its shape caps them, and that shape.
+#[cfg(test)]
+pub(crate) fn test_layer(
+    windows: &[Vec<f64>],
+    g: usize,
+    slots: usize,
+    recency: f64,
+) -> (Problem, crate::shape::Shape) {
+    let e = windows[0].len();
+    let shape = crate::shape::Shape::new(e, slots - e, g, 1, 1).expect("a valid test shape");
+    let refs: Vec<&[f64]> = windows.iter().map(Vec::as_slice).collect();
+    (
+        Problem::new(&refs, g, slots, recency, shape.max_replicas()),
+        shape,
+    )
+}
+
 /// For the tests: the objective of an exact search's answer after checking that its row is a
 /// valid placement (every slot filled, no expert twice on a rank, every count in range), and
 /// whether the search finished.

@@ -266,9 +266,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        let refs: Vec<&[f64]> = rows.iter().map(Vec::as_slice).collect();
-        let shape = crate::shape::Shape::new(e, slots - e, g, 1, 1).expect("a valid tiny shape");
-        Problem::new(&refs, g, slots, 0.6, shape.max_replicas())
+        crate::planner::problem::test_layer(&rows, g, slots, 0.6).0
     }
 
     proptest! {

@@ -602,7 +602,6 @@ mod tests {
     use crate::placement::find_duplicate;
     use crate::planner::exact;
     use crate::planner::problem::{brute_force_optimum, check_ascent, check_search_at_optimum};
-    use crate::shape::Shape;
     use proptest::prelude::*;
 
     /// Tiny shapes `(E, slots, G)` with three or more slots per rank, small enough for the
@@ -620,16 +619,7 @@ mod tests {
     /// Cases of [`matches_rank_set_oracle_near_the_optimum`].
     const CASES: usize = 210;
 
-    /// A layer of `windows.len()` episodes on `g` ranks and `slots` slots, and its shape.
-    fn layer(windows: &[Vec<f64>], g: usize, slots: usize, recency: f64) -> (Problem, Shape) {
-        let e = windows[0].len();
-        let shape = Shape::new(e, slots - e, g, 1, 1).expect("a valid shape");
-        let refs: Vec<&[f64]> = windows.iter().map(Vec::as_slice).collect();
-        (
-            Problem::new(&refs, g, slots, recency, shape.max_replicas()),
-            shape,
-        )
-    }
+    use crate::planner::problem::test_layer as layer;
 
     /// A problem of `windows.len()` episodes (recency 0.6, as `joint` plans).
     fn problem_of(windows: &[Vec<f64>], g: usize, slots: usize) -> Problem {
