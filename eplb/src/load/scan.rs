@@ -33,6 +33,17 @@ pub(crate) fn integer_windows(text: &[u8]) -> Option<(Vec<Vec<Vec<f64>>>, &'stat
     (s.peek().is_none()).then_some(found)
 }
 
+/// The first position at or after `at` that is not JSON whitespace (space, LF, CR, tab).
+fn after_space(text: &[u8], mut at: usize) -> usize {
+    while text
+        .get(at)
+        .is_some_and(|c| matches!(c, b' ' | b'\n' | b'\r' | b'\t'))
+    {
+        at += 1;
+    }
+    at
+}
+
 struct Scanner<'a> {
     text: &'a [u8],
     at: usize,
@@ -41,13 +52,8 @@ struct Scanner<'a> {
 impl Scanner<'_> {
     /// The next byte after JSON whitespace.
     fn peek(&mut self) -> Option<u8> {
-        while let Some(&c) = self.text.get(self.at) {
-            if !matches!(c, b' ' | b'\n' | b'\r' | b'\t') {
-                return Some(c);
-            }
-            self.at += 1;
-        }
-        None
+        self.at = after_space(self.text, self.at);
+        self.text.get(self.at).copied()
     }
 
     fn eat(&mut self, c: u8) -> Option<()> {
@@ -85,16 +91,8 @@ impl Scanner<'_> {
         }
         let text = self.text;
         let mut at = self.at;
-        let skip_space = |at: &mut usize| {
-            while text
-                .get(*at)
-                .is_some_and(|c| matches!(c, b' ' | b'\n' | b'\r' | b'\t'))
-            {
-                *at += 1;
-            }
-        };
         loop {
-            skip_space(&mut at);
+            at = after_space(text, at);
             let (value, digits) = match text.get(at..at + 8).and_then(short_number) {
                 Some(found) => found,
                 None => long_number(text.get(at..)?),
@@ -105,7 +103,7 @@ impl Scanner<'_> {
             }
             at += digits;
             out.push(value as f64);
-            skip_space(&mut at);
+            at = after_space(text, at);
             match text.get(at)? {
                 b',' => at += 1,
                 b']' => {
