@@ -20,14 +20,12 @@ use super::cover;
 use super::episodes;
 use super::exact;
 use super::greedy::greedy_row;
+use super::local_search::{MAX_ITERS, State};
 use super::neighbourhood;
 use super::pairs;
-use super::problem::{Problem, State, better, water_fill};
+use super::problem::{Problem, better, water_fill};
 use super::prove;
 use super::ranks;
-
-/// Iteration cap of the local search (each iteration applies one improving move).
-pub(crate) const MAX_ITERS: usize = 400;
 
 pub(crate) struct JointResult {
     pub row: Vec<usize>,

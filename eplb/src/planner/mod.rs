@@ -19,6 +19,7 @@ mod episodes;
 mod exact;
 mod greedy;
 mod joint;
+mod local_search;
 mod lpt;
 mod matching;
 mod neighbourhood;
@@ -37,7 +38,8 @@ use crate::metrics::score_history;
 use crate::placement::Placement;
 use crate::shape::Shape;
 
-use problem::{Problem, State, slots_changed};
+use local_search::State;
+use problem::{Problem, slots_changed};
 
 /// The algorithm `moectl plan` and the operator use when none is named.
 pub const DEFAULT_ALGORITHM: &str = "joint";
@@ -470,7 +472,7 @@ fn plan_one(
             // Warm start: the previous layer improved in place. Taken when it is within
             // `min_improvement` of the fresh plan, because it moves far fewer slots.
             let mut warm = State::new(&p, prev.to_vec());
-            warm.improve(None, joint::MAX_ITERS);
+            warm.improve(None, local_search::MAX_ITERS);
             let f_warm = warm.objective().0;
             let f_fresh = p.episode_par(&row);
             if f_warm <= f_fresh * (1.0 + req.min_improvement) {

@@ -13,7 +13,8 @@
 //! the mean, where a long exact search found 1.0145 on one layer); re-placing three ranks at
 //! once reaches placements no single swap leads to.
 
-use super::problem::{Problem, State, better};
+use super::local_search::{MAX_ITERS, State};
+use super::problem::{Problem, better};
 
 /// Branch-and-bound nodes of [`improve`] in `joint` (about 15M a second): on the sweep's
 /// 16-expert 8 x 4 layers with four windows 2M took the median proven gap from 2.1% to 1.65%
@@ -256,7 +257,7 @@ fn descend(st: &mut State, top: usize, nodes: &mut usize, budget: usize) {
             // Count moves (and swaps) of the local search; it may trade a little F for
             // balance, so only an improvement of F counts.
             let mut ls = State::new(p, st.row.clone());
-            ls.improve(None, super::joint::MAX_ITERS);
+            ls.improve(None, MAX_ITERS);
             if p.episode_par(&ls.row) < p.episode_par(&st.row) - 1e-12 {
                 *st = ls;
                 improved = true;

@@ -2,7 +2,8 @@
 //! ([`revert_towards`]) and spreading replicas over nodes ([`spread_over_nodes`]), each within
 //! a bound on the objective.
 
-use super::problem::{Problem, State, slots_changed};
+use super::local_search::State;
+use super::problem::{Problem, slots_changed};
 
 /// Migration polish: starting from `row`, undo changes relative to `prev` (a swap that puts an
 /// expert back into its old slot, or a single slot given back its old expert) as long as F
