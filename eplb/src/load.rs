@@ -74,29 +74,6 @@ impl LoadHistory {
         LoadHistory::new(vec![window])
     }
 
-    /// Parses a load in any JSON format of [`crate::formats`]: `[L][E]`, `[W][L][E]`,
-    /// `{"windows": [W][L][E]}` (oldest first), the OpenEvolve EPLB data set's
-    /// `{"load_history": [{"logical_expert_load": [L][E]}, ...]}`, or SGLang's
-    /// `{"logical_count": ...}` (passes summed, layers without tokens taken as dense and
-    /// dropped). Use [`crate::formats::read_load_json`] to get the notes and the layout.
-    pub fn from_json_str(text: &str) -> Result<LoadHistory> {
-        // Fast path: well-formed input deserialised straight into numbers (no JSON value
-        // tree, several times faster on a DeepSeek-V3 history). Anything it does not take,
-        // including every malformed input, goes the general way below, whose errors name the
-        // window, layer and expert.
-        if let Some((windows, _)) = typed_windows(text.as_bytes()) {
-            return LoadHistory::new(windows);
-        }
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| EplbError::Load(format!("not valid JSON: {e}")))?;
-        LoadHistory::from_json_value(&v)
-    }
-
-    /// See [`LoadHistory::from_json_str`].
-    pub fn from_json_value(v: &Value) -> Result<LoadHistory> {
-        crate::formats::read_load_json(v, None).map(|f| f.history)
-    }
-
     pub fn num_windows(&self) -> usize {
         self.windows.len()
     }

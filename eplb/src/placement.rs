@@ -1,7 +1,6 @@
 //! Placements (`phy2log` per layer) and every map derived from them.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 #[cfg(test)]
 use serde_json::json;
 
@@ -377,42 +376,6 @@ impl Placement {
                 .map(|r| r.iter().map(|&e| e as usize).collect())
                 .collect(),
         )
-    }
-
-    /// vllm-ascend expert-map JSON: `{"moe_layer_count": L, "layer_list": [{"layer_id": l,
-    /// "device_count": G, "device_list": [{"device_id": r, "device_expert": [ids]}]}]}`.
-    /// Does not check for a rank holding an expert twice (possible only when slots per rank
-    /// exceed experts), which the map cannot express: [`crate::formats::ascend::write`] does.
-    pub fn to_ascend_expert_map(&self) -> Value {
-        crate::formats::ascend::raw(self)
-    }
-
-    /// Reads a vllm-ascend expert map by list position, as vllm-ascend does (see
-    /// [`crate::formats::ascend`], which also returns the notes). `num_logical_experts`: the
-    /// routed expert count; ids from it up are mix_placement shared experts and are stripped.
-    /// Without it, the largest id + 1.
-    pub fn from_ascend_expert_map(
-        v: &Value,
-        num_logical_experts: Option<usize>,
-        num_nodes: usize,
-    ) -> Result<Placement> {
-        crate::formats::ascend::read(v, num_logical_experts, num_nodes).map(|r| r.placement)
-    }
-
-    /// Reads a placement from JSON in any of the forms of
-    /// [`crate::formats::read_placement_json`] that need no extra context: the `moectl plan`
-    /// output (snake_case, `phy2log`; -1 marks unused ranks as in vLLM), the operator's
-    /// [`moe_api::PlacementDocument`] (camelCase), or a vllm-ascend expert map.
-    pub fn from_json_str(text: &str) -> Result<Placement> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| EplbError::Placement(format!("not valid JSON: {e}")))?;
-        Placement::from_json_value(&v)
-    }
-
-    /// See [`Placement::from_json_str`].
-    pub fn from_json_value(v: &Value) -> Result<Placement> {
-        crate::formats::read_placement_json(v, &crate::formats::PlacementContext::default())
-            .map(|(p, _, _)| p)
     }
 }
 

@@ -260,6 +260,28 @@ pub(crate) fn raw(p: &Placement) -> Value {
     json!({"moe_layer_count": p.num_layers, "layer_list": layers})
 }
 
+impl Placement {
+    /// vllm-ascend expert-map JSON: `{"moe_layer_count": L, "layer_list": [{"layer_id": l,
+    /// "device_count": G, "device_list": [{"device_id": r, "device_expert": [ids]}]}]}`.
+    /// Does not check for a rank holding an expert twice (possible only when slots per rank
+    /// exceed experts), which the map cannot express: [`crate::formats::ascend::write`] does.
+    pub fn to_ascend_expert_map(&self) -> Value {
+        raw(self)
+    }
+
+    /// Reads a vllm-ascend expert map by list position, as vllm-ascend does (see
+    /// [`crate::formats::ascend`], which also returns the notes). `num_logical_experts`: the
+    /// routed expert count; ids from it up are mix_placement shared experts and are stripped.
+    /// Without it, the largest id + 1.
+    pub fn from_ascend_expert_map(
+        v: &Value,
+        num_logical_experts: Option<usize>,
+        num_nodes: usize,
+    ) -> Result<Placement> {
+        read(v, num_logical_experts, num_nodes).map(|r| r.placement)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,50 @@ use crate::error::{EplbError, Result};
 use crate::load::{LoadHistory, matrix, typed_windows};
 use crate::placement::Placement;
 
+// The core types' JSON constructors live here, beside the readers they call, so that
+// `load` and `placement` stay below the formats (they know nothing of them).
+impl LoadHistory {
+    /// Parses a load in any JSON format of [`crate::formats`]: `[L][E]`, `[W][L][E]`,
+    /// `{"windows": [W][L][E]}` (oldest first), the OpenEvolve EPLB data set's
+    /// `{"load_history": [{"logical_expert_load": [L][E]}, ...]}`, or SGLang's
+    /// `{"logical_count": ...}` (passes summed, layers without tokens taken as dense and
+    /// dropped). Use [`crate::formats::read_load_json`] to get the notes and the layout.
+    pub fn from_json_str(text: &str) -> Result<LoadHistory> {
+        // Fast path: well-formed input deserialised straight into numbers (no JSON value
+        // tree, several times faster on a DeepSeek-V3 history). Anything it does not take,
+        // including every malformed input, goes the general way below, whose errors name the
+        // window, layer and expert.
+        if let Some((windows, _)) = typed_windows(text.as_bytes()) {
+            return LoadHistory::new(windows);
+        }
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| EplbError::Load(format!("not valid JSON: {e}")))?;
+        LoadHistory::from_json_value(&v)
+    }
+
+    /// See [`LoadHistory::from_json_str`].
+    pub fn from_json_value(v: &Value) -> Result<LoadHistory> {
+        read_load_json(v, None).map(|f| f.history)
+    }
+}
+
+impl Placement {
+    /// Reads a placement from JSON in any of the forms of
+    /// [`crate::formats::read_placement_json`] that need no extra context: the `moectl plan`
+    /// output (snake_case, `phy2log`; -1 marks unused ranks as in vLLM), the operator's
+    /// [`moe_api::PlacementDocument`] (camelCase), or a vllm-ascend expert map.
+    pub fn from_json_str(text: &str) -> Result<Placement> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| EplbError::Placement(format!("not valid JSON: {e}")))?;
+        Placement::from_json_value(&v)
+    }
+
+    /// See [`Placement::from_json_str`].
+    pub fn from_json_value(v: &Value) -> Result<Placement> {
+        read_placement_json(v, &PlacementContext::default()).map(|(p, _, _)| p)
+    }
+}
+
 /// A load read from a file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadFile {
