@@ -13,12 +13,12 @@
 //!
 //! Duplicates: `init_eplb_config` builds each rank's map with
 //! `expert_map[local_placement] = arange(n)`, so an expert listed twice on one device keeps
-//! only its last slot; [`write`](fn@write) refuses such placements.
+//! only its last slot; [`write`](fn@write) refuses such placements and [`read`] such maps.
 //!
 //! Shared experts: with `mix_placement`, vllm-ascend appends the shared experts to every
 //! token's top-k as ids `E .. E+n-1` (`vllm_ascend/ops/fused_moe/experts_selector.py`) and
 //! puts one copy of each on every device. [`read`] with the routed expert count strips them
-//! (with a note) when every device holds each of them equally often, and refuses otherwise;
+//! (with a note) when every device holds each of them once, and refuses otherwise;
 //! they are never read as extra routed experts.
 
 use serde_json::{Value, json};
@@ -59,7 +59,13 @@ pub fn read(v: &Value, num_routed_experts: Option<usize>, num_nodes: usize) -> R
     // moe_layer_count is the MTP layer, which falls back to the default placement).
     let count = match v.get("moe_layer_count") {
         Some(c) => get_usize(c, "moe_layer_count")?,
-        None => layers.len(),
+        None => {
+            notes.push(format!(
+                "no moe_layer_count: all {} layers of layer_list read; vllm-ascend requires the key (it reads data[\"moe_layer_count\"]), add it before serving this map",
+                layers.len()
+            ));
+            layers.len()
+        }
     };
     if count > layers.len() {
         return perr(format!(
@@ -125,6 +131,11 @@ pub fn read(v: &Value, num_routed_experts: Option<usize>, num_nodes: usize) -> R
                     experts.len()
                 ));
             }
+            if let Some(e) = listed_twice(&experts) {
+                return perr(format!(
+                    "layer_list[{pos}].device_list[{dpos}] lists expert {e} twice: vllm-ascend keeps only its last slot there (init_eplb_config maps expert ids to slots), so the map does not say what the device serves; list each expert at most once per device"
+                ));
+            }
             per_dev.push(experts);
         }
         if let Some(prev) = rows.first()
@@ -181,6 +192,15 @@ pub fn read(v: &Value, num_routed_experts: Option<usize>, num_nodes: usize) -> R
     })
 }
 
+/// An id that `device_expert` lists more than once (the first found, in list order).
+fn listed_twice(device_expert: &[usize]) -> Option<usize> {
+    device_expert
+        .iter()
+        .enumerate()
+        .find(|&(i, e)| device_expert[..i].contains(e))
+        .map(|(_, &e)| e)
+}
+
 /// Every device of every layer holds `id` exactly once.
 fn once_per_device(rows: &[Vec<Vec<usize>>], id: usize) -> bool {
     rows.iter()
@@ -188,8 +208,8 @@ fn once_per_device(rows: &[Vec<Vec<usize>>], id: usize) -> bool {
         .all(|dev| dev.iter().filter(|&&e| e == id).count() == 1)
 }
 
-/// Removes ids `>= experts` when every device holds each of them equally often; returns how
-/// many shared ids there are.
+/// Removes ids `>= experts` when every device holds each of them (once: [`read`] refuses a
+/// device listing an id twice); returns how many shared ids there are.
 fn strip_shared(rows: &mut [Vec<Vec<usize>>], experts: usize) -> Result<usize> {
     let max_id = rows.iter().flatten().flatten().copied().max().unwrap_or(0);
     let n = max_id + 1 - experts;
@@ -351,7 +371,7 @@ mod tests {
         let dup = json!({"layer_list": [{"device_list": [{"device_expert": [0, 0]},
             {"device_expert": [1, 2]}]}]});
         let e = read(&dup, None, 1).unwrap_err().to_string();
-        assert!(e.contains("two replicas of expert 0"), "{e}");
+        assert!(e.contains("device_list[0] lists expert 0 twice"), "{e}");
         let short = json!({"moe_layer_count": 2, "layer_list": [{"device_list": [{"device_expert": [0]}]}]});
         assert!(read(&short, None, 1).is_err());
         let long = json!({"moe_layer_count": 1, "layer_list": [
@@ -360,6 +380,42 @@ mod tests {
         let r = read(&long, None, 1).unwrap();
         assert_eq!(r.placement.num_layers, 1);
         assert_eq!(r.notes.len(), 1);
+    }
+
+    /// An expert twice on a device is refused even where a placement may hold it (more slots
+    /// per rank than experts), routed or shared: vllm-ascend would serve it from the last slot
+    /// only, so no placement read from the map says what the device serves.
+    #[test]
+    fn read_refuses_a_device_listing_an_expert_twice() {
+        let forced = json!({"moe_layer_count": 1, "layer_list": [{"device_list": [
+            {"device_expert": [0, 1, 1]}, {"device_expert": [1, 0, 0]}]}]});
+        let e = read(&forced, None, 1).unwrap_err().to_string();
+        assert!(e.contains("device_list[0] lists expert 1 twice"), "{e}");
+        let shared_twice = json!({"moe_layer_count": 1, "layer_list": [{"device_list": [
+            {"device_expert": [0, 1, 4, 4]}, {"device_expert": [2, 3, 4, 4]}]}]});
+        let e = read(&shared_twice, Some(4), 1).unwrap_err().to_string();
+        assert!(e.contains("lists expert 4 twice"), "{e}");
+    }
+
+    /// vllm-ascend reads `moe_layer_count` unconditionally: a map without it is read (every
+    /// layer) with a note saying the engine needs the key.
+    #[test]
+    fn a_map_without_moe_layer_count_is_read_with_a_note() {
+        let v = json!({"layer_list": [{"device_list": [{"device_expert": [0, 1]},
+            {"device_expert": [1, 0]}]}]});
+        let r = read(&v, None, 1).unwrap();
+        assert_eq!(r.placement.num_layers, 1);
+        assert!(
+            r.notes.iter().any(|n| n.contains("no moe_layer_count")),
+            "{:?}",
+            r.notes
+        );
+        assert!(
+            write(&r.placement)
+                .unwrap()
+                .get("moe_layer_count")
+                .is_some()
+        );
     }
 
     #[test]
