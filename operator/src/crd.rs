@@ -573,17 +573,24 @@ pub struct EplbSpec {
     pub mode: RemapMode,
 }
 
+/// The planners `spec.eplb.algorithm` may name: eplb's, plus its `greedy-global` baseline (the
+/// schema's enum, and the names the controller suggests).
+pub const ALGORITHMS: [&str; 4] = ["joint", "greedy", "greedy-global", "incremental"];
+
+/// The extended resource of one GPU, as the NVIDIA device plugin advertises it.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
 fn yes() -> bool {
     true
 }
 
 /// `eplb.algorithm` as an enum of the planners the operator can run, so a typo is rejected at
-/// admission with the list of valid names (generated from [`crate::planning::ALGORITHMS`], the
-/// one list the controller also checks against).
+/// admission with the list of valid names (generated from [`ALGORITHMS`], the one list the
+/// controller also checks against).
 fn algorithm_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "string",
-        "enum": crate::planning::ALGORITHMS,
+        "enum": ALGORITHMS,
     })
 }
 
@@ -1091,7 +1098,7 @@ impl MoEDeploymentSpec {
                     .resources
                     .as_ref()
                     .and_then(|r| r.limits.as_ref())
-                    .and_then(|l| l.get(crate::resources::GPU_RESOURCE))
+                    .and_then(|l| l.get(GPU_RESOURCE))
                 && gpus.0.trim().parse::<u32>().is_ok_and(|g| g != per_pod)
             {
                 return err(

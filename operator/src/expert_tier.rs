@@ -39,7 +39,7 @@ pub async fn reconcile_objects(
     was_serving: bool,
     client_token: &str,
     created: &crate::tokens::CreatedSecrets,
-) -> Result<(), crate::controller::Error> {
+) -> Result<(), crate::error::Error> {
     let names = Names::new(&r.name);
     let services: Api<Service> = Api::namespaced(client.clone(), &r.namespace);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &r.namespace);

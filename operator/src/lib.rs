@@ -18,6 +18,7 @@ pub mod apply_refusal;
 pub mod conditions;
 pub mod controller;
 pub mod crd;
+pub mod error;
 pub mod events;
 pub mod expert_tier;
 pub mod fleet;

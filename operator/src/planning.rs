@@ -109,8 +109,8 @@ pub fn logical_load(reports: &[LoadReport], doc: &PlacementDocument) -> Vec<Vec<
     LoadReport::logical_load(&summed, doc)
 }
 
-/// Planner names to suggest (eplb's, plus its `greedy-global` baseline).
-pub const ALGORITHMS: [&str; 4] = ["joint", "greedy", "greedy-global", "incremental"];
+/// Planner names to suggest: the CRD's list.
+pub use crate::crd::ALGORITHMS;
 
 /// Whether `eplb` knows a planner of this name.
 pub fn planner_known(name: &str) -> bool {

@@ -63,7 +63,7 @@ pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 /// Key of the control token in the owned Secret.
 pub const TOKEN_KEY: &str = "token";
 pub const WORKER_CONTAINER: &str = "worker";
-pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+pub use crate::crd::GPU_RESOURCE;
 /// Worker pods' termination grace period, seconds.
 pub const TERMINATION_GRACE_SECONDS: i64 = 75;
 

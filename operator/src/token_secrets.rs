@@ -46,7 +46,7 @@ pub(crate) async fn create_secret(
     secret: &Secret,
     token: &str,
     created: &CreatedSecrets,
-) -> Result<(), crate::controller::Error> {
+) -> Result<(), crate::error::Error> {
     let key = format!(
         "{}/{}",
         secret.namespace().unwrap_or_default(),
@@ -71,8 +71,8 @@ pub(crate) async fn create_secret(
         }
         Err(e) => Err(
             match crate::apply_refusal::Refusal::from_error("Secret", key, e) {
-                Ok(refusal) => crate::controller::Error::Refused(refusal),
-                Err(e) => crate::controller::Error::Kube(e),
+                Ok(refusal) => crate::error::Error::Refused(refusal),
+                Err(e) => crate::error::Error::Kube(e),
             },
         ),
     }

@@ -7,7 +7,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 
-use super::Error;
+use crate::error::Error;
 use crate::resources::{self, Names, Resolved};
 
 pub(super) fn apply_params() -> PatchParams {

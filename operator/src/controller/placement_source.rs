@@ -8,11 +8,11 @@ use kube::api::Api;
 use moe_api::PlacementDocument;
 use tracing::info;
 
-use super::Error;
 use super::owned::apply;
 use super::status::Notes;
 use crate::conditions::Problem;
 use crate::crd::{MoEDeploymentSpec, MoEDeploymentStatus, PlacementStrategy};
+use crate::error::Error;
 use crate::planning;
 use crate::resources::{self, Names, Resolved};
 

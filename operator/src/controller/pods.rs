@@ -4,9 +4,9 @@
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Client, ResourceExt};
 
-use super::Error;
 use super::status::Notes;
 use crate::crd::{MoEDeploymentSpec, RankPod};
+use crate::error::Error;
 use crate::resources::{self, Names, Resolved};
 use crate::workers::Endpoint;
 

@@ -14,13 +14,14 @@ use kube::runtime::events::EventType;
 use moe_api::{LoadReport, PlacementDocument, RemapRequest};
 use tracing::{info, warn};
 
+use super::context::Context;
 use super::owned::apply;
 use super::placement_source::parse_document;
 use super::restarts::GroupCtx;
 use super::status::{Notes, Pending, now_time};
-use super::{Context, Error};
 use crate::conditions::{Problem, RemapView};
 use crate::crd::{MoEDeploymentSpec, MoEDeploymentStatus, RemapProgressStatus, RemapRecord};
+use crate::error::Error;
 use crate::group::{RankFailure, RestartReason};
 use crate::planning;
 use crate::remap::{self, Decision, GroupProgress, Trigger};

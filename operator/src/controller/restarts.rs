@@ -12,11 +12,12 @@ use kube::api::{Api, DeleteParams, ListParams};
 use kube::runtime::events::EventType;
 use tracing::{info, warn};
 
+use super::context::Context;
 use super::pods::{pod_hash, pod_spec_stale, rank_pods};
 use super::status::{Notes, Pending, now_time};
-use super::{Context, Error};
 use crate::conditions::{self, Problem};
 use crate::crd::{GroupRestartRecord, MoEDeploymentSpec, MoEDeploymentStatus, RankPod};
+use crate::error::Error;
 use crate::group::{self, Gate, RankFailure, RestartReason};
 use crate::resources::{self, Resolved};
 

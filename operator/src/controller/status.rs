@@ -11,10 +11,11 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use tracing::warn;
 
+use super::context::Context;
 use super::owned::apply_params;
-use super::{Context, Error};
 use crate::conditions::{self, Observed, Problem};
 use crate::crd::{MoEDeployment, MoEDeploymentStatus};
+use crate::error::Error;
 use crate::resources::Resolved;
 
 /// Events of one pass, published after the status write.

@@ -13,8 +13,10 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use tracing::warn;
 
-use super::{Context, Error, reconcile};
+use super::context::Context;
+use super::reconcile::reconcile;
 use crate::crd::MoEDeployment;
+use crate::error::Error;
 
 /// Runs the controller until the stream ends (shutdown signal).
 pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
