@@ -20,7 +20,7 @@ use crate::agent::{Agent, AgentConfig, AgentHandle};
 use crate::bins::Bins;
 use crate::certs::{self, CertFiles};
 use crate::node::{NodeBins, NodeMode, NodeParams, Nodes, RealNode};
-use crate::process::{ManagedProcess, free_port, log_tail};
+use crate::process::{ManagedProcess, free_port, log_tail, wait_until};
 
 /// Options for [`Cluster::start_with`].
 #[derive(Debug, Clone, Default)]
@@ -584,41 +584,6 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
     let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
     config.connect_timeout = Some(Duration::from_secs(5));
     Ok(Client::try_from(config)?)
-}
-
-/// Polls `ok` every 200 ms until it returns true, failing early with the log tail if one of
-/// `procs` exits, or after `timeout`.
-pub(crate) async fn wait_until<F, Fut>(
-    procs: &mut [ManagedProcess],
-    timeout: Duration,
-    what: &str,
-    mut ok: F,
-) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        for p in procs.iter_mut() {
-            p.ensure_running()
-                .with_context(|| format!("while waiting for {what}"))?;
-        }
-        if ok().await {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            let tails: Vec<String> = procs
-                .iter()
-                .map(|p| format!("---- {} ----\n{}", p.name(), log_tail(p.log_path(), 20)))
-                .collect();
-            bail!(
-                "timed out after {timeout:?} waiting for {what}\n{}",
-                tails.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Server-side applies every document of `yaml` (field manager `moe-e2e`, forced).

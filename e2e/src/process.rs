@@ -8,9 +8,9 @@ use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 /// A running child process, killed with its whole process group on drop.
 #[derive(Debug)]
@@ -161,4 +161,39 @@ pub fn log_tail(path: &Path, n: usize) -> String {
 pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
+}
+
+/// Polls `ok` every 200 ms until it returns true, failing early with the log tail if one of
+/// `procs` exits, or after `timeout`.
+pub(crate) async fn wait_until<F, Fut>(
+    procs: &mut [ManagedProcess],
+    timeout: Duration,
+    what: &str,
+    mut ok: F,
+) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        for p in procs.iter_mut() {
+            p.ensure_running()
+                .with_context(|| format!("while waiting for {what}"))?;
+        }
+        if ok().await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let tails: Vec<String> = procs
+                .iter()
+                .map(|p| format!("---- {} ----\n{}", p.name(), log_tail(p.log_path(), 20)))
+                .collect();
+            bail!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                tails.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

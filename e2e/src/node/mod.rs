@@ -31,9 +31,8 @@ pub use net::NodeNet;
 pub use select::{NodeMode, Nodes};
 
 use crate::bins::Bins;
-use crate::cluster::wait_until;
 use crate::nodes::GPU_RESOURCE;
-use crate::process::{ManagedProcess, log_tail};
+use crate::process::{ManagedProcess, log_tail, wait_until};
 
 /// Name of the sandbox image `e2e/bootstrap.sh` builds (`bin/pause.oci.tar`).
 /// (Fully qualified: containerd would read `moe-e2e/pause` as `docker.io/moe-e2e/pause`.)
