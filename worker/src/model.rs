@@ -12,9 +12,8 @@ use moe_model::{
 };
 
 use crate::checkpoint::Checkpoint;
-use crate::config::{
-    Args, ConfigError, ConfigErrorKind, Scoring as FlagScoring, WeightsSource, bad, env, mismatch,
-};
+use crate::config::error::{ConfigError, ConfigErrorKind, bad, mismatch};
+use crate::config::flags::{Args, Scoring as FlagScoring, WeightsSource, env};
 
 /// Shape flags of a synthetic model (defaults applied).
 #[derive(Debug, Clone, Copy)]

@@ -272,9 +272,10 @@ mod tests {
         // Devices are read by list position, as vllm-ascend does (device_id is not read).
         let doc = parse_placement_file(ascend, &s, 1).unwrap();
         assert_eq!(doc.phy2log, vec![vec![2, 3, 1, 0], vec![0, 1, 2, 3]]);
+        // A device listing an expert twice: vllm-ascend would serve it from one slot only.
         let err =
             parse_placement_file(&ascend.replace("[2, 3]}]}]}", "[2, 2]}]}]}"), &s, 1).unwrap_err();
-        assert!(err.contains("expert 3"), "{err}");
+        assert!(err.contains("lists expert 2 twice"), "{err}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use moe_api::{
 
 use crate::config::ModelShape;
 use crate::doorbell::Doorbell;
-use crate::forward::{Queue, Served, Settings};
+use crate::forward::queue::{Queue, Served, Settings};
 use crate::metrics::Metrics;
 use crate::placement::check_shape;
 use crate::stats::{Episodes, Window, par};
