@@ -216,7 +216,14 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         p,
         start,
         budget,
-        budget * if pairs_proof { 3 } else { 2 } / 4,
+        // (Two slots per rank and several episodes: the count search settles every leaf with
+        // the matching search of `pair_caps` and needs the whole budget on the sweep's hardest
+        // 16 x 2 layer, 329,000 nodes; the probes after it settle nothing there.)
+        match (pairs_proof, p.w > 1) {
+            (true, true) => budget,
+            (true, false) => budget * 3 / 4,
+            (false, _) => budget / 2,
+        },
         |target, nodes| {
             if pairs_proof {
                 pairs::solve(p, target, nodes)

@@ -13,6 +13,7 @@
 //!   `min_improvement` (relative), so a plan never moves weights for nothing; `joint` also
 //!   undoes individual changes as long as its objective stays within `min_improvement / 2`.
 
+mod blossom;
 mod contents;
 mod cover;
 mod episodes;
@@ -23,6 +24,7 @@ mod local_search;
 mod lpt;
 mod matching;
 mod neighbourhood;
+mod pair_caps;
 mod pairs;
 mod polish;
 mod problem;
