@@ -723,13 +723,14 @@ mod tests {
         }
     }
 
-    /// Two of the sweep's layers with four windows (12 experts on 6 x 4 and on 8 x 3) that the
+    /// Three of the sweep's layers with four windows (12 experts on 6 x 4 and on 8 x 3) that the
     /// rank-by-rank search left open within `joint`'s budget (proven gaps 0.8% and 1.6% median
-    /// on those rows before this search): `joint` proves them now, and the rank-by-rank search
-    /// with a far larger budget confirms the optimum (finds it just above, refutes just below).
+    /// on those rows before this search; the third, on 6 x 4, open with this search's earlier
+    /// budget): `joint` proves them now, and the rank-by-rank search with a far larger budget
+    /// confirms the optimum (finds it just above, refutes just below).
     #[test]
     fn joint_proves_12_expert_layers_with_four_windows() {
-        let cases: [(usize, [[f64; 12]; 4], f64); 2] = [
+        let cases: [(usize, [[f64; 12]; 4], f64); 3] = [
             (
                 6,
                 [
@@ -773,6 +774,30 @@ mod tests {
                     ],
                 ],
                 1.033006,
+            ),
+            // Proven since the budget is one and a half times the rank-by-rank search's (with
+            // the same budget the bound stopped at 1.016473).
+            (
+                6,
+                [
+                    [
+                        797.0, 439.0, 538.0, 401.0, 121.0, 429.0, 252.0, 227.0, 163.0, 73.0, 234.0,
+                        87.0,
+                    ],
+                    [
+                        668.0, 498.0, 642.0, 402.0, 183.0, 364.0, 271.0, 206.0, 167.0, 94.0, 215.0,
+                        94.0,
+                    ],
+                    [
+                        732.0, 372.0, 606.0, 375.0, 170.0, 435.0, 285.0, 236.0, 147.0, 71.0, 247.0,
+                        75.0,
+                    ],
+                    [
+                        700.0, 606.0, 852.0, 323.0, 184.0, 637.0, 234.0, 169.0, 122.0, 97.0, 242.0,
+                        94.0,
+                    ],
+                ],
+                1.018803,
             ),
         ];
         for (g, windows, rounded) in cases {
