@@ -362,19 +362,15 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
-                let _ = e.print();
-                return ExitCode::SUCCESS;
-            }
-            let text = e.to_string();
-            let line = text.lines().next().unwrap_or("error: bad arguments");
-            eprintln!("{line}");
-            return ExitCode::from(2);
+            // Asked-for help and version succeed. Every other message is a usage error, printed
+            // whole (which argument is missing, "did you mean", the valid values) with exit
+            // code 2; that includes `moectl` alone, whose help lists the subcommands.
+            let _ = e.print();
+            return if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            };
         }
     };
     let result = match &cli.command {

@@ -214,11 +214,6 @@ fn bad_input_is_one_line_exit_2_and_writes_nothing() {
             vec!["--threshold".into(), "1.2".into()],
             "previous",
         ),
-        (
-            good.clone(),
-            vec!["--ranks".into(), "x".into()],
-            "invalid value",
-        ),
     ];
     for (load, extra, needle) in cases {
         let mut args: Vec<String> = vec![
@@ -465,5 +460,50 @@ fn a_closed_stdout_is_not_a_panic() {
         let err = stderr(&o);
         assert!(!err.contains("panicked"), "{err}");
         assert_ne!(o.status.code(), Some(101), "{err}");
+    }
+}
+
+/// Argument errors keep clap's whole message: the flag that is missing, the "did you mean"
+/// hint, the valid values. Exit code 2, as for every usage error.
+#[test]
+fn argument_errors_are_shown_whole() {
+    let d = Dir::new("usage");
+    let load = d.file("load.json", LOAD);
+    let o = moectl(&["plan", "--load", &load, "--ranks", "4"]);
+    assert_usage(&o, "--redundant <REDUNDANT>");
+    let o = moectl(&["plan", "--lod", &load, "--ranks", "4", "--redundant", "0"]);
+    assert_usage(&o, "--load");
+    assert!(stderr(&o).contains("tip:"), "{}", stderr(&o));
+    let o = moectl(&["plan", "--load", &load, "--ranks", "x", "--redundant", "0"]);
+    assert_usage(&o, "invalid value 'x' for '--ranks <RANKS>'");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "0",
+        "--format",
+        "xx",
+    ]);
+    assert_usage(
+        &o,
+        "possible values: placement, ascend-expert-map, sglang, document",
+    );
+}
+
+/// `moectl` without a subcommand is a usage error (exit code 2, help on stderr), as clap has
+/// it; `--help` and `--version` succeed.
+#[test]
+fn no_subcommand_exits_2() {
+    let o = moectl(&[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("Usage: moectl"), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+    for flag in ["--help", "--version"] {
+        let o = moectl(&[flag]);
+        assert!(o.status.success(), "{flag}: {}", stderr(&o));
+        assert!(!o.stdout.is_empty(), "{flag}");
     }
 }

@@ -61,3 +61,17 @@ pub fn assert_bad(o: &Output, needle: &str) {
     );
     assert!(o.stdout.is_empty(), "stdout should be empty: {}", stdout(o));
 }
+
+/// Asserts clap's usage error: exit code 2, nothing on stdout, and its whole message on stderr
+/// (the `error:` line, the details that name `needle`, the usage line or the pointer to --help).
+pub fn assert_usage(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "expected '{needle}' in: {err}");
+    assert!(
+        err.contains("Usage: moectl") || err.contains("try '--help'"),
+        "not clap's whole message: {err}"
+    );
+    assert!(o.stdout.is_empty(), "stdout should be empty: {}", stdout(o));
+}
