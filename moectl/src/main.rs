@@ -175,10 +175,13 @@ enum Command {
         /// Only shapes whose name contains this (case-insensitive).
         #[arg(long)]
         shape: Option<String>,
+        /// Windows of history H each algorithm plans on (the trace has 2H+1 windows).
         #[arg(long, default_value_t = 8)]
         history: usize,
+        /// Runs per algorithm and shape; the fastest and median time are reported.
         #[arg(long, default_value_t = 5)]
         repeats: usize,
+        /// Seed of the synthetic traces.
         #[arg(long, default_value_t = 2026)]
         seed: u64,
     },

@@ -507,3 +507,44 @@ fn no_subcommand_exits_2() {
         assert!(!o.stdout.is_empty(), "{flag}");
     }
 }
+
+/// `bench` refuses what it cannot measure and names the shapes when --shape matches none.
+/// (The markdown header's flags are checked where a run is cheap enough: the smallest shape
+/// with one window and one repeat.)
+#[test]
+fn bench_flags_are_checked() {
+    assert_bad(&moectl(&["bench", "--history", "0"]), "--history 0");
+    assert_bad(
+        &moectl(&["bench", "--history", "100000000"]),
+        "between 1 and 1024",
+    );
+    assert_bad(&moectl(&["bench", "--repeats", "0"]), "--repeats 0");
+    let o = moectl(&["bench", "--shape", "llama"]);
+    assert_bad(
+        &o,
+        "no benchmark shape matches --shape llama; the shapes are: DeepSeek-V3 prefill, DeepSeek-V3 decode, Qwen3-235B, Mixtral-like",
+    );
+    let d = Dir::new("bench-header");
+    let md = d.path("bench.md");
+    let o = moectl(&[
+        "bench",
+        "--shape",
+        "mixtral",
+        "--history",
+        "1",
+        "--repeats",
+        "1",
+        "--seed",
+        "7",
+        "--markdown",
+        &md,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc = std::fs::read_to_string(&md).unwrap();
+    assert!(
+        doc.contains(&format!(
+            "`moectl bench --markdown {md} --shape mixtral --history 1 --repeats 1 --seed 7`"
+        )),
+        "{doc}"
+    );
+}
