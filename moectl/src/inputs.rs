@@ -112,7 +112,12 @@ impl LayoutArgs {
         }
         let n = match (self.decoder_layers, self.first_dense) {
             (Some(n), _) => n,
-            (None, Some(k)) => k + moe_rows,
+            // Checked: a huge K must not wrap round to a small layer count.
+            (None, Some(k)) => k.checked_add(moe_rows).ok_or_else(|| {
+                Fail(format!(
+                    "--first-dense {k} plus the input's MoE layers ({moe_rows}) is more decoder layers than any model has"
+                ))
+            })?,
             (None, None) => unreachable!("--moe-layers requires --decoder-layers"),
         };
         let layout = self.build(n)?;

@@ -508,6 +508,64 @@ fn no_subcommand_exits_2() {
     }
 }
 
+/// Sizes at the edge of u64 are refused or computed without wrapping round.
+#[test]
+fn huge_numbers_do_not_wrap() {
+    let d = Dir::new("overflow");
+    let l4 = d.file("l4.json", "[[4, 3, 2, 1]]");
+    let p = d.file(
+        "p.json",
+        r#"{"num_logical_experts": 4, "num_ranks": 2, "phy2log": [[0, 1, 2, 3]]}"#,
+    );
+    let q = d.file(
+        "q.json",
+        r#"{"num_logical_experts": 4, "num_ranks": 2, "phy2log": [[3, 1, 2, 0]]}"#,
+    );
+    let o = moectl(&[
+        "eval",
+        "--placement",
+        &q,
+        "--previous",
+        &p,
+        "--load",
+        &l4,
+        "--expert-bytes",
+        "18446744073709551615",
+    ]);
+    assert_bad(
+        &o,
+        "2 slots x 18446744073709551615 bytes per expert is more than",
+    );
+    let o = moectl(&[
+        "eval",
+        "--placement",
+        &q,
+        "--previous",
+        &p,
+        "--load",
+        &l4,
+        "--expert-bytes",
+        "9223372036854775807",
+    ]);
+    assert!(
+        stdout(&o).contains("migration: 2 slots, 18446744073709551614 bytes"),
+        "{}",
+        stderr(&o)
+    );
+    let o = moectl(&[
+        "convert",
+        "--input",
+        &l4,
+        "--to",
+        "sglang-logical-count",
+        "--first-dense",
+        "18446744073709551615",
+    ]);
+    assert_bad(
+        &o,
+        "--first-dense 18446744073709551615 plus the input's MoE layers (1)",
+    );
+}
 /// `bench` refuses what it cannot measure and names the shapes when --shape matches none.
 /// (The markdown header's flags are checked where a run is cheap enough: the smallest shape
 /// with one window and one repeat.)
