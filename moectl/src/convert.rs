@@ -100,8 +100,8 @@ fn placement_rows(path: &Path) -> Result<Option<Option<usize>>, Fail> {
     ))
 }
 
-pub fn convert(a: &ConvertArgs) -> Result<Vec<String>, Fail> {
-    let mut notes = Vec::new();
+/// Converts; what the readers had to assume goes to `notes`, also when a later step fails.
+pub fn convert(a: &ConvertArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     let text = if let Some(sglang_rows) = placement_rows(a.input)? {
         let Some(format) = a.to.placement() else {
             return Err(Fail(format!(
@@ -126,7 +126,7 @@ pub fn convert(a: &ConvertArgs) -> Result<Vec<String>, Fail> {
             a.ranks,
             a.nodes,
             input_layout.as_ref(),
-            &mut notes,
+            notes,
         )?;
         let layout = match input_layout {
             Some(l) => Some(l),
@@ -141,11 +141,10 @@ pub fn convert(a: &ConvertArgs) -> Result<Vec<String>, Fail> {
             )));
         };
         let mut load = inputs::read_load(a.input, a.layout)?;
+        notes.append(&mut load.notes);
         let through = a
             .placement
-            .map(|f| {
-                inputs::read_placement(f, None, a.ranks, a.nodes, load.layout.as_ref(), &mut notes)
-            })
+            .map(|f| inputs::read_placement(f, None, a.ranks, a.nodes, load.layout.as_ref(), notes))
             .transpose()?;
         if a.physical_load || through.is_some() {
             inputs::settle_physical(
@@ -160,5 +159,5 @@ pub fn convert(a: &ConvertArgs) -> Result<Vec<String>, Fail> {
         outputs::write_load(&load.history, format, load.layout.as_ref())?
     };
     write_out(a.output, text.as_bytes())?;
-    Ok(notes)
+    Ok(())
 }

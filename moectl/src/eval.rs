@@ -95,9 +95,10 @@ fn engines_json(b: &Balancedness) -> Value {
     json!({"sglang_mean_inverse_par": b.sglang, "vllm_sum_mean_over_sum_max": b.vllm})
 }
 
-pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
+/// Evaluates; what the readers had to assume goes to `notes`, also when a later step fails.
+pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     let mut load = inputs::read_load(a.load, a.layout)?;
-    let mut notes = std::mem::take(&mut load.notes);
+    notes.append(&mut load.notes);
     let experts = (!a.physical_load).then(|| load.history.num_experts());
     let layout = load.layout.clone();
     let p = inputs::read_placement(
@@ -106,11 +107,11 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
         a.ranks,
         a.nodes,
         layout.as_ref(),
-        &mut notes,
+        notes,
     )?;
     let prev = a
         .previous
-        .map(|f| inputs::read_placement(f, experts, a.ranks, a.nodes, layout.as_ref(), &mut notes))
+        .map(|f| inputs::read_placement(f, experts, a.ranks, a.nodes, layout.as_ref(), notes))
         .transpose()?;
     // A per-slot load was recorded while the previous placement served (or, without one, the
     // evaluated placement).
@@ -260,7 +261,7 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
         }
     }
     print_out(&out)?;
-    Ok(notes)
+    Ok(())
 }
 
 fn file_name(p: &Path) -> String {

@@ -1,8 +1,8 @@
 //! Reading the files `moectl` takes: loads and placements in every format of
 //! `eplb::formats`, and the decoder-layer layout flags that SGLang's files need.
 //!
-//! Readers collect notes (what a file made us assume); `main` prints them to stderr only when
-//! the command succeeds, so that a failure stays one line.
+//! Readers collect notes (what a file made us assume); `main` prints them to stderr, before
+//! the error line when the command fails (a note often explains the error).
 
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,8 @@
 //! `moectl`: plan, evaluate and benchmark expert placements offline.
 //!
 //! Bad input ends with one line `error: ...` on stderr and exit code 2; nothing is written.
+//! The `note: ...` lines the readers gathered before the failure come first.
+//! Argument errors are clap's whole message (with the usage line), also with exit code 2.
 
 mod bench;
 mod convert;
@@ -281,23 +283,15 @@ fn plan(
     format: Format,
     output: Option<&Path>,
     timings: bool,
-) -> Result<Vec<String>, Fail> {
+    notes: &mut Vec<String>,
+) -> Result<(), Fail> {
     let planner = planner_by_name(algorithm)?;
     let mut clock = Stopwatch::new();
     let mut load = inputs::read_load(load, layout)?;
-    let mut notes = std::mem::take(&mut load.notes);
+    notes.append(&mut load.notes);
     let experts = (!physical_load).then(|| load.history.num_experts());
     let prev = previous
-        .map(|f| {
-            inputs::read_placement(
-                f,
-                experts,
-                Some(ranks),
-                None,
-                load.layout.as_ref(),
-                &mut notes,
-            )
-        })
+        .map(|f| inputs::read_placement(f, experts, Some(ranks), None, load.layout.as_ref(), notes))
         .transpose()?;
     inputs::settle_physical(
         &mut load,
@@ -306,8 +300,8 @@ fn plan(
         previous,
         "--previous",
     )?;
-    layout.check_load_shape(&load.history)?;
     notes.append(&mut load.notes);
+    layout.check_load_shape(&load.history)?;
     if format == Format::Sglang {
         inputs::need_layout(load.layout.as_ref())?;
     }
@@ -357,7 +351,7 @@ fn plan(
             plan.layers.iter().filter(|l| l.optimal).count()
         );
     }
-    Ok(notes)
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -376,10 +370,13 @@ fn main() -> ExitCode {
             };
         }
     };
+    // Notes gathered before a failure are printed too: they often explain it (a layer read
+    // as dense, then a layer count that does not match).
+    let mut notes = Vec::new();
     let result = match &cli.command {
         Command::Model {
             command: ModelCommand::Inspect { path, output },
-        } => model::inspect(path, *output),
+        } => model::inspect(path, *output).map(|n| notes.extend(n)),
         Command::Plan {
             load,
             ranks,
@@ -412,6 +409,7 @@ fn main() -> ExitCode {
             *format,
             output.as_deref(),
             *timings,
+            &mut notes,
         ),
         Command::Eval {
             placement,
@@ -424,18 +422,21 @@ fn main() -> ExitCode {
             physical_load,
             nodes,
             layout,
-        } => eval::eval(&EvalArgs {
-            placement,
-            load,
-            previous: previous.as_deref(),
-            expert_bytes: *expert_bytes,
-            as_json: *json,
-            ranks: *ranks,
-            svg: svg.as_ref(),
-            layout,
-            physical_load: *physical_load,
-            nodes: *nodes,
-        }),
+        } => eval::eval(
+            &EvalArgs {
+                placement,
+                load,
+                previous: previous.as_deref(),
+                expert_bytes: *expert_bytes,
+                as_json: *json,
+                ranks: *ranks,
+                svg: svg.as_ref(),
+                layout,
+                physical_load: *physical_load,
+                nodes: *nodes,
+            },
+            &mut notes,
+        ),
         Command::Convert {
             input,
             to,
@@ -446,17 +447,20 @@ fn main() -> ExitCode {
             physical_load,
             placement,
             layout,
-        } => convert::convert(&ConvertArgs {
-            input,
-            to: *to,
-            output: output.as_deref(),
-            ranks: *ranks,
-            experts: *experts,
-            nodes: *nodes,
-            layout,
-            physical_load: *physical_load,
-            placement: placement.as_deref(),
-        }),
+        } => convert::convert(
+            &ConvertArgs {
+                input,
+                to: *to,
+                output: output.as_deref(),
+                ranks: *ranks,
+                experts: *experts,
+                nodes: *nodes,
+                layout,
+                physical_load: *physical_load,
+                placement: placement.as_deref(),
+            },
+            &mut notes,
+        ),
         Command::Bench {
             markdown,
             shape,
@@ -469,15 +473,14 @@ fn main() -> ExitCode {
             *history,
             *repeats,
             *seed,
-        ),
+        )
+        .map(|n| notes.extend(n)),
     };
+    for n in &notes {
+        eprintln!("note: {n}");
+    }
     match result {
-        Ok(notes) => {
-            for n in notes {
-                eprintln!("note: {n}");
-            }
-            ExitCode::SUCCESS
-        }
+        Ok(()) => ExitCode::SUCCESS,
         Err(Fail(msg)) => {
             eprintln!("error: {}", msg.lines().next().unwrap_or(""));
             ExitCode::from(2)

@@ -508,6 +508,35 @@ fn no_subcommand_exits_2() {
     }
 }
 
+/// The notes gathered before an error are printed before it: here the note that decoder
+/// layer 0 was read as dense explains why the load has one layer fewer than the placement.
+#[test]
+fn notes_before_an_error_are_printed() {
+    let d = Dir::new("notes-on-error");
+    let load = d.file(
+        "load.json",
+        r#"{"logical_count": [[0, 0, 0, 0], [1, 2, 3, 4], [4, 3, 2, 1]]}"#,
+    );
+    let placement = d.file(
+        "p3.json",
+        r#"{"num_logical_experts": 4, "num_ranks": 2, "phy2log": [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]]}"#,
+    );
+    let o = moectl(&["eval", "--placement", &placement, "--load", &load]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(o.stdout.is_empty());
+    let lines: Vec<&str> = err.trim_end().lines().collect();
+    assert!(
+        lines.last().is_some_and(|l| l.starts_with("error: ")),
+        "{err}"
+    );
+    assert!(
+        lines[..lines.len() - 1]
+            .iter()
+            .any(|l| l.starts_with("note: ") && l.contains("read as dense")),
+        "{err}"
+    );
+}
 /// Sizes at the edge of u64 are refused or computed without wrapping round.
 #[test]
 fn huge_numbers_do_not_wrap() {

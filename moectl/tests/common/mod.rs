@@ -51,13 +51,25 @@ pub fn stderr(o: &Output) -> String {
 }
 
 /// Asserts a one-line error with exit code 2 that mentions `needle`, and nothing on stdout.
+/// The error line is the last; only the `note: ` lines gathered before the failure may precede
+/// it.
 pub fn assert_bad(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    let all = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {all}");
+    let lines: Vec<&str> = all.trim_end().lines().collect();
+    let (last, before) = lines.split_last().expect("no error line");
+    assert!(
+        last.starts_with("error: "),
+        "the last line is not the error: {all}"
+    );
+    assert!(
+        before.iter().all(|l| l.starts_with("note: ")),
+        "not one error line after the notes: {all}"
+    );
+    let err = last;
     assert!(
         err.to_lowercase().contains(&needle.to_lowercase()),
-        "expected '{needle}' in: {err}"
+        "expected '{needle}' in: {all}"
     );
     assert!(o.stdout.is_empty(), "stdout should be empty: {}", stdout(o));
 }
