@@ -114,17 +114,24 @@ pub fn convert(a: &ConvertArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
             Some(rows) => a.layout.for_decoder_rows(rows)?,
             None => None,
         };
+        if a.physical_load || a.placement.is_some() {
+            return Err(Fail(format!(
+                "{} is a placement: --physical-load and --placement are for converting a per-slot load",
+                a.input.display()
+            )));
+        }
         // The routed expert count: --experts, else the checkpoint's (vllm-ascend maps need it
         // to tell mix_placement's shared experts from routed ones).
-        let experts = match a.experts {
-            Some(e) => Some(e),
-            None => a.layout.model()?.map(|m| m.num_experts),
+        let model_experts = a.layout.model()?.map(|m| m.num_experts);
+        let flags = inputs::Stated {
+            ranks: a.ranks,
+            nodes: a.nodes,
+            experts: a.experts,
         };
-        let p = inputs::read_placement(
+        let p = inputs::read_user_placement(
             a.input,
-            experts,
-            a.ranks,
-            a.nodes,
+            model_experts,
+            &flags,
             input_layout.as_ref(),
             notes,
         )?;
@@ -142,18 +149,39 @@ pub fn convert(a: &ConvertArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         };
         let mut load = inputs::read_load(a.input, a.layout)?;
         notes.append(&mut load.notes);
+        // --placement serves only to map a per-slot load; --ranks, --nodes and --experts only
+        // to read that placement. Anything else would be silently ignored.
+        if a.placement.is_some() != a.physical_load {
+            return Err(Fail(
+                "--physical-load and --placement go together: the per-slot load is mapped to experts through the placement whose slots it counts"
+                    .into(),
+            ));
+        }
+        if a.placement.is_none() {
+            for (flag, given) in [
+                ("--ranks", a.ranks.is_some()),
+                ("--nodes", a.nodes.is_some()),
+                ("--experts", a.experts.is_some()),
+            ] {
+                if given {
+                    return Err(Fail(format!(
+                        "{} is a load: {flag} is for placements (or the --placement of a per-slot load)",
+                        a.input.display()
+                    )));
+                }
+            }
+        }
+        let flags = inputs::Stated {
+            ranks: a.ranks,
+            nodes: a.nodes,
+            experts: a.experts,
+        };
         let through = a
             .placement
-            .map(|f| inputs::read_placement(f, None, a.ranks, a.nodes, load.layout.as_ref(), notes))
+            .map(|f| inputs::read_user_placement(f, None, &flags, load.layout.as_ref(), notes))
             .transpose()?;
-        if a.physical_load || through.is_some() {
-            inputs::settle_physical(
-                &mut load,
-                a.physical_load,
-                through.as_ref(),
-                a.placement,
-                "--placement",
-            )?;
+        if let Some(p) = &through {
+            inputs::settle_physical(&mut load, true, Some(p), a.placement, "--placement")?;
         }
         notes.append(&mut load.notes);
         outputs::write_load(&load.history, format, load.layout.as_ref())?

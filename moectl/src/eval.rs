@@ -101,17 +101,15 @@ pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     notes.append(&mut load.notes);
     let experts = (!a.physical_load).then(|| load.history.num_experts());
     let layout = load.layout.clone();
-    let p = inputs::read_placement(
-        a.placement,
-        experts,
-        a.ranks,
-        a.nodes,
-        layout.as_ref(),
-        notes,
-    )?;
+    let flags = inputs::Stated {
+        ranks: a.ranks,
+        nodes: a.nodes,
+        experts: None,
+    };
+    let p = inputs::read_user_placement(a.placement, experts, &flags, layout.as_ref(), notes)?;
     let prev = a
         .previous
-        .map(|f| inputs::read_placement(f, experts, a.ranks, a.nodes, layout.as_ref(), notes))
+        .map(|f| inputs::read_user_placement(f, experts, &flags, layout.as_ref(), notes))
         .transpose()?;
     // A per-slot load was recorded while the previous placement served (or, without one, the
     // evaluated placement).

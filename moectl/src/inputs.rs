@@ -197,11 +197,112 @@ pub fn read_load(path: &Path, layout: &LayoutArgs) -> Result<LoadInput, Fail> {
     })
 }
 
+/// `n` and the noun, singular for 1 ("1 layer", "2 layers").
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 fn prefix(path: &Path, notes: Vec<String>) -> Vec<String> {
     notes
         .into_iter()
         .map(|n| format!("{}: {n}", path.display()))
         .collect()
+}
+
+/// The `--ranks`, `--nodes` and `--experts` a user gave for a placement file. They fill in what
+/// a format does not say (SGLang's map says neither ranks nor nodes; vllm-ascend's map says
+/// no nodes and counts shared experts among its ids); a flag that contradicts what the file
+/// says is an error naming both, not silently dropped or silently obeyed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stated {
+    pub ranks: Option<usize>,
+    pub nodes: Option<usize>,
+    pub experts: Option<usize>,
+}
+
+impl Stated {
+    /// Refuses a flag that contradicts the placement read from `path` (`bytes`: the file).
+    pub fn check(&self, path: &Path, bytes: &[u8], p: &Placement) -> Result<(), Fail> {
+        let own = FileSays::of(bytes, p);
+        let clash = |flag: &str, given: usize, what: &str, says: usize| {
+            Fail(format!(
+                "{flag} {given} contradicts {}, which has {}: drop {flag} (it is for formats that do not say)",
+                path.display(),
+                count(says, what)
+            ))
+        };
+        if let (Some(g), Some(s)) = (self.ranks, own.ranks)
+            && g != s
+        {
+            return Err(clash("--ranks", g, "rank", s));
+        }
+        if let (Some(g), Some(s)) = (self.nodes, own.nodes)
+            && g != s
+        {
+            return Err(clash("--nodes", g, "node", s));
+        }
+        if let Some(e) = self.experts
+            && e != p.num_logical_experts
+        {
+            return Err(Fail(format!(
+                "--experts {e} contradicts {}, which holds {} routed experts",
+                path.display(),
+                p.num_logical_experts
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The ranks and nodes a placement file states itself (None where its format does not).
+struct FileSays {
+    ranks: Option<usize>,
+    nodes: Option<usize>,
+}
+
+impl FileSays {
+    fn of(bytes: &[u8], p: &Placement) -> FileSays {
+        let none = FileSays {
+            ranks: None,
+            nodes: None,
+        };
+        // torch.save: SGLang's map, which says neither.
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+            return none;
+        };
+        let num = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .map(|n| n as usize)
+        };
+        // In the order the placement reader tells formats apart (a document has phy2log too).
+        if v.get("layer_list").is_some() {
+            // vllm-ascend's map: one entry per device, no nodes.
+            FileSays {
+                ranks: Some(p.num_ranks),
+                nodes: None,
+            }
+        } else if v.get("physical_to_logical_map").is_some() {
+            none
+        } else if v.get("numLogicalExperts").is_some() {
+            FileSays {
+                ranks: num("numRanks"),
+                nodes: num("numNodes"),
+            }
+        } else if v.get("phy2log").is_some() {
+            // moectl's JSON; vLLM's masked ranks are counted in num_ranks.
+            FileSays {
+                ranks: num("num_ranks"),
+                nodes: num("num_nodes"),
+            }
+        } else {
+            none
+        }
+    }
 }
 
 /// Reads a placement in any format. `experts`: E from the load (mix_placement shared experts
@@ -215,15 +316,52 @@ pub fn read_placement(
     notes: &mut Vec<String>,
 ) -> Result<Placement, Fail> {
     let bytes = read_bytes(path, "placement")?;
+    read_placement_from(path, &bytes, experts, ranks, nodes, layout, notes)
+}
+
+/// [`read_placement`] for a placement named on the command line with the user's `--ranks`,
+/// `--nodes` and `--experts` (`flags`): they fill in what its format does not say and must not
+/// contradict what it does. `load_experts`: E from the load, when --experts is not given.
+pub fn read_user_placement(
+    path: &Path,
+    load_experts: Option<usize>,
+    flags: &Stated,
+    layout: Option<&DecoderLayout>,
+    notes: &mut Vec<String>,
+) -> Result<Placement, Fail> {
+    let bytes = read_bytes(path, "placement")?;
+    let experts = flags.experts.or(load_experts);
+    let p = read_placement_from(
+        path,
+        &bytes,
+        experts,
+        flags.ranks,
+        flags.nodes,
+        layout,
+        notes,
+    )?;
+    flags.check(path, &bytes, &p)?;
+    Ok(p)
+}
+
+fn read_placement_from(
+    path: &Path,
+    bytes: &[u8],
+    experts: Option<usize>,
+    ranks: Option<usize>,
+    nodes: Option<usize>,
+    layout: Option<&DecoderLayout>,
+    notes: &mut Vec<String>,
+) -> Result<Placement, Fail> {
     let ctx = PlacementContext {
         num_experts: experts,
         num_ranks: ranks,
         num_nodes: nodes,
         layout,
     };
-    let (p, _, n) = match formats::read_placement_bytes(&bytes, &ctx) {
+    let (p, _, n) = match formats::read_placement_bytes(bytes, &ctx) {
         Ok(read) => read,
-        Err(e) => return Err(explain_expert_count(path, &bytes, &ctx, e)),
+        Err(e) => return Err(explain_expert_count(path, bytes, &ctx, e)),
     };
     notes.extend(prefix(path, n));
     Ok(p)

@@ -69,6 +69,8 @@ enum Command {
         /// Redundant expert slots per layer.
         #[arg(long)]
         redundant: usize,
+        /// Nodes the ranks are spread over (ranks divide evenly): joint keeps tokens on their
+        /// node within --node-slack.
         #[arg(long, default_value_t = 1)]
         nodes: usize,
         /// Expert groups (1 = none).
@@ -87,13 +89,13 @@ enum Command {
         physical_load: bool,
         #[command(flatten)]
         layout: LayoutArgs,
-        /// At most this many slots change per layer.
+        /// At most this many slots change per layer (needs --previous).
         #[arg(long)]
         max_moves: Option<usize>,
         /// Only re-plan layers whose current PAR exceeds this (needs --previous).
         #[arg(long, allow_negative_numbers = true)]
         threshold: Option<f64>,
-        /// joint with several nodes: objective (PAR) fraction it may give up to keep tokens
+        /// joint with --nodes above 1: objective (PAR) fraction it may give up to keep tokens
         /// on their node (default 0.0025).
         #[arg(long, allow_negative_numbers = true)]
         node_slack: Option<f64>,
@@ -122,9 +124,11 @@ enum Command {
         /// Bytes of one expert's weights (default: DeepSeek-V3, bf16).
         #[arg(long, default_value_t = DEEPSEEK_V3_EXPERT_BYTES)]
         expert_bytes: u64,
+        /// Print the report as one JSON object instead of the table.
         #[arg(long)]
         json: bool,
-        /// EP ranks, for placements that do not say (SGLang's).
+        /// EP ranks, for placements that do not say (SGLang's); an error where it contradicts
+        /// the placement.
         #[arg(long)]
         ranks: Option<usize>,
         /// Also write a heatmap of rank loads per layer (before and after with --previous).
@@ -134,7 +138,8 @@ enum Command {
         /// --previous, or --placement without it.
         #[arg(long)]
         physical_load: bool,
-        /// Nodes, for placements that do not say (all but moectl's JSON): with more than one,
+        /// Nodes, for placements that do not say (SGLang's and vllm-ascend's maps; an error
+        /// where it contradicts moectl's JSON or a placement document): with more than one,
         /// cross-node token share and weight moves are reported.
         #[arg(long)]
         nodes: Option<usize>,
@@ -152,18 +157,22 @@ enum Command {
         /// Output file (default: standard output).
         #[arg(long)]
         output: Option<PathBuf>,
-        /// EP ranks, for placements that do not say (SGLang's).
+        /// EP ranks, for placements that do not say (SGLang's); an error where it contradicts
+        /// the placement.
         #[arg(long)]
         ranks: Option<usize>,
-        /// Routed experts E (vllm-ascend maps: ids from E up are mix_placement shared experts).
+        /// Routed experts E (vllm-ascend maps: ids from E up are mix_placement shared experts;
+        /// SGLang's maps); an error where it contradicts the placement.
         #[arg(long)]
         experts: Option<usize>,
+        /// Nodes, for placements that do not say (SGLang's and vllm-ascend's maps); an error
+        /// where it contradicts the placement.
         #[arg(long)]
         nodes: Option<usize>,
         /// The load counts tokens per physical slot (vLLM): mapped to experts through --placement.
         #[arg(long)]
         physical_load: bool,
-        /// The placement whose slots a per-slot load counts.
+        /// The placement whose slots a per-slot load counts (with --physical-load).
         #[arg(long)]
         placement: Option<PathBuf>,
         #[command(flatten)]
@@ -311,6 +320,18 @@ fn plan(
         return Err(Fail(
             "--threshold needs --previous (the placement whose PAR is compared)".into(),
         ));
+    }
+    if max_moves.is_some() && prev.is_none() {
+        return Err(Fail(
+            "--max-moves needs --previous (the placement whose slots it limits changes to)".into(),
+        ));
+    }
+    // The node-aware polish is joint's, and only spreads replicas over several nodes.
+    if node_slack.is_some() && (algorithm != "joint" || nodes <= 1) {
+        return Err(Fail(format!(
+            "--node-slack applies to --algorithm joint with --nodes above 1 (here {algorithm} with {nodes} node{})",
+            if nodes == 1 { "" } else { "s" }
+        )));
     }
     let mut req = PlanRequest::new(shape, &history);
     if let Some(p) = &prev {

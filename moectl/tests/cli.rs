@@ -386,6 +386,8 @@ fn node_slack_is_checked() {
         "4",
         "--redundant",
         "4",
+        "--nodes",
+        "2",
         "--node-slack",
         "-0.1",
     ]);
@@ -537,6 +539,102 @@ fn notes_before_an_error_are_printed() {
         "{err}"
     );
 }
+
+/// Flags that cannot act on the input are errors naming the flag, not silently ignored.
+#[test]
+fn flags_that_would_be_ignored_are_refused() {
+    let d = Dir::new("ignored-flags");
+    let load = d.file("load.json", LOAD);
+    let base = ["plan", "--load", &load, "--ranks", "4", "--redundant", "4"];
+    let run = |extra: &[&str]| moectl(&[&base[..], extra].concat());
+    assert_bad(&run(&["--max-moves", "4"]), "--max-moves needs --previous");
+    // The node slack is joint's, across several nodes.
+    assert_bad(
+        &run(&["--node-slack", "0.01"]),
+        "--node-slack applies to --algorithm joint with --nodes above 1 (here joint with 1 node)",
+    );
+    assert_bad(
+        &run(&[
+            "--nodes",
+            "2",
+            "--algorithm",
+            "greedy",
+            "--node-slack",
+            "0.01",
+        ]),
+        "here greedy with 2 nodes",
+    );
+    assert!(
+        run(&["--nodes", "2", "--node-slack", "0.01"])
+            .status
+            .success()
+    );
+
+    // A moectl placement says its ranks, nodes and experts: flags that contradict it are
+    // refused, flags that agree are accepted.
+    let p = d.file(
+        "p.json",
+        r#"{"num_logical_experts": 4, "num_ranks": 2, "num_nodes": 1, "phy2log": [[0, 1, 2, 3]]}"#,
+    );
+    let doc = d.file(
+        "doc.json",
+        r#"{"generation": 1, "numLayers": 1, "numLogicalExperts": 4, "numRanks": 2, "numNodes": 1, "phy2log": [[0, 1, 2, 3]]}"#,
+    );
+    let l4 = d.file("l4.json", "[[4, 3, 2, 1]]");
+    for placement in [&p, &doc] {
+        let eval = |extra: &[&str]| {
+            moectl(
+                &[
+                    &["eval", "--placement", placement.as_str(), "--load", &l4][..],
+                    extra,
+                ]
+                .concat(),
+            )
+        };
+        assert_bad(&eval(&["--nodes", "2"]), "--nodes 2 contradicts");
+        assert_bad(&eval(&["--ranks", "3"]), "--ranks 3 contradicts");
+        let o = eval(&["--ranks", "2", "--nodes", "1"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = moectl(&[
+            "convert",
+            "--input",
+            placement,
+            "--to",
+            "sglang",
+            "--first-dense",
+            "0",
+            "--experts",
+            "7",
+        ]);
+        assert_bad(&o, "--experts 7 contradicts");
+    }
+    // convert: --placement maps a per-slot load and needs --physical-load; --ranks is for
+    // placements.
+    let o = moectl(&[
+        "convert",
+        "--input",
+        &l4,
+        "--to",
+        "windows",
+        "--placement",
+        &p,
+    ]);
+    assert_bad(&o, "--physical-load and --placement go together");
+    let o = moectl(&["convert", "--input", &l4, "--to", "windows", "--ranks", "2"]);
+    assert_bad(&o, "--ranks is for placements");
+    let o = moectl(&[
+        "convert",
+        "--input",
+        &p,
+        "--to",
+        "sglang",
+        "--first-dense",
+        "0",
+        "--physical-load",
+    ]);
+    assert_bad(&o, "is a placement");
+}
+
 /// Sizes at the edge of u64 are refused or computed without wrapping round.
 #[test]
 fn huge_numbers_do_not_wrap() {
@@ -595,6 +693,7 @@ fn huge_numbers_do_not_wrap() {
         "--first-dense 18446744073709551615 plus the input's MoE layers (1)",
     );
 }
+
 /// `bench` refuses what it cannot measure and names the shapes when --shape matches none.
 /// (The markdown header's flags are checked where a run is cheap enough: the smallest shape
 /// with one window and one repeat.)

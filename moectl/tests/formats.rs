@@ -831,15 +831,24 @@ fn eval_reports_cross_node_traffic_with_several_nodes() {
     assert_eq!(c["weight_moves"], 1, "{v}");
     let text = ok(&moectl(&["eval", "--placement", &p, "--load", &load]));
     assert!(text.contains("cross-node tokens: 31."), "{text}");
-    // One node: no such figures.
-    let one = ok(&moectl(&[
+    // One node (a file that does not say reads as one): no such figures.
+    let unsaid = d.file(
+        "unsaid.json",
+        r#"{"num_logical_experts": 4, "num_ranks": 4, "phy2log": [[0, 1, 0, 2, 3, 1, 2, 3]]}"#,
+    );
+    let one = ok(&moectl(&["eval", "--placement", &unsaid, "--load", &load]));
+    assert!(!one.contains("cross-node"), "{one}");
+    // --nodes fills in what the file does not say, and must not contradict what it does.
+    let two = ok(&moectl(&[
         "eval",
         "--placement",
-        &p,
+        &unsaid,
         "--load",
         &load,
         "--nodes",
-        "1",
+        "2",
     ]));
-    assert!(!one.contains("cross-node"), "{one}");
+    assert!(two.contains("cross-node tokens: 31."), "{two}");
+    let o = moectl(&["eval", "--placement", &p, "--load", &load, "--nodes", "1"]);
+    assert_bad(&o, "--nodes 1 contradicts");
 }
