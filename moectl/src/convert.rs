@@ -122,7 +122,10 @@ pub fn convert(a: &ConvertArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         }
         // The routed expert count: --experts, else the checkpoint's (vllm-ascend maps need it
         // to tell mix_placement's shared experts from routed ones).
-        let model_experts = a.layout.model()?.map(|m| m.num_experts);
+        let model_experts = a
+            .layout
+            .model()?
+            .map(|m| inputs::Experts::Model(m.num_experts));
         let flags = inputs::Stated {
             ranks: a.ranks,
             nodes: a.nodes,

@@ -24,6 +24,7 @@ pub struct EvalArgs<'a> {
     pub layout: &'a LayoutArgs,
     pub physical_load: bool,
     pub nodes: Option<usize>,
+    pub experts: Option<usize>,
 }
 
 /// Node-level traffic of a placement with several nodes (`eplb::traffic`).
@@ -99,12 +100,14 @@ fn engines_json(b: &Balancedness) -> Value {
 pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     let mut load = inputs::read_load(a.load, a.layout)?;
     notes.append(&mut load.notes);
-    let experts = (!a.physical_load).then(|| load.history.num_experts());
+    // E: the load's columns, unless they count slots (then --experts, for maps that list
+    // shared experts after the routed ones).
+    let experts = inputs::load_experts(&load, a.physical_load, a.experts)?;
     let layout = load.layout.clone();
     let flags = inputs::Stated {
         ranks: a.ranks,
         nodes: a.nodes,
-        experts: None,
+        experts: a.experts,
     };
     let p = inputs::read_user_placement(a.placement, experts, &flags, layout.as_ref(), notes)?;
     let prev = a

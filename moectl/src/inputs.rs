@@ -305,11 +305,54 @@ impl FileSays {
     }
 }
 
-/// Reads a placement in any format. `experts`: E from the load (mix_placement shared experts
+/// The routed expert count E a placement is read with, and where it came from: messages about
+/// a mismatch name the source (there may be no load at all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Experts {
+    /// The columns of a per-expert load.
+    Load(usize),
+    /// `--experts`.
+    Flag(usize),
+    /// The checkpoint of `--model`.
+    Model(usize),
+}
+
+impl Experts {
+    pub fn count(self) -> usize {
+        match self {
+            Experts::Load(e) | Experts::Flag(e) | Experts::Model(e) => e,
+        }
+    }
+
+    /// "the load has 8 experts per layer", "--experts is 8", ...
+    fn says(self) -> String {
+        match self {
+            Experts::Load(e) => format!("the load has {} per layer", count(e, "expert")),
+            Experts::Flag(e) => format!("--experts is {e}"),
+            Experts::Model(e) => {
+                format!(
+                    "the checkpoint of --model has {}",
+                    count(e, "routed expert")
+                )
+            }
+        }
+    }
+
+    /// What to do about a mismatch.
+    fn advice(self) -> &'static str {
+        match self {
+            Experts::Load(_) => "use a load and a placement of the same model",
+            Experts::Flag(_) => "give the placement's routed expert count to --experts",
+            Experts::Model(_) => "use a checkpoint and a placement of the same model",
+        }
+    }
+}
+
+/// Reads a placement in any format. `experts`: E and its source (mix_placement shared experts
 /// and SGLang need it); `ranks`: for SGLang's files, which do not say.
 pub fn read_placement(
     path: &Path,
-    experts: Option<usize>,
+    experts: Option<Experts>,
     ranks: Option<usize>,
     nodes: Option<usize>,
     layout: Option<&DecoderLayout>,
@@ -321,16 +364,17 @@ pub fn read_placement(
 
 /// [`read_placement`] for a placement named on the command line with the user's `--ranks`,
 /// `--nodes` and `--experts` (`flags`): they fill in what its format does not say and must not
-/// contradict what it does. `load_experts`: E from the load, when --experts is not given.
+/// contradict what it does. `input_experts`: E from the load or the checkpoint, when --experts
+/// is not given.
 pub fn read_user_placement(
     path: &Path,
-    load_experts: Option<usize>,
+    input_experts: Option<Experts>,
     flags: &Stated,
     layout: Option<&DecoderLayout>,
     notes: &mut Vec<String>,
 ) -> Result<Placement, Fail> {
     let bytes = read_bytes(path, "placement")?;
-    let experts = flags.experts.or(load_experts);
+    let experts = flags.experts.map(Experts::Flag).or(input_experts);
     let p = read_placement_from(
         path,
         &bytes,
@@ -347,38 +391,40 @@ pub fn read_user_placement(
 fn read_placement_from(
     path: &Path,
     bytes: &[u8],
-    experts: Option<usize>,
+    experts: Option<Experts>,
     ranks: Option<usize>,
     nodes: Option<usize>,
     layout: Option<&DecoderLayout>,
     notes: &mut Vec<String>,
 ) -> Result<Placement, Fail> {
     let ctx = PlacementContext {
-        num_experts: experts,
+        num_experts: experts.map(Experts::count),
         num_ranks: ranks,
         num_nodes: nodes,
         layout,
     };
     let (p, _, n) = match formats::read_placement_bytes(bytes, &ctx) {
         Ok(read) => read,
-        Err(e) => return Err(explain_expert_count(path, bytes, &ctx, e)),
+        Err(e) => return Err(explain_expert_count(path, bytes, &ctx, experts, e)),
     };
     notes.extend(prefix(path, n));
     Ok(p)
 }
 
-/// A placement that fails with the load's expert count E (formats that take E from the load:
+/// A placement that fails with a given expert count E (formats that take E from outside:
 /// vllm-ascend maps, SGLang's map) is read again without it, to say what the mismatch is: a
 /// per-slot load (E columns = the placement's slots) or another expert count.
 fn explain_expert_count(
     path: &Path,
     bytes: &[u8],
     ctx: &PlacementContext,
+    experts: Option<Experts>,
     err: eplb::EplbError,
 ) -> Fail {
-    let Some(e) = ctx.num_experts else {
+    let Some(given) = experts else {
         return at(path)(err);
     };
+    let e = given.count();
     let own = PlacementContext {
         num_experts: None,
         ..ctx.clone()
@@ -389,7 +435,9 @@ fn explain_expert_count(
     if p.num_logical_experts == e {
         return at(path)(err);
     }
-    if let Err(per_slot) = formats::vllm::check_column_count(e, &p) {
+    if let Experts::Load(_) = given
+        && let Err(per_slot) = formats::vllm::check_column_count(e, &p)
+    {
         return at(path)(per_slot);
     }
     let shared = if p.num_logical_experts > e {
@@ -400,10 +448,34 @@ fn explain_expert_count(
         String::new()
     };
     Fail(format!(
-        "the load has {e} experts per layer but {} holds {} experts{shared}; use a load and a placement of the same model",
+        "{} but {} holds {}{shared}; {}",
+        given.says(),
         path.display(),
-        p.num_logical_experts,
+        count(p.num_logical_experts, "expert"),
+        given.advice()
     ))
+}
+
+/// The routed expert count to read placements with: the load's columns when they are per
+/// expert (`--experts` must then agree), else `--experts` if given (vllm-ascend maps list
+/// mix_placement shared experts after the routed ones; without E the largest id is read as
+/// routed).
+pub fn load_experts(
+    load: &LoadInput,
+    physical: bool,
+    flag: Option<usize>,
+) -> Result<Option<Experts>, Fail> {
+    if physical {
+        return Ok(flag.map(Experts::Flag));
+    }
+    let e = load.history.num_experts();
+    match flag {
+        Some(f) if f != e => Err(Fail(format!(
+            "--experts {f} but the load has {} per layer (--experts is for per-slot loads, --physical-load, whose columns are slots)",
+            count(e, "expert")
+        ))),
+        _ => Ok(Some(Experts::Load(e))),
+    }
 }
 
 /// Turns a per-slot load into a per-expert one through `through` (`--physical-load`), or checks

@@ -87,6 +87,11 @@ enum Command {
         /// mapped to experts through --previous.
         #[arg(long)]
         physical_load: bool,
+        /// Routed experts E, with --physical-load: a vllm-ascend --previous lists
+        /// mix_placement shared experts after the routed ones (without E its largest id is
+        /// read as routed). With a per-expert load E is its column count.
+        #[arg(long)]
+        experts: Option<usize>,
         #[command(flatten)]
         layout: LayoutArgs,
         /// At most this many slots change per layer (needs --previous).
@@ -143,6 +148,11 @@ enum Command {
         /// cross-node token share and weight moves are reported.
         #[arg(long)]
         nodes: Option<usize>,
+        /// Routed experts E, with --physical-load: vllm-ascend maps list mix_placement shared
+        /// experts after the routed ones (without E the largest id is read as routed). With a
+        /// per-expert load E is its column count; an error where it contradicts the placement.
+        #[arg(long)]
+        experts: Option<usize>,
         #[command(flatten)]
         layout: LayoutArgs,
     },
@@ -285,6 +295,7 @@ fn plan(
     algorithm: &str,
     previous: Option<&Path>,
     physical_load: bool,
+    experts: Option<usize>,
     layout: &LayoutArgs,
     max_moves: Option<usize>,
     threshold: Option<f64>,
@@ -298,10 +309,19 @@ fn plan(
     let mut clock = Stopwatch::new();
     let mut load = inputs::read_load(load, layout)?;
     notes.append(&mut load.notes);
-    let experts = (!physical_load).then(|| load.history.num_experts());
+    let experts = inputs::load_experts(&load, physical_load, experts)?;
     let prev = previous
         .map(|f| inputs::read_placement(f, experts, Some(ranks), None, load.layout.as_ref(), notes))
         .transpose()?;
+    if let (Some(inputs::Experts::Flag(e)), Some(p), Some(f)) = (experts, &prev, previous)
+        && e != p.num_logical_experts
+    {
+        return Err(Fail(format!(
+            "--experts {e} contradicts {}, which holds {} routed experts",
+            f.display(),
+            p.num_logical_experts
+        )));
+    }
     inputs::settle_physical(
         &mut load,
         physical_load,
@@ -407,6 +427,7 @@ fn main() -> ExitCode {
             algorithm,
             previous,
             physical_load,
+            experts,
             layout,
             max_moves,
             threshold,
@@ -423,6 +444,7 @@ fn main() -> ExitCode {
             algorithm,
             previous.as_deref(),
             *physical_load,
+            *experts,
             layout,
             *max_moves,
             *threshold,
@@ -442,6 +464,7 @@ fn main() -> ExitCode {
             svg,
             physical_load,
             nodes,
+            experts,
             layout,
         } => eval::eval(
             &EvalArgs {
@@ -455,6 +478,7 @@ fn main() -> ExitCode {
                 layout,
                 physical_load: *physical_load,
                 nodes: *nodes,
+                experts: *experts,
             },
             &mut notes,
         ),

@@ -734,3 +734,136 @@ fn bench_flags_are_checked() {
         "{doc}"
     );
 }
+
+/// A placement whose expert count differs from the one it is read with names where that count
+/// came from: --experts or the checkpoint of --model, not "the load" when there is none.
+#[test]
+fn expert_count_mismatch_names_its_source() {
+    let d = Dir::new("experts-source");
+    let sg = d.file("sg.json", r#"{"physical_to_logical_map": [[0, 1, 2, 3]]}"#);
+    let o = moectl(&[
+        "convert",
+        "--input",
+        &sg,
+        "--to",
+        "placement",
+        "--first-dense",
+        "0",
+        "--ranks",
+        "2",
+        "--experts",
+        "8",
+    ]);
+    assert_bad(
+        &o,
+        "--experts is 8 but ", // then the file and its count
+    );
+    assert!(
+        stderr(&o)
+            .contains("holds 4 experts; give the placement's routed expert count to --experts"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("the load"), "{}", stderr(&o));
+    let map = d.file(
+        "map.json",
+        r#"{"moe_layer_count": 1, "layer_list": [{"layer_id": 0, "device_count": 2,
+            "device_list": [{"device_id": 0, "device_expert": [0, 1, 2]},
+                            {"device_id": 1, "device_expert": [3, 4, 5]}]}]}"#,
+    );
+    let model = format!("{}/../fixtures/models/mixtral", env!("CARGO_MANIFEST_DIR"));
+    let o = moectl(&[
+        "convert", "--input", &map, "--to", "sglang", "--model", &model,
+    ]);
+    assert_bad(&o, "the checkpoint of --model has 8 routed experts but");
+    assert!(
+        stderr(&o).contains("holds 6 experts; use a checkpoint and a placement of the same model"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// eval and plan take --experts for per-slot loads (the load's columns are slots, not E); with
+/// a per-expert load it must agree with the load.
+#[test]
+fn experts_flag_of_eval_and_plan() {
+    let d = Dir::new("experts-flag");
+    let p = d.file(
+        "p.json",
+        r#"{"num_logical_experts": 3, "num_ranks": 2, "phy2log": [[0, 1, 2, 0]]}"#,
+    );
+    let per_expert = d.file("l3.json", "[[10, 4, 6]]");
+    let per_slot = d.file("l4.json", "[[5, 4, 6, 5]]");
+    let o = moectl(&[
+        "eval",
+        "--placement",
+        &p,
+        "--load",
+        &per_expert,
+        "--experts",
+        "4",
+    ]);
+    assert_bad(&o, "--experts 4 but the load has 3 experts per layer");
+    let o = moectl(&[
+        "eval",
+        "--placement",
+        &p,
+        "--load",
+        &per_expert,
+        "--experts",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = moectl(&[
+        "eval",
+        "--placement",
+        &p,
+        "--load",
+        &per_slot,
+        "--physical-load",
+        "--experts",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = moectl(&[
+        "eval",
+        "--placement",
+        &p,
+        "--load",
+        &per_slot,
+        "--physical-load",
+        "--experts",
+        "5",
+    ]);
+    assert_bad(&o, "--experts 5 contradicts");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &per_slot,
+        "--physical-load",
+        "--previous",
+        &p,
+        "--ranks",
+        "2",
+        "--redundant",
+        "1",
+        "--experts",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &per_slot,
+        "--physical-load",
+        "--previous",
+        &p,
+        "--ranks",
+        "2",
+        "--redundant",
+        "1",
+        "--experts",
+        "5",
+    ]);
+    assert_bad(&o, "--experts 5 contradicts");
+}
