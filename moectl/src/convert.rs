@@ -145,10 +145,19 @@ pub fn convert(a: &ConvertArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         outputs::write_placement(&p, format, layout.as_ref())?
     } else {
         let Some(format) = a.to.load() else {
-            return Err(Fail(format!(
-                "{} is a load: --to must be windows, openevolve or sglang-logical-count",
-                a.input.display()
-            )));
+            // A placement format was asked for but the file has no placement key: say what it
+            // is, a load, or what was expected when it is neither.
+            return Err(match inputs::read_load(a.input, a.layout) {
+                Ok(_) => Fail(format!(
+                    "{} is a load: --to must be windows, openevolve or sglang-logical-count",
+                    a.input.display()
+                )),
+                Err(Fail(why)) => Fail(format!(
+                    "{} is not a placement (it has none of the keys {}) nor a load ({why})",
+                    a.input.display(),
+                    PLACEMENT_KEYS.join(", ")
+                )),
+            });
         };
         let mut load = inputs::read_load(a.input, a.layout)?;
         notes.append(&mut load.notes);

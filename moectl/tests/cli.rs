@@ -867,3 +867,20 @@ fn experts_flag_of_eval_and_plan() {
     ]);
     assert_bad(&o, "--experts 5 contradicts");
 }
+
+/// `convert` to a placement format says what it expected when the input is neither a
+/// placement nor a load, instead of calling any JSON "a load".
+#[test]
+fn convert_says_what_an_unrecognised_input_is() {
+    let d = Dir::new("convert-unknown");
+    let foo = d.file("foo.json", r#"{"foo": 1}"#);
+    let o = moectl(&["convert", "--input", &foo, "--to", "placement"]);
+    assert_bad(
+        &o,
+        "is not a placement (it has none of the keys layer_list, physical_to_logical_map, numLogicalExperts, phy2log) nor a load",
+    );
+    assert!(!stderr(&o).contains("is a load"), "{}", stderr(&o));
+    let load = d.file("load.json", "[[1, 2]]");
+    let o = moectl(&["convert", "--input", &load, "--to", "placement"]);
+    assert_bad(&o, "load.json is a load: --to must be windows");
+}
