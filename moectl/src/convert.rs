@@ -72,8 +72,7 @@ const PLACEMENT_KEYS: [&str; 4] = [
 /// The file is a placement (by its keys): its number of rows when they are SGLang's (one per
 /// decoder layer), or None when it is a load.
 fn placement_rows(path: &Path) -> Result<Option<Option<usize>>, Fail> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Fail(format!("cannot read input {}: {e}", path.display())))?;
+    let bytes = inputs::read_bytes(path, "input")?;
     if formats::is_zip(&bytes) {
         // torch.save: SGLang's placement or its recorder dump.
         let f = formats::torch_save::TorchFile::parse(&bytes)

@@ -160,8 +160,27 @@ pub struct LoadInput {
     pub notes: Vec<String>,
 }
 
-fn read_bytes(path: &Path, what: &str) -> Result<Vec<u8>, Fail> {
-    std::fs::read(path).map_err(|e| Fail(format!("cannot read {what} {}: {e}", path.display())))
+/// Reads an input file: a torch.save zip as is, JSON without a UTF-8 byte-order mark (which
+/// editors may write and serde_json reports as "expected value at line 1 column 1") and only
+/// when it is UTF-8 text (otherwise serde_json names a column, not the cause).
+pub(crate) fn read_bytes(path: &Path, what: &str) -> Result<Vec<u8>, Fail> {
+    let mut bytes = std::fs::read(path)
+        .map_err(|e| Fail(format!("cannot read {what} {}: {e}", path.display())))?;
+    if formats::is_zip(&bytes) {
+        return Ok(bytes);
+    }
+    if bytes.starts_with(b"\xef\xbb\xbf") {
+        bytes.drain(..3);
+    }
+    if let Err(e) = std::str::from_utf8(&bytes) {
+        return Err(Fail(format!(
+            "{}: not UTF-8 text (byte 0x{:02x} at offset {}); JSON files must be UTF-8",
+            path.display(),
+            bytes[e.valid_up_to()],
+            e.valid_up_to()
+        )));
+    }
+    Ok(bytes)
 }
 
 fn at(path: &Path) -> impl Fn(eplb::EplbError) -> Fail + '_ {
@@ -497,7 +516,7 @@ pub fn settle_physical(
             let cols = load.history.num_experts();
             let slot_map = through_file
                 .filter(|_| cols != p.num_slots())
-                .and_then(|f| std::fs::read(f).ok())
+                .and_then(|f| read_bytes(f, "placement").ok())
                 .and_then(|b| formats::read_slot_map_bytes(&b, load.layout.as_ref()))
                 .filter(|m| m.first().map(Vec::len) == Some(cols));
             load.history = match slot_map {

@@ -884,3 +884,62 @@ fn convert_says_what_an_unrecognised_input_is() {
     let o = moectl(&["convert", "--input", &load, "--to", "placement"]);
     assert_bad(&o, "load.json is a load: --to must be windows");
 }
+
+/// Errors name their cause: a byte-order mark is accepted, text that is not UTF-8 is said to
+/// be so, ragged rows are said to differ, a gap in the ids names the expert without a replica.
+#[test]
+fn errors_name_the_cause() {
+    let d = Dir::new("causes");
+    let p = d.file(
+        "p.json",
+        r#"{"num_logical_experts": 2, "num_ranks": 1, "phy2log": [[0, 1]]}"#,
+    );
+    let bom = d.0.join("bom.json");
+    std::fs::write(&bom, b"\xef\xbb\xbf[[3, 1]]").unwrap();
+    let bom = bom.display().to_string();
+    let o = moectl(&["eval", "--placement", &p, "--load", &bom]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let latin1 = d.0.join("latin1.json");
+    std::fs::write(&latin1, b"[[3, 1]] \xe9").unwrap();
+    let latin1 = latin1.display().to_string();
+    let o = moectl(&["eval", "--placement", &p, "--load", &latin1]);
+    assert_bad(&o, "not UTF-8 text (byte 0xe9 at offset 9)");
+    let o = moectl(&["convert", "--input", &latin1, "--to", "windows"]);
+    assert_bad(&o, "not UTF-8 text");
+
+    let ragged = d.file(
+        "ragged.json",
+        r#"{"physical_to_logical_map": [[0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 0, 1, 2]]}"#,
+    );
+    let o = moectl(&[
+        "convert",
+        "--input",
+        &ragged,
+        "--to",
+        "placement",
+        "--ranks",
+        "2",
+        "--first-dense",
+        "0",
+    ]);
+    assert_bad(
+        &o,
+        "layer 1 has 7 slots, layer 0 has 6: every layer must have the same slots",
+    );
+    let gap = d.file("gap.json", r#"{"physical_to_logical_map": [[0, 1, 3, 4]]}"#);
+    let o = moectl(&[
+        "convert",
+        "--input",
+        &gap,
+        "--to",
+        "placement",
+        "--ranks",
+        "2",
+        "--first-dense",
+        "0",
+    ]);
+    assert_bad(
+        &o,
+        "4 slots cannot hold 5 experts (layer 0 has no replica of expert 2)",
+    );
+}

@@ -245,3 +245,22 @@ fn plan_takes_the_shape_from_the_checkpoint_and_refuses_another() {
         assert!(err.contains(needle), "{err}");
     }
 }
+
+/// A config.json that starts with a UTF-8 byte-order mark (as some editors write it) is read.
+#[test]
+fn a_byte_order_mark_is_accepted() {
+    let dir = Dir::new("bom-config");
+    let bom = dir.0.join("config.json");
+    let mixtral = std::fs::read(format!(
+        "{}/../fixtures/models/mixtral/config.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    std::fs::write(&bom, [&b"\xef\xbb\xbf"[..], &mixtral].concat()).unwrap();
+    let out = moectl(&["model", "inspect", &bom.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
