@@ -123,7 +123,7 @@ pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     if a.physical_load {
         inputs::settle_physical(&mut load, true, Some(through), Some(through_file), flag)?;
     } else {
-        inputs::settle_physical(&mut load, false, Some(&p), None, "--placement")?;
+        inputs::settle_physical(&mut load, false, Some(&p), Some(a.placement), "--placement")?;
     }
     notes.append(&mut load.notes);
     let history = load.history;

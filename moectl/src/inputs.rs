@@ -454,10 +454,13 @@ fn explain_expert_count(
     if p.num_logical_experts == e {
         return at(path)(err);
     }
-    if let Experts::Load(_) = given
-        && let Err(per_slot) = formats::vllm::check_column_count(e, &p)
-    {
-        return at(path)(per_slot);
+    if let Experts::Load(_) = given {
+        if let Err(per_slot) = formats::vllm::check_column_count(e, &p) {
+            return at(path)(per_slot);
+        }
+        if let Some(per_slot) = per_slot_as_written(path, bytes, ctx.layout, e, &p) {
+            return per_slot;
+        }
     }
     let shared = if p.num_logical_experts > e {
         format!(
@@ -497,6 +500,26 @@ pub fn load_experts(
     }
 }
 
+/// A load whose columns are as many as the slots of the map as written, when masked ranks
+/// (-1) make that more than the placement read from it has: vLLM's per-slot load, recorded
+/// over every physical slot. The error that says so, or None.
+fn per_slot_as_written(
+    path: &Path,
+    bytes: &[u8],
+    layout: Option<&DecoderLayout>,
+    cols: usize,
+    p: &Placement,
+) -> Option<Fail> {
+    let written = formats::read_slot_map_bytes(bytes, layout)?.first()?.len();
+    (cols == written && written != p.num_slots() && cols != p.num_logical_experts).then(|| {
+        Fail(format!(
+            "the load has {cols} counts per layer, as many as the slots {} lists (masked ranks' -1 slots included; it holds {}): it looks like vLLM's per-slot load; pass --physical-load to map slots to experts through the map as written",
+            path.display(),
+            count(p.num_logical_experts, "expert")
+        ))
+    })
+}
+
 /// Turns a per-slot load into a per-expert one through `through` (`--physical-load`), or checks
 /// that a per-expert load is not a per-slot one in disguise.
 /// `through_file` is the placement's file: a vLLM map with masked ranks (-1) has more slots
@@ -533,7 +556,20 @@ pub fn settle_physical(
             ));
             Ok(())
         }
-        (false, Some(p)) => Ok(formats::vllm::check_logical_columns(&load.history, p)?),
+        (false, Some(p)) => {
+            formats::vllm::check_logical_columns(&load.history, p)?;
+            let written = through_file.and_then(|f| {
+                let bytes = read_bytes(f, "placement").ok()?;
+                per_slot_as_written(
+                    f,
+                    &bytes,
+                    load.layout.as_ref(),
+                    load.history.num_experts(),
+                    p,
+                )
+            });
+            written.map_or(Ok(()), Err)
+        }
         (false, None) => Ok(()),
     }
 }

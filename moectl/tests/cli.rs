@@ -943,3 +943,39 @@ fn errors_name_the_cause() {
         "4 slots cannot hold 5 experts (layer 0 has no replica of expert 2)",
     );
 }
+
+/// Under masked ranks (-1), a per-slot load passed as a per-expert one has as many columns as
+/// the map as written, more than the placement read from it: the error names --physical-load.
+#[test]
+fn per_slot_load_under_masked_ranks_points_to_physical_load() {
+    let d = Dir::new("masked-per-slot");
+    let sg = d.file(
+        "vps3.json",
+        r#"{"physical_to_logical_map": [[-1, -1, 0, 1, 2, 3], [-1, -1, 3, 2, 1, 0]]}"#,
+    );
+    let ph = d.file(
+        "ph.json",
+        r#"{"num_logical_experts": 4, "num_ranks": 3, "phy2log": [[-1, -1, 0, 1, 2, 3], [-1, -1, 3, 2, 1, 0]]}"#,
+    );
+    let load = d.file("l6x2.json", "[[0, 0, 3, 4, 5, 6], [0, 0, 3, 4, 5, 6]]");
+    for (placement, extra) in [(&sg, vec!["--ranks", "3"]), (&ph, vec![])] {
+        let mut args = vec![
+            "eval",
+            "--placement",
+            placement,
+            "--first-dense",
+            "0",
+            "--load",
+            &load,
+        ];
+        args.extend(extra);
+        let o = moectl(&args);
+        assert_bad(
+            &o,
+            "it looks like vLLM's per-slot load; pass --physical-load",
+        );
+        args.push("--physical-load");
+        let o = moectl(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+}
