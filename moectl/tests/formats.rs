@@ -852,3 +852,36 @@ fn eval_reports_cross_node_traffic_with_several_nodes() {
     let o = moectl(&["eval", "--placement", &p, "--load", &load, "--nodes", "1"]);
     assert_bad(&o, "--nodes 1 contradicts");
 }
+
+/// An SGLang map's dense rows are not part of the placement, but SGLang reads them: an id no
+/// expert has, or another length, is refused as the engine would.
+#[test]
+fn sglang_dense_rows_hold_valid_ids() {
+    let d = Dir::new("sglang-dense-rows");
+    let read = |rows: &str| {
+        let f = d.file(
+            "map.json",
+            &format!(r#"{{"physical_to_logical_map": {rows}}}"#),
+        );
+        moectl(&[
+            "convert",
+            "--input",
+            &f,
+            "--to",
+            "placement",
+            "--ranks",
+            "2",
+            "--first-dense",
+            "1",
+        ])
+    };
+    assert!(read("[[0, 1, 2, 3], [3, 2, 1, 0]]").status.success());
+    assert_bad(
+        &read("[[0, 99, 2, 3], [3, 2, 1, 0]]"),
+        "decoder layer 0 (dense): slot 1 holds 99, not an expert id below 4",
+    );
+    assert_bad(
+        &read("[[0, 1, 2], [3, 2, 1, 0]]"),
+        "decoder layer 0 (dense): 3 slots, the MoE rows have 4",
+    );
+}
