@@ -101,6 +101,13 @@ fn placement_rows(path: &Path) -> Result<Option<Option<usize>>, Fail> {
 
 /// Converts; what the readers had to assume goes to `notes`, also when a later step fails.
 pub fn convert(a: &ConvertArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
+    if let Some(out) = a.output {
+        crate::refuse_overwrite(
+            out,
+            "--output",
+            &[Some(a.input), a.placement, a.layout.model.as_deref()],
+        )?;
+    }
     let text = if let Some(sglang_rows) = placement_rows(a.input)? {
         let Some(format) = a.to.placement() else {
             return Err(Fail(format!(

@@ -144,10 +144,10 @@ pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         }
         Some(old) => {
             notes.push(format!(
-                "no migration cost: the previous placement has {} layers x {} slots, this one {} x {} (slots do not correspond)",
-                old.num_layers,
+                "no migration cost: the previous placement has {} x {} slots, this one {} x {} (slots do not correspond)",
+                inputs::count(old.num_layers, "layer"),
                 old.num_slots(),
-                p.num_layers,
+                inputs::count(p.num_layers, "layer"),
                 p.num_slots()
             ));
             None
@@ -155,6 +155,11 @@ pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         None => None,
     };
     if let Some(path) = a.svg {
+        crate::refuse_overwrite(
+            path,
+            "--svg",
+            &[Some(a.placement), Some(a.load), a.previous],
+        )?;
         let mut panels = Vec::new();
         if let Some(pp) = &prev {
             panels.push(svg::Panel {
@@ -217,13 +222,18 @@ pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
             let prev = before
                 .as_ref()
                 .map_or(String::new(), |b| format!("  {:.4}", b.per_layer[l]));
+            // With a previous column, last-window is padded to its header's width.
+            let last = if prev.is_empty() {
+                format!("{:.4}", now.last_window[l])
+            } else {
+                format!("{:<11.4}", now.last_window[l])
+            };
             out_line!(
-                "{:<6} {:<7.4} {:<13.4} {:<13.4} {:.4}{prev}",
+                "{:<6} {:<7.4} {:<13.4} {:<13.4} {last}{prev}",
                 l,
                 now.per_layer[l],
                 now.balancedness_per_layer[l],
                 w,
-                now.last_window[l]
             );
         }
         out_line!("windows: {windows}");

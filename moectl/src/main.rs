@@ -217,6 +217,28 @@ impl<E: std::fmt::Display> From<E> for Fail {
     }
 }
 
+/// Refuses an output file that is one of the inputs (`eval --placement p.json --svg p.json`
+/// would replace the placement with a heatmap).
+pub(crate) fn refuse_overwrite(
+    out: &Path,
+    flag: &str,
+    inputs: &[Option<&Path>],
+) -> Result<(), Fail> {
+    // An output that does not exist yet cannot be an input.
+    let Ok(out_real) = out.canonicalize() else {
+        return Ok(());
+    };
+    for input in inputs.iter().flatten() {
+        if input.canonicalize().is_ok_and(|i| i == out_real) {
+            return Err(Fail(format!(
+                "{flag} {} is also an input: writing it would replace that input; choose another file",
+                out.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn write_out(output: Option<&Path>, text: &[u8]) -> Result<(), Fail> {
     match output {
         Some(p) => {
@@ -306,6 +328,13 @@ fn plan(
     notes: &mut Vec<String>,
 ) -> Result<(), Fail> {
     let planner = planner_by_name(algorithm)?;
+    if let Some(out) = output {
+        refuse_overwrite(
+            out,
+            "--output",
+            &[Some(load), previous, layout.model.as_deref()],
+        )?;
+    }
     let mut clock = Stopwatch::new();
     let mut load = inputs::read_load(load, layout)?;
     notes.append(&mut load.notes);
@@ -382,14 +411,14 @@ fn plan(
     }
     if output.is_some() {
         eprintln!(
-            "planned {} layers with {}: mean PAR {:.4}, worst {:.4}, {} layers changed, {} slots moved, {} layers proven optimal",
-            p.num_layers,
+            "planned {} with {}: mean PAR {:.4}, worst {:.4}, {} changed, {} moved, {} proven optimal",
+            inputs::count(p.num_layers, "layer"),
             plan.algorithm,
             plan.mean_par(),
             plan.worst_par(),
-            plan.changed_layers.len(),
-            plan.slots_moved,
-            plan.layers.iter().filter(|l| l.optimal).count()
+            inputs::count(plan.changed_layers.len(), "layer"),
+            inputs::count(plan.slots_moved, "slot"),
+            inputs::count(plan.layers.iter().filter(|l| l.optimal).count(), "layer")
         );
     }
     Ok(())

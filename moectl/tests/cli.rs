@@ -339,7 +339,7 @@ fn plan_proves_the_flashlb_example_optimal() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("1 layers proven optimal"),
+        stderr(&o).contains("1 layer proven optimal"),
         "{}",
         stderr(&o)
     );
@@ -978,4 +978,81 @@ fn per_slot_load_under_masked_ranks_points_to_physical_load() {
         let o = moectl(&args);
         assert!(o.status.success(), "{}", stderr(&o));
     }
+}
+
+/// Small things a reader notices: singular counts, no note for a one-pass logical_count, an
+/// output that would replace an input, the previous column under its header.
+#[test]
+fn cosmetics() {
+    let d = Dir::new("cosmetics");
+    let load = d.file("load.json", "[[10, 4, 6, 2]]");
+    let out = d.path("plan.json");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "2",
+        "--redundant",
+        "0",
+        "--output",
+        &out,
+    ]);
+    assert!(
+        stderr(&o).contains("planned 1 layer with"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("1 layers"), "{}", stderr(&o));
+    // A plain [L][E] logical_count is one pass: no "passes summed" note.
+    let lc = d.file("lc.json", r#"{"logical_count": [[10, 4, 6, 2]]}"#);
+    let o = moectl(&[
+        "eval",
+        "--placement",
+        &out,
+        "--load",
+        &lc,
+        "--first-dense",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("passes summed"), "{}", stderr(&o));
+    // Outputs that are inputs.
+    let o = moectl(&["eval", "--placement", &out, "--load", &load, "--svg", &out]);
+    assert_bad(&o, "--svg");
+    assert!(stderr(&o).contains("is also an input"), "{}", stderr(&o));
+    let o = moectl(&[
+        "convert", "--input", &load, "--to", "windows", "--output", &load,
+    ]);
+    assert_bad(&o, "--output");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "2",
+        "--redundant",
+        "0",
+        "--output",
+        &load,
+    ]);
+    assert_bad(&o, "is also an input");
+    assert_eq!(std::fs::read_to_string(&load).unwrap(), "[[10, 4, 6, 2]]");
+    // The previous column starts where its header does.
+    let o = moectl(&[
+        "eval",
+        "--placement",
+        &out,
+        "--load",
+        &load,
+        "--previous",
+        &out,
+    ]);
+    let text = stdout(&o);
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let row = lines.next().unwrap();
+    let col = header.find("previous").unwrap();
+    assert_eq!(row.len(), col + "1.0000".len(), "{header}\n{row}");
+    assert_eq!(&row[col - 2..col], "  ", "{header}\n{row}");
 }

@@ -240,9 +240,12 @@ pub fn load_from_passes(
             total - recorded
         ));
     }
-    notes.push(format!(
-        "{recorded} SGLang passes summed into one window (the recorder's ring is not in time order)"
-    ));
+    // One pass (a plain [L][E] logical_count) is a window as it is: nothing to say.
+    if recorded > 1 {
+        notes.push(format!(
+            "{recorded} SGLang passes summed into one window (the recorder's ring is not in time order)"
+        ));
+    }
     let sum: Vec<Vec<f64>> = sum.chunks(experts).map(<[f64]>::to_vec).collect();
     let decoder_layers = sum.len();
     let layout = match layout {
