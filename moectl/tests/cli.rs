@@ -1056,3 +1056,43 @@ fn cosmetics() {
     assert_eq!(row.len(), col + "1.0000".len(), "{header}\n{row}");
     assert_eq!(&row[col - 2..col], "  ", "{header}\n{row}");
 }
+
+/// Every flag of every subcommand has a description in --help.
+#[test]
+fn every_flag_is_described() {
+    for sub in [
+        &["plan"][..],
+        &["eval"],
+        &["convert"],
+        &["bench"],
+        &["model", "inspect"],
+    ] {
+        let o = moectl(&[sub, &["--help"][..]].concat());
+        assert!(o.status.success(), "{sub:?}");
+        let help = stdout(&o);
+        let lines: Vec<&str> = help.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            let flag = l.trim_start();
+            if !(flag.starts_with("--") || flag.starts_with("-h, ") || flag.starts_with("-V, ")) {
+                continue;
+            }
+            // clap writes the description after the flag on the same line, or (when some
+            // do not fit) on the next line, further indented.
+            // "[default: 8]" alone is no description.
+            let words = |text: &str| {
+                let t = text.trim();
+                !t.is_empty() && !t.starts_with('[') && !t.starts_with('-')
+            };
+            if flag.split_once("  ").is_some_and(|(_, text)| words(text)) {
+                continue;
+            }
+            let next = lines.get(i + 1).copied().unwrap_or("");
+            let indent = |s: &str| s.len() - s.trim_start().len();
+            assert!(
+                indent(next) > indent(l) && words(next),
+                "{sub:?}: no description for `{}`:\n{help}",
+                flag
+            );
+        }
+    }
+}
