@@ -878,10 +878,14 @@ fn sglang_dense_rows_hold_valid_ids() {
     assert!(read("[[0, 1, 2, 3], [3, 2, 1, 0]]").status.success());
     assert_bad(
         &read("[[0, 99, 2, 3], [3, 2, 1, 0]]"),
-        "decoder layer 0 (dense): slot 1 holds 99, not an expert id below 4",
+        "decoder layer 0 (dense): slot 1 holds 99, not an expert id below 4;",
     );
     assert_bad(
         &read("[[0, 1, 2], [3, 2, 1, 0]]"),
         "decoder layer 0 (dense): 3 slots, the MoE rows have 4",
+    );
+    assert_bad(
+        &read("[[0, 0, 2, 3], [3, 2, 1, 0]]"),
+        "decoder layer 0 (dense): no replica of expert 1",
     );
 }

@@ -81,8 +81,9 @@ pub fn read_placement(
 }
 
 /// The dense decoder layers' rows are not part of the placement, but SGLang loads the map as
-/// one `[decoder layers][P]` tensor and indexes every row with the expert ids: a dense row must
-/// have the MoE rows' length and hold ids below E (or -1), as the trivial rows we write do.
+/// one `[decoder layers][P]` tensor, indexes every row with the expert ids and builds its
+/// static dispatch map from every row: a dense row must have the MoE rows' length, hold ids
+/// below E and every expert at least once, as the trivial rows we write do.
 fn check_dense_rows(
     all: &[Value],
     layout: &DecoderLayout,
@@ -107,15 +108,19 @@ fn check_dense_rows(
         {
             return bad(format!("{} slots, the MoE rows have {s}", row.len()));
         }
+        let mut held = vec![false; experts];
         for (k, x) in row.iter().enumerate() {
-            match x.as_i64() {
-                Some(e) if e >= -1 && e < experts as i64 => {}
-                _ => {
+            match x.as_u64().and_then(|e| held.get_mut(e as usize)) {
+                Some(h) => *h = true,
+                None => {
                     return bad(format!(
-                        "slot {k} holds {x}, not an expert id below {experts} or -1"
+                        "slot {k} holds {x}, not an expert id below {experts}"
                     ));
                 }
             }
+        }
+        if let Some(e) = held.iter().position(|h| !h) {
+            return bad(format!("no replica of expert {e}"));
         }
     }
     Ok(())
