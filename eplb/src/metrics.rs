@@ -188,10 +188,19 @@ pub fn migration_cost(
         .map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x != y).count())
         .collect();
     let slots = per_layer.iter().sum::<usize>();
+    // Checked: a wrapped product would report a small, wrong byte count.
+    let bytes = (slots as u64)
+        .checked_mul(bytes_per_expert)
+        .ok_or_else(|| {
+            EplbError::Request(format!(
+                "{slots} slots x {bytes_per_expert} bytes per expert is more than {} bytes",
+                u64::MAX
+            ))
+        })?;
     Ok(Migration {
         per_layer,
         slots,
-        bytes: slots as u64 * bytes_per_expert,
+        bytes,
     })
 }
 
@@ -259,6 +268,9 @@ mod tests {
         let m = migration_cost(&a, &b, 100).unwrap();
         assert_eq!(m.slots, 2);
         assert_eq!(m.bytes, 200);
+        // 2 slots of u64::MAX bytes do not fit: an error, not a wrapped count.
+        let e = migration_cost(&a, &b, u64::MAX).unwrap_err().to_string();
+        assert!(e.contains("2 slots x 18446744073709551615 bytes"), "{e}");
     }
 
     #[test]

@@ -151,26 +151,43 @@ impl Placement {
             return perr("a placement needs at least one layer".into());
         }
         let slots = self.phy2log[0].len();
-        if slots == 0 || !slots.is_multiple_of(self.num_ranks) {
+        // Rows of different lengths first: otherwise layer 0's length alone is blamed for not
+        // dividing over the ranks.
+        if let Some((layer, row)) = self
+            .phy2log
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.len() != slots)
+        {
+            return perr(format!(
+                "layer {layer} has {} slots, layer 0 has {slots}: every layer must have the same slots",
+                row.len()
+            ));
+        }
+        if slots == 0 {
+            return perr("the layers have no slots: no rank holds an expert".into());
+        }
+        if !slots.is_multiple_of(self.num_ranks) {
             return perr(format!(
                 "{slots} slots per layer cannot be split evenly over {} ranks",
                 self.num_ranks
             ));
         }
         if slots < self.num_logical_experts {
+            // Name an expert without a replica: with E read as the largest id + 1, a gap in
+            // the ids is the likely cause.
+            let held: std::collections::BTreeSet<usize> = self.phy2log[0].iter().copied().collect();
+            let missing = (0..self.num_logical_experts).find(|e| !held.contains(e));
             return perr(format!(
-                "{slots} slots cannot hold {} experts",
-                self.num_logical_experts
+                "{slots} slots cannot hold {} experts{}",
+                self.num_logical_experts,
+                missing.map_or(String::new(), |e| format!(
+                    " (layer 0 has no replica of expert {e})"
+                ))
             ));
         }
         let s = slots / self.num_ranks;
         for (layer, row) in self.phy2log.iter().enumerate() {
-            if row.len() != slots {
-                return perr(format!(
-                    "layer {layer} has {} slots, layer 0 has {slots}",
-                    row.len()
-                ));
-            }
             let mut served = vec![false; self.num_logical_experts];
             for (slot, &e) in row.iter().enumerate() {
                 match served.get_mut(e) {

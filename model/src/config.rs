@@ -29,13 +29,22 @@ impl Cfg<'_> {
     }
 
     fn opt_usize(&self, field: &'static str) -> Result<Option<usize>> {
-        match self.get(field) {
-            None => Ok(None),
-            Some(x) => x
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| self.bad(field, format!("must be a non-negative integer, not {x}"))),
+        let Some(x) = self.get(field) else {
+            return Ok(None);
+        };
+        let n = x
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| self.bad(field, format!("must be a non-negative integer, not {x}")))?;
+        if let Some(max) = size_limit(field)
+            && n > max
+        {
+            return Err(self.bad(
+                field,
+                format!("is {n}, more than {max}, the most any model has room for here"),
+            ));
         }
+        Ok(Some(n))
     }
 
     fn usize(&self, field: &'static str) -> Result<usize> {
@@ -111,6 +120,32 @@ impl Cfg<'_> {
                 .collect(),
             Some(x) => Err(self.bad(field, format!("must be a list of layer indices, not {x}"))),
         }
+    }
+}
+
+/// The largest value a size field may have. Layer and expert counts size vectors (one entry
+/// per decoder layer, per expert) and widths multiply into bytes per expert, so a config with
+/// `num_hidden_layers: 100000000000` must be refused by name before anything is allocated.
+/// Layers: the bound of the decoder-layer flags (`eplb::formats::DecoderLayout`); experts and
+/// widths: far above any released model (256 experts, widths of tens of thousands).
+fn size_limit(field: &str) -> Option<usize> {
+    const MAX_LAYERS: usize = 1 << 16;
+    const MAX_EXPERTS: usize = 1 << 16;
+    const MAX_WIDTH: usize = 1 << 24;
+    match field {
+        "num_hidden_layers" => Some(MAX_LAYERS),
+        "num_experts"
+        | "num_local_experts"
+        | "n_routed_experts"
+        | "n_shared_experts"
+        | "num_experts_per_tok"
+        | "n_group"
+        | "topk_group" => Some(MAX_EXPERTS),
+        "hidden_size"
+        | "intermediate_size"
+        | "moe_intermediate_size"
+        | "shared_expert_intermediate_size" => Some(MAX_WIDTH),
+        _ => None,
     }
 }
 
@@ -224,7 +259,18 @@ fn qwen(c: &Cfg<'_>, layers: usize) -> Result<Moe> {
     if step == 0 {
         return Err(c.bad("decoder_sparse_step", "must be at least 1"));
     }
-    let dense = c.usize_list("mlp_only_layers")?;
+    let dense: std::collections::BTreeSet<usize> =
+        c.usize_list("mlp_only_layers")?.into_iter().collect();
+    // transformers and the engines index the decoder layers with these numbers: one past
+    // the last layer is a config error, not a no-op.
+    if let Some(&d) = dense.range(layers..).next() {
+        return Err(c.bad(
+            "mlp_only_layers",
+            format!(
+                "lists decoder layer {d}, but num_hidden_layers is {layers} (layers 0..{layers})"
+            ),
+        ));
+    }
     let moe_layers = (0..layers)
         .filter(|d| !dense.contains(d) && (d + 1) % step == 0)
         .collect();

@@ -215,8 +215,10 @@ impl ModelDescription {
             path: file.clone(),
             source,
         })?;
+        // Editors on Windows may start the file with a byte-order mark; JSON has none.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            serde_json::from_str(text).map_err(|source| ModelError::Json {
                 path: file.clone(),
                 source,
             })?;

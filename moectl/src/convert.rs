@@ -72,8 +72,7 @@ const PLACEMENT_KEYS: [&str; 4] = [
 /// The file is a placement (by its keys): its number of rows when they are SGLang's (one per
 /// decoder layer), or None when it is a load.
 fn placement_rows(path: &Path) -> Result<Option<Option<usize>>, Fail> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| Fail(format!("cannot read input {}: {e}", path.display())))?;
+    let bytes = inputs::read_bytes(path, "input")?;
     if formats::is_zip(&bytes) {
         // torch.save: SGLang's placement or its recorder dump.
         let f = formats::torch_save::TorchFile::parse(&bytes)
@@ -100,8 +99,15 @@ fn placement_rows(path: &Path) -> Result<Option<Option<usize>>, Fail> {
     ))
 }
 
-pub fn convert(a: &ConvertArgs) -> Result<Vec<String>, Fail> {
-    let mut notes = Vec::new();
+/// Converts; what the readers had to assume goes to `notes`, also when a later step fails.
+pub fn convert(a: &ConvertArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
+    if let Some(out) = a.output {
+        crate::refuse_overwrite(
+            out,
+            "--output",
+            &[Some(a.input), a.placement, a.layout.model.as_deref()],
+        )?;
+    }
     let text = if let Some(sglang_rows) = placement_rows(a.input)? {
         let Some(format) = a.to.placement() else {
             return Err(Fail(format!(
@@ -114,19 +120,29 @@ pub fn convert(a: &ConvertArgs) -> Result<Vec<String>, Fail> {
             Some(rows) => a.layout.for_decoder_rows(rows)?,
             None => None,
         };
+        if a.physical_load || a.placement.is_some() {
+            return Err(Fail(format!(
+                "{} is a placement: --physical-load and --placement are for converting a per-slot load",
+                a.input.display()
+            )));
+        }
         // The routed expert count: --experts, else the checkpoint's (vllm-ascend maps need it
         // to tell mix_placement's shared experts from routed ones).
-        let experts = match a.experts {
-            Some(e) => Some(e),
-            None => a.layout.model()?.map(|m| m.num_experts),
+        let model_experts = a
+            .layout
+            .model()?
+            .map(|m| inputs::Experts::Model(m.num_experts));
+        let flags = inputs::Stated {
+            ranks: a.ranks,
+            nodes: a.nodes,
+            experts: a.experts,
         };
-        let p = inputs::read_placement(
+        let p = inputs::read_user_placement(
             a.input,
-            experts,
-            a.ranks,
-            a.nodes,
+            model_experts,
+            &flags,
             input_layout.as_ref(),
-            &mut notes,
+            notes,
         )?;
         let layout = match input_layout {
             Some(l) => Some(l),
@@ -135,30 +151,59 @@ pub fn convert(a: &ConvertArgs) -> Result<Vec<String>, Fail> {
         outputs::write_placement(&p, format, layout.as_ref())?
     } else {
         let Some(format) = a.to.load() else {
-            return Err(Fail(format!(
-                "{} is a load: --to must be windows, openevolve or sglang-logical-count",
-                a.input.display()
-            )));
+            // A placement format was asked for but the file has no placement key: say what it
+            // is, a load, or what was expected when it is neither.
+            return Err(match inputs::read_load(a.input, a.layout) {
+                Ok(_) => Fail(format!(
+                    "{} is a load: --to must be windows, openevolve or sglang-logical-count",
+                    a.input.display()
+                )),
+                Err(Fail(why)) => Fail(format!(
+                    "{} is not a placement (it has none of the keys {}) nor a load ({why})",
+                    a.input.display(),
+                    PLACEMENT_KEYS.join(", ")
+                )),
+            });
         };
         let mut load = inputs::read_load(a.input, a.layout)?;
+        notes.append(&mut load.notes);
+        // --placement serves only to map a per-slot load; --ranks, --nodes and --experts only
+        // to read that placement. Anything else would be silently ignored.
+        if a.placement.is_some() != a.physical_load {
+            return Err(Fail(
+                "--physical-load and --placement go together: the per-slot load is mapped to experts through the placement whose slots it counts"
+                    .into(),
+            ));
+        }
+        if a.placement.is_none() {
+            for (flag, given) in [
+                ("--ranks", a.ranks.is_some()),
+                ("--nodes", a.nodes.is_some()),
+                ("--experts", a.experts.is_some()),
+            ] {
+                if given {
+                    return Err(Fail(format!(
+                        "{} is a load: {flag} is for placements (or the --placement of a per-slot load)",
+                        a.input.display()
+                    )));
+                }
+            }
+        }
+        let flags = inputs::Stated {
+            ranks: a.ranks,
+            nodes: a.nodes,
+            experts: a.experts,
+        };
         let through = a
             .placement
-            .map(|f| {
-                inputs::read_placement(f, None, a.ranks, a.nodes, load.layout.as_ref(), &mut notes)
-            })
+            .map(|f| inputs::read_user_placement(f, None, &flags, load.layout.as_ref(), notes))
             .transpose()?;
-        if a.physical_load || through.is_some() {
-            inputs::settle_physical(
-                &mut load,
-                a.physical_load,
-                through.as_ref(),
-                a.placement,
-                "--placement",
-            )?;
+        if let Some(p) = &through {
+            inputs::settle_physical(&mut load, true, Some(p), a.placement, "--placement")?;
         }
         notes.append(&mut load.notes);
         outputs::write_load(&load.history, format, load.layout.as_ref())?
     };
     write_out(a.output, text.as_bytes())?;
-    Ok(notes)
+    Ok(())
 }

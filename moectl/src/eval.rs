@@ -24,6 +24,7 @@ pub struct EvalArgs<'a> {
     pub layout: &'a LayoutArgs,
     pub physical_load: bool,
     pub nodes: Option<usize>,
+    pub experts: Option<usize>,
 }
 
 /// Node-level traffic of a placement with several nodes (`eplb::traffic`).
@@ -95,22 +96,23 @@ fn engines_json(b: &Balancedness) -> Value {
     json!({"sglang_mean_inverse_par": b.sglang, "vllm_sum_mean_over_sum_max": b.vllm})
 }
 
-pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
+/// Evaluates; what the readers had to assume goes to `notes`, also when a later step fails.
+pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     let mut load = inputs::read_load(a.load, a.layout)?;
-    let mut notes = std::mem::take(&mut load.notes);
-    let experts = (!a.physical_load).then(|| load.history.num_experts());
+    notes.append(&mut load.notes);
+    // E: the load's columns, unless they count slots (then --experts, for maps that list
+    // shared experts after the routed ones).
+    let experts = inputs::load_experts(&load, a.physical_load, a.experts)?;
     let layout = load.layout.clone();
-    let p = inputs::read_placement(
-        a.placement,
-        experts,
-        a.ranks,
-        a.nodes,
-        layout.as_ref(),
-        &mut notes,
-    )?;
+    let flags = inputs::Stated {
+        ranks: a.ranks,
+        nodes: a.nodes,
+        experts: a.experts,
+    };
+    let p = inputs::read_user_placement(a.placement, experts, &flags, layout.as_ref(), notes)?;
     let prev = a
         .previous
-        .map(|f| inputs::read_placement(f, experts, a.ranks, a.nodes, layout.as_ref(), &mut notes))
+        .map(|f| inputs::read_user_placement(f, experts, &flags, layout.as_ref(), notes))
         .transpose()?;
     // A per-slot load was recorded while the previous placement served (or, without one, the
     // evaluated placement).
@@ -121,7 +123,7 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
     if a.physical_load {
         inputs::settle_physical(&mut load, true, Some(through), Some(through_file), flag)?;
     } else {
-        inputs::settle_physical(&mut load, false, Some(&p), None, "--placement")?;
+        inputs::settle_physical(&mut load, false, Some(&p), Some(a.placement), "--placement")?;
     }
     notes.append(&mut load.notes);
     let history = load.history;
@@ -142,10 +144,10 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
         }
         Some(old) => {
             notes.push(format!(
-                "no migration cost: the previous placement has {} layers x {} slots, this one {} x {} (slots do not correspond)",
-                old.num_layers,
+                "no migration cost: the previous placement has {} x {} slots, this one {} x {} (slots do not correspond)",
+                inputs::count(old.num_layers, "layer"),
                 old.num_slots(),
-                p.num_layers,
+                inputs::count(p.num_layers, "layer"),
                 p.num_slots()
             ));
             None
@@ -153,6 +155,11 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
         None => None,
     };
     if let Some(path) = a.svg {
+        crate::refuse_overwrite(
+            path,
+            "--svg",
+            &[Some(a.placement), Some(a.load), a.previous],
+        )?;
         let mut panels = Vec::new();
         if let Some(pp) = &prev {
             panels.push(svg::Panel {
@@ -215,13 +222,18 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
             let prev = before
                 .as_ref()
                 .map_or(String::new(), |b| format!("  {:.4}", b.per_layer[l]));
+            // With a previous column, last-window is padded to its header's width.
+            let last = if prev.is_empty() {
+                format!("{:.4}", now.last_window[l])
+            } else {
+                format!("{:<11.4}", now.last_window[l])
+            };
             out_line!(
-                "{:<6} {:<7.4} {:<13.4} {:<13.4} {:.4}{prev}",
+                "{:<6} {:<7.4} {:<13.4} {:<13.4} {last}{prev}",
                 l,
                 now.per_layer[l],
                 now.balancedness_per_layer[l],
                 w,
-                now.last_window[l]
             );
         }
         out_line!("windows: {windows}");
@@ -260,7 +272,7 @@ pub fn eval(a: &EvalArgs) -> Result<Vec<String>, Fail> {
         }
     }
     print_out(&out)?;
-    Ok(notes)
+    Ok(())
 }
 
 fn file_name(p: &Path) -> String {

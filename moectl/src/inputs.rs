@@ -1,8 +1,8 @@
 //! Reading the files `moectl` takes: loads and placements in every format of
 //! `eplb::formats`, and the decoder-layer layout flags that SGLang's files need.
 //!
-//! Readers collect notes (what a file made us assume); `main` prints them to stderr only when
-//! the command succeeds, so that a failure stays one line.
+//! Readers collect notes (what a file made us assume); `main` prints them to stderr, before
+//! the error line when the command fails (a note often explains the error).
 
 use std::path::{Path, PathBuf};
 
@@ -112,7 +112,12 @@ impl LayoutArgs {
         }
         let n = match (self.decoder_layers, self.first_dense) {
             (Some(n), _) => n,
-            (None, Some(k)) => k + moe_rows,
+            // Checked: a huge K must not wrap round to a small layer count.
+            (None, Some(k)) => k.checked_add(moe_rows).ok_or_else(|| {
+                Fail(format!(
+                    "--first-dense {k} plus the input's MoE layers ({moe_rows}) is more decoder layers than any model has"
+                ))
+            })?,
             (None, None) => unreachable!("--moe-layers requires --decoder-layers"),
         };
         let layout = self.build(n)?;
@@ -155,8 +160,27 @@ pub struct LoadInput {
     pub notes: Vec<String>,
 }
 
-fn read_bytes(path: &Path, what: &str) -> Result<Vec<u8>, Fail> {
-    std::fs::read(path).map_err(|e| Fail(format!("cannot read {what} {}: {e}", path.display())))
+/// Reads an input file: a torch.save zip as is, JSON without a UTF-8 byte-order mark (which
+/// editors may write and serde_json reports as "expected value at line 1 column 1") and only
+/// when it is UTF-8 text (otherwise serde_json names a column, not the cause).
+pub(crate) fn read_bytes(path: &Path, what: &str) -> Result<Vec<u8>, Fail> {
+    let mut bytes = std::fs::read(path)
+        .map_err(|e| Fail(format!("cannot read {what} {}: {e}", path.display())))?;
+    if formats::is_zip(&bytes) {
+        return Ok(bytes);
+    }
+    if bytes.starts_with(b"\xef\xbb\xbf") {
+        bytes.drain(..3);
+    }
+    if let Err(e) = std::str::from_utf8(&bytes) {
+        return Err(Fail(format!(
+            "{}: not UTF-8 text (byte 0x{:02x} at offset {}); JSON files must be UTF-8",
+            path.display(),
+            bytes[e.valid_up_to()],
+            e.valid_up_to()
+        )));
+    }
+    Ok(bytes)
 }
 
 fn at(path: &Path) -> impl Fn(eplb::EplbError) -> Fail + '_ {
@@ -192,6 +216,15 @@ pub fn read_load(path: &Path, layout: &LayoutArgs) -> Result<LoadInput, Fail> {
     })
 }
 
+/// `n` and the noun, singular for 1 ("1 layer", "2 layers").
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 fn prefix(path: &Path, notes: Vec<String>) -> Vec<String> {
     notes
         .into_iter()
@@ -199,43 +232,218 @@ fn prefix(path: &Path, notes: Vec<String>) -> Vec<String> {
         .collect()
 }
 
-/// Reads a placement in any format. `experts`: E from the load (mix_placement shared experts
+/// The `--ranks`, `--nodes` and `--experts` a user gave for a placement file. They fill in what
+/// a format does not say (SGLang's map says neither ranks nor nodes; vllm-ascend's map says
+/// no nodes and counts shared experts among its ids); a flag that contradicts what the file
+/// says is an error naming both, not silently dropped or silently obeyed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stated {
+    pub ranks: Option<usize>,
+    pub nodes: Option<usize>,
+    pub experts: Option<usize>,
+}
+
+impl Stated {
+    /// Refuses a flag that contradicts the placement read from `path` (`bytes`: the file).
+    pub fn check(&self, path: &Path, bytes: &[u8], p: &Placement) -> Result<(), Fail> {
+        let own = FileSays::of(bytes, p);
+        let clash = |flag: &str, given: usize, what: &str, says: usize| {
+            Fail(format!(
+                "{flag} {given} contradicts {}, which has {}: drop {flag} (it is for formats that do not say)",
+                path.display(),
+                count(says, what)
+            ))
+        };
+        if let (Some(g), Some(s)) = (self.ranks, own.ranks)
+            && g != s
+        {
+            return Err(clash("--ranks", g, "rank", s));
+        }
+        if let (Some(g), Some(s)) = (self.nodes, own.nodes)
+            && g != s
+        {
+            return Err(clash("--nodes", g, "node", s));
+        }
+        if let Some(e) = self.experts
+            && e != p.num_logical_experts
+        {
+            return Err(Fail(format!(
+                "--experts {e} contradicts {}, which holds {} routed experts",
+                path.display(),
+                p.num_logical_experts
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The ranks and nodes a placement file states itself (None where its format does not).
+struct FileSays {
+    ranks: Option<usize>,
+    nodes: Option<usize>,
+}
+
+impl FileSays {
+    fn of(bytes: &[u8], p: &Placement) -> FileSays {
+        let none = FileSays {
+            ranks: None,
+            nodes: None,
+        };
+        // torch.save: SGLang's map, which says neither.
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+            return none;
+        };
+        let num = |k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .map(|n| n as usize)
+        };
+        // In the order the placement reader tells formats apart (a document has phy2log too).
+        if v.get("layer_list").is_some() {
+            // vllm-ascend's map: one entry per device, no nodes.
+            FileSays {
+                ranks: Some(p.num_ranks),
+                nodes: None,
+            }
+        } else if v.get("physical_to_logical_map").is_some() {
+            none
+        } else if v.get("numLogicalExperts").is_some() {
+            FileSays {
+                ranks: num("numRanks"),
+                nodes: num("numNodes"),
+            }
+        } else if v.get("phy2log").is_some() {
+            // moectl's JSON; vLLM's masked ranks are counted in num_ranks.
+            FileSays {
+                ranks: num("num_ranks"),
+                nodes: num("num_nodes"),
+            }
+        } else {
+            none
+        }
+    }
+}
+
+/// The routed expert count E a placement is read with, and where it came from: messages about
+/// a mismatch name the source (there may be no load at all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Experts {
+    /// The columns of a per-expert load.
+    Load(usize),
+    /// `--experts`.
+    Flag(usize),
+    /// The checkpoint of `--model`.
+    Model(usize),
+}
+
+impl Experts {
+    pub fn count(self) -> usize {
+        match self {
+            Experts::Load(e) | Experts::Flag(e) | Experts::Model(e) => e,
+        }
+    }
+
+    /// "the load has 8 experts per layer", "--experts is 8", ...
+    fn says(self) -> String {
+        match self {
+            Experts::Load(e) => format!("the load has {} per layer", count(e, "expert")),
+            Experts::Flag(e) => format!("--experts is {e}"),
+            Experts::Model(e) => {
+                format!(
+                    "the checkpoint of --model has {}",
+                    count(e, "routed expert")
+                )
+            }
+        }
+    }
+
+    /// What to do about a mismatch.
+    fn advice(self) -> &'static str {
+        match self {
+            Experts::Load(_) => "use a load and a placement of the same model",
+            Experts::Flag(_) => "give the placement's routed expert count to --experts",
+            Experts::Model(_) => "use a checkpoint and a placement of the same model",
+        }
+    }
+}
+
+/// Reads a placement in any format. `experts`: E and its source (mix_placement shared experts
 /// and SGLang need it); `ranks`: for SGLang's files, which do not say.
 pub fn read_placement(
     path: &Path,
-    experts: Option<usize>,
+    experts: Option<Experts>,
     ranks: Option<usize>,
     nodes: Option<usize>,
     layout: Option<&DecoderLayout>,
     notes: &mut Vec<String>,
 ) -> Result<Placement, Fail> {
     let bytes = read_bytes(path, "placement")?;
+    read_placement_from(path, &bytes, experts, ranks, nodes, layout, notes)
+}
+
+/// [`read_placement`] for a placement named on the command line with the user's `--ranks`,
+/// `--nodes` and `--experts` (`flags`): they fill in what its format does not say and must not
+/// contradict what it does. `input_experts`: E from the load or the checkpoint, when --experts
+/// is not given.
+pub fn read_user_placement(
+    path: &Path,
+    input_experts: Option<Experts>,
+    flags: &Stated,
+    layout: Option<&DecoderLayout>,
+    notes: &mut Vec<String>,
+) -> Result<Placement, Fail> {
+    let bytes = read_bytes(path, "placement")?;
+    let experts = flags.experts.map(Experts::Flag).or(input_experts);
+    let p = read_placement_from(
+        path,
+        &bytes,
+        experts,
+        flags.ranks,
+        flags.nodes,
+        layout,
+        notes,
+    )?;
+    flags.check(path, &bytes, &p)?;
+    Ok(p)
+}
+
+fn read_placement_from(
+    path: &Path,
+    bytes: &[u8],
+    experts: Option<Experts>,
+    ranks: Option<usize>,
+    nodes: Option<usize>,
+    layout: Option<&DecoderLayout>,
+    notes: &mut Vec<String>,
+) -> Result<Placement, Fail> {
     let ctx = PlacementContext {
-        num_experts: experts,
+        num_experts: experts.map(Experts::count),
         num_ranks: ranks,
         num_nodes: nodes,
         layout,
     };
-    let (p, _, n) = match formats::read_placement_bytes(&bytes, &ctx) {
+    let (p, _, n) = match formats::read_placement_bytes(bytes, &ctx) {
         Ok(read) => read,
-        Err(e) => return Err(explain_expert_count(path, &bytes, &ctx, e)),
+        Err(e) => return Err(explain_expert_count(path, bytes, &ctx, experts, e)),
     };
     notes.extend(prefix(path, n));
     Ok(p)
 }
 
-/// A placement that fails with the load's expert count E (formats that take E from the load:
+/// A placement that fails with a given expert count E (formats that take E from outside:
 /// vllm-ascend maps, SGLang's map) is read again without it, to say what the mismatch is: a
 /// per-slot load (E columns = the placement's slots) or another expert count.
 fn explain_expert_count(
     path: &Path,
     bytes: &[u8],
     ctx: &PlacementContext,
+    experts: Option<Experts>,
     err: eplb::EplbError,
 ) -> Fail {
-    let Some(e) = ctx.num_experts else {
+    let Some(given) = experts else {
         return at(path)(err);
     };
+    let e = given.count();
     let own = PlacementContext {
         num_experts: None,
         ..ctx.clone()
@@ -246,8 +454,13 @@ fn explain_expert_count(
     if p.num_logical_experts == e {
         return at(path)(err);
     }
-    if let Err(per_slot) = formats::vllm::check_column_count(e, &p) {
-        return at(path)(per_slot);
+    if let Experts::Load(_) = given {
+        if let Err(per_slot) = formats::vllm::check_column_count(e, &p) {
+            return at(path)(per_slot);
+        }
+        if let Some(per_slot) = per_slot_as_written(path, bytes, ctx.layout, e, &p) {
+            return per_slot;
+        }
     }
     let shared = if p.num_logical_experts > e {
         format!(
@@ -257,10 +470,54 @@ fn explain_expert_count(
         String::new()
     };
     Fail(format!(
-        "the load has {e} experts per layer but {} holds {} experts{shared}; use a load and a placement of the same model",
+        "{} but {} holds {}{shared}; {}",
+        given.says(),
         path.display(),
-        p.num_logical_experts,
+        count(p.num_logical_experts, "expert"),
+        given.advice()
     ))
+}
+
+/// The routed expert count to read placements with: the load's columns when they are per
+/// expert (`--experts` must then agree), else `--experts` if given (vllm-ascend maps list
+/// mix_placement shared experts after the routed ones; without E the largest id is read as
+/// routed).
+pub fn load_experts(
+    load: &LoadInput,
+    physical: bool,
+    flag: Option<usize>,
+) -> Result<Option<Experts>, Fail> {
+    if physical {
+        return Ok(flag.map(Experts::Flag));
+    }
+    let e = load.history.num_experts();
+    match flag {
+        Some(f) if f != e => Err(Fail(format!(
+            "--experts {f} but the load has {} per layer (--experts is for per-slot loads, --physical-load, whose columns are slots)",
+            count(e, "expert")
+        ))),
+        _ => Ok(Some(Experts::Load(e))),
+    }
+}
+
+/// A load whose columns are as many as the slots of the map as written, when masked ranks
+/// (-1) make that more than the placement read from it has: vLLM's per-slot load, recorded
+/// over every physical slot. The error that says so, or None.
+fn per_slot_as_written(
+    path: &Path,
+    bytes: &[u8],
+    layout: Option<&DecoderLayout>,
+    cols: usize,
+    p: &Placement,
+) -> Option<Fail> {
+    let written = formats::read_slot_map_bytes(bytes, layout)?.first()?.len();
+    (cols == written && written != p.num_slots() && cols != p.num_logical_experts).then(|| {
+        Fail(format!(
+            "the load has {cols} counts per layer, as many as the slots {} lists (masked ranks' -1 slots included; it holds {}): it looks like vLLM's per-slot load; pass --physical-load to map slots to experts through the map as written",
+            path.display(),
+            count(p.num_logical_experts, "expert")
+        ))
+    })
 }
 
 /// Turns a per-slot load into a per-expert one through `through` (`--physical-load`), or checks
@@ -282,7 +539,7 @@ pub fn settle_physical(
             let cols = load.history.num_experts();
             let slot_map = through_file
                 .filter(|_| cols != p.num_slots())
-                .and_then(|f| std::fs::read(f).ok())
+                .and_then(|f| read_bytes(f, "placement").ok())
                 .and_then(|b| formats::read_slot_map_bytes(&b, load.layout.as_ref()))
                 .filter(|m| m.first().map(Vec::len) == Some(cols));
             load.history = match slot_map {
@@ -299,7 +556,20 @@ pub fn settle_physical(
             ));
             Ok(())
         }
-        (false, Some(p)) => Ok(formats::vllm::check_logical_columns(&load.history, p)?),
+        (false, Some(p)) => {
+            formats::vllm::check_logical_columns(&load.history, p)?;
+            let written = through_file.and_then(|f| {
+                let bytes = read_bytes(f, "placement").ok()?;
+                per_slot_as_written(
+                    f,
+                    &bytes,
+                    load.layout.as_ref(),
+                    load.history.num_experts(),
+                    p,
+                )
+            });
+            written.map_or(Ok(()), Err)
+        }
         (false, None) => Ok(()),
     }
 }

@@ -1,6 +1,8 @@
 //! `moectl`: plan, evaluate and benchmark expert placements offline.
 //!
 //! Bad input ends with one line `error: ...` on stderr and exit code 2; nothing is written.
+//! The `note: ...` lines the readers gathered before the failure come first.
+//! Argument errors are clap's whole message (with the usage line), also with exit code 2.
 
 mod bench;
 mod convert;
@@ -67,6 +69,8 @@ enum Command {
         /// Redundant expert slots per layer.
         #[arg(long)]
         redundant: usize,
+        /// Nodes the ranks are spread over (ranks divide evenly): joint keeps tokens on their
+        /// node within --node-slack.
         #[arg(long, default_value_t = 1)]
         nodes: usize,
         /// Expert groups (1 = none).
@@ -83,15 +87,20 @@ enum Command {
         /// mapped to experts through --previous.
         #[arg(long)]
         physical_load: bool,
+        /// Routed experts E, with --physical-load: a vllm-ascend --previous lists
+        /// mix_placement shared experts after the routed ones (without E its largest id is
+        /// read as routed). With a per-expert load E is its column count.
+        #[arg(long)]
+        experts: Option<usize>,
         #[command(flatten)]
         layout: LayoutArgs,
-        /// At most this many slots change per layer.
+        /// At most this many slots change per layer (needs --previous).
         #[arg(long)]
         max_moves: Option<usize>,
         /// Only re-plan layers whose current PAR exceeds this (needs --previous).
         #[arg(long, allow_negative_numbers = true)]
         threshold: Option<f64>,
-        /// joint with several nodes: objective (PAR) fraction it may give up to keep tokens
+        /// joint with --nodes above 1: objective (PAR) fraction it may give up to keep tokens
         /// on their node (default 0.0025).
         #[arg(long, allow_negative_numbers = true)]
         node_slack: Option<f64>,
@@ -120,9 +129,11 @@ enum Command {
         /// Bytes of one expert's weights (default: DeepSeek-V3, bf16).
         #[arg(long, default_value_t = DEEPSEEK_V3_EXPERT_BYTES)]
         expert_bytes: u64,
+        /// Print the report as one JSON object instead of the table.
         #[arg(long)]
         json: bool,
-        /// EP ranks, for placements that do not say (SGLang's).
+        /// EP ranks, for placements that do not say (SGLang's); an error where it contradicts
+        /// the placement.
         #[arg(long)]
         ranks: Option<usize>,
         /// Also write a heatmap of rank loads per layer (before and after with --previous).
@@ -132,10 +143,16 @@ enum Command {
         /// --previous, or --placement without it.
         #[arg(long)]
         physical_load: bool,
-        /// Nodes, for placements that do not say (all but moectl's JSON): with more than one,
+        /// Nodes, for placements that do not say (SGLang's and vllm-ascend's maps; an error
+        /// where it contradicts moectl's JSON or a placement document): with more than one,
         /// cross-node token share and weight moves are reported.
         #[arg(long)]
         nodes: Option<usize>,
+        /// Routed experts E, with --physical-load: vllm-ascend maps list mix_placement shared
+        /// experts after the routed ones (without E the largest id is read as routed). With a
+        /// per-expert load E is its column count; an error where it contradicts the placement.
+        #[arg(long)]
+        experts: Option<usize>,
         #[command(flatten)]
         layout: LayoutArgs,
     },
@@ -150,18 +167,22 @@ enum Command {
         /// Output file (default: standard output).
         #[arg(long)]
         output: Option<PathBuf>,
-        /// EP ranks, for placements that do not say (SGLang's).
+        /// EP ranks, for placements that do not say (SGLang's); an error where it contradicts
+        /// the placement.
         #[arg(long)]
         ranks: Option<usize>,
-        /// Routed experts E (vllm-ascend maps: ids from E up are mix_placement shared experts).
+        /// Routed experts E (vllm-ascend maps: ids from E up are mix_placement shared experts;
+        /// SGLang's maps); an error where it contradicts the placement.
         #[arg(long)]
         experts: Option<usize>,
+        /// Nodes, for placements that do not say (SGLang's and vllm-ascend's maps); an error
+        /// where it contradicts the placement.
         #[arg(long)]
         nodes: Option<usize>,
         /// The load counts tokens per physical slot (vLLM): mapped to experts through --placement.
         #[arg(long)]
         physical_load: bool,
-        /// The placement whose slots a per-slot load counts.
+        /// The placement whose slots a per-slot load counts (with --physical-load).
         #[arg(long)]
         placement: Option<PathBuf>,
         #[command(flatten)]
@@ -175,10 +196,13 @@ enum Command {
         /// Only shapes whose name contains this (case-insensitive).
         #[arg(long)]
         shape: Option<String>,
+        /// Windows of history H each algorithm plans on (the trace has 2H+1 windows).
         #[arg(long, default_value_t = 8)]
         history: usize,
+        /// Runs per algorithm and shape; the fastest and median time are reported.
         #[arg(long, default_value_t = 5)]
         repeats: usize,
+        /// Seed of the synthetic traces.
         #[arg(long, default_value_t = 2026)]
         seed: u64,
     },
@@ -191,6 +215,28 @@ impl<E: std::fmt::Display> From<E> for Fail {
     fn from(e: E) -> Self {
         Fail(e.to_string())
     }
+}
+
+/// Refuses an output file that is one of the inputs (`eval --placement p.json --svg p.json`
+/// would replace the placement with a heatmap).
+pub(crate) fn refuse_overwrite(
+    out: &Path,
+    flag: &str,
+    inputs: &[Option<&Path>],
+) -> Result<(), Fail> {
+    // An output that does not exist yet cannot be an input.
+    let Ok(out_real) = out.canonicalize() else {
+        return Ok(());
+    };
+    for input in inputs.iter().flatten() {
+        if input.canonicalize().is_ok_and(|i| i == out_real) {
+            return Err(Fail(format!(
+                "{flag} {} is also an input: writing it would replace that input; choose another file",
+                out.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn write_out(output: Option<&Path>, text: &[u8]) -> Result<(), Fail> {
@@ -271,6 +317,7 @@ fn plan(
     algorithm: &str,
     previous: Option<&Path>,
     physical_load: bool,
+    experts: Option<usize>,
     layout: &LayoutArgs,
     max_moves: Option<usize>,
     threshold: Option<f64>,
@@ -278,24 +325,32 @@ fn plan(
     format: Format,
     output: Option<&Path>,
     timings: bool,
-) -> Result<Vec<String>, Fail> {
+    notes: &mut Vec<String>,
+) -> Result<(), Fail> {
     let planner = planner_by_name(algorithm)?;
+    if let Some(out) = output {
+        refuse_overwrite(
+            out,
+            "--output",
+            &[Some(load), previous, layout.model.as_deref()],
+        )?;
+    }
     let mut clock = Stopwatch::new();
     let mut load = inputs::read_load(load, layout)?;
-    let mut notes = std::mem::take(&mut load.notes);
-    let experts = (!physical_load).then(|| load.history.num_experts());
+    notes.append(&mut load.notes);
+    let experts = inputs::load_experts(&load, physical_load, experts)?;
     let prev = previous
-        .map(|f| {
-            inputs::read_placement(
-                f,
-                experts,
-                Some(ranks),
-                None,
-                load.layout.as_ref(),
-                &mut notes,
-            )
-        })
+        .map(|f| inputs::read_placement(f, experts, Some(ranks), None, load.layout.as_ref(), notes))
         .transpose()?;
+    if let (Some(inputs::Experts::Flag(e)), Some(p), Some(f)) = (experts, &prev, previous)
+        && e != p.num_logical_experts
+    {
+        return Err(Fail(format!(
+            "--experts {e} contradicts {}, which holds {} routed experts",
+            f.display(),
+            p.num_logical_experts
+        )));
+    }
     inputs::settle_physical(
         &mut load,
         physical_load,
@@ -303,8 +358,8 @@ fn plan(
         previous,
         "--previous",
     )?;
-    layout.check_load_shape(&load.history)?;
     notes.append(&mut load.notes);
+    layout.check_load_shape(&load.history)?;
     if format == Format::Sglang {
         inputs::need_layout(load.layout.as_ref())?;
     }
@@ -314,6 +369,18 @@ fn plan(
         return Err(Fail(
             "--threshold needs --previous (the placement whose PAR is compared)".into(),
         ));
+    }
+    if max_moves.is_some() && prev.is_none() {
+        return Err(Fail(
+            "--max-moves needs --previous (the placement whose slots it limits changes to)".into(),
+        ));
+    }
+    // The node-aware polish is joint's, and only spreads replicas over several nodes.
+    if node_slack.is_some() && (algorithm != "joint" || nodes <= 1) {
+        return Err(Fail(format!(
+            "--node-slack applies to --algorithm joint with --nodes above 1 (here {algorithm} with {nodes} node{})",
+            if nodes == 1 { "" } else { "s" }
+        )));
     }
     let mut req = PlanRequest::new(shape, &history);
     if let Some(p) = &prev {
@@ -344,17 +411,17 @@ fn plan(
     }
     if output.is_some() {
         eprintln!(
-            "planned {} layers with {}: mean PAR {:.4}, worst {:.4}, {} layers changed, {} slots moved, {} layers proven optimal",
-            p.num_layers,
+            "planned {} with {}: mean PAR {:.4}, worst {:.4}, {} changed, {} moved, {} proven optimal",
+            inputs::count(p.num_layers, "layer"),
             plan.algorithm,
             plan.mean_par(),
             plan.worst_par(),
-            plan.changed_layers.len(),
-            plan.slots_moved,
-            plan.layers.iter().filter(|l| l.optimal).count()
+            inputs::count(plan.changed_layers.len(), "layer"),
+            inputs::count(plan.slots_moved, "slot"),
+            inputs::count(plan.layers.iter().filter(|l| l.optimal).count(), "layer")
         );
     }
-    Ok(notes)
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -362,25 +429,24 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
-                let _ = e.print();
-                return ExitCode::SUCCESS;
-            }
-            let text = e.to_string();
-            let line = text.lines().next().unwrap_or("error: bad arguments");
-            eprintln!("{line}");
-            return ExitCode::from(2);
+            // Asked-for help and version succeed. Every other message is a usage error, printed
+            // whole (which argument is missing, "did you mean", the valid values) with exit
+            // code 2; that includes `moectl` alone, whose help lists the subcommands.
+            let _ = e.print();
+            return if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            };
         }
     };
+    // Notes gathered before a failure are printed too: they often explain it (a layer read
+    // as dense, then a layer count that does not match).
+    let mut notes = Vec::new();
     let result = match &cli.command {
         Command::Model {
             command: ModelCommand::Inspect { path, output },
-        } => model::inspect(path, *output),
+        } => model::inspect(path, *output).map(|n| notes.extend(n)),
         Command::Plan {
             load,
             ranks,
@@ -390,6 +456,7 @@ fn main() -> ExitCode {
             algorithm,
             previous,
             physical_load,
+            experts,
             layout,
             max_moves,
             threshold,
@@ -406,6 +473,7 @@ fn main() -> ExitCode {
             algorithm,
             previous.as_deref(),
             *physical_load,
+            *experts,
             layout,
             *max_moves,
             *threshold,
@@ -413,6 +481,7 @@ fn main() -> ExitCode {
             *format,
             output.as_deref(),
             *timings,
+            &mut notes,
         ),
         Command::Eval {
             placement,
@@ -424,19 +493,24 @@ fn main() -> ExitCode {
             svg,
             physical_load,
             nodes,
+            experts,
             layout,
-        } => eval::eval(&EvalArgs {
-            placement,
-            load,
-            previous: previous.as_deref(),
-            expert_bytes: *expert_bytes,
-            as_json: *json,
-            ranks: *ranks,
-            svg: svg.as_ref(),
-            layout,
-            physical_load: *physical_load,
-            nodes: *nodes,
-        }),
+        } => eval::eval(
+            &EvalArgs {
+                placement,
+                load,
+                previous: previous.as_deref(),
+                expert_bytes: *expert_bytes,
+                as_json: *json,
+                ranks: *ranks,
+                svg: svg.as_ref(),
+                layout,
+                physical_load: *physical_load,
+                nodes: *nodes,
+                experts: *experts,
+            },
+            &mut notes,
+        ),
         Command::Convert {
             input,
             to,
@@ -447,17 +521,20 @@ fn main() -> ExitCode {
             physical_load,
             placement,
             layout,
-        } => convert::convert(&ConvertArgs {
-            input,
-            to: *to,
-            output: output.as_deref(),
-            ranks: *ranks,
-            experts: *experts,
-            nodes: *nodes,
-            layout,
-            physical_load: *physical_load,
-            placement: placement.as_deref(),
-        }),
+        } => convert::convert(
+            &ConvertArgs {
+                input,
+                to: *to,
+                output: output.as_deref(),
+                ranks: *ranks,
+                experts: *experts,
+                nodes: *nodes,
+                layout,
+                physical_load: *physical_load,
+                placement: placement.as_deref(),
+            },
+            &mut notes,
+        ),
         Command::Bench {
             markdown,
             shape,
@@ -470,15 +547,14 @@ fn main() -> ExitCode {
             *history,
             *repeats,
             *seed,
-        ),
+        )
+        .map(|n| notes.extend(n)),
     };
+    for n in &notes {
+        eprintln!("note: {n}");
+    }
     match result {
-        Ok(notes) => {
-            for n in notes {
-                eprintln!("note: {n}");
-            }
-            ExitCode::SUCCESS
-        }
+        Ok(()) => ExitCode::SUCCESS,
         Err(Fail(msg)) => {
             eprintln!("error: {}", msg.lines().next().unwrap_or(""));
             ExitCode::from(2)

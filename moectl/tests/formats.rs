@@ -831,15 +831,61 @@ fn eval_reports_cross_node_traffic_with_several_nodes() {
     assert_eq!(c["weight_moves"], 1, "{v}");
     let text = ok(&moectl(&["eval", "--placement", &p, "--load", &load]));
     assert!(text.contains("cross-node tokens: 31."), "{text}");
-    // One node: no such figures.
-    let one = ok(&moectl(&[
+    // One node (a file that does not say reads as one): no such figures.
+    let unsaid = d.file(
+        "unsaid.json",
+        r#"{"num_logical_experts": 4, "num_ranks": 4, "phy2log": [[0, 1, 0, 2, 3, 1, 2, 3]]}"#,
+    );
+    let one = ok(&moectl(&["eval", "--placement", &unsaid, "--load", &load]));
+    assert!(!one.contains("cross-node"), "{one}");
+    // --nodes fills in what the file does not say, and must not contradict what it does.
+    let two = ok(&moectl(&[
         "eval",
         "--placement",
-        &p,
+        &unsaid,
         "--load",
         &load,
         "--nodes",
-        "1",
+        "2",
     ]));
-    assert!(!one.contains("cross-node"), "{one}");
+    assert!(two.contains("cross-node tokens: 31."), "{two}");
+    let o = moectl(&["eval", "--placement", &p, "--load", &load, "--nodes", "1"]);
+    assert_bad(&o, "--nodes 1 contradicts");
+}
+
+/// An SGLang map's dense rows are not part of the placement, but SGLang reads them: an id no
+/// expert has, or another length, is refused as the engine would.
+#[test]
+fn sglang_dense_rows_hold_valid_ids() {
+    let d = Dir::new("sglang-dense-rows");
+    let read = |rows: &str| {
+        let f = d.file(
+            "map.json",
+            &format!(r#"{{"physical_to_logical_map": {rows}}}"#),
+        );
+        moectl(&[
+            "convert",
+            "--input",
+            &f,
+            "--to",
+            "placement",
+            "--ranks",
+            "2",
+            "--first-dense",
+            "1",
+        ])
+    };
+    assert!(read("[[0, 1, 2, 3], [3, 2, 1, 0]]").status.success());
+    assert_bad(
+        &read("[[0, 99, 2, 3], [3, 2, 1, 0]]"),
+        "decoder layer 0 (dense): slot 1 holds 99, not an expert id below 4;",
+    );
+    assert_bad(
+        &read("[[0, 1, 2], [3, 2, 1, 0]]"),
+        "decoder layer 0 (dense): 3 slots, the MoE rows have 4",
+    );
+    assert_bad(
+        &read("[[0, 0, 2, 3], [3, 2, 1, 0]]"),
+        "decoder layer 0 (dense): no replica of expert 1",
+    );
 }

@@ -135,7 +135,18 @@ fn bad_configs_end_with_exit_2_and_one_line() {
         "partial.json",
         r#"{"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 64}"#,
     );
+    // A Qwen3-MoE config with 1e11 layers used to abort on a 4 GB allocation.
+    let qbig = dir.file(
+        "qbig.json",
+        r#"{"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "hidden_size": 64, "num_hidden_layers": 100000000000, "num_experts": 8,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 32}"#,
+    );
     let cases = [
+        (
+            qbig.as_str(),
+            "`num_hidden_layers` is 100000000000, more than 65536",
+        ),
         (llama.as_str(), "supported architectures are"),
         (partial.as_str(), "lacks"),
         ("/nonexistent/ckpt", "reading"),
@@ -233,4 +244,23 @@ fn plan_takes_the_shape_from_the_checkpoint_and_refuses_another() {
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(err.contains(needle), "{err}");
     }
+}
+
+/// A config.json that starts with a UTF-8 byte-order mark (as some editors write it) is read.
+#[test]
+fn a_byte_order_mark_is_accepted() {
+    let dir = Dir::new("bom-config");
+    let bom = dir.0.join("config.json");
+    let mixtral = std::fs::read(format!(
+        "{}/../fixtures/models/mixtral/config.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    std::fs::write(&bom, [&b"\xef\xbb\xbf"[..], &mixtral].concat()).unwrap();
+    let out = moectl(&["model", "inspect", &bom.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

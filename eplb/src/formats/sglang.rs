@@ -58,12 +58,13 @@ pub fn read_placement(
     let rows = v["physical_to_logical_map"].as_array().ok_or_else(|| {
         EplbError::Placement("physical_to_logical_map must be [layers][slots] of expert ids".into())
     })?;
+    let all = rows;
     let rows: Vec<Value> = match layout {
         Some(lay) => {
-            lay.check_decoder_rows(rows.len(), "physical_to_logical_map")?;
-            lay.moe_layers().iter().map(|&l| rows[l].clone()).collect()
+            lay.check_decoder_rows(all.len(), "physical_to_logical_map")?;
+            lay.moe_layers().iter().map(|&l| all[l].clone()).collect()
         }
-        None => rows.clone(),
+        None => all.clone(),
     };
     let experts = num_experts.unwrap_or_else(|| {
         rows.iter()
@@ -73,7 +74,56 @@ pub fn read_placement(
             .max()
             .map_or(0, |m| m as usize + 1)
     });
+    if let Some(lay) = layout {
+        check_dense_rows(all, lay, &rows, experts)?;
+    }
     crate::formats::vllm::read_phy2log(&Value::Array(rows), experts, num_ranks, num_nodes)
+}
+
+/// The dense decoder layers' rows are not part of the placement, but SGLang loads the map as
+/// one `[decoder layers][P]` tensor, indexes every row with the expert ids and builds its
+/// static dispatch map from every row: a dense row must have the MoE rows' length, hold ids
+/// below E and every expert at least once, as the trivial rows we write do.
+fn check_dense_rows(
+    all: &[Value],
+    layout: &DecoderLayout,
+    moe_rows: &[Value],
+    experts: usize,
+) -> Result<()> {
+    let slots = moe_rows.first().and_then(Value::as_array).map(Vec::len);
+    for (l, row) in all.iter().enumerate() {
+        if layout.moe_layers().contains(&l) {
+            continue;
+        }
+        let bad = |why: String| {
+            Err(EplbError::Placement(format!(
+                "physical_to_logical_map decoder layer {l} (dense): {why}; SGLang reads every row of the map, dense ones included"
+            )))
+        };
+        let Some(row) = row.as_array() else {
+            return bad("not an array of expert ids".into());
+        };
+        if let Some(s) = slots
+            && row.len() != s
+        {
+            return bad(format!("{} slots, the MoE rows have {s}", row.len()));
+        }
+        let mut held = vec![false; experts];
+        for (k, x) in row.iter().enumerate() {
+            match x.as_u64().and_then(|e| held.get_mut(e as usize)) {
+                Some(h) => *h = true,
+                None => {
+                    return bad(format!(
+                        "slot {k} holds {x}, not an expert id below {experts}"
+                    ));
+                }
+            }
+        }
+        if let Some(e) = held.iter().position(|h| !h) {
+            return bad(format!("no replica of expert {e}"));
+        }
+    }
+    Ok(())
 }
 
 /// `logical_count` passes `[N][L][E]`, flat and row-major.
@@ -195,9 +245,12 @@ pub fn load_from_passes(
             total - recorded
         ));
     }
-    notes.push(format!(
-        "{recorded} SGLang passes summed into one window (the recorder's ring is not in time order)"
-    ));
+    // One pass (a plain [L][E] logical_count) is a window as it is: nothing to say.
+    if recorded > 1 {
+        notes.push(format!(
+            "{recorded} SGLang passes summed into one window (the recorder's ring is not in time order)"
+        ));
+    }
     let sum: Vec<Vec<f64>> = sum.chunks(experts).map(<[f64]>::to_vec).collect();
     let decoder_layers = sum.len();
     let layout = match layout {

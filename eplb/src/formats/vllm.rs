@@ -62,6 +62,12 @@ pub fn read_phy2log(
         ));
     }
     let slots = parsed.first().map_or(0, Vec::len);
+    if let Some((l, row)) = parsed.iter().enumerate().find(|(_, r)| r.len() != slots) {
+        return perr(format!(
+            "layer {l} has {} slots, layer 0 has {slots}: every layer must have the same slots",
+            row.len()
+        ));
+    }
     if num_ranks == 0 || !slots.is_multiple_of(num_ranks) {
         return perr(format!(
             "{slots} slots per layer cannot be split evenly over {num_ranks} ranks"

@@ -264,3 +264,70 @@ fn gpt_oss() {
     ));
     assert!(e.contains("mxfp4"), "{e}");
 }
+
+/// Sizes that would allocate a vector per layer or per expert beyond any model are refused by
+/// name before anything is allocated (`num_hidden_layers: 1e11` used to abort the process).
+#[test]
+fn absurd_sizes_are_refused_by_name() {
+    let qwen = r#"{"model_type": "qwen3_moe", "hidden_size": 64, "num_hidden_layers": 6,
+        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}"#;
+    assert_eq!(desc(qwen).num_moe_layers(), 6);
+    for (from, to, field) in [
+        (
+            "\"num_hidden_layers\": 6",
+            "\"num_hidden_layers\": 100000000000",
+            "num_hidden_layers",
+        ),
+        (
+            "\"num_hidden_layers\": 6",
+            "\"num_hidden_layers\": 65537",
+            "num_hidden_layers",
+        ),
+        (
+            "\"num_experts\": 8",
+            "\"num_experts\": 4294967296",
+            "num_experts",
+        ),
+        (
+            "\"hidden_size\": 64",
+            "\"hidden_size\": 100000000000",
+            "hidden_size",
+        ),
+        (
+            "\"moe_intermediate_size\": 32",
+            "\"moe_intermediate_size\": 18446744073709551615",
+            "moe_intermediate_size",
+        ),
+    ] {
+        let e = err(&qwen.replace(from, to));
+        assert!(
+            e.contains(&format!("`{field}`")) && e.contains("more than"),
+            "{e}"
+        );
+    }
+    // The bound itself is accepted.
+    let big = desc(&qwen.replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 65536"));
+    assert_eq!(big.num_moe_layers(), 65536);
+    let e = err(&DEEPSEEK_V3.replace(
+        "\"n_routed_experts\": 256",
+        "\"n_routed_experts\": 9999999999",
+    ));
+    assert!(e.contains("`n_routed_experts`"), "{e}");
+}
+
+/// `mlp_only_layers` naming a layer the model does not have is a config error (transformers
+/// would never build it), not silently ignored.
+#[test]
+fn mlp_only_layers_beyond_the_model_is_refused() {
+    let qwen = r#"{"model_type": "qwen3_moe", "hidden_size": 64, "num_hidden_layers": 2,
+        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "mlp_only_layers": [LIST]}"#;
+    assert_eq!(desc(&qwen.replace("LIST", "1")).moe_layers, vec![0]);
+    let e = err(&qwen.replace("LIST", "0, 5"));
+    assert!(
+        e.contains("`mlp_only_layers`")
+            && e.contains("layer 5")
+            && e.contains("num_hidden_layers is 2"),
+        "{e}"
+    );
+}

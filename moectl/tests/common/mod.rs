@@ -51,13 +51,39 @@ pub fn stderr(o: &Output) -> String {
 }
 
 /// Asserts a one-line error with exit code 2 that mentions `needle`, and nothing on stdout.
+/// The error line is the last; only the `note: ` lines gathered before the failure may precede
+/// it.
 pub fn assert_bad(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    let all = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {all}");
+    let lines: Vec<&str> = all.trim_end().lines().collect();
+    let (last, before) = lines.split_last().expect("no error line");
+    assert!(
+        last.starts_with("error: "),
+        "the last line is not the error: {all}"
+    );
+    assert!(
+        before.iter().all(|l| l.starts_with("note: ")),
+        "not one error line after the notes: {all}"
+    );
+    let err = last;
     assert!(
         err.to_lowercase().contains(&needle.to_lowercase()),
-        "expected '{needle}' in: {err}"
+        "expected '{needle}' in: {all}"
+    );
+    assert!(o.stdout.is_empty(), "stdout should be empty: {}", stdout(o));
+}
+
+/// Asserts clap's usage error: exit code 2, nothing on stdout, and its whole message on stderr
+/// (the `error:` line, the details that name `needle`, the usage line or the pointer to --help).
+pub fn assert_usage(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "expected '{needle}' in: {err}");
+    assert!(
+        err.contains("Usage: moectl") || err.contains("try '--help'"),
+        "not clap's whole message: {err}"
     );
     assert!(o.stdout.is_empty(), "stdout should be empty: {}", stdout(o));
 }
