@@ -1,14 +1,9 @@
-//! Group formation (rendezvous) and the CPU communication backend over TCP.
+//! The CPU communication backend: a connected group of ranks over TCP.
 //!
-//! Rank 0 listens on its comm port; every other rank binds its own listener, registers with
-//! rank 0 (retrying until the rendezvous deadline, so DNS names of pods that are not up yet are
-//! fine), and receives the peer table, a fresh epoch and the NCCL unique id bytes. The ranks
-//! then connect pairwise (rank i dials every rank 0 < j < i) into a full mesh.
-//!
-//! With a group key (the control token), both ends of every one of these connections first
-//! prove they hold it ([`crate::peer_auth`]); a peer that cannot is refused with a log line
-//! naming its address, and the rank keeps waiting for the real one. Without a key (local
-//! runs) nothing is checked.
+//! How the group forms (rank 0 leads, the others register and receive the peer table, a fresh
+//! epoch and the NCCL unique id, then a full mesh of links, each proving group membership when
+//! a key is set) is `comm/rendezvous.rs`; the wire format of a link (channel-tagged frames) is
+//! `comm/frame.rs`.
 //!
 //! Each link has a reader thread that drains frames into per-(peer, channel) queues, so
 //! blocking writes never deadlock and a collective on one channel (the forward pass) runs

@@ -16,8 +16,8 @@ use moe_model::ModelDescription;
 
 use crate::checkpoint::Checkpoint;
 
-pub mod error;
-pub mod flags;
+pub(crate) mod error;
+pub(crate) mod flags;
 
 pub(crate) use error::bad;
 pub use error::{ConfigError, ConfigErrorKind};

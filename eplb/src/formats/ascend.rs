@@ -177,9 +177,10 @@ pub fn read(v: &Value, num_routed_experts: Option<usize>, num_nodes: usize) -> R
     let mut shared = 0;
     if max_id >= experts {
         shared = strip_shared(&mut rows, experts)?;
+        let ids = id_range(experts, experts + shared - 1);
         notes.push(format!(
-            "ids {experts}..{} are shared experts (vllm-ascend mix_placement, one copy per device): stripped, as moectl places routed experts only; a map written back has no shared experts",
-            experts + shared - 1
+            "{ids} shared experts (vllm-ascend mix_placement, one copy per device): stripped, as moectl places routed experts only; a map written back has no shared experts",
+            ids = if shared == 1 { format!("{ids} is a") } else { format!("{ids} are") }
         ));
     }
     let num_ranks = rows[0].len();
@@ -192,13 +193,21 @@ pub fn read(v: &Value, num_routed_experts: Option<usize>, num_nodes: usize) -> R
     })
 }
 
+/// `id a` or `ids a..b` (inclusive), for messages.
+fn id_range(first: usize, last: usize) -> String {
+    if first == last {
+        format!("id {first}")
+    } else {
+        format!("ids {first}..{last}")
+    }
+}
+
 /// An id that `device_expert` lists more than once (the first found, in list order).
 fn listed_twice(device_expert: &[usize]) -> Option<usize> {
-    device_expert
-        .iter()
-        .enumerate()
-        .find(|&(i, e)| device_expert[..i].contains(e))
-        .map(|(_, &e)| e)
+    // A set, not a scan of the entries before each one: the list's length is the map's to
+    // choose (a ConfigMap, a placement file), not yet checked against the model's shape.
+    let mut seen = std::collections::HashSet::with_capacity(device_expert.len());
+    device_expert.iter().copied().find(|&e| !seen.insert(e))
 }
 
 /// Every device of every layer holds `id` exactly once.
@@ -233,7 +242,10 @@ fn strip_shared(rows: &mut [Vec<Vec<usize>>], experts: usize) -> Result<usize> {
                         )
                     };
                     return perr(format!(
-                        "ids {experts}..{max_id} exceed the {experts} routed experts but are not shared experts, which sit on every device ({found}): check the expert count"
+                        "{} exceed{} the {experts} routed experts but {} not shared experts, which sit on every device ({found}): check the expert count",
+                        id_range(experts, max_id),
+                        if max_id == experts { "s" } else { "" },
+                        if max_id == experts { "is" } else { "are" },
                     ));
                 }
             }

@@ -191,9 +191,11 @@ mod tests {
         /// of the graph's edges.
         #[test]
         fn matches_brute_force(
-            n in 1usize..13,
+            half in 1usize..7,
             edges in proptest::collection::vec(prop::bool::weighted(0.3), 78),
         ) {
+            // Even vertex counts only: an odd count is refused before the search runs.
+            let n = 2 * half;
             let mut adj = vec![0u64; n];
             let mut t = 0;
             for a in 0..n {
@@ -215,6 +217,63 @@ mod tests {
                     prop_assert!(u < n && m.mate[u] == v && nb & (1 << u) != 0);
                 }
             }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// At the sizes the searches use (up to 48 replicas, 64 the limit) with no brute force:
+        /// a planted perfect matching under random extra edges is found (and the answer is a
+        /// perfect matching of the graph's edges); cutting three vertices off into a component
+        /// of their own (a triangle: odd) leaves none.
+        #[test]
+        fn large_graphs_with_a_planted_answer(
+            half in 20usize..33,
+            order in Just(()).prop_perturb(|_, mut rng| {
+                let mut v: Vec<usize> = (0..64).collect();
+                for i in (1..64).rev() {
+                    v.swap(i, rng.random_range(0..=i));
+                }
+                v
+            }),
+            noise in proptest::collection::vec(prop::bool::weighted(0.08), 64 * 63 / 2),
+        ) {
+            let n = 2 * half;
+            let order: Vec<usize> = order.into_iter().filter(|&v| v < n).collect();
+            let mut adj = vec![0u64; n];
+            let link = |adj: &mut [u64], a: usize, b: usize| {
+                adj[a] |= 1 << b;
+                adj[b] |= 1 << a;
+            };
+            let mut t = 0;
+            for a in 0..n {
+                for b in a + 1..n {
+                    if noise[t] {
+                        link(&mut adj, a, b);
+                    }
+                    t += 1;
+                }
+            }
+            for pair in order.chunks(2) {
+                link(&mut adj, pair[0], pair[1]);
+            }
+            let mut m = Matcher::new(n);
+            prop_assert!(m.perfect(&adj));
+            for (v, &nb) in adj.iter().enumerate() {
+                let u = m.mate[v];
+                prop_assert!(u < n && m.mate[u] == v && nb & (1 << u) != 0);
+            }
+            // Three vertices joined only to each other: an odd component.
+            let cut: Vec<usize> = order[..3].to_vec();
+            let mask: u64 = cut.iter().map(|&v| 1u64 << v).sum();
+            for (v, nb) in adj.iter_mut().enumerate() {
+                if cut.contains(&v) {
+                    *nb = mask & !(1 << v);
+                } else {
+                    *nb &= !mask;
+                }
+            }
+            prop_assert!(!m.perfect(&adj));
         }
     }
 

@@ -209,7 +209,7 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
     // The full proof, then bisection probes on the objective (`prove`). With two slots per
     // rank the full proof is the search over replica counts (`pairs`), which settles what the
     // expert-by-expert search would, in far fewer nodes; the probes are expert-by-expert
-    // searches (with several episodes the count search leaves count vectors unsettled, which
+    // searches (a count search that runs out of budget leaves count vectors unsettled, which
     // the expert-by-expert search does not).
     let pairs_proof = p.s == 2 && !p.dup_ok;
     let mut proof = prove::prove_from(
@@ -233,10 +233,11 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         },
         |target, nodes| exact::solve(p, target, nodes),
     );
-    // Two slots per rank and several episodes: the count search spends its budget on the
-    // pairings of its leaves and rarely finishes, the bisection probes settle little; the least
-    // per-episode pairing bound over the replica counts needs the count tree alone (16 experts
-    // on 16 x 2 with four episodes: proven gaps 2.9% median instead of 7.6%).
+    // Two slots per rank and several episodes, a count search that ran out of budget (rare
+    // since its leaves are settled by `pair_caps`; with eight episodes it still happens): the
+    // least per-episode pairing bound over the replica counts needs the count tree alone
+    // (before `pair_caps`, 16 experts on 16 x 2 with four episodes: proven gaps 2.9% median
+    // with it instead of 7.6%).
     if pairs_proof
         && p.w > 1
         && !proof.optimal

@@ -26,8 +26,9 @@ use super::problem::Problem;
 /// The best pairing of the replicas of `cnt` (several episodes, no expert twice on a rank)
 /// with objective below `cut`, each matching test one node of `budget`.
 pub(crate) fn best_pairing(p: &Problem, cnt: &[usize], cut: f64, budget: usize) -> ExactResult {
+    // A NaN cut would pass every `floor >= cut` test and index past a candidate list.
     let mut s = Caps::new(p, cnt, cut, budget);
-    if s.order.is_empty() || s.owner.len() > 64 {
+    if cut.is_nan() || s.order.is_empty() || s.owner.len() > 64 {
         return ExactResult {
             row: None,
             proven: false,
@@ -173,7 +174,7 @@ impl<'p> Caps<'p> {
             self.at[k] = i;
             if left == 1 {
                 // One episode with weight: the least feasible cap is its optimum.
-                if self.feasible() {
+                if self.feasible() || self.aborted {
                     return;
                 }
                 continue;
@@ -292,10 +293,28 @@ mod tests {
 
     /// `e` experts on `g` ranks of two slots, `windows` episodes of loads from `seed`.
     fn problem(e: usize, g: usize, windows: usize, seed: &[u32], recency: f64) -> Problem {
+        problem_with(e, g, windows, seed, recency, None)
+    }
+
+    /// [`problem`] with episode `zero` (if any) carrying no load (weight 0).
+    fn problem_with(
+        e: usize,
+        g: usize,
+        windows: usize,
+        seed: &[u32],
+        recency: f64,
+        zero: Option<usize>,
+    ) -> Problem {
         let rows: Vec<Vec<f64>> = (0..windows)
             .map(|k| {
                 (0..e)
-                    .map(|i| f64::from(seed[(k * e + i) % seed.len()]))
+                    .map(|i| {
+                        if zero == Some(k) {
+                            0.0
+                        } else {
+                            f64::from(seed[(k * e + i) % seed.len()])
+                        }
+                    })
                     .collect()
             })
             .collect();
@@ -345,10 +364,13 @@ mod tests {
             windows in 1usize..5,
             seed in proptest::collection::vec(1u32..1000, 20),
             extra in proptest::collection::vec(0usize..4, 5),
-            recency in 0.3f64..1.0,
+            recency in prop_oneof![Just(1.0), 0.3f64..1.0],
+            zero_window in proptest::option::of(0usize..4),
         ) {
             let (e, g) = TINY[case];
-            let p = problem(e, g, windows, &seed, recency);
+            // Equal weights (recency 1) and an episode without load (weight 0) included.
+            let p = problem_with(e, g, windows, &seed, recency, zero_window);
+            prop_assume!(!p.empty);
             let Some(cnt) = counts(e, g, &extra) else {
                 return Err(TestCaseError::reject("no counts"));
             };

@@ -161,10 +161,9 @@ pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> super::exact::Ex
 /// A proven lower bound on the objective of every placement below `cut` (two slots per rank):
 /// the least, over the replica counts the count search cannot prune, of the per-episode
 /// sorted-pairing bound of those counts, without searching their pairings; `cut` itself when
-/// every count vector is pruned. `None` when `budget` nodes do not finish the count tree. With
-/// several episodes the pairing search at each leaf is what [`solve`] spends its budget on and
-/// rarely finishes, while this bound (each episode's maximum is at least its own best pairing's)
-/// needs the count tree alone.
+/// every count vector is pruned. `None` when `budget` nodes do not finish the count tree. The
+/// fallback where [`solve`] runs out of budget: this bound (each episode's maximum is at least
+/// its own best pairing's) needs the count tree alone, without settling the leaves.
 pub(crate) fn count_bound(p: &Problem, cut: f64, budget: usize) -> Option<f64> {
     if p.s != 2 || p.dup_ok || p.empty {
         return None;
@@ -182,7 +181,8 @@ pub(crate) fn count_bound(p: &Problem, cut: f64, budget: usize) -> Option<f64> {
 }
 
 /// Node budget of the placement search under one count vector with one episode, where a leaf
-/// is searched only when its sorted pairing put two replicas of one expert together (a hot expert with half the slots or more): rare, and the
+/// is searched only when its sorted pairing put two replicas of one expert together (a hot
+/// expert with half the slots or more): rare, and the
 /// search usually finishes, but it can need more (a one-hot 16-expert 16 x 2 layer of the
 /// sweep: 15 leaves, 157,000 nodes in all; 20,000 a leaf left two open and the layer 0.86%
 /// from proven).

@@ -15,7 +15,7 @@ pub(super) const CHAN_ABORT: u8 = 4;
 /// slower peers finish the same step boundary.
 pub(super) const CHAN_BYE: u8 = 5;
 
-pub(super) const MAX_FRAME: u64 = 1 << 34;
+const MAX_FRAME: u64 = 1 << 34;
 /// Large payloads (expert weights) travel in frames of this size, so step traffic interleaves.
 pub const CHUNK: usize = 4 << 20;
 

@@ -2,13 +2,13 @@
 //! the model), the per-layer queue the engine drains into rounds, and the wait for an answer
 //! with its bound (503 with Retry-After, exactly once).
 //!
-//! A request is an [`Entry`] that moves `Queued -> Taken` (the engine put it in a round and will
-//! answer it) or `Queued -> Cancelled` (its caller stopped waiting and was answered 503). The
-//! two transitions are one compare-and-swap, so a request is never both computed for nobody
-//! and refused, and never answered twice.
+//! A request is an [`Entry`] (`forward/queue.rs`) that moves `Queued -> Taken` (the engine put
+//! it in a round and will answer it) or `Queued -> Cancelled` (its caller stopped waiting and
+//! was answered 503). The two transitions are one compare-and-swap, so a request is never both
+//! computed for nobody and refused, and never answered twice.
 
 pub mod http;
-pub mod queue;
+pub(crate) mod queue;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
