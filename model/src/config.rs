@@ -259,18 +259,11 @@ fn qwen(c: &Cfg<'_>, layers: usize) -> Result<Moe> {
     if step == 0 {
         return Err(c.bad("decoder_sparse_step", "must be at least 1"));
     }
+    // An entry past the last decoder layer is read as transformers reads it: a layer is dense
+    // when its index is listed (`layer_idx not in config.mlp_only_layers`), so such an entry
+    // changes nothing and the config loads there; it does here too.
     let dense: std::collections::BTreeSet<usize> =
         c.usize_list("mlp_only_layers")?.into_iter().collect();
-    // transformers and the engines index the decoder layers with these numbers: one past
-    // the last layer is a config error, not a no-op.
-    if let Some(&d) = dense.range(layers..).next() {
-        return Err(c.bad(
-            "mlp_only_layers",
-            format!(
-                "lists decoder layer {d}, but num_hidden_layers is {layers} (layers 0..{layers})"
-            ),
-        ));
-    }
     let moe_layers = (0..layers)
         .filter(|d| !dense.contains(d) && (d + 1) % step == 0)
         .collect();

@@ -315,19 +315,13 @@ fn absurd_sizes_are_refused_by_name() {
     assert!(e.contains("`n_routed_experts`"), "{e}");
 }
 
-/// `mlp_only_layers` naming a layer the model does not have is a config error (transformers
-/// would never build it), not silently ignored.
+/// `mlp_only_layers` naming a layer the model does not have changes nothing, as in
+/// transformers (`layer_idx not in config.mlp_only_layers`), which loads such a config.
 #[test]
-fn mlp_only_layers_beyond_the_model_is_refused() {
+fn mlp_only_layers_beyond_the_model_are_read_as_transformers_reads_them() {
     let qwen = r#"{"model_type": "qwen3_moe", "hidden_size": 64, "num_hidden_layers": 2,
         "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
         "mlp_only_layers": [LIST]}"#;
     assert_eq!(desc(&qwen.replace("LIST", "1")).moe_layers, vec![0]);
-    let e = err(&qwen.replace("LIST", "0, 5"));
-    assert!(
-        e.contains("`mlp_only_layers`")
-            && e.contains("layer 5")
-            && e.contains("num_hidden_layers is 2"),
-        "{e}"
-    );
+    assert_eq!(desc(&qwen.replace("LIST", "0, 5")).moe_layers, vec![1]);
 }
