@@ -25,13 +25,27 @@ fn perr<T>(m: String) -> Result<T> {
     Err(EplbError::Placement(m))
 }
 
-/// Finds, in one layer, a rank that holds an expert twice: `(rank, expert)`.
+/// Finds, in one layer, a rank that holds an expert twice: `(rank, expert)`, the first rank
+/// with one and in it the first slot whose expert an earlier slot holds.
 pub(crate) fn find_duplicate(row: &[usize], slots_per_rank: usize) -> Option<(usize, usize)> {
+    // Ranks of a plan hold a few slots, where a scan of the slots before is fastest; a rank
+    // read from a file may hold any number (not yet checked against a shape), and a set keeps
+    // that linear. Both find the same slot.
+    const SCAN_UP_TO: usize = 32;
+    let mut seen = std::collections::HashSet::new();
     for (rank, chunk) in row.chunks(slots_per_rank.max(1)).enumerate() {
-        for (i, e) in chunk.iter().enumerate() {
-            if chunk[..i].contains(e) {
-                return Some((rank, *e));
-            }
+        let twice = if chunk.len() <= SCAN_UP_TO {
+            chunk
+                .iter()
+                .enumerate()
+                .find(|&(i, e)| chunk[..i].contains(e))
+                .map(|(_, &e)| e)
+        } else {
+            seen.clear();
+            chunk.iter().copied().find(|&e| !seen.insert(e))
+        };
+        if let Some(e) = twice {
+            return Some((rank, e));
         }
     }
     None
@@ -399,6 +413,36 @@ impl Placement {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ranks of up to 32 slots are scanned, longer ones checked with a set: both answer as the
+    /// scan of every earlier slot does (the first rank with a repeat, its first repeated slot).
+    #[test]
+    fn find_duplicate_answers_alike_for_short_and_long_ranks() {
+        let reference = |row: &[usize], s: usize| {
+            row.chunks(s).enumerate().find_map(|(rank, c)| {
+                (0..c.len())
+                    .find(|&i| c[..i].contains(&c[i]))
+                    .map(|i| (rank, c[i]))
+            })
+        };
+        let mut x = 12345u64;
+        for case in 0..2000 {
+            let s = [3, 8, 32, 33, 40, 100][case % 6];
+            let ranks = 1 + case % 3;
+            let ids = s + case % 5; // few spare ids: repeats are common but not certain
+            let row: Vec<usize> = (0..s * ranks)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % ids as u64) as usize
+                })
+                .collect();
+            assert_eq!(find_duplicate(&row, s), reference(&row, s), "{row:?}");
+            let distinct: Vec<usize> = (0..s * ranks).map(|i| i % s).collect();
+            assert_eq!(find_duplicate(&distinct, s), None);
+        }
+    }
 
     fn sample() -> Placement {
         // 3 experts, 1 redundant, 2 ranks: rank 0 = [0, 1], rank 1 = [2, 0].

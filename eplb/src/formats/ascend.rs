@@ -131,7 +131,7 @@ pub fn read(v: &Value, num_routed_experts: Option<usize>, num_nodes: usize) -> R
                     experts.len()
                 ));
             }
-            if let Some(e) = listed_twice(&experts) {
+            if let Some((_, e)) = find_duplicate(&experts, experts.len()) {
                 return perr(format!(
                     "layer_list[{pos}].device_list[{dpos}] lists expert {e} twice: vllm-ascend keeps only its last slot there (init_eplb_config maps expert ids to slots), so the map does not say what the device serves; list each expert at most once per device"
                 ));
@@ -200,14 +200,6 @@ fn id_range(first: usize, last: usize) -> String {
     } else {
         format!("ids {first}..{last}")
     }
-}
-
-/// An id that `device_expert` lists more than once (the first found, in list order).
-fn listed_twice(device_expert: &[usize]) -> Option<usize> {
-    // A set, not a scan of the entries before each one: the list's length is the map's to
-    // choose (a ConfigMap, a placement file), not yet checked against the model's shape.
-    let mut seen = std::collections::HashSet::with_capacity(device_expert.len());
-    device_expert.iter().copied().find(|&e| !seen.insert(e))
 }
 
 /// Every device of every layer holds `id` exactly once.
