@@ -25,6 +25,19 @@ fn perr<T>(m: String) -> Result<T> {
     Err(EplbError::Placement(m))
 }
 
+/// The slots per layer when every layer has layer 0's (0 without layers); else the error
+/// naming the first layer that differs. For placements and for rows still holding vLLM's -1.
+pub(crate) fn same_slots<T>(rows: &[Vec<T>]) -> Result<usize> {
+    let slots = rows.first().map_or(0, Vec::len);
+    match rows.iter().enumerate().find(|(_, r)| r.len() != slots) {
+        Some((layer, row)) => perr(format!(
+            "layer {layer} has {} slots, layer 0 has {slots}: every layer must have the same slots",
+            row.len()
+        )),
+        None => Ok(slots),
+    }
+}
+
 /// Finds, in one layer, a rank that holds an expert twice: `(rank, expert)`, the first rank
 /// with one and in it the first slot whose expert an earlier slot holds.
 pub(crate) fn find_duplicate(row: &[usize], slots_per_rank: usize) -> Option<(usize, usize)> {
@@ -164,20 +177,9 @@ impl Placement {
         if self.num_layers == 0 {
             return perr("a placement needs at least one layer".into());
         }
-        let slots = self.phy2log[0].len();
         // Rows of different lengths first: otherwise layer 0's length alone is blamed for not
         // dividing over the ranks.
-        if let Some((layer, row)) = self
-            .phy2log
-            .iter()
-            .enumerate()
-            .find(|(_, r)| r.len() != slots)
-        {
-            return perr(format!(
-                "layer {layer} has {} slots, layer 0 has {slots}: every layer must have the same slots",
-                row.len()
-            ));
-        }
+        let slots = same_slots(&self.phy2log)?;
         if slots == 0 {
             return perr("the layers have no slots: no rank holds an expert".into());
         }

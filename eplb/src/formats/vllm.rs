@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::error::{EplbError, Result};
 use crate::formats::layout::ranges;
 use crate::load::LoadHistory;
-use crate::placement::Placement;
+use crate::placement::{Placement, same_slots};
 
 fn perr<T>(m: String) -> Result<T> {
     Err(EplbError::Placement(m))
@@ -61,13 +61,7 @@ pub fn read_phy2log(
             Vec::new(),
         ));
     }
-    let slots = parsed.first().map_or(0, Vec::len);
-    if let Some((l, row)) = parsed.iter().enumerate().find(|(_, r)| r.len() != slots) {
-        return perr(format!(
-            "layer {l} has {} slots, layer 0 has {slots}: every layer must have the same slots",
-            row.len()
-        ));
-    }
+    let slots = same_slots(&parsed)?;
     if num_ranks == 0 || !slots.is_multiple_of(num_ranks) {
         return perr(format!(
             "{slots} slots per layer cannot be split evenly over {num_ranks} ranks"
