@@ -220,7 +220,9 @@ const ONE_EPISODE_LEAF_NODES: usize = 250_000;
 /// experts on 24 x 2 with eight episodes its first leaf took the whole budget, 222,000 tests,
 /// and kept a pairing at 1.1235 times the mean where the pairing search finds 1.1171 in 20,000
 /// nodes and that leaf's optimum, 1.1112, in 100,000. Doubling, each kind gets about half a
-/// leaf's nodes, whichever the leaf needs.
+/// leaf's nodes, whichever the leaf needs; the caps search resumes where its previous stage
+/// stopped ([`pair_caps::Resumable`]), the pairing search starts again below the best
+/// pairing found.
 const LEAF_STAGES: [usize; 6] = [2_000, 4_000, 8_000, 16_000, 32_000, 64_000];
 
 /// Several episodes: the nodes of one leaf in all (matching tests and pairing-search nodes,
@@ -228,8 +230,9 @@ const LEAF_STAGES: [usize; 6] = [2_000, 4_000, 8_000, 16_000, 32_000, 64_000];
 /// budget (222,000 nodes with eight episodes). Tried on eight layers of 24 experts on 24 x 2
 /// with eight episodes: 60,000 left one plan worse than the pairing search alone (before the
 /// caps search), 120,000 and no cap one each worse than the caps search alone, 200,000 none
-/// worse than either (on eight more layers two 0.2% above the caps search alone, none above
-/// the pairing search alone); the sweep's 16 x 2 layers keep their plans and proofs.
+/// worse than either (on eight more layers one 0.16% above the caps search alone, whose
+/// single leaf found it late in 222,000 tests, none above the pairing search alone); the
+/// sweep's 16 x 2 layers keep their plans and proofs.
 const LEAF_NODES: usize = 200_000;
 
 struct CountSearch<'p> {
@@ -506,6 +509,8 @@ impl CountSearch<'_> {
         let mut cut = self.cut;
         let mut row = None;
         let mut spent = 0;
+        // The caps search goes on where its previous stage stopped.
+        let mut caps = pair_caps::Resumable::new(p, &self.cnt);
         for stage in 0..=self.stages.len() {
             let left = self.leaf_budget.saturating_sub(spent);
             let want = self.stages.get(stage).map_or(left, |&n| n.min(left));
@@ -516,7 +521,7 @@ impl CountSearch<'_> {
             let ex = if stage % 2 == 1 {
                 pair_search(p, &self.cnt, cut, budget)
             } else {
-                pair_caps::best_pairing(p, &self.cnt, cut, budget)
+                caps.run(cut, budget)
             };
             let used = budget.min(ex.nodes);
             self.nodes += used;
