@@ -17,29 +17,79 @@
 //!
 //! Every feasible test's matching is a placement; the best below the cut is kept and lowers
 //! the cut. Finished, the search has found the best pairing of these counts below the cut, or
-//! shown there is none.
+//! shown there is none. It can run in pieces ([`Resumable`]): a piece that runs out records
+//! the caps it stood at, and the next goes on from there below a cut no higher.
 
 use super::blossom::Matcher;
 use super::exact::{ExactResult, spend_node};
 use super::problem::Problem;
 
 /// The best pairing of the replicas of `cnt` (several episodes, no expert twice on a rank)
-/// with objective below `cut`, each matching test one node of `budget`.
+/// with objective below `cut`, each matching test one node of `budget`: the search in one
+/// piece (the count search runs it in several, [`Resumable`]).
+#[cfg(test)]
 pub(crate) fn best_pairing(p: &Problem, cnt: &[usize], cut: f64, budget: usize) -> ExactResult {
-    // A NaN cut would pass every `floor >= cut` test and index past a candidate list.
-    let mut s = Caps::new(p, cnt, cut, budget);
-    if cut.is_nan() || s.order.is_empty() || s.owner.len() > 64 {
-        return ExactResult {
-            row: None,
-            proven: false,
-            nodes: 0,
-        };
+    Resumable::new(p, cnt).run(cut, budget)
+}
+
+/// The caps search of one count vector, run in pieces: each [`Resumable::run`] goes on from
+/// where the previous one ran out of budget, below a cut no higher than before (what the
+/// pieces skip was searched at a higher cut: any pairing below the new cut there was found
+/// then). A count-search leaf runs it by turns with the pairing search, which may lower the
+/// cut in between.
+pub(crate) struct Resumable<'p> {
+    caps: Caps<'p>,
+    started: bool,
+}
+
+impl<'p> Resumable<'p> {
+    pub(crate) fn new(p: &'p Problem, cnt: &[usize]) -> Resumable<'p> {
+        Resumable {
+            caps: Caps::new(p, cnt, f64::INFINITY, 0),
+            started: false,
+        }
     }
-    s.level(0, 0.0);
-    ExactResult {
-        row: s.best_row,
-        proven: !s.aborted,
-        nodes: s.nodes,
+
+    /// The best pairing below `cut` in what is left of the enumeration, with `budget` more
+    /// matching tests; `proven` when the enumeration is complete (with the earlier pieces,
+    /// every pairing below `cut` has been seen).
+    pub(crate) fn run(&mut self, cut: f64, budget: usize) -> ExactResult {
+        let s = &mut self.caps;
+        // A NaN cut would pass every `floor >= cut` test and index past a candidate list.
+        if cut.is_nan() || s.order.is_empty() || s.owner.len() > 64 {
+            return ExactResult {
+                row: None,
+                proven: false,
+                nodes: 0,
+            };
+        }
+        // Resuming: the test that ran out is done again (at the depth recorded then).
+        s.resuming = self.started && s.aborted;
+        s.resume_depth = s.depth;
+        if self.started && !s.aborted {
+            // The enumeration finished before: nothing left below any lower cut.
+            return ExactResult {
+                row: None,
+                proven: true,
+                nodes: 0,
+            };
+        }
+        self.started = true;
+        s.cut = if s.cut.is_finite() {
+            s.cut.min(cut)
+        } else {
+            cut
+        };
+        s.best_row = None;
+        s.nodes = 0;
+        s.budget = budget;
+        s.aborted = false;
+        s.level(0, 0.0);
+        ExactResult {
+            row: s.best_row.take(),
+            proven: !s.aborted,
+            nodes: s.nodes,
+        }
     }
 }
 
@@ -72,6 +122,17 @@ struct Caps<'p> {
     aborted: bool,
     adj: Vec<u64>,
     matcher: Matcher,
+    /// Per depth of the enumeration (position in `order`), the candidate index of the cap being
+    /// tried (for the last episode, the staircase's `jb`); `depth` the deepest level the
+    /// current test belongs to. Recorded as they stand when the budget runs out.
+    path: Vec<usize>,
+    depth: usize,
+    /// The depth recorded when the budget ran out, where resuming ends.
+    resume_depth: usize,
+    /// Resuming ([`Resumable::run`]): each level starts at its `path` entry instead of its
+    /// first candidate until the level of the test that ran out is reached, or a level moves
+    /// past its entry.
+    resuming: bool,
 }
 
 impl<'p> Caps<'p> {
@@ -145,6 +206,10 @@ impl<'p> Caps<'p> {
             aborted: false,
             adj: vec![0; n],
             matcher: Matcher::new(n.min(64)),
+            path: vec![0; w],
+            depth: 0,
+            resume_depth: 0,
+            resuming: false,
         }
     }
 
@@ -166,12 +231,19 @@ impl<'p> Caps<'p> {
         }
         let k = self.order[j];
         let w = self.p.omega[k];
-        for i in self.lo[k]..self.cands[k].len() {
+        let first = self.start(j, self.lo[k]);
+        for i in first..self.cands[k].len() {
+            if i != first {
+                // Past the recorded entry: what follows was never searched.
+                self.resuming = false;
+            }
             let floor = partial + w * self.cands[k][i] + self.rest[j + 1];
             if floor >= self.cut {
                 break;
             }
             self.at[k] = i;
+            self.path[j] = i;
+            self.depth = j;
             if left == 1 {
                 // One episode with weight: the least feasible cap is its optimum.
                 if self.feasible() || self.aborted {
@@ -179,7 +251,9 @@ impl<'p> Caps<'p> {
                 }
                 continue;
             }
-            // Every later cap as high as the cut allows (the others at their bounds).
+            // Every later cap as high as the cut allows (the others at their bounds). Resuming
+            // below this level, the test passed before: skipped, so that every piece gets past
+            // the path it resumes on (the levels below search the same caps either way).
             let mut open = true;
             for &q in &self.order[j + 1..] {
                 let room = self.cut - floor + self.p.omega[q] * self.cands[q][self.lo[q]];
@@ -188,7 +262,7 @@ impl<'p> Caps<'p> {
                     None => open = false,
                 }
             }
-            if !open || !self.feasible() {
+            if !self.resuming && (!open || !self.feasible()) {
                 if self.aborted {
                     return;
                 }
@@ -201,6 +275,18 @@ impl<'p> Caps<'p> {
         }
     }
 
+    /// The first candidate index level `j` tries: `lo`, or when resuming the one it stood at
+    /// when the budget ran out (resuming ends at the level of that test).
+    fn start(&mut self, j: usize, lo: usize) -> usize {
+        if !self.resuming {
+            return lo;
+        }
+        if j == self.resume_depth {
+            self.resuming = false;
+        }
+        self.path[j].max(lo)
+    }
+
     /// The last two episodes' caps: for each cap of the first ascending, the least feasible cap
     /// of the second, which never grows, so its index only moves down.
     fn staircase(&mut self, partial: f64) {
@@ -208,7 +294,17 @@ impl<'p> Caps<'p> {
         let (a, b) = (self.order[n - 2], self.order[n - 1]);
         let (wa, wb) = (self.p.omega[a], self.p.omega[b]);
         let mut jb = self.cands[b].len();
-        for ia in self.lo[a]..self.cands[a].len() {
+        let mut first = self.lo[a];
+        if self.resuming {
+            // Only a test of the staircase records this depth: the same cap of `a`, and `b`'s
+            // walk from where it stood (the caps it passed above are infeasible or no better).
+            first = self.path[n - 2].max(first);
+            jb = self.path[n - 1].min(jb);
+            self.resuming = false;
+        }
+        self.depth = n - 1;
+        for ia in first..self.cands[a].len() {
+            self.path[n - 2] = ia;
             let base = partial + wa * self.cands[a][ia];
             if base + self.rest[n - 1] >= self.cut {
                 return;
@@ -222,6 +318,7 @@ impl<'p> Caps<'p> {
             }
             self.at[a] = ia;
             self.at[b] = jb - 1;
+            self.path[n - 1] = jb;
             if !self.feasible() {
                 if self.aborted {
                     return;
@@ -232,6 +329,7 @@ impl<'p> Caps<'p> {
             // Down to the least feasible cap of `b` for this cap of `a`.
             while jb > self.lo[b] {
                 self.at[b] = jb - 1;
+                self.path[n - 1] = jb;
                 if !self.feasible() {
                     break;
                 }
@@ -391,6 +489,63 @@ mod tests {
                 // No pairing without an expert twice on a rank.
                 prop_assert!(res.row.is_none());
             }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Run in pieces of a few tests each, the cut lowered between pieces as a pairing
+        /// search would (to just above the optimum, or to the best found): the pieces together
+        /// find the optimum and finish, and nothing is found below it. A resumption that
+        /// skipped the test that ran out, or restarted a level past its recorded cap, fails
+        /// this.
+        #[test]
+        fn resumed_in_pieces_matches_brute_force(
+            case in 0..TINY.len(),
+            windows in 2usize..5,
+            seed in proptest::collection::vec(1u32..1000, 20),
+            extra in proptest::collection::vec(0usize..4, 5),
+            pieces in proptest::collection::vec((1usize..6, 0u8..4), 1..40),
+        ) {
+            let (e, g) = TINY[case];
+            let p = problem(e, g, windows, &seed, 0.6);
+            prop_assume!(!p.empty);
+            let Some(cnt) = counts(e, g, &extra) else {
+                return Err(TestCaseError::reject("no counts"));
+            };
+            let want = brute_force_optimum(&p, Some(&cnt));
+            let mut r = Resumable::new(&p, &cnt);
+            let mut cut = f64::INFINITY;
+            let mut best = f64::INFINITY;
+            let mut done = false;
+            for step in 0..10_000 {
+                let (budget, lower) = pieces[step % pieces.len()];
+                // Now and then a pairing found elsewhere lowers the cut (never below the
+                // optimum, as a search's cut never is while the optimum is unfound).
+                if lower == 0 && want.is_finite() && cut > want + 1e-7 {
+                    cut = want + 1e-7;
+                }
+                let res = r.run(cut, budget);
+                if let Some(row) = res.row {
+                    let f = checked(&p, &cnt, &row);
+                    prop_assert!(f < cut, "{f} not below the cut {cut}");
+                    best = best.min(f);
+                    cut = f - 1e-9;
+                }
+                if res.proven {
+                    done = true;
+                    break;
+                }
+            }
+            prop_assert!(done, "10,000 pieces did not finish");
+            if want.is_finite() {
+                prop_assert!((best - want).abs() < 1e-9, "pieces {best} vs optimum {want}");
+            } else {
+                prop_assert!(best.is_infinite());
+            }
+            // Finished: nothing more, below any cut.
+            let again = r.run(cut, 100);
+            prop_assert!(again.proven && again.row.is_none());
         }
     }
 
