@@ -59,7 +59,8 @@ pub fn write_plan_json(plan: &Plan, shape: &Shape, sink: &mut dyn Write) -> io::
 fn log2phy(o: &mut JsonObject<'_>, p: &Placement) -> io::Result<()> {
     let width = p.max_replicas();
     let experts = p.num_logical_experts;
-    let padding = ",-1".repeat(width);
+    // At least a fixed copy's worth (see `push_prefix`).
+    let padding = "-1,".repeat(width.max(FIXED.div_ceil(3)));
     let mut slots: Vec<Vec<usize>> = vec![Vec::with_capacity(width); experts];
     o.out.push(b'[');
     for (l, row) in p.phy2log.iter().enumerate() {
@@ -79,16 +80,13 @@ fn log2phy(o: &mut JsonObject<'_>, p: &Placement) -> io::Result<()> {
                 out.push(b',');
             }
             out.push(b'[');
-            for (k, &slot) in s.iter().enumerate() {
-                if k > 0 {
-                    out.push(b',');
-                }
-                push_integer(out, slot);
+            // Every entry with a comma after it; the last comma becomes the `]` (`width` is at
+            // least 1, so there is one).
+            for &slot in s {
+                push_with_comma(out, slot);
             }
-            let pad = &padding.as_bytes()[..3 * (width - s.len())];
-            // The first -1 of an expert without replicas has no comma before it.
-            out.extend_from_slice(if s.is_empty() { &pad[1..] } else { pad });
-            out.push(b']');
+            push_prefix(out, padding.as_bytes(), 3 * (width - s.len()));
+            close_row(out);
         }
         out.push(b']');
         o.pass_on()?;
@@ -154,13 +152,10 @@ impl<'a> JsonObject<'a> {
                 self.out.push(b',');
             }
             self.out.push(b'[');
-            for (j, x) in row.enumerate() {
-                if j > 0 {
-                    self.out.push(b',');
-                }
-                push_integer(&mut self.out, x);
+            for x in row {
+                push_with_comma(&mut self.out, x);
             }
-            self.out.push(b']');
+            close_row(&mut self.out);
             self.pass_on()?;
         }
         self.out.push(b']');
@@ -173,21 +168,70 @@ impl<'a> JsonObject<'a> {
     }
 }
 
-/// `x` in decimal, one byte at a time: most numbers here have 1-3 digits, where a copy call
-/// per number (what `extend_from_slice` does) costs more than the digits.
-fn push_integer(out: &mut Vec<u8>, x: usize) {
-    let digit = |d: usize| b'0' + (d % 10) as u8;
-    if x < 10 {
-        out.push(digit(x));
-    } else if x < 100 {
-        out.push(digit(x / 10));
-        out.push(digit(x));
-    } else if x < 1000 {
-        out.push(digit(x / 100));
-        out.push(digit(x / 10));
-        out.push(digit(x));
-    } else {
-        out.extend_from_slice(x.to_string().as_bytes());
+/// `x` and a comma. Most numbers here have 1-3 digits: those are one 4-byte copy from a table
+/// and a cut back to their length, no branch on the digits and no copy call (a copy of a length
+/// known at compile time is a store; serde_json's integer writer and a byte per push each cost
+/// more than the digits).
+fn push_with_comma(out: &mut Vec<u8>, x: usize) {
+    match DIGITS_AND_COMMA.get(x) {
+        Some(bytes) => {
+            out.extend_from_slice(bytes);
+            let length = 2 + usize::from(x >= 10) + usize::from(x >= 100);
+            out.truncate(out.len() - 4 + length);
+        }
+        None => {
+            out.extend_from_slice(x.to_string().as_bytes());
+            out.push(b',');
+        }
+    }
+}
+
+/// `x,` for every `x` below 1000, padded to 4 bytes.
+const DIGITS_AND_COMMA: [[u8; 4]; 1000] = {
+    let mut table = [[0u8; 4]; 1000];
+    let mut x = 0;
+    while x < 1000 {
+        let digits = [(x / 100) as u8, (x / 10 % 10) as u8, (x % 10) as u8];
+        let skip = if x >= 100 {
+            0
+        } else if x >= 10 {
+            1
+        } else {
+            2
+        };
+        let mut i = 0;
+        while i + skip < 3 {
+            table[x][i] = b'0' + digits[i + skip];
+            i += 1;
+        }
+        table[x][i] = b',';
+        x += 1;
+    }
+    table
+};
+
+/// The bytes of a fixed-length copy in [`push_prefix`].
+const FIXED: usize = 32;
+
+/// `bytes[..n]` appended. Up to [`FIXED`] bytes (and `bytes` as long) they are copied as
+/// [`FIXED`] bytes, a few stores, and cut back: a copy of a length known only at run time is a
+/// call, one per expert of the `log2phy` padding.
+fn push_prefix(out: &mut Vec<u8>, bytes: &[u8], n: usize) {
+    match bytes.first_chunk::<FIXED>() {
+        Some(fixed) if n <= FIXED => {
+            out.extend_from_slice(fixed);
+            out.truncate(out.len() - FIXED + n);
+        }
+        _ => out.extend_from_slice(&bytes[..n]),
+    }
+}
+
+/// Ends a row written with a comma after every entry: the last comma becomes `]`, or an empty
+/// row gets one.
+fn close_row(out: &mut Vec<u8>) {
+    match out.last_mut() {
+        Some(last) if *last == b',' => *last = b']',
+        _ => out.push(b']'),
     }
 }
 
@@ -224,11 +268,28 @@ mod tests {
 
     #[test]
     fn integers_read_back() {
-        let mut out = Vec::new();
-        for x in [0, 7, 10, 99, 100, 287, 999, 1000, 4096, usize::MAX] {
-            out.clear();
-            push_integer(&mut out, x);
-            assert_eq!(std::str::from_utf8(&out).unwrap(), x.to_string());
+        let mut out = b"[".to_vec();
+        let numbers: Vec<usize> = (0..1200).chain([4096, usize::MAX]).collect();
+        for &x in &numbers {
+            push_with_comma(&mut out, x);
+        }
+        close_row(&mut out);
+        assert_eq!(out, serde_json::to_vec(&numbers).unwrap());
+        let mut empty = b"[".to_vec();
+        close_row(&mut empty);
+        assert_eq!(empty, b"[]");
+    }
+
+    #[test]
+    fn prefixes_of_any_length() {
+        let bytes: Vec<u8> = (0..100).collect();
+        for source in [&bytes[..], &bytes[..FIXED], &bytes[..5]] {
+            for n in 0..=source.len() {
+                let mut out = vec![7];
+                push_prefix(&mut out, source, n);
+                assert_eq!(out[1..], source[..n]);
+                assert_eq!(out[0], 7);
+            }
         }
     }
 
@@ -236,7 +297,8 @@ mod tests {
     /// public) and of an empty placement: as serde_json writes `Placement::log2phy`.
     #[test]
     fn log2phy_pads_like_serde_json() {
-        // Experts 1 and 3 without a replica, expert 0 twice.
+        // Experts 1 and 3 without a replica, expert 0 twice; then experts 0-3 in 20, 11, 9 and
+        // no slots: padding of 0, 27, 33 and 60 bytes, within and past one fixed copy.
         let mut p = Placement {
             num_layers: 1,
             num_logical_experts: 4,
@@ -244,7 +306,8 @@ mod tests {
             num_nodes: 1,
             phy2log: vec![vec![0, 0, 2]],
         };
-        for layers in [p.phy2log.clone(), Vec::new()] {
+        let wide = [vec![0; 20], vec![1; 11], vec![2; 9]].concat();
+        for layers in [p.phy2log.clone(), Vec::new(), vec![wide.clone(), wide]] {
             p.phy2log = layers;
             p.num_layers = p.phy2log.len();
             let mut sink = Vec::new();
