@@ -224,8 +224,7 @@ fn count(text: &[u8], at: usize) -> Option<(f64, Separator, usize)> {
                 return None;
             }
             i += digits;
-            // Below 10^7: exact as i64 too, whose conversion is one instruction.
-            (value as i64) as f64
+            value as f64
         }
         None => {
             let (value, digits) = long_number(text.get(i..)?);
