@@ -278,6 +278,7 @@ pub(crate) fn print_out(text: &str) -> Result<(), Fail> {
     print_bytes(&[text.as_bytes()])
 }
 
+/// [`print_out`] for bytes, written in parts (no copy to join them).
 fn print_bytes(parts: &[&[u8]]) -> Result<(), Fail> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -296,8 +297,8 @@ fn stdout_result(written: std::io::Result<()>) -> Result<(), Fail> {
 }
 
 /// One line to stderr in one write. Standard error is unbuffered: `eprintln!` with arguments
-/// writes every piece of the format separately (about 30 system calls for the `--timings` line
-/// and the summary after it, a twentieth of a millisecond).
+/// writes every piece of the format separately (47 system calls for the `--timings` line and
+/// the summary after it, `strace`).
 fn say(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut text = line.to_string();

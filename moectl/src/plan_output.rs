@@ -9,7 +9,7 @@
 //!
 //! The bytes go to the file in chunks of [`CHUNK`] through one small buffer, not gathered
 //! whole first: a buffer the size of the file is fresh memory, a page fault for every 4 KB
-//! written (about 0.2 ms of the 580 KB file on a 2-core VM, as long as formatting it).
+//! written (145 for the 580 KB file, about 1.4 us each on the 2-core VM).
 
 use std::io::{self, Write};
 
