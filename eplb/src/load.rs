@@ -47,23 +47,8 @@ impl LoadHistory {
                         row.len()
                     ));
                 }
-                for (e, &x) in row.iter().enumerate() {
-                    if !x.is_finite() {
-                        return lerr(format!(
-                            "window {w} layer {l} expert {e}: count {x} is not a finite number"
-                        ));
-                    }
-                    if x < 0.0 {
-                        return lerr(format!(
-                            "window {w} layer {l} expert {e}: count {x} is negative"
-                        ));
-                    }
-                }
-                if !row.iter().sum::<f64>().is_finite() {
-                    return lerr(format!(
-                        "window {w} layer {l}: counts too large (their sum overflows)"
-                    ));
-                }
+                check_counts(row)
+                    .map_err(|m| EplbError::Load(format!("window {w} layer {l}{m}")))?;
             }
         }
         Ok(LoadHistory { windows })
@@ -122,6 +107,56 @@ impl LoadHistory {
             .ok_or_else(|| EplbError::Load(format!("window range {range:?} out of bounds")))?;
         LoadHistory::new(w.to_vec())
     }
+}
+
+/// A row's counts are finite and non-negative and their sum is finite; else the message
+/// after "window W layer L" for the first count that is not, or for the sum.
+///
+/// The common case (every count fine, a sum far from overflowing) is decided with running
+/// maxima over independent lanes, no branch per count: the sum of a history's 120,000 counts
+/// in order, one dependent addition after another, took longer than reading them. The exact
+/// checks (in order, for the message) run only when the maxima say that a count may be
+/// negative or not finite, or that the sum may come near `f64::MAX`.
+fn check_counts(row: &[f64]) -> std::result::Result<(), String> {
+    const LANES: usize = 8;
+    // `x > top` is false for NaN: NaN and negative counts are caught by the smallest count.
+    let mut top = [0.0f64; LANES];
+    let mut low = [0.0f64; LANES];
+    let mut nan = [false; LANES];
+    let (blocks, rest) = row.as_chunks::<LANES>();
+    for block in blocks {
+        for k in 0..LANES {
+            let x = block[k];
+            top[k] = if x > top[k] { x } else { top[k] };
+            low[k] = if x < low[k] { x } else { low[k] };
+            nan[k] |= x.is_nan();
+        }
+    }
+    for &x in rest {
+        top[0] = if x > top[0] { x } else { top[0] };
+        low[0] = if x < low[0] { x } else { low[0] };
+        nan[0] |= x.is_nan();
+    }
+    let largest = top.into_iter().fold(0.0, f64::max);
+    let smallest = low.into_iter().fold(0.0, f64::min);
+    // The rounded sum of counts up to `largest` is at most the row's length times it, times
+    // (1 + length x epsilon): far below `f64::MAX` under this bound.
+    let bound = f64::MAX / 2.0 / (row.len().max(1) as f64);
+    if largest <= bound && smallest >= 0.0 && !nan.contains(&true) {
+        return Ok(());
+    }
+    for (e, &x) in row.iter().enumerate() {
+        if !x.is_finite() {
+            return Err(format!(" expert {e}: count {x} is not a finite number"));
+        }
+        if x < 0.0 {
+            return Err(format!(" expert {e}: count {x} is negative"));
+        }
+    }
+    if !row.iter().sum::<f64>().is_finite() {
+        return Err(": counts too large (their sum overflows)".into());
+    }
+    Ok(())
 }
 
 /// This project's load formats (`[L][E]`, `[W][L][E]`, `{"windows"}`, OpenEvolve's
@@ -252,6 +287,78 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.windows()[1], vec![vec![5.0, 0.0]]);
+    }
+
+    /// The checks as they were written before `check_counts`: each count in order, then the
+    /// sum in order. The reference for the lane-wise version.
+    fn check_counts_in_order(row: &[f64]) -> std::result::Result<(), String> {
+        for (e, &x) in row.iter().enumerate() {
+            if !x.is_finite() {
+                return Err(format!(" expert {e}: count {x} is not a finite number"));
+            }
+            if x < 0.0 {
+                return Err(format!(" expert {e}: count {x} is negative"));
+            }
+        }
+        if !row.iter().sum::<f64>().is_finite() {
+            return Err(": counts too large (their sum overflows)".into());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn count_checks_name_the_first_bad_count_or_the_sum() {
+        let m = f64::MAX;
+        for (row, wanted) in [
+            (vec![1.0, -0.0, 0.0], Ok(())),
+            (vec![m / 2.0, m / 4.0], Ok(())),
+            (vec![m / 2.0, m / 2.0, m / 2.0], Err("sum overflows")),
+            (
+                vec![1.0, f64::NAN, -1.0],
+                Err("expert 1: count NaN is not a finite number"),
+            ),
+            (
+                vec![1.0, -1.0, f64::NAN],
+                Err("expert 1: count -1 is negative"),
+            ),
+            (
+                vec![2.0; 9].into_iter().chain([f64::INFINITY]).collect(),
+                Err("expert 9: count inf"),
+            ),
+            (
+                vec![2.0; 17].into_iter().chain([-3.0]).collect(),
+                Err("expert 17: count -3"),
+            ),
+            (vec![], Ok(())),
+        ] {
+            let found = check_counts(&row);
+            assert_eq!(found, check_counts_in_order(&row), "{row:?}");
+            match wanted {
+                Ok(()) => assert!(found.is_ok(), "{row:?}: {found:?}"),
+                Err(part) => assert!(found.is_err_and(|e| e.contains(part)), "{row:?}"),
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Rows of any length with counts of every kind, special values and counts near
+        /// `f64::MAX` among them: the same verdict and message as the checks in order.
+        #[test]
+        fn count_checks_agree_with_the_checks_in_order(
+            row in proptest::collection::vec(
+                proptest::prop_oneof![
+                    8 => 0.0..1e6f64,
+                    1 => proptest::sample::select(vec![
+                        -0.0, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, f64::MAX,
+                        f64::MAX / 3.0, f64::MIN_POSITIVE, -f64::MIN_POSITIVE,
+                    ]),
+                    1 => 1e300..f64::MAX,
+                ],
+                0..40,
+            ),
+        ) {
+            proptest::prop_assert_eq!(check_counts(&row), check_counts_in_order(&row));
+        }
     }
 
     #[test]

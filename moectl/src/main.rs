@@ -240,23 +240,40 @@ pub(crate) fn refuse_overwrite(
 }
 
 pub(crate) fn write_out(output: Option<&Path>, text: &[u8]) -> Result<(), Fail> {
+    write_out_with(output, |w| w.write_all(text))
+}
+
+/// [`write_out`] for output that `write` produces piece by piece into the file (or standard
+/// output, followed by a newline there).
+pub(crate) fn write_out_with(
+    output: Option<&Path>,
+    write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<(), Fail> {
     match output {
         Some(p) => {
             // Write to a sibling temporary file, then rename: a failure leaves nothing behind.
             let tmp = p.with_extension("moectl-tmp");
-            std::fs::write(&tmp, text)
-                .map_err(|e| Fail(format!("cannot write {}: {e}", p.display())))?;
-            std::fs::rename(&tmp, p).map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
-                Fail(format!("cannot write {}: {e}", p.display()))
-            })
+            let fail = |e| Fail(format!("cannot write {}: {e}", p.display()));
+            let mut file = std::fs::File::create(&tmp).map_err(fail)?;
+            write(&mut file)
+                .and_then(|()| std::fs::rename(&tmp, p))
+                .map_err(|e| {
+                    let _ = std::fs::remove_file(&tmp);
+                    fail(e)
+                })
         }
-        None => print_bytes(&[text, b"\n"]),
+        None => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let written = write(&mut out)
+                .and_then(|()| out.write_all(b"\n"))
+                .and_then(|()| out.flush());
+            stdout_result(written)
+        }
     }
 }
 
-/// Writes `text` to standard output. When the reader has gone (`moectl eval ... | head`) the
-/// command ends quietly, as Unix tools do, instead of with `println!`'s panic.
+/// Writes `text` to standard output (see [`stdout_result`] for a reader that has gone).
 pub(crate) fn print_out(text: &str) -> Result<(), Fail> {
     print_bytes(&[text.as_bytes()])
 }
@@ -266,11 +283,28 @@ fn print_bytes(parts: &[&[u8]]) -> Result<(), Fail> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let written = parts.iter().try_for_each(|part| out.write_all(part));
-    match written.and_then(|()| out.flush()) {
+    stdout_result(written.and_then(|()| out.flush()))
+}
+
+/// A write to standard output: when the reader has gone (`moectl eval ... | head`) the command
+/// ends quietly, as Unix tools do, instead of with `println!`'s panic.
+fn stdout_result(written: std::io::Result<()>) -> Result<(), Fail> {
+    match written {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         Err(e) => Err(Fail(format!("cannot write to standard output: {e}"))),
     }
+}
+
+/// One line to stderr in one write. Standard error is unbuffered: `eprintln!` with arguments
+/// writes every piece of the format separately (47 system calls for the `--timings` line and
+/// the summary after it, `strace`).
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut text = line.to_string();
+    text.push('\n');
+    // As `eprintln!`, but a failure to write to stderr has nowhere to be reported.
+    let _ = std::io::stderr().write_all(text.as_bytes());
 }
 
 /// Wall time of a command's phases, for `--timings`.
@@ -399,18 +433,24 @@ fn plan(
     let plan = planner.plan(&req)?;
     clock.lap("plan");
     let p = &plan.placement;
-    let text = match format {
-        Format::Placement => plan_output::plan_json(&plan, &shape)?,
-        other => outputs::write_placement(p, other, load.layout.as_ref())?.into_bytes(),
-    };
-    clock.lap("format");
-    write_out(output, &text)?;
-    clock.lap("write");
+    match format {
+        // Formatted as it is written, in chunks (see `plan_output`): one phase.
+        Format::Placement => {
+            write_out_with(output, |w| plan_output::write_plan_json(&plan, &shape, w))?;
+            clock.lap("format and write");
+        }
+        other => {
+            let text = outputs::write_placement(p, other, load.layout.as_ref())?;
+            clock.lap("format");
+            write_out(output, text.as_bytes())?;
+            clock.lap("write");
+        }
+    }
     if timings {
-        eprintln!("timings: {clock}");
+        say(format_args!("timings: {clock}"));
     }
     if output.is_some() {
-        eprintln!(
+        say(format_args!(
             "planned {} with {}: mean PAR {:.4}, worst {:.4}, {} changed, {} moved, {} proven optimal",
             inputs::count(p.num_layers, "layer"),
             plan.algorithm,
@@ -419,7 +459,7 @@ fn plan(
             inputs::count(plan.changed_layers.len(), "layer"),
             inputs::count(plan.slots_moved, "slot"),
             inputs::count(plan.layers.iter().filter(|l| l.optimal).count(), "layer")
-        );
+        ));
     }
     Ok(())
 }
@@ -551,12 +591,12 @@ fn main() -> ExitCode {
         .map(|n| notes.extend(n)),
     };
     for n in &notes {
-        eprintln!("note: {n}");
+        say(format_args!("note: {n}"));
     }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Fail(msg)) => {
-            eprintln!("error: {}", msg.lines().next().unwrap_or(""));
+            say(format_args!("error: {}", msg.lines().next().unwrap_or("")));
             ExitCode::from(2)
         }
     }

@@ -9,7 +9,8 @@ integer token counts, fixed seed) to a temporary folder, then runs every binary 
 interleaved, with `plan --algorithm greedy --ranks 32 --redundant 32 --nodes 4`. Reports the
 wall time of the whole process (from here: start, read, plan, write, exit), what `--timings`
 reports in the same runs (the planning phase, and the total from reading to writing, which
-leaves out the process's start and exit), and the ratios to the planning, as a markdown table.
+leaves out the process's start and exit), and the ratios to the planning, as a markdown table;
+then every phase `--timings` names (they differ between versions), min and median.
 """
 import os
 import random
@@ -51,6 +52,7 @@ def main():
     wall = {b: [] for b in binaries}
     plan = {b: [] for b in binaries}
     inside = {b: [] for b in binaries}
+    phases_seen = {b: {} for b in binaries}
     for _ in range(runs):
         for b in binaries:
             extra = ["--timings"] if timings[b] else []
@@ -62,6 +64,9 @@ def main():
                     phases = dict(p.rsplit(" ", 2)[0:2] for p in line[9:].split(", "))
                     plan[b].append(float(phases["plan"]))
                     inside[b].append(float(phases["total"]))
+                    for name, ms in phases.items():
+                        phases_seen[b].setdefault(name, []).append(float(ms))
+            phases_seen[b].setdefault("whole process", []).append(wall[b][-1])
     start = []
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -85,6 +90,13 @@ def main():
         else:
             row += ["-"] * 6
         print("| " + " | ".join(row) + " |")
+    print()
+    print("Every phase `--timings` reports, min / median (ms):")
+    print()
+    for b in binaries:
+        cells = [f"{name} {min(v):.2f} / {sorted(v)[len(v) // 2]:.2f}"
+                 for name, v in phases_seen[b].items()]
+        print(f"- {os.path.basename(b)}: " + ", ".join(cells))
 
 
 if __name__ == "__main__":
