@@ -111,7 +111,17 @@ pub(crate) struct Prover<'p> {
     /// Where the first listing aims.
     ahead: f64,
     listed: Option<Listed>,
+    /// The first listing ran out of nodes: no probe of this layer searches.
+    gave_up: bool,
 }
+
+/// The share of its nodes the probe that lists first may spend on the listing: on the sweep's
+/// 16-expert 4 x 8 layers with four windows that listing took 0.39-1.15M of the 2.1M nodes
+/// the first probe gets; on six uniform layers of that shape more than 2.1M, and the whole
+/// ascent went into listings that ran out (1.04 s median of CPU a layer instead of 0.31 s, no
+/// bound above the mean). With 4/5 those cost 0.83 s median and every layer tried keeps its
+/// proof; with 3/5 0.54 s, but 2 of 6 one-hot and 1 of 10 zipf layers lose theirs.
+const FIRST_LISTING_SHARE: (usize, usize) = (4, 5);
 
 /// How far above the lower bound (relative) the shared listing of [`Prover`] reaches at first:
 /// the optima of the sweep's 16-expert 4 x 8 layers with four windows lie 0.14-0.23% above the
@@ -132,6 +142,7 @@ impl<'p> Prover<'p> {
             p,
             ahead: p.lower_bound() * (1.0 + LIST_AHEAD),
             listed: None,
+            gave_up: false,
         }
     }
 
@@ -141,11 +152,25 @@ impl<'p> Prover<'p> {
         if !wide(p) {
             return solve(p, seed_f, budget);
         }
+        if self.gave_up {
+            return ExactResult {
+                row: None,
+                proven: false,
+                nodes: 0,
+            };
+        }
         let mut s = Search::new(p, seed_f, budget);
         let reaches = self.listed.as_ref().is_some_and(|l| l.cut >= s.cut);
         if !reaches {
-            // List once, further up than this probe needs, for the probes after it.
-            let mut lister = Search::new(p, self.ahead.max(seed_f), budget);
+            // List once, further up than this probe needs, for the probes after it; the first
+            // listing with at most FIRST_LISTING_SHARE of the nodes.
+            let first = self.listed.is_none();
+            let nodes = if first {
+                budget / FIRST_LISTING_SHARE.1 * FIRST_LISTING_SHARE.0
+            } else {
+                budget
+            };
+            let mut lister = Search::new(p, self.ahead.max(seed_f), nodes);
             let listed = lister.list_contents();
             s.nodes = lister.nodes;
             if !listed && !lister.aborted_by_budget() {
@@ -158,6 +183,11 @@ impl<'p> Prover<'p> {
                 }
                 s.nodes = s.nodes.saturating_add(lister.nodes);
             } else if !listed {
+                // Out of nodes. The first listing: this layer's contents cost more than its
+                // search may spend, and the probes after this one give up at once (on layers
+                // like that, uniform 16 experts on 4 x 8 with four windows, the ascent spent its
+                // whole budget on listings that ran out, 0.7 s of CPU for nothing).
+                self.gave_up = first;
                 s.aborted = true;
                 return s.result();
             }
@@ -958,53 +988,55 @@ mod tests {
     /// at 1.004450 and 1.004944 times the mean then): `joint` proves optima 0.17% and 0.14%
     /// above the mean, and the search alone (listing at its own cut, no shared listing)
     /// refutes just below them.
+    /// Two of the sweep's 16-expert layers on 4 x 8 with four windows and their optima.
+    const FOUR_BY_EIGHT: [([[f64; 16]; 4], f64); 2] = [
+        (
+            [
+                [
+                    1048.0, 337.0, 174.0, 235.0, 303.0, 121.0, 279.0, 250.0, 96.0, 68.0, 78.0,
+                    100.0, 58.0, 95.0, 84.0, 76.0,
+                ],
+                [
+                    1294.0, 326.0, 267.0, 199.0, 244.0, 125.0, 281.0, 171.0, 74.0, 88.0, 68.0,
+                    110.0, 49.0, 121.0, 61.0, 71.0,
+                ],
+                [
+                    977.0, 299.0, 254.0, 243.0, 273.0, 100.0, 258.0, 205.0, 107.0, 73.0, 79.0,
+                    89.0, 52.0, 72.0, 72.0, 60.0,
+                ],
+                [
+                    1016.0, 284.0, 261.0, 224.0, 221.0, 117.0, 411.0, 238.0, 111.0, 89.0, 71.0,
+                    122.0, 65.0, 91.0, 70.0, 72.0,
+                ],
+            ],
+            1.001677,
+        ),
+        (
+            [
+                [
+                    1142.0, 410.0, 162.0, 223.0, 111.0, 46.0, 46.0, 183.0, 132.0, 148.0, 74.0,
+                    49.0, 99.0, 65.0, 36.0, 37.0,
+                ],
+                [
+                    1286.0, 320.0, 210.0, 210.0, 139.0, 44.0, 54.0, 148.0, 118.0, 113.0, 83.0,
+                    53.0, 90.0, 57.0, 38.0, 44.0,
+                ],
+                [
+                    1241.0, 305.0, 239.0, 161.0, 108.0, 48.0, 60.0, 192.0, 88.0, 109.0, 70.0, 33.0,
+                    93.0, 54.0, 38.0, 30.0,
+                ],
+                [
+                    1005.0, 402.0, 180.0, 205.0, 126.0, 39.0, 45.0, 180.0, 150.0, 114.0, 74.0,
+                    50.0, 87.0, 71.0, 33.0, 35.0,
+                ],
+            ],
+            1.001412,
+        ),
+    ];
+
     #[test]
     fn joint_proves_16_expert_layers_on_4_ranks_of_8() {
-        let cases: [([[f64; 16]; 4], f64); 2] = [
-            (
-                [
-                    [
-                        1048.0, 337.0, 174.0, 235.0, 303.0, 121.0, 279.0, 250.0, 96.0, 68.0, 78.0,
-                        100.0, 58.0, 95.0, 84.0, 76.0,
-                    ],
-                    [
-                        1294.0, 326.0, 267.0, 199.0, 244.0, 125.0, 281.0, 171.0, 74.0, 88.0, 68.0,
-                        110.0, 49.0, 121.0, 61.0, 71.0,
-                    ],
-                    [
-                        977.0, 299.0, 254.0, 243.0, 273.0, 100.0, 258.0, 205.0, 107.0, 73.0, 79.0,
-                        89.0, 52.0, 72.0, 72.0, 60.0,
-                    ],
-                    [
-                        1016.0, 284.0, 261.0, 224.0, 221.0, 117.0, 411.0, 238.0, 111.0, 89.0, 71.0,
-                        122.0, 65.0, 91.0, 70.0, 72.0,
-                    ],
-                ],
-                1.001677,
-            ),
-            (
-                [
-                    [
-                        1142.0, 410.0, 162.0, 223.0, 111.0, 46.0, 46.0, 183.0, 132.0, 148.0, 74.0,
-                        49.0, 99.0, 65.0, 36.0, 37.0,
-                    ],
-                    [
-                        1286.0, 320.0, 210.0, 210.0, 139.0, 44.0, 54.0, 148.0, 118.0, 113.0, 83.0,
-                        53.0, 90.0, 57.0, 38.0, 44.0,
-                    ],
-                    [
-                        1241.0, 305.0, 239.0, 161.0, 108.0, 48.0, 60.0, 192.0, 88.0, 109.0, 70.0,
-                        33.0, 93.0, 54.0, 38.0, 30.0,
-                    ],
-                    [
-                        1005.0, 402.0, 180.0, 205.0, 126.0, 39.0, 45.0, 180.0, 150.0, 114.0, 74.0,
-                        50.0, 87.0, 71.0, 33.0, 35.0,
-                    ],
-                ],
-                1.001412,
-            ),
-        ];
-        for (windows, rounded) in cases {
+        for (windows, rounded) in FOUR_BY_EIGHT {
             let rows: Vec<Vec<f64>> = windows.iter().map(|w| w.to_vec()).collect();
             let (p, shape) = layer(&rows, 4, 32);
             assert!(eligible(&p) && wide(&p));
@@ -1016,6 +1048,28 @@ mod tests {
             let below = solve(&p, want - 1e-6, 20_000_000);
             assert!(below.proven && below.row.is_none(), "below {want}");
         }
+    }
+
+    /// A `Prover` whose first listing runs out of nodes settles nothing afterwards, whatever
+    /// the budget (it gives up: no probe claims a refutation or a placement), and proving from
+    /// below with it and a budget too small for that listing leaves the optimum in the interval.
+    #[test]
+    fn a_prover_out_of_nodes_on_its_first_listing_gives_up() {
+        let (windows, rounded) = FOUR_BY_EIGHT[0];
+        let rows: Vec<Vec<f64>> = windows.iter().map(|w| w.to_vec()).collect();
+        let (p, _) = layer(&rows, 4, 32);
+        let mut prover = Prover::new(&p);
+        let first = prover.solve(rounded * 1.01, 20_000);
+        assert!(!first.proven && first.row.is_none());
+        for target in [rounded - 1e-3, rounded * 1.01, f64::INFINITY] {
+            let res = prover.solve(target, 50_000_000);
+            assert!(
+                !res.proven && res.row.is_none() && res.nodes == 0,
+                "{target}"
+            );
+        }
+        let mut prover = Prover::new(&p);
+        check_ascent(&p, rounded, 60_000, |_, t, n| prover.solve(t, n)).expect("interval");
     }
 
     /// Three of the sweep's layers with four windows (12 experts on 6 x 4 and on 8 x 3) that the
