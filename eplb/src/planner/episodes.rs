@@ -72,8 +72,9 @@ pub(crate) fn wide(p: &Problem) -> bool {
 /// Growth of the ascent's step on [`wide`] layers. The probes share one listing, so refuting
 /// many cuts below the optimum costs little, while a probe far above it costs much (more
 /// contents, a new listing): on the sweep's 16-expert 4 x 8 layers with four windows 5 of 5
-/// proven with 1.3 (at most 0.5 s of CPU), 4 of 5 with 1.25, 1.5 and 2 (2.0: 2 of 5), where a
-/// probe above the optimum ran out of nodes.
+/// proven with 1.3 (at most 0.5 s of CPU), 4 of 5 with 1.25 and with 1.5, 2 of 5 with 2: a
+/// probe above the optimum ran out of nodes (measured before the last member was looked up by
+/// its weighted load, which halved the listing's cost).
 pub(crate) const WIDE_ASCENT_GROWTH: f64 = 1.3;
 
 /// Node budget of one layer: one and a half times the rank-by-rank search's for the same
@@ -99,9 +100,10 @@ pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
 
 /// Probes at rising cuts on one layer with more than four slots per rank, sharing one listing
 /// of the contents: with eight slots per rank listing them is most of a probe's cost, and about
-/// as costly just above the mean as at the optimum (16 experts on 4 x 8 with four windows:
-/// 150,000-800,000 nodes for 55-184 contents 0.05% above the mean, 440,000-1,600,000 for
-/// 12,000-33,000 at 0.2%), while the ascent probes a dozen cuts below the optimum. The contents
+/// as costly just above the mean as at the optimum (16 experts on 4 x 8 with four windows,
+/// before the last member was looked up by its weighted load: 150,000-800,000 nodes for 55-184
+/// contents 0.05% above the mean, 440,000-1,600,000 for 12,000-33,000 at 0.2%), while the
+/// ascent probes a dozen cuts below the optimum. The contents
 /// are listed once at [`LIST_AHEAD`] above the layer's lower bound (or at the probe's cut, if
 /// higher) and each probe at or below that cut keeps those below its own; a probe above it
 /// lists again at its own cut. With four slots per rank or fewer, [`solve`] (the listing is
