@@ -2,7 +2,7 @@
 //!
 //! 1. Small instances (up to 24 experts and 48 slots): proving from below with the cover
 //!    search of [`super::cover`] (one episode, three to six slots per rank, up to 16 experts),
-//!    its version for several episodes in [`super::episodes`] (three or four slots per rank, up
+//!    its version for several episodes in [`super::episodes`] (three to eight slots per rank, up
 //!    to 16 experts) or the rank-by-rank search of [`super::ranks`] (three or more slots per
 //!    rank), then the exact branch-and-bound of [`super::exact`] (replica counts and ranks
 //!    chosen together, expert by expert), or with two slots per rank the search over replica
@@ -152,7 +152,9 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
     // proof with the bound it proved.
     let mut start = prove::Proof::start(p, row);
     let mut budget = exact::budget(p);
-    if ranks::eligible(p) {
+    // (Several episodes and seven or eight slots per rank: the cover search for several
+    // episodes only; the rank-by-rank search takes at most six there.)
+    if ranks::eligible(p) || episodes::eligible(p) {
         // One episode: a quick full proof by the expert-by-expert search first. Skewed layers
         // it settles in a few thousand nodes can cost the searches below their whole budget
         // (a one-hot 16-expert 8 x 3 layer of the sweep: 2,227 nodes, where the cover search
@@ -165,10 +167,12 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         // - one episode, three to six slots per rank, up to 16 experts: the cover search (it
         //   settles near-perfect partitions the rank-by-rank search cannot: 16 experts on
         //   8 x 4, 10 of 10 proven per class on the sweep instead of 0-1);
-        // - several episodes, three or four slots per rank, up to 16 experts: the cover search
+        // - several episodes, three to eight slots per rank, up to 16 experts: the cover search
         //   for several episodes (the sweep's 12 experts on 6 x 4 and 8 x 3 with four windows:
         //   4 of 5 proven each instead of 0 and 1; 16 experts on 8 x 4: the bound twice as far
-        //   above the mean);
+        //   above the mean; with five to eight slots per rank its probes share one listing
+        //   and ascend by a step growing 1.3 times: 16 experts on 4 x 8 and 12 on 4 x 6 and
+        //   3 x 8 all proven, 15 of 15, instead of 0, 3 and 4);
         // - otherwise the rank-by-rank search.
         let use_cover = cover::eligible(p);
         let use_episodes = episodes::eligible(p);
@@ -186,13 +190,20 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         // proves it needs most of the budget: with half, 1 of 5 12-expert 4 x 6 layers proven
         // instead of 3).
         let reserve = if p.w == 1 { nodes / 2 } else { nodes / 8 };
-        let growth = if use_cover { cover::ASCENT_GROWTH } else { 2.0 };
+        let growth = if use_cover {
+            cover::ASCENT_GROWTH
+        } else if use_episodes && episodes::wide(p) {
+            episodes::WIDE_ASCENT_GROWTH
+        } else {
+            2.0
+        };
         let mut cover = cover::Prover::new(p);
+        let mut episodes = episodes::Prover::new(p);
         start = prove::ascend_by(p, start, nodes, reserve, growth, |target, nodes| {
             if use_cover {
                 cover.solve(target, nodes)
             } else if use_episodes {
-                episodes::solve(p, target, nodes)
+                episodes.solve(target, nodes)
             } else {
                 ranks::solve(p, target, nodes)
             }
