@@ -374,6 +374,36 @@ impl<'a> EpisodeLister<'a> {
         f >= self.cut
     }
 
+    /// Puts `c` replicas of the expert at position `j` on the rank holding `d` members: the
+    /// per-episode and per-form sums of depth `d + 1` from those of depth `d`. False when no
+    /// `n` more members from the positions after `j` can complete it below the cut.
+    fn extend(
+        &self,
+        d: usize,
+        j: usize,
+        c: usize,
+        n: usize,
+        sums: &mut [f64],
+        form_sums: &mut [f64],
+    ) -> bool {
+        let (w, forms) = (self.w, self.forms);
+        let (at, next) = (d * w, (d + 1) * w);
+        let (fat, fnext) = (d * forms, (d + 1) * forms);
+        let r = j * (self.cap + 1) + c;
+        for k in 0..w {
+            sums[next + k] = sums[at + k] + self.rep[r * w + k];
+        }
+        for f in 0..forms {
+            form_sums[fnext + f] = form_sums[fat + f] + self.rep_form[r * forms + f];
+        }
+        !self.hopeless(
+            &sums[next..next + w],
+            &form_sums[fnext..fnext + forms],
+            j + 1,
+            n,
+        )
+    }
+
     /// The last member: its replica must bring the episode-weighted load into the window
     /// every rank below the cut lies in (at most the cut, and at least what leaves the other
     /// ranks a mean below it), looked up among every replica by that load; each one in the
@@ -388,10 +418,9 @@ impl<'a> EpisodeLister<'a> {
         picked: &mut Vec<(usize, usize)>,
         sink: &mut impl Sink,
     ) -> bool {
-        let (w, forms) = (self.w, self.forms);
+        let w = self.w;
         let d = picked.len();
         let (at, next) = (d * w, (d + 1) * w);
-        let (fat, fnext) = (d * forms, (d + 1) * forms);
         let so_far: f64 = sums[at..next]
             .iter()
             .zip(self.omega)
@@ -415,19 +444,7 @@ impl<'a> EpisodeLister<'a> {
             if !sink.spend() {
                 return false;
             }
-            let r = j * (self.cap + 1) + c;
-            for k in 0..w {
-                sums[next + k] = sums[at + k] + self.rep[r * w + k];
-            }
-            for f in 0..forms {
-                form_sums[fnext + f] = form_sums[fat + f] + self.rep_form[r * forms + f];
-            }
-            if self.hopeless(
-                &sums[next..next + w],
-                &form_sums[fnext..fnext + forms],
-                j + 1,
-                0,
-            ) {
+            if !self.extend(d, j, c, 0, sums, form_sums) {
                 continue;
             }
             picked.push((self.order[j], c));
@@ -473,19 +490,7 @@ impl<'a> EpisodeLister<'a> {
                 break;
             }
             for c in self.fewest[j]..=self.cap {
-                let r = j * (self.cap + 1) + c;
-                for k in 0..w {
-                    sums[next + k] = sums[at + k] + self.rep[r * w + k];
-                }
-                for f in 0..forms {
-                    form_sums[fnext + f] = form_sums[fat + f] + self.rep_form[r * forms + f];
-                }
-                if self.hopeless(
-                    &sums[next..next + w],
-                    &form_sums[fnext..fnext + forms],
-                    j + 1,
-                    need - 1,
-                ) {
+                if !self.extend(d, j, c, need - 1, sums, form_sums) {
                     continue;
                 }
                 picked.push((self.order[j], c));
