@@ -267,7 +267,7 @@ pub fn write(p: &Placement) -> Result<Value> {
     Ok(raw(p))
 }
 
-/// [`write`] without the duplicate check (see [`Placement::to_ascend_expert_map`]).
+/// [`write()`] without the duplicate check (see [`Placement::to_ascend_expert_map`]).
 pub(crate) fn raw(p: &Placement) -> Value {
     let s = p.slots_per_rank();
     let layers: Vec<Value> = p

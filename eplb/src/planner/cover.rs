@@ -259,7 +259,7 @@ impl<'p> Search<'p> {
         self.debug();
     }
 
-    /// [`Self::run`] from the contents in `cache` when they were listed below a cut at least
+    /// The tests' `run` from the contents in `cache` when they were listed below a cut at least
     /// this search's, else from a list made further up (see [`Prover`]), left in `cache`.
     fn run_listed(&mut self, cache: &mut Option<Listed>) {
         let own = self.cut;

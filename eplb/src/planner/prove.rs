@@ -31,7 +31,7 @@ const GAP_FLOOR: f64 = 1e-7;
 /// At most this many probes after the full proof.
 const MAX_PROBES: usize = 48;
 
-/// Outcome of [`prove`].
+/// Outcome of [`prove_from`] and [`ascend_by`].
 pub(crate) struct Proof {
     pub row: Vec<usize>,
     /// Objective of `row` (the upper end of the proven interval).
@@ -54,7 +54,7 @@ impl Proof {
 }
 
 /// From the interval `out` (a plan and a proven lower bound: [`Proof::start`], or what
-/// [`ascend`] left; an interval already closed is returned settled), runs the full proof (with
+/// `ascend` left; an interval already closed is returned settled), runs the full proof (with
 /// `proof_nodes` nodes) and then bisection probes on `p`, with at most `budget` nodes in all.
 /// `proof(target, nodes)` is the full proof's search (looking for a placement below
 /// `target`), `probe(target, nodes)` the bisection's; both return what an exact search
