@@ -262,34 +262,26 @@ pub(crate) fn write_out_with(
                     fail(e)
                 })
         }
-        None => {
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            let written = write(&mut out)
-                .and_then(|()| out.write_all(b"\n"))
-                .and_then(|()| out.flush());
-            stdout_result(written)
-        }
+        None => print_with(|out| {
+            write(out)?;
+            out.write_all(b"\n")
+        }),
     }
 }
 
-/// Writes `text` to standard output (see [`stdout_result`] for a reader that has gone).
+/// Writes `text` to standard output (see [`print_with`] for a reader that has gone).
 pub(crate) fn print_out(text: &str) -> Result<(), Fail> {
-    print_bytes(&[text.as_bytes()])
+    print_with(|out| out.write_all(text.as_bytes()))
 }
 
-/// [`print_out`] for bytes, written in parts (no copy to join them).
-fn print_bytes(parts: &[&[u8]]) -> Result<(), Fail> {
+/// What `write` writes, to standard output, flushed. When the reader has gone (`moectl eval
+/// ... | head`) the command ends quietly, as Unix tools do, instead of with `println!`'s panic.
+fn print_with(
+    write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<(), Fail> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    let written = parts.iter().try_for_each(|part| out.write_all(part));
-    stdout_result(written.and_then(|()| out.flush()))
-}
-
-/// A write to standard output: when the reader has gone (`moectl eval ... | head`) the command
-/// ends quietly, as Unix tools do, instead of with `println!`'s panic.
-fn stdout_result(written: std::io::Result<()>) -> Result<(), Fail> {
-    match written {
+    match write(&mut out).and_then(|()| out.flush()) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         Err(e) => Err(Fail(format!("cannot write to standard output: {e}"))),
