@@ -1,5 +1,5 @@
 //! Exact-search sweep: `cargo run --release -p eplb --example exact_sweep -- [class] [experts]
-//! [slots] [instances] [windows]`, class `zipf` (default), `uniform`, `one-hot` or `flashlb`. For every
+//! [slots] [instances] [windows]`, class `zipf` (default), `uniform`, `one-hot`, `pareto` or `flashlb`. For every
 //! rank count that divides the slots (and leaves no more slots per rank than experts), plans
 //! random single-layer instances of the class with `joint` and prints how many were proven
 //! optimal, how many proven within 0.1% and 1%, the median and largest proven gap, and the
@@ -10,6 +10,8 @@
 //! * `zipf`: `1000 * (1 + i)^-s * lognormal(0.4)`, exponent `s` uniform in 0.4..1.2;
 //! * `uniform`: `1000 * U(0.5, 1.5)` per expert;
 //! * `one-hot`: one random expert carries 30-70% of the load, the others `100 * U(0.5, 1.5)`;
+//! * `pareto`: `1000 * U(0, 1)^(-1/a)` per expert, tail index `a` uniform in 1.0..1.6 (heavy
+//!   tails: several hot experts at once, a few carrying most of the load);
 //! * `flashlb`: FlashLB's published example (8 experts: 600, 560, 120, 120, 20, 10, 10, 10),
 //!   exactly (no noise).
 //!
@@ -34,6 +36,12 @@ fn base_load(class: &str, e: usize, rng: &mut Rng) -> Vec<f64> {
             let share = 0.3 + 0.4 * rng.uniform();
             v[hot] = rest * share / (1.0 - share);
             v
+        }
+        "pareto" => {
+            let a = 1.0 + 0.6 * rng.uniform();
+            (0..e)
+                .map(|_| 1000.0 * (1.0 - rng.uniform()).max(1e-9).powf(-1.0 / a))
+                .collect()
         }
         _ => {
             let s = 0.4 + 0.8 * rng.uniform();
@@ -67,8 +75,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|a| a.parse::<usize>().is_err())
         .cloned()
         .unwrap_or_else(|| "zipf".to_string());
-    if !["zipf", "uniform", "one-hot", "flashlb"].contains(&class.as_str()) {
-        return Err(format!("class {class:?}: use zipf, uniform, one-hot or flashlb").into());
+    if !["zipf", "uniform", "one-hot", "pareto", "flashlb"].contains(&class.as_str()) {
+        return Err(
+            format!("class {class:?}: use zipf, uniform, one-hot, pareto or flashlb").into(),
+        );
     }
     let args: Vec<usize> = raw.iter().filter_map(|a| a.parse().ok()).collect();
     let e = args.first().copied().unwrap_or(16);
