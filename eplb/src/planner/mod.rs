@@ -26,6 +26,7 @@ mod matching;
 mod neighbourhood;
 mod pair_caps;
 mod pairs;
+mod perfect;
 mod polish;
 mod problem;
 mod prove;
