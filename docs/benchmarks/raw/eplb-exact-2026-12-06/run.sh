@@ -8,7 +8,7 @@ cd "${OUTDIR:?output folder}"
 date -u +%FT%TZ > start.txt
 uptime > load_start.txt
 $B flashlb 8 16 1 > flashlb.md
-for c in zipf uniform one-hot; do
+for c in zipf uniform one-hot pareto; do
   for es in "8 16" "12 12" "12 24" "16 16" "16 24" "16 32"; do
     $B $c $es 10 | tail -n +3 >> one_$c.md
   done
