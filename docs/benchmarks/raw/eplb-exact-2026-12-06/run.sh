@@ -13,8 +13,10 @@ for c in zipf uniform one-hot pareto; do
     $B $c $es 10 | tail -n +3 >> one_$c.md
   done
 done
-for es in "8 16" "12 24" "16 32"; do
-  $B zipf $es 5 4 | tail -n +3 >> four_zipf.md
+for c in zipf pareto; do
+  for es in "8 16" "12 24" "16 32"; do
+    $B $c $es 5 4 | tail -n +3 >> four_$c.md
+  done
 done
 uptime > load_end.txt
 date -u +%FT%TZ > end.txt
