@@ -443,17 +443,37 @@ fn plan(
     }
     if output.is_some() {
         say(format_args!(
-            "planned {} with {}: mean PAR {:.4}, worst {:.4}, {} changed, {} moved, {} proven optimal",
+            "planned {} with {}: mean PAR {:.4}, worst {:.4}, {} changed, {} moved, {} proven optimal{}",
             inputs::count(p.num_layers, "layer"),
             plan.algorithm,
             plan.mean_par(),
             plan.worst_par(),
             inputs::count(plan.changed_layers.len(), "layer"),
             inputs::count(plan.slots_moved, "slot"),
-            inputs::count(plan.layers.iter().filter(|l| l.optimal).count(), "layer")
+            inputs::count(plan.layers.iter().filter(|l| l.optimal).count(), "layer"),
+            open_gap(&plan.layers)
         ));
     }
     Ok(())
+}
+
+/// What the summary says of the layers the exact search ran on but did not prove: the
+/// largest proven distance from the optimum (`proven_gap`), so that a reader knows how far
+/// the others may be; nothing when every such layer is proven or none has a gap.
+fn open_gap(layers: &[eplb::LayerPlan]) -> String {
+    let open: Vec<f64> = layers
+        .iter()
+        .filter(|l| !l.optimal)
+        .filter_map(|l| l.proven_gap)
+        .collect();
+    match open.iter().copied().reduce(f64::max) {
+        Some(gap) => format!(
+            ", {} proven within {:.3}% of optimal",
+            open.len(),
+            100.0 * gap
+        ),
+        None => String::new(),
+    }
 }
 
 fn main() -> ExitCode {

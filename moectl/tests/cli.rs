@@ -317,6 +317,55 @@ fn bench_prints_and_writes_markdown() {
     assert_bad(&o, "no benchmark shape");
 }
 
+/// The summary says how far the layers the exact search did not prove may be from optimal:
+/// the largest `proven_gap` of the written plan's unproven layers (heavy-tailed loads on 16
+/// experts, 8 ranks x 4 slots, four windows: not proven today; the test holds either way).
+#[test]
+fn plan_summary_reports_the_largest_open_gap() {
+    let d = Dir::new("open-gap");
+    let load = d.file(
+        "load.json",
+        "[[[37497, 3343, 900, 1200, 450, 700, 3357, 800, 1500, 950, 600, 2100, 1300, 500, 1100, 640]],\
+         [[2309, 9281, 500, 23094, 1700, 900, 5829, 400, 1200, 800, 3000, 700, 1500, 600, 2200, 1000]],\
+         [[1265, 4541, 12658, 700, 6570, 900, 1500, 1100, 800, 2400, 600, 1800, 500, 3100, 1300, 700]],\
+         [[3632, 2961, 1800, 3304, 1200, 900, 2500, 1600, 1400, 2100, 1000, 800, 1900, 1300, 1700, 1100]]]",
+    );
+    let out = d.path("plan.json");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "8",
+        "--redundant",
+        "16",
+        "--output",
+        &out,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let optimal = v["optimal"].as_array().unwrap();
+    let gaps = v["proven_gap"].as_array().unwrap();
+    let open: Vec<f64> = optimal
+        .iter()
+        .zip(gaps)
+        .filter(|(o, _)| o == &&Value::Bool(false))
+        .map(|(_, g)| g.as_f64().unwrap())
+        .collect();
+    let err = stderr(&o);
+    match open.iter().copied().reduce(f64::max) {
+        Some(gap) => assert!(
+            err.contains(&format!(
+                ", {} proven within {:.3}% of optimal",
+                open.len(),
+                100.0 * gap
+            )),
+            "{err}"
+        ),
+        None => assert!(!err.contains("proven within"), "{err}"),
+    }
+}
+
 /// FlashLB's published example: 8 experts, 8 ranks x 2 slots. The optimum (heaviest rank
 /// 590/3 = 196.67, PAR 1.085) is returned and reported as proven.
 #[test]
