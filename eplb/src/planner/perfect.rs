@@ -197,6 +197,19 @@ impl Scaled {
 
     /// Every choice of at most `s` experts of `experts`, each with a count, with its load.
     fn partials(&self, experts: std::ops::Range<usize>, s: usize) -> Option<Vec<Partial>> {
+        // How many there are (sum over sizes j <= s of C(n, j) C^j), before building them: a
+        // shape beyond the limit costs nothing.
+        let n = experts.len();
+        let mut ways = vec![0u64; s + 1];
+        ways[0] = 1;
+        for _ in 0..n {
+            for j in (1..=s).rev() {
+                ways[j] = ways[j].saturating_add(ways[j - 1].saturating_mul(self.cmax as u64));
+            }
+        }
+        if ways.iter().fold(0u64, |a, &w| a.saturating_add(w)) > MAX_HALF as u64 {
+            return None;
+        }
         let mut out = vec![Partial {
             members: 0,
             size: 0,
@@ -469,6 +482,16 @@ mod tests {
         let rows = [NEAR_PERFECT.to_vec(), NO_PERFECT.to_vec()];
         let (p, _) = crate::planner::problem::test_layer(&rows, 4, 32, 0.6);
         assert_eq!(decide(&p, NODES), Verdict::Unknown);
+    }
+
+    /// 24 experts on 4 ranks x 12 slots: 5^12 partial contents per half, beyond the limit,
+    /// counted before any is built.
+    #[test]
+    fn leaves_shapes_beyond_its_limits_alone() {
+        let loads: Vec<f64> = (0..24).map(|i| f64::from(100 + 7 * i)).collect();
+        let t = std::time::Instant::now();
+        assert_eq!(decide(&problem(&loads, 4, 48), NODES), Verdict::Unknown);
+        assert!(t.elapsed() < std::time::Duration::from_millis(50));
     }
 
     /// A scaled total that is not a multiple of the ranks: the bound is the next multiple,
