@@ -115,6 +115,11 @@ pub(crate) struct Prover<'p> {
     listed: Option<Listed>,
     /// The first listing ran out of nodes: no probe of this layer searches.
     gave_up: bool,
+    /// The lowest cut a later listing ran out of nodes at, and the nodes it had: a listing at
+    /// a cut at least that with at most those nodes runs out too (every test of the listing
+    /// is monotone in the cut, so it visits all the nodes the lower one did), and is not
+    /// tried.
+    ran_out: Option<(f64, usize)>,
 }
 
 /// The share of its nodes the probe that lists first may spend on the listing: on the sweep's
@@ -145,6 +150,7 @@ impl<'p> Prover<'p> {
             ahead: p.lower_bound() * (1.0 + LIST_AHEAD),
             listed: None,
             gave_up: false,
+            ran_out: None,
         }
     }
 
@@ -173,6 +179,13 @@ impl<'p> Prover<'p> {
                 budget
             };
             let mut lister = Search::new(p, self.ahead.max(seed_f), nodes);
+            if self
+                .ran_out
+                .is_some_and(|(cut, had)| lister.cut >= cut && nodes <= had)
+            {
+                s.aborted = true;
+                return s.result();
+            }
             let listed = lister.list_contents();
             s.nodes = lister.nodes;
             if !listed && !lister.aborted_by_budget() {
@@ -190,6 +203,9 @@ impl<'p> Prover<'p> {
                 // like that, uniform 16 experts on 4 x 8 with four windows, the ascent spent its
                 // whole budget on listings that ran out, 0.7 s of CPU for nothing).
                 self.gave_up = first;
+                if self.ran_out.is_none_or(|(cut, _)| lister.cut < cut) {
+                    self.ran_out = Some((lister.cut, nodes));
+                }
                 s.aborted = true;
                 return s.result();
             }
@@ -1061,7 +1077,7 @@ mod tests {
         let rows: Vec<Vec<f64>> = windows.iter().map(|w| w.to_vec()).collect();
         let (p, _) = layer(&rows, 4, 32);
         let mut prover = Prover::new(&p);
-        let first = prover.solve(rounded * 1.01, 20_000);
+        let first = prover.solve(rounded * 1.01, 2_000);
         assert!(!first.proven && first.row.is_none());
         for target in [rounded - 1e-3, rounded * 1.01, f64::INFINITY] {
             let res = prover.solve(target, 50_000_000);
@@ -1072,6 +1088,29 @@ mod tests {
         }
         let mut prover = Prover::new(&p);
         check_ascent(&p, rounded, 60_000, |_, t, n| prover.solve(t, n)).expect("interval");
+    }
+
+    /// A later listing that runs out of nodes: a probe above its cut with at most its nodes
+    /// returns at once, claiming nothing; a probe below that cut still lists and settles what a
+    /// fresh `Prover` settles.
+    #[test]
+    fn a_prover_skips_a_listing_that_ran_out_below_it() {
+        let (windows, rounded) = FOUR_BY_EIGHT[0];
+        let rows: Vec<Vec<f64>> = windows.iter().map(|w| w.to_vec()).collect();
+        let (p, _) = layer(&rows, 4, 32);
+        let mut prover = Prover::new(&p);
+        let low = prover.solve(p.lower_bound() * (1.0 + 1e-6), 20_000_000);
+        assert!(low.proven && low.row.is_none());
+        let out = prover.solve(rounded * 1.01, 1_000);
+        assert!(!out.proven && out.row.is_none() && out.nodes > 0);
+        let skipped = prover.solve(rounded * 1.02, 1_000);
+        assert!(!skipped.proven && skipped.row.is_none() && skipped.nodes == 0);
+        let at = prover.solve(rounded + 1e-6, 20_000_000);
+        let fresh = Prover::new(&p).solve(rounded + 1e-6, 20_000_000);
+        assert!(at.proven && fresh.proven);
+        let objective = |r: &Option<Vec<usize>>| r.as_ref().map(|r| p.objective(r).0);
+        assert_eq!(objective(&at.row), objective(&fresh.row));
+        assert!(objective(&at.row).is_some());
     }
 
     /// Three of the sweep's layers with four windows (12 experts on 6 x 4 and on 8 x 3) that the
