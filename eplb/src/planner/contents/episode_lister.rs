@@ -70,7 +70,7 @@ pub(in crate::planner) struct EpisodeLister<'a> {
 
 /// Window lookups and pairs scanned per node charged. Measured on the ten zipf 16-expert
 /// 4 x 8 layers with four windows (listing alone, 0.2% above the mean): about 200 ns per node
-/// of the listing, 15-40 ns per lookup or pair scanned; the nodes charged cost about 270 ns
+/// of the listing, 15-40 ns per lookup or pair scanned; the nodes charged cost about 290 ns
 /// each with eight, where a node cost about 300 ns before the lookups (so a layer that spends
 /// its budget is not slower for them).
 const WORK_PER_NODE: usize = 8;
