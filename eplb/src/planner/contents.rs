@@ -6,6 +6,7 @@
 //! members' replica loads `x / count`.
 
 mod episode_lister;
+mod suffix_sums;
 
 pub(super) use episode_lister::EpisodeLister;
 
