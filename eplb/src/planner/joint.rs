@@ -147,13 +147,10 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
             proven_gap: None,
         };
     }
-    // Three or more slots per rank (`ranks::eligible`: at most six with several episodes): a
-    // search proving from below first, and what it leaves open goes to the expert-by-expert
-    // proof with the bound it proved.
     // Several episodes, three or four slots per rank (the cover search's narrow path): the
     // better plan of the neighbourhood search first, so that the ascent's probe at the
     // incumbent starts from it. A probe far above the optimum that finds it lists the contents
-    // of its own cut and runs out below the optimum: the sweep's one open 12-expert 8 x 3 layer
+    // of its own cut and runs out below the optimum: the sweep's 12-expert 8 x 3 layer left open
     // with four windows, where the probe at 1.0530 times the mean found the optimum, 1.036443,
     // and spent its 1.88M nodes below it on the 28,807 contents listed at 1.0530; a probe
     // listed at 1.036443 refutes it in 1.03M nodes (16,383 contents).
@@ -164,6 +161,9 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         row
     };
     let searched_from = row.clone();
+    // Three or more slots per rank (`ranks::eligible`: at most six with several episodes): a
+    // search proving from below first, and what it leaves open goes to the expert-by-expert
+    // proof with the bound it proved.
     let mut start = prove::Proof::start(p, row);
     let mut budget = exact::budget(p);
     // (Several episodes and seven or eight slots per rank: the cover search for several
