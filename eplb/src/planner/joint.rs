@@ -138,6 +138,10 @@ fn quick_proof(p: &Problem, start: prove::Proof) -> prove::Proof {
     )
 }
 
+/// Nodes of the short ascent before the neighbourhood search on the narrow path (several
+/// episodes, three or four slots per rank).
+const NARROW_QUICK: usize = 50_000;
+
 /// Nodes of the short ascent before [`perfect::decide`] (one episode).
 const PERFECT_AFTER: usize = 50_000;
 
@@ -180,23 +184,13 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         };
     }
     // Several episodes, three or four slots per rank (the cover search's narrow path): the
-    // better plan of the neighbourhood search first, so that the ascent's probe at the
-    // incumbent starts from it. A probe far above the optimum that finds it lists the contents
-    // of its own cut and runs out below the optimum: the sweep's 12-expert 8 x 3 layer left open
-    // with four windows, where the probe at 1.0530 times the mean found the optimum, 1.036443,
-    // and spent its 1.88M nodes below it on the 28,807 contents listed at 1.0530; a probe
-    // listed at 1.036443 refutes it in 1.03M nodes (16,383 contents).
+    // neighbourhood search's plan before the ascent proper (below).
     let narrow = episodes::eligible(p) && !episodes::wide(p);
-    let row = if narrow {
-        neighbourhood::improve(p, row, neighbourhood::NODES)
-    } else {
-        row
-    };
-    let searched_from = row.clone();
+    let mut searched_from: Option<Vec<usize>> = None;
     // Three or more slots per rank (`ranks::eligible`: at most six with several episodes): a
     // search proving from below first, and what it leaves open goes to the expert-by-expert
     // proof with the bound it proved.
-    let mut start = prove::Proof::start(p, row);
+    let mut start = prove::Proof::start(p, row.clone());
     let mut budget = exact::budget(p);
     // (Several episodes and seven or eight slots per rank: the cover search for several
     // episodes only; the rank-by-rank search takes at most six there.)
@@ -268,6 +262,25 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
                 start = settle_perfect(p, start);
             }
         }
+        // Several episodes, three or four slots per rank: after a short ascent (which settles
+        // the easy layers: 8 experts on 4 x 4 in 2 ms, where the neighbourhood search costs
+        // 80), the better plan of the neighbourhood search from the heuristic's, so that the
+        // ascent's probe at the incumbent starts from it. A probe far above the optimum that
+        // finds it lists the contents of its own cut and runs out below the optimum: the
+        // sweep's 12-expert 8 x 3 layer left open with four windows, where the probe at 1.0530
+        // times the mean found the optimum, 1.036443, and spent its 1.88M nodes below it on
+        // the 28,807 contents listed at 1.0530; a probe listed at 1.036443 refutes it in 1.03M
+        // nodes (16,383 contents).
+        if narrow && !start.optimal {
+            start = prove::ascend_by(p, start, NARROW_QUICK.min(nodes), 0, growth, &mut probe);
+            if !start.optimal {
+                let improved = neighbourhood::improve(p, row.clone(), neighbourhood::NODES);
+                start.take(p, Some(improved.clone()));
+                let lower = start.lower;
+                start.raise_lower(lower);
+                searched_from = Some(improved);
+            }
+        }
         let left = nodes.saturating_sub(used.get());
         start = prove::ascend_by(p, start, left, reserve.min(left), growth, &mut probe);
         // (A layer the ascent proved is settled by `prove_from` without a search.) The
@@ -326,7 +339,7 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
     // search finds better plans than this.
     // (On the narrow path it ran first: again only from a plan the searches found since, as
     // from its own plan it would repeat itself.)
-    if p.w > 1 && p.s >= 3 && !proof.optimal && !(narrow && proof.row == searched_from) {
+    if p.w > 1 && p.s >= 3 && !proof.optimal && searched_from.as_ref() != Some(&proof.row) {
         let row = neighbourhood::improve(p, proof.row.clone(), neighbourhood::NODES);
         proof.take(p, Some(row));
         // A plan that meets the proven bound is optimal.
