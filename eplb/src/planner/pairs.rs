@@ -487,7 +487,9 @@ impl<'p> CountSearch<'p> {
         // Positions 0..known already have their bound (the thresholds descend).
         let mut known = 0;
         for ci in 0..self.candidates.len() {
-            let v = self.candidates[ci];
+            // Just below the candidate, so that an expert whose replicas weigh exactly the
+            // candidate counts as at or above it whatever the rounding.
+            let v = self.candidates[ci] * (1.0 - 1e-12);
             if v.is_nan() || v <= 0.0 {
                 break;
             }
@@ -499,7 +501,7 @@ impl<'p> CountSearch<'p> {
             for &(a, lo, cmax) in &self.experts {
                 // The fewest replicas that put every one of e's below v (rounded down near
                 // an integer: fewer needed only weakens the bound).
-                let need = ((a / v - 1e-9).floor() as usize + 1).max(lo);
+                let need = ((a / v * (1.0 - 1e-14)).floor() as usize + 1).max(lo);
                 if need > cmax {
                     forced += 1;
                     slots += lo;
