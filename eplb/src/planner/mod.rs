@@ -25,6 +25,7 @@ mod lpt;
 mod matching;
 mod neighbourhood;
 mod pair_caps;
+mod pair_search;
 mod pairs;
 mod perfect;
 mod polish;

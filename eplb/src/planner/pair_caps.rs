@@ -385,7 +385,7 @@ impl<'p> Caps<'p> {
 mod tests {
     use super::*;
     use crate::placement::find_duplicate;
-    use crate::planner::pairs::pair_search;
+    use crate::planner::pair_search::pair_search;
     use crate::planner::problem::brute_force_optimum;
     use proptest::prelude::*;
 
