@@ -73,9 +73,6 @@ pub(crate) fn decide(p: &Problem, budget: usize) -> Verdict {
     let Some(contents) = scaled.exact_contents(p, target) else {
         return Verdict::Unknown;
     };
-    if contents.is_empty() {
-        return Verdict::AtLeast((target + 1) as f64 / target as f64);
-    }
     let mut cover = Cover::new(p, &contents, budget);
     cover.run();
     if std::env::var("EPLB_DEBUG").is_ok() {
@@ -117,8 +114,13 @@ impl Scaled {
         if p.w != 1 || p.empty || p.dup_ok || p.e > MAX_EXPERTS || p.s < 2 {
             return None;
         }
-        // Distinct experts per rank: at most one replica of an expert per rank.
-        let cmax = p.max_rep.min(p.g).clamp(1, 31);
+        // Distinct experts per rank: at most one replica of an expert per rank. Counts are 5
+        // bits in a content ([`BITS`]): more replicas than 31 is beyond this check (clamping
+        // would leave larger counts out and claim a bound they could beat).
+        let cmax = p.max_rep.min(p.g).max(1);
+        if cmax > 31 {
+            return None;
+        }
         let mut l: u64 = 1;
         for c in 1..=cmax as u64 {
             l = l / gcd(l, c) * c;
