@@ -138,12 +138,9 @@ fn quick_proof(p: &Problem, start: prove::Proof) -> prove::Proof {
     )
 }
 
-/// Nodes of the short ascent before the neighbourhood search on the narrow path (several
-/// episodes, three or four slots per rank).
-const NARROW_QUICK: usize = 50_000;
-
-/// Nodes of the short ascent before [`perfect::decide`] (one episode).
-const PERFECT_AFTER: usize = 50_000;
+/// Nodes of the short ascent before [`perfect::decide`] (one episode) and before the
+/// neighbourhood search on the narrow path (several episodes, three or four slots per rank).
+const QUICK_ASCENT: usize = 50_000;
 
 /// The verdict of [`perfect::decide`] applied to a proof: a perfect placement is optimal; a
 /// proof that none exists raises the lower bound to the next rank load above the mean.
@@ -183,9 +180,8 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
             proven_gap: None,
         };
     }
-    // Several episodes, three or four slots per rank (the cover search's narrow path): the
-    // neighbourhood search's plan before the ascent proper (below).
-    let narrow = episodes::eligible(p) && !episodes::wide(p);
+    // The plan the neighbourhood search returned before the ascent proper (several episodes,
+    // three or four slots per rank: below).
     let mut searched_from: Option<Vec<usize>> = None;
     // Three or more slots per rank (`ranks::eligible`: at most six with several episodes): a
     // search proving from below first, and what it leaves open goes to the expert-by-expert
@@ -251,29 +247,27 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
             used.set(used.get() + res.nodes.min(nodes));
             res
         };
-        // One episode: whether every rank can carry exactly the mean, in whole tokens
-        // (`perfect`), after a short ascent (which settles most layers with a perfect
-        // placement sooner: the sweep's 16-expert 4 x 8 layers in 12 ms median, where listing
-        // the exact contents takes 40-80 ms): it settles near-perfect layers whose plans lie a
-        // fraction of a token above the mean, which the searches cannot tell from the mean.
-        if p.w == 1 && !start.optimal {
-            start = prove::ascend_by(p, start, PERFECT_AFTER.min(nodes), 0, growth, &mut probe);
-            if !start.optimal {
+        // A short ascent first (it settles most layers sooner), then, where it did not:
+        // - one episode: whether every rank can carry exactly the mean, in whole tokens
+        //   (`perfect`; the ascent settles most layers with a perfect placement sooner: the
+        //   sweep's 16-expert 4 x 8 layers in 12 ms median, where listing the exact contents
+        //   takes 40-80 ms): it settles near-perfect layers whose plans lie a fraction of a
+        //   token above the mean, which the searches cannot tell from the mean;
+        // - several episodes, three or four slots per rank (the cover search's narrow path;
+        //   the ascent settles 8 experts on 4 x 4 in 2 ms, where the neighbourhood search
+        //   costs 80): the better plan of the neighbourhood search from the heuristic's, so
+        //   that the ascent's probe at the incumbent starts from it. A probe far above the
+        //   optimum that finds it lists the contents of its own cut and runs out below the
+        //   optimum: the sweep's 12-expert 8 x 3 layer left open with four windows, where the
+        //   probe at 1.0530 times the mean found the optimum, 1.036443, and spent its 1.88M
+        //   nodes below it on the 28,807 contents listed at 1.0530; a probe listed at 1.036443
+        //   refutes it in 1.03M nodes (16,383 contents).
+        let narrow = use_episodes && !episodes::wide(p);
+        if (p.w == 1 || narrow) && !start.optimal {
+            start = prove::ascend_by(p, start, QUICK_ASCENT.min(nodes), 0, growth, &mut probe);
+            if !start.optimal && p.w == 1 {
                 start = settle_perfect(p, start);
-            }
-        }
-        // Several episodes, three or four slots per rank: after a short ascent (which settles
-        // the easy layers: 8 experts on 4 x 4 in 2 ms, where the neighbourhood search costs
-        // 80), the better plan of the neighbourhood search from the heuristic's, so that the
-        // ascent's probe at the incumbent starts from it. A probe far above the optimum that
-        // finds it lists the contents of its own cut and runs out below the optimum: the
-        // sweep's 12-expert 8 x 3 layer left open with four windows, where the probe at 1.0530
-        // times the mean found the optimum, 1.036443, and spent its 1.88M nodes below it on
-        // the 28,807 contents listed at 1.0530; a probe listed at 1.036443 refutes it in 1.03M
-        // nodes (16,383 contents).
-        if narrow && !start.optimal {
-            start = prove::ascend_by(p, start, NARROW_QUICK.min(nodes), 0, growth, &mut probe);
-            if !start.optimal {
+            } else if !start.optimal {
                 let improved = neighbourhood::improve(p, row.clone(), neighbourhood::NODES);
                 start.take(p, Some(improved.clone()));
                 let lower = start.lower;
