@@ -12,6 +12,8 @@
 
 use std::time::Instant;
 
+pub mod peers;
+
 use crate::error::Result;
 use crate::initial::{InitialStrategy, initial_placement};
 use crate::load::LoadHistory;
@@ -164,56 +166,100 @@ impl BenchInputs {
     }
 }
 
-/// Runs the protocol on one shape.
-pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
-    let inputs = BenchInputs::generate(bs, opts)?;
-    let BenchInputs {
-        spec,
-        history,
-        next,
-        expected_next,
-        previous,
-    } = &inputs;
-    let next_draws = draw_next_windows(expected_next, spec, opts.seed ^ 0x6e78_7464);
-    let shape = bs.shape;
-    let slots_total = shape.slots() * bs.num_layers;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+/// Scores placements of one shape's run: every row of the table comes from [`Scorer::row`],
+/// ours and the peers' alike, so they are measured on the same windows the same way.
+pub struct Scorer<'a> {
+    shape_name: &'a str,
+    inputs: &'a BenchInputs,
+    /// [`NEXT_DRAWS`] draws of the next window behind [`BenchRow::expected_next_par`].
+    next_draws: Vec<Vec<Vec<f64>>>,
+    slots_total: usize,
+}
 
-    let mut rows = Vec::new();
-    let row_for = |name: &str,
-                   p: &Placement,
-                   ms: f64,
-                   gap: Option<(f64, f64)>,
-                   thr: usize|
-     -> Result<BenchRow> {
+impl<'a> Scorer<'a> {
+    pub fn new(bs: &'a BenchShape, inputs: &'a BenchInputs, opts: &BenchOptions) -> Scorer<'a> {
+        Scorer {
+            shape_name: bs.name,
+            inputs,
+            next_draws: draw_next_windows(
+                &inputs.expected_next,
+                &inputs.spec,
+                opts.seed ^ 0x6e78_7464,
+            ),
+            slots_total: bs.shape.slots() * bs.num_layers,
+        }
+    }
+
+    /// The row of `placement`, planned in `ms` on `threads` threads (0: not a timed plan).
+    pub fn row(
+        &self,
+        name: &str,
+        p: &Placement,
+        ms: f64,
+        gap: Option<(f64, f64)>,
+        threads: usize,
+    ) -> Result<BenchRow> {
+        let BenchInputs {
+            history,
+            next,
+            previous,
+            ..
+        } = self.inputs;
         let hs = score_history(p, history)?;
         let ns = score(p, next)?;
         let mut expected_next_par = 0.0;
-        for d in &next_draws {
-            expected_next_par += score(p, d)?.mean / next_draws.len() as f64;
+        for d in &self.next_draws {
+            expected_next_par += score(p, d)?.mean / self.next_draws.len() as f64;
         }
         Ok(BenchRow {
             algorithm: name.to_string(),
-            shape: bs.name.to_string(),
+            shape: self.shape_name.to_string(),
             history_mean_par: hs.mean,
             history_worst_par: hs.worst,
             next_mean_par: ns.mean,
             next_worst_par: ns.worst,
             expected_next_par,
             slots_moved: migration_cost(previous, p, 0)?.slots,
-            slots_total,
+            slots_total: self.slots_total,
             plan_ms: ms,
             plan_ms_min: ms,
             gap,
-            threads: thr,
+            threads,
             cross_node_tokens: mean_cross_node_share(p, next),
             cross_node_moves: cross_node_moves(previous, p),
             cross_node_floor: mean_cross_node_floor(p, next),
         })
-    };
+    }
+}
+
+/// Runs the protocol on one shape.
+pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
+    Ok(run_shape_with_peers(bs, opts, Vec::new())?.0)
+}
+
+/// [`run_shape`] with the peers' plans of this shape scored beside ours (after our
+/// algorithms, before the reference rows), and what became of each peer plan.
+pub fn run_shape_with_peers(
+    bs: &BenchShape,
+    opts: &BenchOptions,
+    peer_plans: Vec<peers::PeerPlan>,
+) -> Result<(Vec<BenchRow>, Vec<peers::PeerOutcome>)> {
+    let inputs = BenchInputs::generate(bs, opts)?;
+    let BenchInputs {
+        spec,
+        history: _,
+        next,
+        expected_next,
+        previous,
+    } = &inputs;
+    let scorer = Scorer::new(bs, &inputs, opts);
+    let shape = bs.shape;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    let mut rows = Vec::new();
     let rr = initial_placement(InitialStrategy::RoundRobin, bs.num_layers, &shape)?;
-    rows.push(row_for("static round-robin", &rr, 0.0, None, 0)?);
-    rows.push(row_for("keep previous", previous, 0.0, None, 0)?);
+    rows.push(scorer.row("static round-robin", &rr, 0.0, None, 0)?);
+    rows.push(scorer.row("keep previous", previous, 0.0, None, 0)?);
     // (algorithm, threads, max moves, node slack)
     type Run<'n> = (&'n str, usize, Option<usize>, Option<f64>);
     let mut algos: Vec<Run> = vec![("greedy", 1, None, None)];
@@ -262,9 +308,17 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
             (None, None) => name.to_string(),
         };
         let min = times.iter().copied().fold(f64::INFINITY, f64::min);
-        let mut row = row_for(&label, &plan.placement, median(times), gap, thr)?;
+        let mut row = scorer.row(&label, &plan.placement, median(times), gap, thr)?;
         row.plan_ms_min = min;
         rows.push(row);
+    }
+    let mut outcomes = Vec::new();
+    for plan in peer_plans {
+        let outcome = peers::score_peer(&scorer, bs, plan);
+        if let peers::PeerOutcome::Scored { row, .. } = &outcome {
+            rows.push(row.as_ref().clone());
+        }
+        outcomes.push(outcome);
     }
     // Hindsight: joint planned on the next window itself (an empirical floor for plans made
     // from the history, not a bound).
@@ -274,7 +328,7 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
             &LoadHistory::single(next.clone())?,
         ))?
         .placement;
-    rows.push(row_for(HINDSIGHT_ROW, &hindsight, 0.0, None, 0)?);
+    rows.push(scorer.row(HINDSIGHT_ROW, &hindsight, 0.0, None, 0)?);
     // Perfect prediction: joint planned on the generator's expected next window (it knows the
     // hidden state; only the next drift step and the counting noise are unknown to it).
     let predicted = planner_by_name("joint")?
@@ -283,7 +337,7 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
             &LoadHistory::single(expected_next.clone())?,
         ))?
         .placement;
-    rows.push(row_for(PREDICTION_ROW, &predicted, 0.0, None, 0)?);
+    rows.push(scorer.row(PREDICTION_ROW, &predicted, 0.0, None, 0)?);
     // Perfect knowledge of the next window's distribution: 16 draws of the drift step around
     // the expected next window (the generator's own drift law), planned jointly as episodes.
     let mut rng = crate::synth::Rng::new(opts.seed ^ 0xd1f7);
@@ -303,7 +357,7 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
     let mut req_draws = PlanRequest::new(shape, &draws);
     req_draws.recency = Some(1.0);
     let robust = planner_by_name("joint")?.plan(&req_draws)?.placement;
-    rows.push(row_for(DISTRIBUTION_ROW, &robust, 0.0, None, 0)?);
+    rows.push(scorer.row(DISTRIBUTION_ROW, &robust, 0.0, None, 0)?);
     // What no plan made from the history can beat on the next window.
     let bound = (0..bs.num_layers)
         .map(|l| crate::planner::par_lower_bound(&shape, &next[l]))
@@ -318,17 +372,17 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
         next_worst_par: f64::NAN,
         expected_next_par: {
             let mut b = 0.0;
-            for d in &next_draws {
+            for d in &scorer.next_draws {
                 b += (0..bs.num_layers)
                     .map(|l| crate::planner::par_lower_bound(&shape, &d[l]))
                     .sum::<f64>()
                     / bs.num_layers as f64
-                    / next_draws.len() as f64;
+                    / scorer.next_draws.len() as f64;
             }
             b
         },
         slots_moved: 0,
-        slots_total,
+        slots_total: scorer.slots_total,
         plan_ms: 0.0,
         plan_ms_min: 0.0,
         gap: None,
@@ -337,7 +391,7 @@ pub fn run_shape(bs: &BenchShape, opts: &BenchOptions) -> Result<Vec<BenchRow>> 
         cross_node_moves: 0,
         cross_node_floor: f64::NAN,
     });
-    Ok(rows)
+    Ok((rows, outcomes))
 }
 
 /// Draws of the next window behind [`BenchRow::expected_next_par`].

@@ -205,6 +205,14 @@ enum Command {
         /// Seed of the synthetic traces.
         #[arg(long, default_value_t = 2026)]
         seed: u64,
+        /// Write each shape's inputs (history and placement in use) for the peers' policies
+        /// to DIR/<shape>/inputs.json and stop: step one of scripts/bench-peers.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["peers", "markdown"])]
+        export: Option<PathBuf>,
+        /// Also score the peers' plans in DIR/<shape>/peers/*.json (written by
+        /// eplb/peers/run_peers.py on an --export of the same --seed and --history).
+        #[arg(long, value_name = "DIR")]
+        peers: Option<PathBuf>,
     },
 }
 
@@ -593,8 +601,14 @@ fn main() -> ExitCode {
             history,
             repeats,
             seed,
+            export,
+            peers,
         } => bench::bench(
-            markdown.as_deref(),
+            bench::Outputs {
+                markdown: markdown.as_deref(),
+                export: export.as_deref(),
+                peers: peers.as_deref(),
+            },
             shape.as_deref(),
             *history,
             *repeats,

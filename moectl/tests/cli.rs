@@ -317,6 +317,75 @@ fn bench_prints_and_writes_markdown() {
     assert_bad(&o, "no benchmark shape");
 }
 
+/// `bench --export` writes what the peers plan from; `bench --peers` scores their plans beside
+/// ours, says which produced no row and why, and refuses plans made from another run's windows.
+#[test]
+fn bench_exports_inputs_and_scores_peer_plans() {
+    let d = Dir::new("bench-peers");
+    let dir = d.path("peers");
+    let base = [
+        "bench",
+        "--shape",
+        "mixtral",
+        "--history",
+        "2",
+        "--repeats",
+        "1",
+    ];
+    let o = moectl(&[&base[..], &["--export", &dir]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let inputs: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{dir}/mixtral-like/inputs.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(inputs["shape"], "Mixtral-like");
+    assert_eq!(inputs["history"].as_array().unwrap().len(), 2);
+    assert_eq!(inputs["previous"].as_array().unwrap().len(), 32);
+    assert_eq!(inputs["slots_per_rank"], 9);
+    // A "peer" that keeps the placement in use, and one that failed.
+    std::fs::create_dir_all(format!("{dir}/mixtral-like/peers")).unwrap();
+    let keep = serde_json::json!({
+        "id": "keep", "label": "keeps it (peer)", "package": "none==0", "source": "-",
+        "phy2log": inputs["previous"], "plan_ms": [1.5], "threads": 1
+    });
+    std::fs::write(
+        format!("{dir}/mixtral-like/peers/a-keep.json"),
+        keep.to_string(),
+    )
+    .unwrap();
+    let failed = serde_json::json!({
+        "id": "broken", "label": "broken (peer)", "package": "none==0", "source": "-",
+        "error": "ModuleNotFoundError: numba"
+    });
+    std::fs::write(
+        format!("{dir}/mixtral-like/peers/b-broken.json"),
+        failed.to_string(),
+    )
+    .unwrap();
+    let md = d.path("bench.md");
+    let o = moectl(&[&base[..], &["--peers", &dir, "--markdown", &md]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("| Mixtral-like | keeps it (peer) |"), "{out}");
+    assert!(out.contains("| 0 (0.0%) |"), "{out}");
+    assert!(
+        out.contains("broken (peer): no row (the peer failed: ModuleNotFoundError: numba)"),
+        "{out}"
+    );
+    let doc = std::fs::read_to_string(&md).unwrap();
+    assert!(doc.contains("## The peers' own code"), "{doc}");
+    assert!(doc.contains("- keeps it (peer): `none==0`"), "{doc}");
+    // Plans of another run's windows are refused, naming both runs' flags.
+    let o = moectl(&[&base[..], &["--seed", "7", "--peers", &dir]].concat());
+    assert_bad(
+        &o,
+        "exported with --seed 2026 --history 2, this run has --seed 7 --history 2",
+    );
+    // A folder that was never exported says how to make one.
+    let o = moectl(&[&base[..], &["--peers", &d.path("nothing")]].concat());
+    assert_bad(&o, "make the folder with moectl bench --export");
+}
+
 /// The summary says how far the layers the exact search did not prove may be from optimal:
 /// the largest `proven_gap` of the written plan's unproven layers (heavy-tailed loads on 16
 /// experts, 8 ranks x 4 slots, four windows: not proven today; the test holds either way).
