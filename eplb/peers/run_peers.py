@@ -274,25 +274,27 @@ def run_sglang_deepseek_vec(m: Modules, inp: Inputs) -> Result:
     return Result(np.asarray(phy2log, dtype=np.int64), ms, f"hierarchical={inp.sglang_hierarchical()}")
 
 
-def ascend_note(inp: Inputs, new: np.ndarray, change: Any, priority: Any) -> str:
+def ascend_note(inp: Inputs, new: np.ndarray, change: Any, priority: Any, subset: bool) -> str:
     """What vllm-ascend's engine would make of the plan, beside the plan itself.
 
-    EplbWorker.do_update applies the returned deployment to every layer (it ignores `change`
-    and the priority list), after check_expert_placement puts back the old placement of any
-    layer that drops an expert, holds one expert twice on an NPU, or moves an expert between
-    slots of the same NPU. The plan is written as returned; the layers that check would put back
-    are counted here, not altered.
+    EplbWorker.do_update applies the returned deployment to every layer: it ignores `change`
+    (the policy's own "worth it" flag) and the priority list, after check_expert_placement puts
+    back the old placement of any layer that drops an expert, holds one expert twice on an NPU,
+    or moves an expert between slots of the same NPU. The plan is written as returned; the
+    layers that check would put back are counted here, not altered. `subset`: the priority is
+    FlashLB's list of the layers it would update (DefaultEplb and SwiftBalancer return an order
+    of all layers instead).
     """
     old = inp.table()
     new3 = new.reshape(old.shape)
     changed = int((new3 != old).any(axis=(1, 2)).sum())
     reverted = sum(1 for layer in range(inp.num_layers) if not ascend_layer_ok(old[layer], new3[layer]))
-    n_prio = len(np.asarray(priority).reshape(-1))
-    return (
-        f"change={int(bool(change))}, priority layers {n_prio}/{inp.num_layers}, "
-        f"layers that differ from previous {changed}/{inp.num_layers}, "
-        f"layers the worker's check_expert_placement would put back {reverted}"
-    )
+    parts = [f"change={int(bool(change))} (the worker applies the plan either way)"]
+    if subset:
+        parts.append(f"priority_idx holds {len(np.asarray(priority).reshape(-1))}/{inp.num_layers} layers")
+    parts.append(f"{changed}/{inp.num_layers} layers differ from previous")
+    parts.append(f"{reverted} layers the worker's check_expert_placement would put back")
+    return ", ".join(parts)
 
 
 def ascend_layer_ok(old: np.ndarray, new: np.ndarray) -> bool:
@@ -331,7 +333,7 @@ def run_ascend_default(m: Modules, inp: Inputs) -> Result:
     policy = m.ascend_default.DefaultEplb()
     (change, prio, new), ms = timed(lambda: policy.rebalance_experts(table, load))
     phy2log = np.asarray(new, dtype=np.int64).reshape(inp.num_layers, -1)
-    return Result(phy2log, ms, ascend_note(inp, phy2log, change, prio))
+    return Result(phy2log, ms, ascend_note(inp, phy2log, change, prio, subset=False))
 
 
 def run_ascend_swift(m: Modules, inp: Inputs) -> Result:
@@ -344,7 +346,7 @@ def run_ascend_swift(m: Modules, inp: Inputs) -> Result:
     policy = m.ascend_swift.SwiftBalanceEplb()
     (change, prio, new), ms = timed(lambda: policy.rebalance_experts(table, load))
     phy2log = np.asarray(new, dtype=np.int64).reshape(inp.num_layers, -1)
-    return Result(phy2log, ms, ascend_note(inp, phy2log, change, prio))
+    return Result(phy2log, ms, ascend_note(inp, phy2log, change, prio, subset=False))
 
 
 def run_ascend_flashlb(m: Modules, inp: Inputs) -> Result:
@@ -360,7 +362,7 @@ def run_ascend_flashlb(m: Modules, inp: Inputs) -> Result:
     policy = m.ascend_flashlb.FlashLB()
     (change, prio, new), ms = timed(lambda: policy.rebalance_experts(table, load))
     phy2log = np.asarray(new, dtype=np.int64).reshape(inp.num_layers, -1)
-    return Result(phy2log, ms, ascend_note(inp, phy2log, change, prio))
+    return Result(phy2log, ms, ascend_note(inp, phy2log, change, prio, subset=True))
 
 
 @dataclass
