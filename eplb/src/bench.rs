@@ -173,6 +173,8 @@ pub struct Scorer<'a> {
     inputs: &'a BenchInputs,
     /// [`NEXT_DRAWS`] draws of the next window behind [`BenchRow::expected_next_par`].
     next_draws: Vec<Vec<Vec<f64>>>,
+    /// The history's windows summed `[layer][expert]` (what DeepSeek's algorithm plans on).
+    summed_history: Vec<Vec<f64>>,
     slots_total: usize,
 }
 
@@ -186,8 +188,22 @@ impl<'a> Scorer<'a> {
                 &inputs.spec,
                 opts.seed ^ 0x6e78_7464,
             ),
+            summed_history: {
+                let mut sum = vec![vec![0.0; bs.shape.num_experts]; bs.num_layers];
+                for w in inputs.history.windows() {
+                    for (acc, row) in sum.iter_mut().zip(w) {
+                        acc.iter_mut().zip(row).for_each(|(a, &x)| *a += x);
+                    }
+                }
+                sum
+            },
             slots_total: bs.shape.slots() * bs.num_layers,
         }
+    }
+
+    /// The history's windows summed, `[layer][expert]`.
+    pub fn summed_history(&self) -> &[Vec<f64>] {
+        &self.summed_history
     }
 
     /// The row of `placement`, planned in `ms` on `threads` threads (0: not a timed plan).
@@ -263,6 +279,8 @@ pub fn run_shape_with_peers(
     // (algorithm, threads, max moves, node slack)
     type Run<'n> = (&'n str, usize, Option<usize>, Option<f64>);
     let mut algos: Vec<Run> = vec![("greedy", 1, None, None)];
+    // Our DeepSeek re-implementation's plan, checked against the peers that run DeepSeek's.
+    let mut greedy_plan = None;
     if shape.hierarchical() {
         algos.push(("greedy-global", 1, None, None));
     }
@@ -301,6 +319,9 @@ pub fn run_shape_with_peers(
             plan = Some(p);
         }
         let Some(plan) = plan else { continue };
+        if name == "greedy" {
+            greedy_plan = Some(plan.placement.clone());
+        }
         let gap = (name == "joint").then(|| (plan.mean_gap(), plan.max_gap()));
         let label = match (budget, node_slack) {
             (Some(b), _) => format!("{name} (max {b}/layer)"),
@@ -314,7 +335,7 @@ pub fn run_shape_with_peers(
     }
     let mut outcomes = Vec::new();
     for plan in peer_plans {
-        let outcome = peers::score_peer(&scorer, bs, plan);
+        let outcome = peers::score_peer(&scorer, bs, plan, greedy_plan.as_ref());
         if let peers::PeerOutcome::Scored { row, .. } = &outcome {
             rows.push(row.as_ref().clone());
         }

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{BenchInputs, BenchRow, BenchShape, Scorer, median};
 use crate::error::{EplbError, Result};
+use crate::metrics::rank_loads;
 use crate::placement::Placement;
 
 /// What a peer plans from: one shape's history and the placement in use, in the peers' own
@@ -111,6 +112,10 @@ pub enum PeerOutcome {
         package: String,
         source: String,
         duplicate_layers: usize,
+        /// For the peers that run DeepSeek's algorithm: the layers, among those where the peer
+        /// holds no expert twice on a rank, on which our `greedy` gives the same heaviest rank
+        /// load under the summed history, and how many such layers there are.
+        greedy_agreement: Option<(usize, usize)>,
     },
     /// No row: the peer failed, or its plan does not fit the shape.
     Failed {
@@ -120,8 +125,18 @@ pub enum PeerOutcome {
     },
 }
 
-/// Scores a peer's plan with `scorer`, or says why it cannot be.
-pub fn score_peer(scorer: &Scorer<'_>, bs: &BenchShape, plan: PeerPlan) -> PeerOutcome {
+/// The peers whose entry point runs DeepSeek's EPLB algorithm, which our `greedy`
+/// re-implements (without ever putting an expert twice on one rank).
+pub const DEEPSEEK_PEERS: [&str; 2] = ["vllm-default", "sglang-deepseek"];
+
+/// Scores a peer's plan with `scorer`, or says why it cannot be; `greedy` is our `greedy`'s
+/// plan of the same run, compared layer by layer with the peers of [`DEEPSEEK_PEERS`].
+pub fn score_peer(
+    scorer: &Scorer<'_>,
+    bs: &BenchShape,
+    plan: PeerPlan,
+    greedy: Option<&Placement>,
+) -> PeerOutcome {
     let failed = |reason: String| PeerOutcome::Failed {
         id: plan.id.clone(),
         label: plan.label.clone(),
@@ -133,7 +148,7 @@ pub fn score_peer(scorer: &Scorer<'_>, bs: &BenchShape, plan: PeerPlan) -> PeerO
     let Some(phy2log) = plan.phy2log.clone() else {
         return failed("the plan has neither a phy2log nor an error".into());
     };
-    let (placement, duplicate_layers) = match peer_placement(bs, phy2log) {
+    let (placement, duplicate_layers) = match peer_placement(bs, &phy2log) {
         Ok(p) => p,
         Err(e) => return failed(format!("its plan does not fit the shape: {e}")),
     };
@@ -155,12 +170,16 @@ pub fn score_peer(scorer: &Scorer<'_>, bs: &BenchShape, plan: PeerPlan) -> PeerO
     match scorer.row(&plan.label, &placement, ms, None, plan.threads.max(1)) {
         Ok(mut row) => {
             row.plan_ms_min = min;
+            let greedy_agreement = greedy
+                .filter(|_| DEEPSEEK_PEERS.contains(&plan.id.as_str()))
+                .map(|g| heaviest_rank_agreement(g, &placement, scorer.summed_history()));
             PeerOutcome::Scored {
                 id: plan.id,
                 row: Box::new(row),
                 package: plan.package,
                 source: plan.source,
                 duplicate_layers,
+                greedy_agreement,
             }
         }
         Err(e) => failed(format!("scoring failed: {e}")),
@@ -170,7 +189,7 @@ pub fn score_peer(scorer: &Scorer<'_>, bs: &BenchShape, plan: PeerPlan) -> PeerO
 /// A peer's `phy2log` as a placement of the shape, and the number of layers where one rank
 /// holds an expert twice. Every invariant of [`Placement::validate`] is checked except that
 /// one (see the module's note): sizes, expert ids in range, every expert served.
-fn peer_placement(bs: &BenchShape, phy2log: Vec<Vec<i64>>) -> Result<(Placement, usize)> {
+fn peer_placement(bs: &BenchShape, phy2log: &[Vec<i64>]) -> Result<(Placement, usize)> {
     let bad = |m: String| Err(EplbError::Placement(m));
     let shape = bs.shape;
     let slots = shape.slots();
@@ -183,7 +202,7 @@ fn peer_placement(bs: &BenchShape, phy2log: Vec<Vec<i64>>) -> Result<(Placement,
     }
     let mut rows = Vec::with_capacity(phy2log.len());
     let mut duplicate_layers = 0;
-    for (layer, row) in phy2log.into_iter().enumerate() {
+    for (layer, row) in phy2log.iter().enumerate() {
         if row.len() != slots {
             return bad(format!(
                 "layer {layer} has {} slots, the shape has {slots}",
@@ -192,7 +211,7 @@ fn peer_placement(bs: &BenchShape, phy2log: Vec<Vec<i64>>) -> Result<(Placement,
         }
         let mut served = vec![false; shape.num_experts];
         let mut out = Vec::with_capacity(slots);
-        for (slot, e) in row.into_iter().enumerate() {
+        for (slot, &e) in row.iter().enumerate() {
             let Some(e) = usize::try_from(e).ok().filter(|&e| e < shape.num_experts) else {
                 return bad(format!(
                     "layer {layer} slot {slot} holds expert {e}, the shape has experts 0..{}",
@@ -205,13 +224,7 @@ fn peer_placement(bs: &BenchShape, phy2log: Vec<Vec<i64>>) -> Result<(Placement,
         if let Some(e) = served.iter().position(|s| !s) {
             return bad(format!("layer {layer} has no replica of expert {e}"));
         }
-        let s = slots / shape.num_ranks.max(1);
-        let twice = out.chunks(s.max(1)).any(|rank| {
-            let mut r = rank.to_vec();
-            r.sort_unstable();
-            r.windows(2).any(|w| w[0] == w[1])
-        });
-        duplicate_layers += usize::from(twice);
+        duplicate_layers += usize::from(holds_an_expert_twice(&out, slots / shape.num_ranks));
         rows.push(out);
     }
     // Not `from_phy2log`: its check refuses a rank holding an expert twice.
@@ -223,6 +236,42 @@ fn peer_placement(bs: &BenchShape, phy2log: Vec<Vec<i64>>) -> Result<(Placement,
         phy2log: rows,
     };
     Ok((placement, duplicate_layers))
+}
+
+/// Whether a rank of `row` (`s` slots each) holds one expert twice.
+fn holds_an_expert_twice(row: &[usize], s: usize) -> bool {
+    row.chunks(s.max(1)).any(|rank| {
+        let mut r = rank.to_vec();
+        r.sort_unstable();
+        r.windows(2).any(|w| w[0] == w[1])
+    })
+}
+
+/// Over the layers where `peer` holds no expert twice on one rank: on how many `ours` has the
+/// same heaviest rank load under `load` (`[layer][expert]`), and how many there are. Equal
+/// loads, not equal slots: ties may be broken into other ranks or slots and still be the same
+/// algorithm.
+fn heaviest_rank_agreement(
+    ours: &Placement,
+    peer: &Placement,
+    load: &[Vec<f64>],
+) -> (usize, usize) {
+    let mut agree = 0;
+    let mut compared = 0;
+    for (layer, row) in peer.phy2log.iter().enumerate() {
+        if holds_an_expert_twice(row, peer.slots_per_rank()) {
+            continue;
+        }
+        compared += 1;
+        let heaviest = |p: &Placement| {
+            rank_loads(&p.phy2log[layer], &load[layer], p.num_ranks)
+                .into_iter()
+                .fold(0.0f64, f64::max)
+        };
+        let (a, b) = (heaviest(ours), heaviest(peer));
+        agree += usize::from((a - b).abs() <= 1e-9 * a.abs().max(1.0));
+    }
+    (agree, compared)
 }
 
 /// Findings on the peers, per shape: joint against each peer on the next window (the one that
@@ -277,25 +326,19 @@ pub fn summary(rows: &[BenchRow], outcomes: &[(String, PeerOutcome)]) -> String 
         }
         out.push_str(&parts.join("; "));
         // Our `greedy` re-implements DeepSeek's algorithm, which vLLM's default policy and
-        // SGLang's `deepseek` run: equal PAR is a check on both.
-        if let Some(greedy) = of("greedy") {
-            let same: Vec<String> = outcomes
-                .iter()
-                .filter(|(s, _)| s == shape)
-                .filter_map(|(_, o)| match o {
-                    PeerOutcome::Scored { id, row, .. }
-                        if id == "vllm-default" || id == "sglang-deepseek" =>
-                    {
-                        Some(format!("{} {:.4}", row.algorithm, row.next_mean_par))
-                    }
-                    _ => None,
-                })
-                .collect();
-            if !same.is_empty() {
+        // SGLang's `deepseek` run: the same heaviest ranks is a check on both.
+        for (_, o) in outcomes.iter().filter(|(s, _)| s == shape) {
+            if let PeerOutcome::Scored {
+                row,
+                greedy_agreement: Some((agree, compared)),
+                ..
+            } = o
+            {
                 out.push_str(&format!(
-                    "; our DeepSeek re-implementation (`greedy`) {:.4} against {}",
-                    greedy.next_mean_par,
-                    same.join(", ")
+                    "; our `greedy` (DeepSeek's algorithm, never an expert twice on one rank) has \
+                     the heaviest rank of {} on {agree} of the {compared} layers where that holds \
+                     no expert twice on one rank",
+                    row.algorithm
                 ));
             }
         }
@@ -386,6 +429,45 @@ mod tests {
         ));
     }
 
+    /// A DeepSeek peer that returns our `greedy`'s own plan agrees on every layer; one that
+    /// returns another plan (the placement in use, `joint`'s) does not; other peers are not
+    /// compared.
+    #[test]
+    fn deepseek_peers_are_checked_against_greedy() {
+        let bs = mixtral();
+        let opts = small_opts();
+        let inputs = BenchInputs::generate(&bs, &opts).expect("inputs");
+        let greedy = crate::planner::planner_by_name("greedy")
+            .and_then(|p| p.plan(&inputs.request(bs.shape, 1)))
+            .expect("greedy");
+        let as_i64 = |p: &Placement| -> Vec<Vec<i64>> {
+            p.phy2log
+                .iter()
+                .map(|r| r.iter().map(|&e| e as i64).collect())
+                .collect()
+        };
+        let plans = vec![
+            plan_of("vllm-default", as_i64(&greedy.placement)),
+            plan_of("sglang-deepseek", as_i64(&inputs.previous)),
+            plan_of("ascend-flashlb", as_i64(&greedy.placement)),
+        ];
+        let (_, outcomes) = super::super::run_shape_with_peers(&bs, &opts, plans).expect("run");
+        let agreement: Vec<Option<(usize, usize)>> = outcomes
+            .iter()
+            .map(|o| match o {
+                PeerOutcome::Scored {
+                    greedy_agreement, ..
+                } => *greedy_agreement,
+                PeerOutcome::Failed { reason, .. } => panic!("{reason}"),
+            })
+            .collect();
+        assert_eq!(agreement[0], Some((bs.num_layers, bs.num_layers)));
+        let (agree, compared) = agreement[1].expect("compared");
+        assert_eq!(compared, bs.num_layers);
+        assert!(agree < compared, "{agree} of {compared}");
+        assert_eq!(agreement[2], None);
+    }
+
     /// An expert twice on one rank is scored (and counted); a missing expert, an id out of
     /// range, a wrong slot count and a peer's own error give no row and say why.
     #[test]
@@ -402,7 +484,7 @@ mod tests {
             .map(|s| if s < e { s } else { 0 })
             .collect();
         let twice = vec![row.clone(); bs.num_layers];
-        match score_peer(&scorer, &bs, plan_of("twice", twice)) {
+        match score_peer(&scorer, &bs, plan_of("twice", twice), None) {
             PeerOutcome::Scored {
                 duplicate_layers,
                 row,
@@ -424,7 +506,7 @@ mod tests {
             (vec![short; bs.num_layers], "71 slots"),
             (vec![row.clone(); 3], "3 layers"),
         ] {
-            match score_peer(&scorer, &bs, plan_of("bad", plan)) {
+            match score_peer(&scorer, &bs, plan_of("bad", plan), None) {
                 PeerOutcome::Failed { reason, .. } => {
                     assert!(reason.contains(want), "{reason} should say {want}")
                 }
@@ -434,7 +516,7 @@ mod tests {
         let mut failed = plan_of("err", Vec::new());
         failed.phy2log = None;
         failed.error = Some("ImportError: numba".into());
-        match score_peer(&scorer, &bs, failed) {
+        match score_peer(&scorer, &bs, failed, None) {
             PeerOutcome::Failed { reason, .. } => assert!(reason.contains("numba")),
             other => panic!("expected a failure, got {other:?}"),
         }
