@@ -32,7 +32,11 @@
 //! layers; the lists hold what they read inline (weighted load, members' pairs, loads per
 //! episode, in list order, as the one-episode lists do), the members are checked against a
 //! table of the pairs the next rank may hold, filled once per node, and the early stop is
-//! computed once per scan: the same nodes, fewer cache misses.
+//! computed once per scan: the same nodes, fewer cache misses. At a group's first node each
+//! owed expert's list is sieved ([`Search::sieve`]) and the rest of the group and the groups
+//! below scan the positions kept, and a content must leave the replica counts room for the
+//! slots after it (`Counts::admits`): on the last probe of a pareto 12-expert 6 x 4 layer
+//! with four windows 24M contents looked at instead of 40M, and the layer proven.
 //!
 //! Same contract as [`super::exact::solve`]: finished, it has found the best placement below
 //! the seed objective or shown that there is none.
@@ -1349,6 +1353,81 @@ mod tests {
                     ],
                 ],
                 1.036443,
+            ),
+        ];
+        for (g, windows, rounded) in cases {
+            let rows: Vec<Vec<f64>> = windows.iter().map(|w| w.to_vec()).collect();
+            let (p, shape) = layer(&rows, g, 24);
+            let res = crate::planner::joint::plan_layer(&p, &shape, false);
+            assert!(res.optimal, "{g} ranks: gap {:?}", res.proven_gap);
+            let want = p.objective(&res.row).0;
+            assert!((want - rounded).abs() < 1e-6, "{g} ranks: {want}");
+            assert!(find_duplicate(&res.row, p.s).is_none());
+            let above = ranks::solve(&p, want * (1.0 + 1e-7), 100_000_000);
+            let row = above
+                .row
+                .expect("the rank-by-rank search finds the optimum");
+            assert!(above.proven && (p.objective(&row).0 - want).abs() < 1e-9);
+            let below = ranks::solve(&p, want - 1e-6, 100_000_000);
+            assert!(
+                below.proven && below.row.is_none(),
+                "{g} ranks: below {want}"
+            );
+        }
+    }
+
+    /// The sweep's two pareto 12-expert layers with four windows left open before the sieved
+    /// scans and the resumed ascent (6 x 4: bound 1.016602 below a plan at 1.020538, the probe
+    /// at the plan out of nodes, needing 2.7M; 8 x 3: bound 1.033217 below a plan at 1.035179):
+    /// `joint` proves both, and the rank-by-rank search with 100M nodes confirms the optima
+    /// above and below. Without the resumed ascent the 8 x 3 layer stays open (0.055%); without
+    /// the sieves and the slot test the 6 x 4 layer's last probe needs 2.7M nodes (2.1M left).
+    #[test]
+    fn joint_proves_the_pareto_12_expert_layers() {
+        let cases: [(usize, [[f64; 12]; 4], f64); 2] = [
+            (
+                6,
+                [
+                    [
+                        2378.0, 1055.0, 6134.0, 928.0, 1034.0, 1425.0, 3076.0, 989.0, 1175.0,
+                        5147.0, 4686.0, 1529.0,
+                    ],
+                    [
+                        2477.0, 928.0, 5170.0, 990.0, 1477.0, 867.0, 1724.0, 1409.0, 1329.0,
+                        5300.0, 3863.0, 1545.0,
+                    ],
+                    [
+                        2386.0, 1259.0, 3536.0, 1214.0, 1339.0, 1536.0, 2198.0, 1450.0, 1594.0,
+                        4694.0, 3478.0, 1560.0,
+                    ],
+                    [
+                        2540.0, 1295.0, 4888.0, 1364.0, 1906.0, 1477.0, 2385.0, 1310.0, 1616.0,
+                        4870.0, 2626.0, 1413.0,
+                    ],
+                ],
+                1.020538,
+            ),
+            (
+                8,
+                [
+                    [
+                        2554.0, 2378.0, 1330.0, 1176.0, 1559.0, 2636.0, 1716.0, 2066.0, 1837.0,
+                        3613.0, 2723.0, 2345.0,
+                    ],
+                    [
+                        3385.0, 1538.0, 1587.0, 1155.0, 1756.0, 3023.0, 1708.0, 1509.0, 2113.0,
+                        5039.0, 1929.0, 2193.0,
+                    ],
+                    [
+                        2539.0, 2079.0, 1184.0, 1013.0, 1347.0, 2350.0, 1565.0, 1743.0, 1952.0,
+                        4112.0, 2198.0, 2380.0,
+                    ],
+                    [
+                        3042.0, 1934.0, 1567.0, 964.0, 1569.0, 2750.0, 1384.0, 1946.0, 1600.0,
+                        3077.0, 2309.0, 1988.0,
+                    ],
+                ],
+                1.033582,
             ),
         ];
         for (g, windows, rounded) in cases {
