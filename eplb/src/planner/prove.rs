@@ -112,7 +112,7 @@ pub(crate) fn prove_from(
 }
 
 /// First probe of [`ascend_by`], relative to the lower bound.
-const FIRST_STEP: f64 = 1e-6;
+pub(crate) const FIRST_STEP: f64 = 1e-6;
 
 /// [`ascend_by`] with the step doubling (the tests' probes of other searches).
 #[cfg(test)]
@@ -136,17 +136,35 @@ pub(crate) fn ascend(
 /// runs out without a placement, probes four steps higher each look for a placement in a
 /// wider window with half of what is left (near-perfect partitions: the refutation stalls at
 /// some distance, but placements a little further up are found quickly and narrow the proven
-/// gap).
+/// gap). (`joint` calls [`ascend_from`], which this is from the first step.)
+#[cfg(test)]
 pub(crate) fn ascend_by(
+    p: &Problem,
+    out: Proof,
+    budget: usize,
+    reserve: usize,
+    growth: f64,
+    probe: impl FnMut(f64, usize) -> ExactResult,
+) -> Proof {
+    let mut step = FIRST_STEP;
+    ascend_from(p, out, budget, reserve, growth, &mut step, probe)
+}
+
+/// [`ascend_by`] from the step `resume` (relative to the lower bound; [`FIRST_STEP`] at
+/// first), left where the ascent would go on from: the step after its last refutation (a
+/// probe that ran out of nodes does not move it). A second ascent on the same layer with it
+/// does not probe again, one by one, the small steps above a bound the first has raised.
+pub(crate) fn ascend_from(
     p: &Problem,
     mut out: Proof,
     budget: usize,
     reserve: usize,
     growth: f64,
+    resume: &mut f64,
     mut probe: impl FnMut(f64, usize) -> ExactResult,
 ) -> Proof {
     let mut left = budget;
-    let mut step = FIRST_STEP;
+    let mut step = *resume;
     let mut stalled = false;
     for _ in 0..MAX_PROBES {
         if out.objective <= out.lower + 1e-9 {
@@ -179,6 +197,7 @@ pub(crate) fn ascend_by(
             (false, true) => {
                 out.lower = out.lower.max(target - MARGIN);
                 step *= growth;
+                *resume = step;
             }
             // A better placement, not proven best: go on refuting from the same step.
             (true, false) => {}
