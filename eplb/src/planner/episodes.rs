@@ -110,7 +110,7 @@ pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
 /// ascent probes a dozen cuts below the optimum. The contents
 /// are listed once at [`LIST_AHEAD`] above the layer's lower bound (or at the probe's cut, if
 /// higher) and each probe at or below that cut keeps those below its own; a probe above it
-/// lists again at its own cut. With four slots per rank or fewer, [`solve`] (the listing is
+/// lists again, past its own cut ([`relist_at`]). With four slots per rank or fewer, [`solve`] (the listing is
 /// cheap there).
 pub(crate) struct Prover<'p> {
     p: &'p Problem,
@@ -126,6 +126,41 @@ pub(crate) struct Prover<'p> {
     /// out, and is not tried (on 16-expert 4 x 8 layers the ascent's probes above the first
     /// listing had 0.3-0.6M nodes left for a listing that needs more than the first's 1.2M).
     costs: Vec<(f64, usize)>,
+    /// The last probe's target.
+    last: Option<f64>,
+    /// The plan's objective when the ascent began: no probe goes above it.
+    incumbent: f64,
+}
+
+/// How far past a probe above the shared listing the next listing reaches, in multiples of
+/// the ascent's last step (the ratio of this probe's cut to the last one's, less one): the
+/// ascent's next step is [`WIDE_ASCENT_GROWTH`] times as long, and a listing at the probe's
+/// own cut leaves the next probe to list again. On the sweep's pareto 16-expert 4 x 8 layers
+/// with four windows the ascent listed at 0.2%, at its probe 0.235% above the bound and again
+/// at 0.306%, and ran out proving the optimum (0.255%) after the third listing; listing at
+/// 0.317% the second time proves it.
+const RELIST_AHEAD: f64 = 1.5;
+
+/// At most this many contents are expected from a listing past the probe (of
+/// [`MAX_CONTENTS`], where a listing stops): the contents below a cut grow about as the fourth
+/// power of its distance from the bound (on the 16-expert 4 x 8 layers with four windows,
+/// about three times as many per step of 1.3 of the ascent), and a listing that stops for too
+/// many has spent its nodes for nothing (a one-hot layer of that shape, 0.43M nodes, and its
+/// plan 0.015% worse).
+const RELIST_CONTENTS: usize = MAX_CONTENTS / 2;
+
+/// Where a probe at `seed` above `listed` lists, the last probe having been at `last` (below
+/// `seed`): [`RELIST_AHEAD`] times the ascent's last step past the probe, no higher than the
+/// incumbent (no probe goes above it) nor than where the contents below the cut are expected
+/// to reach [`RELIST_CONTENTS`] (from the count in `listed`), and never below the probe.
+fn relist_at(lower: f64, listed: &Listed, last: f64, seed: f64, incumbent: f64) -> f64 {
+    let mut aim = (seed * (1.0 + RELIST_AHEAD * (seed / last - 1.0))).min(incumbent);
+    let (d, n) = (listed.cut / lower - 1.0, listed.weighted.len());
+    if d > 0.0 && n > 0 {
+        let most = lower * (1.0 + d * (RELIST_CONTENTS as f64 / n as f64).powf(0.25));
+        aim = aim.min(most);
+    }
+    aim.max(seed)
 }
 
 /// The share of its nodes the probe that lists first may spend on the listing: on the sweep's
@@ -150,13 +185,15 @@ struct Listed {
 }
 
 impl<'p> Prover<'p> {
-    pub(crate) fn new(p: &'p Problem) -> Prover<'p> {
+    pub(crate) fn new(p: &'p Problem, incumbent: f64) -> Prover<'p> {
         Prover {
             p,
             ahead: p.lower_bound() * (1.0 + LIST_AHEAD),
             listed: None,
             gave_up: false,
             costs: Vec::new(),
+            last: None,
+            incumbent,
         }
     }
 
@@ -173,6 +210,7 @@ impl<'p> Prover<'p> {
                 nodes: 0,
             };
         }
+        let last = self.last.replace(seed_f);
         let mut s = Search::new(p, seed_f, budget);
         let reaches = self.listed.as_ref().is_some_and(|l| l.cut >= s.cut);
         if !reaches {
@@ -184,7 +222,16 @@ impl<'p> Prover<'p> {
             } else {
                 budget
             };
-            let mut lister = Search::new(p, self.ahead.max(seed_f), nodes);
+            let aim = match (&self.listed, last) {
+                (Some(listed), Some(last)) if last < seed_f => {
+                    relist_at(p.lower_bound(), listed, last, seed_f, self.incumbent)
+                }
+                _ => self.ahead.max(seed_f),
+            };
+            if std::env::var("EPLB_DEBUG").is_ok() {
+                eprintln!("episodes: listing at {aim}");
+            }
+            let mut lister = Search::new(p, aim, nodes);
             if self
                 .costs
                 .iter()
@@ -1013,7 +1060,7 @@ mod tests {
                     None => prop_assert!(t >= 2, "{rows:?}: none below {target}"),
                 }
             }
-            let mut prover = Prover::new(&p);
+            let mut prover = Prover::new(&p, f64::INFINITY);
             for &t in &order {
                 let res = prover.solve(targets[t], 10_000_000);
                 prop_assert!(res.proven, "{rows:?}: probe at {} not finished", targets[t]);
@@ -1026,7 +1073,7 @@ mod tests {
                     None => prop_assert!(t >= 2, "{rows:?}: none below {}", targets[t]),
                 }
             }
-            let mut prover = Prover::new(&p);
+            let mut prover = Prover::new(&p, f64::INFINITY);
             check_ascent(&p, want, budget, |_, t, n| prover.solve(t, n))
                 .map_err(TestCaseError::fail)?;
         }
@@ -1210,7 +1257,7 @@ mod tests {
         let (windows, rounded) = FOUR_BY_EIGHT[0];
         let rows: Vec<Vec<f64>> = windows.iter().map(|w| w.to_vec()).collect();
         let (p, _) = layer(&rows, 4, 32);
-        let mut prover = Prover::new(&p);
+        let mut prover = Prover::new(&p, f64::INFINITY);
         let first = prover.solve(rounded * 1.01, 2_000);
         assert!(!first.proven && first.row.is_none());
         for target in [rounded - 1e-3, rounded * 1.01, f64::INFINITY] {
@@ -1220,7 +1267,7 @@ mod tests {
                 "{target}"
             );
         }
-        let mut prover = Prover::new(&p);
+        let mut prover = Prover::new(&p, f64::INFINITY);
         check_ascent(&p, rounded, 60_000, |_, t, n| prover.solve(t, n)).expect("interval");
     }
 
@@ -1232,7 +1279,7 @@ mod tests {
         let (windows, rounded) = FOUR_BY_EIGHT[0];
         let rows: Vec<Vec<f64>> = windows.iter().map(|w| w.to_vec()).collect();
         let (p, _) = layer(&rows, 4, 32);
-        let mut prover = Prover::new(&p);
+        let mut prover = Prover::new(&p, f64::INFINITY);
         let low = prover.solve(p.lower_bound() * (1.0 + 1e-6), 20_000_000);
         assert!(low.proven && low.row.is_none());
         // Just above the first listing's cut (0.2% above the bound).
@@ -1246,9 +1293,69 @@ mod tests {
         let out = prover.solve(rounded * 1.01, 2 * cost);
         assert!(!out.proven && out.row.is_none() && out.nodes > 0);
         let at = prover.solve(rounded + 1e-6, 20_000_000);
-        let fresh = Prover::new(&p).solve(rounded + 1e-6, 20_000_000);
+        let fresh = Prover::new(&p, f64::INFINITY).solve(rounded + 1e-6, 20_000_000);
         assert!(at.proven && fresh.proven);
         let objective = |r: &Option<Vec<usize>>| r.as_ref().map(|r| p.objective(r).0);
+        assert_eq!(objective(&at.row), objective(&fresh.row));
+        assert!(objective(&at.row).is_some());
+    }
+
+    /// Where a probe above the shared listing lists ([`relist_at`]): past the probe by
+    /// [`RELIST_AHEAD`] times the last step, never below the probe (an incumbent below it, or
+    /// a listing with as many contents as expected at most, leaves it at the probe), no higher
+    /// than the incumbent nor than the contents expected allow.
+    #[test]
+    fn a_relisting_aims_past_the_probe_within_its_limits() {
+        let listed = |cut: f64, n: usize| Listed {
+            cut,
+            members: Vec::new(),
+            loads: Vec::new(),
+            weighted: vec![1.0; n],
+        };
+        let few = listed(1.002, 10);
+        let (last, seed) = (1.0018, 1.0024);
+        let want = seed * (1.0 + RELIST_AHEAD * (seed / last - 1.0));
+        assert!((relist_at(1.0, &few, last, seed, 2.0) - want).abs() < 1e-12);
+        assert_eq!(relist_at(1.0, &few, last, seed, 1.003), 1.003);
+        assert_eq!(relist_at(1.0, &few, last, seed, 1.001), seed);
+        assert_eq!(
+            relist_at(1.0, &listed(1.002, RELIST_CONTENTS), last, seed, 2.0),
+            seed
+        );
+        // 81 times the contents at three times the distance: as many as allowed at 0.3%.
+        let many = listed(1.001, RELIST_CONTENTS / 81);
+        assert!(want > 1.0031);
+        assert!((relist_at(1.0, &many, last, seed, 2.0) - 1.003).abs() < 1e-6);
+    }
+
+    /// A probe above the first listing lists past its own cut (toward the incumbent), and a
+    /// probe after it below that cut is served from that listing, with the plan and proof of a
+    /// fresh search at its cut.
+    #[test]
+    fn a_probe_above_the_listing_lists_past_itself() {
+        let (windows, rounded) = FOUR_BY_EIGHT[0];
+        let rows: Vec<Vec<f64>> = windows.iter().map(|w| w.to_vec()).collect();
+        let (p, _) = layer(&rows, 4, 32);
+        let lower = p.lower_bound();
+        let first_cut = lower * (1.0 + LIST_AHEAD);
+        let seed = first_cut.max(rounded) * (1.0 + 1e-4);
+        let incumbent = seed * (1.0 + 5e-4);
+        let mut prover = Prover::new(&p, incumbent);
+        let low = prover.solve(lower * (1.0 + 1e-6), 20_000_000);
+        assert!(low.proven && low.row.is_none());
+        assert!(prover.listed.as_ref().is_some_and(|l| l.cut < seed));
+        let above = prover.solve(seed, 20_000_000);
+        let cut = prover.listed.as_ref().map_or(0.0, |l| l.cut);
+        assert!(cut > seed && cut <= incumbent, "{cut} {seed} {incumbent}");
+        assert_eq!(prover.costs.len(), 2);
+        let objective = |r: &Option<Vec<usize>>| r.as_ref().map(|r| p.objective(r).0);
+        let fresh = Prover::new(&p, f64::INFINITY).solve(seed, 20_000_000);
+        assert!(above.proven && fresh.proven);
+        assert_eq!(objective(&above.row), objective(&fresh.row));
+        let at = prover.solve(rounded + 1e-6, 20_000_000);
+        assert_eq!(prover.costs.len(), 2);
+        let fresh = Prover::new(&p, f64::INFINITY).solve(rounded + 1e-6, 20_000_000);
+        assert!(at.proven && fresh.proven);
         assert_eq!(objective(&at.row), objective(&fresh.row));
         assert!(objective(&at.row).is_some());
     }

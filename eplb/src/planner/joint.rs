@@ -243,7 +243,7 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
             2.0
         };
         let mut cover = cover::Prover::new(p);
-        let mut episodes = episodes::Prover::new(p);
+        let mut episodes = episodes::Prover::new(p, start.objective);
         let used = std::cell::Cell::new(0usize);
         let mut probe = |target: f64, nodes: usize| {
             let res = if use_cover {
