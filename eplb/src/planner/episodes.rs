@@ -1366,6 +1366,29 @@ mod tests {
     /// budget; the fourth, on 8 x 3, open until the neighbourhood search ran before the
     /// ascent, 0.321%): `joint` proves them now, and the rank-by-rank search with a far larger
     /// budget confirms the optimum (finds it just above, refutes just below).
+    /// `joint` proves the 12-expert, 24-slot layer of `windows` on `g` ranks optimal at
+    /// `rounded` (to 1e-6), without an expert twice on a rank, and the rank-by-rank search with
+    /// 100M nodes confirms that optimum: it finds a plan just above it and none just below.
+    fn assert_joint_proves_12_expert_layer(g: usize, windows: &[[f64; 12]; 4], rounded: f64) {
+        let rows: Vec<Vec<f64>> = windows.iter().map(|w| w.to_vec()).collect();
+        let (p, shape) = layer(&rows, g, 24);
+        let res = crate::planner::joint::plan_layer(&p, &shape, false);
+        assert!(res.optimal, "{g} ranks: gap {:?}", res.proven_gap);
+        let want = p.objective(&res.row).0;
+        assert!((want - rounded).abs() < 1e-6, "{g} ranks: {want}");
+        assert!(find_duplicate(&res.row, p.s).is_none());
+        let above = ranks::solve(&p, want * (1.0 + 1e-7), 100_000_000);
+        let row = above
+            .row
+            .expect("the rank-by-rank search finds the optimum");
+        assert!(above.proven && (p.objective(&row).0 - want).abs() < 1e-9);
+        let below = ranks::solve(&p, want - 1e-6, 100_000_000);
+        assert!(
+            below.proven && below.row.is_none(),
+            "{g} ranks: below {want}"
+        );
+    }
+
     #[test]
     fn joint_proves_12_expert_layers_with_four_windows() {
         let cases: [(usize, [[f64; 12]; 4], f64); 4] = [
@@ -1463,23 +1486,7 @@ mod tests {
             ),
         ];
         for (g, windows, rounded) in cases {
-            let rows: Vec<Vec<f64>> = windows.iter().map(|w| w.to_vec()).collect();
-            let (p, shape) = layer(&rows, g, 24);
-            let res = crate::planner::joint::plan_layer(&p, &shape, false);
-            assert!(res.optimal, "{g} ranks: gap {:?}", res.proven_gap);
-            let want = p.objective(&res.row).0;
-            assert!((want - rounded).abs() < 1e-6, "{g} ranks: {want}");
-            assert!(find_duplicate(&res.row, p.s).is_none());
-            let above = ranks::solve(&p, want * (1.0 + 1e-7), 100_000_000);
-            let row = above
-                .row
-                .expect("the rank-by-rank search finds the optimum");
-            assert!(above.proven && (p.objective(&row).0 - want).abs() < 1e-9);
-            let below = ranks::solve(&p, want - 1e-6, 100_000_000);
-            assert!(
-                below.proven && below.row.is_none(),
-                "{g} ranks: below {want}"
-            );
+            assert_joint_proves_12_expert_layer(g, &windows, rounded);
         }
     }
 
@@ -1538,23 +1545,7 @@ mod tests {
             ),
         ];
         for (g, windows, rounded) in cases {
-            let rows: Vec<Vec<f64>> = windows.iter().map(|w| w.to_vec()).collect();
-            let (p, shape) = layer(&rows, g, 24);
-            let res = crate::planner::joint::plan_layer(&p, &shape, false);
-            assert!(res.optimal, "{g} ranks: gap {:?}", res.proven_gap);
-            let want = p.objective(&res.row).0;
-            assert!((want - rounded).abs() < 1e-6, "{g} ranks: {want}");
-            assert!(find_duplicate(&res.row, p.s).is_none());
-            let above = ranks::solve(&p, want * (1.0 + 1e-7), 100_000_000);
-            let row = above
-                .row
-                .expect("the rank-by-rank search finds the optimum");
-            assert!(above.proven && (p.objective(&row).0 - want).abs() < 1e-9);
-            let below = ranks::solve(&p, want - 1e-6, 100_000_000);
-            assert!(
-                below.proven && below.row.is_none(),
-                "{g} ranks: below {want}"
-            );
+            assert_joint_proves_12_expert_layer(g, &windows, rounded);
         }
     }
 }
