@@ -173,8 +173,6 @@ pub struct Scorer<'a> {
     inputs: &'a BenchInputs,
     /// [`NEXT_DRAWS`] draws of the next window behind [`BenchRow::expected_next_par`].
     next_draws: Vec<Vec<Vec<f64>>>,
-    /// The history's windows summed `[layer][expert]` (what DeepSeek's algorithm plans on).
-    summed_history: Vec<Vec<f64>>,
     slots_total: usize,
 }
 
@@ -188,22 +186,8 @@ impl<'a> Scorer<'a> {
                 &inputs.spec,
                 opts.seed ^ 0x6e78_7464,
             ),
-            summed_history: {
-                let mut sum = vec![vec![0.0; bs.shape.num_experts]; bs.num_layers];
-                for w in inputs.history.windows() {
-                    for (acc, row) in sum.iter_mut().zip(w) {
-                        acc.iter_mut().zip(row).for_each(|(a, &x)| *a += x);
-                    }
-                }
-                sum
-            },
             slots_total: bs.shape.slots() * bs.num_layers,
         }
-    }
-
-    /// The history's windows summed, `[layer][expert]`.
-    pub fn summed_history(&self) -> &[Vec<f64>] {
-        &self.summed_history
     }
 
     /// The row of `placement`, planned in `ms` on `threads` threads (0: not a timed plan).

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::{BenchInputs, BenchRow, BenchShape, Scorer, median};
 use crate::error::{EplbError, Result};
 use crate::metrics::rank_loads;
-use crate::placement::Placement;
+use crate::placement::{Placement, find_duplicate};
 
 /// What a peer plans from: one shape's history and the placement in use, in the peers' own
 /// terms (experts per layer, ranks, slots per rank, nodes, groups).
@@ -172,7 +172,7 @@ pub fn score_peer(
             row.plan_ms_min = min;
             let greedy_agreement = greedy
                 .filter(|_| DEEPSEEK_PEERS.contains(&plan.id.as_str()))
-                .map(|g| heaviest_rank_agreement(g, &placement, scorer.summed_history()));
+                .map(|g| heaviest_rank_agreement(g, &placement, &scorer.inputs.history.total()));
             PeerOutcome::Scored {
                 id: plan.id,
                 row: Box::new(row),
@@ -224,7 +224,7 @@ fn peer_placement(bs: &BenchShape, phy2log: &[Vec<i64>]) -> Result<(Placement, u
         if let Some(e) = served.iter().position(|s| !s) {
             return bad(format!("layer {layer} has no replica of expert {e}"));
         }
-        duplicate_layers += usize::from(holds_an_expert_twice(&out, slots / shape.num_ranks));
+        duplicate_layers += usize::from(find_duplicate(&out, slots / shape.num_ranks).is_some());
         rows.push(out);
     }
     // Not `from_phy2log`: its check refuses a rank holding an expert twice.
@@ -236,15 +236,6 @@ fn peer_placement(bs: &BenchShape, phy2log: &[Vec<i64>]) -> Result<(Placement, u
         phy2log: rows,
     };
     Ok((placement, duplicate_layers))
-}
-
-/// Whether a rank of `row` (`s` slots each) holds one expert twice.
-fn holds_an_expert_twice(row: &[usize], s: usize) -> bool {
-    row.chunks(s.max(1)).any(|rank| {
-        let mut r = rank.to_vec();
-        r.sort_unstable();
-        r.windows(2).any(|w| w[0] == w[1])
-    })
 }
 
 /// Over the layers where `peer` holds no expert twice on one rank: on how many `ours` has the
@@ -259,7 +250,7 @@ fn heaviest_rank_agreement(
     let mut agree = 0;
     let mut compared = 0;
     for (layer, row) in peer.phy2log.iter().enumerate() {
-        if holds_an_expert_twice(row, peer.slots_per_rank()) {
+        if find_duplicate(row, peer.slots_per_rank()).is_some() {
             continue;
         }
         compared += 1;
