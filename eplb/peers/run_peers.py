@@ -322,47 +322,44 @@ def ascend_tensors(inp: Inputs, windows: bool) -> tuple[torch.Tensor, torch.Tens
     return table, torch.from_numpy(load if windows else load.sum(axis=0))
 
 
-def run_ascend_default(m: Modules, inp: Inputs) -> Result:
-    """vllm-ascend 0.23.0 DefaultEplb.rebalance_experts (policy_default_eplb.py; policy type 1).
+def run_ascend(inp: Inputs, policy: Any, windows: bool, subset: bool) -> Result:
+    """One vllm-ascend policy object's rebalance_experts, called as the engine calls it.
 
     EplbWorker.calculate_rebalance_experts calls policy.rebalance_experts(old_placement,
-    load_info) with the [L][R][S] table and the [L][R][S] summed per-slot load; it returns
-    (change, per_layer_priority, new deployment [L][R][S]).
+    load_info) with the [L][R][S] table and the per-slot load: per stage [stages][L][R][S] for
+    FlashLB (`windows`), summed [L][R][S] for the single-stage policies. Every policy returns
+    (change, priority, new deployment [L][R][S]). `subset`: as for ascend_note.
     """
-    table, load = ascend_tensors(inp, windows=False)
-    policy = m.ascend_default.DefaultEplb()
+    table, load = ascend_tensors(inp, windows=windows)
     (change, prio, new), ms = timed(lambda: policy.rebalance_experts(table, load))
     phy2log = np.asarray(new, dtype=np.int64).reshape(inp.num_layers, -1)
-    return Result(phy2log, ms, ascend_note(inp, phy2log, change, prio, subset=False))
+    return Result(phy2log, ms, ascend_note(inp, phy2log, change, prio, subset=subset))
+
+
+def run_ascend_default(m: Modules, inp: Inputs) -> Result:
+    """vllm-ascend 0.23.0 DefaultEplb.rebalance_experts (policy_default_eplb.py; policy type 1),
+    on the summed per-slot load."""
+    return run_ascend(inp, m.ascend_default.DefaultEplb(), windows=False, subset=False)
 
 
 def run_ascend_swift(m: Modules, inp: Inputs) -> Result:
     """vllm-ascend 0.23.0 SwiftBalanceEplb.rebalance_experts (policy_swift_balancer.py; type 2).
 
     Same call as DefaultEplb (is_node_redundant keeps its default False, as the worker passes
-    two arguments); returns (change, per_layer_priority, new deployment [L][R][S]).
+    two arguments).
     """
-    table, load = ascend_tensors(inp, windows=False)
-    policy = m.ascend_swift.SwiftBalanceEplb()
-    (change, prio, new), ms = timed(lambda: policy.rebalance_experts(table, load))
-    phy2log = np.asarray(new, dtype=np.int64).reshape(inp.num_layers, -1)
-    return Result(phy2log, ms, ascend_note(inp, phy2log, change, prio, subset=False))
+    return run_ascend(inp, m.ascend_swift.SwiftBalanceEplb(), windows=False, subset=False)
 
 
 def run_ascend_flashlb(m: Modules, inp: Inputs) -> Result:
     """vllm-ascend 0.23.0 FlashLB.rebalance_experts (policy_flashlb.py; policy type 3).
 
-    The worker passes the [L][R][S] table and the per-stage load [stages][L][R][S]; FlashLB
-    returns (change, priority_idx, new_deployment [L][R][S]). Layers it does not update come back
-    as the table's own rows. Its numba kernels are compiled before timing (flashlb_warm_up).
+    The worker passes the per-stage load [stages][L][R][S]; layers FlashLB does not update come
+    back as the table's own rows. Its numba kernels are compiled before timing (flashlb_warm_up).
     """
     if m.ascend_flashlb is None:
         raise RuntimeError(m.flashlb_error)
-    table, load = ascend_tensors(inp, windows=True)
-    policy = m.ascend_flashlb.FlashLB()
-    (change, prio, new), ms = timed(lambda: policy.rebalance_experts(table, load))
-    phy2log = np.asarray(new, dtype=np.int64).reshape(inp.num_layers, -1)
-    return Result(phy2log, ms, ascend_note(inp, phy2log, change, prio, subset=True))
+    return run_ascend(inp, m.ascend_flashlb.FlashLB(), windows=True, subset=True)
 
 
 @dataclass
