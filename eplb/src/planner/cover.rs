@@ -38,6 +38,7 @@ use std::collections::HashSet;
 use super::contents::{self, NextRank};
 use super::exact::{ExactResult, spend_node};
 use super::problem::{Problem, fewest_replicas};
+use super::sieves::Sieves;
 
 /// Node budget of one layer (a node is one content listed or one cover state visited, 0.5-2
 /// us on the sweep's machine). With the probes sharing their lists ([`Prover`]): 3M proved
@@ -107,12 +108,8 @@ struct Search<'p> {
     /// expert `e` with count `c` (`P` pairs; one row per level of the search, written by
     /// [`Self::mark_pairs`]).
     pair_ok: Vec<bool>,
-    /// Per group on the search's path (its level), the lists it sieved: `(list, positions)`
-    /// ([`Self::sieve`]); levels `depth..` are kept only to reuse their memory.
-    sieves: Vec<Vec<(usize, Vec<u32>)>>,
-    depth: usize,
-    /// Emptied position vectors, for reuse.
-    spare: Vec<Vec<u32>>,
+    /// Per group on the search's path (its level), the lists it sieved ([`Self::sieve`]).
+    sieves: Sieves,
     /// Go on after a cover, counting them all (only to test the memo: a state is remembered
     /// only when no cover was found below it, so the count must not depend on the memo).
     count_all: bool,
@@ -234,9 +231,7 @@ impl<'p> Search<'p> {
             memo: HashSet::new(),
             remember: true,
             memo_hits: 0,
-            sieves: Vec::new(),
-            depth: 0,
-            spare: Vec::new(),
+            sieves: Sieves::default(),
             pair_ok: vec![false; (p.g + 1) * p.e * (p.g.min(p.max_rep) + 1)],
             count_all: false,
             covers: 0,
@@ -573,9 +568,9 @@ impl<'p> Search<'p> {
             return false;
         }
         let covers_before = self.covers;
-        self.open_level();
+        self.sieves.open_level();
         let found = self.choose_and_branch(&next);
-        self.close_level();
+        self.sieves.close_level();
         match found {
             None => self.refuted(key),
             Some(false) if !self.aborted && self.covers == covers_before => self.refuted(key),
@@ -634,48 +629,22 @@ impl<'p> Search<'p> {
         Some(false)
     }
 
-    /// A group starts: a level of sieves above those of the groups it lies in.
-    fn open_level(&mut self) {
-        if self.depth == self.sieves.len() {
-            self.sieves.push(Vec::new());
-        }
-        let spare = &mut self.spare;
-        spare.extend(self.sieves[self.depth].drain(..).map(|(_, mut at)| {
-            at.clear();
-            at
-        }));
-        self.depth += 1;
-    }
-
-    fn close_level(&mut self) {
-        self.depth -= 1;
-    }
-
-    /// The sieve of `list` at the current level, when it was made.
-    fn sieve_of(&self, list: usize) -> Option<usize> {
-        let level = self.sieves.get(self.depth.checked_sub(1)?)?;
-        level.iter().position(|(l, _)| *l == list)
-    }
-
     /// Sieves `list` for the current level: keeps the positions of the entries within the
     /// slack whose pairs the next rank may hold, from the innermost enclosing group's sieve of
     /// it when there is one (a superset: along a path counts only get decided, appearances owed,
     /// ranks left and slack only fall, so an entry that fails this test fails it below too),
     /// else from the whole list. Returns how many of them are compatible.
     fn sieve(&mut self, list: usize, next: &NextRank) -> usize {
-        let mut at = self.spare.pop().unwrap_or_default();
-        let outer = (0..self.depth.saturating_sub(1)).rev().find_map(|up| {
-            let k = self.sieves[up].iter().position(|(l, _)| *l == list)?;
-            Some((up, k))
-        });
+        let mut at = self.sieves.take_spare();
+        let outer = self.sieves.enclosing(list);
         let len = match outer {
-            Some((up, k)) => self.sieves[up][k].1.len(),
+            Some(sieve) => self.sieves.positions(sieve).len(),
             None => self.by[list].len(),
         };
         let mut n = 0;
         for i in 0..len {
             let pos = match outer {
-                Some((up, k)) => self.sieves[up][k].1[i] as usize,
+                Some(sieve) => self.sieves.positions(sieve)[i] as usize,
                 None => i,
             };
             let entry = &self.by[list][pos];
@@ -688,7 +657,7 @@ impl<'p> Search<'p> {
             at.push(pos as u32);
             n += usize::from(self.admits(entry, next));
         }
-        self.sieves[self.depth - 1].push((list, at));
+        self.sieves.push(list, at);
         n
     }
 
@@ -699,17 +668,17 @@ impl<'p> Search<'p> {
         let list = self.list(e, c);
         // The group's sieve of the list when it has one (the same entries in the same order,
         // less some that cannot be the next rank), else the list.
-        let sieve = self.sieve_of(list);
+        let sieve = self.sieves.at_current(list);
         let (start, end) = match sieve {
-            Some(k) => {
-                let at = &self.sieves[self.depth - 1][k].1;
+            Some(sieve) => {
+                let at = self.sieves.positions(sieve);
                 (at.partition_point(|&pos| (pos as usize) < from), at.len())
             }
             None => (from, self.by[list].len()),
         };
         for i in start..end {
             let n = match sieve {
-                Some(k) => self.sieves[self.depth - 1][k].1[i] as usize,
+                Some(sieve) => self.sieves.positions(sieve)[i] as usize,
                 None => i,
             };
             let entry = self.by[list][n];

@@ -44,6 +44,7 @@
 use super::contents::{self, NextRank};
 use super::exact::{ExactResult, spend_node};
 use super::problem::{Problem, fewest_replicas};
+use super::sieves::{SieveAt, Sieves};
 
 /// More contents than this below the cut: the search gives up (the cut is too far above the
 /// mean for a cover to settle anything quickly).
@@ -319,11 +320,7 @@ struct Search<'p> {
     /// the lists sieved at its first node, as the positions of the entries that passed the
     /// pairs and the bound there ([`Self::sieve`]). Along a path every test only gets harder,
     /// so the groups below scan these positions instead of the whole list.
-    sieves: Vec<Vec<(usize, Vec<u32>)>>,
-    /// Position vectors to reuse.
-    spare: Vec<Vec<u32>>,
-    /// Groups open on the current path.
-    depth: usize,
+    sieves: Sieves,
 }
 
 impl<'p> Search<'p> {
@@ -358,9 +355,7 @@ impl<'p> Search<'p> {
             nodes: 0,
             budget,
             aborted: false,
-            sieves: Vec::new(),
-            spare: Vec::new(),
-            depth: 0,
+            sieves: Sieves::default(),
         }
     }
 
@@ -629,46 +624,21 @@ impl<'p> Search<'p> {
         )
     }
 
-    /// The innermost sieve of `list` on the current path (`(group, index)` in `sieves`).
-    fn sieve_of(&self, list: usize) -> Option<(usize, usize)> {
-        (0..self.depth).rev().find_map(|up| {
-            let k = self.sieves[up].iter().position(|(l, _)| *l == list)?;
-            Some((up, k))
-        })
-    }
-
     /// Entries of `list` to scan: its innermost sieve's positions, or the whole list.
-    fn scan_len(&self, list: usize, sieve: Option<(usize, usize)>) -> usize {
+    fn scan_len(&self, list: usize, sieve: Option<SieveAt>) -> usize {
         match sieve {
-            Some((up, k)) => self.sieves[up][k].1.len(),
+            Some(sieve) => self.sieves.positions(sieve).len(),
             None => self.by[list].ids.len(),
         }
     }
 
     /// The list position of the `i`-th entry to scan.
     #[inline(always)]
-    fn scan_at(&self, sieve: Option<(usize, usize)>, i: usize) -> usize {
+    fn scan_at(&self, sieve: Option<SieveAt>, i: usize) -> usize {
         match sieve {
-            Some((up, k)) => self.sieves[up][k].1[i] as usize,
+            Some(sieve) => self.sieves.positions(sieve)[i] as usize,
             None => i,
         }
-    }
-
-    /// A group starts: a level of sieves below those of the groups it lies in.
-    fn open_level(&mut self) {
-        if self.depth == self.sieves.len() {
-            self.sieves.push(Vec::new());
-        }
-        let spare = &mut self.spare;
-        spare.extend(self.sieves[self.depth].drain(..).map(|(_, mut at)| {
-            at.clear();
-            at
-        }));
-        self.depth += 1;
-    }
-
-    fn close_level(&mut self) {
-        self.depth -= 1;
     }
 
     /// Sieves `list` for the current group: keeps the positions of the entries, above the
@@ -680,8 +650,8 @@ impl<'p> Search<'p> {
     /// the mean `(rest_k - L_k) / (n - 1)`), as does the early stop's test (`l` lies below the
     /// cut); so an entry left out fails below too. Returns how many kept are compatible.
     fn sieve(&mut self, list: usize, next: &NextRank) -> usize {
-        let mut at = self.spare.pop().unwrap_or_default();
-        let outer = self.sieve_of(list);
+        let mut at = self.sieves.take_spare();
+        let outer = self.sieves.innermost(list);
         let len = self.scan_len(list, outer);
         let light = self.light_limit(next.ranks_left);
         let mut n = 0;
@@ -699,7 +669,7 @@ impl<'p> Search<'p> {
             n += usize::from(self.admits(list, pos, next));
         }
         self.charge(seen);
-        self.sieves[self.depth - 1].push((list, at));
+        self.sieves.push(list, at);
         n
     }
 
@@ -709,7 +679,7 @@ impl<'p> Search<'p> {
         let mut n = 0;
         let mut seen = 0;
         let light = self.light_limit(next.ranks_left);
-        let outer = self.sieve_of(list);
+        let outer = self.sieves.innermost(list);
         for i in 0..self.scan_len(list, outer) {
             let j = self.scan_at(outer, i);
             seen += 1;
@@ -779,9 +749,9 @@ impl<'p> Search<'p> {
             self.branch(&next, e, self.counts.label[e], from);
             return;
         }
-        self.open_level();
+        self.sieves.open_level();
         self.choose_and_branch(&next);
-        self.close_level();
+        self.sieves.close_level();
     }
 
     /// At the start of a group: branches on the most constrained expert (one with appearances
@@ -843,10 +813,11 @@ impl<'p> Search<'p> {
         let mut light = self.light_limit(ranks_left);
         // The innermost sieve of the list (the same entries in the same order, less some that
         // cannot be the next rank), else the list.
-        let sieve = self.sieve_of(list);
+        let sieve = self.sieves.innermost(list);
         let start = match sieve {
-            Some((up, k)) => self.sieves[up][k]
-                .1
+            Some(sieve) => self
+                .sieves
+                .positions(sieve)
                 .partition_point(|&pos| (pos as usize) < from),
             None => from,
         };

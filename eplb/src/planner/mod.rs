@@ -32,6 +32,7 @@ mod polish;
 mod problem;
 mod prove;
 mod ranks;
+mod sieves;
 
 use serde::{Deserialize, Serialize};
 
