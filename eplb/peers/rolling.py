@@ -10,15 +10,17 @@ What the engines keep between two rebalances (the sdists of peers.lock, read for
 are inside each sdist):
 
 - vLLM 0.34.0: `EplbState.__init__` / `add_model` (vllm/distributed/eplb/eplb_state.py) hold the
-  policy as a class, `EPLB_POLICIES[policy]`, and `EplbState.rearrange` calls its classmethod
-  `rebalance_experts(load window, ..., eplb_model_state.physical_to_logical_map)`: no policy
-  state, only the map it deployed, which `_commit_eplb_maps` replaces with the returned one.
-  That is what is deployed here. (On ROCm only, `rearrange` keeps the old map when the new one
-  improves the rank imbalance by less than 5%; the CUDA path, modelled here, always commits.)
+  policy as a class, `EPLB_POLICIES[policy]`, and `EplbState.rearrange` (and, async,
+  `run_rebalance_experts` in async_worker.py) calls its classmethod `rebalance_experts(load
+  window, ..., physical_to_logical_map)`: no policy state, only the map in use, which
+  `_commit_eplb_maps` replaces with the returned one. That is what is deployed here. (On ROCm
+  only, `rearrange` keeps the old map when the new one improves the rank imbalance by less
+  than 5%; the CUDA path, modelled here, always commits.)
 - SGLang 0.5.10.post1: `EPLBManager.rebalance` (sglang/srt/eplb/eplb_manager.py) builds a new
   `ExpertLocationMetadata.init_by_eplb` (expert_location.py) from the recorded logical counts
   alone, through the stateless `eplb_algorithms.rebalance_experts`; the placement in use is not
-  even an input. Deployed: the returned phy2log (`update_expert_location`).
+  even an input. Deployed: the returned phy2log (`rebalance` hands it to the model runner's
+  `update_expert_location` for every layer).
 - vllm-ascend 0.23.0: `NPUModelRunner.__init__` (vllm_ascend/worker/model_runner_v1.py) makes one
   `EplbProcess` for the engine's life; its `EplbWorker.__init__` (vllm_ascend/eplb/core/
   eplb_worker.py) calls `PolicyFactory.generate_policy` once and keeps `self.policy`, and
