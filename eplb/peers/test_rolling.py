@@ -8,8 +8,13 @@ scripts/bench-peers --fetch extracts); the tests that run a peer are skipped wit
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
+import json
 import os
 import sys
+import tempfile
 import unittest
 from pathlib import Path
 
@@ -148,6 +153,40 @@ class Rolling(unittest.TestCase):
             self.assertEqual(ring["length"], H)
             # register_hotness adds 1 to each expert's load (summed back from the slots)
             np.testing.assert_allclose(ring["buffer"], roll.windows[1 : 1 + H, layer] + 1)
+
+    def test_export_files(self) -> None:
+        """DIR/<slug>/rolling.json -> DIR/<slug>/rolling/<id>.json with one entry per step; a peer
+        that raises at step 1 keeps step 0 and says which step failed."""
+        m = modules(self)
+        roll = tiny(varying(2))
+        calls = []
+
+        def fails_second(mods: rp.Modules, inp: rp.Inputs) -> rp.Result:
+            calls.append(1)
+            if len(calls) == 2:
+                raise ValueError("boom")
+            return rp.run_vllm_default(mods, inp)
+
+        vllm = next(p for p in rolling.PEERS if p.id == "vllm-default")
+        broken = rolling.RollingPeer("broken", "broken", dataclasses.replace(vllm.peer, run=fails_second))
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            (d / "tiny").mkdir()
+            doc = {**roll.meta, "history_windows": H, "steps": roll.steps,
+                   "windows": roll.windows.tolist(), "previous": PREVIOUS.tolist()}
+            (d / "tiny" / "rolling.json").write_text(json.dumps(doc))
+            (d / "manifest.json").write_text(json.dumps({"rolling": roll.steps}))
+            with contextlib.redirect_stderr(io.StringIO()):  # the progress lines, the traceback
+                failures = rolling.run_rolling_export(d, m, [vllm, broken])
+            self.assertEqual(failures, 1)
+            ok = json.loads((d / "tiny/rolling/vllm-default.json").read_text())
+            bad = json.loads((d / "tiny/rolling/broken.json").read_text())
+        self.assertNotIn("error", ok)
+        self.assertEqual(len(ok["steps"]), 2)
+        self.assertEqual(set(ok["steps"][0]), {"phy2log", "plan_ms", "note"})
+        self.assertEqual(bad["error"], "step 1: ValueError: boom")
+        self.assertEqual(len(bad["steps"]), 1)
+        self.assertEqual(bad["steps"][0]["phy2log"], ok["steps"][0]["phy2log"])
 
 
 if __name__ == "__main__":
