@@ -5,8 +5,13 @@ For each DIR/<slug>/inputs.json, every peer's real entry point plans on the shap
 placement in use, and DIR/<slug>/peers/<id>.json receives its phy2log, its planning times and
 notes (or the error it raised); `moectl bench --peers DIR` then scores those plans beside ours.
 
-    run_peers.py DIR --src SRC [--repeats N] [--only ID,ID]
+    run_peers.py DIR --src SRC [--repeats N] [--only ID,ID] [--mode auto|single|rolling]
     run_peers.py --example flashlb --src SRC       the FlashLB issue's one-layer example
+
+A DIR/<slug>/rolling.json (moectl bench --export DIR --rolling K) is run by rolling.py instead:
+K steps, each peer replanning from what it deployed at the step before, with the policy objects
+living as long as their engines keep them; DIR/<slug>/rolling/<id>.json receives each step's
+deployed placement and time. --mode picks the files (default: whichever each shape has).
 
 SRC is the folder the sdists' policy files were extracted into (scripts/bench-peers makes it:
 ${MOE_PEERS_CACHE:-~/.cache/moe-operator/peers}/src). The files are loaded by path under synthetic
@@ -36,6 +41,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shims  # noqa: E402  (beside this file; must be installed before the peers load)
+
+# Run as a script, this file is __main__; rolling.py's `import run_peers` must get this very
+# module (its Modules, Peer and Inputs), not a second copy.
+sys.modules.setdefault("run_peers", sys.modules[__name__])
 
 VLLM = "vllm-0.34.0"
 SGLANG = "sglang-0.5.10.post1"
@@ -336,10 +345,38 @@ def run_ascend(inp: Inputs, policy: Any, windows: bool, subset: bool) -> Result:
     return Result(phy2log, ms, ascend_note(inp, phy2log, change, prio, subset=subset))
 
 
+@dataclass(frozen=True)
+class AscendPolicy:
+    """One vllm-ascend policy as its engine holds and calls it.
+
+    `new` makes the object PolicyFactory.generate_policy makes (EplbWorker.__init__ keeps it for
+    the engine's life: see rolling.py); `windows` and `subset` are run_ascend's.
+    """
+
+    new: Callable[[Modules], Any]
+    windows: bool
+    subset: bool
+
+    def run(self, m: Modules, inp: Inputs, policy: Any = None) -> Result:
+        """run_ascend on `policy`, or on a fresh object when None (the single-shot protocol)."""
+        return run_ascend(inp, self.new(m) if policy is None else policy, self.windows, self.subset)
+
+
+def _new_flashlb(m: Modules) -> Any:
+    if m.ascend_flashlb is None:
+        raise RuntimeError(m.flashlb_error)
+    return m.ascend_flashlb.FlashLB()
+
+
+ASCEND_DEFAULT = AscendPolicy(lambda m: m.ascend_default.DefaultEplb(), windows=False, subset=False)
+ASCEND_SWIFT = AscendPolicy(lambda m: m.ascend_swift.SwiftBalanceEplb(), windows=False, subset=False)
+ASCEND_FLASHLB = AscendPolicy(_new_flashlb, windows=True, subset=True)
+
+
 def run_ascend_default(m: Modules, inp: Inputs) -> Result:
     """vllm-ascend 0.23.0 DefaultEplb.rebalance_experts (policy_default_eplb.py; policy type 1),
     on the summed per-slot load."""
-    return run_ascend(inp, m.ascend_default.DefaultEplb(), windows=False, subset=False)
+    return ASCEND_DEFAULT.run(m, inp)
 
 
 def run_ascend_swift(m: Modules, inp: Inputs) -> Result:
@@ -348,7 +385,7 @@ def run_ascend_swift(m: Modules, inp: Inputs) -> Result:
     Same call as DefaultEplb (is_node_redundant keeps its default False, as the worker passes
     two arguments).
     """
-    return run_ascend(inp, m.ascend_swift.SwiftBalanceEplb(), windows=False, subset=False)
+    return ASCEND_SWIFT.run(m, inp)
 
 
 def run_ascend_flashlb(m: Modules, inp: Inputs) -> Result:
@@ -357,9 +394,7 @@ def run_ascend_flashlb(m: Modules, inp: Inputs) -> Result:
     The worker passes the per-stage load [stages][L][R][S]; layers FlashLB does not update come
     back as the table's own rows. Its numba kernels are compiled before timing (flashlb_warm_up).
     """
-    if m.ascend_flashlb is None:
-        raise RuntimeError(m.flashlb_error)
-    return run_ascend(inp, m.ascend_flashlb.FlashLB(), windows=True, subset=True)
+    return ASCEND_FLASHLB.run(m, inp)
 
 
 @dataclass
@@ -372,6 +407,7 @@ class Peer:
     source: str
     run: Callable[[Modules, Inputs], Result]
     describe: Callable[[Inputs], str]
+    ascend: AscendPolicy | None = None  # the policy object behind `run`, for the vllm-ascend peers
 
 
 def _sum_desc(inp: Inputs) -> str:
@@ -405,6 +441,7 @@ PEERS = [
         lambda i: f"current_expert_table = previous [{i.num_layers}][{i.num_ranks}][{i.slots_per_rank}], "
         f"expert_workload = per-slot load summed over the {i.windows} windows "
         f"[{i.num_layers}][{i.num_ranks}][{i.slots_per_rank}] (expert load / its replicas in previous)",
+        ascend=ASCEND_DEFAULT,
     ),
     Peer(
         "ascend-swift-balancer", "vllm-ascend 0.23.0 SwiftBalancer", "vllm-ascend==0.23.0",
@@ -412,6 +449,7 @@ PEERS = [
         lambda i: f"current_expert_table = previous [{i.num_layers}][{i.num_ranks}][{i.slots_per_rank}], "
         f"expert_workload = per-slot load summed over the {i.windows} windows "
         f"[{i.num_layers}][{i.num_ranks}][{i.slots_per_rank}] (expert load / its replicas in previous)",
+        ascend=ASCEND_SWIFT,
     ),
     Peer(
         "ascend-flashlb", "vllm-ascend 0.23.0 FlashLB", "vllm-ascend==0.23.0",
@@ -419,6 +457,7 @@ PEERS = [
         lambda i: f"current_expert_table = previous [{i.num_layers}][{i.num_ranks}][{i.slots_per_rank}], "
         f"expert_workload = per-slot load of each window "
         f"[{i.windows}][{i.num_layers}][{i.num_ranks}][{i.slots_per_rank}] (expert load / its replicas in previous)",
+        ascend=ASCEND_FLASHLB,
     ),
 ]
 
@@ -491,22 +530,22 @@ def run_peer(peer: Peer, m: Modules, inp: Inputs, repeats: int) -> dict[str, Any
     return out
 
 
-def select(only: str | None) -> list[Peer]:
-    """The peers named by --only (all when absent)."""
+def select(only: str | None, extra: tuple[str, ...] = ()) -> list[Peer]:
+    """The peers named by --only (all when absent); `extra`: ids that are valid elsewhere (the
+    rolling protocol's own peers), accepted here and left out."""
     if not only:
         return PEERS
     ids = only.split(",")
-    unknown = sorted(set(ids) - {p.id for p in PEERS})
+    unknown = sorted(set(ids) - {p.id for p in PEERS} - set(extra))
     if unknown:
-        raise SystemExit(f"run_peers.py: unknown peer(s) {unknown}; the peers: {[p.id for p in PEERS]}")
+        known = [p.id for p in PEERS] + list(extra)
+        raise SystemExit(f"run_peers.py: unknown peer(s) {unknown}; the peers: {known}")
     return [p for p in PEERS if p.id in ids]
 
 
 def run_export(dir_: Path, m: Modules, peers: list[Peer], repeats: int) -> int:
     """Every DIR/<slug>/inputs.json -> DIR/<slug>/peers/<id>.json; the number of failures."""
     shapes = sorted(dir_.glob("*/inputs.json"))
-    if not shapes:
-        raise SystemExit(f"run_peers.py: no */inputs.json under {dir_} (make it with moectl bench --export)")
     failures = 0
     for path in shapes:
         inp = Inputs.from_json(json.loads(path.read_text()))
@@ -589,17 +628,35 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each peer (the last plan is kept)")
     ap.add_argument("--only", help="comma-separated peer ids (default: all)")
     ap.add_argument("--example", choices=["flashlb"], help="run the FlashLB issue's example instead")
+    ap.add_argument(
+        "--mode", choices=["auto", "single", "rolling"], default="auto",
+        help="which files of DIR: inputs.json (single), rolling.json (rolling; rolling.py), or "
+        "whichever each shape has (auto, the default)",
+    )
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
     if (args.dir is None) == (args.example is None):
         ap.error("give either DIR or --example flashlb")
-    peers = select(args.only)
-    m = load_modules(args.src)
+    import rolling  # beside this file; imports this module (see the sys.modules line at the top)
+
+    peers = select(args.only, extra=rolling.EXTRA_IDS)
     if args.example:
+        m = load_modules(args.src)
         run_example(m, peers, args.repeats)
         return 0
-    failures = run_export(args.dir, m, peers, args.repeats)
+    single = args.mode != "rolling" and any(args.dir.glob("*/inputs.json"))
+    rolls = args.mode != "single" and any(args.dir.glob("*/rolling.json"))
+    if not (single or rolls):
+        want = {"auto": "*/inputs.json or */rolling.json", "single": "*/inputs.json", "rolling": "*/rolling.json"}
+        raise SystemExit(
+            f"run_peers.py: no {want[args.mode]} under {args.dir} (make it with moectl bench --export"
+            f"{' --rolling K' if args.mode == 'rolling' else ''})"
+        )
+    m = load_modules(args.src)
+    failures = run_export(args.dir, m, peers, args.repeats) if single else 0
+    if rolls:
+        failures += rolling.run_rolling_export(args.dir, m, rolling.select(args.only))
     if failures:
         print(f"run_peers.py: {failures} peer run(s) failed (written as errors)", file=sys.stderr)
     return 0

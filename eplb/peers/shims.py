@@ -42,7 +42,9 @@ def _get_dynamic_eplb_group() -> _EplbGroup:
     (dp x pcp x tp ranks, i.e. every expert-parallel rank), so its world_size is the shape's
     number of ranks. FlashLB reads only `.world_size`, and only to pick the thresholds of
     `need_update` (stricter below 32 ranks); a fresh FlashLB object forces an update of every
-    layer on its first call whatever the thresholds, so this value cannot change a plan here.
+    layer on its first call whatever the thresholds, so this value cannot change a single-shot
+    plan. In the rolling protocol (rolling.py) one object plans every step and the thresholds
+    do decide which layers it skips: there the value matters, and it is the deployment's.
     """
     return _EplbGroup(world_size=_DEPLOYMENT.num_ranks)
 
