@@ -1,9 +1,9 @@
 """The rolling protocol: each peer replans K times, each time from what it deployed last.
 
-`moectl bench --export DIR --rolling K` writes DIR/<slug>/rolling.json: H + K - 1 windows of
-token counts and the placement in use before step 0. At step k a peer plans on the H windows
-`windows[k : k+H]` with, as the placement in use, what it deployed at step k-1 (step 0: the
-shared `previous`), and DIR/<slug>/rolling/<id>.json receives what it deploys at each step and
+`moectl bench --export DIR --rolling K [--stride T]` writes DIR/<slug>/rolling.json: H + (K-1)T
+windows of token counts and the placement in use before step 0. At step k a peer plans on the H
+windows `windows[kT : kT+H]` with, as the placement in use, what it deployed at step k-1 (step 0:
+the shared `previous`), and DIR/<slug>/rolling/<id>.json receives what it deploys at each step and
 the time of the step's one timed call. `moectl bench --peers DIR --rolling K` scores them.
 
 What the engines keep between two rebalances (the sdists of peers.lock, read for this; paths
@@ -39,11 +39,12 @@ are inside each sdist):
   returning their current rows. `ascend-flashlb-fresh` runs FlashLB with a new object every
   step, so the effect of that state shows.
 
-The windows slide by one per step here. The engines' own collection differs: vLLM records only
-the last window_size steps before each rearrangement (`_should_record_current_step`), SGLang
-asserts its rebalance interval is at least its recorder's buffer, and vllm-ascend clears its
-counters after each cycle (`EplbUpdator.update_iteration`); so their successive windows overlap
-less or not at all. That is the protocol's choice (the same for every algorithm), not a peer's.
+The stride T is H by default, so successive steps see disjoint windows, as the engines collect
+them: vLLM records only the last window_size steps before each rearrangement
+(`_should_record_current_step`), SGLang asserts its rebalance interval is at least its
+recorder's buffer, and vllm-ascend clears its counters after each cycle
+(`EplbUpdator.update_iteration`). With `--stride 1` the windows slide by one per step (the
+same for every algorithm); FlashLB's trigger then sees little change between calls.
 """
 
 from __future__ import annotations
@@ -69,12 +70,14 @@ EXTRA_IDS = (FRESH_ID,)  # ids of the rolling protocol only (run_peers.select ac
 
 @dataclass
 class Rolling:
-    """One shape's rolling.json: the shape (as inputs.json), H, K and the H + K - 1 windows."""
+    """One shape's rolling.json: the shape (as inputs.json), H, K, the stride T and the
+    H + (K - 1) T windows."""
 
     meta: dict[str, Any]  # shape, num_layers, ... num_groups: the keys Inputs.from_json reads
     history_windows: int
     steps: int
-    windows: np.ndarray  # [H+K-1][L][E] float64, oldest first
+    stride: int  # windows between consecutive steps (T)
+    windows: np.ndarray  # [H+(K-1)T][L][E] float64, oldest first
     previous: np.ndarray  # [L][R*S] int64: the placement in use before step 0
 
     KEYS = ("shape", "num_layers", "num_experts", "num_ranks", "slots_per_rank", "num_nodes", "num_groups")
@@ -86,14 +89,17 @@ class Rolling:
             meta={k: d[k] for k in Rolling.KEYS},
             history_windows=int(d["history_windows"]),
             steps=int(d["steps"]),
+            stride=int(d["stride"]),
             windows=np.asarray(d["windows"], dtype=np.float64),
             previous=np.asarray(d["previous"], dtype=np.int64),
         )
-        if roll.history_windows < 1 or roll.steps < 1:
-            raise ValueError(f"history_windows {roll.history_windows} and steps {roll.steps} must be at least 1")
-        want = roll.history_windows + roll.steps - 1
+        if min(roll.history_windows, roll.steps, roll.stride) < 1:
+            raise ValueError(
+                f"history_windows {roll.history_windows}, steps {roll.steps} and stride {roll.stride} must be at least 1"
+            )
+        want = roll.history_windows + (roll.steps - 1) * roll.stride
         if roll.windows.ndim != 3 or roll.windows.shape[0] != want:
-            raise ValueError(f"windows has shape {list(roll.windows.shape)}, want [{want}][L][E] (H + K - 1 windows)")
+            raise ValueError(f"windows has shape {list(roll.windows.shape)}, want [{want}][L][E] (H + (K - 1) T windows)")
         roll.inputs(0, roll.previous)
         return roll
 
@@ -102,8 +108,9 @@ class Rolling:
         return str(self.meta["shape"])
 
     def inputs(self, k: int, previous: np.ndarray) -> Inputs:
-        """Step k's inputs: windows[k : k+H], and `previous` as the placement in use."""
-        history = self.windows[k : k + self.history_windows]
+        """Step k's inputs: windows[kT : kT+H], and `previous` as the placement in use."""
+        first = k * self.stride
+        history = self.windows[first : first + self.history_windows]
         return Inputs.from_json({**self.meta, "history": history, "previous": previous})
 
 
@@ -201,8 +208,9 @@ def run_rolling_peer(rpeer: RollingPeer, m: Modules, rolling: Rolling) -> dict[s
         "label": rpeer.label,
         "package": peer.package,
         "source": peer.source,
-        "input": f"{peer.describe(first)}; rolling: {rolling.steps} steps, step k plans on windows[k:k+"
-        f"{rolling.history_windows}] with previous = what it deployed at step k-1",
+        "input": f"{peer.describe(first)}; rolling: {rolling.steps} steps, step k plans on "
+        f"windows[{rolling.stride}k : {rolling.stride}k+{rolling.history_windows}] with previous = what it "
+        "deployed at step k-1",
         "threads": torch.get_num_threads(),
         "note": _state_note(rpeer),
     }
@@ -227,12 +235,15 @@ def run_rolling_peer(rpeer: RollingPeer, m: Modules, rolling: Rolling) -> dict[s
 def run_rolling_export(dir_: Path, m: Modules, peers: list[RollingPeer]) -> int:
     """Every DIR/<slug>/rolling.json -> DIR/<slug>/rolling/<id>.json; the number of failures."""
     manifest = dir_ / "manifest.json"
-    want_k = json.loads(manifest.read_text()).get("rolling") if manifest.is_file() else None
+    # moectl writes {"steps": K, "stride": T}
+    want = json.loads(manifest.read_text()).get("rolling") if manifest.is_file() else None
     failures = 0
     for path in sorted(dir_.glob("*/rolling.json")):
         rolling = Rolling.from_json(json.loads(path.read_text()))
-        if want_k is not None and int(want_k) != rolling.steps:
-            raise SystemExit(f"run_peers.py: {path} has {rolling.steps} steps, manifest.json says rolling {want_k}")
+        if want is not None and (int(want["steps"]), int(want["stride"])) != (rolling.steps, rolling.stride):
+            raise SystemExit(
+                f"run_peers.py: {path} has {rolling.steps} steps {rolling.stride} windows apart, manifest.json says {want}"
+            )
         inp = rolling.inputs(0, rolling.previous)
         shims.set_deployment(inp.num_ranks, inp.num_ranks // max(inp.num_nodes, 1))
         out_dir = path.parent / "rolling"

@@ -49,22 +49,22 @@ def modules(test: unittest.TestCase) -> rp.Modules:
     return _MODULES
 
 
-def tiny(windows: np.ndarray) -> rolling.Rolling:
-    """A rolling input of the tiny shape on `windows` [H+K-1][L][E]."""
-    steps = windows.shape[0] - H + 1
+def tiny(windows: np.ndarray, stride: int = 1) -> rolling.Rolling:
+    """A rolling input of the tiny shape on `windows` [H+(K-1)T][L][E]."""
+    steps = (windows.shape[0] - H) // stride + 1
     d = {
         "shape": "tiny", "num_layers": L, "num_experts": E, "num_ranks": R, "slots_per_rank": S,
-        "num_nodes": 1, "num_groups": 1, "history_windows": H, "steps": steps,
+        "num_nodes": 1, "num_groups": 1, "history_windows": H, "steps": steps, "stride": stride,
         "windows": windows.tolist(), "previous": PREVIOUS.tolist(),
     }
     shims.set_deployment(R, R)
     return rolling.Rolling.from_json(d)
 
 
-def varying(k: int) -> np.ndarray:
-    """H + k - 1 windows that differ from one another (seeded)."""
+def varying(k: int, stride: int = 1) -> np.ndarray:
+    """The H + (k - 1) T windows of k steps T apart, all different (seeded)."""
     rng = np.random.default_rng(5)
-    return LOADS[None, None] * rng.lognormal(0.0, 0.4, size=(H + k - 1, L, E))
+    return LOADS[None, None] * rng.lognormal(0.0, 0.4, size=(H + (k - 1) * stride, L, E))
 
 
 class DeployAscend(unittest.TestCase):
@@ -91,10 +91,11 @@ class DeployAscend(unittest.TestCase):
 
 class Rolling(unittest.TestCase):
     def test_each_step_starts_from_the_last_deployed(self) -> None:
-        """Every peer, 3 steps: step k plans on windows[k:k+H] from what step k-1 deployed; the
-        vllm-ascend peers keep one policy object, the fresh FlashLB row makes one a step."""
+        """Every peer, 3 steps 2 windows apart: step k plans on windows[2k:2k+H] from what step k-1
+        deployed; the vllm-ascend peers keep one policy object, the fresh FlashLB row makes one a
+        step."""
         m = modules(self)
-        roll = tiny(varying(3))
+        roll = tiny(varying(3, stride=2), stride=2)
         for rpeer in rolling.PEERS:
             with self.subTest(peer=rpeer.id):
                 steps = list(rolling.roll(rpeer, m, roll))
@@ -103,7 +104,7 @@ class Rolling(unittest.TestCase):
                 for a, b in zip(steps, steps[1:]):
                     np.testing.assert_array_equal(b.inp.previous, a.deployed)
                 for s in steps:
-                    np.testing.assert_array_equal(s.inp.history, roll.windows[s.k : s.k + H])
+                    np.testing.assert_array_equal(s.inp.history, roll.windows[2 * s.k : 2 * s.k + H])
                     self.assertEqual(s.deployed.shape, (L, R * S))
                 objects = {id(s.policy) for s in steps}
                 if rpeer.peer.ascend is None:
@@ -172,10 +173,10 @@ class Rolling(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
             (d / "tiny").mkdir()
-            doc = {**roll.meta, "history_windows": H, "steps": roll.steps,
+            doc = {**roll.meta, "history_windows": H, "steps": roll.steps, "stride": 1,
                    "windows": roll.windows.tolist(), "previous": PREVIOUS.tolist()}
             (d / "tiny" / "rolling.json").write_text(json.dumps(doc))
-            (d / "manifest.json").write_text(json.dumps({"rolling": roll.steps}))
+            (d / "manifest.json").write_text(json.dumps({"rolling": {"steps": roll.steps, "stride": 1}}))
             with contextlib.redirect_stderr(io.StringIO()):  # the progress lines, the traceback
                 failures = rolling.run_rolling_export(d, m, [vllm, broken])
             self.assertEqual(failures, 1)

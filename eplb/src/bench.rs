@@ -13,6 +13,7 @@
 use std::time::Instant;
 
 pub mod peers;
+pub mod rolling;
 
 use crate::error::Result;
 use crate::initial::{InitialStrategy, initial_placement};
@@ -500,17 +501,22 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
     s
 }
 
+/// The distinct shape names of a report's rows, in the order they first appear.
+fn in_order<'a>(names: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut shapes: Vec<&str> = Vec::new();
+    for name in names {
+        if !shapes.contains(&name) {
+            shapes.push(name);
+        }
+    }
+    shapes
+}
+
 /// Computed findings per shape: joint vs the greedy baselines on the next window, the share of
 /// joint's gain that incremental reaches and at what migration, and the timing targets.
 pub fn summary(rows: &[BenchRow]) -> String {
     let mut out = String::new();
-    let mut shapes: Vec<&str> = Vec::new();
-    for r in rows {
-        if !shapes.contains(&r.shape.as_str()) {
-            shapes.push(&r.shape);
-        }
-    }
-    for shape in shapes {
+    for shape in in_order(rows.iter().map(|r| r.shape.as_str())) {
         let of = |name: &str| {
             rows.iter()
                 .find(|r| r.shape == shape && r.algorithm == name)

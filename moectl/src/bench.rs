@@ -4,6 +4,8 @@ use std::path::Path;
 
 use crate::{Fail, print_out, write_out};
 
+mod rolling;
+
 /// The most windows of history `--history` takes: each shape's trace holds 2H+1 windows of
 /// layers x experts counts, and every algorithm plans on H of them; far beyond this the run
 /// would exhaust memory (or take days) instead of measuring anything.
@@ -19,17 +21,28 @@ pub(crate) struct Outputs<'a> {
     pub peers: Option<&'a Path>,
 }
 
+/// The rolling protocol's settings (`--rolling K --stride T`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Rolling {
+    pub steps: usize,
+    pub stride: usize,
+}
+
 /// What an export was made with: `--peers` scores plans only against the same run.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Manifest {
     seed: u64,
     history: usize,
+    /// The settings of a rolling export (absent for the one-shot protocol).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rolling: Option<Rolling>,
     /// Shape name -> its folder.
     shapes: std::collections::BTreeMap<String, String>,
 }
 
 pub(crate) fn bench(
     out: Outputs<'_>,
+    rolling: Option<Rolling>,
     filter: Option<&str>,
     history: usize,
     repeats: usize,
@@ -64,15 +77,33 @@ pub(crate) fn bench(
             names.join(", ")
         )));
     }
+    if let Some(r) = rolling {
+        use eplb::bench::rolling::{MAX_STEPS, MAX_STRIDE};
+        if !(1..=MAX_STEPS).contains(&r.steps) {
+            return Err(Fail(format!(
+                "--rolling {}: the steps must be between 1 and {MAX_STEPS}",
+                r.steps
+            )));
+        }
+        if !(1..=MAX_STRIDE).contains(&r.stride) {
+            return Err(Fail(format!(
+                "--stride {}: the windows between steps must be between 1 and {MAX_STRIDE}",
+                r.stride
+            )));
+        }
+    }
     if let Some(dir) = out.export {
-        return export(dir, &shapes, &opts);
+        return export(dir, &shapes, &opts, rolling);
+    }
+    if let Some(r) = rolling {
+        return rolling::bench(&out, &shapes, &opts, r, filter);
     }
     let mut notes = Vec::new();
     let mut rows = Vec::new();
     let mut outcomes = Vec::new();
     for s in shapes {
         let plans = match out.peers {
-            Some(dir) => read_peer_plans(dir, s.name, &opts, &mut notes)?,
+            Some(dir) => read_peer_plans(dir, s.name, &opts, None, &mut notes)?,
             None => Vec::new(),
         };
         let (r, o) = eplb::bench::run_shape_with_peers(s, &opts, plans)?;
@@ -121,49 +152,70 @@ pub(crate) fn bench(
     Ok(notes)
 }
 
-/// Writes each shape's [`eplb::bench::peers::PeerInputs`] to `dir/<slug>/inputs.json` and the
-/// run's settings to `dir/manifest.json`.
+/// Writes each shape's [`eplb::bench::peers::PeerInputs`] to `dir/<slug>/inputs.json` (with
+/// `rolling`, its [`eplb::bench::rolling::RollingPeerInputs`] to `dir/<slug>/rolling.json`)
+/// and the run's settings to `dir/manifest.json`.
 fn export(
     dir: &Path,
     shapes: &[&eplb::bench::BenchShape],
     opts: &eplb::bench::BenchOptions,
+    rolling: Option<Rolling>,
 ) -> Result<Vec<String>, Fail> {
     let mut manifest = Manifest {
         seed: opts.seed,
         history: opts.history,
+        rolling,
         shapes: Default::default(),
     };
     for s in shapes {
         let slug = eplb::bench::peers::slug(s.name);
-        let inputs = eplb::bench::BenchInputs::generate(s, opts)?;
         let folder = dir.join(&slug);
         std::fs::create_dir_all(&folder)
             .map_err(|e| Fail(format!("cannot create {}: {e}", folder.display())))?;
-        let json = serde_json::to_vec(&eplb::bench::peers::PeerInputs::new(s, &inputs))?;
-        write_out(Some(&folder.join("inputs.json")), &json)?;
+        let (file, json) = match rolling {
+            None => {
+                let inputs = eplb::bench::BenchInputs::generate(s, opts)?;
+                let peer = eplb::bench::peers::PeerInputs::new(s, &inputs);
+                ("inputs.json", serde_json::to_vec(&peer)?)
+            }
+            Some(r) => {
+                let inputs =
+                    eplb::bench::rolling::RollingInputs::generate(s, opts, r.steps, r.stride)?;
+                let peer = eplb::bench::rolling::RollingPeerInputs::new(s, &inputs);
+                ("rolling.json", serde_json::to_vec(&peer)?)
+            }
+        };
+        write_out(Some(&folder.join(file)), &json)?;
         manifest.shapes.insert(s.name.to_string(), slug);
     }
     let json = serde_json::to_vec_pretty(&manifest)?;
     write_out(Some(&dir.join("manifest.json")), &json)?;
     print_out(&format!(
-        "wrote the inputs of {} shapes to {} (seed {}, {} windows of history)\n",
+        "wrote the {}inputs of {} shapes to {} (seed {}, {} windows of history{})\n",
+        if rolling.is_some() { "rolling " } else { "" },
         shapes.len(),
         dir.display(),
         opts.seed,
-        opts.history
+        opts.history,
+        rolling.map_or(String::new(), |r| format!(
+            ", {} steps {} windows apart",
+            r.steps, r.stride
+        ))
     ))?;
     Ok(Vec::new())
 }
 
-/// The peers' plans of one shape in `dir/<slug>/peers/*.json`, by file name; none (and a note)
-/// when the folder is missing. Refuses an export made with another seed or history: its plans
+/// The peers' plans of one shape, by file name: `dir/<slug>/peers/*.json`, or with `rolling`
+/// their rolling runs `dir/<slug>/rolling/*.json`; none (and a note) when the folder is
+/// missing. Refuses an export made with another seed, history or number of steps: its plans
 /// were made from other windows than the ones this run scores.
-fn read_peer_plans(
+fn read_peer_plans<T: serde::de::DeserializeOwned>(
     dir: &Path,
     shape: &str,
     opts: &eplb::bench::BenchOptions,
+    rolling: Option<Rolling>,
     notes: &mut Vec<String>,
-) -> Result<Vec<eplb::bench::peers::PeerPlan>, Fail> {
+) -> Result<Vec<T>, Fail> {
     let manifest_path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
         Fail(format!(
@@ -173,18 +225,31 @@ fn read_peer_plans(
     })?;
     let manifest: Manifest = serde_json::from_str(&text)
         .map_err(|e| Fail(format!("{}: {e}", manifest_path.display())))?;
-    if manifest.seed != opts.seed || manifest.history != opts.history {
+    if manifest.seed != opts.seed || manifest.history != opts.history || manifest.rolling != rolling
+    {
+        let flags = |seed: u64, history: usize, rolling: Option<Rolling>| {
+            format!(
+                "--seed {seed} --history {history}{}",
+                rolling.map_or(String::new(), |r| format!(
+                    " --rolling {} --stride {}",
+                    r.steps, r.stride
+                ))
+            )
+        };
         return Err(Fail(format!(
-            "{} was exported with --seed {} --history {}, this run has --seed {} --history {}: \
-             the peers planned on other windows; run with the export's flags or export again",
+            "{} was exported with {}, this run has {}: the peers planned on other windows; run \
+             with the export's flags or export again",
             dir.display(),
-            manifest.seed,
-            manifest.history,
-            opts.seed,
-            opts.history
+            flags(manifest.seed, manifest.history, manifest.rolling),
+            flags(opts.seed, opts.history, rolling),
         )));
     }
-    let folder = dir.join(eplb::bench::peers::slug(shape)).join("peers");
+    let (sub, what) = if rolling.is_some() {
+        ("rolling", "rolling run")
+    } else {
+        ("peers", "plan")
+    };
+    let folder = dir.join(eplb::bench::peers::slug(shape)).join(sub);
     let Ok(entries) = std::fs::read_dir(&folder) else {
         notes.push(format!(
             "no peer plans for {shape} (no folder {})",
@@ -202,7 +267,7 @@ fn read_peer_plans(
         let text = std::fs::read_to_string(&p)
             .map_err(|e| Fail(format!("cannot read {}: {e}", p.display())))?;
         let plan = serde_json::from_str(&text)
-            .map_err(|e| Fail(format!("{}: not a peer plan: {e}", p.display())))?;
+            .map_err(|e| Fail(format!("{}: not a peer {what}: {e}", p.display())))?;
         plans.push(plan);
     }
     Ok(plans)
@@ -253,7 +318,7 @@ distribution; and the next window's lower bound (largest water-filled replica lo
 
 /// The flags that chose what was measured, as written on the command line (every one, the
 /// defaults included, so that the header alone reproduces the run).
-fn settings(filter: Option<&str>, history: usize, repeats: usize, seed: u64) -> String {
+pub(super) fn settings(filter: Option<&str>, history: usize, repeats: usize, seed: u64) -> String {
     let shape = filter.map_or(String::new(), |f| {
         if f.contains(char::is_whitespace) {
             format!(" --shape '{f}'")
@@ -265,7 +330,7 @@ fn settings(filter: Option<&str>, history: usize, repeats: usize, seed: u64) -> 
 }
 
 /// The model name from /proc/cpuinfo, or "unknown CPU".
-fn cpu_model() -> String {
+pub(super) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
@@ -278,7 +343,7 @@ fn cpu_model() -> String {
 }
 
 /// Current UTC time as `YYYY-MM-DD HH:MM`.
-fn utc_now() -> String {
+pub(super) fn utc_now() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs()) as i64;

@@ -210,9 +210,21 @@ enum Command {
         #[arg(long, value_name = "DIR", conflicts_with_all = ["peers", "markdown"])]
         export: Option<PathBuf>,
         /// Also score the peers' plans in DIR/<shape>/peers/*.json (written by
-        /// eplb/peers/run_peers.py on an --export of the same --seed and --history).
+        /// eplb/peers/run_peers.py on an --export of the same --seed and --history; with
+        /// --rolling, their rolling runs in DIR/<shape>/rolling/*.json).
         #[arg(long, value_name = "DIR")]
         peers: Option<PathBuf>,
+        /// The rolling protocol instead: every policy replans K times in a row on a drifting
+        /// trace, each time from the placement it deployed the step before (see --stride);
+        /// reports PAR and slots moved over the run. With --export, writes the peers' rolling
+        /// inputs (DIR/<shape>/rolling.json).
+        #[arg(long, value_name = "K")]
+        rolling: Option<usize>,
+        /// With --rolling: windows between consecutive steps (default: --history, so each
+        /// step plans only on the windows recorded since the step before, as the engines
+        /// count; 1 slides the history one window a step).
+        #[arg(long, value_name = "T", requires = "rolling")]
+        stride: Option<usize>,
     },
 }
 
@@ -603,12 +615,18 @@ fn main() -> ExitCode {
             seed,
             export,
             peers,
+            rolling,
+            stride,
         } => bench::bench(
             bench::Outputs {
                 markdown: markdown.as_deref(),
                 export: export.as_deref(),
                 peers: peers.as_deref(),
             },
+            rolling.map(|steps| bench::Rolling {
+                steps,
+                stride: stride.unwrap_or(*history),
+            }),
             shape.as_deref(),
             *history,
             *repeats,

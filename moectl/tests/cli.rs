@@ -386,6 +386,102 @@ fn bench_exports_inputs_and_scores_peer_plans() {
     assert_bad(&o, "make the folder with moectl bench --export");
 }
 
+/// `bench --rolling K --export` writes the windows each step plans on; `bench --rolling K
+/// --peers` scores the peers' runs step by step against their own previous placement, writes
+/// the rolling report, and refuses runs of another export (here: another stride).
+#[test]
+fn bench_rolling_exports_and_scores_peer_runs() {
+    let d = Dir::new("bench-rolling");
+    let dir = d.path("peers");
+    let base = [
+        "bench",
+        "--shape",
+        "mixtral",
+        "--history",
+        "2",
+        "--repeats",
+        "1",
+        "--rolling",
+        "3",
+    ];
+    let o = moectl(&[&base[..], &["--export", &dir]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!std::path::Path::new(&format!("{dir}/mixtral-like/inputs.json")).exists());
+    let inputs: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{dir}/mixtral-like/rolling.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(inputs["steps"], 3);
+    assert_eq!(inputs["stride"], 2, "the stride defaults to --history");
+    // H + (K - 1) T windows: the last step's history ends where the last scored window starts.
+    assert_eq!(inputs["windows"].as_array().unwrap().len(), 2 + 2 * 2);
+    let previous = inputs["previous"].clone();
+    // A "peer" that keeps the starting placement at every step, and one that stopped at step 1.
+    std::fs::create_dir_all(format!("{dir}/mixtral-like/rolling")).unwrap();
+    let step = serde_json::json!({"phy2log": previous, "plan_ms": 2.0, "note": "kept"});
+    let keep = serde_json::json!({
+        "id": "keep", "label": "keeps it (peer)", "package": "none==0", "source": "-",
+        "steps": [step, step, step], "threads": 1
+    });
+    std::fs::write(
+        format!("{dir}/mixtral-like/rolling/a-keep.json"),
+        keep.to_string(),
+    )
+    .unwrap();
+    let failed = serde_json::json!({
+        "id": "broken", "label": "broken (peer)", "package": "none==0", "source": "-",
+        "steps": [step], "error": "step 1: ValueError: boom"
+    });
+    std::fs::write(
+        format!("{dir}/mixtral-like/rolling/b-broken.json"),
+        failed.to_string(),
+    )
+    .unwrap();
+    let md = d.path("rolling.md");
+    let o = moectl(&[&base[..], &["--peers", &dir, "--markdown", &md]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("| Mixtral-like | keeps it (peer) |"), "{out}");
+    assert!(
+        out.contains(
+            "broken (peer): no row (the peer failed after 1 of 3 steps: step 1: ValueError: boom)"
+        ),
+        "{out}"
+    );
+    let doc = std::fs::read_to_string(&md).unwrap();
+    assert!(doc.contains("# EPLB rolling benchmark: 3 replanning steps in a row, 2 windows apart"));
+    assert!(doc.contains("--rolling 3 --stride 2"), "{doc}");
+    assert!(doc.contains("## Next-window PAR step by step"), "{doc}");
+    assert!(
+        doc.contains("- Mixtral-like, keeps it (peer): `none==0`, `-`; notes: kept"),
+        "{doc}"
+    );
+    // The keeping peer and our row that never replans agree step by step.
+    let row = |name: &str| {
+        doc.lines()
+            .find(|l| {
+                l.starts_with(&format!("| Mixtral-like | {name} | ")) && l.contains("0 (0.0%)")
+            })
+            .map(|l| l.split('|').nth(3).unwrap().trim().to_string())
+    };
+    assert_eq!(row("keeps it (peer)"), row("keep the starting placement"));
+    // Runs of another stride are refused, naming both runs' flags.
+    let o = moectl(&[&base[..], &["--stride", "1", "--peers", &dir]].concat());
+    assert_bad(
+        &o,
+        "exported with --seed 2026 --history 2 --rolling 3 --stride 2, this run has --seed 2026 --history 2 --rolling 3 --stride 1",
+    );
+    // Nor does a one-shot run read a rolling export.
+    let one_shot = &base[..base.len() - 2];
+    let o = moectl(&[one_shot, &["--peers", &dir]].concat());
+    assert_bad(&o, "this run has --seed 2026 --history 2:");
+    assert_bad(
+        &moectl(&[&base[..], &["--stride", "0"]].concat()),
+        "--stride 0",
+    );
+    assert_bad(&moectl(&["bench", "--rolling", "0"]), "--rolling 0");
+}
+
 /// The summary says how far the layers the exact search did not prove may be from optimal:
 /// the largest `proven_gap` of the written plan's unproven layers (heavy-tailed loads on 16
 /// experts, 8 ranks x 4 slots, four windows: not proven today; the test holds either way).

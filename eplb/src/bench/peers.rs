@@ -20,10 +20,10 @@ use crate::error::{EplbError, Result};
 use crate::metrics::rank_loads;
 use crate::placement::{Placement, find_duplicate};
 
-/// What a peer plans from: one shape's history and the placement in use, in the peers' own
-/// terms (experts per layer, ranks, slots per rank, nodes, groups).
+/// A shape in the peers' own terms (experts per layer, ranks, slots per rank, nodes, groups),
+/// as every input file for them starts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PeerInputs {
+pub struct PeerShape {
     /// The shape's name in the table.
     pub shape: String,
     pub num_layers: usize,
@@ -33,6 +33,27 @@ pub struct PeerInputs {
     pub num_nodes: usize,
     /// Expert groups (DeepSeek's group-limited routing; 1 for the others).
     pub num_groups: usize,
+}
+
+impl PeerShape {
+    pub fn new(bs: &BenchShape) -> PeerShape {
+        PeerShape {
+            shape: bs.name.to_string(),
+            num_layers: bs.num_layers,
+            num_experts: bs.shape.num_experts,
+            num_ranks: bs.shape.num_ranks,
+            slots_per_rank: bs.shape.slots() / bs.shape.num_ranks.max(1),
+            num_nodes: bs.shape.num_nodes,
+            num_groups: bs.shape.num_groups,
+        }
+    }
+}
+
+/// What a peer plans from: one shape's history and the placement in use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerInputs {
+    #[serde(flatten)]
+    pub of: PeerShape,
     /// `[window][layer][expert]` token counts, oldest window first: the H windows every
     /// algorithm of the run plans on.
     pub history: Vec<Vec<Vec<f64>>>,
@@ -44,13 +65,7 @@ pub struct PeerInputs {
 impl PeerInputs {
     pub fn new(bs: &BenchShape, inputs: &BenchInputs) -> PeerInputs {
         PeerInputs {
-            shape: bs.name.to_string(),
-            num_layers: bs.num_layers,
-            num_experts: bs.shape.num_experts,
-            num_ranks: bs.shape.num_ranks,
-            slots_per_rank: bs.shape.slots() / bs.shape.num_ranks.max(1),
-            num_nodes: bs.shape.num_nodes,
-            num_groups: bs.shape.num_groups,
+            of: PeerShape::new(bs),
             history: inputs.history.windows().to_vec(),
             previous: inputs.previous.phy2log.clone(),
         }
@@ -189,7 +204,7 @@ pub fn score_peer(
 /// A peer's `phy2log` as a placement of the shape, and the number of layers where one rank
 /// holds an expert twice. Every invariant of [`Placement::validate`] is checked except that
 /// one (see the module's note): sizes, expert ids in range, every expert served.
-fn peer_placement(bs: &BenchShape, phy2log: &[Vec<i64>]) -> Result<(Placement, usize)> {
+pub(super) fn peer_placement(bs: &BenchShape, phy2log: &[Vec<i64>]) -> Result<(Placement, usize)> {
     let bad = |m: String| Err(EplbError::Placement(m));
     let shape = bs.shape;
     let slots = shape.slots();
@@ -270,13 +285,7 @@ fn heaviest_rank_agreement(
 /// peers that run DeepSeek's algorithm; and every peer that produced no row, with the reason.
 pub fn summary(rows: &[BenchRow], outcomes: &[(String, PeerOutcome)]) -> String {
     let mut out = String::new();
-    let mut shapes: Vec<&str> = Vec::new();
-    for (shape, _) in outcomes {
-        if !shapes.contains(&shape.as_str()) {
-            shapes.push(shape);
-        }
-    }
-    for shape in shapes {
+    for shape in super::in_order(outcomes.iter().map(|(s, _)| s.as_str())) {
         let of = |name: &str| {
             rows.iter()
                 .find(|r| r.shape == shape && r.algorithm == name)
@@ -390,7 +399,7 @@ mod tests {
         let inputs = BenchInputs::generate(&bs, &opts).expect("inputs");
         let exported = PeerInputs::new(&bs, &inputs);
         assert_eq!(exported.history.len(), 2);
-        assert_eq!(exported.slots_per_rank, 9);
+        assert_eq!(exported.of.slots_per_rank, 9);
         let same: Vec<Vec<i64>> = exported
             .previous
             .iter()
@@ -524,9 +533,9 @@ mod tests {
         let back: PeerInputs = serde_json::from_str(&json).expect("parse");
         let history = crate::load::LoadHistory::new(back.history).expect("history");
         let previous = Placement::from_phy2log(
-            back.num_experts,
-            back.num_ranks,
-            back.num_nodes,
+            back.of.num_experts,
+            back.of.num_ranks,
+            back.of.num_nodes,
             back.previous,
         )
         .expect("previous");

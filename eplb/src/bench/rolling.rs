@@ -1,0 +1,574 @@
+//! The rolling protocol behind `moectl bench --rolling K`: every policy replans K times in a
+//! row on a drifting trace, each time from the placement it deployed the step before, as a
+//! live loop does (the operator, vLLM's `EplbState`, vllm-ascend's EPLB worker).
+//!
+//! The one-shot protocol ([`super::run_shape`]) asks which plan is best for the next window
+//! when every policy starts from the same placement. A deployment lives with its policy for
+//! many rebalances: a policy that moves little each time, or keeps state across calls
+//! (FlashLB's ring buffer of windows and its per-layer trigger), shows what it costs and what
+//! it saves only over several steps. So here:
+//! - the trace has `2H + (K - 1) T + 1` windows (T: the stride); the placement in use at
+//!   step 0 is the `joint` plan of the first H windows (as in the one-shot protocol);
+//! - at step `k` (0-based) each policy plans on the H windows that start at `H + kT`, with
+//!   its own placement of step `k - 1`, and is scored on the window after them (and on
+//!   [`NEXT_DRAWS`] draws of it from the generator's law, for the expected PAR). With T = H
+//!   (the default of `moectl bench --rolling`) each step sees only the windows recorded since
+//!   the step before, as the engines count: vLLM records the last `window_size` steps before
+//!   each rearrangement, vllm-ascend clears its counters after each cycle, SGLang's rebalance
+//!   interval is at least its recorder's buffer. T = 1 slides the history one window a step;
+//! - every step's slots moved are counted against the placement that policy deployed before.
+//!
+//! The peers' policies run the same loop in Python (`eplb/peers/`): `moectl bench --export DIR
+//! --rolling K` writes [`RollingPeerInputs`], the driver writes one [`RollingPeerPlan`] per
+//! peer with the placement it deployed at every step, and [`run_rolling`] scores them here.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+mod peers;
+mod report;
+
+pub use peers::{PeerStep, RollingOutcome, RollingPeerInputs, RollingPeerPlan, score_rolling_peer};
+pub use report::{markdown_table, steps_table, summary};
+
+use super::{BenchOptions, BenchShape, NEXT_DRAWS, draw_next_windows};
+use crate::error::{EplbError, Result};
+use crate::load::LoadHistory;
+use crate::metrics::{migration_cost, score};
+use crate::placement::Placement;
+use crate::planner::{PlanRequest, par_lower_bound, planner_by_name};
+use crate::synth::{TraceSpec, generate_with_expectation};
+use crate::traffic::{cross_node_moves, mean_cross_node_share};
+
+/// The most steps `--rolling` takes: each step plans every algorithm once.
+pub const MAX_STEPS: usize = 64;
+/// The largest stride: the trace holds `(K - 1) T` windows more than two histories.
+pub const MAX_STRIDE: usize = 1024;
+
+/// When the operator's live loop remaps and which layers (`operator::remap::decide`): once
+/// some layer's PAR, measured on the latest window under the placement in use, is above
+/// `threshold`, every layer above `threshold - hysteresis` is replanned, worst first, at most
+/// `max_layers` of them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Trigger {
+    /// `spec.eplb.imbalanceThreshold`.
+    pub threshold: f64,
+    /// `spec.eplb.hysteresis`.
+    pub hysteresis: f64,
+    /// `spec.eplb.maxLayersPerRemap` (`None`: every layer).
+    pub max_layers: Option<usize>,
+}
+
+/// The operator's defaults (the CRD's: threshold 1.2, hysteresis 0.05, 8 layers per remap).
+pub const OPERATOR_DEFAULTS: Trigger = Trigger {
+    threshold: 1.2,
+    hysteresis: 0.05,
+    max_layers: Some(8),
+};
+
+impl Trigger {
+    /// The layers to replan under `pars` (per layer), worst first; none below the threshold.
+    pub fn layers(&self, pars: &[f64]) -> Vec<usize> {
+        if !pars.iter().any(|&p| p > self.threshold) {
+            return Vec::new();
+        }
+        let mut layers: Vec<usize> = (0..pars.len())
+            .filter(|&l| pars[l] >= self.threshold - self.hysteresis)
+            .collect();
+        layers.sort_by(|&a, &b| pars[b].total_cmp(&pars[a]).then(a.cmp(&b)));
+        if let Some(m) = self.max_layers {
+            layers.truncate(m.max(1));
+        }
+        layers
+    }
+
+    /// The row's name, in the CRD's terms (`spec.eplb.*`).
+    fn label(&self) -> String {
+        format!(
+            "joint, operator trigger (imbalanceThreshold {:.2}, hysteresis {:.2}, {})",
+            self.threshold,
+            self.hysteresis,
+            self.max_layers
+                .map_or("every layer".to_string(), |m| format!(
+                    "maxLayersPerRemap {m}"
+                ))
+        )
+    }
+}
+
+/// What every policy of one shape's rolling run plans from and is scored on.
+pub struct RollingInputs {
+    pub spec: TraceSpec,
+    /// Windows of history each step plans on (H).
+    pub history: usize,
+    /// Replanning steps (K).
+    pub steps: usize,
+    /// Windows between consecutive steps (T).
+    pub stride: usize,
+    /// All `2H + (K - 1) T + 1` windows `[window][layer][expert]`.
+    pub windows: Vec<Vec<Vec<f64>>>,
+    /// The generator's expected counts of each window (its hidden state, no noise).
+    pub expected: Vec<Vec<Vec<f64>>>,
+    /// The placement in use before step 0: the `joint` plan of the first H windows.
+    pub start: Placement,
+}
+
+impl RollingInputs {
+    /// The trace of one shape and the starting placement (deterministic in the shape, the
+    /// options' seed and history, `steps` and `stride`).
+    pub fn generate(
+        bs: &BenchShape,
+        opts: &BenchOptions,
+        steps: usize,
+        stride: usize,
+    ) -> Result<RollingInputs> {
+        if steps == 0 || steps > MAX_STEPS {
+            return Err(EplbError::Request(format!(
+                "{steps} rolling steps: give between 1 and {MAX_STEPS}"
+            )));
+        }
+        let h = opts.history.max(1);
+        if stride == 0 || stride > MAX_STRIDE {
+            return Err(EplbError::Request(format!(
+                "a stride of {stride} windows: give between 1 and {MAX_STRIDE}"
+            )));
+        }
+        let mut spec = TraceSpec::new(
+            bs.num_layers,
+            bs.shape.num_experts,
+            bs.shape.num_groups,
+            2 * h + (steps - 1) * stride + 1,
+            opts.seed ^ (bs.shape.num_ranks as u64 * 1_000_003 + bs.num_layers as u64),
+        );
+        spec.drift = 0.12;
+        let (windows, expected) = generate_with_expectation(&spec);
+        let older = LoadHistory::new(windows[..h].to_vec())?;
+        let start = planner_by_name("joint")?
+            .plan(&PlanRequest::new(bs.shape, &older))?
+            .placement;
+        Ok(RollingInputs {
+            spec,
+            history: h,
+            steps,
+            stride,
+            windows,
+            expected,
+            start,
+        })
+    }
+
+    /// The first window step `k` plans on.
+    fn first_at(&self, k: usize) -> usize {
+        self.history + k * self.stride
+    }
+
+    /// The H windows step `k` plans on.
+    pub fn history_at(&self, k: usize) -> Result<LoadHistory> {
+        let first = self.first_at(k);
+        LoadHistory::new(self.windows[first..first + self.history].to_vec())
+    }
+
+    /// The window step `k`'s plan is scored on.
+    pub fn next_at(&self, k: usize) -> &[Vec<f64>] {
+        &self.windows[self.first_at(k) + self.history]
+    }
+}
+
+/// One policy's rolling run: what each step deployed cost and gave.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RollingRow {
+    pub algorithm: String,
+    pub shape: String,
+    /// Per step: mean PAR over layers on the window that followed the plan.
+    pub next_par: Vec<f64>,
+    /// Per step: that PAR's mean over [`NEXT_DRAWS`] draws of the window.
+    pub expected_par: Vec<f64>,
+    /// Per step: slots whose expert differs from the policy's placement of the step before.
+    pub slots_moved: Vec<usize>,
+    /// Per step: layers whose placement changed.
+    pub layers_changed: Vec<usize>,
+    /// Per step: moved slots whose expert comes from another node.
+    pub cross_node_moves: Vec<usize>,
+    /// Per step: share of the next window's token-expert assignments that leave their node.
+    pub cross_node_tokens: Vec<f64>,
+    /// Per step: planning time in milliseconds (empty for rows that do not plan).
+    pub plan_ms: Vec<f64>,
+    /// Slots of one placement (all layers).
+    pub slots_total: usize,
+    pub threads: usize,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+impl RollingRow {
+    /// Next-window mean PAR, averaged over the steps.
+    pub fn mean_next(&self) -> f64 {
+        mean(&self.next_par)
+    }
+    /// Expected next-window mean PAR, averaged over the steps.
+    pub fn mean_expected(&self) -> f64 {
+        mean(&self.expected_par)
+    }
+    /// The largest step's next-window mean PAR.
+    pub fn worst_step(&self) -> f64 {
+        self.next_par.iter().copied().fold(f64::NAN, f64::max)
+    }
+    /// Slots moved over all steps.
+    pub fn moved_total(&self) -> usize {
+        self.slots_moved.iter().sum()
+    }
+    /// Slots moved per step, as a share of the slots.
+    pub fn moved_share_per_step(&self) -> f64 {
+        self.moved_total() as f64 / (self.slots_total.max(1) * self.slots_moved.len().max(1)) as f64
+    }
+}
+
+/// Scores the placements each step deploys, ours and the peers' alike.
+pub struct RollingScorer<'a> {
+    shape_name: &'a str,
+    inputs: &'a RollingInputs,
+    /// Per step, the draws of its next window.
+    draws: Vec<Vec<Vec<Vec<f64>>>>,
+    slots_total: usize,
+}
+
+impl<'a> RollingScorer<'a> {
+    pub fn new(
+        bs: &'a BenchShape,
+        inputs: &'a RollingInputs,
+        opts: &BenchOptions,
+    ) -> RollingScorer<'a> {
+        let draws = (0..inputs.steps)
+            .map(|k| {
+                draw_next_windows(
+                    &inputs.expected[inputs.first_at(k) + inputs.history],
+                    &inputs.spec,
+                    opts.seed ^ 0x6e78_7464 ^ ((k as u64 + 1) << 32),
+                )
+            })
+            .collect();
+        RollingScorer {
+            shape_name: bs.name,
+            inputs,
+            draws,
+            slots_total: bs.shape.slots() * bs.num_layers,
+        }
+    }
+
+    fn empty_row(&self, name: &str, threads: usize) -> RollingRow {
+        RollingRow {
+            algorithm: name.to_string(),
+            shape: self.shape_name.to_string(),
+            next_par: Vec::new(),
+            expected_par: Vec::new(),
+            slots_moved: Vec::new(),
+            layers_changed: Vec::new(),
+            cross_node_moves: Vec::new(),
+            cross_node_tokens: Vec::new(),
+            plan_ms: Vec::new(),
+            slots_total: self.slots_total,
+            threads,
+        }
+    }
+
+    /// Adds step `k`'s placement `p`, deployed over `before`, to `row`.
+    fn push_step(
+        &self,
+        row: &mut RollingRow,
+        k: usize,
+        before: &Placement,
+        p: &Placement,
+    ) -> Result<()> {
+        let next = self.inputs.next_at(k);
+        row.next_par.push(score(p, next)?.mean);
+        let mut expected = 0.0;
+        for d in &self.draws[k] {
+            expected += score(p, d)?.mean / NEXT_DRAWS as f64;
+        }
+        row.expected_par.push(expected);
+        row.slots_moved.push(migration_cost(before, p, 0)?.slots);
+        row.layers_changed.push(
+            before
+                .phy2log
+                .iter()
+                .zip(&p.phy2log)
+                .filter(|(a, b)| a != b)
+                .count(),
+        );
+        row.cross_node_moves.push(cross_node_moves(before, p));
+        row.cross_node_tokens.push(mean_cross_node_share(p, next));
+        Ok(())
+    }
+}
+
+/// One of our policies in the rolling run.
+struct OurPolicy {
+    label: String,
+    algorithm: &'static str,
+    threads: usize,
+    max_moves: Option<usize>,
+    /// Replan only the layers the operator's trigger picks.
+    trigger: Option<Trigger>,
+    /// [`PlanRequest::min_improvement`] when not the default.
+    min_improvement: Option<f64>,
+}
+
+/// Runs `policy` for every step from the starting placement.
+fn run_ours(
+    scorer: &RollingScorer<'_>,
+    shape: &BenchShape,
+    policy: &OurPolicy,
+) -> Result<RollingRow> {
+    let inputs = scorer.inputs;
+    let planner = planner_by_name(policy.algorithm)?;
+    let mut row = scorer.empty_row(&policy.label, policy.threads);
+    let mut deployed = inputs.start.clone();
+    for k in 0..inputs.steps {
+        let history = inputs.history_at(k)?;
+        let mut req = PlanRequest::new(shape.shape, &history)
+            .previous(&deployed)
+            .threads(policy.threads);
+        if let Some(b) = policy.max_moves {
+            req = req.max_moves(b);
+        }
+        if let Some(m) = policy.min_improvement {
+            req.min_improvement = m;
+        }
+        if let Some(trigger) = &policy.trigger {
+            // The operator measures the window recorded under the placement in use.
+            let latest = &history.windows()[history.num_windows() - 1];
+            let layers = trigger.layers(&score(&deployed, latest)?.per_layer);
+            if layers.is_empty() {
+                row.plan_ms.push(0.0);
+                scorer.push_step(&mut row, k, &deployed, &deployed)?;
+                continue;
+            }
+            req = req.layers(layers);
+        }
+        let t0 = Instant::now();
+        let plan = planner.plan(&req)?;
+        row.plan_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        scorer.push_step(&mut row, k, &deployed, &plan.placement)?;
+        deployed = plan.placement;
+    }
+    Ok(row)
+}
+
+/// Label of the row whose every step is the next window's lower bound.
+pub const BOUND_ROW: &str = "lower bound (each next window)";
+
+/// Runs the rolling protocol on one shape with `steps` steps `stride` windows apart; the
+/// peers' runs are scored
+/// after ours, before the lower bound.
+pub fn run_rolling(
+    bs: &BenchShape,
+    opts: &BenchOptions,
+    steps: usize,
+    stride: usize,
+    peer_plans: Vec<RollingPeerPlan>,
+) -> Result<(Vec<RollingRow>, Vec<RollingOutcome>)> {
+    let inputs = RollingInputs::generate(bs, opts, steps, stride)?;
+    let scorer = RollingScorer::new(bs, &inputs, opts);
+    let shape = bs.shape;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut rows = Vec::new();
+
+    let mut keep = scorer.empty_row("keep the starting placement", 0);
+    for k in 0..steps {
+        scorer.push_step(&mut keep, k, &inputs.start, &inputs.start)?;
+    }
+    rows.push(keep);
+    let plain = |label: &str, algorithm: &'static str, threads: usize| OurPolicy {
+        label: label.to_string(),
+        algorithm,
+        threads,
+        max_moves: None,
+        trigger: None,
+        min_improvement: None,
+    };
+    let mut policies = vec![
+        plain("greedy", "greedy", 1),
+        plain("multi-episode-lpt", "multi-episode-lpt", threads),
+        plain("flashlb-like", "flashlb-like", threads),
+        plain("joint", "joint", threads),
+        OurPolicy {
+            min_improvement: Some(0.0),
+            ..plain("joint (min improvement 0)", "joint", threads)
+        },
+    ];
+    for f in &opts.incremental_fractions {
+        let budget = ((shape.slots() as f64 * f).ceil() as usize).max(1);
+        policies.push(OurPolicy {
+            max_moves: Some(budget),
+            ..plain(&format!("joint (max {budget}/layer)"), "joint", threads)
+        });
+    }
+    for trigger in [
+        OPERATOR_DEFAULTS,
+        Trigger {
+            max_layers: None,
+            ..OPERATOR_DEFAULTS
+        },
+        Trigger {
+            threshold: 1.1,
+            max_layers: None,
+            ..OPERATOR_DEFAULTS
+        },
+    ] {
+        policies.push(OurPolicy {
+            trigger: Some(trigger),
+            ..plain(&trigger.label(), "joint", threads)
+        });
+    }
+    for policy in &policies {
+        rows.push(run_ours(&scorer, bs, policy)?);
+    }
+    let mut outcomes = Vec::new();
+    for plan in peer_plans {
+        let outcome = score_rolling_peer(&scorer, bs, plan);
+        if let RollingOutcome::Scored { row, .. } = &outcome {
+            rows.push(row.as_ref().clone());
+        }
+        outcomes.push(outcome);
+    }
+    let mut bound = scorer.empty_row(BOUND_ROW, 0);
+    for k in 0..steps {
+        let per_layer = |w: &[Vec<f64>]| {
+            w.iter().map(|l| par_lower_bound(&shape, l)).sum::<f64>() / bs.num_layers as f64
+        };
+        bound.next_par.push(per_layer(inputs.next_at(k)));
+        bound
+            .expected_par
+            .push(scorer.draws[k].iter().map(|d| per_layer(d)).sum::<f64>() / NEXT_DRAWS as f64);
+    }
+    rows.push(bound);
+    Ok((rows, outcomes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::standard_shapes;
+
+    pub(super) fn mixtral() -> BenchShape {
+        standard_shapes()
+            .into_iter()
+            .find(|s| s.name == "Mixtral-like")
+            .expect("Mixtral-like is a standard shape")
+    }
+
+    pub(super) fn small_opts() -> BenchOptions {
+        BenchOptions {
+            history: 2,
+            repeats: 1,
+            incremental_fractions: vec![0.125],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn steps_slide_over_the_trace() {
+        let bs = mixtral();
+        for (stride, total) in [(1, 2 * 2 + 3), (2, 2 * 2 + 2 * 2 + 1)] {
+            let inputs = RollingInputs::generate(&bs, &small_opts(), 3, stride).unwrap();
+            assert_eq!(inputs.windows.len(), total);
+            let h1 = inputs.history_at(1).unwrap();
+            let first = 2 + stride;
+            assert_eq!(h1.windows(), &inputs.windows[first..first + 2]);
+            assert_eq!(inputs.next_at(1), inputs.windows[first + 2].as_slice());
+            assert_eq!(inputs.next_at(2), inputs.windows[total - 1].as_slice());
+            // The peers see exactly the windows the steps plan on, not the last one scored.
+            let peer = RollingPeerInputs::new(&bs, &inputs);
+            assert_eq!(peer.windows.len(), 2 + 2 * stride);
+            assert_eq!(
+                peer.windows[stride..stride + 2],
+                inputs.windows[first..first + 2]
+            );
+            assert_eq!(peer.windows[..], inputs.windows[2..total - 1]);
+            assert_eq!(peer.previous, inputs.start.phy2log);
+        }
+        assert!(RollingInputs::generate(&bs, &small_opts(), 0, 1).is_err());
+        assert!(RollingInputs::generate(&bs, &small_opts(), MAX_STEPS + 1, 1).is_err());
+        assert!(RollingInputs::generate(&bs, &small_opts(), 2, 0).is_err());
+    }
+
+    #[test]
+    fn every_policy_is_scored_on_every_step_and_moves_count_from_its_own_placement() {
+        let bs = mixtral();
+        let opts = small_opts();
+        let steps = 3;
+        let (rows, _) = run_rolling(&bs, &opts, steps, 2, Vec::new()).unwrap();
+        for r in &rows {
+            assert_eq!(r.next_par.len(), steps, "{}", r.algorithm);
+            assert_eq!(r.expected_par.len(), steps, "{}", r.algorithm);
+        }
+        let of = |n: &str| rows.iter().find(|r| r.algorithm == n).unwrap();
+        assert_eq!(of("keep the starting placement").moved_total(), 0);
+        // Replaying joint's own loop by hand gives the same PARs and moves.
+        let inputs = RollingInputs::generate(&bs, &opts, steps, 2).unwrap();
+        let mut deployed = inputs.start.clone();
+        let joint = of("joint");
+        for k in 0..steps {
+            let h = inputs.history_at(k).unwrap();
+            let p = planner_by_name("joint")
+                .unwrap()
+                .plan(
+                    &PlanRequest::new(bs.shape, &h)
+                        .previous(&deployed)
+                        .threads(2),
+                )
+                .unwrap()
+                .placement;
+            assert_eq!(
+                joint.next_par[k],
+                score(&p, inputs.next_at(k)).unwrap().mean
+            );
+            assert_eq!(
+                joint.slots_moved[k],
+                migration_cost(&deployed, &p, 0).unwrap().slots
+            );
+            deployed = p;
+        }
+        // A budget holds at every step, not only over the run.
+        let budgeted = rows
+            .iter()
+            .find(|r| r.algorithm.starts_with("joint (max"))
+            .unwrap();
+        let per_layer_cap = (bs.shape.slots() as f64 * 0.125).ceil() as usize;
+        assert!(
+            budgeted
+                .slots_moved
+                .iter()
+                .all(|&m| m <= per_layer_cap * bs.num_layers)
+        );
+        let bound = of(BOUND_ROW);
+        for r in rows.iter().filter(|r| r.algorithm != BOUND_ROW) {
+            for k in 0..steps {
+                assert!(r.next_par[k] >= bound.next_par[k] - 1e-9, "{}", r.algorithm);
+            }
+        }
+    }
+
+    #[test]
+    fn the_trigger_picks_layers_as_the_operator_does() {
+        // Nothing until one layer is above the threshold, then every layer above threshold -
+        // hysteresis, worst first (ties by index), capped.
+        let t = OPERATOR_DEFAULTS;
+        assert!(t.layers(&[1.19, 1.2, 1.0]).is_empty());
+        assert_eq!(t.layers(&[1.16, 1.21, 1.0, 1.15, 1.16]), vec![1, 0, 4, 3]);
+        let capped = Trigger {
+            max_layers: Some(2),
+            ..t
+        };
+        assert_eq!(capped.layers(&[1.16, 1.21, 1.0, 1.15, 1.16]), vec![1, 0]);
+        let all: Vec<f64> = (0..20).map(|l| 1.3 + l as f64 / 100.0).collect();
+        assert_eq!(t.layers(&all).len(), 8);
+    }
+}

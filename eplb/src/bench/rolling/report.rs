@@ -1,0 +1,146 @@
+//! The rolling run as markdown: one line per policy with its means over the steps, each
+//! policy's PAR step by step, and the findings computed from them.
+
+use super::{BOUND_ROW, RollingOutcome, RollingRow, mean};
+use crate::bench::median;
+
+fn par(x: f64) -> String {
+    if x.is_nan() {
+        "-".into()
+    } else {
+        format!("{x:.4}")
+    }
+}
+
+/// The rolling rows as markdown: one line per policy with its means over the steps.
+pub fn markdown_table(rows: &[RollingRow]) -> String {
+    let mut s = String::from(
+        "| shape | policy | next PAR (mean of steps) | expected next PAR (mean of steps) | worst step | slots moved per step | layers changed per step | cross-node moves (all steps) | cross-node tokens | plan ms per step (median / max) |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let bound = r.algorithm == BOUND_ROW;
+        let dash = || "-".to_string();
+        let n = r.slots_moved.len().max(1) as f64;
+        let time = if r.plan_ms.is_empty() {
+            dash()
+        } else {
+            format!(
+                "{:.1} / {:.1}",
+                median(r.plan_ms.clone()),
+                r.plan_ms.iter().copied().fold(0.0, f64::max)
+            )
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.shape,
+            r.algorithm,
+            par(r.mean_next()),
+            par(r.mean_expected()),
+            par(r.worst_step()),
+            if bound {
+                dash()
+            } else {
+                format!(
+                    "{:.0} ({:.1}%)",
+                    r.moved_total() as f64 / n,
+                    100.0 * r.moved_share_per_step()
+                )
+            },
+            if bound {
+                dash()
+            } else {
+                format!("{:.1}", r.layers_changed.iter().sum::<usize>() as f64 / n)
+            },
+            if bound {
+                dash()
+            } else {
+                r.cross_node_moves.iter().sum::<usize>().to_string()
+            },
+            if bound {
+                dash()
+            } else {
+                format!("{:.1}%", 100.0 * mean(&r.cross_node_tokens))
+            },
+            time,
+        ));
+    }
+    s
+}
+
+/// Each row's next-window PAR step by step.
+pub fn steps_table(rows: &[RollingRow]) -> String {
+    let steps = rows.iter().map(|r| r.next_par.len()).max().unwrap_or(0);
+    let mut s = String::from("| shape | policy |");
+    for k in 1..=steps {
+        s.push_str(&format!(" step {k} |"));
+    }
+    s.push_str("\n|---|---|");
+    s.push_str(&"---|".repeat(steps));
+    s.push('\n');
+    for r in rows {
+        s.push_str(&format!("| {} | {} |", r.shape, r.algorithm));
+        for x in &r.next_par {
+            s.push_str(&format!(" {} |", par(*x)));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// Findings per shape: joint against the lpt baseline, its budgeted and triggered variants and
+/// every peer, on PAR (the windows that happened and in expectation) and slots moved over the
+/// run; and every peer that produced no row, with the reason.
+pub fn summary(rows: &[RollingRow], outcomes: &[(String, RollingOutcome)]) -> String {
+    let mut out = String::new();
+    for shape in crate::bench::in_order(rows.iter().map(|r| r.shape.as_str())) {
+        let in_shape: Vec<&RollingRow> = rows.iter().filter(|r| r.shape == shape).collect();
+        let Some(joint) = in_shape.iter().find(|r| r.algorithm == "joint") else {
+            continue;
+        };
+        let steps = joint.next_par.len();
+        out.push_str(&format!(
+            "- **{shape}** ({steps} steps; joint: next {:.4}, expected {:.4}, {:.1}% of the slots moved per step): ",
+            joint.mean_next(),
+            joint.mean_expected(),
+            100.0 * joint.moved_share_per_step()
+        ));
+        let mut parts = Vec::new();
+        for r in &in_shape {
+            if r.algorithm == "joint" || r.algorithm == BOUND_ROW {
+                continue;
+            }
+            let below = |a: f64, b: f64| 100.0 * (1.0 - a / b);
+            let moves = if r.moved_total() == 0 {
+                "moving nothing".to_string()
+            } else {
+                format!(
+                    "moving {:.2}x joint's slots",
+                    r.moved_total() as f64 / joint.moved_total().max(1) as f64
+                )
+            };
+            parts.push(format!(
+                "{} {:.4} / {:.4} (joint {:.2}% / {:.2}% lower), {moves}",
+                r.algorithm,
+                r.mean_next(),
+                r.mean_expected(),
+                below(joint.mean_next(), r.mean_next()),
+                below(joint.mean_expected(), r.mean_expected()),
+            ));
+        }
+        for (_, o) in outcomes.iter().filter(|(s, _)| s == shape) {
+            if let RollingOutcome::Failed { label, reason, .. } = o {
+                parts.push(format!("{label}: no row ({reason})"));
+            }
+        }
+        if let Some(b) = in_shape.iter().find(|r| r.algorithm == BOUND_ROW) {
+            parts.push(format!(
+                "lower bound {:.4} / {:.4}",
+                b.mean_next(),
+                b.mean_expected()
+            ));
+        }
+        out.push_str(&parts.join("; "));
+        out.push_str(".\n");
+    }
+    out
+}
