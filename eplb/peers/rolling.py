@@ -29,7 +29,7 @@ are inside each sdist):
   steps. `do_update` plans from `self.old_expert_maps` (what it deployed last), then
   `check_expert_placement` puts back the old layer wherever the new one fails its tests, and
   the checked placement becomes `old_expert_maps`: that is deployed here
-  (`run_peers.ascend_layer_ok` is the check). `change` and the priority list are ignored by the
+  (`policies.ascend_layer_ok` is the check). `change` and the priority list are ignored by the
   worker. DefaultEplb and SwiftBalancer recompute all they keep on every call; FlashLB keeps a
   per-layer ring buffer of hotness (`register_hotness`: its length is the number of stages
   of the latest call, so H windows a call replace the previous call's H entirely), the
@@ -60,12 +60,12 @@ from typing import Any
 import numpy as np
 import torch
 
-import run_peers as rp
+import policies as rp
 import shims
-from run_peers import Inputs, Modules, Peer, Result
+from policies import Inputs, Modules, Peer, Result
 
 FRESH_ID = "ascend-flashlb-fresh"
-EXTRA_IDS = (FRESH_ID,)  # ids of the rolling protocol only (run_peers.select accepts them)
+EXTRA_IDS = (FRESH_ID,)  # ids of the rolling protocol only (policies.select accepts them)
 
 
 @dataclass
@@ -135,7 +135,7 @@ PEERS = [RollingPeer(p.id, p.label, p) for p in rp.PEERS] + [
 
 
 def select(only: str | None) -> list[RollingPeer]:
-    """The rolling peers named by --only (all when absent; run_peers.select checked the ids)."""
+    """The rolling peers named by --only (all when absent; policies.select checked the ids)."""
     if not only:
         return PEERS
     ids = only.split(",")

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rolling  # noqa: E402
-import run_peers as rp  # noqa: E402
+import policies as rp  # noqa: E402
 import shims  # noqa: E402
 
 SRC = Path(os.environ.get("MOE_PEERS_SRC", Path.home() / ".cache/moe-operator/peers/src"))
