@@ -421,7 +421,7 @@ fn bench_rolling_exports_and_scores_peer_runs() {
     let step = serde_json::json!({"phy2log": previous, "plan_ms": 2.0, "note": "kept"});
     let keep = serde_json::json!({
         "id": "keep", "label": "keeps it (peer)", "package": "none==0", "source": "-",
-        "steps": [step, step, step], "threads": 1
+        "steps": [step, step, step], "threads": 1, "note": "run note"
     });
     std::fs::write(
         format!("{dir}/mixtral-like/rolling/a-keep.json"),
@@ -453,7 +453,7 @@ fn bench_rolling_exports_and_scores_peer_runs() {
     assert!(doc.contains("--rolling 3 --stride 2"), "{doc}");
     assert!(doc.contains("## Next-window PAR step by step"), "{doc}");
     assert!(
-        doc.contains("- Mixtral-like, keeps it (peer): `none==0`, `-`; notes: kept"),
+        doc.contains("- keeps it (peer): `none==0`, `-`; run note\n"),
         "{doc}"
     );
     // The keeping peer and our row that never replans agree step by step.

@@ -66,33 +66,56 @@ pub(super) fn bench(
     Ok(notes)
 }
 
-/// One line per peer: the package, the file whose entry point ran and its steps' notes.
+/// One line per peer: the package, the file whose entry point ran, how its state was kept, and
+/// on which shapes its placements held an expert twice on one rank (each step's own note is in
+/// the driver's `rolling/<id>.json`).
 fn peer_notes(outcomes: &[(String, RollingOutcome)]) -> String {
-    let mut out = String::new();
-    for (shape, o) in outcomes {
-        if let RollingOutcome::Scored {
-            row,
-            package,
-            source,
-            duplicate_steps,
-            notes,
-            ..
-        } = o
+    let mut labels: Vec<&str> = Vec::new();
+    for (_, o) in outcomes {
+        if let RollingOutcome::Scored { row, .. } = o
+            && !labels.contains(&row.algorithm.as_str())
         {
-            out.push_str(&format!(
-                "- {shape}, {}: `{package}`, `{source}`",
-                row.algorithm
-            ));
-            if *duplicate_steps > 0 {
-                out.push_str(&format!(
-                    "; {duplicate_steps} steps hold an expert twice on one rank"
-                ));
-            }
-            if !notes.is_empty() {
-                out.push_str(&format!("; notes: {}", notes.join(" | ")));
-            }
-            out.push('\n');
+            labels.push(&row.algorithm);
         }
+    }
+    let mut out = String::new();
+    for label in labels {
+        let mut line = String::new();
+        let mut twice = Vec::new();
+        for (shape, o) in outcomes {
+            let RollingOutcome::Scored {
+                row,
+                package,
+                source,
+                duplicate_steps,
+                steps,
+                note,
+                ..
+            } = o
+            else {
+                continue;
+            };
+            if row.algorithm != label {
+                continue;
+            }
+            if line.is_empty() {
+                line = format!("- {label}: `{package}`, `{source}`");
+                if !note.is_empty() {
+                    line.push_str(&format!("; {note}"));
+                }
+            }
+            if *duplicate_steps > 0 {
+                twice.push(format!("{shape} {duplicate_steps} of {steps} steps"));
+            }
+        }
+        if !twice.is_empty() {
+            line.push_str(&format!(
+                "; an expert twice on one rank: {}",
+                twice.join(", ")
+            ));
+        }
+        out.push_str(&line);
+        out.push('\n');
     }
     out
 }

@@ -84,8 +84,11 @@ pub enum RollingOutcome {
         source: String,
         /// Steps whose placement holds an expert twice on one rank (scored as it is).
         duplicate_steps: usize,
-        /// The distinct notes of the steps, in order.
-        notes: Vec<String>,
+        /// Steps in the run.
+        steps: usize,
+        /// What the driver says about the run (how the policy's state was kept); each step's
+        /// own note stays in the driver's file.
+        note: String,
     },
     Failed {
         id: String,
@@ -118,7 +121,6 @@ pub fn score_rolling_peer(
     let mut row = scorer.empty_row(&plan.label, plan.threads.max(1));
     let mut deployed = scorer.inputs.start.clone();
     let mut duplicate_steps = 0;
-    let mut notes: Vec<String> = Vec::new();
     for (k, step) in plan.steps.iter().enumerate() {
         let (p, dups) = match crate::bench::peers::peer_placement(bs, &step.phy2log) {
             Ok(p) => p,
@@ -129,9 +131,6 @@ pub fn score_rolling_peer(
             return failed(format!("scoring step {k} failed: {e}"));
         }
         row.plan_ms.push(step.plan_ms);
-        if !step.note.is_empty() && !notes.contains(&step.note) {
-            notes.push(step.note.clone());
-        }
         deployed = p;
     }
     RollingOutcome::Scored {
@@ -140,7 +139,8 @@ pub fn score_rolling_peer(
         package: plan.package,
         source: plan.source,
         duplicate_steps,
-        notes,
+        steps,
+        note: plan.note,
     }
 }
 
@@ -157,7 +157,7 @@ mod tests {
             source: "policy.py".into(),
             input: String::new(),
             threads: 1,
-            note: String::new(),
+            note: "run note".into(),
             error: None,
             steps: plans
                 .into_iter()
@@ -196,7 +196,7 @@ mod tests {
         swapped[0].swap(i, s + j);
         let RollingOutcome::Scored {
             row,
-            notes,
+            note,
             duplicate_steps,
             ..
         } = score_rolling_peer(&scorer, &bs, peer_run(vec![start.clone(), swapped]))
@@ -206,7 +206,7 @@ mod tests {
         assert_eq!(row.slots_moved, vec![0, 2]);
         assert_eq!(row.layers_changed, vec![0, 1]);
         assert_eq!(row.plan_ms, vec![0.0, 1.0]);
-        assert_eq!(notes, vec!["first".to_string()]);
+        assert_eq!(note, "run note");
         assert_eq!(duplicate_steps, 0);
         // A run short of steps, or one that failed, has no row and says why.
         let short = peer_run(vec![start.clone()]);
