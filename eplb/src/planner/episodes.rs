@@ -1836,6 +1836,33 @@ mod tests {
         }
     }
 
+    /// A pareto 12-expert 6 x 4 layer with four windows beyond the sweep (`exact_sweep pareto
+    /// 12 24 15 4`, the third), open before the whole-list scans by masks (bound 1.016488 below
+    /// the plan 1.020321, 0.377%: the probe at the plan ran out): `joint` proves it, and the
+    /// rank-by-rank search with 100M nodes confirms the optimum above and below.
+    #[test]
+    fn joint_proves_a_pareto_12_expert_layer_with_masked_scans() {
+        let windows = [
+            [
+                1173.0, 1596.0, 2043.0, 2597.0, 1209.0, 1472.0, 1034.0, 1585.0, 1635.0, 1876.0,
+                1301.0, 3455.0,
+            ],
+            [
+                1385.0, 2180.0, 2203.0, 3740.0, 1152.0, 1122.0, 860.0, 2278.0, 1943.0, 1613.0,
+                987.0, 2260.0,
+            ],
+            [
+                1157.0, 2027.0, 1997.0, 3398.0, 1528.0, 1591.0, 871.0, 1699.0, 1906.0, 1628.0,
+                1207.0, 2210.0,
+            ],
+            [
+                979.0, 2163.0, 2111.0, 2859.0, 994.0, 1298.0, 1426.0, 1247.0, 1873.0, 1628.0,
+                1441.0, 2504.0,
+            ],
+        ];
+        assert_joint_proves_12_expert_layer(6, &windows, 1.020321);
+    }
+
     /// The sweep's two pareto 12-expert layers with four windows left open before the sieved
     /// scans and the resumed ascent (6 x 4: bound 1.016602 below a plan at 1.020538, the probe
     /// at the plan out of nodes, needing 2.7M; 8 x 3: bound 1.033217 below a plan at 1.035179):
