@@ -56,7 +56,9 @@ const SCANS_PER_NODE: usize = 16;
 /// masks of a whole-list scan ([`Search::scan_whole`]); the entries the masks pass are charged
 /// one each, as in the other scans. Measured so that a node costs about the time it did before
 /// the masks (five 16-expert 8 x 4 layers with four windows, refutations at 1.0115 times the
-/// mean: 3.1-3.8M nodes a second before, 3.2-3.9M with 16; 2.6-3.7M with 8).
+/// mean, masks in the sieves and counts only: 3.1-3.8M nodes a second before, 3.2-3.9M with
+/// 16, 2.6-3.7M with 8; with the groups' ranks too, 2.1-2.5M against 2.2-2.7M before at a
+/// load of 5.5).
 const WORD_SCANS: usize = 16;
 /// Rounding margin of the window's lower end and of the early stops of the list scans.
 const MARGIN: f64 = 1e-9;
@@ -736,8 +738,8 @@ impl<'p> Search<'p> {
     /// with another count (pairs no rank may hold now, [`Self::mark_allowed`]) before any is
     /// looked at; the others are tested one by one. On those 8 x 4 layers 86% of the
     /// contents the sieves looked at failed on their pairs; a refutation at 1.0115 times the
-    /// mean charges 3.69M nodes instead of 5.44M (6.46M before [`Self::owed_have_contents`]),
-    /// in 1.1 s of CPU instead of 1.6 s (2.4-2.8 s).
+    /// mean on the first of them charges 3.22M nodes instead of 5.44M (6.46M before
+    /// [`Self::owed_have_contents`]), in about half the CPU time.
     fn scan_whole(
         &mut self,
         list: usize,
@@ -1481,11 +1483,10 @@ mod tests {
 
     /// The whole-list scans by masks ([`Search::scan_whole`]) keep the positions and count the
     /// contents that scanning entry by entry does, for every list, at the states of random
-    /// paths down a search of a sweep layer (a cut 1.3% above the mean: about 90,000
-    /// contents) and of small random layers, with and without a limit. (Planted: the masks
-    /// dropping the entries with the decided count instead of the others, or only the experts
-    /// with every appearance placed kept out of the masks' test, the last word's valid bits
-    /// one short: each fails it.)
+    /// paths down a search of a sweep layer (a cut 1.3% above the mean) and of small random
+    /// layers, with and without a limit. (Planted: the masks dropping the entries with the
+    /// decided count instead of those with another, or the last word's valid bits one short:
+    /// each fails it, and the brute-force and rank-set oracles.)
     #[test]
     fn masked_scans_match_entry_by_entry() {
         let mut rng = crate::synth::Rng::new(29);
