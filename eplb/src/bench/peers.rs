@@ -87,9 +87,10 @@ pub fn slug(shape_name: &str) -> String {
     out.trim_end_matches('-').to_string()
 }
 
-/// One peer's plan of one shape, as `eplb/peers/run_peers.py` writes it.
+/// Who a peer is and how its run went: how every file the driver (`eplb/peers/`) writes for a
+/// peer starts, one-shot ([`PeerPlan`]) or rolling ([`super::rolling::RollingPeerPlan`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PeerPlan {
+pub struct PeerRun {
     /// Short name (`vllm-default`, `ascend-flashlb`, ...).
     pub id: String,
     /// The row's name in the table.
@@ -101,20 +102,27 @@ pub struct PeerPlan {
     /// What the peer was given, in a line.
     #[serde(default)]
     pub input: String,
+    /// Threads the peer's torch used.
+    #[serde(default)]
+    pub threads: usize,
+    #[serde(default)]
+    pub note: String,
+    /// Why the peer produced no plan (a rolling run: why it stopped).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// One peer's plan of one shape, as `eplb/peers/run_peers.py` writes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerPlan {
+    #[serde(flatten)]
+    pub run: PeerRun,
     /// `[layer][slot]` expert of each slot; absent when the peer failed.
     #[serde(default)]
     pub phy2log: Option<Vec<Vec<i64>>>,
     /// Planning time of each repetition, in milliseconds.
     #[serde(default)]
     pub plan_ms: Vec<f64>,
-    /// Threads the peer's torch used.
-    #[serde(default)]
-    pub threads: usize,
-    #[serde(default)]
-    pub note: String,
-    /// Why the peer produced no plan.
-    #[serde(default)]
-    pub error: Option<String>,
 }
 
 /// What became of one peer plan.
@@ -152,27 +160,27 @@ pub fn score_peer(
     plan: PeerPlan,
     greedy: Option<&Placement>,
 ) -> PeerOutcome {
+    let PeerPlan {
+        run,
+        phy2log,
+        plan_ms,
+    } = plan;
     let failed = |reason: String| PeerOutcome::Failed {
-        id: plan.id.clone(),
-        label: plan.label.clone(),
+        id: run.id.clone(),
+        label: run.label.clone(),
         reason,
     };
-    if let Some(e) = &plan.error {
+    if let Some(e) = &run.error {
         return failed(format!("the peer failed: {e}"));
     }
-    let Some(phy2log) = plan.phy2log.clone() else {
+    let Some(phy2log) = phy2log else {
         return failed("the plan has neither a phy2log nor an error".into());
     };
     let (placement, duplicate_layers) = match peer_placement(bs, &phy2log) {
         Ok(p) => p,
         Err(e) => return failed(format!("its plan does not fit the shape: {e}")),
     };
-    let times: Vec<f64> = plan
-        .plan_ms
-        .iter()
-        .copied()
-        .filter(|t| t.is_finite())
-        .collect();
+    let times: Vec<f64> = plan_ms.iter().copied().filter(|t| t.is_finite()).collect();
     let (ms, min) = if times.is_empty() {
         (0.0, 0.0)
     } else {
@@ -182,17 +190,17 @@ pub fn score_peer(
         )
     };
     // A row with 0 threads reads as "not a timed plan"; a peer always is one.
-    match scorer.row(&plan.label, &placement, ms, None, plan.threads.max(1)) {
+    match scorer.row(&run.label, &placement, ms, None, run.threads.max(1)) {
         Ok(mut row) => {
             row.plan_ms_min = min;
             let greedy_agreement = greedy
-                .filter(|_| DEEPSEEK_PEERS.contains(&plan.id.as_str()))
+                .filter(|_| DEEPSEEK_PEERS.contains(&run.id.as_str()))
                 .map(|g| heaviest_rank_agreement(g, &placement, &scorer.inputs.history.total()));
             PeerOutcome::Scored {
-                id: plan.id,
+                id: run.id,
                 row: Box::new(row),
-                package: plan.package,
-                source: plan.source,
+                package: run.package,
+                source: run.source,
                 duplicate_layers,
                 greedy_agreement,
             }
@@ -377,16 +385,18 @@ mod tests {
 
     fn plan_of(id: &str, phy2log: Vec<Vec<i64>>) -> PeerPlan {
         PeerPlan {
-            id: id.into(),
-            label: format!("{id} (peer)"),
-            package: "pkg==1".into(),
-            source: "policy.py".into(),
-            input: String::new(),
+            run: PeerRun {
+                id: id.into(),
+                label: format!("{id} (peer)"),
+                package: "pkg==1".into(),
+                source: "policy.py".into(),
+                input: String::new(),
+                threads: 2,
+                note: String::new(),
+                error: None,
+            },
             phy2log: Some(phy2log),
             plan_ms: vec![3.0, 1.0, 2.0],
-            threads: 2,
-            note: String::new(),
-            error: None,
         }
     }
 
@@ -515,7 +525,7 @@ mod tests {
         }
         let mut failed = plan_of("err", Vec::new());
         failed.phy2log = None;
-        failed.error = Some("ImportError: numba".into());
+        failed.run.error = Some("ImportError: numba".into());
         match score_peer(&scorer, &bs, failed, None) {
             PeerOutcome::Failed { reason, .. } => assert!(reason.contains("numba")),
             other => panic!("expected a failure, got {other:?}"),

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{RollingInputs, RollingRow, RollingScorer};
 use crate::bench::BenchShape;
-use crate::bench::peers::PeerShape;
+use crate::bench::peers::{PeerRun, PeerShape};
 
 /// What a peer replans from in the rolling run, in the peers' terms: the shape as in
 /// [`crate::bench::peers::PeerInputs`], the windows it may see and the placement in use at step 0.
@@ -57,19 +57,8 @@ pub struct PeerStep {
 /// One peer's rolling run of one shape, as the driver writes it (`rolling/<id>.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RollingPeerPlan {
-    pub id: String,
-    pub label: String,
-    pub package: String,
-    pub source: String,
-    #[serde(default)]
-    pub input: String,
-    #[serde(default)]
-    pub threads: usize,
-    #[serde(default)]
-    pub note: String,
-    /// Why the run stopped (the steps before it are in `steps`).
-    #[serde(default)]
-    pub error: Option<String>,
+    #[serde(flatten)]
+    pub run: PeerRun,
     #[serde(default)]
     pub steps: Vec<PeerStep>,
 }
@@ -103,25 +92,26 @@ pub fn score_rolling_peer(
     bs: &BenchShape,
     plan: RollingPeerPlan,
 ) -> RollingOutcome {
+    let RollingPeerPlan { run, steps: runs } = plan;
     let failed = |reason: String| RollingOutcome::Failed {
-        id: plan.id.clone(),
-        label: plan.label.clone(),
+        id: run.id.clone(),
+        label: run.label.clone(),
         reason,
     };
     let steps = scorer.inputs.steps;
-    if let Some(e) = &plan.error {
+    if let Some(e) = &run.error {
         return failed(format!(
             "the peer failed after {} of {steps} steps: {e}",
-            plan.steps.len()
+            runs.len()
         ));
     }
-    if plan.steps.len() != steps {
-        return failed(format!("{} steps, the run has {steps}", plan.steps.len()));
+    if runs.len() != steps {
+        return failed(format!("{} steps, the run has {steps}", runs.len()));
     }
-    let mut row = scorer.empty_row(&plan.label, plan.threads.max(1));
+    let mut row = scorer.empty_row(&run.label, run.threads.max(1));
     let mut deployed = scorer.inputs.start.clone();
     let mut duplicate_steps = 0;
-    for (k, step) in plan.steps.iter().enumerate() {
+    for (k, step) in runs.iter().enumerate() {
         let (p, dups) = match crate::bench::peers::peer_placement(bs, &step.phy2log) {
             Ok(p) => p,
             Err(e) => return failed(format!("step {k}'s plan does not fit the shape: {e}")),
@@ -134,13 +124,13 @@ pub fn score_rolling_peer(
         deployed = p;
     }
     RollingOutcome::Scored {
-        id: plan.id,
+        id: run.id,
         row: Box::new(row),
-        package: plan.package,
-        source: plan.source,
+        package: run.package,
+        source: run.source,
         duplicate_steps,
         steps,
-        note: plan.note,
+        note: run.note,
     }
 }
 
@@ -151,14 +141,16 @@ mod tests {
 
     fn peer_run(plans: Vec<Vec<Vec<usize>>>) -> RollingPeerPlan {
         RollingPeerPlan {
-            id: "p".into(),
-            label: "p (peer)".into(),
-            package: "pkg==1".into(),
-            source: "policy.py".into(),
-            input: String::new(),
-            threads: 1,
-            note: "run note".into(),
-            error: None,
+            run: PeerRun {
+                id: "p".into(),
+                label: "p (peer)".into(),
+                package: "pkg==1".into(),
+                source: "policy.py".into(),
+                input: String::new(),
+                threads: 1,
+                note: "run note".into(),
+                error: None,
+            },
             steps: plans
                 .into_iter()
                 .enumerate()
@@ -215,7 +207,7 @@ mod tests {
             RollingOutcome::Failed { reason, .. } if reason.contains("1 steps, the run has 2")
         ));
         let mut failed = peer_run(vec![start.clone()]);
-        failed.error = Some("step 1: ValueError: boom".into());
+        failed.run.error = Some("step 1: ValueError: boom".into());
         assert!(matches!(
             score_rolling_peer(&scorer, &bs, failed),
             RollingOutcome::Failed { reason, .. } if reason.contains("after 1 of 2 steps")
