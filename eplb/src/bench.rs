@@ -114,6 +114,55 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The generator's settings of one shape's trace of `num_windows` windows: deterministic in the
+/// shape and the options' seed (the one-shot and the rolling protocol draw from the same law).
+fn trace_spec(bs: &BenchShape, opts: &BenchOptions, num_windows: usize) -> TraceSpec {
+    let mut spec = TraceSpec::new(
+        bs.num_layers,
+        bs.shape.num_experts,
+        bs.shape.num_groups,
+        num_windows,
+        opts.seed ^ (bs.shape.num_ranks as u64 * 1_000_003 + bs.num_layers as u64),
+    );
+    spec.drift = 0.12;
+    spec
+}
+
+/// The placement in use when a run starts: the `joint` plan of the windows before it.
+fn starting_placement(bs: &BenchShape, older: &LoadHistory) -> Result<Placement> {
+    Ok(planner_by_name("joint")?
+        .plan(&PlanRequest::new(bs.shape, older))?
+        .placement)
+}
+
+/// Mean over `draws` of `p`'s mean PAR over layers: a plan's expected PAR on a window drawn
+/// from the generator's law.
+fn mean_par_over(p: &Placement, draws: &[Vec<Vec<f64>>]) -> Result<f64> {
+    let mut expected = 0.0;
+    for d in draws {
+        expected += score(p, d)?.mean / draws.len() as f64;
+    }
+    Ok(expected)
+}
+
+/// The lower bound of a window's PAR ([`crate::planner::par_lower_bound`]), mean over layers.
+fn mean_lower_bound(shape: &Shape, window: &[Vec<f64>]) -> f64 {
+    window
+        .iter()
+        .map(|layer| crate::planner::par_lower_bound(shape, layer))
+        .sum::<f64>()
+        / window.len() as f64
+}
+
+/// [`mean_lower_bound`] averaged over `draws`: the lower bound of a plan's expected PAR.
+fn mean_lower_bound_over(shape: &Shape, draws: &[Vec<Vec<f64>>]) -> f64 {
+    let mut b = 0.0;
+    for d in draws {
+        b += mean_lower_bound(shape, d) / draws.len() as f64;
+    }
+    b
+}
+
 /// What every algorithm of one shape's run plans from and is scored on.
 pub struct BenchInputs {
     /// The trace's generator settings.
@@ -133,22 +182,12 @@ impl BenchInputs {
     /// the shape and the options' seed and history).
     pub fn generate(bs: &BenchShape, opts: &BenchOptions) -> Result<BenchInputs> {
         let h = opts.history.max(1);
-        let mut spec = TraceSpec::new(
-            bs.num_layers,
-            bs.shape.num_experts,
-            bs.shape.num_groups,
-            2 * h + 1,
-            opts.seed ^ (bs.shape.num_ranks as u64 * 1_000_003 + bs.num_layers as u64),
-        );
-        spec.drift = 0.12;
+        let spec = trace_spec(bs, opts, 2 * h + 1);
         let (windows, mut expected) = generate_with_expectation(&spec);
         let all = LoadHistory::new(windows)?;
-        let older = all.slice(0..h)?;
         let history = all.slice(h..2 * h)?;
         let next = all.windows()[2 * h].clone();
-        let previous = planner_by_name("joint")?
-            .plan(&PlanRequest::new(bs.shape, &older))?
-            .placement;
+        let previous = starting_placement(bs, &all.slice(0..h)?)?;
         Ok(BenchInputs {
             spec,
             history,
@@ -208,10 +247,7 @@ impl<'a> Scorer<'a> {
         } = self.inputs;
         let hs = score_history(p, history)?;
         let ns = score(p, next)?;
-        let mut expected_next_par = 0.0;
-        for d in &self.next_draws {
-            expected_next_par += score(p, d)?.mean / self.next_draws.len() as f64;
-        }
+        let expected_next_par = mean_par_over(p, &self.next_draws)?;
         Ok(BenchRow {
             algorithm: name.to_string(),
             shape: self.shape_name.to_string(),
@@ -365,10 +401,7 @@ pub fn run_shape_with_peers(
     let robust = planner_by_name("joint")?.plan(&req_draws)?.placement;
     rows.push(scorer.row(DISTRIBUTION_ROW, &robust, 0.0, None, 0)?);
     // What no plan made from the history can beat on the next window.
-    let bound = (0..bs.num_layers)
-        .map(|l| crate::planner::par_lower_bound(&shape, &next[l]))
-        .sum::<f64>()
-        / bs.num_layers as f64;
+    let bound = mean_lower_bound(&shape, next);
     rows.push(BenchRow {
         algorithm: BOUND_ROW.to_string(),
         shape: bs.name.to_string(),
@@ -376,17 +409,7 @@ pub fn run_shape_with_peers(
         history_worst_par: f64::NAN,
         next_mean_par: bound,
         next_worst_par: f64::NAN,
-        expected_next_par: {
-            let mut b = 0.0;
-            for d in &scorer.next_draws {
-                b += (0..bs.num_layers)
-                    .map(|l| crate::planner::par_lower_bound(&shape, &d[l]))
-                    .sum::<f64>()
-                    / bs.num_layers as f64
-                    / scorer.next_draws.len() as f64;
-            }
-            b
-        },
+        expected_next_par: mean_lower_bound_over(&shape, &scorer.next_draws),
         slots_moved: 0,
         slots_total: scorer.slots_total,
         plan_ms: 0.0,

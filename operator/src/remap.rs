@@ -1,6 +1,7 @@
 //! The remap loop's decisions, as pure functions: when to remap, which layers, whether a plan
 //! is worth executing, how far the group has got.
 
+use eplb::worst_first;
 use jiff::Timestamp;
 use moe_api::{RemapState, WorkerStatus};
 
@@ -62,15 +63,6 @@ fn hold(reason: &'static str, message: impl Into<String>) -> Decision {
         reason,
         message: message.into(),
     }
-}
-
-/// Layers sorted worst first, keeping those with `par >= floor`.
-fn worst_first(layer_par: &[f64], floor: f64) -> Vec<usize> {
-    let mut layers: Vec<usize> = (0..layer_par.len())
-        .filter(|&l| layer_par[l].is_finite() && layer_par[l] >= floor)
-        .collect();
-    layers.sort_by(|&a, &b| layer_par[b].total_cmp(&layer_par[a]).then(a.cmp(&b)));
-    layers
 }
 
 /// A pending manual request: `spec.remapRequest` set and not yet handled.

@@ -11,7 +11,7 @@
 //!   step 0 is the `joint` plan of the first H windows (as in the one-shot protocol);
 //! - at step `k` (0-based) each policy plans on the H windows that start at `H + kT`, with
 //!   its own placement of step `k - 1`, and is scored on the window after them (and on
-//!   [`NEXT_DRAWS`] draws of it from the generator's law, for the expected PAR). With T = H
+//!   [`super::NEXT_DRAWS`] draws of it from the generator's law, for the expected PAR). With T = H
 //!   (the default of `moectl bench --rolling`) each step sees only the windows recorded since
 //!   the step before, as the engines count: vLLM records the last `window_size` steps before
 //!   each rearrangement, vllm-ascend clears its counters after each cycle, SGLang's rebalance
@@ -32,12 +32,15 @@ mod report;
 pub use peers::{PeerStep, RollingOutcome, RollingPeerInputs, RollingPeerPlan, score_rolling_peer};
 pub use report::{markdown_table, steps_table, summary};
 
-use super::{BenchOptions, BenchShape, NEXT_DRAWS, draw_next_windows};
+use super::{
+    BenchOptions, BenchShape, draw_next_windows, mean_lower_bound, mean_lower_bound_over,
+    mean_par_over, starting_placement, trace_spec,
+};
 use crate::error::{EplbError, Result};
 use crate::load::LoadHistory;
 use crate::metrics::{migration_cost, score};
 use crate::placement::Placement;
-use crate::planner::{PlanRequest, par_lower_bound, planner_by_name};
+use crate::planner::{PlanRequest, planner_by_name, worst_first};
 use crate::synth::{TraceSpec, generate_with_expectation};
 use crate::traffic::{cross_node_moves, mean_cross_node_share};
 
@@ -68,15 +71,13 @@ pub const OPERATOR_DEFAULTS: Trigger = Trigger {
 };
 
 impl Trigger {
-    /// The layers to replan under `pars` (per layer), worst first; none below the threshold.
+    /// The layers to replan under `pars` (per layer), worst first; none while the worst
+    /// finite PAR is at or below the threshold.
     pub fn layers(&self, pars: &[f64]) -> Vec<usize> {
-        if !pars.iter().any(|&p| p > self.threshold) {
+        let mut layers = worst_first(pars, self.threshold - self.hysteresis);
+        if layers.first().is_none_or(|&l| pars[l] <= self.threshold) {
             return Vec::new();
         }
-        let mut layers: Vec<usize> = (0..pars.len())
-            .filter(|&l| pars[l] >= self.threshold - self.hysteresis)
-            .collect();
-        layers.sort_by(|&a, &b| pars[b].total_cmp(&pars[a]).then(a.cmp(&b)));
         if let Some(m) = self.max_layers {
             layers.truncate(m.max(1));
         }
@@ -134,19 +135,9 @@ impl RollingInputs {
                 "a stride of {stride} windows: give between 1 and {MAX_STRIDE}"
             )));
         }
-        let mut spec = TraceSpec::new(
-            bs.num_layers,
-            bs.shape.num_experts,
-            bs.shape.num_groups,
-            2 * h + (steps - 1) * stride + 1,
-            opts.seed ^ (bs.shape.num_ranks as u64 * 1_000_003 + bs.num_layers as u64),
-        );
-        spec.drift = 0.12;
+        let spec = trace_spec(bs, opts, 2 * h + (steps - 1) * stride + 1);
         let (windows, expected) = generate_with_expectation(&spec);
-        let older = LoadHistory::new(windows[..h].to_vec())?;
-        let start = planner_by_name("joint")?
-            .plan(&PlanRequest::new(bs.shape, &older))?
-            .placement;
+        let start = starting_placement(bs, &LoadHistory::new(windows[..h].to_vec())?)?;
         Ok(RollingInputs {
             spec,
             history: h,
@@ -182,7 +173,7 @@ pub struct RollingRow {
     pub shape: String,
     /// Per step: mean PAR over layers on the window that followed the plan.
     pub next_par: Vec<f64>,
-    /// Per step: that PAR's mean over [`NEXT_DRAWS`] draws of the window.
+    /// Per step: that PAR's mean over [`super::NEXT_DRAWS`] draws of the window.
     pub expected_par: Vec<f64>,
     /// Per step: slots whose expert differs from the policy's placement of the step before.
     pub slots_moved: Vec<usize>,
@@ -288,11 +279,7 @@ impl<'a> RollingScorer<'a> {
     ) -> Result<()> {
         let next = self.inputs.next_at(k);
         row.next_par.push(score(p, next)?.mean);
-        let mut expected = 0.0;
-        for d in &self.draws[k] {
-            expected += score(p, d)?.mean / NEXT_DRAWS as f64;
-        }
-        row.expected_par.push(expected);
+        row.expected_par.push(mean_par_over(p, &self.draws[k])?);
         row.slots_moved.push(migration_cost(before, p, 0)?.slots);
         row.layers_changed.push(
             before
@@ -440,13 +427,12 @@ pub fn run_rolling(
     }
     let mut bound = scorer.empty_row(BOUND_ROW, 0);
     for k in 0..steps {
-        let per_layer = |w: &[Vec<f64>]| {
-            w.iter().map(|l| par_lower_bound(&shape, l)).sum::<f64>() / bs.num_layers as f64
-        };
-        bound.next_par.push(per_layer(inputs.next_at(k)));
+        bound
+            .next_par
+            .push(mean_lower_bound(&shape, inputs.next_at(k)));
         bound
             .expected_par
-            .push(scorer.draws[k].iter().map(|d| per_layer(d)).sum::<f64>() / NEXT_DRAWS as f64);
+            .push(mean_lower_bound_over(&shape, &scorer.draws[k]));
     }
     rows.push(bound);
     Ok((rows, outcomes))

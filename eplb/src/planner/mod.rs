@@ -282,6 +282,17 @@ pub fn par_lower_bound(shape: &Shape, load: &[f64]) -> f64 {
     .lower_bound()
 }
 
+/// Layers sorted worst first (ties by index), keeping the finite PARs at or above `floor`: the
+/// order in which the operator's remaps take layers (`operator::remap::decide`), and the
+/// benchmark's replay of that rule ([`crate::bench::rolling::Trigger`]).
+pub fn worst_first(layer_par: &[f64], floor: f64) -> Vec<usize> {
+    let mut layers: Vec<usize> = (0..layer_par.len())
+        .filter(|&l| layer_par[l].is_finite() && layer_par[l] >= floor)
+        .collect();
+    layers.sort_by(|&a, &b| layer_par[b].total_cmp(&layer_par[a]).then(a.cmp(&b)));
+    layers
+}
+
 /// Result of [`select_layers`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerSelection {
