@@ -486,17 +486,32 @@ def check_plan(inp: Inputs, phy2log: np.ndarray) -> str:
     return "; ".join(notes)
 
 
+def run_header(peer: Peer, input_: str, id_: str | None = None, label: str | None = None) -> dict[str, Any]:
+    """The fields every file of a peer's run starts with (eplb::bench::peers::PeerRun): who it
+    is, what it was given, torch's threads; `id_` / `label` name a variant of the peer."""
+    return {
+        "id": id_ or peer.id,
+        "label": label or peer.label,
+        "package": peer.package,
+        "source": peer.source,
+        "input": input_,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def prepare_shape(m: Modules, inp: Inputs, warm_flashlb: bool) -> None:
+    """Before a shape's peers run: the deployment the stand-ins report (ranks, ranks per node)
+    and, when FlashLB runs, its numba kernels compiled for this input (flashlb_warm_up)."""
+    shims.set_deployment(inp.num_ranks, inp.num_ranks // max(inp.num_nodes, 1))
+    if warm_flashlb:
+        ms = flashlb_warm_up(m, inp)
+        print(f"{inp.shape}: FlashLB warm-up (numba compile + one untimed plan) {ms:.0f} ms", file=sys.stderr)
+
+
 def run_peer(peer: Peer, m: Modules, inp: Inputs, repeats: int) -> dict[str, Any]:
     """Runs one peer `repeats` times (a fresh policy object each time: the vllm-ascend ones keep
     state between calls) and returns its PeerPlan JSON; an exception becomes `error`."""
-    out: dict[str, Any] = {
-        "id": peer.id,
-        "label": peer.label,
-        "package": peer.package,
-        "source": peer.source,
-        "input": peer.describe(inp),
-        "threads": torch.get_num_threads(),
-    }
+    out = run_header(peer, peer.describe(inp))
     try:
         results = [peer.run(m, inp) for _ in range(repeats)]
         last = results[-1]
@@ -533,12 +548,9 @@ def run_export(dir_: Path, m: Modules, peers: list[Peer], repeats: int) -> int:
     failures = 0
     for path in shapes:
         inp = Inputs.from_json(json.loads(path.read_text()))
-        shims.set_deployment(inp.num_ranks, inp.num_ranks // max(inp.num_nodes, 1))
+        prepare_shape(m, inp, warm_flashlb=any(p.id == "ascend-flashlb" for p in peers))
         out_dir = path.parent / "peers"
         out_dir.mkdir(exist_ok=True)
-        if any(p.id == "ascend-flashlb" for p in peers):
-            ms = flashlb_warm_up(m, inp)
-            print(f"{inp.shape}: FlashLB warm-up (numba compile + one untimed plan) {ms:.0f} ms", file=sys.stderr)
         for peer in peers:
             plan = run_peer(peer, m, inp, repeats)
             (out_dir / f"{peer.id}.json").write_text(json.dumps(plan) + "\n")

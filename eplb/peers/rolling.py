@@ -58,10 +58,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 import policies as rp
-import shims
 from policies import Inputs, Modules, Peer, Result
 
 FRESH_ID = "ascend-flashlb-fresh"
@@ -203,17 +201,15 @@ def run_rolling_peer(rpeer: RollingPeer, m: Modules, rolling: Rolling) -> dict[s
     """One peer's rolling/<id>.json; a step that raises ends the run with `error`."""
     peer = rpeer.peer
     first = rolling.inputs(0, rolling.previous)
-    out: dict[str, Any] = {
-        "id": rpeer.id,
-        "label": rpeer.label,
-        "package": peer.package,
-        "source": peer.source,
-        "input": f"{peer.describe(first)}; rolling: {rolling.steps} steps, step k plans on "
+    out = rp.run_header(
+        peer,
+        f"{peer.describe(first)}; rolling: {rolling.steps} steps, step k plans on "
         f"windows[{rolling.stride}k : {rolling.stride}k+{rolling.history_windows}] with previous = what it "
         "deployed at step k-1",
-        "threads": torch.get_num_threads(),
-        "note": _state_note(rpeer),
-    }
+        id_=rpeer.id,
+        label=rpeer.label,
+    )
+    out["note"] = _state_note(rpeer)
     steps: list[dict[str, Any]] = []
     try:
         for step in roll(rpeer, m, rolling):
@@ -244,13 +240,10 @@ def run_rolling_export(dir_: Path, m: Modules, peers: list[RollingPeer]) -> int:
             raise SystemExit(
                 f"run_peers.py: {path} has {rolling.steps} steps {rolling.stride} windows apart, manifest.json says {want}"
             )
-        inp = rolling.inputs(0, rolling.previous)
-        shims.set_deployment(inp.num_ranks, inp.num_ranks // max(inp.num_nodes, 1))
+        warm = any(p.peer.id == "ascend-flashlb" for p in peers)
+        rp.prepare_shape(m, rolling.inputs(0, rolling.previous), warm_flashlb=warm)
         out_dir = path.parent / "rolling"
         out_dir.mkdir(exist_ok=True)
-        if any(p.peer.id == "ascend-flashlb" for p in peers):
-            ms = rp.flashlb_warm_up(m, inp)
-            print(f"{rolling.shape}: FlashLB warm-up (numba compile + one untimed plan) {ms:.0f} ms", file=sys.stderr)
         for rpeer in peers:
             plan = run_rolling_peer(rpeer, m, rolling)
             (out_dir / f"{rpeer.id}.json").write_text(json.dumps(plan) + "\n")
