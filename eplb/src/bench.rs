@@ -466,6 +466,15 @@ pub const DISTRIBUTION_ROW: &str = "joint knowing the next window's distribution
 /// Label of the row that holds the next window's lower bound (mean over layers).
 pub const BOUND_ROW: &str = "lower bound (next window)";
 
+/// A PAR in a report's table: four decimals, `-` where there is none (NaN).
+fn par(x: f64) -> String {
+    if x.is_nan() {
+        "-".to_string()
+    } else {
+        format!("{x:.4}")
+    }
+}
+
 /// Markdown table of benchmark rows.
 pub fn markdown_table(rows: &[BenchRow]) -> String {
     let mut s = String::from(
@@ -479,13 +488,6 @@ pub fn markdown_table(rows: &[BenchRow]) -> String {
                 format!("{:.2} / {:.2}", r.plan_ms_min, r.plan_ms),
                 r.threads.to_string(),
             )
-        };
-        let par = |x: f64| {
-            if x.is_nan() {
-                "-".to_string()
-            } else {
-                format!("{x:.4}")
-            }
         };
         let (moved, cross_moves, cross_tokens) = if r.algorithm == BOUND_ROW {
             ("-".to_string(), "-".to_string(), "-".to_string())

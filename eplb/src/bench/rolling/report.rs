@@ -2,15 +2,7 @@
 //! policy's PAR step by step, and the findings computed from them.
 
 use super::{BOUND_ROW, RollingOutcome, RollingRow, mean};
-use crate::bench::median;
-
-fn par(x: f64) -> String {
-    if x.is_nan() {
-        "-".into()
-    } else {
-        format!("{x:.4}")
-    }
-}
+use crate::bench::{median, par};
 
 /// The rolling rows as markdown: one line per policy with its means over the steps.
 pub fn markdown_table(rows: &[RollingRow]) -> String {
