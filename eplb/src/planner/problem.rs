@@ -338,6 +338,28 @@ pub(crate) fn next_row(row: &mut [usize], e: usize) -> bool {
     false
 }
 
+/// For the tests: `windows` windows of `e` experts, heavy-tailed (a Zipf-like exponent drawn in
+/// 0.4..1.2 with log-normal noise per expert) and drifting a little from window to window,
+/// rounded to token counts; the draws come from `rng` in a fixed order.
+#[cfg(test)]
+pub(crate) fn drifting_zipf_windows(
+    rng: &mut crate::synth::Rng,
+    e: usize,
+    windows: usize,
+) -> Vec<Vec<f64>> {
+    let s = 0.4 + 0.8 * rng.uniform();
+    let base: Vec<f64> = (0..e)
+        .map(|i| 1000.0 * (1.0 + i as f64).powf(-s) * (0.4 * rng.normal()).exp())
+        .collect();
+    (0..windows)
+        .map(|_| {
+            base.iter()
+                .map(|b| (b * (0.15 * rng.normal()).exp()).round())
+                .collect()
+        })
+        .collect()
+}
+
 /// For the tests: a layer of `windows.len()` episodes of `windows[0].len()` experts on `g`
 /// ranks and `slots` slots, replicas capped as its shape caps them, and that shape.
 #[cfg(test)]

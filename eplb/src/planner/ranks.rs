@@ -679,17 +679,7 @@ mod tests {
             (10, 20, 5, 2),
         ] {
             for _ in 0..3 {
-                let s = 0.4 + 0.8 * rng.uniform();
-                let base: Vec<f64> = (0..e)
-                    .map(|i| 1000.0 * (1.0 + i as f64).powf(-s) * (0.4 * rng.normal()).exp())
-                    .collect();
-                let rows: Vec<Vec<f64>> = (0..windows)
-                    .map(|_| {
-                        base.iter()
-                            .map(|b| (b * (0.15 * rng.normal()).exp()).round())
-                            .collect()
-                    })
-                    .collect();
+                let rows = crate::planner::problem::drifting_zipf_windows(&mut rng, e, windows);
                 let p = problem_of(&rows, g, slots);
                 let reference = exact::solve(&p, f64::INFINITY, 50_000_000);
                 assert!(reference.proven, "{rows:?} on {g} ranks");

@@ -235,17 +235,7 @@ fn agrees_with_the_expert_by_expert_search() {
     let mut rng = crate::synth::Rng::new(13);
     for (e, slots, g, windows) in [(8, 16, 4, 3), (8, 24, 6, 3), (10, 20, 5, 2), (9, 24, 8, 2)] {
         for _ in 0..3 {
-            let s = 0.4 + 0.8 * rng.uniform();
-            let base: Vec<f64> = (0..e)
-                .map(|i| 1000.0 * (1.0 + i as f64).powf(-s) * (0.4 * rng.normal()).exp())
-                .collect();
-            let rows: Vec<Vec<f64>> = (0..windows)
-                .map(|_| {
-                    base.iter()
-                        .map(|b| (b * (0.15 * rng.normal()).exp()).round())
-                        .collect()
-                })
-                .collect();
+            let rows = crate::planner::problem::drifting_zipf_windows(&mut rng, e, windows);
             let (p, _) = layer(&rows, g, slots);
             assert!(eligible(&p));
             let reference = [
