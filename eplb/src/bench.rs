@@ -224,7 +224,8 @@ impl<'a> Scorer<'a> {
             next_draws: draw_next_windows(
                 &inputs.expected_next,
                 &inputs.spec,
-                opts.seed ^ 0x6e78_7464,
+                next_draws_seed(opts),
+                NEXT_DRAWS,
             ),
             slots_total: bs.shape.slots() * bs.num_layers,
         }
@@ -426,13 +427,24 @@ pub fn run_shape_with_peers(
 /// Draws of the next window behind [`BenchRow::expected_next_par`].
 pub const NEXT_DRAWS: usize = 32;
 
-/// [`NEXT_DRAWS`] draws of the next window `[L][E]` from the generator's law given its state
-/// after the history: expected counts (`expected`, one drift step ahead without its noise)
-/// times a log-normal drift step per expert, renormalised to the window's tokens, then the
-/// Poisson-like counting noise (as in [`crate::synth::generate`]).
-fn draw_next_windows(expected: &[Vec<f64>], spec: &TraceSpec, seed: u64) -> Vec<Vec<Vec<f64>>> {
+/// The seed of the [`NEXT_DRAWS`] draws behind [`BenchRow::expected_next_par`].
+pub fn next_draws_seed(opts: &BenchOptions) -> u64 {
+    opts.seed ^ 0x6e78_7464
+}
+
+/// `count` draws of the next window `[L][E]` from the generator's law given its state after
+/// the history: expected counts (`expected`, one drift step ahead without its noise) times a
+/// log-normal drift step per expert, renormalised to the window's tokens, then the
+/// Poisson-like counting noise (as in [`crate::synth::generate`]). The table uses
+/// [`NEXT_DRAWS`] of them; `examples/hedge_floor.rs` draws more.
+pub fn draw_next_windows(
+    expected: &[Vec<f64>],
+    spec: &TraceSpec,
+    seed: u64,
+    count: usize,
+) -> Vec<Vec<Vec<f64>>> {
     let mut rng = crate::synth::Rng::new(seed);
-    (0..NEXT_DRAWS)
+    (0..count)
         .map(|_| {
             expected
                 .iter()

@@ -33,8 +33,8 @@ pub use peers::{PeerStep, RollingOutcome, RollingPeerInputs, RollingPeerPlan, sc
 pub use report::{markdown_table, steps_table, summary};
 
 use super::{
-    BenchOptions, BenchShape, draw_next_windows, mean_lower_bound, mean_lower_bound_over,
-    mean_par_over, starting_placement, trace_spec,
+    BenchOptions, BenchShape, NEXT_DRAWS, draw_next_windows, mean_lower_bound,
+    mean_lower_bound_over, mean_par_over, next_draws_seed, starting_placement, trace_spec,
 };
 use crate::error::{EplbError, Result};
 use crate::load::LoadHistory;
@@ -241,7 +241,8 @@ impl<'a> RollingScorer<'a> {
                 draw_next_windows(
                     &inputs.expected[inputs.first_at(k) + inputs.history],
                     &inputs.spec,
-                    opts.seed ^ 0x6e78_7464 ^ ((k as u64 + 1) << 32),
+                    next_draws_seed(opts) ^ ((k as u64 + 1) << 32),
+                    NEXT_DRAWS,
                 )
             })
             .collect();
