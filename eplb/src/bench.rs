@@ -65,7 +65,14 @@ pub struct BenchOptions {
     /// `max_moves` given to `incremental` and to `joint` per layer, as fractions of the slots
     /// (one row each).
     pub incremental_fractions: Vec<f64>,
+    /// Standard deviation of each expert's log-popularity step per window
+    /// ([`TraceSpec::drift`]; [`DEFAULT_DRIFT`] unless a run asks for another).
+    pub drift: f64,
 }
+
+/// The traces' drift unless a run asks for another: each expert's popularity moves by a
+/// log-normal step of about 12% per window.
+pub const DEFAULT_DRIFT: f64 = 0.12;
 
 impl Default for BenchOptions {
     fn default() -> Self {
@@ -74,6 +81,7 @@ impl Default for BenchOptions {
             seed: 2026,
             repeats: 5,
             incremental_fractions: vec![0.0625, 0.125],
+            drift: DEFAULT_DRIFT,
         }
     }
 }
@@ -124,7 +132,7 @@ fn trace_spec(bs: &BenchShape, opts: &BenchOptions, num_windows: usize) -> Trace
         num_windows,
         opts.seed ^ (bs.shape.num_ranks as u64 * 1_000_003 + bs.num_layers as u64),
     );
-    spec.drift = 0.12;
+    spec.drift = opts.drift;
     spec
 }
 

@@ -33,12 +33,23 @@ pub(crate) struct Rolling {
 struct Manifest {
     seed: u64,
     history: usize,
+    /// The traces' drift (absent from exports made before `--drift` existed: the default).
+    #[serde(default = "default_drift")]
+    drift: f64,
     /// The settings of a rolling export (absent for the one-shot protocol).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rolling: Option<Rolling>,
     /// Shape name -> its folder.
     shapes: std::collections::BTreeMap<String, String>,
 }
+
+fn default_drift() -> f64 {
+    eplb::bench::DEFAULT_DRIFT
+}
+
+/// The largest `--drift`: a log-normal step of sd 1 moves a popularity by a factor of e per
+/// window, already far past any load a deployment would rebalance.
+const MAX_DRIFT: f64 = 1.0;
 
 pub(crate) fn bench(
     out: Outputs<'_>,
@@ -47,6 +58,7 @@ pub(crate) fn bench(
     history: usize,
     repeats: usize,
     seed: u64,
+    drift: f64,
 ) -> Result<Vec<String>, Fail> {
     if history == 0 || history > MAX_HISTORY {
         return Err(Fail(format!(
@@ -58,10 +70,18 @@ pub(crate) fn bench(
             "--repeats 0: each algorithm must run at least once to be timed".into(),
         ));
     }
+    if !(0.0..=MAX_DRIFT).contains(&drift) {
+        return Err(Fail(format!(
+            "--drift {drift}: the standard deviation of the log-popularity step per window must \
+             be between 0 and {MAX_DRIFT} (default {})",
+            eplb::bench::DEFAULT_DRIFT
+        )));
+    }
     let opts = eplb::bench::BenchOptions {
         history,
         seed,
         repeats,
+        drift,
         ..Default::default()
     };
     let all = eplb::bench::standard_shapes();
@@ -131,7 +151,7 @@ pub(crate) fn bench(
                 "",
                 path,
                 out.peers,
-                &settings(filter, history, repeats, seed),
+                &settings(filter, &opts),
                 "scripts/bench-peers"
             ),
             repeats,
@@ -157,6 +177,7 @@ fn export(
     let mut manifest = Manifest {
         seed: opts.seed,
         history: opts.history,
+        drift: opts.drift,
         rolling,
         shapes: Default::default(),
     };
@@ -184,12 +205,17 @@ fn export(
     let json = serde_json::to_vec_pretty(&manifest)?;
     write_out(Some(&dir.join("manifest.json")), &json)?;
     print_out(&format!(
-        "wrote the {}inputs of {} shapes to {} (seed {}, {} windows of history{})\n",
+        "wrote the {}inputs of {} shapes to {} (seed {}, {} windows of history{}{})\n",
         if rolling.is_some() { "rolling " } else { "" },
         shapes.len(),
         dir.display(),
         opts.seed,
         opts.history,
+        if opts.drift == eplb::bench::DEFAULT_DRIFT {
+            String::new()
+        } else {
+            format!(", drift {}", opts.drift)
+        },
         rolling.map_or(String::new(), |r| format!(
             ", {} steps {} windows apart",
             r.steps, r.stride
@@ -218,11 +244,15 @@ fn read_peer_plans<T: serde::de::DeserializeOwned>(
     })?;
     let manifest: Manifest = serde_json::from_str(&text)
         .map_err(|e| Fail(format!("{}: {e}", manifest_path.display())))?;
-    if manifest.seed != opts.seed || manifest.history != opts.history || manifest.rolling != rolling
+    if manifest.seed != opts.seed
+        || manifest.history != opts.history
+        || manifest.drift != opts.drift
+        || manifest.rolling != rolling
     {
-        let flags = |seed: u64, history: usize, rolling: Option<Rolling>| {
+        let flags = |seed: u64, history: usize, drift: f64, rolling: Option<Rolling>| {
             format!(
-                "--seed {seed} --history {history}{}",
+                "--seed {seed} --history {history}{}{}",
+                drift_flag(drift),
                 rolling.map_or(String::new(), |r| format!(
                     " --rolling {} --stride {}",
                     r.steps, r.stride
@@ -233,8 +263,13 @@ fn read_peer_plans<T: serde::de::DeserializeOwned>(
             "{} was exported with {}, this run has {}: the peers planned on other windows; run \
              with the export's flags or export again",
             dir.display(),
-            flags(manifest.seed, manifest.history, manifest.rolling),
-            flags(opts.seed, opts.history, rolling),
+            flags(
+                manifest.seed,
+                manifest.history,
+                manifest.drift,
+                manifest.rolling
+            ),
+            flags(opts.seed, opts.history, opts.drift, rolling),
         )));
     }
     let (sub, what) = if rolling.is_some() {
@@ -291,8 +326,9 @@ placement in use as every other row, and scored here the same way. Their plannin
 (single process; the threads are torch's).";
 
 const PROTOCOL: &str = "for each shape a deterministic synthetic trace of 2H+1 windows \
-(H = --history, default 8) is generated (heavy-tailed per-layer popularity, log-normal drift, \
-Poisson-like noise; see `eplb::synth`). The placement in use (`keep previous`) is the `joint` \
+(H = --history, default 8) is generated (heavy-tailed per-layer popularity, a log-normal \
+drift step per window of standard deviation --drift, default 0.12, Poisson-like noise; see \
+`eplb::synth`). The placement in use (`keep previous`) is the `joint` \
 plan of the first H windows. Each algorithm plans on the next H windows with that previous \
 placement and is scored on those H windows (history: mean over layers and windows, worst over \
 both) and on the following window (next: mean and worst over layers). `slots moved` counts \
@@ -334,8 +370,9 @@ pub(super) fn provenance(
 }
 
 /// The flags that chose what was measured, as written on the command line (every one, the
-/// defaults included, so that the header alone reproduces the run).
-fn settings(filter: Option<&str>, history: usize, repeats: usize, seed: u64) -> String {
+/// defaults included, so that the header alone reproduces the run; `--drift` only where it is
+/// not the default, so that the headers of runs from before it existed still read the same).
+fn settings(filter: Option<&str>, opts: &eplb::bench::BenchOptions) -> String {
     let shape = filter.map_or(String::new(), |f| {
         if f.contains(char::is_whitespace) {
             format!(" --shape '{f}'")
@@ -343,7 +380,22 @@ fn settings(filter: Option<&str>, history: usize, repeats: usize, seed: u64) -> 
             format!(" --shape {f}")
         }
     });
-    format!("{shape} --history {history} --repeats {repeats} --seed {seed}")
+    format!(
+        "{shape} --history {} --repeats {} --seed {}{}",
+        opts.history,
+        opts.repeats,
+        opts.seed,
+        drift_flag(opts.drift)
+    )
+}
+
+/// ` --drift SIGMA` where `drift` is not the default, else nothing.
+fn drift_flag(drift: f64) -> String {
+    if drift == eplb::bench::DEFAULT_DRIFT {
+        String::new()
+    } else {
+        format!(" --drift {drift}")
+    }
 }
 
 /// The model name from /proc/cpuinfo, or "unknown CPU".

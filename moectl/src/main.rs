@@ -205,6 +205,11 @@ enum Command {
         /// Seed of the synthetic traces.
         #[arg(long, default_value_t = 2026)]
         seed: u64,
+        /// Drift of the synthetic traces: the standard deviation of each expert's
+        /// log-popularity step per window (0.12: about 12% a window; 0 keeps the popularity
+        /// still, leaving only the counting noise).
+        #[arg(long, value_name = "SIGMA", default_value_t = eplb::bench::DEFAULT_DRIFT)]
+        drift: f64,
         /// Write each shape's inputs (history and placement in use) for the peers' policies
         /// to DIR/<shape>/inputs.json and stop: step one of scripts/bench-peers.
         #[arg(long, value_name = "DIR", conflicts_with_all = ["peers", "markdown"])]
@@ -613,6 +618,7 @@ fn main() -> ExitCode {
             history,
             repeats,
             seed,
+            drift,
             export,
             peers,
             rolling,
@@ -631,6 +637,7 @@ fn main() -> ExitCode {
             *history,
             *repeats,
             *seed,
+            *drift,
         )
         .map(|n| notes.extend(n)),
     };

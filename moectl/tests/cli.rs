@@ -381,6 +381,12 @@ fn bench_exports_inputs_and_scores_peer_plans() {
         &o,
         "exported with --seed 2026 --history 2, this run has --seed 7 --history 2",
     );
+    // Another drift is another run's windows too.
+    let o = moectl(&[&base[..], &["--drift", "0.3", "--peers", &dir]].concat());
+    assert_bad(
+        &o,
+        "exported with --seed 2026 --history 2, this run has --seed 2026 --history 2 --drift 0.3",
+    );
     // A folder that was never exported says how to make one.
     let o = moectl(&[&base[..], &["--peers", &d.path("nothing")]].concat());
     assert_bad(&o, "make the folder with moectl bench --export");
@@ -919,6 +925,12 @@ fn bench_flags_are_checked() {
         "between 1 and 1024",
     );
     assert_bad(&moectl(&["bench", "--repeats", "0"]), "--repeats 0");
+    for bad in ["-0.1", "1.5", "NaN", "inf"] {
+        assert_bad(
+            &moectl(&["bench", &format!("--drift={bad}")]),
+            "must be between 0 and 1 (default 0.12)",
+        );
+    }
     let o = moectl(&["bench", "--shape", "llama"]);
     assert_bad(
         &o,
@@ -946,6 +958,35 @@ fn bench_flags_are_checked() {
             "`moectl bench --markdown {md} --shape mixtral --history 1 --repeats 1 --seed 7`"
         )),
         "{doc}"
+    );
+    // Another drift is another trace: its header says so and its PARs differ.
+    let md2 = d.path("bench-drift.md");
+    let o = moectl(&[
+        "bench",
+        "--shape",
+        "mixtral",
+        "--history",
+        "1",
+        "--repeats",
+        "1",
+        "--seed",
+        "7",
+        "--drift",
+        "0.3",
+        "--markdown",
+        &md2,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc2 = std::fs::read_to_string(&md2).unwrap();
+    assert!(doc2.contains("--repeats 1 --seed 7 --drift 0.3`"), "{doc2}");
+    let keep = |doc: &str| {
+        doc.lines()
+            .find(|l| l.starts_with("| Mixtral-like | keep previous |"))
+            .map(str::to_string)
+    };
+    assert!(
+        keep(&doc).is_some() && keep(&doc) != keep(&doc2),
+        "{doc}\n{doc2}"
     );
 }
 

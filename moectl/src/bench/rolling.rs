@@ -43,7 +43,7 @@ pub(super) fn bench(
             &format!("--rolling {} --stride {} ", r.steps, r.stride),
             path,
             out.peers,
-            &settings(filter, opts.history, opts.repeats, opts.seed),
+            &settings(filter, opts),
             "scripts/bench-peers --rolling",
         ),
         if out.peers.is_some() {
@@ -119,9 +119,9 @@ object kept across steps where the engine keeps it, and is scored here like ever
 
 const PROTOCOL: &str = "for each shape a deterministic synthetic trace of 2H+(K-1)T+1 windows \
 (H = --history, K = --rolling, T = --stride, by default H; heavy-tailed per-layer popularity, \
-log-normal drift, Poisson-like noise; see `eplb::synth`). The placement in use at the start is \
-the `joint` plan of the first H windows. At step k every policy plans on the H windows H+kT .. \
-2H+kT-1 with the placement it deployed at step k-1 (the start at step 0), and is scored on \
+a log-normal drift step per window of standard deviation --drift, default 0.12, Poisson-like \
+noise; see `eplb::synth`). The placement in use at the start is the `joint` plan of the first \
+H windows. At step k every policy plans on the H windows H+kT .. 2H+kT-1 with the placement it deployed at step k-1 (the start at step 0), and is scored on \
 window 2H+kT (mean PAR over layers) and on 32 draws of that window from the generator's law (expected PAR). `slots moved` counts the \
 slots whose expert differs from the policy's own placement of the step before; `worst step` is \
 the largest step's next-window mean PAR. `keep the starting placement` never replans. `joint \
