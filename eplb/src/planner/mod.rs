@@ -606,16 +606,23 @@ fn run(req: &PlanRequest<'_>, algo: Algo, name: &str) -> Result<Plan> {
             outs[l] = Some(plan_one(req, algo, l, prev_row(l)));
         }
     } else {
+        // Each thread takes the next layer not yet taken: a layer's cost varies by orders of
+        // magnitude (an exact search that closes at once or spends its whole node budget), so
+        // fixed shares would leave threads idle while one works through its expensive layers.
+        // Every layer is planned the same way whichever thread takes it.
+        let next = std::sync::atomic::AtomicUsize::new(0);
         let results: Vec<Vec<(usize, LayerOut)>> = std::thread::scope(|sc| {
             let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let todo = &todo;
+                .map(|_| {
+                    let (todo, next) = (&todo, &next);
                     sc.spawn(move || {
-                        todo.iter()
-                            .skip(t)
-                            .step_by(threads)
-                            .map(|&l| (l, plan_one(req, algo, l, prev_row(l))))
-                            .collect::<Vec<_>>()
+                        let mut done = Vec::new();
+                        while let Some(&l) =
+                            todo.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                        {
+                            done.push((l, plan_one(req, algo, l, prev_row(l))));
+                        }
+                        done
                     })
                 })
                 .collect();
