@@ -600,59 +600,95 @@ impl<'p> Search<'p> {
             self.aborted = true;
         }
         let p = self.p;
-        let s = p.s;
-        let mut ids = vec![Vec::new(); p.e * (self.cap + 1)];
-        for i in 0..self.weighted.len() {
-            for m in i * s..(i + 1) * s {
-                let (e, c) = self.members[m];
-                ids[e * (self.cap + 1) + c].push(i as u32);
-            }
-        }
-        for list in &mut ids {
-            list.sort_by(|&a, &b| {
-                self.weighted[b as usize]
-                    .total_cmp(&self.weighted[a as usize])
-                    .then(a.cmp(&b))
-            });
-        }
-        self.by = ids.into_iter().map(|ids| self.inline(ids)).collect();
+        self.heaviest_first();
+        self.by = self.inline_all();
         self.allowed = vec![false; (p.g + 1) * p.e * (self.cap + 1)];
     }
 
-    /// A list of these contents with their weighted loads, pairs and loads side by side.
-    fn inline(&self, ids: Vec<u32>) -> List {
-        let (s, w) = (self.p.s, self.w);
-        let masked = !wide(self.p);
-        let mut list = List {
-            masks: if masked {
-                vec![0; ids.len().div_ceil(64) * self.p.e * (self.cap + 1)]
-            } else {
-                Vec::new()
-            },
-            weighted: Vec::with_capacity(ids.len()),
-            pairs: Vec::with_capacity(ids.len()),
-            loads: Vec::with_capacity(ids.len() * w),
-            ids,
-        };
+    /// Every list (per pair `(expert, count)`, its contents with their weighted loads, pairs
+    /// and loads side by side, and on three or four slots per rank the masks), built in one pass over the contents heaviest first
+    /// ([`Self::heaviest_first`]): each content is appended to the lists of its pairs, so
+    /// each list comes out heaviest first, equal loads in the order listed, as sorting it
+    /// would leave it, and the contents are read front to back once instead of once per list
+    /// at scattered places (on the 16-expert 8 x 4 layers' probes at 1.6% above the mean,
+    /// 126,000-255,000 contents, gathering them list by list was a sixth of the time).
+    fn inline_all(&self) -> Vec<List> {
+        let (s, w, e) = (self.p.s, self.w, self.p.e);
         let stride = self.cap + 1;
-        for (j, &i) in list.ids.iter().enumerate() {
-            let i = i as usize;
-            list.weighted.push(self.weighted[i]);
+        let masked = !wide(self.p);
+        let mut len = vec![0usize; e * stride];
+        for &(f, c) in &self.members {
+            len[f * stride + c] += 1;
+        }
+        let mut lists: Vec<List> = len
+            .iter()
+            .map(|&n| List {
+                masks: if masked {
+                    vec![0; n.div_ceil(64) * e * stride]
+                } else {
+                    Vec::new()
+                },
+                weighted: Vec::with_capacity(n),
+                pairs: Vec::with_capacity(n),
+                loads: Vec::with_capacity(n * w),
+                ids: Vec::with_capacity(n),
+            })
+            .collect();
+        for i in 0..self.weighted.len() {
+            let members = &self.members[i * s..(i + 1) * s];
             let mut pairs = [0u16; 8];
-            let word = j / 64 * self.p.e * stride;
-            for (m, &(f, c)) in self.members[i * s..(i + 1) * s].iter().enumerate() {
+            for (m, &(f, c)) in members.iter().enumerate() {
                 // e <= 16 and cap < 256 (`eligible`): every pair's index fits.
                 pairs[m] = (f * stride + c) as u16;
+            }
+            let loads = &self.loads[i * w..(i + 1) * w];
+            for &(f, c) in members {
+                let list = &mut lists[f * stride + c];
+                let j = list.ids.len();
+                list.ids.push(i as u32);
+                list.weighted.push(self.weighted[i]);
+                list.pairs.push(pairs);
+                for &l in loads {
+                    list.loads.push(l);
+                }
                 if masked {
-                    list.masks[word + f * stride] |= 1 << (j % 64);
-                    list.masks[word + f * stride + c] |= 1 << (j % 64);
+                    let word = j / 64 * e * stride;
+                    for &(g, d) in members {
+                        list.masks[word + g * stride] |= 1 << (j % 64);
+                        list.masks[word + g * stride + d] |= 1 << (j % 64);
+                    }
                 }
             }
-            list.pairs.push(pairs);
-            list.loads
-                .extend_from_slice(&self.loads[i * w..(i + 1) * w]);
         }
-        list
+        lists
+    }
+
+    /// Renumbers the contents heaviest first (episode-weighted; equal loads in the order they
+    /// were listed), the order of every list ([`Self::inline_all`]). Every list holds the same
+    /// contents in the same order as sorting each by weighted load and then by the order
+    /// listed did, so the search is the same.
+    fn heaviest_first(&mut self) {
+        let (s, w) = (self.p.s, self.w);
+        let n = self.weighted.len();
+        let mut ids: Vec<usize> = (0..n).collect();
+        ids.sort_by(|&a, &b| {
+            self.weighted[b]
+                .total_cmp(&self.weighted[a])
+                .then(a.cmp(&b))
+        });
+        if ids.iter().enumerate().all(|(k, &i)| k == i) {
+            return;
+        }
+        let members: Vec<(usize, usize)> = ids
+            .iter()
+            .flat_map(|&i| self.members[i * s..(i + 1) * s].iter().copied())
+            .collect();
+        let loads: Vec<f64> = ids
+            .iter()
+            .flat_map(|&i| self.loads[i * w..(i + 1) * w].iter().copied())
+            .collect();
+        let weighted: Vec<f64> = ids.iter().map(|&i| self.weighted[i]).collect();
+        (self.members, self.loads, self.weighted) = (members, loads, weighted);
     }
 
     /// Fills the table of pairs the next rank may hold (`allowed`) at the current depth.
