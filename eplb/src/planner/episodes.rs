@@ -111,7 +111,7 @@ pub(crate) fn solve(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
 /// but the last, then the last replica by its episode-weighted load), so the same search below
 /// the listing: only the listing's nodes differ. The sweep's 16-expert 8 x 4 layers with four
 /// windows: 10,000-40,000 nodes a listing 1e-6 above the mean where nothing is listed, 170,000-
-/// 300,000 at 0.82% (150-900 and 15,000-28,000 this way); see [`Prover::list_by_episodes`].
+/// 300,000 at 0.82% (100-300 and 15,000-28,000 this way); see [`Prover::list_by_episodes`].
 #[cfg(test)]
 pub(crate) fn solve_listing_by_episodes(p: &Problem, seed_f: f64, budget: usize) -> ExactResult {
     let mut s = Search::new(p, seed_f, budget);
@@ -222,8 +222,8 @@ impl<'p> Prover<'p> {
     }
 
     /// From now on the probes of a layer with three or four slots per rank list their contents
-    /// with [`contents::EpisodeLister`] ([`solve_listing_by_episodes`]: the same contents and
-    /// search, fewer nodes for the listing). `joint` calls it after the short ascent, so that
+    /// with [`contents::EpisodeLister`] (the same contents in the same order, so the same
+    /// search, with fewer nodes for the listing; `Search::in_weighted_listing_order`). `joint` calls it after the short ascent, so that
     /// the short ascent, the neighbourhood search after it and the step the ascent proper
     /// resumes from stay what they were measured with; the ascent proper's probes then keep the
     /// nodes their listings no longer spend for the probes further up.
