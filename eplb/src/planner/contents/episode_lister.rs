@@ -41,7 +41,7 @@ pub(in crate::planner) struct EpisodeLister<'a> {
     least: Vec<f64>,
     most: Vec<f64>,
     s: usize,
-    /// The linear lower bounds of the rank's term (built in [`EpisodeLister::new`], tested in
+    /// The linear lower bounds of the rank's term (built in [`EpisodeLister::reusing`], tested in
     /// [`EpisodeLister::hopeless`]), for up to [`MAX_FORM_EPISODES`] episodes: `constant[f]`
     /// (its constant term) and `least_form[(j * (s + 1) + n) * forms + f]`, the least `n`
     /// members from position `j` on add to form `f`.
@@ -108,12 +108,15 @@ impl<'a> EpisodeLister<'a> {
         Self::reusing(x, agg, omega, total, fewest, cap, g, s, cut, None)
     }
 
-    /// [`Self::new`], taking the sets of two and three replicas from `sets` (what
-    /// [`Self::into_sets`] gave back from a lister of the same layer) when they were built with
-    /// the same fewest replicas and most replicas (they depend on nothing else); otherwise
-    /// built anew. Building them is most of a listing's time on the probes of an ascent just
-    /// above the mean with three or four slots per rank (16 experts on 8 x 4: 1.2M sets of
-    /// three, sorted, per listing), and consecutive probes mostly share the fewest replicas.
+    /// A lister (arguments as `new`, which builds every set anew: `x[e * w + k]` expert `e`'s
+    /// load in episode `k`, `agg[e]` its episode-weighted load, `fewest[e]` its fewest
+    /// replicas, contents of `s` members on one of `g` ranks below `cut`), taking the sets of
+    /// two and three replicas from `sets_given` (what [`Self::into_sets`] gave back from a
+    /// lister of the same layer) when they were built with the same fewest replicas, most
+    /// replicas and slots (they depend on nothing else); otherwise built anew. Building them
+    /// is most of a listing's time on the probes of an ascent just above the mean with four
+    /// slots per rank (16 experts on 8 x 4: 1.2M sets of three, sorted, per listing), and
+    /// consecutive probes mostly share the fewest replicas.
     #[allow(clippy::too_many_arguments)]
     pub(in crate::planner) fn reusing(
         x: &[f64],
