@@ -8,7 +8,7 @@
 mod episode_lister;
 mod suffix_sums;
 
-pub(super) use episode_lister::EpisodeLister;
+pub(super) use episode_lister::{EpisodeLister, Sets};
 
 /// What listing the contents needs: positions are experts heaviest first.
 pub(super) struct Lister {

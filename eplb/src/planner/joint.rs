@@ -151,6 +151,10 @@ const QUICK_ASCENT: usize = 50_000;
 /// largest gap, 1.822% -> 1.823%).
 const RESUME_BACK: i32 = 4;
 
+/// Whether the narrow path's ascent proper lists by episodes (see
+/// `episodes::Prover::list_by_episodes`); the short ascent before it lists on the weighted load.
+const LIST_BY_EPISODES: bool = true;
+
 /// The verdict of [`perfect::decide`] applied to a proof: a perfect placement is optimal; a
 /// proof that none exists raises the lower bound to the next rank load above the mean.
 fn settle_perfect(p: &Problem, mut start: prove::Proof) -> prove::Proof {
@@ -245,10 +249,15 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         let mut cover = cover::Prover::new(p);
         let mut episodes = episodes::Prover::new(p, start.objective);
         let used = std::cell::Cell::new(0usize);
+        // The narrow path's ascent proper lists by episodes (`episodes::Prover::list_by_episodes`).
+        let by_episodes = std::cell::Cell::new(false);
         let mut probe = |target: f64, nodes: usize| {
             let res = if use_cover {
                 cover.solve(target, nodes)
             } else if use_episodes {
+                if by_episodes.get() {
+                    episodes.list_by_episodes();
+                }
                 episodes.solve(target, nodes)
             } else {
                 ranks::solve(p, target, nodes)
@@ -299,6 +308,7 @@ pub(crate) fn plan_layer(p: &Problem, shape: &Shape, with_previous: bool) -> Joi
         // the bound the short ascent raised cost that listing each for almost nothing: a
         // pareto 12-expert 8 x 3 layer of the sweep spent 230,000 of its 2.4M nodes there and
         // ran out proving its optimum); otherwise from the first step.
+        by_episodes.set(narrow && LIST_BY_EPISODES);
         step = if narrow {
             (step / growth.powi(RESUME_BACK)).max(prove::FIRST_STEP)
         } else {

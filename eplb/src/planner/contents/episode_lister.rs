@@ -41,7 +41,7 @@ pub(in crate::planner) struct EpisodeLister<'a> {
     least: Vec<f64>,
     most: Vec<f64>,
     s: usize,
-    /// The linear lower bounds of the rank's term (built in [`EpisodeLister::new`], tested in
+    /// The linear lower bounds of the rank's term (built in [`EpisodeLister::reusing`], tested in
     /// [`EpisodeLister::hopeless`]), for up to [`MAX_FORM_EPISODES`] episodes: `constant[f]`
     /// (its constant term) and `least_form[(j * (s + 1) + n) * forms + f]`, the least `n`
     /// members from position `j` on add to form `f`.
@@ -68,6 +68,16 @@ pub(in crate::planner) struct EpisodeLister<'a> {
     cut: f64,
 }
 
+/// The sets of two and three replicas of an [`EpisodeLister`] and what they were built with
+/// (the fewest replicas per position, the most replicas, the slots per rank).
+pub(in crate::planner) struct Sets {
+    fewest: Vec<usize>,
+    cap: usize,
+    s: usize,
+    pairs: SuffixSums,
+    triples: SuffixSums,
+}
+
 /// Window lookups and pairs scanned per node charged. Measured on the ten zipf 16-expert
 /// 4 x 8 layers with four windows (listing alone, 0.2% above the mean): about 200 ns per node
 /// of the listing, 15-40 ns per lookup or pair scanned; the nodes charged cost about 290 ns
@@ -82,6 +92,7 @@ impl<'a> EpisodeLister<'a> {
     /// `x[e * w + k]`: expert `e`'s load in episode `k`; `agg[e]`: its episode-weighted load
     /// (the positions' order); `fewest[e]`: its fewest replicas (at most `cap + 1`, which
     /// leaves it no replica); contents of `s` members on one of `g` ranks, below `cut`.
+    #[cfg(test)]
     #[allow(clippy::too_many_arguments)]
     pub(in crate::planner) fn new(
         x: &[f64],
@@ -93,6 +104,31 @@ impl<'a> EpisodeLister<'a> {
         g: usize,
         s: usize,
         cut: f64,
+    ) -> EpisodeLister<'a> {
+        Self::reusing(x, agg, omega, total, fewest, cap, g, s, cut, None)
+    }
+
+    /// A lister (arguments as `new`, which builds every set anew: `x[e * w + k]` expert `e`'s
+    /// load in episode `k`, `agg[e]` its episode-weighted load, `fewest[e]` its fewest
+    /// replicas, contents of `s` members on one of `g` ranks below `cut`), taking the sets of
+    /// two and three replicas from `sets_given` (what [`Self::into_sets`] gave back from a
+    /// lister of the same layer) when they were built with the same fewest replicas, most
+    /// replicas and slots (they depend on nothing else); otherwise built anew. Building them
+    /// is most of a listing's time on the probes of an ascent just above the mean with four
+    /// slots per rank (16 experts on 8 x 4: 1.2M sets of three, sorted, per listing), and
+    /// consecutive probes mostly share the fewest replicas.
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::planner) fn reusing(
+        x: &[f64],
+        agg: &[f64],
+        omega: &'a [f64],
+        total: &'a [f64],
+        fewest: &[usize],
+        cap: usize,
+        g: usize,
+        s: usize,
+        cut: f64,
+        sets_given: Option<Sets>,
     ) -> EpisodeLister<'a> {
         let (e, w) = (agg.len(), omega.len());
         let mut order: Vec<usize> = (0..e).collect();
@@ -203,15 +239,24 @@ impl<'a> EpisodeLister<'a> {
         last.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
         let whole = (0..w).map(|k| omega[k] * total[k]).sum();
         let sets = |n: usize, keep: bool| {
-            // Fewer slots than that: no branch has that many members left.
-            let fewest = if s >= n {
+            // Fewer slots than that: no branch has that many members left. (Three members
+            // left are only looked up on a branch with four to pick, `list_from` going on
+            // below it: with three slots per rank the sets of three, 112,000 on 12 experts
+            // with up to 8 replicas, are never read.)
+            let used = if n == 3 { s > n } else { s >= n };
+            let fewest = if used {
                 fewest.clone()
             } else {
                 vec![cap + 1; e]
             };
             SuffixSums::new(&weighted, &fewest, cap, n, keep)
         };
-        let (pairs, triples) = (sets(2, true), sets(3, false));
+        let (pairs, triples) = match sets_given {
+            Some(given) if given.fewest == fewest && given.cap == cap && given.s == s => {
+                (given.pairs, given.triples)
+            }
+            _ => (sets(2, true), sets(3, false)),
+        };
         EpisodeLister {
             weighted,
             pairs,
@@ -235,6 +280,17 @@ impl<'a> EpisodeLister<'a> {
             least_form,
             forms,
             cut,
+        }
+    }
+
+    /// The sets of two and three replicas, for [`Self::reusing`].
+    pub(in crate::planner) fn into_sets(self) -> Sets {
+        Sets {
+            fewest: self.fewest,
+            cap: self.cap,
+            s: self.s,
+            pairs: self.pairs,
+            triples: self.triples,
         }
     }
 
@@ -629,5 +685,69 @@ mod tests {
             seen[usize::from(!want.is_empty())] += 1;
         }
         assert!(seen[0] > 300 && seen[1] > 1_000, "{seen:?}");
+    }
+
+    /// A lister reusing the sets of another ([`EpisodeLister::reusing`]) sends what a fresh one
+    /// sends, in the same order, whether the other was built with the same fewest replicas or
+    /// not (random loads with zeros, random fewest replicas, one to four episodes, three or
+    /// four members). (Planted: the sets reused whatever fewest replicas they were built with
+    /// fails it.)
+    #[test]
+    fn a_lister_reusing_sets_lists_what_a_fresh_one_does() {
+        let mut rng = crate::synth::Rng::new(37);
+        let mut seen = [0usize; 2];
+        for _ in 0..2_000 {
+            let e = 4 + rng.below(5);
+            let s = 3 + rng.below(2);
+            let g = 2 + rng.below(4);
+            let w = 1 + rng.below(4);
+            let cap = 1 + rng.below(g.min(3));
+            let x: Vec<f64> = (0..e * w)
+                .map(|_| match rng.below(2) {
+                    0 => rng.below(4) as f64,
+                    _ => (1 + rng.below(1000)) as f64,
+                })
+                .collect();
+            let raw: Vec<f64> = (0..w).map(|_| 0.2 + rng.uniform()).collect();
+            let sum: f64 = raw.iter().sum();
+            let omega: Vec<f64> = raw.iter().map(|o| o / sum).collect();
+            let agg: Vec<f64> = (0..e)
+                .map(|i| (0..w).map(|k| omega[k] * x[i * w + k]).sum())
+                .collect();
+            let total: Vec<f64> = (0..w).map(|k| (0..e).map(|i| x[i * w + k]).sum()).collect();
+            let mean: f64 = (0..w).map(|k| omega[k] * total[k]).sum::<f64>() / g as f64;
+            let cut = mean * (1.0 + [1e-3, 0.03, 0.3, 3.0][rng.below(4)]) + 1e-9;
+            let fewest = |rng: &mut crate::synth::Rng| -> Vec<usize> {
+                (0..e).map(|_| 1 + rng.below(cap + 1)).collect()
+            };
+            let (before, now) = (fewest(&mut rng), fewest(&mut rng));
+            let same = rng.below(4) == 0;
+            let now = if same { before.clone() } else { now };
+            let other = EpisodeLister::new(&x, &agg, &omega, &total, &before, cap, g, s, cut);
+            let sets = other.into_sets();
+            let list = |lister: EpisodeLister| {
+                let mut got = Collect(Vec::new());
+                assert!(lister.list(&mut got));
+                got.0
+            };
+            let fresh = list(EpisodeLister::new(
+                &x, &agg, &omega, &total, &now, cap, g, s, cut,
+            ));
+            let reused = list(EpisodeLister::reusing(
+                &x,
+                &agg,
+                &omega,
+                &total,
+                &now,
+                cap,
+                g,
+                s,
+                cut,
+                Some(sets),
+            ));
+            assert_eq!(reused, fresh, "fewest {before:?} -> {now:?}");
+            seen[usize::from(!fresh.is_empty() && before != now)] += 1;
+        }
+        assert!(seen[1] > 200, "{seen:?}");
     }
 }
