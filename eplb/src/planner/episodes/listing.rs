@@ -81,7 +81,7 @@ impl Search<'_> {
     /// same order: the same lists, ties between equal weighted loads included. Charged as
     /// looking at each content once.
     fn in_weighted_listing_order(&mut self) {
-        let (p, s, w) = (self.p, self.p.s, self.w);
+        let (p, s) = (self.p, self.p.s);
         let n = self.weighted.len();
         self.nodes = self.nodes.saturating_add(n / SCANS_PER_NODE);
         let mut order: Vec<usize> = (0..p.e).collect();
@@ -107,19 +107,7 @@ impl Search<'_> {
                 x.0.total_cmp(&y.0).then((x.1, x.2).cmp(&(y.1, y.2)))
             })
         });
-        if ids.iter().enumerate().all(|(k, &i)| k == i) {
-            return;
-        }
-        let members: Vec<(usize, usize)> = ids
-            .iter()
-            .flat_map(|&i| self.members[i * s..(i + 1) * s].iter().copied())
-            .collect();
-        let loads: Vec<f64> = ids
-            .iter()
-            .flat_map(|&i| self.loads[i * w..(i + 1) * w].iter().copied())
-            .collect();
-        let weighted: Vec<f64> = ids.iter().map(|&i| self.weighted[i]).collect();
-        (self.members, self.loads, self.weighted) = (members, loads, weighted);
+        self.reorder(&ids);
     }
 
     /// Stores a content if it can be a rank of a placement below the cut (false, giving up,
@@ -224,7 +212,6 @@ impl Search<'_> {
     /// contents in the same order as sorting each by weighted load and then by the order
     /// listed did, so the search is the same.
     fn heaviest_first(&mut self) {
-        let (s, w) = (self.p.s, self.w);
         let n = self.weighted.len();
         let mut ids: Vec<usize> = (0..n).collect();
         ids.sort_by(|&a, &b| {
@@ -232,9 +219,15 @@ impl Search<'_> {
                 .total_cmp(&self.weighted[a])
                 .then(a.cmp(&b))
         });
+        self.reorder(&ids);
+    }
+
+    /// Puts the contents in the order `ids` (position k takes the content at `ids[k]`).
+    fn reorder(&mut self, ids: &[usize]) {
         if ids.iter().enumerate().all(|(k, &i)| k == i) {
             return;
         }
+        let (s, w) = (self.p.s, self.w);
         let members: Vec<(usize, usize)> = ids
             .iter()
             .flat_map(|&i| self.members[i * s..(i + 1) * s].iter().copied())
