@@ -18,10 +18,10 @@
 use std::time::Instant;
 
 use eplb::bench::{
-    BenchInputs, BenchOptions, NEXT_DRAWS, draw_next_windows, next_draws_seed, standard_shapes,
+    BenchInputs, BenchOptions, NEXT_DRAWS, draw_next_windows, mean_par_over, next_draws_seed,
+    standard_shapes,
 };
 use eplb::load::LoadHistory;
-use eplb::metrics::score;
 use eplb::placement::Placement;
 use eplb::planner::PlanRequest;
 use eplb::planner_by_name;
@@ -93,7 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let hedged = hedge(&predicted, &train_draws, opts.seed, threads)?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
 
-        let lpt_fresh = expected(&lpt, &test_draws)?;
+        let lpt_fresh = mean_par_over(&lpt, &test_draws)?;
         let rows = [
             ("multi-episode-lpt (from the history)", &lpt, None),
             ("joint (from the history)", &joint, None),
@@ -109,13 +109,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ),
         ];
         for (name, p, ms) in rows {
-            let fresh = expected(p, &test_draws)?;
+            let fresh = mean_par_over(p, &test_draws)?;
             println!(
                 "| {} | {name} | {:.4} | {fresh:.4} | {:.2}% | {:.4} | {} |",
                 bs.name,
-                expected(p, &bench_draws)?,
+                mean_par_over(p, &bench_draws)?,
                 100.0 * (1.0 - fresh / lpt_fresh),
-                expected(p, &train_draws)?,
+                mean_par_over(p, &train_draws)?,
                 ms.map_or("-".to_string(), |ms| format!("{ms:.0}")),
             );
         }
@@ -126,15 +126,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
-}
-
-/// Mean over `draws` of the plan's mean PAR over layers.
-fn expected(p: &Placement, draws: &Draws) -> Result<f64, Box<dyn std::error::Error>> {
-    let mut sum = 0.0;
-    for d in draws {
-        sum += score(p, d)?.mean;
-    }
-    Ok(sum / draws.len() as f64)
 }
 
 /// The layers of `start` improved by [`LayerSearch`], `threads` layers at a time.

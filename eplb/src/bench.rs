@@ -145,7 +145,7 @@ fn starting_placement(bs: &BenchShape, older: &LoadHistory) -> Result<Placement>
 
 /// Mean over `draws` of `p`'s mean PAR over layers: a plan's expected PAR on a window drawn
 /// from the generator's law.
-fn mean_par_over(p: &Placement, draws: &[Vec<Vec<f64>>]) -> Result<f64> {
+pub fn mean_par_over(p: &Placement, draws: &[Vec<Vec<f64>>]) -> Result<f64> {
     let mut expected = 0.0;
     for d in draws {
         expected += score(p, d)?.mean / draws.len() as f64;

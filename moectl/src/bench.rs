@@ -211,11 +211,7 @@ fn export(
         dir.display(),
         opts.seed,
         opts.history,
-        if opts.drift == eplb::bench::DEFAULT_DRIFT {
-            String::new()
-        } else {
-            format!(", drift {}", opts.drift)
-        },
+        non_default_drift(opts.drift).map_or(String::new(), |d| format!(", drift {d}")),
         rolling.map_or(String::new(), |r| format!(
             ", {} steps {} windows apart",
             r.steps, r.stride
@@ -391,11 +387,12 @@ fn settings(filter: Option<&str>, opts: &eplb::bench::BenchOptions) -> String {
 
 /// ` --drift SIGMA` where `drift` is not the default, else nothing.
 fn drift_flag(drift: f64) -> String {
-    if drift == eplb::bench::DEFAULT_DRIFT {
-        String::new()
-    } else {
-        format!(" --drift {drift}")
-    }
+    non_default_drift(drift).map_or(String::new(), |d| format!(" --drift {d}"))
+}
+
+/// `drift` where it is not the default: what a header or a message names.
+fn non_default_drift(drift: f64) -> Option<f64> {
+    (drift != eplb::bench::DEFAULT_DRIFT).then_some(drift)
 }
 
 /// The model name from /proc/cpuinfo, or "unknown CPU".
