@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::{Fail, print_out, write_out};
 
-mod rolling;
+pub(crate) mod rolling;
 
 /// The most windows of history `--history` takes: each shape's trace holds 2H+1 windows of
 /// layers x experts counts, and every algorithm plans on H of them; far beyond this the run
@@ -273,8 +273,23 @@ fn read_peer_plans<T: serde::de::DeserializeOwned>(
     } else {
         ("peers", "plan")
     };
-    let folder = dir.join(eplb::bench::peers::slug(shape)).join(sub);
-    let Ok(entries) = std::fs::read_dir(&folder) else {
+    read_plans_in(
+        &dir.join(eplb::bench::peers::slug(shape)).join(sub),
+        shape,
+        what,
+        notes,
+    )
+}
+
+/// Every `*.json` of `folder` as a peer's `what`, in file-name order; none (and a note) when
+/// the folder is missing.
+pub(crate) fn read_plans_in<T: serde::de::DeserializeOwned>(
+    folder: &Path,
+    shape: &str,
+    what: &str,
+    notes: &mut Vec<String>,
+) -> Result<Vec<T>, Fail> {
+    let Ok(entries) = std::fs::read_dir(folder) else {
         notes.push(format!(
             "no peer plans for {shape} (no folder {})",
             folder.display()

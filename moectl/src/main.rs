@@ -4,6 +4,7 @@
 //! The `note: ...` lines the readers gathered before the failure come first.
 //! Argument errors are clap's whole message (with the usage line), also with exit code 2.
 
+mod backtest;
 mod bench;
 mod convert;
 mod eval;
@@ -115,6 +116,9 @@ enum Command {
         #[arg(long)]
         timings: bool,
     },
+    /// Replay a recorded load history: every planner, budget and trigger replans step by step
+    /// from the placement it deployed before and is scored on the window recorded next.
+    Backtest(backtest::BacktestArgs),
     /// Per-layer PAR and balancedness of a placement under a load.
     Eval {
         /// The placement (any format moectl reads).
@@ -560,6 +564,7 @@ fn main() -> ExitCode {
             *timings,
             &mut notes,
         ),
+        Command::Backtest(args) => backtest::backtest(args, &mut notes),
         Command::Eval {
             placement,
             load,

@@ -98,20 +98,32 @@ impl Trigger {
     }
 }
 
+/// The generator's law behind a synthetic trace: what a window's draws, and so the expected
+/// PAR, come from.
+pub struct TraceLaw {
+    pub spec: TraceSpec,
+    /// The generator's expected counts of each window (its hidden state, no noise).
+    pub expected: Vec<Vec<Vec<f64>>>,
+}
+
 /// What every policy of one shape's rolling run plans from and is scored on.
 pub struct RollingInputs {
-    pub spec: TraceSpec,
+    /// The generator's law of a synthetic trace; `None` for a recorded one (`moectl
+    /// backtest`), which has no law to draw from, so no expected PAR.
+    pub law: Option<TraceLaw>,
     /// Windows of history each step plans on (H).
     pub history: usize,
     /// Replanning steps (K).
     pub steps: usize,
     /// Windows between consecutive steps (T).
     pub stride: usize,
-    /// All `2H + (K - 1) T + 1` windows `[window][layer][expert]`.
+    /// The first window step 0 plans on: H on a synthetic trace (the first H windows made the
+    /// starting placement).
+    pub offset: usize,
+    /// The windows `[window][layer][expert]`, oldest first: `offset + H + (K - 1) T + 1` of
+    /// them on a synthetic trace, at least that many on a recorded one.
     pub windows: Vec<Vec<Vec<f64>>>,
-    /// The generator's expected counts of each window (its hidden state, no noise).
-    pub expected: Vec<Vec<Vec<f64>>>,
-    /// The placement in use before step 0: the `joint` plan of the first H windows.
+    /// The placement in use before step 0.
     pub start: Placement,
 }
 
@@ -130,28 +142,101 @@ impl RollingInputs {
             )));
         }
         let h = opts.history.max(1);
-        if stride == 0 || stride > MAX_STRIDE {
-            return Err(EplbError::Request(format!(
-                "a stride of {stride} windows: give between 1 and {MAX_STRIDE}"
-            )));
-        }
+        check_stride(stride)?;
         let spec = trace_spec(bs, opts, 2 * h + (steps - 1) * stride + 1);
         let (windows, expected) = generate_with_expectation(&spec);
         let start = starting_placement(bs, &LoadHistory::new(windows[..h].to_vec())?)?;
         Ok(RollingInputs {
-            spec,
+            law: Some(TraceLaw { spec, expected }),
             history: h,
             steps,
             stride,
+            offset: h,
             windows,
-            expected,
+            start,
+        })
+    }
+
+    /// A recorded trace replayed (`moectl backtest`): as many steps as the windows allow, at
+    /// most `max_steps` (the latest ones). With `start` (the placement in use when the trace
+    /// begins) step 0 plans on the first H windows; without it the first H windows make the
+    /// starting placement (`joint`'s plan of them, as on a synthetic trace) and step 0 plans on
+    /// the next H. Skipped steps move the start later: the placement in use before the first
+    /// step kept is `start`, or `joint`'s plan of the H windows before that step's.
+    pub fn recorded(
+        bs: &BenchShape,
+        history: &LoadHistory,
+        history_windows: usize,
+        stride: usize,
+        max_steps: usize,
+        start: Option<Placement>,
+    ) -> Result<RollingInputs> {
+        let h = history_windows;
+        if h == 0 {
+            return Err(EplbError::Request(
+                "a history of 0 windows: each step plans on at least one".into(),
+            ));
+        }
+        check_stride(stride)?;
+        if max_steps == 0 {
+            return Err(EplbError::Request(
+                "at most 0 steps: give at least 1".into(),
+            ));
+        }
+        if let Some(p) = &start {
+            p.check_shape(&bs.shape)?;
+            if p.num_layers != history.num_layers() {
+                return Err(EplbError::Mismatch(format!(
+                    "the starting placement has {} layers, the load {}",
+                    p.num_layers,
+                    history.num_layers()
+                )));
+            }
+        }
+        let first = if start.is_some() { 0 } else { h };
+        let w = history.num_windows();
+        if w < first + h + 1 {
+            let need = if start.is_some() {
+                format!("{}: {h} to plan on and the next to score", h + 1)
+            } else {
+                format!(
+                    "{}: {h} that make the starting placement, {h} to plan on and the next to \
+                     score (with the placement in use given, {})",
+                    2 * h + 1,
+                    h + 1
+                )
+            };
+            return Err(EplbError::Request(format!(
+                "the load has {w} window{}: a replay planning on {h} window{} needs at least \
+                 {need}; plan on fewer windows or record more",
+                if w == 1 { "" } else { "s" },
+                if h == 1 { "" } else { "s" },
+            )));
+        }
+        let fit = (w - first - h - 1) / stride + 1;
+        let steps = fit.min(max_steps);
+        let offset = first + (fit - steps) * stride;
+        let windows = history.windows().to_vec();
+        let start = match start {
+            Some(p) => p,
+            None => {
+                starting_placement(bs, &LoadHistory::new(windows[offset - h..offset].to_vec())?)?
+            }
+        };
+        Ok(RollingInputs {
+            law: None,
+            history: h,
+            steps,
+            stride,
+            offset,
+            windows,
             start,
         })
     }
 
     /// The first window step `k` plans on.
     fn first_at(&self, k: usize) -> usize {
-        self.history + k * self.stride
+        self.offset + k * self.stride
     }
 
     /// The H windows step `k` plans on.
@@ -164,6 +249,15 @@ impl RollingInputs {
     pub fn next_at(&self, k: usize) -> &[Vec<f64>] {
         &self.windows[self.first_at(k) + self.history]
     }
+}
+
+fn check_stride(stride: usize) -> Result<()> {
+    if stride == 0 || stride > MAX_STRIDE {
+        return Err(EplbError::Request(format!(
+            "a stride of {stride} windows: give between 1 and {MAX_STRIDE}"
+        )));
+    }
+    Ok(())
 }
 
 /// One policy's rolling run: what each step deployed cost and gave.
@@ -225,7 +319,7 @@ impl RollingRow {
 pub struct RollingScorer<'a> {
     shape_name: &'a str,
     inputs: &'a RollingInputs,
-    /// Per step, the draws of its next window.
+    /// Per step, the draws of its next window (none on a recorded trace).
     draws: Vec<Vec<Vec<Vec<f64>>>>,
     slots_total: usize,
 }
@@ -236,16 +330,19 @@ impl<'a> RollingScorer<'a> {
         inputs: &'a RollingInputs,
         opts: &BenchOptions,
     ) -> RollingScorer<'a> {
-        let draws = (0..inputs.steps)
-            .map(|k| {
-                draw_next_windows(
-                    &inputs.expected[inputs.first_at(k) + inputs.history],
-                    &inputs.spec,
-                    next_draws_seed(opts) ^ ((k as u64 + 1) << 32),
-                    NEXT_DRAWS,
-                )
-            })
-            .collect();
+        let draws = match &inputs.law {
+            Some(law) => (0..inputs.steps)
+                .map(|k| {
+                    draw_next_windows(
+                        &law.expected[inputs.first_at(k) + inputs.history],
+                        &law.spec,
+                        next_draws_seed(opts) ^ ((k as u64 + 1) << 32),
+                        NEXT_DRAWS,
+                    )
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         RollingScorer {
             shape_name: bs.name,
             inputs,
@@ -280,7 +377,10 @@ impl<'a> RollingScorer<'a> {
     ) -> Result<()> {
         let next = self.inputs.next_at(k);
         row.next_par.push(score(p, next)?.mean);
-        row.expected_par.push(mean_par_over(p, &self.draws[k])?);
+        row.expected_par.push(match self.draws.get(k) {
+            Some(draws) => mean_par_over(p, draws)?,
+            None => f64::NAN,
+        });
         row.slots_moved.push(migration_cost(before, p, 0)?.slots);
         row.layers_changed.push(
             before
@@ -353,8 +453,7 @@ fn run_ours(
 pub const BOUND_ROW: &str = "lower bound (each next window)";
 
 /// Runs the rolling protocol on one shape with `steps` steps `stride` windows apart; the
-/// peers' runs are scored
-/// after ours, before the lower bound.
+/// peers' runs are scored after ours, before the lower bound.
 pub fn run_rolling(
     bs: &BenchShape,
     opts: &BenchOptions,
@@ -363,7 +462,20 @@ pub fn run_rolling(
     peer_plans: Vec<RollingPeerPlan>,
 ) -> Result<(Vec<RollingRow>, Vec<RollingOutcome>)> {
     let inputs = RollingInputs::generate(bs, opts, steps, stride)?;
-    let scorer = RollingScorer::new(bs, &inputs, opts);
+    run_on(bs, &inputs, opts, peer_plans)
+}
+
+/// Runs every policy (and the peers' runs, then the lower bound) over `inputs`, synthetic or
+/// recorded; `opts` gives the budgets of the `joint (max B/layer)` rows and the seed of the
+/// next windows' draws (synthetic traces only).
+pub fn run_on(
+    bs: &BenchShape,
+    inputs: &RollingInputs,
+    opts: &BenchOptions,
+    peer_plans: Vec<RollingPeerPlan>,
+) -> Result<(Vec<RollingRow>, Vec<RollingOutcome>)> {
+    let steps = inputs.steps;
+    let scorer = RollingScorer::new(bs, inputs, opts);
     let shape = bs.shape;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut rows = Vec::new();
@@ -431,9 +543,10 @@ pub fn run_rolling(
         bound
             .next_par
             .push(mean_lower_bound(&shape, inputs.next_at(k)));
-        bound
-            .expected_par
-            .push(mean_lower_bound_over(&shape, &scorer.draws[k]));
+        bound.expected_par.push(match scorer.draws.get(k) {
+            Some(draws) => mean_lower_bound_over(&shape, draws),
+            None => f64::NAN,
+        });
     }
     rows.push(bound);
     Ok((rows, outcomes))
@@ -541,6 +654,103 @@ mod tests {
                 assert!(r.next_par[k] >= bound.next_par[k] - 1e-9, "{}", r.algorithm);
             }
         }
+    }
+
+    #[test]
+    fn a_synthetic_trace_replayed_as_recorded_gives_the_same_run_without_expectations() {
+        let bs = mixtral();
+        let opts = small_opts();
+        let synthetic = RollingInputs::generate(&bs, &opts, 3, 2).unwrap();
+        let trace = LoadHistory::new(synthetic.windows.clone()).unwrap();
+        let recorded = RollingInputs::recorded(&bs, &trace, 2, 2, MAX_STEPS, None).unwrap();
+        assert_eq!((recorded.steps, recorded.offset), (3, 2));
+        assert_eq!(recorded.start, synthetic.start);
+        let (ours, _) = run_on(&bs, &synthetic, &opts, Vec::new()).unwrap();
+        let (replayed, _) = run_on(&bs, &recorded, &opts, Vec::new()).unwrap();
+        assert_eq!(ours.len(), replayed.len());
+        for (a, b) in ours.iter().zip(&replayed) {
+            assert_eq!(a.algorithm, b.algorithm);
+            assert_eq!(a.next_par, b.next_par, "{}", a.algorithm);
+            assert_eq!(a.slots_moved, b.slots_moved, "{}", a.algorithm);
+            assert!(a.expected_par.iter().all(|x| x.is_finite()));
+            assert!(b.expected_par.iter().all(|x| x.is_nan()), "{}", b.algorithm);
+        }
+        let summary = summary(&replayed, &[]);
+        assert!(!summary.contains("NaN"), "{summary}");
+        assert!(markdown_table(&replayed).contains("| - |"));
+    }
+
+    #[test]
+    fn a_recorded_replay_starts_from_the_placement_given_and_keeps_the_latest_steps() {
+        let bs = mixtral();
+        let synthetic = RollingInputs::generate(&bs, &small_opts(), 4, 1).unwrap();
+        // 2 * 2 + 3 + 1 = 8 windows.
+        let trace = LoadHistory::new(synthetic.windows.clone()).unwrap();
+        let start = synthetic.start.clone();
+        // From a placement in use, step 0 plans on windows 0..2: 8 - 2 = 6 steps fit.
+        let given =
+            RollingInputs::recorded(&bs, &trace, 2, 1, MAX_STEPS, Some(start.clone())).unwrap();
+        assert_eq!((given.steps, given.offset), (6, 0));
+        assert_eq!(
+            given.history_at(0).unwrap().windows(),
+            &trace.windows()[..2]
+        );
+        assert_eq!(given.next_at(5), trace.windows()[7].as_slice());
+        // Keeping the latest 2 steps: they plan on windows 4..6 and 5..7.
+        let latest = RollingInputs::recorded(&bs, &trace, 2, 1, 2, Some(start.clone())).unwrap();
+        assert_eq!((latest.steps, latest.offset), (2, 4));
+        assert_eq!(latest.start, start);
+        // Without a placement in use, joint's plan of the two windows before the first step kept.
+        let planned = RollingInputs::recorded(&bs, &trace, 2, 1, 2, None).unwrap();
+        assert_eq!((planned.steps, planned.offset), (2, 4));
+        let older = LoadHistory::new(trace.windows()[2..4].to_vec()).unwrap();
+        assert_eq!(planned.start, starting_placement(&bs, &older).unwrap());
+        // A stride of 3 from window 2: steps plan on 2..4 and 5..7.
+        let strided = RollingInputs::recorded(&bs, &trace, 2, 3, MAX_STEPS, None).unwrap();
+        assert_eq!((strided.steps, strided.offset), (2, 2));
+        assert_eq!(strided.next_at(1), trace.windows()[7].as_slice());
+    }
+
+    #[test]
+    fn a_recorded_replay_refuses_what_it_cannot_run() {
+        let bs = mixtral();
+        let synthetic = RollingInputs::generate(&bs, &small_opts(), 1, 1).unwrap();
+        let five = LoadHistory::new(synthetic.windows[..5].to_vec()).unwrap();
+        let err = |r: Result<RollingInputs>| r.err().map(|e| e.to_string()).unwrap_or_default();
+        let short = err(RollingInputs::recorded(&bs, &five, 3, 1, MAX_STEPS, None));
+        assert!(
+            short.contains("needs at least 7")
+                && short.contains("with the placement in use given, 4"),
+            "{short}"
+        );
+        assert!(
+            RollingInputs::recorded(&bs, &five, 3, 1, MAX_STEPS, Some(synthetic.start.clone()))
+                .is_ok()
+        );
+        assert!(
+            err(RollingInputs::recorded(&bs, &five, 0, 1, MAX_STEPS, None)).contains("0 windows")
+        );
+        assert!(err(RollingInputs::recorded(&bs, &five, 1, 0, MAX_STEPS, None)).contains("stride"));
+        assert!(
+            err(RollingInputs::recorded(&bs, &five, 1, 1, 0, None)).contains("at most 0 steps")
+        );
+        let mut other = bs.shape;
+        other.num_ranks = bs.shape.num_ranks / 2;
+        let narrow = BenchShape {
+            shape: other,
+            ..mixtral()
+        };
+        assert!(
+            err(RollingInputs::recorded(
+                &narrow,
+                &five,
+                1,
+                1,
+                MAX_STEPS,
+                Some(synthetic.start.clone())
+            ))
+            .contains("ranks")
+        );
     }
 
     #[test]

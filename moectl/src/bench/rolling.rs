@@ -61,7 +61,7 @@ pub(super) fn bench(
 /// One line per peer: the package, the file whose entry point ran, how its state was kept, and
 /// on which shapes its placements held an expert twice on one rank (each step's own note is in
 /// the driver's `rolling/<id>.json`).
-fn peer_notes(outcomes: &[(String, RollingOutcome)]) -> String {
+pub(crate) fn peer_notes(outcomes: &[(String, RollingOutcome)]) -> String {
     let mut labels: Vec<&str> = Vec::new();
     for (_, o) in outcomes {
         if let RollingOutcome::Scored { row, .. } = o
@@ -112,7 +112,7 @@ fn peer_notes(outcomes: &[(String, RollingOutcome)]) -> String {
     out
 }
 
-const PEERS_PROTOCOL: &str = "Rows marked (peer) are the peers' own policies, run unmodified \
+pub(crate) const PEERS_PROTOCOL: &str = "Rows marked (peer) are the peers' own policies, run unmodified \
 from their released packages by `scripts/bench-peers --rolling` (`eplb/peers/README.md`): each \
 replans at every step from the placement its engine deployed the step before, with its policy \
 object kept across steps where the engine keeps it, and is scored here like every other row.";

@@ -36,7 +36,7 @@ impl RollingPeerInputs {
             history_windows: h,
             steps: inputs.steps,
             stride: inputs.stride,
-            windows: inputs.windows[h..inputs.first_at(inputs.steps - 1) + h].to_vec(),
+            windows: inputs.windows[inputs.offset..inputs.first_at(inputs.steps - 1) + h].to_vec(),
             previous: inputs.start.phy2log.clone(),
         }
     }

@@ -90,10 +90,26 @@ pub fn summary(rows: &[RollingRow], outcomes: &[(String, RollingOutcome)]) -> St
             continue;
         };
         let steps = joint.next_par.len();
+        // A recorded trace has no law to draw the next windows from: no expected PAR.
+        let drawn = !joint.mean_expected().is_nan();
+        let both = |next: f64, expected: f64| {
+            if drawn {
+                format!("{next:.4} / {expected:.4}")
+            } else {
+                format!("{next:.4}")
+            }
+        };
         out.push_str(&format!(
-            "- **{shape}** ({steps} steps; joint: next {:.4}, expected {:.4}, {:.1}% of the slots moved per step): ",
-            joint.mean_next(),
-            joint.mean_expected(),
+            "- **{shape}** ({steps} steps; joint: next {}{:.1}% of the slots moved per step): ",
+            if drawn {
+                format!(
+                    "{:.4}, expected {:.4}, ",
+                    joint.mean_next(),
+                    joint.mean_expected()
+                )
+            } else {
+                format!("{:.4}, ", joint.mean_next())
+            },
             100.0 * joint.moved_share_per_step()
         ));
         let mut parts = Vec::new();
@@ -110,13 +126,19 @@ pub fn summary(rows: &[RollingRow], outcomes: &[(String, RollingOutcome)]) -> St
                     r.moved_total() as f64 / joint.moved_total().max(1) as f64
                 )
             };
+            let lower = if drawn {
+                format!(
+                    "{:.2}% / {:.2}%",
+                    below(joint.mean_next(), r.mean_next()),
+                    below(joint.mean_expected(), r.mean_expected())
+                )
+            } else {
+                format!("{:.2}%", below(joint.mean_next(), r.mean_next()))
+            };
             parts.push(format!(
-                "{} {:.4} / {:.4} (joint {:.2}% / {:.2}% lower), {moves}",
+                "{} {} (joint {lower} lower), {moves}",
                 r.algorithm,
-                r.mean_next(),
-                r.mean_expected(),
-                below(joint.mean_next(), r.mean_next()),
-                below(joint.mean_expected(), r.mean_expected()),
+                both(r.mean_next(), r.mean_expected()),
             ));
         }
         for (_, o) in outcomes.iter().filter(|(s, _)| s == shape) {
@@ -126,9 +148,8 @@ pub fn summary(rows: &[RollingRow], outcomes: &[(String, RollingOutcome)]) -> St
         }
         if let Some(b) = in_shape.iter().find(|r| r.algorithm == BOUND_ROW) {
             parts.push(format!(
-                "lower bound {:.4} / {:.4}",
-                b.mean_next(),
-                b.mean_expected()
+                "lower bound {}",
+                both(b.mean_next(), b.mean_expected())
             ));
         }
         out.push_str(&parts.join("; "));

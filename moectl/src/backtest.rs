@@ -1,0 +1,354 @@
+//! `moectl backtest`: a recorded load history replayed through the rolling protocol of `moectl
+//! bench --rolling` (`eplb::bench::rolling`). Every policy replans step by step, each from the
+//! placement it deployed the step before, and is scored on the window that was recorded next:
+//! which planner, budget or trigger would have served this traffic best, and at what cost in
+//! moved slots. The benchmark's traces are synthetic; this answers the question on the
+//! user's own.
+
+use std::path::{Path, PathBuf};
+
+use eplb::bench::rolling::{
+    self, MAX_STEPS, RollingInputs, RollingOutcome, RollingPeerInputs, RollingPeerPlan, RollingRow,
+};
+use eplb::bench::{BenchOptions, BenchShape};
+use eplb::{LoadHistory, Placement, Shape};
+
+use crate::inputs::{self, LayoutArgs, count};
+use crate::{Fail, print_out, write_out};
+
+/// The most windows summed into one (`--aggregate`): a recorder that counts every forward
+/// pass holds a few thousand of them at most.
+const MAX_AGGREGATE: usize = 1 << 20;
+
+#[derive(clap::Args, Debug)]
+pub struct BacktestArgs {
+    /// The recorded load, oldest window first, at least H + 1 windows: any format `plan`
+    /// reads ([W][L][E], {"windows": ...}, OpenEvolve's {"load_history": ...}, SGLang's
+    /// {"logical_count": [N][L][E]}, vLLM's per-slot [W][L][P] with --physical-load; SGLang's
+    /// `.pt` dump is one window).
+    #[arg(long)]
+    load: PathBuf,
+    /// EP ranks (GPUs).
+    #[arg(long)]
+    ranks: usize,
+    /// Redundant expert slots per layer.
+    #[arg(long)]
+    redundant: usize,
+    /// Nodes the ranks are spread over (ranks divide evenly).
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// Expert groups (1 = none).
+    #[arg(long, default_value_t = 1)]
+    groups: usize,
+    /// The placement in use when the trace begins (any format moectl reads): step 0 plans
+    /// from it on the first H windows. Without it, joint's plan of the first H windows is the
+    /// start and step 0 plans on the next H.
+    #[arg(long)]
+    previous: Option<PathBuf>,
+    /// The load counts tokens per physical slot (vLLM's expert_load_window [W][L][P]): mapped
+    /// to experts through --previous (the placement must have served the whole trace).
+    #[arg(long)]
+    physical_load: bool,
+    /// Routed experts E, with --physical-load (see `moectl plan --help`).
+    #[arg(long)]
+    experts: Option<usize>,
+    #[command(flatten)]
+    layout: LayoutArgs,
+    /// Windows each step plans on (H).
+    #[arg(long, default_value_t = 8)]
+    history: usize,
+    /// Windows between consecutive steps (default: --history, so each step plans only on the
+    /// windows recorded since the step before, as the engines count; 1 slides one window).
+    #[arg(long, value_name = "T")]
+    stride: Option<usize>,
+    /// Sum every A consecutive recorded windows into one before replaying (for recorders that
+    /// count each forward pass: vLLM's expert_load_window, SGLang's logical_count); the oldest
+    /// windows that do not fill a group are left out.
+    #[arg(long, value_name = "A", default_value_t = 1)]
+    aggregate: usize,
+    /// Replay at most K steps, the latest ones.
+    #[arg(long, value_name = "K", default_value_t = MAX_STEPS)]
+    steps: usize,
+    /// Also write the report as markdown to this file (with the PAR of every step).
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Write the replay's inputs for the peers' code to DIR/recorded/rolling.json and stop:
+    /// step one of `scripts/bench-peers --backtest`.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["peers", "markdown"])]
+    export: Option<PathBuf>,
+    /// Also score the peers' runs in DIR/recorded/rolling/*.json (eplb/peers/run_peers.py on an
+    /// --export of the same load and flags).
+    #[arg(long, value_name = "DIR")]
+    peers: Option<PathBuf>,
+}
+
+/// The folder of an export that holds the replay (the peers' driver reads `*/rolling.json`).
+const EXPORT_FOLDER: &str = "recorded";
+
+pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
+    if a.aggregate == 0 || a.aggregate > MAX_AGGREGATE {
+        return Err(Fail(format!(
+            "--aggregate {}: give between 1 and {MAX_AGGREGATE} windows to sum into one",
+            a.aggregate
+        )));
+    }
+    if let Some(out) = &a.markdown {
+        crate::refuse_overwrite(
+            out,
+            "--markdown",
+            &[
+                Some(a.load.as_path()),
+                a.previous.as_deref(),
+                a.layout.model.as_deref(),
+            ],
+        )?;
+    }
+    let (history, prev) = read_trace(a, notes)?;
+    let shape = Shape::new(
+        history.num_experts(),
+        a.redundant,
+        a.ranks,
+        a.nodes,
+        a.groups,
+    )?;
+    let bs = BenchShape {
+        name: "recorded",
+        num_layers: history.num_layers(),
+        shape,
+    };
+    let stride = a.stride.unwrap_or(a.history);
+    let inputs =
+        RollingInputs::recorded(&bs, &history, a.history, stride, a.steps, prev).map_err(|e| {
+            match e {
+                eplb::EplbError::Request(m)
+                    if a.previous.is_none() && m.contains("needs at least") =>
+                {
+                    Fail(format!("{m} (--previous gives the placement in use)"))
+                }
+                other => Fail(other.to_string()),
+            }
+        })?;
+    notes.push(format!(
+        "replaying {} {} apart, each planning on {}: scored on windows {} to {} of {} (from 0)",
+        count(inputs.steps, "step"),
+        count(stride, "window"),
+        count(a.history, "window"),
+        inputs.offset + a.history,
+        inputs.offset + (inputs.steps - 1) * stride + a.history,
+        history.num_windows()
+    ));
+    let peer_inputs = RollingPeerInputs::new(&bs, &inputs);
+    if let Some(dir) = &a.export {
+        return export(dir, &peer_inputs);
+    }
+    let plans = match &a.peers {
+        Some(dir) => peer_runs(dir, &peer_inputs, notes)?,
+        None => Vec::new(),
+    };
+    let (rows, outcomes) = rolling::run_on(&bs, &inputs, &BenchOptions::default(), plans)?;
+    let outcomes: Vec<_> = outcomes
+        .into_iter()
+        .map(|o| (bs.name.to_string(), o))
+        .collect();
+    print_out(&rolling::markdown_table(&rows))?;
+    print_out(&rolling::summary(&rows, &outcomes))?;
+    if let Some(path) = &a.markdown {
+        let doc = markdown(a, &bs, history.num_windows(), &inputs, &rows, &outcomes);
+        write_out(Some(path), doc.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The report for `--markdown`: what was replayed, the protocol, the table, every step's PAR
+/// and the findings.
+fn markdown(
+    a: &BacktestArgs,
+    bs: &BenchShape,
+    windows: usize,
+    inputs: &RollingInputs,
+    rows: &[RollingRow],
+    outcomes: &[(String, RollingOutcome)],
+) -> String {
+    let shape = &bs.shape;
+    let peers = if a.peers.is_some() {
+        format!(
+            "{}\n\n{}\n",
+            crate::bench::rolling::PEERS_PROTOCOL
+                .replace("bench-peers --rolling", "bench-peers --backtest"),
+            crate::bench::rolling::peer_notes(outcomes)
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "# EPLB backtest: {load} replayed\n\n\
+         `moectl backtest` on `{load}`: {} ({} experts, {} layers; {} ranks, {} redundant slots, \
+         {}), {} {} apart, each planning on {}.\n\n\
+         Protocol: {PROTOCOL}\n\n{peers}{}\n## Next-window PAR step by step\n\n{}\n\
+         ## Findings (computed from the table)\n\n{}",
+        count(windows, "window"),
+        shape.num_experts,
+        bs.num_layers,
+        shape.num_ranks,
+        shape.num_redundant,
+        count(shape.num_nodes, "node"),
+        count(inputs.steps, "step"),
+        count(inputs.stride, "window"),
+        count(inputs.history, "window"),
+        rolling::markdown_table(rows),
+        rolling::steps_table(rows),
+        rolling::summary(rows, outcomes),
+        load = a.load.display(),
+    )
+}
+
+/// The recorded windows (per expert, summed `--aggregate` at a time) and the placement in
+/// use (`--previous`).
+fn read_trace(
+    a: &BacktestArgs,
+    notes: &mut Vec<String>,
+) -> Result<(LoadHistory, Option<Placement>), Fail> {
+    let mut load = inputs::read_load(&a.load, &a.layout)?;
+    notes.append(&mut load.notes);
+    let experts = inputs::load_experts(&load, a.physical_load, a.experts)?;
+    let prev = a
+        .previous
+        .as_deref()
+        .map(|f| {
+            inputs::read_placement(f, experts, Some(a.ranks), None, load.layout.as_ref(), notes)
+        })
+        .transpose()?;
+    inputs::settle_physical(
+        &mut load,
+        a.physical_load,
+        prev.as_ref(),
+        a.previous.as_deref(),
+        "--previous",
+    )?;
+    notes.append(&mut load.notes);
+    a.layout.check_load_shape(&load.history)?;
+    let recorded = load.history.num_windows();
+    let history = aggregate(load.history, a.aggregate)?;
+    if a.aggregate > 1 {
+        notes.push(format!(
+            "{} recorded, summed {} at a time: {}{}",
+            count(recorded, "window"),
+            a.aggregate,
+            count(history.num_windows(), "window"),
+            match recorded % a.aggregate {
+                0 => String::new(),
+                left => format!(" (the oldest {} left out)", count(left, "window")),
+            }
+        ));
+    }
+    Ok((history, prev))
+}
+
+/// Writes the peers' inputs to `dir/recorded/rolling.json`, where `eplb/peers/run_peers.py`
+/// finds a rolling export.
+fn export(dir: &Path, peer_inputs: &RollingPeerInputs) -> Result<(), Fail> {
+    let folder = dir.join(EXPORT_FOLDER);
+    std::fs::create_dir_all(&folder)
+        .map_err(|e| Fail(format!("cannot create {}: {e}", folder.display())))?;
+    let path = folder.join("rolling.json");
+    write_out(Some(&path), &serde_json::to_vec(peer_inputs)?)?;
+    print_out(&format!(
+        "wrote the replay's inputs to {} ({}); the peers' runs go to {}\n",
+        path.display(),
+        count(peer_inputs.steps, "step"),
+        folder.join("rolling").display()
+    ))
+}
+
+/// The peers' runs of an export made by `--export` from the same inputs: refused when the
+/// export's inputs differ from this run's (its peers planned on other windows).
+fn peer_runs(
+    dir: &Path,
+    expected: &RollingPeerInputs,
+    notes: &mut Vec<String>,
+) -> Result<Vec<RollingPeerPlan>, Fail> {
+    let path = dir.join(EXPORT_FOLDER).join("rolling.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        Fail(format!(
+            "cannot read {}: {e} (make the folder with moectl backtest --export)",
+            path.display()
+        ))
+    })?;
+    let exported: RollingPeerInputs =
+        serde_json::from_str(&text).map_err(|e| Fail(format!("{}: {e}", path.display())))?;
+    if &exported != expected {
+        return Err(Fail(format!(
+            "{} holds other inputs than this run's (another load, shape, --previous, --history, \
+             --stride, --aggregate or --steps): the peers planned on other windows; run with the \
+             export's flags or export again",
+            path.display()
+        )));
+    }
+    crate::bench::read_plans_in(
+        &dir.join(EXPORT_FOLDER).join("rolling"),
+        EXPORT_FOLDER,
+        "rolling run",
+        notes,
+    )
+}
+
+/// Sums every `by` consecutive windows into one, the newest group last; the oldest
+/// `len % by` windows, which fill no group, are left out.
+fn aggregate(history: LoadHistory, by: usize) -> Result<LoadHistory, Fail> {
+    if by == 1 {
+        return Ok(history);
+    }
+    let windows = history.windows();
+    if windows.len() < by {
+        return Err(Fail(format!(
+            "--aggregate {by}: the load has only {}",
+            count(windows.len(), "window")
+        )));
+    }
+    let summed = windows[windows.len() % by..]
+        .chunks(by)
+        .map(|group| {
+            let mut sum = group[0].clone();
+            for w in &group[1..] {
+                for (row, add) in sum.iter_mut().zip(w) {
+                    for (x, y) in row.iter_mut().zip(add) {
+                        *x += y;
+                    }
+                }
+            }
+            sum
+        })
+        .collect();
+    Ok(LoadHistory::new(summed)?)
+}
+
+const PROTOCOL: &str = "the recorded windows, oldest first. With --previous the placement in \
+use at step 0 is that placement and step k plans on windows kT .. kT+H-1; without it the start \
+is `joint`'s plan of the first H windows and step k plans on windows H+kT .. 2H+kT-1 (H = \
+--history, T = --stride; with --steps the latest steps are kept and the start moves with them). \
+Every policy plans with the placement it deployed at step k-1 and is scored on the window \
+recorded after its H windows (mean PAR over layers). Loads recorded by the engines count \
+tokens per logical expert, whatever the placement that served them, so every policy is scored \
+on the same counts. There is no expected PAR: a recorded trace has no law to draw other \
+windows from. The rows are those of `moectl bench --rolling` (its report explains each): keep \
+the starting placement, greedy, multi-episode-lpt, flashlb-like, joint, joint with a minimum \
+improvement of 0, joint with at most 1/16 and 1/8 of the slots moved per layer, joint replanning \
+only what the operator's trigger picks (its defaults; every layer above the threshold; a \
+threshold of 1.1), and each next window's lower bound.";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregation_sums_groups_and_leaves_out_the_oldest_remainder() {
+        let w = |v: f64| vec![vec![v, 2.0 * v]];
+        let h = LoadHistory::new((1..=5).map(|v| w(v as f64)).collect()).unwrap();
+        let two = aggregate(h.clone(), 2).map_err(|f| f.0).unwrap();
+        // Windows 2+3 and 4+5; window 1 fills no group.
+        assert_eq!(two.windows(), &[w(5.0), w(9.0)]);
+        let one = aggregate(h.clone(), 1).map_err(|f| f.0).unwrap();
+        assert_eq!(one.windows(), h.windows());
+        assert!(aggregate(h, 6).is_err());
+    }
+}

@@ -1,0 +1,219 @@
+//! `moectl backtest` end to end: a recorded trace replayed, checked against `plan` and `eval`
+//! run by hand on the same windows.
+
+mod common;
+
+use common::*;
+
+/// Windows of a drifting trace `[W][L][E]`, 2 layers of 8 experts (deterministic).
+fn trace(windows: usize) -> Vec<Vec<Vec<u64>>> {
+    (0..windows)
+        .map(|w| {
+            (0..2)
+                .map(|l| {
+                    (0..8)
+                        .map(|e| {
+                            let phase = (w as f64) * 0.4 + (e * (l + 2)) as f64;
+                            (1000.0 / (1.0 + e as f64) * (1.5 + phase.sin())).round() as u64
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap()
+}
+
+/// The note that says which windows were scored.
+fn replay_note(o: &std::process::Output) -> String {
+    stderr(o)
+        .lines()
+        .find(|l| l.contains("replaying"))
+        .unwrap_or_else(|| panic!("no replay note: {}", stderr(o)))
+        .to_string()
+}
+
+/// A row's next PAR (the table's third column).
+fn next_par(table: &str, policy: &str) -> f64 {
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&format!("| recorded | {policy} |")))
+        .unwrap_or_else(|| panic!("no row {policy}: {table}"));
+    row.split('|').nth(3).unwrap().trim().parse().unwrap()
+}
+
+/// `moectl backtest` on `load` with 4 ranks and 4 redundant slots, then `extra`.
+fn backtest(load: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "backtest",
+        "--load",
+        load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+    ];
+    args.extend_from_slice(extra);
+    moectl(&args)
+}
+
+#[test]
+fn backtest_replays_a_recorded_trace_as_plan_and_eval_would() {
+    let d = Dir::new("backtest");
+    let windows = trace(9);
+    let load = d.file("trace.json", &json(&windows));
+    let md = d.path("report.md");
+    let o = backtest(&load, &["--history", "2", "--markdown", &md]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Without a placement in use the first 2 windows make the start; 3 steps of 2 fit.
+    assert!(
+        replay_note(&o).contains(
+            "replaying 3 steps 2 windows apart, each planning on 2 windows: scored on windows 4 to 8 of 9"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    let table = stdout(&o);
+    for policy in [
+        "joint",
+        "multi-episode-lpt",
+        "greedy",
+        "lower bound (each next window)",
+    ] {
+        assert!(next_par(&table, policy) >= 1.0, "{policy}");
+    }
+    let report = std::fs::read_to_string(&md).unwrap();
+    assert!(report.contains("# EPLB backtest") && report.contains(" step 3 |"));
+
+    // The starting placement, planned and scored by hand: joint on windows 0-1, then its
+    // mean PAR on windows 4, 6 and 8, averaged, is the row that never replans.
+    let start = d.path("start.json");
+    let first = d.file("first.json", &json(&windows[..2].to_vec()));
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &first,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--output",
+        &start,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut sum = 0.0;
+    for w in [4, 6, 8] {
+        let one = d.file(&format!("w{w}.json"), &json(&windows[w]));
+        let o = moectl(&["eval", "--placement", &start, "--load", &one, "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        sum += v["mean_par"].as_f64().unwrap();
+    }
+    let keep = next_par(&table, "keep the starting placement");
+    assert!((keep - sum / 3.0).abs() < 6e-5, "{keep} vs {}", sum / 3.0);
+
+    // From the placement in use, step 0 plans on windows 0-1; the latest 2 steps of a stride
+    // of 1 are scored on windows 7 and 8, and the start is that placement.
+    let o = backtest(
+        &load,
+        &[
+            "--history",
+            "2",
+            "--stride",
+            "1",
+            "--steps",
+            "2",
+            "--previous",
+            &start,
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        replay_note(&o).contains("replaying 2 steps 1 window apart")
+            && replay_note(&o).contains("scored on windows 7 to 8 of 9"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn backtest_sums_windows_and_refuses_what_it_cannot_replay() {
+    let d = Dir::new("backtest-bad");
+    let load = d.file("trace.json", &json(&trace(9)));
+    let run = |extra: &[&str]| backtest(&load, extra);
+    // 9 windows summed 2 at a time: 4, the oldest left out; H = 1 leaves 2 steps.
+    let o = run(&["--aggregate", "2", "--history", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(
+            "9 windows recorded, summed 2 at a time: 4 windows (the oldest 1 window left out)"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        replay_note(&o).contains("replaying 2 steps"),
+        "{}",
+        stderr(&o)
+    );
+    // Too short without a placement in use: the message says how many and what helps.
+    assert_bad(&run(&["--history", "5"]), "needs at least 11");
+    assert_bad(&run(&["--history", "5"]), "--previous");
+    assert_bad(&run(&["--aggregate", "0"]), "--aggregate 0");
+    assert_bad(&run(&["--aggregate", "10"]), "--aggregate 10");
+    assert_bad(
+        &run(&["--physical-load"]),
+        "--physical-load needs --previous",
+    );
+    assert_bad(&run(&["--history", "2", "--stride", "0"]), "stride of 0");
+    assert_bad(&run(&["--history", "2", "--steps", "0"]), "at most 0 steps");
+}
+
+#[test]
+fn backtest_exports_for_the_peers_and_scores_only_the_same_inputs() {
+    let d = Dir::new("backtest-export");
+    let load = d.file("trace.json", &json(&trace(9)));
+    let dir = d.path("export");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--history", "2"];
+        args.extend_from_slice(extra);
+        backtest(&load, &args)
+    };
+    let o = run(&["--export", &dir]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let exported: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{dir}/recorded/rolling.json")).unwrap(),
+    )
+    .unwrap();
+    // The steps' windows (not the ones that made the start, nor the last one scored) and the
+    // start, as the peers' rolling driver reads them.
+    assert_eq!(exported["steps"], 3);
+    assert_eq!(exported["history_windows"], 2);
+    assert_eq!(exported["windows"].as_array().unwrap().len(), 6);
+    let first: Vec<Vec<f64>> = serde_json::from_value(exported["windows"][0].clone()).unwrap();
+    let want: Vec<Vec<f64>> = trace(9)[2]
+        .iter()
+        .map(|row| row.iter().map(|&x| x as f64).collect())
+        .collect();
+    assert_eq!(first, want);
+    assert_eq!(exported["shape"], "recorded");
+    // Scoring needs the same inputs; without the peers' runs a note says so.
+    let o = run(&["--peers", &dir]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no peer plans for recorded"),
+        "{}",
+        stderr(&o)
+    );
+    assert_bad(
+        &run(&["--peers", &dir, "--stride", "1"]),
+        "holds other inputs than this run's",
+    );
+    assert_bad(
+        &run(&["--peers", &d.path("nowhere")]),
+        "make the folder with moectl backtest --export",
+    );
+}
