@@ -22,10 +22,10 @@ const MAX_AGGREGATE: usize = 1 << 20;
 
 #[derive(clap::Args, Debug)]
 pub struct BacktestArgs {
-    /// The recorded load, oldest window first, at least H + 1 windows: any format `plan`
-    /// reads ([W][L][E], {"windows": ...}, OpenEvolve's {"load_history": ...}, SGLang's
-    /// {"logical_count": [N][L][E]}, vLLM's per-slot [W][L][P] with --physical-load; SGLang's
-    /// `.pt` dump is one window).
+    /// The recorded load, oldest window first, at least H + 1 windows: [W][L][E],
+    /// {"windows": ...}, OpenEvolve's {"load_history": ...}, vLLM's per-slot [W][L][P] with
+    /// --physical-load (SGLang's recorder files read as one window: their ring is not in time
+    /// order).
     #[arg(long)]
     load: PathBuf,
     /// EP ranks (GPUs).
@@ -62,8 +62,8 @@ pub struct BacktestArgs {
     #[arg(long, value_name = "T")]
     stride: Option<usize>,
     /// Sum every A consecutive recorded windows into one before replaying (for recorders that
-    /// count each forward pass: vLLM's expert_load_window, SGLang's logical_count); the oldest
-    /// windows that do not fill a group are left out.
+    /// count each forward pass, as vLLM's expert_load_window does); the oldest windows that do
+    /// not fill a group are left out.
     #[arg(long, value_name = "A", default_value_t = 1)]
     aggregate: usize,
     /// Replay at most K steps, the latest ones.
