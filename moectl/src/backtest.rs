@@ -22,7 +22,8 @@ const MAX_AGGREGATE: usize = 1 << 20;
 
 #[derive(clap::Args, Debug)]
 pub struct BacktestArgs {
-    /// The recorded load, oldest window first, at least H + 1 windows: [W][L][E],
+    /// The recorded load, oldest window first (2H + 1 windows at least, H + 1 with
+    /// --previous): [W][L][E],
     /// {"windows": ...}, OpenEvolve's {"load_history": ...}, vLLM's per-slot [W][L][P] with
     /// --physical-load (SGLang's recorder files read as one window: their ring is not in time
     /// order).
