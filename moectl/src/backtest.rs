@@ -73,6 +73,10 @@ pub struct BacktestArgs {
     /// Also write the report as markdown to this file (with the PAR of every step).
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Print every row as JSON (one object: the steps and each row's per-step PAR, slots
+    /// moved, layers changed and planning time) instead of the table.
+    #[arg(long)]
+    json: bool,
     /// Write the replay's inputs for the peers' code to DIR/recorded/rolling.json and stop:
     /// step one of `scripts/bench-peers --backtest`.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["peers", "markdown"])]
@@ -151,8 +155,19 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         .into_iter()
         .map(|o| (bs.name.to_string(), o))
         .collect();
-    print_out(&rolling::markdown_table(&rows))?;
-    print_out(&rolling::summary(&rows, &outcomes))?;
+    if a.json {
+        let report = serde_json::json!({
+            "steps": inputs.steps,
+            "stride": inputs.stride,
+            "history": inputs.history,
+            "first_scored_window": inputs.offset + inputs.history,
+            "rows": rows,
+        });
+        print_out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
+    } else {
+        print_out(&rolling::markdown_table(&rows))?;
+        print_out(&rolling::summary(&rows, &outcomes))?;
+    }
     if let Some(path) = &a.markdown {
         let doc = markdown(a, &bs, history.num_windows(), &inputs, &rows, &outcomes);
         write_out(Some(path), doc.as_bytes())?;

@@ -85,6 +85,31 @@ fn backtest_replays_a_recorded_trace_as_plan_and_eval_would() {
     ] {
         assert!(next_par(&table, policy) >= 1.0, "{policy}");
     }
+    // --json: the same rows, per step; a recorded trace's expected PAR is null.
+    let o = backtest(&load, &["--history", "2", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        (v["steps"].as_u64(), v["first_scored_window"].as_u64()),
+        (Some(3), Some(4))
+    );
+    let joint = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["algorithm"] == "joint")
+        .unwrap();
+    let pars: Vec<f64> = serde_json::from_value(joint["next_par"].clone()).unwrap();
+    assert_eq!(pars.len(), 3);
+    let mean = pars.iter().sum::<f64>() / 3.0;
+    assert!((mean - next_par(&table, "joint")).abs() < 6e-5);
+    assert!(
+        joint["expected_par"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x.is_null())
+    );
     let report = std::fs::read_to_string(&md).unwrap();
     assert!(report.contains("# EPLB backtest") && report.contains(" step 3 |"));
 
