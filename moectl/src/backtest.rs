@@ -224,25 +224,15 @@ fn read_trace(
     a: &BacktestArgs,
     notes: &mut Vec<String>,
 ) -> Result<(LoadHistory, Option<Placement>), Fail> {
-    let mut load = inputs::read_load(&a.load, &a.layout)?;
-    notes.append(&mut load.notes);
-    let experts = inputs::load_experts(&load, a.physical_load, a.experts)?;
-    let prev = a
-        .previous
-        .as_deref()
-        .map(|f| {
-            inputs::read_placement(f, experts, Some(a.ranks), None, load.layout.as_ref(), notes)
-        })
-        .transpose()?;
-    inputs::settle_physical(
-        &mut load,
+    let (load, prev) = inputs::read_load_and_previous(
+        &a.load,
+        &a.layout,
         a.physical_load,
-        prev.as_ref(),
+        a.experts,
         a.previous.as_deref(),
-        "--previous",
+        a.ranks,
+        notes,
     )?;
-    notes.append(&mut load.notes);
-    a.layout.check_load_shape(&load.history)?;
     let recorded = load.history.num_windows();
     let history = aggregate(load.history, a.aggregate)?;
     if a.aggregate > 1 {

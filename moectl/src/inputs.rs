@@ -574,6 +574,46 @@ pub fn settle_physical(
     }
 }
 
+/// What `plan` and `backtest` read: the load (per expert: `--physical-load` counts mapped
+/// through `previous`), and `previous`, the placement in use (`--previous`), read with the
+/// load's expert count or `--experts` and `ranks`; the load's shape checked against the
+/// layout flags. The readers' notes go to `notes`.
+pub fn read_load_and_previous(
+    load: &Path,
+    layout: &LayoutArgs,
+    physical_load: bool,
+    experts: Option<usize>,
+    previous: Option<&Path>,
+    ranks: usize,
+    notes: &mut Vec<String>,
+) -> Result<(LoadInput, Option<Placement>), Fail> {
+    let mut load = read_load(load, layout)?;
+    notes.append(&mut load.notes);
+    let experts = load_experts(&load, physical_load, experts)?;
+    let prev = previous
+        .map(|f| read_placement(f, experts, Some(ranks), None, load.layout.as_ref(), notes))
+        .transpose()?;
+    if let (Some(Experts::Flag(e)), Some(p), Some(f)) = (experts, &prev, previous)
+        && e != p.num_logical_experts
+    {
+        return Err(Fail(format!(
+            "--experts {e} contradicts {}, which holds {} routed experts",
+            f.display(),
+            p.num_logical_experts
+        )));
+    }
+    settle_physical(
+        &mut load,
+        physical_load,
+        prev.as_ref(),
+        previous,
+        "--previous",
+    )?;
+    notes.append(&mut load.notes);
+    layout.check_load_shape(&load.history)?;
+    Ok((load, prev))
+}
+
 /// The layout SGLang output needs, or the error that says which flag gives it.
 pub fn need_layout(layout: Option<&DecoderLayout>) -> Result<&DecoderLayout, Fail> {
     layout.ok_or_else(|| {

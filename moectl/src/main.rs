@@ -391,30 +391,15 @@ fn plan(
         )?;
     }
     let mut clock = Stopwatch::new();
-    let mut load = inputs::read_load(load, layout)?;
-    notes.append(&mut load.notes);
-    let experts = inputs::load_experts(&load, physical_load, experts)?;
-    let prev = previous
-        .map(|f| inputs::read_placement(f, experts, Some(ranks), None, load.layout.as_ref(), notes))
-        .transpose()?;
-    if let (Some(inputs::Experts::Flag(e)), Some(p), Some(f)) = (experts, &prev, previous)
-        && e != p.num_logical_experts
-    {
-        return Err(Fail(format!(
-            "--experts {e} contradicts {}, which holds {} routed experts",
-            f.display(),
-            p.num_logical_experts
-        )));
-    }
-    inputs::settle_physical(
-        &mut load,
+    let (load, prev) = inputs::read_load_and_previous(
+        load,
+        layout,
         physical_load,
-        prev.as_ref(),
+        experts,
         previous,
-        "--previous",
+        ranks,
+        notes,
     )?;
-    notes.append(&mut load.notes);
-    layout.check_load_shape(&load.history)?;
     if format == Format::Sglang {
         inputs::need_layout(load.layout.as_ref())?;
     }

@@ -156,6 +156,14 @@ fn backtest_replays_a_recorded_trace_as_plan_and_eval_would() {
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    // The inputs are read as `plan` reads them: --experts must agree with the placement.
+    assert_bad(
+        &backtest(
+            &load,
+            &["--physical-load", "--experts", "9", "--previous", &start],
+        ),
+        "--experts 9 contradicts",
+    );
     assert!(
         replay_note(&o).contains("replaying 2 steps 1 window apart")
             && replay_note(&o).contains("scored on windows 7 to 8 of 9"),
