@@ -92,13 +92,15 @@ pub fn summary(rows: &[RollingRow], outcomes: &[(String, RollingOutcome)]) -> St
         let steps = joint.next_par.len();
         // A recorded trace has no law to draw the next windows from: no expected PAR.
         let drawn = !joint.mean_expected().is_nan();
-        let both = |next: f64, expected: f64| {
+        // "on the windows that happened / in expectation", or the first alone.
+        let pair = |next: String, expected: String| {
             if drawn {
-                format!("{next:.4} / {expected:.4}")
+                format!("{next} / {expected}")
             } else {
-                format!("{next:.4}")
+                next
             }
         };
+        let both = |next: f64, expected: f64| pair(format!("{next:.4}"), format!("{expected:.4}"));
         out.push_str(&format!(
             "- **{shape}** ({steps} steps; joint: next {}{:.1}% of the slots moved per step): ",
             if drawn {
@@ -126,15 +128,10 @@ pub fn summary(rows: &[RollingRow], outcomes: &[(String, RollingOutcome)]) -> St
                     r.moved_total() as f64 / joint.moved_total().max(1) as f64
                 )
             };
-            let lower = if drawn {
-                format!(
-                    "{:.2}% / {:.2}%",
-                    below(joint.mean_next(), r.mean_next()),
-                    below(joint.mean_expected(), r.mean_expected())
-                )
-            } else {
-                format!("{:.2}%", below(joint.mean_next(), r.mean_next()))
-            };
+            let lower = pair(
+                format!("{:.2}%", below(joint.mean_next(), r.mean_next())),
+                format!("{:.2}%", below(joint.mean_expected(), r.mean_expected())),
+            );
             parts.push(format!(
                 "{} {} (joint {lower} lower), {moves}",
                 r.algorithm,
