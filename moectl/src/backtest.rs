@@ -138,8 +138,8 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         count(inputs.steps, "step"),
         count(stride, "window"),
         count(a.history, "window"),
-        inputs.offset + a.history,
-        inputs.offset + (inputs.steps - 1) * stride + a.history,
+        inputs.scored_at(0),
+        inputs.scored_at(inputs.steps - 1),
         history.num_windows()
     ));
     let peer_inputs = RollingPeerInputs::new(&bs, &inputs);
@@ -160,7 +160,7 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
             "steps": inputs.steps,
             "stride": inputs.stride,
             "history": inputs.history,
-            "first_scored_window": inputs.offset + inputs.history,
+            "first_scored_window": inputs.scored_at(0),
             "rows": rows,
         });
         print_out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;

@@ -245,9 +245,14 @@ impl RollingInputs {
         LoadHistory::new(self.windows[first..first + self.history].to_vec())
     }
 
+    /// The index of the window step `k`'s plan is scored on.
+    pub fn scored_at(&self, k: usize) -> usize {
+        self.first_at(k) + self.history
+    }
+
     /// The window step `k`'s plan is scored on.
     pub fn next_at(&self, k: usize) -> &[Vec<f64>] {
-        &self.windows[self.first_at(k) + self.history]
+        &self.windows[self.scored_at(k)]
     }
 }
 
@@ -334,7 +339,7 @@ impl<'a> RollingScorer<'a> {
             Some(law) => (0..inputs.steps)
                 .map(|k| {
                     draw_next_windows(
-                        &law.expected[inputs.first_at(k) + inputs.history],
+                        &law.expected[inputs.scored_at(k)],
                         &law.spec,
                         next_draws_seed(opts) ^ ((k as u64 + 1) << 32),
                         NEXT_DRAWS,
