@@ -16,6 +16,8 @@ use eplb::{LoadHistory, Placement, Shape};
 use crate::inputs::{self, LayoutArgs, count};
 use crate::{Fail, print_out, write_out};
 
+mod sweep;
+
 /// The most windows summed into one (`--aggregate`): a recorder that counts every forward
 /// pass holds a few thousand of them at most.
 const MAX_AGGREGATE: usize = 1 << 20;
@@ -55,11 +57,19 @@ pub struct BacktestArgs {
     experts: Option<usize>,
     #[command(flatten)]
     layout: LayoutArgs,
-    /// Windows each step plans on (H).
-    #[arg(long, default_value_t = 8)]
-    history: usize,
+    /// Windows each step plans on (H). Several, comma-separated (1,2,4,8): one replay each,
+    /// all scored on the same windows, and a table of every policy at every H with the best
+    /// settings, the operator's `spec.eplb` among them.
+    #[arg(
+        long,
+        value_name = "H[,H...]",
+        value_delimiter = ',',
+        default_value = "8"
+    )]
+    history: Vec<usize>,
     /// Windows between consecutive steps (default: --history, so each step plans only on the
-    /// windows recorded since the step before, as the engines count; 1 slides one window).
+    /// windows recorded since the step before, as the engines count; 1 with several
+    /// --history values, as the operator replans each window; 1 slides one window).
     #[arg(long, value_name = "T")]
     stride: Option<usize>,
     /// Sum every A consecutive recorded windows into one before replaying (for recorders that
@@ -109,6 +119,9 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         )?;
     }
     let (history, prev) = read_trace(a, notes)?;
+    let mut histories = a.history.clone();
+    histories.sort_unstable();
+    histories.dedup();
     let shape = Shape::new(
         history.num_experts(),
         a.redundant,
@@ -121,27 +134,13 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         num_layers: history.num_layers(),
         shape,
     };
-    let stride = a.stride.unwrap_or(a.history);
-    let inputs =
-        RollingInputs::recorded(&bs, &history, a.history, stride, a.steps, prev).map_err(|e| {
-            match e {
-                eplb::EplbError::Request(m)
-                    if a.previous.is_none() && m.contains("needs at least") =>
-                {
-                    Fail(format!("{m} (--previous gives the placement in use)"))
-                }
-                other => Fail(other.to_string()),
-            }
-        })?;
-    notes.push(format!(
-        "replaying {} {} apart, each planning on {}: scored on windows {} to {} of {} (from 0)",
-        count(inputs.steps, "step"),
-        count(stride, "window"),
-        count(a.history, "window"),
-        inputs.scored_at(0),
-        inputs.scored_at(inputs.steps - 1),
-        history.num_windows()
-    ));
+    let &[h] = histories.as_slice() else {
+        return sweep::backtest_histories(a, &bs, &history, &histories, prev, notes);
+    };
+    let stride = a.stride.unwrap_or(h);
+    let inputs = RollingInputs::recorded(&bs, &history, h, stride, a.steps, prev)
+        .map_err(|e| replay_error(a, e))?;
+    notes.push(replay_note(&inputs, history.num_windows()));
     let peer_inputs = RollingPeerInputs::new(&bs, &inputs);
     if let Some(dir) = &a.export {
         return export(dir, &peer_inputs);
@@ -173,6 +172,29 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         write_out(Some(path), doc.as_bytes())?;
     }
     Ok(())
+}
+
+/// A replay the windows cannot make, with the hint that `--previous` shortens what it needs.
+fn replay_error(a: &BacktestArgs, e: eplb::EplbError) -> Fail {
+    match e {
+        eplb::EplbError::Request(m) if a.previous.is_none() && m.contains("needs at least") => {
+            Fail(format!("{m} (--previous gives the placement in use)"))
+        }
+        other => Fail(other.to_string()),
+    }
+}
+
+/// Which windows a replay plans on and is scored on (a note on stderr).
+fn replay_note(inputs: &RollingInputs, windows: usize) -> String {
+    format!(
+        "replaying {} {} apart, each planning on {}: scored on windows {} to {} of {} (from 0)",
+        count(inputs.steps, "step"),
+        count(inputs.stride, "window"),
+        count(inputs.history, "window"),
+        inputs.scored_at(0),
+        inputs.scored_at(inputs.steps - 1),
+        windows
+    )
 }
 
 /// The report for `--markdown`: what was replayed, the protocol, the table, every step's PAR

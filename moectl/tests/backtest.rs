@@ -250,3 +250,92 @@ fn backtest_exports_for_the_peers_and_scores_only_the_same_inputs() {
         "make the folder with moectl backtest --export",
     );
 }
+
+/// A row of one history's replay in `--json` output.
+fn json_row<'a>(replay: &'a serde_json::Value, policy: &str) -> &'a serde_json::Value {
+    replay["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["algorithm"] == policy)
+        .unwrap_or_else(|| panic!("no row {policy}"))
+}
+
+#[test]
+fn backtest_with_several_histories_equals_one_replay_each_on_the_same_windows() {
+    let d = Dir::new("backtest-histories");
+    let load = d.file("trace.json", &json(&trace(11)));
+    let md = d.path("sweep.md");
+    let o = backtest(
+        &load,
+        &["--history", "3,1", "--steps", "3", "--markdown", &md],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // One step a window (the operator replans each window), the last on the newest window.
+    for h in ["1 window", "3 windows"] {
+        assert!(
+            stderr(&o).contains(&format!(
+                "replaying 3 steps 1 window apart, each planning on {h}: scored on windows 8 to 10 of 11"
+            )),
+            "{}",
+            stderr(&o)
+        );
+    }
+    let table = stdout(&o);
+    assert!(table.starts_with("| policy | H = 1 | H = 3 |\n"), "{table}");
+    assert!(table.contains("- Lowest next-window PAR: "), "{table}");
+    assert!(table.contains("spec:\n    eplb:\n      algorithm: joint\n      historyWindows: "));
+    let report = std::fs::read_to_string(&md).unwrap();
+    assert!(report.contains("## H = 1\n") && report.contains("## H = 3\n"));
+
+    // --json: each history's rows are those of a replay of that history alone.
+    let o = backtest(&load, &["--history", "1,3", "--steps", "3", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        (v["steps"].as_u64(), v["first_scored_window"].as_u64()),
+        (Some(3), Some(8))
+    );
+    let mut lowest = f64::INFINITY;
+    for (i, h) in ["1", "3"].into_iter().enumerate() {
+        let replay = &v["histories"][i];
+        assert_eq!(replay["history"].to_string(), h);
+        let alone = backtest(
+            &load,
+            &["--history", h, "--stride", "1", "--steps", "3", "--json"],
+        );
+        assert!(alone.status.success(), "{}", stderr(&alone));
+        let alone: serde_json::Value = serde_json::from_str(&stdout(&alone)).unwrap();
+        for policy in ["joint", "multi-episode-lpt", "keep the starting placement"] {
+            assert_eq!(
+                json_row(replay, policy)["next_par"],
+                json_row(&alone, policy)["next_par"],
+                "H = {h}, {policy}"
+            );
+        }
+        for row in replay["rows"].as_array().unwrap() {
+            if row["algorithm"] != "lower bound (each next window)" {
+                let pars: Vec<f64> = serde_json::from_value(row["next_par"].clone()).unwrap();
+                lowest = lowest.min(pars.iter().sum::<f64>() / 3.0);
+            }
+        }
+    }
+    // The best is the lowest row of all; the operator's is a trigger row, with its settings.
+    assert!((v["best"]["next_par"].as_f64().unwrap() - lowest).abs() < 1e-12);
+    let op = &v["operator"];
+    assert!(
+        op["policy"]
+            .as_str()
+            .unwrap()
+            .starts_with("joint, operator trigger")
+    );
+    assert_eq!(op["eplb"]["historyWindows"], op["history"]);
+    assert_eq!(op["eplb"]["algorithm"], "joint");
+
+    // Too few windows for the longest history: the message names what it needs.
+    assert_bad(&backtest(&load, &["--history", "1,6"]), "needs at least 13");
+    assert_bad(
+        &backtest(&load, &["--history", "1,2", "--export", &d.path("x")]),
+        "give one --history value",
+    );
+}

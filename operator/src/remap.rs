@@ -160,35 +160,15 @@ pub fn decide(i: &DecisionInput<'_>) -> Decision {
 
 /// Keeps the planned layers worth moving: those the plan improves. For a threshold-triggered
 /// remap the worst PAR of the kept layers must also drop by at least `hysteresis` (otherwise
-/// the planner cannot do better and remapping would only churn).
+/// the planner cannot do better and remapping would only churn). The rule is eplb's
+/// [`eplb::accept_layers`], which `moectl bench --rolling` and `moectl backtest` replay.
 pub fn accept_plan(
     trigger: Trigger,
     before: &[(usize, f64)],
     predicted: &[(usize, f64)],
     hysteresis: f64,
 ) -> Vec<usize> {
-    let kept: Vec<usize> = before
-        .iter()
-        .filter_map(|&(layer, b)| {
-            let p = predicted.iter().find(|(l, _)| *l == layer)?.1;
-            (p < b - 1e-9).then_some(layer)
-        })
-        .collect();
-    if kept.is_empty() {
-        return kept;
-    }
-    if trigger == Trigger::Threshold {
-        let worst = |v: &[(usize, f64)]| {
-            v.iter()
-                .filter(|(l, _)| kept.contains(l))
-                .map(|&(_, p)| p)
-                .fold(0.0f64, f64::max)
-        };
-        if worst(before) - worst(predicted) < hysteresis {
-            return Vec::new();
-        }
-    }
-    kept
+    eplb::accept_layers(trigger == Trigger::Threshold, before, predicted, hysteresis)
 }
 
 /// The longest prefix of `layers` whose moved bytes fit the budget (at least one layer is

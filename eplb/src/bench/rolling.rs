@@ -28,9 +28,13 @@ use serde::Serialize;
 
 mod peers;
 mod report;
+mod sweep;
+mod trigger;
 
 pub use peers::{PeerStep, RollingOutcome, RollingPeerInputs, RollingPeerPlan, score_rolling_peer};
 pub use report::{markdown_table, steps_table, summary};
+use trigger::accepted;
+pub use trigger::{OPERATOR_DEFAULTS, Trigger, replayed_triggers};
 
 use super::{
     BenchOptions, BenchShape, NEXT_DRAWS, draw_next_windows, mean_lower_bound,
@@ -40,7 +44,7 @@ use crate::error::{EplbError, Result};
 use crate::load::LoadHistory;
 use crate::metrics::{migration_cost, score};
 use crate::placement::Placement;
-use crate::planner::{PlanRequest, planner_by_name, worst_first};
+use crate::planner::{PlanRequest, planner_by_name};
 use crate::synth::{TraceSpec, generate_with_expectation};
 use crate::traffic::{cross_node_moves, mean_cross_node_share};
 
@@ -48,55 +52,6 @@ use crate::traffic::{cross_node_moves, mean_cross_node_share};
 pub const MAX_STEPS: usize = 64;
 /// The largest stride: the trace holds `(K - 1) T` windows more than two histories.
 pub const MAX_STRIDE: usize = 1024;
-
-/// When the operator's live loop remaps and which layers (`operator::remap::decide`): once
-/// some layer's PAR, measured on the latest window under the placement in use, is above
-/// `threshold`, every layer above `threshold - hysteresis` is replanned, worst first, at most
-/// `max_layers` of them.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Trigger {
-    /// `spec.eplb.imbalanceThreshold`.
-    pub threshold: f64,
-    /// `spec.eplb.hysteresis`.
-    pub hysteresis: f64,
-    /// `spec.eplb.maxLayersPerRemap` (`None`: every layer).
-    pub max_layers: Option<usize>,
-}
-
-/// The operator's defaults (the CRD's: threshold 1.2, hysteresis 0.05, 8 layers per remap).
-pub const OPERATOR_DEFAULTS: Trigger = Trigger {
-    threshold: 1.2,
-    hysteresis: 0.05,
-    max_layers: Some(8),
-};
-
-impl Trigger {
-    /// The layers to replan under `pars` (per layer), worst first; none while the worst
-    /// finite PAR is at or below the threshold.
-    pub fn layers(&self, pars: &[f64]) -> Vec<usize> {
-        let mut layers = worst_first(pars, self.threshold - self.hysteresis);
-        if layers.first().is_none_or(|&l| pars[l] <= self.threshold) {
-            return Vec::new();
-        }
-        if let Some(m) = self.max_layers {
-            layers.truncate(m.max(1));
-        }
-        layers
-    }
-
-    /// The row's name, in the CRD's terms (`spec.eplb.*`).
-    fn label(&self) -> String {
-        format!(
-            "joint, operator trigger (imbalanceThreshold {:.2}, hysteresis {:.2}, {})",
-            self.threshold,
-            self.hysteresis,
-            self.max_layers
-                .map_or("every layer".to_string(), |m| format!(
-                    "maxLayersPerRemap {m}"
-                ))
-        )
-    }
-}
 
 /// The generator's law behind a synthetic trace: what a window's draws, and so the expected
 /// PAR, come from.
@@ -434,22 +389,31 @@ fn run_ours(
         if let Some(m) = policy.min_improvement {
             req.min_improvement = m;
         }
+        // The operator measures the window recorded under the placement in use.
+        let latest = &history.windows()[history.num_windows() - 1];
+        let mut before = None;
         if let Some(trigger) = &policy.trigger {
-            // The operator measures the window recorded under the placement in use.
-            let latest = &history.windows()[history.num_windows() - 1];
-            let layers = trigger.layers(&score(&deployed, latest)?.per_layer);
+            let pars = score(&deployed, latest)?.per_layer;
+            let layers = trigger.layers(&pars);
             if layers.is_empty() {
                 row.plan_ms.push(0.0);
                 scorer.push_step(&mut row, k, &deployed, &deployed)?;
                 continue;
             }
             req = req.layers(layers);
+            before = Some(pars);
         }
         let t0 = Instant::now();
         let plan = planner.plan(&req)?;
         row.plan_ms.push(t0.elapsed().as_secs_f64() * 1e3);
-        scorer.push_step(&mut row, k, &deployed, &plan.placement)?;
-        deployed = plan.placement;
+        let next = match (&policy.trigger, before) {
+            (Some(trigger), Some(pars)) => {
+                accepted(&deployed, plan.placement, latest, &pars, trigger)?
+            }
+            _ => plan.placement,
+        };
+        scorer.push_step(&mut row, k, &deployed, &next)?;
+        deployed = next;
     }
     Ok(row)
 }
@@ -515,18 +479,7 @@ pub fn run_on(
             ..plain(&format!("joint (max {budget}/layer)"), "joint", threads)
         });
     }
-    for trigger in [
-        OPERATOR_DEFAULTS,
-        Trigger {
-            max_layers: None,
-            ..OPERATOR_DEFAULTS
-        },
-        Trigger {
-            threshold: 1.1,
-            max_layers: None,
-            ..OPERATOR_DEFAULTS
-        },
-    ] {
+    for trigger in replayed_triggers() {
         policies.push(OurPolicy {
             trigger: Some(trigger),
             ..plain(&trigger.label(), "joint", threads)

@@ -293,6 +293,40 @@ pub fn worst_first(layer_par: &[f64], floor: f64) -> Vec<usize> {
     layers
 }
 
+/// The planned layers worth their moves, as the operator keeps them after planning
+/// (`operator::remap::accept_plan`, and the benchmark's replay of its trigger): the layers whose
+/// predicted PAR is below the PAR before (both on the window the trigger measured), and, for
+/// a remap the threshold triggered (`threshold_triggered`), only if the worst PAR of those
+/// layers drops by at least `hysteresis`: otherwise the planner cannot do better and a remap
+/// would only churn. `before` and `predicted`: `(layer, PAR)`.
+pub fn accept_layers(
+    threshold_triggered: bool,
+    before: &[(usize, f64)],
+    predicted: &[(usize, f64)],
+    hysteresis: f64,
+) -> Vec<usize> {
+    let kept: Vec<usize> = before
+        .iter()
+        .filter_map(|&(layer, b)| {
+            let p = predicted.iter().find(|(l, _)| *l == layer)?.1;
+            (p < b - 1e-9).then_some(layer)
+        })
+        .collect();
+    if kept.is_empty() || !threshold_triggered {
+        return kept;
+    }
+    let worst = |v: &[(usize, f64)]| {
+        v.iter()
+            .filter(|(l, _)| kept.contains(l))
+            .map(|&(_, p)| p)
+            .fold(0.0f64, f64::max)
+    };
+    if worst(before) - worst(predicted) < hysteresis {
+        return Vec::new();
+    }
+    kept
+}
+
 /// Result of [`select_layers`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerSelection {

@@ -133,6 +133,7 @@ until some layer's PAR on the latest window, under the placement in use, is abov
 `spec.eplb.imbalanceThreshold`, then the layers above the threshold minus `hysteresis`, worst \
 first, at most `maxLayersPerRemap` (the defaults: 1.2, 0.05, 8; then without the layer cap, \
 and with a threshold of 1.1), once per step: the operator's cooldown between remaps \
-(`replanIntervalSeconds`) is taken as one step, and its acceptance check (the worst PAR must \
-drop by `hysteresis`) is left to joint's own (a layer is kept unless its objective drops by \
-0.5%). The lower bound is each next window's (largest water-filled replica load, at least 1), averaged.";
+(`replanIntervalSeconds`) is taken as one step, and of the plan it deploys what the operator \
+accepts (`operator::remap::accept_plan`, through `eplb::accept_layers`): the changed layers \
+whose PAR on that latest window drops, and none unless their worst PAR drops by at least \
+`hysteresis`. The lower bound is each next window's (largest water-filled replica load, at least 1), averaged.";

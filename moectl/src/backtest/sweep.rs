@@ -1,0 +1,375 @@
+//! `moectl backtest --history 1,2,4,8`: the recorded trace replayed once per history length,
+//! every replay scored on the same windows (`RollingInputs::recorded_alike`), then one table
+//! of every policy at every H and what served this traffic best: overall, and among what the
+//! operator runs, as the `spec.eplb` fields that run it.
+
+use eplb::bench::BenchOptions;
+use eplb::bench::BenchShape;
+use eplb::bench::rolling::{self, BOUND_ROW, RollingInputs, RollingRow, Trigger};
+use eplb::{LoadHistory, Placement};
+use serde_json::json;
+
+use super::{BacktestArgs, PROTOCOL, replay_error, replay_note};
+use crate::inputs::count;
+use crate::{Fail, print_out, write_out};
+
+/// The most windows `spec.eplb.historyWindows` keeps (the CRD's maximum).
+const OPERATOR_MAX_HISTORY: usize = 17;
+
+/// One replay's rows.
+struct Replay {
+    history: usize,
+    rows: Vec<RollingRow>,
+}
+
+/// A policy at one history length.
+#[derive(Clone, Copy)]
+struct Pick<'a> {
+    history: usize,
+    row: &'a RollingRow,
+}
+
+pub(super) fn backtest_histories(
+    a: &BacktestArgs,
+    bs: &BenchShape,
+    history: &LoadHistory,
+    histories: &[usize],
+    prev: Option<Placement>,
+    notes: &mut Vec<String>,
+) -> Result<(), Fail> {
+    if a.export.is_some() || a.peers.is_some() {
+        return Err(Fail(format!(
+            "--export and --peers replay one history, not {} of them: give one --history value",
+            histories.len()
+        )));
+    }
+    let stride = a.stride.unwrap_or(1);
+    let inputs = RollingInputs::recorded_alike(bs, history, histories, stride, a.steps, prev)
+        .map_err(|e| replay_error(a, e))?;
+    let mut replays = Vec::with_capacity(inputs.len());
+    for replay in &inputs {
+        notes.push(replay_note(replay, history.num_windows()));
+        let (rows, _) = rolling::run_on(bs, replay, &BenchOptions::default(), Vec::new())?;
+        replays.push(Replay {
+            history: replay.history,
+            rows,
+        });
+    }
+    let first = &inputs[0];
+    let (table, findings) = (table(&replays), findings(&replays, bs.num_layers));
+    if a.json {
+        let report = json!({
+            "steps": first.steps,
+            "stride": first.stride,
+            "first_scored_window": first.scored_at(0),
+            "histories": replays.iter().map(|r| json!({
+                "history": r.history,
+                "rows": r.rows,
+            })).collect::<Vec<_>>(),
+            "best": best(&replays, |_| true).map(|p| pick_json(p, bs.num_layers)),
+            "operator": best(&replays, is_operator_row).map(|p| pick_json(p, bs.num_layers)),
+        });
+        print_out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
+    } else {
+        print_out(&format!("{table}\n{findings}"))?;
+    }
+    if let Some(path) = &a.markdown {
+        let shape = &bs.shape;
+        let mut doc = format!(
+            "# EPLB backtest: {load} replayed with {} histories\n\n\
+             `moectl backtest` on `{load}`: {} ({} experts, {} layers; {} ranks, {} redundant \
+             slots, {}), planning on {} windows, {} {} apart, every history scored on windows \
+             {} to {} (from 0).\n\nProtocol: {PROTOCOL} {ALIGNED}\n\n\
+             ## Next-window PAR by history\n\n{table}\n## Findings\n\n{findings}",
+            histories.len(),
+            count(history.num_windows(), "window"),
+            shape.num_experts,
+            bs.num_layers,
+            shape.num_ranks,
+            shape.num_redundant,
+            count(shape.num_nodes, "node"),
+            list(histories),
+            count(first.steps, "step"),
+            count(first.stride, "window"),
+            first.scored_at(0),
+            first.scored_at(first.steps - 1),
+            load = a.load.display(),
+        );
+        for r in &replays {
+            doc.push_str(&format!(
+                "\n## H = {}\n\n{}\n### Next-window PAR step by step\n\n{}\n### Findings\n\n{}",
+                r.history,
+                rolling::markdown_table(&r.rows),
+                rolling::steps_table(&r.rows),
+                rolling::summary(&r.rows, &[]),
+            ));
+        }
+        write_out(Some(path), doc.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// How the replays of several histories line up (after [`PROTOCOL`]).
+const ALIGNED: &str = "With several histories every replay keeps the same steps: as many as the \
+longest history leaves (at most --steps), the last scored on the newest window, so every H is \
+scored on the same windows; a replay leaves out in front the oldest windows its stride cannot \
+use. Without --previous each H starts from `joint`'s plan of the H windows before its first \
+step.";
+
+/// "1, 2, 4 and 8".
+fn list(values: &[usize]) -> String {
+    let text: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+    match text.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => text.concat(),
+    }
+}
+
+/// Rows of the operator's live loop: `joint` remapping when its trigger fires.
+fn is_operator_row(row: &RollingRow) -> bool {
+    trigger_of(row).is_some()
+}
+
+/// The trigger a row replays, by its label.
+fn trigger_of(row: &RollingRow) -> Option<Trigger> {
+    rolling::replayed_triggers()
+        .into_iter()
+        .find(|t| t.label() == row.algorithm)
+}
+
+/// The policy and history with the lowest mean next-window PAR among the rows `keep` admits
+/// (never the lower bound); the shorter history on a tie.
+fn best<'a>(replays: &'a [Replay], keep: impl Fn(&RollingRow) -> bool) -> Option<Pick<'a>> {
+    replays
+        .iter()
+        .flat_map(|r| {
+            r.rows.iter().map(|row| Pick {
+                history: r.history,
+                row,
+            })
+        })
+        .filter(|p| p.row.algorithm != BOUND_ROW && keep(p.row) && p.row.mean_next().is_finite())
+        .min_by(|x, y| x.row.mean_next().total_cmp(&y.row.mean_next()))
+}
+
+/// The `spec.eplb` fields that make the operator run a trigger row with `history` windows.
+fn eplb_fields(trigger: &Trigger, history: usize, layers: usize) -> serde_json::Value {
+    json!({
+        "algorithm": "joint",
+        "historyWindows": history,
+        "imbalanceThreshold": trigger.threshold,
+        "hysteresis": trigger.hysteresis,
+        "maxLayersPerRemap": trigger.max_layers.unwrap_or(layers).clamp(1, 1024),
+    })
+}
+
+fn pick_json(p: Pick<'_>, layers: usize) -> serde_json::Value {
+    let mut v = json!({
+        "policy": p.row.algorithm,
+        "history": p.history,
+        "next_par": p.row.mean_next(),
+        "slots_moved_per_step": p.row.moved_share_per_step(),
+    });
+    if let Some(t) = trigger_of(p.row) {
+        v["eplb"] = eplb_fields(&t, p.history, layers);
+    }
+    v
+}
+
+/// Every policy (rows) at every history (columns): next-window mean PAR and the share of
+/// slots moved per step, the lowest PAR of each row in bold.
+fn table(replays: &[Replay]) -> String {
+    let mut out = String::from("| policy |");
+    for r in replays {
+        out.push_str(&format!(" H = {} |", r.history));
+    }
+    out.push_str("\n|---|");
+    out.push_str(&"---|".repeat(replays.len()));
+    out.push('\n');
+    for (i, row) in replays[0].rows.iter().enumerate() {
+        let cells: Vec<&RollingRow> = replays.iter().filter_map(|r| r.rows.get(i)).collect();
+        let lowest = cells
+            .iter()
+            .map(|c| c.mean_next())
+            .fold(f64::INFINITY, f64::min);
+        out.push_str(&format!("| {} |", row.algorithm));
+        for c in cells {
+            let par = format!("{:.4}", c.mean_next());
+            let par = if c.mean_next() == lowest && row.algorithm != BOUND_ROW && replays.len() > 1
+            {
+                format!("**{par}**")
+            } else {
+                par
+            };
+            if row.algorithm == BOUND_ROW {
+                out.push_str(&format!(" {par} |"));
+            } else {
+                out.push_str(&format!(
+                    " {par} ({:.1}%) |",
+                    100.0 * c.moved_share_per_step()
+                ));
+            }
+        }
+        out.push('\n');
+    }
+    out.push_str(
+        "\nNext-window mean PAR over the steps (in brackets: slots moved per step); bold: the \
+         lowest of each row.\n",
+    );
+    out
+}
+
+/// The findings: the best policy and history, joint against multi-episode-lpt at each H, and
+/// the operator's best settings as `spec.eplb`.
+fn findings(replays: &[Replay], layers: usize) -> String {
+    let mut out = String::new();
+    let bound = replays[0]
+        .rows
+        .iter()
+        .find(|r| r.algorithm == BOUND_ROW)
+        .map(RollingRow::mean_next);
+    if let Some(p) = best(replays, |_| true) {
+        out.push_str(&format!(
+            "- Lowest next-window PAR: {} planning on {}: {:.4}, {:.1}% of the slots moved per \
+             step{}.\n",
+            p.row.algorithm,
+            count(p.history, "window"),
+            p.row.mean_next(),
+            100.0 * p.row.moved_share_per_step(),
+            bound.map_or(String::new(), |b| format!(" (lower bound {b:.4})")),
+        ));
+    }
+    let at = |r: &Replay, name: &str| {
+        r.rows
+            .iter()
+            .find(|row| row.algorithm == name)
+            .map(RollingRow::mean_next)
+    };
+    let against: Vec<String> = replays
+        .iter()
+        .filter_map(|r| {
+            let (joint, lpt) = (at(r, "joint")?, at(r, "multi-episode-lpt")?);
+            Some(format!(
+                "{:+.2}% (H = {})",
+                100.0 * (joint / lpt - 1.0),
+                r.history
+            ))
+        })
+        .collect();
+    if !against.is_empty() {
+        out.push_str(&format!(
+            "- joint against multi-episode-lpt at the same history (negative: joint lower): {}.\n",
+            against.join(", ")
+        ));
+    }
+    if let Some(p) = best(replays, is_operator_row)
+        && let Some(trigger) = trigger_of(p.row)
+    {
+        out.push_str(&format!(
+            "- What the operator runs (joint, remapping when its trigger fires; a recorded \
+             window stands for one statistics window of spec.eplb.windowSteps steps): lowest \
+             with {} and historyWindows {}: {:.4}, {:.1}% of the slots moved per step.",
+            p.row.algorithm,
+            p.history,
+            p.row.mean_next(),
+            100.0 * p.row.moved_share_per_step(),
+        ));
+        if p.history > OPERATOR_MAX_HISTORY {
+            out.push_str(&format!(
+                " The operator keeps at most {OPERATOR_MAX_HISTORY} windows: replay with \
+                 --history values up to {OPERATOR_MAX_HISTORY} for settings it can run.\n"
+            ));
+        } else {
+            let f = eplb_fields(&trigger, p.history, layers);
+            out.push_str(&format!(
+                " As the MoEDeployment's settings:\n\n  ```yaml\n  spec:\n    eplb:\n      \
+                 algorithm: joint\n      historyWindows: {}\n      imbalanceThreshold: {}\n      \
+                 hysteresis: {}\n      maxLayersPerRemap: {}\n  ```\n",
+                f["historyWindows"],
+                f["imbalanceThreshold"],
+                f["hysteresis"],
+                f["maxLayersPerRemap"],
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, pars: &[f64]) -> RollingRow {
+        RollingRow {
+            algorithm: name.to_string(),
+            shape: "recorded".into(),
+            next_par: pars.to_vec(),
+            expected_par: vec![f64::NAN; pars.len()],
+            slots_moved: vec![2; pars.len()],
+            layers_changed: vec![1; pars.len()],
+            cross_node_moves: vec![0; pars.len()],
+            cross_node_tokens: vec![0.0; pars.len()],
+            plan_ms: Vec::new(),
+            slots_total: 20,
+            threads: 1,
+        }
+    }
+
+    fn replays() -> Vec<Replay> {
+        let defaults = rolling::replayed_triggers()[0].label();
+        let tight = rolling::replayed_triggers()[2].label();
+        let replay = |history, joint, lpt, trig, tight_par| Replay {
+            history,
+            rows: vec![
+                row("joint", &[joint]),
+                row("multi-episode-lpt", &[lpt]),
+                row(&defaults, &[trig]),
+                row(&tight, &[tight_par]),
+                row(BOUND_ROW, &[1.0]),
+            ],
+        };
+        vec![
+            replay(1, 1.08, 1.06, 1.12, 1.10),
+            replay(4, 1.05, 1.07, 1.11, 1.09),
+            replay(20, 1.04, 1.08, 1.10, 1.07),
+        ]
+    }
+
+    #[test]
+    fn the_best_is_the_lowest_row_and_the_operator_best_a_trigger_row() {
+        let r = replays();
+        let b = best(&r, |_| true).unwrap();
+        assert_eq!((b.row.algorithm.as_str(), b.history), ("joint", 20));
+        let o = best(&r, is_operator_row).unwrap();
+        assert_eq!(o.history, 20);
+        assert_eq!(trigger_of(o.row).unwrap().threshold, 1.1);
+        let text = findings(&r, 8);
+        assert!(
+            text.contains("joint planning on 20 windows: 1.0400"),
+            "{text}"
+        );
+        assert!(
+            text.contains("+1.89% (H = 1), -1.87% (H = 4), -3.70% (H = 20)"),
+            "{text}"
+        );
+        // 20 windows are more than the operator keeps: no settings offered.
+        assert!(text.contains("at most 17 windows"), "{text}");
+        assert!(!text.contains("```yaml"), "{text}");
+        let four: Vec<Replay> = replays().into_iter().take(2).collect();
+        let text = findings(&four, 8);
+        assert!(text.contains("historyWindows: 4\n"), "{text}");
+        assert!(text.contains("imbalanceThreshold: 1.1\n"), "{text}");
+        assert!(text.contains("maxLayersPerRemap: 8\n"), "{text}");
+    }
+
+    #[test]
+    fn the_table_bolds_the_lowest_of_each_row_and_shows_the_bound_once_per_column() {
+        let t = table(&replays());
+        assert!(t.starts_with("| policy | H = 1 | H = 4 | H = 20 |\n|---|---|---|---|\n"));
+        assert!(t.contains("| joint | 1.0800 (10.0%) | 1.0500 (10.0%) | **1.0400** (10.0%) |"));
+        assert!(t.contains("| multi-episode-lpt | **1.0600** (10.0%) |"));
+        assert!(t.contains(&format!("| {BOUND_ROW} | 1.0000 | 1.0000 | 1.0000 |")));
+        assert_eq!(list(&[1, 2, 4]), "1, 2 and 4");
+        assert_eq!(list(&[3]), "3");
+    }
+}
