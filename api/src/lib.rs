@@ -241,13 +241,14 @@ pub struct LoadEpisode {
 }
 
 impl LoadEpisode {
-    /// The group's past windows: those every report has (same `end_step`), summed over ranks,
-    /// oldest first, the newest `max` of them.
-    pub fn group_history(reports: &[LoadReport], max: usize) -> Vec<Vec<Vec<f64>>> {
+    /// The group's closed windows: those every report has (same `end_step`), summed over
+    /// ranks, oldest first. A window some rank lacks (it started mid-window, or has not closed
+    /// it yet) or holds in another shape is left out.
+    pub fn group_windows(reports: &[LoadReport]) -> Vec<LoadEpisode> {
         let Some(first) = reports.first() else {
             return Vec::new();
         };
-        let mut out: Vec<Vec<Vec<f64>>> = first
+        first
             .history
             .iter()
             .filter_map(|ep| {
@@ -264,9 +265,21 @@ impl LoadEpisode {
                         acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
                     }
                 }
-                Some((ep.end_step, sum))
+                Some(LoadEpisode {
+                    end_step: ep.end_step,
+                    steps: ep.steps,
+                    logical_counts: sum,
+                })
             })
-            .map(|(_, sum)| sum)
+            .collect()
+    }
+
+    /// The newest `max` of [`LoadEpisode::group_windows`], counts only (what the operator
+    /// plans on).
+    pub fn group_history(reports: &[LoadReport], max: usize) -> Vec<Vec<Vec<f64>>> {
+        let mut out: Vec<Vec<Vec<f64>>> = Self::group_windows(reports)
+            .into_iter()
+            .map(|ep| ep.logical_counts)
             .collect();
         if out.len() > max {
             out.drain(..out.len() - max);

@@ -12,6 +12,7 @@ mod inputs;
 mod model;
 mod outputs;
 mod plan_output;
+mod record;
 mod svg;
 
 use std::path::{Path, PathBuf};
@@ -119,6 +120,9 @@ enum Command {
     /// Replay a recorded load history: every planner, budget and trigger replans step by step
     /// from the placement it deployed before and is scored on the window recorded next.
     Backtest(backtest::BacktestArgs),
+    /// Record the load a running worker group routes, window by window, into a file that
+    /// backtest, plan and eval read (polls every rank's `/v1/load`).
+    Record(record::RecordArgs),
     /// Per-layer PAR and balancedness of a placement under a load.
     Eval {
         /// The placement (any format moectl reads).
@@ -320,7 +324,7 @@ fn print_with(
 /// One line to stderr in one write. Standard error is unbuffered: `eprintln!` with arguments
 /// writes every piece of the format separately (47 system calls for the `--timings` line and
 /// the summary after it, `strace`).
-fn say(line: std::fmt::Arguments<'_>) {
+pub(crate) fn say(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut text = line.to_string();
     text.push('\n');
@@ -550,6 +554,7 @@ fn main() -> ExitCode {
             &mut notes,
         ),
         Command::Backtest(args) => backtest::backtest(args, &mut notes),
+        Command::Record(args) => record::record(args),
         Command::Eval {
             placement,
             load,
