@@ -68,6 +68,9 @@ pub struct BenchOptions {
     /// Standard deviation of each expert's log-popularity step per window
     /// ([`TraceSpec::drift`]; [`DEFAULT_DRIFT`] unless a run asks for another).
     pub drift: f64,
+    /// The operator triggers a rolling run replays, one `joint, operator trigger` row each
+    /// (default: [`rolling::replayed_triggers`]).
+    pub triggers: Vec<rolling::Trigger>,
 }
 
 /// The traces' drift unless a run asks for another: each expert's popularity moves by a
@@ -82,6 +85,7 @@ impl Default for BenchOptions {
             repeats: 5,
             incremental_fractions: vec![0.0625, 0.125],
             drift: DEFAULT_DRIFT,
+            triggers: rolling::replayed_triggers().to_vec(),
         }
     }
 }

@@ -8,7 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use eplb::bench::rolling::{
-    self, MAX_STEPS, RollingInputs, RollingOutcome, RollingPeerInputs, RollingPeerPlan, RollingRow,
+    self, MAX_STEPS, OPERATOR_DEFAULTS, RollingInputs, RollingOutcome, RollingPeerInputs,
+    RollingPeerPlan, RollingRow, Trigger,
 };
 use eplb::bench::{BenchOptions, BenchShape};
 use eplb::{LoadHistory, Placement, Shape};
@@ -77,6 +78,10 @@ pub struct BacktestArgs {
     /// not fill a group are left out.
     #[arg(long, value_name = "A", default_value_t = 1)]
     aggregate: usize,
+    /// Also replay the operator behind these imbalance thresholds (`spec.eplb.imbalanceThreshold`,
+    /// hysteresis 0.05, every layer), one row each, beside its defaults and 1.1.
+    #[arg(long, value_name = "T[,T...]", value_delimiter = ',')]
+    threshold: Vec<f64>,
     /// Replay at most K steps, the latest ones.
     #[arg(long, value_name = "K", default_value_t = MAX_STEPS)]
     steps: usize,
@@ -107,6 +112,7 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
             a.aggregate
         )));
     }
+    let opts = options(a)?;
     if let Some(out) = &a.markdown {
         crate::refuse_overwrite(
             out,
@@ -135,7 +141,7 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         shape,
     };
     let &[h] = histories.as_slice() else {
-        return sweep::backtest_histories(a, &bs, &history, &histories, prev, notes);
+        return sweep::backtest_histories(a, &opts, &bs, &history, &histories, prev, notes);
     };
     let stride = a.stride.unwrap_or(h);
     let inputs = RollingInputs::recorded(&bs, &history, h, stride, a.steps, prev)
@@ -149,7 +155,7 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         Some(dir) => peer_runs(dir, &peer_inputs, notes)?,
         None => Vec::new(),
     };
-    let (rows, outcomes) = rolling::run_on(&bs, &inputs, &BenchOptions::default(), plans)?;
+    let (rows, outcomes) = rolling::run_on(&bs, &inputs, &opts, plans)?;
     let outcomes: Vec<_> = outcomes
         .into_iter()
         .map(|o| (bs.name.to_string(), o))
@@ -172,6 +178,32 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         write_out(Some(path), doc.as_bytes())?;
     }
     Ok(())
+}
+
+/// The replay's options: the default rows, and a trigger row per `--threshold`.
+fn options(a: &BacktestArgs) -> Result<BenchOptions, Fail> {
+    let mut opts = BenchOptions::default();
+    for &threshold in &a.threshold {
+        let trigger = Trigger {
+            threshold,
+            max_layers: None,
+            ..OPERATOR_DEFAULTS
+        };
+        // The CRD's rules (`spec.eplb`): a threshold above 1 that the hysteresis keeps at or
+        // above 1.
+        if !(threshold.is_finite() && threshold - trigger.hysteresis >= 1.0 && threshold <= 1000.0)
+        {
+            return Err(Fail(format!(
+                "--threshold {threshold}: the operator takes imbalanceThreshold - hysteresis \
+                 ({}) at least 1.0 and at most 1000: give e.g. 1.05 or above",
+                trigger.hysteresis
+            )));
+        }
+        if !opts.triggers.iter().any(|t| t.label() == trigger.label()) {
+            opts.triggers.push(trigger);
+        }
+    }
+    Ok(opts)
 }
 
 /// A replay the windows cannot make, with the hint that `--previous` shortens what it needs.
@@ -362,7 +394,8 @@ windows from. The rows are those of `moectl bench --rolling` (its report explain
 the starting placement, greedy, multi-episode-lpt, flashlb-like, joint, joint with a minimum \
 improvement of 0, joint with at most 1/16 and 1/8 of the slots moved per layer, joint replanning \
 only what the operator's trigger picks (its defaults; every layer above the threshold; a \
-threshold of 1.1), and each next window's lower bound.";
+threshold of 1.1; one row per --threshold, every layer), deploying what the operator accepts of \
+each plan, and each next window's lower bound.";
 
 #[cfg(test)]
 mod tests {

@@ -202,6 +202,8 @@ fn backtest_sums_windows_and_refuses_what_it_cannot_replay() {
         "--physical-load needs --previous",
     );
     assert_bad(&run(&["--history", "2", "--stride", "0"]), "stride of 0");
+    assert_bad(&run(&["--threshold", "1.02"]), "--threshold 1.02");
+    assert_bad(&run(&["--threshold", "nan"]), "--threshold NaN");
     assert_bad(&run(&["--history", "2", "--steps", "0"]), "at most 0 steps");
 }
 
@@ -338,4 +340,42 @@ fn backtest_with_several_histories_equals_one_replay_each_on_the_same_windows() 
         &backtest(&load, &["--history", "1,2", "--export", &d.path("x")]),
         "give one --history value",
     );
+}
+
+#[test]
+fn backtest_replays_the_operator_behind_each_threshold_asked_for() {
+    let d = Dir::new("backtest-thresholds");
+    let load = d.file("trace.json", &json(&trace(9)));
+    let o = backtest(&load, &["--history", "2", "--threshold", "1.05,1.1,1.05"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = stdout(&o);
+    let trigger = |t: &str| {
+        format!("joint, operator trigger (imbalanceThreshold {t}, hysteresis 0.05, every layer)")
+    };
+    // 1.05 added once; 1.1 is a default row already.
+    assert!(next_par(&table, &trigger("1.05")) >= 1.0, "{table}");
+    for t in ["1.05", "1.10"] {
+        let rows = table
+            .lines()
+            .filter(|l| l.starts_with(&format!("| recorded | {} |", trigger(t))))
+            .count();
+        assert_eq!(rows, 1, "{t}: {table}");
+    }
+    // The lower the threshold, the more often the operator replans: never fewer moves.
+    let moved = |t: &str| -> f64 {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("| recorded | {} |", trigger(t))))
+            .unwrap();
+        row.split('|')
+            .nth(6)
+            .unwrap()
+            .trim()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(moved("1.05") >= moved("1.20"), "{table}");
 }

@@ -479,7 +479,7 @@ pub fn run_on(
             ..plain(&format!("joint (max {budget}/layer)"), "joint", threads)
         });
     }
-    for trigger in replayed_triggers() {
+    for &trigger in &opts.triggers {
         policies.push(OurPolicy {
             trigger: Some(trigger),
             ..plain(&trigger.label(), "joint", threads)

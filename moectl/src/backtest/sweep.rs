@@ -3,9 +3,8 @@
 //! of every policy at every H and what served this traffic best: overall, and among what the
 //! operator runs, as the `spec.eplb` fields that run it.
 
-use eplb::bench::BenchOptions;
-use eplb::bench::BenchShape;
 use eplb::bench::rolling::{self, BOUND_ROW, RollingInputs, RollingRow, Trigger};
+use eplb::bench::{BenchOptions, BenchShape};
 use eplb::{LoadHistory, Placement};
 use serde_json::json;
 
@@ -31,6 +30,7 @@ struct Pick<'a> {
 
 pub(super) fn backtest_histories(
     a: &BacktestArgs,
+    opts: &BenchOptions,
     bs: &BenchShape,
     history: &LoadHistory,
     histories: &[usize],
@@ -49,14 +49,15 @@ pub(super) fn backtest_histories(
     let mut replays = Vec::with_capacity(inputs.len());
     for replay in &inputs {
         notes.push(replay_note(replay, history.num_windows()));
-        let (rows, _) = rolling::run_on(bs, replay, &BenchOptions::default(), Vec::new())?;
+        let (rows, _) = rolling::run_on(bs, replay, opts, Vec::new())?;
         replays.push(Replay {
             history: replay.history,
             rows,
         });
     }
     let first = &inputs[0];
-    let (table, findings) = (table(&replays), findings(&replays, bs.num_layers));
+    let triggers = &opts.triggers;
+    let (table, findings) = (table(&replays), findings(&replays, triggers, bs.num_layers));
     if a.json {
         let report = json!({
             "steps": first.steps,
@@ -66,8 +67,9 @@ pub(super) fn backtest_histories(
                 "history": r.history,
                 "rows": r.rows,
             })).collect::<Vec<_>>(),
-            "best": best(&replays, |_| true).map(|p| pick_json(p, bs.num_layers)),
-            "operator": best(&replays, is_operator_row).map(|p| pick_json(p, bs.num_layers)),
+            "best": best(&replays, |_| true).map(|p| pick_json(p, triggers, bs.num_layers)),
+            "operator": best(&replays, |r| trigger_of(r, triggers).is_some())
+                .map(|p| pick_json(p, triggers, bs.num_layers)),
         });
         print_out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
     } else {
@@ -125,15 +127,12 @@ fn list(values: &[usize]) -> String {
     }
 }
 
-/// Rows of the operator's live loop: `joint` remapping when its trigger fires.
-fn is_operator_row(row: &RollingRow) -> bool {
-    trigger_of(row).is_some()
-}
-
-/// The trigger a row replays, by its label.
-fn trigger_of(row: &RollingRow) -> Option<Trigger> {
-    rolling::replayed_triggers()
-        .into_iter()
+/// The trigger a row of the operator's live loop replays (`joint` remapping when that trigger
+/// fires), by its label; `None` for the other rows.
+fn trigger_of(row: &RollingRow, triggers: &[Trigger]) -> Option<Trigger> {
+    triggers
+        .iter()
+        .copied()
         .find(|t| t.label() == row.algorithm)
 }
 
@@ -163,14 +162,14 @@ fn eplb_fields(trigger: &Trigger, history: usize, layers: usize) -> serde_json::
     })
 }
 
-fn pick_json(p: Pick<'_>, layers: usize) -> serde_json::Value {
+fn pick_json(p: Pick<'_>, triggers: &[Trigger], layers: usize) -> serde_json::Value {
     let mut v = json!({
         "policy": p.row.algorithm,
         "history": p.history,
         "next_par": p.row.mean_next(),
         "slots_moved_per_step": p.row.moved_share_per_step(),
     });
-    if let Some(t) = trigger_of(p.row) {
+    if let Some(t) = trigger_of(p.row, triggers) {
         v["eplb"] = eplb_fields(&t, p.history, layers);
     }
     v
@@ -221,7 +220,7 @@ fn table(replays: &[Replay]) -> String {
 
 /// The findings: the best policy and history, joint against multi-episode-lpt at each H, and
 /// the operator's best settings as `spec.eplb`.
-fn findings(replays: &[Replay], layers: usize) -> String {
+fn findings(replays: &[Replay], triggers: &[Trigger], layers: usize) -> String {
     let mut out = String::new();
     let bound = replays[0]
         .rows
@@ -262,8 +261,8 @@ fn findings(replays: &[Replay], layers: usize) -> String {
             against.join(", ")
         ));
     }
-    if let Some(p) = best(replays, is_operator_row)
-        && let Some(trigger) = trigger_of(p.row)
+    if let Some(p) = best(replays, |r| trigger_of(r, triggers).is_some())
+        && let Some(trigger) = trigger_of(p.row, triggers)
     {
         out.push_str(&format!(
             "- What the operator runs (joint, remapping when its trigger fires; a recorded \
@@ -340,10 +339,11 @@ mod tests {
         let r = replays();
         let b = best(&r, |_| true).unwrap();
         assert_eq!((b.row.algorithm.as_str(), b.history), ("joint", 20));
-        let o = best(&r, is_operator_row).unwrap();
+        let triggers = rolling::replayed_triggers();
+        let o = best(&r, |row| trigger_of(row, &triggers).is_some()).unwrap();
         assert_eq!(o.history, 20);
-        assert_eq!(trigger_of(o.row).unwrap().threshold, 1.1);
-        let text = findings(&r, 8);
+        assert_eq!(trigger_of(o.row, &triggers).unwrap().threshold, 1.1);
+        let text = findings(&r, &triggers, 8);
         assert!(
             text.contains("joint planning on 20 windows: 1.0400"),
             "{text}"
@@ -356,7 +356,7 @@ mod tests {
         assert!(text.contains("at most 17 windows"), "{text}");
         assert!(!text.contains("```yaml"), "{text}");
         let four: Vec<Replay> = replays().into_iter().take(2).collect();
-        let text = findings(&four, 8);
+        let text = findings(&four, &triggers, 8);
         assert!(text.contains("historyWindows: 4\n"), "{text}");
         assert!(text.contains("imbalanceThreshold: 1.1\n"), "{text}");
         assert!(text.contains("maxLayersPerRemap: 8\n"), "{text}");

@@ -3,7 +3,7 @@
 # random-walk traces from ../eplb-backtest-2026-12-07/gen.py (seed 11; 8 or 16 experts, step sd
 # 0.05 or 0.15 a window) replayed by `moectl backtest --history 1,2` on several rank x slot
 # layouts, a step every window, the latest 16 steps. MOECTL: a moectl binary; OUTDIR: an
-# existing folder for the reports; then `python3 summarize.py OUTDIR > OUTDIR/summary.md`.
+# existing folder for the reports; then `python3 summarize.py OUTDIR > summary.md` (it reads the NAME.txt outputs).
 set -eu
 M=${MOECTL:?path to moectl}
 here=$(cd "$(dirname "$0")" && pwd)

@@ -1,4 +1,8 @@
-"""The summary of run.sh's reports: joint and multi-episode-lpt at H = 1 and 2 per layout."""
+"""The summary of run.sh's outputs (each NAME.txt: backtest's table and findings): joint and
+multi-episode-lpt at H = 1 and 2 per layout.
+
+    python3 summarize.py FOLDER > summary.md
+"""
 import glob
 import os
 import re
@@ -8,11 +12,11 @@ out = sys.argv[1]
 print("| experts | ranks x slots | step sd | lpt H=1 | joint H=1 | joint vs lpt H=1 | lpt H=2 | joint H=2 | joint vs lpt H=2 | best row |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 rows = []
-for path in glob.glob(os.path.join(out, "e*-sd*.md")):
-    m = re.match(r"e(\d+)-g(\d+)-r(\d+)-sd([\d.]+)\.md", os.path.basename(path))
+for path in glob.glob(os.path.join(out, "e*-sd*.txt")):
+    m = re.match(r"e(\d+)-g(\d+)-r(\d+)-sd([\d.]+)\.txt", os.path.basename(path))
     e, g, r, sd = int(m[1]), int(m[2]), int(m[3]), m[4]
     text = open(path).read()
-    table = text.split("## Next-window PAR by history")[1].split("## Findings")[0]
+    table = text.split("\n\n")[0]
     par = {}
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]

@@ -56,8 +56,9 @@ impl Trigger {
     }
 }
 
-/// The operator triggers every rolling run replays (in its rows' order): the CRD's defaults,
-/// the same for every layer, and a threshold of 1.1 for every layer.
+/// The operator triggers a rolling run replays unless told otherwise
+/// ([`crate::bench::BenchOptions::triggers`], in its rows' order): the CRD's defaults, the same
+/// for every layer, and a threshold of 1.1 for every layer.
 pub fn replayed_triggers() -> [Trigger; 3] {
     [
         OPERATOR_DEFAULTS,
