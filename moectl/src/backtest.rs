@@ -199,6 +199,12 @@ fn options(a: &BacktestArgs) -> Result<BenchOptions, Fail> {
                 trigger.hysteresis
             )));
         }
+        // The rows are labelled to two decimals: a finer threshold would share a label.
+        if (threshold * 100.0).round() / 100.0 != threshold {
+            return Err(Fail(format!(
+                "--threshold {threshold}: give at most two decimals (e.g. 1.05, 1.15)"
+            )));
+        }
         if !opts.triggers.iter().any(|t| t.label() == trigger.label()) {
             opts.triggers.push(trigger);
         }
@@ -287,6 +293,15 @@ fn read_trace(
         a.ranks,
         notes,
     )?;
+    let gaps = crate::record::gaps_in(&a.load);
+    if !gaps.is_empty() {
+        let ranges: Vec<String> = gaps.iter().map(|[x, y]| format!("{x}-{y}")).collect();
+        notes.push(format!(
+            "the recording lost the windows of steps {}: the windows on either side are \
+             replayed as consecutive",
+            ranges.join(", ")
+        ));
+    }
     let recorded = load.history.num_windows();
     let history = aggregate(load.history, a.aggregate)?;
     if a.aggregate > 1 {

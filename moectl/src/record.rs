@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 use crate::inputs::count;
 use crate::{Fail, say, write_out};
 
+/// The longest poll interval or idle time taken (a week).
+const MAX_SECONDS: f64 = 604_800.0;
+
 #[derive(clap::Args, Debug)]
 pub struct RecordArgs {
     /// A rank's worker API (`http://HOST:PORT`, the port of its `/v1/load`): once per rank of
@@ -61,8 +64,8 @@ pub struct Recording {
 #[derive(Debug, PartialEq)]
 pub struct Added {
     pub windows: usize,
-    /// Windows closed since the last recorded one that no rank kept any more.
-    pub lost: Option<[u64; 2]>,
+    /// Windows closed since the last recorded one that no rank kept any more (step ranges).
+    pub lost: Vec<[u64; 2]>,
 }
 
 impl Recording {
@@ -72,9 +75,21 @@ impl Recording {
     pub fn add(&mut self, reports: &[LoadReport], limit: Option<usize>) -> Result<Added, String> {
         let mut added = Added {
             windows: 0,
-            lost: None,
+            lost: Vec::new(),
         };
-        for window in LoadEpisode::group_windows(reports) {
+        let windows = LoadEpisode::group_windows(reports);
+        // 1: the group's step count went back: it restarted, and its windows cannot follow the
+        // recorded ones (they would be skipped as old until its count passed the last one).
+        if let (Some(newest), Some(&last)) = (windows.last(), self.end_steps.last())
+            && newest.end_step < last
+        {
+            return Err(format!(
+                "the group's newest window ends at step {}, before the recording's last ({last}): \
+                 the group restarted (or is another one); record it to another --output",
+                newest.end_step
+            ));
+        }
+        for window in windows {
             let last = self.end_steps.last().copied();
             if last.is_some_and(|l| window.end_step <= l) {
                 continue;
@@ -100,7 +115,7 @@ impl Recording {
                 && start > l
             {
                 self.gaps.push([l, start]);
-                added.lost = Some([l, start]);
+                added.lost.push([l, start]);
             }
             self.windows.push(window.logical_counts);
             self.end_steps.push(window.end_step);
@@ -109,6 +124,19 @@ impl Recording {
         }
         Ok(added)
     }
+}
+
+/// The step ranges a recording at `path` lost (its `gaps`); empty for any other load file.
+pub fn gaps_in(path: &Path) -> Vec<[u64; 2]> {
+    #[derive(Deserialize)]
+    struct Gaps {
+        #[serde(default)]
+        gaps: Vec<[u64; 2]>,
+    }
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Gaps>(&text).ok())
+        .map_or_else(Vec::new, |g| g.gaps)
 }
 
 fn same_shape(a: &[Vec<f64>], b: &[Vec<f64>]) -> bool {
@@ -137,6 +165,18 @@ fn check_group(workers: &[String], statuses: &[WorkerStatus]) -> Result<(), Stri
             Some(slot) => *slot = Some(url),
             None => return Err(format!("{url} reports rank {} of {world}", s.rank)),
         }
+    }
+    // Ranks of one group share its control token; two deployments of the same size do not.
+    let ids: Vec<&str> = statuses
+        .iter()
+        .filter_map(|s| s.control_token_id.as_deref())
+        .collect();
+    if ids.windows(2).any(|w| w[0] != w[1]) {
+        return Err(format!(
+            "the --worker addresses answer with different control tokens: they are ranks of \
+             different groups ({}); give the ranks of one group",
+            workers.join(", ")
+        ));
     }
     let missing: Vec<String> = (0..world)
         .filter(|&r| seen[r].is_none())
@@ -200,17 +240,15 @@ fn read_existing(path: &Path) -> Result<Recording, Fail> {
 }
 
 pub fn record(a: &RecordArgs) -> Result<(), Fail> {
-    if !(a.poll_seconds > 0.0 && a.poll_seconds.is_finite()) {
-        return Err(Fail(format!(
-            "--poll-seconds {}: give a positive number",
-            a.poll_seconds
-        )));
-    }
-    if !(a.idle_seconds > 0.0 && a.idle_seconds.is_finite()) {
-        return Err(Fail(format!(
-            "--idle-seconds {}: give a positive number",
-            a.idle_seconds
-        )));
+    for (flag, v) in [
+        ("--poll-seconds", a.poll_seconds),
+        ("--idle-seconds", a.idle_seconds),
+    ] {
+        if !(v > 0.0 && v <= MAX_SECONDS) {
+            return Err(Fail(format!(
+                "{flag} {v}: give a number of seconds above 0 and at most {MAX_SECONDS}"
+            )));
+        }
     }
     let bases = a
         .workers
@@ -263,7 +301,7 @@ async fn poll_until_done(
         match round.await {
             Ok(added) => {
                 checked = true;
-                if let Some([after, before]) = added.lost {
+                for [after, before] in added.lost {
                     say(format_args!(
                         "warning: the windows between steps {after} and {before} were lost: \
                          poll more often than every 16 windows (--poll-seconds)"
@@ -356,7 +394,7 @@ mod tests {
             rec.add(&a, None).unwrap(),
             Added {
                 windows: 2,
-                lost: None
+                lost: Vec::new()
             }
         );
         assert_eq!(
@@ -380,7 +418,7 @@ mod tests {
             rec.add(&c, None).unwrap(),
             Added {
                 windows: 1,
-                lost: Some([30, 50])
+                lost: vec![[30, 50]]
             }
         );
         assert_eq!(rec.gaps, vec![[30, 50]]);
@@ -413,6 +451,10 @@ mod tests {
         assert_eq!(capped.add(&b, Some(1)).unwrap().windows, 1);
         assert_eq!(capped.end_steps, vec![20]);
         assert_eq!(capped.add(&b, Some(1)).unwrap().windows, 0);
+        // A restarted group counts steps from 0 again: said so, not waited out.
+        let restarted = [report(0, &[(10, 10, 1.0)]), report(1, &[(10, 10, 1.0)])];
+        let e = rec.add(&restarted, None).unwrap_err();
+        assert!(e.contains("the group restarted"), "{e}");
     }
 
     fn status(rank: usize, world: usize) -> WorkerStatus {
@@ -428,6 +470,14 @@ mod tests {
     #[test]
     fn every_rank_of_one_group_once() {
         let urls: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        // Two groups of the same size tell themselves apart by their control tokens.
+        let token = |rank, id: &str| WorkerStatus {
+            control_token_id: Some(id.into()),
+            ..status(rank, 2)
+        };
+        assert!(check_group(&urls[..2], &[token(0, "x"), token(1, "x")]).is_ok());
+        let e = check_group(&urls[..2], &[token(0, "x"), token(1, "y")]).unwrap_err();
+        assert!(e.contains("ranks of different groups"), "{e}");
         assert!(check_group(&urls[..2], &[status(1, 2), status(0, 2)]).is_ok());
         let e = check_group(&urls[..2], &[status(0, 3), status(2, 3)]).unwrap_err();
         assert!(e.contains("rank 1 of the group's 3 has no --worker"), "{e}");

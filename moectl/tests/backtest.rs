@@ -203,6 +203,18 @@ fn backtest_sums_windows_and_refuses_what_it_cannot_replay() {
     );
     assert_bad(&run(&["--history", "2", "--stride", "0"]), "stride of 0");
     assert_bad(&run(&["--threshold", "1.02"]), "--threshold 1.02");
+    // The largest history there is: refused with what it needs, not wrapped around (alone and
+    // beside another history).
+    let max = usize::MAX.to_string();
+    assert_bad(
+        &run(&["--history", &max, "--stride", "1"]),
+        "needs at least",
+    );
+    let both = format!("1,{max}");
+    assert_bad(
+        &run(&["--history", &both, "--stride", "1"]),
+        "needs at least",
+    );
     assert_bad(&run(&["--threshold", "nan"]), "--threshold NaN");
     assert_bad(&run(&["--history", "2", "--steps", "0"]), "at most 0 steps");
 }
@@ -361,21 +373,20 @@ fn backtest_replays_the_operator_behind_each_threshold_asked_for() {
             .count();
         assert_eq!(rows, 1, "{t}: {table}");
     }
-    // The lower the threshold, the more often the operator replans: never fewer moves.
-    let moved = |t: &str| -> f64 {
-        let row = table
-            .lines()
-            .find(|l| l.starts_with(&format!("| recorded | {} |", trigger(t))))
-            .unwrap();
-        row.split('|')
-            .nth(6)
-            .unwrap()
-            .trim()
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    assert!(moved("1.05") >= moved("1.20"), "{table}");
+    // Finer than the rows' labels, or where the CRD would refuse it: an error.
+    assert_bad(
+        &backtest(&load, &["--history", "2", "--threshold", "1.101"]),
+        "at most two decimals",
+    );
+    // A recording's lost windows are said to be replayed as consecutive.
+    let mut rec = serde_json::json!({"windows": trace(9), "gaps": [[300, 500]]});
+    rec["endSteps"] = serde_json::json!((1..=9).map(|k| 100 * k).collect::<Vec<_>>());
+    let recorded = d.file("recorded.json", &rec.to_string());
+    let o = backtest(&recorded, &["--history", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the recording lost the windows of steps 300-500"),
+        "{}",
+        stderr(&o)
+    );
 }

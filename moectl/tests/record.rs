@@ -50,9 +50,9 @@ fn config(rank: usize, leader_port: u16) -> Config {
         "5",
         "--traffic-steps-per-second",
         "200",
-        // A window every 20 steps: one every 0.1 s.
+        // A window every 40 steps: one every 0.2 s, the newest 16 kept for 3.2 s.
         "--stats-window",
-        "20",
+        "40",
         "--weights",
         "synthetic:11",
     ];
@@ -113,7 +113,7 @@ fn record_args(urls: &[String], output: &str, windows: usize) -> Vec<String> {
             "--windows",
             &windows.to_string(),
             "--poll-seconds",
-            "0.2",
+            "0.1",
             "--idle-seconds",
             "60",
         ]
@@ -161,7 +161,7 @@ async fn record_sums_the_ranks_windows_continues_and_replays() {
             "window {w} does not follow"
         );
     }
-    assert_eq!(steps, vec![20; 5]);
+    assert_eq!(steps, vec![40; 5]);
     assert!(rec["gaps"].as_array().unwrap().is_empty());
 
     // Each recorded window is the two ranks' windows of that end step, summed.
@@ -190,7 +190,7 @@ async fn record_sums_the_ranks_windows_continues_and_replays() {
         assert_eq!(windows[w], sum, "window ending at step {end}");
         // Every token goes to top-k = 2 experts in each of 2 layers, from 16 per step per rank.
         let total: f64 = sum[0].iter().sum();
-        assert_eq!(total, (2 * 16 * 20 * WORLD) as f64);
+        assert_eq!(total, (2 * 16 * 40 * WORLD) as f64);
         compared += 1;
     }
     assert!(compared >= 1, "no recorded window still kept by the ranks");
@@ -217,7 +217,8 @@ async fn record_sums_the_ranks_windows_continues_and_replays() {
         stdout(&o)
     );
 
-    // One rank is not the group; an address that is no worker is said so.
+    // One rank is not the group; the same rank twice neither; a file that is not a recording is
+    // kept as it is; an address where no worker answers is given up on, with the last error.
     let o = run(record_args(&urls[..1], &d.path("half.json"), 1)).await;
     assert_bad(&o, "rank 1 of the group's 2 has no --worker");
     assert!(!std::path::Path::new(&d.path("half.json")).exists());
@@ -231,6 +232,23 @@ async fn record_sums_the_ranks_windows_continues_and_replays() {
     let taken = d.file("taken.json", "[[1, 2]]");
     let o = run(record_args(&urls, &taken, 1)).await;
     assert_bad(&o, "is not a moectl recording");
+    assert_eq!(std::fs::read_to_string(&taken).unwrap(), "[[1, 2]]");
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let nobody = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let mut args = record_args(&[nobody], &d.path("nobody.json"), 1);
+    let idle = args.iter().position(|a| a == "--idle-seconds").unwrap();
+    args[idle + 1] = "1".into();
+    let o = run(args).await;
+    // Each failed poll warns first ("trying again"); the error is the last line.
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("(trying again)"), "{err}");
+    let last = err.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: no new window for 1 s; last error: GET http://127.0.0.1:"),
+        "{err}"
+    );
 
     workers[0].request_stop();
     for w in workers {

@@ -150,15 +150,23 @@ impl RollingInputs {
         }
         let first = if start.is_some() { 0 } else { h };
         let w = history.num_windows();
-        if w < first + h + 1 {
+        // (checked: a history of usize::MAX windows must be refused, not wrap around)
+        if first
+            .checked_add(h)
+            .and_then(|n| n.checked_add(1))
+            .is_none_or(|need| w < need)
+        {
             let need = if start.is_some() {
-                format!("{}: {h} to plan on and the next to score", h + 1)
+                format!(
+                    "{}: {h} to plan on and the next to score",
+                    h.saturating_add(1)
+                )
             } else {
                 format!(
                     "{}: {h} that make the starting placement, {h} to plan on and the next to \
                      score (with the placement in use given, {})",
-                    2 * h + 1,
-                    h + 1
+                    h.saturating_mul(2).saturating_add(1),
+                    h.saturating_add(1)
                 )
             };
             return Err(EplbError::Request(format!(

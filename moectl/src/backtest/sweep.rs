@@ -169,7 +169,10 @@ fn pick_json(p: Pick<'_>, triggers: &[Trigger], layers: usize) -> serde_json::Va
         "next_par": p.row.mean_next(),
         "slots_moved_per_step": p.row.moved_share_per_step(),
     });
-    if let Some(t) = trigger_of(p.row, triggers) {
+    // Settings the CRD takes only (it keeps at most 17 windows).
+    if let Some(t) = trigger_of(p.row, triggers)
+        && p.history <= OPERATOR_MAX_HISTORY
+    {
         v["eplb"] = eplb_fields(&t, p.history, layers);
     }
     v

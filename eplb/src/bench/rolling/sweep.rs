@@ -14,7 +14,7 @@ use crate::placement::Placement;
 /// Steps a recorded replay of `windows` windows fits planning on `h` windows, `stride` apart,
 /// from the window `first` on (`None`: not even one).
 fn steps_that_fit(windows: usize, first: usize, h: usize, stride: usize) -> Option<usize> {
-    let used = first + h + 1;
+    let used = first.checked_add(h)?.checked_add(1)?;
     (windows >= used && stride > 0).then(|| (windows - used) / stride + 1)
 }
 
