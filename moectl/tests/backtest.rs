@@ -390,3 +390,27 @@ fn backtest_replays_the_operator_behind_each_threshold_asked_for() {
         stderr(&o)
     );
 }
+
+#[test]
+fn budgets_that_round_alike_make_one_row() {
+    let d = Dir::new("backtest-budgets");
+    let load = d.file("trace.json", &json(&trace(9)));
+    // 8 experts on 2 ranks, no redundant slot: 1/16 and 1/8 of 8 slots are both 1 move.
+    let o = moectl(&[
+        "backtest",
+        "--load",
+        &load,
+        "--ranks",
+        "2",
+        "--redundant",
+        "0",
+        "--history",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = stdout(&o)
+        .lines()
+        .filter(|l| l.starts_with("| recorded | joint (max 1/layer) |"))
+        .count();
+    assert_eq!(rows, 1, "{}", stdout(&o));
+}

@@ -480,8 +480,14 @@ pub fn run_on(
             ..plain("joint (min improvement 0)", "joint", threads)
         },
     ];
+    let mut budgets: Vec<usize> = Vec::new();
     for f in &opts.incremental_fractions {
         let budget = ((shape.slots() as f64 * f).ceil() as usize).max(1);
+        // On a small layer two fractions can round to one budget: one row, not two alike.
+        if budgets.contains(&budget) {
+            continue;
+        }
+        budgets.push(budget);
         policies.push(OurPolicy {
             max_moves: Some(budget),
             ..plain(&format!("joint (max {budget}/layer)"), "joint", threads)

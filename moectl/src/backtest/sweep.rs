@@ -231,11 +231,18 @@ fn findings(replays: &[Replay], triggers: &[Trigger], layers: usize) -> String {
         .find(|r| r.algorithm == BOUND_ROW)
         .map(RollingRow::mean_next);
     if let Some(p) = best(replays, |_| true) {
+        // Keeping the start plans nothing (its history only chose the start).
+        let how = if p.row.moved_total() == 0 && p.row.plan_ms.is_empty() {
+            p.row.algorithm.clone()
+        } else {
+            format!(
+                "{} planning on {}",
+                p.row.algorithm,
+                count(p.history, "window")
+            )
+        };
         out.push_str(&format!(
-            "- Lowest next-window PAR: {} planning on {}: {:.4}, {:.1}% of the slots moved per \
-             step{}.\n",
-            p.row.algorithm,
-            count(p.history, "window"),
+            "- Lowest next-window PAR: {how}: {:.4}, {:.1}% of the slots moved per step{}.\n",
             p.row.mean_next(),
             100.0 * p.row.moved_share_per_step(),
             bound.map_or(String::new(), |b| format!(" (lower bound {b:.4})")),
