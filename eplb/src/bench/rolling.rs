@@ -126,6 +126,29 @@ impl RollingInputs {
         max_steps: usize,
         start: Option<Placement>,
     ) -> Result<RollingInputs> {
+        Self::recorded_steps(
+            bs,
+            history,
+            history_windows,
+            stride,
+            max_steps,
+            start,
+            false,
+        )
+    }
+
+    /// [`RollingInputs::recorded`]; with `newest_last` the steps move later by the windows the
+    /// stride leaves over at the end (`(W - first - H - 1) mod T`), so that the last step is
+    /// scored on the trace's last window (those windows are then left out in front instead).
+    fn recorded_steps(
+        bs: &BenchShape,
+        history: &LoadHistory,
+        history_windows: usize,
+        stride: usize,
+        max_steps: usize,
+        start: Option<Placement>,
+        newest_last: bool,
+    ) -> Result<RollingInputs> {
         let h = history_windows;
         if h == 0 {
             return Err(EplbError::Request(
@@ -150,12 +173,7 @@ impl RollingInputs {
         }
         let first = if start.is_some() { 0 } else { h };
         let w = history.num_windows();
-        // (checked: a history of usize::MAX windows must be refused, not wrap around)
-        if first
-            .checked_add(h)
-            .and_then(|n| n.checked_add(1))
-            .is_none_or(|need| w < need)
-        {
+        let Some(fit) = steps_that_fit(w, first, h, stride) else {
             let need = if start.is_some() {
                 format!(
                     "{}: {h} to plan on and the next to score",
@@ -175,10 +193,15 @@ impl RollingInputs {
                 if w == 1 { "" } else { "s" },
                 if h == 1 { "" } else { "s" },
             )));
-        }
-        let fit = (w - first - h - 1) / stride + 1;
+        };
         let steps = fit.min(max_steps);
-        let offset = first + (fit - steps) * stride;
+        // What the stride leaves over: `fit` steps end `left` windows before the last one.
+        let left = if newest_last {
+            (w - first - h - 1) % stride
+        } else {
+            0
+        };
+        let offset = first + left + (fit - steps) * stride;
         let windows = history.windows().to_vec();
         let start = match start {
             Some(p) => p,
@@ -217,6 +240,14 @@ impl RollingInputs {
     pub fn next_at(&self, k: usize) -> &[Vec<f64>] {
         &self.windows[self.scored_at(k)]
     }
+}
+
+/// Steps a replay of `windows` windows fits, planning on `h` windows, `stride` apart, from the
+/// window `first` on (`None`: not even one; checked, so that a history of `usize::MAX` windows
+/// is refused rather than wrapped around).
+fn steps_that_fit(windows: usize, first: usize, h: usize, stride: usize) -> Option<usize> {
+    let used = first.checked_add(h)?.checked_add(1)?;
+    (windows >= used && stride > 0).then(|| (windows - used) / stride + 1)
 }
 
 fn check_stride(stride: usize) -> Result<()> {

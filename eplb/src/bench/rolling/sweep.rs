@@ -5,18 +5,11 @@
 //! windows allow, at most the caller's) and its last step is scored on the last window
 //! recorded. The oldest windows a replay cannot use with that stride are left out in front.
 
-use super::{MAX_STRIDE, RollingInputs};
+use super::{MAX_STRIDE, RollingInputs, steps_that_fit};
 use crate::bench::BenchShape;
 use crate::error::{EplbError, Result};
 use crate::load::LoadHistory;
 use crate::placement::Placement;
-
-/// Steps a recorded replay of `windows` windows fits planning on `h` windows, `stride` apart,
-/// from the window `first` on (`None`: not even one).
-fn steps_that_fit(windows: usize, first: usize, h: usize, stride: usize) -> Option<usize> {
-    let used = first.checked_add(h)?.checked_add(1)?;
-    (windows >= used && stride > 0).then(|| (windows - used) / stride + 1)
-}
 
 impl RollingInputs {
     /// The replays of one recorded trace planning on each of `histories` windows (as
@@ -54,13 +47,15 @@ impl RollingInputs {
         }
         let mut replays = Vec::with_capacity(histories.len());
         for &h in histories {
-            // With `left` windows out in front, this H's last step is scored on the last window.
-            let left = (w - first(h) - h - 1) % stride;
-            let kept = LoadHistory::new(history.windows()[left..].to_vec())?;
-            let mut replay = Self::recorded(bs, &kept, h, stride, steps, start.clone())?;
-            replay.offset += left;
-            replay.windows = history.windows().to_vec();
-            replays.push(replay);
+            replays.push(Self::recorded_steps(
+                bs,
+                history,
+                h,
+                stride,
+                steps,
+                start.clone(),
+                true,
+            )?);
         }
         Ok(replays)
     }
