@@ -78,7 +78,7 @@ impl Recording {
             lost: Vec::new(),
         };
         let windows = LoadEpisode::group_windows(reports);
-        // 1: the group's step count went back: it restarted, and its windows cannot follow the
+        // The group's step count went back: it restarted, and its windows cannot follow the
         // recorded ones (they would be skipped as old until its count passed the last one).
         if let (Some(newest), Some(&last)) = (windows.last(), self.end_steps.last())
             && newest.end_step < last
@@ -284,19 +284,24 @@ async fn poll_until_done(
             if !checked {
                 let mut statuses = Vec::with_capacity(bases.len());
                 for b in bases {
-                    statuses.push(get::<WorkerStatus>(&client, &format!("{b}/status")).await?);
+                    statuses.push(
+                        get::<WorkerStatus>(&client, &format!("{b}/status"))
+                            .await
+                            .map_err(Poll::Retry)?,
+                    );
                 }
-                check_group(&a.workers, &statuses).map_err(|m| format!("fatal: {m}"))?;
+                check_group(&a.workers, &statuses).map_err(Poll::Stop)?;
             }
             let mut reports = Vec::with_capacity(bases.len());
             for b in bases {
+                let url = format!("{b}/load?history={MAX_LOAD_HISTORY}");
                 reports.push(
-                    get::<LoadReport>(&client, &format!("{b}/load?history={MAX_LOAD_HISTORY}"))
-                        .await?,
+                    get::<LoadReport>(&client, &url)
+                        .await
+                        .map_err(Poll::Retry)?,
                 );
             }
-            rec.add(&reports, a.windows)
-                .map_err(|m| format!("fatal: {m}"))
+            rec.add(&reports, a.windows).map_err(Poll::Stop)
         };
         match round.await {
             Ok(added) => {
@@ -318,10 +323,8 @@ async fn poll_until_done(
                     ));
                 }
             }
-            Err(m) if m.starts_with("fatal: ") => {
-                return Err(Fail(m.trim_start_matches("fatal: ").to_string()));
-            }
-            Err(m) => {
+            Err(Poll::Stop(m)) => return Err(Fail(m)),
+            Err(Poll::Retry(m)) => {
                 if last_news.elapsed() >= idle {
                     return Err(Fail(format!(
                         "no new window for {} s; last error: {m}",
@@ -344,6 +347,13 @@ async fn poll_until_done(
         }
         tokio::time::sleep(Duration::from_secs_f64(a.poll_seconds)).await;
     }
+}
+
+/// Why a poll failed: an answer that ends the recording (not one group, a restart, another
+/// shape), or a request that may succeed at the next poll.
+enum Poll {
+    Stop(String),
+    Retry(String),
 }
 
 fn say_recorded(rec: &Recording, a: &RecordArgs, when: &str) {
