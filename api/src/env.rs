@@ -24,6 +24,8 @@ pub const COMM_PORT: &str = "MOE_COMM_PORT";
 pub const HTTP_PORT: &str = "MOE_HTTP_PORT";
 /// Address this rank advertises to its peers (defaults to the pod IP).
 pub const ADVERTISE_ADDR: &str = "MOE_ADVERTISE_ADDR";
+/// Address the HTTP API (and the forward API) listen on (default: every address).
+pub const LISTEN_ADDR: &str = "MOE_LISTEN_ADDR";
 /// File holding the bearer token that mutating API calls must present.
 pub const CONTROL_TOKEN_FILE: &str = "MOE_CONTROL_TOKEN_FILE";
 /// File holding the committed placement document (mounted from the owned ConfigMap).

@@ -396,14 +396,15 @@ impl Config {
             "comm-timeout-seconds",
             env::COMM_TIMEOUT,
         )?;
-        if let Some(addr) = &args.advertise_addr
-            && addr.parse::<std::net::IpAddr>().is_err()
-        {
-            return Err(bad(
-                "advertise-addr",
-                e::ADVERTISE_ADDR,
-                format!("`{addr}` is not an IP address"),
-            ));
+        for (addr, flag, var) in [
+            (&args.advertise_addr, "advertise-addr", e::ADVERTISE_ADDR),
+            (&args.listen_addr, "listen-addr", e::LISTEN_ADDR),
+        ] {
+            if let Some(addr) = addr
+                && addr.parse::<std::net::IpAddr>().is_err()
+            {
+                return Err(bad(flag, var, format!("`{addr}` is not an IP address")));
+            }
         }
         let shape = ModelShape::of_model(m, args.world_size, args.redundant_experts);
         Ok(Config {
@@ -638,6 +639,7 @@ mod tests {
                 "--ranks-per-node",
             ),
             (&["--advertise-addr", "pod-0.svc"], "--advertise-addr"),
+            (&["--listen-addr", "localhost"], "--listen-addr"),
             (&["--traffic", "trace"], "--traffic"),
             (
                 &["--traffic", "api", "--traffic-trace", "t.jsonl"],

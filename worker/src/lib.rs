@@ -22,7 +22,7 @@ pub mod stats;
 pub mod traffic;
 pub mod weights;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 
@@ -95,13 +95,15 @@ impl Worker {
     }
 }
 
+/// Where the HTTP listeners bind: `--listen-addr`, else every address of the advertised
+/// address's family. Not the advertised address itself: `kubectl port-forward` connects to
+/// loopback inside the pod.
 fn bind_ip(config: &Config) -> IpAddr {
-    config
-        .args
-        .advertise_addr
-        .as_deref()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    let parsed = |a: &Option<String>| a.as_deref().and_then(|a| a.parse::<IpAddr>().ok());
+    parsed(&config.args.listen_addr).unwrap_or(match parsed(&config.args.advertise_addr) {
+        Some(IpAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    })
 }
 
 /// Starts the HTTP API and the engine thread (rendezvous, weights, steps).

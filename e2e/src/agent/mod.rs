@@ -15,7 +15,9 @@
 //!   hostPath, materialised in a per-pod directory and kept in sync with the API (every 2 s).
 //!   Mount paths are rewritten (see [`env::rewrite_mounts`]) in command, args and env values;
 //! * a loopback pod IP `127.A.B.C` per pod name (unique within the process, stable across
-//!   re-creation of a pod with the same name), exported through the downward API;
+//!   re-creation of a pod with the same name), exported through the downward API and as
+//!   `MOE_LISTEN_ADDR` (the workers of different pods share one network namespace here, so
+//!   each listens on its own pod IP instead of every address);
 //!   `hostNetwork` pods get 127.0.0.1; StatefulSet pod DNS names
 //!   (`<pod>.<service>.<namespace>.svc`) in env values and args are replaced by pod IPs
 //!   ([`env::rewrite_pod_dns`]);

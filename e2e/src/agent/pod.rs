@@ -429,6 +429,9 @@ impl PodCtx {
         base.push(("HOME".into(), self.dir.display().to_string()));
         base.push(("MOE_E2E_POD_DIR".into(), self.dir.display().to_string()));
         base.push(("MOE_E2E_POD_IP".into(), self.ip.clone()));
+        // No network namespaces here: every pod's workers listen on their own loopback address
+        // (the worker's default, every address, would make the second pod's ports collide).
+        base.push(("MOE_LISTEN_ADDR".into(), self.ip.clone()));
         if let Some(port) = self.sh.cfg.api_port {
             base.push(("KUBERNETES_SERVICE_HOST".into(), "127.0.0.1".into()));
             base.push(("KUBERNETES_SERVICE_PORT".into(), port.to_string()));

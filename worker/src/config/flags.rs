@@ -114,10 +114,16 @@ pub struct Args {
     /// Port of the HTTP API and /metrics (0: any free port).
     #[arg(long, env = api_env::HTTP_PORT, default_value_t = 8080)]
     pub http_port: u16,
-    /// Address this rank advertises to its peers and binds its listeners to (the pod IP).
+    /// Address this rank advertises to its peers and binds its comm listener to (the pod IP).
     /// Default: bind all interfaces and advertise the address this rank reaches rank 0 from.
     #[arg(long, env = api_env::ADVERTISE_ADDR)]
     pub advertise_addr: Option<String>,
+    /// Address the HTTP API (and the forward API) listen on. Default: every address of
+    /// --advertise-addr's family (0.0.0.0, or :: for IPv6), loopback included, which
+    /// `kubectl port-forward` connects to inside the pod. Workers that share one network
+    /// namespace on the same ports (the e2e kubelet stand-in) give their own address.
+    #[arg(long, env = api_env::LISTEN_ADDR)]
+    pub listen_addr: Option<String>,
     /// File holding the bearer token mutating API calls must present. Without it
     /// POST /v1/remap is refused (401).
     #[arg(long, env = api_env::CONTROL_TOKEN_FILE)]

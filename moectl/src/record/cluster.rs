@@ -1,0 +1,339 @@
+//! A MoEDeployment's ranks found from its pods and reached through the API server's
+//! port-forward, as `kubectl port-forward` reaches them: with the kubeconfig's credentials and
+//! RBAC, from wherever the API server answers. The pods' IPs need not route from here, and the
+//! deployment's NetworkPolicy (which opens the workers' control port to the operator only) does
+//! not stand in the way: the kubelet connects to the port inside the pod.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, Portforwarder};
+use kube::config::KubeConfigOptions;
+use kube::{Client, Config, ResourceExt};
+
+use super::ranks::Fetched;
+
+/// The labels the operator gives every worker pod of a deployment (its StatefulSet selector).
+const NAME_LABEL: (&str, &str) = ("app.kubernetes.io/name", "moe-worker");
+const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
+/// The StatefulSet's ordinal of a pod (Kubernetes 1.28 and later; the name's suffix before).
+const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
+/// The worker container and its API ports: `http` for the pod's first rank, `http-i` for its
+/// rank `i` (several ranks per pod).
+const WORKER_CONTAINER: &str = "worker";
+const HTTP_PORT_NAME: &str = "http";
+
+/// Where the deployment is and who asks.
+pub struct Target<'a> {
+    pub deployment: &'a str,
+    pub namespace: Option<&'a str>,
+    pub context: Option<&'a str>,
+}
+
+/// One rank: the pod serving it and the port of its worker API there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodRank {
+    pub rank: usize,
+    pub pod: String,
+    pub port: u16,
+}
+
+/// The deployment's ranks, each with its own port-forward, opened at its first request and
+/// again after a failure (a pod restarted, the API server dropped the stream).
+pub struct ClusterRanks {
+    pods: Api<Pod>,
+    ranks: Vec<PodRank>,
+    labels: Vec<String>,
+    connections: Vec<Option<Connection>>,
+}
+
+/// An HTTP/1 connection to one rank over a port-forward stream.
+struct Connection {
+    sender: SendRequest<Empty<Bytes>>,
+    forwarder: Portforwarder,
+    /// What the kubelet reports when the port cannot be reached (nothing listens, the pod is
+    /// gone): the reason a request over the stream failed.
+    error: Option<Pin<Box<dyn Future<Output = Option<String>> + Send>>>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.forwarder.abort();
+    }
+}
+
+impl ClusterRanks {
+    /// Finds the deployment's worker pods in the kubeconfig's cluster (the current context
+    /// unless `context` names one; its namespace unless `namespace` does).
+    pub async fn discover(target: &Target<'_>) -> Result<Self, String> {
+        let config = match target.context {
+            Some(context) => Config::from_kubeconfig(&KubeConfigOptions {
+                context: Some(context.to_string()),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("--context {context}: {e}"))?,
+            None => Config::infer().await.map_err(|e| {
+                format!("cannot find a cluster to ask (kubeconfig or in-cluster): {e}")
+            })?,
+        };
+        let namespace = target
+            .namespace
+            .map_or_else(|| config.default_namespace.clone(), str::to_string);
+        let client =
+            Client::try_from(config).map_err(|e| format!("cannot reach the cluster: {e}"))?;
+        let pods: Api<Pod> = Api::namespaced(client, &namespace);
+        let selector = format!(
+            "{}={},{INSTANCE_LABEL}={}",
+            NAME_LABEL.0, NAME_LABEL.1, target.deployment
+        );
+        let listed = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot list the pods of MoEDeployment {} in namespace {namespace}: {e}",
+                    target.deployment
+                )
+            })?;
+        let ranks = pod_ranks(&listed.items);
+        if ranks.is_empty() {
+            return Err(format!(
+                "MoEDeployment {} has no worker pods in namespace {namespace} (labels \
+                 {selector}): `kubectl get moedeployments -n {namespace}` lists the \
+                 deployments there; give --namespace or --context if it is elsewhere",
+                target.deployment
+            ));
+        }
+        let labels = ranks
+            .iter()
+            .map(|r| format!("{namespace}/{}:{}", r.pod, r.port))
+            .collect();
+        let connections = ranks.iter().map(|_| None).collect();
+        Ok(Self {
+            pods,
+            ranks,
+            labels,
+            connections,
+        })
+    }
+
+    /// `namespace/pod:port` of each rank, in rank order.
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    /// `GET path` (`/v1/...`) from rank `i`'s worker API; the body of a successful answer.
+    pub async fn get(&mut self, i: usize, path: &str) -> Result<Fetched, String> {
+        let label = self.labels[i].clone();
+        let answer = tokio::time::timeout(super::REQUEST_TIMEOUT, self.request(i, path)).await;
+        let result = match answer {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "no answer in {} s",
+                super::REQUEST_TIMEOUT.as_secs()
+            )),
+        };
+        if result.is_err() {
+            // The stream may be dead: the next request opens another.
+            if let Some(mut c) = self.connections[i].take()
+                && let Some(reason) = kubelet_error(&mut c).await
+            {
+                return Err(format!("GET {label}{path}: {reason}"));
+            }
+        }
+        result.map_err(|e| format!("GET {label}{path}: {e}"))
+    }
+
+    async fn request(&mut self, i: usize, path: &str) -> Result<Fetched, String> {
+        if self.connections[i]
+            .as_ref()
+            .is_none_or(|c| c.sender.is_closed())
+        {
+            let rank = &self.ranks[i];
+            self.connections[i] = Some(connect(&self.pods, &rank.pod, rank.port).await?);
+        }
+        let Some(c) = self.connections[i].as_mut() else {
+            return Err("no connection".into());
+        };
+        c.sender.ready().await.map_err(|e| e.to_string())?;
+        let request = http::Request::get(path)
+            .header(http::header::HOST, "localhost")
+            .body(Empty::new())
+            .map_err(|e| e.to_string())?;
+        let response = c
+            .sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Fetched { status, body })
+    }
+}
+
+/// Opens a port-forward to `pod`'s `port` and an HTTP/1 connection over it.
+async fn connect(pods: &Api<Pod>, pod: &str, port: u16) -> Result<Connection, String> {
+    let mut forwarder = pods
+        .portforward(pod, &[port])
+        .await
+        .map_err(|e| format!("port-forward to pod {pod}: {e}"))?;
+    let error = forwarder
+        .take_error(port)
+        .map(|f| Box::pin(f) as Pin<Box<dyn Future<Output = Option<String>> + Send>>);
+    let stream = forwarder
+        .take_stream(port)
+        .ok_or_else(|| format!("port-forward to pod {pod} opened no stream for port {port}"))?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP over the port-forward to pod {pod}: {e}"))?;
+    // Drives the connection; it ends when the stream does (the sender then reports closed).
+    tokio::spawn(connection);
+    Ok(Connection {
+        sender,
+        forwarder,
+        error,
+    })
+}
+
+/// The kubelet's reason a port-forward failed, if it gave one promptly.
+async fn kubelet_error(c: &mut Connection) -> Option<String> {
+    let error = c.error.take()?;
+    tokio::time::timeout(Duration::from_millis(500), error)
+        .await
+        .ok()
+        .flatten()
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+}
+
+/// Every rank the worker pods serve: pod `p`'s port named `http` is rank `p * n`, `http-i`
+/// rank `p * n + i`, where `n` is the number of such ports a pod has (the operator gives each
+/// pod the same). Pods without an ordinal or those ports are left out; the group check then
+/// names the ranks missing.
+pub fn pod_ranks(pods: &[Pod]) -> Vec<PodRank> {
+    let mut out = Vec::new();
+    for pod in pods {
+        let Some(index) = pod_index(pod) else {
+            continue;
+        };
+        let ports = worker_ports(pod);
+        let per_pod = ports.len();
+        for (local, port) in ports {
+            out.push(PodRank {
+                rank: index * per_pod + local,
+                pod: pod.name_any(),
+                port,
+            });
+        }
+    }
+    out.sort_by_key(|r| r.rank);
+    out
+}
+
+fn pod_index(pod: &Pod) -> Option<usize> {
+    if let Some(i) = pod.labels().get(POD_INDEX_LABEL) {
+        return i.parse().ok();
+    }
+    pod.name_any().rsplit('-').next()?.parse().ok()
+}
+
+/// `(local rank, port)` of the worker container's API ports.
+fn worker_ports(pod: &Pod) -> Vec<(usize, u16)> {
+    let Some(container) = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.iter().find(|c| c.name == WORKER_CONTAINER))
+    else {
+        return Vec::new();
+    };
+    let mut out: Vec<(usize, u16)> = container
+        .ports
+        .iter()
+        .flatten()
+        .filter_map(|p| {
+            let name = p.name.as_deref()?;
+            let local = if name == HTTP_PORT_NAME {
+                0
+            } else {
+                name.strip_prefix(HTTP_PORT_NAME)?
+                    .strip_prefix('-')?
+                    .parse()
+                    .ok()?
+            };
+            Some((local, u16::try_from(p.container_port).ok()?))
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, index: Option<&str>, ports: &[(&str, i32)]) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": name,
+                "labels": index.map(|i| serde_json::json!({ POD_INDEX_LABEL: i })),
+            },
+            "spec": {"containers": [
+                {"name": "sidecar", "ports": [{"name": "http", "containerPort": 9999}]},
+                {"name": WORKER_CONTAINER, "ports": ports.iter()
+                    .map(|(n, p)| serde_json::json!({"name": n, "containerPort": p}))
+                    .collect::<Vec<_>>()},
+            ]},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn ranks_follow_the_ordinal_and_the_http_ports() {
+        // Two ranks per pod (http, http-1), the comm ports and the sidecar's ignored; the
+        // ordinal from the label, or from the name where the label is missing.
+        let ports = [
+            ("http", 8080),
+            ("comm", 29500),
+            ("http-1", 8081),
+            ("comm-1", 29501),
+        ];
+        let pods = [
+            pod("demo-1", Some("1"), &ports),
+            pod("demo-0", None, &ports),
+            pod("stray", None, &ports),
+        ];
+        let rank = |rank, pod: &str, port| PodRank {
+            rank,
+            pod: pod.into(),
+            port,
+        };
+        assert_eq!(
+            pod_ranks(&pods),
+            vec![
+                rank(0, "demo-0", 8080),
+                rank(1, "demo-0", 8081),
+                rank(2, "demo-1", 8080),
+                rank(3, "demo-1", 8081),
+            ]
+        );
+        // One rank per pod, a custom port.
+        assert_eq!(
+            pod_ranks(&[pod("x-3", None, &[("http", 9000)])]),
+            vec![rank(3, "x-3", 9000)]
+        );
+        // A pod without the worker's ports serves no rank.
+        assert_eq!(pod_ranks(&[pod("x-0", None, &[("comm", 1)])]), vec![]);
+    }
+}

@@ -1,0 +1,235 @@
+//! `moectl record`: the load a running worker group routes, recorded window by window into a
+//! file `moectl backtest`, `plan` and `eval` read, so that planners, budgets and the operator's
+//! settings can be tried on the deployment's own traffic.
+//!
+//! Each rank closes a window of `--stats-window` steps at the same group steps and keeps its
+//! newest [`MAX_LOAD_HISTORY`] (`GET /v1/load?history=N`, logical expert counts). A window of
+//! the group is the sum of every rank's window with the same end step; a poll appends the ones
+//! newer than the file's last. The file is rewritten whole after each poll (beside it, then
+//! renamed), so stopping the command at any moment leaves a complete recording, and a second
+//! run with the same `--output` continues it.
+//!
+//! The ranks are the `--worker` addresses given, or a MoEDeployment's pods reached through the
+//! API server's port-forward (`--deployment`, [`cluster`]).
+
+mod cluster;
+mod ranks;
+mod recording;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use moe_api::{LoadReport, MAX_LOAD_HISTORY, WorkerStatus};
+
+use crate::inputs::count;
+use crate::{Fail, say, write_out};
+use cluster::{ClusterRanks, Target};
+use ranks::{Ranks, WorkerUrls, check_group};
+pub use recording::{Recording, gaps_in};
+
+/// The longest poll interval or idle time taken (a week).
+const MAX_SECONDS: f64 = 604_800.0;
+
+/// How long one request to a rank may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(clap::Args, Debug)]
+pub struct RecordArgs {
+    /// A rank's worker API (`http://HOST:PORT`, the port of its `/v1/load`): once per rank of
+    /// the group, in any order. On Kubernetes, `--deployment` finds and reaches them instead.
+    #[arg(
+        long = "worker",
+        value_name = "URL",
+        required_unless_present = "deployment"
+    )]
+    workers: Vec<String>,
+    /// A MoEDeployment: its ranks are found from its worker pods and reached through the API
+    /// server's port-forward, with the kubeconfig's credentials (RBAC: `list` pods and
+    /// `create` pods/portforward in its namespace).
+    #[arg(long, value_name = "NAME", conflicts_with = "workers")]
+    deployment: Option<String>,
+    /// The MoEDeployment's namespace (default: the kubeconfig context's).
+    #[arg(long, short = 'n', requires = "deployment")]
+    namespace: Option<String>,
+    /// The kubeconfig context to use (default: the current one).
+    #[arg(long, requires = "deployment")]
+    context: Option<String>,
+    /// The recording: `{"windows": [W][L][E], "endSteps", "steps", "gaps"}`, oldest window
+    /// first. An existing recording is continued.
+    #[arg(long)]
+    output: PathBuf,
+    /// Stop once the recording holds this many windows (default: until interrupted; the file
+    /// is complete after every poll).
+    #[arg(long)]
+    windows: Option<usize>,
+    /// Seconds between polls. Each rank keeps its newest 16 windows: poll at least once in 16
+    /// windows' time, or windows are lost (recorded in "gaps").
+    #[arg(long, default_value_t = 10.0)]
+    poll_seconds: f64,
+    /// Give up after this many seconds without a new window (a group that stopped, or an
+    /// address that never answers).
+    #[arg(long, default_value_t = 600.0)]
+    idle_seconds: f64,
+}
+
+/// An existing recording at `path` (continued), or a new one.
+fn read_existing(path: &Path) -> Result<Recording, Fail> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| {
+            Fail(format!(
+                "{} exists and is not a moectl recording ({e}): give another --output",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Recording::default()),
+        Err(e) => Err(Fail(format!("cannot read {}: {e}", path.display()))),
+    }
+}
+
+pub fn record(a: &RecordArgs) -> Result<(), Fail> {
+    for (flag, v) in [
+        ("--poll-seconds", a.poll_seconds),
+        ("--idle-seconds", a.idle_seconds),
+    ] {
+        if !(v > 0.0 && v <= MAX_SECONDS) {
+            return Err(Fail(format!(
+                "{flag} {v}: give a number of seconds above 0 and at most {MAX_SECONDS}"
+            )));
+        }
+    }
+    let workers = match a.deployment {
+        Some(_) => None,
+        None => Some(WorkerUrls::new(&a.workers)?),
+    };
+    let mut rec = read_existing(&a.output)?;
+    if a.windows.is_some_and(|n| rec.windows.len() >= n) {
+        say_recorded(&rec, a, "already");
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Fail(format!("cannot start the HTTP client: {e}")))?;
+    runtime.block_on(async {
+        let mut ranks = match (workers, &a.deployment) {
+            (Some(w), _) => Ranks::Workers(w),
+            (None, deployment) => {
+                let target = Target {
+                    deployment: deployment.as_deref().unwrap_or_default(),
+                    namespace: a.namespace.as_deref(),
+                    context: a.context.as_deref(),
+                };
+                let c = ClusterRanks::discover(&target).await.map_err(Fail)?;
+                say(format_args!(
+                    "recording MoEDeployment {}: {} through the API server ({})",
+                    target.deployment,
+                    count(c.labels().len(), "rank"),
+                    c.labels().join(", ")
+                ));
+                Ranks::Cluster(Box::new(c))
+            }
+        };
+        poll_until_done(a, &mut ranks, &mut rec).await
+    })
+}
+
+async fn poll_until_done(
+    a: &RecordArgs,
+    ranks: &mut Ranks,
+    rec: &mut Recording,
+) -> Result<(), Fail> {
+    let idle = Duration::from_secs_f64(a.idle_seconds);
+    let mut last_news = Instant::now();
+    let mut checked = false;
+    loop {
+        let round = async {
+            let n = ranks.labels().len();
+            if !checked {
+                let mut statuses = Vec::with_capacity(n);
+                for i in 0..n {
+                    statuses.push(
+                        ranks
+                            .get_json::<WorkerStatus>(i, "/status")
+                            .await
+                            .map_err(Poll::Retry)?,
+                    );
+                }
+                check_group(ranks.labels(), &statuses, ranks.missing_hint()).map_err(Poll::Stop)?;
+            }
+            let path = format!("/load?history={MAX_LOAD_HISTORY}");
+            let mut reports = Vec::with_capacity(n);
+            for i in 0..n {
+                reports.push(
+                    ranks
+                        .get_json::<LoadReport>(i, &path)
+                        .await
+                        .map_err(Poll::Retry)?,
+                );
+            }
+            rec.add(&reports, a.windows).map_err(Poll::Stop)
+        };
+        match round.await {
+            Ok(added) => {
+                checked = true;
+                for [after, before] in added.lost {
+                    say(format_args!(
+                        "warning: the windows between steps {after} and {before} were lost: \
+                         poll more often than every 16 windows (--poll-seconds)"
+                    ));
+                }
+                if added.windows > 0 {
+                    last_news = Instant::now();
+                    write_out(Some(&a.output), &serde_json::to_vec(&*rec)?)?;
+                    say(format_args!(
+                        "recorded {} to {} (group step {})",
+                        count(rec.windows.len(), "window"),
+                        a.output.display(),
+                        rec.end_steps.last().copied().unwrap_or(0)
+                    ));
+                }
+            }
+            Err(Poll::Stop(m)) => return Err(Fail(m)),
+            Err(Poll::Retry(m)) => {
+                if last_news.elapsed() >= idle {
+                    return Err(Fail(format!(
+                        "no new window for {} s; last error: {m}",
+                        a.idle_seconds
+                    )));
+                }
+                say(format_args!("warning: {m} (trying again)"));
+            }
+        }
+        if a.windows.is_some_and(|n| rec.windows.len() >= n) {
+            say_recorded(rec, a, "now");
+            return Ok(());
+        }
+        if last_news.elapsed() >= idle {
+            return Err(Fail(format!(
+                "no new window for {} s: is the group serving traffic? (its windows are \
+                 --stats-window steps)",
+                a.idle_seconds
+            )));
+        }
+        tokio::time::sleep(Duration::from_secs_f64(a.poll_seconds)).await;
+    }
+}
+
+/// Why a poll failed: an answer that ends the recording (not one group, a restart, another
+/// shape), or a request that may succeed at the next poll.
+enum Poll {
+    Stop(String),
+    Retry(String),
+}
+
+fn say_recorded(rec: &Recording, a: &RecordArgs, when: &str) {
+    say(format_args!(
+        "the recording {} {when} holds {}{}",
+        a.output.display(),
+        count(rec.windows.len(), "window"),
+        if rec.gaps.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} lost: see \"gaps\")", count(rec.gaps.len(), "gap"))
+        }
+    ));
+}

@@ -1,0 +1,203 @@
+//! The recording file: the group's windows, summed over ranks, with the step each ends at.
+
+use std::path::Path;
+
+use moe_api::{LoadEpisode, LoadReport};
+use serde::{Deserialize, Serialize};
+
+/// A recording: the group's windows and where each ends in the group's step count.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Recording {
+    /// `windows[w][layer][expert]`: token-expert assignments routed in window `w`, all ranks.
+    pub windows: Vec<Vec<Vec<f64>>>,
+    /// The group step each window ends at (exclusive).
+    pub end_steps: Vec<u64>,
+    /// Steps in each window.
+    pub steps: Vec<u64>,
+    /// `[after, before]` end steps between which windows were lost (a poll came too late).
+    #[serde(default)]
+    pub gaps: Vec<[u64; 2]>,
+}
+
+/// What one poll added.
+#[derive(Debug, PartialEq)]
+pub struct Added {
+    pub windows: usize,
+    /// Windows closed since the last recorded one that no rank kept any more (step ranges).
+    pub lost: Vec<[u64; 2]>,
+}
+
+impl Recording {
+    /// Appends the group's windows in `reports` (one per rank) newer than the last recorded:
+    /// those every rank has closed, summed over ranks ([`LoadEpisode::group_windows`]); oldest
+    /// first, until the recording holds `limit` windows.
+    pub fn add(&mut self, reports: &[LoadReport], limit: Option<usize>) -> Result<Added, String> {
+        let mut added = Added {
+            windows: 0,
+            lost: Vec::new(),
+        };
+        let windows = LoadEpisode::group_windows(reports);
+        // The group's step count went back: it restarted, and its windows cannot follow the
+        // recorded ones (they would be skipped as old until its count passed the last one).
+        if let (Some(newest), Some(&last)) = (windows.last(), self.end_steps.last())
+            && newest.end_step < last
+        {
+            return Err(format!(
+                "the group's newest window ends at step {}, before the recording's last ({last}): \
+                 the group restarted (or is another one); record it to another --output",
+                newest.end_step
+            ));
+        }
+        for window in windows {
+            let last = self.end_steps.last().copied();
+            if last.is_some_and(|l| window.end_step <= l) {
+                continue;
+            }
+            if limit.is_some_and(|n| self.windows.len() >= n) {
+                break;
+            }
+            if let Some(w) = self.windows.first()
+                && !same_shape(w, &window.logical_counts)
+            {
+                let sum = &window.logical_counts;
+                return Err(format!(
+                    "the group reports {} layers x {} experts, the recording holds {} x {}: \
+                     another deployment? record it to another --output",
+                    sum.len(),
+                    sum.first().map_or(0, Vec::len),
+                    w.len(),
+                    w.first().map_or(0, Vec::len)
+                ));
+            }
+            let start = window.end_step.saturating_sub(window.steps);
+            if let Some(l) = last
+                && start > l
+            {
+                self.gaps.push([l, start]);
+                added.lost.push([l, start]);
+            }
+            self.windows.push(window.logical_counts);
+            self.end_steps.push(window.end_step);
+            self.steps.push(window.steps);
+            added.windows += 1;
+        }
+        Ok(added)
+    }
+}
+
+/// The step ranges a recording at `path` lost (its `gaps`); empty for any other load file.
+pub fn gaps_in(path: &Path) -> Vec<[u64; 2]> {
+    #[derive(Deserialize)]
+    struct Gaps {
+        #[serde(default)]
+        gaps: Vec<[u64; 2]>,
+    }
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Gaps>(&text).ok())
+        .map_or_else(Vec::new, |g| g.gaps)
+}
+
+fn same_shape(a: &[Vec<f64>], b: &[Vec<f64>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.len() == y.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(rank: usize, episodes: &[(u64, u64, f64)]) -> LoadReport {
+        LoadReport {
+            rank,
+            layer_generations: vec![0],
+            window_steps: 0,
+            step: 0,
+            slot_counts: vec![vec![0.0; 3]],
+            par: vec![1.0],
+            history: episodes
+                .iter()
+                .map(|&(end_step, steps, v)| LoadEpisode {
+                    end_step,
+                    steps,
+                    logical_counts: vec![vec![v, 2.0 * v]],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn windows_every_rank_closed_are_summed_once_and_lost_ones_noted() {
+        let mut rec = Recording::default();
+        // Rank 1 has not closed the window ending at 30 yet: it waits for the next poll.
+        let a = [
+            report(0, &[(10, 10, 1.0), (20, 10, 2.0), (30, 10, 3.0)]),
+            report(1, &[(10, 10, 10.0), (20, 10, 20.0)]),
+        ];
+        assert_eq!(
+            rec.add(&a, None).unwrap(),
+            Added {
+                windows: 2,
+                lost: Vec::new()
+            }
+        );
+        assert_eq!(
+            rec.windows,
+            vec![vec![vec![11.0, 22.0]], vec![vec![22.0, 44.0]]]
+        );
+        assert_eq!(
+            (rec.end_steps.clone(), rec.steps.clone()),
+            (vec![10, 20], vec![10, 10])
+        );
+        // Polled again: only the new one.
+        let b = [
+            report(0, &[(20, 10, 2.0), (30, 10, 3.0)]),
+            report(1, &[(20, 10, 20.0), (30, 10, 30.0)]),
+        ];
+        assert_eq!(rec.add(&b, None).unwrap().windows, 1);
+        assert_eq!(rec.windows[2], vec![vec![33.0, 66.0]]);
+        // Too late: the windows ending at 40 and 50 are gone from both ranks.
+        let c = [report(0, &[(60, 10, 1.0)]), report(1, &[(60, 10, 1.0)])];
+        assert_eq!(
+            rec.add(&c, None).unwrap(),
+            Added {
+                windows: 1,
+                lost: vec![[30, 50]]
+            }
+        );
+        assert_eq!(rec.gaps, vec![[30, 50]]);
+        // A window in another shape than the recording's is refused.
+        let d = [
+            LoadReport {
+                history: vec![LoadEpisode {
+                    end_step: 70,
+                    steps: 10,
+                    logical_counts: vec![vec![1.0]],
+                }],
+                ..report(0, &[])
+            },
+            LoadReport {
+                history: vec![LoadEpisode {
+                    end_step: 70,
+                    steps: 10,
+                    logical_counts: vec![vec![2.0]],
+                }],
+                ..report(1, &[])
+            },
+        ];
+        let e = rec.add(&d, None).unwrap_err();
+        assert!(
+            e.contains("1 layers x 1 experts, the recording holds 1 x 2"),
+            "{e}"
+        );
+        // A limit stops at that many windows; the next poll would not add past it either.
+        let mut capped = Recording::default();
+        assert_eq!(capped.add(&b, Some(1)).unwrap().windows, 1);
+        assert_eq!(capped.end_steps, vec![20]);
+        assert_eq!(capped.add(&b, Some(1)).unwrap().windows, 0);
+        // A restarted group counts steps from 0 again: said so, not waited out.
+        let restarted = [report(0, &[(10, 10, 1.0)]), report(1, &[(10, 10, 1.0)])];
+        let e = rec.add(&restarted, None).unwrap_err();
+        assert!(e.contains("the group restarted"), "{e}");
+    }
+}
