@@ -342,6 +342,95 @@ async fn two_ranks_per_pod_remap() -> Result<()> {
     }
     ranks.sort_unstable();
     ensure!(ranks == vec![0, 1, 2, 3], "ranks served: {ranks:?}");
+    check_record_through_port_forward(&cluster, &nodes, ns, name, &pods).await
+}
+
+/// On the real node: `moectl record --deployment` finds the 4 ranks from the 2 pods (ports
+/// `http` and `http-1`) and reaches them through the API server's port-forward (the kubelet
+/// connects to the worker on the pod's loopback); each window it records equals the four ranks'
+/// own windows of that end step, summed, as read from the pod IPs directly.
+async fn check_record_through_port_forward(
+    cluster: &moe_e2e::Cluster,
+    nodes: &moe_e2e::Nodes,
+    ns: &str,
+    name: &str,
+    pods: &[k8s_openapi::api::core::v1::Pod],
+) -> Result<()> {
+    if !nodes.is_real() {
+        println!("kubelet stand-in: no port-forward, moectl record --deployment not checked");
+        return Ok(());
+    }
+    let moectl = moe_e2e::agent::images::find_workspace_binary("moectl")
+        .context("moectl is not built: cargo build -p moectl")?;
+    // Every rank's windows (16 kept, one per 5 s), read before and after the recording: a
+    // window recorded was kept by every rank at one of the two reads.
+    let read_windows = || async {
+        let mut windows: std::collections::BTreeMap<u64, Vec<Vec<f64>>> = Default::default();
+        let mut per_end: std::collections::BTreeMap<u64, usize> = Default::default();
+        for p in pods {
+            let ip = pod_ip(p).context("pod without IP")?;
+            for port in [WORKER_HTTP_PORT, WORKER_HTTP_PORT + 1] {
+                let (code, body) =
+                    moe_e2e::http::get(&ip, port, "/v1/load?history=16", Duration::from_secs(3))
+                        .await?;
+                ensure!(code == 200, "GET {ip}:{port}/v1/load: {code} {body}");
+                let report: Value = serde_json::from_str(&body)?;
+                for w in report["history"].as_array().context("history")? {
+                    let end = w["endStep"].as_u64().context("endStep")?;
+                    let counts: Vec<Vec<f64>> = serde_json::from_value(w["logicalCounts"].clone())?;
+                    *per_end.entry(end).or_default() += 1;
+                    let sum = windows
+                        .entry(end)
+                        .or_insert_with(|| counts.iter().map(|l| vec![0.0; l.len()]).collect());
+                    for (s, l) in sum.iter_mut().zip(&counts) {
+                        for (a, b) in s.iter_mut().zip(l) {
+                            *a += b;
+                        }
+                    }
+                }
+            }
+        }
+        // Only the windows all four ranks reported.
+        windows.retain(|end, _| per_end[end] == 4);
+        anyhow::Ok(windows)
+    };
+    let before = read_windows().await?;
+    let out = tempfile::tempdir()?;
+    let file = out.path().join("traffic.json");
+    let run = tokio::process::Command::new(&moectl)
+        .args(["record", "--deployment", name, "-n", ns, "--windows", "3"])
+        .args(["--poll-seconds", "1", "--idle-seconds", "60", "--output"])
+        .arg(&file)
+        .env("KUBECONFIG", cluster.kubeconfig_path())
+        .output()
+        .await?;
+    let said = String::from_utf8_lossy(&run.stderr);
+    ensure!(run.status.success(), "moectl record --deployment: {said}");
+    ensure!(
+        said.contains("4 ranks through the API server"),
+        "moectl record should name the 4 ranks it found:\n{said}"
+    );
+    let mut direct = before;
+    direct.extend(read_windows().await?);
+    let rec: Value = serde_json::from_slice(&std::fs::read(&file)?)?;
+    let ends = rec["endSteps"].as_array().context("endSteps")?;
+    ensure!(ends.len() == 3, "{} windows recorded:\n{said}", ends.len());
+    for (w, end) in ends.iter().enumerate() {
+        let end = end.as_u64().context("endStep")?;
+        let recorded: Vec<Vec<f64>> = serde_json::from_value(rec["windows"][w].clone())?;
+        let expected = direct
+            .get(&end)
+            .with_context(|| format!("window ending at step {end}: not read from the ranks"))?;
+        ensure!(
+            &recorded == expected,
+            "window ending at {end}: recorded {recorded:?}, the ranks' sum {expected:?}"
+        );
+        ensure!(
+            recorded.iter().flatten().sum::<f64>() > 0.0,
+            "window ending at {end} is empty"
+        );
+    }
+    println!("moectl record --deployment through the port-forward: {said}");
     Ok(())
 }
 
