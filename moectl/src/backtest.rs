@@ -32,21 +32,24 @@ pub struct BacktestArgs {
     /// order).
     #[arg(long)]
     load: PathBuf,
-    /// EP ranks (GPUs).
+    /// EP ranks (GPUs). Default: those of the placement a recording by `moectl record`
+    /// carries.
     #[arg(long)]
-    ranks: usize,
-    /// Redundant expert slots per layer.
+    ranks: Option<usize>,
+    /// Redundant expert slots per layer. Default: the recorded placement's.
     #[arg(long)]
-    redundant: usize,
-    /// Nodes the ranks are spread over (ranks divide evenly).
-    #[arg(long, default_value_t = 1)]
-    nodes: usize,
+    redundant: Option<usize>,
+    /// Nodes the ranks are spread over (ranks divide evenly). Default: the recorded
+    /// placement's, else 1.
+    #[arg(long)]
+    nodes: Option<usize>,
     /// Expert groups (1 = none).
     #[arg(long, default_value_t = 1)]
     groups: usize,
     /// The placement in use when the trace begins (any format moectl reads): step 0 plans
-    /// from it on the first H windows. Without it, joint's plan of the first H windows is the
-    /// start and step 0 plans on the next H.
+    /// from it on the first H windows. Default: the placement a recording by `moectl record`
+    /// carries, where its layout is the replay's; otherwise joint's plan of the first H
+    /// windows is the start and step 0 plans on the next H.
     #[arg(long)]
     previous: Option<PathBuf>,
     /// The load counts tokens per physical slot (vLLM's expert_load_window [W][L][P]): mapped
@@ -124,15 +127,15 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
             ],
         )?;
     }
-    let (history, prev) = read_trace(a, notes)?;
+    let (history, prev, layout) = read_trace(a, notes)?;
     let mut histories = a.history.clone();
     histories.sort_unstable();
     histories.dedup();
     let shape = Shape::new(
         history.num_experts(),
-        a.redundant,
-        a.ranks,
-        a.nodes,
+        layout.redundant,
+        layout.ranks,
+        layout.nodes,
         a.groups,
     )?;
     let bs = BenchShape {
@@ -278,22 +281,74 @@ fn markdown(
     )
 }
 
-/// The recorded windows (per expert, summed `--aggregate` at a time) and the placement in
-/// use (`--previous`).
+/// The ranks, redundant slots and nodes replayed.
+struct Layout {
+    ranks: usize,
+    redundant: usize,
+    nodes: usize,
+}
+
+/// The recorded windows (per expert, summed `--aggregate` at a time), the placement in use
+/// (`--previous`, else a recording's) and the layout (the flags, else a recording's).
 fn read_trace(
     a: &BacktestArgs,
     notes: &mut Vec<String>,
-) -> Result<(LoadHistory, Option<Placement>), Fail> {
-    let (load, prev) = inputs::read_load_and_previous(
+) -> Result<(LoadHistory, Option<Placement>, Layout), Fail> {
+    let recorded = crate::record::context_of(&a.load);
+    let start = recorded.placement.as_ref();
+    let ranks = a.ranks.or(start.map(|p| p.num_ranks)).ok_or_else(|| {
+        Fail(format!(
+            "--ranks: give the EP ranks ({} is not a recording by `moectl record`, which \
+             would say)",
+            a.load.display()
+        ))
+    })?;
+    let (load, mut prev) = inputs::read_load_and_previous(
         &a.load,
         &a.layout,
         a.physical_load,
         a.experts,
         a.previous.as_deref(),
-        a.ranks,
+        ranks,
         notes,
     )?;
-    let gaps = crate::record::gaps_in(&a.load);
+    let experts = load.history.num_experts();
+    let recorded_redundant = start.and_then(|p| p.num_slots().checked_sub(experts));
+    let layout = Layout {
+        ranks,
+        redundant: a
+            .redundant
+            .or(recorded_redundant)
+            .ok_or_else(|| Fail("--redundant: give the redundant expert slots per layer".into()))?,
+        nodes: a.nodes.or(start.map(|p| p.num_nodes)).unwrap_or(1),
+    };
+    if let Some(doc) = start
+        && a.previous.is_none()
+    {
+        if doc.num_ranks == layout.ranks
+            && Some(layout.redundant) == recorded_redundant
+            && doc.num_logical_experts == experts
+            && doc.num_layers == load.history.num_layers()
+        {
+            prev = Some(inputs::read_recorded_placement(
+                &a.load, doc, &load, ranks, notes,
+            )?);
+            notes.push(format!(
+                "every replay starts from the placement the group served when the recording \
+                 began (generation {}, in {}; --previous gives another)",
+                doc.generation,
+                a.load.display()
+            ));
+        } else {
+            notes.push(format!(
+                "the recording's placement ({} x {} slots) is not this replay's layout: each \
+                 replay starts from joint's plan of its first windows",
+                count(doc.num_ranks, "rank"),
+                doc.num_slots()
+            ));
+        }
+    }
+    let gaps = recorded.gaps;
     if !gaps.is_empty() {
         let ranges: Vec<String> = gaps.iter().map(|[x, y]| format!("{x}-{y}")).collect();
         notes.push(format!(
@@ -316,7 +371,7 @@ fn read_trace(
             }
         ));
     }
-    Ok((history, prev))
+    Ok((history, prev, layout))
 }
 
 /// Writes the peers' inputs to `dir/recorded/rolling.json`, where `eplb/peers/run_peers.py`

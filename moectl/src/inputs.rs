@@ -614,6 +614,27 @@ pub fn read_load_and_previous(
     Ok((load, prev))
 }
 
+/// The placement a recording by `moectl record` carries (what the group served when it began),
+/// read as a `--previous` file would be.
+pub fn read_recorded_placement(
+    recording: &Path,
+    doc: &moe_api::PlacementDocument,
+    load: &LoadInput,
+    ranks: usize,
+    notes: &mut Vec<String>,
+) -> Result<Placement, Fail> {
+    let bytes = serde_json::to_vec(doc)?;
+    read_placement_from(
+        recording,
+        &bytes,
+        Some(Experts::Load(load.history.num_experts())),
+        Some(ranks),
+        None,
+        load.layout.as_ref(),
+        notes,
+    )
+}
+
 /// The layout SGLang output needs, or the error that says which flag gives it.
 pub fn need_layout(layout: Option<&DecoderLayout>) -> Result<&DecoderLayout, Fail> {
     layout.ok_or_else(|| {

@@ -141,6 +141,14 @@ async fn record_sums_the_ranks_windows_continues_and_replays() {
     assert!(stderr(&o).contains("now holds 3 windows"), "{}", stderr(&o));
     let first = recording(&out);
     assert_eq!(first["windows"].as_array().unwrap().len(), 3);
+    // A new recording keeps the placement the group serves (rank 0's) as its start.
+    let served: serde_json::Value = reqwest::get(format!("{}/v1/placement", urls[0]))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["placement"], served);
 
     // Continued: two more, the first three kept, every window right after the one before.
     let o = run(record_args(&urls, &out, 5)).await;
@@ -163,6 +171,10 @@ async fn record_sums_the_ranks_windows_continues_and_replays() {
     }
     assert_eq!(steps, vec![40; 5]);
     assert!(rec["gaps"].as_array().unwrap().is_empty());
+    assert_eq!(
+        rec["placement"], first["placement"],
+        "a continued recording keeps its start"
+    );
 
     // Each recorded window is the two ranks' windows of that end step, summed.
     let mut reports = Vec::new();
@@ -216,6 +228,48 @@ async fn record_sums_the_ranks_windows_continues_and_replays() {
         "{}",
         stdout(&o)
     );
+    // Without the flags, the layout and the start come from the recording: the same replay as
+    // the flags and the placement given by hand.
+    let start = d.file("start.json", &rec["placement"].to_string());
+    let by_hand = run([
+        "backtest",
+        "--load",
+        &out,
+        "--ranks",
+        "2",
+        "--redundant",
+        "4",
+        "--previous",
+        &start,
+        "--history",
+        "1,2",
+    ]
+    .map(String::from)
+    .to_vec())
+    .await;
+    let recorded = run(["backtest", "--load", &out, "--history", "1,2"]
+        .map(String::from)
+        .to_vec())
+    .await;
+    assert!(recorded.status.success(), "{}", stderr(&recorded));
+    assert!(
+        stderr(&recorded).contains("every replay starts from the placement the group served"),
+        "{}",
+        stderr(&recorded)
+    );
+    assert_eq!(stdout(&recorded), stdout(&by_hand));
+    // Another layout than the recording's: no recorded start.
+    let other = run(
+        ["backtest", "--load", &out, "--ranks", "4", "--history", "1"]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    assert!(
+        stderr(&other).contains("is not this replay's layout"),
+        "{}",
+        stderr(&other)
+    );
 
     // One rank is not the group; the same rank twice neither; a file that is not a recording is
     // kept as it is; an address where no worker answers is given up on, with the last error.
@@ -233,6 +287,8 @@ async fn record_sums_the_ranks_windows_continues_and_replays() {
     let o = run(record_args(&urls, &taken, 1)).await;
     assert_bad(&o, "is not a moectl recording");
     assert_eq!(std::fs::read_to_string(&taken).unwrap(), "[[1, 2]]");
+    let o = run(["backtest", "--load", &taken].map(String::from).to_vec()).await;
+    assert_bad(&o, "--ranks: give the EP ranks");
     let closed = TcpListener::bind("127.0.0.1:0").unwrap();
     let nobody = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);

@@ -342,19 +342,22 @@ async fn two_ranks_per_pod_remap() -> Result<()> {
     }
     ranks.sort_unstable();
     ensure!(ranks == vec![0, 1, 2, 3], "ranks served: {ranks:?}");
-    check_record_through_port_forward(&cluster, &nodes, ns, name, &pods).await
+    check_record_through_port_forward(&cluster, &nodes, ns, name, &pods, &doc).await
 }
 
 /// On the real node: `moectl record --deployment` finds the 4 ranks from the 2 pods (ports
 /// `http` and `http-1`) and reaches them through the API server's port-forward (the kubelet
 /// connects to the worker on the pod's loopback); each window it records equals the four ranks'
-/// own windows of that end step, summed, as read from the pod IPs directly.
+/// own windows of that end step, summed, as read from the pod IPs directly. The recording
+/// carries the committed placement (`placement`), and `moectl backtest` replays it with no
+/// layout flags.
 async fn check_record_through_port_forward(
     cluster: &moe_e2e::Cluster,
     nodes: &moe_e2e::Nodes,
     ns: &str,
     name: &str,
     pods: &[k8s_openapi::api::core::v1::Pod],
+    committed: &Value,
 ) -> Result<()> {
     if !nodes.is_real() {
         println!("kubelet stand-in: no port-forward, moectl record --deployment not checked");
@@ -430,6 +433,22 @@ async fn check_record_through_port_forward(
             "window ending at {end} is empty"
         );
     }
+    ensure!(
+        rec["placement"]["phy2log"] == committed["phy2log"],
+        "recorded placement {} is not the committed {}",
+        rec["placement"],
+        committed
+    );
+    let replay = tokio::process::Command::new(&moectl)
+        .args(["backtest", "--history", "1", "--load"])
+        .arg(&file)
+        .output()
+        .await?;
+    let replayed = String::from_utf8_lossy(&replay.stderr);
+    ensure!(
+        replay.status.success() && replayed.contains("starts from the placement the group served"),
+        "moectl backtest on the recording: {replayed}"
+    );
     println!("moectl record --deployment through the port-forward: {said}");
     Ok(())
 }

@@ -19,13 +19,13 @@ mod recording;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use moe_api::{LoadReport, MAX_LOAD_HISTORY, WorkerStatus};
+use moe_api::{LoadReport, MAX_LOAD_HISTORY, PlacementDocument, WorkerStatus};
 
 use crate::inputs::count;
 use crate::{Fail, say, write_out};
 use cluster::{ClusterRanks, Target};
 use ranks::{Ranks, WorkerUrls, check_group};
-pub use recording::{Recording, gaps_in};
+pub use recording::{Recording, context_of};
 
 /// The longest poll interval or idle time taken (a week).
 const MAX_SECONDS: f64 = 604_800.0;
@@ -155,6 +155,16 @@ async fn poll_until_done(
                     );
                 }
                 check_group(ranks.labels(), &statuses, ranks.missing_hint()).map_err(Poll::Stop)?;
+                // A new recording keeps the placement the group serves as its start.
+                if rec.windows.is_empty()
+                    && let Some(first) = statuses.iter().position(|s| s.rank == 0)
+                {
+                    let doc: PlacementDocument = ranks
+                        .get_json(first, "/placement")
+                        .await
+                        .map_err(Poll::Retry)?;
+                    rec.placement = Some(doc);
+                }
             }
             let path = format!("/load?history={MAX_LOAD_HISTORY}");
             let mut reports = Vec::with_capacity(n);

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use moe_api::{LoadEpisode, LoadReport};
+use moe_api::{LoadEpisode, LoadReport, PlacementDocument};
 use serde::{Deserialize, Serialize};
 
 /// A recording: the group's windows and where each ends in the group's step count.
@@ -18,6 +18,12 @@ pub struct Recording {
     /// `[after, before]` end steps between which windows were lost (a poll came too late).
     #[serde(default)]
     pub gaps: Vec<[u64; 2]>,
+    /// The placement the group served at the recording's first poll (rank 0's
+    /// `GET /v1/placement`): its ranks, nodes and slots are the layout `backtest` replays, and
+    /// it is where every replay starts. The first poll's windows may predate a remap that ran
+    /// in the 16 windows before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementDocument>,
 }
 
 /// What one poll added.
@@ -86,17 +92,22 @@ impl Recording {
     }
 }
 
-/// The step ranges a recording at `path` lost (its `gaps`); empty for any other load file.
-pub fn gaps_in(path: &Path) -> Vec<[u64; 2]> {
-    #[derive(Deserialize)]
-    struct Gaps {
-        #[serde(default)]
-        gaps: Vec<[u64; 2]>,
-    }
+/// What a recording says besides its windows: the step ranges it lost and the placement the
+/// group served when it began.
+#[derive(Debug, Default, Deserialize)]
+pub struct RecordedContext {
+    #[serde(default)]
+    pub gaps: Vec<[u64; 2]>,
+    #[serde(default)]
+    pub placement: Option<PlacementDocument>,
+}
+
+/// The [`RecordedContext`] of a recording at `path`; empty for any other load file.
+pub fn context_of(path: &Path) -> RecordedContext {
     std::fs::read_to_string(path)
         .ok()
-        .and_then(|text| serde_json::from_str::<Gaps>(&text).ok())
-        .map_or_else(Vec::new, |g| g.gaps)
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default()
 }
 
 fn same_shape(a: &[Vec<f64>], b: &[Vec<f64>]) -> bool {
