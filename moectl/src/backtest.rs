@@ -282,25 +282,33 @@ fn markdown(
 }
 
 /// The ranks, redundant slots and nodes replayed.
-struct Layout {
+struct EpLayout {
     ranks: usize,
     redundant: usize,
     nodes: usize,
 }
 
 /// The recorded windows (per expert, summed `--aggregate` at a time), the placement in use
-/// (`--previous`, else a recording's) and the layout (the flags, else a recording's).
+/// (`--previous`, else a recording's) and the layout (each of the flags, else the recorded
+/// placement's; nodes only with the recording's ranks).
 fn read_trace(
     a: &BacktestArgs,
     notes: &mut Vec<String>,
-) -> Result<(LoadHistory, Option<Placement>, Layout), Fail> {
-    let recorded = crate::record::context_of(&a.load);
+) -> Result<(LoadHistory, Option<Placement>, EpLayout), Fail> {
+    let recorded = crate::record::context_of(&a.load).map_err(Fail)?;
     let start = recorded.placement.as_ref();
     let ranks = a.ranks.or(start.map(|p| p.num_ranks)).ok_or_else(|| {
         Fail(format!(
-            "--ranks: give the EP ranks ({} is not a recording by `moectl record`, which \
-             would say)",
-            a.load.display()
+            "--ranks: give the EP ranks ({})",
+            if recorded.is_recording {
+                format!(
+                    "{} holds no placement: it was recorded by a moectl before `record` kept \
+                     the group's",
+                    a.load.display()
+                )
+            } else {
+                "only a recording by `moectl record` says them".to_string()
+            }
         ))
     })?;
     let (load, mut prev) = inputs::read_load_and_previous(
@@ -314,18 +322,23 @@ fn read_trace(
     )?;
     let experts = load.history.num_experts();
     let recorded_redundant = start.and_then(|p| p.num_slots().checked_sub(experts));
-    let layout = Layout {
+    let layout = EpLayout {
         ranks,
         redundant: a
             .redundant
             .or(recorded_redundant)
             .ok_or_else(|| Fail("--redundant: give the redundant expert slots per layer".into()))?,
-        nodes: a.nodes.or(start.map(|p| p.num_nodes)).unwrap_or(1),
+        // The recorded nodes divide the recorded ranks, not necessarily others.
+        nodes: a
+            .nodes
+            .or(start.filter(|p| p.num_ranks == ranks).map(|p| p.num_nodes))
+            .unwrap_or(1),
     };
     if let Some(doc) = start
         && a.previous.is_none()
     {
         if doc.num_ranks == layout.ranks
+            && doc.num_nodes == layout.nodes
             && Some(layout.redundant) == recorded_redundant
             && doc.num_logical_experts == experts
             && doc.num_layers == load.history.num_layers()
@@ -341,9 +354,10 @@ fn read_trace(
             ));
         } else {
             notes.push(format!(
-                "the recording's placement ({} x {} slots) is not this replay's layout: each \
+                "the recording's placement ({}, {}, {} slots) is not this replay's layout: each \
                  replay starts from joint's plan of its first windows",
                 count(doc.num_ranks, "rank"),
+                count(doc.num_nodes, "node"),
                 doc.num_slots()
             ));
         }

@@ -348,9 +348,9 @@ async fn two_ranks_per_pod_remap() -> Result<()> {
 /// On the real node: `moectl record --deployment` finds the 4 ranks from the 2 pods (ports
 /// `http` and `http-1`) and reaches them through the API server's port-forward (the kubelet
 /// connects to the worker on the pod's loopback); each window it records equals the four ranks'
-/// own windows of that end step, summed, as read from the pod IPs directly. The recording
-/// carries the committed placement (`placement`), and `moectl backtest` replays it with no
-/// layout flags.
+/// own windows of that end step, summed, as read from the pod IPs directly, none from before
+/// the recording began. The recording carries the committed placement (`placement`), and
+/// `moectl backtest` replays it with no layout flags.
 async fn check_record_through_port_forward(
     cluster: &moe_e2e::Cluster,
     nodes: &moe_e2e::Nodes,
@@ -398,6 +398,8 @@ async fn check_record_through_port_forward(
         anyhow::Ok(windows)
     };
     let before = read_windows().await?;
+    // A new recording leaves out the windows the ranks kept from before it began.
+    let newest_before = before.keys().max().copied().unwrap_or(0);
     let out = tempfile::tempdir()?;
     let file = out.path().join("traffic.json");
     let run = tokio::process::Command::new(&moectl)
@@ -418,6 +420,13 @@ async fn check_record_through_port_forward(
     let rec: Value = serde_json::from_slice(&std::fs::read(&file)?)?;
     let ends = rec["endSteps"].as_array().context("endSteps")?;
     ensure!(ends.len() == 3, "{} windows recorded:\n{said}", ends.len());
+    let first_start =
+        ends[0].as_u64().context("endStep")? - rec["steps"][0].as_u64().context("steps")?;
+    ensure!(
+        first_start >= newest_before,
+        "the first recorded window begins at step {first_start}, before the recording began \
+         (the ranks had closed a window at {newest_before})"
+    );
     for (w, end) in ends.iter().enumerate() {
         let end = end.as_u64().context("endStep")?;
         let recorded: Vec<Vec<f64>> = serde_json::from_value(rec["windows"][w].clone())?;

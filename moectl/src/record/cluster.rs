@@ -17,7 +17,8 @@ use kube::api::{Api, ListParams, Portforwarder};
 use kube::config::KubeConfigOptions;
 use kube::{Client, Config, ResourceExt};
 
-use super::ranks::Fetched;
+use super::REQUEST_TIMEOUT;
+use super::ranks::{Fetched, Poll};
 
 /// The labels the operator gives every worker pod of a deployment (its StatefulSet selector).
 const NAME_LABEL: (&str, &str) = ("app.kubernetes.io/name", "moe-worker");
@@ -72,6 +73,19 @@ impl ClusterRanks {
     /// Finds the deployment's worker pods in the kubeconfig's cluster (the current context
     /// unless `context` names one; its namespace unless `namespace` does).
     pub async fn discover(target: &Target<'_>) -> Result<Self, String> {
+        // Also keeps the label selector below one equality per label.
+        let name = target.deployment;
+        if name.is_empty()
+            || name.len() > 63
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        {
+            return Err(format!(
+                "--deployment {name:?} is not a MoEDeployment name (lower-case letters, digits, \
+                 '-' and '.', at most 63)"
+            ));
+        }
         let config = match target.context {
             Some(context) => Config::from_kubeconfig(&KubeConfigOptions {
                 context: Some(context.to_string()),
@@ -129,29 +143,35 @@ impl ClusterRanks {
         &self.labels
     }
 
-    /// `GET path` (`/v1/...`) from rank `i`'s worker API; the body of a successful answer.
-    pub async fn get(&mut self, i: usize, path: &str) -> Result<Fetched, String> {
+    /// `GET path` (`/v1/...`) from rank `i`'s worker API.
+    pub async fn get(&mut self, i: usize, path: &str) -> Result<Fetched, Poll> {
         let label = self.labels[i].clone();
-        let answer = tokio::time::timeout(super::REQUEST_TIMEOUT, self.request(i, path)).await;
-        let result = match answer {
-            Ok(r) => r,
-            Err(_) => Err(format!(
-                "no answer in {} s",
-                super::REQUEST_TIMEOUT.as_secs()
-            )),
+        let answer = tokio::time::timeout(REQUEST_TIMEOUT, self.request(i, path)).await;
+        let failure = match answer {
+            Ok(Ok(fetched)) => return Ok(fetched),
+            Ok(Err(Poll::Stop(m))) => return Err(Poll::Stop(format!("GET {label}{path}: {m}"))),
+            Ok(Err(Poll::Retry(m))) => m,
+            Err(_) => format!("no answer in {} s", REQUEST_TIMEOUT.as_secs()),
         };
-        if result.is_err() {
-            // The stream may be dead: the next request opens another.
-            if let Some(mut c) = self.connections[i].take()
-                && let Some(reason) = kubelet_error(&mut c).await
-            {
-                return Err(format!("GET {label}{path}: {reason}"));
-            }
-        }
-        result.map_err(|e| format!("GET {label}{path}: {e}"))
+        // The stream may be dead: the next request opens another. The kubelet may have said
+        // why on the port-forward's error channel.
+        let reason = match self.connections[i].take() {
+            Some(mut c) => kubelet_error(&mut c).await,
+            None => None,
+        };
+        Err(Poll::Retry(match reason {
+            Some(r) if r.contains("connection refused") => format!(
+                "GET {label}{path}: {failure}; the kubelet: {r} (nothing listens on the pod's \
+                 loopback: a worker image from before --listen-addr listens on the pod IP \
+                 only; upgrade spec.worker.image, or give --worker http://POD_IP:PORT from \
+                 where the pod IPs route)"
+            ),
+            Some(r) => format!("GET {label}{path}: {failure}; the kubelet: {r}"),
+            None => format!("GET {label}{path}: {failure}"),
+        }))
     }
 
-    async fn request(&mut self, i: usize, path: &str) -> Result<Fetched, String> {
+    async fn request(&mut self, i: usize, path: &str) -> Result<Fetched, Poll> {
         if self.connections[i]
             .as_ref()
             .is_none_or(|c| c.sender.is_closed())
@@ -160,44 +180,56 @@ impl ClusterRanks {
             self.connections[i] = Some(connect(&self.pods, &rank.pod, rank.port).await?);
         }
         let Some(c) = self.connections[i].as_mut() else {
-            return Err("no connection".into());
+            return Err(Poll::Retry("no connection".into()));
         };
-        c.sender.ready().await.map_err(|e| e.to_string())?;
-        let request = http::Request::get(path)
-            .header(http::header::HOST, "localhost")
-            .body(Empty::new())
-            .map_err(|e| e.to_string())?;
-        let response = c
-            .sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok(Fetched { status, body })
+        send(c, path).await.map_err(Poll::Retry)
     }
 }
 
-/// Opens a port-forward to `pod`'s `port` and an HTTP/1 connection over it.
-async fn connect(pods: &Api<Pod>, pod: &str, port: u16) -> Result<Connection, String> {
-    let mut forwarder = pods
-        .portforward(pod, &[port])
+/// One request over an open connection.
+async fn send(c: &mut Connection, path: &str) -> Result<Fetched, String> {
+    c.sender.ready().await.map_err(|e| e.to_string())?;
+    let request = http::Request::get(path)
+        .header(http::header::HOST, "localhost")
+        .body(Empty::new())
+        .map_err(|e| e.to_string())?;
+    let response = c
+        .sender
+        .send_request(request)
         .await
-        .map_err(|e| format!("port-forward to pod {pod}: {e}"))?;
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(Fetched { status, body })
+}
+
+/// Opens a port-forward to `pod`'s `port` and an HTTP/1 connection over it. A refusal by the
+/// API server's authorization ends the recording: it will not change by waiting.
+async fn connect(pods: &Api<Pod>, pod: &str, port: u16) -> Result<Connection, Poll> {
+    let mut forwarder = pods.portforward(pod, &[port]).await.map_err(|e| match e {
+        kube::Error::Api(s) if s.is_forbidden() => Poll::Stop(format!(
+            "port-forward to pod {pod} forbidden ({}): the kubeconfig's user needs `get` and \
+             `create` on pods/portforward in the deployment's namespace",
+            s.message
+        )),
+        e => Poll::Retry(format!("port-forward to pod {pod}: {e}")),
+    })?;
     let error = forwarder
         .take_error(port)
         .map(|f| Box::pin(f) as Pin<Box<dyn Future<Output = Option<String>> + Send>>);
-    let stream = forwarder
-        .take_stream(port)
-        .ok_or_else(|| format!("port-forward to pod {pod} opened no stream for port {port}"))?;
+    let stream = forwarder.take_stream(port).ok_or_else(|| {
+        Poll::Retry(format!(
+            "port-forward to pod {pod} opened no stream for port {port}"
+        ))
+    })?;
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("HTTP over the port-forward to pod {pod}: {e}"))?;
+        .map_err(|e| Poll::Retry(format!("HTTP over the port-forward to pod {pod}: {e}")))?;
     // Drives the connection; it ends when the stream does (the sender then reports closed).
     tokio::spawn(connection);
     Ok(Connection {

@@ -24,7 +24,7 @@ use moe_api::{LoadReport, MAX_LOAD_HISTORY, PlacementDocument, WorkerStatus};
 use crate::inputs::count;
 use crate::{Fail, say, write_out};
 use cluster::{ClusterRanks, Target};
-use ranks::{Ranks, WorkerUrls, check_group};
+use ranks::{Poll, Ranks, WorkerUrls, check_group};
 pub use recording::{Recording, context_of};
 
 /// The longest poll interval or idle time taken (a week).
@@ -119,7 +119,15 @@ pub fn record(a: &RecordArgs) -> Result<(), Fail> {
                     namespace: a.namespace.as_deref(),
                     context: a.context.as_deref(),
                 };
-                let c = ClusterRanks::discover(&target).await.map_err(Fail)?;
+                let c = tokio::time::timeout(REQUEST_TIMEOUT, ClusterRanks::discover(&target))
+                    .await
+                    .map_err(|_| {
+                        Fail(format!(
+                            "the cluster did not answer in {} s",
+                            REQUEST_TIMEOUT.as_secs()
+                        ))
+                    })?
+                    .map_err(Fail)?;
                 say(format_args!(
                     "recording MoEDeployment {}: {} through the API server ({})",
                     target.deployment,
@@ -141,42 +149,29 @@ async fn poll_until_done(
     let idle = Duration::from_secs_f64(a.idle_seconds);
     let mut last_news = Instant::now();
     let mut checked = false;
+    // A new recording's first window begins at or after this group step.
+    let mut not_before = None;
     loop {
         let round = async {
             let n = ranks.labels().len();
             if !checked {
                 let mut statuses = Vec::with_capacity(n);
                 for i in 0..n {
-                    statuses.push(
-                        ranks
-                            .get_json::<WorkerStatus>(i, "/status")
-                            .await
-                            .map_err(Poll::Retry)?,
-                    );
+                    statuses.push(ranks.get_json::<WorkerStatus>(i, "/status").await?);
                 }
-                check_group(ranks.labels(), &statuses, ranks.missing_hint()).map_err(Poll::Stop)?;
-                // A new recording keeps the placement the group serves as its start.
-                if rec.windows.is_empty()
-                    && let Some(first) = statuses.iter().position(|s| s.rank == 0)
-                {
-                    let doc: PlacementDocument = ranks
-                        .get_json(first, "/placement")
-                        .await
-                        .map_err(Poll::Retry)?;
-                    rec.placement = Some(doc);
+                check_group(ranks.labels(), &statuses, ranks.hints()).map_err(Poll::Stop)?;
+                if rec.windows.is_empty() {
+                    let (placement, step) = group_start(ranks, &statuses).await?;
+                    rec.placement = Some(placement);
+                    not_before = Some(step);
                 }
             }
             let path = format!("/load?history={MAX_LOAD_HISTORY}");
             let mut reports = Vec::with_capacity(n);
             for i in 0..n {
-                reports.push(
-                    ranks
-                        .get_json::<LoadReport>(i, &path)
-                        .await
-                        .map_err(Poll::Retry)?,
-                );
+                reports.push(ranks.get_json::<LoadReport>(i, &path).await?);
             }
-            rec.add(&reports, a.windows).map_err(Poll::Stop)
+            rec.add(&reports, a.windows, not_before).map_err(Poll::Stop)
         };
         match round.await {
             Ok(added) => {
@@ -224,11 +219,32 @@ async fn poll_until_done(
     }
 }
 
-/// Why a poll failed: an answer that ends the recording (not one group, a restart, another
-/// shape), or a request that may succeed at the next poll.
-enum Poll {
-    Stop(String),
-    Retry(String),
+/// Where a new recording starts: the placement every rank serves on every layer now (rank 0's
+/// document), and the group step from which the windows are surely its. The ranks keep 16
+/// windows of the past, but which placement served those is not known (a remap may have run
+/// meanwhile), so a new recording leaves them out.
+async fn group_start(
+    ranks: &mut Ranks,
+    statuses: &[WorkerStatus],
+) -> Result<(PlacementDocument, u64), Poll> {
+    let Some(first) = statuses.iter().position(|s| s.rank == 0) else {
+        return Err(Poll::Stop("no rank 0 among the ranks".into()));
+    };
+    let doc: PlacementDocument = ranks.get_json(first, "/placement").await?;
+    // Statuses read before the document: every layer of every rank already on its generation
+    // means no remap was under way between the two reads, nor left unfinished.
+    if let Some(s) = statuses
+        .iter()
+        .find(|s| s.layer_generations.iter().any(|&g| g != doc.generation))
+    {
+        return Err(Poll::Retry(format!(
+            "rank {} does not serve placement generation {} on every layer yet (a remap is \
+             under way): the recording starts once it has finished",
+            s.rank, doc.generation
+        )));
+    }
+    let step = statuses.iter().map(|s| s.step).max().unwrap_or(0);
+    Ok((doc, step))
 }
 
 fn say_recorded(rec: &Recording, a: &RecordArgs, when: &str) {

@@ -8,13 +8,33 @@ use super::REQUEST_TIMEOUT;
 use super::cluster::ClusterRanks;
 use crate::Fail;
 
-/// What `check_group` says about a rank no `--worker` names.
-pub const NO_WORKER: &str = "no --worker: the group's load is the sum over every rank, so give \
-                             each rank's address";
+/// Why a poll failed: an answer that ends the recording (not one group, a restart, another
+/// shape, no permission), or a request that may succeed at the next poll.
+pub enum Poll {
+    Stop(String),
+    Retry(String),
+}
 
-/// What `check_group` says about a rank no pod of the deployment serves.
-pub const NO_POD: &str = "no pod serving it (the group is starting, or scaling): record once \
-                          `kubectl get moedeployment` shows it Ready";
+/// What [`check_group`] tells the user to do, per way of naming the ranks.
+pub struct Hints {
+    /// About ranks nobody polls.
+    pub missing: &'static str,
+    /// About ranks of different groups, or one rank twice.
+    pub mixed: &'static str,
+}
+
+const WORKER_HINTS: Hints = Hints {
+    missing: "no --worker: the group's load is the sum over every rank, so give each rank's \
+              address",
+    mixed: "give each rank's address once, all of one group",
+};
+
+const POD_HINTS: Hints = Hints {
+    missing: "no pod serving it (the group is starting, or scaling): record once \
+              `kubectl get moedeployment` shows it Ready",
+    mixed: "the deployment's pods serve more than one group (it is being replaced?): record \
+            once `kubectl get moedeployment` shows it Ready",
+};
 
 /// An answer: its HTTP status and body.
 pub struct Fetched {
@@ -31,16 +51,15 @@ pub enum Ranks {
 impl Ranks {
     pub fn labels(&self) -> &[String] {
         match self {
-            Ranks::Workers(w) => &w.labels,
+            Ranks::Workers(w) => &w.roots,
             Ranks::Cluster(c) => c.labels(),
         }
     }
 
-    /// What to do about a rank nobody polls.
-    pub fn missing_hint(&self) -> &'static str {
+    pub fn hints(&self) -> &'static Hints {
         match self {
-            Ranks::Workers(_) => NO_WORKER,
-            Ranks::Cluster(_) => NO_POD,
+            Ranks::Workers(_) => &WORKER_HINTS,
+            Ranks::Cluster(_) => &POD_HINTS,
         }
     }
 
@@ -49,32 +68,32 @@ impl Ranks {
         &mut self,
         i: usize,
         path: &str,
-    ) -> Result<T, String> {
+    ) -> Result<T, Poll> {
         let full = format!("{API_PREFIX}{path}");
         let fetched = match self {
-            Ranks::Workers(w) => w.get(i, &full).await?,
+            Ranks::Workers(w) => w.get(i, &full).await.map_err(Poll::Retry)?,
             Ranks::Cluster(c) => c.get(i, &full).await?,
         };
         let label = &self.labels()[i];
         if !(200..300).contains(&fetched.status) {
             let text = String::from_utf8_lossy(&fetched.body);
             let text: String = text.chars().take(200).collect();
-            return Err(format!(
+            return Err(Poll::Retry(format!(
                 "GET {label}{full}: HTTP {} {}",
                 fetched.status,
                 text.trim()
-            ));
+            )));
         }
-        serde_json::from_slice(&fetched.body).map_err(|e| format!("GET {label}{full}: {e}"))
+        serde_json::from_slice(&fetched.body)
+            .map_err(|e| Poll::Retry(format!("GET {label}{full}: {e}")))
     }
 }
 
 /// Ranks at the addresses given with `--worker`.
 pub struct WorkerUrls {
     client: reqwest::Client,
-    /// `http://host:port`, without the API prefix.
+    /// `http://host:port`, without the API prefix: also the label.
     roots: Vec<String>,
-    labels: Vec<String>,
 }
 
 impl WorkerUrls {
@@ -87,11 +106,7 @@ impl WorkerUrls {
             .timeout(REQUEST_TIMEOUT)
             .build()
             .map_err(|e| Fail(format!("cannot start the HTTP client: {e}")))?;
-        Ok(Self {
-            client,
-            roots,
-            labels: urls.to_vec(),
-        })
+        Ok(Self { client, roots })
     }
 
     async fn get(&self, i: usize, path: &str) -> Result<Fetched, String> {
@@ -105,31 +120,30 @@ impl WorkerUrls {
 }
 
 /// Checks that `statuses` (one per rank polled, labelled by `labels`) are every rank of one
-/// group, each once; `missing` says what to do about a rank nobody polls.
+/// group, each once; `hints` say what to do otherwise.
 pub fn check_group(
     labels: &[String],
     statuses: &[WorkerStatus],
-    missing: &str,
+    hints: &Hints,
 ) -> Result<(), String> {
-    let workers = labels;
     let world = statuses.first().map_or(0, |s| s.world_size);
     let mut seen: Vec<Option<&str>> = vec![None; world];
-    for (url, s) in workers.iter().zip(statuses) {
+    for (label, s) in labels.iter().zip(statuses) {
         if s.world_size != world {
             return Err(format!(
-                "{url} is rank {} of {} ranks, {} rank {} of {world}: give the ranks of one group",
-                s.rank, s.world_size, workers[0], statuses[0].rank
+                "{label} is rank {} of {} ranks, {} rank {} of {world}: {}",
+                s.rank, s.world_size, labels[0], statuses[0].rank, hints.mixed
             ));
         }
         match seen.get_mut(s.rank) {
             Some(Some(other)) => {
                 return Err(format!(
-                    "{url} and {other} are both rank {}: give each rank once",
-                    s.rank
+                    "{label} and {other} are both rank {}: {}",
+                    s.rank, hints.mixed
                 ));
             }
-            Some(slot) => *slot = Some(url),
-            None => return Err(format!("{url} reports rank {} of {world}", s.rank)),
+            Some(slot) => *slot = Some(label),
+            None => return Err(format!("{label} reports rank {} of {world}", s.rank)),
         }
     }
     // Ranks of one group share its control token; two deployments of the same size do not.
@@ -139,9 +153,10 @@ pub fn check_group(
         .collect();
     if ids.windows(2).any(|w| w[0] != w[1]) {
         return Err(format!(
-            "the ranks answer with different control tokens: they are ranks of \
-             different groups ({}); give the ranks of one group",
-            workers.join(", ")
+            "the ranks answer with different control tokens: they are ranks of different \
+             groups ({}); {}",
+            labels.join(", "),
+            hints.mixed
         ));
     }
     let absent: Vec<String> = (0..world)
@@ -150,10 +165,11 @@ pub fn check_group(
         .collect();
     if !absent.is_empty() {
         return Err(format!(
-            "rank{} {} of the group's {world} ha{} {missing}",
+            "rank{} {} of the group's {world} ha{} {}",
             if absent.len() == 1 { "" } else { "s" },
             absent.join(", "),
             if absent.len() == 1 { "s" } else { "ve" },
+            hints.missing
         ));
     }
     Ok(())
@@ -195,24 +211,30 @@ mod tests {
             control_token_id: Some(id.into()),
             ..status(rank, 2)
         };
-        assert!(check_group(&urls[..2], &[token(0, "x"), token(1, "x")], NO_WORKER).is_ok());
-        let e = check_group(&urls[..2], &[token(0, "x"), token(1, "y")], NO_WORKER).unwrap_err();
+        assert!(check_group(&urls[..2], &[token(0, "x"), token(1, "x")], &WORKER_HINTS).is_ok());
+        let e =
+            check_group(&urls[..2], &[token(0, "x"), token(1, "y")], &WORKER_HINTS).unwrap_err();
         assert!(e.contains("ranks of different groups"), "{e}");
-        assert!(check_group(&urls[..2], &[status(1, 2), status(0, 2)], NO_WORKER).is_ok());
-        let e = check_group(&urls[..2], &[status(0, 3), status(2, 3)], NO_WORKER).unwrap_err();
+        assert!(check_group(&urls[..2], &[status(1, 2), status(0, 2)], &WORKER_HINTS).is_ok());
+        let e = check_group(&urls[..2], &[status(0, 3), status(2, 3)], &WORKER_HINTS).unwrap_err();
         assert!(e.contains("rank 1 of the group's 3 has no --worker"), "{e}");
         let e = check_group(
             &urls,
             &[status(0, 3), status(1, 3), status(1, 3)],
-            NO_WORKER,
+            &WORKER_HINTS,
         )
         .unwrap_err();
         assert!(
             e.contains("b and c are both rank 1") || e.contains("c and b"),
             "{e}"
         );
-        let e = check_group(&urls[..2], &[status(0, 2), status(1, 4)], NO_WORKER).unwrap_err();
+        let e = check_group(&urls[..2], &[status(0, 2), status(1, 4)], &WORKER_HINTS).unwrap_err();
         assert!(e.contains("rank 1 of 4 ranks"), "{e}");
+        // Pods found for a deployment: what went wrong is not the user's list.
+        let e = check_group(&urls[..2], &[status(0, 2), status(0, 2)], &POD_HINTS).unwrap_err();
+        assert!(e.contains("serve more than one group"), "{e}");
+        let e = check_group(&urls[..1], &[status(0, 2)], &POD_HINTS).unwrap_err();
+        assert!(e.contains("has no pod serving it"), "{e}");
         assert_eq!(
             api_root("http://h:1/").map_err(|f| f.0).unwrap(),
             "http://h:1"

@@ -37,8 +37,14 @@ pub struct Added {
 impl Recording {
     /// Appends the group's windows in `reports` (one per rank) newer than the last recorded:
     /// those every rank has closed, summed over ranks ([`LoadEpisode::group_windows`]); oldest
-    /// first, until the recording holds `limit` windows.
-    pub fn add(&mut self, reports: &[LoadReport], limit: Option<usize>) -> Result<Added, String> {
+    /// first, until the recording holds `limit` windows. Windows that begin before group step
+    /// `not_before` are left out (a new recording's start).
+    pub fn add(
+        &mut self,
+        reports: &[LoadReport],
+        limit: Option<usize>,
+        not_before: Option<u64>,
+    ) -> Result<Added, String> {
         let mut added = Added {
             windows: 0,
             lost: Vec::new(),
@@ -57,7 +63,8 @@ impl Recording {
         }
         for window in windows {
             let last = self.end_steps.last().copied();
-            if last.is_some_and(|l| window.end_step <= l) {
+            let start = window.end_step.saturating_sub(window.steps);
+            if last.is_some_and(|l| window.end_step <= l) || not_before.is_some_and(|s| start < s) {
                 continue;
             }
             if limit.is_some_and(|n| self.windows.len() >= n) {
@@ -76,7 +83,6 @@ impl Recording {
                     w.first().map_or(0, Vec::len)
                 ));
             }
-            let start = window.end_step.saturating_sub(window.steps);
             if let Some(l) = last
                 && start > l
             {
@@ -94,20 +100,53 @@ impl Recording {
 
 /// What a recording says besides its windows: the step ranges it lost and the placement the
 /// group served when it began.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default)]
 pub struct RecordedContext {
-    #[serde(default)]
+    /// Whether the file is a recording by `moectl record` at all.
+    pub is_recording: bool,
     pub gaps: Vec<[u64; 2]>,
-    #[serde(default)]
+    /// Absent in recordings by a moectl before it kept the start.
     pub placement: Option<PlacementDocument>,
 }
 
-/// The [`RecordedContext`] of a recording at `path`; empty for any other load file.
-pub fn context_of(path: &Path) -> RecordedContext {
-    std::fs::read_to_string(path)
+/// The [`RecordedContext`] of the load file at `path`: empty for a file that is not a
+/// recording (an object with `endSteps`); a recording whose `gaps` or `placement` do not read
+/// is an error.
+pub fn context_of(path: &Path) -> Result<RecordedContext, String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Raw {
+        end_steps: Option<serde::de::IgnoredAny>,
+        gaps: Option<serde_json::Value>,
+        placement: Option<serde_json::Value>,
+    }
+    let Some(raw) = std::fs::read_to_string(path)
         .ok()
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or_default()
+        .and_then(|text| serde_json::from_str::<Raw>(&text).ok())
+        .filter(|r| r.end_steps.is_some())
+    else {
+        return Ok(RecordedContext::default());
+    };
+    let field = |what: &str, e: serde_json::Error| {
+        format!(
+            "{}: the recording's {what} does not read: {e}",
+            path.display()
+        )
+    };
+    Ok(RecordedContext {
+        is_recording: true,
+        gaps: raw
+            .gaps
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| field("gaps", e))?
+            .unwrap_or_default(),
+        placement: raw
+            .placement
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| field("placement", e))?,
+    })
 }
 
 fn same_shape(a: &[Vec<f64>], b: &[Vec<f64>]) -> bool {
@@ -146,7 +185,7 @@ mod tests {
             report(1, &[(10, 10, 10.0), (20, 10, 20.0)]),
         ];
         assert_eq!(
-            rec.add(&a, None).unwrap(),
+            rec.add(&a, None, None).unwrap(),
             Added {
                 windows: 2,
                 lost: Vec::new()
@@ -165,12 +204,12 @@ mod tests {
             report(0, &[(20, 10, 2.0), (30, 10, 3.0)]),
             report(1, &[(20, 10, 20.0), (30, 10, 30.0)]),
         ];
-        assert_eq!(rec.add(&b, None).unwrap().windows, 1);
+        assert_eq!(rec.add(&b, None, None).unwrap().windows, 1);
         assert_eq!(rec.windows[2], vec![vec![33.0, 66.0]]);
         // Too late: the windows ending at 40 and 50 are gone from both ranks.
         let c = [report(0, &[(60, 10, 1.0)]), report(1, &[(60, 10, 1.0)])];
         assert_eq!(
-            rec.add(&c, None).unwrap(),
+            rec.add(&c, None, None).unwrap(),
             Added {
                 windows: 1,
                 lost: vec![[30, 50]]
@@ -196,19 +235,29 @@ mod tests {
                 ..report(1, &[])
             },
         ];
-        let e = rec.add(&d, None).unwrap_err();
+        let e = rec.add(&d, None, None).unwrap_err();
         assert!(
             e.contains("1 layers x 1 experts, the recording holds 1 x 2"),
             "{e}"
         );
         // A limit stops at that many windows; the next poll would not add past it either.
         let mut capped = Recording::default();
-        assert_eq!(capped.add(&b, Some(1)).unwrap().windows, 1);
+        assert_eq!(capped.add(&b, Some(1), None).unwrap().windows, 1);
         assert_eq!(capped.end_steps, vec![20]);
-        assert_eq!(capped.add(&b, Some(1)).unwrap().windows, 0);
+        assert_eq!(capped.add(&b, Some(1), None).unwrap().windows, 0);
         // A restarted group counts steps from 0 again: said so, not waited out.
         let restarted = [report(0, &[(10, 10, 1.0)]), report(1, &[(10, 10, 1.0)])];
-        let e = rec.add(&restarted, None).unwrap_err();
+        // A new recording starting at step 15 leaves out the window of steps 10-20 (its
+        // placement may not be the recorded start's), and notes no gap before the first.
+        let mut fresh = Recording::default();
+        assert_eq!(fresh.add(&b, None, Some(15)).unwrap().windows, 1);
+        assert_eq!(
+            (fresh.end_steps.clone(), fresh.gaps.clone()),
+            (vec![30], vec![])
+        );
+        let mut at_start = Recording::default();
+        assert_eq!(at_start.add(&b, None, Some(10)).unwrap().windows, 2);
+        let e = rec.add(&restarted, None, None).unwrap_err();
         assert!(e.contains("the group restarted"), "{e}");
     }
 }
