@@ -5,7 +5,8 @@
 //! Each rank closes a window of `--stats-window` steps at the same group steps and keeps its
 //! newest [`MAX_LOAD_HISTORY`] (`GET /v1/load?history=N`, logical expert counts). A window of
 //! the group is the sum of every rank's window with the same end step; a poll appends the ones
-//! newer than the file's last. The file is rewritten whole after each poll (beside it, then
+//! newer than the file's last. A new recording starts with the placement the group serves
+//! (kept in the file) and the windows that begin after it was read. The file is rewritten whole after each poll (beside it, then
 //! renamed), so stopping the command at any moment leaves a complete recording, and a second
 //! run with the same `--output` continues it.
 //!
@@ -44,8 +45,8 @@ pub struct RecordArgs {
     )]
     workers: Vec<String>,
     /// A MoEDeployment: its ranks are found from its worker pods and reached through the API
-    /// server's port-forward, with the kubeconfig's credentials (RBAC: `list` pods and
-    /// `create` pods/portforward in its namespace).
+    /// server's port-forward, with the kubeconfig's credentials (RBAC in its namespace: `list`
+    /// pods, `get` and `create` pods/portforward).
     #[arg(long, value_name = "NAME", conflicts_with = "workers")]
     deployment: Option<String>,
     /// The MoEDeployment's namespace (default: the kubeconfig context's).
