@@ -15,9 +15,13 @@ use eplb::bench::{BenchOptions, BenchShape};
 use eplb::{LoadHistory, Placement, Shape};
 
 use crate::inputs::{self, LayoutArgs, count};
+use crate::record::RecordedContext;
 use crate::{Fail, print_out, write_out};
 
+mod deployed;
 mod sweep;
+
+use deployed::Deployed;
 
 /// The most windows summed into one (`--aggregate`): a recorder that counts every forward
 /// pass holds a few thousand of them at most.
@@ -115,7 +119,12 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
             a.aggregate
         )));
     }
-    let opts = options(a)?;
+    let recorded = crate::record::context_of(&a.load).map_err(Fail)?;
+    let deployed = recorded
+        .deployment
+        .clone()
+        .map(|(name, eplb)| Deployed { name, eplb });
+    let opts = options(a, deployed.as_ref())?;
     if let Some(out) = &a.markdown {
         crate::refuse_overwrite(
             out,
@@ -127,7 +136,12 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
             ],
         )?;
     }
-    let (history, prev, layout) = read_trace(a, notes)?;
+    let mut trace = read_trace(a, &recorded, notes)?;
+    trace.deployed = deployed;
+    if let Some(d) = &trace.deployed {
+        notes.extend(d.notes());
+    }
+    let (history, layout) = (&trace.history, &trace.layout);
     let mut histories = a.history.clone();
     histories.sort_unstable();
     histories.dedup();
@@ -144,10 +158,10 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         shape,
     };
     let &[h] = histories.as_slice() else {
-        return sweep::backtest_histories(a, &opts, &bs, &history, &histories, prev, notes);
+        return sweep::backtest_histories(a, &opts, &bs, trace, &histories, notes);
     };
     let stride = a.stride.unwrap_or(h);
-    let inputs = RollingInputs::recorded(&bs, &history, h, stride, a.steps, prev)
+    let inputs = RollingInputs::recorded(&bs, history, h, stride, a.steps, trace.prev.clone())
         .map_err(|e| replay_error(a, e))?;
     notes.push(replay_note(&inputs, history.num_windows()));
     let peer_inputs = RollingPeerInputs::new(&bs, &inputs);
@@ -163,6 +177,11 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         .into_iter()
         .map(|o| (bs.name.to_string(), o))
         .collect();
+    // The deployment's own settings against the lowest operator row, as in a sweep.
+    let one = [sweep::Replay {
+        history: h,
+        rows: rows.clone(),
+    }];
     if a.json {
         let report = serde_json::json!({
             "steps": inputs.steps,
@@ -170,11 +189,15 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
             "history": inputs.history,
             "first_scored_window": inputs.scored_at(0),
             "rows": rows,
+            "deployment": trace.deployed.as_ref().map(|d| d.json(&one)),
         });
         print_out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
     } else {
         print_out(&rolling::markdown_table(&rows))?;
         print_out(&rolling::summary(&rows, &outcomes))?;
+        if let Some(d) = &trace.deployed {
+            print_out(&d.finding(&one, &opts.triggers))?;
+        }
     }
     if let Some(path) = &a.markdown {
         let doc = markdown(a, &bs, history.num_windows(), &inputs, &rows, &outcomes);
@@ -183,9 +206,15 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     Ok(())
 }
 
-/// The replay's options: the default rows, and a trigger row per `--threshold`.
-fn options(a: &BacktestArgs) -> Result<BenchOptions, Fail> {
+/// The replay's options: the default rows, a trigger row per `--threshold`, and one for the
+/// recorded deployment's settings.
+fn options(a: &BacktestArgs, deployed: Option<&Deployed>) -> Result<BenchOptions, Fail> {
     let mut opts = BenchOptions::default();
+    if let Some(t) = deployed.and_then(Deployed::trigger)
+        && !opts.triggers.iter().any(|x| x.label() == t.label())
+    {
+        opts.triggers.push(t);
+    }
     for &threshold in &a.threshold {
         let trigger = Trigger {
             threshold,
@@ -281,6 +310,14 @@ fn markdown(
     )
 }
 
+/// What a backtest replays: the windows, the start, the layout and the recorded settings.
+struct Trace {
+    history: LoadHistory,
+    prev: Option<Placement>,
+    layout: EpLayout,
+    deployed: Option<Deployed>,
+}
+
 /// The ranks, redundant slots and nodes replayed.
 struct EpLayout {
     ranks: usize,
@@ -293,9 +330,9 @@ struct EpLayout {
 /// placement's; nodes only with the recording's ranks).
 fn read_trace(
     a: &BacktestArgs,
+    recorded: &RecordedContext,
     notes: &mut Vec<String>,
-) -> Result<(LoadHistory, Option<Placement>, EpLayout), Fail> {
-    let recorded = crate::record::context_of(&a.load).map_err(Fail)?;
+) -> Result<Trace, Fail> {
     let start = recorded.placement.as_ref();
     let ranks = a.ranks.or(start.map(|p| p.num_ranks)).ok_or_else(|| {
         Fail(format!(
@@ -362,7 +399,7 @@ fn read_trace(
             ));
         }
     }
-    let gaps = recorded.gaps;
+    let gaps = &recorded.gaps;
     if !gaps.is_empty() {
         let ranges: Vec<String> = gaps.iter().map(|[x, y]| format!("{x}-{y}")).collect();
         notes.push(format!(
@@ -385,7 +422,12 @@ fn read_trace(
             }
         ));
     }
-    Ok((history, prev, layout))
+    Ok(Trace {
+        history,
+        prev,
+        layout,
+        deployed: None,
+    })
 }
 
 /// Writes the peers' inputs to `dir/recorded/rolling.json`, where `eplb/peers/run_peers.py`

@@ -414,3 +414,67 @@ fn budgets_that_round_alike_make_one_row() {
         .count();
     assert_eq!(rows, 1, "{}", stdout(&o));
 }
+
+/// A recording by `moectl record --deployment` carries the deployment's `spec.eplb`: its
+/// settings get a row of their own, and the findings set them against the lowest operator row.
+#[test]
+fn backtest_sets_the_recorded_deployments_settings_against_the_best() {
+    let d = Dir::new("backtest-deployed");
+    let mut rec = serde_json::json!({"windows": trace(12), "deployment": "ml/demo"});
+    rec["endSteps"] = serde_json::json!((1..=12).map(|k| 100 * k).collect::<Vec<_>>());
+    // The API server returns spec.eplb with the CRD's defaults filled in; these are not them.
+    rec["eplb"] = serde_json::json!({
+        "enabled": true, "algorithm": "joint", "historyWindows": 2,
+        "imbalanceThreshold": 1.07, "hysteresis": 0.02, "maxLayersPerRemap": 1,
+        "maxBytesPerRemap": "1Gi",
+    });
+    let recorded = d.file("recorded.json", &rec.to_string());
+    let label = "joint, operator trigger (imbalanceThreshold 1.07, hysteresis 0.02, \
+                 maxLayersPerRemap 1)";
+    let o = backtest(&recorded, &["--history", "1,2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let finding = out
+        .lines()
+        .find(|l| l.starts_with("- ml/demo as recorded (historyWindows 2, imbalanceThreshold 1.07"))
+        .unwrap_or_else(|| panic!("no finding of the deployment's settings: {out}"));
+    // Its figure is its row's at H = 2 in the table.
+    let row = out
+        .lines()
+        .find(|l| l.starts_with(&format!("| {label} |")))
+        .unwrap_or_else(|| panic!("no row {label}: {out}"));
+    // Cells are `PAR (slots moved)`, the lowest of a row in bold.
+    let cell = row.split('|').nth(3).unwrap().trim();
+    let at_h2 = cell.split_whitespace().next().unwrap().trim_matches('*');
+    assert!(
+        finding.contains(&format!(": {at_h2},")),
+        "{finding} / {row}"
+    );
+    assert!(finding.contains("the lowest operator row"), "{finding}");
+    assert!(
+        stderr(&o).contains("maxBytesPerRemap are not replayed"),
+        "{}",
+        stderr(&o)
+    );
+    // Its history not replayed: said, with the flag that adds it.
+    let o = backtest(&recorded, &["--history", "1"]);
+    assert!(
+        stdout(&o).contains("its historyWindows was not replayed; add 2 to --history"),
+        "{}",
+        stdout(&o)
+    );
+    // Paused: the settings remap nothing, and are the row that keeps the start.
+    rec["eplb"]["paused"] = serde_json::json!(true);
+    let paused = d.file("paused.json", &rec.to_string());
+    let o = backtest(&paused, &["--history", "2", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(report["deployment"]["row"], "keep the starting placement");
+    // A damaged eplb is an error that names it, not a recording without settings.
+    rec["eplb"] = serde_json::json!({"historyWindows": "four"});
+    let damaged = d.file("damaged.json", &rec.to_string());
+    assert_bad(
+        &backtest(&damaged, &["--history", "2"]),
+        "the recording's eplb does not read",
+    );
+}

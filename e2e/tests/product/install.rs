@@ -458,6 +458,21 @@ async fn check_record_through_port_forward(
         replay.status.success() && replayed.contains("starts from the placement the group served"),
         "moectl backtest on the recording: {replayed}"
     );
+    // The deployment's spec.eplb (the CRD's defaults filled in by the API server) came along,
+    // and the findings speak of it.
+    ensure!(
+        rec["deployment"] == format!("{ns}/{name}").as_str()
+            && rec["eplb"]["imbalanceThreshold"] == 1.1
+            && rec["eplb"]["historyWindows"] == 4,
+        "recorded settings: {} {}",
+        rec["deployment"],
+        rec["eplb"]
+    );
+    let findings = String::from_utf8_lossy(&replay.stdout);
+    ensure!(
+        findings.contains(&format!("- {ns}/{name} as recorded (historyWindows 4")),
+        "moectl backtest's findings: {findings}"
+    );
     println!("moectl record --deployment through the port-forward: {said}");
     Ok(())
 }

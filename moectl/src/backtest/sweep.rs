@@ -5,10 +5,9 @@
 
 use eplb::bench::rolling::{self, BOUND_ROW, RollingInputs, RollingRow, Trigger};
 use eplb::bench::{BenchOptions, BenchShape};
-use eplb::{LoadHistory, Placement};
 use serde_json::json;
 
-use super::{BacktestArgs, PROTOCOL, replay_error, replay_note};
+use super::{BacktestArgs, PROTOCOL, Trace, replay_error, replay_note};
 use crate::inputs::count;
 use crate::{Fail, print_out, write_out};
 
@@ -16,27 +15,27 @@ use crate::{Fail, print_out, write_out};
 const OPERATOR_MAX_HISTORY: usize = 17;
 
 /// One replay's rows.
-struct Replay {
-    history: usize,
-    rows: Vec<RollingRow>,
+pub(super) struct Replay {
+    pub(super) history: usize,
+    pub(super) rows: Vec<RollingRow>,
 }
 
 /// A policy at one history length.
 #[derive(Clone, Copy)]
-struct Pick<'a> {
-    history: usize,
-    row: &'a RollingRow,
+pub(super) struct Pick<'a> {
+    pub(super) history: usize,
+    pub(super) row: &'a RollingRow,
 }
 
 pub(super) fn backtest_histories(
     a: &BacktestArgs,
     opts: &BenchOptions,
     bs: &BenchShape,
-    history: &LoadHistory,
+    trace: Trace,
     histories: &[usize],
-    prev: Option<Placement>,
     notes: &mut Vec<String>,
 ) -> Result<(), Fail> {
+    let history = &trace.history;
     if a.export.is_some() || a.peers.is_some() {
         return Err(Fail(format!(
             "--export and --peers replay one history, not {} of them: give one --history value",
@@ -44,7 +43,7 @@ pub(super) fn backtest_histories(
         )));
     }
     let stride = a.stride.unwrap_or(1);
-    let inputs = RollingInputs::recorded_alike(bs, history, histories, stride, a.steps, prev)
+    let inputs = RollingInputs::recorded_alike(bs, history, histories, stride, a.steps, trace.prev)
         .map_err(|e| replay_error(a, e))?;
     let mut replays = Vec::with_capacity(inputs.len());
     for replay in &inputs {
@@ -57,7 +56,11 @@ pub(super) fn backtest_histories(
     }
     let first = &inputs[0];
     let triggers = &opts.triggers;
-    let (table, findings) = (table(&replays), findings(&replays, triggers, bs.num_layers));
+    let table = table(&replays);
+    let mut findings = findings(&replays, triggers, bs.num_layers);
+    if let Some(d) = &trace.deployed {
+        findings.push_str(&d.finding(&replays, triggers));
+    }
     if a.json {
         let report = json!({
             "steps": first.steps,
@@ -70,6 +73,7 @@ pub(super) fn backtest_histories(
             "best": best(&replays, |_| true).map(|p| pick_json(p, triggers, bs.num_layers)),
             "operator": best(&replays, |r| trigger_of(r, triggers).is_some())
                 .map(|p| pick_json(p, triggers, bs.num_layers)),
+            "deployment": trace.deployed.as_ref().map(|d| d.json(&replays)),
         });
         print_out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
     } else {
@@ -129,7 +133,7 @@ fn list(values: &[usize]) -> String {
 
 /// The trigger a row of the operator's live loop replays (`joint` remapping when that trigger
 /// fires), by its label; `None` for the other rows.
-fn trigger_of(row: &RollingRow, triggers: &[Trigger]) -> Option<Trigger> {
+pub(super) fn trigger_of(row: &RollingRow, triggers: &[Trigger]) -> Option<Trigger> {
     triggers
         .iter()
         .copied()
@@ -138,7 +142,10 @@ fn trigger_of(row: &RollingRow, triggers: &[Trigger]) -> Option<Trigger> {
 
 /// The policy and history with the lowest mean next-window PAR among the rows `keep` admits
 /// (never the lower bound); the shorter history on a tie.
-fn best<'a>(replays: &'a [Replay], keep: impl Fn(&RollingRow) -> bool) -> Option<Pick<'a>> {
+pub(super) fn best<'a>(
+    replays: &'a [Replay],
+    keep: impl Fn(&RollingRow) -> bool,
+) -> Option<Pick<'a>> {
     replays
         .iter()
         .flat_map(|r| {

@@ -13,12 +13,16 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, Portforwarder};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Portforwarder};
 use kube::config::KubeConfigOptions;
 use kube::{Client, Config, ResourceExt};
 
 use super::REQUEST_TIMEOUT;
 use super::ranks::{Fetched, Poll};
+
+/// The MoEDeployment resource (crds/moedeployment.yaml).
+const CRD_GROUP: &str = "moe-operator.github.io";
+const CRD_VERSION: &str = "v1alpha1";
 
 /// The labels the operator gives every worker pod of a deployment (its StatefulSet selector).
 const NAME_LABEL: (&str, &str) = ("app.kubernetes.io/name", "moe-worker");
@@ -48,6 +52,9 @@ pub struct PodRank {
 /// The deployment's ranks, each with its own port-forward, opened at its first request and
 /// again after a failure (a pod restarted, the API server dropped the stream).
 pub struct ClusterRanks {
+    /// `namespace/name` of the MoEDeployment.
+    deployment: String,
+    deployments: Api<DynamicObject>,
     pods: Api<Pod>,
     ranks: Vec<PodRank>,
     labels: Vec<String>,
@@ -102,7 +109,12 @@ impl ClusterRanks {
             .map_or_else(|| config.default_namespace.clone(), str::to_string);
         let client =
             Client::try_from(config).map_err(|e| format!("cannot reach the cluster: {e}"))?;
-        let pods: Api<Pod> = Api::namespaced(client, &namespace);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(CRD_GROUP, CRD_VERSION, "MoEDeployment"),
+            "moedeployments",
+        );
+        let deployments = Api::namespaced_with(client, &namespace, &resource);
         let selector = format!(
             "{}={},{INSTANCE_LABEL}={}",
             NAME_LABEL.0, NAME_LABEL.1, target.deployment
@@ -131,11 +143,31 @@ impl ClusterRanks {
             .collect();
         let connections = ranks.iter().map(|_| None).collect();
         Ok(Self {
+            deployment: format!("{namespace}/{name}"),
+            deployments,
             pods,
             ranks,
             labels,
             connections,
         })
+    }
+
+    /// The MoEDeployment (`namespace/name`) and its `spec.eplb` as the API server returns it
+    /// (the CRD's defaults filled in).
+    pub async fn settings(&self) -> Result<(String, serde_json::Value), String> {
+        let name = self.deployment.rsplit('/').next().unwrap_or_default();
+        let object = tokio::time::timeout(REQUEST_TIMEOUT, self.deployments.get(name))
+            .await
+            .map_err(|_| format!("no answer in {} s", REQUEST_TIMEOUT.as_secs()))?
+            .map_err(|e| format!("GET MoEDeployment {}: {e}", self.deployment))?;
+        let eplb = object.data["spec"]["eplb"].clone();
+        if eplb.is_null() {
+            return Err(format!(
+                "MoEDeployment {} has no spec.eplb",
+                self.deployment
+            ));
+        }
+        Ok((self.deployment.clone(), eplb))
     }
 
     /// `namespace/pod:port` of each rank, in rank order.

@@ -26,7 +26,7 @@ use crate::inputs::count;
 use crate::{Fail, say, write_out};
 use cluster::{ClusterRanks, Target};
 use ranks::{Poll, Ranks, WorkerUrls, check_group};
-pub use recording::{Recording, context_of};
+pub use recording::{RecordedContext, RecordedEplb, Recording, context_of};
 
 /// The longest poll interval or idle time taken (a week).
 const MAX_SECONDS: f64 = 604_800.0;
@@ -165,6 +165,17 @@ async fn poll_until_done(
                     let (placement, step) = group_start(ranks, &statuses).await?;
                     rec.placement = Some(placement);
                     not_before = Some(step);
+                    match ranks.settings().await {
+                        Some(Ok((name, eplb))) => {
+                            rec.deployment = Some(name);
+                            rec.eplb = Some(eplb);
+                        }
+                        // The recording does without: backtest then has no row of them.
+                        Some(Err(e)) => say(format_args!(
+                            "warning: the deployment's settings are not recorded: {e}"
+                        )),
+                        None => {}
+                    }
                 }
             }
             let path = format!("/load?history={MAX_LOAD_HISTORY}");

@@ -63,6 +63,14 @@ impl Ranks {
         }
     }
 
+    /// The deployment recorded and its `spec.eplb` (`--deployment`); `None` for `--worker`.
+    pub async fn settings(&self) -> Option<Result<(String, serde_json::Value), String>> {
+        match self {
+            Ranks::Workers(_) => None,
+            Ranks::Cluster(c) => Some(c.settings().await),
+        }
+    }
+
     /// `GET /v1{path}` from rank `i` (in [`Ranks::labels`] order), decoded.
     pub async fn get_json<T: serde::de::DeserializeOwned>(
         &mut self,

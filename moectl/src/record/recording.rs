@@ -24,6 +24,61 @@ pub struct Recording {
     /// in the 16 windows before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<PlacementDocument>,
+    /// `namespace/name` of the MoEDeployment recorded (`record --deployment`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
+    /// Its `spec.eplb` when the recording began, as the API server returned it (defaults
+    /// filled in): `backtest` replays these settings beside the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eplb: Option<serde_json::Value>,
+}
+
+/// The operator settings of a recorded deployment that a replay can follow (`spec.eplb`; the
+/// CRD's defaults where a field is missing).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordedEplb {
+    #[serde(default = "crd_default::enabled")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub paused: bool,
+    #[serde(default = "crd_default::algorithm")]
+    pub algorithm: String,
+    #[serde(default = "crd_default::history_windows")]
+    pub history_windows: usize,
+    #[serde(default = "crd_default::imbalance_threshold")]
+    pub imbalance_threshold: f64,
+    #[serde(default = "crd_default::hysteresis")]
+    pub hysteresis: f64,
+    #[serde(default = "crd_default::max_layers_per_remap")]
+    pub max_layers_per_remap: usize,
+    #[serde(default)]
+    pub max_moves_per_layer: Option<u64>,
+    /// A Kubernetes quantity: a string or a number.
+    #[serde(default)]
+    pub max_bytes_per_remap: Option<serde_json::Value>,
+}
+
+/// The CRD's defaults of `spec.eplb` (crds/moedeployment.yaml).
+mod crd_default {
+    pub fn enabled() -> bool {
+        true
+    }
+    pub fn algorithm() -> String {
+        "joint".into()
+    }
+    pub fn history_windows() -> usize {
+        4
+    }
+    pub fn imbalance_threshold() -> f64 {
+        1.2
+    }
+    pub fn hysteresis() -> f64 {
+        0.05
+    }
+    pub fn max_layers_per_remap() -> usize {
+        8
+    }
 }
 
 /// What one poll added.
@@ -107,6 +162,8 @@ pub struct RecordedContext {
     pub gaps: Vec<[u64; 2]>,
     /// Absent in recordings by a moectl before it kept the start.
     pub placement: Option<PlacementDocument>,
+    /// The deployment recorded (`namespace/name`) and its settings (`record --deployment`).
+    pub deployment: Option<(String, RecordedEplb)>,
 }
 
 /// The [`RecordedContext`] of the load file at `path`: empty for a file that is not a
@@ -119,6 +176,8 @@ pub fn context_of(path: &Path) -> Result<RecordedContext, String> {
         end_steps: Option<serde::de::IgnoredAny>,
         gaps: Option<serde_json::Value>,
         placement: Option<serde_json::Value>,
+        deployment: Option<String>,
+        eplb: Option<serde_json::Value>,
     }
     let Some(raw) = std::fs::read_to_string(path)
         .ok()
@@ -146,6 +205,13 @@ pub fn context_of(path: &Path) -> Result<RecordedContext, String> {
             .map(serde_json::from_value)
             .transpose()
             .map_err(|e| field("placement", e))?,
+        deployment: match (raw.deployment, raw.eplb) {
+            (Some(name), Some(eplb)) => Some((
+                name,
+                serde_json::from_value(eplb).map_err(|e| field("eplb", e))?,
+            )),
+            _ => None,
+        },
     })
 }
 
