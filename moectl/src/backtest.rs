@@ -139,7 +139,7 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     let mut trace = read_trace(a, &recorded, notes)?;
     trace.deployed = deployed;
     if let Some(d) = &trace.deployed {
-        notes.extend(d.notes());
+        notes.extend(d.notes(&opts.triggers));
     }
     let (history, layout) = (&trace.history, &trace.layout);
     let mut histories = a.history.clone();
@@ -196,7 +196,7 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         print_out(&rolling::markdown_table(&rows))?;
         print_out(&rolling::summary(&rows, &outcomes))?;
         if let Some(d) = &trace.deployed {
-            print_out(&d.finding(&one, &opts.triggers))?;
+            print_out(&d.finding(&one, &opts.triggers, history.num_windows(), stride))?;
         }
     }
     if let Some(path) = &a.markdown {

@@ -463,6 +463,26 @@ fn backtest_sets_the_recorded_deployments_settings_against_the_best() {
         "{}",
         stdout(&o)
     );
+    // Settings that round to a default row's label are that row, said so.
+    let mut near = rec.clone();
+    near["eplb"] = serde_json::json!({"historyWindows": 2, "imbalanceThreshold": 1.201});
+    let near = d.file("near.json", &near.to_string());
+    let o = backtest(&near, &["--history", "2"]);
+    assert!(
+        stderr(&o).contains("round to the row \"joint, operator trigger (imbalanceThreshold 1.20"),
+        "{}",
+        stderr(&o)
+    );
+    // A recording too short for its history: how many windows it needs.
+    let mut short = rec.clone();
+    short["eplb"]["historyWindows"] = serde_json::json!(12);
+    let short = d.file("short.json", &short.to_string());
+    let o = backtest(&short, &["--history", "1"]);
+    assert!(
+        stdout(&o).contains("record at least 13 windows to compare"),
+        "{}",
+        stdout(&o)
+    );
     // Paused: the settings remap nothing, and are the row that keeps the start.
     rec["eplb"]["paused"] = serde_json::json!(true);
     let paused = d.file("paused.json", &rec.to_string());

@@ -4,7 +4,7 @@
 
 use eplb::bench::rolling::{RollingRow, Trigger};
 
-use super::sweep::{Replay, best, trigger_of};
+use super::sweep::{OPERATOR_MAX_HISTORY, Replay, trigger_of};
 use crate::record::RecordedEplb;
 
 /// The row that remaps nothing (`spec.eplb.enabled: false` or `paused`).
@@ -26,11 +26,28 @@ impl Deployed {
         })
     }
 
-    /// What the replay of these settings leaves out.
-    pub fn notes(&self) -> Vec<String> {
+    /// What the replay of these settings leaves out, or where they share another row.
+    pub fn notes(&self, triggers: &[Trigger]) -> Vec<String> {
         let mut out = Vec::new();
         let e = &self.eplb;
+        let Some(mine) = self.trigger() else {
+            return out;
+        };
+        if let Some(t) = triggers
+            .iter()
+            .find(|t| t.label() == mine.label() && **t != mine)
+        {
+            out.push(format!(
+                "{}'s settings (imbalanceThreshold {}, hysteresis {}) round to the row \"{}\" \
+                 (labels to two decimals): its figures are that row's",
+                self.name,
+                e.imbalance_threshold,
+                e.hysteresis,
+                t.label()
+            ));
+        }
         if e.algorithm != "joint" {
+            // (Only where it remaps: paused or disabled settings returned above.)
             out.push(format!(
                 "{} plans with {}; its row replays joint behind the same trigger",
                 self.name, e.algorithm
@@ -74,41 +91,68 @@ impl Deployed {
                     .iter()
                     .find(|row| row.algorithm == label)
             }
+            // Its history's replay where there is one (without a recorded start the keep row
+            // differs between histories).
             None => replays
-                .first()?
+                .iter()
+                .find(|r| r.history == self.eplb.history_windows)
+                .or(replays.first())?
                 .rows
                 .iter()
                 .find(|r| r.algorithm == KEEP_ROW),
         }
     }
 
-    /// The finding: the settings' next-window PAR and moves, against the lowest operator row.
-    pub fn finding(&self, replays: &[Replay], triggers: &[Trigger]) -> String {
+    /// The finding: the settings' next-window PAR and moves, against the lowest operator row
+    /// the operator can run. `windows`: the recording's; `stride`: windows between steps.
+    pub fn finding(
+        &self,
+        replays: &[Replay],
+        triggers: &[Trigger],
+        windows: usize,
+        stride: usize,
+    ) -> String {
+        let h = self.eplb.history_windows;
         let Some(row) = self.row(replays) else {
+            // From the recorded start a replay of H windows needs H + 1 of them.
+            let how = if windows <= h {
+                format!("record at least {} windows to compare", h + 1)
+            } else {
+                format!("add {h} to --history to compare")
+            };
             return format!(
-                "- {} as recorded ({}): its historyWindows was not replayed; add {} to \
-                 --history to compare.\n",
+                "- {} as recorded ({}): its historyWindows was not replayed; {how}.\n",
                 self.name,
                 self.describe(),
-                self.eplb.history_windows
             );
         };
         let mine = row.mean_next();
+        let cadence = if stride == 1 {
+            String::new()
+        } else {
+            format!(" (replanning every {stride} windows; the operator's cadence is --stride 1)")
+        };
         let mut out = format!(
-            "- {} as recorded ({}): {mine:.4}, {:.1}% of the slots moved per step",
+            "- {} as recorded ({}): {mine:.4}, {:.1}% of the slots moved per step{cadence}",
             self.name,
             self.describe(),
             100.0 * row.moved_share_per_step()
         );
-        match best(replays, |r| trigger_of(r, triggers).is_some()) {
-            Some(p) if std::ptr::eq(p.row, row) => out.push_str(": the lowest operator row.\n"),
-            Some(p) => out.push_str(&format!(
-                "; the lowest operator row ({} at historyWindows {}) {:.4}, {:+.2}%.\n",
-                p.row.algorithm,
-                p.history,
-                p.row.mean_next(),
-                100.0 * (p.row.mean_next() / mine - 1.0)
+        // The lowest operator row at a history the operator keeps.
+        let lowest = replays
+            .iter()
+            .filter(|r| r.history <= OPERATOR_MAX_HISTORY)
+            .flat_map(|r| r.rows.iter().map(move |row| (r.history, row)))
+            .filter(|(_, row)| trigger_of(row, triggers).is_some() && row.mean_next().is_finite())
+            .min_by(|a, b| a.1.mean_next().total_cmp(&b.1.mean_next()));
+        match lowest {
+            Some((history, other)) if other.mean_next() < mine => out.push_str(&format!(
+                "; the lowest operator row ({} at historyWindows {history}) {:.4}, {:.2}% below.\n",
+                other.algorithm,
+                other.mean_next(),
+                100.0 * (1.0 - other.mean_next() / mine)
             )),
+            Some(_) => out.push_str(": as low as the lowest operator row.\n"),
             None => out.push_str(".\n"),
         }
         out

@@ -12,7 +12,7 @@ use crate::inputs::count;
 use crate::{Fail, print_out, write_out};
 
 /// The most windows `spec.eplb.historyWindows` keeps (the CRD's maximum).
-const OPERATOR_MAX_HISTORY: usize = 17;
+pub(super) const OPERATOR_MAX_HISTORY: usize = 17;
 
 /// One replay's rows.
 pub(super) struct Replay {
@@ -59,7 +59,7 @@ pub(super) fn backtest_histories(
     let table = table(&replays);
     let mut findings = findings(&replays, triggers, bs.num_layers);
     if let Some(d) = &trace.deployed {
-        findings.push_str(&d.finding(&replays, triggers));
+        findings.push_str(&d.finding(&replays, triggers, history.num_windows(), stride));
     }
     if a.json {
         let report = json!({

@@ -46,7 +46,7 @@ pub struct RecordArgs {
     workers: Vec<String>,
     /// A MoEDeployment: its ranks are found from its worker pods and reached through the API
     /// server's port-forward, with the kubeconfig's credentials (RBAC in its namespace: `list`
-    /// pods, `get` and `create` pods/portforward).
+    /// pods, `get` and `create` pods/portforward; `get` moedeployments to keep its settings).
     #[arg(long, value_name = "NAME", conflicts_with = "workers")]
     deployment: Option<String>,
     /// The MoEDeployment's namespace (default: the kubeconfig context's).
