@@ -122,6 +122,10 @@ fn record_args(urls: &[String], output: &str, windows: usize) -> Vec<String> {
     v
 }
 
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
 fn recording(path: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -234,31 +238,11 @@ async fn record_sums_the_ranks_windows_continues_and_replays() {
     }
     assert!(compared >= 1, "no recorded window still kept by the ranks");
 
-    // The recording replays as any recorded trace does.
-    let o = run([
-        "backtest",
-        "--load",
-        &out,
-        "--ranks",
-        "2",
-        "--redundant",
-        "4",
-        "--history",
-        "1,2",
-    ]
-    .map(String::from)
-    .to_vec())
-    .await;
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stdout(&o).contains("| policy | H = 1 | H = 2 |"),
-        "{}",
-        stdout(&o)
-    );
-    // Without the flags, the layout and the start come from the recording: the same replay as
-    // the flags and the placement given by hand.
+    // The recording replays as any recorded trace does. Without the flags the layout and the
+    // start come from the recording: the same replay as with the flags and the placement given
+    // by hand.
     let start = d.file("start.json", &rec["placement"].to_string());
-    let by_hand = run([
+    let by_hand = run(args(&[
         "backtest",
         "--load",
         &out,
@@ -270,16 +254,16 @@ async fn record_sums_the_ranks_windows_continues_and_replays() {
         &start,
         "--history",
         "1,2",
-    ]
-    .map(String::from)
-    .to_vec())
+    ]))
     .await;
     assert!(by_hand.status.success(), "{}", stderr(&by_hand));
-    let recorded = run(["backtest", "--load", &out, "--history", "1,2"]
-        .map(String::from)
-        .to_vec())
-    .await;
+    let recorded = run(args(&["backtest", "--load", &out, "--history", "1,2"])).await;
     assert!(recorded.status.success(), "{}", stderr(&recorded));
+    assert!(
+        stdout(&recorded).contains("| policy | H = 1 | H = 2 |"),
+        "{}",
+        stdout(&recorded)
+    );
     assert!(
         stderr(&recorded).contains("every replay starts from the placement the group served"),
         "{}",
@@ -287,11 +271,15 @@ async fn record_sums_the_ranks_windows_continues_and_replays() {
     );
     assert_eq!(stdout(&recorded), stdout(&by_hand));
     // Another layout than the recording's: no recorded start.
-    let other = run(
-        ["backtest", "--load", &out, "--ranks", "4", "--history", "1"]
-            .map(String::from)
-            .to_vec(),
-    )
+    let other = run(args(&[
+        "backtest",
+        "--load",
+        &out,
+        "--ranks",
+        "4",
+        "--history",
+        "1",
+    ]))
     .await;
     assert!(
         other.status.success() && stderr(&other).contains("is not this replay's layout"),
@@ -315,7 +303,7 @@ async fn record_sums_the_ranks_windows_continues_and_replays() {
     let o = run(record_args(&urls, &taken, 1)).await;
     assert_bad(&o, "is not a moectl recording");
     assert_eq!(std::fs::read_to_string(&taken).unwrap(), "[[1, 2]]");
-    let o = run(["backtest", "--load", &taken].map(String::from).to_vec()).await;
+    let o = run(args(&["backtest", "--load", &taken])).await;
     assert_bad(&o, "--ranks: give the EP ranks");
     let closed = TcpListener::bind("127.0.0.1:0").unwrap();
     let nobody = format!("http://{}", closed.local_addr().unwrap());
