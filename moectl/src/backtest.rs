@@ -182,6 +182,9 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         history: h,
         rows: rows.clone(),
     }];
+    let deployed = trace.deployed.as_ref().map_or_else(String::new, |d| {
+        d.finding(&one, &opts.triggers, history.num_windows(), stride)
+    });
     if a.json {
         let report = serde_json::json!({
             "steps": inputs.steps,
@@ -195,12 +198,11 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     } else {
         print_out(&rolling::markdown_table(&rows))?;
         print_out(&rolling::summary(&rows, &outcomes))?;
-        if let Some(d) = &trace.deployed {
-            print_out(&d.finding(&one, &opts.triggers, history.num_windows(), stride))?;
-        }
+        print_out(&deployed)?;
     }
     if let Some(path) = &a.markdown {
-        let doc = markdown(a, &bs, history.num_windows(), &inputs, &rows, &outcomes);
+        let mut doc = markdown(a, &bs, history.num_windows(), &inputs, &rows, &outcomes);
+        doc.push_str(&deployed);
         write_out(Some(path), doc.as_bytes())?;
     }
     Ok(())

@@ -456,6 +456,19 @@ fn backtest_sets_the_recorded_deployments_settings_against_the_best() {
         "{}",
         stderr(&o)
     );
+    // One history: the line in the text and in the markdown report too.
+    let report = d.path("one.md");
+    let o = backtest(
+        &recorded,
+        &["--history", "2", "--stride", "1", "--markdown", &report],
+    );
+    assert!(
+        stdout(&o).contains("- ml/demo as recorded"),
+        "{}",
+        stdout(&o)
+    );
+    let doc = std::fs::read_to_string(&report).unwrap();
+    assert!(doc.contains("- ml/demo as recorded"), "{doc}");
     // Its history not replayed: said, with the flag that adds it.
     let o = backtest(&recorded, &["--history", "1"]);
     assert!(
