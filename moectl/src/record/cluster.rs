@@ -18,7 +18,7 @@ use kube::config::KubeConfigOptions;
 use kube::{Client, Config, ResourceExt};
 
 use super::REQUEST_TIMEOUT;
-use super::ranks::{Fetched, Poll};
+use super::answer::{Fetched, Poll};
 
 /// The MoEDeployment resource (crds/moedeployment.yaml).
 const CRD_GROUP: &str = "moe-operator.github.io";

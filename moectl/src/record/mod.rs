@@ -13,6 +13,7 @@
 //! The ranks are the `--worker` addresses given, or a MoEDeployment's pods reached through the
 //! API server's port-forward (`--deployment`, [`cluster`]).
 
+mod answer;
 mod cluster;
 mod ranks;
 mod recording;
@@ -24,8 +25,9 @@ use moe_api::{LoadReport, MAX_LOAD_HISTORY, PlacementDocument, WorkerStatus};
 
 use crate::inputs::count;
 use crate::{Fail, say, write_out};
+use answer::Poll;
 use cluster::{ClusterRanks, Target};
-use ranks::{Poll, Ranks, WorkerUrls, check_group};
+use ranks::{Ranks, WorkerUrls, check_group};
 pub use recording::{RecordedContext, RecordedEplb, Recording, context_of};
 
 /// The longest poll interval or idle time taken (a week).

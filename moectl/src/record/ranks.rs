@@ -1,19 +1,12 @@
 //! The ranks a recording polls: worker addresses given with `--worker`, or a MoEDeployment's
 //! pods reached through the API server (`--deployment`, [`ClusterRanks`]).
 
-use bytes::Bytes;
 use moe_api::{API_PREFIX, WorkerStatus};
 
 use super::REQUEST_TIMEOUT;
+use super::answer::{Fetched, Poll};
 use super::cluster::ClusterRanks;
 use crate::Fail;
-
-/// Why a poll failed: an answer that ends the recording (not one group, a restart, another
-/// shape, no permission), or a request that may succeed at the next poll.
-pub enum Poll {
-    Stop(String),
-    Retry(String),
-}
 
 /// What [`check_group`] tells the user to do, per way of naming the ranks.
 pub struct Hints {
@@ -35,12 +28,6 @@ const POD_HINTS: Hints = Hints {
     mixed: "the deployment's pods serve more than one group (it is being replaced?): record \
             once `kubectl get moedeployment` shows it Ready",
 };
-
-/// An answer: its HTTP status and body.
-pub struct Fetched {
-    pub status: u16,
-    pub body: Bytes,
-}
 
 /// The ranks polled, each under a label for messages (its address).
 pub enum Ranks {
