@@ -397,6 +397,19 @@ async fn check_record_through_port_forward(
         windows.retain(|end, _| per_end[end] == 4);
         anyhow::Ok(windows)
     };
+    // A deployment that does not exist is named as such, before any pod is looked for.
+    let missing = tokio::process::Command::new(&moectl)
+        .args(["record", "--deployment", "nope", "-n", ns, "--output"])
+        .arg(std::env::temp_dir().join("moe-e2e-nope.json"))
+        .env("KUBECONFIG", cluster.kubeconfig_path())
+        .output()
+        .await?;
+    let said_missing = String::from_utf8_lossy(&missing.stderr);
+    ensure!(
+        !missing.status.success()
+            && said_missing.contains(&format!("there is no MoEDeployment nope in namespace {ns}")),
+        "moectl record --deployment nope: {said_missing}"
+    );
     let before = read_windows().await?;
     // A new recording leaves out the windows the ranks kept from before it began.
     let newest_before = before.keys().max().copied().unwrap_or(0);

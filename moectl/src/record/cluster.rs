@@ -114,7 +114,7 @@ impl ClusterRanks {
             &GroupVersionKind::gvk(CRD_GROUP, CRD_VERSION, "MoEDeployment"),
             "moedeployments",
         );
-        let deployments = Api::namespaced_with(client, &namespace, &resource);
+        let deployments: Api<DynamicObject> = Api::namespaced_with(client, &namespace, &resource);
         let selector = format!(
             "{}={},{INSTANCE_LABEL}={}",
             NAME_LABEL.0, NAME_LABEL.1, target.deployment
@@ -130,12 +130,24 @@ impl ClusterRanks {
             })?;
         let ranks = pod_ranks(&listed.items);
         if ranks.is_empty() {
-            return Err(format!(
-                "MoEDeployment {} has no worker pods in namespace {namespace} (labels \
-                 {selector}): `kubectl get moedeployments -n {namespace}` lists the \
-                 deployments there; give --namespace or --context if it is elsewhere",
-                target.deployment
-            ));
+            // No pods: say whether the deployment is missing or has none yet.
+            return Err(match deployments.get(name).await {
+                Err(kube::Error::Api(s)) if s.is_not_found() => format!(
+                    "there is no MoEDeployment {name} in namespace {namespace}: `kubectl get \
+                     moedeployments -n {namespace}` lists those there; give --namespace or \
+                     --context if it is elsewhere"
+                ),
+                Ok(o) => format!(
+                    "MoEDeployment {namespace}/{name} has no worker pods (labels {selector}; \
+                     phase {}): record once `kubectl get moedeployment {name} -n {namespace}` \
+                     shows it Ready",
+                    o.data["status"]["phase"].as_str().unwrap_or("not reported")
+                ),
+                Err(e) => format!(
+                    "MoEDeployment {namespace}/{name} has no worker pods (labels {selector}), \
+                     and reading it failed: {e}"
+                ),
+            });
         }
         let labels = ranks
             .iter()
