@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod env;
 pub mod forward;
+pub mod pods;
 
 /// Path prefix of the worker's versioned API.
 pub const API_PREFIX: &str = "/v1";

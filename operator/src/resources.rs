@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use moe_api::env;
+use moe_api::{env, pods};
 
 use crate::crd::{Backend, MoEDeployment, MoEDeploymentSpec};
 
@@ -58,11 +58,11 @@ pub const PLACEMENT_GENERATION_ANNOTATION: &str = "moe-operator.github.io/placem
 /// cached object older than its own status write, would otherwise see the request as pending
 /// and run it a second time.
 pub const HANDLED_REMAP_REQUEST_ANNOTATION: &str = "moe-operator.github.io/handled-remap-request";
-/// Label the StatefulSet controller puts on each pod with its ordinal (= EP rank).
-pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
+/// Label the StatefulSet controller puts on each pod with its ordinal; the worker container's
+/// name. Shared with the tools that find the pods (`moe_api::pods`).
+pub use moe_api::pods::{POD_INDEX_LABEL, WORKER_CONTAINER};
 /// Key of the control token in the owned Secret.
 pub const TOKEN_KEY: &str = "token";
-pub const WORKER_CONTAINER: &str = "worker";
 pub use crate::crd::GPU_RESOURCE;
 /// Worker pods' termination grace period, seconds.
 pub const TERMINATION_GRACE_SECONDS: i64 = 75;
@@ -128,11 +128,8 @@ pub struct Resolved {
 /// Labels selecting the worker pods of one deployment (stable: the StatefulSet selector).
 pub fn selector_labels(name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (
-            "app.kubernetes.io/name".to_string(),
-            "moe-worker".to_string(),
-        ),
-        ("app.kubernetes.io/instance".to_string(), name.to_string()),
+        (pods::NAME_LABEL.to_string(), pods::WORKER_NAME.to_string()),
+        (pods::INSTANCE_LABEL.to_string(), name.to_string()),
     ])
 }
 
@@ -385,9 +382,12 @@ fn container_ports(spec: &MoEDeploymentSpec) -> Vec<ContainerPort> {
         u32::from(spec.worker.http_port),
         u32::from(spec.worker.comm_port),
     );
-    let mut out = vec![port("http".into(), http), port("comm".into(), comm)];
+    let mut out = vec![
+        port(pods::http_port_name(0), http),
+        port("comm".into(), comm),
+    ];
     for i in 1..spec.ranks_per_pod() {
-        out.push(port(format!("http-{i}"), http + i));
+        out.push(port(pods::http_port_name(i as usize), http + i));
         out.push(port(format!("comm-{i}"), comm + i));
     }
     out.extend(serving::container_ports(spec));

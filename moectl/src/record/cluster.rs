@@ -17,22 +17,14 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, P
 use kube::config::KubeConfigOptions;
 use kube::{Client, Config, ResourceExt};
 
+use moe_api::pods;
+
 use super::REQUEST_TIMEOUT;
 use super::answer::{Fetched, Poll};
 
 /// The MoEDeployment resource (crds/moedeployment.yaml).
 const CRD_GROUP: &str = "moe-operator.github.io";
 const CRD_VERSION: &str = "v1alpha1";
-
-/// The labels the operator gives every worker pod of a deployment (its StatefulSet selector).
-const NAME_LABEL: (&str, &str) = ("app.kubernetes.io/name", "moe-worker");
-const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
-/// The StatefulSet's ordinal of a pod (Kubernetes 1.28 and later; the name's suffix before).
-const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
-/// The worker container and its API ports: `http` for the pod's first rank, `http-i` for its
-/// rank `i` (several ranks per pod).
-const WORKER_CONTAINER: &str = "worker";
-const HTTP_PORT_NAME: &str = "http";
 
 /// Where the deployment is and who asks.
 pub struct Target<'a> {
@@ -116,8 +108,11 @@ impl ClusterRanks {
         );
         let deployments: Api<DynamicObject> = Api::namespaced_with(client, &namespace, &resource);
         let selector = format!(
-            "{}={},{INSTANCE_LABEL}={}",
-            NAME_LABEL.0, NAME_LABEL.1, target.deployment
+            "{}={},{}={}",
+            pods::NAME_LABEL,
+            pods::WORKER_NAME,
+            pods::INSTANCE_LABEL,
+            target.deployment
         );
         let listed = pods
             .list(&ListParams::default().labels(&selector))
@@ -319,19 +314,17 @@ pub fn pod_ranks(pods: &[Pod]) -> Vec<PodRank> {
 }
 
 fn pod_index(pod: &Pod) -> Option<usize> {
-    if let Some(i) = pod.labels().get(POD_INDEX_LABEL) {
-        return i.parse().ok();
-    }
-    pod.name_any().rsplit('-').next()?.parse().ok()
+    let label = pod.labels().get(pods::POD_INDEX_LABEL);
+    pods::ordinal(label.map(String::as_str), &pod.name_any())
 }
 
 /// `(local rank, port)` of the worker container's API ports.
 fn worker_ports(pod: &Pod) -> Vec<(usize, u16)> {
-    let Some(container) = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.containers.iter().find(|c| c.name == WORKER_CONTAINER))
-    else {
+    let Some(container) = pod.spec.as_ref().and_then(|s| {
+        s.containers
+            .iter()
+            .find(|c| c.name == pods::WORKER_CONTAINER)
+    }) else {
         return Vec::new();
     };
     let mut out: Vec<(usize, u16)> = container
@@ -339,15 +332,7 @@ fn worker_ports(pod: &Pod) -> Vec<(usize, u16)> {
         .iter()
         .flatten()
         .filter_map(|p| {
-            let name = p.name.as_deref()?;
-            let local = if name == HTTP_PORT_NAME {
-                0
-            } else {
-                name.strip_prefix(HTTP_PORT_NAME)?
-                    .strip_prefix('-')?
-                    .parse()
-                    .ok()?
-            };
+            let local = pods::local_rank_of_port(p.name.as_deref()?)?;
             Some((local, u16::try_from(p.container_port).ok()?))
         })
         .collect();
@@ -363,11 +348,11 @@ mod tests {
         serde_json::from_value(serde_json::json!({
             "metadata": {
                 "name": name,
-                "labels": index.map(|i| serde_json::json!({ POD_INDEX_LABEL: i })),
+                "labels": index.map(|i| serde_json::json!({ pods::POD_INDEX_LABEL: i })),
             },
             "spec": {"containers": [
                 {"name": "sidecar", "ports": [{"name": "http", "containerPort": 9999}]},
-                {"name": WORKER_CONTAINER, "ports": ports.iter()
+                {"name": pods::WORKER_CONTAINER, "ports": ports.iter()
                     .map(|(n, p)| serde_json::json!({"name": n, "containerPort": p}))
                     .collect::<Vec<_>>()},
             ]},

@@ -19,10 +19,8 @@ pub(super) fn pod_ready(pod: &Pod) -> bool {
 
 /// The pod's ordinal in the StatefulSet (its first rank is this times `ranksPerPod`).
 pub(super) fn pod_index(pod: &Pod) -> Option<usize> {
-    if let Some(i) = pod.labels().get(resources::POD_INDEX_LABEL) {
-        return i.parse().ok();
-    }
-    pod.name_any().rsplit('-').next()?.parse().ok()
+    let label = pod.labels().get(resources::POD_INDEX_LABEL);
+    moe_api::pods::ordinal(label.map(String::as_str), &pod.name_any())
 }
 
 pub(super) fn pod_hash(pod: &Pod) -> Option<&str> {
