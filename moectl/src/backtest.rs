@@ -177,11 +177,10 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         .into_iter()
         .map(|o| (bs.name.to_string(), o))
         .collect();
-    // The deployment's own settings against the lowest operator row, as in a sweep.
-    let one = [sweep::Replay {
-        history: h,
-        rows: rows.clone(),
-    }];
+    // The deployment's own settings against the lowest operator row, as in a sweep: the rows
+    // as that replay's.
+    let one = [sweep::Replay { history: h, rows }];
+    let rows = &one[0].rows;
     let deployed = trace.deployed.as_ref().map_or_else(String::new, |d| {
         d.finding(&one, &opts.triggers, history.num_windows(), stride)
     });
@@ -196,12 +195,12 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         });
         print_out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
     } else {
-        print_out(&rolling::markdown_table(&rows))?;
-        print_out(&rolling::summary(&rows, &outcomes))?;
+        print_out(&rolling::markdown_table(rows))?;
+        print_out(&rolling::summary(rows, &outcomes))?;
         print_out(&deployed)?;
     }
     if let Some(path) = &a.markdown {
-        let mut doc = markdown(a, &bs, history.num_windows(), &inputs, &rows, &outcomes);
+        let mut doc = markdown(a, &bs, history.num_windows(), &inputs, rows, &outcomes);
         doc.push_str(&deployed);
         write_out(Some(path), doc.as_bytes())?;
     }

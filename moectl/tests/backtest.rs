@@ -23,6 +23,14 @@ fn trace(windows: usize) -> Vec<Vec<Vec<u64>>> {
         .collect()
 }
 
+/// [`trace`] as `moectl record` writes it: windows ending every 100 steps.
+fn recording(windows: usize) -> serde_json::Value {
+    serde_json::json!({
+        "windows": trace(windows),
+        "endSteps": (1..=windows).map(|k| 100 * k).collect::<Vec<_>>(),
+    })
+}
+
 fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap()
 }
@@ -379,8 +387,8 @@ fn backtest_replays_the_operator_behind_each_threshold_asked_for() {
         "at most two decimals",
     );
     // A recording's lost windows are said to be replayed as consecutive.
-    let mut rec = serde_json::json!({"windows": trace(9), "gaps": [[300, 500]]});
-    rec["endSteps"] = serde_json::json!((1..=9).map(|k| 100 * k).collect::<Vec<_>>());
+    let mut rec = recording(9);
+    rec["gaps"] = serde_json::json!([[300, 500]]);
     let recorded = d.file("recorded.json", &rec.to_string());
     let o = backtest(&recorded, &["--history", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -420,8 +428,8 @@ fn budgets_that_round_alike_make_one_row() {
 #[test]
 fn backtest_sets_the_recorded_deployments_settings_against_the_best() {
     let d = Dir::new("backtest-deployed");
-    let mut rec = serde_json::json!({"windows": trace(12), "deployment": "ml/demo"});
-    rec["endSteps"] = serde_json::json!((1..=12).map(|k| 100 * k).collect::<Vec<_>>());
+    let mut rec = recording(12);
+    rec["deployment"] = serde_json::json!("ml/demo");
     // The API server returns spec.eplb with the CRD's defaults filled in; these are not them.
     rec["eplb"] = serde_json::json!({
         "enabled": true, "algorithm": "joint", "historyWindows": 2,

@@ -4,7 +4,7 @@
 
 use eplb::bench::rolling::{RollingRow, Trigger};
 
-use super::sweep::{OPERATOR_MAX_HISTORY, Replay, trigger_of};
+use super::sweep::{OPERATOR_MAX_HISTORY, Replay, best, trigger_of};
 use crate::record::RecordedEplb;
 
 /// The row that remaps nothing (`spec.eplb.enabled: false` or `paused`).
@@ -139,18 +139,16 @@ impl Deployed {
             100.0 * row.moved_share_per_step()
         );
         // The lowest operator row at a history the operator keeps.
-        let lowest = replays
-            .iter()
-            .filter(|r| r.history <= OPERATOR_MAX_HISTORY)
-            .flat_map(|r| r.rows.iter().map(move |row| (r.history, row)))
-            .filter(|(_, row)| trigger_of(row, triggers).is_some() && row.mean_next().is_finite())
-            .min_by(|a, b| a.1.mean_next().total_cmp(&b.1.mean_next()));
+        let lowest = best(replays, |p| {
+            p.history <= OPERATOR_MAX_HISTORY && trigger_of(p.row, triggers).is_some()
+        });
         match lowest {
-            Some((history, other)) if other.mean_next() < mine => out.push_str(&format!(
-                "; the lowest operator row ({} at historyWindows {history}) {:.4}, {:.2}% below.\n",
-                other.algorithm,
-                other.mean_next(),
-                100.0 * (1.0 - other.mean_next() / mine)
+            Some(p) if p.row.mean_next() < mine => out.push_str(&format!(
+                "; the lowest operator row ({} at historyWindows {}) {:.4}, {:.2}% below.\n",
+                p.row.algorithm,
+                p.history,
+                p.row.mean_next(),
+                100.0 * (1.0 - p.row.mean_next() / mine)
             )),
             Some(_) => out.push_str(": as low as the lowest operator row.\n"),
             None => out.push_str(".\n"),

@@ -71,7 +71,7 @@ pub(super) fn backtest_histories(
                 "rows": r.rows,
             })).collect::<Vec<_>>(),
             "best": best(&replays, |_| true).map(|p| pick_json(p, triggers, bs.num_layers)),
-            "operator": best(&replays, |r| trigger_of(r, triggers).is_some())
+            "operator": best(&replays, |p| trigger_of(p.row, triggers).is_some())
                 .map(|p| pick_json(p, triggers, bs.num_layers)),
             "deployment": trace.deployed.as_ref().map(|d| d.json(&replays)),
         });
@@ -140,11 +140,11 @@ pub(super) fn trigger_of(row: &RollingRow, triggers: &[Trigger]) -> Option<Trigg
         .find(|t| t.label() == row.algorithm)
 }
 
-/// The policy and history with the lowest mean next-window PAR among the rows `keep` admits
+/// The policy and history with the lowest mean next-window PAR among those `keep` admits
 /// (never the lower bound); the shorter history on a tie.
 pub(super) fn best<'a>(
     replays: &'a [Replay],
-    keep: impl Fn(&RollingRow) -> bool,
+    keep: impl Fn(&Pick<'a>) -> bool,
 ) -> Option<Pick<'a>> {
     replays
         .iter()
@@ -154,7 +154,7 @@ pub(super) fn best<'a>(
                 row,
             })
         })
-        .filter(|p| p.row.algorithm != BOUND_ROW && keep(p.row) && p.row.mean_next().is_finite())
+        .filter(|p| p.row.algorithm != BOUND_ROW && keep(p) && p.row.mean_next().is_finite())
         .min_by(|x, y| x.row.mean_next().total_cmp(&y.row.mean_next()))
 }
 
@@ -278,7 +278,7 @@ fn findings(replays: &[Replay], triggers: &[Trigger], layers: usize) -> String {
             against.join(", ")
         ));
     }
-    if let Some(p) = best(replays, |r| trigger_of(r, triggers).is_some())
+    if let Some(p) = best(replays, |p| trigger_of(p.row, triggers).is_some())
         && let Some(trigger) = trigger_of(p.row, triggers)
     {
         out.push_str(&format!(
@@ -357,7 +357,7 @@ mod tests {
         let b = best(&r, |_| true).unwrap();
         assert_eq!((b.row.algorithm.as_str(), b.history), ("joint", 20));
         let triggers = rolling::replayed_triggers();
-        let o = best(&r, |row| trigger_of(row, &triggers).is_some()).unwrap();
+        let o = best(&r, |p| trigger_of(p.row, &triggers).is_some()).unwrap();
         assert_eq!(o.history, 20);
         assert_eq!(trigger_of(o.row, &triggers).unwrap().threshold, 1.1);
         let text = findings(&r, &triggers, 8);
