@@ -266,6 +266,10 @@ def worker_pod_labels_from_code():
     src = read("operator/src/resources.rs")
     labels = dict(re.findall(r'\(\s*"(app\.kubernetes\.io/(?:name|managed-by))"\.to_string\(\),\s*"([^"]+)"', src))
     labels.update(dict(re.findall(r'"(app\.kubernetes\.io/managed-by)"\.into\(\),\s*"([^"]+)"\.into\(\)', src, re.S)))
+    # The selector's name label is moe_api::pods' (shared with moectl), named there.
+    pods = dict(re.findall(r'pub const (\w+): &str = "([^"]+)";', read("api/src/pods.rs")))
+    if re.search(r'\(\s*pods::NAME_LABEL\.to_string\(\),\s*pods::WORKER_NAME\.to_string\(\)', src):
+        labels[pods["NAME_LABEL"]] = pods["WORKER_NAME"]
     return labels
 
 
