@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 pub mod env;
 pub mod forward;
 pub mod pods;
+pub mod quantity;
 
 /// Path prefix of the worker's versioned API.
 pub const API_PREFIX: &str = "/v1";

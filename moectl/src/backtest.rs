@@ -120,10 +120,12 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         )));
     }
     let recorded = crate::record::context_of(&a.load).map_err(Fail)?;
-    let deployed = recorded
-        .deployment
-        .clone()
-        .map(|(name, eplb)| Deployed { name, eplb });
+    let deployed = recorded.deployment.clone().map(|(name, eplb)| Deployed {
+        name,
+        eplb,
+        expert_bytes: recorded.expert_bytes,
+        clocked: recorded.window_ends.is_some(),
+    });
     let opts = options(a, deployed.as_ref())?;
     if let Some(out) = &a.markdown {
         crate::refuse_overwrite(
@@ -163,6 +165,10 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     let stride = a.stride.unwrap_or(h);
     let inputs = RollingInputs::recorded(&bs, history, h, stride, a.steps, trace.prev.clone())
         .map_err(|e| replay_error(a, e))?;
+    let inputs = match trace.window_ends.clone() {
+        Some(ends) => inputs.with_window_ends(ends)?,
+        None => inputs,
+    };
     notes.push(replay_note(&inputs, history.num_windows()));
     let peer_inputs = RollingPeerInputs::new(&bs, &inputs);
     if let Some(dir) = &a.export {
@@ -317,6 +323,8 @@ struct Trace {
     prev: Option<Placement>,
     layout: EpLayout,
     deployed: Option<Deployed>,
+    /// When each (summed) window closed, from a recording's clock.
+    window_ends: Option<Vec<f64>>,
 }
 
 /// The ranks, redundant slots and nodes replayed.
@@ -409,15 +417,26 @@ fn read_trace(
             ranges.join(", ")
         ));
     }
-    let recorded = load.history.num_windows();
+    let recorded_windows = load.history.num_windows();
+    // A summed window closes with the last of its windows.
+    let window_ends = recorded
+        .window_ends
+        .as_ref()
+        .filter(|ends| ends.len() == recorded_windows)
+        .map(|ends| {
+            ends[ends.len() % a.aggregate..]
+                .chunks(a.aggregate)
+                .filter_map(|c| c.last().copied())
+                .collect()
+        });
     let history = aggregate(load.history, a.aggregate)?;
     if a.aggregate > 1 {
         notes.push(format!(
             "{} recorded, summed {} at a time: {}{}",
-            count(recorded, "window"),
+            count(recorded_windows, "window"),
             a.aggregate,
             count(history.num_windows(), "window"),
-            match recorded % a.aggregate {
+            match recorded_windows % a.aggregate {
                 0 => String::new(),
                 left => format!(" (the oldest {} left out)", count(left, "window")),
             }
@@ -428,6 +447,7 @@ fn read_trace(
         prev,
         layout,
         deployed: None,
+        window_ends,
     })
 }
 

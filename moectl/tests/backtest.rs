@@ -459,11 +459,15 @@ fn backtest_sets_the_recorded_deployments_settings_against_the_best() {
         "{finding} / {row}"
     );
     assert!(finding.contains("the lowest operator row"), "{finding}");
-    assert!(
-        stderr(&o).contains("maxBytesPerRemap are not replayed"),
-        "{}",
-        stderr(&o)
-    );
+    // Without the bytes of an expert and a clock (a recording by an older moectl), the byte
+    // budget and the cooldown are not replayed, and the notes say so.
+    for note in [
+        "ml/demo's maxBytesPerRemap is not replayed: the recording does not say the bytes of an \
+         expert",
+        "ml/demo's replanIntervalSeconds is not replayed: the recording does not date its windows",
+    ] {
+        assert!(stderr(&o).contains(note), "{note}: {}", stderr(&o));
+    }
     // One history: the line in the text and in the markdown report too.
     let report = d.path("one.md");
     let o = backtest(
@@ -518,4 +522,98 @@ fn backtest_sets_the_recorded_deployments_settings_against_the_best() {
         &backtest(&damaged, &["--history", "2"]),
         "the recording's eplb does not read",
     );
+}
+
+#[test]
+fn backtest_replays_the_recorded_planner_budgets_and_cooldown() {
+    let d = Dir::new("backtest-budgets");
+    let mut rec = recording(14);
+    rec["deployment"] = serde_json::json!("ml/demo");
+    // One expert is 1 MiB; a window closes every 100 s (100 steps a second).
+    rec["expertBytes"] = serde_json::json!(1 << 20);
+    rec["clock"] = serde_json::json!([[250.0, 1002.5], [1400.0, 1014.0]]);
+    // Remaps whenever a layer is above 1.01: every step but for the cooldown.
+    let eplb = |extra: serde_json::Value| {
+        let mut e = serde_json::json!({
+            "historyWindows": 1, "imbalanceThreshold": 1.01, "hysteresis": 0.0,
+            "maxLayersPerRemap": 2, "replanIntervalSeconds": 0,
+        });
+        e.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        e
+    };
+    let run = |name: &str, extra: serde_json::Value| {
+        let mut r = rec.clone();
+        r["eplb"] = eplb(extra);
+        let path = d.file(name, &r.to_string());
+        let o = backtest(&path, &["--history", "1", "--stride", "1", "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        let row_name = report["deployment"]["row"].as_str().unwrap().to_string();
+        let row = report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["algorithm"] == row_name.as_str())
+            .unwrap()
+            .clone();
+        let per_step = |key: &str| -> Vec<u64> {
+            row[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect()
+        };
+        (
+            row_name,
+            per_step("slots_moved"),
+            per_step("layers_changed"),
+            stderr(&o),
+        )
+    };
+    let remaps =
+        |layers: &[u64]| -> Vec<usize> { (0..layers.len()).filter(|&k| layers[k] > 0).collect() };
+    let (label, moved, layers, _) = run("eager.json", serde_json::json!({}));
+    assert_eq!(
+        label,
+        "joint, operator trigger (imbalanceThreshold 1.01, hysteresis 0.00, maxLayersPerRemap 2)"
+    );
+    let eager = remaps(&layers);
+    assert!(eager.len() >= 6, "{layers:?}");
+    assert!(moved.iter().any(|&m| m > 2), "{moved:?}");
+    // replanIntervalSeconds 250: no remap within 250 s (2 windows) of the last.
+    let (label, _, layers, notes) = run(
+        "cooled.json",
+        serde_json::json!({"replanIntervalSeconds": 250}),
+    );
+    assert!(label.ends_with("replanIntervalSeconds 250)"), "{label}");
+    assert!(!notes.contains("is not replayed"), "{notes}");
+    let cooled = remaps(&layers);
+    assert!(
+        !cooled.is_empty() && cooled.len() < eager.len(),
+        "{cooled:?} {eager:?}"
+    );
+    assert!(cooled.windows(2).all(|p| p[1] - p[0] >= 3), "{cooled:?}");
+    // maxBytesPerRemap 2Mi: two experts a remap at most.
+    let (label, moved, _, _) = run("bytes.json", serde_json::json!({"maxBytesPerRemap": "2Mi"}));
+    assert!(label.ends_with("maxBytesPerRemap 2 experts)"), "{label}");
+    assert!(moved.iter().all(|&m| m <= 2), "{moved:?}");
+    assert!(moved.iter().any(|&m| m > 0), "{moved:?}");
+    // The planner and maxMovesPerLayer: incremental moving two slots a layer at most.
+    let (label, moved, layers, _) = run(
+        "incremental.json",
+        serde_json::json!({"algorithm": "incremental", "maxMovesPerLayer": 2}),
+    );
+    assert!(
+        label.starts_with("incremental, operator trigger"),
+        "{label}"
+    );
+    assert!(label.contains("maxMovesPerLayer 2"), "{label}");
+    assert!(
+        moved.iter().zip(&layers).all(|(m, l)| *m <= 2 * l),
+        "{moved:?} {layers:?}"
+    );
+    assert!(moved.iter().any(|&m| m > 0), "{moved:?}");
 }

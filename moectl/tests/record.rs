@@ -161,6 +161,13 @@ async fn record_sums_the_ranks_windows_continues_and_replays() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let step_before = rank0("status").await["step"].as_u64().unwrap();
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let began = unix_now();
 
     let o = run(record_args(&urls, &out, 3)).await;
     assert!(o.status.success(), "{}", stderr(&o));
@@ -206,6 +213,28 @@ async fn record_sums_the_ranks_windows_continues_and_replays() {
         rec["placement"], first["placement"],
         "a continued recording keeps its start"
     );
+    // The clock that dates the windows: rank 0's step and the time at each poll that added
+    // windows, both growing, the step past the windows that poll added, the time within this
+    // test; kept across the continued recording.
+    let clock: Vec<[f64; 2]> = serde_json::from_value(rec["clock"].clone()).unwrap();
+    let first_clock: Vec<[f64; 2]> = serde_json::from_value(first["clock"].clone()).unwrap();
+    assert!(
+        !first_clock.is_empty() && clock.len() > first_clock.len(),
+        "{clock:?}"
+    );
+    assert_eq!(clock[..first_clock.len()], first_clock[..]);
+    assert!(
+        clock
+            .windows(2)
+            .all(|p| p[1][0] > p[0][0] && p[1][1] > p[0][1]),
+        "{clock:?}"
+    );
+    let now = unix_now();
+    assert!(
+        clock.iter().all(|&[_, t]| t >= began && t <= now),
+        "{clock:?}"
+    );
+    assert!(clock[0][0] >= ends[0] as f64, "{clock:?} {ends:?}");
 
     // Each recorded window is the two ranks' windows of that end step, summed.
     let mut reports = Vec::new();

@@ -552,7 +552,8 @@ pub struct EplbSpec {
     #[serde(default = "default_max_layers")]
     #[schemars(range(min = 1, max = 1024))]
     pub max_layers_per_remap: u32,
-    /// Expert weight bytes moved by one remap at most (a quantity, e.g. `8Gi`). Unset: no limit.
+    /// Expert weight bytes moved by one remap at most (a quantity, e.g. `8Gi`), the worst layers
+    /// first; each layer's plan also moves no more than this holds. Unset: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-kubernetes-validations" = [
         {

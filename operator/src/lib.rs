@@ -29,7 +29,8 @@ pub mod ownership;
 pub mod planning;
 pub mod pod_creation;
 pub mod pod_health;
-pub mod quantity;
+/// Byte quantities (`spec.eplb.maxBytesPerRemap`), shared with `moectl backtest`.
+pub use moe_api::quantity;
 pub mod remap;
 pub mod resources;
 pub mod server;

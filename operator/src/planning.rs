@@ -207,6 +207,24 @@ fn planner_check(name: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// Slots one layer's plan may change: `maxMovesPerLayer`, and no more than the byte budget
+/// holds. A layer planned to move more than `maxBytesPerRemap` could never be deployed (the
+/// budget skips it on every remap), so the group would stay imbalanced for good.
+pub fn max_moves(spec: &MoEDeploymentSpec) -> Option<usize> {
+    let per_expert = crate::quantity::expert_bytes(spec.model.hidden, spec.model.intermediate);
+    let by_budget = spec
+        .eplb
+        .max_bytes_per_remap
+        .as_ref()
+        .and_then(|q| crate::quantity::parse_bytes(&q.0))
+        .map(|bytes| usize::try_from(bytes / per_expert.max(1)).unwrap_or(usize::MAX));
+    let by_moves = spec.eplb.max_moves_per_layer.map(|m| m as usize);
+    match (by_moves, by_budget) {
+        (Some(m), Some(b)) => Some(m.min(b)),
+        (m, b) => m.or(b),
+    }
+}
+
 fn run_planner(
     algorithm: &str,
     spec: &MoEDeploymentSpec,
@@ -229,8 +247,8 @@ fn run_planner(
     let mut request = eplb::PlanRequest::new(*shape, &history)
         .previous(previous)
         .layers(layers.to_vec());
-    if let Some(m) = spec.eplb.max_moves_per_layer {
-        request = request.max_moves(m as usize);
+    if let Some(m) = max_moves(spec) {
+        request = request.max_moves(m);
     }
     let plan = planner.plan(&request).map_err(|e| e.to_string())?;
     Ok(plan.placement)
@@ -240,6 +258,7 @@ fn run_planner(
 mod tests {
     use super::*;
     use crate::crd::tests::sample_spec;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
     #[test]
     fn every_suggested_algorithm_exists() {
@@ -293,6 +312,33 @@ mod tests {
         // A past window of another shape is left out, not an error.
         let odd = vec![vec![1.0; e + 1]; layers];
         plan("greedy", &spec, redundant, &doc, &current, &[odd], &[0]).unwrap();
+    }
+
+    #[test]
+    fn a_byte_budget_caps_each_layers_moves() {
+        let mut spec = sample_spec();
+        assert_eq!(max_moves(&spec), None);
+        let expert = crate::quantity::expert_bytes(spec.model.hidden, spec.model.intermediate);
+        spec.eplb.max_bytes_per_remap = Some(Quantity(format!("{}", 2 * expert + 1)));
+        assert_eq!(max_moves(&spec), Some(2));
+        spec.eplb.max_moves_per_layer = Some(1);
+        assert_eq!(max_moves(&spec), Some(1));
+        spec.eplb.max_moves_per_layer = Some(5);
+        assert_eq!(max_moves(&spec), Some(2));
+        spec.eplb.max_bytes_per_remap = None;
+        assert_eq!(max_moves(&spec), Some(5));
+        // Planned under the budget, the hot layer's plan moves at most two slots.
+        spec.eplb.max_moves_per_layer = None;
+        spec.eplb.max_bytes_per_remap = Some(Quantity(format!("{}", 2 * expert)));
+        let redundant = effective_redundant(&spec);
+        let doc = initial_document(&spec, redundant, 0).unwrap();
+        let e = spec.model.num_experts as usize;
+        let load: Vec<Vec<f64>> = (0..spec.model.num_layers as usize)
+            .map(|_| (0..e).map(|j| if j < 2 { 100.0 } else { 1.0 }).collect())
+            .collect();
+        let out = plan("joint", &spec, redundant, &doc, &load, &[], &[0]).unwrap();
+        let moved = out.layers[0].moved_slots;
+        assert!(moved > 0 && moved <= 2, "{moved}");
     }
 
     #[test]

@@ -192,10 +192,7 @@ pub fn apply_byte_budget(layers: &[(usize, u64)], budget: Option<u64>) -> Vec<us
     out
 }
 
-/// Bytes of one expert's weights (gate, up and down projections in bf16).
-pub fn expert_bytes(hidden: u32, intermediate: u32) -> u64 {
-    3 * u64::from(hidden) * u64::from(intermediate) * 2
-}
+pub use moe_api::quantity::expert_bytes;
 
 /// Imbalance summary for status: worst and mean PAR and the worst layers.
 pub fn summarize(

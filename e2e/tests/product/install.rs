@@ -481,6 +481,22 @@ async fn check_record_through_port_forward(
         rec["deployment"],
         rec["eplb"]
     );
+    // The bytes of one expert as the operator's byte budget counts them (spec.model: hidden
+    // 64, intermediate 32, bf16 gate, up and down), and a clock dating the windows, so that
+    // maxBytesPerRemap and replanIntervalSeconds are replayed.
+    ensure!(
+        rec["expertBytes"] == 3 * 64 * 32 * 2,
+        "recorded expertBytes {}",
+        rec["expertBytes"]
+    );
+    let clock: Vec<[f64; 2]> = serde_json::from_value(rec["clock"].clone())?;
+    ensure!(
+        !clock.is_empty()
+            && clock
+                .windows(2)
+                .all(|p| p[1][0] > p[0][0] && p[1][1] > p[0][1]),
+        "recorded clock {clock:?}"
+    );
     let findings = String::from_utf8_lossy(&replay.stdout);
     ensure!(
         findings.contains(&format!("- {ns}/{name} as recorded (historyWindows 4")),

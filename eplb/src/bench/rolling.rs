@@ -80,6 +80,9 @@ pub struct RollingInputs {
     pub windows: Vec<Vec<Vec<f64>>>,
     /// The placement in use before step 0.
     pub start: Placement,
+    /// When each window closed, in seconds on any one clock (a recording's), for the
+    /// triggers' cooldown; `None` on a synthetic trace: no cooldown.
+    pub window_ends: Option<Vec<f64>>,
 }
 
 impl RollingInputs {
@@ -109,6 +112,7 @@ impl RollingInputs {
             offset: h,
             windows,
             start,
+            window_ends: None,
         })
     }
 
@@ -217,6 +221,7 @@ impl RollingInputs {
             offset,
             windows,
             start,
+            window_ends: None,
         })
     }
 
@@ -229,6 +234,26 @@ impl RollingInputs {
     pub fn history_at(&self, k: usize) -> Result<LoadHistory> {
         let first = self.first_at(k);
         LoadHistory::new(self.windows[first..first + self.history].to_vec())
+    }
+
+    /// When step `k` decides: the close of the last window it plans on (`None` without a
+    /// clock).
+    pub fn decided_at(&self, k: usize) -> Option<f64> {
+        let ends = self.window_ends.as_ref()?;
+        ends.get(self.first_at(k) + self.history - 1).copied()
+    }
+
+    /// Sets when each window closed (seconds, one per window).
+    pub fn with_window_ends(mut self, ends: Vec<f64>) -> Result<Self> {
+        if ends.len() != self.windows.len() {
+            return Err(EplbError::Mismatch(format!(
+                "{} window end times for {} windows",
+                ends.len(),
+                self.windows.len()
+            )));
+        }
+        self.window_ends = Some(ends);
+        Ok(self)
     }
 
     /// The index of the window step `k`'s plan is scored on.
@@ -417,6 +442,8 @@ fn run_ours(
     let planner = planner_by_name(policy.algorithm)?;
     let mut row = scorer.empty_row(&policy.label, policy.threads);
     let mut deployed = inputs.start.clone();
+    // When the last remap began, on the trace's clock (the trigger's cooldown).
+    let mut last_remap = None;
     for k in 0..inputs.steps {
         let history = inputs.history_at(k)?;
         let mut req = PlanRequest::new(shape.shape, &history)
@@ -428,26 +455,32 @@ fn run_ours(
         if let Some(m) = policy.min_improvement {
             req.min_improvement = m;
         }
-        // The operator measures the window recorded under the placement in use.
+        // The operator measures the window recorded under the placement in use, and decides
+        // when it closes.
         let latest = &history.windows()[history.num_windows() - 1];
-        let mut before = None;
+        let now = inputs.decided_at(k);
+        let mut triggered = None;
         if let Some(trigger) = &policy.trigger {
             let pars = score(&deployed, latest)?.per_layer;
             let layers = trigger.layers(&pars);
-            if layers.is_empty() {
+            if layers.is_empty() || !trigger.cooled_down(now, last_remap) {
                 row.plan_ms.push(0.0);
                 scorer.push_step(&mut row, k, &deployed, &deployed)?;
                 continue;
             }
-            req = req.layers(layers);
-            before = Some(pars);
+            req = req.layers(layers.clone());
+            triggered = Some((pars, layers));
         }
         let t0 = Instant::now();
         let plan = planner.plan(&req)?;
         row.plan_ms.push(t0.elapsed().as_secs_f64() * 1e3);
-        let next = match (&policy.trigger, before) {
-            (Some(trigger), Some(pars)) => {
-                accepted(&deployed, plan.placement, latest, &pars, trigger)?
+        let next = match (&policy.trigger, triggered) {
+            (Some(trigger), Some((pars, layers))) => {
+                let next = accepted(&deployed, plan.placement, latest, &pars, &layers, trigger)?;
+                if next != deployed {
+                    last_remap = now;
+                }
+                next
             }
             _ => plan.placement,
         };
@@ -527,7 +560,8 @@ pub fn run_on(
     for &trigger in &opts.triggers {
         policies.push(OurPolicy {
             trigger: Some(trigger),
-            ..plain(&trigger.label(), "joint", threads)
+            max_moves: trigger.layer_moves(),
+            ..plain(&trigger.label(), trigger.algorithm, threads)
         });
     }
     for policy in &policies {
@@ -770,5 +804,74 @@ mod tests {
         assert_eq!(capped.layers(&[1.16, 1.21, 1.0, 1.15, 1.16]), vec![1, 0]);
         let all: Vec<f64> = (0..20).map(|l| 1.3 + l as f64 / 100.0).collect();
         assert_eq!(t.layers(&all).len(), 8);
+    }
+
+    #[test]
+    fn a_trigger_replays_its_planner_and_budgets_and_waits_out_its_cooldown() {
+        let bs = mixtral();
+        let eager = Trigger {
+            threshold: 1.01,
+            hysteresis: 0.0,
+            max_layers: None,
+            ..OPERATOR_DEFAULTS
+        };
+        let cooled = Trigger {
+            cooldown_seconds: Some(250.0),
+            ..eager
+        };
+        let budgeted = Trigger {
+            algorithm: "incremental",
+            max_moves: Some(2),
+            max_slots_per_remap: Some(3),
+            ..eager
+        };
+        let unbudgeted = Trigger {
+            max_slots_per_remap: None,
+            ..budgeted
+        };
+        let opts = BenchOptions {
+            triggers: vec![eager, cooled, budgeted, unbudgeted],
+            ..small_opts()
+        };
+        let steps = 8;
+        let inputs = RollingInputs::generate(&bs, &opts, steps, 1).unwrap();
+        // A window closes every 100 s: a remap blocks the next two steps.
+        let ends: Vec<f64> = (0..inputs.windows.len())
+            .map(|w| 100.0 * w as f64)
+            .collect();
+        let short = RollingInputs::generate(&bs, &opts, steps, 1).unwrap();
+        assert!(short.with_window_ends(vec![0.0]).is_err());
+        let inputs = inputs.with_window_ends(ends).unwrap();
+        assert_eq!(
+            inputs.decided_at(0),
+            Some(100.0 * (inputs.offset + 1) as f64)
+        );
+        let (rows, _) = run_on(&bs, &inputs, &opts, Vec::new()).unwrap();
+        let of = |t: &Trigger| rows.iter().find(|r| r.algorithm == t.label()).unwrap();
+        let remapped = |t: &Trigger| -> Vec<usize> {
+            (0..steps)
+                .filter(|&k| of(t).layers_changed[k] > 0)
+                .collect()
+        };
+        // Eager remaps every step; with the cooldown, steps 3 apart at least, and fewer.
+        assert_eq!(
+            remapped(&eager).len(),
+            steps,
+            "{:?}",
+            of(&eager).layers_changed
+        );
+        let cooled_steps = remapped(&cooled);
+        assert!(!cooled_steps.is_empty());
+        assert!(
+            cooled_steps.windows(2).all(|p| p[1] - p[0] >= 3),
+            "{cooled_steps:?}"
+        );
+        // The budgets: at most 2 slots in a layer and 3 a step.
+        let g = of(&budgeted);
+        assert!(g.algorithm.starts_with("incremental, operator trigger"));
+        assert!(g.slots_moved.iter().all(|&m| m <= 3), "{:?}", g.slots_moved);
+        assert!(g.slots_moved.iter().any(|&m| m > 0));
+        // Without the byte budget the same planner moves more in a step.
+        assert!(of(&unbudgeted).slots_moved.iter().any(|&m| m > 3));
     }
 }

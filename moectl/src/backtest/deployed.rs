@@ -14,16 +14,50 @@ pub struct Deployed {
     /// `namespace/name`.
     pub name: String,
     pub eplb: RecordedEplb,
+    /// The bytes the operator counts per moved expert (the recording's `expertBytes`).
+    pub expert_bytes: Option<u64>,
+    /// Whether the recording dates its windows (its `clock`): `replanIntervalSeconds` is
+    /// replayed only then.
+    pub clocked: bool,
 }
 
 impl Deployed {
     /// The operator trigger these settings replay as; none when they remap nothing.
     pub fn trigger(&self) -> Option<Trigger> {
-        (self.eplb.enabled && !self.eplb.paused).then_some(Trigger {
-            threshold: self.eplb.imbalance_threshold,
-            hysteresis: self.eplb.hysteresis,
-            max_layers: Some(self.eplb.max_layers_per_remap),
+        let e = &self.eplb;
+        (e.enabled && !e.paused).then(|| Trigger {
+            threshold: e.imbalance_threshold,
+            hysteresis: e.hysteresis,
+            max_layers: Some(e.max_layers_per_remap),
+            algorithm: self.algorithm().unwrap_or("joint"),
+            max_moves: e
+                .max_moves_per_layer
+                .map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
+            max_slots_per_remap: self.slots_per_remap(),
+            cooldown_seconds: (self.clocked && e.replan_interval_seconds > 0.0)
+                .then_some(e.replan_interval_seconds),
         })
+    }
+
+    /// `spec.eplb.algorithm` as the planner's own name; `None` for one eplb does not know.
+    fn algorithm(&self) -> Option<&'static str> {
+        eplb::planner::ALGORITHMS
+            .iter()
+            .chain(&eplb::planner::BASELINES)
+            .find(|&&a| a == self.eplb.algorithm)
+            .copied()
+    }
+
+    /// `spec.eplb.maxBytesPerRemap` in whole experts, as the operator's budget counts them;
+    /// `None` when unset or when the recording lacks the bytes of an expert.
+    fn slots_per_remap(&self) -> Option<usize> {
+        let bytes = match self.eplb.max_bytes_per_remap.as_ref()? {
+            serde_json::Value::String(q) => moe_api::quantity::parse_bytes(q)?,
+            serde_json::Value::Number(n) => n.as_u64()?,
+            _ => return None,
+        };
+        let per_expert = self.expert_bytes.filter(|&b| b > 0)?;
+        Some(usize::try_from(bytes / per_expert).unwrap_or(usize::MAX))
     }
 
     /// What the replay of these settings leaves out, or where they share another row.
@@ -46,17 +80,30 @@ impl Deployed {
                 t.label()
             ));
         }
-        if e.algorithm != "joint" {
+        if self.algorithm().is_none() {
             // (Only where it remaps: paused or disabled settings returned above.)
             out.push(format!(
-                "{} plans with {}; its row replays joint behind the same trigger",
+                "{} plans with {}, which this moectl does not know; its row replays joint \
+                 behind the same trigger",
                 self.name, e.algorithm
             ));
         }
-        if e.max_moves_per_layer.is_some() || e.max_bytes_per_remap.is_some() {
+        if e.max_bytes_per_remap.is_some() && mine.max_slots_per_remap.is_none() {
             out.push(format!(
-                "{}'s maxMovesPerLayer / maxBytesPerRemap are not replayed: its row moves what \
-                 the trigger accepts",
+                "{}'s maxBytesPerRemap is not replayed: {}",
+                self.name,
+                if self.expert_bytes.is_none() {
+                    "the recording does not say the bytes of an expert (record it again with \
+                     this moectl)"
+                } else {
+                    "it does not read as a quantity"
+                }
+            ));
+        }
+        if !self.clocked && e.replan_interval_seconds > 0.0 {
+            out.push(format!(
+                "{}'s replanIntervalSeconds is not replayed: the recording does not date its \
+                 windows (record it again with this moectl); its row may remap every step",
                 self.name
             ));
         }
@@ -72,10 +119,29 @@ impl Deployed {
                 if e.enabled { "paused" } else { "enabled false" }
             );
         }
-        format!(
-            "historyWindows {}, imbalanceThreshold {}, hysteresis {}, maxLayersPerRemap {}",
-            e.history_windows, e.imbalance_threshold, e.hysteresis, e.max_layers_per_remap
-        )
+        let mut out = format!(
+            "historyWindows {}, imbalanceThreshold {}, hysteresis {}, maxLayersPerRemap {}, \
+             replanIntervalSeconds {}",
+            e.history_windows,
+            e.imbalance_threshold,
+            e.hysteresis,
+            e.max_layers_per_remap,
+            e.replan_interval_seconds
+        );
+        if e.algorithm != "joint" {
+            out.push_str(&format!(", algorithm {}", e.algorithm));
+        }
+        if let Some(m) = e.max_moves_per_layer {
+            out.push_str(&format!(", maxMovesPerLayer {m}"));
+        }
+        if let Some(q) = &e.max_bytes_per_remap {
+            let q = q.as_str().map_or_else(|| q.to_string(), str::to_string);
+            match self.slots_per_remap() {
+                Some(n) => out.push_str(&format!(", maxBytesPerRemap {q} ({n} experts)")),
+                None => out.push_str(&format!(", maxBytesPerRemap {q}")),
+            }
+        }
+        out
     }
 
     /// Its row: the trigger's at `historyWindows` (or keeping the start when it remaps

@@ -43,8 +43,15 @@ pub(super) fn backtest_histories(
         )));
     }
     let stride = a.stride.unwrap_or(1);
-    let inputs = RollingInputs::recorded_alike(bs, history, histories, stride, a.steps, trace.prev)
-        .map_err(|e| replay_error(a, e))?;
+    let mut inputs =
+        RollingInputs::recorded_alike(bs, history, histories, stride, a.steps, trace.prev)
+            .map_err(|e| replay_error(a, e))?;
+    if let Some(ends) = &trace.window_ends {
+        inputs = inputs
+            .into_iter()
+            .map(|i| i.with_window_ends(ends.clone()))
+            .collect::<Result<_, _>>()?;
+    }
     let mut replays = Vec::with_capacity(inputs.len());
     for replay in &inputs {
         notes.push(replay_note(replay, history.num_windows()));
@@ -158,15 +165,48 @@ pub(super) fn best<'a>(
         .min_by(|x, y| x.row.mean_next().total_cmp(&y.row.mean_next()))
 }
 
-/// The `spec.eplb` fields that make the operator run a trigger row with `history` windows.
+/// The `spec.eplb` fields that make the operator run a trigger row with `history` windows
+/// (a byte budget is in experts here: not one of them).
 fn eplb_fields(trigger: &Trigger, history: usize, layers: usize) -> serde_json::Value {
-    json!({
-        "algorithm": "joint",
+    let mut f = json!({
+        "algorithm": trigger.algorithm,
         "historyWindows": history,
         "imbalanceThreshold": trigger.threshold,
         "hysteresis": trigger.hysteresis,
         "maxLayersPerRemap": trigger.max_layers.unwrap_or(layers).clamp(1, 1024),
-    })
+    });
+    if let Some(m) = trigger.max_moves {
+        f["maxMovesPerLayer"] = json!(m);
+    }
+    if let Some(c) = trigger.cooldown_seconds {
+        f["replanIntervalSeconds"] = json!(c);
+    }
+    f
+}
+
+/// [`eplb_fields`] as the YAML of a MoEDeployment's `spec.eplb`, in the CRD's field order.
+fn eplb_yaml(f: &serde_json::Value, trigger: &Trigger) -> String {
+    let mut out = String::from("  ```yaml\n  spec:\n    eplb:\n");
+    for key in [
+        "algorithm",
+        "historyWindows",
+        "replanIntervalSeconds",
+        "imbalanceThreshold",
+        "hysteresis",
+        "maxLayersPerRemap",
+        "maxMovesPerLayer",
+    ] {
+        match &f[key] {
+            serde_json::Value::Null => {}
+            serde_json::Value::String(v) => out.push_str(&format!("      {key}: {v}\n")),
+            v => out.push_str(&format!("      {key}: {v}\n")),
+        }
+    }
+    if trigger.max_slots_per_remap.is_some() {
+        out.push_str("      # maxBytesPerRemap: as recorded\n");
+    }
+    out.push_str("  ```\n");
+    out
 }
 
 fn pick_json(p: Pick<'_>, triggers: &[Trigger], layers: usize) -> serde_json::Value {
@@ -282,7 +322,7 @@ fn findings(replays: &[Replay], triggers: &[Trigger], layers: usize) -> String {
         && let Some(trigger) = trigger_of(p.row, triggers)
     {
         out.push_str(&format!(
-            "- What the operator runs (joint, remapping when its trigger fires; a recorded \
+            "- What the operator runs (its planner, remapping when its trigger fires; a recorded \
              window stands for one statistics window of spec.eplb.windowSteps steps): lowest \
              with {} and historyWindows {}: {:.4}, {:.1}% of the slots moved per step.",
             p.row.algorithm,
@@ -298,13 +338,8 @@ fn findings(replays: &[Replay], triggers: &[Trigger], layers: usize) -> String {
         } else {
             let f = eplb_fields(&trigger, p.history, layers);
             out.push_str(&format!(
-                " As the MoEDeployment's settings:\n\n  ```yaml\n  spec:\n    eplb:\n      \
-                 algorithm: joint\n      historyWindows: {}\n      imbalanceThreshold: {}\n      \
-                 hysteresis: {}\n      maxLayersPerRemap: {}\n  ```\n",
-                f["historyWindows"],
-                f["imbalanceThreshold"],
-                f["hysteresis"],
-                f["maxLayersPerRemap"],
+                " As the MoEDeployment's settings:\n\n{}",
+                eplb_yaml(&f, &trigger)
             ));
         }
     }

@@ -26,6 +26,17 @@ use super::answer::{Fetched, Poll};
 const CRD_GROUP: &str = "moe-operator.github.io";
 const CRD_VERSION: &str = "v1alpha1";
 
+/// What a recording keeps of the MoEDeployment ([`ClusterRanks::settings`]).
+pub struct Settings {
+    /// `namespace/name`.
+    pub deployment: String,
+    /// `spec.eplb`.
+    pub eplb: serde_json::Value,
+    /// The bytes the operator counts per moved expert (`spec.model`'s hidden and
+    /// intermediate sizes); `None` where they do not read.
+    pub expert_bytes: Option<u64>,
+}
+
 /// Where the deployment is and who asks.
 pub struct Target<'a> {
     pub deployment: &'a str,
@@ -159,22 +170,34 @@ impl ClusterRanks {
         })
     }
 
-    /// The MoEDeployment (`namespace/name`) and its `spec.eplb` as the API server returns it
-    /// (the CRD's defaults filled in).
-    pub async fn settings(&self) -> Result<(String, serde_json::Value), String> {
+    /// The MoEDeployment's settings a replay follows, as the API server returns them (the
+    /// CRD's defaults filled in).
+    pub async fn settings(&self) -> Result<Settings, String> {
         let name = self.deployment.rsplit('/').next().unwrap_or_default();
         let object = tokio::time::timeout(REQUEST_TIMEOUT, self.deployments.get(name))
             .await
             .map_err(|_| format!("no answer in {} s", REQUEST_TIMEOUT.as_secs()))?
             .map_err(|e| format!("GET MoEDeployment {}: {e}", self.deployment))?;
-        let eplb = object.data["spec"]["eplb"].clone();
+        let spec = &object.data["spec"];
+        let eplb = spec["eplb"].clone();
         if eplb.is_null() {
             return Err(format!(
                 "MoEDeployment {} has no spec.eplb",
                 self.deployment
             ));
         }
-        Ok((self.deployment.clone(), eplb))
+        let dim = |key: &str| {
+            spec["model"][key]
+                .as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+        };
+        Ok(Settings {
+            deployment: self.deployment.clone(),
+            eplb,
+            expert_bytes: dim("hidden")
+                .zip(dim("intermediate"))
+                .map(|(h, i)| moe_api::quantity::expert_bytes(h, i)),
+        })
     }
 
     /// `namespace/pod:port` of each rank, in rank order.

@@ -168,9 +168,10 @@ async fn poll_until_done(
                     rec.placement = Some(placement);
                     not_before = Some(step);
                     match ranks.settings().await {
-                        Some(Ok((name, eplb))) => {
-                            rec.deployment = Some(name);
-                            rec.eplb = Some(eplb);
+                        Some(Ok(settings)) => {
+                            rec.deployment = Some(settings.deployment);
+                            rec.eplb = Some(settings.eplb);
+                            rec.expert_bytes = settings.expert_bytes;
                         }
                         // The recording does without: backtest then has no row of them.
                         Some(Err(e)) => say(format_args!(
@@ -182,10 +183,21 @@ async fn poll_until_done(
             }
             let path = format!("/load?history={MAX_LOAD_HISTORY}");
             let mut reports = Vec::with_capacity(n);
+            let mut polled_at = 0.0;
             for i in 0..n {
                 reports.push(ranks.get_json::<LoadReport>(i, &path).await?);
+                if i == 0 {
+                    polled_at = unix_seconds();
+                }
             }
-            rec.add(&reports, a.windows, not_before).map_err(Poll::Stop)
+            let added = rec
+                .add(&reports, a.windows, not_before)
+                .map_err(Poll::Stop)?;
+            if added.windows > 0 {
+                // Rank 0's step when it answered: the clock that dates the windows.
+                rec.clock.push([reports[0].step as f64, polled_at]);
+            }
+            Ok(added)
         };
         match round.await {
             Ok(added) => {
@@ -231,6 +243,13 @@ async fn poll_until_done(
         }
         tokio::time::sleep(Duration::from_secs_f64(a.poll_seconds)).await;
     }
+}
+
+/// Now, in seconds since the Unix epoch (0 on a clock set before it).
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Where a new recording starts: the placement every rank serves on every layer now (rank 0's

@@ -5,7 +5,7 @@ use moe_api::{API_PREFIX, WorkerStatus};
 
 use super::REQUEST_TIMEOUT;
 use super::answer::{Fetched, Poll};
-use super::cluster::ClusterRanks;
+use super::cluster::{ClusterRanks, Settings};
 use crate::Fail;
 
 /// What [`check_group`] tells the user to do, per way of naming the ranks.
@@ -50,8 +50,8 @@ impl Ranks {
         }
     }
 
-    /// The deployment recorded and its `spec.eplb` (`--deployment`); `None` for `--worker`.
-    pub async fn settings(&self) -> Option<Result<(String, serde_json::Value), String>> {
+    /// The deployment recorded and its settings (`--deployment`); `None` for `--worker`.
+    pub async fn settings(&self) -> Option<Result<Settings, String>> {
         match self {
             Ranks::Workers(_) => None,
             Ranks::Cluster(c) => Some(c.settings().await),

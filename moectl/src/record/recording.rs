@@ -31,6 +31,14 @@ pub struct Recording {
     /// filled in): `backtest` replays these settings beside the others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eplb: Option<serde_json::Value>,
+    /// The bytes the operator counts per moved expert against `spec.eplb.maxBytesPerRemap`
+    /// (from the deployment's `spec.model`), so that `backtest` replays the byte budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert_bytes: Option<u64>,
+    /// `[group step, unix seconds]` at polls that added windows: when each window closed, for
+    /// replaying `replanIntervalSeconds` ([`window_ends`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clock: Vec<[f64; 2]>,
 }
 
 /// The operator settings of a recorded deployment that a replay can follow (`spec.eplb`; the
@@ -52,6 +60,8 @@ pub struct RecordedEplb {
     pub hysteresis: f64,
     #[serde(default = "crd_default::max_layers_per_remap")]
     pub max_layers_per_remap: usize,
+    #[serde(default = "crd_default::replan_interval_seconds")]
+    pub replan_interval_seconds: f64,
     #[serde(default)]
     pub max_moves_per_layer: Option<u64>,
     /// A Kubernetes quantity: a string or a number.
@@ -78,6 +88,9 @@ mod crd_default {
     }
     pub fn max_layers_per_remap() -> usize {
         8
+    }
+    pub fn replan_interval_seconds() -> f64 {
+        300.0
     }
 }
 
@@ -164,6 +177,11 @@ pub struct RecordedContext {
     pub placement: Option<PlacementDocument>,
     /// The deployment recorded (`namespace/name`) and its settings (`record --deployment`).
     pub deployment: Option<(String, RecordedEplb)>,
+    /// [`Recording::expert_bytes`].
+    pub expert_bytes: Option<u64>,
+    /// When each window closed, unix seconds ([`window_ends`]); `None` when the recording has
+    /// no clock (made by a moectl before it kept one, or polled once).
+    pub window_ends: Option<Vec<f64>>,
 }
 
 /// The [`RecordedContext`] of the load file at `path`: empty for a file that is not a
@@ -173,16 +191,22 @@ pub fn context_of(path: &Path) -> Result<RecordedContext, String> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Raw {
-        end_steps: Option<serde::de::IgnoredAny>,
+        end_steps: Option<Vec<u64>>,
         gaps: Option<serde_json::Value>,
         placement: Option<serde_json::Value>,
         deployment: Option<String>,
         eplb: Option<serde_json::Value>,
+        expert_bytes: Option<u64>,
+        #[serde(default)]
+        clock: Vec<[f64; 2]>,
     }
-    let Some(raw) = std::fs::read_to_string(path)
+    let Some((raw, end_steps)) = std::fs::read_to_string(path)
         .ok()
         .and_then(|text| serde_json::from_str::<Raw>(&text).ok())
-        .filter(|r| r.end_steps.is_some())
+        .and_then(|mut r| {
+            let end_steps = r.end_steps.take()?;
+            Some((r, end_steps))
+        })
     else {
         return Ok(RecordedContext::default());
     };
@@ -212,7 +236,38 @@ pub fn context_of(path: &Path) -> Result<RecordedContext, String> {
             )),
             _ => None,
         },
+        expert_bytes: raw.expert_bytes,
+        window_ends: window_ends(&end_steps, &raw.clock),
     })
+}
+
+/// When each window closed (unix seconds): its end step on the recording's clock, the group
+/// step and time at each poll that added windows, interpolated linearly between the two
+/// nearest polls (extrapolated past the first or last at their pair's rate). A poll sees a
+/// window some time after it closed; the rate between polls takes that delay out. `None`
+/// without two polls at distinct steps.
+pub fn window_ends(end_steps: &[u64], clock: &[[f64; 2]]) -> Option<Vec<f64>> {
+    let mut points: Vec<(f64, f64)> = Vec::with_capacity(clock.len());
+    for &[step, time] in clock {
+        if !(step.is_finite() && time.is_finite()) {
+            return None;
+        }
+        // Steps only grow (a restarted group is not recorded on); a repeated step adds nothing.
+        if points.last().is_none_or(|&(s, _)| step > s) {
+            points.push((step, time));
+        }
+    }
+    if points.len() < 2 {
+        return None;
+    }
+    let at = |step: f64| {
+        let i = points
+            .partition_point(|&(s, _)| s <= step)
+            .clamp(1, points.len() - 1);
+        let ((s0, t0), (s1, t1)) = (points[i - 1], points[i]);
+        t0 + (step - s0) * (t1 - t0) / (s1 - s0)
+    };
+    Some(end_steps.iter().map(|&e| at(e as f64)).collect())
 }
 
 fn same_shape(a: &[Vec<f64>], b: &[Vec<f64>]) -> bool {
@@ -325,5 +380,22 @@ mod tests {
         assert_eq!(at_start.add(&b, None, Some(10)).unwrap().windows, 2);
         let e = rec.add(&restarted, None, None).unwrap_err();
         assert!(e.contains("the group restarted"), "{e}");
+    }
+
+    #[test]
+    fn window_ends_follow_the_polls_clock() {
+        // 10 steps a second until step 1000, then 20.
+        let clock = [
+            [500.0, 50.0],
+            [1000.0, 100.0],
+            [1000.0, 101.0],
+            [2000.0, 150.0],
+        ];
+        let ends = window_ends(&[0, 500, 750, 1000, 1500, 3000], &clock).unwrap();
+        assert_eq!(ends, vec![0.0, 50.0, 75.0, 100.0, 125.0, 200.0]);
+        // One poll, or none: no clock.
+        assert_eq!(window_ends(&[500], &[[500.0, 50.0]]), None);
+        assert_eq!(window_ends(&[500], &[[500.0, 50.0], [500.0, 60.0]]), None);
+        assert_eq!(window_ends(&[500], &[]), None);
     }
 }

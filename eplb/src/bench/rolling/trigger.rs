@@ -10,7 +10,8 @@ use crate::planner::{accept_layers, worst_first};
 /// When the operator's live loop remaps and which layers (`operator::remap::decide`): once
 /// some layer's PAR, measured on the latest window under the placement in use, is above
 /// `threshold`, every layer above `threshold - hysteresis` is replanned, worst first, at most
-/// `max_layers` of them.
+/// `max_layers` of them; not sooner than `cooldown_seconds` after the last remap began. What it
+/// deploys of the plan: [`accepted`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Trigger {
     /// `spec.eplb.imbalanceThreshold`.
@@ -19,13 +20,30 @@ pub struct Trigger {
     pub hysteresis: f64,
     /// `spec.eplb.maxLayersPerRemap` (`None`: every layer).
     pub max_layers: Option<usize>,
+    /// The planner (`spec.eplb.algorithm`; a name [`crate::planner_by_name`] knows).
+    pub algorithm: &'static str,
+    /// `spec.eplb.maxMovesPerLayer`: slots one layer's plan changes at most.
+    pub max_moves: Option<usize>,
+    /// `spec.eplb.maxBytesPerRemap` over the bytes of one expert: the slots one remap moves
+    /// at most. As the operator's byte budget, the accepted layers are deployed worst first
+    /// while their moved slots fit, and the rest wait.
+    pub max_slots_per_remap: Option<usize>,
+    /// `spec.eplb.replanIntervalSeconds`: no remap begins sooner after the last one began, on
+    /// the trace's clock ([`super::RollingInputs::window_ends`]; ignored on a trace without
+    /// one).
+    pub cooldown_seconds: Option<f64>,
 }
 
-/// The operator's defaults (the CRD's: threshold 1.2, hysteresis 0.05, 8 layers per remap).
+/// The operator's defaults (the CRD's: threshold 1.2, hysteresis 0.05, 8 layers per remap),
+/// planning with `joint`, no move or byte budget and no cooldown.
 pub const OPERATOR_DEFAULTS: Trigger = Trigger {
     threshold: 1.2,
     hysteresis: 0.05,
     max_layers: Some(8),
+    algorithm: "joint",
+    max_moves: None,
+    max_slots_per_remap: None,
+    cooldown_seconds: None,
 };
 
 impl Trigger {
@@ -42,16 +60,51 @@ impl Trigger {
         layers
     }
 
-    /// The row's name, in the CRD's terms (`spec.eplb.*`).
+    /// Slots one layer's plan may change (`operator::planning::max_moves`):
+    /// `maxMovesPerLayer`, and no more than the byte budget holds, since a layer that moves
+    /// more could never be deployed.
+    pub fn layer_moves(&self) -> Option<usize> {
+        match (self.max_moves, self.max_slots_per_remap) {
+            (Some(m), Some(b)) => Some(m.min(b)),
+            (m, b) => m.or(b),
+        }
+    }
+
+    /// Whether a remap may begin at `now` (seconds on the trace's clock, `None` without one)
+    /// after the last began at `last`.
+    pub fn cooled_down(&self, now: Option<f64>, last: Option<f64>) -> bool {
+        match (self.cooldown_seconds, now, last) {
+            (Some(c), Some(now), Some(last)) => now - last >= c,
+            _ => true,
+        }
+    }
+
+    /// The row's name, in the CRD's terms (`spec.eplb.*`); the budgets and the cooldown only
+    /// where set.
     pub fn label(&self) -> String {
+        let mut settings = vec![
+            format!("imbalanceThreshold {:.2}", self.threshold),
+            format!("hysteresis {:.2}", self.hysteresis),
+            self.max_layers.map_or("every layer".to_string(), |m| {
+                format!("maxLayersPerRemap {m}")
+            }),
+        ];
+        if let Some(m) = self.max_moves {
+            settings.push(format!("maxMovesPerLayer {m}"));
+        }
+        if let Some(s) = self.max_slots_per_remap {
+            settings.push(format!(
+                "maxBytesPerRemap {s} expert{}",
+                if s == 1 { "" } else { "s" }
+            ));
+        }
+        if let Some(c) = self.cooldown_seconds {
+            settings.push(format!("replanIntervalSeconds {c}"));
+        }
         format!(
-            "joint, operator trigger (imbalanceThreshold {:.2}, hysteresis {:.2}, {})",
-            self.threshold,
-            self.hysteresis,
-            self.max_layers
-                .map_or("every layer".to_string(), |m| format!(
-                    "maxLayersPerRemap {m}"
-                ))
+            "{}, operator trigger ({})",
+            self.algorithm,
+            settings.join(", ")
         )
     }
 }
@@ -74,30 +127,50 @@ pub fn replayed_triggers() -> [Trigger; 3] {
     ]
 }
 
-/// What the operator deploys of a triggered plan (`operator::remap::accept_plan`): the changed
-/// layers the plan improves on the measured window, and nothing unless their worst PAR drops
-/// by at least the trigger's hysteresis.
+/// What the operator deploys of a triggered plan (`operator::remap::accept_plan`, then
+/// `apply_byte_budget`): of the `requested` layers (worst first), those the plan changes and
+/// improves on the measured window, nothing unless their worst PAR drops by at least the
+/// trigger's hysteresis; then, under a byte budget, the longest run of them (worst first)
+/// whose moved slots fit it.
 pub(super) fn accepted(
     deployed: &Placement,
     planned: Placement,
     latest: &[Vec<f64>],
     pars_before: &[f64],
+    requested: &[usize],
     trigger: &Trigger,
 ) -> Result<Placement> {
     let pars_after = score(&planned, latest)?.per_layer;
-    let changed: Vec<usize> = (0..planned.num_layers)
-        .filter(|&l| planned.phy2log[l] != deployed.phy2log[l])
+    let moved = |l: usize| {
+        planned.phy2log[l]
+            .iter()
+            .zip(&deployed.phy2log[l])
+            .filter(|(a, b)| a != b)
+            .count()
+    };
+    let changed: Vec<usize> = requested
+        .iter()
+        .copied()
+        .filter(|&l| moved(l) > 0)
         .collect();
     let pick =
         |pars: &[f64]| -> Vec<(usize, f64)> { changed.iter().map(|&l| (l, pars[l])).collect() };
-    let keep = accept_layers(
+    let mut keep = accept_layers(
         true,
         &pick(pars_before),
         &pick(&pars_after),
         trigger.hysteresis,
     );
-    if keep.len() == changed.len() {
-        return Ok(planned);
+    if let Some(budget) = trigger.max_slots_per_remap {
+        let mut used = 0;
+        let fit = keep
+            .iter()
+            .take_while(|&&l| {
+                used += moved(l);
+                used <= budget
+            })
+            .count();
+        keep.truncate(fit);
     }
     let mut next = deployed.clone();
     for l in keep {
@@ -123,19 +196,100 @@ mod tests {
         let before = score(&deployed, &load).unwrap().per_layer;
         let trigger = OPERATOR_DEFAULTS;
         // Layer 0 improves (1.82 -> 1), layer 1 gets worse: only layer 0 moves.
+        let deploy = |planned: &Placement, trigger: &Trigger| {
+            accepted(&deployed, planned.clone(), &load, &before, &[0, 1], trigger).unwrap()
+        };
         let planned = placement(&[[0, 2, 1, 3], [0, 1, 2, 3]]);
-        let next = accepted(&deployed, planned.clone(), &load, &before, &trigger).unwrap();
+        let next = deploy(&planned, &trigger);
         assert_eq!(next.phy2log, vec![vec![0, 2, 1, 3], vec![0, 2, 1, 3]]);
         // A drop of the worst PAR below the hysteresis deploys nothing.
         let strict = Trigger {
             hysteresis: 0.9,
             ..trigger
         };
-        let next = accepted(&deployed, planned, &load, &before, &strict).unwrap();
-        assert_eq!(next, deployed);
+        assert_eq!(deploy(&planned, &strict), deployed);
         // Every changed layer improving: the plan as it is.
         let planned = placement(&[[0, 2, 1, 3], [0, 2, 1, 3]]);
-        let next = accepted(&deployed, planned.clone(), &load, &before, &trigger).unwrap();
-        assert_eq!(next, planned);
+        assert_eq!(deploy(&planned, &trigger), planned);
+    }
+
+    #[test]
+    fn a_byte_budget_deploys_the_worst_layers_whose_moves_fit_and_the_rest_wait() {
+        let load = vec![vec![10.0, 10.0, 1.0, 1.0]; 3];
+        let deployed = placement(&[[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]]);
+        let before = score(&deployed, &load).unwrap().per_layer;
+        // Every layer improves by moving 2 slots; requested worst first as 2, 0, 1.
+        let planned = placement(&[[0, 2, 1, 3], [0, 2, 1, 3], [0, 2, 1, 3]]);
+        let with = |slots| Trigger {
+            max_slots_per_remap: Some(slots),
+            ..OPERATOR_DEFAULTS
+        };
+        let rows = |slots| {
+            accepted(
+                &deployed,
+                planned.clone(),
+                &load,
+                &before,
+                &[2, 0, 1],
+                &with(slots),
+            )
+            .unwrap()
+            .phy2log
+        };
+        let (old, new) = (vec![0, 1, 2, 3], vec![0, 2, 1, 3]);
+        assert_eq!(rows(1), vec![old.clone(), old.clone(), old.clone()]);
+        assert_eq!(rows(3), vec![old.clone(), old.clone(), new.clone()]);
+        assert_eq!(rows(4), vec![new.clone(), old.clone(), new.clone()]);
+        assert_eq!(rows(6), vec![new.clone(), new.clone(), new.clone()]);
+        // Only the requested layers are deployed.
+        let next = accepted(
+            &deployed,
+            planned.clone(),
+            &load,
+            &before,
+            &[1],
+            &OPERATOR_DEFAULTS,
+        );
+        assert_eq!(next.unwrap().phy2log, vec![old.clone(), new, old]);
+    }
+
+    #[test]
+    fn the_cooldown_counts_from_the_last_remap_on_the_traces_clock() {
+        let t = Trigger {
+            cooldown_seconds: Some(300.0),
+            ..OPERATOR_DEFAULTS
+        };
+        assert!(t.cooled_down(Some(100.0), None));
+        assert!(!t.cooled_down(Some(399.0), Some(100.0)));
+        assert!(t.cooled_down(Some(400.0), Some(100.0)));
+        // A byte budget caps each layer's moves too.
+        let both = |m, b| Trigger {
+            max_moves: m,
+            max_slots_per_remap: b,
+            ..t
+        };
+        assert_eq!(both(Some(4), Some(2)).layer_moves(), Some(2));
+        assert_eq!(both(Some(1), Some(2)).layer_moves(), Some(1));
+        assert_eq!(both(None, Some(2)).layer_moves(), Some(2));
+        assert_eq!(both(None, None).layer_moves(), None);
+        // No clock: no cooldown.
+        assert!(t.cooled_down(None, Some(100.0)));
+        assert!(OPERATOR_DEFAULTS.cooled_down(Some(101.0), Some(100.0)));
+        assert_eq!(
+            Trigger {
+                algorithm: "greedy",
+                max_moves: Some(4),
+                max_slots_per_remap: Some(1),
+                ..t
+            }
+            .label(),
+            "greedy, operator trigger (imbalanceThreshold 1.20, hysteresis 0.05, \
+             maxLayersPerRemap 8, maxMovesPerLayer 4, maxBytesPerRemap 1 expert, \
+             replanIntervalSeconds 300)"
+        );
+        assert_eq!(
+            OPERATOR_DEFAULTS.label(),
+            "joint, operator trigger (imbalanceThreshold 1.20, hysteresis 0.05, maxLayersPerRemap 8)"
+        );
     }
 }

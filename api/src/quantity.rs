@@ -1,4 +1,6 @@
-//! Byte quantities in Kubernetes' notation (`512Mi`, `8Gi`, `1G`, `1000`).
+//! Byte quantities in Kubernetes' notation (`512Mi`, `8Gi`, `1G`, `1000`), and the bytes the
+//! operator counts against `spec.eplb.maxBytesPerRemap`: the operator enforces the budget and
+//! `moectl backtest` replays it, with these two functions.
 
 /// Parses a non-negative byte quantity; `None` when it is not one (fractions of a byte,
 /// negative values, unknown suffixes).
@@ -31,6 +33,12 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
         return None;
     }
     Some(bytes.round() as u64)
+}
+
+/// Bytes of one expert's weights as a remap's byte budget counts them (gate, up and down
+/// projections in bf16), from `spec.model.hidden` and `spec.model.intermediate`.
+pub fn expert_bytes(hidden: u32, intermediate: u32) -> u64 {
+    3 * u64::from(hidden) * u64::from(intermediate) * 2
 }
 
 #[cfg(test)]
