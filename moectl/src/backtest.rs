@@ -120,13 +120,6 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         )));
     }
     let recorded = crate::record::context_of(&a.load).map_err(Fail)?;
-    let deployed = recorded.deployment.clone().map(|(name, eplb)| Deployed {
-        name,
-        eplb,
-        expert_bytes: recorded.expert_bytes,
-        clocked: recorded.window_ends.is_some(),
-    });
-    let opts = options(a, deployed.as_ref())?;
     if let Some(out) = &a.markdown {
         crate::refuse_overwrite(
             out,
@@ -139,7 +132,14 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         )?;
     }
     let mut trace = read_trace(a, &recorded, notes)?;
-    trace.deployed = deployed;
+    trace.deployed = recorded.deployment.clone().map(|(name, eplb)| Deployed {
+        name,
+        eplb,
+        expert_bytes: recorded.expert_bytes,
+        // The windows replayed are dated (not only the recording).
+        clocked: trace.window_ends.is_some(),
+    });
+    let opts = options(a, trace.deployed.as_ref())?;
     if let Some(d) = &trace.deployed {
         notes.extend(d.notes(&opts.triggers));
     }
@@ -214,20 +214,33 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
 }
 
 /// The replay's options: the default rows, a trigger row per `--threshold`, and one for the
-/// recorded deployment's settings.
+/// recorded deployment's settings. On a deployment's recording every operator row keeps its
+/// `maxMovesPerLayer`, `maxBytesPerRemap` and cooldown, so that the rows differ from its own
+/// only in what they name (and their suggestions keep the rest); they plan with joint.
 fn options(a: &BacktestArgs, deployed: Option<&Deployed>) -> Result<BenchOptions, Fail> {
     let mut opts = BenchOptions::default();
-    if let Some(t) = deployed.and_then(Deployed::trigger)
+    let mine = deployed.and_then(Deployed::trigger);
+    let keep_limits = |t: Trigger| match mine {
+        Some(m) => Trigger {
+            max_moves: m.max_moves,
+            max_slots_per_remap: m.max_slots_per_remap,
+            cooldown_seconds: m.cooldown_seconds,
+            ..t
+        },
+        None => t,
+    };
+    opts.triggers = opts.triggers.into_iter().map(keep_limits).collect();
+    if let Some(t) = mine
         && !opts.triggers.iter().any(|x| x.label() == t.label())
     {
         opts.triggers.push(t);
     }
     for &threshold in &a.threshold {
-        let trigger = Trigger {
+        let trigger = keep_limits(Trigger {
             threshold,
             max_layers: None,
             ..OPERATOR_DEFAULTS
-        };
+        });
         // The CRD's rules (`spec.eplb`): a threshold above 1 that the hysteresis keeps at or
         // above 1.
         if !(threshold.is_finite() && threshold - trigger.hysteresis >= 1.0 && threshold <= 1000.0)
@@ -418,6 +431,16 @@ fn read_trace(
         ));
     }
     let recorded_windows = load.history.num_windows();
+    if let Some(ends) = &recorded.window_ends
+        && ends.len() != recorded_windows
+    {
+        notes.push(format!(
+            "the recording dates {} and holds {}: its windows are replayed undated (no \
+             replanIntervalSeconds)",
+            count(ends.len(), "window"),
+            count(recorded_windows, "window")
+        ));
+    }
     // A summed window closes with the last of its windows.
     let window_ends = recorded
         .window_ends
@@ -542,7 +565,13 @@ the starting placement, greedy, multi-episode-lpt, flashlb-like, joint, joint wi
 improvement of 0, joint with at most 1/16 and 1/8 of the slots moved per layer, joint replanning \
 only what the operator's trigger picks (its defaults; every layer above the threshold; a \
 threshold of 1.1; one row per --threshold, every layer), deploying what the operator accepts of \
-each plan, and each next window's lower bound.";
+each plan, and each next window's lower bound. On a recording of a MoEDeployment one more \
+operator row runs its own settings (its planner too), and every operator row keeps its \
+maxMovesPerLayer, maxBytesPerRemap (in whole experts of the recorded size: the longest \
+worst-first run of accepted layers that fits) and, where the recording dates its windows, its \
+replanIntervalSeconds (a step decides when the last window it plans on closes, and holds \
+sooner than that after the last remap began); their labels say so. A remap takes effect at \
+once; manual remaps are not replayed.";
 
 #[cfg(test)]
 mod tests {

@@ -524,14 +524,19 @@ fn backtest_sets_the_recorded_deployments_settings_against_the_best() {
     );
 }
 
+/// The steps the cooled row of [`backtest_replays_the_recorded_planner_budgets_and_cooldown`]
+/// remaps at, where the same row without a cooldown remaps at every step: steps k + 1 and
+/// k + 2 close 100 s and 200 s after a remap at step k, within its cooldown of 250 s.
+const COOLED_STEPS: [usize; 4] = [0, 3, 6, 9];
+
 #[test]
 fn backtest_replays_the_recorded_planner_budgets_and_cooldown() {
     let d = Dir::new("backtest-budgets");
     let mut rec = recording(14);
     rec["deployment"] = serde_json::json!("ml/demo");
-    // One expert is 1 MiB; a window closes every 100 s (100 steps a second).
+    // One expert is 1 MiB; a step a second, so a window (100 steps) closes every 100 s.
     rec["expertBytes"] = serde_json::json!(1 << 20);
-    rec["clock"] = serde_json::json!([[250.0, 1002.5], [1400.0, 1014.0]]);
+    rec["clock"] = serde_json::json!([[250.0, 1250.0], [1400.0, 2400.0]]);
     // Remaps whenever a layer is above 1.01: every step but for the cooldown.
     let eplb = |extra: serde_json::Value| {
         let mut e = serde_json::json!({
@@ -581,8 +586,9 @@ fn backtest_replays_the_recorded_planner_budgets_and_cooldown() {
         "joint, operator trigger (imbalanceThreshold 1.01, hysteresis 0.00, maxLayersPerRemap 2)"
     );
     let eager = remaps(&layers);
-    assert!(eager.len() >= 6, "{layers:?}");
+    assert_eq!(eager, (0..12).collect::<Vec<_>>(), "{layers:?}");
     assert!(moved.iter().any(|&m| m > 2), "{moved:?}");
+    let (eager_moved, eager_layers) = (moved, layers);
     // replanIntervalSeconds 250: no remap within 250 s (2 windows) of the last.
     let (label, _, layers, notes) = run(
         "cooled.json",
@@ -591,29 +597,49 @@ fn backtest_replays_the_recorded_planner_budgets_and_cooldown() {
     assert!(label.ends_with("replanIntervalSeconds 250)"), "{label}");
     assert!(!notes.contains("is not replayed"), "{notes}");
     let cooled = remaps(&layers);
-    assert!(
-        !cooled.is_empty() && cooled.len() < eager.len(),
-        "{cooled:?} {eager:?}"
-    );
-    assert!(cooled.windows(2).all(|p| p[1] - p[0] >= 3), "{cooled:?}");
-    // maxBytesPerRemap 2Mi: two experts a remap at most.
+    assert_eq!(cooled, COOLED_STEPS, "eager remapped at {eager:?}");
+    // maxBytesPerRemap 2Mi: two experts a remap at most (eager moved more).
     let (label, moved, _, _) = run("bytes.json", serde_json::json!({"maxBytesPerRemap": "2Mi"}));
     assert!(label.ends_with("maxBytesPerRemap 2 experts)"), "{label}");
     assert!(moved.iter().all(|&m| m <= 2), "{moved:?}");
     assert!(moved.iter().any(|&m| m > 0), "{moved:?}");
-    // The planner and maxMovesPerLayer: incremental moving two slots a layer at most.
-    let (label, moved, layers, _) = run(
+    // maxMovesPerLayer 1: one slot per changed layer (eager moved more).
+    let (label, moved, layers, _) = run("moves.json", serde_json::json!({"maxMovesPerLayer": 1}));
+    assert!(label.ends_with("maxMovesPerLayer 1)"), "{label}");
+    assert!(
+        moved.iter().zip(&layers).all(|(m, l)| m <= l),
+        "{moved:?} {layers:?}"
+    );
+    assert!(moved.iter().any(|&m| m > 0), "{moved:?}");
+    assert!(eager_moved.iter().zip(&eager_layers).any(|(m, l)| m > l));
+    // The deployment's planner.
+    let (label, moved, _, _) = run(
         "incremental.json",
-        serde_json::json!({"algorithm": "incremental", "maxMovesPerLayer": 2}),
+        serde_json::json!({"algorithm": "incremental"}),
     );
     assert!(
         label.starts_with("incremental, operator trigger"),
         "{label}"
     );
-    assert!(label.contains("maxMovesPerLayer 2"), "{label}");
-    assert!(
-        moved.iter().zip(&layers).all(|(m, l)| *m <= 2 * l),
-        "{moved:?} {layers:?}"
-    );
     assert!(moved.iter().any(|&m| m > 0), "{moved:?}");
+    // Every operator row keeps the deployment's budget and cooldown, and the settings a sweep
+    // suggests carry them.
+    let mut r = rec.clone();
+    r["eplb"] = eplb(serde_json::json!({"maxBytesPerRemap": "2Mi", "replanIntervalSeconds": 250}));
+    let path = d.file("sweep.json", &r.to_string());
+    let o = backtest(&path, &["--history", "1,2", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let suggested = &report["operator"]["eplb"];
+    assert_eq!(suggested["maxBytesPerRemap"], "2Mi", "{report}");
+    assert_eq!(suggested["replanIntervalSeconds"], 250, "{report}");
+    for row in report["histories"][0]["rows"].as_array().unwrap() {
+        let name = row["algorithm"].as_str().unwrap();
+        if name.contains("operator trigger") {
+            assert!(
+                name.ends_with("maxBytesPerRemap 2 experts, replanIntervalSeconds 250)"),
+                "{name}"
+            );
+        }
+    }
 }

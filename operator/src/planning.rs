@@ -207,22 +207,18 @@ fn planner_check(name: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// Slots one layer's plan may change: `maxMovesPerLayer`, and no more than the byte budget
-/// holds. A layer planned to move more than `maxBytesPerRemap` could never be deployed (the
-/// budget skips it on every remap), so the group would stay imbalanced for good.
-pub fn max_moves(spec: &MoEDeploymentSpec) -> Option<usize> {
+/// Slots one layer's plan may change (`slots`: a layer's): `maxMovesPerLayer`, and no more
+/// than `maxBytesPerRemap` holds ([`eplb::layer_move_cap`]).
+pub fn max_moves(spec: &MoEDeploymentSpec, slots: usize) -> Option<usize> {
     let per_expert = crate::quantity::expert_bytes(spec.model.hidden, spec.model.intermediate);
-    let by_budget = spec
+    let budget_slots = spec
         .eplb
         .max_bytes_per_remap
         .as_ref()
         .and_then(|q| crate::quantity::parse_bytes(&q.0))
         .map(|bytes| usize::try_from(bytes / per_expert.max(1)).unwrap_or(usize::MAX));
     let by_moves = spec.eplb.max_moves_per_layer.map(|m| m as usize);
-    match (by_moves, by_budget) {
-        (Some(m), Some(b)) => Some(m.min(b)),
-        (m, b) => m.or(b),
-    }
+    eplb::layer_move_cap(by_moves, budget_slots, slots)
 }
 
 fn run_planner(
@@ -247,7 +243,7 @@ fn run_planner(
     let mut request = eplb::PlanRequest::new(*shape, &history)
         .previous(previous)
         .layers(layers.to_vec());
-    if let Some(m) = max_moves(spec) {
+    if let Some(m) = max_moves(spec, shape.slots()) {
         request = request.max_moves(m);
     }
     let plan = planner.plan(&request).map_err(|e| e.to_string())?;
@@ -317,28 +313,45 @@ mod tests {
     #[test]
     fn a_byte_budget_caps_each_layers_moves() {
         let mut spec = sample_spec();
-        assert_eq!(max_moves(&spec), None);
+        let slots = 16;
+        assert_eq!(max_moves(&spec, slots), None);
         let expert = crate::quantity::expert_bytes(spec.model.hidden, spec.model.intermediate);
-        spec.eplb.max_bytes_per_remap = Some(Quantity(format!("{}", 2 * expert + 1)));
-        assert_eq!(max_moves(&spec), Some(2));
+        let budget =
+            |experts: u64, extra: u64| Some(Quantity(format!("{}", experts * expert + extra)));
+        spec.eplb.max_bytes_per_remap = budget(2, 1);
+        assert_eq!(max_moves(&spec, slots), Some(2));
         spec.eplb.max_moves_per_layer = Some(1);
-        assert_eq!(max_moves(&spec), Some(1));
+        assert_eq!(max_moves(&spec, slots), Some(1));
         spec.eplb.max_moves_per_layer = Some(5);
-        assert_eq!(max_moves(&spec), Some(2));
-        spec.eplb.max_bytes_per_remap = None;
-        assert_eq!(max_moves(&spec), Some(5));
-        // Planned under the budget, the hot layer's plan moves at most two slots.
+        assert_eq!(max_moves(&spec, slots), Some(2));
+        // A budget of a whole layer binds no plan; one under an expert is the byte budget's
+        // to refuse (OverBudget), not a plan that moves nothing.
+        spec.eplb.max_bytes_per_remap = budget(16, 0);
+        assert_eq!(max_moves(&spec, slots), Some(5));
         spec.eplb.max_moves_per_layer = None;
-        spec.eplb.max_bytes_per_remap = Some(Quantity(format!("{}", 2 * expert)));
+        assert_eq!(max_moves(&spec, slots), None);
+        spec.eplb.max_bytes_per_remap = budget(0, expert - 1);
+        assert_eq!(max_moves(&spec, slots), None);
+        // Planned under a budget of two experts, a zipf-loaded layer's plan moves at most two
+        // slots; without it, more.
         let redundant = effective_redundant(&spec);
         let doc = initial_document(&spec, redundant, 0).unwrap();
         let e = spec.model.num_experts as usize;
         let load: Vec<Vec<f64>> = (0..spec.model.num_layers as usize)
-            .map(|_| (0..e).map(|j| if j < 2 { 100.0 } else { 1.0 }).collect())
+            .map(|_| (0..e).map(|j| 1000.0 / (1.0 + j as f64).powf(1.5)).collect())
             .collect();
-        let out = plan("joint", &spec, redundant, &doc, &load, &[], &[0]).unwrap();
-        let moved = out.layers[0].moved_slots;
-        assert!(moved > 0 && moved <= 2, "{moved}");
+        let moved = |spec: &MoEDeploymentSpec| {
+            plan("joint", spec, redundant, &doc, &load, &[], &[0])
+                .unwrap()
+                .layers[0]
+                .moved_slots
+        };
+        spec.eplb.max_bytes_per_remap = None;
+        let free = moved(&spec);
+        spec.eplb.max_bytes_per_remap = budget(2, 0);
+        let capped = moved(&spec);
+        assert!(free > 2, "{free}");
+        assert!(capped > 0 && capped <= 2, "{capped}");
     }
 
     #[test]

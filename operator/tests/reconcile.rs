@@ -662,6 +662,38 @@ async fn imbalance_is_published_and_a_remap_is_planned_persisted_driven_and_reco
     assert_eq!(h.placement().generation, 1);
 }
 
+/// `maxBytesPerRemap` holds the planner too: the remap moves what the budget holds (here two
+/// experts' weights) instead of a plan that moves more and is then skipped as over budget on
+/// every pass.
+#[tokio::test]
+async fn a_byte_budget_remap_moves_what_the_budget_holds() {
+    let mut spec = spec_json();
+    // One expert as the budget counts it: 3 x hidden 16 x intermediate 8 x 2 bytes.
+    spec["eplb"]["maxBytesPerRemap"] = json!(format!("{}", 2 * 3 * 16 * 8 * 2));
+    let h = Harness::new(spec);
+    h.reconcile().await;
+    let before = h.placement();
+    h.add_ready_pods(2);
+    h.workers.set_load(skewed(), 0, 100);
+    h.reconcile().await;
+    let st = h.status();
+    assert_eq!(st["remap"]["trigger"], "Threshold", "{st}");
+    let after = h.placement();
+    assert_eq!(after.generation, 1);
+    let moved: usize = before
+        .phy2log
+        .iter()
+        .zip(&after.phy2log)
+        .map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x != y).count())
+        .sum();
+    assert!(moved > 0 && moved <= 2, "{moved} slots moved: {after:?}");
+    let predicted = st["remap"]["parPredicted"].as_f64().unwrap();
+    assert!(
+        predicted < st["remap"]["parBefore"].as_f64().unwrap(),
+        "{st}"
+    );
+}
+
 /// Owned objects are applied with field management (forced, as manager `moe-operator`): a
 /// field someone else added to one (an annotation by `kubectl annotate`, a label by a policy
 /// controller) stays; a field of the operator's that someone changed is taken back.

@@ -326,7 +326,13 @@ async fn attention_generates_through_the_expert_tier_while_it_rebalances() -> Re
                 if let (Some(w), Some(m)) = (im["worstPar"].as_f64(), im["meanPar"].as_f64()) {
                     let applied = st["placement"]["appliedGeneration"].as_u64().unwrap_or(0);
                     samples.push((started.elapsed().as_secs_f64(), w, m, applied));
-                    if applied == generation0 && remap.is_none() && st["remap"].is_null() {
+                    // Under the initial placement with no remap planned; or, when the pass
+                    // that first published the PAR also planned the remap (a CI run saw no
+                    // read in between), the first read with the remap planned: the workers
+                    // move only on the next pass, 2 s later, so its PAR is still the initial
+                    // placement's.
+                    let unplanned = st["remap"].is_null() || par_before_remap.is_none();
+                    if applied == generation0 && remap.is_none() && unplanned {
                         par_before_remap = Some(w);
                         // `kubectl get moed` under the initial placement, read again when the
                         // PAR it would show changed.

@@ -327,6 +327,24 @@ pub fn accept_layers(
     kept
 }
 
+/// The slots one layer's plan may change under the operator's budgets: `maxMovesPerLayer`,
+/// and no more than a remap's byte budget holds in whole experts (`budget_slots`), since a
+/// layer planned to move more could never be deployed (the budget would skip it on every
+/// remap). A budget of at least a layer's `slots` binds nothing and is not passed on (a cap
+/// also changes how `joint` weighs the windows); one under a whole expert is left to the byte
+/// budget, which then skips the remap as over budget.
+pub fn layer_move_cap(
+    max_moves: Option<usize>,
+    budget_slots: Option<usize>,
+    slots: usize,
+) -> Option<usize> {
+    let by_budget = budget_slots.filter(|&b| b > 0 && b < slots);
+    match (max_moves, by_budget) {
+        (Some(m), Some(b)) => Some(m.min(b)),
+        (m, b) => m.or(b),
+    }
+}
+
 /// Result of [`select_layers`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerSelection {

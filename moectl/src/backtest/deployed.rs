@@ -22,14 +22,16 @@ pub struct Deployed {
 }
 
 impl Deployed {
-    /// The operator trigger these settings replay as; none when they remap nothing.
+    /// The operator trigger these settings replay as; none when they remap nothing (paused,
+    /// disabled, or a planner the operator holds on as unknown).
     pub fn trigger(&self) -> Option<Trigger> {
         let e = &self.eplb;
+        let algorithm = self.algorithm()?;
         (e.enabled && !e.paused).then(|| Trigger {
             threshold: e.imbalance_threshold,
             hysteresis: e.hysteresis,
             max_layers: Some(e.max_layers_per_remap),
-            algorithm: self.algorithm().unwrap_or("joint"),
+            algorithm,
             max_moves: e
                 .max_moves_per_layer
                 .map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
@@ -64,6 +66,13 @@ impl Deployed {
     pub fn notes(&self, triggers: &[Trigger]) -> Vec<String> {
         let mut out = Vec::new();
         let e = &self.eplb;
+        if self.algorithm().is_none() && e.enabled && !e.paused {
+            out.push(format!(
+                "{} plans with {}, which this moectl does not know: the operator holds its \
+                 remaps (UnknownAlgorithm), so its row keeps the start",
+                self.name, e.algorithm
+            ));
+        }
         let Some(mine) = self.trigger() else {
             return out;
         };
@@ -78,14 +87,6 @@ impl Deployed {
                 e.imbalance_threshold,
                 e.hysteresis,
                 t.label()
-            ));
-        }
-        if self.algorithm().is_none() {
-            // (Only where it remaps: paused or disabled settings returned above.)
-            out.push(format!(
-                "{} plans with {}, which this moectl does not know; its row replays joint \
-                 behind the same trigger",
-                self.name, e.algorithm
             ));
         }
         if e.max_bytes_per_remap.is_some() && mine.max_slots_per_remap.is_none() {
@@ -110,7 +111,7 @@ impl Deployed {
         out
     }
 
-    /// The settings in the CRD's terms.
+    /// The settings in the CRD's terms, with those the replay could not follow marked.
     fn describe(&self) -> String {
         let e = &self.eplb;
         if !e.enabled || e.paused {
@@ -119,14 +120,22 @@ impl Deployed {
                 if e.enabled { "paused" } else { "enabled false" }
             );
         }
+        if self.algorithm().is_none() {
+            return format!("algorithm {}: no remap (unknown planner)", e.algorithm);
+        }
         let mut out = format!(
             "historyWindows {}, imbalanceThreshold {}, hysteresis {}, maxLayersPerRemap {}, \
-             replanIntervalSeconds {}",
+             replanIntervalSeconds {}{}",
             e.history_windows,
             e.imbalance_threshold,
             e.hysteresis,
             e.max_layers_per_remap,
-            e.replan_interval_seconds
+            e.replan_interval_seconds,
+            if self.clocked || e.replan_interval_seconds == 0.0 {
+                ""
+            } else {
+                " (not replayed)"
+            }
         );
         if e.algorithm != "joint" {
             out.push_str(&format!(", algorithm {}", e.algorithm));
@@ -137,8 +146,11 @@ impl Deployed {
         if let Some(q) = &e.max_bytes_per_remap {
             let q = q.as_str().map_or_else(|| q.to_string(), str::to_string);
             match self.slots_per_remap() {
-                Some(n) => out.push_str(&format!(", maxBytesPerRemap {q} ({n} experts)")),
-                None => out.push_str(&format!(", maxBytesPerRemap {q}")),
+                Some(n) => out.push_str(&format!(
+                    ", maxBytesPerRemap {q} ({})",
+                    crate::inputs::count(n, "expert")
+                )),
+                None => out.push_str(&format!(", maxBytesPerRemap {q} (not replayed)")),
             }
         }
         out

@@ -64,7 +64,12 @@ pub(super) fn backtest_histories(
     let first = &inputs[0];
     let triggers = &opts.triggers;
     let table = table(&replays);
-    let mut findings = findings(&replays, triggers, bs.num_layers);
+    // The recorded byte budget, which the operator rows replay (`options`).
+    let bytes = trace
+        .deployed
+        .as_ref()
+        .and_then(|d| d.eplb.max_bytes_per_remap.as_ref());
+    let mut findings = findings(&replays, triggers, bs.num_layers, bytes);
     if let Some(d) = &trace.deployed {
         findings.push_str(&d.finding(&replays, triggers, history.num_windows(), stride));
     }
@@ -77,9 +82,9 @@ pub(super) fn backtest_histories(
                 "history": r.history,
                 "rows": r.rows,
             })).collect::<Vec<_>>(),
-            "best": best(&replays, |_| true).map(|p| pick_json(p, triggers, bs.num_layers)),
+            "best": best(&replays, |_| true).map(|p| pick_json(p, triggers, bs.num_layers, bytes)),
             "operator": best(&replays, |p| trigger_of(p.row, triggers).is_some())
-                .map(|p| pick_json(p, triggers, bs.num_layers)),
+                .map(|p| pick_json(p, triggers, bs.num_layers, bytes)),
             "deployment": trace.deployed.as_ref().map(|d| d.json(&replays)),
         });
         print_out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
@@ -165,9 +170,14 @@ pub(super) fn best<'a>(
         .min_by(|x, y| x.row.mean_next().total_cmp(&y.row.mean_next()))
 }
 
-/// The `spec.eplb` fields that make the operator run a trigger row with `history` windows
-/// (a byte budget is in experts here: not one of them).
-fn eplb_fields(trigger: &Trigger, history: usize, layers: usize) -> serde_json::Value {
+/// The `spec.eplb` fields that make the operator run a trigger row with `history` windows;
+/// `bytes`: the recorded `maxBytesPerRemap` (the trigger holds it in experts).
+fn eplb_fields(
+    trigger: &Trigger,
+    history: usize,
+    layers: usize,
+    bytes: Option<&serde_json::Value>,
+) -> serde_json::Value {
     let mut f = json!({
         "algorithm": trigger.algorithm,
         "historyWindows": history,
@@ -179,13 +189,17 @@ fn eplb_fields(trigger: &Trigger, history: usize, layers: usize) -> serde_json::
         f["maxMovesPerLayer"] = json!(m);
     }
     if let Some(c) = trigger.cooldown_seconds {
-        f["replanIntervalSeconds"] = json!(c);
+        // A whole number of seconds in the CRD.
+        f["replanIntervalSeconds"] = json!(c.round() as u64);
+    }
+    if let (Some(_), Some(q)) = (trigger.max_slots_per_remap, bytes) {
+        f["maxBytesPerRemap"] = q.clone();
     }
     f
 }
 
 /// [`eplb_fields`] as the YAML of a MoEDeployment's `spec.eplb`, in the CRD's field order.
-fn eplb_yaml(f: &serde_json::Value, trigger: &Trigger) -> String {
+fn eplb_yaml(f: &serde_json::Value) -> String {
     let mut out = String::from("  ```yaml\n  spec:\n    eplb:\n");
     for key in [
         "algorithm",
@@ -194,6 +208,7 @@ fn eplb_yaml(f: &serde_json::Value, trigger: &Trigger) -> String {
         "imbalanceThreshold",
         "hysteresis",
         "maxLayersPerRemap",
+        "maxBytesPerRemap",
         "maxMovesPerLayer",
     ] {
         match &f[key] {
@@ -202,14 +217,16 @@ fn eplb_yaml(f: &serde_json::Value, trigger: &Trigger) -> String {
             v => out.push_str(&format!("      {key}: {v}\n")),
         }
     }
-    if trigger.max_slots_per_remap.is_some() {
-        out.push_str("      # maxBytesPerRemap: as recorded\n");
-    }
     out.push_str("  ```\n");
     out
 }
 
-fn pick_json(p: Pick<'_>, triggers: &[Trigger], layers: usize) -> serde_json::Value {
+fn pick_json(
+    p: Pick<'_>,
+    triggers: &[Trigger],
+    layers: usize,
+    bytes: Option<&serde_json::Value>,
+) -> serde_json::Value {
     let mut v = json!({
         "policy": p.row.algorithm,
         "history": p.history,
@@ -220,7 +237,7 @@ fn pick_json(p: Pick<'_>, triggers: &[Trigger], layers: usize) -> serde_json::Va
     if let Some(t) = trigger_of(p.row, triggers)
         && p.history <= OPERATOR_MAX_HISTORY
     {
-        v["eplb"] = eplb_fields(&t, p.history, layers);
+        v["eplb"] = eplb_fields(&t, p.history, layers, bytes);
     }
     v
 }
@@ -270,7 +287,12 @@ fn table(replays: &[Replay]) -> String {
 
 /// The findings: the best policy and history, joint against multi-episode-lpt at each H, and
 /// the operator's best settings as `spec.eplb`.
-fn findings(replays: &[Replay], triggers: &[Trigger], layers: usize) -> String {
+fn findings(
+    replays: &[Replay],
+    triggers: &[Trigger],
+    layers: usize,
+    bytes: Option<&serde_json::Value>,
+) -> String {
     let mut out = String::new();
     let bound = replays[0]
         .rows
@@ -336,10 +358,10 @@ fn findings(replays: &[Replay], triggers: &[Trigger], layers: usize) -> String {
                  --history values up to {OPERATOR_MAX_HISTORY} for settings it can run.\n"
             ));
         } else {
-            let f = eplb_fields(&trigger, p.history, layers);
+            let f = eplb_fields(&trigger, p.history, layers, bytes);
             out.push_str(&format!(
                 " As the MoEDeployment's settings:\n\n{}",
-                eplb_yaml(&f, &trigger)
+                eplb_yaml(&f)
             ));
         }
     }
@@ -395,7 +417,7 @@ mod tests {
         let o = best(&r, |p| trigger_of(p.row, &triggers).is_some()).unwrap();
         assert_eq!(o.history, 20);
         assert_eq!(trigger_of(o.row, &triggers).unwrap().threshold, 1.1);
-        let text = findings(&r, &triggers, 8);
+        let text = findings(&r, &triggers, 8, None);
         assert!(
             text.contains("joint planning on 20 windows: 1.0400"),
             "{text}"
@@ -408,7 +430,7 @@ mod tests {
         assert!(text.contains("at most 17 windows"), "{text}");
         assert!(!text.contains("```yaml"), "{text}");
         let four: Vec<Replay> = replays().into_iter().take(2).collect();
-        let text = findings(&four, &triggers, 8);
+        let text = findings(&four, &triggers, 8, None);
         assert!(text.contains("historyWindows: 4\n"), "{text}");
         assert!(text.contains("imbalanceThreshold: 1.1\n"), "{text}");
         assert!(text.contains("maxLayersPerRemap: 8\n"), "{text}");

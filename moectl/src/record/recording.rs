@@ -252,8 +252,9 @@ pub fn window_ends(end_steps: &[u64], clock: &[[f64; 2]]) -> Option<Vec<f64>> {
         if !(step.is_finite() && time.is_finite()) {
             return None;
         }
-        // Steps only grow (a restarted group is not recorded on); a repeated step adds nothing.
-        if points.last().is_none_or(|&(s, _)| step > s) {
+        // Steps only grow (a restarted group is not recorded on); a repeated step adds
+        // nothing, nor does a poll whose wall clock went back (set by hand or by NTP).
+        if points.last().is_none_or(|&(s, t)| step > s && time > t) {
             points.push((step, time));
         }
     }
@@ -397,5 +398,8 @@ mod tests {
         assert_eq!(window_ends(&[500], &[[500.0, 50.0]]), None);
         assert_eq!(window_ends(&[500], &[[500.0, 50.0], [500.0, 60.0]]), None);
         assert_eq!(window_ends(&[500], &[]), None);
+        // A clock that went back is left out.
+        let back = [[500.0, 50.0], [1000.0, 40.0], [2000.0, 150.0]];
+        assert_eq!(window_ends(&[1250], &back).unwrap(), vec![100.0]);
     }
 }

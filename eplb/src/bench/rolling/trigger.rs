@@ -60,14 +60,10 @@ impl Trigger {
         layers
     }
 
-    /// Slots one layer's plan may change (`operator::planning::max_moves`):
-    /// `maxMovesPerLayer`, and no more than the byte budget holds, since a layer that moves
-    /// more could never be deployed.
-    pub fn layer_moves(&self) -> Option<usize> {
-        match (self.max_moves, self.max_slots_per_remap) {
-            (Some(m), Some(b)) => Some(m.min(b)),
-            (m, b) => m.or(b),
-        }
+    /// Slots one layer's plan may change (`slots`: a layer's), as the operator caps them
+    /// ([`crate::layer_move_cap`]).
+    pub fn layer_moves(&self, slots: usize) -> Option<usize> {
+        crate::layer_move_cap(self.max_moves, self.max_slots_per_remap, slots)
     }
 
     /// Whether a remap may begin at `now` (seconds on the trace's clock, `None` without one)
@@ -268,10 +264,13 @@ mod tests {
             max_slots_per_remap: b,
             ..t
         };
-        assert_eq!(both(Some(4), Some(2)).layer_moves(), Some(2));
-        assert_eq!(both(Some(1), Some(2)).layer_moves(), Some(1));
-        assert_eq!(both(None, Some(2)).layer_moves(), Some(2));
-        assert_eq!(both(None, None).layer_moves(), None);
+        assert_eq!(both(Some(4), Some(2)).layer_moves(16), Some(2));
+        assert_eq!(both(Some(1), Some(2)).layer_moves(16), Some(1));
+        assert_eq!(both(None, Some(2)).layer_moves(16), Some(2));
+        assert_eq!(both(None, None).layer_moves(16), None);
+        // A budget of a whole layer caps nothing; none under an expert is left to the budget.
+        assert_eq!(both(Some(4), Some(16)).layer_moves(16), Some(4));
+        assert_eq!(both(None, Some(0)).layer_moves(16), None);
         // No clock: no cooldown.
         assert!(t.cooled_down(None, Some(100.0)));
         assert!(OPERATOR_DEFAULTS.cooled_down(Some(101.0), Some(100.0)));
