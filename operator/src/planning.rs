@@ -338,7 +338,11 @@ mod tests {
         let doc = initial_document(&spec, redundant, 0).unwrap();
         let e = spec.model.num_experts as usize;
         let load: Vec<Vec<f64>> = (0..spec.model.num_layers as usize)
-            .map(|_| (0..e).map(|j| 1000.0 / (1.0 + j as f64).powf(1.5)).collect())
+            .map(|_| {
+                (0..e)
+                    .map(|j| 1000.0 / (1.0 + j as f64).powf(1.5))
+                    .collect()
+            })
             .collect();
         let moved = |spec: &MoEDeploymentSpec| {
             plan("joint", spec, redundant, &doc, &load, &[], &[0])

@@ -95,7 +95,7 @@ mod crd_default {
 }
 
 /// What one poll added.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Added {
     pub windows: usize,
     /// Windows closed since the last recorded one that no rank kept any more (step ranges).
