@@ -220,15 +220,7 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
 fn options(a: &BacktestArgs, deployed: Option<&Deployed>) -> Result<BenchOptions, Fail> {
     let mut opts = BenchOptions::default();
     let mine = deployed.and_then(Deployed::trigger);
-    let keep_limits = |t: Trigger| match mine {
-        Some(m) => Trigger {
-            max_moves: m.max_moves,
-            max_slots_per_remap: m.max_slots_per_remap,
-            cooldown_seconds: m.cooldown_seconds,
-            ..t
-        },
-        None => t,
-    };
+    let keep_limits = |t: Trigger| deployed.map_or(t, |d| d.with_limits(t));
     opts.triggers = opts.triggers.into_iter().map(keep_limits).collect();
     if let Some(t) = mine
         && !opts.triggers.iter().any(|x| x.label() == t.label())

@@ -328,9 +328,10 @@ async fn attention_generates_through_the_expert_tier_while_it_rebalances() -> Re
                     samples.push((started.elapsed().as_secs_f64(), w, m, applied));
                     // Under the initial placement with no remap planned; or, when the pass
                     // that first published the PAR also planned the remap (a CI run saw no
-                    // read in between), the first read with the remap planned: the workers
-                    // move only on the next pass, 2 s later, so its PAR is still the initial
-                    // placement's.
+                    // read in between), the first read with the remap planned: the operator
+                    // commits the status before any worker moves and does not measure again
+                    // until every rank serves the new generation, so its PAR is still the
+                    // initial placement's.
                     let unplanned = st["remap"].is_null() || par_before_remap.is_none();
                     if applied == generation0 && remap.is_none() && unplanned {
                         par_before_remap = Some(w);

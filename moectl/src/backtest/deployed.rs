@@ -2,7 +2,7 @@
 //! `spec.eplb`): replayed as one more operator row, and set against the lowest operator row, so
 //! that a backtest says what the settings in use cost on the deployment's own traffic.
 
-use eplb::bench::rolling::{RollingRow, Trigger};
+use eplb::bench::rolling::{OPERATOR_DEFAULTS, RollingRow, Trigger};
 
 use super::sweep::{OPERATOR_MAX_HISTORY, Replay, best, trigger_of};
 use crate::record::RecordedEplb;
@@ -32,13 +32,23 @@ impl Deployed {
             hysteresis: e.hysteresis,
             max_layers: Some(e.max_layers_per_remap),
             algorithm,
+            ..self.with_limits(OPERATOR_DEFAULTS)
+        })
+    }
+
+    /// `t` with these settings' `maxMovesPerLayer`, `maxBytesPerRemap` (in experts) and
+    /// cooldown (where the replayed windows are dated), whether or not they remap.
+    pub fn with_limits(&self, t: Trigger) -> Trigger {
+        let e = &self.eplb;
+        Trigger {
             max_moves: e
                 .max_moves_per_layer
                 .map(|m| usize::try_from(m).unwrap_or(usize::MAX)),
             max_slots_per_remap: self.slots_per_remap(),
             cooldown_seconds: (self.clocked && e.replan_interval_seconds > 0.0)
                 .then_some(e.replan_interval_seconds),
-        })
+            ..t
+        }
     }
 
     /// `spec.eplb.algorithm` as the planner's own name; `None` for one eplb does not know.

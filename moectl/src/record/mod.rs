@@ -184,21 +184,31 @@ async fn poll_until_done(
                     }
                 }
             }
-            // Rank 0's step, and when it said it: which windows closed since the last poll,
-            // and the clock that dates them.
+            // The first rank's step, and when it said it: which windows closed since the last
+            // poll, and the clock that dates them.
             let step = ranks.get_json::<WorkerStatus>(0, "/status").await?.step;
             let polled_at = unix_seconds();
-            let wanted = windows_to_ask(step, window, rec.end_steps.last().copied(), not_before);
+            let last_end = rec.end_steps.last().copied();
+            let wanted = windows_to_ask(step, window, last_end, not_before);
             if wanted == 0 {
                 return Ok(Added::default());
             }
-            let path = format!("/load?history={wanted}");
-            let mut reports = Vec::with_capacity(n);
-            for i in 0..n {
-                reports.push(ranks.get_json::<LoadReport>(i, &path).await?);
+            // One more than had closed at that step: a window that closes while the ranks are
+            // asked moves each later rank's newest windows up by one.
+            let mut asked = (wanted + 1).min(MAX_LOAD_HISTORY);
+            let mut reports = load_reports(ranks, asked).await?;
+            if let Some(w) = window
+                && asked < MAX_LOAD_HISTORY
+                && !reaches_back(&reports, asked, next_window_end(w, last_end, not_before))
+            {
+                // More closed meanwhile (a slow poll of many ranks): everything they keep.
+                asked = MAX_LOAD_HISTORY;
+                reports = load_reports(ranks, asked).await?;
             }
-            let seen = reports.iter().flat_map(|r| &r.history).map(|w| w.steps);
-            window = window.into_iter().chain(seen).max();
+            // The worker reports closed windows only, so the newest has the window's size.
+            if let Some(newest) = reports.first().and_then(|r| r.history.last()) {
+                window = Some(newest.steps);
+            }
             let added = rec
                 .add(&reports, a.windows, not_before)
                 .map_err(Poll::Stop)?;
@@ -258,8 +268,8 @@ async fn poll_until_done(
 /// `not_before`, at most [`MAX_LOAD_HISTORY`]. Windows close at multiples of the window size
 /// (`window`) in the group's step count. Without the size (no full window seen yet) every
 /// window the ranks keep, few then. A poll between two closes asks for nothing, so a 64-rank
-/// DeepSeek-V3 group is not asked for 16 windows of 58 x 256 counts per rank (about 1.7 MB
-/// each) every poll.
+/// DeepSeek-V3 group is not asked for 16 windows of 58 x 256 counts per rank (1-2 MB of JSON
+/// each) at every poll.
 fn windows_to_ask(
     step: u64,
     window: Option<u64>,
@@ -269,6 +279,11 @@ fn windows_to_ask(
     let Some(w) = window.filter(|&w| w > 0) else {
         return MAX_LOAD_HISTORY;
     };
+    // A step count below the recording's last window: the group restarted, which the
+    // recording refuses when it sees the windows.
+    if last_end.is_some_and(|end| step < end) {
+        return MAX_LOAD_HISTORY;
+    }
     let had = match (last_end, not_before) {
         (Some(end), _) => end / w,
         // Windows ending at k * w begin at or after `not_before` from k = ceil(s / w) + 1 on.
@@ -278,6 +293,36 @@ fn windows_to_ask(
     usize::try_from((step / w).saturating_sub(had))
         .unwrap_or(usize::MAX)
         .min(MAX_LOAD_HISTORY)
+}
+
+/// The end step of the first window the recording lacks: the one after its last, or for a new
+/// recording the first that begins at or after `not_before` (windows of `w` steps).
+fn next_window_end(w: u64, last_end: Option<u64>, not_before: Option<u64>) -> u64 {
+    match (last_end, not_before) {
+        (Some(end), _) => end.saturating_add(w),
+        (None, Some(s)) => s.div_ceil(w).saturating_add(1).saturating_mul(w),
+        (None, None) => w,
+    }
+}
+
+/// Whether every rank's answer to `?history=asked` reaches back to the window ending at
+/// `first_end`, or holds all the rank keeps; otherwise more windows closed while the ranks
+/// were asked than were asked for.
+fn reaches_back(reports: &[LoadReport], asked: usize, first_end: u64) -> bool {
+    reports.iter().all(|r| {
+        r.history.len() < asked || r.history.first().is_some_and(|w| w.end_step <= first_end)
+    })
+}
+
+/// Every rank's load report with its newest `history` closed windows, in rank order.
+async fn load_reports(ranks: &mut Ranks, history: usize) -> Result<Vec<LoadReport>, Poll> {
+    let path = format!("/load?history={history}");
+    let n = ranks.labels().len();
+    let mut reports = Vec::with_capacity(n);
+    for i in 0..n {
+        reports.push(ranks.get_json::<LoadReport>(i, &path).await?);
+    }
+    Ok(reports)
 }
 
 /// Now, in seconds since the Unix epoch (0 on a clock set before it).
@@ -346,11 +391,58 @@ mod tests {
         assert_eq!(new(1200, 1050), 1);
         assert_eq!(new(1200, 1100), 1);
         assert_eq!(new(1200, 1101), 0);
+        // A step below the last recorded window (a restarted group): all, so that the
+        // recording sees the restart and refuses it.
+        assert_eq!(ask(900), MAX_LOAD_HISTORY);
         // The size not known yet: all the ranks keep.
         assert_eq!(windows_to_ask(1200, None, None, Some(0)), MAX_LOAD_HISTORY);
         assert_eq!(
             windows_to_ask(1200, Some(0), Some(1000), None),
             MAX_LOAD_HISTORY
         );
+    }
+
+    fn report(ends: &[u64]) -> LoadReport {
+        LoadReport {
+            rank: 0,
+            layer_generations: vec![0],
+            window_steps: 0,
+            step: 0,
+            slot_counts: Vec::new(),
+            par: Vec::new(),
+            history: ends
+                .iter()
+                .map(|&end_step| moe_api::LoadEpisode {
+                    end_step,
+                    steps: 100,
+                    logical_counts: vec![vec![1.0]],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_answer_that_misses_the_next_window_asks_again() {
+        // The recording ends at 1000; asked for 2 windows.
+        let first = next_window_end(100, Some(1000), None);
+        assert_eq!(first, 1100);
+        assert!(reaches_back(&[report(&[1100, 1200])], 2, first));
+        // A rank behind: an older window too, still reaching back.
+        assert!(reaches_back(
+            &[report(&[1000, 1100]), report(&[1100, 1200])],
+            2,
+            first
+        ));
+        // A window closed meanwhile: the later rank's two newest skip 1100.
+        assert!(!reaches_back(
+            &[report(&[1100, 1200]), report(&[1200, 1300])],
+            2,
+            first
+        ));
+        // A rank that keeps fewer than asked holds all it has.
+        assert!(reaches_back(&[report(&[1200])], 2, first));
+        // A new recording begun at step 1050: its first window ends at 1200.
+        assert_eq!(next_window_end(100, None, Some(1050)), 1200);
+        assert_eq!(next_window_end(100, None, Some(1100)), 1200);
     }
 }
