@@ -439,8 +439,7 @@ fn read_trace(
         .as_ref()
         .filter(|ends| ends.len() == recorded_windows)
         .map(|ends| {
-            ends[ends.len() % a.aggregate..]
-                .chunks(a.aggregate)
+            aggregate_groups(ends, a.aggregate)
                 .filter_map(|c| c.last().copied())
                 .collect()
         });
@@ -516,6 +515,12 @@ fn peer_runs(
 
 /// Sums every `by` consecutive windows into one, the newest group last; the oldest
 /// `len % by` windows, which fill no group, are left out.
+/// The groups of `by` consecutive windows `--aggregate` sums into one (the same for the windows
+/// and their close times): the oldest that do not fill a group are left out.
+fn aggregate_groups<T>(items: &[T], by: usize) -> std::slice::Chunks<'_, T> {
+    items[items.len() % by..].chunks(by)
+}
+
 fn aggregate(history: LoadHistory, by: usize) -> Result<LoadHistory, Fail> {
     if by == 1 {
         return Ok(history);
@@ -527,8 +532,7 @@ fn aggregate(history: LoadHistory, by: usize) -> Result<LoadHistory, Fail> {
             count(windows.len(), "window")
         )));
     }
-    let summed = windows[windows.len() % by..]
-        .chunks(by)
+    let summed = aggregate_groups(windows, by)
         .map(|group| {
             let mut sum = group[0].clone();
             for w in &group[1..] {

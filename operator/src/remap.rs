@@ -172,24 +172,10 @@ pub fn accept_plan(
 }
 
 /// The longest prefix of `layers` whose moved bytes fit the budget (at least one layer is
-/// never forced: a layer larger than the whole budget is skipped).
+/// never forced: a layer larger than the whole budget is skipped). The rule is eplb's
+/// [`eplb::within_budget`], which `moectl backtest` replays in whole experts.
 pub fn apply_byte_budget(layers: &[(usize, u64)], budget: Option<u64>) -> Vec<usize> {
-    let Some(budget) = budget else {
-        return layers.iter().map(|&(l, _)| l).collect();
-    };
-    let mut used = 0u64;
-    let mut out = Vec::new();
-    for &(layer, bytes) in layers {
-        let Some(total) = used.checked_add(bytes) else {
-            break;
-        };
-        if total > budget {
-            break;
-        }
-        used = total;
-        out.push(layer);
-    }
-    out
+    eplb::within_budget(layers, budget)
 }
 
 pub use moe_api::quantity::expert_bytes;

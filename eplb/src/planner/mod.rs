@@ -327,6 +327,29 @@ pub fn accept_layers(
     kept
 }
 
+/// The operator's budget per remap (`operator::remap::apply_byte_budget`, replayed by
+/// `moectl backtest`): the longest prefix of `layers` (`(layer, cost)`, in the order they are
+/// deployed, worst first) whose summed cost fits `budget` (any unit: bytes, slots). A layer
+/// larger than the whole budget is never forced: it and every layer after it wait.
+pub fn within_budget(layers: &[(usize, u64)], budget: Option<u64>) -> Vec<usize> {
+    let Some(budget) = budget else {
+        return layers.iter().map(|&(l, _)| l).collect();
+    };
+    let mut used = 0u64;
+    let mut out = Vec::new();
+    for &(layer, cost) in layers {
+        let Some(total) = used.checked_add(cost) else {
+            break;
+        };
+        if total > budget {
+            break;
+        }
+        used = total;
+        out.push(layer);
+    }
+    out
+}
+
 /// The slots one layer's plan may change under the operator's budgets: `maxMovesPerLayer`,
 /// and no more than a remap's byte budget holds in whole experts (`budget_slots`), since a
 /// layer planned to move more could never be deployed (the budget would skip it on every

@@ -284,13 +284,10 @@ fn windows_to_ask(
     if last_end.is_some_and(|end| step < end) {
         return MAX_LOAD_HISTORY;
     }
-    let had = match (last_end, not_before) {
-        (Some(end), _) => end / w,
-        // Windows ending at k * w begin at or after `not_before` from k = ceil(s / w) + 1 on.
-        (None, Some(s)) => s.div_ceil(w),
-        (None, None) => 0,
-    };
-    usize::try_from((step / w).saturating_sub(had))
+    // Windows end at multiples of `w`: those from the next one the recording lacks to the
+    // newest closed at `step`.
+    let next = next_window_end(w, last_end, not_before) / w;
+    usize::try_from((step / w + 1).saturating_sub(next))
         .unwrap_or(usize::MAX)
         .min(MAX_LOAD_HISTORY)
 }

@@ -3,9 +3,9 @@
 //! through [`crate::accept_layers`]).
 
 use crate::error::Result;
-use crate::metrics::score;
+use crate::metrics::{migration_cost, score};
 use crate::placement::Placement;
-use crate::planner::{accept_layers, worst_first};
+use crate::planner::{accept_layers, within_budget, worst_first};
 
 /// When the operator's live loop remaps and which layers (`operator::remap::decide`): once
 /// some layer's PAR, measured on the latest window under the placement in use, is above
@@ -137,37 +137,22 @@ pub(super) fn accepted(
     trigger: &Trigger,
 ) -> Result<Placement> {
     let pars_after = score(&planned, latest)?.per_layer;
-    let moved = |l: usize| {
-        planned.phy2log[l]
-            .iter()
-            .zip(&deployed.phy2log[l])
-            .filter(|(a, b)| a != b)
-            .count()
-    };
+    let moved = migration_cost(deployed, &planned, 0)?.per_layer;
     let changed: Vec<usize> = requested
         .iter()
         .copied()
-        .filter(|&l| moved(l) > 0)
+        .filter(|&l| moved[l] > 0)
         .collect();
     let pick =
         |pars: &[f64]| -> Vec<(usize, f64)> { changed.iter().map(|&l| (l, pars[l])).collect() };
-    let mut keep = accept_layers(
+    let improved = accept_layers(
         true,
         &pick(pars_before),
         &pick(&pars_after),
         trigger.hysteresis,
     );
-    if let Some(budget) = trigger.max_slots_per_remap {
-        let mut used = 0;
-        let fit = keep
-            .iter()
-            .take_while(|&&l| {
-                used += moved(l);
-                used <= budget
-            })
-            .count();
-        keep.truncate(fit);
-    }
+    let costs: Vec<(usize, u64)> = improved.iter().map(|&l| (l, moved[l] as u64)).collect();
+    let keep = within_budget(&costs, trigger.max_slots_per_remap.map(|s| s as u64));
     let mut next = deployed.clone();
     for l in keep {
         next.phy2log[l].clone_from(&planned.phy2log[l]);
