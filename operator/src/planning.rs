@@ -117,29 +117,20 @@ pub fn planner_known(name: &str) -> bool {
     planner_check(name).is_ok()
 }
 
-/// One layer of a plan.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LayerOutcome {
-    pub layer: usize,
-    /// Modelled PAR of the current placement under the window's load.
-    pub par_before: f64,
-    /// Modelled PAR of the planned placement under the same load.
-    pub par_predicted: f64,
-    /// Slots whose expert changes (each receives one expert's weights).
-    pub moved_slots: usize,
-}
-
 /// A plan: the full next document (layers not planned are unchanged) and what each planned
 /// layer gains.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlanOutcome {
     pub document: PlacementDocument,
-    pub layers: Vec<LayerOutcome>,
+    /// What each planned layer gains, on the current window.
+    pub layers: Vec<eplb::PlannedLayer>,
 }
 
 /// Plans the given layers with the named algorithm on the group's logical load: the current
 /// window `load`, and the closed windows before it (`past`, oldest first; empty: plan from
-/// the current window alone). Predicted and previous PAR are reported on the current window.
+/// the current window alone), each layer changing at most `max_moves` slots (the operator
+/// passes [`max_moves`]). Predicted and previous PAR are reported on the current window.
+#[allow(clippy::too_many_arguments)]
 pub fn plan(
     algorithm: &str,
     spec: &MoEDeploymentSpec,
@@ -148,10 +139,11 @@ pub fn plan(
     load: &[Vec<f64>],
     past: &[Vec<Vec<f64>>],
     layers: &[usize],
+    max_moves: Option<usize>,
 ) -> Result<PlanOutcome, String> {
     let shape = shape(spec, redundant)?;
     let previous = eplb::Placement::from_document(current).map_err(|e| e.to_string())?;
-    let next = run_planner(algorithm, spec, &shape, &previous, load, past, layers)?;
+    let next = run_planner(algorithm, &shape, &previous, load, past, layers, max_moves)?;
     let mut document = current.clone();
     let mut outcomes = Vec::new();
     for &layer in layers {
@@ -165,7 +157,7 @@ pub fn plan(
         let par_before = eplb::metrics::par(&eplb::rank_loads(old_row, l, shape.num_ranks));
         let par_predicted = eplb::metrics::par(&eplb::rank_loads(new_row, l, shape.num_ranks));
         let moved_slots = old_row.iter().zip(new_row).filter(|(a, b)| a != b).count();
-        outcomes.push(LayerOutcome {
+        outcomes.push(eplb::PlannedLayer {
             layer,
             par_before,
             par_predicted,
@@ -223,12 +215,12 @@ pub fn max_moves(spec: &MoEDeploymentSpec, slots: usize) -> Option<usize> {
 
 fn run_planner(
     algorithm: &str,
-    spec: &MoEDeploymentSpec,
     shape: &eplb::Shape,
     previous: &eplb::Placement,
     load: &[Vec<f64>],
     past: &[Vec<Vec<f64>>],
     layers: &[usize],
+    max_moves: Option<usize>,
 ) -> Result<eplb::Placement, String> {
     let planner = eplb::planner_by_name(algorithm).map_err(|e| e.to_string())?;
     // Past windows of another shape (a worker that reported something odd) are left out
@@ -243,7 +235,7 @@ fn run_planner(
     let mut request = eplb::PlanRequest::new(*shape, &history)
         .previous(previous)
         .layers(layers.to_vec());
-    if let Some(m) = max_moves(spec, shape.slots()) {
+    if let Some(m) = max_moves {
         request = request.max_moves(m);
     }
     let plan = planner.plan(&request).map_err(|e| e.to_string())?;
@@ -288,7 +280,7 @@ mod tests {
                 .collect()
         };
         let current = hot(0);
-        let alone = plan("greedy", &spec, redundant, &doc, &current, &[], &[0]).unwrap();
+        let alone = plan("greedy", &spec, redundant, &doc, &current, &[], &[0], None).unwrap();
         let with_past = plan(
             "greedy",
             &spec,
@@ -297,6 +289,7 @@ mod tests {
             &current,
             &[hot(1), hot(1), hot(1)],
             &[0],
+            None,
         )
         .unwrap();
         // Alone, only expert 0 is hot and gets the replicas; with three windows where expert
@@ -307,7 +300,17 @@ mod tests {
         assert!(count(&with_past.document, 1) > count(&alone.document, 1));
         // A past window of another shape is left out, not an error.
         let odd = vec![vec![1.0; e + 1]; layers];
-        plan("greedy", &spec, redundant, &doc, &current, &[odd], &[0]).unwrap();
+        plan(
+            "greedy",
+            &spec,
+            redundant,
+            &doc,
+            &current,
+            &[odd],
+            &[0],
+            None,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -345,7 +348,8 @@ mod tests {
             })
             .collect();
         let moved = |spec: &MoEDeploymentSpec| {
-            plan("joint", spec, redundant, &doc, &load, &[], &[0])
+            let cap = max_moves(spec, doc.phy2log[0].len());
+            plan("joint", spec, redundant, &doc, &load, &[], &[0], cap)
                 .unwrap()
                 .layers[0]
                 .moved_slots

@@ -158,9 +158,8 @@ pub fn decide(i: &DecisionInput<'_>) -> Decision {
     }
 }
 
-/// Keeps the planned layers worth moving: those the plan improves. For a threshold-triggered
-/// remap the worst PAR of the kept layers must also drop by at least `hysteresis` (otherwise
-/// the planner cannot do better and remapping would only churn). The rule is eplb's
+/// Keeps the planned layers worth moving: those the plan improves, and for a threshold-triggered
+/// remap only those whose PAR drops by at least `hysteresis` (a smaller gain would only churn). The rule is eplb's
 /// [`eplb::accept_layers`], which `moectl bench --rolling` and `moectl backtest` replay.
 pub fn accept_plan(
     trigger: Trigger,
@@ -169,6 +168,24 @@ pub fn accept_plan(
     hysteresis: f64,
 ) -> Vec<usize> {
     eplb::accept_layers(trigger == Trigger::Threshold, before, predicted, hysteresis)
+}
+
+/// Whether a move cap (`cap`: [`crate::planning::max_moves`]) may have held back a layer of a
+/// threshold-triggered plan: a layer the plan improves that [`accept_plan`] refused. Then the
+/// operator plans the same layers without the cap, and [`eplb::accept_paced`] weighs each
+/// capped step against that destination (the cap paces a rebalance; the hysteresis judges
+/// whether it is worth doing). Otherwise no second plan is run.
+pub fn paced_plan_needs_its_destination(
+    trigger: Trigger,
+    cap: Option<usize>,
+    planned: &[eplb::PlannedLayer],
+    accepted: &[usize],
+) -> bool {
+    trigger == Trigger::Threshold
+        && cap.is_some()
+        && planned
+            .iter()
+            .any(|l| l.par_predicted < l.par_before - 1e-9 && !accepted.contains(&l.layer))
 }
 
 /// The longest prefix of `layers` whose moved bytes fit the budget (at least one layer is
@@ -496,6 +513,12 @@ mod tests {
         assert_eq!(
             accept_plan(Trigger::Manual, &before, &tiny, 0.05),
             vec![1, 4]
+        );
+        // A worst layer the planner cannot improve enough does not hold back one it can.
+        let stuck = [(1, 1.48), (4, 1.2)];
+        assert_eq!(
+            accept_plan(Trigger::Threshold, &before, &stuck, 0.05),
+            vec![4]
         );
     }
 

@@ -694,6 +694,43 @@ async fn a_byte_budget_remap_moves_what_the_budget_holds() {
     );
 }
 
+/// A budget paces a rebalance; the hysteresis judges the whole of it. Experts 0, 2, 4 and 6
+/// (10 each, on rank 0) against four of 1 (rank 1): PAR 40 / 22. A budget of two experts allows
+/// one swap, 1.82 -> 1.41, less than the hysteresis of 0.5; the two swaps the budget does not
+/// allow reach 1.0. The swap is deployed: it moves half of the whole plan's slots and gains
+/// more than half the hysteresis.
+#[tokio::test]
+async fn a_byte_budget_paces_a_rebalance_whose_whole_clears_the_hysteresis() {
+    let mut spec = spec_json();
+    spec["eplb"]["imbalanceThreshold"] = json!(1.5);
+    spec["eplb"]["hysteresis"] = json!(0.5);
+    spec["eplb"]["maxBytesPerRemap"] = json!(format!("{}", 2 * 3 * 16 * 8 * 2));
+    let h = Harness::new(spec);
+    h.reconcile().await;
+    let before = h.placement();
+    assert_eq!(before.phy2log[0], vec![0, 2, 4, 6, 1, 3, 5, 7]);
+    h.add_ready_pods(2);
+    // Slot counts: slots 0-3 (rank 0) hold experts 0, 2, 4, 6.
+    let heavy_on_rank0 = vec![
+        vec![10.0, 10.0, 10.0, 10.0, 1.0, 1.0, 1.0, 1.0],
+        vec![10.0; 8],
+    ];
+    h.workers.set_load(heavy_on_rank0, 0, 100);
+    h.reconcile().await;
+    let st = h.status();
+    assert_eq!(st["remap"]["trigger"], "Threshold", "{st}");
+    let after = h.placement();
+    assert_eq!(after.generation, 1, "{st}");
+    let moved = before.phy2log[0]
+        .iter()
+        .zip(&after.phy2log[0])
+        .filter(|(x, y)| x != y)
+        .count();
+    assert_eq!(moved, 2, "{after:?}");
+    let predicted = st["remap"]["parPredicted"].as_f64().unwrap();
+    assert!((predicted - 31.0 / 22.0).abs() < 1e-3, "{st}");
+}
+
 /// Owned objects are applied with field management (forced, as manager `moe-operator`): a
 /// field someone else added to one (an annotation by `kubectl annotate`, a label by a policy
 /// controller) stays; a field of the operator's that someone changed is taken back.

@@ -13,6 +13,7 @@
 //!   `min_improvement` (relative), so a plan never moves weights for nothing; `joint` also
 //!   undoes individual changes as long as its objective stays within `min_improvement / 2`.
 
+mod acceptance;
 mod blossom;
 mod contents;
 mod cover;
@@ -43,6 +44,9 @@ use crate::metrics::score_history;
 use crate::placement::Placement;
 use crate::shape::Shape;
 
+pub use acceptance::{
+    PlannedLayer, accept_layers, accept_paced, layer_move_cap, within_budget, worst_first,
+};
 use local_search::State;
 use problem::{Problem, slots_changed};
 
@@ -280,92 +284,6 @@ pub fn par_lower_bound(shape: &Shape, load: &[f64]) -> f64 {
         shape.max_replicas(),
     )
     .lower_bound()
-}
-
-/// Layers sorted worst first (ties by index), keeping the finite PARs at or above `floor`: the
-/// order in which the operator's remaps take layers (`operator::remap::decide`), and the
-/// benchmark's replay of that rule ([`crate::bench::rolling::Trigger`]).
-pub fn worst_first(layer_par: &[f64], floor: f64) -> Vec<usize> {
-    let mut layers: Vec<usize> = (0..layer_par.len())
-        .filter(|&l| layer_par[l].is_finite() && layer_par[l] >= floor)
-        .collect();
-    layers.sort_by(|&a, &b| layer_par[b].total_cmp(&layer_par[a]).then(a.cmp(&b)));
-    layers
-}
-
-/// The planned layers worth their moves, as the operator keeps them after planning
-/// (`operator::remap::accept_plan`, and the benchmark's replay of its trigger): the layers whose
-/// predicted PAR is below the PAR before (both on the window the trigger measured), and, for
-/// a remap the threshold triggered (`threshold_triggered`), only if the worst PAR of those
-/// layers drops by at least `hysteresis`: otherwise the planner cannot do better and a remap
-/// would only churn. `before` and `predicted`: `(layer, PAR)`.
-pub fn accept_layers(
-    threshold_triggered: bool,
-    before: &[(usize, f64)],
-    predicted: &[(usize, f64)],
-    hysteresis: f64,
-) -> Vec<usize> {
-    let kept: Vec<usize> = before
-        .iter()
-        .filter_map(|&(layer, b)| {
-            let p = predicted.iter().find(|(l, _)| *l == layer)?.1;
-            (p < b - 1e-9).then_some(layer)
-        })
-        .collect();
-    if kept.is_empty() || !threshold_triggered {
-        return kept;
-    }
-    let worst = |v: &[(usize, f64)]| {
-        v.iter()
-            .filter(|(l, _)| kept.contains(l))
-            .map(|&(_, p)| p)
-            .fold(0.0f64, f64::max)
-    };
-    if worst(before) - worst(predicted) < hysteresis {
-        return Vec::new();
-    }
-    kept
-}
-
-/// The operator's budget per remap (`operator::remap::apply_byte_budget`, replayed by
-/// `moectl backtest`): the longest prefix of `layers` (`(layer, cost)`, in the order they are
-/// deployed, worst first) whose summed cost fits `budget` (any unit: bytes, slots). A layer
-/// larger than the whole budget is never forced: it and every layer after it wait.
-pub fn within_budget(layers: &[(usize, u64)], budget: Option<u64>) -> Vec<usize> {
-    let Some(budget) = budget else {
-        return layers.iter().map(|&(l, _)| l).collect();
-    };
-    let mut used = 0u64;
-    let mut out = Vec::new();
-    for &(layer, cost) in layers {
-        let Some(total) = used.checked_add(cost) else {
-            break;
-        };
-        if total > budget {
-            break;
-        }
-        used = total;
-        out.push(layer);
-    }
-    out
-}
-
-/// The slots one layer's plan may change under the operator's budgets: `maxMovesPerLayer`,
-/// and no more than a remap's byte budget holds in whole experts (`budget_slots`), since a
-/// layer planned to move more could never be deployed (the budget would skip it on every
-/// remap). A budget of at least a layer's `slots` binds nothing and is not passed on (a cap
-/// also changes how `joint` weighs the windows); one under a whole expert is left to the byte
-/// budget, which then skips the remap as over budget.
-pub fn layer_move_cap(
-    max_moves: Option<usize>,
-    budget_slots: Option<usize>,
-    slots: usize,
-) -> Option<usize> {
-    let by_budget = budget_slots.filter(|&b| b > 0 && b < slots);
-    match (max_moves, by_budget) {
-        (Some(m), Some(b)) => Some(m.min(b)),
-        (m, b) => m.or(b),
-    }
 }
 
 /// Result of [`select_layers`].

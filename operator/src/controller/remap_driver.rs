@@ -591,17 +591,10 @@ impl Step<'_> {
                 format!("spec.eplb.algorithm {:?} is unknown", spec.eplb.algorithm),
             ));
         }
-        let plan = match self.plan(&m.reports, &layers).await {
-            Ok(p) => p,
-            Err(e) => {
-                let mut out = StepOutcome::idle("PlannerError", e.clone());
-                out.problems.push(Problem::new(
-                    "PlannerError",
-                    format!("spec.eplb.algorithm {:?}: {e}", spec.eplb.algorithm),
-                ));
-                return Err(out);
-            }
-        };
+        let load = planning::logical_load(&m.reports, self.doc);
+        let past = past_windows(self.ctx, self.workers.endpoints, spec.eplb.history_windows).await;
+        let cap = planning::max_moves(spec, self.doc.phy2log.first().map_or(0, Vec::len));
+        let plan = self.plan(&load, &past, &layers, cap).await?;
         let before: Vec<(usize, f64)> = plan
             .layers
             .iter()
@@ -612,7 +605,13 @@ impl Step<'_> {
             .iter()
             .map(|l| (l.layer, l.par_predicted))
             .collect();
-        let accepted = remap::accept_plan(trigger, &before, &predicted, spec.eplb.hysteresis);
+        let mut accepted = remap::accept_plan(trigger, &before, &predicted, spec.eplb.hysteresis);
+        if remap::paced_plan_needs_its_destination(trigger, cap, &plan.layers, &accepted) {
+            // The cap sets the pace of a rebalance, not whether it is worth doing: ask the
+            // planner where the rebalance would go without it (eplb::accept_paced).
+            let unpaced = self.plan(&load, &past, &layers, None).await?;
+            accepted = eplb::accept_paced(&plan.layers, &unpaced.layers, spec.eplb.hysteresis);
+        }
         let expert_bytes = remap::expert_bytes(spec.model.hidden, spec.model.intermediate);
         let with_bytes: Vec<(usize, u64)> = accepted
             .iter()
@@ -668,31 +667,42 @@ impl Step<'_> {
         })
     }
 
-    /// Runs the planner on the group's logical load (and past windows) for `layers`.
+    /// Runs the planner for `layers` on the group's logical load (`load`, and the closed
+    /// windows before it, `past`), each layer changing at most `max_moves` slots.
     async fn plan(
         &self,
-        reports: &[LoadReport],
+        load: &[Vec<f64>],
+        past: &[Vec<Vec<f64>>],
         layers: &[usize],
-    ) -> Result<planning::PlanOutcome, String> {
+        max_moves: Option<usize>,
+    ) -> Result<planning::PlanOutcome, StepOutcome> {
         let (spec, doc) = (self.spec, self.doc);
-        let load = planning::logical_load(reports, doc);
-        let past = past_windows(self.ctx, self.workers.endpoints, spec.eplb.history_windows).await;
         // Planning is CPU work (the joint planner searches): keep it off the async workers.
-        let (algorithm, spec_c, doc_c, layers_c) = (
+        let (algorithm, spec_c, doc_c, load_c, past_c, layers_c) = (
             spec.eplb.algorithm.clone(),
             spec.clone(),
             doc.clone(),
+            load.to_vec(),
+            past.to_vec(),
             layers.to_vec(),
         );
         let redundant = self.r.redundant_experts;
         tokio::task::spawn_blocking(move || {
             planning::plan(
-                &algorithm, &spec_c, redundant, &doc_c, &load, &past, &layers_c,
+                &algorithm, &spec_c, redundant, &doc_c, &load_c, &past_c, &layers_c, max_moves,
             )
         })
         .await
         .map_err(|e| format!("planner task failed: {e}"))
         .and_then(|p| p)
+        .map_err(|e| {
+            let mut out = StepOutcome::idle("PlannerError", e.clone());
+            out.problems.push(Problem::new(
+                "PlannerError",
+                format!("spec.eplb.algorithm {:?}: {e}", spec.eplb.algorithm),
+            ));
+            out
+        })
     }
 
     /// Persists the chosen placement, then records the remap as running; the status (with the

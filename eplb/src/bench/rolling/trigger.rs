@@ -1,11 +1,11 @@
 //! The operator's live loop as the rolling runs replay it: when it remaps and which layers
 //! (`operator::remap::decide`), and what it deploys of the plan (`operator::remap::accept_plan`,
-//! through [`crate::accept_layers`]).
+//! through [`crate::accept_layers`] and [`crate::accept_paced`]).
 
 use crate::error::Result;
 use crate::metrics::{migration_cost, score};
 use crate::placement::Placement;
-use crate::planner::{accept_layers, within_budget, worst_first};
+use crate::planner::{PlannedLayer, accept_layers, accept_paced, within_budget, worst_first};
 
 /// When the operator's live loop remaps and which layers (`operator::remap::decide`): once
 /// some layer's PAR, measured on the latest window under the placement in use, is above
@@ -125,8 +125,10 @@ pub fn replayed_triggers() -> [Trigger; 3] {
 
 /// What the operator deploys of a triggered plan (`operator::remap::accept_plan`, then
 /// `apply_byte_budget`): of the `requested` layers (worst first), those the plan changes and
-/// improves on the measured window, nothing unless their worst PAR drops by at least the
-/// trigger's hysteresis; then, under a byte budget, the longest run of them (worst first)
+/// improves on the measured window by at least the trigger's hysteresis, or, for a plan held
+/// to a move cap ([`Trigger::layer_moves`]), by its share of it where the layer planned without
+/// the cap clears it (`unpaced`, planned only when the cap held a layer back:
+/// [`crate::accept_paced`]); then, under a byte budget, the longest run of them (worst first)
 /// whose moved slots fit it.
 pub(super) fn accepted(
     deployed: &Placement,
@@ -135,22 +137,41 @@ pub(super) fn accepted(
     pars_before: &[f64],
     requested: &[usize],
     trigger: &Trigger,
+    unpaced: impl FnOnce() -> Result<Placement>,
 ) -> Result<Placement> {
-    let pars_after = score(&planned, latest)?.per_layer;
-    let moved = migration_cost(deployed, &planned, 0)?.per_layer;
-    let changed: Vec<usize> = requested
-        .iter()
-        .copied()
-        .filter(|&l| moved[l] > 0)
-        .collect();
-    let pick =
-        |pars: &[f64]| -> Vec<(usize, f64)> { changed.iter().map(|&l| (l, pars[l])).collect() };
-    let improved = accept_layers(
+    let weigh = |plan: &Placement| -> Result<(Vec<PlannedLayer>, Vec<usize>)> {
+        let pars_after = score(plan, latest)?.per_layer;
+        let moved = migration_cost(deployed, plan, 0)?.per_layer;
+        let changed = requested
+            .iter()
+            .filter(|&&l| moved[l] > 0)
+            .map(|&layer| PlannedLayer {
+                layer,
+                par_before: pars_before[layer],
+                par_predicted: pars_after[layer],
+                moved_slots: moved[layer],
+            })
+            .collect();
+        Ok((changed, moved))
+    };
+    let (changed, moved) = weigh(&planned)?;
+    let pick = |f: fn(&PlannedLayer) -> f64| -> Vec<(usize, f64)> {
+        changed.iter().map(|l| (l.layer, f(l))).collect()
+    };
+    let before = pick(|l| l.par_before);
+    let mut improved = accept_layers(
         true,
-        &pick(pars_before),
-        &pick(&pars_after),
+        &before,
+        &pick(|l| l.par_predicted),
         trigger.hysteresis,
     );
+    let held_back = changed
+        .iter()
+        .any(|l| l.par_predicted < l.par_before - 1e-9 && !improved.contains(&l.layer));
+    if held_back && trigger.layer_moves(deployed.num_slots()).is_some() {
+        let (destination, _) = weigh(&unpaced()?)?;
+        improved = accept_paced(&changed, &destination, trigger.hysteresis);
+    }
     let costs: Vec<(usize, u64)> = improved.iter().map(|&l| (l, moved[l] as u64)).collect();
     let keep = within_budget(&costs, trigger.max_slots_per_remap.map(|s| s as u64));
     let mut next = deployed.clone();
@@ -178,7 +199,16 @@ mod tests {
         let trigger = OPERATOR_DEFAULTS;
         // Layer 0 improves (1.82 -> 1), layer 1 gets worse: only layer 0 moves.
         let deploy = |planned: &Placement, trigger: &Trigger| {
-            accepted(&deployed, planned.clone(), &load, &before, &[0, 1], trigger).unwrap()
+            accepted(
+                &deployed,
+                planned.clone(),
+                &load,
+                &before,
+                &[0, 1],
+                trigger,
+                || unreachable!("no move cap"),
+            )
+            .unwrap()
         };
         let planned = placement(&[[0, 2, 1, 3], [0, 1, 2, 3]]);
         let next = deploy(&planned, &trigger);
@@ -213,6 +243,7 @@ mod tests {
                 &before,
                 &[2, 0, 1],
                 &with(slots),
+                || unreachable!("every plan here clears the hysteresis"),
             )
             .unwrap()
             .phy2log
@@ -230,8 +261,46 @@ mod tests {
             &before,
             &[1],
             &OPERATOR_DEFAULTS,
+            || unreachable!("no move cap"),
         );
         assert_eq!(next.unwrap().phy2log, vec![old.clone(), new, old]);
+    }
+
+    #[test]
+    fn a_capped_step_is_deployed_when_the_uncapped_plan_clears_the_hysteresis() {
+        // Experts 10, 10, 6, 6 and four of 1 on 4 ranks x 2, deployed in order: PAR 20 / 9.
+        let load = vec![vec![10.0, 10.0, 6.0, 6.0, 1.0, 1.0, 1.0, 1.0]];
+        let rows = |r: [usize; 8]| Placement::from_phy2log(8, 4, 1, vec![r.to_vec()]).unwrap();
+        let deployed = rows([0, 1, 2, 3, 4, 5, 6, 7]);
+        let before = score(&deployed, &load).unwrap().per_layer;
+        // One swap (2 slots) takes the worst rank from 20 to 12 (PAR 2.22 -> 1.33); the
+        // uncapped plan moves 7 slots to reach 11 (PAR 1.22). A hysteresis of 1.0: the step
+        // alone misses it, the uncapped plan clears it, and the step beats its share, 2/7.
+        let step = rows([0, 4, 2, 3, 1, 5, 6, 7]);
+        let destination = rows([0, 7, 1, 6, 2, 5, 3, 4]);
+        let trigger = |max_moves| Trigger {
+            hysteresis: 1.0,
+            max_moves,
+            ..OPERATOR_DEFAULTS
+        };
+        let deploy = |t: &Trigger, unpaced: &Placement| {
+            let unpaced = unpaced.clone();
+            accepted(
+                &deployed,
+                step.clone(),
+                &load,
+                &before,
+                &[0],
+                t,
+                move || Ok(unpaced),
+            )
+            .unwrap()
+        };
+        assert_eq!(deploy(&trigger(Some(2)), &destination), step);
+        // The same step without a cap is a whole plan: it must clear the hysteresis itself.
+        assert_eq!(deploy(&trigger(None), &destination), deployed);
+        // A destination no better than the step is not worth the remap.
+        assert_eq!(deploy(&trigger(Some(2)), &step), deployed);
     }
 
     #[test]

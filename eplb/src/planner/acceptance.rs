@@ -1,0 +1,199 @@
+//! The operator's rules around a plan (`operator::remap`), kept here so that the rolling
+//! benchmark and `moectl backtest` replay exactly what the live loop does: which layers a remap
+//! takes ([`worst_first`]), how many slots each layer's plan may change ([`layer_move_cap`]),
+//! which planned layers are worth their moves ([`accept_layers`], [`accept_paced`]) and how many
+//! of them one remap deploys ([`within_budget`]).
+
+/// Layers sorted worst first (ties by index), keeping the finite PARs at or above `floor`: the
+/// order in which the operator's remaps take layers (`operator::remap::decide`), and the
+/// benchmark's replay of that rule ([`crate::bench::rolling::Trigger`]).
+pub fn worst_first(layer_par: &[f64], floor: f64) -> Vec<usize> {
+    let mut layers: Vec<usize> = (0..layer_par.len())
+        .filter(|&l| layer_par[l].is_finite() && layer_par[l] >= floor)
+        .collect();
+    layers.sort_by(|&a, &b| layer_par[b].total_cmp(&layer_par[a]).then(a.cmp(&b)));
+    layers
+}
+
+/// The planned layers worth their moves, as the operator keeps them after planning
+/// (`operator::remap::accept_plan`, and the benchmark's replay of its trigger): the layers whose
+/// predicted PAR is below the PAR before (both on the window the trigger measured), and, for
+/// a remap the threshold triggered (`threshold_triggered`), only those whose PAR drops by at
+/// least `hysteresis`: a layer that gains less would only churn. Each layer is weighed on its
+/// own, so a layer the planner cannot improve (one hot expert and no replica to spare) does
+/// not hold back the layers it can. `before` and `predicted`: `(layer, PAR)`.
+pub fn accept_layers(
+    threshold_triggered: bool,
+    before: &[(usize, f64)],
+    predicted: &[(usize, f64)],
+    hysteresis: f64,
+) -> Vec<usize> {
+    let floor = if threshold_triggered { hysteresis } else { 0.0 };
+    before
+        .iter()
+        .filter_map(|&(layer, b)| {
+            let p = predicted.iter().find(|(l, _)| *l == layer)?.1;
+            (p < b - 1e-9 && b - p >= floor).then_some(layer)
+        })
+        .collect()
+}
+
+/// The operator's budget per remap (`operator::remap::apply_byte_budget`, replayed by
+/// `moectl backtest`): the longest prefix of `layers` (`(layer, cost)`, in the order they are
+/// deployed, worst first) whose summed cost fits `budget` (any unit: bytes, slots). A layer
+/// larger than the whole budget is never forced: it and every layer after it wait.
+pub fn within_budget(layers: &[(usize, u64)], budget: Option<u64>) -> Vec<usize> {
+    let Some(budget) = budget else {
+        return layers.iter().map(|&(l, _)| l).collect();
+    };
+    let mut used = 0u64;
+    let mut out = Vec::new();
+    for &(layer, cost) in layers {
+        let Some(total) = used.checked_add(cost) else {
+            break;
+        };
+        if total > budget {
+            break;
+        }
+        used = total;
+        out.push(layer);
+    }
+    out
+}
+
+/// The slots one layer's plan may change under the operator's budgets: `maxMovesPerLayer`,
+/// and no more than a remap's byte budget holds in whole experts (`budget_slots`), since a
+/// layer planned to move more could never be deployed (the budget would skip it on every
+/// remap). A budget of at least a layer's `slots` binds nothing and is not passed on (a cap
+/// also changes how `joint` weighs the windows); one under a whole expert is left to the byte
+/// budget, which then skips the remap as over budget.
+pub fn layer_move_cap(
+    max_moves: Option<usize>,
+    budget_slots: Option<usize>,
+    slots: usize,
+) -> Option<usize> {
+    let by_budget = budget_slots.filter(|&b| b > 0 && b < slots);
+    match (max_moves, by_budget) {
+        (Some(m), Some(b)) => Some(m.min(b)),
+        (m, b) => m.or(b),
+    }
+}
+
+/// One planned layer as the acceptance rules weigh it: its PAR before and as predicted, both
+/// on the window the trigger measured, and the slots the plan changes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlannedLayer {
+    pub layer: usize,
+    pub par_before: f64,
+    pub par_predicted: f64,
+    pub moved_slots: usize,
+}
+
+/// [`accept_layers`] for a threshold-triggered remap whose plan was held to a move cap
+/// (`maxMovesPerLayer`, or what `maxBytesPerRemap` holds: [`layer_move_cap`]). `paced`: the
+/// capped plan's layers; `unpaced`: the same layers planned without the cap.
+///
+/// The hysteresis asks whether rebalancing a layer is worth doing at all; a cap only sets its
+/// pace. So a layer whose capped step misses the hysteresis is still kept when its unpaced
+/// plan clears it and the step earns its share of it: the hysteresis times the slots the step
+/// moves over the slots the unpaced plan moves. Without this a budget of a few experts can
+/// never clear the hysteresis once the easy moves are made, and the layer stays imbalanced
+/// although every step would improve it; with it, a step that moves a fifth of the unpaced
+/// plan's slots and gains less than a fifth of the hysteresis is still refused as churn.
+pub fn accept_paced(
+    paced: &[PlannedLayer],
+    unpaced: &[PlannedLayer],
+    hysteresis: f64,
+) -> Vec<usize> {
+    paced
+        .iter()
+        .filter(|step| {
+            let gain = step.par_before - step.par_predicted;
+            if step.par_predicted >= step.par_before - 1e-9 {
+                return false;
+            }
+            if gain >= hysteresis {
+                return true;
+            }
+            unpaced
+                .iter()
+                .find(|whole| whole.layer == step.layer)
+                .is_some_and(|whole| {
+                    let share =
+                        (step.moved_slots as f64 / whole.moved_slots.max(1) as f64).min(1.0);
+                    whole.par_before - whole.par_predicted >= hysteresis
+                        && gain >= hysteresis * share
+                })
+        })
+        .map(|step| step.layer)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `(layer, PAR)` pairs, as [`accept_layers`] takes them.
+    fn layer_pars(layers: &[PlannedLayer], par: fn(&PlannedLayer) -> f64) -> Vec<(usize, f64)> {
+        layers.iter().map(|l| (l.layer, par(l))).collect()
+    }
+
+    fn planned(
+        layer: usize,
+        par_before: f64,
+        par_predicted: f64,
+        moved_slots: usize,
+    ) -> PlannedLayer {
+        PlannedLayer {
+            layer,
+            par_before,
+            par_predicted,
+            moved_slots,
+        }
+    }
+
+    #[test]
+    fn each_layer_must_clear_the_hysteresis_on_its_own() {
+        // Layer 0 (the worst) gains 0.02, layer 1 gains 0.09, layer 2 gets worse.
+        let before = [(0, 1.23), (1, 1.20), (2, 1.18)];
+        let predicted = [(0, 1.21), (1, 1.11), (2, 1.19)];
+        assert_eq!(accept_layers(true, &before, &predicted, 0.05), vec![1]);
+        assert_eq!(accept_layers(true, &before, &predicted, 0.0), vec![0, 1]);
+        // Not threshold-triggered (a manual or drift remap): every improving layer.
+        assert_eq!(accept_layers(false, &before, &predicted, 0.05), vec![0, 1]);
+        assert!(accept_layers(true, &before, &predicted, 0.1).is_empty());
+    }
+
+    #[test]
+    fn a_capped_step_toward_a_worthwhile_plan_is_taken_by_its_share_of_the_hysteresis() {
+        // Unpaced: 10 slots take layer 0 from 1.40 to 1.05, well past a hysteresis of 0.05.
+        // The capped step moves 2 of them and gains 0.03: under the whole hysteresis
+        // (accept_layers refuses it) but above its share, 0.05 x 2/10 = 0.01. Layer 1's
+        // unpaced plan gains 0.04 only: its step is refused.
+        let unpaced = [planned(0, 1.40, 1.05, 10), planned(1, 1.30, 1.26, 4)];
+        let paced = [planned(0, 1.40, 1.37, 2), planned(1, 1.30, 1.28, 2)];
+        assert!(
+            accept_layers(
+                true,
+                &layer_pars(&paced, |l| l.par_before),
+                &layer_pars(&paced, |l| l.par_predicted),
+                0.05
+            )
+            .is_empty()
+        );
+        assert_eq!(accept_paced(&paced, &unpaced, 0.05), vec![0]);
+        // A step that gains less than its share is churn.
+        let timid = [planned(0, 1.40, 1.395, 2)];
+        assert!(accept_paced(&timid, &unpaced, 0.05).is_empty());
+        // A step moving as many slots as the unpaced plan needs the whole hysteresis.
+        let whole = [planned(0, 1.40, 1.37, 12)];
+        assert!(accept_paced(&whole, &unpaced, 0.05).is_empty());
+        // A step that clears the hysteresis by itself needs no destination.
+        assert_eq!(
+            accept_paced(&[planned(1, 1.30, 1.20, 2)], &[], 0.05),
+            vec![1]
+        );
+        // A step that improves nothing is refused whatever the destination.
+        assert!(accept_paced(&[planned(0, 1.40, 1.40, 0)], &unpaced, 0.0).is_empty());
+    }
+}
