@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -207,45 +208,70 @@ impl ClusterRanks {
 
     /// `GET path` (`/v1/...`) from rank `i`'s worker API.
     pub async fn get(&mut self, i: usize, path: &str) -> Result<Fetched, Poll> {
-        let label = self.labels[i].clone();
-        let answer = tokio::time::timeout(REQUEST_TIMEOUT, self.request(i, path)).await;
-        let failure = match answer {
-            Ok(Ok(fetched)) => return Ok(fetched),
-            Ok(Err(Poll::Stop(m))) => return Err(Poll::Stop(format!("GET {label}{path}: {m}"))),
-            Ok(Err(Poll::Retry(m))) => m,
-            Err(_) => format!("no answer in {} s", REQUEST_TIMEOUT.as_secs()),
-        };
-        // The stream may be dead: the next request opens another. The kubelet may have said
-        // why on the port-forward's error channel.
-        let reason = match self.connections[i].take() {
-            Some(mut c) => kubelet_error(&mut c).await,
-            None => None,
-        };
-        Err(Poll::Retry(match reason {
-            Some(r) if r.contains("connection refused") => format!(
-                "GET {label}{path}: {failure}; the kubelet: {r} (nothing listens on the pod's \
-                 loopback: a worker image from before --listen-addr listens on the pod IP \
-                 only; upgrade spec.worker.image, or give --worker http://POD_IP:PORT from \
-                 where the pod IPs route)"
-            ),
-            Some(r) => format!("GET {label}{path}: {failure}; the kubelet: {r}"),
-            None => format!("GET {label}{path}: {failure}"),
-        }))
+        let (pods, rank, label) = (&self.pods, &self.ranks[i], &self.labels[i]);
+        fetch(pods, rank, label, &mut self.connections[i], path).await
     }
 
-    async fn request(&mut self, i: usize, path: &str) -> Result<Fetched, Poll> {
-        if self.connections[i]
-            .as_ref()
-            .is_none_or(|c| c.sender.is_closed())
-        {
-            let rank = &self.ranks[i];
-            self.connections[i] = Some(connect(&self.pods, &rank.pod, rank.port).await?);
-        }
-        let Some(c) = self.connections[i].as_mut() else {
-            return Err(Poll::Retry("no connection".into()));
-        };
-        send(c, path).await.map_err(Poll::Retry)
+    /// `GET path` from every rank, in [`ClusterRanks::labels`] order, at most `concurrent` at
+    /// once (each over its own port-forward stream).
+    pub async fn get_all(&mut self, path: &str, concurrent: usize) -> Vec<Result<Fetched, Poll>> {
+        let (pods, ranks, labels) = (&self.pods, &self.ranks, &self.labels);
+        futures::stream::iter(self.connections.iter_mut().enumerate())
+            .map(|(i, connection)| fetch(pods, &ranks[i], &labels[i], connection, path))
+            .buffered(concurrent.max(1))
+            .collect()
+            .await
     }
+}
+
+/// `GET path` from one rank over its connection (`connection`; opened first where there is
+/// none or it closed). A failed request drops the connection, and the kubelet's reason, where
+/// it gave one, is in the message.
+async fn fetch(
+    pods: &Api<Pod>,
+    rank: &PodRank,
+    label: &str,
+    connection: &mut Option<Connection>,
+    path: &str,
+) -> Result<Fetched, Poll> {
+    let answer = tokio::time::timeout(REQUEST_TIMEOUT, request(pods, rank, connection, path)).await;
+    let failure = match answer {
+        Ok(Ok(fetched)) => return Ok(fetched),
+        Ok(Err(Poll::Stop(m))) => return Err(Poll::Stop(format!("GET {label}{path}: {m}"))),
+        Ok(Err(Poll::Retry(m))) => m,
+        Err(_) => format!("no answer in {} s", REQUEST_TIMEOUT.as_secs()),
+    };
+    // The stream may be dead: the next request opens another. The kubelet may have said why
+    // on the port-forward's error channel.
+    let reason = match connection.take() {
+        Some(mut c) => kubelet_error(&mut c).await,
+        None => None,
+    };
+    Err(Poll::Retry(match reason {
+        Some(r) if r.contains("connection refused") => format!(
+            "GET {label}{path}: {failure}; the kubelet: {r} (nothing listens on the pod's \
+             loopback: a worker image from before --listen-addr listens on the pod IP only; \
+             upgrade spec.worker.image, or give --worker http://POD_IP:PORT from where the pod \
+             IPs route)"
+        ),
+        Some(r) => format!("GET {label}{path}: {failure}; the kubelet: {r}"),
+        None => format!("GET {label}{path}: {failure}"),
+    }))
+}
+
+async fn request(
+    pods: &Api<Pod>,
+    rank: &PodRank,
+    connection: &mut Option<Connection>,
+    path: &str,
+) -> Result<Fetched, Poll> {
+    if connection.as_ref().is_none_or(|c| c.sender.is_closed()) {
+        *connection = Some(connect(pods, &rank.pod, rank.port).await?);
+    }
+    let Some(c) = connection.as_mut() else {
+        return Err(Poll::Retry("no connection".into()));
+    };
+    send(c, path).await.map_err(Poll::Retry)
 }
 
 /// One request over an open connection.

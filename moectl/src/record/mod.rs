@@ -159,12 +159,8 @@ async fn poll_until_done(
     let mut window = rec.steps.iter().copied().max();
     loop {
         let round = async {
-            let n = ranks.labels().len();
             if !checked {
-                let mut statuses = Vec::with_capacity(n);
-                for i in 0..n {
-                    statuses.push(ranks.get_json::<WorkerStatus>(i, "/status").await?);
-                }
+                let statuses: Vec<WorkerStatus> = ranks.get_json_all("/status").await?;
                 check_group(ranks.labels(), &statuses, ranks.hints()).map_err(Poll::Stop)?;
                 if rec.windows.is_empty() {
                     let (placement, step) = group_start(ranks, &statuses).await?;
@@ -313,13 +309,9 @@ fn reaches_back(reports: &[LoadReport], asked: usize, first_end: u64) -> bool {
 
 /// Every rank's load report with its newest `history` closed windows, in rank order.
 async fn load_reports(ranks: &mut Ranks, history: usize) -> Result<Vec<LoadReport>, Poll> {
-    let path = format!("/load?history={history}");
-    let n = ranks.labels().len();
-    let mut reports = Vec::with_capacity(n);
-    for i in 0..n {
-        reports.push(ranks.get_json::<LoadReport>(i, &path).await?);
-    }
-    Ok(reports)
+    ranks
+        .get_json_all(&format!("/load?history={history}"))
+        .await
 }
 
 /// Now, in seconds since the Unix epoch (0 on a clock set before it).

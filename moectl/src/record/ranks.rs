@@ -1,6 +1,7 @@
 //! The ranks a recording polls: worker addresses given with `--worker`, or a MoEDeployment's
 //! pods reached through the API server (`--deployment`, [`ClusterRanks`]).
 
+use futures::StreamExt;
 use moe_api::{API_PREFIX, WorkerStatus};
 
 use super::REQUEST_TIMEOUT;
@@ -28,6 +29,11 @@ const POD_HINTS: Hints = Hints {
     mixed: "the deployment's pods serve more than one group (it is being replaced?): record \
             once `kubectl get moedeployment` shows it Ready",
 };
+
+/// Ranks asked at once at most: each request is a port-forward stream through the API server
+/// (or a connection to a worker), and a group of 64 ranks asked one after another waits 64
+/// round trips per poll.
+const CONCURRENT_RANKS: usize = 16;
 
 /// The ranks polled, each under a label for messages (its address).
 pub enum Ranks {
@@ -69,19 +75,61 @@ impl Ranks {
             Ranks::Workers(w) => w.get(i, &full).await.map_err(Poll::Retry)?,
             Ranks::Cluster(c) => c.get(i, &full).await?,
         };
-        let label = &self.labels()[i];
-        if !(200..300).contains(&fetched.status) {
-            let text = String::from_utf8_lossy(&fetched.body);
-            let text: String = text.chars().take(200).collect();
-            return Err(Poll::Retry(format!(
-                "GET {label}{full}: HTTP {} {}",
-                fetched.status,
-                text.trim()
-            )));
-        }
-        serde_json::from_slice(&fetched.body)
-            .map_err(|e| Poll::Retry(format!("GET {label}{full}: {e}")))
+        decode(&self.labels()[i], &full, fetched)
     }
+
+    /// `GET /v1{path}` from every rank, in [`Ranks::labels`] order, decoded; up to
+    /// [`CONCURRENT_RANKS`] asked at once. A failure that ends the recording
+    /// ([`Poll::Stop`]) wins over one worth retrying; otherwise the first rank's failure.
+    pub async fn get_json_all<T: serde::de::DeserializeOwned>(
+        &mut self,
+        path: &str,
+    ) -> Result<Vec<T>, Poll> {
+        let full = format!("{API_PREFIX}{path}");
+        let fetched: Vec<Result<Fetched, Poll>> = match self {
+            Ranks::Workers(w) => {
+                let (w, full) = (&*w, &full);
+                futures::stream::iter(0..w.roots.len())
+                    .map(|i| async move { w.get(i, full).await.map_err(Poll::Retry) })
+                    .buffered(CONCURRENT_RANKS)
+                    .collect()
+                    .await
+            }
+            Ranks::Cluster(c) => c.get_all(&full, CONCURRENT_RANKS).await,
+        };
+        let decoded: Vec<Result<T, Poll>> = fetched
+            .into_iter()
+            .zip(self.labels())
+            .map(|(f, label)| f.and_then(|f| decode(label, &full, f)))
+            .collect();
+        if let Some(stop) = decoded.iter().position(|d| matches!(d, Err(Poll::Stop(_)))) {
+            return Err(decoded
+                .into_iter()
+                .nth(stop)
+                .and_then(Result::err)
+                .unwrap_or(Poll::Stop("a rank's answer ended the recording".into())));
+        }
+        decoded.into_iter().collect()
+    }
+}
+
+/// One rank's answer to `GET {label}{full}`, decoded; an HTTP error status is a failure.
+fn decode<T: serde::de::DeserializeOwned>(
+    label: &str,
+    full: &str,
+    fetched: Fetched,
+) -> Result<T, Poll> {
+    if !(200..300).contains(&fetched.status) {
+        let text = String::from_utf8_lossy(&fetched.body);
+        let text: String = text.chars().take(200).collect();
+        return Err(Poll::Retry(format!(
+            "GET {label}{full}: HTTP {} {}",
+            fetched.status,
+            text.trim()
+        )));
+    }
+    serde_json::from_slice(&fetched.body)
+        .map_err(|e| Poll::Retry(format!("GET {label}{full}: {e}")))
 }
 
 /// Ranks at the addresses given with `--worker`.
