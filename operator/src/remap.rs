@@ -188,6 +188,50 @@ pub fn paced_plan_needs_its_destination(
             .any(|l| l.par_predicted < l.par_before - 1e-9 && !accepted.contains(&l.layer))
 }
 
+/// Why a planned remap moved nothing, for the `Rebalancing` condition and the `RemapSkipped`
+/// event: what the best layer would have gained against the hysteresis, or which layer the
+/// byte budget could not hold. `planned`: the plan's layers, worst first; `accepted`: those
+/// worth their moves; `costs`: their moved bytes, in that order; `cap`: the move cap.
+pub fn skip_message(
+    layers: &[usize],
+    planned: &[eplb::PlannedLayer],
+    costs: &[(usize, u64)],
+    hysteresis: f64,
+    cap: Option<usize>,
+    budget: Option<u64>,
+) -> String {
+    if let (Some(&(layer, bytes)), Some(budget)) = (costs.first(), budget) {
+        return format!(
+            "layer {layer}'s plan moves {bytes} bytes, more than maxBytesPerRemap ({budget} \
+             bytes): raise it to at least one expert per slot the plan moves"
+        );
+    }
+    let best = planned
+        .iter()
+        .filter(|l| l.par_predicted < l.par_before - 1e-9)
+        .max_by(|a, b| {
+            (a.par_before - a.par_predicted).total_cmp(&(b.par_before - b.par_predicted))
+        });
+    let Some(best) = best else {
+        return format!(
+            "the planner found no placement of layers {layers:?} better than the current one \
+             on this window"
+        );
+    };
+    let capped = match cap {
+        Some(c) => format!(
+            " with at most {c} moved slots a layer (maxMovesPerLayer / maxBytesPerRemap), nor \
+             a share of it toward a plan without that cap that clears it"
+        ),
+        None => String::new(),
+    };
+    format!(
+        "no plan of layers {layers:?} lowers a layer's PAR by the hysteresis {hysteresis}{capped}: \
+         the most is layer {}, {:.3} -> {:.3}",
+        best.layer, best.par_before, best.par_predicted
+    )
+}
+
 /// The longest prefix of `layers` whose moved bytes fit the budget (at least one layer is
 /// never forced: a layer larger than the whole budget is skipped). The rule is eplb's
 /// [`eplb::within_budget`], which `moectl backtest` replays in whole experts.
@@ -519,6 +563,31 @@ mod tests {
         assert_eq!(
             accept_plan(Trigger::Threshold, &before, &stuck, 0.05),
             vec![4]
+        );
+    }
+
+    #[test]
+    fn a_skipped_remap_says_what_the_best_layer_would_gain_or_what_the_budget_holds() {
+        let planned = |layer, before, predicted| eplb::PlannedLayer {
+            layer,
+            par_before: before,
+            par_predicted: predicted,
+            moved_slots: 2,
+        };
+        let plan = [planned(2, 1.225, 1.209), planned(1, 1.2, 1.17)];
+        let m = skip_message(&[2, 1], &plan, &[], 0.05, None, None);
+        assert!(
+            m.contains("hysteresis 0.05") && m.contains("layer 1, 1.200 -> 1.170"),
+            "{m}"
+        );
+        let m = skip_message(&[2, 1], &plan, &[], 0.05, Some(2), None);
+        assert!(m.contains("at most 2 moved slots"), "{m}");
+        let m = skip_message(&[2], &[planned(2, 1.2, 1.2)], &[], 0.05, None, None);
+        assert!(m.contains("no placement of layers [2] better"), "{m}");
+        let m = skip_message(&[2, 1], &plan, &[(1, 4096)], 0.05, None, Some(1024));
+        assert!(
+            m.contains("layer 1's plan moves 4096 bytes") && m.contains("(1024 bytes)"),
+            "{m}"
         );
     }
 

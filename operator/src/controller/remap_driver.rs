@@ -632,8 +632,13 @@ impl Step<'_> {
             } else {
                 "OverBudget"
             };
-            let message = format!(
-                "the planner found no remap of layers {layers:?} worth its moves within the budget"
+            let message = remap::skip_message(
+                &layers,
+                &plan.layers,
+                &with_bytes,
+                spec.eplb.hysteresis,
+                cap,
+                budget,
             );
             if trigger == Trigger::Manual {
                 // The request is marked handled: tell the person who made it why nothing moved.

@@ -213,7 +213,7 @@ mod tests {
         let planned = placement(&[[0, 2, 1, 3], [0, 1, 2, 3]]);
         let next = deploy(&planned, &trigger);
         assert_eq!(next.phy2log, vec![vec![0, 2, 1, 3], vec![0, 2, 1, 3]]);
-        // A drop of the worst PAR below the hysteresis deploys nothing.
+        // A layer whose PAR drops by less than the hysteresis is not deployed.
         let strict = Trigger {
             hysteresis: 0.9,
             ..trigger
