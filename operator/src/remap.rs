@@ -158,9 +158,10 @@ pub fn decide(i: &DecisionInput<'_>) -> Decision {
     }
 }
 
-/// Keeps the planned layers worth moving: those the plan improves, and for a threshold-triggered
-/// remap only those whose PAR drops by at least `hysteresis` (a smaller gain would only churn). The rule is eplb's
-/// [`eplb::accept_layers`], which `moectl bench --rolling` and `moectl backtest` replay.
+/// Keeps the planned layers worth moving: those the plan improves, and for a
+/// threshold-triggered remap only those whose PAR drops by at least `hysteresis` (a smaller
+/// gain would only churn). The rule is eplb's [`eplb::accept_layers`], which `moectl bench
+/// --rolling` and `moectl backtest` replay.
 pub fn accept_plan(
     trigger: Trigger,
     before: &[(usize, f64)],
@@ -174,7 +175,8 @@ pub fn accept_plan(
 /// threshold-triggered plan: a layer the plan improves that [`accept_plan`] refused. Then the
 /// operator plans the same layers without the cap, and [`eplb::accept_paced`] weighs each
 /// capped step against that destination (the cap paces a rebalance; the hysteresis judges
-/// whether it is worth doing). Otherwise no second plan is run.
+/// whether it is worth doing), keeping it only where the cap did bind. Otherwise no second
+/// plan is run. A layer stuck above the threshold at its floor is planned twice per poll.
 pub fn paced_plan_needs_its_destination(
     trigger: Trigger,
     cap: Option<usize>,
@@ -589,6 +591,28 @@ mod tests {
             m.contains("layer 1's plan moves 4096 bytes") && m.contains("(1024 bytes)"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn only_a_capped_threshold_plan_with_a_refused_improvement_is_planned_again() {
+        let layer = |layer, par_before, par_predicted| eplb::PlannedLayer {
+            layer,
+            par_before,
+            par_predicted,
+            moved_slots: 2,
+        };
+        let plan = [layer(0, 1.3, 1.28), layer(1, 1.25, 1.1)];
+        let again = paced_plan_needs_its_destination;
+        // Layer 0 improves by less than the hysteresis and was refused.
+        assert!(again(Trigger::Threshold, Some(2), &plan, &[1]));
+        // No cap: the refusal stands.
+        assert!(!again(Trigger::Threshold, None, &plan, &[1]));
+        // A manual remap takes every improvement: nothing is held back.
+        assert!(!again(Trigger::Manual, Some(2), &plan, &[1]));
+        // Every improving layer accepted, or none improving: nothing to weigh.
+        assert!(!again(Trigger::Threshold, Some(2), &plan, &[0, 1]));
+        let flat = [layer(0, 1.3, 1.3)];
+        assert!(!again(Trigger::Threshold, Some(2), &flat, &[]));
     }
 
     #[test]

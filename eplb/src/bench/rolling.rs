@@ -471,8 +471,8 @@ fn run_ours(
             req = req.layers(layers.clone());
             triggered = Some((pars, layers));
         }
-        // The planning time counts the plan without the move cap too, where the operator's
-        // acceptance asks for it.
+        // For a trigger row the time also counts its acceptance: scoring the plan and, where
+        // a move cap held a layer back, the plan without the cap (as the operator plans it).
         let t0 = Instant::now();
         let plan = planner.plan(&req)?;
         let next = match (&policy.trigger, triggered) {

@@ -90,20 +90,25 @@ pub struct PlannedLayer {
 }
 
 /// [`accept_layers`] for a threshold-triggered remap whose plan was held to a move cap
-/// (`maxMovesPerLayer`, or what `maxBytesPerRemap` holds: [`layer_move_cap`]). `paced`: the
-/// capped plan's layers; `unpaced`: the same layers planned without the cap.
+/// (`cap` slots a layer: `maxMovesPerLayer`, or what `maxBytesPerRemap` holds,
+/// [`layer_move_cap`]). `paced`: the capped plan's layers; `unpaced`: the same layers planned
+/// without the cap.
 ///
 /// The hysteresis asks whether rebalancing a layer is worth doing at all; a cap only sets its
-/// pace. So a layer whose capped step misses the hysteresis is still kept when its unpaced
-/// plan clears it and the step earns its share of it: the hysteresis times the slots the step
-/// moves over the slots the unpaced plan moves. Without this a budget of a few experts can
-/// never clear the hysteresis once the easy moves are made, and the layer stays imbalanced
-/// although every step would improve it; with it, a step that moves a fifth of the unpaced
-/// plan's slots and gains less than a fifth of the hysteresis is still refused as churn.
+/// pace. So a layer whose capped step misses the hysteresis is still kept when the cap bound
+/// it (its unpaced plan moves more than `cap` slots), that plan clears the hysteresis, and the
+/// step earns its share of it: the hysteresis times the slots the step moves over the slots
+/// the unpaced plan moves. Without this a budget of a few experts can never clear the
+/// hysteresis once the easy moves are made, and the layer stays imbalanced although every step
+/// would improve it; with it, a step that moves a fifth of the unpaced plan's slots and gains
+/// less than a fifth of the hysteresis is still refused as churn, and so is any step the cap
+/// did not bind. (`incremental` limits its own moves even without a cap, to an eighth of the
+/// slots: under a cap above that, its steps are never bound.)
 pub fn accept_paced(
     paced: &[PlannedLayer],
     unpaced: &[PlannedLayer],
     hysteresis: f64,
+    cap: usize,
 ) -> Vec<usize> {
     paced
         .iter()
@@ -119,9 +124,9 @@ pub fn accept_paced(
                 .iter()
                 .find(|whole| whole.layer == step.layer)
                 .is_some_and(|whole| {
-                    let share =
-                        (step.moved_slots as f64 / whole.moved_slots.max(1) as f64).min(1.0);
-                    whole.par_before - whole.par_predicted >= hysteresis
+                    let share = step.moved_slots as f64 / whole.moved_slots.max(1) as f64;
+                    whole.moved_slots > cap
+                        && whole.par_before - whole.par_predicted >= hysteresis
                         && gain >= hysteresis * share
                 })
         })
@@ -181,19 +186,18 @@ mod tests {
             )
             .is_empty()
         );
-        assert_eq!(accept_paced(&paced, &unpaced, 0.05), vec![0]);
+        assert_eq!(accept_paced(&paced, &unpaced, 0.05, 2), vec![0]);
         // A step that gains less than its share is churn.
         let timid = [planned(0, 1.40, 1.395, 2)];
-        assert!(accept_paced(&timid, &unpaced, 0.05).is_empty());
-        // A step moving as many slots as the unpaced plan needs the whole hysteresis.
-        let whole = [planned(0, 1.40, 1.37, 12)];
-        assert!(accept_paced(&whole, &unpaced, 0.05).is_empty());
+        assert!(accept_paced(&timid, &unpaced, 0.05, 2).is_empty());
+        // A cap the unpaced plan fits in bound nothing: the step needs the whole hysteresis.
+        assert!(accept_paced(&paced, &unpaced, 0.05, 10).is_empty());
         // A step that clears the hysteresis by itself needs no destination.
         assert_eq!(
-            accept_paced(&[planned(1, 1.30, 1.20, 2)], &[], 0.05),
+            accept_paced(&[planned(1, 1.30, 1.20, 2)], &[], 0.05, 2),
             vec![1]
         );
         // A step that improves nothing is refused whatever the destination.
-        assert!(accept_paced(&[planned(0, 1.40, 1.40, 0)], &unpaced, 0.0).is_empty());
+        assert!(accept_paced(&[planned(0, 1.40, 1.40, 0)], &unpaced, 0.0, 2).is_empty());
     }
 }

@@ -593,7 +593,7 @@ impl Step<'_> {
         }
         let load = planning::logical_load(&m.reports, self.doc);
         let past = past_windows(self.ctx, self.workers.endpoints, spec.eplb.history_windows).await;
-        let cap = planning::max_moves(spec, self.doc.phy2log.first().map_or(0, Vec::len));
+        let cap = planning::max_moves(spec, self.doc.num_slots());
         let plan = self.plan(&load, &past, &layers, cap).await?;
         let before: Vec<(usize, f64)> = plan
             .layers
@@ -610,7 +610,8 @@ impl Step<'_> {
             // The cap sets the pace of a rebalance, not whether it is worth doing: ask the
             // planner where the rebalance would go without it (eplb::accept_paced).
             let unpaced = self.plan(&load, &past, &layers, None).await?;
-            accepted = eplb::accept_paced(&plan.layers, &unpaced.layers, spec.eplb.hysteresis);
+            let cap = cap.unwrap_or(usize::MAX);
+            accepted = eplb::accept_paced(&plan.layers, &unpaced.layers, spec.eplb.hysteresis, cap);
         }
         let expert_bytes = remap::expert_bytes(spec.model.hidden, spec.model.intermediate);
         let with_bytes: Vec<(usize, u64)> = accepted

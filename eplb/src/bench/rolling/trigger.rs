@@ -168,9 +168,9 @@ pub(super) fn accepted(
     let held_back = changed
         .iter()
         .any(|l| l.par_predicted < l.par_before - 1e-9 && !improved.contains(&l.layer));
-    if held_back && trigger.layer_moves(deployed.num_slots()).is_some() {
+    if let (true, Some(cap)) = (held_back, trigger.layer_moves(deployed.num_slots())) {
         let (destination, _) = weigh(&unpaced()?)?;
-        improved = accept_paced(&changed, &destination, trigger.hysteresis);
+        improved = accept_paced(&changed, &destination, trigger.hysteresis, cap);
     }
     let costs: Vec<(usize, u64)> = improved.iter().map(|&l| (l, moved[l] as u64)).collect();
     let keep = within_budget(&costs, trigger.max_slots_per_remap.map(|s| s as u64));
@@ -274,8 +274,8 @@ mod tests {
         let deployed = rows([0, 1, 2, 3, 4, 5, 6, 7]);
         let before = score(&deployed, &load).unwrap().per_layer;
         // One swap (2 slots) takes the worst rank from 20 to 12 (PAR 2.22 -> 1.33); the
-        // uncapped plan moves 7 slots to reach 11 (PAR 1.22). A hysteresis of 1.0: the step
-        // alone misses it, the uncapped plan clears it, and the step beats its share, 2/7.
+        // uncapped plan moves 6 slots to reach 11 (PAR 1.22). A hysteresis of 1.0: the step
+        // alone misses it, the uncapped plan clears it, and the step beats its share, 2/6.
         let step = rows([0, 4, 2, 3, 1, 5, 6, 7]);
         let destination = rows([0, 7, 1, 6, 2, 5, 3, 4]);
         let trigger = |max_moves| Trigger {
