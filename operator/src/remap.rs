@@ -158,10 +158,10 @@ pub fn decide(i: &DecisionInput<'_>) -> Decision {
     }
 }
 
-/// Keeps the planned layers worth moving: those the plan improves, and for a
-/// threshold-triggered remap only those whose PAR drops by at least `hysteresis` (a smaller
-/// gain would only churn). The rule is eplb's [`eplb::accept_layers`], which `moectl bench
-/// --rolling` and `moectl backtest` replay.
+/// Keeps the planned layers worth moving, in the order they are deployed: those the plan
+/// improves, and for a threshold-triggered remap none unless one of them drops by at least
+/// `hysteresis` (those first, the rest riding along). The rule is eplb's
+/// [`eplb::accept_layers`], which `moectl bench --rolling` and `moectl backtest` replay.
 pub fn accept_plan(
     trigger: Trigger,
     before: &[(usize, f64)],
@@ -171,11 +171,11 @@ pub fn accept_plan(
     eplb::accept_layers(trigger == Trigger::Threshold, before, predicted, hysteresis)
 }
 
-/// Whether a move cap (`cap`: [`crate::planning::max_moves`]) may have held back a layer of a
-/// threshold-triggered plan: a layer the plan improves that [`accept_plan`] refused. Then the
-/// operator plans the same layers without the cap, and [`eplb::accept_paced`] weighs each
+/// Whether a move cap (`cap`: [`crate::planning::max_moves`]) may have held back a
+/// threshold-triggered plan: [`accept_plan`] kept nothing although some layer improves. Then
+/// the operator plans the same layers without the cap, and [`eplb::accept_paced`] weighs each
 /// capped step against that destination (the cap paces a rebalance; the hysteresis judges
-/// whether it is worth doing), keeping it only where the cap did bind. Otherwise no second
+/// whether it is worth doing), counting it only where the cap did bind. Otherwise no second
 /// plan is run. A layer stuck above the threshold at its floor is planned twice per poll.
 pub fn paced_plan_needs_its_destination(
     trigger: Trigger,
@@ -185,9 +185,10 @@ pub fn paced_plan_needs_its_destination(
 ) -> bool {
     trigger == Trigger::Threshold
         && cap.is_some()
+        && accepted.is_empty()
         && planned
             .iter()
-            .any(|l| l.par_predicted < l.par_before - 1e-9 && !accepted.contains(&l.layer))
+            .any(|l| l.par_predicted < l.par_before - 1e-9)
 }
 
 /// Why a planned remap moved nothing, for the `Rebalancing` condition and the `RemapSkipped`
@@ -560,11 +561,12 @@ mod tests {
             accept_plan(Trigger::Manual, &before, &tiny, 0.05),
             vec![1, 4]
         );
-        // A worst layer the planner cannot improve enough does not hold back one it can.
+        // A worst layer the planner cannot improve enough does not hold back one it can: the
+        // layer past the hysteresis goes first, the other rides along.
         let stuck = [(1, 1.48), (4, 1.2)];
         assert_eq!(
             accept_plan(Trigger::Threshold, &before, &stuck, 0.05),
-            vec![4]
+            vec![4, 1]
         );
     }
 
@@ -603,14 +605,14 @@ mod tests {
         };
         let plan = [layer(0, 1.3, 1.28), layer(1, 1.25, 1.1)];
         let again = paced_plan_needs_its_destination;
-        // Layer 0 improves by less than the hysteresis and was refused.
-        assert!(again(Trigger::Threshold, Some(2), &plan, &[1]));
+        // Both layers improve, by less than the hysteresis (say 0.2): refused.
+        assert!(again(Trigger::Threshold, Some(2), &plan, &[]));
         // No cap: the refusal stands.
-        assert!(!again(Trigger::Threshold, None, &plan, &[1]));
+        assert!(!again(Trigger::Threshold, None, &plan, &[]));
         // A manual remap takes every improvement: nothing is held back.
-        assert!(!again(Trigger::Manual, Some(2), &plan, &[1]));
-        // Every improving layer accepted, or none improving: nothing to weigh.
-        assert!(!again(Trigger::Threshold, Some(2), &plan, &[0, 1]));
+        assert!(!again(Trigger::Manual, Some(2), &plan, &[]));
+        // A remap going ahead, or nothing improving: nothing to weigh.
+        assert!(!again(Trigger::Threshold, Some(2), &plan, &[1, 0]));
         let flat = [layer(0, 1.3, 1.3)];
         assert!(!again(Trigger::Threshold, Some(2), &flat, &[]));
     }

@@ -16,12 +16,15 @@ pub fn worst_first(layer_par: &[f64], floor: f64) -> Vec<usize> {
 }
 
 /// The planned layers worth their moves, as the operator keeps them after planning
-/// (`operator::remap::accept_plan`, and the benchmark's replay of its trigger): the layers whose
-/// predicted PAR is below the PAR before (both on the window the trigger measured), and, for
-/// a remap the threshold triggered (`threshold_triggered`), only those whose PAR drops by at
-/// least `hysteresis`: a layer that gains less would only churn. Each layer is weighed on its
-/// own, so a layer the planner cannot improve (one hot expert and no replica to spare) does
-/// not hold back the layers it can. `before` and `predicted`: `(layer, PAR)`.
+/// (`operator::remap::accept_plan`, and the benchmark's replay of its trigger), in the order
+/// they are deployed (and the byte budget takes them): the layers whose predicted PAR is below
+/// the PAR before (both on the window the trigger measured). For a remap the threshold
+/// triggered (`threshold_triggered`) none unless some layer's PAR drops by at least
+/// `hysteresis` on its own (otherwise the planner cannot do better and a remap would only
+/// churn); those layers come first, then the others the plan improves, which ride along. A
+/// layer the planner cannot improve enough (one hot expert and no replica to spare) therefore
+/// does not hold back the layers it can, and under a byte budget it waits behind them.
+/// `before` (in the order requested, worst first) and `predicted`: `(layer, PAR)`.
 pub fn accept_layers(
     threshold_triggered: bool,
     before: &[(usize, f64)],
@@ -29,13 +32,20 @@ pub fn accept_layers(
     hysteresis: f64,
 ) -> Vec<usize> {
     let floor = if threshold_triggered { hysteresis } else { 0.0 };
-    before
-        .iter()
-        .filter_map(|&(layer, b)| {
-            let p = predicted.iter().find(|(l, _)| *l == layer)?.1;
-            (p < b - 1e-9 && b - p >= floor).then_some(layer)
-        })
-        .collect()
+    worth_first(before.iter().filter_map(|&(layer, b)| {
+        let p = predicted.iter().find(|(l, _)| *l == layer)?.1;
+        (p < b - 1e-9).then_some((layer, b - p >= floor))
+    }))
+}
+
+/// The improved layers (`(layer, worth its moves on its own)`, in the order requested): none
+/// unless one is worth it; those first, then the rest in order.
+fn worth_first(improved: impl Iterator<Item = (usize, bool)>) -> Vec<usize> {
+    let (worth, riders): (Vec<_>, Vec<_>) = improved.partition(|&(_, w)| w);
+    if worth.is_empty() {
+        return Vec::new();
+    }
+    worth.into_iter().chain(riders).map(|(l, _)| l).collect()
 }
 
 /// The operator's budget per remap (`operator::remap::apply_byte_budget`, replayed by
@@ -95,8 +105,9 @@ pub struct PlannedLayer {
 /// without the cap.
 ///
 /// The hysteresis asks whether rebalancing a layer is worth doing at all; a cap only sets its
-/// pace. So a layer whose capped step misses the hysteresis is still kept when the cap bound
-/// it (its unpaced plan moves more than `cap` slots), that plan clears the hysteresis, and the
+/// pace. So a layer whose capped step misses the hysteresis still counts as worth its moves
+/// (and as [`accept_layers`] has it, lets the remap go ahead and comes before the layers that
+/// ride along) when the cap bound it (its unpaced plan moves more than `cap` slots), that plan clears the hysteresis, and the
 /// step earns its share of it: the hysteresis times the slots the step moves over the slots
 /// the unpaced plan moves. Without this a budget of a few experts can never clear the
 /// hysteresis once the easy moves are made, and the layer stays imbalanced although every step
@@ -110,17 +121,10 @@ pub fn accept_paced(
     hysteresis: f64,
     cap: usize,
 ) -> Vec<usize> {
-    paced
-        .iter()
-        .filter(|step| {
-            let gain = step.par_before - step.par_predicted;
-            if step.par_predicted >= step.par_before - 1e-9 {
-                return false;
-            }
-            if gain >= hysteresis {
-                return true;
-            }
-            unpaced
+    let worth = |step: &PlannedLayer| {
+        let gain = step.par_before - step.par_predicted;
+        gain >= hysteresis
+            || unpaced
                 .iter()
                 .find(|whole| whole.layer == step.layer)
                 .is_some_and(|whole| {
@@ -129,9 +133,13 @@ pub fn accept_paced(
                         && whole.par_before - whole.par_predicted >= hysteresis
                         && gain >= hysteresis * share
                 })
-        })
-        .map(|step| step.layer)
-        .collect()
+    };
+    worth_first(
+        paced
+            .iter()
+            .filter(|step| step.par_predicted < step.par_before - 1e-9)
+            .map(|step| (step.layer, worth(step))),
+    )
 }
 
 #[cfg(test)]
@@ -158,14 +166,16 @@ mod tests {
     }
 
     #[test]
-    fn each_layer_must_clear_the_hysteresis_on_its_own() {
+    fn a_remap_needs_one_layer_past_the_hysteresis_and_the_others_ride_along() {
         // Layer 0 (the worst) gains 0.02, layer 1 gains 0.09, layer 2 gets worse.
         let before = [(0, 1.23), (1, 1.20), (2, 1.18)];
         let predicted = [(0, 1.21), (1, 1.11), (2, 1.19)];
-        assert_eq!(accept_layers(true, &before, &predicted, 0.05), vec![1]);
+        // Layer 1 carries the remap and goes first; layer 0 rides along behind it.
+        assert_eq!(accept_layers(true, &before, &predicted, 0.05), vec![1, 0]);
         assert_eq!(accept_layers(true, &before, &predicted, 0.0), vec![0, 1]);
-        // Not threshold-triggered (a manual or drift remap): every improving layer.
+        // Not threshold-triggered (a manual remap): every improving layer, in order.
         assert_eq!(accept_layers(false, &before, &predicted, 0.05), vec![0, 1]);
+        // No layer gains the hysteresis: nothing.
         assert!(accept_layers(true, &before, &predicted, 0.1).is_empty());
     }
 
@@ -174,7 +184,7 @@ mod tests {
         // Unpaced: 10 slots take layer 0 from 1.40 to 1.05, well past a hysteresis of 0.05.
         // The capped step moves 2 of them and gains 0.03: under the whole hysteresis
         // (accept_layers refuses it) but above its share, 0.05 x 2/10 = 0.01. Layer 1's
-        // unpaced plan gains 0.04 only: its step is refused.
+        // unpaced plan gains 0.04 only: it does not carry a remap, but rides along.
         let unpaced = [planned(0, 1.40, 1.05, 10), planned(1, 1.30, 1.26, 4)];
         let paced = [planned(0, 1.40, 1.37, 2), planned(1, 1.30, 1.28, 2)];
         assert!(
@@ -186,7 +196,8 @@ mod tests {
             )
             .is_empty()
         );
-        assert_eq!(accept_paced(&paced, &unpaced, 0.05, 2), vec![0]);
+        assert_eq!(accept_paced(&paced, &unpaced, 0.05, 2), vec![0, 1]);
+        assert!(accept_paced(&paced[1..], &unpaced, 0.05, 2).is_empty());
         // A step that gains less than its share is churn.
         let timid = [planned(0, 1.40, 1.395, 2)];
         assert!(accept_paced(&timid, &unpaced, 0.05, 2).is_empty());

@@ -125,11 +125,11 @@ pub fn replayed_triggers() -> [Trigger; 3] {
 
 /// What the operator deploys of a triggered plan (`operator::remap::accept_plan`, then
 /// `apply_byte_budget`): of the `requested` layers (worst first), those the plan changes and
-/// improves on the measured window by at least the trigger's hysteresis, or, for a plan held
-/// to a move cap ([`Trigger::layer_moves`]), by its share of it where the layer planned without
-/// the cap clears it (`unpaced`, planned only when the cap held a layer back:
-/// [`crate::accept_paced`]); then, under a byte budget, the longest run of them (worst first)
-/// whose moved slots fit it.
+/// improves on the measured window, none unless one improves by at least the trigger's
+/// hysteresis or, for a plan held to a move cap ([`Trigger::layer_moves`]), by its share of it
+/// where the layer planned without the cap clears it (`unpaced`, planned only when the cap
+/// held the whole plan back: [`crate::accept_paced`]); those first, then the rest; then, under
+/// a byte budget, the longest run of them in that order whose moved slots fit it.
 pub(super) fn accepted(
     deployed: &Placement,
     planned: Placement,
@@ -165,9 +165,10 @@ pub(super) fn accepted(
         &pick(|l| l.par_predicted),
         trigger.hysteresis,
     );
-    let held_back = changed
-        .iter()
-        .any(|l| l.par_predicted < l.par_before - 1e-9 && !improved.contains(&l.layer));
+    let held_back = improved.is_empty()
+        && changed
+            .iter()
+            .any(|l| l.par_predicted < l.par_before - 1e-9);
     if let (true, Some(cap)) = (held_back, trigger.layer_moves(deployed.num_slots())) {
         let (destination, _) = weigh(&unpaced()?)?;
         improved = accept_paced(&changed, &destination, trigger.hysteresis, cap);
@@ -213,7 +214,7 @@ mod tests {
         let planned = placement(&[[0, 2, 1, 3], [0, 1, 2, 3]]);
         let next = deploy(&planned, &trigger);
         assert_eq!(next.phy2log, vec![vec![0, 2, 1, 3], vec![0, 2, 1, 3]]);
-        // A layer whose PAR drops by less than the hysteresis is not deployed.
+        // A remap none of whose layers drops by the hysteresis deploys nothing.
         let strict = Trigger {
             hysteresis: 0.9,
             ..trigger
@@ -264,6 +265,37 @@ mod tests {
             || unreachable!("no move cap"),
         );
         assert_eq!(next.unwrap().phy2log, vec![old.clone(), new, old]);
+    }
+
+    #[test]
+    fn under_a_byte_budget_the_layer_past_the_hysteresis_goes_before_the_worse_one_riding_along() {
+        // Layer 0 (PAR 19 / 16.75 = 1.134) is planned to 1.104, less than the hysteresis;
+        // layer 1 (18 / 16 = 1.125) to 1.0. Requested worst first, each moving 2 slots, and a
+        // budget of 2 slots: layer 1 carries the remap and takes the budget.
+        let load = vec![vec![10.0, 9.0, 8.5, 6.0], vec![10.0, 8.0, 8.0, 6.0]];
+        let deployed = placement(&[[0, 1, 2, 3], [0, 1, 2, 3]]);
+        let before = score(&deployed, &load).unwrap().per_layer;
+        let planned = placement(&[[0, 2, 1, 3], [2, 1, 0, 3]]);
+        let deploy = |slots| {
+            let trigger = Trigger {
+                max_slots_per_remap: slots,
+                ..OPERATOR_DEFAULTS
+            };
+            accepted(
+                &deployed,
+                planned.clone(),
+                &load,
+                &before,
+                &[0, 1],
+                &trigger,
+                || unreachable!("layer 1 clears the hysteresis"),
+            )
+            .unwrap()
+            .phy2log
+        };
+        assert_eq!(deploy(Some(2)), vec![vec![0, 1, 2, 3], vec![2, 1, 0, 3]]);
+        // Room for both: layer 0 rides along.
+        assert_eq!(deploy(None), planned.phy2log);
     }
 
     #[test]
