@@ -544,9 +544,10 @@ pub struct EplbSpec {
     #[schemars(range(max = 1000.0))]
     pub imbalance_threshold: f64,
     /// Once triggered, layers above `imbalanceThreshold - hysteresis` are rebalanced too, and
-    /// a layer is remapped only if its plan lowers its PAR by at least `hysteresis` (no
-    /// flapping); under `maxMovesPerLayer` or `maxBytesPerRemap`, a step of a plan that does
-    /// needs its share (the slots it moves over the plan's).
+    /// a remap goes ahead only if the plan lowers some layer's PAR by at least `hysteresis`
+    /// (no flapping; the other improved layers ride along); under `maxMovesPerLayer` or
+    /// `maxBytesPerRemap`, a capped step toward a plan that does needs its share (the slots it
+    /// moves over the plan's).
     #[serde(default = "default_hysteresis")]
     #[schemars(range(max = 100.0))]
     pub hysteresis: f64,

@@ -135,5 +135,6 @@ first, at most `maxLayersPerRemap` (the defaults: 1.2, 0.05, 8; then without the
 and with a threshold of 1.1), once per step: the operator's cooldown between remaps \
 (`replanIntervalSeconds`) is taken as one step, and of the plan it deploys what the operator \
 accepts (`operator::remap::accept_plan`, through `eplb::accept_layers`): the changed layers \
-whose PAR on that latest window drops by at least `hysteresis`, each layer on its own (these \
-rows have no move cap, so `eplb::accept_paced` does not apply). The lower bound is each next window's (largest water-filled replica load, at least 1), averaged.";
+whose PAR on that latest window drops, none unless one of them drops by at least `hysteresis` \
+on its own (those first, the rest riding along; these rows have no move cap, so \
+`eplb::accept_paced` does not apply). The lower bound is each next window's (largest water-filled replica load, at least 1), averaged.";
