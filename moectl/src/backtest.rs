@@ -564,7 +564,7 @@ threshold of 1.1; one row per --threshold, every layer), deploying what the oper
 each plan, and each next window's lower bound. On a recording of a MoEDeployment one more \
 operator row runs its own settings (its planner too), and every operator row keeps its \
 maxMovesPerLayer, maxBytesPerRemap (in whole experts of the recorded size: the longest \
-worst-first run of accepted layers that fits) and, where the recording dates its windows, its \
+run of accepted layers that fits, those past the hysteresis first) and, where the recording dates its windows, its \
 replanIntervalSeconds (a step decides when the last window it plans on closes, and holds \
 sooner than that after the last remap began); their labels say so. A remap takes effect at \
 once; manual remaps are not replayed.";

@@ -548,7 +548,7 @@ mod tests {
     }
 
     #[test]
-    fn plans_must_improve_by_hysteresis() {
+    fn a_remap_needs_one_layer_past_the_hysteresis() {
         let before = [(1, 1.5), (4, 1.35)];
         let good = [(1, 1.1), (4, 1.36)];
         assert_eq!(

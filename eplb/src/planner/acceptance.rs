@@ -50,7 +50,7 @@ fn worth_first(improved: impl Iterator<Item = (usize, bool)>) -> Vec<usize> {
 
 /// The operator's budget per remap (`operator::remap::apply_byte_budget`, replayed by
 /// `moectl backtest`): the longest prefix of `layers` (`(layer, cost)`, in the order they are
-/// deployed, worst first) whose summed cost fits `budget` (any unit: bytes, slots). A layer
+/// deployed: [`accept_layers`]'s) whose summed cost fits `budget` (any unit: bytes, slots). A layer
 /// larger than the whole budget is never forced: it and every layer after it wait.
 pub fn within_budget(layers: &[(usize, u64)], budget: Option<u64>) -> Vec<usize> {
     let Some(budget) = budget else {
@@ -105,15 +105,15 @@ pub struct PlannedLayer {
 /// without the cap.
 ///
 /// The hysteresis asks whether rebalancing a layer is worth doing at all; a cap only sets its
-/// pace. So a layer whose capped step misses the hysteresis still counts as worth its moves
-/// (and as [`accept_layers`] has it, lets the remap go ahead and comes before the layers that
-/// ride along) when the cap bound it (its unpaced plan moves more than `cap` slots), that plan clears the hysteresis, and the
-/// step earns its share of it: the hysteresis times the slots the step moves over the slots
-/// the unpaced plan moves. Without this a budget of a few experts can never clear the
-/// hysteresis once the easy moves are made, and the layer stays imbalanced although every step
-/// would improve it; with it, a step that moves a fifth of the unpaced plan's slots and gains
-/// less than a fifth of the hysteresis is still refused as churn, and so is any step the cap
-/// did not bind. (`incremental` limits its own moves even without a cap, to an eighth of the
+/// pace. So a layer whose capped step misses the hysteresis still counts as clearing it (as
+/// in [`accept_layers`]: it lets the remap go ahead and comes before the layers that ride
+/// along) when the cap bound it (its unpaced plan moves more than `cap` slots), that plan
+/// clears the hysteresis, and the step earns its share of it: the hysteresis times the slots
+/// the step moves over the slots the unpaced plan moves. Without this a budget of a few experts
+/// can never clear the hysteresis once the easy moves are made, and the layer stays imbalanced
+/// although every step would improve it; with it, a step that moves a fifth of the unpaced
+/// plan's slots and gains less than a fifth of the hysteresis carries no remap (it may still
+/// ride along behind a layer that does), and neither does a step the cap did not bind. (`incremental` limits its own moves even without a cap, to an eighth of the
 /// slots: under a cap above that, its steps are never bound.)
 pub fn accept_paced(
     paced: &[PlannedLayer],
@@ -208,6 +208,10 @@ mod tests {
             accept_paced(&[planned(1, 1.30, 1.20, 2)], &[], 0.05, 2),
             vec![1]
         );
+        // A step worth its share carries the remap and goes before a rider requested ahead of
+        // it (layer 1 gains 0.02, its uncapped plan 0.04).
+        let rider_first = [planned(1, 1.45, 1.43, 2), planned(0, 1.40, 1.37, 2)];
+        assert_eq!(accept_paced(&rider_first, &unpaced, 0.05, 2), vec![0, 1]);
         // A step that improves nothing is refused whatever the destination.
         assert!(accept_paced(&[planned(0, 1.40, 1.40, 0)], &unpaced, 0.0, 2).is_empty());
     }

@@ -25,8 +25,8 @@ pub struct Trigger {
     /// `spec.eplb.maxMovesPerLayer`: slots one layer's plan changes at most.
     pub max_moves: Option<usize>,
     /// `spec.eplb.maxBytesPerRemap` over the bytes of one expert: the slots one remap moves
-    /// at most. As the operator's byte budget, the accepted layers are deployed worst first
-    /// while their moved slots fit, and the rest wait.
+    /// at most. As the operator's byte budget, the accepted layers are deployed in
+    /// [`crate::accept_layers`]'s order while their moved slots fit, and the rest wait.
     pub max_slots_per_remap: Option<usize>,
     /// `spec.eplb.replanIntervalSeconds`: no remap begins sooner after the last one began, on
     /// the trace's clock ([`super::RollingInputs::window_ends`]; ignored on a trace without
@@ -192,7 +192,7 @@ mod tests {
     }
 
     #[test]
-    fn only_the_layers_a_plan_improves_are_deployed_and_only_past_the_hysteresis() {
+    fn only_the_layers_a_plan_improves_are_deployed_and_only_when_one_clears_the_hysteresis() {
         // Two experts of 10 and two of 1 on 2 ranks: {0, 1} together is PAR 20 / 11, apart 1.
         let load = vec![vec![10.0, 10.0, 1.0, 1.0]; 2];
         let deployed = placement(&[[0, 1, 2, 3], [0, 2, 1, 3]]);
