@@ -58,7 +58,7 @@ pub use metrics::{
 pub use placement::Placement;
 pub use planner::{
     DEFAULT_ALGORITHM, LayerPlan, LayerSelection, Plan, PlanRequest, PlannedLayer, Planner,
-    accept_layers, accept_paced, layer_move_cap, par_lower_bound, planner_by_name, select_layers,
-    within_budget, worst_first,
+    accept_layers, accept_paced, layer_move_cap, par_lower_bound, planner_by_name,
+    refused_improvement, select_layers, within_budget, worst_first,
 };
 pub use shape::{Shape, smallest_valid_redundant};

@@ -164,31 +164,26 @@ pub fn decide(i: &DecisionInput<'_>) -> Decision {
 /// [`eplb::accept_layers`], which `moectl bench --rolling` and `moectl backtest` replay.
 pub fn accept_plan(
     trigger: Trigger,
-    before: &[(usize, f64)],
-    predicted: &[(usize, f64)],
+    planned: &[eplb::PlannedLayer],
     hysteresis: f64,
 ) -> Vec<usize> {
-    eplb::accept_layers(trigger == Trigger::Threshold, before, predicted, hysteresis)
+    eplb::accept_layers(trigger == Trigger::Threshold, planned, hysteresis)
 }
 
-/// Whether a move cap (`cap`: [`crate::planning::max_moves`]) may have held back a
-/// threshold-triggered plan: [`accept_plan`] kept nothing although some layer improves. Then
-/// the operator plans the same layers without the cap, and [`eplb::accept_paced`] weighs each
-/// capped step against that destination (the cap paces a rebalance; the hysteresis judges
-/// whether it is worth doing), counting it only where the cap did bind. Otherwise no second
-/// plan is run. A layer stuck above the threshold at its floor is planned twice per poll.
-pub fn paced_plan_needs_its_destination(
+/// The move cap (`cap`: [`crate::planning::max_moves`]) that may have held back a
+/// threshold-triggered plan: [`accept_plan`] kept nothing although some layer improves
+/// ([`eplb::refused_improvement`]). Then the operator plans the same layers without the cap,
+/// and [`eplb::accept_paced`] weighs each capped step against that destination (the cap paces
+/// a rebalance; the hysteresis judges whether it is worth doing), counting it only where the
+/// cap did bind. `None`: no second plan is run. A layer stuck above the threshold at its floor
+/// is planned twice per poll.
+pub fn paced_plan_cap(
     trigger: Trigger,
     cap: Option<usize>,
     planned: &[eplb::PlannedLayer],
     accepted: &[usize],
-) -> bool {
-    trigger == Trigger::Threshold
-        && cap.is_some()
-        && accepted.is_empty()
-        && planned
-            .iter()
-            .any(|l| l.par_predicted < l.par_before - 1e-9)
+) -> Option<usize> {
+    cap.filter(|_| trigger == Trigger::Threshold && eplb::refused_improvement(planned, accepted))
 }
 
 /// Why a planned remap moved nothing, for the `Rebalancing` condition and the `RemapSkipped`
@@ -211,10 +206,8 @@ pub fn skip_message(
     }
     let best = planned
         .iter()
-        .filter(|l| l.par_predicted < l.par_before - 1e-9)
-        .max_by(|a, b| {
-            (a.par_before - a.par_predicted).total_cmp(&(b.par_before - b.par_predicted))
-        });
+        .filter(|l| l.improves())
+        .max_by(|a, b| a.gain().total_cmp(&b.gain()));
     let Some(best) = best else {
         return format!(
             "the planner found no placement of layers {layers:?} better than the current one \
@@ -549,25 +542,26 @@ mod tests {
 
     #[test]
     fn a_remap_needs_one_layer_past_the_hysteresis() {
-        let before = [(1, 1.5), (4, 1.35)];
-        let good = [(1, 1.1), (4, 1.36)];
-        assert_eq!(
-            accept_plan(Trigger::Threshold, &before, &good, 0.05),
-            vec![1]
-        );
-        let tiny = [(1, 1.48), (4, 1.34)];
-        assert!(accept_plan(Trigger::Threshold, &before, &tiny, 0.05).is_empty());
-        assert_eq!(
-            accept_plan(Trigger::Manual, &before, &tiny, 0.05),
-            vec![1, 4]
-        );
+        // Layers 1 and 4 at PAR 1.5 and 1.35 before, planned to the PARs given.
+        let plan = |p1, p4| {
+            [(1, 1.5, p1), (4, 1.35, p4)].map(|(layer, par_before, par_predicted)| {
+                eplb::PlannedLayer {
+                    layer,
+                    par_before,
+                    par_predicted,
+                    moved_slots: 2,
+                }
+            })
+        };
+        let good = plan(1.1, 1.36);
+        assert_eq!(accept_plan(Trigger::Threshold, &good, 0.05), vec![1]);
+        let tiny = plan(1.48, 1.34);
+        assert!(accept_plan(Trigger::Threshold, &tiny, 0.05).is_empty());
+        assert_eq!(accept_plan(Trigger::Manual, &tiny, 0.05), vec![1, 4]);
         // A worst layer the planner cannot improve enough does not hold back one it can: the
         // layer past the hysteresis goes first, the other rides along.
-        let stuck = [(1, 1.48), (4, 1.2)];
-        assert_eq!(
-            accept_plan(Trigger::Threshold, &before, &stuck, 0.05),
-            vec![4, 1]
-        );
+        let stuck = plan(1.48, 1.2);
+        assert_eq!(accept_plan(Trigger::Threshold, &stuck, 0.05), vec![4, 1]);
     }
 
     #[test]
@@ -604,17 +598,17 @@ mod tests {
             moved_slots: 2,
         };
         let plan = [layer(0, 1.3, 1.28), layer(1, 1.25, 1.1)];
-        let again = paced_plan_needs_its_destination;
+        let again = paced_plan_cap;
         // Both layers improve, by less than the hysteresis (say 0.2): refused.
-        assert!(again(Trigger::Threshold, Some(2), &plan, &[]));
+        assert_eq!(again(Trigger::Threshold, Some(2), &plan, &[]), Some(2));
         // No cap: the refusal stands.
-        assert!(!again(Trigger::Threshold, None, &plan, &[]));
+        assert_eq!(again(Trigger::Threshold, None, &plan, &[]), None);
         // A manual remap takes every improvement: nothing is held back.
-        assert!(!again(Trigger::Manual, Some(2), &plan, &[]));
+        assert_eq!(again(Trigger::Manual, Some(2), &plan, &[]), None);
         // A remap going ahead, or nothing improving: nothing to weigh.
-        assert!(!again(Trigger::Threshold, Some(2), &plan, &[1, 0]));
+        assert_eq!(again(Trigger::Threshold, Some(2), &plan, &[1, 0]), None);
         let flat = [layer(0, 1.3, 1.3)];
-        assert!(!again(Trigger::Threshold, Some(2), &flat, &[]));
+        assert_eq!(again(Trigger::Threshold, Some(2), &flat, &[]), None);
     }
 
     #[test]

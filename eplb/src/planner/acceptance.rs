@@ -24,18 +24,26 @@ pub fn worst_first(layer_par: &[f64], floor: f64) -> Vec<usize> {
 /// churn); those layers come first, then the others the plan improves, which ride along. A
 /// layer the planner cannot improve enough (one hot expert and no replica to spare) therefore
 /// does not hold back the layers it can, and under a byte budget it waits behind them.
-/// `before` (in the order requested, worst first) and `predicted`: `(layer, PAR)`.
+/// `planned`: in the order requested, worst first.
 pub fn accept_layers(
     threshold_triggered: bool,
-    before: &[(usize, f64)],
-    predicted: &[(usize, f64)],
+    planned: &[PlannedLayer],
     hysteresis: f64,
 ) -> Vec<usize> {
     let floor = if threshold_triggered { hysteresis } else { 0.0 };
-    worth_first(before.iter().filter_map(|&(layer, b)| {
-        let p = predicted.iter().find(|(l, _)| *l == layer)?.1;
-        (p < b - 1e-9).then_some((layer, b - p >= floor))
-    }))
+    worth_first(
+        planned
+            .iter()
+            .filter(|l| l.improves())
+            .map(|l| (l.layer, l.gain() >= floor)),
+    )
+}
+
+/// Whether a plan was refused although it improves some layer: nothing `accepted`, and a
+/// layer of `planned` better than before. Under a move cap, the operator then plans once more
+/// without the cap for [`accept_paced`] (`operator::remap::paced_plan_cap`, and the replay).
+pub fn refused_improvement(planned: &[PlannedLayer], accepted: &[usize]) -> bool {
+    accepted.is_empty() && planned.iter().any(PlannedLayer::improves)
 }
 
 /// The improved layers (`(layer, worth its moves on its own)`, in the order requested): none
@@ -99,6 +107,18 @@ pub struct PlannedLayer {
     pub moved_slots: usize,
 }
 
+impl PlannedLayer {
+    /// How much the plan lowers the layer's PAR (negative: raises it).
+    pub fn gain(&self) -> f64 {
+        self.par_before - self.par_predicted
+    }
+
+    /// Whether the plan lowers the layer's PAR at all (beyond rounding).
+    pub fn improves(&self) -> bool {
+        self.par_predicted < self.par_before - 1e-9
+    }
+}
+
 /// [`accept_layers`] for a threshold-triggered remap whose plan was held to a move cap
 /// (`cap` slots a layer: `maxMovesPerLayer`, or what `maxBytesPerRemap` holds,
 /// [`layer_move_cap`]). `paced`: the capped plan's layers; `unpaced`: the same layers planned
@@ -113,8 +133,9 @@ pub struct PlannedLayer {
 /// can never clear the hysteresis once the easy moves are made, and the layer stays imbalanced
 /// although every step would improve it; with it, a step that moves a fifth of the unpaced
 /// plan's slots and gains less than a fifth of the hysteresis carries no remap (it may still
-/// ride along behind a layer that does), and neither does a step the cap did not bind. (`incremental` limits its own moves even without a cap, to an eighth of the
-/// slots: under a cap above that, its steps are never bound.)
+/// ride along behind a layer that does), and neither does a step the cap did not bind.
+/// (`incremental` limits its own moves even without a cap, to an eighth of the slots: under a
+/// cap above that, its steps are never bound.)
 pub fn accept_paced(
     paced: &[PlannedLayer],
     unpaced: &[PlannedLayer],
@@ -122,7 +143,7 @@ pub fn accept_paced(
     cap: usize,
 ) -> Vec<usize> {
     let worth = |step: &PlannedLayer| {
-        let gain = step.par_before - step.par_predicted;
+        let gain = step.gain();
         gain >= hysteresis
             || unpaced
                 .iter()
@@ -130,14 +151,14 @@ pub fn accept_paced(
                 .is_some_and(|whole| {
                     let share = step.moved_slots as f64 / whole.moved_slots.max(1) as f64;
                     whole.moved_slots > cap
-                        && whole.par_before - whole.par_predicted >= hysteresis
+                        && whole.gain() >= hysteresis
                         && gain >= hysteresis * share
                 })
     };
     worth_first(
         paced
             .iter()
-            .filter(|step| step.par_predicted < step.par_before - 1e-9)
+            .filter(|step| step.improves())
             .map(|step| (step.layer, worth(step))),
     )
 }
@@ -145,11 +166,6 @@ pub fn accept_paced(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `(layer, PAR)` pairs, as [`accept_layers`] takes them.
-    fn layer_pars(layers: &[PlannedLayer], par: fn(&PlannedLayer) -> f64) -> Vec<(usize, f64)> {
-        layers.iter().map(|l| (l.layer, par(l))).collect()
-    }
 
     fn planned(
         layer: usize,
@@ -168,15 +184,22 @@ mod tests {
     #[test]
     fn a_remap_needs_one_layer_past_the_hysteresis_and_the_others_ride_along() {
         // Layer 0 (the worst) gains 0.02, layer 1 gains 0.09, layer 2 gets worse.
-        let before = [(0, 1.23), (1, 1.20), (2, 1.18)];
-        let predicted = [(0, 1.21), (1, 1.11), (2, 1.19)];
+        let plan = [
+            planned(0, 1.23, 1.21, 2),
+            planned(1, 1.20, 1.11, 2),
+            planned(2, 1.18, 1.19, 2),
+        ];
         // Layer 1 carries the remap and goes first; layer 0 rides along behind it.
-        assert_eq!(accept_layers(true, &before, &predicted, 0.05), vec![1, 0]);
-        assert_eq!(accept_layers(true, &before, &predicted, 0.0), vec![0, 1]);
+        assert_eq!(accept_layers(true, &plan, 0.05), vec![1, 0]);
+        assert_eq!(accept_layers(true, &plan, 0.0), vec![0, 1]);
         // Not threshold-triggered (a manual remap): every improving layer, in order.
-        assert_eq!(accept_layers(false, &before, &predicted, 0.05), vec![0, 1]);
+        assert_eq!(accept_layers(false, &plan, 0.05), vec![0, 1]);
         // No layer gains the hysteresis: nothing.
-        assert!(accept_layers(true, &before, &predicted, 0.1).is_empty());
+        assert!(accept_layers(true, &plan, 0.1).is_empty());
+        // Refused although layers 0 and 1 improve; not when accepted, nor when none improves.
+        assert!(refused_improvement(&plan, &[]));
+        assert!(!refused_improvement(&plan, &[1, 0]));
+        assert!(!refused_improvement(&plan[2..], &[]));
     }
 
     #[test]
@@ -187,15 +210,7 @@ mod tests {
         // unpaced plan gains 0.04 only: it does not carry a remap, but rides along.
         let unpaced = [planned(0, 1.40, 1.05, 10), planned(1, 1.30, 1.26, 4)];
         let paced = [planned(0, 1.40, 1.37, 2), planned(1, 1.30, 1.28, 2)];
-        assert!(
-            accept_layers(
-                true,
-                &layer_pars(&paced, |l| l.par_before),
-                &layer_pars(&paced, |l| l.par_predicted),
-                0.05
-            )
-            .is_empty()
-        );
+        assert!(accept_layers(true, &paced, 0.05).is_empty());
         assert_eq!(accept_paced(&paced, &unpaced, 0.05, 2), vec![0, 1]);
         assert!(accept_paced(&paced[1..], &unpaced, 0.05, 2).is_empty());
         // A step that gains less than its share is churn.

@@ -45,7 +45,8 @@ use crate::placement::Placement;
 use crate::shape::Shape;
 
 pub use acceptance::{
-    PlannedLayer, accept_layers, accept_paced, layer_move_cap, within_budget, worst_first,
+    PlannedLayer, accept_layers, accept_paced, layer_move_cap, refused_improvement, within_budget,
+    worst_first,
 };
 use local_search::State;
 use problem::{Problem, slots_changed};

@@ -595,22 +595,11 @@ impl Step<'_> {
         let past = past_windows(self.ctx, self.workers.endpoints, spec.eplb.history_windows).await;
         let cap = planning::max_moves(spec, self.doc.num_slots());
         let plan = self.plan(&load, &past, &layers, cap).await?;
-        let before: Vec<(usize, f64)> = plan
-            .layers
-            .iter()
-            .map(|l| (l.layer, l.par_before))
-            .collect();
-        let predicted: Vec<(usize, f64)> = plan
-            .layers
-            .iter()
-            .map(|l| (l.layer, l.par_predicted))
-            .collect();
-        let mut accepted = remap::accept_plan(trigger, &before, &predicted, spec.eplb.hysteresis);
-        if remap::paced_plan_needs_its_destination(trigger, cap, &plan.layers, &accepted) {
+        let mut accepted = remap::accept_plan(trigger, &plan.layers, spec.eplb.hysteresis);
+        if let Some(cap) = remap::paced_plan_cap(trigger, cap, &plan.layers, &accepted) {
             // The cap sets the pace of a rebalance, not whether it is worth doing: ask the
             // planner where the rebalance would go without it (eplb::accept_paced).
             let unpaced = self.plan(&load, &past, &layers, None).await?;
-            let cap = cap.unwrap_or(usize::MAX);
             accepted = eplb::accept_paced(&plan.layers, &unpaced.layers, spec.eplb.hysteresis, cap);
         }
         let expert_bytes = remap::expert_bytes(spec.model.hidden, spec.model.intermediate);
@@ -662,7 +651,12 @@ impl Step<'_> {
             .fold(1.0f64, f64::max);
         let par_predicted = chosen
             .iter()
-            .filter_map(|&l| predicted.iter().find(|(x, _)| *x == l).map(|p| p.1))
+            .filter_map(|&l| {
+                plan.layers
+                    .iter()
+                    .find(|p| p.layer == l)
+                    .map(|p| p.par_predicted)
+            })
             .fold(1.0f64, f64::max);
         Ok(Chosen {
             trigger,

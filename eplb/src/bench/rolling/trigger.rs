@@ -5,7 +5,9 @@
 use crate::error::Result;
 use crate::metrics::{migration_cost, score};
 use crate::placement::Placement;
-use crate::planner::{PlannedLayer, accept_layers, accept_paced, within_budget, worst_first};
+use crate::planner::{
+    PlannedLayer, accept_layers, accept_paced, refused_improvement, within_budget, worst_first,
+};
 
 /// When the operator's live loop remaps and which layers (`operator::remap::decide`): once
 /// some layer's PAR, measured on the latest window under the placement in use, is above
@@ -155,21 +157,10 @@ pub(super) fn accepted(
         Ok((changed, moved))
     };
     let (changed, moved) = weigh(&planned)?;
-    let pick = |f: fn(&PlannedLayer) -> f64| -> Vec<(usize, f64)> {
-        changed.iter().map(|l| (l.layer, f(l))).collect()
-    };
-    let before = pick(|l| l.par_before);
-    let mut improved = accept_layers(
-        true,
-        &before,
-        &pick(|l| l.par_predicted),
-        trigger.hysteresis,
-    );
-    let held_back = improved.is_empty()
-        && changed
-            .iter()
-            .any(|l| l.par_predicted < l.par_before - 1e-9);
-    if let (true, Some(cap)) = (held_back, trigger.layer_moves(deployed.num_slots())) {
+    let mut improved = accept_layers(true, &changed, trigger.hysteresis);
+    if let Some(cap) = trigger.layer_moves(deployed.num_slots())
+        && refused_improvement(&changed, &improved)
+    {
         let (destination, _) = weigh(&unpaced()?)?;
         improved = accept_paced(&changed, &destination, trigger.hysteresis, cap);
     }
