@@ -199,15 +199,18 @@ fn planner_check(name: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// `spec.eplb.maxBytesPerRemap` in bytes (`None`: unset, or not a quantity, which admission
+/// refuses).
+pub fn byte_budget(spec: &MoEDeploymentSpec) -> Option<u64> {
+    let q = spec.eplb.max_bytes_per_remap.as_ref()?;
+    crate::quantity::parse_bytes(&q.0)
+}
+
 /// Slots one layer's plan may change (`slots`: a layer's): `maxMovesPerLayer`, and no more
 /// than `maxBytesPerRemap` holds ([`eplb::layer_move_cap`]).
 pub fn max_moves(spec: &MoEDeploymentSpec, slots: usize) -> Option<usize> {
     let per_expert = crate::quantity::expert_bytes(spec.model.hidden, spec.model.intermediate);
-    let budget_slots = spec
-        .eplb
-        .max_bytes_per_remap
-        .as_ref()
-        .and_then(|q| crate::quantity::parse_bytes(&q.0))
+    let budget_slots = byte_budget(spec)
         .map(|bytes| usize::try_from(bytes / per_expert.max(1)).unwrap_or(usize::MAX));
     let by_moves = spec.eplb.max_moves_per_layer.map(|m| m as usize);
     eplb::layer_move_cap(by_moves, budget_slots, slots)

@@ -610,11 +610,7 @@ impl Step<'_> {
                 Some((l, o.moved_slots as u64 * expert_bytes))
             })
             .collect();
-        let budget = spec
-            .eplb
-            .max_bytes_per_remap
-            .as_ref()
-            .and_then(|q| crate::quantity::parse_bytes(&q.0));
+        let budget = planning::byte_budget(spec);
         let chosen = remap::apply_byte_budget(&with_bytes, budget);
         if chosen.is_empty() {
             let reason = if accepted.is_empty() {
