@@ -513,14 +513,14 @@ fn peer_runs(
     )
 }
 
-/// Sums every `by` consecutive windows into one, the newest group last; the oldest
-/// `len % by` windows, which fill no group, are left out.
 /// The groups of `by` consecutive windows `--aggregate` sums into one (the same for the windows
 /// and their close times): the oldest that do not fill a group are left out.
 fn aggregate_groups<T>(items: &[T], by: usize) -> std::slice::Chunks<'_, T> {
     items[items.len() % by..].chunks(by)
 }
 
+/// Sums every `by` consecutive windows into one, the newest group last; the oldest
+/// `len % by` windows, which fill no group, are left out.
 fn aggregate(history: LoadHistory, by: usize) -> Result<LoadHistory, Fail> {
     if by == 1 {
         return Ok(history);
@@ -564,8 +564,8 @@ threshold of 1.1; one row per --threshold, every layer), deploying what the oper
 each plan, and each next window's lower bound. On a recording of a MoEDeployment one more \
 operator row runs its own settings (its planner too), and every operator row keeps its \
 maxMovesPerLayer, maxBytesPerRemap (in whole experts of the recorded size: the longest \
-run of accepted layers that fits, those past the hysteresis first) and, where the recording dates its windows, its \
-replanIntervalSeconds (a step decides when the last window it plans on closes, and holds \
+run of accepted layers that fits, those past the hysteresis first) and, where the recording \
+dates its windows, its replanIntervalSeconds (a step decides when the last window it plans on closes, and holds \
 sooner than that after the last remap began); their labels say so. A remap takes effect at \
 once; manual remaps are not replayed.";
 

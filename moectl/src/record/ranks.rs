@@ -97,17 +97,15 @@ impl Ranks {
             }
             Ranks::Cluster(c) => c.get_all(&full, CONCURRENT_RANKS).await,
         };
-        let decoded: Vec<Result<T, Poll>> = fetched
+        let mut decoded: Vec<Result<T, Poll>> = fetched
             .into_iter()
             .zip(self.labels())
             .map(|(f, label)| f.and_then(|f| decode(label, &full, f)))
             .collect();
-        if let Some(stop) = decoded.iter().position(|d| matches!(d, Err(Poll::Stop(_)))) {
-            return Err(decoded
-                .into_iter()
-                .nth(stop)
-                .and_then(Result::err)
-                .unwrap_or(Poll::Stop("a rank's answer ended the recording".into())));
+        if let Some(stop) = decoded.iter().position(|d| matches!(d, Err(Poll::Stop(_))))
+            && let Err(e) = decoded.swap_remove(stop)
+        {
+            return Err(e);
         }
         decoded.into_iter().collect()
     }
