@@ -257,7 +257,7 @@ impl LoadEpisode {
                 let mut sum = ep.logical_counts.clone();
                 for other in &reports[1..] {
                     let theirs = other.history.iter().find(|o| o.end_step == ep.end_step)?;
-                    if theirs.logical_counts.len() != sum.len() {
+                    if theirs.steps != ep.steps || theirs.logical_counts.len() != sum.len() {
                         return None;
                     }
                     for (acc, row) in sum.iter_mut().zip(&theirs.logical_counts) {
@@ -276,11 +276,15 @@ impl LoadEpisode {
             .collect()
     }
 
-    /// The newest `max` of [`LoadEpisode::group_windows`], counts only (what the operator
-    /// plans on).
-    pub fn group_history(reports: &[LoadReport], max: usize) -> Vec<Vec<Vec<f64>>> {
+    /// The newest `max` of [`LoadEpisode::group_windows`] that closed a whole window before
+    /// `now_step`, counts only: what the operator plans on beside the current window. The
+    /// current window slides (it holds the last `windowSteps` steps before `now_step`), so the
+    /// newest closed window shares most of its steps with it; planned as an episode of its own
+    /// it would count those steps twice, and weigh them by where in the window the poll fell.
+    pub fn group_history(reports: &[LoadReport], max: usize, now_step: u64) -> Vec<Vec<Vec<f64>>> {
         let mut out: Vec<Vec<Vec<f64>>> = Self::group_windows(reports)
             .into_iter()
+            .filter(|ep| ep.end_step.saturating_add(ep.steps) <= now_step)
             .map(|ep| ep.logical_counts)
             .collect();
         if out.len() > max {
@@ -396,11 +400,32 @@ mod tests {
             report(0, &[(10, 1.0), (20, 2.0), (30, 3.0)]),
             report(1, &[(20, 5.0), (30, 7.0)]),
         ];
-        let h = LoadEpisode::group_history(&reports, 8);
+        let h = LoadEpisode::group_history(&reports, 8, 40);
         assert_eq!(h, vec![vec![vec![7.0, 2.0]], vec![vec![10.0, 2.0]]]);
-        let newest = LoadEpisode::group_history(&reports, 1);
+        let newest = LoadEpisode::group_history(&reports, 1, 40);
         assert_eq!(newest, vec![vec![vec![10.0, 2.0]]]);
-        assert!(LoadEpisode::group_history(&[], 4).is_empty());
+        assert!(LoadEpisode::group_history(&[], 4, 40).is_empty());
+    }
+
+    #[test]
+    fn group_history_leaves_out_the_windows_the_current_one_overlaps() {
+        // Windows of 10 steps; the current (sliding) window holds steps 25..35.
+        let reports = [report(0, &[(10, 1.0), (20, 2.0), (30, 3.0)])];
+        let h = LoadEpisode::group_history(&reports, 8, 35);
+        assert_eq!(h, vec![vec![vec![1.0, 1.0]], vec![vec![2.0, 1.0]]]);
+        // At a close the current window is exactly the newest closed one: still left out.
+        let at_close = LoadEpisode::group_history(&reports, 8, 30);
+        assert_eq!(at_close, h);
+        assert_eq!(LoadEpisode::group_history(&reports, 8, 40).len(), 3);
+        assert!(LoadEpisode::group_history(&reports, 8, 19).is_empty());
+    }
+
+    #[test]
+    fn group_windows_match_windows_of_the_same_length_only() {
+        let mut other = report(1, &[(20, 5.0)]);
+        other.history[0].steps = 5;
+        let reports = [report(0, &[(20, 2.0)]), other];
+        assert!(LoadEpisode::group_windows(&reports).is_empty());
     }
 
     #[test]

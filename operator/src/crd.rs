@@ -572,9 +572,11 @@ pub struct EplbSpec {
     pub max_moves_per_layer: Option<u32>,
     /// Statistics windows the planner sees: the current one plus up to `historyWindows - 1`
     /// closed windows before it (each `windowSteps` steps, kept by the workers), planned as
-    /// episodes so a placement holds up as load drifts. 1: the current window only.
+    /// episodes so a placement holds up as load drifts. 1: the current window only. The
+    /// current window slides, so the newest closed window, which shares most of its steps, is
+    /// not one of them; the workers keep 16, hence at most 16 here.
     #[serde(default = "default_history_windows")]
-    #[schemars(range(min = 1, max = 17))]
+    #[schemars(range(min = 1, max = 16))]
     pub history_windows: u32,
     /// Window steps a statistics window must hold before it is trusted for planning.
     #[serde(default = "default_min_window")]

@@ -226,11 +226,15 @@ fn run_planner(
     max_moves: Option<usize>,
 ) -> Result<eplb::Placement, String> {
     let planner = eplb::planner_by_name(algorithm).map_err(|e| e.to_string())?;
-    // Past windows of another shape (a worker that reported something odd) are left out
-    // rather than failing the plan.
+    // Past windows of another shape or with counts no traffic gives (a worker that reported
+    // something odd) are left out rather than failing the plan.
     let mut windows: Vec<Vec<Vec<f64>>> = past
         .iter()
-        .filter(|w| w.len() == load.len() && w.iter().zip(load).all(|(a, b)| a.len() == b.len()))
+        .filter(|w| {
+            w.len() == load.len()
+                && w.iter().zip(load).all(|(a, b)| a.len() == b.len())
+                && w.iter().flatten().all(|c| c.is_finite() && *c >= 0.0)
+        })
         .cloned()
         .collect();
     windows.push(load.to_vec());
@@ -301,19 +305,27 @@ mod tests {
             |d: &PlacementDocument, x: u32| d.phy2log[0].iter().filter(|&&v| v == x).count();
         assert!(count(&alone.document, 0) > count(&alone.document, 1));
         assert!(count(&with_past.document, 1) > count(&alone.document, 1));
-        // A past window of another shape is left out, not an error.
+        // A past window of another shape, or with a count no traffic gives, is left out, not
+        // an error.
         let odd = vec![vec![1.0; e + 1]; layers];
-        plan(
-            "greedy",
-            &spec,
-            redundant,
-            &doc,
-            &current,
-            &[odd],
-            &[0],
-            None,
-        )
-        .unwrap();
+        let mut negative = hot(1);
+        negative[0][3] = -1.0;
+        let mut not_finite = hot(1);
+        not_finite[1][2] = f64::NAN;
+        for bad in [odd, negative, not_finite] {
+            let p = plan(
+                "greedy",
+                &spec,
+                redundant,
+                &doc,
+                &current,
+                &[bad],
+                &[0],
+                None,
+            )
+            .unwrap();
+            assert_eq!(p.document.phy2log, alone.document.phy2log);
+        }
     }
 
     #[test]

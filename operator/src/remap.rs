@@ -176,7 +176,7 @@ pub fn accept_plan(
 /// and [`eplb::accept_paced`] weighs each capped step against that destination (the cap paces
 /// a rebalance; the hysteresis judges whether it is worth doing), counting it only where the
 /// cap did bind. `None`: no second plan is run. A layer stuck above the threshold at its floor
-/// is planned twice per poll.
+/// would be planned twice per poll, but [`PlanHold`] keeps the answer until a window closes.
 pub fn paced_plan_cap(
     trigger: Trigger,
     cap: Option<usize>,
@@ -226,6 +226,48 @@ pub fn skip_message(
          the most is layer {}, {:.3} -> {:.3}",
         best.layer, best.par_before, best.par_predicted
     )
+}
+
+/// A threshold-triggered plan that moved nothing (`NoImprovement`, `OverBudget`), kept so
+/// that the polls after it give the same answer instead of planning again on the same
+/// statistics: the current window slides a few steps between polls, and a large model's plan
+/// costs a second or more of CPU (twice under a move cap), for an answer that changes only as
+/// whole windows of new traffic arrive. It holds while nothing it depended on changed: the
+/// committed generation, `spec.eplb`, the layers over the threshold, and the statistics
+/// window the group is in (`step / windowSteps`: a window closing, or a group restart, plans
+/// again). A manual request always plans.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanHold {
+    pub generation: u64,
+    pub eplb: EplbSpec,
+    /// The layers planned, ascending (the worst-first order shifts as PARs move a little).
+    pub layers: Vec<usize>,
+    /// `step / windowSteps` at the plan (the lowest step over ranks).
+    pub window: u64,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl PlanHold {
+    /// `layers` in the order a hold keeps them.
+    pub fn layer_set(layers: &[usize]) -> Vec<usize> {
+        let mut v = layers.to_vec();
+        v.sort_unstable();
+        v
+    }
+
+    /// The window index of `step`: plans are redone when it changes.
+    pub fn window_of(step: u64, eplb: &EplbSpec) -> u64 {
+        step / u64::from(eplb.window_steps.max(1))
+    }
+
+    /// Whether this answer still stands for a threshold-triggered plan of `layers`.
+    pub fn holds(&self, generation: u64, eplb: &EplbSpec, layers: &[usize], step: u64) -> bool {
+        self.generation == generation
+            && &self.eplb == eplb
+            && self.layers == Self::layer_set(layers)
+            && self.window == Self::window_of(step, eplb)
+    }
 }
 
 /// The longest prefix of `layers` whose moved bytes fit the budget (at least one layer is
@@ -333,8 +375,9 @@ pub fn group_progress(statuses: &[WorkerStatus], target: u64, layers_total: u32)
     for (i, s) in statuses.iter().enumerate() {
         let remap = s.remap.as_ref().filter(|r| r.generation == target);
         if let Some(r) = remap {
-            g.experts_moved += r.experts_moved;
-            g.bytes_moved += r.bytes_moved;
+            // Worker-reported figures: a wrong one must not wrap or panic the operator.
+            g.experts_moved = g.experts_moved.saturating_add(r.experts_moved);
+            g.bytes_moved = g.bytes_moved.saturating_add(r.bytes_moved);
             if let Some(f) = r.finished_at_ms {
                 g.finished_at_ms = Some(g.finished_at_ms.map_or(f, |x| x.max(f)));
             }
@@ -380,6 +423,41 @@ mod tests {
             remap_in_flight: false,
             group_ready: true,
         }
+    }
+
+    /// A plan that moved nothing answers again until a window closes, the layers, the spec or
+    /// the generation change, or the group restarts.
+    #[test]
+    fn a_plan_that_moved_nothing_holds_until_its_statistics_change() {
+        let e = EplbSpec {
+            window_steps: 100,
+            ..EplbSpec::default()
+        };
+        let hold = PlanHold {
+            generation: 3,
+            eplb: e.clone(),
+            layers: PlanHold::layer_set(&[2, 0]),
+            window: PlanHold::window_of(1234, &e),
+            reason: "NoImprovement",
+            message: "m".into(),
+        };
+        assert!(hold.holds(3, &e, &[0, 2], 1234));
+        assert!(
+            hold.holds(3, &e, &[2, 0], 1299),
+            "same window, other worst-first order"
+        );
+        assert!(!hold.holds(3, &e, &[0, 2], 1300), "a window closed");
+        assert!(!hold.holds(3, &e, &[0, 2], 40), "the group restarted");
+        assert!(!hold.holds(4, &e, &[0, 2], 1234), "another generation");
+        assert!(
+            !hold.holds(3, &e, &[0, 1, 2], 1234),
+            "another layer over the threshold"
+        );
+        let looser = EplbSpec {
+            hysteresis: e.hysteresis / 2.0,
+            ..e.clone()
+        };
+        assert!(!hold.holds(3, &looser, &[0, 2], 1234), "the spec changed");
     }
 
     /// The hold message does not change with the measured PAR: a condition message that did

@@ -731,6 +731,80 @@ async fn a_byte_budget_paces_a_rebalance_whose_whole_clears_the_hysteresis() {
     assert!((predicted - 31.0 / 22.0).abs() < 1e-3, "{st}");
 }
 
+/// The plan uses the closed windows before the current one: the newest closed window shares
+/// steps with the current (sliding) window and is left out, and the remap says how many
+/// windows it was planned on.
+#[tokio::test]
+async fn a_remap_plans_on_the_closed_windows_before_the_current_one() {
+    let mut spec = spec_json();
+    spec["eplb"]["windowSteps"] = json!(100);
+    spec["eplb"]["historyWindows"] = json!(4);
+    let h = Harness::new(spec);
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    h.workers.set_load(skewed(), 0, 100);
+    // At step 1000 the current window holds steps 900..1000: the window ending at 1000 is it.
+    h.workers.set_history(&[700, 800, 900, 1000], 100);
+    h.reconcile().await;
+    let st = h.status();
+    assert_eq!(st["remap"]["trigger"], "Threshold", "{st}");
+    assert_eq!(st["remap"]["historyWindows"], 4, "{st}");
+    // Mid-window (step 1050) the window ending at 1000 still overlaps the current one.
+    let h = Harness::new({
+        let mut spec = spec_json();
+        spec["eplb"]["windowSteps"] = json!(100);
+        spec["eplb"]["historyWindows"] = json!(4);
+        spec
+    });
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    h.workers.set_load(skewed(), 0, 100);
+    h.workers.set_step(1050);
+    h.workers.set_history(&[900, 1000], 100);
+    h.reconcile().await;
+    let st = h.status();
+    assert_eq!(st["remap"]["historyWindows"], 2, "{st}");
+}
+
+/// A threshold-triggered plan that moves nothing is not made again on every poll: its answer
+/// stands until a statistics window closes. Expert 0 carries almost all of layer 0's load and
+/// has no redundant slot, so no placement is better.
+#[tokio::test]
+async fn a_plan_that_moved_nothing_is_not_made_again_until_a_window_closes() {
+    let mut spec = spec_json();
+    spec["eplb"]["windowSteps"] = json!(100);
+    let h = Harness::new(spec);
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    // Slot 0 holds expert 0 in the initial placement.
+    let one_hot = vec![
+        vec![100.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        vec![10.0; 8],
+    ];
+    h.workers.set_load(one_hot, 0, 100);
+    h.reconcile().await;
+    let rebalancing = h.condition("Rebalancing");
+    assert_eq!(rebalancing["reason"], "NoImprovement", "{rebalancing}");
+    let asks = |h: &Harness| h.workers.state.lock().unwrap().history_asks;
+    let planned_once = asks(&h);
+    assert!(planned_once > 0, "the plan asks for the past windows");
+    h.workers.set_step(1099);
+    h.reconcile().await;
+    assert_eq!(
+        asks(&h),
+        planned_once,
+        "planned again within the same window"
+    );
+    assert_eq!(
+        h.condition("Rebalancing")["message"],
+        rebalancing["message"]
+    );
+    h.workers.set_step(1100);
+    h.reconcile().await;
+    assert!(asks(&h) > planned_once, "a window closed: planned again");
+    assert_eq!(h.condition("Rebalancing")["reason"], "NoImprovement");
+}
+
 /// Owned objects are applied with field management (forced, as manager `moe-operator`): a
 /// field someone else added to one (an annotation by `kubectl annotate`, a label by a policy
 /// controller) stays; a field of the operator's that someone changed is taken back.

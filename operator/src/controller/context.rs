@@ -87,6 +87,9 @@ pub struct Context {
     pub(super) ownership_checked: crate::ownership::Checked,
     /// Token Secrets recently created (or found existing): not posted again on every poll.
     pub(crate) token_secrets: crate::tokens::CreatedSecrets,
+    /// Per object: the last threshold-triggered plan that moved nothing, answered again until
+    /// its statistics change ([`crate::remap::PlanHold`]).
+    plan_holds: Mutex<HashMap<String, crate::remap::PlanHold>>,
 }
 
 impl Context {
@@ -121,6 +124,7 @@ impl Context {
             last_status_write: Mutex::new(HashMap::new()),
             ownership_checked: Default::default(),
             token_secrets: Default::default(),
+            plan_holds: Mutex::new(HashMap::new()),
         }
     }
 
@@ -193,6 +197,28 @@ impl Context {
         };
         last.get(&Self::key(moed))
             .is_some_and(|rv| moed.metadata.resource_version.as_deref() != Some(rv.as_str()))
+    }
+
+    /// The plan that moved nothing for `namespace/name`, if one is kept.
+    pub(super) fn plan_hold(&self, namespace: &str, name: &str) -> Option<crate::remap::PlanHold> {
+        let map = self.plan_holds.lock().ok()?;
+        map.get(&format!("{namespace}/{name}")).cloned()
+    }
+
+    /// Keeps (`Some`) or forgets (`None`) the plan that moved nothing for `namespace/name`.
+    pub(super) fn set_plan_hold(
+        &self,
+        namespace: &str,
+        name: &str,
+        hold: Option<crate::remap::PlanHold>,
+    ) {
+        if let Ok(mut map) = self.plan_holds.lock() {
+            let key = format!("{namespace}/{name}");
+            match hold {
+                Some(h) => map.insert(key, h),
+                None => map.remove(&key),
+            };
+        }
     }
 
     pub(super) fn reset_failures(&self, moed: &MoEDeployment) {

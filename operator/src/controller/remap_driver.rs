@@ -180,6 +180,10 @@ struct Chosen {
     next: PlacementDocument,
     par_before: f64,
     par_predicted: f64,
+    /// Windows planned on (the current one and the closed ones before it).
+    history_windows: u32,
+    /// Why the closed windows could not be read, when they could not.
+    history_failure: Option<String>,
 }
 
 impl Step<'_> {
@@ -297,6 +301,7 @@ impl Step<'_> {
             ranks_done: 0,
             par_before: st.imbalance.as_ref().map_or(1.0, |i| i.worst_par),
             par_predicted: st.imbalance.as_ref().map_or(1.0, |i| i.worst_par),
+            history_windows: None,
             started_at: now_time(),
         });
         if running.generation != target {
@@ -591,8 +596,25 @@ impl Step<'_> {
                 format!("spec.eplb.algorithm {:?} is unknown", spec.eplb.algorithm),
             ));
         }
+        let now_step = m.reports.iter().map(|r| r.step).min().unwrap_or(0);
+        let (ns, name) = (&self.r.namespace, &self.r.name);
+        if trigger == Trigger::Threshold
+            && let Some(hold) = self.ctx.plan_hold(ns, name)
+            && hold.holds(self.doc.generation, &spec.eplb, &layers, now_step)
+        {
+            return Err(StepOutcome::idle(hold.reason, hold.message));
+        }
         let load = planning::logical_load(&m.reports, self.doc);
-        let past = past_windows(self.ctx, self.workers.endpoints, spec.eplb.history_windows).await;
+        let PastWindows {
+            windows: past,
+            failure: history_failure,
+        } = past_windows(
+            self.ctx,
+            self.workers.endpoints,
+            spec.eplb.history_windows,
+            now_step,
+        )
+        .await;
         let cap = planning::max_moves(spec, self.doc.num_slots());
         let plan = self.plan(&load, &past, &layers, cap).await?;
         let mut accepted = remap::accept_plan(trigger, &plan.layers, spec.eplb.hysteresis);
@@ -638,8 +660,23 @@ impl Step<'_> {
                     ),
                 );
             }
+            if trigger == Trigger::Threshold {
+                self.ctx.set_plan_hold(
+                    ns,
+                    name,
+                    Some(remap::PlanHold {
+                        generation: self.doc.generation,
+                        eplb: spec.eplb.clone(),
+                        layers: remap::PlanHold::layer_set(&layers),
+                        window: remap::PlanHold::window_of(now_step, &spec.eplb),
+                        reason,
+                        message: message.clone(),
+                    }),
+                );
+            }
             return Err(StepOutcome::idle(reason, message));
         }
+        self.ctx.set_plan_hold(ns, name, None);
         let next = planning::restrict(self.doc, &plan.document, &chosen, self.doc.generation + 1);
         let par_before = chosen
             .iter()
@@ -660,6 +697,8 @@ impl Step<'_> {
             next,
             par_before,
             par_predicted,
+            history_windows: past.len() as u32 + 1,
+            history_failure,
         })
     }
 
@@ -727,21 +766,36 @@ impl Step<'_> {
             ranks_done: 0,
             par_before: remap::round3(c.par_before),
             par_predicted: remap::round3(c.par_predicted),
+            history_windows: Some(c.history_windows),
             started_at: now_time(),
         });
         let (chosen, par_before, par_predicted) = (&c.layers, c.par_before, c.par_predicted);
+        let asked = self.spec.eplb.history_windows;
+        let history = match &c.history_failure {
+            None => format!(
+                "planned on {} of {asked} statistics windows",
+                c.history_windows
+            ),
+            Some(e) => format!(
+                "planned on the current statistics window alone ({asked} asked): the workers' past windows could not be read ({e})"
+            ),
+        };
         pending.event(
-            EventType::Normal,
+            if c.history_failure.is_some() {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             "RemapStarted",
             "Remap",
             format!(
-                "{} remap to placement generation {generation}: layers {chosen:?}, predicted worst PAR {:.3} (now {:.3})",
+                "{} remap to placement generation {generation}: layers {chosen:?}, predicted worst PAR {:.3} (now {:.3}), {history}",
                 c.trigger.as_str(),
                 par_predicted,
                 par_before
             ),
         );
-        info!(%ns, %name, generation, layers = ?chosen, par_before, par_predicted, "remap committed");
+        info!(%ns, %name, generation, layers = ?chosen, par_before, par_predicted, windows = c.history_windows, "remap committed");
         Ok(out.soon(RemapView::Running {
             generation,
             layers_done: 0,
@@ -808,6 +862,7 @@ fn finished_record(
         par_before: running.par_before,
         par_predicted: running.par_predicted,
         par_after: None,
+        history_windows: running.history_windows,
         started_at: running.started_at.clone(),
         finished_at: Some(finished_at),
         result: result.into(),
@@ -822,30 +877,52 @@ struct Diverged {
     event: String,
 }
 
+/// The closed windows a plan uses beside the current one, and what became of the ask.
+struct PastWindows {
+    /// Oldest first, at most `historyWindows - 1`.
+    windows: Vec<Vec<Vec<f64>>>,
+    /// Why none were read although some were wanted (a rank did not answer).
+    failure: Option<String>,
+}
+
 /// The group's closed windows before the current one (oldest first, at most
 /// `history_windows - 1`), for planning over episodes. Asked for only when a plan is made, as
-/// the bodies grow with the history; a rank that cannot answer leaves the plan to the current
-/// window alone rather than holding it.
+/// the bodies grow with the history. `now_step` is the lowest step of the reports the current
+/// window came from: a closed window that shares steps with it is left out
+/// ([`moe_api::LoadEpisode::group_history`]), so one more than needed is asked for. A rank that
+/// cannot answer leaves the plan to the current window alone rather than holding it, and the
+/// remap says so.
 async fn past_windows(
     ctx: &Context,
     endpoints: &[Endpoint],
     history_windows: u32,
-) -> Vec<Vec<Vec<f64>>> {
+    now_step: u64,
+) -> PastWindows {
     let want = history_windows.saturating_sub(1) as usize;
     if want == 0 {
-        return Vec::new();
+        return PastWindows {
+            windows: Vec::new(),
+            failure: None,
+        };
     }
+    let ask = (want + 1).min(moe_api::MAX_LOAD_HISTORY);
     let answers = join_all(
         endpoints
             .iter()
-            .map(|e| ctx.workers.load_with_history(e, want)),
+            .map(|e| ctx.workers.load_with_history(e, ask)),
     )
     .await;
     match answers.into_iter().collect::<Result<Vec<_>, _>>() {
-        Ok(reports) => moe_api::LoadEpisode::group_history(&reports, want),
+        Ok(reports) => PastWindows {
+            windows: moe_api::LoadEpisode::group_history(&reports, want, now_step),
+            failure: None,
+        },
         Err(e) => {
             warn!(error = %e, "could not read the workers' past windows; planning from the current one");
-            Vec::new()
+            PastWindows {
+                windows: Vec::new(),
+                failure: Some(e.to_string()),
+            }
         }
     }
 }

@@ -148,6 +148,12 @@ pub struct RemapRecord {
     /// Worst PAR of the remapped layers measured on statistics recorded under the new placement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub par_after: Option<f64>,
+    /// Statistics windows the plan was made on: the current one and the closed ones before it.
+    /// Fewer than `spec.eplb.historyWindows` when the workers had not kept as many (the group
+    /// started or restarted less than that many windows ago) or one did not answer (the
+    /// `RemapStarted` event says which). Absent on a remap resumed from the placement alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_windows: Option<u32>,
     pub started_at: Time,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Time>,
@@ -170,5 +176,11 @@ pub struct RemapProgressStatus {
     pub ranks_done: u32,
     pub par_before: f64,
     pub par_predicted: f64,
+    /// Statistics windows the plan was made on: the current one and the closed ones before it.
+    /// Fewer than `spec.eplb.historyWindows` when the workers had not kept as many (the group
+    /// started or restarted less than that many windows ago) or one did not answer (the
+    /// `RemapStarted` event says which). Absent on a remap resumed from the placement alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_windows: Option<u32>,
     pub started_at: Time,
 }

@@ -400,6 +400,8 @@ pub struct WorkersState {
     pub unreachable: bool,
     /// Answer remaps with 401 (the rank holds another control token).
     pub unauthorized: bool,
+    /// `GET /v1/load?history=N` asks answered (the operator asks only when it plans).
+    pub history_asks: usize,
 }
 
 impl FakeWorkers {
@@ -455,6 +457,33 @@ impl FakeWorkers {
     }
 }
 
+impl FakeWorkers {
+    /// Every rank's report moves to group step `step`.
+    pub fn set_step(&self, step: u64) {
+        let mut st = self.state.lock().unwrap();
+        for report in st.loads.values_mut() {
+            report.step = step;
+        }
+    }
+
+    /// Every rank keeps closed windows of `steps` steps ending at `ends`, each with its
+    /// current slot counts as the logical counts (the initial placement of the tests is a
+    /// permutation, which the planner does not mind for this purpose).
+    pub fn set_history(&self, ends: &[u64], steps: u64) {
+        let mut st = self.state.lock().unwrap();
+        for report in st.loads.values_mut() {
+            report.history = ends
+                .iter()
+                .map(|&end_step| moe_api::LoadEpisode {
+                    end_step,
+                    steps,
+                    logical_counts: report.slot_counts.clone(),
+                })
+                .collect();
+        }
+    }
+}
+
 fn unreachable(ep: &Endpoint) -> WorkerError {
     WorkerError::Transport {
         url: ep.base_url.clone(),
@@ -486,6 +515,28 @@ impl WorkerApi for FakeWorkers {
                 .get(&ep.rank)
                 .cloned()
                 .ok_or_else(|| unreachable(ep))
+        })
+    }
+
+    fn load_with_history<'a>(
+        &'a self,
+        ep: &'a Endpoint,
+        windows: usize,
+    ) -> BoxFuture<'a, Result<LoadReport, WorkerError>> {
+        Box::pin(async move {
+            let mut st = self.state.lock().unwrap();
+            st.history_asks += 1;
+            if st.unreachable {
+                return Err(unreachable(ep));
+            }
+            let mut report = st
+                .loads
+                .get(&ep.rank)
+                .cloned()
+                .ok_or_else(|| unreachable(ep))?;
+            let keep = report.history.len().saturating_sub(windows);
+            report.history.drain(..keep);
+            Ok(report)
         })
     }
 
