@@ -531,7 +531,8 @@ pub struct EplbSpec {
     #[serde(default = "default_window")]
     #[schemars(range(min = 1, max = 1000000))]
     pub window_steps: u32,
-    /// Minimum time between two remaps, in seconds.
+    /// Minimum time between two remaps, in seconds: from the end of one (the last remap's
+    /// `finishedAt`) to the start of the next.
     #[serde(default = "default_replan_interval")]
     #[schemars(range(min = 0, max = 604800))]
     pub replan_interval_seconds: u32,

@@ -31,8 +31,10 @@ pub struct DecisionInput<'a> {
     pub remap_request: Option<&'a str>,
     /// `status.lastHandledRemapRequest`.
     pub last_handled_request: Option<&'a str>,
-    /// Start of the last remap (for the re-plan interval).
-    pub last_remap_started: Option<Timestamp>,
+    /// When the last remap ended (its start where no end is recorded), for the re-plan
+    /// interval: counted from the end, so a remap slower than the interval is not followed at
+    /// once by another judged on the first short window under the new placement.
+    pub last_remap_ended: Option<Timestamp>,
     pub now: Timestamp,
     /// Measured PAR per layer under the committed placement.
     pub layer_par: &'a [f64],
@@ -134,7 +136,7 @@ pub fn decide(i: &DecisionInput<'_>) -> Decision {
             ),
         );
     }
-    if let Some(last) = i.last_remap_started {
+    if let Some(last) = i.last_remap_ended {
         let next = last
             .checked_add(jiff::SignedDuration::from_secs(i64::from(
                 e.replan_interval_seconds,
@@ -416,7 +418,7 @@ mod tests {
             eplb,
             remap_request: None,
             last_handled_request: None,
-            last_remap_started: None,
+            last_remap_ended: None,
             now: Timestamp::from_second(10_000).unwrap(),
             layer_par: par,
             window_steps: 1000,
@@ -471,9 +473,9 @@ mod tests {
         };
         assert_eq!(message(&[1.1, 1.05]), message(&[1.02, 1.07]));
         let mut cool = input(&e, &[1.5, 1.0]);
-        cool.last_remap_started = Some(Timestamp::from_second(10_000 - 10).unwrap());
+        cool.last_remap_ended = Some(Timestamp::from_second(10_000 - 10).unwrap());
         let mut hotter = input(&e, &[1.7, 1.0]);
-        hotter.last_remap_started = cool.last_remap_started;
+        hotter.last_remap_ended = cool.last_remap_ended;
         let (Decision::Hold { message: a, .. }, Decision::Hold { message: b, .. }) =
             (decide(&cool), decide(&hotter))
         else {
@@ -526,7 +528,7 @@ mod tests {
         let e = EplbSpec::default();
         let par = [2.0];
         let mut i = input(&e, &par);
-        i.last_remap_started = Some(Timestamp::from_second(10_000 - 10).unwrap());
+        i.last_remap_ended = Some(Timestamp::from_second(10_000 - 10).unwrap());
         assert!(matches!(
             decide(&i),
             Decision::Hold {
@@ -534,7 +536,7 @@ mod tests {
                 ..
             }
         ));
-        i.last_remap_started = Some(Timestamp::from_second(10_000 - 301).unwrap());
+        i.last_remap_ended = Some(Timestamp::from_second(10_000 - 301).unwrap());
         assert!(matches!(decide(&i), Decision::Remap { .. }));
         i.window_steps = 5;
         assert!(matches!(
@@ -587,7 +589,7 @@ mod tests {
         let mut i = input(&disabled, &par);
         i.remap_request = Some("2026-11-22T09:00");
         i.last_handled_request = Some("old");
-        i.last_remap_started = Some(i.now);
+        i.last_remap_ended = Some(i.now);
         assert_eq!(
             decide(&i),
             Decision::Remap {

@@ -766,6 +766,29 @@ async fn a_remap_plans_on_the_closed_windows_before_the_current_one() {
     assert_eq!(st["remap"]["historyWindows"], 2, "{st}");
 }
 
+/// The re-plan interval counts from the end of the last remap: one that ran longer than the
+/// interval is not followed at once by another.
+#[tokio::test]
+async fn the_replan_interval_counts_from_the_end_of_the_last_remap() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    h.workers.set_load(skewed(), 0, 100);
+    let now = jiff::Timestamp::now();
+    let ago = |s: i64| (now - jiff::SignedDuration::from_secs(s)).to_string();
+    let mut obj = h.api.get(MOED).unwrap();
+    obj["status"]["lastRemap"] = json!({
+        "generation": 0, "trigger": "Threshold", "layers": [0], "parBefore": 1.5,
+        "parPredicted": 1.1, "startedAt": ago(1000), "finishedAt": ago(10),
+        "result": "Succeeded"
+    });
+    h.api.put(MOED, obj);
+    h.reconcile().await;
+    let rebalancing = h.condition("Rebalancing");
+    assert_eq!(rebalancing["reason"], "Cooldown", "{rebalancing}");
+    assert!(h.status()["remap"].is_null(), "{}", h.status());
+}
+
 /// A threshold-triggered plan that moves nothing is not made again on every poll: its answer
 /// stands until a statistics window closes. Expert 0 carries almost all of layer 0's load and
 /// has no redundant slot, so no placement is better.

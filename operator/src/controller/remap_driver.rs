@@ -563,7 +563,10 @@ impl Step<'_> {
             eplb: &spec.eplb,
             remap_request: spec.remap_request.as_deref(),
             last_handled_request: st.last_handled_remap_request.as_deref(),
-            last_remap_started: st.last_remap.as_ref().map(|l| l.started_at.0),
+            last_remap_ended: st
+                .last_remap
+                .as_ref()
+                .map(|l| l.finished_at.as_ref().unwrap_or(&l.started_at).0),
             now: Timestamp::now(),
             layer_par: &m.layer_par,
             window_steps: m.window,
