@@ -766,6 +766,32 @@ async fn a_remap_plans_on_the_closed_windows_before_the_current_one() {
     assert_eq!(st["remap"]["historyWindows"], 2, "{st}");
 }
 
+/// A rank's address that reaches another rank (its report says so) is not summed: that
+/// rank would count twice.
+#[tokio::test]
+async fn a_report_from_another_rank_than_the_address_is_not_counted() {
+    let h = Harness::new(spec_json());
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    h.workers.set_load(skewed(), 0, 100);
+    {
+        let mut st = h.workers.state.lock().unwrap();
+        let zero = st.loads[&0].clone();
+        st.loads.insert(1, zero);
+    }
+    h.reconcile().await;
+    let rebalancing = h.condition("Rebalancing");
+    assert_eq!(rebalancing["reason"], "WorkersUnreachable", "{rebalancing}");
+    assert!(
+        rebalancing["message"]
+            .as_str()
+            .unwrap()
+            .contains("answered as rank 0, not rank 1"),
+        "{rebalancing}"
+    );
+    assert!(h.status()["remap"].is_null(), "{}", h.status());
+}
+
 /// The re-plan interval counts from the end of the last remap: one that ran longer than the
 /// interval is not followed at once by another.
 #[tokio::test]

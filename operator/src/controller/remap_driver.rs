@@ -506,6 +506,21 @@ impl Step<'_> {
             Ok(v) => v,
             Err((rank, e)) => return Err(out.workers_unreachable(rank, e)),
         };
+        // Counts are summed over ranks: an address that reached another rank (a pod IP taken
+        // over by another pod of the group) would count that rank twice.
+        if let Some((ep, r)) = endpoints
+            .iter()
+            .zip(&reports)
+            .find(|(ep, r)| ep.rank != r.rank)
+        {
+            return Err(out.workers_unreachable(
+                ep.rank,
+                format!(
+                    "{} answered as rank {}, not rank {}: its address is stale",
+                    ep.base_url, r.rank, ep.rank
+                ),
+            ));
+        }
         let window = reports.iter().map(|r| r.window_steps).min().unwrap_or(0);
         // Counts recorded under an older placement say little about this one.
         let current_counts = reports.iter().all(|r| {
