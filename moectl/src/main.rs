@@ -10,6 +10,7 @@ mod convert;
 mod eval;
 mod inputs;
 mod model;
+mod outfile;
 mod outputs;
 mod plan_output;
 mod record;
@@ -272,6 +273,8 @@ pub(crate) fn refuse_overwrite(
     Ok(())
 }
 
+/// Writes `text` to the file `output` (replaced atomically when it is a regular file, written
+/// in place when it is a device or a FIFO: see [`outfile`]) or to standard output.
 pub(crate) fn write_out(output: Option<&Path>, text: &[u8]) -> Result<(), Fail> {
     write_out_with(output, |w| w.write_all(text))
 }
@@ -283,18 +286,8 @@ pub(crate) fn write_out_with(
     write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
 ) -> Result<(), Fail> {
     match output {
-        Some(p) => {
-            // Write to a sibling temporary file, then rename: a failure leaves nothing behind.
-            let tmp = p.with_extension("moectl-tmp");
-            let fail = |e| Fail(format!("cannot write {}: {e}", p.display()));
-            let mut file = std::fs::File::create(&tmp).map_err(fail)?;
-            write(&mut file)
-                .and_then(|()| std::fs::rename(&tmp, p))
-                .map_err(|e| {
-                    let _ = std::fs::remove_file(&tmp);
-                    fail(e)
-                })
-        }
+        Some(p) => outfile::write_file(p, write)
+            .map_err(|e| Fail(format!("cannot write {}: {e}", p.display()))),
         None => print_with(|out| {
             write(out)?;
             out.write_all(b"\n")

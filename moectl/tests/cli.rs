@@ -1351,3 +1351,46 @@ fn every_flag_is_described() {
         }
     }
 }
+
+/// `--output` through a symlink updates the file it points to (the link stays a link), keeps
+/// that file's permissions, and an input named as the old temporary (`x.moectl-tmp` for
+/// `x.json`) survives.
+#[test]
+fn output_keeps_links_permissions_and_inputs() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Dir::new("output-kinds");
+    let load = d.file("x.moectl-tmp", LOAD);
+    let real = d.file("real.json", "old");
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let link = d.path("x.json");
+    std::os::unix::fs::symlink("real.json", &link).unwrap();
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--output",
+        &link,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&real).unwrap()).unwrap();
+    assert_eq!(v["num_layers"], 2);
+    let mode = std::fs::metadata(&real).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(std::fs::read_to_string(&load).unwrap(), LOAD);
+    let mut left: Vec<String> = std::fs::read_dir(&d.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["real.json", "x.json", "x.moectl-tmp"]);
+}
