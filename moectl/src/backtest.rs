@@ -43,8 +43,8 @@ pub struct BacktestArgs {
     /// Redundant expert slots per layer. Default: the recorded placement's.
     #[arg(long)]
     redundant: Option<usize>,
-    /// Nodes the ranks are spread over (ranks divide evenly). Default: the recorded
-    /// placement's, else 1.
+    /// Nodes the ranks are spread over (ranks divide evenly). Default: --previous's, else the
+    /// recorded placement's, else 1.
     #[arg(long)]
     nodes: Option<usize>,
     /// Expert groups (1 = none).
@@ -369,6 +369,7 @@ fn read_trace(
         a.experts,
         a.previous.as_deref(),
         ranks,
+        a.nodes,
         notes,
     )?;
     let experts = load.history.num_experts();
@@ -379,9 +380,11 @@ fn read_trace(
             .redundant
             .or(recorded_redundant)
             .ok_or_else(|| Fail("--redundant: give the redundant expert slots per layer".into()))?,
-        // The recorded nodes divide the recorded ranks, not necessarily others.
+        // --previous says its nodes (or had --nodes fill them in). The recorded nodes divide
+        // the recorded ranks, not necessarily others.
         nodes: a
             .nodes
+            .or(prev.as_ref().map(|p| p.num_nodes))
             .or(start.filter(|p| p.num_ranks == ranks).map(|p| p.num_nodes))
             .unwrap_or(1),
     };

@@ -73,9 +73,9 @@ enum Command {
         #[arg(long)]
         redundant: usize,
         /// Nodes the ranks are spread over (ranks divide evenly): joint keeps tokens on their
-        /// node within --node-slack.
-        #[arg(long, default_value_t = 1)]
-        nodes: usize,
+        /// node within --node-slack. Default: --previous's, else 1.
+        #[arg(long)]
+        nodes: Option<usize>,
         /// Expert groups (1 = none).
         #[arg(long, default_value_t = 1)]
         groups: usize,
@@ -364,7 +364,7 @@ fn plan(
     load: &Path,
     ranks: usize,
     redundant: usize,
-    nodes: usize,
+    nodes: Option<usize>,
     groups: usize,
     algorithm: &str,
     previous: Option<&Path>,
@@ -395,8 +395,11 @@ fn plan(
         experts,
         previous,
         ranks,
+        nodes,
         notes,
     )?;
+    // A re-planned placement stays on the nodes of the one it changes.
+    let nodes = nodes.or(prev.as_ref().map(|p| p.num_nodes)).unwrap_or(1);
     if format == Format::Sglang {
         inputs::need_layout(load.layout.as_ref())?;
     }

@@ -1394,3 +1394,32 @@ fn output_keeps_links_permissions_and_inputs() {
     left.sort();
     assert_eq!(left, ["real.json", "x.json", "x.moectl-tmp"]);
 }
+
+/// `plan --previous` keeps the previous placement's nodes when `--nodes` is not given (a
+/// 2-node placement re-planned stays on 2 nodes) and refuses a `--nodes` that contradicts it.
+#[test]
+fn plan_takes_the_nodes_of_previous() {
+    let d = Dir::new("plan-prev-nodes");
+    let load = d.file("load.json", LOAD);
+    let two = d.path("two.json");
+    let plan = |extra: &[&str]| {
+        let base = ["plan", "--load", &load, "--ranks", "4", "--redundant", "4"];
+        moectl(&[&base[..], extra].concat())
+    };
+    let o = plan(&["--nodes", "2", "--output", &two]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = plan(&["--previous", &two]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["num_nodes"], 2, "{v}");
+    let o = plan(&["--previous", &two, "--nodes", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = plan(&["--previous", &two, "--nodes", "1"]);
+    assert_bad(
+        &o,
+        &format!("--nodes 1 contradicts --previous {two}, which has 2 nodes"),
+    );
+    // Without --previous the default is still 1.
+    let v: Value = serde_json::from_str(&stdout(&plan(&[]))).unwrap();
+    assert_eq!(v["num_nodes"], 1, "{v}");
+}
