@@ -121,7 +121,7 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     }
     let recorded = crate::record::context_of(&a.load).map_err(Fail)?;
     if let Some(out) = &a.markdown {
-        crate::refuse_overwrite(
+        crate::outfile::check_output(
             out,
             "--markdown",
             &[
@@ -130,6 +130,9 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
                 a.layout.model.as_deref(),
             ],
         )?;
+    }
+    if let Some(dir) = &a.export {
+        crate::outfile::check_output_dir(dir, "--export")?;
     }
     let mut trace = read_trace(a, &recorded, notes)?;
     trace.deployed = recorded.deployment.clone().map(|(name, eplb)| Deployed {

@@ -98,6 +98,13 @@ fn engines_json(b: &Balancedness) -> Value {
 
 /// Evaluates; what the readers had to assume goes to `notes`, also when a later step fails.
 pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
+    if let Some(path) = a.svg {
+        crate::outfile::check_output(
+            path,
+            "--svg",
+            &[Some(a.placement), Some(a.load), a.previous],
+        )?;
+    }
     let mut load = inputs::read_load(a.load, a.layout)?;
     notes.append(&mut load.notes);
     // E: the load's columns, unless they count slots (then --experts, for maps that list
@@ -156,11 +163,6 @@ pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         None => None,
     };
     if let Some(path) = a.svg {
-        crate::refuse_overwrite(
-            path,
-            "--svg",
-            &[Some(a.placement), Some(a.load), a.previous],
-        )?;
         let mut panels = Vec::new();
         if let Some(pp) = &prev {
             panels.push(svg::Panel {

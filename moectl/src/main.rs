@@ -251,28 +251,6 @@ impl<E: std::fmt::Display> From<E> for Fail {
     }
 }
 
-/// Refuses an output file that is one of the inputs (`eval --placement p.json --svg p.json`
-/// would replace the placement with a heatmap).
-pub(crate) fn refuse_overwrite(
-    out: &Path,
-    flag: &str,
-    inputs: &[Option<&Path>],
-) -> Result<(), Fail> {
-    // An output that does not exist yet cannot be an input.
-    let Ok(out_real) = out.canonicalize() else {
-        return Ok(());
-    };
-    for input in inputs.iter().flatten() {
-        if input.canonicalize().is_ok_and(|i| i == out_real) {
-            return Err(Fail(format!(
-                "{flag} {} is also an input: writing it would replace that input; choose another file",
-                out.display()
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// Writes `text` to the file `output` (replaced atomically when it is a regular file, written
 /// in place when it is a device or a FIFO: see [`outfile`]) or to standard output.
 pub(crate) fn write_out(output: Option<&Path>, text: &[u8]) -> Result<(), Fail> {
@@ -381,7 +359,7 @@ fn plan(
 ) -> Result<(), Fail> {
     let planner = planner_by_name(algorithm)?;
     if let Some(out) = output {
-        refuse_overwrite(
+        outfile::check_output(
             out,
             "--output",
             &[Some(load), previous, layout.model.as_deref()],

@@ -9,6 +9,65 @@ use std::fs::{File, OpenOptions, Permissions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use crate::Fail;
+
+/// Refuses, before any work (a backtest may run for minutes), an output that cannot be
+/// written: an existing directory, a file in a directory that does not exist, or one of the
+/// inputs (`eval --placement p.json --svg p.json` would replace the placement with a
+/// heatmap). `flag` names the output in the message.
+pub(crate) fn check_output(out: &Path, flag: &str, inputs: &[Option<&Path>]) -> Result<(), Fail> {
+    let shown = out.display();
+    if out.is_dir() {
+        return Err(Fail(format!(
+            "{flag} {shown} is a directory: give a file name"
+        )));
+    }
+    let dir = parent_dir(out);
+    if !dir.is_dir() {
+        return Err(Fail(format!(
+            "{flag} {shown}: the directory {} does not exist",
+            dir.display()
+        )));
+    }
+    refuse_overwrite(out, flag, inputs)
+}
+
+/// Refuses an output directory (`--export DIR`) that exists as something else.
+pub(crate) fn check_output_dir(dir: &Path, flag: &str) -> Result<(), Fail> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(Fail(format!(
+            "{flag} {} exists and is not a directory: give a directory",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// The directory a path is in (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// Refuses an output file that is one of the inputs.
+fn refuse_overwrite(out: &Path, flag: &str, inputs: &[Option<&Path>]) -> Result<(), Fail> {
+    // An output that does not exist yet cannot be an input.
+    let Ok(out_real) = out.canonicalize() else {
+        return Ok(());
+    };
+    for input in inputs.iter().flatten() {
+        if input.canonicalize().is_ok_and(|i| i == out_real) {
+            return Err(Fail(format!(
+                "{flag} {} is also an input: writing it would replace that input; choose another file",
+                out.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// How many links a chain may have before it is taken for a loop (Linux's own limit).
 const MAX_LINKS: usize = 40;
 
@@ -112,10 +171,7 @@ fn create_temp(path: &Path) -> io::Result<(PathBuf, File)> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = parent_dir(path);
     let pid = std::process::id();
     for n in 0..100u32 {
         let suffix = if n == 0 {

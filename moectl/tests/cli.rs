@@ -1423,3 +1423,103 @@ fn plan_takes_the_nodes_of_previous() {
     let v: Value = serde_json::from_str(&stdout(&plan(&[]))).unwrap();
     assert_eq!(v["num_nodes"], 1, "{v}");
 }
+
+/// An output that cannot be written (an existing directory, a file in a directory that does
+/// not exist) is refused before the work, naming its flag: nothing is printed first.
+#[test]
+fn unwritable_outputs_are_refused_before_the_work() {
+    let d = Dir::new("unwritable");
+    let load = d.file("load.json", LOAD);
+    let placement = d.path("p.json");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--output",
+        &placement,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let trace = d.file("trace.json", &format!("[{LOAD}, {LOAD}, {LOAD}]"));
+    let dir = d.path("");
+    let missing = d.path("missing/out.txt");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "plan",
+                "--load",
+                &load,
+                "--ranks",
+                "4",
+                "--redundant",
+                "4",
+                "--output",
+            ],
+            "--output",
+        ),
+        (
+            vec!["eval", "--placement", &placement, "--load", &load, "--svg"],
+            "--svg",
+        ),
+        (
+            vec![
+                "backtest",
+                "--load",
+                &trace,
+                "--ranks",
+                "4",
+                "--redundant",
+                "4",
+                "--history",
+                "1",
+                "--markdown",
+            ],
+            "--markdown",
+        ),
+        (
+            vec!["bench", "--shape", "small", "--repeats", "1", "--markdown"],
+            "--markdown",
+        ),
+        (
+            vec!["convert", "--input", &load, "--to", "windows", "--output"],
+            "--output",
+        ),
+        (
+            vec![
+                "record",
+                "--worker",
+                "http://127.0.0.1:9",
+                "--idle-seconds",
+                "1",
+                "--output",
+            ],
+            "--output",
+        ),
+    ];
+    for (args, flag) in &cases {
+        let o = moectl(&[&args[..], &[dir.as_str()]].concat());
+        assert_bad(&o, &format!("{flag} {dir} is a directory"));
+        let o = moectl(&[&args[..], &[missing.as_str()]].concat());
+        assert_bad(&o, &format!("{flag} {missing}: the directory"));
+    }
+    // --export is a directory: an existing file there is refused.
+    let o = moectl(&[
+        "backtest",
+        "--load",
+        &trace,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--history",
+        "1",
+        "--export",
+        &load,
+    ]);
+    assert_bad(&o, "--export");
+    let o = moectl(&["bench", "--export", &load]);
+    assert_bad(&o, "--export");
+}

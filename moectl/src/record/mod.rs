@@ -105,6 +105,8 @@ pub fn record(a: &RecordArgs) -> Result<(), Fail> {
         Some(_) => None,
         None => Some(WorkerUrls::new(&a.workers)?),
     };
+    // Before the first poll: the file is written after each one.
+    crate::outfile::check_output(&a.output, "--output", &[])?;
     let mut rec = read_existing(&a.output)?;
     if a.windows.is_some_and(|n| rec.windows.len() >= n) {
         say_recorded(&rec, a, "already");
