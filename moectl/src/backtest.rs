@@ -119,6 +119,7 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
             a.aggregate
         )));
     }
+    check_counts(a)?;
     let recorded = crate::record::context_of(&a.load).map_err(Fail)?;
     if let Some(out) = &a.markdown {
         crate::outfile::check_output(
@@ -157,6 +158,9 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         layout.nodes,
         a.groups,
     )?;
+    if let (Some(p), Some(file)) = (&trace.prev, &a.previous) {
+        inputs::check_previous_fits(p, file, &shape)?;
+    }
     let bs = BenchShape {
         name: "recorded",
         num_layers: history.num_layers(),
@@ -165,7 +169,7 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     let &[h] = histories.as_slice() else {
         return sweep::backtest_histories(a, &opts, &bs, trace, &histories, notes);
     };
-    let stride = a.stride.unwrap_or(h);
+    let stride = stride_of(a, h)?;
     let inputs = RollingInputs::recorded(&bs, history, h, stride, a.steps, trace.prev.clone())
         .map_err(|e| replay_error(a, e))?;
     let inputs = match trace.window_ends.clone() {
@@ -214,6 +218,33 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         write_out(Some(path), doc.as_bytes())?;
     }
     Ok(())
+}
+
+/// Refuses a count flag of 0 by name, before the trace is read.
+fn check_counts(a: &BacktestArgs) -> Result<(), Fail> {
+    for (flag, value, what) in [
+        ("--ranks", a.ranks, "EP rank"),
+        ("--nodes", a.nodes, "node"),
+        ("--groups", Some(a.groups), "expert group (1 = none)"),
+    ] {
+        if let Some(v) = value {
+            inputs::at_least_one(flag, v, what)?;
+        }
+    }
+    Ok(())
+}
+
+/// The windows between steps of a single-history replay: --stride, else the history. A
+/// defaulted stride out of range is --history's to fix (no --stride was given).
+fn stride_of(a: &BacktestArgs, history: usize) -> Result<usize, Fail> {
+    match a.stride {
+        Some(t) => Ok(t),
+        None if history > rolling::MAX_STRIDE => Err(Fail(format!(
+            "--history {history}: give between 1 and {} windows (the stride between steps defaults to it; --stride sets it apart)",
+            rolling::MAX_STRIDE
+        ))),
+        None => Ok(history),
+    }
 }
 
 /// The replay's options: the default rows, a trigger row per `--threshold`, and one for the

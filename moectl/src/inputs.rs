@@ -628,6 +628,28 @@ pub fn read_load_and_previous(
     Ok((load, prev))
 }
 
+/// Refuses a `--previous` of another layout than the one planned (`shape`), naming the flag,
+/// the file and the flags that would match it (eplb's message names neither).
+pub fn check_previous_fits(prev: &Placement, file: &Path, shape: &eplb::Shape) -> Result<(), Fail> {
+    prev.check_shape(shape).map_err(|e| {
+        let redundant = prev.num_slots().saturating_sub(prev.num_logical_experts);
+        Fail(format!(
+            "--previous {}: {e}: plan with the previous placement's --ranks {} --redundant {redundant}, or drop --previous",
+            file.display(),
+            prev.num_ranks
+        ))
+    })
+}
+
+/// Refuses 0 for a count flag (`--ranks 0`) with the flag's name; eplb's shape check would
+/// say only "the number of ranks must be at least 1".
+pub fn at_least_one(flag: &str, value: usize, what: &str) -> Result<(), Fail> {
+    if value == 0 {
+        return Err(Fail(format!("{flag} 0: give at least 1 {what}")));
+    }
+    Ok(())
+}
+
 /// The placement a recording by `moectl record` carries (what the group served when it began),
 /// read as a `--previous` file would be.
 pub fn read_recorded_placement(

@@ -358,6 +358,16 @@ fn plan(
     notes: &mut Vec<String>,
 ) -> Result<(), Fail> {
     let planner = planner_by_name(algorithm)?;
+    inputs::at_least_one("--ranks", ranks, "EP rank")?;
+    if let Some(n) = nodes {
+        inputs::at_least_one("--nodes", n, "node")?;
+    }
+    inputs::at_least_one("--groups", groups, "expert group (1 = none)")?;
+    if algorithm == "incremental" && previous.is_none() {
+        return Err(Fail(
+            "--algorithm incremental needs --previous (the placement it changes)".into(),
+        ));
+    }
     if let Some(out) = output {
         outfile::check_output(
             out,
@@ -383,6 +393,9 @@ fn plan(
     }
     let history = load.history;
     let shape = Shape::new(history.num_experts(), redundant, ranks, nodes, groups)?;
+    if let (Some(p), Some(file)) = (&prev, previous) {
+        inputs::check_previous_fits(p, file, &shape)?;
+    }
     if threshold.is_some() && prev.is_none() {
         return Err(Fail(
             "--threshold needs --previous (the placement whose PAR is compared)".into(),

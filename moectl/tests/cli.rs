@@ -1523,3 +1523,61 @@ fn unwritable_outputs_are_refused_before_the_work() {
     let o = moectl(&["bench", "--export", &load]);
     assert_bad(&o, "--export");
 }
+
+/// Errors name the flag (and file) they are about, and say the fix.
+#[test]
+fn errors_name_their_flag() {
+    let d = Dir::new("errors-name-flag");
+    let load = d.file("load.json", LOAD);
+    let trace = d.file("trace.json", &format!("[{LOAD}, {LOAD}, {LOAD}]"));
+    let four = d.path("four.json");
+    let plan = |extra: &[&str]| {
+        let base = ["plan", "--load", &load, "--redundant", "4"];
+        moectl(&[&base[..], extra].concat())
+    };
+    let o = plan(&["--ranks", "4", "--output", &four]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A previous placement of another layout: which flag, which file, which flags fit it.
+    let o = plan(&["--ranks", "2", "--previous", &four]);
+    assert_bad(&o, &format!("--previous {four}: mismatch"));
+    assert!(
+        stderr(&o).contains("--ranks 4 --redundant 4, or drop --previous"),
+        "{}",
+        stderr(&o)
+    );
+    let backtest = |extra: &[&str]| {
+        let base = ["backtest", "--load", &trace, "--redundant", "4"];
+        moectl(&[&base[..], extra].concat())
+    };
+    let o = backtest(&["--ranks", "2", "--history", "1", "--previous", &four]);
+    assert_bad(&o, &format!("--previous {four}: mismatch"));
+    // The stride defaults to the history: too long a history is --history's fault.
+    let o = backtest(&["--ranks", "4", "--history", "1025"]);
+    assert_bad(&o, "--history 1025: give between 1 and 1024");
+    for o in [
+        plan(&["--ranks", "0"]),
+        backtest(&["--ranks", "0", "--history", "1"]),
+    ] {
+        assert_bad(&o, "--ranks 0: give at least 1");
+    }
+    assert_bad(&plan(&["--ranks", "4", "--nodes", "0"]), "--nodes 0");
+    assert_bad(&plan(&["--ranks", "4", "--groups", "0"]), "--groups 0");
+    let o = plan(&["--ranks", "4", "--algorithm", "incremental"]);
+    assert_bad(&o, "--algorithm incremental needs --previous");
+    // record: both ways to reach the ranks are named; --windows 0 is refused when parsed.
+    let out = d.path("rec.json");
+    let o = moectl(&["record", "--output", &out]);
+    assert_usage(&o, "--deployment");
+    assert!(stderr(&o).contains("--worker"), "{}", stderr(&o));
+    let o = moectl(&[
+        "record",
+        "--worker",
+        "http://127.0.0.1:9",
+        "--windows",
+        "0",
+        "--output",
+        &out,
+    ]);
+    assert_usage(&o, "give at least 1 window");
+    assert!(!std::path::Path::new(&out).exists());
+}
