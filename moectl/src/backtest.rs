@@ -336,14 +336,14 @@ fn markdown(
     };
     format!(
         "# EPLB backtest: {load} replayed\n\n\
-         `moectl backtest` on `{load}`: {} ({} experts, {} layers; {} ranks, {} redundant slots, \
+         `moectl backtest` on `{load}`: {} ({}, {}; {}, {} redundant slots, \
          {}), {} {} apart, each planning on {}.\n\n\
          Protocol: {PROTOCOL}\n\n{peers}{}\n## Next-window PAR step by step\n\n{}\n\
          ## Findings (computed from the table)\n\n{}",
         count(windows, "window"),
-        shape.num_experts,
-        bs.num_layers,
-        shape.num_ranks,
+        count(shape.num_experts, "expert"),
+        count(bs.num_layers, "layer"),
+        count(shape.num_ranks, "rank"),
         shape.num_redundant,
         count(shape.num_nodes, "node"),
         count(inputs.steps, "step"),

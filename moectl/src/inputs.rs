@@ -58,8 +58,8 @@ impl LayoutArgs {
         let path = self.model.as_deref().unwrap_or(Path::new("")).display();
         if history.num_layers() != d.num_moe_layers() {
             return Err(Fail(format!(
-                "the load has {} MoE layers but the checkpoint {path} has {} (decoder layers {:?})",
-                history.num_layers(),
+                "the load has {} but the checkpoint {path} has {} (decoder layers {:?})",
+                count(history.num_layers(), "MoE layer"),
                 d.num_moe_layers(),
                 d.moe_layers
             )));
@@ -82,8 +82,8 @@ impl LayoutArgs {
         if let Some(d) = self.model()? {
             if d.num_hidden_layers != rows {
                 return Err(Fail(format!(
-                    "--model has {} decoder layers but the SGLang file has {rows}",
-                    d.num_hidden_layers
+                    "--model has {} but the SGLang file has {rows}",
+                    count(d.num_hidden_layers, "decoder layer")
                 )));
             }
             return Ok(Some(model_layout(&d)?));
@@ -92,7 +92,8 @@ impl LayoutArgs {
             && n != rows
         {
             return Err(Fail(format!(
-                "--decoder-layers is {n} but the SGLang file has {rows} layers"
+                "--decoder-layers is {n} but the SGLang file has {}",
+                count(rows, "layer")
             )));
         }
         self.build(rows).map(Some)
@@ -133,7 +134,8 @@ impl LayoutArgs {
         } else if let Some(k) = self.first_dense {
             if k >= n {
                 return Err(Fail(format!(
-                    "--first-dense {k} leaves no MoE layer of {n} decoder layers"
+                    "--first-dense {k} leaves no MoE layer of {}",
+                    count(n, "decoder layer")
                 )));
             }
             DecoderLayout::first_dense(k, n - k)

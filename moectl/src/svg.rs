@@ -118,9 +118,9 @@ pub fn render(panels: &[Panel], history: &LoadHistory, source: &str) -> String {
             let mean_par = g.pars.iter().sum::<f64>() / g.pars.len().max(1) as f64;
             let worst = g.pars.iter().copied().fold(1.0, f64::max);
             format!(
-                "mean PAR {mean_par:.3}, worst {worst:.3}; {} ranks x {} slots",
-                panel.placement.num_ranks,
-                panel.placement.slots_per_rank()
+                "mean PAR {mean_par:.3}, worst {worst:.3}; {} x {}",
+                crate::inputs::count(panel.placement.num_ranks, "rank"),
+                crate::inputs::count(panel.placement.slots_per_rank(), "slot")
             )
         })
         .collect();

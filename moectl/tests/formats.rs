@@ -473,7 +473,7 @@ fn vllm_per_slot_loads_need_the_flag_and_map_through_the_previous_placement() {
     );
     let load = d.file("load.json", "[[60, 20, 5, 5]]");
     let o = moectl(&["eval", "--placement", &masked, "--load", &load, "--json"]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("ranks 1 hold no expert"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("rank 1 holds no expert"));
     let masked_par = json_of(&o)["mean_par"].clone();
     // vLLM's own state under its attribute name: SGLang's key, MoE layers only.
     let state = d.file(
@@ -779,7 +779,12 @@ fn convert_takes_the_expert_count_from_the_checkpoint_and_flags_shared_looking_i
     ]);
     let v = json_of(&o);
     assert_eq!(v["num_logical_experts"], 8, "{v}");
-    assert!(stderr(&o).contains("shared experts"), "{}", stderr(&o));
+    // One id: singular ("is a shared experts" before).
+    assert!(
+        stderr(&o).contains("id 8 is a shared expert ("),
+        "{}",
+        stderr(&o)
+    );
     let o = moectl(&["convert", "--input", &map, "--to", "placement"]);
     assert_eq!(json_of(&o)["num_logical_experts"], 9);
     assert!(stderr(&o).contains("--experts"), "{}", stderr(&o));
