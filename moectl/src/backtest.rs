@@ -43,8 +43,8 @@ pub struct BacktestArgs {
     /// Redundant expert slots per layer. Default: the recorded placement's.
     #[arg(long)]
     redundant: Option<usize>,
-    /// Nodes the ranks are spread over (ranks divide evenly). Default: the recorded
-    /// placement's, else 1.
+    /// Nodes the ranks are spread over (ranks divide evenly). Default: --previous's, else the
+    /// recorded placement's, else 1.
     #[arg(long)]
     nodes: Option<usize>,
     /// Expert groups (1 = none).
@@ -119,9 +119,10 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
             a.aggregate
         )));
     }
+    check_counts(a)?;
     let recorded = crate::record::context_of(&a.load).map_err(Fail)?;
     if let Some(out) = &a.markdown {
-        crate::refuse_overwrite(
+        crate::outfile::check_output(
             out,
             "--markdown",
             &[
@@ -130,6 +131,9 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
                 a.layout.model.as_deref(),
             ],
         )?;
+    }
+    if let Some(dir) = &a.export {
+        crate::outfile::check_output_dir(dir, "--export")?;
     }
     let mut trace = read_trace(a, &recorded, notes)?;
     trace.deployed = recorded.deployment.clone().map(|(name, eplb)| Deployed {
@@ -154,6 +158,9 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         layout.nodes,
         a.groups,
     )?;
+    if let (Some(p), Some(file)) = (&trace.prev, &a.previous) {
+        inputs::check_previous_fits(p, file, &shape)?;
+    }
     let bs = BenchShape {
         name: "recorded",
         num_layers: history.num_layers(),
@@ -162,7 +169,7 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     let &[h] = histories.as_slice() else {
         return sweep::backtest_histories(a, &opts, &bs, trace, &histories, notes);
     };
-    let stride = a.stride.unwrap_or(h);
+    let stride = stride_of(a, h)?;
     let inputs = RollingInputs::recorded(&bs, history, h, stride, a.steps, trace.prev.clone())
         .map_err(|e| replay_error(a, e))?;
     let inputs = match trace.window_ends.clone() {
@@ -211,6 +218,33 @@ pub fn backtest(a: &BacktestArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         write_out(Some(path), doc.as_bytes())?;
     }
     Ok(())
+}
+
+/// Refuses a count flag of 0 by name, before the trace is read.
+fn check_counts(a: &BacktestArgs) -> Result<(), Fail> {
+    for (flag, value, what) in [
+        ("--ranks", a.ranks, "EP rank"),
+        ("--nodes", a.nodes, "node"),
+        ("--groups", Some(a.groups), "expert group (1 = none)"),
+    ] {
+        if let Some(v) = value {
+            inputs::at_least_one(flag, v, what)?;
+        }
+    }
+    Ok(())
+}
+
+/// The windows between steps of a single-history replay: --stride, else the history. A
+/// defaulted stride out of range is --history's to fix (no --stride was given).
+fn stride_of(a: &BacktestArgs, history: usize) -> Result<usize, Fail> {
+    match a.stride {
+        Some(t) => Ok(t),
+        None if history > rolling::MAX_STRIDE => Err(Fail(format!(
+            "--history {history}: give between 1 and {} windows (the stride between steps defaults to it; --stride sets it apart)",
+            rolling::MAX_STRIDE
+        ))),
+        None => Ok(history),
+    }
 }
 
 /// The replay's options: the default rows, a trigger row per `--threshold`, and one for the
@@ -302,14 +336,14 @@ fn markdown(
     };
     format!(
         "# EPLB backtest: {load} replayed\n\n\
-         `moectl backtest` on `{load}`: {} ({} experts, {} layers; {} ranks, {} redundant slots, \
+         `moectl backtest` on `{load}`: {} ({}, {}; {}, {} redundant slots, \
          {}), {} {} apart, each planning on {}.\n\n\
          Protocol: {PROTOCOL}\n\n{peers}{}\n## Next-window PAR step by step\n\n{}\n\
          ## Findings (computed from the table)\n\n{}",
         count(windows, "window"),
-        shape.num_experts,
-        bs.num_layers,
-        shape.num_ranks,
+        count(shape.num_experts, "expert"),
+        count(bs.num_layers, "layer"),
+        count(shape.num_ranks, "rank"),
         shape.num_redundant,
         count(shape.num_nodes, "node"),
         count(inputs.steps, "step"),
@@ -369,6 +403,7 @@ fn read_trace(
         a.experts,
         a.previous.as_deref(),
         ranks,
+        a.nodes,
         notes,
     )?;
     let experts = load.history.num_experts();
@@ -379,9 +414,11 @@ fn read_trace(
             .redundant
             .or(recorded_redundant)
             .ok_or_else(|| Fail("--redundant: give the redundant expert slots per layer".into()))?,
-        // The recorded nodes divide the recorded ranks, not necessarily others.
+        // --previous says its nodes (or had --nodes fill them in). The recorded nodes divide
+        // the recorded ranks, not necessarily others.
         nodes: a
             .nodes
+            .or(prev.as_ref().map(|p| p.num_nodes))
             .or(start.filter(|p| p.num_ranks == ranks).map(|p| p.num_nodes))
             .unwrap_or(1),
     };

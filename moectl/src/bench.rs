@@ -21,6 +21,19 @@ pub(crate) struct Outputs<'a> {
     pub peers: Option<&'a Path>,
 }
 
+impl Outputs<'_> {
+    /// Refuses, before the benchmark runs, a --markdown or --export that cannot be written.
+    fn check(&self) -> Result<(), Fail> {
+        if let Some(path) = self.markdown {
+            crate::outfile::check_output(path, "--markdown", &[])?;
+        }
+        if let Some(dir) = self.export {
+            crate::outfile::check_output_dir(dir, "--export")?;
+        }
+        Ok(())
+    }
+}
+
 /// The rolling protocol's settings (`--rolling K --stride T`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Rolling {
@@ -77,6 +90,7 @@ pub(crate) fn bench(
             eplb::bench::DEFAULT_DRIFT
         )));
     }
+    out.check()?;
     let opts = eplb::bench::BenchOptions {
         history,
         seed,

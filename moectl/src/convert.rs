@@ -102,7 +102,7 @@ fn placement_rows(path: &Path) -> Result<Option<Option<usize>>, Fail> {
 /// Converts; what the readers had to assume goes to `notes`, also when a later step fails.
 pub fn convert(a: &ConvertArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     if let Some(out) = a.output {
-        crate::refuse_overwrite(
+        crate::outfile::check_output(
             out,
             "--output",
             &[Some(a.input), a.placement, a.layout.model.as_deref()],

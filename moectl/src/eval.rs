@@ -98,6 +98,13 @@ fn engines_json(b: &Balancedness) -> Value {
 
 /// Evaluates; what the readers had to assume goes to `notes`, also when a later step fails.
 pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
+    if let Some(path) = a.svg {
+        crate::outfile::check_output(
+            path,
+            "--svg",
+            &[Some(a.placement), Some(a.load), a.previous],
+        )?;
+    }
     let mut load = inputs::read_load(a.load, a.layout)?;
     notes.append(&mut load.notes);
     // E: the load's columns, unless they count slots (then --experts, for maps that list
@@ -114,6 +121,9 @@ pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         .previous
         .map(|f| inputs::read_user_placement(f, experts, &flags, layout.as_ref(), notes))
         .transpose()?;
+    if let (Some(pp), Some(file)) = (&prev, a.previous) {
+        check_previous(pp, file, &p, a.placement)?;
+    }
     // A per-slot load was recorded while the previous placement served (or, without one, the
     // evaluated placement).
     let (through, through_file, flag) = match (&prev, a.previous) {
@@ -127,15 +137,13 @@ pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     }
     notes.append(&mut load.notes);
     let history = load.history;
-    let now = summarize(&p, &history)?;
-    let before = match &prev {
-        Some(pp)
-            if pp.num_layers == p.num_layers && pp.num_logical_experts == p.num_logical_experts =>
-        {
-            Some(summarize(pp, &history)?)
-        }
-        _ => None,
-    };
+    let now = summarize(&p, &history)
+        .map_err(|Fail(e)| Fail(format!("--placement {}: {e}", a.placement.display())))?;
+    // Same layers and experts (checked above): its PAR under the same load is comparable.
+    let before = prev
+        .as_ref()
+        .map(|pp| summarize(pp, &history))
+        .transpose()?;
     // Slots correspond only between placements of the same size; a previous placement with
     // other slots (say, fewer redundant experts) is still compared by PAR.
     let mig = match &prev {
@@ -155,11 +163,6 @@ pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
         None => None,
     };
     if let Some(path) = a.svg {
-        crate::refuse_overwrite(
-            path,
-            "--svg",
-            &[Some(a.placement), Some(a.load), a.previous],
-        )?;
         let mut panels = Vec::new();
         if let Some(pp) = &prev {
             panels.push(svg::Panel {
@@ -273,6 +276,39 @@ pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     }
     print_out(&out)?;
     Ok(())
+}
+
+/// Refuses a `--previous` of another model than `--placement` (other layers or experts): its
+/// figures would be read against a load it does not fit, its extra layers dropped without a
+/// word and the heatmap drawn past the load. Other slots or ranks (another redundancy or
+/// cluster for the same model) are compared, without a migration cost.
+fn check_previous(
+    prev: &Placement,
+    prev_file: &Path,
+    p: &Placement,
+    placement_file: &Path,
+) -> Result<(), Fail> {
+    if prev.num_layers == p.num_layers && prev.num_logical_experts == p.num_logical_experts {
+        return Ok(());
+    }
+    Err(Fail(format!(
+        "--previous {} has {} but --placement {} has {}: give a previous placement of the same model (plan it for the same layers and experts), or drop --previous",
+        prev_file.display(),
+        shape_of(prev),
+        placement_file.display(),
+        shape_of(p)
+    )))
+}
+
+/// "2 layers of 16 experts, 20 slots on 4 ranks".
+fn shape_of(p: &Placement) -> String {
+    format!(
+        "{} of {}, {} on {}",
+        inputs::count(p.num_layers, "layer"),
+        inputs::count(p.num_logical_experts, "expert"),
+        inputs::count(p.num_slots(), "slot"),
+        inputs::count(p.num_ranks, "rank")
+    )
 }
 
 fn file_name(p: &Path) -> String {

@@ -58,8 +58,8 @@ impl LayoutArgs {
         let path = self.model.as_deref().unwrap_or(Path::new("")).display();
         if history.num_layers() != d.num_moe_layers() {
             return Err(Fail(format!(
-                "the load has {} MoE layers but the checkpoint {path} has {} (decoder layers {:?})",
-                history.num_layers(),
+                "the load has {} but the checkpoint {path} has {} (decoder layers {:?})",
+                count(history.num_layers(), "MoE layer"),
                 d.num_moe_layers(),
                 d.moe_layers
             )));
@@ -82,8 +82,8 @@ impl LayoutArgs {
         if let Some(d) = self.model()? {
             if d.num_hidden_layers != rows {
                 return Err(Fail(format!(
-                    "--model has {} decoder layers but the SGLang file has {rows}",
-                    d.num_hidden_layers
+                    "--model has {} but the SGLang file has {rows}",
+                    count(d.num_hidden_layers, "decoder layer")
                 )));
             }
             return Ok(Some(model_layout(&d)?));
@@ -92,7 +92,8 @@ impl LayoutArgs {
             && n != rows
         {
             return Err(Fail(format!(
-                "--decoder-layers is {n} but the SGLang file has {rows} layers"
+                "--decoder-layers is {n} but the SGLang file has {}",
+                count(rows, "layer")
             )));
         }
         self.build(rows).map(Some)
@@ -133,7 +134,8 @@ impl LayoutArgs {
         } else if let Some(k) = self.first_dense {
             if k >= n {
                 return Err(Fail(format!(
-                    "--first-dense {k} leaves no MoE layer of {n} decoder layers"
+                    "--first-dense {k} leaves no MoE layer of {}",
+                    count(n, "decoder layer")
                 )));
             }
             DecoderLayout::first_dense(k, n - k)
@@ -367,21 +369,33 @@ impl Experts {
     }
 }
 
-/// Reads a placement in any format. `experts`: E and its source (mix_placement shared experts
-/// and SGLang need it); `ranks`: for SGLang's files, which do not say.
-pub fn read_placement(
+/// Reads `--previous` for `plan` and `backtest` in any format, with `ranks` for formats that
+/// do not say them. `nodes` (`--nodes`) fills in for formats that do not say theirs; where the
+/// file says another count it is refused: re-planning a 4-node placement for 1 node would
+/// drop its cross-node figures without a word.
+fn read_previous(
     path: &Path,
     experts: Option<Experts>,
-    ranks: Option<usize>,
+    ranks: usize,
     nodes: Option<usize>,
     layout: Option<&DecoderLayout>,
     notes: &mut Vec<String>,
 ) -> Result<Placement, Fail> {
     let bytes = read_bytes(path, "placement")?;
-    read_placement_from(path, &bytes, experts, ranks, nodes, layout, notes)
+    let p = read_placement_from(path, &bytes, experts, Some(ranks), nodes, layout, notes)?;
+    if let (Some(given), Some(says)) = (nodes, FileSays::of(&bytes, &p).nodes)
+        && given != says
+    {
+        return Err(Fail(format!(
+            "--nodes {given} contradicts --previous {}, which has {}: drop --nodes (re-planning keeps the previous placement's nodes), or drop --previous to plan for another cluster",
+            path.display(),
+            count(says, "node")
+        )));
+    }
+    Ok(p)
 }
 
-/// [`read_placement`] for a placement named on the command line with the user's `--ranks`,
+/// A placement named on the command line with the user's `--ranks`,
 /// `--nodes` and `--experts` (`flags`): they fill in what its format does not say and must not
 /// contradict what it does. `input_experts`: E from the load or the checkpoint, when --experts
 /// is not given.
@@ -576,8 +590,9 @@ pub fn settle_physical(
 
 /// What `plan` and `backtest` read: the load (per expert: `--physical-load` counts mapped
 /// through `previous`), and `previous`, the placement in use (`--previous`), read with the
-/// load's expert count or `--experts` and `ranks`; the load's shape checked against the
-/// layout flags. The readers' notes go to `notes`.
+/// load's expert count or `--experts`, `ranks` and `nodes` (see [`read_previous`]); the load's
+/// shape checked against the layout flags. The readers' notes go to `notes`.
+#[allow(clippy::too_many_arguments)] // the flags of `plan` and `backtest` that shape the inputs
 pub fn read_load_and_previous(
     load: &Path,
     layout: &LayoutArgs,
@@ -585,13 +600,14 @@ pub fn read_load_and_previous(
     experts: Option<usize>,
     previous: Option<&Path>,
     ranks: usize,
+    nodes: Option<usize>,
     notes: &mut Vec<String>,
 ) -> Result<(LoadInput, Option<Placement>), Fail> {
     let mut load = read_load(load, layout)?;
     notes.append(&mut load.notes);
     let experts = load_experts(&load, physical_load, experts)?;
     let prev = previous
-        .map(|f| read_placement(f, experts, Some(ranks), None, load.layout.as_ref(), notes))
+        .map(|f| read_previous(f, experts, ranks, nodes, load.layout.as_ref(), notes))
         .transpose()?;
     if let (Some(Experts::Flag(e)), Some(p), Some(f)) = (experts, &prev, previous)
         && e != p.num_logical_experts
@@ -612,6 +628,28 @@ pub fn read_load_and_previous(
     notes.append(&mut load.notes);
     layout.check_load_shape(&load.history)?;
     Ok((load, prev))
+}
+
+/// Refuses a `--previous` of another layout than the one planned (`shape`), naming the flag,
+/// the file and the flags that would match it (eplb's message names neither).
+pub fn check_previous_fits(prev: &Placement, file: &Path, shape: &eplb::Shape) -> Result<(), Fail> {
+    prev.check_shape(shape).map_err(|e| {
+        let redundant = prev.num_slots().saturating_sub(prev.num_logical_experts);
+        Fail(format!(
+            "--previous {}: {e}: plan with the previous placement's --ranks {} --redundant {redundant}, or drop --previous",
+            file.display(),
+            prev.num_ranks
+        ))
+    })
+}
+
+/// Refuses 0 for a count flag (`--ranks 0`) with the flag's name; eplb's shape check would
+/// say only "the number of ranks must be at least 1".
+pub fn at_least_one(flag: &str, value: usize, what: &str) -> Result<(), Fail> {
+    if value == 0 {
+        return Err(Fail(format!("{flag} 0: give at least 1 {what}")));
+    }
+    Ok(())
 }
 
 /// The placement a recording by `moectl record` carries (what the group served when it began),

@@ -10,6 +10,7 @@ mod convert;
 mod eval;
 mod inputs;
 mod model;
+mod outfile;
 mod outputs;
 mod plan_output;
 mod record;
@@ -72,9 +73,9 @@ enum Command {
         #[arg(long)]
         redundant: usize,
         /// Nodes the ranks are spread over (ranks divide evenly): joint keeps tokens on their
-        /// node within --node-slack.
-        #[arg(long, default_value_t = 1)]
-        nodes: usize,
+        /// node within --node-slack. Default: --previous's, else 1.
+        #[arg(long)]
+        nodes: Option<usize>,
         /// Expert groups (1 = none).
         #[arg(long, default_value_t = 1)]
         groups: usize,
@@ -250,28 +251,8 @@ impl<E: std::fmt::Display> From<E> for Fail {
     }
 }
 
-/// Refuses an output file that is one of the inputs (`eval --placement p.json --svg p.json`
-/// would replace the placement with a heatmap).
-pub(crate) fn refuse_overwrite(
-    out: &Path,
-    flag: &str,
-    inputs: &[Option<&Path>],
-) -> Result<(), Fail> {
-    // An output that does not exist yet cannot be an input.
-    let Ok(out_real) = out.canonicalize() else {
-        return Ok(());
-    };
-    for input in inputs.iter().flatten() {
-        if input.canonicalize().is_ok_and(|i| i == out_real) {
-            return Err(Fail(format!(
-                "{flag} {} is also an input: writing it would replace that input; choose another file",
-                out.display()
-            )));
-        }
-    }
-    Ok(())
-}
-
+/// Writes `text` to the file `output` (replaced atomically when it is a regular file, written
+/// in place when it is a device or a FIFO: see [`outfile`]) or to standard output.
 pub(crate) fn write_out(output: Option<&Path>, text: &[u8]) -> Result<(), Fail> {
     write_out_with(output, |w| w.write_all(text))
 }
@@ -283,18 +264,8 @@ pub(crate) fn write_out_with(
     write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
 ) -> Result<(), Fail> {
     match output {
-        Some(p) => {
-            // Write to a sibling temporary file, then rename: a failure leaves nothing behind.
-            let tmp = p.with_extension("moectl-tmp");
-            let fail = |e| Fail(format!("cannot write {}: {e}", p.display()));
-            let mut file = std::fs::File::create(&tmp).map_err(fail)?;
-            write(&mut file)
-                .and_then(|()| std::fs::rename(&tmp, p))
-                .map_err(|e| {
-                    let _ = std::fs::remove_file(&tmp);
-                    fail(e)
-                })
-        }
+        Some(p) => outfile::write_file(p, write)
+            .map_err(|e| Fail(format!("cannot write {}: {e}", p.display()))),
         None => print_with(|out| {
             write(out)?;
             out.write_all(b"\n")
@@ -371,7 +342,7 @@ fn plan(
     load: &Path,
     ranks: usize,
     redundant: usize,
-    nodes: usize,
+    nodes: Option<usize>,
     groups: usize,
     algorithm: &str,
     previous: Option<&Path>,
@@ -387,8 +358,18 @@ fn plan(
     notes: &mut Vec<String>,
 ) -> Result<(), Fail> {
     let planner = planner_by_name(algorithm)?;
+    inputs::at_least_one("--ranks", ranks, "EP rank")?;
+    if let Some(n) = nodes {
+        inputs::at_least_one("--nodes", n, "node")?;
+    }
+    inputs::at_least_one("--groups", groups, "expert group (1 = none)")?;
+    if algorithm == "incremental" && previous.is_none() {
+        return Err(Fail(
+            "--algorithm incremental needs --previous (the placement it changes)".into(),
+        ));
+    }
     if let Some(out) = output {
-        refuse_overwrite(
+        outfile::check_output(
             out,
             "--output",
             &[Some(load), previous, layout.model.as_deref()],
@@ -402,13 +383,19 @@ fn plan(
         experts,
         previous,
         ranks,
+        nodes,
         notes,
     )?;
+    // A re-planned placement stays on the nodes of the one it changes.
+    let nodes = nodes.or(prev.as_ref().map(|p| p.num_nodes)).unwrap_or(1);
     if format == Format::Sglang {
         inputs::need_layout(load.layout.as_ref())?;
     }
     let history = load.history;
     let shape = Shape::new(history.num_experts(), redundant, ranks, nodes, groups)?;
+    if let (Some(p), Some(file)) = (&prev, previous) {
+        inputs::check_previous_fits(p, file, &shape)?;
+    }
     if threshold.is_some() && prev.is_none() {
         return Err(Fail(
             "--threshold needs --previous (the placement whose PAR is compared)".into(),

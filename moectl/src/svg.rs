@@ -24,8 +24,10 @@ struct Grid {
 fn grid(p: &Placement, total: &[Vec<f64>]) -> Grid {
     let mut ratios = Vec::with_capacity(p.num_layers);
     let mut pars = Vec::with_capacity(p.num_layers);
-    for (l, row) in p.phy2log.iter().enumerate() {
-        let loads = rank_loads(row, &total[l], p.num_ranks);
+    // Zipped, not indexed: a placement with more layers than the load (refused by `eval`)
+    // draws the layers the load has instead of panicking.
+    for (row, layer_load) in p.phy2log.iter().zip(total) {
+        let loads = rank_loads(row, layer_load, p.num_ranks);
         let mean = loads.iter().sum::<f64>() / loads.len().max(1) as f64;
         ratios.push(
             loads
@@ -116,9 +118,9 @@ pub fn render(panels: &[Panel], history: &LoadHistory, source: &str) -> String {
             let mean_par = g.pars.iter().sum::<f64>() / g.pars.len().max(1) as f64;
             let worst = g.pars.iter().copied().fold(1.0, f64::max);
             format!(
-                "mean PAR {mean_par:.3}, worst {worst:.3}; {} ranks x {} slots",
-                panel.placement.num_ranks,
-                panel.placement.slots_per_rank()
+                "mean PAR {mean_par:.3}, worst {worst:.3}; {} x {}",
+                crate::inputs::count(panel.placement.num_ranks, "rank"),
+                crate::inputs::count(panel.placement.slots_per_rank(), "slot")
             )
         })
         .collect();
@@ -304,6 +306,24 @@ mod tests {
         assert!(svg.starts_with("<svg"));
         assert!(svg.contains("layer 0 rank 1: 1.100 x mean"), "{svg}");
         assert!(svg.contains("mean PAR 1.100"));
+    }
+
+    /// A panel with more layers than the load (eval refuses it; the drawing must not panic
+    /// either) draws the layers the load has.
+    #[test]
+    fn a_placement_longer_than_the_load_does_not_panic() {
+        let p = Placement::from_phy2log(3, 2, 1, vec![vec![0, 1, 2, 0], vec![0, 1, 2, 1]]).unwrap();
+        let h = LoadHistory::single(vec![vec![10.0, 4.0, 6.0]]).unwrap();
+        let svg = render(
+            &[Panel {
+                title: "after".into(),
+                placement: &p,
+            }],
+            &h,
+            "load.json",
+        );
+        assert!(svg.contains("layer 0 rank 1"), "{svg}");
+        assert!(!svg.contains("layer 1 rank"), "{svg}");
     }
 
     /// Panels of few ranks are as wide as their header lines, so the next panel's title and

@@ -643,3 +643,41 @@ fn backtest_replays_the_recorded_planner_budgets_and_cooldown() {
         }
     }
 }
+
+/// `backtest --previous` replays on the previous placement's nodes when `--nodes` is not
+/// given, and refuses a `--nodes` that contradicts it.
+#[test]
+fn backtest_takes_the_nodes_of_previous() {
+    let d = Dir::new("backtest-prev-nodes");
+    let windows = trace(5);
+    let load = d.file("trace.json", &json(&windows));
+    let first = d.file("first.json", &json(&windows[0]));
+    let two = d.path("two.json");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &first,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--nodes",
+        "2",
+        "--output",
+        &two,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let md = d.path("report.md");
+    let o = backtest(
+        &load,
+        &["--history", "2", "--previous", &two, "--markdown", &md],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = std::fs::read_to_string(&md).unwrap();
+    assert!(report.contains("4 redundant slots, 2 nodes)"), "{report}");
+    let o = backtest(
+        &load,
+        &["--history", "2", "--previous", &two, "--nodes", "1"],
+    );
+    assert_bad(&o, "--nodes 1 contradicts --previous");
+}

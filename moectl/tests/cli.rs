@@ -1351,3 +1351,233 @@ fn every_flag_is_described() {
         }
     }
 }
+
+/// `--output` through a symlink updates the file it points to (the link stays a link), keeps
+/// that file's permissions, and an input named as the old temporary (`x.moectl-tmp` for
+/// `x.json`) survives.
+#[test]
+fn output_keeps_links_permissions_and_inputs() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Dir::new("output-kinds");
+    let load = d.file("x.moectl-tmp", LOAD);
+    let real = d.file("real.json", "old");
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let link = d.path("x.json");
+    std::os::unix::fs::symlink("real.json", &link).unwrap();
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--output",
+        &link,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&real).unwrap()).unwrap();
+    assert_eq!(v["num_layers"], 2);
+    let mode = std::fs::metadata(&real).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(std::fs::read_to_string(&load).unwrap(), LOAD);
+    let mut left: Vec<String> = std::fs::read_dir(&d.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["real.json", "x.json", "x.moectl-tmp"]);
+}
+
+/// `plan --previous` keeps the previous placement's nodes when `--nodes` is not given (a
+/// 2-node placement re-planned stays on 2 nodes) and refuses a `--nodes` that contradicts it.
+#[test]
+fn plan_takes_the_nodes_of_previous() {
+    let d = Dir::new("plan-prev-nodes");
+    let load = d.file("load.json", LOAD);
+    let two = d.path("two.json");
+    let plan = |extra: &[&str]| {
+        let base = ["plan", "--load", &load, "--ranks", "4", "--redundant", "4"];
+        moectl(&[&base[..], extra].concat())
+    };
+    let o = plan(&["--nodes", "2", "--output", &two]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = plan(&["--previous", &two]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["num_nodes"], 2, "{v}");
+    let o = plan(&["--previous", &two, "--nodes", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = plan(&["--previous", &two, "--nodes", "1"]);
+    assert_bad(
+        &o,
+        &format!("--nodes 1 contradicts --previous {two}, which has 2 nodes"),
+    );
+    // Without --previous the default is still 1.
+    let v: Value = serde_json::from_str(&stdout(&plan(&[]))).unwrap();
+    assert_eq!(v["num_nodes"], 1, "{v}");
+}
+
+/// An output that cannot be written (an existing directory, a file in a directory that does
+/// not exist) is refused before the work, naming its flag: nothing is printed first.
+#[test]
+fn unwritable_outputs_are_refused_before_the_work() {
+    let d = Dir::new("unwritable");
+    let load = d.file("load.json", LOAD);
+    let placement = d.path("p.json");
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--output",
+        &placement,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let trace = d.file("trace.json", &format!("[{LOAD}, {LOAD}, {LOAD}]"));
+    let dir = d.path("");
+    let missing = d.path("missing/out.txt");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "plan",
+                "--load",
+                &load,
+                "--ranks",
+                "4",
+                "--redundant",
+                "4",
+                "--output",
+            ],
+            "--output",
+        ),
+        (
+            vec!["eval", "--placement", &placement, "--load", &load, "--svg"],
+            "--svg",
+        ),
+        (
+            vec![
+                "backtest",
+                "--load",
+                &trace,
+                "--ranks",
+                "4",
+                "--redundant",
+                "4",
+                "--history",
+                "1",
+                "--markdown",
+            ],
+            "--markdown",
+        ),
+        (
+            vec!["bench", "--shape", "small", "--repeats", "1", "--markdown"],
+            "--markdown",
+        ),
+        (
+            vec!["convert", "--input", &load, "--to", "windows", "--output"],
+            "--output",
+        ),
+        (
+            vec![
+                "record",
+                "--worker",
+                "http://127.0.0.1:9",
+                "--idle-seconds",
+                "1",
+                "--output",
+            ],
+            "--output",
+        ),
+    ];
+    for (args, flag) in &cases {
+        let o = moectl(&[&args[..], &[dir.as_str()]].concat());
+        assert_bad(&o, &format!("{flag} {dir} is a directory"));
+        let o = moectl(&[&args[..], &[missing.as_str()]].concat());
+        assert_bad(&o, &format!("{flag} {missing}: the directory"));
+    }
+    // --export is a directory: an existing file there is refused.
+    let o = moectl(&[
+        "backtest",
+        "--load",
+        &trace,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--history",
+        "1",
+        "--export",
+        &load,
+    ]);
+    assert_bad(&o, "--export");
+    let o = moectl(&["bench", "--export", &load]);
+    assert_bad(&o, "--export");
+}
+
+/// Errors name the flag (and file) they are about, and say the fix.
+#[test]
+fn errors_name_their_flag() {
+    let d = Dir::new("errors-name-flag");
+    let load = d.file("load.json", LOAD);
+    let trace = d.file("trace.json", &format!("[{LOAD}, {LOAD}, {LOAD}]"));
+    let four = d.path("four.json");
+    let plan = |extra: &[&str]| {
+        let base = ["plan", "--load", &load, "--redundant", "4"];
+        moectl(&[&base[..], extra].concat())
+    };
+    let o = plan(&["--ranks", "4", "--output", &four]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A previous placement of another layout: which flag, which file, which flags fit it.
+    let o = plan(&["--ranks", "2", "--previous", &four]);
+    assert_bad(&o, &format!("--previous {four}: mismatch"));
+    assert!(
+        stderr(&o).contains("--ranks 4 --redundant 4, or drop --previous"),
+        "{}",
+        stderr(&o)
+    );
+    let backtest = |extra: &[&str]| {
+        let base = ["backtest", "--load", &trace, "--redundant", "4"];
+        moectl(&[&base[..], extra].concat())
+    };
+    let o = backtest(&["--ranks", "2", "--history", "1", "--previous", &four]);
+    assert_bad(&o, &format!("--previous {four}: mismatch"));
+    // The stride defaults to the history: too long a history is --history's fault.
+    let o = backtest(&["--ranks", "4", "--history", "1025"]);
+    assert_bad(&o, "--history 1025: give between 1 and 1024");
+    for o in [
+        plan(&["--ranks", "0"]),
+        backtest(&["--ranks", "0", "--history", "1"]),
+    ] {
+        assert_bad(&o, "--ranks 0: give at least 1");
+    }
+    assert_bad(&plan(&["--ranks", "4", "--nodes", "0"]), "--nodes 0");
+    assert_bad(&plan(&["--ranks", "4", "--groups", "0"]), "--groups 0");
+    let o = plan(&["--ranks", "4", "--algorithm", "incremental"]);
+    assert_bad(&o, "--algorithm incremental needs --previous");
+    // record: both ways to reach the ranks are named; --windows 0 is refused when parsed.
+    let out = d.path("rec.json");
+    let o = moectl(&["record", "--output", &out]);
+    assert_usage(&o, "--deployment");
+    assert!(stderr(&o).contains("--worker"), "{}", stderr(&o));
+    let o = moectl(&[
+        "record",
+        "--worker",
+        "http://127.0.0.1:9",
+        "--windows",
+        "0",
+        "--output",
+        &out,
+    ]);
+    assert_usage(&o, "give at least 1 window");
+    assert!(!std::path::Path::new(&out).exists());
+}

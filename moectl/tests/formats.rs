@@ -473,7 +473,7 @@ fn vllm_per_slot_loads_need_the_flag_and_map_through_the_previous_placement() {
     );
     let load = d.file("load.json", "[[60, 20, 5, 5]]");
     let o = moectl(&["eval", "--placement", &masked, "--load", &load, "--json"]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("ranks 1 hold no expert"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("rank 1 holds no expert"));
     let masked_par = json_of(&o)["mean_par"].clone();
     // vLLM's own state under its attribute name: SGLang's key, MoE layers only.
     let state = d.file(
@@ -658,6 +658,58 @@ fn eval_previous_with_other_slots_compares_without_migration() {
     );
 }
 
+/// A previous placement of another model (other layers or experts) is refused, naming
+/// --previous, the file and both shapes, instead of its column being dropped (other layers),
+/// a migration cost between two models reported (other experts) or `--svg` panicking.
+#[test]
+fn eval_refuses_a_previous_of_another_model() {
+    let d = Dir::new("eval-prev-model");
+    let load = d.file("load.json", "[[10, 4, 6], [1, 2, 3]]");
+    let p = d.file(
+        "p.json",
+        r#"{"num_logical_experts": 3, "num_ranks": 2, "phy2log": [[0, 1, 2, 0], [0, 1, 2, 1]]}"#,
+    );
+    let one_layer = d.file(
+        "one.json",
+        r#"{"num_logical_experts": 3, "num_ranks": 2, "phy2log": [[0, 1, 2, 0]]}"#,
+    );
+    let three_layers = d.file(
+        "three.json",
+        r#"{"num_logical_experts": 3, "num_ranks": 2, "phy2log": [[0, 1, 2, 0], [0, 1, 2, 1], [0, 1, 2, 1]]}"#,
+    );
+    let four_experts = d.file(
+        "four.json",
+        r#"{"num_logical_experts": 4, "num_ranks": 2, "phy2log": [[0, 1, 2, 3], [0, 1, 2, 3]]}"#,
+    );
+    let svg = d.path("heat.svg");
+    for (prev, says) in [
+        (&one_layer, "has 1 layer of 3 experts"),
+        (&three_layers, "has 3 layers of 3 experts"),
+        (&four_experts, "has 2 layers of 4 experts"),
+    ] {
+        let base = [
+            "eval",
+            "--placement",
+            &p,
+            "--load",
+            &load,
+            "--previous",
+            prev,
+        ];
+        for extra in [&[][..], &["--svg", &svg][..]] {
+            let o = moectl(&[&base[..], extra].concat());
+            assert_bad(&o, &format!("--previous {prev} {says}"));
+            assert!(
+                stderr(&o).contains("2 layers of 3 experts"),
+                "{}",
+                stderr(&o)
+            );
+            assert!(stderr(&o).contains("drop --previous"), "{}", stderr(&o));
+            assert!(!std::path::Path::new(&svg).exists());
+        }
+    }
+}
+
 /// Formats that take the expert count from the load (vllm-ascend maps, SGLang's map): a
 /// per-slot load (P = 10 columns for the real map's 8 experts) is named as such, and a load
 /// with another expert count says both counts, instead of "no replica of expert 8".
@@ -727,7 +779,12 @@ fn convert_takes_the_expert_count_from_the_checkpoint_and_flags_shared_looking_i
     ]);
     let v = json_of(&o);
     assert_eq!(v["num_logical_experts"], 8, "{v}");
-    assert!(stderr(&o).contains("shared experts"), "{}", stderr(&o));
+    // One id: singular ("is a shared experts" before).
+    assert!(
+        stderr(&o).contains("id 8 is a shared expert ("),
+        "{}",
+        stderr(&o)
+    );
     let o = moectl(&["convert", "--input", &map, "--to", "placement"]);
     assert_eq!(json_of(&o)["num_logical_experts"], 9);
     assert!(stderr(&o).contains("--experts"), "{}", stderr(&o));

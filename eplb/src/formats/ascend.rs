@@ -24,6 +24,7 @@
 use serde_json::{Value, json};
 
 use crate::error::{EplbError, Result};
+use crate::formats::counted;
 use crate::placement::{Placement, find_duplicate};
 
 fn perr<T>(m: String) -> Result<T> {
@@ -69,8 +70,8 @@ pub fn read(v: &Value, num_routed_experts: Option<usize>, num_nodes: usize) -> R
     };
     if count > layers.len() {
         return perr(format!(
-            "moe_layer_count is {count} but layer_list has only {} layers",
-            layers.len()
+            "moe_layer_count is {count} but layer_list has only {}",
+            counted(layers.len(), "layer", "layers")
         ));
     }
     if count < layers.len() {
@@ -158,12 +159,15 @@ pub fn read(v: &Value, num_routed_experts: Option<usize>, num_nodes: usize) -> R
     }
     if odd_device_ids > 0 {
         notes.push(format!(
-            "{odd_device_ids} device_ids differ from their position in device_list: ranks are read by position, as vllm-ascend does"
+            "{} from {} position in device_list: ranks are read by position, as vllm-ascend does",
+            counted(odd_device_ids, "device_id differs", "device_ids differ"),
+            if odd_device_ids == 1 { "its" } else { "their" }
         ));
     }
     if odd_device_counts > 0 {
         notes.push(format!(
-            "{odd_device_counts} layers have a device_count that differs from the devices listed: the list is used"
+            "{} a device_count that differs from the devices listed: the list is used",
+            counted(odd_device_counts, "layer has", "layers have")
         ));
     }
     let max_id = rows.iter().flatten().flatten().copied().max().unwrap_or(0);
@@ -179,8 +183,12 @@ pub fn read(v: &Value, num_routed_experts: Option<usize>, num_nodes: usize) -> R
         shared = strip_shared(&mut rows, experts)?;
         let ids = id_range(experts, experts + shared - 1);
         notes.push(format!(
-            "{ids} shared experts (vllm-ascend mix_placement, one copy per device): stripped, as moectl places routed experts only; a map written back has no shared experts",
-            ids = if shared == 1 { format!("{ids} is a") } else { format!("{ids} are") }
+            "{ids} (vllm-ascend mix_placement, one copy per device): stripped, as moectl places routed experts only; a map written back has no shared experts",
+            ids = if shared == 1 {
+                format!("{ids} is a shared expert")
+            } else {
+                format!("{ids} are shared experts")
+            }
         ));
     }
     let num_ranks = rows[0].len();
@@ -234,10 +242,18 @@ fn strip_shared(rows: &mut [Vec<Vec<usize>>], experts: usize) -> Result<usize> {
                         )
                     };
                     return perr(format!(
-                        "{} exceed{} the {experts} routed experts but {} not shared experts, which sit on every device ({found}): check the expert count",
+                        "{} {} the {experts} routed experts but {} on every device ({found}): check the expert count",
                         id_range(experts, max_id),
-                        if max_id == experts { "s" } else { "" },
-                        if max_id == experts { "is" } else { "are" },
+                        if max_id == experts {
+                            "exceeds"
+                        } else {
+                            "exceed"
+                        },
+                        if max_id == experts {
+                            "is not a shared expert, which sits"
+                        } else {
+                            "are not shared experts, which sit"
+                        },
                     ));
                 }
             }

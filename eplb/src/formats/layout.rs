@@ -5,6 +5,7 @@
 //! the model's `num_hidden_layers`), so converting needs the layout.
 
 use crate::error::{EplbError, Result};
+use crate::formats::counted;
 
 /// The decoder layers of a model and which of them are MoE layers (ascending).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +41,8 @@ impl DecoderLayout {
             && last >= num_decoder_layers
         {
             return lerr(format!(
-                "MoE layer {last} is out of range: the model has {num_decoder_layers} decoder layers"
+                "MoE layer {last} is out of range: the model has {}",
+                counted(num_decoder_layers, "decoder layer", "decoder layers")
             ));
         }
         Ok(DecoderLayout {
@@ -91,9 +93,10 @@ impl DecoderLayout {
     pub fn check_moe_rows(&self, moe_rows: usize, what: &str) -> Result<()> {
         if moe_rows != self.moe_layers.len() {
             return Err(EplbError::Mismatch(format!(
-                "{what} has {moe_rows} MoE layers but the decoder-layer layout has {} ({} decoder layers, {} dense)",
+                "{what} has {} but the decoder-layer layout has {} ({}, {} dense)",
+                counted(moe_rows, "MoE layer", "MoE layers"),
                 self.moe_layers.len(),
-                self.num_decoder_layers,
+                counted(self.num_decoder_layers, "decoder layer", "decoder layers"),
                 self.num_decoder_layers - self.moe_layers.len()
             )));
         }
@@ -104,8 +107,9 @@ impl DecoderLayout {
     pub fn check_decoder_rows(&self, rows: usize, what: &str) -> Result<()> {
         if rows != self.num_decoder_layers {
             return Err(EplbError::Mismatch(format!(
-                "{what} has {rows} layers but the decoder-layer layout has {} decoder layers",
-                self.num_decoder_layers
+                "{what} has {} but the decoder-layer layout has {}",
+                counted(rows, "layer", "layers"),
+                counted(self.num_decoder_layers, "decoder layer", "decoder layers")
             )));
         }
         Ok(())
@@ -115,11 +119,14 @@ impl DecoderLayout {
     pub fn describe(&self) -> String {
         let dense = self.dense_layers();
         if dense.is_empty() {
-            return format!("{} decoder layers, all MoE", self.num_decoder_layers);
+            return format!(
+                "{}, all MoE",
+                counted(self.num_decoder_layers, "decoder layer", "decoder layers")
+            );
         }
         format!(
-            "{} decoder layers, dense {}",
-            self.num_decoder_layers,
+            "{}, dense {}",
+            counted(self.num_decoder_layers, "decoder layer", "decoder layers"),
             ranges(&dense)
         )
     }
@@ -163,5 +170,32 @@ mod tests {
         assert!(DecoderLayout::new(4, &[]).is_err());
         assert!(m.check_moe_rows(2, "load").is_err());
         assert!(m.check_moe_rows(3, "load").is_ok());
+    }
+
+    /// Counts of one are singular ("has 1 decoder layers" before).
+    #[test]
+    fn messages_count_in_the_singular_for_one() {
+        let one = DecoderLayout::first_dense(0, 1).unwrap();
+        assert_eq!(one.describe(), "1 decoder layer, all MoE");
+        let e = one.check_moe_rows(2, "the load").unwrap_err().to_string();
+        assert!(
+            e.contains("the load has 2 MoE layers but the decoder-layer layout has 1 (1 decoder layer, 0 dense)"),
+            "{e}"
+        );
+        let e = one
+            .check_decoder_rows(2, "the file")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("has 1 decoder layer"), "{e}");
+        let e = DecoderLayout::new(1, &[1]).unwrap_err().to_string();
+        assert!(e.contains("the model has 1 decoder layer"), "{e}");
+        let two = DecoderLayout::new(2, &[1]).unwrap();
+        let e = two.check_moe_rows(1, "x").map(|()| "ok").unwrap_or("err");
+        assert_eq!(e, "ok");
+        let e = two
+            .check_decoder_rows(1, "the file")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the file has 1 layer but"), "{e}");
     }
 }

@@ -82,6 +82,11 @@ pub struct LoadFile {
 }
 
 /// The zip local-file magic: `torch.save` files start with it.
+/// `n` and the noun, `one` for 1 and `many` otherwise ("1 layer", "2 layers"), for messages.
+pub(crate) fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 pub fn is_zip(bytes: &[u8]) -> bool {
     bytes.starts_with(b"PK\x03\x04")
 }
@@ -325,8 +330,8 @@ pub fn read_placement_json(
             && l as usize != p.num_layers
         {
             return Err(EplbError::Placement(format!(
-                "num_layers is {l} but phy2log has {} layers",
-                p.num_layers
+                "num_layers is {l} but phy2log has {}",
+                counted(p.num_layers, "layer", "layers")
             )));
         }
         return Ok((p, "moectl placement (phy2log)", notes));

@@ -236,13 +236,15 @@ pub fn load_from_passes(
     }
     if recorded == 0 {
         return Err(EplbError::Load(format!(
-            "logical_count has {total} passes and every count is zero (nothing recorded)"
+            "logical_count has {} and every count is zero (nothing recorded)",
+            super::counted(total, "pass", "passes")
         )));
     }
     if recorded < total {
         notes.push(format!(
-            "{} of {total} logical_count passes are all zero (ring buffer not full): dropped",
-            total - recorded
+            "{} of {total} logical_count passes {} all zero (ring buffer not full): dropped",
+            total - recorded,
+            if total - recorded == 1 { "is" } else { "are" }
         ));
     }
     // One pass (a plain [L][E] logical_count) is a window as it is: nothing to say.
@@ -273,11 +275,11 @@ pub fn load_from_passes(
             let dense = found.dense_layers();
             if !dense.is_empty() {
                 notes.push(format!(
-                    "decoder layer{} {} {} no routed tokens: read as dense ({} MoE layers); pass --first-dense or --moe-layers to say so",
+                    "decoder layer{} {} {} no routed tokens: read as dense ({}); pass --first-dense or --moe-layers to say so",
                     if dense.len() == 1 { "" } else { "s" },
                     ranges(&dense),
                     if dense.len() == 1 { "has" } else { "have" },
-                    found.num_moe_layers()
+                    super::counted(found.num_moe_layers(), "MoE layer", "MoE layers")
                 ));
             }
             found

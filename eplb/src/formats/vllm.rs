@@ -109,8 +109,11 @@ pub fn read_phy2log(
         .collect();
     let p = Placement::from_phy2log(num_experts, kept, num_nodes, phy2log)?;
     let note = format!(
-        "ranks {} hold no expert (-1 in vLLM's physical_to_logical_map): read as a placement over the other {kept} ranks",
-        ranges(&unused)
+        "{} {} {} no expert (-1 in vLLM's physical_to_logical_map): read as a placement over the other {}",
+        if unused.len() == 1 { "rank" } else { "ranks" },
+        ranges(&unused),
+        if unused.len() == 1 { "holds" } else { "hold" },
+        super::counted(kept, "rank", "ranks"),
     );
     Ok((p, vec![note]))
 }
@@ -126,8 +129,8 @@ pub fn logical_from_physical(
     for (w, win) in windows.iter().enumerate() {
         if win.len() != placement.num_layers {
             return Err(EplbError::Mismatch(format!(
-                "physical load window {w} has {} layers, the placement has {}",
-                win.len(),
+                "physical load window {w} has {}, the placement has {}",
+                super::counted(win.len(), "layer", "layers"),
                 placement.num_layers
             )));
         }
@@ -163,8 +166,8 @@ pub fn logical_from_slot_map(
     for (w, win) in windows.iter().enumerate() {
         if win.len() != map.len() {
             return Err(EplbError::Mismatch(format!(
-                "physical load window {w} has {} layers, the placement has {}",
-                win.len(),
+                "physical load window {w} has {}, the placement has {}",
+                super::counted(win.len(), "layer", "layers"),
                 map.len()
             )));
         }
@@ -231,7 +234,8 @@ mod tests {
         let (p, notes) = read_phy2log(&v, 3, 3, 1).unwrap();
         assert_eq!(p.num_ranks, 2);
         assert_eq!(p.phy2log, vec![vec![0, 1, 2, 0], vec![2, 1, 0, 1]]);
-        assert!(notes[0].contains("ranks 1"), "{notes:?}");
+        assert!(notes[0].contains("rank 1 holds no expert"), "{notes:?}");
+        assert!(notes[0].contains("the other 2 ranks"), "{notes:?}");
         let partial = json!([[0, -1, 1, 2]]);
         assert!(read_phy2log(&partial, 3, 2, 1).is_err());
         let plain = json!([[0, 1, 2, 0]]);

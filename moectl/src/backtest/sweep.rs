@@ -95,15 +95,15 @@ pub(super) fn backtest_histories(
         let shape = &bs.shape;
         let mut doc = format!(
             "# EPLB backtest: {load} replayed with {} histories\n\n\
-             `moectl backtest` on `{load}`: {} ({} experts, {} layers; {} ranks, {} redundant \
+             `moectl backtest` on `{load}`: {} ({}, {}; {}, {} redundant \
              slots, {}), planning on {} windows, {} {} apart, every history scored on windows \
              {} to {} (from 0).\n\nProtocol: {PROTOCOL} {ALIGNED}\n\n\
              ## Next-window PAR by history\n\n{table}\n## Findings\n\n{findings}",
             histories.len(),
             count(history.num_windows(), "window"),
-            shape.num_experts,
-            bs.num_layers,
-            shape.num_ranks,
+            count(shape.num_experts, "expert"),
+            count(bs.num_layers, "layer"),
+            count(shape.num_ranks, "rank"),
             shape.num_redundant,
             count(shape.num_nodes, "node"),
             list(histories),

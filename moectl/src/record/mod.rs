@@ -38,14 +38,16 @@ const MAX_SECONDS: f64 = 604_800.0;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(clap::Args, Debug)]
+// One of the two ways to reach the ranks is needed: the group names both when neither is given.
+#[command(group(
+    clap::ArgGroup::new("ranks_source")
+        .required(true)
+        .args(["workers", "deployment"])
+))]
 pub struct RecordArgs {
     /// A rank's worker API (`http://HOST:PORT`, the port of its `/v1/load`): once per rank of
     /// the group, in any order. On Kubernetes, `--deployment` finds and reaches them instead.
-    #[arg(
-        long = "worker",
-        value_name = "URL",
-        required_unless_present = "deployment"
-    )]
+    #[arg(long = "worker", value_name = "URL")]
     workers: Vec<String>,
     /// A MoEDeployment: its ranks are found from its worker pods and reached through the API
     /// server's port-forward, with the kubeconfig's credentials (RBAC in its namespace: `list`
@@ -64,7 +66,7 @@ pub struct RecordArgs {
     output: PathBuf,
     /// Stop once the recording holds this many windows (default: until interrupted; the file
     /// is complete after every poll).
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one_window)]
     windows: Option<usize>,
     /// Seconds between polls. Each rank keeps its newest 16 windows: poll at least once in 16
     /// windows' time, or windows are lost (recorded in "gaps").
@@ -74,6 +76,16 @@ pub struct RecordArgs {
     /// address that never answers).
     #[arg(long, default_value_t = 600.0)]
     idle_seconds: f64,
+}
+
+/// `--windows`, refused at 0 when parsed: a recording of no windows would stop before its
+/// first poll and write nothing, successfully.
+fn at_least_one_window(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("give at least 1 window".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// An existing recording at `path` (continued), or a new one.
@@ -105,6 +117,8 @@ pub fn record(a: &RecordArgs) -> Result<(), Fail> {
         Some(_) => None,
         None => Some(WorkerUrls::new(&a.workers)?),
     };
+    // Before the first poll: the file is written after each one.
+    crate::outfile::check_output(&a.output, "--output", &[])?;
     let mut rec = read_existing(&a.output)?;
     if a.windows.is_some_and(|n| rec.windows.len() >= n) {
         say_recorded(&rec, a, "already");

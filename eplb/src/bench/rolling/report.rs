@@ -119,7 +119,6 @@ pub fn summary(rows: &[RollingRow], outcomes: &[(String, RollingOutcome)]) -> St
             if r.algorithm == "joint" || r.algorithm == BOUND_ROW {
                 continue;
             }
-            let below = |a: f64, b: f64| 100.0 * (1.0 - a / b);
             let moves = if r.moved_total() == 0 {
                 "moving nothing".to_string()
             } else {
@@ -128,12 +127,12 @@ pub fn summary(rows: &[RollingRow], outcomes: &[(String, RollingOutcome)]) -> St
                     r.moved_total() as f64 / joint.moved_total().max(1) as f64
                 )
             };
-            let lower = pair(
-                format!("{:.2}%", below(joint.mean_next(), r.mean_next())),
-                format!("{:.2}%", below(joint.mean_expected(), r.mean_expected())),
+            let joint_vs = pair(
+                joint_against(joint.mean_next(), r.mean_next()),
+                joint_against(joint.mean_expected(), r.mean_expected()),
             );
             parts.push(format!(
-                "{} {} (joint {lower} lower), {moves}",
+                "{} {} (joint {joint_vs}), {moves}",
                 r.algorithm,
                 both(r.mean_next(), r.mean_expected()),
             ));
@@ -153,4 +152,30 @@ pub fn summary(rows: &[RollingRow], outcomes: &[(String, RollingOutcome)]) -> St
         out.push_str(".\n");
     }
     out
+}
+
+/// Joint's PAR against another row's, as "1.20% lower" or "0.57% higher": a row that beats
+/// joint must not read "joint -0.57% lower".
+fn joint_against(joint: f64, other: f64) -> String {
+    let below = 100.0 * (1.0 - joint / other);
+    // Decided on the printed value: -0.001 is "0.00% lower", not "0.00% higher".
+    if (below * 100.0).round() < 0.0 {
+        format!("{:.2}% higher", -below)
+    } else {
+        format!("{:.2}% lower", below.max(0.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row whose PAR is below joint's says joint is higher, with a positive number.
+    #[test]
+    fn joint_against_says_higher_or_lower() {
+        assert_eq!(joint_against(1.0, 1.1), "9.09% lower");
+        assert_eq!(joint_against(1.0757, 1.0696), "0.57% higher");
+        assert_eq!(joint_against(1.0, 1.0), "0.00% lower");
+        assert_eq!(joint_against(1.00001, 1.0), "0.00% lower");
+    }
 }
