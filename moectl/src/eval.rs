@@ -17,7 +17,8 @@ pub struct EvalArgs<'a> {
     pub placement: &'a Path,
     pub load: &'a Path,
     pub previous: Option<&'a Path>,
-    pub expert_bytes: u64,
+    /// `--expert-bytes`; `None`: the model's (see [`expert_bytes`]).
+    pub expert_bytes: Option<u64>,
     pub as_json: bool,
     pub ranks: Option<usize>,
     pub svg: Option<&'a PathBuf>,
@@ -148,7 +149,7 @@ pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     // other slots (say, fewer redundant experts) is still compared by PAR.
     let mig = match &prev {
         Some(old) if old.num_layers == p.num_layers && old.num_slots() == p.num_slots() => {
-            Some(migration_cost(old, &p, a.expert_bytes)?)
+            Some(migration_cost(old, &p, expert_bytes(a)?)?)
         }
         Some(old) => {
             notes.push(format!(
@@ -276,6 +277,19 @@ pub fn eval(a: &EvalArgs, notes: &mut Vec<String>) -> Result<(), Fail> {
     }
     print_out(&out)?;
     Ok(())
+}
+
+/// Bytes of one moved expert: `--expert-bytes`, else `--model`'s experts as stored (an FP8
+/// checkpoint's are half a bf16 one's, plus scales), else DeepSeek-V3's in bf16.
+fn expert_bytes(a: &EvalArgs) -> Result<u64, Fail> {
+    if let Some(b) = a.expert_bytes {
+        return Ok(b);
+    }
+    Ok(a.layout
+        .model()?
+        .map_or(eplb::metrics::DEEPSEEK_V3_EXPERT_BYTES, |m| {
+            m.expert_bytes() as u64
+        }))
 }
 
 /// Refuses a `--previous` of another model than `--placement` (other layers or experts): its

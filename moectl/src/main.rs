@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use eplb::metrics::DEEPSEEK_V3_EXPERT_BYTES;
 use eplb::{PlanRequest, Shape, planner_by_name};
 
 use crate::convert::{ConvertArgs, ConvertTo};
@@ -135,9 +134,10 @@ enum Command {
         /// The placement before: migration cost, its PAR, and the "before" heatmap panel.
         #[arg(long)]
         previous: Option<PathBuf>,
-        /// Bytes of one expert's weights (default: DeepSeek-V3, bf16).
-        #[arg(long, default_value_t = DEEPSEEK_V3_EXPERT_BYTES)]
-        expert_bytes: u64,
+        /// Bytes of one expert's weights, for the migration cost (default: --model's as stored,
+        /// FP8 scales included; without --model DeepSeek-V3's in bf16, 88,080,384).
+        #[arg(long)]
+        expert_bytes: Option<u64>,
         /// Print the report as one JSON object instead of the table.
         #[arg(long)]
         json: bool,

@@ -1581,3 +1581,46 @@ fn errors_name_their_flag() {
     assert_usage(&o, "give at least 1 window");
     assert!(!std::path::Path::new(&out).exists());
 }
+
+/// eval's migration bytes are the `--model` checkpoint's experts as stored (FP8 weights and
+/// their block scales), not DeepSeek-V3's bf16 size; `--expert-bytes` still decides.
+#[test]
+fn eval_counts_the_models_expert_bytes() {
+    let d = Dir::new("eval-model-bytes");
+    let model = format!(
+        "{}/../fixtures/models/deepseek_v3_fp8",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let load = d.file("l.json", "[[8, 7, 6, 5, 4, 3, 2, 1]]");
+    let now = d.file(
+        "p.json",
+        r#"{"num_logical_experts": 8, "num_ranks": 2, "phy2log": [[0, 1, 2, 3, 4, 5, 6, 7]]}"#,
+    );
+    let before = d.file(
+        "q.json",
+        r#"{"num_logical_experts": 8, "num_ranks": 2, "phy2log": [[1, 0, 2, 3, 4, 5, 6, 7]]}"#,
+    );
+    let bytes = |extra: &[&str]| -> u64 {
+        let mut args = vec![
+            "eval",
+            "--placement",
+            &now,
+            "--load",
+            &load,
+            "--previous",
+            &before,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = moectl(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        v["migration"]["bytes"].as_u64().unwrap()
+    };
+    // hidden 256 x moe_intermediate 160, three projections of one byte, and f32 scales per
+    // 128 x 128 block: 2 x (2 x 2) + 2 x 2 blocks.
+    let fp8 = 3 * 256 * 160 + 4 * (2 * 4 + 4);
+    assert_eq!(bytes(&["--model", &model]), 2 * fp8);
+    assert_eq!(bytes(&[]), 2 * 88_080_384);
+    assert_eq!(bytes(&["--model", &model, "--expert-bytes", "10"]), 20);
+}
