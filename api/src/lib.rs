@@ -212,6 +212,13 @@ pub struct LoadReport {
     pub layer_generations: Vec<u64>,
     /// Steps currently in the window (at most the configured window size).
     pub window_steps: u64,
+    /// The oldest group step the window holds (any layer's; `None` while it is empty). A
+    /// closed window that ends at or before it shares no step with the current one. With the
+    /// forward API a layer's window holds that layer's newest rounds, which can reach far
+    /// further back than `window_steps` group steps. Absent from older workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_start_step: Option<u64>,
+    /// Group steps done (the next step's number).
     pub step: u64,
     /// `slot_counts[layer][physical slot]`.
     pub slot_counts: Vec<Vec<f64>>,
@@ -276,15 +283,20 @@ impl LoadEpisode {
             .collect()
     }
 
-    /// The newest `max` of [`LoadEpisode::group_windows`] that closed a whole window before
-    /// `now_step`, counts only: what the operator plans on beside the current window. The
-    /// current window slides (it holds the last `windowSteps` steps before `now_step`), so the
-    /// newest closed window shares most of its steps with it; planned as an episode of its own
-    /// it would count those steps twice, and weigh them by where in the window the poll fell.
-    pub fn group_history(reports: &[LoadReport], max: usize, now_step: u64) -> Vec<Vec<Vec<f64>>> {
+    /// The newest `max` of [`LoadEpisode::group_windows`] that ended by `first_step`, the
+    /// oldest step the current window holds ([`LoadReport::current_window_start`]), counts
+    /// only: what the operator plans on beside the current window. The current window slides,
+    /// so the newest closed window shares most of its steps with it; planned as an episode of
+    /// its own it would count those steps twice, and weigh them by where in the window the poll
+    /// fell.
+    pub fn group_history(
+        reports: &[LoadReport],
+        max: usize,
+        first_step: u64,
+    ) -> Vec<Vec<Vec<f64>>> {
         let mut out: Vec<Vec<Vec<f64>>> = Self::group_windows(reports)
             .into_iter()
-            .filter(|ep| ep.end_step.saturating_add(ep.steps) <= now_step)
+            .filter(|ep| ep.end_step <= first_step)
             .map(|ep| ep.logical_counts)
             .collect();
         if out.len() > max {
@@ -295,6 +307,14 @@ impl LoadEpisode {
 }
 
 impl LoadReport {
+    /// The oldest group step the current window holds: `window_start_step`, or, from a
+    /// worker that does not report it, `window_size` steps before `step` (the generator's
+    /// window; a window shortened by a remap starts later, which only leaves out more).
+    pub fn current_window_start(&self, window_size: u64) -> u64 {
+        self.window_start_step
+            .unwrap_or_else(|| self.step.saturating_sub(window_size))
+    }
+
     /// Sums the slot counts of several ranks' reports (the group's load).
     pub fn sum_slot_counts<'a>(reports: impl IntoIterator<Item = &'a LoadReport>) -> Vec<Vec<f64>> {
         let mut total: Vec<Vec<f64>> = Vec::new();
@@ -379,6 +399,7 @@ mod tests {
             rank,
             layer_generations: vec![0],
             window_steps: 0,
+            window_start_step: None,
             step: 0,
             slot_counts: vec![vec![0.0; 2]],
             par: vec![1.0],
@@ -400,24 +421,39 @@ mod tests {
             report(0, &[(10, 1.0), (20, 2.0), (30, 3.0)]),
             report(1, &[(20, 5.0), (30, 7.0)]),
         ];
-        let h = LoadEpisode::group_history(&reports, 8, 40);
+        let h = LoadEpisode::group_history(&reports, 8, 30);
         assert_eq!(h, vec![vec![vec![7.0, 2.0]], vec![vec![10.0, 2.0]]]);
-        let newest = LoadEpisode::group_history(&reports, 1, 40);
+        let newest = LoadEpisode::group_history(&reports, 1, 30);
         assert_eq!(newest, vec![vec![vec![10.0, 2.0]]]);
-        assert!(LoadEpisode::group_history(&[], 4, 40).is_empty());
+        assert!(LoadEpisode::group_history(&[], 4, 30).is_empty());
     }
 
     #[test]
     fn group_history_leaves_out_the_windows_the_current_one_overlaps() {
         // Windows of 10 steps; the current (sliding) window holds steps 25..35.
-        let reports = [report(0, &[(10, 1.0), (20, 2.0), (30, 3.0)])];
-        let h = LoadEpisode::group_history(&reports, 8, 35);
+        let mut current = report(0, &[(10, 1.0), (20, 2.0), (30, 3.0)]);
+        current.step = 35;
+        current.window_start_step = Some(25);
+        let start = current.current_window_start(10);
+        assert_eq!(start, 25);
+        let reports = [current.clone()];
+        let h = LoadEpisode::group_history(&reports, 8, start);
         assert_eq!(h, vec![vec![vec![1.0, 1.0]], vec![vec![2.0, 1.0]]]);
         // At a close the current window is exactly the newest closed one: still left out.
-        let at_close = LoadEpisode::group_history(&reports, 8, 30);
-        assert_eq!(at_close, h);
-        assert_eq!(LoadEpisode::group_history(&reports, 8, 40).len(), 3);
-        assert!(LoadEpisode::group_history(&reports, 8, 19).is_empty());
+        assert_eq!(LoadEpisode::group_history(&reports, 8, 20), h);
+        assert_eq!(LoadEpisode::group_history(&reports, 8, 30).len(), 3);
+        assert!(LoadEpisode::group_history(&reports, 8, 9).is_empty());
+        // With the forward API a layer's window reaches back further than the window size.
+        current.window_start_step = Some(12);
+        assert_eq!(current.current_window_start(10), 12);
+        assert_eq!(
+            LoadEpisode::group_history(&[current.clone()], 8, 12).len(),
+            1
+        );
+        // An older worker: the generator's window before `step`.
+        current.window_start_step = None;
+        assert_eq!(current.current_window_start(10), 25);
+        assert_eq!(current.current_window_start(100), 0);
     }
 
     #[test]
@@ -457,6 +493,7 @@ mod tests {
             rank: 0,
             layer_generations: vec![1],
             window_steps: 1,
+            window_start_step: None,
             step: 1,
             slot_counts: vec![vec![1.0, 2.0, 3.0, 4.0]],
             par: vec![1.0],

@@ -396,7 +396,7 @@ fn read_trace(
             }
         ))
     })?;
-    let (load, mut prev) = inputs::read_load_and_previous(
+    let (load, previous_read) = inputs::read_load_and_previous(
         &a.load,
         &a.layout,
         a.physical_load,
@@ -406,6 +406,7 @@ fn read_trace(
         a.nodes,
         notes,
     )?;
+    let mut prev = previous_read.as_ref().map(|p| p.placement.clone());
     let experts = load.history.num_experts();
     let recorded_redundant = start.and_then(|p| p.num_slots().checked_sub(experts));
     let layout = EpLayout {
@@ -414,14 +415,22 @@ fn read_trace(
             .redundant
             .or(recorded_redundant)
             .ok_or_else(|| Fail("--redundant: give the redundant expert slots per layer".into()))?,
-        // --previous says its nodes (or had --nodes fill them in). The recorded nodes divide
-        // the recorded ranks, not necessarily others.
+        // --previous's nodes where its file states them; a format that does not (vLLM's,
+        // SGLang's, vllm-ascend's) leaves them to the recording. The recorded nodes divide the
+        // recorded ranks, not necessarily others.
         nodes: a
             .nodes
-            .or(prev.as_ref().map(|p| p.num_nodes))
+            .or(previous_read.as_ref().and_then(|p| p.stated_nodes))
             .or(start.filter(|p| p.num_ranks == ranks).map(|p| p.num_nodes))
             .unwrap_or(1),
     };
+    // A --previous whose format does not state its nodes was read for 1 node (or --nodes):
+    // it runs on the nodes replayed.
+    if let (Some(p), Some(read)) = (prev.as_mut(), &previous_read)
+        && read.stated_nodes.is_none()
+    {
+        p.num_nodes = layout.nodes;
+    }
     if let Some(doc) = start
         && a.previous.is_none()
     {

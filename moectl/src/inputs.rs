@@ -369,6 +369,13 @@ impl Experts {
     }
 }
 
+/// A `--previous` placement, and the nodes its file states (`None` for formats that do not:
+/// its `num_nodes` is then `--nodes` or 1, which must not override a recording's own).
+pub struct Previous {
+    pub placement: Placement,
+    pub stated_nodes: Option<usize>,
+}
+
 /// Reads `--previous` for `plan` and `backtest` in any format, with `ranks` for formats that
 /// do not say them. `nodes` (`--nodes`) fills in for formats that do not say theirs; where the
 /// file says another count it is refused: re-planning a 4-node placement for 1 node would
@@ -380,10 +387,11 @@ fn read_previous(
     nodes: Option<usize>,
     layout: Option<&DecoderLayout>,
     notes: &mut Vec<String>,
-) -> Result<Placement, Fail> {
+) -> Result<Previous, Fail> {
     let bytes = read_bytes(path, "placement")?;
     let p = read_placement_from(path, &bytes, experts, Some(ranks), nodes, layout, notes)?;
-    if let (Some(given), Some(says)) = (nodes, FileSays::of(&bytes, &p).nodes)
+    let stated_nodes = FileSays::of(&bytes, &p).nodes;
+    if let (Some(given), Some(says)) = (nodes, stated_nodes)
         && given != says
     {
         return Err(Fail(format!(
@@ -392,7 +400,10 @@ fn read_previous(
             count(says, "node")
         )));
     }
-    Ok(p)
+    Ok(Previous {
+        placement: p,
+        stated_nodes,
+    })
 }
 
 /// A placement named on the command line with the user's `--ranks`,
@@ -602,13 +613,14 @@ pub fn read_load_and_previous(
     ranks: usize,
     nodes: Option<usize>,
     notes: &mut Vec<String>,
-) -> Result<(LoadInput, Option<Placement>), Fail> {
+) -> Result<(LoadInput, Option<Previous>), Fail> {
     let mut load = read_load(load, layout)?;
     notes.append(&mut load.notes);
     let experts = load_experts(&load, physical_load, experts)?;
-    let prev = previous
+    let previous_read = previous
         .map(|f| read_previous(f, experts, ranks, nodes, load.layout.as_ref(), notes))
         .transpose()?;
+    let prev = previous_read.as_ref().map(|p| &p.placement);
     if let (Some(Experts::Flag(e)), Some(p), Some(f)) = (experts, &prev, previous)
         && e != p.num_logical_experts
     {
@@ -618,16 +630,10 @@ pub fn read_load_and_previous(
             p.num_logical_experts
         )));
     }
-    settle_physical(
-        &mut load,
-        physical_load,
-        prev.as_ref(),
-        previous,
-        "--previous",
-    )?;
+    settle_physical(&mut load, physical_load, prev, previous, "--previous")?;
     notes.append(&mut load.notes);
     layout.check_load_shape(&load.history)?;
-    Ok((load, prev))
+    Ok((load, previous_read))
 }
 
 /// Refuses a `--previous` of another layout than the one planned (`shape`), naming the flag,

@@ -376,7 +376,7 @@ fn plan(
         )?;
     }
     let mut clock = Stopwatch::new();
-    let (load, prev) = inputs::read_load_and_previous(
+    let (load, previous_read) = inputs::read_load_and_previous(
         load,
         layout,
         physical_load,
@@ -387,6 +387,7 @@ fn plan(
         notes,
     )?;
     // A re-planned placement stays on the nodes of the one it changes.
+    let prev = previous_read.map(|p| p.placement);
     let nodes = nodes.or(prev.as_ref().map(|p| p.num_nodes)).unwrap_or(1);
     if format == Format::Sglang {
         inputs::need_layout(load.layout.as_ref())?;

@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use crate::Fail;
 
 /// Refuses, before any work (a backtest may run for minutes), an output that cannot be
-/// written: an existing directory, a file in a directory that does not exist, or one of the
-/// inputs (`eval --placement p.json --svg p.json` would replace the placement with a
-/// heatmap). `flag` names the output in the message.
+/// written: an existing directory, a file in a directory that does not exist or cannot be
+/// written to (where the end of a symlink chain lands), or one of the inputs (`eval
+/// --placement p.json --svg p.json` would replace the placement with a heatmap). `flag` names
+/// the output in the message.
 pub(crate) fn check_output(out: &Path, flag: &str, inputs: &[Option<&Path>]) -> Result<(), Fail> {
     let shown = out.display();
     if out.is_dir() {
@@ -22,14 +23,31 @@ pub(crate) fn check_output(out: &Path, flag: &str, inputs: &[Option<&Path>]) -> 
             "{flag} {shown} is a directory: give a file name"
         )));
     }
-    let dir = parent_dir(out);
-    if !dir.is_dir() {
-        return Err(Fail(format!(
-            "{flag} {shown}: the directory {} does not exist",
-            dir.display()
-        )));
+    refuse_overwrite(out, flag, inputs)?;
+    match target_of(out) {
+        Ok(Target::Replace { path, .. }) => {
+            let dir = parent_dir(&path);
+            if !dir.is_dir() {
+                return Err(Fail(format!(
+                    "{flag} {shown}: the directory {} does not exist",
+                    dir.display()
+                )));
+            }
+            // The temporary the output is written to is created there: try it now.
+            let (probe, file) = create_temp(&path).map_err(|e| {
+                Fail(format!(
+                    "{flag} {shown}: cannot write in {}: {e}",
+                    dir.display()
+                ))
+            })?;
+            drop(file);
+            let _ = std::fs::remove_file(probe);
+            Ok(())
+        }
+        // A device or a FIFO is opened only when written (opening a FIFO waits for a reader).
+        Ok(Target::InPlace(_)) => Ok(()),
+        Err(e) => Err(Fail(format!("{flag} {shown}: {e}"))),
     }
-    refuse_overwrite(out, flag, inputs)
 }
 
 /// Refuses an output directory (`--export DIR`) that exists as something else.
@@ -352,6 +370,25 @@ mod tests {
         std::fs::write(&old, "input").expect("write");
         put(&d.0.join("x.svg"), "svg").expect("write");
         assert_eq!(std::fs::read_to_string(&old).expect("read"), "input");
+    }
+
+    /// The early check looks where the output will land: past a symlink into a directory that
+    /// does not exist it refuses, and it leaves no probe behind where it passes.
+    #[test]
+    fn the_early_check_follows_links_and_leaves_nothing() {
+        let d = Dir::new("check");
+        let link = d.0.join("out.json");
+        std::os::unix::fs::symlink(d.0.join("missing/out.json"), &link).expect("symlink");
+        let err = check_output(&link, "--output", &[]).expect_err("refused");
+        assert!(err.0.contains("does not exist"), "{}", err.0);
+        std::fs::remove_file(&link).expect("unlink");
+        assert!(
+            check_output(&link, "--output", &[]).is_ok(),
+            "a new file in a directory that exists"
+        );
+        assert!(entries(&d.0).is_empty(), "{:?}", entries(&d.0));
+        let dir_err = check_output(&d.0, "--markdown", &[]).expect_err("refused");
+        assert!(dir_err.0.contains("is a directory"), "{}", dir_err.0);
     }
 
     #[test]

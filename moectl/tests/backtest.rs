@@ -681,3 +681,44 @@ fn backtest_takes_the_nodes_of_previous() {
     );
     assert_bad(&o, "--nodes 1 contradicts --previous");
 }
+
+/// A `--previous` in a format that does not state its nodes (vllm-ascend's map) leaves the
+/// nodes to the recording, which does: the replay keeps the recorded 2 nodes.
+#[test]
+fn backtest_keeps_the_recorded_nodes_under_a_previous_that_does_not_say_them() {
+    let d = Dir::new("backtest-prev-unstated-nodes");
+    let first = d.file("first.json", &json(&trace(9)[0]));
+    let plan = |format: &str, out: &str| {
+        let o = moectl(&[
+            "plan",
+            "--load",
+            &first,
+            "--ranks",
+            "4",
+            "--redundant",
+            "4",
+            "--nodes",
+            "2",
+            "--format",
+            format,
+            "--output",
+            out,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    let doc = d.path("doc.json");
+    plan("document", &doc);
+    let ascend = d.path("ascend.json");
+    plan("ascend-expert-map", &ascend);
+    let mut rec = recording(9);
+    rec["placement"] = serde_json::from_str(&std::fs::read_to_string(&doc).unwrap()).unwrap();
+    let recorded = d.file("recorded.json", &rec.to_string());
+    let md = d.path("report.md");
+    let o = backtest(
+        &recorded,
+        &["--history", "2", "--previous", &ascend, "--markdown", &md],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = std::fs::read_to_string(&md).unwrap();
+    assert!(report.contains("4 redundant slots, 2 nodes)"), "{report}");
+}

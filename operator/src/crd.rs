@@ -575,9 +575,9 @@ pub struct EplbSpec {
     /// closed windows before it (each `windowSteps` steps, kept by the workers), planned as
     /// episodes so a placement holds up as load drifts. 1: the current window only. The
     /// current window slides, so the newest closed window, which shares most of its steps, is
-    /// not one of them; the workers keep 16, hence at most 16 here.
+    /// not one of them; the workers keep 16, so at most 15 are used (16 windows in all).
     #[serde(default = "default_history_windows")]
-    #[schemars(range(min = 1, max = 16))]
+    #[schemars(range(min = 1, max = 17))]
     pub history_windows: u32,
     /// Window steps a statistics window must hold before it is trusted for planning.
     #[serde(default = "default_min_window")]

@@ -124,6 +124,8 @@ pub struct PlanOutcome {
     pub document: PlacementDocument,
     /// What each planned layer gains, on the current window.
     pub layers: Vec<eplb::PlannedLayer>,
+    /// Statistics windows planned on: the current one and the past ones kept.
+    pub windows: usize,
 }
 
 /// Plans the given layers with the named algorithm on the group's logical load: the current
@@ -143,7 +145,7 @@ pub fn plan(
 ) -> Result<PlanOutcome, String> {
     let shape = shape(spec, redundant)?;
     let previous = eplb::Placement::from_document(current).map_err(|e| e.to_string())?;
-    let next = run_planner(algorithm, &shape, &previous, load, past, layers, max_moves)?;
+    let (next, windows) = run_planner(algorithm, &shape, &previous, load, past, layers, max_moves)?;
     let mut document = current.clone();
     let mut outcomes = Vec::new();
     for &layer in layers {
@@ -170,6 +172,7 @@ pub fn plan(
     Ok(PlanOutcome {
         document,
         layers: outcomes,
+        windows,
     })
 }
 
@@ -224,7 +227,7 @@ fn run_planner(
     past: &[Vec<Vec<f64>>],
     layers: &[usize],
     max_moves: Option<usize>,
-) -> Result<eplb::Placement, String> {
+) -> Result<(eplb::Placement, usize), String> {
     let planner = eplb::planner_by_name(algorithm).map_err(|e| e.to_string())?;
     // Past windows of another shape or with counts no traffic gives (a worker that reported
     // something odd) are left out rather than failing the plan.
@@ -238,6 +241,7 @@ fn run_planner(
         .cloned()
         .collect();
     windows.push(load.to_vec());
+    let planned_on = windows.len();
     let history = eplb::LoadHistory::new(windows).map_err(|e| e.to_string())?;
     let mut request = eplb::PlanRequest::new(*shape, &history)
         .previous(previous)
@@ -246,7 +250,7 @@ fn run_planner(
         request = request.max_moves(m);
     }
     let plan = planner.plan(&request).map_err(|e| e.to_string())?;
-    Ok(plan.placement)
+    Ok((plan.placement, planned_on))
 }
 
 #[cfg(test)]
@@ -305,6 +309,7 @@ mod tests {
             |d: &PlacementDocument, x: u32| d.phy2log[0].iter().filter(|&&v| v == x).count();
         assert!(count(&alone.document, 0) > count(&alone.document, 1));
         assert!(count(&with_past.document, 1) > count(&alone.document, 1));
+        assert_eq!((alone.windows, with_past.windows), (1, 4));
         // A past window of another shape, or with a count no traffic gives, is left out, not
         // an error.
         let odd = vec![vec![1.0; e + 1]; layers];
@@ -325,6 +330,7 @@ mod tests {
             )
             .unwrap();
             assert_eq!(p.document.phy2log, alone.document.phy2log);
+            assert_eq!(p.windows, 1, "the bad window is not counted");
         }
     }
 

@@ -234,18 +234,23 @@ pub fn skip_message(
 /// that the polls after it give the same answer instead of planning again on the same
 /// statistics: the current window slides a few steps between polls, and a large model's plan
 /// costs a second or more of CPU (twice under a move cap), for an answer that changes only as
-/// whole windows of new traffic arrive. It holds while nothing it depended on changed: the
-/// committed generation, `spec.eplb`, the layers over the threshold, and the statistics
-/// window the group is in (`step / windowSteps`: a window closing, or a group restart, plans
-/// again). A manual request always plans.
+/// a window's worth of new traffic arrives. It holds while nothing it depended on changed: the
+/// object (its uid), the committed generation, `spec.eplb`, the layers over the threshold, and
+/// the group's step, which must stay within one window of the plan's (`from_step ..
+/// until_step`: a new window's worth of steps, or a group restart, plans again). A manual
+/// request always plans.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlanHold {
+    pub uid: String,
     pub generation: u64,
     pub eplb: EplbSpec,
     /// The layers planned, ascending (the worst-first order shifts as PARs move a little).
     pub layers: Vec<usize>,
-    /// `step / windowSteps` at the plan (the lowest step over ranks).
-    pub window: u64,
+    /// The group's step at the plan (the lowest over ranks).
+    pub from_step: u64,
+    /// `from_step` plus the steps of the window planned on (at least 1): the workers' own
+    /// window length, whatever `windowSteps` says now (workers read it when they start).
+    pub until_step: u64,
     pub reason: &'static str,
     pub message: String,
 }
@@ -258,17 +263,20 @@ impl PlanHold {
         v
     }
 
-    /// The window index of `step`: plans are redone when it changes.
-    pub fn window_of(step: u64, eplb: &EplbSpec) -> u64 {
-        step / u64::from(eplb.window_steps.max(1))
-    }
-
-    /// Whether this answer still stands for a threshold-triggered plan of `layers`.
-    pub fn holds(&self, generation: u64, eplb: &EplbSpec, layers: &[usize], step: u64) -> bool {
-        self.generation == generation
+    /// Whether this answer still stands for a threshold-triggered plan of `layers` at `step`.
+    pub fn holds(
+        &self,
+        uid: &str,
+        generation: u64,
+        eplb: &EplbSpec,
+        layers: &[usize],
+        step: u64,
+    ) -> bool {
+        self.uid == uid
+            && self.generation == generation
             && &self.eplb == eplb
             && self.layers == Self::layer_set(layers)
-            && self.window == Self::window_of(step, eplb)
+            && (self.from_step..self.until_step).contains(&step)
     }
 }
 
@@ -427,39 +435,54 @@ mod tests {
         }
     }
 
-    /// A plan that moved nothing answers again until a window closes, the layers, the spec or
-    /// the generation change, or the group restarts.
+    /// A plan that moved nothing answers again until a window's worth of steps has passed, the
+    /// layers, the spec, the generation or the object change, or the group restarts.
     #[test]
     fn a_plan_that_moved_nothing_holds_until_its_statistics_change() {
-        let e = EplbSpec {
-            window_steps: 100,
-            ..EplbSpec::default()
-        };
+        let e = EplbSpec::default();
         let hold = PlanHold {
+            uid: "u1".into(),
             generation: 3,
             eplb: e.clone(),
             layers: PlanHold::layer_set(&[2, 0]),
-            window: PlanHold::window_of(1234, &e),
+            from_step: 1234,
+            until_step: 1334,
             reason: "NoImprovement",
             message: "m".into(),
         };
-        assert!(hold.holds(3, &e, &[0, 2], 1234));
+        assert!(hold.holds("u1", 3, &e, &[0, 2], 1234));
         assert!(
-            hold.holds(3, &e, &[2, 0], 1299),
+            hold.holds("u1", 3, &e, &[2, 0], 1333),
             "same window, other worst-first order"
         );
-        assert!(!hold.holds(3, &e, &[0, 2], 1300), "a window closed");
-        assert!(!hold.holds(3, &e, &[0, 2], 40), "the group restarted");
-        assert!(!hold.holds(4, &e, &[0, 2], 1234), "another generation");
         assert!(
-            !hold.holds(3, &e, &[0, 1, 2], 1234),
+            !hold.holds("u1", 3, &e, &[0, 2], 1334),
+            "a window's worth of steps"
+        );
+        assert!(
+            !hold.holds("u1", 3, &e, &[0, 2], 1233),
+            "the group restarted"
+        );
+        assert!(
+            !hold.holds("u1", 4, &e, &[0, 2], 1234),
+            "another generation"
+        );
+        assert!(
+            !hold.holds("u2", 3, &e, &[0, 2], 1234),
+            "a new object of that name"
+        );
+        assert!(
+            !hold.holds("u1", 3, &e, &[0, 1, 2], 1234),
             "another layer over the threshold"
         );
         let looser = EplbSpec {
             hysteresis: e.hysteresis / 2.0,
             ..e.clone()
         };
-        assert!(!hold.holds(3, &looser, &[0, 2], 1234), "the spec changed");
+        assert!(
+            !hold.holds("u1", 3, &looser, &[0, 2], 1234),
+            "the spec changed"
+        );
     }
 
     /// The hold message does not change with the measured PAR: a condition message that did

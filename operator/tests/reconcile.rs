@@ -764,6 +764,24 @@ async fn a_remap_plans_on_the_closed_windows_before_the_current_one() {
     h.reconcile().await;
     let st = h.status();
     assert_eq!(st["remap"]["historyWindows"], 2, "{st}");
+    // With the forward API a layer's window holds that layer's newest rounds, which can reach
+    // further back than windowSteps: the worker says where it starts.
+    let h = Harness::new({
+        let mut spec = spec_json();
+        spec["eplb"]["windowSteps"] = json!(100);
+        spec["eplb"]["historyWindows"] = json!(4);
+        spec
+    });
+    h.reconcile().await;
+    h.add_ready_pods(2);
+    h.workers.set_load(skewed(), 0, 100);
+    h.workers.set_history(&[700, 800, 900], 100);
+    for report in h.workers.state.lock().unwrap().loads.values_mut() {
+        report.window_start_step = Some(850);
+    }
+    h.reconcile().await;
+    let st = h.status();
+    assert_eq!(st["remap"]["historyWindows"], 3, "{st}");
 }
 
 /// A rank's address that reaches another rank (its report says so) is not summed: that
@@ -816,7 +834,7 @@ async fn the_replan_interval_counts_from_the_end_of_the_last_remap() {
 }
 
 /// A threshold-triggered plan that moves nothing is not made again on every poll: its answer
-/// stands until a statistics window closes. Expert 0 carries almost all of layer 0's load and
+/// stands until a window's worth of new steps has been counted. Expert 0 carries almost all of layer 0's load and
 /// has no redundant slot, so no placement is better.
 #[tokio::test]
 async fn a_plan_that_moved_nothing_is_not_made_again_until_a_window_closes() {
@@ -850,8 +868,19 @@ async fn a_plan_that_moved_nothing_is_not_made_again_until_a_window_closes() {
     );
     h.workers.set_step(1100);
     h.reconcile().await;
-    assert!(asks(&h) > planned_once, "a window closed: planned again");
+    let planned_twice = asks(&h);
+    assert!(
+        planned_twice > planned_once,
+        "a window's worth of steps: planned again"
+    );
     assert_eq!(h.condition("Rebalancing")["reason"], "NoImprovement");
+    // The group restarted (its step went back): planned again.
+    h.workers.set_step(150);
+    h.reconcile().await;
+    assert!(
+        asks(&h) > planned_twice,
+        "a restarted group is planned again"
+    );
 }
 
 /// Owned objects are applied with field management (forced, as manager `moe-operator`): a

@@ -281,7 +281,7 @@ impl Engine {
         m.tokens_per_second.set(tps);
         {
             let mut w = self.shared.lock_window();
-            w.record(counts);
+            w.record(step, counts);
             for l in 0..self.shape.num_layers {
                 let sums: Vec<f64> = w.layer_sums(l).iter().map(|&v| v as f64).collect();
                 m.layer_imbalance

@@ -187,6 +187,7 @@ impl Shared {
             rank: self.rank,
             layer_generations,
             window_steps: w.steps() as u64,
+            window_start_step: w.first_step(),
             step,
             slot_counts,
             par,

@@ -23,6 +23,8 @@ pub struct Window {
 #[derive(Debug, Clone)]
 struct LayerWindow {
     steps: VecDeque<Vec<u32>>,
+    /// The group step (round) of each entry of `steps`.
+    rounds: VecDeque<u64>,
     sums: Vec<u64>,
 }
 
@@ -33,6 +35,7 @@ impl Window {
             layers: vec![
                 LayerWindow {
                     steps: VecDeque::new(),
+                    rounds: VecDeque::new(),
                     sums: vec![0; num_slots],
                 };
                 num_layers
@@ -40,15 +43,15 @@ impl Window {
         }
     }
 
-    /// Records one step's counts `[layer][slot]` (a round of every layer).
-    pub fn record(&mut self, counts: &[Vec<u32>]) {
+    /// Records group step `step`'s counts `[layer][slot]` (a round of every layer).
+    pub fn record(&mut self, step: u64, counts: &[Vec<u32>]) {
         for (l, c) in counts.iter().enumerate() {
-            self.record_layer(l, c);
+            self.record_layer(l, step, c);
         }
     }
 
-    /// Records one round of `layer`: its slot counts.
-    pub fn record_layer(&mut self, layer: usize, counts: &[u32]) {
+    /// Records one round of `layer`, in group step `step`: its slot counts.
+    pub fn record_layer(&mut self, layer: usize, step: u64, counts: &[u32]) {
         let size = self.size;
         let Some(w) = self.layers.get_mut(layer) else {
             return;
@@ -57,19 +60,34 @@ impl Window {
             *s += u64::from(*v);
         }
         w.steps.push_back(counts.to_vec());
+        w.rounds.push_back(step);
         if w.steps.len() > size
             && let Some(old) = w.steps.pop_front()
         {
+            w.rounds.pop_front();
             for (s, v) in w.sums.iter_mut().zip(&old) {
                 *s -= u64::from(*v);
             }
         }
     }
 
+    /// The oldest group step any layer's window holds (`None` while every window is empty).
+    /// With the forward API a layer's window can reach far further back than `size` group
+    /// steps (its rounds are those that served it), so this, not the current step minus the
+    /// window size, says which closed windows share steps with the current one.
+    pub fn first_step(&self) -> Option<u64> {
+        self.layers
+            .iter()
+            .filter_map(|w| w.rounds.front())
+            .min()
+            .copied()
+    }
+
     /// Forgets a layer's counts (after its placement changed).
     pub fn reset_layer(&mut self, layer: usize) {
         if let Some(w) = self.layers.get_mut(layer) {
             w.steps.clear();
+            w.rounds.clear();
             w.sums.iter_mut().for_each(|s| *s = 0);
         }
     }
@@ -253,24 +271,28 @@ mod tests {
     #[test]
     fn window_slides_and_resets() {
         let mut w = Window::new(2, 2, 2);
-        w.record(&[vec![1, 2], vec![3, 4]]);
-        w.record(&[vec![1, 0], vec![0, 0]]);
-        w.record(&[vec![5, 0], vec![0, 1]]);
+        assert_eq!(w.first_step(), None);
+        w.record(0, &[vec![1, 2], vec![3, 4]]);
+        w.record(1, &[vec![1, 0], vec![0, 0]]);
+        w.record(2, &[vec![5, 0], vec![0, 1]]);
         assert_eq!(w.sums(), vec![vec![6.0, 0.0], vec![0.0, 1.0]]);
         assert_eq!(w.steps(), 2);
+        assert_eq!(w.first_step(), Some(1));
         w.reset_layer(1);
         assert_eq!(w.steps(), 0);
         assert_eq!(w.layer_sums(1), &[0, 0]);
         assert_eq!(w.layer_sums(0), &[6, 0]);
-        // Layers served unevenly: each layer's window holds its own newest rounds.
+        assert_eq!(w.first_step(), Some(1), "layer 0 still holds steps 1 and 2");
+        // Layers served unevenly: each layer's window holds its own newest rounds, so the
+        // window reaches back to the oldest round of the least served layer.
         let mut w = Window::new(2, 2, 2);
-        for _ in 0..3 {
-            w.record_layer(0, &[1, 0]);
+        w.record_layer(1, 0, &[0, 4]);
+        for step in 1..4 {
+            w.record_layer(0, step, &[1, 0]);
         }
-        assert_eq!(w.steps(), 0);
-        w.record_layer(1, &[0, 4]);
         assert_eq!(w.steps(), 1);
         assert_eq!(w.sums(), vec![vec![2.0, 0.0], vec![0.0, 4.0]]);
+        assert_eq!(w.first_step(), Some(0));
     }
 
     #[test]

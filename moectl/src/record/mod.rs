@@ -410,6 +410,7 @@ mod tests {
             rank: 0,
             layer_generations: vec![0],
             window_steps: 0,
+            window_start_step: None,
             step: 0,
             slot_counts: Vec::new(),
             par: Vec::new(),

@@ -284,6 +284,7 @@ mod tests {
             rank,
             layer_generations: vec![0],
             window_steps: 0,
+            window_start_step: None,
             step: 0,
             slot_counts: vec![vec![0.0; 3]],
             par: vec![1.0],

@@ -506,20 +506,10 @@ impl Step<'_> {
             Ok(v) => v,
             Err((rank, e)) => return Err(out.workers_unreachable(rank, e)),
         };
-        // Counts are summed over ranks: an address that reached another rank (a pod IP taken
-        // over by another pod of the group) would count that rank twice.
-        if let Some((ep, r)) = endpoints
-            .iter()
-            .zip(&reports)
-            .find(|(ep, r)| ep.rank != r.rank)
-        {
-            return Err(out.workers_unreachable(
-                ep.rank,
-                format!(
-                    "{} answered as rank {}, not rank {}: its address is stale",
-                    ep.base_url, r.rank, ep.rank
-                ),
-            ));
+        // Counts are summed over ranks: an address that reached another rank would count that
+        // rank twice.
+        if let Some((rank, message)) = stale_address(endpoints, &reports) {
+            return Err(out.workers_unreachable(rank, message));
         }
         let window = reports.iter().map(|r| r.window_steps).min().unwrap_or(0);
         // Counts recorded under an older placement say little about this one.
@@ -615,10 +605,18 @@ impl Step<'_> {
             ));
         }
         let now_step = m.reports.iter().map(|r| r.step).min().unwrap_or(0);
+        let window_size = u64::from(spec.eplb.window_steps);
+        let first_step = m
+            .reports
+            .iter()
+            .map(|r| r.current_window_start(window_size))
+            .min()
+            .unwrap_or(0);
         let (ns, name) = (&self.r.namespace, &self.r.name);
+        let uid = self.r.owner.uid.as_str();
         if trigger == Trigger::Threshold
             && let Some(hold) = self.ctx.plan_hold(ns, name)
-            && hold.holds(self.doc.generation, &spec.eplb, &layers, now_step)
+            && hold.holds(uid, self.doc.generation, &spec.eplb, &layers, now_step)
         {
             return Err(StepOutcome::idle(hold.reason, hold.message));
         }
@@ -630,7 +628,7 @@ impl Step<'_> {
             self.ctx,
             self.workers.endpoints,
             spec.eplb.history_windows,
-            now_step,
+            first_step,
         )
         .await;
         let cap = planning::max_moves(spec, self.doc.num_slots());
@@ -683,10 +681,12 @@ impl Step<'_> {
                     ns,
                     name,
                     Some(remap::PlanHold {
+                        uid: uid.to_string(),
                         generation: self.doc.generation,
                         eplb: spec.eplb.clone(),
                         layers: remap::PlanHold::layer_set(&layers),
-                        window: remap::PlanHold::window_of(now_step, &spec.eplb),
+                        from_step: now_step,
+                        until_step: now_step.saturating_add(m.window.max(1)),
                         reason,
                         message: message.clone(),
                     }),
@@ -715,7 +715,7 @@ impl Step<'_> {
             next,
             par_before,
             par_predicted,
-            history_windows: past.len() as u32 + 1,
+            history_windows: plan.windows as u32,
             history_failure,
         })
     }
@@ -905,16 +905,17 @@ struct PastWindows {
 
 /// The group's closed windows before the current one (oldest first, at most
 /// `history_windows - 1`), for planning over episodes. Asked for only when a plan is made, as
-/// the bodies grow with the history. `now_step` is the lowest step of the reports the current
-/// window came from: a closed window that shares steps with it is left out
-/// ([`moe_api::LoadEpisode::group_history`]), so one more than needed is asked for. A rank that
-/// cannot answer leaves the plan to the current window alone rather than holding it, and the
-/// remap says so.
+/// the bodies grow with the history. `first_step` is the oldest step the current window
+/// holds (over the reports it came from): a closed window that shares steps with it is left
+/// out ([`moe_api::LoadEpisode::group_history`]): always the newest, and one more when a
+/// window closed since the current one was read, so two more than needed are asked for. A rank
+/// that cannot answer, or whose address answers as another rank, leaves the plan to the current
+/// window alone rather than holding it, and the remap says so.
 async fn past_windows(
     ctx: &Context,
     endpoints: &[Endpoint],
     history_windows: u32,
-    now_step: u64,
+    first_step: u64,
 ) -> PastWindows {
     let want = history_windows.saturating_sub(1) as usize;
     if want == 0 {
@@ -923,24 +924,46 @@ async fn past_windows(
             failure: None,
         };
     }
-    let ask = (want + 1).min(moe_api::MAX_LOAD_HISTORY);
+    let ask = (want + 2).min(moe_api::MAX_LOAD_HISTORY);
     let answers = join_all(
         endpoints
             .iter()
             .map(|e| ctx.workers.load_with_history(e, ask)),
     )
     .await;
-    match answers.into_iter().collect::<Result<Vec<_>, _>>() {
+    let reports = every_rank(endpoints, answers)
+        .map_err(|(rank, e)| format!("rank {rank}: {e}"))
+        .and_then(|reports| match stale_address(endpoints, &reports) {
+            Some((rank, message)) => Err(format!("rank {rank}: {message}")),
+            None => Ok(reports),
+        });
+    match reports {
         Ok(reports) => PastWindows {
-            windows: moe_api::LoadEpisode::group_history(&reports, want, now_step),
+            windows: moe_api::LoadEpisode::group_history(&reports, want, first_step),
             failure: None,
         },
         Err(e) => {
             warn!(error = %e, "could not read the workers' past windows; planning from the current one");
             PastWindows {
                 windows: Vec::new(),
-                failure: Some(e.to_string()),
+                failure: Some(e),
             }
         }
     }
+}
+
+/// An address whose report says it is another rank (a pod IP taken over by another pod of the
+/// group): the rank it was asked as, and the message to give. Its counts would be summed twice.
+fn stale_address(endpoints: &[Endpoint], reports: &[LoadReport]) -> Option<(usize, String)> {
+    let (ep, r) = endpoints
+        .iter()
+        .zip(reports)
+        .find(|(ep, r)| ep.rank != r.rank)?;
+    Some((
+        ep.rank,
+        format!(
+            "{} answered as rank {}, not rank {}: its address is stale",
+            ep.base_url, r.rank, ep.rank
+        ),
+    ))
 }

@@ -36,6 +36,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         };
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=moe-operator");
     let metrics = ctx.metrics.clone();
+    let forget_ctx = ctx.clone();
     let controller = Controller::new(moeds, watcher::Config::default());
     let store = controller.store();
     let mapper_ctx = ctx.clone();
@@ -63,12 +64,15 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
         .run(reconcile, error_policy, ctx)
         .for_each(|res| {
             let metrics = metrics.clone();
+            let forget_ctx = forget_ctx.clone();
             async move {
                 match res {
                     Ok(_) => {}
                     // A deleted deployment: owner references clean up; drop its series.
                     Err(kube::runtime::controller::Error::ObjectNotFound(r)) => {
-                        metrics.forget(r.namespace.as_deref().unwrap_or(""), &r.name);
+                        let ns = r.namespace.as_deref().unwrap_or("");
+                        metrics.forget(ns, &r.name);
+                        forget_ctx.set_plan_hold(ns, &r.name, None);
                     }
                     Err(e) => warn!(error = %e, "reconcile failed"),
                 }

@@ -447,6 +447,7 @@ impl FakeWorkers {
                     rank,
                     layer_generations: vec![generation; slot_counts.len()],
                     window_steps: window,
+                    window_start_step: None,
                     step: 1000,
                     slot_counts: slot_counts.clone(),
                     par: vec![1.0; slot_counts.len()],

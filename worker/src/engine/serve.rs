@@ -67,7 +67,7 @@ impl Engine {
             }
             let mut logical = vec![vec![0.0; self.shape.num_experts]; self.shape.num_layers];
             for &l in &layers {
-                logical[l] = self.serve_layer(l)?;
+                logical[l] = self.serve_layer(l, round)?;
             }
             self.shared.lock_episodes().end_step(round);
             if let Some(h) = &mut self.history {
@@ -85,7 +85,7 @@ impl Engine {
     /// One round of MoE layer `l`: this rank's queued requests of the layer (maybe none)
     /// through the collective per-layer path; each request answered with its rows. Returns the
     /// logical expert counts of this rank's rows.
-    fn serve_layer(&mut self, l: usize) -> Result<Vec<f64>> {
+    fn serve_layer(&mut self, l: usize, round: u64) -> Result<Vec<f64>> {
         let h = self.shape.hidden;
         let k = self.shape.top_k;
         let taken: Vec<Payload> = self.shared.forward.take(l, self.max_round_rows);
@@ -158,7 +158,7 @@ impl Engine {
         m.tokens_per_second.set(tps);
         {
             let mut w = shared.lock_window();
-            w.record_layer(l, &counts);
+            w.record_layer(l, round, &counts);
             let sums: Vec<f64> = w.layer_sums(l).iter().map(|&v| v as f64).collect();
             m.layer_imbalance
                 .with_label_values(&[l.to_string().as_str()])
