@@ -302,11 +302,12 @@ async fn refused_pods_and_refused_applies_reach_status() -> Result<()> {
             && message.contains("exceeded quota: no-pods"),
         "{message}"
     );
-    ensure!(
-        !events(&client, ns, "starved", "QuotaExceeded")
-            .await?
-            .is_empty()
-    );
+    // The event is posted after the status write that carries the condition: wait for it.
+    moe_e2e::wait::until(T, "a QuotaExceeded event for starved", || async {
+        let found = events(&client, ns, "starved", "QuotaExceeded").await?;
+        Ok((!found.is_empty()).then_some(()))
+    })
+    .await?;
 
     // A security-context override the namespace's Pod Security level (restricted) forbids.
     let ns = "pss";
@@ -358,11 +359,11 @@ async fn refused_pods_and_refused_applies_reach_status() -> Result<()> {
         ),
         "{message}"
     );
-    ensure!(
-        !events(&client, ns, "mislabelled", "ApplyInvalid")
-            .await?
-            .is_empty()
-    );
+    moe_e2e::wait::until(T, "an ApplyInvalid event for mislabelled", || async {
+        let found = events(&client, ns, "mislabelled", "ApplyInvalid").await?;
+        Ok((!found.is_empty()).then_some(()))
+    })
+    .await?;
     Ok(())
 }
 
