@@ -538,6 +538,11 @@ fn plan_one(
         }
     }
     let objective = p.episode_par(&row);
+    if p.empty {
+        // No load in any window: every placement is as good as any other.
+        optimal = true;
+        search_bound = Some(objective);
+    }
     LayerOut {
         objective,
         lower_bound: (algo == Algo::Joint).then(|| {
@@ -709,6 +714,26 @@ mod tests {
         assert_eq!(s2.layers, vec![1]);
         let s3 = select_layers(&[1.05, 1.09, 1.15], 1.2, 0.1, Some(&s2.imbalanced));
         assert!(s3.layers.is_empty());
+    }
+
+    /// A layer without load (all zeros, or counts so small that normalising them overflows)
+    /// is planned as balanced and proven optimal: every placement is as good.
+    #[test]
+    fn a_layer_without_load_is_proven_optimal() {
+        let shape = Shape::new(4, 4, 4, 1, 1).unwrap();
+        for counts in [vec![0.0; 4], vec![1e-320, 0.0, 0.0, 0.0]] {
+            let history = crate::LoadHistory::new(vec![vec![counts.clone()]]).unwrap();
+            for name in ["joint", "greedy"] {
+                let plan = planner_by_name(name)
+                    .unwrap()
+                    .plan(&PlanRequest::new(shape, &history))
+                    .unwrap();
+                let l = &plan.layers[0];
+                assert_eq!(l.objective, 1.0, "{name} {counts:?}");
+                assert!(l.optimal, "{name} {counts:?}");
+                assert_eq!(l.proven_gap, Some(0.0), "{name} {counts:?}");
+            }
+        }
     }
 
     #[test]

@@ -61,8 +61,10 @@ impl Problem {
             for (i, &v) in row.iter().enumerate() {
                 raw_sum[i] += v;
             }
-            if total > 0.0 {
-                let scale = g as f64 / total;
+            let scale = g as f64 / total;
+            // A window of no load, or of so little that normalising it overflows (subnormal
+            // counts), weighs nothing: it would make every rank load infinite.
+            if total > 0.0 && scale.is_finite() {
                 for (i, &v) in row.iter().enumerate() {
                     x[i * w + k] = v * scale;
                 }
