@@ -731,11 +731,10 @@ async fn a_byte_budget_paces_a_rebalance_whose_whole_clears_the_hysteresis() {
     assert!((predicted - 31.0 / 22.0).abs() < 1e-3, "{st}");
 }
 
-/// The plan uses the closed windows before the current one: the newest closed window shares
-/// steps with the current (sliding) window and is left out, and the remap says how many
-/// windows it was planned on.
-#[tokio::test]
-async fn a_remap_plans_on_the_closed_windows_before_the_current_one() {
+/// The windows a threshold remap is planned on (`status.remap.historyWindows`), with
+/// `historyWindows: 4` and windows of 100 steps, when the ranks are at `step`, keep the closed
+/// windows ending at `ends` and report their current window to start at `start`.
+async fn windows_planned_on(step: u64, ends: &[u64], start: Option<u64>) -> Value {
     let mut spec = spec_json();
     spec["eplb"]["windowSteps"] = json!(100);
     spec["eplb"]["historyWindows"] = json!(4);
@@ -743,45 +742,35 @@ async fn a_remap_plans_on_the_closed_windows_before_the_current_one() {
     h.reconcile().await;
     h.add_ready_pods(2);
     h.workers.set_load(skewed(), 0, 100);
-    // At step 1000 the current window holds steps 900..1000: the window ending at 1000 is it.
-    h.workers.set_history(&[700, 800, 900, 1000], 100);
-    h.reconcile().await;
-    let st = h.status();
-    assert_eq!(st["remap"]["trigger"], "Threshold", "{st}");
-    assert_eq!(st["remap"]["historyWindows"], 4, "{st}");
-    // Mid-window (step 1050) the window ending at 1000 still overlaps the current one.
-    let h = Harness::new({
-        let mut spec = spec_json();
-        spec["eplb"]["windowSteps"] = json!(100);
-        spec["eplb"]["historyWindows"] = json!(4);
-        spec
-    });
-    h.reconcile().await;
-    h.add_ready_pods(2);
-    h.workers.set_load(skewed(), 0, 100);
-    h.workers.set_step(1050);
-    h.workers.set_history(&[900, 1000], 100);
-    h.reconcile().await;
-    let st = h.status();
-    assert_eq!(st["remap"]["historyWindows"], 2, "{st}");
-    // With the forward API a layer's window holds that layer's newest rounds, which can reach
-    // further back than windowSteps: the worker says where it starts.
-    let h = Harness::new({
-        let mut spec = spec_json();
-        spec["eplb"]["windowSteps"] = json!(100);
-        spec["eplb"]["historyWindows"] = json!(4);
-        spec
-    });
-    h.reconcile().await;
-    h.add_ready_pods(2);
-    h.workers.set_load(skewed(), 0, 100);
-    h.workers.set_history(&[700, 800, 900], 100);
+    h.workers.set_step(step);
+    h.workers.set_history(ends, 100);
     for report in h.workers.state.lock().unwrap().loads.values_mut() {
-        report.window_start_step = Some(850);
+        report.window_start_step = start;
     }
     h.reconcile().await;
     let st = h.status();
-    assert_eq!(st["remap"]["historyWindows"], 3, "{st}");
+    assert_eq!(st["remap"]["trigger"], "Threshold", "{st}");
+    st["remap"]["historyWindows"].clone()
+}
+
+/// The plan uses the closed windows before the current one: the newest closed window shares
+/// steps with the current (sliding) window and is left out, and the remap says how many
+/// windows it was planned on.
+#[tokio::test]
+async fn a_remap_plans_on_the_closed_windows_before_the_current_one() {
+    // At step 1000 the current window holds steps 900..1000: the window ending at 1000 is it.
+    assert_eq!(
+        windows_planned_on(1000, &[700, 800, 900, 1000], None).await,
+        4
+    );
+    // Mid-window (step 1050) the window ending at 1000 still overlaps the current one.
+    assert_eq!(windows_planned_on(1050, &[900, 1000], None).await, 2);
+    // With the forward API a layer's window holds that layer's newest rounds, which can reach
+    // further back than windowSteps: the worker says where it starts.
+    assert_eq!(
+        windows_planned_on(1000, &[700, 800, 900], Some(850)).await,
+        3
+    );
 }
 
 /// A rank's address that reaches another rank (its report says so) is not summed: that
