@@ -117,7 +117,10 @@ impl LoadHistory {
 /// in order, one dependent addition after another, took longer than reading them. The exact
 /// checks (in order, for the message) run only when the maxima say that a count may be
 /// negative or not finite, or that the sum may come near `f64::MAX`.
-fn check_counts(row: &[f64]) -> std::result::Result<(), String> {
+///
+/// [`LoadHistory::new`] checks every row with it; the operator asks it first of the windows a
+/// worker reports, to leave a bad one out rather than fail the whole history.
+pub fn check_counts(row: &[f64]) -> std::result::Result<(), String> {
     const LANES: usize = 8;
     // `x > top` is false for NaN: NaN and negative counts are caught by the smallest count.
     let mut top = [0.0f64; LANES];

@@ -644,6 +644,27 @@ fn backtest_replays_the_recorded_planner_budgets_and_cooldown() {
     }
 }
 
+/// `moectl plan` of `load` on 4 ranks, 4 redundant slots and 2 nodes, written to `out` in
+/// `format`.
+fn plan_on_two_nodes(load: &str, format: &str, out: &str) {
+    let o = moectl(&[
+        "plan",
+        "--load",
+        load,
+        "--ranks",
+        "4",
+        "--redundant",
+        "4",
+        "--nodes",
+        "2",
+        "--format",
+        format,
+        "--output",
+        out,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 /// `backtest --previous` replays on the previous placement's nodes when `--nodes` is not
 /// given, and refuses a `--nodes` that contradicts it.
 #[test]
@@ -653,20 +674,7 @@ fn backtest_takes_the_nodes_of_previous() {
     let load = d.file("trace.json", &json(&windows));
     let first = d.file("first.json", &json(&windows[0]));
     let two = d.path("two.json");
-    let o = moectl(&[
-        "plan",
-        "--load",
-        &first,
-        "--ranks",
-        "4",
-        "--redundant",
-        "4",
-        "--nodes",
-        "2",
-        "--output",
-        &two,
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    plan_on_two_nodes(&first, "placement", &two);
     let md = d.path("report.md");
     let o = backtest(
         &load,
@@ -688,28 +696,10 @@ fn backtest_takes_the_nodes_of_previous() {
 fn backtest_keeps_the_recorded_nodes_under_a_previous_that_does_not_say_them() {
     let d = Dir::new("backtest-prev-unstated-nodes");
     let first = d.file("first.json", &json(&trace(9)[0]));
-    let plan = |format: &str, out: &str| {
-        let o = moectl(&[
-            "plan",
-            "--load",
-            &first,
-            "--ranks",
-            "4",
-            "--redundant",
-            "4",
-            "--nodes",
-            "2",
-            "--format",
-            format,
-            "--output",
-            out,
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-    };
     let doc = d.path("doc.json");
-    plan("document", &doc);
+    plan_on_two_nodes(&first, "document", &doc);
     let ascend = d.path("ascend.json");
-    plan("ascend-expert-map", &ascend);
+    plan_on_two_nodes(&first, "ascend-expert-map", &ascend);
     let mut rec = recording(9);
     rec["placement"] = serde_json::from_str(&std::fs::read_to_string(&doc).unwrap()).unwrap();
     let recorded = d.file("recorded.json", &rec.to_string());

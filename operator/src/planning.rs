@@ -236,7 +236,7 @@ fn run_planner(
         .filter(|w| {
             w.len() == load.len()
                 && w.iter().zip(load).all(|(a, b)| a.len() == b.len())
-                && w.iter().flatten().all(|c| c.is_finite() && *c >= 0.0)
+                && w.iter().all(|row| eplb::load::check_counts(row).is_ok())
         })
         .cloned()
         .collect();
@@ -310,14 +310,17 @@ mod tests {
         assert!(count(&alone.document, 0) > count(&alone.document, 1));
         assert!(count(&with_past.document, 1) > count(&alone.document, 1));
         assert_eq!((alone.windows, with_past.windows), (1, 4));
-        // A past window of another shape, or with a count no traffic gives, is left out, not
-        // an error.
+        // A past window of another shape, or with a count no traffic gives (or a sum that
+        // overflows), is left out, not an error.
         let odd = vec![vec![1.0; e + 1]; layers];
         let mut negative = hot(1);
         negative[0][3] = -1.0;
         let mut not_finite = hot(1);
         not_finite[1][2] = f64::NAN;
-        for bad in [odd, negative, not_finite] {
+        let mut overflowing = hot(1);
+        overflowing[0][0] = f64::MAX;
+        overflowing[0][1] = f64::MAX;
+        for bad in [odd, negative, not_finite, overflowing] {
             let p = plan(
                 "greedy",
                 &spec,

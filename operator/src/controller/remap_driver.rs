@@ -27,7 +27,7 @@ use crate::planning;
 use crate::remap::{self, Decision, GroupProgress, Trigger};
 use crate::resources::{self, Names, Resolved};
 use crate::token_secrets::{self, TOKEN_MISMATCH, Tokens};
-use crate::workers::Endpoint;
+use crate::workers::{Endpoint, WorkerError};
 
 /// How to reach the ranks, and what the committed placement came from.
 pub(super) struct WorkerCtx<'a> {
@@ -502,15 +502,10 @@ impl Step<'_> {
         let target = doc.generation;
         let out = StepOutcome::idle("Balanced", String::new());
         let answers = join_all(endpoints.iter().map(|e| ctx.workers.load(e))).await;
-        let reports = match every_rank(endpoints, answers) {
+        let reports = match group_reports(endpoints, answers) {
             Ok(v) => v,
             Err((rank, e)) => return Err(out.workers_unreachable(rank, e)),
         };
-        // Counts are summed over ranks: an address that reached another rank would count that
-        // rank twice.
-        if let Some((rank, message)) = stale_address(endpoints, &reports) {
-            return Err(out.workers_unreachable(rank, message));
-        }
         let window = reports.iter().map(|r| r.window_steps).min().unwrap_or(0);
         // Counts recorded under an older placement say little about this one.
         let current_counts = reports.iter().all(|r| {
@@ -931,13 +926,7 @@ async fn past_windows(
             .map(|e| ctx.workers.load_with_history(e, ask)),
     )
     .await;
-    let reports = every_rank(endpoints, answers)
-        .map_err(|(rank, e)| format!("rank {rank}: {e}"))
-        .and_then(|reports| match stale_address(endpoints, &reports) {
-            Some((rank, message)) => Err(format!("rank {rank}: {message}")),
-            None => Ok(reports),
-        });
-    match reports {
+    match group_reports(endpoints, answers).map_err(|(rank, e)| format!("rank {rank}: {e}")) {
         Ok(reports) => PastWindows {
             windows: moe_api::LoadEpisode::group_history(&reports, want, first_step),
             failure: None,
@@ -952,18 +941,26 @@ async fn past_windows(
     }
 }
 
-/// An address whose report says it is another rank (a pod IP taken over by another pod of the
-/// group): the rank it was asked as, and the message to give. Its counts would be summed twice.
-fn stale_address(endpoints: &[Endpoint], reports: &[LoadReport]) -> Option<(usize, String)> {
-    let (ep, r) = endpoints
+/// Every rank's load report, in rank order, or the first rank that did not answer or whose
+/// address answered as another rank (a pod IP taken over by another pod of the group: its
+/// counts would be summed twice), with why.
+fn group_reports(
+    endpoints: &[Endpoint],
+    answers: Vec<Result<LoadReport, WorkerError>>,
+) -> Result<Vec<LoadReport>, (usize, String)> {
+    let reports = every_rank(endpoints, answers).map_err(|(rank, e)| (rank, e.to_string()))?;
+    match endpoints
         .iter()
-        .zip(reports)
-        .find(|(ep, r)| ep.rank != r.rank)?;
-    Some((
-        ep.rank,
-        format!(
-            "{} answered as rank {}, not rank {}: its address is stale",
-            ep.base_url, r.rank, ep.rank
-        ),
-    ))
+        .zip(&reports)
+        .find(|(ep, r)| ep.rank != r.rank)
+    {
+        Some((ep, r)) => Err((
+            ep.rank,
+            format!(
+                "{} answered as rank {}, not rank {}: its address is stale",
+                ep.base_url, r.rank, ep.rank
+            ),
+        )),
+        None => Ok(reports),
+    }
 }
