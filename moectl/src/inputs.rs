@@ -481,7 +481,21 @@ fn explain_expert_count(
     }
     if let Experts::Load(_) = given {
         if let Err(per_slot) = formats::vllm::check_column_count(e, &p) {
-            return at(path)(per_slot);
+            let Fail(m) = at(path)(per_slot);
+            // A vllm-ascend map's per-slot load (moe_load) counts its shared experts' slots too.
+            let ascend = serde_json::from_slice::<serde_json::Value>(bytes)
+                .is_ok_and(|v| v.get("layer_list").is_some());
+            return Fail(if ascend {
+                format!(
+                    "{}; if ids from some E up are vllm-ascend mix_placement shared experts, add --experts E (the routed count): their slots' counts are left out",
+                    m.replace(
+                        "vLLM's per-slot load",
+                        "vllm-ascend's per-slot load (moe_load)"
+                    )
+                )
+            } else {
+                m
+            });
         }
         if let Some(per_slot) = per_slot_as_written(path, bytes, ctx.layout, e, &p) {
             return per_slot;
@@ -535,12 +549,21 @@ fn per_slot_as_written(
     cols: usize,
     p: &Placement,
 ) -> Option<Fail> {
-    let written = formats::read_slot_map_bytes(bytes, layout)?.first()?.len();
+    let slots = formats::read_slot_map_bytes(bytes, layout)?;
+    let written = slots.rows.first()?.len();
+    let (extra, whose) = if slots.lists_shared_experts {
+        (
+            "its shared experts' slots included",
+            "vllm-ascend's (moe_load)",
+        )
+    } else {
+        ("masked ranks' -1 slots included", "vLLM's")
+    };
     (cols == written && written != p.num_slots() && cols != p.num_logical_experts).then(|| {
         Fail(format!(
-            "the load has {cols} counts per layer, as many as the slots {} lists (masked ranks' -1 slots included; it holds {}): it looks like vLLM's per-slot load; pass --physical-load to map slots to experts through the map as written",
+            "the load has {cols} counts per layer, as many as the slots {} lists ({extra}; it holds {}): it looks like {whose} per-slot load; pass --physical-load to map slots to experts through the map as written",
             path.display(),
-            count(p.num_logical_experts, "expert")
+            count(p.num_logical_experts, "routed expert")
         ))
     })
 }
@@ -566,19 +589,24 @@ pub fn settle_physical(
                 .filter(|_| cols != p.num_slots())
                 .and_then(|f| read_bytes(f, "placement").ok())
                 .and_then(|b| formats::read_slot_map_bytes(&b, load.layout.as_ref()))
-                .filter(|m| m.first().map(Vec::len) == Some(cols));
+                .filter(|m| m.rows.first().map(Vec::len) == Some(cols));
+            let e = p.num_logical_experts;
+            let mut note =
+                format!("per-slot counts mapped to {e} experts through {flag_for_placement}");
             load.history = match slot_map {
-                Some(map) => formats::vllm::logical_from_slot_map(
-                    load.history.windows(),
-                    &map,
-                    p.num_logical_experts,
-                )?,
+                Some(map) => {
+                    let shared_slots = map.rows[0].iter().filter(|&&x| x >= e as i64).count();
+                    if map.lists_shared_experts && shared_slots > 0 {
+                        note.push_str(&format!(
+                            "; the counts of its {} per layer left out (vllm-ascend mix_placement, ids from {e} up: not routed load)",
+                            count(shared_slots, "shared-expert slot")
+                        ));
+                    }
+                    formats::vllm::logical_from_slot_map(load.history.windows(), &map, e)?
+                }
                 None => formats::vllm::logical_from_physical(load.history.windows(), p)?,
             };
-            load.notes.push(format!(
-                "per-slot counts mapped to {} experts through {flag_for_placement}",
-                p.num_logical_experts
-            ));
+            load.notes.push(note);
             Ok(())
         }
         (false, Some(p)) => {

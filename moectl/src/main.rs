@@ -85,8 +85,8 @@ enum Command {
         /// The placement in use (any format moectl reads).
         #[arg(long)]
         previous: Option<PathBuf>,
-        /// The load counts tokens per physical slot (vLLM's expert_load_window [W][L][P]):
-        /// mapped to experts through --previous.
+        /// The load counts tokens per physical slot (vLLM's expert_load_window [W][L][P],
+        /// vllm-ascend's moe_load): mapped to experts through --previous.
         #[arg(long)]
         physical_load: bool,
         /// Routed experts E, with --physical-load: a vllm-ascend --previous lists
@@ -148,8 +148,8 @@ enum Command {
         /// Also write a heatmap of rank loads per layer (before and after with --previous).
         #[arg(long)]
         svg: Option<PathBuf>,
-        /// The load counts tokens per physical slot (vLLM): mapped to experts through
-        /// --previous, or --placement without it.
+        /// The load counts tokens per physical slot (vLLM, vllm-ascend): mapped to experts
+        /// through --previous, or --placement without it.
         #[arg(long)]
         physical_load: bool,
         /// Nodes, for placements that do not say (SGLang's and vllm-ascend's maps; an error
@@ -188,7 +188,8 @@ enum Command {
         /// where it contradicts the placement.
         #[arg(long)]
         nodes: Option<usize>,
-        /// The load counts tokens per physical slot (vLLM): mapped to experts through --placement.
+        /// The load counts tokens per physical slot (vLLM, vllm-ascend; a vllm-ascend map's
+        /// shared-expert slots are left out): mapped to experts through --placement.
         #[arg(long)]
         physical_load: bool,
         /// The placement whose slots a per-slot load counts (with --physical-load).

@@ -749,6 +749,95 @@ fn per_slot_or_mismatched_loads_against_an_ascend_map_are_named() {
     assert_eq!(v["layers"].as_array().unwrap().len(), 1);
 }
 
+/// vllm-ascend's per-slot load (`moe_load`, `[layers][devices][slots per device]`) has a
+/// column for every local slot, with mix_placement the shared expert's too: those counts are
+/// left out (with a note), the routed slots map to their experts; a load of the routed slots
+/// alone maps as before.
+#[test]
+fn per_slot_loads_of_a_mix_placement_map_leave_the_shared_slots_out() {
+    let d = Dir::new("mix-slots");
+    // 4 routed experts; id 4 is the shared expert, first slot of each device.
+    let map = d.file(
+        "map.json",
+        r#"{"moe_layer_count": 1, "layer_list": [{"layer_id": 0, "device_count": 2, "device_list": [
+            {"device_id": 0, "device_expert": [4, 0, 1]}, {"device_id": 1, "device_expert": [4, 2, 3]}]}]}"#,
+    );
+    // Every slot counted, the shared ones (50, 60) included.
+    let all = d.file(
+        "all.json",
+        "[[[50, 10, 20, 60, 30, 40]], [[9, 1, 1, 9, 1, 2]]]",
+    );
+    let o = moectl(&[
+        "convert",
+        "--input",
+        &all,
+        "--to",
+        "windows",
+        "--physical-load",
+        "--placement",
+        &map,
+        "--experts",
+        "4",
+    ]);
+    assert_eq!(
+        json_of(&o),
+        json!({"windows": [[[10, 20, 30, 40]], [[1, 1, 1, 2]]]})
+    );
+    assert!(
+        stderr(&o).contains("2 shared-expert slots per layer left out"),
+        "{}",
+        stderr(&o)
+    );
+    // eval: rank loads 30 and 70 in the first window, as with the per-expert load.
+    let v = json_of(&moectl(&[
+        "eval",
+        "--placement",
+        &map,
+        "--load",
+        &all,
+        "--physical-load",
+        "--experts",
+        "4",
+        "--json",
+    ]));
+    assert_eq!(v["windows"], 2, "{v}");
+    // plan through --previous.
+    let o = moectl(&[
+        "plan",
+        "--load",
+        &all,
+        "--physical-load",
+        "--experts",
+        "4",
+        "--previous",
+        &map,
+        "--ranks",
+        "2",
+        "--redundant",
+        "0",
+    ]);
+    assert_eq!(json_of(&o)["num_logical_experts"], 4);
+    // The routed slots alone (a load recorded without the shared columns): as before.
+    let routed = d.file("routed.json", "[[10, 20, 30, 40]]");
+    let o = moectl(&[
+        "convert",
+        "--input",
+        &routed,
+        "--to",
+        "windows",
+        "--physical-load",
+        "--placement",
+        &map,
+        "--experts",
+        "4",
+    ]);
+    assert_eq!(json_of(&o), json!({"windows": [[[10, 20, 30, 40]]]}));
+    // Without --physical-load the 6 columns are named as a per-slot load.
+    let o = moectl(&["eval", "--placement", &map, "--load", &all]);
+    assert_bad(&o, "vllm-ascend's per-slot load (moe_load); pass --physical-load");
+    assert!(stderr(&o).contains("add --experts E"), "{}", stderr(&o));
+}
+
 /// `convert` without a load: the routed expert count comes from --experts or --model; without
 /// either, an id on every device once (how mix_placement's shared experts sit) is read as a
 /// routed expert with a note that names --experts, never silently.

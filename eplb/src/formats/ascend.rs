@@ -19,7 +19,10 @@
 //! token's top-k as ids `E .. E+n-1` (`vllm_ascend/ops/fused_moe/experts_selector.py`) and
 //! puts one copy of each on every device. [`read`] with the routed expert count strips them
 //! (with a note) when every device holds each of them once, and refuses otherwise;
-//! they are never read as extra routed experts.
+//! they are never read as extra routed experts. A per-slot load recorded under such a map
+//! (`moe_load`, one count per local slot) has columns for the shared slots too:
+//! [`super::read_slot_map_bytes`] gives the slots as listed, and
+//! [`super::vllm::logical_from_slot_map`] leaves those columns out.
 
 use serde_json::{Value, json};
 

@@ -232,11 +232,40 @@ pub fn read_placement_bytes(
     Ok((p, "SGLang physical_to_logical_map (.pt)", notes))
 }
 
-/// The slot map of a placement file as written, -1 included (vLLM's masked ranks): `phy2log`
-/// or `physical_to_logical_map` rows (the MoE rows, with a layout). `None` for other formats
-/// and for anything the placement reader would refuse (it says why).
-pub fn read_slot_map_bytes(bytes: &[u8], layout: Option<&DecoderLayout>) -> Option<Vec<Vec<i64>>> {
+/// A placement file's slots as it writes them: what a per-slot load recorded while it served
+/// counts, one column per slot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WrittenSlots {
+    /// Per MoE layer, each slot's expert id; -1 for a slot that holds none (vLLM's masked
+    /// ranks).
+    pub rows: Vec<Vec<i64>>,
+    /// A vllm-ascend map: ids from the routed expert count up are mix_placement shared experts
+    /// (one copy per device, checked when the placement was read). Their slots have columns
+    /// in vllm-ascend's per-slot load (`moe_load` is `[layers][devices][slots per device]`,
+    /// every local slot), counting the shared expert's tokens, which are not routed load.
+    pub lists_shared_experts: bool,
+}
+
+/// The slots of a placement file as written: -1 included (vLLM's masked ranks), `phy2log` or
+/// `physical_to_logical_map` rows (the MoE rows, with a layout), or a vllm-ascend map's devices
+/// in order with its mix_placement shared experts. `None` for other formats and for anything
+/// the placement reader would refuse (it says why).
+pub fn read_slot_map_bytes(bytes: &[u8], layout: Option<&DecoderLayout>) -> Option<WrittenSlots> {
     let v: Value = serde_json::from_slice(bytes).ok()?;
+    if v.get("layer_list").is_some() {
+        // Read without the routed count, every id is an expert: the slots as listed.
+        let read = ascend::read(&v, None, 1).ok()?;
+        let rows = read
+            .placement
+            .phy2log
+            .iter()
+            .map(|r| r.iter().map(|&e| e as i64).collect())
+            .collect();
+        return Some(WrittenSlots {
+            rows,
+            lists_shared_experts: true,
+        });
+    }
     let rows = match (v.get("phy2log"), v.get("physical_to_logical_map")) {
         (Some(rows), _) => rows.as_array()?.iter().collect::<Vec<_>>(),
         (None, Some(rows)) => {
@@ -250,9 +279,14 @@ pub fn read_slot_map_bytes(bytes: &[u8], layout: Option<&DecoderLayout>) -> Opti
         }
         (None, None) => return None,
     };
-    rows.iter()
+    let rows = rows
+        .iter()
         .map(|r| r.as_array()?.iter().map(Value::as_i64).collect())
-        .collect()
+        .collect::<Option<_>>()?;
+    Some(WrittenSlots {
+        rows,
+        lists_shared_experts: false,
+    })
 }
 
 /// What a placement reader may need besides the file.

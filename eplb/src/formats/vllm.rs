@@ -15,6 +15,7 @@
 use serde_json::Value;
 
 use crate::error::{EplbError, Result};
+use crate::formats::WrittenSlots;
 use crate::formats::layout::ranges;
 use crate::load::LoadHistory;
 use crate::placement::{Placement, same_slots};
@@ -153,15 +154,20 @@ pub fn logical_from_physical(
     LoadHistory::new(out)
 }
 
-/// Converts per-slot counts `[W][L][P]` through a `physical_to_logical_map` as vLLM holds it,
-/// -1 included: the window spans every physical slot, masked ranks' too, whereas the
-/// placement read from such a map keeps only the ranks that hold experts. A slot at -1 holds
-/// no expert, so tokens counted there mean the counts and the map disagree.
+/// Converts per-slot counts `[W][L][P]` through a placement file's slots as written
+/// ([`WrittenSlots`]): vLLM's `physical_to_logical_map` with -1 (the window spans every
+/// physical slot, masked ranks' too, whereas the placement read from such a map keeps only the
+/// ranks that hold experts), or a vllm-ascend map with mix_placement shared experts (whose
+/// slots are counted too, while the placement read from it holds routed experts only). A slot
+/// at -1 holds no expert, so tokens counted there mean the counts and the map disagree; the
+/// counts of shared-expert slots are left out (they are the shared expert's tokens, not
+/// routed load).
 pub fn logical_from_slot_map(
     windows: &[Vec<Vec<f64>>],
-    map: &[Vec<i64>],
+    written: &WrittenSlots,
     num_experts: usize,
 ) -> Result<LoadHistory> {
+    let map = &written.rows;
     let mut out = Vec::with_capacity(windows.len());
     for (w, win) in windows.iter().enumerate() {
         if win.len() != map.len() {
@@ -190,6 +196,7 @@ pub fn logical_from_slot_map(
                             "physical load window {w} layer {l} slot {k}: {x} tokens on a slot that holds no expert (-1 in the placement)"
                         )));
                     }
+                    None if written.lists_shared_experts => {}
                     None => {
                         return Err(EplbError::Mismatch(format!(
                             "placement layer {l} slot {k} holds expert {e}, beyond the {num_experts} experts"
@@ -258,7 +265,7 @@ mod tests {
 
     #[test]
     fn slot_maps_with_masked_ranks() {
-        let map = vec![vec![0, 1, -1, -1, 2, 0]];
+        let map = vllm_slots(vec![vec![0, 1, -1, -1, 2, 0]]);
         let h =
             logical_from_slot_map(&[vec![vec![5.0, 1.0, 0.0, 0.0, 2.0, 7.0]]], &map, 3).unwrap();
         assert_eq!(h.windows()[0], vec![vec![12.0, 1.0, 2.0]]);
@@ -267,8 +274,31 @@ mod tests {
             .to_string();
         assert!(e.contains("slot 2"), "{e}");
         assert!(logical_from_slot_map(&[vec![vec![1.0; 5]]], &map, 3).is_err());
-        assert!(
-            logical_from_slot_map(&[vec![vec![1.0; 6]]], &[vec![0, 1, 2, 3, 0, 1]], 3).is_err()
-        );
+        let beyond = vllm_slots(vec![vec![0, 1, 2, 3, 0, 1]]);
+        let e = logical_from_slot_map(&[vec![vec![1.0; 6]]], &beyond, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("beyond the 3 experts"), "{e}");
+    }
+
+    fn vllm_slots(rows: Vec<Vec<i64>>) -> WrittenSlots {
+        WrittenSlots {
+            rows,
+            lists_shared_experts: false,
+        }
+    }
+
+    /// vllm-ascend's `moe_load` with mix_placement has a column for every local slot, the
+    /// shared expert's (id E) among them: those counts are not routed load and are left out.
+    #[test]
+    fn shared_expert_slots_of_a_vllm_ascend_map_are_left_out() {
+        // 3 routed experts, shared expert 3 on both devices (last slot of each).
+        let slots = WrittenSlots {
+            rows: vec![vec![0, 1, 3, 2, 0, 3]],
+            lists_shared_experts: true,
+        };
+        let h =
+            logical_from_slot_map(&[vec![vec![5.0, 1.0, 9.0, 2.0, 7.0, 8.0]]], &slots, 3).unwrap();
+        assert_eq!(h.windows()[0], vec![vec![12.0, 1.0, 2.0]]);
     }
 }
