@@ -2,7 +2,10 @@
 //! the workers' past windows (`spec.eplb.historyWindows: 4`) against planning from the current
 //! window alone (`historyWindows: 1`), side by side in one cluster on the same drifting
 //! traffic (same seed, skew and drift; the hot experts rotate every few windows). Prints a
-//! Markdown table of the PAR the operator measured on each window (docs/benchmarks/eplb.md):
+//! Markdown table of the PAR the operator measured on each window, the remaps' PAR before,
+//! predicted and after, and the steps per second the workers kept: the traffic drifts per
+//! step and the operator's cadence is in seconds, so runs compare only at the same pace
+//! (docs/benchmarks/eplb-live-loop.md):
 //!
 //! ```text
 //! cargo test -p moe-e2e --test product -- --ignored --nocapture history_
@@ -12,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use crate::common::*;
@@ -25,6 +28,12 @@ struct Measured {
     remaps: usize,
     experts_moved: u64,
     last_generation: Option<u64>,
+    /// Per remap: worst PAR of its layers before, predicted and measured after (the PAR of
+    /// the first window under the new placement, once the operator has measured it).
+    remap_pars: Vec<(f64, f64, Option<f64>)>,
+    /// Rank 0's step counter at the start of the measurement and when it was read.
+    first_step: Option<(u64, Instant)>,
+    steps_per_second: Option<f64>,
 }
 
 impl Measured {
@@ -38,12 +47,56 @@ impl Measured {
         let last = &st["lastRemap"];
         if let Some(g) = last["generation"].as_u64()
             && last["result"] == "Succeeded"
-            && self.last_generation != Some(g)
         {
-            self.last_generation = Some(g);
-            self.remaps += 1;
-            self.experts_moved += last["expertsMoved"].as_u64().unwrap_or(0);
+            if self.last_generation != Some(g) {
+                self.last_generation = Some(g);
+                self.remaps += 1;
+                self.experts_moved += last["expertsMoved"].as_u64().unwrap_or(0);
+                self.remap_pars.push((
+                    last["parBefore"].as_f64().unwrap_or(f64::NAN),
+                    last["parPredicted"].as_f64().unwrap_or(f64::NAN),
+                    None,
+                ));
+            }
+            // parAfter comes with a later status write than the remap's end.
+            if let Some(after) = last["parAfter"].as_f64()
+                && let Some(r) = self.remap_pars.last_mut()
+            {
+                r.2 = Some(after);
+            }
         }
+    }
+
+    /// Reads rank 0's step counter: the first call starts the clock, a later one sets the
+    /// steps per second the workers kept (the traffic drifts per step while the operator's
+    /// cadence is in seconds, so this rate is part of the scenario: debug-built workers on a
+    /// loaded machine keep fewer steps per second than release-built ones).
+    async fn read_step(&mut self, client: &kube::Client, ns: &str, name: &str) -> Result<()> {
+        let pods = worker_pods(client, ns, name).await?;
+        let ip = pods.first().and_then(pod_ip).context("rank 0's pod IP")?;
+        let step = worker_get(&ip, "/v1/status").await?["step"]
+            .as_u64()
+            .context("step in /v1/status")?;
+        let now = Instant::now();
+        match self.first_step {
+            None => self.first_step = Some((step, now)),
+            Some((s0, t0)) => {
+                let secs = now.duration_since(t0).as_secs_f64();
+                self.steps_per_second = Some(step.saturating_sub(s0) as f64 / secs);
+            }
+        }
+        Ok(())
+    }
+
+    /// Mean over the remaps of (PAR before, predicted, after), the last over those measured.
+    fn remap_means(&self) -> (f64, f64, f64) {
+        let n = self.remap_pars.len().max(1) as f64;
+        let afters: Vec<f64> = self.remap_pars.iter().filter_map(|r| r.2).collect();
+        (
+            self.remap_pars.iter().map(|r| r.0).sum::<f64>() / n,
+            self.remap_pars.iter().map(|r| r.1).sum::<f64>() / n,
+            afters.iter().sum::<f64>() / afters.len().max(1) as f64,
+        )
     }
 }
 
@@ -88,6 +141,9 @@ async fn history_windows_vs_current_window_on_drifting_traffic() -> Result<()> {
         .await?;
     }
     let mut measured: Vec<Measured> = cases.iter().map(|_| Measured::default()).collect();
+    for ((name, _), m) in cases.iter().zip(&mut measured) {
+        m.read_step(&client, ns, name).await?;
+    }
     let until = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < until {
         for ((name, _), m) in cases.iter().zip(&mut measured) {
@@ -95,19 +151,24 @@ async fn history_windows_vs_current_window_on_drifting_traffic() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+    for ((name, _), m) in cases.iter().zip(&mut measured) {
+        m.read_step(&client, ns, name).await?;
+    }
     println!(
-        "\n| planning from | samples | mean PAR (time average) | worst-layer PAR | remaps | experts moved |"
+        "\n| planning from | samples | mean PAR (time average) | worst-layer PAR | remaps | experts moved | per remap: PAR before / predicted / after | steps/s |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for ((name, history), m) in cases.iter().zip(&measured) {
         let n = m.samples.max(1) as f64;
+        let (before, predicted, after) = m.remap_means();
         println!(
-            "| {name} (historyWindows {history}) | {} | {:.3} | {:.3} | {} | {} |",
+            "| {name} (historyWindows {history}) | {} | {:.3} | {:.3} | {} | {} | {before:.3} / {predicted:.3} / {after:.3} | {:.1} |",
             m.samples,
             m.mean_par_sum / n,
             m.worst_par_sum / n,
             m.remaps,
-            m.experts_moved
+            m.experts_moved,
+            m.steps_per_second.unwrap_or(f64::NAN),
         );
     }
     let _ = agent;
