@@ -211,7 +211,9 @@ async fn the_echo_of_our_own_status_write_does_not_poll_again() {
     let h = Harness::new(spec_json());
     h.reconcile().await;
     h.add_ready_pods(2);
-    h.workers.set_load(skewed(), 0, 100);
+    // Balanced: the pass publishes the imbalance and commits no plan (after a commit the
+    // next pass is due at once).
+    h.workers.set_load(vec![vec![10.0; 8]; 2], 0, 100);
     h.reconcile().await;
     let writes = h.api.count(Method::PATCH, "/moedeployments/demo/status");
     let requests = h.api.requests().len();
@@ -631,13 +633,18 @@ async fn imbalance_is_published_and_a_remap_is_planned_persisted_driven_and_reco
     h.reconcile().await;
     h.add_ready_pods(2);
     h.workers.set_load(skewed(), 0, 100);
-    h.reconcile().await;
+    let action = h.reconcile().await;
     let st = h.status();
     let worst = st["imbalance"]["worstPar"].as_f64().unwrap();
     assert!(worst > 1.5, "{st}");
     assert_eq!(st["imbalance"]["worstLayers"][0]["layer"], 0);
     // Planned and persisted first: ConfigMap at generation 1, status with the prediction, no
-    // worker asked yet.
+    // worker asked yet; the pass that asks them comes at once, not a remap poll later (the
+    // echo of this pass's own status write does not hold it back).
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::ZERO)
+    );
     let doc = h.placement();
     assert_eq!(doc.generation, 1);
     assert_eq!(st["placement"]["desiredGeneration"], 1);
@@ -646,8 +653,9 @@ async fn imbalance_is_published_and_a_remap_is_planned_persisted_driven_and_reco
     let predicted = st["remap"]["parPredicted"].as_f64().unwrap();
     assert!(predicted < worst, "predicted {predicted} vs {worst}");
     assert!(h.workers.state.lock().unwrap().remaps.is_empty());
-    // Next pass drives every rank (they complete at once here).
-    h.reconcile().await;
+    // Next pass (the watch event of the status write) drives every rank (they complete at
+    // once here).
+    h.reconcile_event().await;
     assert_eq!(h.workers.state.lock().unwrap().remaps.len(), 2);
     // Next pass records the result; the load under the new placement gives the measured PAR.
     h.workers.set_load(vec![vec![10.0; 8]; 2], 1, 100);
