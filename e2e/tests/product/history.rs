@@ -31,6 +31,9 @@ struct Measured {
     /// Per remap: worst PAR of its layers before, predicted and measured after (the PAR of
     /// the first window under the new placement, once the operator has measured it).
     remap_pars: Vec<(f64, f64, Option<f64>)>,
+    /// Per remap: seconds from `startedAt` (the plan) to `finishedAt` (the last rank's
+    /// switch), both written to the second.
+    remap_secs: Vec<f64>,
     /// Rank 0's step counter at the start of the measurement and when it was read.
     first_step: Option<(u64, Instant)>,
     steps_per_second: Option<f64>,
@@ -57,6 +60,15 @@ impl Measured {
                     last["parPredicted"].as_f64().unwrap_or(f64::NAN),
                     None,
                 ));
+                let at = |key: &str| {
+                    last[key]
+                        .as_str()
+                        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+                };
+                if let (Some(start), Some(end)) = (at("startedAt"), at("finishedAt")) {
+                    let ms = end.as_millisecond() - start.as_millisecond();
+                    self.remap_secs.push(ms as f64 / 1000.0);
+                }
             }
             // parAfter comes with a later status write than the remap's end.
             if let Some(after) = last["parAfter"].as_f64()
@@ -86,6 +98,10 @@ impl Measured {
             }
         }
         Ok(())
+    }
+
+    fn mean_remap_secs(&self) -> f64 {
+        self.remap_secs.iter().sum::<f64>() / self.remap_secs.len().max(1) as f64
     }
 
     /// Mean over the remaps of (PAR before, predicted, after), the last over those measured.
@@ -155,19 +171,20 @@ async fn history_windows_vs_current_window_on_drifting_traffic() -> Result<()> {
         m.read_step(&client, ns, name).await?;
     }
     println!(
-        "\n| planning from | samples | mean PAR (time average) | worst-layer PAR | remaps | experts moved | per remap: PAR before / predicted / after | steps/s |"
+        "\n| planning from | samples | mean PAR (time average) | worst-layer PAR | remaps | experts moved | per remap: PAR before / predicted / after | plan to last switch (s, mean) | steps/s |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for ((name, history), m) in cases.iter().zip(&measured) {
         let n = m.samples.max(1) as f64;
         let (before, predicted, after) = m.remap_means();
         println!(
-            "| {name} (historyWindows {history}) | {} | {:.3} | {:.3} | {} | {} | {before:.3} / {predicted:.3} / {after:.3} | {:.1} |",
+            "| {name} (historyWindows {history}) | {} | {:.3} | {:.3} | {} | {} | {before:.3} / {predicted:.3} / {after:.3} | {:.1} | {:.1} |",
             m.samples,
             m.mean_par_sum / n,
             m.worst_par_sum / n,
             m.remaps,
             m.experts_moved,
+            m.mean_remap_secs(),
             m.steps_per_second.unwrap_or(f64::NAN),
         );
     }
