@@ -3,8 +3,7 @@
 //! branch and bound), the other ranks kept as they are; the local search's count moves
 //! ([`State::improve`]) when no set of ranks improves; then descents from randomly kicked
 //! copies of the best plan (a replica handed to another expert, or two replicas swapped),
-//! seeded per layer. Then the same again from the best plan, for a further [`COUNT_SHARE`]% of
-//! the nodes, where a neighbourhood may also change the replica counts of the experts whose
+//! seeded per layer. Then the same again from the best plan, for [`COUNT_NODES`] more, where a neighbourhood may also change the replica counts of the experts whose
 //! replicas all lie on its ranks. Either way every rank outside a neighbourhood keeps its loads
 //! (an expert with a replica outside keeps its count, so its load per replica), and the
 //! objective of a re-placement depends only on its own ranks and the other ranks' heaviest load
@@ -23,13 +22,12 @@ use super::problem::{Problem, better};
 /// (about 0.1-0.2 s), 3M to 1.58%, 6M to 1.5%.
 pub(crate) const NODES: usize = 2_000_000;
 
-/// Nodes of the second phase of [`improve`], where counts change inside neighbourhoods, in
-/// percent of its budget. On 60 four-window 16-expert layers (20 zipf and 20 pareto on 8 x 4,
-/// 10 and 10 on 4 x 8) 50% (1M after `joint`'s 2M) gave a better plan on 32 and a worse on none
-/// (mean F -0.12%); the same 1M more with counts fixed, on 15 (-0.03%); counts free from the
-/// start within 2M, on 29 but a worse one on 7 (-0.07%); 25%, on 24 (-0.10%); 100%, on 38
-/// (-0.16%).
-pub(crate) const COUNT_SHARE: usize = 50;
+/// Nodes of the second phase of [`improve`] in `joint`, where counts change inside
+/// neighbourhoods. On 60 four-window 16-expert layers (20 zipf and 20 pareto on 8 x 4,
+/// 10 and 10 on 4 x 8) 1M after [`NODES`] gave a better plan on 32 and a worse on none (mean F
+/// -0.12%); the same 1M more with counts fixed, on 15 (-0.03%); counts free from the start
+/// within 2M, on 29 but a worse one on 7 (-0.07%); 0.5M, on 24 (-0.10%); 2M, on 38 (-0.16%).
+pub(crate) const COUNT_NODES: usize = 1_000_000;
 
 /// Most splits of one neighbourhood's replicas (counted as `(m s)! / (s!^m m!)`, duplicates
 /// ignored) for `m` ranks to be a neighbourhood size: 8 ranks of 4 re-place 3 at a time (5,775
@@ -61,15 +59,15 @@ fn largest_size(p: &Problem) -> usize {
     m.min(p.g)
 }
 
-/// One item of a neighbourhood's re-placement.
-enum Unit {
-    /// One replica of an expert with replicas outside the neighbourhood (its count, and so
-    /// its load per replica, stays): `(expert, its load per episode)`.
-    Fixed(usize, Vec<f64>),
-    /// Every replica of an expert that lies wholly inside the neighbourhood, with its count
-    /// free (when counts may change): `(expert, per count c its load per replica per episode
-    /// at [c - 1])`.
-    Closed(usize, Vec<Vec<f64>>),
+/// One item of a neighbourhood's re-placement: one replica of an expert with replicas outside
+/// the neighbourhood (`counts` 0: its count, and so its load per replica, stays), or every
+/// replica of an expert wholly inside it, its count free from 1 to `counts`. Its loads per
+/// episode lie in [`Split::unit_loads`] from `at`, one run of `w` per count.
+#[derive(Clone, Copy)]
+struct Unit {
+    e: usize,
+    counts: usize,
+    at: usize,
 }
 
 /// One neighbourhood's exact re-placement (branch and bound over its replicas).
@@ -77,6 +75,9 @@ struct Split<'a> {
     p: &'a Problem,
     /// The items to place, heaviest replica first.
     units: Vec<Unit>,
+    /// The units' loads per replica: `[at + (c - 1) * w + k]` for count `c` (1 for a fixed
+    /// replica) and episode `k`.
+    unit_loads: Vec<f64>,
     /// `(fixed replicas, closed experts, most replicas of the closed experts)` from unit `i`
     /// on, at `[i]`: what the slots left must hold.
     suffix: Vec<(usize, usize, usize)>,
@@ -87,8 +88,6 @@ struct Split<'a> {
     loads: Vec<f64>,
     members: Vec<u64>,
     sizes: Vec<usize>,
-    /// Slots filled so far.
-    placed: usize,
     /// Per unit, the mask of ranks holding it.
     assign: Vec<u64>,
     best: (f64, f64),
@@ -117,20 +116,26 @@ impl Split<'_> {
             .sum()
     }
 
-    fn add(&mut self, r: usize, e: usize, load: &[f64], sign: f64) {
+    /// Puts a replica of `e` with loads `unit_loads[at..at + w]` on rank `r`.
+    fn put(&mut self, r: usize, e: usize, at: usize) {
         let w = self.p.w;
+        let load = &self.unit_loads[at..at + w];
         for (l, &x) in self.loads[r * w..(r + 1) * w].iter_mut().zip(load) {
-            *l += sign * x;
+            *l += x;
         }
-        if sign > 0.0 {
-            self.members[r] |= 1 << e;
-            self.sizes[r] += 1;
-            self.placed += 1;
-        } else {
-            self.members[r] &= !(1 << e);
-            self.sizes[r] -= 1;
-            self.placed -= 1;
+        self.members[r] |= 1 << e;
+        self.sizes[r] += 1;
+    }
+
+    /// Takes back what [`Split::put`] put.
+    fn take(&mut self, r: usize, e: usize, at: usize) {
+        let w = self.p.w;
+        let load = &self.unit_loads[at..at + w];
+        for (l, &x) in self.loads[r * w..(r + 1) * w].iter_mut().zip(load) {
+            *l -= x;
         }
+        self.members[r] &= !(1 << e);
+        self.sizes[r] -= 1;
     }
 
     fn dfs(&mut self, i: usize) {
@@ -153,69 +158,71 @@ impl Split<'_> {
             return;
         }
         let (m, s) = (self.sizes.len(), self.p.s);
-        // Units are taken out while they are placed so that their loads can be borrowed.
-        let unit = std::mem::replace(&mut self.units[i], Unit::Fixed(0, Vec::new()));
-        match &unit {
-            Unit::Fixed(e, load) => {
-                let e = *e;
-                let mut tried_empty = false;
-                for r in 0..m {
-                    if self.sizes[r] == s || self.members[r] & (1 << e) != 0 {
-                        continue;
-                    }
-                    // Empty ranks are interchangeable: the item goes into the first only.
-                    if self.sizes[r] == 0 {
-                        if tried_empty {
-                            continue;
-                        }
-                        tried_empty = true;
-                    }
-                    self.add(r, e, load, 1.0);
-                    self.assign[i] = 1 << r;
-                    self.dfs(i + 1);
-                    self.add(r, e, load, -1.0);
+        let Unit { e, counts, at } = self.units[i];
+        if counts == 0 {
+            let mut tried_empty = false;
+            for r in 0..m {
+                if self.sizes[r] == s || self.members[r] & (1 << e) != 0 {
+                    continue;
                 }
+                // Empty ranks are interchangeable: the item goes into the first only.
+                if self.sizes[r] == 0 {
+                    if tried_empty {
+                        continue;
+                    }
+                    tried_empty = true;
+                }
+                self.put(r, e, at);
+                self.assign[i] = 1 << r;
+                self.dfs(i + 1);
+                self.take(r, e, at);
             }
-            Unit::Closed(e, per_count) => {
-                let e = *e;
-                let (fixed, closed, most) = self.suffix[i + 1];
-                let empties: u64 = (0..m)
-                    .filter(|&r| self.sizes[r] == 0)
-                    .fold(0, |a, r| a | 1 << r);
-                let open: u64 = (0..m)
-                    .filter(|&r| self.sizes[r] < s)
-                    .fold(0, |a, r| a | 1 << r);
-                for c in (1..=per_count.len()).rev() {
-                    // The slots left after `c` more must hold the rest.
-                    let Some(free) = (m * s).checked_sub(self.placed + c) else {
-                        continue;
-                    };
-                    if free < fixed + closed || free > fixed + most {
-                        continue;
-                    }
-                    let load = &per_count[c - 1];
-                    for mask in 1u64..1 << m {
-                        if mask.count_ones() as usize != c || mask & !open != 0 {
-                            continue;
-                        }
-                        // Empty ranks are interchangeable: only the first ones are chosen.
-                        let chosen = mask & empties;
-                        if chosen != lowest_bits(empties, chosen.count_ones()) {
-                            continue;
-                        }
-                        for r in (0..m).filter(|&r| mask & 1 << r != 0) {
-                            self.add(r, e, load, 1.0);
-                        }
-                        self.assign[i] = mask;
-                        self.dfs(i + 1);
-                        for r in (0..m).filter(|&r| mask & 1 << r != 0) {
-                            self.add(r, e, load, -1.0);
-                        }
-                    }
+            return;
+        }
+        self.closed(i, e, counts, at);
+    }
+
+    /// [`Split::dfs`] on a unit with its count free: every count and every set of ranks for
+    /// it (kept apart so that the search with fixed counts stays as fast as before).
+    #[inline(never)]
+    fn closed(&mut self, i: usize, e: usize, counts: usize, at: usize) {
+        let (m, s, w) = (self.sizes.len(), self.p.s, self.p.w);
+        let (fixed, closed, most) = self.suffix[i + 1];
+        let placed: usize = self.sizes.iter().sum();
+        let empties: u64 = (0..m)
+            .filter(|&r| self.sizes[r] == 0)
+            .fold(0, |a, r| a | 1 << r);
+        let open: u64 = (0..m)
+            .filter(|&r| self.sizes[r] < s)
+            .fold(0, |a, r| a | 1 << r);
+        for c in (1..=counts).rev() {
+            // The slots left after `c` more must hold the rest.
+            let Some(free) = (m * s).checked_sub(placed + c) else {
+                continue;
+            };
+            if free < fixed + closed || free > fixed + most {
+                continue;
+            }
+            let at = at + (c - 1) * w;
+            for mask in 1u64..1 << m {
+                if mask.count_ones() as usize != c || mask & !open != 0 {
+                    continue;
+                }
+                // Empty ranks are interchangeable: only the first ones are chosen.
+                let chosen = mask & empties;
+                if chosen != lowest_bits(empties, chosen.count_ones()) {
+                    continue;
+                }
+                for r in (0..m).filter(|&r| mask & 1 << r != 0) {
+                    self.put(r, e, at);
+                }
+                self.assign[i] = mask;
+                self.dfs(i + 1);
+                for r in (0..m).filter(|&r| mask & 1 << r != 0) {
+                    self.take(r, e, at);
                 }
             }
         }
-        self.units[i] = unit;
     }
 }
 
@@ -257,32 +264,44 @@ fn replace(st: &mut State, ranks: &[usize], limit: usize, counts: bool) -> (bool
         }
     }
     let cap = p.max_rep.min(p.g).min(ranks.len());
-    let mut units: Vec<(f64, usize, Unit)> = Vec::new();
+    let mut unit_loads = Vec::new();
+    let mut units: Vec<(f64, Unit)> = Vec::new();
     for (e, &n) in inside.iter().enumerate() {
         if n == 0 {
             continue;
         }
         let y = &st.y[e * p.w..(e + 1) * p.w];
+        let at = unit_loads.len();
         if counts && n == st.cnt[e] && cap > 1 {
             let x = &p.x[e * p.w..(e + 1) * p.w];
-            let per_count = (1..=cap.max(st.cnt[e]))
-                .map(|c| x.iter().map(|v| v / c as f64).collect())
-                .collect();
-            units.push((weight(y), e, Unit::Closed(e, per_count)));
+            let most = cap.max(n);
+            for c in 1..=most {
+                unit_loads.extend(x.iter().map(|v| v / c as f64));
+            }
+            units.push((
+                weight(y),
+                Unit {
+                    e,
+                    counts: most,
+                    at,
+                },
+            ));
         } else {
+            unit_loads.extend_from_slice(y);
             for _ in 0..n {
-                units.push((weight(y), e, Unit::Fixed(e, y.to_vec())));
+                units.push((weight(y), Unit { e, counts: 0, at }));
             }
         }
     }
-    units.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let units: Vec<Unit> = units.into_iter().map(|u| u.2).collect();
+    units.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.e.cmp(&b.1.e)));
+    let units: Vec<Unit> = units.into_iter().map(|u| u.1).collect();
     let mut suffix = vec![(0, 0, 0); units.len() + 1];
     for (i, u) in units.iter().enumerate().rev() {
         let (f, c, most) = suffix[i + 1];
-        suffix[i] = match u {
-            Unit::Fixed(..) => (f + 1, c, most),
-            Unit::Closed(_, per_count) => (f, c + 1, most + per_count.len()),
+        suffix[i] = if u.counts == 0 {
+            (f + 1, c, most)
+        } else {
+            (f, c + 1, most + u.counts)
         };
     }
     // The current split's (F, Q) is what a re-placement must beat.
@@ -294,12 +313,12 @@ fn replace(st: &mut State, ranks: &[usize], limit: usize, counts: bool) -> (bool
     let mut split = Split {
         p,
         units,
+        unit_loads,
         suffix,
         floor,
         loads,
         members: vec![0; ranks.len()],
         sizes: vec![0; ranks.len()],
-        placed: 0,
         assign: vec![0; n],
         best: (0.0, 0.0),
         best_assign: None,
@@ -315,12 +334,9 @@ fn replace(st: &mut State, ranks: &[usize], limit: usize, counts: bool) -> (bool
     };
     let mut slots: Vec<Vec<usize>> = vec![Vec::with_capacity(p.s); ranks.len()];
     for (unit, &mask) in split.units.iter().zip(&assign) {
-        let e = match unit {
-            Unit::Fixed(e, _) | Unit::Closed(e, _) => *e,
-        };
         for (r, members) in slots.iter_mut().enumerate() {
             if mask & 1 << r != 0 {
-                members.push(e);
+                members.push(unit.e);
             }
         }
     }
@@ -471,10 +487,10 @@ fn kick(p: &Problem, row: &mut [usize], rng: &mut Rng) {
 /// Improves `row` by exact re-placement on neighbourhoods of 2 up to [`largest_size`] ranks
 /// (variable neighbourhood descent) and the local search's count moves, then by iterated
 /// descents from kicked copies of the best plan (a kick is kept when its descent ends no
-/// worse), within about `budget` branch-and-bound nodes; then, for [`COUNT_SHARE`]% more,
-/// the same from the best plan with counts free inside the neighbourhoods. Never returns a
-/// worse F than `row`'s.
-pub(crate) fn improve(p: &Problem, row: Vec<usize>, budget: usize) -> Vec<usize> {
+/// worse), within about `fixed` branch-and-bound nodes; then, for `free` more, the same from
+/// the best plan with counts free inside the neighbourhoods. Never returns a worse F than
+/// `row`'s.
+pub(crate) fn improve(p: &Problem, row: Vec<usize>, fixed: usize, free: usize) -> Vec<usize> {
     if !eligible(p) || p.episode_par(&row) <= p.lower_bound() + 1e-9 {
         return row;
     }
@@ -482,25 +498,21 @@ pub(crate) fn improve(p: &Problem, row: Vec<usize>, budget: usize) -> Vec<usize>
     let start = row.clone();
     let t0 = std::time::Instant::now();
     let mut nodes = 0;
-    let mut st = State::new(p, row);
-    descend(&mut st, top, false, &mut nodes, budget);
-    let mut best = (p.episode_par(&st.row), st.row.clone());
-    if p.episode_par(&start) < best.0 {
-        best = (p.episode_par(&start), start.clone());
-    }
+    let mut best = (p.episode_par(&start), start.clone());
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (p.g * 1_000 + p.e) as u64);
     let mut kicks = 0;
     // First with fixed counts inside the neighbourhoods, then with the counts of the experts
     // wholly inside one free, from the best plan so far.
-    let phases = [(false, budget), (true, budget + budget * COUNT_SHARE / 100)];
-    for (i, &(counts, budget)) in phases.iter().enumerate() {
-        if i > 0 {
-            let mut st = State::new(p, best.1.clone());
-            descend(&mut st, top, counts, &mut nodes, budget);
-            let f = p.episode_par(&st.row);
-            if f <= best.0 + 1e-12 {
-                best = (f, st.row);
-            }
+    for (counts, budget) in [(false, fixed), (true, fixed + free)] {
+        if nodes >= budget {
+            continue;
+        }
+        let mut st = State::new(p, best.1.clone());
+        descend(&mut st, top, counts, &mut nodes, budget);
+        let f = p.episode_par(&st.row);
+        // The start is kept only when strictly better (as before the second phase).
+        if f <= best.0 + 1e-12 && !(best.1 == start && best.0 < f) {
+            best = (f, st.row);
         }
         while nodes < budget {
             let mut row = best.1.clone();
@@ -792,7 +804,7 @@ mod tests {
             let row = start_row(&p, &pick);
             prop_assume!(find_duplicate(&row, p.s).is_none());
             let before = p.episode_par(&row);
-            let out = improve(&p, row, budget);
+            let out = improve(&p, row, budget, budget / 2);
             prop_assert_eq!(out.len(), slots);
             prop_assert!(find_duplicate(&out, p.s).is_none());
             let mut cnt = vec![0usize; e];
@@ -835,7 +847,7 @@ mod tests {
         let start = crate::planner::joint::heuristic(&p, &shape, false);
         let before = p.episode_par(&start);
         assert!((before - 1.029502).abs() < 1e-6, "heuristic {before}");
-        let out = improve(&p, start, NODES);
+        let out = improve(&p, start, NODES, 0);
         let after = p.episode_par(&out);
         assert!(after < 1.021, "{after}");
         assert!(find_duplicate(&out, p.s).is_none());
