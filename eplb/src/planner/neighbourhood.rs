@@ -23,10 +23,12 @@ use super::problem::{Problem, better};
 pub(crate) const NODES: usize = 2_000_000;
 
 /// Nodes of the second phase of [`improve`] in `joint`, where counts change inside
-/// neighbourhoods. On 60 four-window 16-expert layers (20 zipf and 20 pareto on 8 x 4,
-/// 10 and 10 on 4 x 8) 1M after [`NODES`] gave a better plan on 32 and a worse on none (mean F
-/// -0.12%); the same 1M more with counts fixed, on 15 (-0.03%); counts free from the start
-/// within 2M, on 29 but a worse one on 7 (-0.07%); 0.5M, on 24 (-0.10%); 2M, on 38 (-0.16%).
+/// neighbourhoods. On 60 four-window 16-expert layers (20 zipf and 20 pareto on 8 x 4, 10 and
+/// 10 on 4 x 8; `docs/benchmarks/raw/eplb-lns-counts-2026-12-08`) 1M after [`NODES`], on the
+/// layers left open, gave a better plan on 29 and a worse on none (mean F -0.11%). With the
+/// phase also before the narrow path's ascent: 1M, 32 (-0.12%), but 30-50 ms more on layers
+/// the ascent proves; the same 1M with counts fixed, 15 (-0.03%); counts free from the start
+/// within 2M, 29 but a worse plan on 7 (-0.07%); 0.5M, 24 (-0.10%); 2M, 38 (-0.16%).
 pub(crate) const COUNT_NODES: usize = 1_000_000;
 
 /// Most splits of one neighbourhood's replicas (counted as `(m s)! / (s!^m m!)`, duplicates
