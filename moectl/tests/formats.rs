@@ -834,7 +834,10 @@ fn per_slot_loads_of_a_mix_placement_map_leave_the_shared_slots_out() {
     assert_eq!(json_of(&o), json!({"windows": [[[10, 20, 30, 40]]]}));
     // Without --physical-load the 6 columns are named as a per-slot load.
     let o = moectl(&["eval", "--placement", &map, "--load", &all]);
-    assert_bad(&o, "vllm-ascend's per-slot load (moe_load); pass --physical-load");
+    assert_bad(
+        &o,
+        "vllm-ascend's per-slot load (moe_load); pass --physical-load",
+    );
     assert!(stderr(&o).contains("add --experts E"), "{}", stderr(&o));
 }
 
