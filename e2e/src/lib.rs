@@ -26,6 +26,22 @@ pub mod nodes;
 pub mod process;
 pub mod wait;
 
+/// The checkout the tests were started from (the workspace root): the image archives, the
+/// chart and the CRDs are read from there. `cargo test` sets `CARGO_MANIFEST_DIR` for the test
+/// process, and that is preferred to the path compiled in: clones that share a target
+/// directory (two versions measured side by side) share one test binary when their e2e
+/// sources are the same, and the compiled-in path is then the clone that built it, so a run
+/// from the other clone read the first clone's images (found 2026-12-07: the before/after
+/// live-loop runs of that day all ran the "before" operator).
+pub fn workspace_root() -> std::path::PathBuf {
+    let e2e = std::env::var_os("CARGO_MANIFEST_DIR")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    e2e.parent()
+        .map_or_else(|| e2e.join(".."), std::path::Path::to_path_buf)
+}
+
 pub use agent::{Agent, AgentConfig, AgentHandle, ImageMap};
 pub use bins::Bins;
 pub use cluster::{Cluster, ClusterOptions};
@@ -61,4 +77,16 @@ pub fn init_tracing() {
         .with_env_filter(filter)
         .with_test_writer()
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    /// Under `cargo test` the root is the checkout the tests run from (the runtime variable).
+    #[test]
+    fn workspace_root_is_the_checkout_running_the_tests() {
+        let root = super::workspace_root();
+        assert!(root.join("crds/moedeployment.yaml").is_file(), "{root:?}");
+        let runtime = std::env::var("CARGO_MANIFEST_DIR").expect("cargo test sets it");
+        assert_eq!(root, std::path::Path::new(&runtime).parent().unwrap());
+    }
 }

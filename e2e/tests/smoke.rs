@@ -6,7 +6,6 @@
 //! Skipped (with a printed `SKIPPED` line) when the control-plane binaries are not installed;
 //! run `e2e/bootstrap.sh` first.
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -87,7 +86,7 @@ async fn control_plane_smoke() -> Result<()> {
     );
 
     // The project's CRD, when it exists, is accepted by the real API server.
-    let crd_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/moedeployment.yaml");
+    let crd_path = moe_e2e::workspace_root().join("crds/moedeployment.yaml");
     if crd_path.exists() {
         let applied = cluster.apply_file(&crd_path, "default").await?;
         for crd in applied {

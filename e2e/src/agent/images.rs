@@ -215,10 +215,7 @@ pub fn find_workspace_binary(name: &str) -> Option<PathBuf> {
     if let Some(t) = std::env::var_os("CARGO_TARGET_DIR").filter(|t| !t.is_empty()) {
         targets.push(PathBuf::from(t));
     }
-    // e2e/ is one level below the workspace root.
-    if let Some(ws) = Path::new(env!("CARGO_MANIFEST_DIR")).parent() {
-        targets.push(ws.join("target"));
-    }
+    targets.push(crate::workspace_root().join("target"));
     for t in targets {
         for profile in ["debug", "release"] {
             candidates.push(t.join(profile).join(name));

@@ -120,7 +120,7 @@ pub fn project_images() -> Result<Vec<PathBuf>, String> {
     let dir = std::env::var_os("MOE_E2E_IMAGES_DIR")
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/images"));
+        .unwrap_or_else(|| crate::workspace_root().join("target/images"));
     let files: Vec<PathBuf> = ["moe-operator.oci.tar", "moe-worker.oci.tar"]
         .iter()
         .map(|f| dir.join(f))

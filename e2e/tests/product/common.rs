@@ -2,7 +2,6 @@
 //! status, and check that the committed placement and the workers agree.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -40,7 +39,7 @@ pub fn moed_api(client: &Client, ns: &str) -> Api<DynamicObject> {
 }
 
 pub fn repo_path(rel: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+    moe_e2e::workspace_root().join(rel)
 }
 
 /// A small CPU-backend MoEDeployment: 2 ranks, 4 layers, 8 experts, hidden 64, traffic at
