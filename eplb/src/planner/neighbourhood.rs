@@ -685,6 +685,33 @@ mod tests {
         }
     }
 
+    /// A drawn case of the re-placement properties: the problem of `TINY[case]`, a valid start
+    /// row without duplicates, and a sorted set of 2..=G distinct ranks; `None` where the draw
+    /// does not make one (the property then assumes it away).
+    fn drawn_case(
+        case: usize,
+        windows: usize,
+        seed: &[u32],
+        hot: &[bool],
+        pick: &[usize],
+        set_seed: usize,
+    ) -> Option<(Problem, Vec<usize>, Vec<usize>)> {
+        let (e, slots, g) = TINY[case];
+        let p = problem(slots, g, &rows(e, windows, seed, hot));
+        if !eligible(&p) {
+            return None;
+        }
+        let row = start_row(&p, pick);
+        if find_duplicate(&row, p.s).is_some() {
+            return None;
+        }
+        let m = 2 + set_seed % (g - 1);
+        let mut ranks: Vec<usize> = (0..m).map(|i| (set_seed / 7 + i) % g).collect();
+        ranks.sort_unstable();
+        ranks.dedup();
+        (ranks.len() == m).then_some((p, row, ranks))
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
         /// Re-placing a set of ranks with counts free for the experts wholly inside it reaches
@@ -700,16 +727,11 @@ mod tests {
             pick in proptest::collection::vec(0usize..64, 8),
             set_seed in 0usize..1000,
         ) {
-            let (e, slots, g) = TINY[case];
-            let p = problem(slots, g, &rows(e, windows, &seed, &hot));
-            prop_assume!(eligible(&p));
-            let row = start_row(&p, &pick);
-            prop_assume!(find_duplicate(&row, p.s).is_none());
-            let m = 2 + set_seed % (g - 1);
-            let mut ranks: Vec<usize> = (0..m).map(|i| (set_seed / 7 + i) % g).collect();
-            ranks.sort_unstable();
-            ranks.dedup();
-            prop_assume!(ranks.len() == m);
+            let (e, _, g) = TINY[case];
+            let drawn = drawn_case(case, windows, &seed, &hot, &pick, set_seed);
+            prop_assume!(drawn.is_some());
+            let (p, row, ranks) = drawn.unwrap();
+            let m = ranks.len();
             let want = best_over_counts(&p, &row, &ranks);
             let mut st = State::new(&p, row.clone());
             let before = st.loads.clone();
@@ -750,18 +772,11 @@ mod tests {
             pick in proptest::collection::vec(0usize..64, 8),
             set_seed in 0usize..1000,
         ) {
-            let (e, slots, g) = TINY[case];
-            let p = problem(slots, g, &rows(e, windows, &seed, &hot));
-            prop_assume!(eligible(&p));
-            let row = start_row(&p, &pick);
-            prop_assume!(find_duplicate(&row, p.s).is_none());
-            // A set of 2..=G ranks.
-            let m = 2 + set_seed % (g - 1);
-            let ranks: Vec<usize> = (0..m).map(|i| (set_seed / 7 + i) % g).collect();
-            let mut sorted = ranks.clone();
-            sorted.sort_unstable();
-            sorted.dedup();
-            prop_assume!(sorted.len() == m);
+            let (e, _, g) = TINY[case];
+            let drawn = drawn_case(case, windows, &seed, &hot, &pick, set_seed);
+            prop_assume!(drawn.is_some());
+            let (p, row, sorted) = drawn.unwrap();
+            let m = sorted.len();
             let want = best_over_permutations(&p, &row, &sorted);
             let mut st = State::new(&p, row.clone());
             replace(&mut st, &sorted, usize::MAX, false);
