@@ -473,25 +473,20 @@ fn explain_expert_count(
         num_experts: None,
         ..ctx.clone()
     };
-    let Ok((p, _, _)) = formats::read_placement_bytes(bytes, &own) else {
+    let Ok((p, format, _)) = formats::read_placement_bytes(bytes, &own) else {
         return at(path)(err);
     };
     if p.num_logical_experts == e {
         return at(path)(err);
     }
     if let Experts::Load(_) = given {
-        if let Err(per_slot) = formats::vllm::check_column_count(e, &p) {
+        let ascend = format == formats::ASCEND_EXPERT_MAP;
+        if let Err(per_slot) = formats::vllm::check_column_count(e, &p, per_slot_name(ascend)) {
             let Fail(m) = at(path)(per_slot);
             // A vllm-ascend map's per-slot load (moe_load) counts its shared experts' slots too.
-            let ascend = serde_json::from_slice::<serde_json::Value>(bytes)
-                .is_ok_and(|v| v.get("layer_list").is_some());
             return Fail(if ascend {
                 format!(
-                    "{}; if ids from some E up are vllm-ascend mix_placement shared experts, add --experts E (the routed count): their slots' counts are left out",
-                    m.replace(
-                        "vLLM's per-slot load",
-                        "vllm-ascend's per-slot load (moe_load)"
-                    )
+                    "{m}; if ids from some E up are vllm-ascend mix_placement shared experts, add --experts E (the routed count): their slots' counts are left out"
                 )
             } else {
                 m
@@ -539,6 +534,16 @@ pub fn load_experts(
     }
 }
 
+/// What a per-slot load is called in messages: vLLM's (`expert_load_window`), or for a
+/// vllm-ascend map its `moe_load`, whose columns include the shared experts' slots.
+fn per_slot_name(ascend: bool) -> &'static str {
+    if ascend {
+        "vllm-ascend's per-slot load (moe_load)"
+    } else {
+        "vLLM's per-slot load"
+    }
+}
+
 /// A load whose columns are as many as the slots of the map as written, when masked ranks
 /// (-1) make that more than the placement read from it has: vLLM's per-slot load, recorded
 /// over every physical slot. The error that says so, or None.
@@ -551,17 +556,15 @@ fn per_slot_as_written(
 ) -> Option<Fail> {
     let slots = formats::read_slot_map_bytes(bytes, layout)?;
     let written = slots.rows.first()?.len();
-    let (extra, whose) = if slots.lists_shared_experts {
-        (
-            "its shared experts' slots included",
-            "vllm-ascend's (moe_load)",
-        )
+    let extra = if slots.lists_shared_experts {
+        "its shared experts' slots included"
     } else {
-        ("masked ranks' -1 slots included", "vLLM's")
+        "masked ranks' -1 slots included"
     };
+    let name = per_slot_name(slots.lists_shared_experts);
     (cols == written && written != p.num_slots() && cols != p.num_logical_experts).then(|| {
         Fail(format!(
-            "the load has {cols} counts per layer, as many as the slots {} lists ({extra}; it holds {}): it looks like {whose} per-slot load; pass --physical-load to map slots to experts through the map as written",
+            "the load has {cols} counts per layer, as many as the slots {} lists ({extra}; it holds {}): it looks like {name}; pass --physical-load to map slots to experts through the map as written",
             path.display(),
             count(p.num_logical_experts, "routed expert")
         ))

@@ -232,6 +232,9 @@ pub fn read_placement_bytes(
     Ok((p, "SGLang physical_to_logical_map (.pt)", notes))
 }
 
+/// The format name [`read_placement_json`] gives a vllm-ascend expert map.
+pub const ASCEND_EXPERT_MAP: &str = "vllm-ascend expert map";
+
 /// A placement file's slots as it writes them: what a per-slot load recorded while it served
 /// counts, one column per slot.
 #[derive(Debug, Clone, PartialEq)]
@@ -319,7 +322,7 @@ pub fn read_placement_json(
         .unwrap_or(1);
     if v.get("layer_list").is_some() {
         let r = ascend::read(v, ctx.num_experts, nodes)?;
-        return Ok((r.placement, "vllm-ascend expert map", r.notes));
+        return Ok((r.placement, ASCEND_EXPERT_MAP, r.notes));
     }
     if v.get("physical_to_logical_map").is_some() {
         let ranks = ctx.num_ranks.ok_or_else(|| {

@@ -215,15 +215,17 @@ pub fn logical_from_slot_map(
 /// E: that is a per-slot (physical) load such as vLLM's `expert_load_pass`, and reading it as
 /// per-expert would attribute slot k's tokens to expert k.
 pub fn check_logical_columns(load: &LoadHistory, placement: &Placement) -> Result<()> {
-    check_column_count(load.num_experts(), placement)
+    check_column_count(load.num_experts(), placement, "vLLM's per-slot load")
 }
 
-/// [`check_logical_columns`] for a load of `cols` counts per layer.
-pub fn check_column_count(cols: usize, placement: &Placement) -> Result<()> {
+/// [`check_logical_columns`] for a load of `cols` counts per layer; `per_slot` names the
+/// per-slot load the message says it looks like (vLLM's, or vllm-ascend's `moe_load` for its
+/// expert maps).
+pub fn check_column_count(cols: usize, placement: &Placement, per_slot: &str) -> Result<()> {
     let (e, p) = (placement.num_logical_experts, placement.num_slots());
     if cols == p && p != e {
         return Err(EplbError::Mismatch(format!(
-            "the load has {cols} counts per layer, as many as the placement's physical slots (it holds {e} experts): it looks like vLLM's per-slot load; pass --physical-load to map slots to experts through the placement"
+            "the load has {cols} counts per layer, as many as the placement's physical slots (it holds {e} experts): it looks like {per_slot}; pass --physical-load to map slots to experts through the placement"
         )));
     }
     Ok(())
