@@ -25,11 +25,11 @@ struct Measured {
     samples: usize,
     mean_par_sum: f64,
     worst_par_sum: f64,
-    remaps: usize,
     experts_moved: u64,
     last_generation: Option<u64>,
-    /// Per remap: worst PAR of its layers before, predicted and measured after (the PAR of
-    /// the first window under the new placement, once the operator has measured it).
+    /// Per remap (one entry per succeeded remap seen, so also the remap count): worst PAR of
+    /// its layers before, predicted and measured after (the PAR of the first window under the
+    /// new placement, once the operator has measured it).
     remap_pars: Vec<(f64, f64, Option<f64>)>,
     /// Per remap: seconds from `startedAt` (the plan) to `finishedAt` (the last rank's
     /// switch), both written to the second.
@@ -53,7 +53,6 @@ impl Measured {
         {
             if self.last_generation != Some(g) {
                 self.last_generation = Some(g);
-                self.remaps += 1;
                 self.experts_moved += last["expertsMoved"].as_u64().unwrap_or(0);
                 self.remap_pars.push((
                     last["parBefore"].as_f64().unwrap_or(f64::NAN),
@@ -182,7 +181,7 @@ async fn history_windows_vs_current_window_on_drifting_traffic() -> Result<()> {
             m.samples,
             m.mean_par_sum / n,
             m.worst_par_sum / n,
-            m.remaps,
+            m.remap_pars.len(),
             m.experts_moved,
             m.mean_remap_secs(),
             m.steps_per_second.unwrap_or(f64::NAN),
